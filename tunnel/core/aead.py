@@ -1,0 +1,276 @@
+"""Explicit-counter ChaCha20-Poly1305 for DATA and CONTROL datagrams, with key phases.
+
+DESIGN D10: the Noise handshake only yields two 32-byte keys (``TrafficKeys``); every
+datagram after it carries its own 64-bit counter, so loss and reordering across paths
+cost nothing. Datagram layout (``constants.TRANSPORT_HEADER``)::
+
+    type:u8 | phase:u8 | reserved:2 | receiver_index:u32 | counter:u64 | ciphertext+tag
+
+The 16 header bytes are the associated data; the nonce is 4 zero bytes + counter (LE).
+
+Key phases (rekey without a round trip): generation ``g+1`` is ``next_generation(g)``,
+a one-way HKDF step of each direction's key. The side that rekeys starts sealing with
+phase ``p+1``; the peer tries ``next_generation`` on the first datagram of phase ``p+1``
+and switches over only if it authenticates. The previous generation keeps opening
+late (reordered) datagrams for ``PREVIOUS_KEYS_GRACE_S`` after the peer is known to use
+the new one, then it is forgotten.
+
+Every input to ``SessionCipher.open`` yields plaintext or a ``Drop``: it never raises.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from tunnel.core import constants
+from tunnel.core.drops import Drop
+from tunnel.core.replay import ReplayWindow
+
+PREVIOUS_KEYS_GRACE_S: Final = 10.0
+"""How long the previous generation still opens datagrams once the peer uses the new one:
+covers reordering across paths and in-flight datagrams, yet keeps old keys short-lived."""
+
+REKEY_INFO: Final = b"jvpn rekey"
+"""HKDF info label of the key ratchet; both directions use it, their keys differ."""
+
+PHASES: Final = 256
+"""The key phase is a u8 and wraps."""
+
+_HEADER = constants.TRANSPORT_HEADER
+_HEADER_LEN: Final = constants.TRANSPORT_HEADER.size
+_MIN_DATAGRAM: Final = _HEADER_LEN + constants.AEAD_TAG_LEN
+_MAX_PLAINTEXT: Final = constants.MAX_DATAGRAM - _MIN_DATAGRAM
+_NONCE = struct.Struct("<4xQ")
+"""ChaCha20-Poly1305 nonce: 4 zero bytes, then the counter as u64 little-endian."""
+
+
+class KeyExhausted(Exception):
+    """The send counter reached REJECT_AFTER_MESSAGES: rekey or start a new session."""
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class TrafficKeys:
+    """The two directional keys of one key generation. Never printed."""
+
+    send: bytes
+    """Key sealing what this side sends (32 bytes)."""
+    recv: bytes
+    """Key opening what this side receives (32 bytes)."""
+
+    def __post_init__(self) -> None:
+        if len(self.send) != constants.KEY_LEN or len(self.recv) != constants.KEY_LEN:
+            raise ValueError(f"traffic keys must be {constants.KEY_LEN} bytes each")
+
+    def __repr__(self) -> str:
+        return "TrafficKeys(<redacted>)"
+
+    __str__ = __repr__
+
+
+def next_generation(keys: TrafficKeys) -> TrafficKeys:
+    """One-way ratchet: each direction's key becomes HKDF-SHA256(key, info=REKEY_INFO).
+
+    Both ends hold the same two keys (send and recv swapped), so they derive matching
+    next keys without talking to each other.
+    """
+    return TrafficKeys(send=_ratchet(keys.send), recv=_ratchet(keys.recv))
+
+
+def _ratchet(key: bytes) -> bytes:
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=constants.KEY_LEN, salt=None, info=REKEY_INFO)
+    return hkdf.derive(key)
+
+
+def peek_header(datagram: bytes) -> tuple[int, int, int, int] | Drop:
+    """``(msg_type, phase, receiver_index, counter)`` of a transport datagram, unauthenticated.
+
+    For routing (which session?) before ``SessionCipher.open``; nothing here is trusted.
+    """
+    length = len(datagram)
+    if length < _MIN_DATAGRAM:
+        return Drop.TRUNCATED
+    if length > constants.MAX_DATAGRAM:
+        return Drop.OVERSIZED
+    msg_type, phase, receiver_index, counter = _HEADER.unpack_from(datagram)
+    return msg_type, phase, receiver_index, counter
+
+
+class _Generation:
+    """One key generation: both AEAD instances and the receive replay window."""
+
+    __slots__ = ("keys", "phase", "replay", "rx", "tx")
+
+    def __init__(self, keys: TrafficKeys, phase: int, replay_window: int) -> None:
+        self.keys = keys
+        self.phase = phase
+        self.tx = ChaCha20Poly1305(keys.send)
+        self.rx = ChaCha20Poly1305(keys.recv)
+        self.replay = ReplayWindow(replay_window)
+
+    def __repr__(self) -> str:
+        return f"_Generation(phase={self.phase})"
+
+
+class SessionCipher:
+    """Seal and open transport datagrams of one session; follows and starts rekeys.
+
+    State: the *current* generation (used to seal, and to open its phase), optionally
+    the *previous* one (opens only, until its grace period ends), and a cached candidate
+    for the *next* one (tried only on datagrams of phase current+1).
+    """
+
+    __slots__ = (
+        "_born",
+        "_confirmed",
+        "_current",
+        "_next",
+        "_previous",
+        "_previous_until",
+        "_replay_size",
+        "send_counter",
+    )
+
+    send_counter: int
+    """Counter of the next datagram sealed with the current generation."""
+
+    def __init__(self, keys: TrafficKeys, *, replay_window: int = 2048, now: float = 0.0) -> None:
+        self._replay_size = replay_window
+        self._current = _Generation(keys, 0, replay_window)
+        self._previous: _Generation | None = None
+        self._previous_until: float | None = None
+        """Grace deadline of the previous generation; None while the peer has not yet
+        shown that it uses the current one (so the previous one must stay)."""
+        self._next: _Generation | None = None
+        self._confirmed = True
+        """The peer has authenticated a datagram in the current phase (the handshake
+        confirms generation 0)."""
+        self._born = now
+        self.send_counter = 0
+
+    def __repr__(self) -> str:
+        return f"SessionCipher(phase={self.phase}, send_counter={self.send_counter})"
+
+    @property
+    def phase(self) -> int:
+        """Current key phase, 0..255 (wraps)."""
+        return self._current.phase
+
+    @property
+    def rekey_pending(self) -> bool:
+        """True after our own ``rekey`` until the peer has sent in the new phase."""
+        return not self._confirmed
+
+    def key_age(self, now: float) -> float:
+        """Seconds since the current generation became current."""
+        return now - self._born
+
+    def next_deadline(self) -> float | None:
+        """When the previous generation's grace ends (``discard_expired`` then), else None."""
+        return self._previous_until if self._previous is not None else None
+
+    def discard_expired(self, now: float) -> None:
+        """Forget the previous generation if its grace period is over (open() also does)."""
+        if self._previous_until is not None and now >= self._previous_until:
+            self._previous = None
+            self._previous_until = None
+
+    # -- send --------------------------------------------------------------------------
+
+    def seal(self, msg_type: int, receiver_index: int, plaintext: bytes) -> bytes:
+        """The whole datagram for ``plaintext``, addressed to the peer's ``receiver_index``."""
+        counter = self.send_counter
+        if counter >= constants.REJECT_AFTER_MESSAGES:
+            raise KeyExhausted("send counter exhausted for this key generation; rekey first")
+        if len(plaintext) > _MAX_PLAINTEXT:
+            raise ValueError(f"plaintext of {len(plaintext)} bytes exceeds {_MAX_PLAINTEXT}")
+        current = self._current
+        header = _HEADER.pack(msg_type, current.phase, receiver_index, counter)
+        self.send_counter = counter + 1
+        return header + current.tx.encrypt(_NONCE.pack(counter), plaintext, header)
+
+    def rekey(self, now: float) -> bool:
+        """Start sealing with the next generation (phase+1, counter 0).
+
+        The peer follows when it opens the first datagram of the new phase; the current
+        generation stays as *previous* for late datagrams. Returns False and changes
+        nothing while an earlier rekey is still unconfirmed by the peer: moving two
+        phases ahead would leave the peer unable to follow.
+        """
+        if not self._confirmed:
+            return False
+        self._promote(self._derive_next(), now)
+        self._confirmed = False
+        self._previous_until = None  # kept until the peer shows it has moved
+        return True
+
+    # -- receive -----------------------------------------------------------------------
+
+    def open(self, datagram: bytes, now: float) -> bytes | Drop:
+        """Plaintext of an authentic, fresh ``datagram``, else the reason it was dropped."""
+        length = len(datagram)
+        if length < _MIN_DATAGRAM:
+            return Drop.TRUNCATED
+        if length > constants.MAX_DATAGRAM:
+            return Drop.OVERSIZED
+        _msg_type, phase, _receiver_index, counter = _HEADER.unpack_from(datagram)
+        if counter >= constants.REJECT_AFTER_MESSAGES:
+            return Drop.MALFORMED  # no honest peer seals with such a counter
+        current = self._current
+        if phase == current.phase:
+            generation = current
+        elif phase == (current.phase - 1) % PHASES:
+            self.discard_expired(now)
+            if self._previous is None:
+                return Drop.UNKNOWN_KEY_PHASE
+            generation = self._previous
+        elif phase == (current.phase + 1) % PHASES:
+            generation = self._derive_next()
+        else:
+            return Drop.UNKNOWN_KEY_PHASE
+
+        view = memoryview(datagram)
+        try:
+            plaintext = generation.rx.decrypt(
+                _NONCE.pack(counter), view[_HEADER_LEN:], view[:_HEADER_LEN]
+            )
+        except InvalidTag:
+            return Drop.BAD_TAG
+        if not generation.replay.update(counter):
+            return Drop.REPLAY
+
+        if generation is current:
+            if not self._confirmed:
+                self._confirmed = True
+                self._previous_until = now + PREVIOUS_KEYS_GRACE_S
+        elif generation is not self._previous:
+            # Authentic datagram of phase current+1: the peer rekeyed; follow it.
+            self._promote(generation, now)
+            self._confirmed = True
+            self._previous_until = now + PREVIOUS_KEYS_GRACE_S
+        return plaintext
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _derive_next(self) -> _Generation:
+        candidate = self._next
+        if candidate is None:
+            current = self._current
+            candidate = _Generation(
+                next_generation(current.keys), (current.phase + 1) % PHASES, self._replay_size
+            )
+            self._next = candidate
+        return candidate
+
+    def _promote(self, generation: _Generation, now: float) -> None:
+        self._previous = self._current
+        self._current = generation
+        self._next = None
+        self._born = now
+        self.send_counter = 0

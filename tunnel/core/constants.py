@@ -1,0 +1,59 @@
+"""Protocol constants, each with the reason it has the value it has.
+
+Wire layout (DESIGN D1), little-endian throughout::
+
+    every datagram      type:u8 | phase:u8 | reserved:2 | receiver_index:u32          (8 bytes)
+    DATA / CONTROL      header  | counter:u64 | AEAD ciphertext (plaintext + 16-byte tag)
+                        the 16 bytes header+counter are the AEAD associated data
+
+``phase`` is the key phase (0..255, wraps): it tells the receiver which generation of
+traffic keys sealed the packet, so a rekey needs no extra round trip.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+PROTOCOL_VERSION: Final = 1
+"""Carried in the handshake payload; a peer speaking another version is refused."""
+
+# -- message types (first byte of every datagram) -------------------------------------
+MSG_HANDSHAKE_INIT: Final = 1
+MSG_HANDSHAKE_RESP: Final = 2
+MSG_DATA: Final = 3
+MSG_CONTROL: Final = 4
+MSG_COOKIE_REPLY: Final = 5
+
+HEADER = struct.Struct("<BBxxI")
+"""type, key phase, 2 reserved zero bytes, receiver_index: 8 bytes."""
+
+TRANSPORT_HEADER = struct.Struct("<BBxxIQ")
+"""HEADER followed by the explicit 64-bit AEAD counter: 16 bytes, also the AEAD AD."""
+
+AEAD_TAG_LEN: Final = 16
+"""ChaCha20-Poly1305 tag length."""
+
+KEY_LEN: Final = 32
+"""ChaCha20-Poly1305 and X25519 key length."""
+
+SESSION_ID_LEN: Final = 16
+"""DESIGN D17: 128 random bits, unguessable."""
+
+MAX_DATAGRAM: Final = 1500 + TRANSPORT_HEADER.size + AEAD_TAG_LEN
+"""Largest datagram we accept: a 1500-byte inner packet plus framing. Larger is dropped."""
+
+MAX_INNER_PACKET: Final = 1500
+"""Largest inner IP packet carried (the TUN MTU never exceeds this)."""
+
+REPLAY_WINDOW_MIN: Final = 2048
+"""DESIGN D12: at least 2048 counters, enough for reordering across paths at high rate."""
+
+REKEY_AFTER_MESSAGES: Final = 2**60
+"""Start a rekey long before the 64-bit counter could wrap (WireGuard uses the same bound)."""
+
+REJECT_AFTER_MESSAGES: Final = 2**64 - 2**13 - 1
+"""Never seal with a counter at or above this: the nonce must never repeat."""
+
+MAX_STATE_VERSION: Final = 2**63 - 1
+"""state_version is a signed-64-bit-safe integer; reaching it terminates (never wraps)."""

@@ -1,0 +1,41 @@
+"""Why an inbound datagram was dropped: one counted reason per drop, never an exception.
+
+A drop is bad input from the network (STYLE: "dropped, counted, reported as an event,
+never raised"). The protocol machines count drops per reason and report the counts in
+rate-limited DROP_SUMMARY events so a flood cannot flood the event stream too.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Drop(StrEnum):
+    """Reason a datagram was discarded before it could change anything."""
+
+    TRUNCATED = "truncated"
+    """Shorter than the fixed part of its message type."""
+    OVERSIZED = "oversized"
+    """Longer than MAX_DATAGRAM or than its message type allows."""
+    MALFORMED = "malformed"
+    """Right length, but a field holds an impossible value (reserved bits, bad enum)."""
+    UNKNOWN_TYPE = "unknown_type"
+    """First byte is not a message type we know."""
+    UNKNOWN_SESSION = "unknown_session"
+    """receiver_index names no live session."""
+    BAD_TAG = "bad_proof"
+    """AEAD authentication failed: wrong key, tampered or forged."""
+    REPLAY = "replay_detected"
+    """Counter already seen or older than the replay window."""
+    UNKNOWN_KEY_PHASE = "unknown_key_phase"
+    """Key phase is neither the current, the previous nor the next one."""
+    HANDSHAKE_FAILED = "handshake_failed"
+    """Noise handshake message did not verify."""
+    UNKNOWN_CLIENT_KEY = "unknown_client_key"
+    """Handshake from a static key that is not on the gateway's allow-list."""
+    RATE_LIMITED = "rate_limited"
+    """Over a per-source or global rate limit; dropped before expensive work."""
+    WRONG_STATE = "wrong_state"
+    """Authentic, but not acceptable in the session's current state (e.g. TERMINATED)."""
+    KEY_EXHAUSTED = "key_exhausted"
+    """Counter space of the current keys is used up (needs a rekey)."""

@@ -1,0 +1,379 @@
+"""Per-path health: RTT EWMA, jitter, loss over a sliding window, misses, death, score.
+
+One :class:`PathHealth` per candidate transport (DESIGN D5). It is fed by the client
+protocol machine and never reads a clock: every input carries ``now`` (seconds,
+monotonic, chosen by the driver). Everything a peer can grow is bounded: outstanding
+probes (:data:`MAX_OUTSTANDING_PROBES`), remembered expired probes
+(:data:`MAX_LATE_PROBES`), loss outcomes (:data:`MAX_LOSS_SAMPLES`) and the RTT
+history (``history``).
+
+Inputs::
+
+    probe_sent(id, now)     a PROBE left on this path
+    probe_acked(id, now)    its PROBE_ACK arrived (authenticated) -> RTT sample
+    inbound(now)            any authenticated packet arrived on this path
+    expire(now)             probes unanswered for probe_timeout_ms() become misses
+
+Estimators (RFC 6298 section 2, in milliseconds): the first sample sets
+``srtt = R`` and ``rttvar = R / 2``; each later sample ``R`` does
+``rttvar = 3/4 rttvar + 1/4 |srtt - R|`` and then ``srtt = 7/8 srtt + 1/8 R``.
+``jitter_ms`` is ``rttvar``.
+
+A probe is *lost* (a miss) when it stays unanswered for ``probe_timeout_ms()`` or is
+evicted from the full outstanding map. An ack that comes after its probe was counted
+lost (a *late ack*) is not an ack: ``probe_acked`` returns ``None``, the loss stands and
+the miss count is not reset, but its RTT still feeds the estimators so the timeout
+adapts when a path's RTT steps up beyond it (otherwise every probe would expire forever).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Final
+
+REASON_CONSECUTIVE_DROPS: Final = "consecutive_drop_exceeded"
+"""classify(): misses >= max_consecutive_drops (checked first: the sharpest signal)."""
+REASON_LOSS: Final = "loss_threshold_exceeded"
+"""classify(): loss_ratio > loss_threshold (strict, SPEC 8.2)."""
+REASON_LATENCY: Final = "latency_threshold_exceeded"
+"""classify(): smoothed RTT > latency threshold (optional signal, checked last)."""
+
+MAX_OUTSTANDING_PROBES: Final = 64
+"""Probes in flight per path; the oldest is evicted as lost. 64 x 100 ms = 6.4 s of probing."""
+
+MAX_LATE_PROBES: Final = 64
+"""Expired probes remembered so a late ack can still teach the RTT estimators."""
+
+LATE_ACK_HORIZON_MS: Final = 10_000.0
+"""A late ack older than this is ignored: such an RTT is no use to a failover decision."""
+
+MAX_LOSS_SAMPLES: Final = 1024
+"""Loss outcomes kept, whatever the window: bounds memory if probes are sent very fast."""
+
+SCORE_SCALE: Final = 1000.0
+"""Score numerator: a clean path with an effective RTT of 0 ms scores 100 (1000 / 10)."""
+
+SCORE_RTT_OFFSET_MS: Final = 10.0
+"""Added to the effective RTT so that a few ms between two fast paths is not 'better'."""
+
+SCORE_JITTER_WEIGHT: Final = 2.0
+"""Effective RTT = srtt + 2 * jitter: a jittery path delays packets beyond its mean."""
+
+SCORE_MEASURED_FLOOR: Final = 0.01
+"""Every live, measured path scores above this, even at 100 % loss in the window."""
+
+SCORE_UNMEASURED: Final = 0.005
+"""A live path without an RTT sample: above 0 (a last resort) but below any measured one."""
+
+_MS: Final = 1000.0
+
+
+def path_score(loss_ratio: float, srtt_ms: float | None, jitter_ms: float) -> float:
+    """Score of a live path (DESIGN D9): higher is better, deterministic, pure.
+
+    ``SCORE_MEASURED_FLOOR + 1000 * (1 - loss)^2 / (srtt + 2 * jitter + 10)``;
+    ``SCORE_UNMEASURED`` when ``srtt_ms`` is None. Loss is clamped to 0..1, RTT and
+    jitter to >= 0. Non-increasing in loss, RTT and jitter. A dead path scores 0.0;
+    that is decided by :meth:`PathHealth.score`, not here.
+    """
+    if srtt_ms is None:
+        return SCORE_UNMEASURED
+    loss = min(1.0, max(0.0, loss_ratio))
+    effective_ms = max(0.0, srtt_ms) + SCORE_JITTER_WEIGHT * max(0.0, jitter_ms)
+    delivered = 1.0 - loss
+    quality = delivered * delivered  # squared: loss hurts more than linearly (TCP backoff)
+    return SCORE_MEASURED_FLOOR + SCORE_SCALE * quality / (effective_ms + SCORE_RTT_OFFSET_MS)
+
+
+@dataclass(frozen=True, slots=True)
+class PathStats:
+    """Immutable snapshot of one path's health, for events, the trace and the UI."""
+
+    path_id: int
+    """Transport id this snapshot describes."""
+    srtt_ms: float | None
+    """Smoothed RTT in ms; None until the first RTT sample."""
+    jitter_ms: float
+    """RFC 6298 rttvar in ms (0.0 before the first sample)."""
+    loss_ratio: float
+    """0..1 over the loss window; 0.0 while fewer than min_loss_samples outcomes."""
+    consecutive_misses: int
+    """Probes lost in a row since the last timely ack."""
+    score: float
+    """Higher is better; 0.0 when dead (see path_score)."""
+    alive: bool
+    """False once no authenticated inbound arrived for dead_after_ms."""
+    rtt_history: tuple[float, ...]
+    """Last RTT samples in ms, oldest first (bounded), for a sparkline."""
+
+
+class PathHealth:
+    """Health estimators of one path. Sans-I/O: time comes in as ``now`` (seconds)."""
+
+    def __init__(
+        self,
+        path_id: int,
+        *,
+        loss_window_ms: float = 2000,
+        dead_min_ms: float = 300,
+        dead_rtt_multiplier: float = 4.0,
+        min_loss_samples: int = 8,
+        history: int = 60,
+        now: float = 0.0,
+    ) -> None:
+        if history < 1:
+            raise ValueError(f"history must be >= 1, got {history}")
+        self.path_id = path_id
+        self._loss_window_ms = 0.0
+        self._dead_min_ms = 0.0
+        self._dead_rtt_multiplier = 0.0
+        self._min_loss_samples = 0
+        self.reconfigure(
+            loss_window_ms=loss_window_ms,
+            dead_min_ms=dead_min_ms,
+            dead_rtt_multiplier=dead_rtt_multiplier,
+            min_loss_samples=min_loss_samples,
+        )
+        self._created = now
+        self._seen_now = now
+        self.srtt_ms: float | None = None
+        self.jitter_ms: float = 0.0
+        self.consecutive_misses: int = 0
+        self.last_inbound: float | None = None
+        self._outstanding: OrderedDict[int, float] = OrderedDict()
+        self._late: OrderedDict[int, float] = OrderedDict()
+        self._outcomes: deque[tuple[float, bool]] = deque(maxlen=MAX_LOSS_SAMPLES)
+        self._history: deque[float] = deque(maxlen=history)
+
+    def reconfigure(
+        self,
+        *,
+        loss_window_ms: float,
+        dead_min_ms: float,
+        dead_rtt_multiplier: float,
+        min_loss_samples: int,
+    ) -> None:
+        """Apply new policy numbers (policy reload); measurements are kept."""
+        if not (math.isfinite(loss_window_ms) and loss_window_ms > 0):
+            raise ValueError(f"loss_window_ms must be finite and > 0, got {loss_window_ms}")
+        if not (math.isfinite(dead_min_ms) and dead_min_ms > 0):
+            raise ValueError(f"dead_min_ms must be finite and > 0, got {dead_min_ms}")
+        if not (math.isfinite(dead_rtt_multiplier) and dead_rtt_multiplier > 0):
+            raise ValueError(
+                f"dead_rtt_multiplier must be finite and > 0, got {dead_rtt_multiplier}"
+            )
+        if min_loss_samples < 0:
+            raise ValueError(f"min_loss_samples must be >= 0, got {min_loss_samples}")
+        self._loss_window_ms = float(loss_window_ms)
+        self._dead_min_ms = float(dead_min_ms)
+        self._dead_rtt_multiplier = float(dead_rtt_multiplier)
+        self._min_loss_samples = int(min_loss_samples)
+
+    # -- inputs ----------------------------------------------------------------------
+
+    def probe_sent(self, probe_id: int, now: float) -> None:
+        """A PROBE with ``probe_id`` left on this path at ``now``.
+
+        Raises ValueError if ``probe_id`` is still outstanding (a caller bug: ids must
+        be unique among probes in flight). When the map is full the oldest probe is
+        evicted and counted as lost.
+        """
+        self._see(now)
+        if probe_id in self._outstanding:
+            raise ValueError(f"probe id {probe_id} is already outstanding on path {self.path_id}")
+        self._late.pop(probe_id, None)
+        while len(self._outstanding) >= MAX_OUTSTANDING_PROBES:
+            old_id, old_sent = self._outstanding.popitem(last=False)
+            self._remember_late(old_id, old_sent)
+            self._record_outcome(now, lost=True)
+        self._outstanding[probe_id] = now
+
+    def probe_acked(self, probe_id: int, now: float) -> float | None:
+        """The ack for ``probe_id`` arrived at ``now``; returns the RTT in ms.
+
+        Returns None for an unknown or duplicate id, and for a probe already counted
+        lost (a late ack still feeds the RTT estimators, see the module docstring).
+        The ack is authenticated inbound traffic, so it also counts as :meth:`inbound`.
+        """
+        self.inbound(now)
+        sent = self._outstanding.pop(probe_id, None)
+        if sent is not None:
+            rtt_ms = max(0.0, (now - sent) * _MS)
+            self._rtt_sample(rtt_ms)
+            self.consecutive_misses = 0
+            self._record_outcome(now, lost=False)
+            return rtt_ms
+        late_sent = self._late.pop(probe_id, None)
+        if late_sent is not None:
+            rtt_ms = max(0.0, (now - late_sent) * _MS)
+            if rtt_ms <= LATE_ACK_HORIZON_MS:
+                self._rtt_sample(rtt_ms)
+        return None
+
+    def inbound(self, now: float) -> None:
+        """An authenticated packet (any kind) arrived on this path at ``now``."""
+        self._see(now)
+        if self.last_inbound is None or now > self.last_inbound:
+            self.last_inbound = now
+
+    def expire(self, now: float) -> None:
+        """Count every probe unanswered for ``probe_timeout_ms()`` as lost (a miss)."""
+        self._see(now)
+        expired = [pid for pid, sent in self._outstanding.items() if now >= self._expiry(sent)]
+        for pid in expired:
+            sent = self._outstanding.pop(pid)
+            self._remember_late(pid, sent)
+            self._record_outcome(self._expiry(sent), lost=True)
+
+    def reset_loss(self) -> None:
+        """Forget loss outcomes and consecutive misses (after a switch onto this path).
+
+        Probes still in flight stay outstanding: their outcomes are new information.
+        """
+        self._outcomes.clear()
+        self.consecutive_misses = 0
+
+    # -- derived values ----------------------------------------------------------------
+
+    def probe_timeout_ms(self) -> float:
+        """``max(dead_min_ms, 3 * srtt + 4 * jitter)``; ``dead_min_ms`` before any sample."""
+        if self.srtt_ms is None:
+            return self._dead_min_ms
+        return max(self._dead_min_ms, 3.0 * self.srtt_ms + 4.0 * self.jitter_ms)
+
+    def loss_ratio(self, now: float) -> float:
+        """lost / (acked + lost) over outcomes in ``(now - loss_window, now]``.
+
+        0.0 while fewer than ``min_loss_samples`` outcomes lie in the window (or none).
+        """
+        self._see(now)
+        start = now - self._loss_window_ms / _MS
+        while self._outcomes and self._outcomes[0][0] <= start:
+            self._outcomes.popleft()
+        total = 0
+        lost = 0
+        for t, was_lost in self._outcomes:
+            if start < t <= now:
+                total += 1
+                lost += was_lost
+        if total == 0 or total < self._min_loss_samples:
+            return 0.0
+        return lost / total
+
+    def dead_after_ms(self) -> float:
+        """``max(dead_min_ms, dead_rtt_multiplier * srtt)``; ``dead_min_ms`` before any sample."""
+        if self.srtt_ms is None:
+            return self._dead_min_ms
+        return max(self._dead_min_ms, self._dead_rtt_multiplier * self.srtt_ms)
+
+    def dead_at(self) -> float:
+        """The ``now`` from which the path is dead unless something arrives.
+
+        Reference: the last authenticated inbound, or the creation time if nothing ever
+        arrived. Always a number (a ``float | None`` caller can use it as is).
+        """
+        ref = self.last_inbound if self.last_inbound is not None else self._created
+        return ref + self.dead_after_ms() / _MS
+
+    def is_dead(self, now: float) -> bool:
+        """True once ``now >= dead_at()`` (inclusive, so a timer at the deadline sees it)."""
+        self._see(now)
+        return now >= self.dead_at()
+
+    def next_deadline(self) -> float | None:
+        """Earliest ``now`` at which :meth:`expire` or :meth:`is_dead` could change something.
+
+        The earliest outstanding probe expiry, and ``dead_at()`` while it lies after the
+        latest ``now`` this object was given (once the path is seen dead, only inbound
+        can change that, so no timer is needed for it).
+        """
+        deadline: float | None = None
+        if self._outstanding:
+            deadline = self._expiry(min(self._outstanding.values()))
+        dead = self.dead_at()
+        if dead > self._seen_now and (deadline is None or dead < deadline):
+            deadline = dead
+        return deadline
+
+    def classify(
+        self,
+        now: float,
+        *,
+        loss_threshold: float,
+        max_consecutive_drops: int,
+        latency_threshold_ms: float | None = None,
+    ) -> str | None:
+        """None if healthy, else the reason (SPEC 8.2).
+
+        Priority when several hold: ``consecutive_drop_exceeded`` (misses >= max),
+        ``loss_threshold_exceeded`` (loss_ratio > threshold, strict),
+        ``latency_threshold_exceeded`` (srtt > threshold, when a threshold is given).
+        Latency uses the smoothed RTT, so a single spike does not trip it. Death is not
+        a classification: ask :meth:`is_dead`. Call :meth:`expire` first so that
+        overdue probes are counted.
+        """
+        if self.consecutive_misses >= max_consecutive_drops:
+            return REASON_CONSECUTIVE_DROPS
+        if self.loss_ratio(now) > loss_threshold:
+            return REASON_LOSS
+        if (
+            latency_threshold_ms is not None
+            and self.srtt_ms is not None
+            and self.srtt_ms > latency_threshold_ms
+        ):
+            return REASON_LATENCY
+        return None
+
+    def score(self, now: float) -> float:
+        """0.0 when dead, else :func:`path_score` of loss, srtt and jitter."""
+        if self.is_dead(now):
+            return 0.0
+        return path_score(self.loss_ratio(now), self.srtt_ms, self.jitter_ms)
+
+    def stats(self, now: float) -> PathStats:
+        """Immutable snapshot at ``now``."""
+        return PathStats(
+            path_id=self.path_id,
+            srtt_ms=self.srtt_ms,
+            jitter_ms=self.jitter_ms,
+            loss_ratio=self.loss_ratio(now),
+            consecutive_misses=self.consecutive_misses,
+            score=self.score(now),
+            alive=not self.is_dead(now),
+            rtt_history=tuple(self._history),
+        )
+
+    @property
+    def outstanding_probes(self) -> int:
+        """Probes in flight (bounded by MAX_OUTSTANDING_PROBES)."""
+        return len(self._outstanding)
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _see(self, now: float) -> None:
+        if now > self._seen_now:
+            self._seen_now = now
+
+    def _expiry(self, sent: float) -> float:
+        return sent + self.probe_timeout_ms() / _MS
+
+    def _rtt_sample(self, rtt_ms: float) -> None:
+        if self.srtt_ms is None:
+            self.srtt_ms = rtt_ms
+            self.jitter_ms = rtt_ms / 2.0
+        else:
+            self.jitter_ms = 0.75 * self.jitter_ms + 0.25 * abs(self.srtt_ms - rtt_ms)
+            self.srtt_ms = 0.875 * self.srtt_ms + 0.125 * rtt_ms
+        self._history.append(rtt_ms)
+
+    def _record_outcome(self, at: float, *, lost: bool) -> None:
+        self._outcomes.append((at, lost))
+        if lost:
+            self.consecutive_misses += 1
+
+    def _remember_late(self, probe_id: int, sent: float) -> None:
+        self._late[probe_id] = sent
+        while len(self._late) > MAX_LATE_PROBES:
+            self._late.popitem(last=False)

@@ -1,0 +1,271 @@
+"""The session state machine as data (h11 style): an Enum, a table and one ``_transition``.
+
+The table is the digest's reconciled graph T01-T15 with the DESIGN D2 choices:
+hard death goes ATTACHED -> RECOVERING directly; VOLATILE/DEGRADED -> ATTACHED on same-path
+stabilisation; a non-fatal reattach reject goes to DEGRADED, a fatal one to TERMINATED;
+REATTACHING is not a state; a switch from a live path is one versioned rebind (R1-R3).
+
+Both endpoints run this same table over their own view (D3). Each successful transition
+adds exactly 1 to ``state_version`` and emits exactly one STATE_CHANGE; a rejected one
+changes nothing and emits a DIAGNOSTIC. Reaching the version ceiling terminates the
+session deterministically instead of wrapping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Any
+
+from tunnel.core.constants import MAX_STATE_VERSION
+from tunnel.core.events import (
+    Diagnostic,
+    Event,
+    EventBase,
+    Reason,
+    SessionTerminated,
+    StateChange,
+)
+
+
+class State(StrEnum):
+    BIRTH = "BIRTH"
+    ATTACHED = "ATTACHED"
+    VOLATILE = "VOLATILE"
+    RECOVERING = "RECOVERING"
+    DEGRADED = "DEGRADED"
+    TERMINATED = "TERMINATED"
+
+
+class Trigger(StrEnum):
+    HANDSHAKE_OK = "handshake_ok"
+    INSTABILITY = "instability"
+    TRANSPORT_DEAD = "transport_dead"
+    STABILITY_RESTORED = "stability_restored"
+    DEGRADE = "degrade"
+    SECURITY_ESCALATION = "security_escalation"
+    RECOVERY_RETRY = "recovery_retry"
+    REATTACH_OK = "reattach_ok"
+    REBIND = "rebind"
+    TERMINATE = "terminate"
+
+
+S, T = State, Trigger
+
+TRANSITIONS: dict[tuple[State, Trigger], tuple[str, State]] = {
+    (S.BIRTH, T.HANDSHAKE_OK): ("T01", S.ATTACHED),
+    (S.BIRTH, T.TERMINATE): ("T02", S.TERMINATED),
+    (S.ATTACHED, T.INSTABILITY): ("T03", S.VOLATILE),
+    (S.ATTACHED, T.TRANSPORT_DEAD): ("T04", S.RECOVERING),
+    (S.VOLATILE, T.TRANSPORT_DEAD): ("T05", S.RECOVERING),
+    (S.VOLATILE, T.STABILITY_RESTORED): ("T06", S.ATTACHED),
+    (S.VOLATILE, T.DEGRADE): ("T07", S.DEGRADED),
+    (S.DEGRADED, T.TRANSPORT_DEAD): ("T08", S.RECOVERING),
+    (S.DEGRADED, T.RECOVERY_RETRY): ("T08", S.RECOVERING),
+    (S.DEGRADED, T.STABILITY_RESTORED): ("T09", S.ATTACHED),
+    (S.RECOVERING, T.REATTACH_OK): ("T10", S.ATTACHED),
+    (S.RECOVERING, T.DEGRADE): ("T11", S.DEGRADED),
+    (S.RECOVERING, T.TERMINATE): ("T12", S.TERMINATED),
+    (S.DEGRADED, T.TERMINATE): ("T13", S.TERMINATED),
+    (S.ATTACHED, T.TERMINATE): ("T14", S.TERMINATED),
+    (S.VOLATILE, T.TERMINATE): ("T14", S.TERMINATED),
+    # D2: a switch from a live path is one versioned rebind, never a pass through RECOVERING.
+    (S.ATTACHED, T.REBIND): ("R1", S.ATTACHED),
+    (S.VOLATILE, T.REBIND): ("R2", S.ATTACHED),
+    (S.DEGRADED, T.REBIND): ("R3", S.ATTACHED),
+    # Seed §3: repeated security failures may move a session to DEGRADED (no further).
+    (S.ATTACHED, T.SECURITY_ESCALATION): ("X1", S.DEGRADED),
+    (S.VOLATILE, T.SECURITY_ESCALATION): ("X1", S.DEGRADED),
+    (S.RECOVERING, T.SECURITY_ESCALATION): ("X1", S.DEGRADED),
+}
+"""(state, trigger) -> (edge id, next state). Absent pairs are illegal (T15 for TERMINATED)."""
+
+PRIORITY: dict[Trigger, int] = {
+    T.TERMINATE: 0,
+    T.TRANSPORT_DEAD: 1,
+    T.INSTABILITY: 2,
+    T.DEGRADE: 2,
+    T.SECURITY_ESCALATION: 2,
+    T.STABILITY_RESTORED: 3,
+    T.RECOVERY_RETRY: 4,
+    T.REATTACH_OK: 4,
+    T.REBIND: 4,
+    T.HANDSHAKE_OK: 4,
+}
+"""SPEC-DIGEST §2.4: TTL/termination > transport death > quality > stability. Lower wins."""
+
+TERMINATION_PRIORITY: tuple[Reason, ...] = (
+    Reason.SESSION_LIFETIME_EXCEEDED,
+    Reason.OWNERSHIP_CONFLICT,
+    Reason.TRANSPORT_TTL_EXCEEDED,
+    Reason.RECOVERY_WINDOW_EXCEEDED,
+)
+"""Among simultaneous terminations, the session TTL wins, then ownership, then transport TTLs."""
+
+
+def most_urgent(candidates: list[tuple[Trigger, Reason]]) -> tuple[Trigger, Reason] | None:
+    """The one trigger to apply when several fire at the same tick (AT-08)."""
+    if not candidates:
+        return None
+
+    def key(c: tuple[Trigger, Reason]) -> tuple[int, int]:
+        trig, reason = c
+        sub = TERMINATION_PRIORITY.index(reason) if reason in TERMINATION_PRIORITY else 99
+        return (PRIORITY[trig], sub)
+
+    return min(candidates, key=key)
+
+
+class IllegalTransition(Exception):
+    """Local code asked for a move the table does not allow (misuse, never network input)."""
+
+
+class SessionMachine:
+    """One endpoint's view of one session: state, state_version, and its audit stream.
+
+    ``emit`` receives every event this machine produces. ``clock_ms`` returns the wall ms
+    for event timestamps (the protocol machine provides it from ``now``).
+    """
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        policy_version: str,
+        emit: Callable[[Event], None],
+        max_version: int = MAX_STATE_VERSION,
+    ) -> None:
+        self.node_id = node_id
+        self.policy_version = policy_version
+        self.session_id = ""
+        self.state = State.BIRTH
+        self.version = 0
+        self.max_version = max_version
+        self._emit = emit
+        self.history_edges = 0  # transitions taken, for audits (a counter, not a history list)
+
+    @property
+    def terminated(self) -> bool:
+        return self.state is State.TERMINATED
+
+    def can(self, trigger: Trigger) -> bool:
+        return (self.state, trigger) in TRANSITIONS
+
+    def base(self, ts_ms: int) -> EventBase:
+        """The base fields every event of this session carries."""
+        return {
+            "ts_ms": ts_ms,
+            "session_id": self.session_id,
+            "node_id": self.node_id,
+            "policy_version": self.policy_version,
+            "state_version": self.version,
+        }
+
+    def fire(
+        self,
+        trigger: Trigger,
+        reason: Reason | None,
+        ts_ms: int,
+        *,
+        expect: State | None = None,
+        **fields: Any,
+    ) -> bool:
+        """Apply ``trigger``. Returns True when the transition happened.
+
+        ``expect`` is the target the caller believes it is moving to; a mismatch is an
+        illegal request (AT-04: e.g. asking for ATTACHED -> BIRTH). An illegal or unreasoned
+        request is rejected with a DIAGNOSTIC and no mutation.
+        """
+        entry = TRANSITIONS.get((self.state, trigger))
+        if reason is None or entry is None or (expect is not None and entry[1] is not expect):
+            what = f"{self.state} --{trigger}--> {expect or (entry[1] if entry else '?')}"
+            why = "no reason code" if reason is None and entry else "not in the transition table"
+            self._emit(
+                Diagnostic(
+                    **self.base(ts_ms),
+                    reason_code=Reason.INVALID_STATE_TRANSITION,
+                    detail=f"rejected {what}: {why}",
+                    state=str(self.state),
+                )
+            )
+            return False
+        target = entry[1]
+        if target is not State.TERMINATED and self.version + 1 >= self.max_version:
+            # AT-09: the last version number is kept for an explicit, deterministic end.
+            self._transition(T.TERMINATE, Reason.STATE_VERSION_EXHAUSTED, ts_ms, {})
+            return False
+        self._transition(trigger, reason, ts_ms, fields)
+        return True
+
+    def _transition(
+        self, trigger: Trigger, reason: Reason, ts_ms: int, fields: dict[str, Any]
+    ) -> None:
+        edge, target = TRANSITIONS[(self.state, trigger)]
+        previous = self.state
+        self.state = target
+        self.version += 1
+        self.history_edges += 1
+        change_fields = {
+            k: fields.pop(k) for k in ("from_transport", "candidate_set_size") if k in fields
+        }
+        self._emit(
+            StateChange(
+                **self.base(ts_ms),
+                previous_state=str(previous),
+                new_state=str(target),
+                reason_code=reason,
+                trigger=str(trigger),
+                edge=edge,
+                **change_fields,
+            )
+        )
+        if target is State.TERMINATED:
+            self._emit(
+                SessionTerminated(
+                    **self.base(ts_ms),
+                    reason_code=reason,
+                    session_age_ms=fields.get("session_age_ms", 0.0),
+                    transportless_age_ms=fields.get("transportless_age_ms", 0.0),
+                    total_switches=fields.get("total_switches", 0),
+                    initiator=fields.get("initiator", "local"),
+                )
+            )
+
+    def terminate(self, reason: Reason, ts_ms: int, **fields: Any) -> bool:
+        """Explicit termination from any live state (T02/T12/T13/T14)."""
+        if self.terminated:
+            return False
+        return self.fire(T.TERMINATE, reason, ts_ms, **fields)
+
+    def corruption(self, detail: str, ts_ms: int, **fields: Any) -> None:
+        """Seed §5: detected corruption -> DIAGNOSTIC, then deterministic termination."""
+        self._emit(
+            Diagnostic(
+                **self.base(ts_ms),
+                reason_code=Reason.INVARIANT_VIOLATION,
+                detail=detail,
+                state=str(self.state),
+            )
+        )
+        self.terminate(Reason.INVARIANT_VIOLATION, ts_ms, **fields)
+
+
+def mermaid_diagram() -> str:
+    """The state diagram generated from TRANSITIONS (docs/state-machine.md embeds it)."""
+    lines = ["stateDiagram-v2", "    [*] --> BIRTH"]
+    seen: set[tuple[str, str, str]] = set()
+    for (src, trig), (edge, dst) in TRANSITIONS.items():
+        key = (src, dst, f"{edge} {trig}")
+        if key in seen:
+            continue
+        seen.add(key)
+        lines.append(f"    {src} --> {dst}: {edge} {trig}")
+    lines.append("    TERMINATED --> [*]")
+    return "\n".join(lines) + "\n"
+
+
+def transition_table_markdown() -> str:
+    rows = ["| Edge | From | Trigger | To |", "|---|---|---|---|"]
+    for (src, trig), (edge, dst) in sorted(TRANSITIONS.items(), key=lambda kv: kv[1][0]):
+        rows.append(f"| {edge} | {src} | {trig} | {dst} |")
+    return "\n".join(rows) + "\n"

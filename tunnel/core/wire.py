@@ -1,0 +1,363 @@
+"""Binary wire formats (DESIGN D1): strict parsing, typed drop reasons, never an exception.
+
+Datagrams::
+
+    HANDSHAKE_INIT   HEADER(type=1, phase=0, receiver_index=0) | sender_index:u32 | noise msg 1
+    HANDSHAKE_RESP   HEADER(type=2, phase=0, receiver_index=<initiator's index>) | sender_index:u32
+                     | noise msg 2
+    DATA / CONTROL   TRANSPORT_HEADER | AEAD(ciphertext)      (sealed and opened by aead.py)
+
+CONTROL plaintext is ``ctype:u8`` followed by the fixed fields of that type (struct), never
+JSON. Handshake payloads (inside Noise) are fixed structs too.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
+from enum import IntEnum
+from typing import ClassVar
+
+from tunnel.core.constants import (
+    HEADER,
+    MAX_DATAGRAM,
+    MSG_CONTROL,
+    MSG_DATA,
+    MSG_HANDSHAKE_INIT,
+    MSG_HANDSHAKE_RESP,
+    TRANSPORT_HEADER,
+)
+from tunnel.core.drops import Drop
+
+_U32 = struct.Struct("<I")
+HANDSHAKE_PREFIX = struct.Struct("<BBxxII")
+"""HEADER + sender_index: the clear part of a handshake datagram."""
+
+MAX_NOISE_INIT = 512
+"""Noise IK message 1 is 96 bytes + payload; anything above this is not ours."""
+MIN_NOISE_INIT = 96
+"""e (32) + encrypted s (48) + payload tag (16): the smallest message 1."""
+MIN_NOISE_RESP = 32 + 16
+"""e (32) + payload tag (16)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    msg_type: int
+    phase: int
+    receiver_index: int
+
+
+def parse_header(data: bytes) -> Header | Drop:
+    """First look at any datagram: size limits and the message type."""
+    n = len(data)
+    if n > MAX_DATAGRAM:
+        return Drop.OVERSIZED
+    if n < HEADER.size:
+        return Drop.TRUNCATED
+    msg_type, phase, receiver_index = HEADER.unpack_from(data)
+    if data[2] or data[3]:
+        return Drop.MALFORMED
+    if msg_type in (MSG_DATA, MSG_CONTROL):
+        if n < TRANSPORT_HEADER.size + 16:
+            return Drop.TRUNCATED
+    elif msg_type == MSG_HANDSHAKE_INIT:
+        if receiver_index != 0 or phase != 0:
+            return Drop.MALFORMED
+        if n < HANDSHAKE_PREFIX.size + MIN_NOISE_INIT:
+            return Drop.TRUNCATED
+        if n > HANDSHAKE_PREFIX.size + MAX_NOISE_INIT:
+            return Drop.OVERSIZED
+    elif msg_type == MSG_HANDSHAKE_RESP:
+        if phase != 0:
+            return Drop.MALFORMED
+        if n < HANDSHAKE_PREFIX.size + MIN_NOISE_RESP:
+            return Drop.TRUNCATED
+    else:
+        return Drop.UNKNOWN_TYPE
+    return Header(msg_type, phase, receiver_index)
+
+
+def pack_handshake(msg_type: int, receiver_index: int, sender_index: int, noise: bytes) -> bytes:
+    return HANDSHAKE_PREFIX.pack(msg_type, 0, receiver_index, sender_index) + noise
+
+
+def split_handshake(data: bytes) -> tuple[int, bytes]:
+    """(sender_index, noise message) of a datagram that parse_header accepted."""
+    return _U32.unpack_from(data, HEADER.size)[0], data[HANDSHAKE_PREFIX.size :]
+
+
+# -- handshake payloads ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class InitPayload:
+    """Inside Noise message 1: protocol version and the client's wall clock (freshness, skew)."""
+
+    STRUCT: ClassVar = struct.Struct("<BQB")
+    version: int
+    ts_ms: int
+    path_id: int
+
+    def pack(self) -> bytes:
+        return self.STRUCT.pack(self.version, self.ts_ms, self.path_id)
+
+    @classmethod
+    def parse(cls, data: bytes) -> InitPayload | Drop:
+        if len(data) != cls.STRUCT.size:
+            return Drop.MALFORMED
+        return cls(*cls.STRUCT.unpack(data))
+
+
+@dataclass(frozen=True, slots=True)
+class RespPayload:
+    """Inside Noise message 2: the session the gateway created, or why it refused.
+
+    status 0 = accepted; otherwise a wire reason code (the session was not created).
+    Advertised endpoints (D7) are (ip, port) pairs, at most MAX_ENDPOINTS.
+    """
+
+    FIXED: ClassVar = struct.Struct("<BH16sQQI4sB4sHB")
+    ENDPOINT: ClassVar = struct.Struct("<B16sH")
+    MAX_ENDPOINTS: ClassVar = 4
+    version: int
+    status: int
+    session_id: bytes
+    gw_ts_ms: int
+    state_version: int
+    epoch: int
+    inner_address: str
+    inner_prefix: int
+    inner_gateway: str
+    mtu: int
+    endpoints: tuple[tuple[str, int], ...] = ()
+
+    def pack(self) -> bytes:
+        out = [
+            self.FIXED.pack(
+                self.version,
+                self.status,
+                self.session_id,
+                self.gw_ts_ms,
+                self.state_version,
+                self.epoch,
+                ipaddress.IPv4Address(self.inner_address).packed,
+                self.inner_prefix,
+                ipaddress.IPv4Address(self.inner_gateway).packed,
+                self.mtu,
+                len(self.endpoints),
+            )
+        ]
+        for host, port in self.endpoints[: self.MAX_ENDPOINTS]:
+            ip = ipaddress.ip_address(host)
+            out.append(self.ENDPOINT.pack(ip.version, ip.packed.ljust(16, b"\0"), port))
+        return b"".join(out)
+
+    @classmethod
+    def parse(cls, data: bytes) -> RespPayload | Drop:
+        if len(data) < cls.FIXED.size:
+            return Drop.TRUNCATED
+        (ver, status, sid, ts, sv, epoch, addr, prefix, gw, mtu, n) = cls.FIXED.unpack_from(data)
+        if n > cls.MAX_ENDPOINTS or len(data) != cls.FIXED.size + n * cls.ENDPOINT.size:
+            return Drop.MALFORMED
+        if prefix > 32 or not 576 <= mtu <= 9000:
+            return Drop.MALFORMED
+        eps = []
+        for i in range(n):
+            fam, raw, port = cls.ENDPOINT.unpack_from(data, cls.FIXED.size + i * cls.ENDPOINT.size)
+            if fam == 4:
+                eps.append((str(ipaddress.IPv4Address(raw[:4])), port))
+            elif fam == 6:
+                eps.append((str(ipaddress.IPv6Address(raw)), port))
+            else:
+                return Drop.MALFORMED
+        return cls(
+            ver, status, sid, ts, sv, epoch,
+            str(ipaddress.IPv4Address(addr)), prefix, str(ipaddress.IPv4Address(gw)), mtu,
+            tuple(eps),
+        )  # fmt: skip
+
+
+# -- control messages ----------------------------------------------------------------------
+
+
+class CType(IntEnum):
+    PROBE = 1
+    PROBE_ACK = 2
+    PATH_CHALLENGE = 3
+    PATH_RESPONSE = 4
+    REATTACH_REQUEST = 5
+    REATTACH_ACK = 6
+    REATTACH_REJECT = 7
+    STATE_UPDATE = 8
+    STATE_ACK = 9
+    TERMINATE = 10
+    REKEY = 11
+
+
+class ReattachKind(IntEnum):
+    RECOVERY = 0
+    PROACTIVE = 1
+    MANUAL = 2
+    RESUME = 3
+    """The gateway lost the binding (its view is RECOVERING) while the client's path works."""
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """Client -> gateway on every path. Padded to the size of PROBE_ACK (no amplification)."""
+
+    CTYPE: ClassVar = CType.PROBE
+    STRUCT: ClassVar = struct.Struct("<IBQ9x")
+    probe_id: int
+    path_id: int
+    ts_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeAck:
+    """Gateway -> client, same path. Carries the gateway's view so probes also sync state."""
+
+    CTYPE: ClassVar = CType.PROBE_ACK
+    STRUCT: ClassVar = struct.Struct("<IBQBI4x")
+    probe_id: int
+    path_id: int
+    gw_ts_ms: int
+    gw_state: int
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class PathChallenge:
+    CTYPE: ClassVar = CType.PATH_CHALLENGE
+    STRUCT: ClassVar = struct.Struct("<8s")
+    token: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PathResponse:
+    CTYPE: ClassVar = CType.PATH_RESPONSE
+    STRUCT: ClassVar = struct.Struct("<8s")
+    token: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ReattachRequest:
+    """Proof of possession is the AEAD itself (D8); nonce and ts_ms give freshness."""
+
+    CTYPE: ClassVar = CType.REATTACH_REQUEST
+    STRUCT: ClassVar = struct.Struct("<QQIBBQ")
+    nonce: int
+    ts_ms: int
+    expected_epoch: int
+    path_id: int
+    kind: int
+    client_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReattachAck:
+    CTYPE: ClassVar = CType.REATTACH_ACK
+    STRUCT: ClassVar = struct.Struct("<QIQB")
+    nonce: int
+    epoch: int
+    gw_version: int
+    gw_state: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReattachReject:
+    CTYPE: ClassVar = CType.REATTACH_REJECT
+    STRUCT: ClassVar = struct.Struct("<QHBI")
+    nonce: int
+    reason: int
+    fatal: int
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class StateUpdate:
+    """Gateway -> client after each gateway transition; retransmitted until STATE_ACK."""
+
+    CTYPE: ClassVar = CType.STATE_UPDATE
+    STRUCT: ClassVar = struct.Struct("<IBQIH")
+    seq: int
+    gw_state: int
+    gw_version: int
+    epoch: int
+    reason: int
+
+
+@dataclass(frozen=True, slots=True)
+class StateAck:
+    CTYPE: ClassVar = CType.STATE_ACK
+    STRUCT: ClassVar = struct.Struct("<I")
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Terminate:
+    CTYPE: ClassVar = CType.TERMINATE
+    STRUCT: ClassVar = struct.Struct("<H")
+    reason: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rekey:
+    """First message sealed under a new key phase, so the peer promotes without data."""
+
+    CTYPE: ClassVar = CType.REKEY
+    STRUCT: ClassVar = struct.Struct("<B")
+    phase: int
+
+
+Control = (
+    Probe | ProbeAck | PathChallenge | PathResponse | ReattachRequest | ReattachAck
+    | ReattachReject | StateUpdate | StateAck | Terminate | Rekey
+)  # fmt: skip
+
+_CONTROL_TYPES: dict[int, type] = {
+    cls.CTYPE: cls
+    for cls in (
+        Probe, ProbeAck, PathChallenge, PathResponse, ReattachRequest, ReattachAck,
+        ReattachReject, StateUpdate, StateAck, Terminate, Rekey,
+    )
+}  # fmt: skip
+
+STATE_CODES = ("BIRTH", "ATTACHED", "VOLATILE", "RECOVERING", "DEGRADED", "TERMINATED")
+"""Wire code of a state name = its index."""
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {
+    cls: tuple(f.name for f in dataclass_fields(cls)) for cls in _CONTROL_TYPES.values()
+}
+
+
+def pack_control(msg: Control) -> bytes:
+    values = [getattr(msg, name) for name in _FIELD_NAMES[type(msg)]]
+    return bytes((msg.CTYPE,)) + msg.STRUCT.pack(*values)
+
+
+def parse_control(plaintext: bytes) -> Control | Drop:
+    """Decode an authenticated CONTROL plaintext. Exact lengths only; never raises."""
+    if not plaintext:
+        return Drop.TRUNCATED
+    cls = _CONTROL_TYPES.get(plaintext[0])
+    if cls is None:
+        return Drop.UNKNOWN_TYPE
+    st: struct.Struct = cls.STRUCT  # type: ignore[attr-defined]
+    if len(plaintext) - 1 < st.size:
+        return Drop.TRUNCATED
+    if len(plaintext) - 1 > st.size:
+        return Drop.OVERSIZED
+    values = st.unpack_from(plaintext, 1)
+    msg = cls(*values)
+    if isinstance(msg, (ProbeAck, StateUpdate, ReattachAck)) and msg.gw_state >= len(STATE_CODES):
+        return Drop.MALFORMED
+    if isinstance(msg, ReattachRequest) and msg.kind not in ReattachKind._value2member_map_:
+        return Drop.MALFORMED
+    if isinstance(msg, ReattachReject) and msg.fatal not in (0, 1):
+        return Drop.MALFORMED
+    return msg  # type: ignore[no-any-return]
