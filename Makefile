@@ -1,0 +1,107 @@
+# jvpn developer entry points. `make help` lists them.
+#
+# Works with GNU make >= 4.3 and a POSIX /bin/sh (dash): recipes use no bashisms.
+# Everything Python lives in $(VENV); nothing is installed into the system Python.
+
+PYTHON ?= python3
+VENV ?= .venv
+VENV_PY := $(VENV)/bin/python
+# Written after a successful `pip install -e`; rebuilt whenever pyproject.toml changes.
+STAMP := $(VENV)/.jvpn-install.stamp
+PIP_FLAGS ?= --disable-pip-version-check --progress-bar off
+PYTEST_ARGS ?=
+
+# Tools the tests use, as command:debian-package. A package is installed only when its
+# command is missing; tests that need a tool that is still missing skip themselves.
+SYSTEM_TOOLS := ip:iproute2 iperf3:iperf3 etcd:etcd-server tmux:tmux
+
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-builtin-rules
+.SUFFIXES:
+# Targets run their prerequisites in the order written, even under `make -j`.
+.NOTPARALLEL:
+.PHONY: help venv demo test lint fmt bench sysdeps clean
+
+help: ## list the targets
+	@echo "jvpn make targets:"
+	@sed -n 's/^\([a-z][a-z-]*\):.*## \(.*\)$$/\1|\2/p' $(MAKEFILE_LIST) \
+		| awk -F'|' '{ printf "  %-10s %s\n", $$1, $$2 }'
+	@echo "Variables: PYTHON=$(PYTHON) VENV=$(VENV) PYTEST_ARGS='$(PYTEST_ARGS)'"
+
+venv: $(STAMP) ## create .venv and install jvpn into it (editable, test+cluster extras)
+
+# The interpreter. Debian's python3 needs python3-venv (ensurepip) for `-m venv`:
+# installed here under the same guard as the test tools (root + apt-get only).
+$(VENV_PY):
+	@if ! $(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1; then \
+		if [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "venv: $(PYTHON) has no ensurepip; installing python3-venv"; \
+			apt-get -q update && \
+			DEBIAN_FRONTEND=noninteractive apt-get install -q -y --no-install-recommends \
+				python3-venv || exit 1; \
+		else \
+			echo "venv: $(PYTHON) cannot create a venv (no ensurepip)." \
+				"Install python3-venv (as root: apt-get install python3-venv) and retry." >&2; \
+			exit 1; \
+		fi; \
+	fi
+	$(PYTHON) -m venv $(VENV)
+
+# pip runs only when the stamp is older than pyproject.toml (or missing): a re-run of
+# `make test` with nothing changed does no network access.
+$(STAMP): pyproject.toml | $(VENV_PY)
+	$(VENV_PY) -m pip install $(PIP_FLAGS) -e '.[test,cluster]'
+	@touch $@
+
+demo: $(STAMP) ## set up, then run the client demo (no root, no config)
+	$(VENV)/bin/jvpn-tui --demo
+
+# Guarded: installs only missing tools, only as root with apt-get, one `apt-get update`.
+# Not root: print what is missing and carry on (the tests that need it skip).
+sysdeps: ## install missing system tools the tests use (root + apt-get only)
+	@missing=""; \
+	for pair in $(SYSTEM_TOOLS); do \
+		cmd=$${pair%%:*}; pkg=$${pair#*:}; \
+		if ! command -v "$$cmd" >/dev/null 2>&1 \
+			&& [ ! -x "/usr/sbin/$$cmd" ] && [ ! -x "/sbin/$$cmd" ]; then \
+			missing="$$missing $$pkg"; \
+		fi; \
+	done; \
+	if [ -z "$$missing" ]; then \
+		echo "sysdeps: system tools present"; \
+	elif [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "sysdeps: installing$$missing"; \
+		apt-get -q update && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -q -y --no-install-recommends $$missing \
+			|| { echo "sysdeps: apt-get failed for$$missing" >&2; exit 1; }; \
+	else \
+		echo "NOTE: missing system packages:$$missing"; \
+		echo "NOTE: not root or no apt-get, so not installing them; tests that need them"; \
+		echo "NOTE: will skip. To install: sudo apt-get install$$missing"; \
+	fi
+
+lint: $(STAMP) ## ruff + mypy (mypy config: [tool.mypy] in pyproject.toml)
+	$(VENV_PY) -m ruff check .
+	$(VENV_PY) -m mypy
+
+fmt: $(STAMP) ## apply ruff's automatic fixes (import order, upgrades)
+	$(VENV_PY) -m ruff check --fix .
+
+test: sysdeps lint ## install what the tests need, lint, then run pytest
+	$(VENV_PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP) ## run every bench/*.py (prints tables; never pass/fail on timing)
+	@found=0; \
+	for script in bench/*.py; do \
+		[ -f "$$script" ] || continue; \
+		found=1; \
+		echo "== $$script"; \
+		$(VENV_PY) "$$script" || exit 1; \
+	done; \
+	if [ "$$found" -eq 0 ]; then echo "bench: no benchmark scripts in bench/ yet"; fi
+
+clean: ## remove .venv and tool caches (nothing else)
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	find . -path ./.git -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+	find . -maxdepth 2 -path ./.git -prune -o -type d -name '*.egg-info' -prune \
+		-exec rm -rf {} +
