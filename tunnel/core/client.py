@@ -534,12 +534,14 @@ class ClientSession(EndpointBase):
         if pending is None or msg.nonce != pending.nonce:
             if msg.nonce and msg.nonce == self._last_acked_nonce:
                 return  # a duplicate ACK of a retransmitted request
+            self.count_drop(Drop.WRONG_STATE)
             self._security(
                 now, self._base(now), "UNEXPECTED_RESPONSE", Reason.UNEXPECTED_RESPONSE,
                 transport_id=path_id,
             )  # fmt: skip
             return
         if msg.gw_version < self.peer_version:
+            self.count_drop(Drop.WRONG_STATE)
             self._security(
                 now, self._base(now), "STALE_RESPONSE", Reason.STALE_STATE_VERSION,
                 transport_id=path_id,
@@ -577,8 +579,11 @@ class ClientSession(EndpointBase):
         self._excluded.clear()
         self._denied_once.clear()
         self.selector.reset()
-        self.limiter.record(now)
-        self.total_switches += 1
+        if new != previous:
+            # Re-attaching the path that was declared dead is not a transport switch (the
+            # gateway's binding never moved): it must not spend the switch budget.
+            self.limiter.record(now)
+            self.total_switches += 1
         stats = self._paths[new].health.stats(now)
         base = self._base(now)
         self.emit(
@@ -607,6 +612,7 @@ class ClientSession(EndpointBase):
     def _on_reattach_reject(self, msg: ReattachReject, now: float) -> None:
         pending = self._pending
         if pending is None or msg.nonce != pending.nonce:
+            self.count_drop(Drop.WRONG_STATE)
             self._security(now, self._base(now), "UNEXPECTED_RESPONSE", Reason.UNEXPECTED_RESPONSE)
             return
         reason = reason_from_wire(msg.reason) or Reason.REATTACH_VALIDATION_FAILED
@@ -702,17 +708,17 @@ class ClientSession(EndpointBase):
         pol = self.policy
         st = self.state
         found: list[tuple[Trigger, Reason]] = []
-        if now - self._born >= pol.max_lifetime_ms / 1000:
+        if now >= self._born + pol.max_lifetime_ms / 1000:
             found.append((Trigger.TERMINATE, Reason.SESSION_LIFETIME_EXCEEDED))
         if (
             self._transportless_since is not None
-            and now - self._transportless_since >= pol.transport_lost_ttl_ms / 1000
+            and now >= self._transportless_since + pol.transport_lost_ttl_ms / 1000
         ):
             found.append((Trigger.TERMINATE, Reason.TRANSPORT_TTL_EXCEEDED))
         if (
             st is State.RECOVERING
             and self._recovery_started is not None
-            and now - self._recovery_started >= pol.recovery_window_ms / 1000
+            and now >= self._recovery_started + pol.recovery_window_ms / 1000
         ):
             trig = Trigger.TERMINATE if pol.on_recovery_timeout == "terminate" else Trigger.DEGRADE
             found.append((trig, Reason.RECOVERY_WINDOW_EXCEEDED))
@@ -720,7 +726,7 @@ class ClientSession(EndpointBase):
             st is State.DEGRADED
             and pol.degraded_terminate_after_ms is not None
             and self._degraded_since is not None
-            and now - self._degraded_since >= pol.degraded_terminate_after_ms / 1000
+            and now >= self._degraded_since + pol.degraded_terminate_after_ms / 1000
         ):
             found.append((Trigger.TERMINATE, Reason.DEGRADED_TIMEOUT))
         active = self.active
@@ -737,13 +743,13 @@ class ClientSession(EndpointBase):
             elif (
                 st in (State.VOLATILE, State.DEGRADED)
                 and self._stable_since is not None
-                and now - self._stable_since >= pol.stability_window_ms / 1000
+                and now >= self._stable_since + pol.stability_window_ms / 1000
             ):
                 found.append((Trigger.STABILITY_RESTORED, Reason.STABILITY_RESTORED))
             if (
                 st is State.VOLATILE
                 and self._volatile_since is not None
-                and now - self._volatile_since >= pol.volatile_to_degraded_ms / 1000
+                and now >= self._volatile_since + pol.volatile_to_degraded_ms / 1000
             ):
                 found.append((Trigger.DEGRADE, Reason.VOLATILE_PERSISTED))
         chosen = most_urgent(found)
@@ -794,6 +800,9 @@ class ClientSession(EndpointBase):
         if self._fire(Trigger.DEGRADE, reason, now):
             self._degraded_since = now
             self._volatile_since = None
+            # The recovery round is over: a candidate that did not answer in it may be
+            # tried again (else a transportless DEGRADED session waits for its TTL).
+            self._excluded.clear()
 
     def _health_events(self, now: float) -> None:
         for pid in self._order:
@@ -838,15 +847,23 @@ class ClientSession(EndpointBase):
                     self._deny(Reason.NO_VALID_CANDIDATE, dead, now)
                 return
             # Hard-death recovery is exempt from the cooldown (a dead path must be replaced)
-            # but never from the per-minute cap (an invariant).
+            # but never from the per-minute cap (an invariant). Resuming the path that died
+            # is not a switch, so it stays possible with the budget spent.
             if self.limiter.check(now, manual=True) is not None:
+                if dead in candidates:
+                    self._start_reattach(
+                        dead, ReattachKind.RECOVERY, Reason.DEAD_TRANSPORT_RECOVERY, now
+                    )
+                    return
                 self._deny(Reason.SWITCH_RATE_LIMITED, choice, now)
                 self._enter_degraded(Reason.SWITCH_RATE_LIMITED, now)
                 return
             self._start_reattach(choice, ReattachKind.RECOVERY, Reason.DEAD_TRANSPORT_RECOVERY, now)
         elif st is State.DEGRADED and self.active is None and self._pending is None:
             candidates = self._eligible(now)
-            if candidates and self.limiter.check(now, manual=True) is None:
+            if candidates and (
+                self.limiter.check(now, manual=True) is None or self._previous_dead in candidates
+            ):
                 if self._fire(Trigger.RECOVERY_RETRY, Reason.RECOVERY_RETRY, now):
                     self._recovery_started = now
                     self._degraded_since = None
@@ -951,7 +968,9 @@ class ClientSession(EndpointBase):
 
     def _rekey_timer(self, now: float) -> None:
         cipher = self.cipher
-        if cipher is None or cipher.key_age(now) < self.policy.rekey_after_s:
+        # Compare with the very deadline next_deadline() reports: now - born < rekey_after
+        # can stay true at that deadline in floating point and spin the timer.
+        if cipher is None or now < self._rekey_at():
             return
         if cipher.rekey(now):
             target = self.active if self.active is not None else self._order[0]
@@ -969,7 +988,9 @@ class ClientSession(EndpointBase):
         times: list[float] = [self._born + pol.max_lifetime_ms / 1000]
         if self._transportless_since is not None:
             times.append(self._transportless_since + pol.transport_lost_ttl_ms / 1000)
-        if self._recovery_started is not None:
+        if self._recovery_started is not None and self.state is State.RECOVERING:
+            # Only RECOVERING evaluates the window; after RECOVERING -> DEGRADED a stale
+            # start would put a past deadline here forever (a spinning timer).
             times.append(self._recovery_started + pol.recovery_window_ms / 1000)
         if self._degraded_since is not None and pol.degraded_terminate_after_ms is not None:
             times.append(self._degraded_since + pol.degraded_terminate_after_ms / 1000)
@@ -985,14 +1006,25 @@ class ClientSession(EndpointBase):
         if self._pending is not None:
             times.append(self._pending.last_sent + pol.reattach_retry_ms / 1000)
         sel = self.selector.next_deadline()
-        if sel is not None:
+        if (
+            sel is not None
+            and self.state is State.VOLATILE
+            and self.active is not None
+            and self.auto_switch
+            and self._pending is None
+        ):
+            # Only _switch_actions evaluates the selector, under exactly these conditions;
+            # a dwell it will not look at is not a deadline (it would spin the timer).
             times.append(sel)
         if self.state in (State.RECOVERING, State.DEGRADED, State.VOLATILE):
             t = self.limiter.next_change(times[0])
             if t is not None:
                 times.append(t)
         if self.cipher is not None:
-            times.append(self._rekey_at())
+            if not self.cipher.rekey_pending:
+                # While our last rekey is unconfirmed, rekey() refuses: no deadline (the
+                # peer's first new-phase datagram confirms it and brings it back).
+                times.append(self._rekey_at())
             t = self.cipher.next_deadline()
             if t is not None:
                 times.append(t)

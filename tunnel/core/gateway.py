@@ -583,6 +583,8 @@ class GatewaySessions(EndpointBase):
         ):
             if addr == s.binding:
                 self._send(s, addr, s.last_ack[1])  # retransmitted request: same answer
+            else:
+                self.count_drop(Drop.REPLAY)  # not answered, but never silently
             return
         if verdict is not NonceVerdict.ACCEPTED:
             base = self._base(s, now)
@@ -833,25 +835,25 @@ class GatewaySessions(EndpointBase):
         pol = s.policy
         st = s.machine.state
         found: list[tuple[Trigger, Reason]] = []
-        if now - s.born >= pol.max_lifetime_ms / 1000:
+        if now >= s.born + pol.max_lifetime_ms / 1000:
             found.append((Trigger.TERMINATE, Reason.SESSION_LIFETIME_EXCEEDED))
         if (
             s.transportless_since is not None
-            and now - s.transportless_since >= pol.transport_lost_ttl_ms / 1000
+            and now >= s.transportless_since + pol.transport_lost_ttl_ms / 1000
         ):
             found.append((Trigger.TERMINATE, Reason.TRANSPORT_TTL_EXCEEDED))
         if (
             st is State.RECOVERING
             and s.recovery_started is not None
-            and now - s.recovery_started >= pol.recovery_window_ms / 1000
+            and now >= s.recovery_started + pol.recovery_window_ms / 1000
         ):
             trig = Trigger.TERMINATE if pol.on_recovery_timeout == "terminate" else Trigger.DEGRADE
             found.append((trig, Reason.RECOVERY_WINDOW_EXCEEDED))
-        if s.binding is not None and now - s.last_inbound >= self.dead_after_s(s):
+        if s.binding is not None and now >= s.last_inbound + self.dead_after_s(s):
             found.append((Trigger.TRANSPORT_DEAD, Reason.TRANSPORT_DEAD))
         if (
             st is State.DEGRADED and s.binding is not None and s.last_failure is not None
-            and now - s.last_failure >= pol.stability_window_ms / 1000
+            and now >= s.last_failure + pol.stability_window_ms / 1000
         ):  # fmt: skip
             found.append((Trigger.STABILITY_RESTORED, Reason.STABILITY_RESTORED))
         chosen = most_urgent(found)
@@ -879,7 +881,7 @@ class GatewaySessions(EndpointBase):
                     s.last_failure = None
             else:
                 self._fire(s, trigger, reason, now)
-        if s.unacked is not None and now - s.unacked_sent >= STATE_UPDATE_RESEND_S:
+        if s.unacked is not None and now >= s.unacked_sent + STATE_UPDATE_RESEND_S:
             self._send_state_update(s, now)
 
     def next_deadline(self) -> float | None:
@@ -893,7 +895,8 @@ class GatewaySessions(EndpointBase):
             times.append(s.born + pol.max_lifetime_ms / 1000)
             if s.transportless_since is not None:
                 times.append(s.transportless_since + pol.transport_lost_ttl_ms / 1000)
-            if s.recovery_started is not None:
+            if s.recovery_started is not None and s.machine.state is State.RECOVERING:
+                # As in _session_timers: after RECOVERING -> DEGRADED it is not a deadline.
                 times.append(s.recovery_started + pol.recovery_window_ms / 1000)
             if s.binding is not None:
                 times.append(s.last_inbound + self.dead_after_s(s))

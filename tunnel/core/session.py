@@ -137,12 +137,29 @@ class SessionMachine:
     ) -> None:
         self.node_id = node_id
         self.policy_version = policy_version
-        self.session_id = ""
+        self._session_id = ""
         self.state = State.BIRTH
         self.version = 0
         self.max_version = max_version
         self._emit = emit
         self.history_edges = 0  # transitions taken, for audits (a counter, not a history list)
+
+    @property
+    def session_id(self) -> str:
+        """Hex session id; empty until the handshake assigns it."""
+        return self._session_id
+
+    @session_id.setter
+    def session_id(self, value: str) -> None:
+        """Set once (handshake). AT-06: a later change of identity is refused, never applied."""
+        if not value:
+            raise ValueError("session id must not be empty")
+        if self._session_id and value != self._session_id:
+            raise IllegalTransition(
+                f"session id is fixed for the life of the session ({self._session_id});"
+                " a new identity needs a new session (TERMINATED + handshake)"
+            )
+        self._session_id = value
 
     @property
     def terminated(self) -> bool:
@@ -250,22 +267,138 @@ class SessionMachine:
         self.terminate(Reason.INVARIANT_VIOLATION, ts_ms, **fields)
 
 
+STATE_MEANING: dict[State, tuple[str, str]] = {
+    S.BIRTH: ("session object exists, handshake in progress; state_version 0", "0"),
+    S.ATTACHED: ("healthy: exactly one active binding that meets the quality floors", "1"),
+    S.VOLATILE: ("active path over a quality threshold; adaptation under way", "1"),
+    S.RECOVERING: ("active path died; a reattach on a candidate is in flight", "0"),
+    S.DEGRADED: ("protective mode: persistent trouble, switch denied or recovery failed", "0 or 1"),
+    S.TERMINATED: ("final and absorbing: identity ends, every later event is rejected", "0"),
+}
+"""State -> (meaning, active transports): rendered into docs/state-machine.md."""
+
+EDGE_MEANING: dict[str, str] = {
+    "T01": "handshake accepted and the first transport bound",
+    "T02": "handshake failed or refused, or terminated before attaching",
+    "T03": "loss, consecutive drops or latency over the policy threshold",
+    "T04": "hard death of the active path; active := none",
+    "T05": "the active path dies while VOLATILE",
+    "T06": "the same path is healthy again for the stability window",
+    "T07": "VOLATILE for too long, or a switch was denied",
+    "T08": "a live candidate and the switch budget allow a new attempt (or the path died)",
+    "T09": "the same path is healthy again for the stability window",
+    "T10": "reattach validated and the new binding committed",
+    "T11": "reattach rejected (non-fatal), no candidate, or recovery window with degrade",
+    "T12": "fatal reattach reject, recovery window with terminate, TTL, operator",
+    "T13": "policy bound reached in DEGRADED, TTL, operator",
+    "T14": "session lifetime, transportless TTL, security, operator, peer, version exhausted",
+    "R1": "versioned rebind from a live path (switch, NAT rebinding)",
+    "R2": "proactive or manual switch away from a volatile path",
+    "R3": "switch out of DEGRADED onto a better path",
+    "X1": "repeated security failures on the session",
+}
+"""Edge id -> when it fires: rendered into docs/state-machine.md."""
+
+_EDGE_ORDER = {"T": 0, "R": 1, "X": 2}
+
+
+def _edge_key(edge: str) -> tuple[int, int]:
+    return (_EDGE_ORDER[edge[0]], int(edge[1:]))
+
+
+def _edges_in_order() -> list[tuple[str, State, Trigger, State]]:
+    rows = [(edge, src, trig, dst) for (src, trig), (edge, dst) in TRANSITIONS.items()]
+    return sorted(rows, key=lambda r: _edge_key(r[0]))
+
+
 def mermaid_diagram() -> str:
     """The state diagram generated from TRANSITIONS (docs/state-machine.md embeds it)."""
     lines = ["stateDiagram-v2", "    [*] --> BIRTH"]
-    seen: set[tuple[str, str, str]] = set()
-    for (src, trig), (edge, dst) in TRANSITIONS.items():
-        key = (src, dst, f"{edge} {trig}")
-        if key in seen:
-            continue
-        seen.add(key)
+    for edge, src, trig, dst in _edges_in_order():
         lines.append(f"    {src} --> {dst}: {edge} {trig}")
     lines.append("    TERMINATED --> [*]")
     return "\n".join(lines) + "\n"
 
 
 def transition_table_markdown() -> str:
-    rows = ["| Edge | From | Trigger | To |", "|---|---|---|---|"]
-    for (src, trig), (edge, dst) in sorted(TRANSITIONS.items(), key=lambda kv: kv[1][0]):
-        rows.append(f"| {edge} | {src} | {trig} | {dst} |")
+    rows = ["| Edge | From | Trigger | To | When |", "|---|---|---|---|---|"]
+    for edge, src, trig, dst in _edges_in_order():
+        rows.append(f"| {edge} | {src} | `{trig}` | {dst} | {EDGE_MEANING[edge]} |")
+    rows.append("| T15 | TERMINATED | any | (none) | rejected: no state or version change |")
     return "\n".join(rows) + "\n"
+
+
+REGENERATE = ".venv/bin/python -m tunnel.core.session > docs/state-machine.md"
+"""The command that rewrites docs/state-machine.md (tests/test_docs_state_machine.py)."""
+
+
+def render_doc() -> str:
+    """docs/state-machine.md, generated from the tables in this module."""
+    states = ["| State | Meaning | Active transports |", "|---|---|---|"]
+    for st in State:
+        meaning, active = STATE_MEANING[st]
+        states.append(f"| {st} | {meaning} | {active} |")
+    prio = ["| Rank | Trigger |", "|---|---|"]
+    for rank in sorted(set(PRIORITY.values())):
+        trigs = ", ".join(f"`{t}`" for t in Trigger if PRIORITY[t] == rank)
+        prio.append(f"| {rank} | {trigs} |")
+    term = " > ".join(f"`{r}`" for r in TERMINATION_PRIORITY)
+    accepted = ["| State | Accepted triggers |", "|---|---|"]
+    for st in State:
+        trigs = ", ".join(f"`{t}`" for t in Trigger if (st, t) in TRANSITIONS) or "none"
+        accepted.append(f"| {st} | {trigs} |")
+    parts = [
+        "<!-- GENERATED from tunnel/core/session.py; do not edit by hand.",
+        f"     Regenerate: {REGENERATE} -->",
+        "",
+        "# Session state machine",
+        "",
+        "Generated from `TRANSITIONS`, `PRIORITY` and `TERMINATION_PRIORITY` in",
+        "`tunnel/core/session.py`; `tests/test_docs_state_machine.py` fails when this file is",
+        f"stale. Regenerate with `{REGENERATE}`.",
+        "",
+        "Both endpoints run this one table over their own view of the session. Every accepted",
+        "transition adds exactly 1 to `state_version` and emits exactly one `STATE_CHANGE`",
+        "with a reason code; a rejected request changes nothing and emits a `DIAGNOSTIC`",
+        "(`invalid_state_transition`). The session id is set once by the handshake and never",
+        "changes. A transition that would reach the version ceiling ends the session instead",
+        "(`TERMINATED`, `state_version_exhausted`); versions never wrap.",
+        "",
+        "## States",
+        "",
+        *states,
+        "",
+        "## Transitions",
+        "",
+        "T01-T15 follow the reconciled graph of SPEC-DIGEST §2.3 with the DESIGN D2 choices;",
+        "R1-R3 are versioned rebinds (a switch from a live path never passes through",
+        "RECOVERING); X1 is the security escalation of seed §3. Pairs absent from the table",
+        "are illegal.",
+        "",
+        transition_table_markdown().rstrip("\n"),
+        "",
+        "## Diagram",
+        "",
+        "```mermaid",
+        mermaid_diagram().rstrip("\n"),
+        "```",
+        "",
+        "## Accepted triggers per state",
+        "",
+        *accepted,
+        "",
+        "## Trigger priority",
+        "",
+        "When several triggers are due at the same tick, the lowest rank wins (SPEC-DIGEST",
+        "§2.4: session TTL > ownership conflict > transport death > quality > stability).",
+        "",
+        *prio,
+        "",
+        f"Among simultaneous terminations: {term}.",
+        "",
+    ]
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    print(render_doc(), end="")
