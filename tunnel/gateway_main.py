@@ -1,35 +1,168 @@
-"""``jvpn-gateway``: the gateway program (placeholder until its own issue lands).
+"""``jvpn-gateway --config gateway.toml [--metrics HOST:PORT]``: the gateway program.
 
-The options are the ones the gateway will have; for now every run says so and exits 2.
+Start-up checks everything before the host changes: the configuration (values, then the
+private key), the privilege and ``/dev/net/tun`` for the TUN, then binds the UDP
+listeners and the metrics endpoint, and only then creates and configures the TUN. Every
+failure is one line on stderr and its own exit code (``EXIT_*`` below, also in
+``--help``). SIGINT/SIGTERM end every session (TERMINATE sent to the clients), restore
+the host and exit 0; SIGHUP reloads the policy file.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from collections.abc import Sequence
+from typing import Final
 
-NOT_BUILT = "jvpn-gateway: the gateway is not built yet (it comes with its own issue)"
+from tunnel.gateway_config import ConfigError, GatewayConfig, KeyFileError, load_gateway_config
+from tunnel.io.netconf import NetConfError
+from tunnel.io.tun import TUN_CLONE_DEVICE, TunError
+from tunnel.io.udp import PathError
+from tunnel.observability.metrics import parse_host_port
+
+EXIT_OK: Final = 0
+EXIT_ENGINE_FAILURE: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_CONFIG: Final = 3
+EXIT_KEY: Final = 4
+EXIT_ADDRESS: Final = 5
+EXIT_PRIVILEGE: Final = 6
+EXIT_HOST_CONFIG: Final = 7
+
+CAP_NET_ADMIN: Final = 12
+"""Bit of CAP_NET_ADMIN in /proc/self/status CapEff."""
+
+EPILOG = f"""\
+exit status:
+  {EXIT_OK}  stopped by SIGINT/SIGTERM (sessions terminated, host restored)
+  {EXIT_ENGINE_FAILURE}  engine failure (sessions terminated with invariant_violation)
+  {EXIT_USAGE}  bad command line
+  {EXIT_CONFIG}  bad configuration value (file, key and value on stderr)
+  {EXIT_KEY}  private key missing, unreadable, invalid or readable by every user
+  {EXIT_ADDRESS}  a listen or metrics address cannot be bound (e.g. port in use)
+  {EXIT_PRIVILEGE}  no privilege for the TUN (root or CAP_NET_ADMIN) or no {TUN_CLONE_DEVICE}
+  {EXIT_HOST_CONFIG}  creating or configuring the TUN failed otherwise
+
+signals: SIGHUP reloads the policy file (also reloaded when it changes on disk)."""
+
+
+def _metrics_arg(text: str) -> tuple[str, int]:
+    try:
+        return parse_host_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jvpn-gateway",
         description="jvpn gateway: UDP listeners, TUN, session table, policy, event sinks.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", metavar="PATH", help="gateway configuration file (TOML)")
+    parser.add_argument(
+        "--config", metavar="PATH", required=True, help="gateway configuration file (TOML)"
+    )
     parser.add_argument(
         "--metrics",
         metavar="HOST:PORT",
-        help="serve Prometheus metrics here (loopback by default)",
+        type=_metrics_arg,
+        help="serve Prometheus metrics here (loopback by default, e.g. 127.0.0.1:9108); "
+        "overrides the file's metrics key",
     )
     return parser
 
 
+def _fail(code: int, message: str) -> int:
+    print(f"jvpn-gateway: error: {message}", file=sys.stderr)
+    return code
+
+
+def _has_net_admin() -> bool:
+    if os.geteuid() == 0:
+        return True
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    except (OSError, ValueError, IndexError):
+        return False
+    return False
+
+
+def tun_precheck(config: GatewayConfig) -> str | None:
+    """Why the TUN cannot be created (before anything changes), or None."""
+    if config.inner_echo:
+        return None
+    if not os.path.exists(TUN_CLONE_DEVICE):
+        return (
+            f"{TUN_CLONE_DEVICE} does not exist — load the tun module (modprobe tun) or, in a "
+            "container, pass the device in; or set inner_echo = true for a test gateway"
+        )
+    if not _has_net_admin():
+        return (
+            f"creating TUN {config.tun_name!r} needs root or CAP_NET_ADMIN — run as root, "
+            "or set inner_echo = true for a test gateway without TUN"
+        )
+    return None
+
+
+def _privilege_error(exc: TunError | NetConfError) -> bool:
+    return exc.errno in (errno.EPERM, errno.EACCES, errno.ENOENT, errno.ENXIO, errno.ENODEV)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    _parser().parse_args(argv)
-    print(NOT_BUILT, file=sys.stderr)
-    return 2
+    args = _parser().parse_args(argv)
+    from tunnel.io.gateway_runtime import GatewayRuntime  # after --help: keeps it fast
+
+    try:
+        config = load_gateway_config(args.config)
+    except KeyFileError as exc:
+        return _fail(EXIT_KEY, str(exc))
+    except ConfigError as exc:
+        return _fail(EXIT_CONFIG, str(exc))
+    problem = tun_precheck(config)
+    if problem is not None:
+        return _fail(EXIT_PRIVILEGE, problem)
+
+    runtime = GatewayRuntime.from_config(config, metrics=args.metrics)
+    if not runtime.policy_ok:
+        print(
+            f"jvpn-gateway: warning: invalid policy, new sessions are denied until it is "
+            f"fixed (then send SIGHUP or save the file): {runtime.policy_error}",
+            file=sys.stderr,
+        )
+    try:
+        runtime.open()
+    except PathError as exc:
+        return _fail(EXIT_ADDRESS, str(exc))
+    except OSError as exc:  # the metrics listener
+        where = "{}:{}".format(*runtime.metrics_address) if runtime.metrics_address else "?"
+        cause = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        return _fail(EXIT_ADDRESS, f"cannot bind metrics endpoint {where}: {cause}")
+    except (TunError, NetConfError) as exc:
+        code = EXIT_PRIVILEGE if _privilege_error(exc) else EXIT_HOST_CONFIG
+        return _fail(code, str(exc))
+
+    listening = ", ".join(f"{h}:{p}" for h, p in runtime.addresses)
+    inner = f"inner {runtime.inner.name} {config.gateway_address}/{config.subnet.prefixlen}"
+    metrics = runtime.metrics_bound
+    extra = f", metrics http://{metrics[0]}:{metrics[1]}/metrics" if metrics else ""
+    ready = f"jvpn-gateway: node {config.node_id} listening on {listening}, {inner}{extra}"
+    try:
+        runtime.run(
+            install_signals=True, on_ready=lambda: print(ready, file=sys.stderr, flush=True)
+        )
+    except (TunError, NetConfError) as exc:
+        return _fail(EXIT_HOST_CONFIG, f"restoring the host failed: {exc}")
+    if runtime.crash is not None:
+        return _fail(EXIT_ENGINE_FAILURE, f"engine failure: {runtime.crash!r}")
+    print("jvpn-gateway: stopped; sessions terminated, host restored", file=sys.stderr)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,0 +1,417 @@
+"""The gateway's configuration file (TOML): ``GatewayConfig`` and ``load_gateway_config``.
+
+Everything the gateway needs to start, validated before anything on the host changes.
+Every problem raises :class:`ConfigError` naming the file, the key and the offending
+value; a missing, unreadable, invalid or world-readable private key raises its subclass
+:class:`KeyFileError` (the program gives it its own exit code). Relative paths are
+relative to the directory of the configuration file. docs/gateway.md documents every key;
+docs/examples/gateway.toml is a complete example.
+
+Clients either name their inner address or take one from the pool: the free hosts of
+``tun.subnet`` in order (the gateway's own address, the network and broadcast addresses
+and every address given explicitly are skipped). The allocation is deterministic, so a
+client keeps its address across restarts as long as the list is not reordered.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from tunnel.core.constants import MAX_INNER_PACKET
+from tunnel.core.gateway import ClientEntry
+from tunnel.keys import KeyFormatError, load_private_key, load_public_key
+from tunnel.observability.metrics import parse_host_port
+
+MAX_CONFIG_SIZE: Final = 1 << 20
+"""A gateway config is a few kB; a larger file is a mistake."""
+
+MIN_MTU: Final = 576
+"""The smallest IPv4 datagram every host must accept (RFC 791)."""
+
+NODE_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""Node ids appear in events, records and syslog structured data: short and printable."""
+
+CLIENT_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+
+DEFAULT_SUBNET: Final = "10.66.0.0/24"
+DEFAULT_TUN_NAME: Final = "jvpn%d"
+DEFAULT_MTU: Final = 1420
+DEFAULT_SYSLOG_PORT: Final = 514
+DEFAULT_JSONL_MAX_BYTES: Final = 10 * 1024 * 1024
+DEFAULT_JSONL_BACKUPS: Final = 5
+
+TOP_KEYS: Final = frozenset(
+    {"node_id", "listen", "private_key", "policy", "mtu", "metrics", "inner_echo"}
+)
+TABLES: Final = frozenset({"tun", "clients", "sinks"})
+TUN_KEYS: Final = frozenset({"name", "subnet", "address"})
+CLIENT_KEYS: Final = frozenset({"name", "public_key", "address"})
+SINK_KEYS: Final = {
+    "jsonl": frozenset({"type", "path", "max_bytes", "backups"}),
+    "syslog": frozenset({"type", "address", "transport"}),
+    "stdout": frozenset({"type"}),
+}
+
+
+class ConfigError(ValueError):
+    """The configuration is unusable; the message names file, key and value."""
+
+    def __init__(self, file: str | os.PathLike[str], key: str, value: object, message: str):
+        self.file = os.fspath(file)
+        self.key = key
+        self.value = value
+        self.message = message
+        shown = "" if value is _NO_VALUE else f" = {_show(value)}"
+        super().__init__(f"{self.file}: {key}{shown}: {message}")
+
+
+class KeyFileError(ConfigError):
+    """The gateway's private key file is missing, unreadable, invalid or too open."""
+
+
+_NO_VALUE: Final[Any] = object()
+"""Marks an error about a missing key (there is no value to show)."""
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+@dataclass(frozen=True, slots=True)
+class SinkConfig:
+    """One event sink."""
+
+    kind: Literal["jsonl", "syslog", "stdout"]
+    path: Path | None = None
+    """jsonl: the file (rotated by size)."""
+    max_bytes: int = DEFAULT_JSONL_MAX_BYTES
+    backups: int = DEFAULT_JSONL_BACKUPS
+    host: str | None = None
+    """syslog: receiver host (name or address)."""
+    port: int = DEFAULT_SYSLOG_PORT
+    transport: Literal["udp", "tcp"] = "udp"
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """A validated gateway configuration. The private key is never in ``repr``."""
+
+    source: Path
+    """The configuration file."""
+    node_id: str
+    listen: tuple[tuple[str, int], ...]
+    """UDP listen addresses (numeric host, port)."""
+    private_key_path: Path
+    private_key: bytes = field(repr=False)
+    """The raw X25519 private key (loaded and checked)."""
+    clients: tuple[ClientEntry, ...]
+    """Allowed clients with their inner addresses (pool addresses already assigned)."""
+    policy_path: Path | None
+    """Policy file (reloaded on SIGHUP and on change); None: the built-in defaults."""
+    sinks: tuple[SinkConfig, ...]
+    tun_name: str
+    subnet: ipaddress.IPv4Network
+    gateway_address: str
+    """The gateway's own inner address (on the TUN; answers echo in inner_echo mode)."""
+    mtu: int
+    metrics: tuple[str, int] | None
+    """Prometheus endpoint, or None for none (``--metrics`` overrides)."""
+    inner_echo: bool
+    """No TUN: answer inner packets addressed to the gateway (demo, tests; no root)."""
+
+
+class _Reader:
+    """Typed access to one TOML table with errors that name file and key."""
+
+    def __init__(self, file: Path, table: Mapping[str, Any], prefix: str) -> None:
+        self.file, self.table, self.prefix = file, table, prefix
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def error(self, name: str, value: object, message: str) -> ConfigError:
+        return ConfigError(self.file, self.key(name), value, message)
+
+    def unknown(self, allowed: frozenset[str]) -> None:
+        for name in self.table:
+            if name not in allowed:
+                known = ", ".join(sorted(allowed))
+                raise self.error(name, self.table[name], f"unknown key (known: {known})")
+
+    def string(self, name: str, default: str | None = None, *, required: bool = False) -> str:
+        if name not in self.table:
+            if required or default is None:
+                raise ConfigError(self.file, self.key(name), _NO_VALUE, "missing (required)")
+            return default
+        value = self.table[name]
+        if not isinstance(value, str) or not value.strip():
+            raise self.error(name, value, "must be a non-empty string")
+        return value.strip()
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        value = self.table.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(name, value, "must be an integer")
+        if not low <= value <= high:
+            raise self.error(name, value, f"must be in [{low}, {high}]")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.table.get(name, default)
+        if not isinstance(value, bool):
+            raise self.error(name, value, "must be true or false")
+        return value
+
+    def path(self, name: str, *, required: bool = False) -> Path | None:
+        if name not in self.table and not required:
+            return None
+        text = self.string(name, required=True)
+        path = Path(text).expanduser()
+        return path if path.is_absolute() else self.file.parent / path
+
+
+def _parse_listen(r: _Reader) -> tuple[tuple[str, int], ...]:
+    raw = r.table.get("listen")
+    if raw is None:
+        raise ConfigError(r.file, "listen", _NO_VALUE, 'missing (e.g. listen = ["0.0.0.0:51820"])')
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list) or not items:
+        raise r.error("listen", raw, "must be a HOST:PORT string or a non-empty list of them")
+    out: list[tuple[str, int]] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise r.error("listen", item, "must be a HOST:PORT string")
+        try:
+            address = parse_host_port(item, default_host="0.0.0.0")
+        except ValueError as exc:
+            raise r.error("listen", item, str(exc)) from None
+        if address in out:
+            raise r.error("listen", item, "listed twice")
+        out.append(address)
+    return tuple(out)
+
+
+def _load_key(r: _Reader) -> tuple[Path, bytes]:
+    path = r.path("private_key", required=True)
+    assert path is not None
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise KeyFileError(
+            r.file, "private_key", str(path), "no such file (create one with jvpn-keygen)"
+        ) from None
+    except OSError as exc:
+        raise KeyFileError(
+            r.file, "private_key", str(path), f"cannot read: {exc.strerror}"
+        ) from None
+    if stat.S_ISREG(mode) and mode & stat.S_IRWXO:
+        raise KeyFileError(
+            r.file, "private_key", str(path),
+            f"is accessible by every user (mode {stat.S_IMODE(mode):04o}); "
+            f"run: chmod 600 {path}",
+        )  # fmt: skip
+    try:
+        return path, load_private_key(path, "gateway private key")
+    except KeyFormatError as exc:
+        raise KeyFileError(r.file, "private_key", str(path), str(exc)) from None
+
+
+def _parse_tun(file: Path, raw: object) -> tuple[str, ipaddress.IPv4Network, str]:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(file, "tun", raw, "must be a table ([tun])")
+    r = _Reader(file, raw, "tun.")
+    r.unknown(TUN_KEYS)
+    name = r.string("name", DEFAULT_TUN_NAME)
+    encoded = name.encode()
+    if len(encoded) >= 16 or "/" in name or " " in name:
+        raise r.error("name", name, "an interface name is 1-15 bytes without '/' or spaces")
+    subnet_text = r.string("subnet", DEFAULT_SUBNET)
+    try:
+        subnet = ipaddress.ip_network(subnet_text, strict=True)
+    except ValueError as exc:
+        raise r.error("subnet", subnet_text, f"not a network in CIDR form: {exc}") from None
+    if not isinstance(subnet, ipaddress.IPv4Network):
+        raise r.error("subnet", subnet_text, "the inner subnet must be IPv4")
+    if subnet.prefixlen > 30:
+        raise r.error("subnet", subnet_text, "too small: at most /30")
+    hosts = subnet.hosts()
+    first = str(next(hosts))
+    address = r.string("address", first)
+    _check_host(r, "address", address, subnet)
+    return name, subnet, address
+
+
+def _check_host(r: _Reader, key: str, text: str, subnet: ipaddress.IPv4Network) -> None:
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        raise r.error(key, text, "not an IP address") from None
+    if ip not in subnet:
+        raise r.error(key, text, f"not in the inner subnet {subnet}")
+    if ip in (subnet.network_address, subnet.broadcast_address):
+        raise r.error(key, text, f"is the network or broadcast address of {subnet}")
+
+
+def _parse_clients(
+    file: Path, raw: object, subnet: ipaddress.IPv4Network, gateway_address: str
+) -> tuple[ClientEntry, ...]:
+    if raw is None:
+        raise ConfigError(
+            file, "clients", _NO_VALUE, "missing: list allowed clients in [[clients]] tables"
+        )
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(file, "clients", raw, "must be a non-empty array of tables")
+    parsed: list[tuple[str, bytes, str | None]] = []
+    names: set[str] = set()
+    keys: dict[bytes, str] = {}
+    taken: dict[str, str] = {gateway_address: "the gateway (tun.address)"}
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, dict):
+            raise ConfigError(file, f"clients[{i}]", entry, "must be a table")
+        r = _Reader(file, entry, f"clients[{i}].")
+        r.unknown(CLIENT_KEYS)
+        name = r.string("name", required=True)
+        if not CLIENT_NAME_RE.fullmatch(name):
+            raise r.error("name", name, "1-64 characters from A-Z a-z 0-9 . _ @ -")
+        if name in names:
+            raise r.error("name", name, "another client has this name")
+        names.add(name)
+        key_text = r.string("public_key", required=True)
+        key_source = key_text
+        candidate = Path(key_text).expanduser()
+        if not candidate.is_absolute() and (file.parent / candidate).exists():
+            key_source = str(file.parent / candidate)
+        try:
+            public = load_public_key(key_source, f"public key of client {name!r}")
+        except KeyFormatError as exc:
+            raise r.error("public_key", key_text, str(exc)) from None
+        if public in keys:
+            raise r.error("public_key", key_text, f"same key as client {keys[public]!r}")
+        keys[public] = name
+        address: str | None = None
+        if "address" in entry:
+            address = r.string("address")
+            _check_host(r, "address", address, subnet)
+            address = str(ipaddress.ip_address(address))
+            if address in taken:
+                raise r.error("address", address, f"already used by {taken[address]}")
+            taken[address] = f"client {name!r}"
+        parsed.append((name, public, address))
+    pool = (str(h) for h in subnet.hosts() if str(h) not in taken)
+    out: list[ClientEntry] = []
+    for name, public, address in parsed:
+        if address is None:
+            address = next(pool, None)
+            if address is None:
+                raise ConfigError(
+                    file, "tun.subnet", str(subnet),
+                    f"no free address left in the pool for client {name!r}",
+                )  # fmt: skip
+        out.append(ClientEntry(name, public, address))
+    return tuple(out)
+
+
+def _parse_sinks(file: Path, raw: object) -> tuple[SinkConfig, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError(file, "sinks", raw, "must be an array of tables ([[sinks]])")
+    out: list[SinkConfig] = []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, dict):
+            raise ConfigError(file, f"sinks[{i}]", entry, "must be a table")
+        r = _Reader(file, entry, f"sinks[{i}].")
+        kind = r.string("type", required=True)
+        if kind not in SINK_KEYS:
+            raise r.error("type", kind, "must be one of: jsonl, syslog, stdout")
+        r.unknown(SINK_KEYS[kind])
+        if kind == "jsonl":
+            path = r.path("path", required=True)
+            max_bytes = r.integer("max_bytes", DEFAULT_JSONL_MAX_BYTES, 1024, 1 << 40)
+            backups = r.integer("backups", DEFAULT_JSONL_BACKUPS, 0, 1000)
+            out.append(SinkConfig("jsonl", path=path, max_bytes=max_bytes, backups=backups))
+        elif kind == "syslog":
+            address = r.string("address", required=True)
+            host, sep, port_text = address.rpartition(":")
+            if address.startswith("["):
+                host = host.strip("[]")
+            if not sep:
+                host, port_text = address, str(DEFAULT_SYSLOG_PORT)
+            if not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+                raise r.error("address", address, "must be HOST:PORT (port 1-65535)")
+            transport = r.string("transport", "udp")
+            if transport not in ("udp", "tcp"):
+                raise r.error("transport", transport, "must be udp or tcp")
+            out.append(
+                SinkConfig(
+                    "syslog", host=host, port=int(port_text),
+                    transport="udp" if transport == "udp" else "tcp",
+                )
+            )  # fmt: skip
+        else:
+            if any(s.kind == "stdout" for s in out):
+                raise r.error("type", kind, "only one stdout sink")
+            out.append(SinkConfig("stdout"))
+    return tuple(out)
+
+
+def parse_gateway_config(data: Mapping[str, Any], file: Path) -> GatewayConfig:
+    """Validate decoded TOML ``data`` (``file`` names it in errors and anchors paths)."""
+    r = _Reader(file, data, "")
+    r.unknown(TOP_KEYS | TABLES)
+    node_id = r.string("node_id", "gateway")
+    if not NODE_ID_RE.fullmatch(node_id):
+        raise r.error("node_id", node_id, "1-64 characters from A-Z a-z 0-9 . _ -")
+    listen = _parse_listen(r)
+    mtu = r.integer("mtu", DEFAULT_MTU, MIN_MTU, MAX_INNER_PACKET)
+    metrics: tuple[str, int] | None = None
+    if "metrics" in data:
+        text = r.string("metrics")
+        try:
+            metrics = parse_host_port(text)
+        except ValueError as exc:
+            raise r.error("metrics", text, str(exc)) from None
+    inner_echo = r.boolean("inner_echo", False)
+    policy_path = r.path("policy")
+    tun_name, subnet, gateway_address = _parse_tun(file, data.get("tun"))
+    clients = _parse_clients(file, data.get("clients"), subnet, gateway_address)
+    sinks = _parse_sinks(file, data.get("sinks"))
+    key_path, private_key = _load_key(r)  # last: every plain value error comes first
+    return GatewayConfig(
+        source=file, node_id=node_id, listen=listen, private_key_path=key_path,
+        private_key=private_key, clients=clients, policy_path=policy_path, sinks=sinks,
+        tun_name=tun_name, subnet=subnet, gateway_address=gateway_address, mtu=mtu,
+        metrics=metrics, inner_echo=inner_echo,
+    )  # fmt: skip
+
+
+def load_gateway_config(path: str | os.PathLike[str]) -> GatewayConfig:
+    """Read and validate a gateway configuration file; ConfigError on any problem."""
+    file = Path(path)
+    try:
+        with file.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_SIZE + 1)
+    except FileNotFoundError:
+        raise ConfigError(file, "(file)", _NO_VALUE, "no such file") from None
+    except OSError as exc:
+        raise ConfigError(file, "(file)", _NO_VALUE, f"cannot read: {exc.strerror}") from None
+    if len(raw) > MAX_CONFIG_SIZE:
+        raise ConfigError(file, "(file)", _NO_VALUE, "too large for a configuration file")
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(file, "(file)", _NO_VALUE, "not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, "(syntax)", _NO_VALUE, f"invalid TOML: {exc}") from None
+    return parse_gateway_config(data, file)
