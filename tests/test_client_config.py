@@ -1,0 +1,153 @@
+"""client.toml: a valid file loads completely; every bad value names the file and key."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tunnel.client_config import ConfigError, load_client_config, parse_client_config
+from tunnel.core.handshake import generate_keypair
+from tunnel.core.policy import POLICY_DEFAULT, policy_to_toml
+from tunnel.keys import write_private_key, write_public_key
+
+EXAMPLE = Path(__file__).parent.parent / "docs" / "examples" / "client.toml"
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[bytes, bytes, str]:
+    private, _ = generate_keypair()
+    _, gw_public = generate_keypair()
+    write_private_key(tmp_path / "client.key", private)
+    write_public_key(tmp_path / "gateway.pub", gw_public)
+    return private, gw_public, base64.b64encode(gw_public).decode()
+
+
+def minimal(extra: str = "", path: str = 'gateway = "127.0.0.1:51820"') -> str:
+    return (
+        'private_key = "client.key"\ngateway_public_key = "gateway.pub"\n'
+        f"{extra}\n[[path]]\n{path}\n"
+    )
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    cfg = tmp_path / "client.toml"
+    cfg.write_text(text)
+    return cfg
+
+
+def test_documented_example_loads_with_every_key(
+    tmp_path: Path, keys: tuple[bytes, bytes, str]
+) -> None:
+    private, gw_public, _ = keys
+    (tmp_path / "policy.toml").write_text(policy_to_toml(POLICY_DEFAULT))
+    cfg_path = tmp_path / "client.toml"
+    shutil.copy(EXAMPLE, cfg_path)
+    cfg = load_client_config(cfg_path)
+    assert cfg.private_key == private and cfg.gateway_public_key == gw_public
+    assert cfg.policy_file == tmp_path / "policy.toml"
+    assert cfg.policy.policy_version == POLICY_DEFAULT.policy_version
+    assert cfg.node_id == "laptop"
+    assert (cfg.tun_name, cfg.mtu, cfg.address, cfg.routes) == (
+        "jvpn0", 1420, None, ("10.66.0.0/16",),
+    )  # fmt: skip
+    assert [(p.path_id, p.name, p.bind, p.device, p.gateway) for p in cfg.paths] == [
+        (1, "wired", ("192.168.1.20", 0), "eth0", ("203.0.113.10", 51820)),
+        (2, "lte", None, "wwan0", ("vpn.example.net", 51820)),
+    ]
+    assert cfg.jsonl == Path("/var/log/jvpn/client.jsonl")
+    assert cfg.syslog is not None and (cfg.syslog.transport, cfg.syslog.port) == ("udp", 514)
+    assert dict(cfg.keymap) == {"terminate": "ctrl+t"}
+    assert "private_key" not in repr(cfg)
+
+
+def test_inline_keys_and_ipv6_paths(tmp_path: Path, keys: tuple[bytes, bytes, str]) -> None:
+    private, gw_public, gw_b64 = keys
+    text = (
+        f'private_key = "{base64.b64encode(private).decode()}"\n'
+        f'gateway_public_key = "{gw_b64}"\n'
+        '[tun]\naddress = "10.66.0.9/24"\n'
+        '[[path]]\nbind = "[::1]:0"\ngateway = "[::1]:51820"\n'
+    )
+    cfg = parse_client_config(text, source="inline.toml", base=tmp_path)
+    assert cfg.private_key == private and cfg.gateway_public_key == gw_public
+    assert cfg.paths[0].bind == ("::1", 0) and cfg.paths[0].gateway == ("::1", 51820)
+    assert cfg.address == "10.66.0.9/24"
+
+
+BAD = [
+    # (extra top-level text, [[path]] body, expected message fragment)
+    ("", "", "path[1].gateway: required key is missing"),
+    ("", 'gateway = "10.0.0.1"', 'path[1].gateway = "10.0.0.1": expected host:port'),
+    ("", 'gateway = "10.0.0.1:99999"', 'path[1].gateway = "10.0.0.1:99999": port must be'),
+    ("", 'gateway = "::1:5"', 'path[1].gateway = "::1:5": write IPv6 addresses in brackets'),
+    ("", 'gateway = "bad host!:5"', 'path[1].gateway = "bad host!:5": not an IP address'),
+    ("", 'gateway = "1.2.3.4:5"\nbind = "eth0"', 'path[1].bind = "eth0": must be a numeric'),
+    ("", 'gateway = "1.2.3.4:5"\nbind = "[::1]:0"', 'path[1].bind = "[::1]:0": an IPv6'),
+    ("", 'gateway = "1.2.3.4:5"\ndevice = "a/b"', 'path[1].device = "a/b": not a valid'),
+    ("", 'gateway = "1.2.3.4:5"\nport = 5', "path[1].port: unknown key"),
+    ("", 'gateway = "1.2.3.4:5"\nname = "has space"', 'path[1].name = "has space"'),
+    ("[tun]\nmtu = 100", 'gateway = "1.2.3.4:5"', "tun.mtu = 100: expected an integer 576..9000"),
+    ("[tun]\nmtu = true", 'gateway = "1.2.3.4:5"', "tun.mtu = True: expected an integer"),
+    ('[tun]\naddress = "10.1.1.1"', 'gateway = "1.2.3.4:5"', 'tun.address = "10.1.1.1"'),
+    ('[tun]\naddress = "fd00::1/64"', 'gateway = "1.2.3.4:5"', 'tun.address = "fd00::1/64"'),
+    ('[tun]\nroutes = ["10.0.0.0/33"]', 'gateway = "1.2.3.4:5"', 'tun.routes[0] = "10.0.0.0/33"'),
+    ('[tun]\nname = "a/b"', 'gateway = "1.2.3.4:5"', 'tun.name = "a/b"'),
+    ("[tun]\ncolour = 1", 'gateway = "1.2.3.4:5"', "tun.colour: unknown key"),
+    ('[events]\nsyslog = "http://x"', 'gateway = "1.2.3.4:5"', 'events.syslog = "http://x"'),
+    ("[events]\njsonl = 5", 'gateway = "1.2.3.4:5"', "events.jsonl = 5: expected a non-empty"),
+    ("[keymap]\nquit = 3", 'gateway = "1.2.3.4:5"', "keymap.quit = 3: expected a key name"),
+    ('node_id = "a b"', 'gateway = "1.2.3.4:5"', 'node_id = "a b"'),
+    ('policy = "nope.toml"', 'gateway = "1.2.3.4:5"', 'policy = "nope.toml": policy: cannot read'),
+    ("tunnel = 1", 'gateway = "1.2.3.4:5"', "tunnel: unknown key"),
+]
+
+
+@pytest.mark.parametrize(("extra", "path", "fragment"), BAD)
+def test_every_bad_value_names_file_and_key(
+    tmp_path: Path, keys: tuple[bytes, bytes, str], extra: str, path: str, fragment: str
+) -> None:
+    cfg = write(tmp_path, minimal(extra, path))
+    with pytest.raises(ConfigError) as info:
+        load_client_config(cfg)
+    assert str(info.value).startswith(f"{cfg}: "), str(info.value)
+    assert fragment in str(info.value)
+
+
+def test_key_problems_name_the_key_and_never_echo_material(
+    tmp_path: Path, keys: tuple[bytes, bytes, str]
+) -> None:
+    cfg = write(tmp_path, minimal().replace('"client.key"', '"missing.key"'))
+    with pytest.raises(ConfigError, match=r'private_key = "missing.key": .*no such file'):
+        load_client_config(cfg)
+    zero = base64.b64encode(bytes(32)).decode()
+    cfg = write(tmp_path, minimal().replace('"gateway.pub"', f'"{zero}"'))
+    with pytest.raises(ConfigError) as info:
+        load_client_config(cfg)
+    assert 'gateway_public_key = "<inline key>": ' in str(info.value)
+    assert "not a usable X25519 public key" in str(info.value) and zero not in str(info.value)
+    cfg = write(tmp_path, 'gateway_public_key = "gateway.pub"\n[[path]]\ngateway = "1.2.3.4:5"\n')
+    with pytest.raises(ConfigError, match=r"private_key: required key is missing"):
+        load_client_config(cfg)
+
+
+def test_file_level_problems(tmp_path: Path, keys: tuple[bytes, bytes, str]) -> None:
+    with pytest.raises(ConfigError, match=r"nothere\.toml: no such file"):
+        load_client_config(tmp_path / "nothere.toml")
+    cfg = write(tmp_path, "private_key = [")
+    with pytest.raises(ConfigError, match=r"client\.toml: not valid TOML"):
+        load_client_config(cfg)
+    cfg = write(tmp_path, minimal().split("[[path]]")[0])
+    with pytest.raises(ConfigError, match=r"path: at least one \[\[path\]\] is required"):
+        load_client_config(cfg)
+    many = minimal() + "".join(f'[[path]]\ngateway = "1.2.3.4:{i}"\n' for i in range(1, 10))
+    with pytest.raises(ConfigError, match='path = "10 paths": at most 9 paths'):
+        load_client_config(write(tmp_path, many))
+    dup = (
+        minimal(path='name = "a"\ngateway = "1.2.3.4:5"')
+        + '[[path]]\nname = "a"\ngateway = "1.2.3.4:6"\n'
+    )
+    with pytest.raises(ConfigError, match=r'path\[2\]\.name = "a": duplicate path name'):
+        load_client_config(write(tmp_path, dup))

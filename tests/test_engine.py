@@ -1,0 +1,321 @@
+"""ClientEngine over real UDP on loopback against a real GatewaySessions (no root).
+
+The inner side is MemoryInner (ICMP echo source); the gateway (tests/loopback_gateway.py)
+answers echoes itself. Every test drives the engine only through its EngineHandle
+surface (channel + commands), like the UI does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from loopback_gateway import CLIENT_INNER, LoopbackGateway
+
+from tunnel.api import (
+    DemoImpair,
+    EngineSnapshot,
+    ReloadPolicy,
+    SetAutoSwitch,
+    SwitchTo,
+    Terminate,
+    UiChannel,
+)
+from tunnel.client_config import ClientConfig, PathConfig
+from tunnel.core.events import SessionTerminated
+from tunnel.core.handshake import generate_keypair
+from tunnel.core.policy import POLICY_DEFAULT, policy_to_toml
+from tunnel.engine import ClientEngine, exit_code_for, exit_code_table
+from tunnel.io.inner import MemoryInner
+
+
+class Watcher:
+    """Drains a channel, keeps every event dict and the newest snapshot."""
+
+    def __init__(self, engine: ClientEngine) -> None:
+        self.engine = engine
+        self.events: list[dict[str, Any]] = []
+        self.snapshot: EngineSnapshot | None = None
+
+    def drain(self) -> None:
+        for item in self.engine.channel.drain():
+            if isinstance(item, EngineSnapshot):
+                self.snapshot = item
+            else:
+                self.events.append(dict(item))
+
+    def of(self, event_type: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["event_type"] == event_type]
+
+    def wait(self, what: Callable[[], object], timeout: float = 10.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.drain()
+            result = what()
+            if result:
+                return result
+            time.sleep(0.02)
+        raise AssertionError(f"timed out; events: {[e['event_type'] for e in self.events]}")
+
+
+def make_config(
+    gw: LoopbackGateway, private: bytes, n_paths: int = 2, **changes: Any
+) -> ClientConfig:
+    paths = tuple(
+        PathConfig(i, f"lo{i}", ("127.0.0.1", 0), None, gw.address) for i in range(1, n_paths + 1)
+    )
+    cfg = ClientConfig(private_key=private, gateway_public_key=gw.public_key, paths=paths)
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+@pytest.fixture
+def keys() -> tuple[bytes, bytes]:
+    return generate_keypair()
+
+
+def test_engine_handshake_traffic_switch_denial_and_terminate(keys: tuple[bytes, bytes]) -> None:
+    private, public = keys
+    with LoopbackGateway(public) as gw:
+        inner = MemoryInner(rate_pps=50)
+        engine = ClientEngine(make_config(gw, private), inner=inner)
+        w = Watcher(engine)
+        engine.start()
+        try:
+            created = w.wait(lambda: w.of("SESSION_CREATED"))[0]
+            assert created["inner_address"] == CLIENT_INNER
+            # inner traffic both ways: echo requests out, replies back in
+            w.wait(lambda: inner.replies >= 10)
+            snap = w.wait(
+                lambda: w.snapshot if w.snapshot and w.snapshot.traffic.rx_packets else None
+            )
+            assert snap.running and snap.session.state == "ATTACHED"
+            assert snap.traffic.tx_packets >= snap.traffic.rx_packets > 0
+            assert snap.session.active == 1
+
+            # a manual switch to path 2 (validated by its probes) is one TRANSPORT_SWITCH
+            w.wait(lambda: w.snapshot and w.snapshot.session.paths[1].validated)
+            engine.commands.send(SwitchTo(2))
+            switch = w.wait(lambda: w.of("TRANSPORT_SWITCH"))[0]
+            assert (switch["previous_transport"], switch["new_transport"]) == (1, 2)
+            assert switch["reason_code"] == "manual_switch"
+            before = inner.replies
+            w.wait(lambda: inner.replies >= before + 10)  # traffic continues on path 2
+
+            # switching to the active path, or to a path that does not exist, is denied
+            engine.commands.send(SwitchTo(2))
+            engine.commands.send(SwitchTo(7))
+            denied = w.wait(
+                lambda: (
+                    len(w.of("TRANSPORT_SWITCH_DENIED")) >= 2 and w.of("TRANSPORT_SWITCH_DENIED")
+                )
+            )
+            assert [(d["requested_transport"], d["reason_code"], d["manual"]) for d in denied] == [
+                (2, "no_valid_candidate", True),
+                (7, "invalid_transport_candidate", True),
+            ]
+            engine.commands.send(SetAutoSwitch(False))
+            w.wait(lambda: w.snapshot and not w.snapshot.session.auto_switch)
+            engine.commands.send(DemoImpair(1, "kill"))  # not a demo: ignored, said so
+            w.wait(lambda: any("not running --demo" in d["detail"] for d in w.of("DIAGNOSTIC")))
+
+            engine.commands.send(Terminate())
+            assert engine.join(10)
+        finally:
+            engine.stop()
+        w.drain()
+        assert w.snapshot is not None and w.snapshot is engine.final_snapshot
+        assert not w.snapshot.running
+        assert w.snapshot.final_reason == "operator_terminated"
+        assert exit_code_for(w.snapshot.final_reason) == 0
+        assert w.of("SESSION_TERMINATED")[-1]["reason_code"] == "operator_terminated"
+        # the gateway was told: its session ended with the client's reason, initiated by it
+        ends = w.wait(
+            lambda: [
+                e for e in gw.call(lambda s: list(gw.events)) if isinstance(e, SessionTerminated)
+            ]
+        )
+        assert str(ends[0].reason_code) == "operator_terminated" and ends[0].initiator == "peer"
+
+
+def test_ui_channel_stays_bounded_and_traffic_flows_while_nobody_drains(
+    keys: tuple[bytes, bytes],
+) -> None:
+    private, public = keys
+    with LoopbackGateway(public) as gw:
+        inner = MemoryInner(rate_pps=100)
+        channel = UiChannel(maxsize=16)
+        engine = ClientEngine(make_config(gw, private), inner=inner, channel=channel)
+        engine.start()
+        try:
+            deadline = time.monotonic() + 10
+            while inner.replies < 20 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert inner.replies >= 20
+            replies_before, generated_before = inner.replies, inner.generated
+            time.sleep(3.0)  # the "UI" is frozen: nobody drains
+            assert len(channel) <= 16
+            assert channel.dropped > 0
+            # the tunnel did not wait for the UI: traffic kept flowing (at 100/s: ~300)
+            assert inner.generated - generated_before >= 100
+            assert inner.replies - replies_before >= 100
+            assert inner.overflow == 0
+            items = channel.drain()
+            snaps = [i for i in items if isinstance(i, EngineSnapshot)]
+            assert snaps and snaps[-1].ui_dropped > 0  # the newest snapshot survived
+            assert snaps[-1].seq > 10  # published at 5 Hz all along
+        finally:
+            engine.stop()
+        assert engine.final_reason == "operator_terminated"
+
+
+class CrashingInner(MemoryInner):
+    """A MemoryInner whose writes fail after a while (an engine bug on the inner side)."""
+
+    def __init__(self) -> None:
+        super().__init__(rate_pps=50)
+        self.calls: list[str] = []
+
+    def setup(self) -> None:
+        self.calls.append("setup")
+
+    def teardown(self) -> None:
+        self.calls.append("teardown")
+
+    def write_batch(self, packets: Any) -> int:
+        if self.received >= 5:
+            raise RuntimeError("inner side exploded\nsecond line")
+        return super().write_batch(packets)
+
+
+def test_engine_crash_ends_with_engine_error_restores_host_and_tells_gateway(
+    keys: tuple[bytes, bytes],
+) -> None:
+    private, public = keys
+    with LoopbackGateway(public) as gw:
+        inner = CrashingInner()
+        engine = ClientEngine(make_config(gw, private), inner=inner)
+        w = Watcher(engine)
+        engine.start()
+        assert engine.join(15), "the engine must end by itself, never hang"
+        w.drain()
+        assert engine.final_reason == "engine_error: inner side exploded second line"
+        assert w.snapshot is not None and not w.snapshot.running
+        assert w.snapshot.final_reason == engine.final_reason
+        assert exit_code_for(engine.final_reason) == 3
+        assert inner.calls == ["setup", "teardown"]
+        assert w.of("SESSION_TERMINATED")[-1]["reason_code"] == "invariant_violation"
+        ends = w.wait(
+            lambda: [
+                e for e in gw.call(lambda s: list(gw.events)) if isinstance(e, SessionTerminated)
+            ]
+        )
+        assert str(ends[0].reason_code) == "invariant_violation"
+
+
+def test_startup_failure_is_an_engine_error_not_a_hang(keys: tuple[bytes, bytes]) -> None:
+    private, public = keys
+    with LoopbackGateway(public) as gw:
+        cfg = make_config(gw, private)
+        bad = dataclasses.replace(
+            cfg, paths=(dataclasses.replace(cfg.paths[0], bind=("192.0.2.77", 0)),)
+        )  # an address this host does not have
+        inner = CrashingInner()
+        engine = ClientEngine(bad, inner=inner)
+        engine.start()
+        assert engine.join(10)
+        assert engine.final_reason is not None
+        assert engine.final_reason.startswith("engine_error: cannot bind UDP 192.0.2.77:0")
+        assert inner.calls == []  # failed before the host was touched: nothing to undo
+        assert engine.final_snapshot is not None and not engine.final_snapshot.running
+
+
+def test_handshake_failure_ends_with_its_own_exit_code(keys: tuple[bytes, bytes]) -> None:
+    private, _ = keys
+    _, stranger = generate_keypair()
+    with LoopbackGateway(stranger) as gw:  # the gateway does not know our key
+        policy = dataclasses.replace(POLICY_DEFAULT, handshake_timeout_ms=600, handshake_attempts=2)
+        engine = ClientEngine(make_config(gw, private, policy=policy), inner=MemoryInner())
+        engine.start()
+        assert engine.join(10)
+    assert engine.final_reason == "handshake_failed"
+    code = exit_code_for("handshake_failed")
+    assert code not in (0, 1, 3) and code == dict(exit_code_table())["handshake_failed"]
+
+
+def test_reload_policy_keeps_old_on_invalid_and_applies_valid(
+    keys: tuple[bytes, bytes], tmp_path: Path
+) -> None:
+    private, public = keys
+    policy_file = tmp_path / "policy.toml"
+    policy_file.write_text(policy_to_toml(POLICY_DEFAULT))
+    with LoopbackGateway(public) as gw:
+        engine = ClientEngine(
+            make_config(gw, private, policy_file=policy_file), inner=MemoryInner()
+        )
+        w = Watcher(engine)
+        engine.start()
+        try:
+            w.wait(lambda: w.of("SESSION_CREATED"))
+            version = w.wait(lambda: w.snapshot).session.policy_version
+            good = policy_to_toml(POLICY_DEFAULT)
+            policy_file.write_text(
+                good.replace("max_switches_per_min = 8", "max_switches_per_min = 0")
+            )
+            engine.commands.send(ReloadPolicy())
+            invalid = w.wait(lambda: w.of("POLICY_EVENT"))[0]
+            assert invalid["policy_name"] == "POLICY_INVALID"
+            assert "switching.max_switches_per_min" in invalid["detail"]
+            policy_file.write_text(
+                policy_to_toml(dataclasses.replace(POLICY_DEFAULT, max_switches_per_min=5))
+            )
+            engine.commands.send(ReloadPolicy())
+            applied = w.wait(lambda: w.of("POLICY_EVENT")[1:])[0]
+            assert applied["policy_name"] == "POLICY_APPLIED"
+            w.wait(lambda: w.snapshot.session.policy_version != version)
+            assert w.snapshot.session.switch_budget_left <= 5
+        finally:
+            engine.stop()
+
+
+def test_exit_codes_are_distinct_per_reason_and_documented() -> None:
+    table = exit_code_table()
+    codes = [code for _, code in table]
+    assert len(set(codes)) == len(codes)
+    assert all(0 <= c <= 255 for c in codes)
+    assert dict(table)["operator_terminated"] == 0
+    assert exit_code_for(None) == 0
+    assert exit_code_for("no_such_reason") == 1
+    doc = (Path(__file__).parent.parent / "docs" / "client.md").read_text()
+    for reason, code in table:
+        assert f"| {code} | `{reason}` |" in doc, (reason, code)
+
+
+def test_demo_engine_kill_switches_and_replay_is_rejected() -> None:
+    from tunnel.demo import DemoEngine
+
+    engine = DemoEngine(seed=7)
+    w = Watcher(engine)
+    engine.start()
+    try:
+        w.wait(lambda: w.of("SESSION_CREATED"))
+        w.wait(lambda: engine.memory.replies >= 5)
+        w.wait(lambda: w.snapshot and w.snapshot.demo and w.snapshot.session.active == 1)
+        w.wait(lambda: all(p.validated for p in w.snapshot.session.paths))
+        engine.commands.send(DemoImpair(1, "kill"))
+        switch = w.wait(lambda: w.of("TRANSPORT_SWITCH"), timeout=15)[0]
+        assert switch["previous_transport"] == 1 and switch["new_transport"] in (2, 3)
+        assert any(d["detail"].startswith("demo: path 1 killed") for d in w.of("DIAGNOSTIC"))
+        before = engine.memory.replies
+        w.wait(lambda: engine.memory.replies >= before + 5)  # traffic continues
+        engine.commands.send(DemoImpair(switch["new_transport"], "replay"))
+        security = w.wait(lambda: w.of("SECURITY_EVENT"))
+        assert security[0]["node_id"] == "demo-gateway"
+        assert w.snapshot.session.session_id == switch["session_id"]  # same session
+    finally:
+        engine.stop()
+    assert engine.final_reason == "operator_terminated"
+    assert all(r._thread.is_alive() is False for r in engine.relays.values())

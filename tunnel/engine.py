@@ -1,0 +1,527 @@
+"""ClientEngine: the client session on real I/O, in its own thread (DESIGN §4).
+
+``ClientEngine(config)`` implements :class:`tunnel.api.EngineHandle`. ``start()`` spawns
+one thread that builds the session, opens one UDP socket per candidate path, sets the
+inner side up (TUN + host configuration, before the asyncio loop starts), then runs the
+loop (:class:`tunnel.io.client_runtime.ClientRuntime`) until the session is TERMINATED.
+Meanwhile it publishes an :class:`EngineSnapshot` every 200 ms (5 Hz) and every event's
+``to_dict()`` into the UiChannel (bounded, never blocks), sends every event to the
+EventPipeline (JSONL / syslog sinks), and polls the CommandQueue every 50 ms.
+
+When the loop ends (termination, engine failure, hard stop) the host is restored in
+reverse order (inner side, then sockets), a final snapshot with ``running=False`` and
+``final_reason`` is published, and the thread ends. An exception anywhere in the engine
+becomes ``final_reason = "engine_error: <one line>"``; a live session is first ended
+with reason ``invariant_violation`` (TERMINATE sent).
+
+:func:`exit_code_for` maps a final reason to the process exit code (docs/client.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Final
+
+from tunnel.api import (
+    Command,
+    CommandQueue,
+    DemoImpair,
+    EngineSnapshot,
+    ForceReattach,
+    ObservabilityView,
+    ReloadPolicy,
+    SetAutoSwitch,
+    SinkView,
+    SwitchTo,
+    Terminate,
+    TrafficStats,
+    UiChannel,
+)
+from tunnel.client_config import ClientConfig
+from tunnel.core.client import ClientSession, ClientSnapshot, PathSpec
+from tunnel.core.events import (
+    Diagnostic,
+    Event,
+    EventBase,
+    PolicyEvent,
+    Reason,
+    SessionTerminated,
+    TransportSwitchDenied,
+    reason_to_wire,
+)
+from tunnel.core.policy import PolicyError, load_policy
+from tunnel.io.client_runtime import ClientRuntime, PathTarget, new_event_loop
+from tunnel.io.inner import KernelTun, TunLike
+from tunnel.io.netconf import NetConfError
+from tunnel.io.tun import TunError
+from tunnel.io.udp import Address, PathError, PathSocket
+from tunnel.observability import EventPipeline, JsonlFileSink, Sink, SyslogSink
+
+SNAPSHOT_INTERVAL_S: Final = 0.2
+"""Snapshot publication period (5 Hz, inside DESIGN §4's 4-10 Hz)."""
+
+COMMAND_POLL_S: Final = 0.05
+"""Command queue poll period; ``notify()`` wakes the loop at once."""
+
+RATE_WINDOW_S: Final = 1.0
+"""Traffic rates are averaged over this window."""
+
+ENGINE_ERROR: Final = "engine_error"
+"""Prefix of the final reason when the engine itself failed."""
+
+EXIT_OK: Final = 0
+EXIT_UNKNOWN_REASON: Final = 1
+EXIT_ENGINE_ERROR: Final = 3
+EXIT_REASON_BASE: Final = 10
+"""Exit code of a termination reason = this + the reason's (append-only) wire index."""
+
+
+def exit_code_for(reason: str | None) -> int:
+    """Process exit code for a final reason (docs/client.md has the table).
+
+    0: operator stop (``operator_terminated``, or no session reason at all);
+    3: ``engine_error: ...``; 10 + wire index: every other reason code (stable, because
+    reason codes are append-only); 1: a reason this build does not know.
+    """
+    if reason is None or reason == Reason.OPERATOR_TERMINATED:
+        return EXIT_OK
+    if reason == ENGINE_ERROR or reason.startswith(ENGINE_ERROR + ":"):
+        return EXIT_ENGINE_ERROR
+    try:
+        return EXIT_REASON_BASE + reason_to_wire(Reason(reason))
+    except ValueError:
+        return EXIT_UNKNOWN_REASON
+
+
+def exit_code_table() -> list[tuple[str, int]]:
+    """(final reason, exit code) for every reason, in code order (for the docs)."""
+    rows = [(str(r), exit_code_for(str(r))) for r in Reason]
+    rows.append((f"{ENGINE_ERROR}: ...", EXIT_ENGINE_ERROR))
+    return sorted(rows, key=lambda row: row[1])
+
+
+_PLAIN_ERRORS = (OSError, ValueError, RuntimeError, PathError, TunError, NetConfError)
+"""Errors whose message already says what went wrong; other types are named (bugs)."""
+
+
+def one_line(exc: BaseException) -> str:
+    """``TypeName: message`` on one line, cut to 200 characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if not isinstance(exc, _PLAIN_ERRORS) or not str(exc):
+        text = f"{type(exc).__name__}: {text}"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _empty_snapshot() -> ClientSnapshot:
+    return ClientSnapshot(
+        session_id="", state="TERMINATED", state_version=0, binding_epoch=0,
+        peer_state="", peer_state_version=0, active=None, pending=None, paths=(),
+        auto_switch=True, switch_budget_left=0, cooldown_remaining_ms=0.0, key_phase=0,
+        key_age_s=0.0, policy_version="", uptime_s=0.0, queue_depth=0, queue_dropped=0,
+        total_switches=0, drops=(), inner_address="",
+    )  # fmt: skip
+
+
+def _resolve(host: str, port: int, family: int) -> Address:
+    """Numeric (host, port[, ...]) for the gateway; names are resolved here (at start)."""
+    try:
+        infos = socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM)
+    except socket.gaierror as exc:
+        raise OSError(f"cannot resolve gateway host {host!r}: {exc.strerror}") from None
+    if not infos:
+        raise OSError(f"cannot resolve gateway host {host!r}: no address")
+    return tuple(infos[0][4])
+
+
+class ClientEngine:
+    """The real client engine (an :class:`tunnel.api.EngineHandle`)."""
+
+    demo = False
+    """True for the embedded demo (the snapshot says so; DemoImpair commands apply)."""
+
+    def __init__(
+        self,
+        config: ClientConfig,
+        *,
+        channel: UiChannel | None = None,
+        inner: TunLike | None = None,
+    ) -> None:
+        self.config = config
+        self.channel = channel if channel is not None else UiChannel()
+        self.commands = CommandQueue()
+        self.inner: TunLike = (
+            inner
+            if inner is not None
+            else KernelTun(
+                config.tun_name, config.mtu, address=config.address, routes=config.routes
+            )
+        )
+        self.final_reason: str | None = None
+        """Why the engine ended (set before the final snapshot is published)."""
+        self.final_snapshot: EngineSnapshot | None = None
+        self.session: ClientSession | None = None
+        self.runtime: ClientRuntime | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_lock = threading.Lock()
+        self._pipeline: EventPipeline | None = None
+        self._seq = itertools.count(1)
+        self._samples: deque[tuple[float, int, int]] = deque()
+        self._error: BaseException | None = None
+        self._terminal_reason: str | None = None
+        self._stop_requested = False
+        self._tap: Callable[[int, bytes], None] | None = None
+
+    # -- EngineHandle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("engine already started")
+        self._thread = threading.Thread(target=self._main, name="jvpn-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Terminate the session (operator_terminated), stop, restore the host. Idempotent."""
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return
+        self._stop_requested = True
+        self.commands.send(Terminate())
+        self.notify()
+        deadline = time.monotonic() + timeout
+        thread.join(max(0.0, timeout * 0.8))
+        if thread.is_alive():
+            self._hard_stop()
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def join(self, timeout: float | None = None) -> bool:
+        thread = self._thread
+        if thread is None:
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    # -- extras ------------------------------------------------------------------------------
+
+    def notify(self) -> None:
+        """Wake the engine loop to take commands now (any thread)."""
+        with self._loop_lock:
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(self._poll_commands, False)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _hard_stop(self) -> None:
+        with self._loop_lock:
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(loop.stop)
+
+    # -- the engine thread -------------------------------------------------------------------
+
+    def _sinks(self) -> list[Sink]:
+        cfg = self.config
+        sinks: list[Sink] = []
+        if cfg.jsonl is not None:
+            sinks.append(JsonlFileSink(cfg.jsonl))
+        if cfg.syslog is not None:
+            target = cfg.syslog
+            if target.transport == "tcp":
+                sinks.append(SyslogSink(target.host, target.port, transport="tcp"))
+            else:
+                sinks.append(SyslogSink(target.host, target.port, transport="udp"))
+        return sinks
+
+    def _main(self) -> None:
+        sockets: list[PathSocket] = []
+        inner_touched = False
+        try:
+            self._pipeline = EventPipeline(self._sinks())
+            self._before_loop()
+            now = time.monotonic()
+            cfg = self.config
+            session = ClientSession(
+                static_private=cfg.private_key,
+                gateway_public=cfg.gateway_public_key,
+                paths=[PathSpec(p.path_id, p.label) for p in cfg.paths],
+                policy=cfg.policy,
+                now=now,
+                node_id=cfg.node_id,
+                wall_offset=time.time() - now,
+            )
+            self.session = session
+            targets = []
+            for p in cfg.paths:
+                remote_host, remote_port = p.gateway
+                local = p.bind if p.bind is not None else ("0.0.0.0", 0)
+                family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
+                if p.bind is None and ":" in remote_host:
+                    local, family = ("::", 0), socket.AF_INET6
+                sock = PathSocket(p.path_id, local, device=p.device)
+                sockets.append(sock)
+                targets.append(
+                    PathTarget(p.path_id, sock, _resolve(remote_host, remote_port, family))
+                )
+            inner_touched = True
+            self.inner.setup()  # host changes: before the loop (pyroute2 is synchronous)
+            self._run_loop(session, targets)
+        except Exception as exc:  # the engine boundary: reported as engine_error
+            self._error = self._error or exc
+        finally:
+            self._finish(sockets, inner_touched)
+
+    def _before_loop(self) -> None:
+        """Hook for subclasses (the demo starts its gateway and relays here)."""
+
+    def _after_loop(self) -> None:
+        """Hook for subclasses, run after the host is restored (also after a crash)."""
+
+    def _run_loop(self, session: ClientSession, targets: list[PathTarget]) -> None:
+        loop = new_event_loop()
+        loop.set_exception_handler(self._loop_exception)
+        runtime = ClientRuntime(
+            session,
+            targets,
+            self.inner,
+            on_event=self._on_event,
+            on_crash=self._on_crash,
+            on_terminated=lambda: self._later(loop.stop),
+            tap=self._tap,
+        )
+        self.runtime = runtime
+        with self._loop_lock:
+            self._loop = loop
+        try:
+            loop.call_soon(runtime.install, loop)
+            loop.call_soon(self._snapshot_tick)
+            loop.call_soon(self._poll_commands, True)
+            loop.run_forever()
+            runtime.uninstall()
+        finally:
+            with self._loop_lock:
+                self._loop = None
+                loop.close()
+
+    def _later(self, fn: Callable[[], object]) -> None:
+        with self._loop_lock:
+            loop = self._loop
+        if loop is not None:
+            loop.call_soon(fn)
+
+    def _finish(self, sockets: list[PathSocket], inner_touched: bool) -> None:
+        errors: list[str] = []
+        if inner_touched:
+            try:
+                self.inner.teardown()
+            except Exception as exc:  # reported in the final reason, never hidden
+                errors.append(f"host restore failed: {one_line(exc)}")
+        for sock in reversed(sockets):
+            sock.close()
+        try:
+            self._after_loop()
+        except Exception as exc:
+            errors.append(one_line(exc))
+        reason: str | None
+        if self._error is not None:
+            reason = f"{ENGINE_ERROR}: {one_line(self._error)}"
+        elif errors:
+            reason = f"{ENGINE_ERROR}: {'; '.join(errors)}"
+        elif self._terminal_reason is not None:
+            reason = self._terminal_reason
+        else:
+            reason = str(Reason.OPERATOR_TERMINATED) if self._stop_requested else None
+        if self._error is not None and errors:
+            reason = f"{reason}; {'; '.join(errors)}"
+        self.final_reason = reason
+        snap = self._snapshot(running=False)
+        self.final_snapshot = snap
+        self.channel.publish(snap)
+        if self._pipeline is not None:
+            self._pipeline.close(timeout=1.0)
+
+    # -- loop callbacks --------------------------------------------------------------------
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        self._on_crash(exc if isinstance(exc, BaseException) else RuntimeError(context["message"]))
+
+    def _on_crash(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+        session, runtime = self.session, self.runtime
+        try:
+            if session is not None and runtime is not None and not session.machine.terminated:
+                session.terminate(runtime.clock(), Reason.INVARIANT_VIOLATION)
+                runtime.pump()
+        except Exception as again:  # the session itself is broken: stop anyway
+            exc.add_note(f"terminating after the failure also failed: {one_line(again)}")
+        with self._loop_lock:
+            loop = self._loop
+        if loop is not None:
+            loop.stop()
+
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, SessionTerminated):
+            self._terminal_reason = str(event.reason_code)
+        if self._pipeline is not None:
+            self._pipeline.emit(event)
+        self.channel.publish(event.to_dict())
+
+    def _base(self, now: float) -> EventBase:
+        assert self.session is not None
+        return self.session.machine.base(self.session.ts_ms(now))
+
+    def _snapshot_tick(self) -> None:
+        try:
+            self.channel.publish(self._snapshot(running=True))
+        except Exception as exc:
+            self._on_crash(exc)
+            return
+        with self._loop_lock:
+            loop = self._loop
+        if loop is not None:
+            loop.call_later(SNAPSHOT_INTERVAL_S, self._snapshot_tick)
+
+    def _poll_commands(self, reschedule: bool) -> None:
+        runtime = self.runtime
+        try:
+            if runtime is not None:
+                for command in self.commands.take_all():
+                    self._apply(command, runtime)
+        except Exception as exc:
+            self._on_crash(exc)
+            return
+        with self._loop_lock:
+            loop = self._loop
+        if reschedule and loop is not None:
+            loop.call_later(COMMAND_POLL_S, self._poll_commands, True)
+
+    def _apply(self, command: Command, runtime: ClientRuntime) -> None:
+        session = runtime.session
+        if session.machine.terminated:
+            return
+        if isinstance(command, SwitchTo):
+            if command.path_id not in runtime.paths:
+                self._emit(
+                    TransportSwitchDenied(
+                        **self._base(runtime.clock()),
+                        reason_code=Reason.INVALID_TRANSPORT_CANDIDATE,
+                        requested_transport=command.path_id,
+                        manual=True,
+                    )
+                )
+                return
+            pid = command.path_id
+            runtime.run_command(lambda now: self._ignore(session.switch_to(pid, now)))
+        elif isinstance(command, SetAutoSwitch):
+            enabled = command.enabled
+            runtime.run_command(lambda now: session.set_auto_switch(enabled))
+        elif isinstance(command, ForceReattach):
+            runtime.run_command(session.force_reattach)
+        elif isinstance(command, ReloadPolicy):
+            runtime.run_command(self._reload_policy)
+        elif isinstance(command, Terminate):
+            self._stop_requested = True
+            runtime.run_command(lambda now: session.terminate(now))
+        elif isinstance(command, DemoImpair):
+            self._demo_impair(command, runtime)
+
+    @staticmethod
+    def _ignore(_: object) -> None:
+        """switch_to's denial reason is already in the TRANSPORT_SWITCH_DENIED event."""
+
+    def _demo_impair(self, command: DemoImpair, runtime: ClientRuntime) -> None:
+        self._emit(
+            Diagnostic(
+                **self._base(runtime.clock()),
+                reason_code=Reason.INVALID_TRANSPORT_CANDIDATE,
+                detail=f"demo impairment {command.action!r} ignored: not running --demo",
+            )
+        )
+
+    def _reload_policy(self, now: float) -> None:
+        session = self.session
+        assert session is not None
+        path = self.config.policy_file
+        if path is None:
+            self._emit(
+                PolicyEvent(
+                    **self._base(now), policy_name="POLICY_UNCHANGED",
+                    reason_code=Reason.POLICY_APPLIED,
+                    detail="no policy file configured: the built-in default stays in force",
+                )
+            )  # fmt: skip
+            return
+        try:
+            policy = load_policy(path)
+        except PolicyError as exc:
+            self._emit(
+                PolicyEvent(
+                    **self._base(now), policy_name="POLICY_INVALID",
+                    reason_code=Reason.POLICY_INVALID,
+                    detail=f"{exc}; keeping policy {session.policy.policy_version}",
+                )
+            )  # fmt: skip
+            return
+        session.apply_policy(policy, now)
+
+    def _emit(self, event: Event) -> None:
+        self._on_event(event)
+
+    # -- snapshots -----------------------------------------------------------------------------
+
+    def _traffic(self, now: float) -> TrafficStats:
+        runtime = self.runtime
+        if runtime is None:
+            return TrafficStats()
+        c = runtime.counters
+        samples = self._samples
+        samples.append((now, c.tx_bytes, c.rx_bytes))
+        while len(samples) > 2 and now - samples[1][0] >= RATE_WINDOW_S:
+            samples.popleft()
+        t0, tx0, rx0 = samples[0]
+        span = now - t0
+        tx_rate = (c.tx_bytes - tx0) * 8 / span if span > 0 else 0.0
+        rx_rate = (c.rx_bytes - rx0) * 8 / span if span > 0 else 0.0
+        return TrafficStats(
+            tx_packets=c.tx_packets, rx_packets=c.rx_packets, tx_bytes=c.tx_bytes,
+            rx_bytes=c.rx_bytes, tx_rate_bps=tx_rate, rx_rate_bps=rx_rate,
+        )  # fmt: skip
+
+    def _observability(self) -> ObservabilityView:
+        if self._pipeline is None:
+            return ObservabilityView()
+        h = self._pipeline.health()
+        return ObservabilityView(
+            ok=h.ok,
+            ring_depth=h.ring_depth,
+            ring_dropped=h.ring_dropped,
+            sinks=tuple(
+                SinkView(s.name, str(s.state), s.queue_depth, s.dropped, s.last_error)
+                for s in h.sinks
+            ),
+        )
+
+    def _snapshot(self, *, running: bool) -> EngineSnapshot:
+        now = time.monotonic()
+        session = self.session
+        return EngineSnapshot(
+            seq=next(self._seq),
+            ts_ms=int(time.time() * 1000),
+            session=session.snapshot(now) if session else _empty_snapshot(),
+            traffic=self._traffic(now),
+            observability=self._observability(),
+            ui_dropped=self.channel.dropped,
+            running=running,
+            final_reason=None if running else self.final_reason,
+            demo=self.demo,
+        )

@@ -1,0 +1,145 @@
+"""``jvpn-tui --headless``: the client engine without a UI, one JSON event per line.
+
+:func:`run_headless` starts an engine, drains its UiChannel every 50 ms and prints each
+event (``Event.to_dict()``) as one compact JSON line on ``out``. Snapshots are not
+printed; when the engine has stopped, one last line of type ``ENGINE_STOPPED`` carries
+``final_reason``, ``exit_code`` and the inner traffic counters. SIGINT and SIGTERM end
+the session explicitly (TERMINATE sent, reason ``operator_terminated``), SIGHUP reloads
+the policy; ``duration`` seconds after the start the same explicit terminate happens.
+The return value is :func:`tunnel.engine.exit_code_for` of the final reason.
+
+``python -m tunnel.headless --config client.toml`` (or ``--demo``) runs it directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any, Final, TextIO
+
+from tunnel.api import EngineHandle, EngineSnapshot, ReloadPolicy, Terminate
+from tunnel.client_config import ConfigError, load_client_config
+from tunnel.engine import ENGINE_ERROR, ClientEngine, exit_code_for
+
+DRAIN_INTERVAL_S: Final = 0.05
+"""How often the channel is drained (the engine never waits for us)."""
+
+STOP_TIMEOUT_S: Final = 5.0
+"""How long an explicit terminate may take before the engine is stopped hard."""
+
+EXIT_CONFIG_ERROR: Final = 2
+"""Exit code for a configuration error (also used by jvpn-tui)."""
+
+
+def build_engine_from_args(config: str | None, demo: bool) -> EngineHandle:
+    """The engine the command line asks for; ConfigError with a clear message otherwise."""
+    if demo:
+        if config is not None:
+            raise ConfigError("--demo runs without a configuration: drop --config")
+        from tunnel.demo import DemoEngine
+
+        return DemoEngine()
+    if config is None:
+        raise ConfigError("no configuration: give --config PATH (or --demo)")
+    return ClientEngine(load_client_config(config))
+
+
+def _line(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), default=str)
+
+
+def run_headless(
+    engine: EngineHandle,
+    *,
+    duration: float | None,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> int:
+    """Run ``engine`` to its end, printing events; return the exit code."""
+    stop_at = None if duration is None else time.monotonic() + max(0.0, duration)
+    stop_sent = False
+
+    def terminate() -> None:
+        engine.commands.send(Terminate())
+        notify = getattr(engine, "notify", None)
+        if notify is not None:
+            notify()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        del frame
+        if signum == signal.SIGHUP:
+            engine.commands.send(ReloadPolicy())
+        else:
+            terminate()
+
+    previous: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, on_signal)
+    final: EngineSnapshot | None = None
+    last: EngineSnapshot | None = None
+    try:
+        engine.start()
+        while final is None:
+            ended = engine.join(DRAIN_INTERVAL_S)
+            for item in engine.channel.drain():
+                if isinstance(item, EngineSnapshot):
+                    last = item
+                    if not item.running:
+                        final = item
+                else:
+                    out.write(_line(dict(item)) + "\n")
+            out.flush()
+            if ended and final is None:
+                final = getattr(engine, "final_snapshot", None) or last
+                break
+            if stop_at is not None and not stop_sent and time.monotonic() >= stop_at:
+                stop_sent = True
+                terminate()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        engine.stop(STOP_TIMEOUT_S)
+    reason = final.final_reason if final is not None else getattr(engine, "final_reason", None)
+    code = exit_code_for(reason)
+    summary: dict[str, Any] = {"event_type": "ENGINE_STOPPED", "final_reason": reason}
+    summary["exit_code"] = code
+    if final is not None:
+        t = final.traffic
+        summary["session_id"] = final.session.session_id
+        summary["traffic"] = {
+            "tx_packets": t.tx_packets, "rx_packets": t.rx_packets,
+            "tx_bytes": t.tx_bytes, "rx_bytes": t.rx_bytes,
+        }  # fmt: skip
+        summary["ui_dropped"] = final.ui_dropped
+    out.write(_line(summary) + "\n")
+    out.flush()
+    if reason is not None and reason.startswith(ENGINE_ERROR):
+        err.write(f"jvpn-tui: {reason.removeprefix(ENGINE_ERROR + ': ')}\n")
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tunnel.headless", description="jvpn client engine without a UI"
+    )
+    parser.add_argument("--config", metavar="PATH", help="client configuration file (TOML)")
+    parser.add_argument("--demo", action="store_true", help="embedded loopback demo")
+    parser.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this")
+    args = parser.parse_args(argv)
+    try:
+        engine = build_engine_from_args(args.config, args.demo)
+    except ConfigError as exc:
+        print(f"jvpn-tui: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    return run_headless(engine, duration=args.duration)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
