@@ -20,7 +20,7 @@ MAKEFLAGS += --no-builtin-rules
 .SUFFIXES:
 # Targets run their prerequisites in the order written, even under `make -j`.
 .NOTPARALLEL:
-.PHONY: help venv demo test lint fmt bench sysdeps clean
+.PHONY: help venv demo test lint fmt bench sysdeps clean screenshots
 
 help: ## list the targets
 	@echo "jvpn make targets:"
@@ -99,6 +99,9 @@ bench: $(STAMP) ## run every bench/*.py (prints tables; never pass/fail on timin
 		$(VENV_PY) "$$script" || exit 1; \
 	done; \
 	if [ "$$found" -eq 0 ]; then echo "bench: no benchmark scripts in bench/ yet"; fi
+
+screenshots: $(STAMP) ## redraw screenshots/*.svg (jvpn-tui against its scripted fake engine)
+	$(VENV_PY) -m jvpn_tui.screenshots
 
 clean: ## remove .venv and tool caches (nothing else)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

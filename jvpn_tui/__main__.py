@@ -1,6 +1,9 @@
-"""``jvpn-tui``: the Textual client (placeholder until its own issue lands).
+"""``jvpn-tui``: the jvpn client, as a Textual terminal UI or headless.
 
-The options are the ones the client will have; for now every run says so and exits 2.
+``jvpn-tui --demo`` runs a complete setup on loopback (no root, no config);
+``jvpn-tui --config client.toml`` runs the real client; ``--headless`` runs either
+without a UI and prints one JSON event per line. The engine modules are imported only
+when they are needed, and ``--headless`` never imports Textual.
 """
 
 from __future__ import annotations
@@ -8,18 +11,44 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-NOT_BUILT = "jvpn-tui: the client is not built yet (see issue 'jvpn-tui: the Textual client')"
+from jvpn_tui.keymap import KeymapError, load_keymap
+
+PROG = "jvpn-tui"
+THEMES = ("dark", "light", "high-contrast")
+"""Palette names (``themes/<name>.tcss``); kept here so --help needs no Textual."""
+FAKE_SCENARIOS = ("healthy", "mid-switch", "degraded")
+FAKE_PERIOD_S = 0.1
+"""--fake-engine answers commands and publishes every 100 ms (a 10 Hz engine)."""
+
+EPILOG = """\
+keys (remappable by binding id, see --keymap; ? in the UI lists them all):
+  1-9 switch to path N    a auto-switch on/off   r force reattach   p reload policy
+  t terminate (asks)      ? help                 q quit             ctrl+p command palette
+  demo only: k kill the active path, u restore all paths, l 30% loss on the active
+  path, x inject a replay, b NAT rebind
+
+examples:
+  jvpn-tui --demo                          the zero-setup demo
+  jvpn-tui --demo --headless --duration 20 the same without UI, JSON events on stdout
+  jvpn-tui --config client.toml --theme light
+  NO_COLOR=1 jvpn-tui --demo               no colours
+"""
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="jvpn-tui", description="jvpn client: a session that outlives any one UDP path."
+        prog=PROG,
+        description="jvpn client: a session that outlives any one UDP path.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--demo",
         action="store_true",
-        help="run a complete local setup on loopback: no root, no config",
+        help="run a complete local setup on loopback (embedded gateway, impairment relay, "
+        "loopback paths, inner traffic): no root, no config",
     )
     parser.add_argument(
         "--headless",
@@ -28,20 +57,95 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", metavar="PATH", help="client configuration file (TOML)")
     parser.add_argument(
-        "--duration", metavar="SECONDS", type=float, help="stop after this many seconds"
+        "--duration",
+        metavar="SECONDS",
+        type=float,
+        help="stop after this many seconds (UI and headless)",
     )
     parser.add_argument(
         "--theme",
-        choices=("dark", "light", "high-contrast"),
-        help="colour theme of the UI",
+        choices=THEMES,
+        default="dark",
+        help="colour theme of the UI (default: dark; also in the command palette). "
+        "NO_COLOR in the environment turns colours off",
+    )
+    parser.add_argument(
+        "--keymap",
+        metavar="PATH",
+        help="TOML file whose [keymap] table remaps keys by binding id, "
+        'e.g. "jvpn.terminate" = "T"',
+    )
+    parser.add_argument(
+        "--fake-engine",
+        metavar="SCENARIO",
+        choices=FAKE_SCENARIOS,
+        help="UI development: drive the UI with the scripted fake engine "
+        f"({', '.join(FAKE_SCENARIOS)}); no network",
     )
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    _parser().parse_args(argv)
-    print(NOT_BUILT, file=sys.stderr)
+def _fail(message: str) -> int:
+    print(f"{PROG}: {message}", file=sys.stderr)
     return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.duration is not None and args.duration <= 0:
+        return _fail("--duration must be a positive number of seconds")
+    keymap: dict[str, str] = {}
+    if args.keymap is not None:
+        try:
+            keymap = load_keymap(args.keymap)
+        except KeymapError as exc:
+            return _fail(str(exc))
+
+    if args.fake_engine is not None:
+        if args.headless:
+            return _fail("--fake-engine drives the UI only; it cannot run --headless")
+        from jvpn_tui.fake_engine import FakeEngine
+
+        fake = FakeEngine(args.fake_engine, demo=args.demo, period=FAKE_PERIOD_S)
+        return _run_ui(fake, args, keymap)
+
+    try:
+        from tunnel.client_config import ConfigError
+        from tunnel.headless import build_engine_from_args, run_headless
+    except ImportError as exc:
+        return _not_available(exc)
+    try:
+        engine = build_engine_from_args(args.config, demo=args.demo)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    except ImportError as exc:  # e.g. the demo engine is not written yet
+        return _not_available(exc)
+    if args.headless:
+        code: int = run_headless(engine, duration=args.duration)
+        return code
+    return _run_ui(engine, args, keymap)
+
+
+def _not_available(exc: ImportError) -> int:
+    return _fail(
+        f"the client engine is not available yet (missing module {exc.name or exc}); "
+        "try --fake-engine healthy to see the UI"
+    )
+
+
+def _run_ui(engine: Any, args: argparse.Namespace, keymap: dict[str, str]) -> int:
+    from jvpn_tui.app import JvpnApp
+
+    app = JvpnApp(engine, theme=args.theme, keymap=keymap, duration=args.duration)
+    app.run()
+    if app.ended is None:
+        return 0
+    print(f"{PROG}: session ended: {app.ended}", file=sys.stderr)
+    try:
+        from tunnel.engine import exit_code_for
+    except ImportError:
+        return 0 if app.ended == "operator_terminated" else 1
+    return exit_code_for(app.ended)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,24 @@
+"""Widgets: each renders one slice of an :class:`tunnel.api.EngineSnapshot`.
+
+Snapshot views carry the CSS class ``snapshot-view`` and have ``show(snapshot)``; event
+views carry ``event-view`` and have ``add_events(events)``. None of them touches the
+engine: the app hands them what it drained from the channel.
+"""
+
+from jvpn_tui.widgets.banner import EngineBanner
+from jvpn_tui.widgets.budget import BudgetPanel
+from jvpn_tui.widgets.health import HealthPanel
+from jvpn_tui.widgets.security import SecurityPanel
+from jvpn_tui.widgets.session import SessionPanel
+from jvpn_tui.widgets.timeline import SwitchTimeline
+from jvpn_tui.widgets.transports import TransportsTable
+
+__all__ = [
+    "BudgetPanel",
+    "EngineBanner",
+    "HealthPanel",
+    "SecurityPanel",
+    "SessionPanel",
+    "SwitchTimeline",
+    "TransportsTable",
+]

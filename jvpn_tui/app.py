@@ -1,0 +1,382 @@
+"""The jvpn-tui application: wiring only.
+
+The engine (anything implementing :class:`tunnel.api.EngineHandle`) runs in its own
+thread; a Textual thread worker starts it and waits for it to end. A 10 Hz timer drains
+the engine's :class:`~tunnel.api.UiChannel` without blocking and posts the newest
+snapshot (coalescing) and the events; the widgets in ``widgets/`` render them. Commands
+go back through ``engine.commands``. :meth:`JvpnApp.on_worker_state_changed` is the one
+place that handles the engine ending or failing: the banner shows the reason and the
+session's last state, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any, ClassVar, Final, Protocol, cast
+
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widget import Widget
+from textual.widgets import Footer, Header
+from textual.worker import Worker, WorkerState, get_current_worker
+
+from jvpn_tui.commands import JvpnCommands
+from jvpn_tui.keymap import KEYS, check_keymap
+from jvpn_tui.messages import EventsReady, SnapshotReady
+from jvpn_tui.screens import ConfirmScreen, HelpScreen
+from jvpn_tui.theming import all_themes, theme_name
+from jvpn_tui.widgets import (
+    BudgetPanel,
+    EngineBanner,
+    HealthPanel,
+    SecurityPanel,
+    SessionPanel,
+    SwitchTimeline,
+    TransportsTable,
+)
+from themes import PALETTES, STYLESHEET
+from tunnel.api import (
+    Command,
+    DemoImpair,
+    EngineHandle,
+    EngineSnapshot,
+    ForceReattach,
+    ReloadPolicy,
+    SetAutoSwitch,
+    SwitchTo,
+    Terminate,
+)
+
+DRAIN_HZ: Final = 10.0
+"""How often the UI drains the engine channel."""
+
+ENGINE_WORKER: Final = "engine"
+WIDE_COLUMNS: Final = 150
+"""From this width on, the two-column layout (the transports table needs ~110)."""
+DEMO_LOSS: Final = 0.3
+"""Loss ratio the demo ``l`` key injects."""
+
+_ENGINE_ACTIONS: Final = frozenset({"switch", "toggle_auto", "reattach", "reload_policy",
+                                    "terminate", "demo"})  # fmt: skip
+
+
+class _SnapshotView(Protocol):
+    def show(self, snapshot: EngineSnapshot) -> None: ...
+
+
+class _EventView(Protocol):
+    def add_events(self, events: list[Mapping[str, object]]) -> None: ...
+
+
+class JvpnApp(App[int]):
+    """Live view of one client session; keys and the palette send engine commands."""
+
+    TITLE = "jvpn"
+    CSS_PATH = STYLESHEET
+    COMMANDS = App.COMMANDS | {JvpnCommands}
+    HORIZONTAL_BREAKPOINTS = [
+        (0, "-narrow"),
+        (WIDE_COLUMNS, "-wide"),
+    ]
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding(k.key, k.action, k.label, show=k.show, id=k.id, tooltip=k.help,
+                key_display="?" if k.key == "question_mark" else None)
+        for k in KEYS
+    ]  # fmt: skip
+
+    def __init__(
+        self,
+        engine: EngineHandle,
+        *,
+        theme: str = "dark",
+        keymap: Mapping[str, str] | None = None,
+        duration: float | None = None,
+        drain_hz: float = DRAIN_HZ,
+    ) -> None:
+        super().__init__()
+        if theme not in PALETTES:
+            raise ValueError(f"unknown theme {theme!r} (known: {', '.join(PALETTES)})")
+        self.engine = engine
+        self.snapshot: EngineSnapshot | None = None
+        """The newest snapshot drawn."""
+        self._latest: EngineSnapshot | None = None
+        """The newest snapshot drained (its message may still be queued)."""
+        self.ended: str | None = None
+        """Why the engine ended (set once, by on_worker_state_changed)."""
+        self._keymap_in = check_keymap(dict(keymap or {}))
+        self._duration = duration
+        self._drain_period = 1.0 / drain_hz
+        self._stopping = False
+        self._demo = False
+        self._snapshot_views: list[_SnapshotView] = []
+        self._event_views: list[_EventView] = []
+        for t in all_themes():
+            self.register_theme(t)
+        self.theme = theme_name(theme)
+
+    # -- layout -----------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        yield Header(icon="⇄")
+        yield EngineBanner(id="banner")
+        with VerticalScroll(id="main", can_focus=False):
+            with Horizontal(id="top"):
+                with Vertical(id="left"):
+                    yield SessionPanel(id="session")
+                    yield BudgetPanel(id="budget")
+                with Vertical(id="right"):
+                    yield TransportsTable(id="transports")
+                    yield HealthPanel(id="health")
+            with Horizontal(id="bottom"):
+                yield SwitchTimeline(id="timeline")
+                yield SecurityPanel(id="security")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        if self._keymap_in:
+            self.set_keymap(self._keymap_in)
+        self._snapshot_views = [
+            cast(_SnapshotView, w) for w in self.query(".snapshot-view").results(Widget)
+        ]
+        self._event_views = [
+            cast(_EventView, w) for w in self.query(".event-view").results(Widget)
+        ]
+        self.theme_changed_signal.subscribe(self, self._redraw)
+        self.query_one(TransportsTable).focus()
+        self.run_engine()
+        self.set_interval(self._drain_period, self.drain_channel, name="drain")
+        if self._duration is not None:
+            self.set_timer(self._duration, self.action_quit, name="duration")
+
+    # -- engine -> UI -------------------------------------------------------------------
+
+    @work(thread=True, exit_on_error=False, name=ENGINE_WORKER, group=ENGINE_WORKER)
+    def run_engine(self) -> None:
+        """Start the engine (its own thread) and wait for it to stop."""
+        worker = get_current_worker()
+        self.engine.start()
+        while not self.engine.join(timeout=0.25):
+            if worker.is_cancelled:
+                return
+
+    def drain_channel(self) -> None:
+        """Take what the engine published (never blocks) and post it as messages."""
+        items = self.engine.channel.drain()
+        if not items:
+            return
+        events = [item for item in items if not isinstance(item, EngineSnapshot)]
+        snapshots = [item for item in items if isinstance(item, EngineSnapshot)]
+        if events:
+            self.post_message(EventsReady(events))
+        if snapshots:
+            self._latest = snapshots[-1]
+            self.post_message(SnapshotReady(snapshots[-1]))
+
+    def on_snapshot_ready(self, message: SnapshotReady) -> None:
+        if self.snapshot is not None and message.snapshot.seq < self.snapshot.seq:
+            return  # already drew a newer one (drained directly when the engine ended)
+        self._draw(message.snapshot)
+
+    def on_events_ready(self, message: EventsReady) -> None:
+        self._add_events(list(message.events))
+
+    def _draw(self, snapshot: EngineSnapshot) -> None:
+        self.snapshot = snapshot
+        for view in self._snapshot_views:
+            view.show(snapshot)
+        s = snapshot.session
+        where = "no active path" if s.active is None else f"path {s.active}"
+        self.sub_title = f"{s.state} · {where}"
+        if snapshot.demo != self._demo:
+            self._demo = snapshot.demo
+            self.refresh_bindings()
+
+    def _redraw(self, _theme: object = None) -> None:
+        if self.snapshot is not None:
+            self._draw(self.snapshot)
+
+    def _add_events(self, events: list[Mapping[str, object]]) -> None:
+        for view in self._event_views:
+            view.add_events(events)
+        for event in events:
+            kind = event.get("event_type")
+            if kind == "TRANSPORT_SWITCH_DENIED" and event.get("manual"):
+                retry = event.get("retry_after_ms")
+                more = (
+                    f" (retry in {retry / 1000:.1f} s)" if isinstance(retry, int | float) else ""
+                )
+                self.notify(
+                    f"Switch to path {event.get('requested_transport')} denied: "
+                    f"{event.get('reason_code')}{more}",
+                    title="Switch denied", severity="warning", markup=False,
+                )  # fmt: skip
+            elif kind == "POLICY_EVENT":
+                bad = event.get("reason_code") == "policy_invalid"
+                detail = event.get("detail") or event.get("reason_code")
+                self.notify(
+                    f"{event.get('policy_name')}: {detail}",
+                    title="Policy", severity="error" if bad else "information", markup=False,
+                )  # fmt: skip
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        """The one place where the engine's end or failure is handled."""
+        if event.worker.name != ENGINE_WORKER or self.ended is not None:
+            return
+        if event.state is WorkerState.ERROR:
+            error = event.worker.error
+            reason = f"engine_error: {type(error).__name__}: {error}"
+        elif event.state is WorkerState.SUCCESS and not self._stopping:
+            self._take_last_items()
+            last = self._latest
+            reason = (last.final_reason if last is not None else None) or "engine stopped"
+        else:
+            return
+        self.ended = reason
+        state = self._latest.session.state if self._latest is not None else None
+        self.query_one(EngineBanner).stopped(reason, state)
+        self.sub_title = f"stopped · {reason}"
+        self.notify(reason, title="Engine stopped", severity="error", markup=False, timeout=8)
+        self.refresh_bindings()
+
+    def _take_last_items(self) -> None:
+        """Drain synchronously: the engine's last snapshot says why it stopped."""
+        items = self.engine.channel.drain()
+        events = [i for i in items if not isinstance(i, EngineSnapshot)]
+        snapshots = [i for i in items if isinstance(i, EngineSnapshot)]
+        if events:
+            self._add_events(events)
+        if snapshots:
+            self._latest = snapshots[-1]
+            self._draw(snapshots[-1])
+
+    # -- UI -> engine -------------------------------------------------------------------
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "demo":
+            if not self._demo:
+                return False
+        if action in _ENGINE_ACTIONS and self.ended is not None:
+            return None
+        return True
+
+    def send(self, command: Command) -> bool:
+        """Queue ``command`` for the engine; a full queue is reported, never waited on."""
+        if self.engine.commands.send(command):
+            return True
+        self.notify("The engine is not taking commands (queue full); try again.",
+                    title="Command dropped", severity="error")  # fmt: skip
+        return False
+
+    def action_switch(self, path_id: int) -> None:
+        snap = self.snapshot
+        if snap is not None and all(p.stats.path_id != path_id for p in snap.session.paths):
+            self.notify(f"There is no path {path_id}.", title="Switch", severity="warning")
+            return
+        self.send(SwitchTo(path_id))
+
+    def action_toggle_auto(self) -> None:
+        enabled = self.snapshot.session.auto_switch if self.snapshot is not None else True
+        self.send(SetAutoSwitch(not enabled))
+
+    def action_reattach(self) -> None:
+        self.send(ForceReattach())
+
+    def action_reload_policy(self) -> None:
+        self.send(ReloadPolicy())
+
+    def action_terminate(self) -> None:
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.send(Terminate())
+
+        self.push_screen(
+            ConfirmScreen(
+                "End the session? The gateway is told (TERMINATE) and the tunnel closes.",
+                confirm_label="Terminate",
+            ),
+            answered,
+        )
+
+    def action_demo(self, action: str) -> None:
+        snap = self.snapshot
+        if snap is None:
+            return
+        s = snap.session
+        if action == "restore":
+            for view in s.paths:
+                self.send(DemoImpair(view.stats.path_id, "restore"))
+            return
+        target = s.active if s.active is not None else s.pending
+        if target is None:
+            self.notify("No active path to impair.", title="Demo", severity="warning")
+            return
+        self.send(DemoImpair(target, action, DEMO_LOSS if action == "loss" else 0.0))
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen(self.binding_rows()))
+
+    async def action_quit(self) -> None:
+        self._stopping = True
+        await asyncio.to_thread(self.engine.stop)
+        self.exit(0)
+
+    def on_transports_table_switch_requested(
+        self, message: TransportsTable.SwitchRequested
+    ) -> None:
+        self.action_switch(message.path_id)
+
+    def on_unmount(self) -> None:
+        self._stopping = True
+        self.engine.stop()
+
+    # -- help and palette ---------------------------------------------------------------
+
+    def binding_rows(self) -> list[tuple[str, str, str]]:
+        """``(keys, what it does, binding id)`` for every binding, after the keymap."""
+        rows = []
+        for spec in KEYS:
+            keys = self._keymap_in.get(spec.id, spec.key)
+            shown = ", ".join(
+                self.get_key_display(Binding(k.strip(), spec.action)) for k in keys.split(",")
+            )
+            text = spec.help + (" (demo only)" if spec.demo else "")
+            rows.append((shown, text, spec.id))
+        palette = self.get_key_display(Binding(self.COMMAND_PALETTE_BINDING, "command_palette"))
+        rows.append((palette, "Command palette: every action by name", "(textual)"))
+        return rows
+
+    def palette_commands(self) -> list[tuple[str, str, Callable[[], Any]]]:
+        """What the command palette offers: the key actions, per path and per theme."""
+        out: list[tuple[str, str, Callable[[], Any]]] = []
+        snap = self.snapshot
+        if snap is not None and self.ended is None:
+            for view in snap.session.paths:
+                pid = view.stats.path_id
+                out.append((f"Switch to path {pid}", f"{view.label} ({view.role})",
+                            partial(self.action_switch, pid)))  # fmt: skip
+            auto = snap.session.auto_switch
+            out.append((f"Auto-switch: turn {'off' if auto else 'on'}",
+                        "Automatic, health-driven switching", self.action_toggle_auto))
+        if self.ended is None:
+            out += [
+                ("Force reattach", "Re-run the reattach exchange on the active path",
+                 self.action_reattach),
+                ("Reload policy", "Re-read the policy file", self.action_reload_policy),
+                ("Terminate session", "End the session (asks first)", self.action_terminate),
+            ]  # fmt: skip
+            if self._demo:
+                for spec in KEYS:
+                    if spec.demo:
+                        action = spec.action.split("'")[1]
+                        out.append((spec.help, f"key {spec.key}",
+                                    partial(self.action_demo, action)))  # fmt: skip
+        for palette in PALETTES:
+            name = theme_name(palette)
+            out.append((f"Theme: {palette}", f"Switch to the {name} theme",
+                        partial(setattr, self, "theme", name)))  # fmt: skip
+        out.append(("Help: keys", "List every key binding", self.action_help))
+        return out

@@ -1,0 +1,41 @@
+"""Session panel: identity, state, versions, the gateway's view, ages, policy."""
+
+from __future__ import annotations
+
+from textual.widgets import Static
+
+from jvpn_tui.widgets.format import NONE, duration, esc, state_markup
+from tunnel.api import EngineSnapshot
+
+
+class SessionPanel(Static):
+    """One session's identity and state (the ``session`` slice of a snapshot)."""
+
+    DEFAULT_CLASSES = "snapshot-view panel"
+
+    def on_mount(self) -> None:
+        self.border_title = "Session"
+        self.update("[$text-muted]waiting for the engine…[/]")
+
+    def show(self, snapshot: EngineSnapshot) -> None:
+        s = snapshot.session
+        sid = s.session_id or "(not assigned yet)"
+        if s.active is None:
+            active = "[$text-error]none[/]"
+        else:
+            active = f"path {s.active}"
+        if s.pending is not None:
+            active += f" [$text-warning]→ {s.pending}[/]"
+        peer = f"{state_markup(s.peer_state)} v{s.peer_state_version}" if s.peer_state else NONE
+        rows = [
+            ("Session", f"[b]{esc(sid)}[/]"),
+            ("State", f"{state_markup(s.state)} v{s.state_version}"),
+            ("Gateway", peer),
+            ("Epoch", str(s.binding_epoch)),
+            ("Active", active),
+            ("Inner", esc(s.inner_address) or NONE),
+            ("Uptime", duration(s.uptime_s)),
+            ("Key", f"phase {s.key_phase}, age {duration(s.key_age_s)}"),
+            ("Policy", esc(s.policy_version)),
+        ]
+        self.update("\n".join(f"[$text-muted]{k:<8}[/] {v}" for k, v in rows))

@@ -1,0 +1,104 @@
+"""Transports table: one row per candidate path, with an RTT sparkline."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from rich.text import Text
+from textual.message import Message
+from textual.widgets import DataTable
+
+from jvpn_tui.widgets.format import NONE, ROLE_COLOUR, sparkline
+from tunnel.api import EngineSnapshot
+from tunnel.core.client import PathView
+
+SPARK_WIDTH: Final = 18
+"""RTT samples drawn in the sparkline column."""
+
+COLUMNS: Final = (
+    ("id", "#"), ("path", "Path"), ("role", "Role"), ("rtt", "RTT"),
+    ("loss", "Loss"), ("jitter", "Jitter"), ("score", "Score"), ("spark", "RTT history"),
+)  # fmt: skip
+
+
+class TransportsTable(DataTable[Text]):
+    """The ``session.paths`` slice. Enter on a row asks for a switch to that path."""
+
+    DEFAULT_CLASSES = "snapshot-view panel"
+
+    class SwitchRequested(Message):
+        """The user picked a row: switch to ``path_id``."""
+
+        def __init__(self, path_id: int) -> None:
+            super().__init__()
+            self.path_id = path_id
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id, cursor_type="row", zebra_stripes=True)
+        self._ids: tuple[int, ...] = ()
+        self.last: EngineSnapshot | None = None
+
+    def on_mount(self) -> None:
+        self.border_title = "Transports"
+        for key, label in COLUMNS:
+            self.add_column(label, key=key)
+
+    def _colour(self, variable: str) -> str:
+        """A theme variable (``$text-success``) as a Rich colour for this theme."""
+        value = self.app.theme_variables.get(variable.lstrip("$"), "")
+        return value.split(" ")[0] if value.startswith("#") else ""
+
+    def _cells(self, view: PathView, active: int | None) -> dict[str, Text]:
+        st = view.stats
+        role_style = self._colour(ROLE_COLOUR.get(view.role, "$foreground"))
+        if view.role == "active":
+            role_style += " bold"
+        bad = self._colour("$text-error")
+        warn = self._colour("$text-warning")
+        loss_style = bad if st.loss_ratio >= 0.1 else warn if st.loss_ratio > 0 else ""
+        marker = "▶" if st.path_id == active else " "
+        rtt = NONE if st.srtt_ms is None else f"{st.srtt_ms:.1f} ms"
+        jitter = NONE if st.srtt_ms is None else f"{st.jitter_ms:.1f} ms"
+        spark_style = self._colour("$text-primary") if st.alive else self._colour("$text-muted")
+        return {
+            "id": Text(f"{marker}{st.path_id}", style="bold" if marker != " " else ""),
+            "path": Text(view.label, overflow="ellipsis", no_wrap=True),
+            "role": Text(view.role, style=role_style.strip()),
+            "rtt": Text(rtt, justify="right"),
+            "loss": Text(f"{st.loss_ratio * 100:.0f}%", style=loss_style, justify="right"),
+            "jitter": Text(jitter, justify="right"),
+            "score": Text(f"{st.score:.2f}", justify="right"),
+            "spark": Text(sparkline(st.rtt_history, SPARK_WIDTH), style=spark_style),
+        }
+
+    def show(self, snapshot: EngineSnapshot) -> None:
+        self.last = snapshot
+        s = snapshot.session
+        ids = tuple(p.stats.path_id for p in s.paths)
+        if ids != self._ids:
+            cursor = self.cursor_row
+            self.clear()
+            for view in s.paths:
+                cells = self._cells(view, s.active)
+                self.add_row(*(cells[k] for k, _ in COLUMNS), key=str(view.stats.path_id))
+            self._ids = ids
+            if ids:
+                self.move_cursor(row=min(cursor, len(ids) - 1), animate=False)
+        else:
+            for view in s.paths:
+                cells = self._cells(view, s.active)
+                for key, _ in COLUMNS:
+                    self.update_cell(str(view.stats.path_id), key, cells[key], update_width=True)
+        up = sum(1 for p in s.paths if p.stats.alive)
+        self.border_subtitle = f"{up}/{len(ids)} answering"
+
+    def role_of(self, path_id: int) -> str | None:
+        """The role the table currently shows for ``path_id``, read from the cell."""
+        if str(path_id) not in self.rows:
+            return None
+        return self.get_cell(str(path_id), "role").plain
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        event.stop()
+        if event.row_key.value is not None:
+            self.post_message(self.SwitchRequested(int(event.row_key.value)))

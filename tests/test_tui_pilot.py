@@ -1,0 +1,486 @@
+"""jvpn-tui behaviour, driven with Textual's pilot against the scripted fake engine.
+
+The fake engine (jvpn_tui/fake_engine.py) answers commands only when the test calls
+``engine.pump()``, so each test decides exactly when "the engine" reacts; the UI's own
+10 Hz drain then picks the answer up. Assertions read what the widgets show.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import subprocess
+import sys
+import time
+import types
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+from textual.pilot import Pilot
+from textual.widget import Widget
+
+from jvpn_tui.app import JvpnApp
+from jvpn_tui.fake_engine import FakeEngine
+from jvpn_tui.keymap import BINDING_IDS, KEYS
+from jvpn_tui.messages import EventsReady, SnapshotReady
+from jvpn_tui.screens import ConfirmScreen, HelpScreen
+from jvpn_tui.widgets import (
+    EngineBanner,
+    HealthPanel,
+    SessionPanel,
+    SwitchTimeline,
+    TransportsTable,
+)
+from tunnel.api import (
+    DemoImpair,
+    EngineSnapshot,
+    ForceReattach,
+    ReloadPolicy,
+    SetAutoSwitch,
+    SwitchTo,
+    Terminate,
+    UiChannel,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SIZE = (160, 48)
+
+
+class RecordingApp(JvpnApp):
+    """JvpnApp that also records every notification it shows."""
+
+    def __init__(self, engine: Any, **kwargs: Any) -> None:
+        super().__init__(engine, **kwargs)
+        self.notes: list[tuple[str, str]] = []
+        self.drawn: list[int] = []
+
+    def _draw(self, snapshot: EngineSnapshot) -> None:
+        self.drawn.append(snapshot.seq)
+        super()._draw(snapshot)
+
+    def notify(self, message: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        self.notes.append((str(message), str(kwargs.get("severity", "information"))))
+        super().notify(message, **kwargs)
+
+
+def run_async(test: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
+    """Run an async test with asyncio.run (the suite has no async pytest plugin)."""
+
+    @functools.wraps(test)
+    def wrapper() -> None:
+        asyncio.run(test())
+
+    return wrapper
+
+
+def text_of(widget: Widget) -> str:
+    """What a Static-based panel shows, as plain text."""
+    visual = widget.visual  # type: ignore[attr-defined]
+    return str(getattr(visual, "plain", visual))
+
+
+async def wait_for(pilot: Pilot[Any], condition: Callable[[], bool], what: str) -> None:
+    """Let the app run until ``condition`` holds (bounded: 250 pauses of 20 ms)."""
+    for _ in range(250):
+        if condition():
+            return
+        await pilot.pause(0.02)
+    raise AssertionError(f"timed out waiting for: {what}")
+
+
+async def ready(pilot: Pilot[Any]) -> None:
+    app = pilot.app
+    assert isinstance(app, JvpnApp)
+    await wait_for(pilot, lambda: app.snapshot is not None, "the first snapshot")
+
+
+@run_async
+async def test_pressing_2_switches_to_path_2_and_the_widgets_follow() -> None:
+    engine = FakeEngine("healthy")
+    app = RecordingApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        table = app.query_one(TransportsTable)
+        assert table.role_of(1) == "active"
+        assert table.role_of(2) == "standby"
+
+        await pilot.press("2")
+        assert engine.pump() == 1
+        assert engine.received == [SwitchTo(2)]
+
+        await wait_for(pilot, lambda: table.role_of(2) == "active", "path 2 active in table")
+        assert table.role_of(1) == "standby"
+        assert "path 2" in text_of(app.query_one(SessionPanel))
+        newest = app.query_one(SwitchTimeline).lines[0]
+        assert "SWITCH" in newest and "1 → 2" in newest and "manual_switch" in newest
+        assert "38.5 ms" in newest
+        assert app.sub_title == "ATTACHED · path 2"
+
+
+@run_async
+async def test_denied_switch_shows_its_reason_in_a_notification_and_the_timeline() -> None:
+    engine = FakeEngine("degraded")  # path 3 never validated
+    app = RecordingApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("3")
+        engine.pump()
+        assert engine.received == [SwitchTo(3)]
+        await wait_for(pilot, lambda: any("path_not_validated" in m for m, _ in app.notes),
+                       "a denial notification")  # fmt: skip
+        note = next(n for n in app.notes if "path_not_validated" in n[0])
+        assert note == ("Switch to path 3 denied: path_not_validated", "warning")
+        newest = app.query_one(SwitchTimeline).lines[0]
+        assert "DENIED" in newest and "→ 3" in newest and "path_not_validated" in newest
+        assert app.query_one(TransportsTable).role_of(1) == "active"
+
+
+@run_async
+async def test_cooldown_denial_says_when_to_retry() -> None:
+    engine = FakeEngine("healthy")
+    app = RecordingApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("2")
+        engine.pump()
+        await pilot.press("3")
+        engine.pump()  # 100 ms after the switch: 1900 ms of cooldown left
+        await wait_for(pilot, lambda: any("cooldown_active" in m for m, _ in app.notes),
+                       "a cooldown denial")  # fmt: skip
+        assert ("Switch to path 3 denied: cooldown_active (retry in 1.9 s)", "warning") in (
+            app.notes
+        )
+
+
+@run_async
+async def test_switch_to_a_path_that_does_not_exist_is_refused_locally() -> None:
+    engine = FakeEngine("healthy")
+    app = RecordingApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("7")
+        engine.pump()
+        assert engine.received == []
+        assert ("There is no path 7.", "warning") in app.notes
+
+
+@run_async
+async def test_terminate_asks_first_and_only_yes_sends_terminate() -> None:
+    engine = FakeEngine("healthy")
+    app = RecordingApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("t")
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("n")
+        assert not isinstance(app.screen, ConfirmScreen)
+        engine.pump()
+        assert engine.received == []
+
+        await pilot.press("t")
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("y")
+        engine.pump()
+        assert engine.received == [Terminate()]
+
+        banner = app.query_one(EngineBanner)
+        await wait_for(pilot, lambda: app.ended is not None, "the engine to end")
+        assert app.ended == "operator_terminated"
+        assert banner.display
+        assert text_of(banner) == "Engine stopped: operator_terminated — session TERMINATED"
+        assert "END" in app.query_one(SwitchTimeline).lines[0]
+        # the engine is gone: its keys are disabled
+        assert app.check_action("switch", (2,)) is None
+
+
+@run_async
+async def test_help_screen_lists_every_binding_with_its_id_and_keymap() -> None:
+    engine = FakeEngine("healthy")
+    app = RecordingApp(engine, keymap={"jvpn.terminate": "T", "jvpn.switch-1": "f1,1"})
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        rows = {binding_id: (key, text) for key, text, binding_id in app.screen.rows}
+        assert set(rows) >= BINDING_IDS
+        assert len(BINDING_IDS) == 20  # 1-9, a r p t ? q, k u l x b
+        assert rows["jvpn.terminate"][0] == "T"
+        assert rows["jvpn.switch-1"][0] == "f1, 1"
+        assert rows["jvpn.help"][0] == "?"
+        assert rows["jvpn.demo.kill"][1].endswith("(demo only)")
+        table = app.screen.query_one("#help-table")
+        assert table.row_count == len(KEYS) + 1  # + the command palette
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+
+        await pilot.press("t")  # remapped away: does nothing
+        assert not isinstance(app.screen, ConfirmScreen)
+        await pilot.press("T")
+        assert isinstance(app.screen, ConfirmScreen)
+
+
+@run_async
+async def test_engine_failure_at_start_shows_the_reason_not_a_traceback() -> None:
+    engine = FakeEngine("healthy", fail_on_start="TUN device vanished")
+    app = RecordingApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.ended is not None, "the failure to be handled")
+        assert app.ended == "engine_error: RuntimeError: TUN device vanished"
+        banner = app.query_one(EngineBanner)
+        assert banner.display
+        assert "engine_error: RuntimeError: TUN device vanished" in text_of(banner)
+        assert "Traceback" not in text_of(banner)
+        assert (app.ended, "error") in app.notes
+        assert app.is_running and app.return_code is None  # the UI survives
+        await pilot.press("2")
+        assert engine.commands.take_all() == []  # engine keys are disabled
+
+
+@run_async
+async def test_engine_dying_mid_session_shows_final_reason_and_final_state() -> None:
+    engine = FakeEngine("mid-switch")
+    app = RecordingApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        engine.fail("recovery_window_exceeded")
+        await wait_for(pilot, lambda: app.ended is not None, "the engine to end")
+        assert app.ended == "recovery_window_exceeded"
+        assert text_of(app.query_one(EngineBanner)) == (
+            "Engine stopped: recovery_window_exceeded — session TERMINATED"
+        )
+        assert "TERMINATED" in text_of(app.query_one(SessionPanel))
+
+
+@run_async
+async def test_auto_reattach_policy_keys_send_their_commands() -> None:
+    engine = FakeEngine("healthy")
+    app = RecordingApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("a", "r", "p")
+        engine.pump()
+        assert engine.received == [SetAutoSwitch(False), ForceReattach(), ReloadPolicy()]
+        await wait_for(pilot, lambda: any("POLICY_LOADED" in m for m, _ in app.notes),
+                       "the policy reload result")  # fmt: skip
+
+
+@run_async
+async def test_demo_keys_only_work_with_a_demo_engine() -> None:
+    plain = FakeEngine("healthy")
+    app = RecordingApp(plain)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("k", "u", "l", "x", "b")
+        plain.pump()
+        assert plain.received == []
+
+    demo = FakeEngine("healthy", demo=True)
+    app = RecordingApp(demo)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("l", "x", "b", "k")
+        demo.pump()
+        assert demo.received == [
+            DemoImpair(1, "loss", 0.3), DemoImpair(1, "replay"), DemoImpair(1, "rebind"),
+            DemoImpair(1, "kill"),
+        ]  # fmt: skip
+        table = app.query_one(TransportsTable)
+        await wait_for(pilot, lambda: table.role_of(1) == "down", "path 1 down")
+        assert table.role_of(2) == "active"
+        lines = app.query_one(SwitchTimeline).lines
+        assert "dead_transport_recovery" in lines[0]
+        assert any("DEAD" in line and "path 1" in line for line in lines)
+        await pilot.press("u")
+        demo.pump()
+        assert demo.received[-3:] == [DemoImpair(p, "restore") for p in (1, 2, 3)]
+        await wait_for(pilot, lambda: table.role_of(1) == "standby", "path 1 restored")
+
+
+@run_async
+async def test_command_palette_offers_and_runs_the_actions() -> None:
+    engine = FakeEngine("healthy")
+    app = RecordingApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        titles = [title for title, _, _ in app.palette_commands()]
+        for expected in ("Switch to path 1", "Switch to path 3", "Auto-switch: turn off",
+                         "Force reattach", "Reload policy", "Terminate session",
+                         "Theme: light", "Theme: high-contrast", "Help: keys"):  # fmt: skip
+            assert expected in titles
+
+        await pilot.press("ctrl+p")
+        await pilot.press(*"force reattach")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: engine.commands.take_all() == [ForceReattach()]
+                       or ForceReattach() in engine.received, "ForceReattach from the palette")
+
+        commands = dict((t, cb) for t, _, cb in app.palette_commands())
+        commands["Theme: high-contrast"]()
+        assert app.theme == "jvpn-high-contrast"
+
+
+@run_async
+async def test_snapshot_messages_coalesce_to_the_newest() -> None:
+    engine = FakeEngine("healthy")
+    app = RecordingApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        for _ in range(3):
+            engine.pump()
+        snaps = [i for i in engine.channel.drain() if isinstance(i, EngineSnapshot)]
+        assert [s.seq for s in snaps] == [2, 3, 4]
+        app.drawn.clear()
+        for snap in snaps:  # posted back to back: each replaces the one still queued
+            app.post_message(SnapshotReady(snap))
+        await pilot.pause()
+        assert app.drawn == [4]
+        assert not EventsReady([]).can_replace(EventsReady([]))
+
+
+@run_async
+async def test_frozen_ui_does_not_block_the_engine_and_drops_are_shown() -> None:
+    """Isolation: the UI thread is frozen while the engine publishes at full speed."""
+    channel = UiChannel(maxsize=32)
+    engine = FakeEngine("healthy", channel=channel, period=0.0005, publish_events=True)
+    app = RecordingApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        ticks_before = engine.ticks
+        published_before = channel.published
+        # Freeze the UI: block its event loop (no drain can run) until the engine has
+        # published ten channels' worth. Bounded so that a broken engine fails the test.
+        deadline = time.monotonic() + 20.0
+        depth_seen = 0
+        while channel.published < published_before + 10 * channel.maxsize:
+            assert time.monotonic() < deadline, "engine made no progress while UI frozen"
+            depth_seen = max(depth_seen, len(channel))
+            time.sleep(0.005)
+        assert depth_seen <= channel.maxsize
+        assert len(channel) <= channel.maxsize
+        assert engine.ticks - ticks_before >= 5 * channel.maxsize // 2
+        assert channel.dropped > 0
+
+        engine.stop()  # stop publishing so the newest snapshot is known
+        last_seq = engine.ticks + 1
+        health = app.query_one(HealthPanel)
+        await wait_for(pilot, lambda: app.snapshot is not None and app.snapshot.seq == last_seq,
+                       "the newest snapshot after the freeze")  # fmt: skip
+        shown = app.snapshot.ui_dropped
+        assert shown > 0
+        assert f"dropped {shown}" in text_of(health)
+
+
+@run_async
+async def test_quit_stops_the_engine() -> None:
+    engine = FakeEngine("healthy")
+    app = RecordingApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("q")
+        await wait_for(pilot, lambda: not app.is_running, "the app to exit")
+    assert engine.stop_calls >= 1
+    assert engine.join(0)
+
+
+def test_no_color_is_respected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert RecordingApp(FakeEngine()).no_color
+    monkeypatch.delenv("NO_COLOR")
+    assert not RecordingApp(FakeEngine()).no_color
+
+
+def test_unknown_theme_and_keymap_ids_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown theme"):
+        JvpnApp(FakeEngine(), theme="neon")
+    with pytest.raises(ValueError, match=r"unknown binding id 'jvpn\.nope'"):
+        JvpnApp(FakeEngine(), keymap={"jvpn.nope": "z"})
+
+
+# -- the command line ------------------------------------------------------------------
+
+
+def _stub_headless(monkeypatch: pytest.MonkeyPatch, build: Callable[..., Any]) -> list[Any]:
+    calls: list[Any] = []
+    stub = types.ModuleType("tunnel.headless")
+
+    def build_engine_from_args(config: str | None, demo: bool) -> Any:
+        calls.append(("build", config, demo))
+        return build(config, demo)
+
+    def run_headless(engine: Any, *, duration: float | None) -> int:
+        calls.append(("run", engine, duration))
+        return 7
+
+    stub.build_engine_from_args = build_engine_from_args  # type: ignore[attr-defined]
+    stub.run_headless = run_headless  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tunnel.headless", stub)
+    return calls
+
+
+def test_headless_calls_the_engine_api_and_returns_its_code(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from jvpn_tui.__main__ import main
+
+    calls = _stub_headless(monkeypatch, lambda config, demo: "ENGINE")
+    assert main(["--demo", "--headless", "--duration", "20"]) == 7
+    assert calls == [("build", None, True), ("run", "ENGINE", 20.0)]
+
+
+def test_config_error_is_one_line_and_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from jvpn_tui.__main__ import main
+    from tunnel.client_config import ConfigError
+
+    def bad(config: str | None, demo: bool) -> Any:
+        raise ConfigError("client.toml: [[path]] 2: remote is missing")
+
+    _stub_headless(monkeypatch, bad)
+    assert main(["--config", "client.toml", "--headless"]) == 2
+    assert capsys.readouterr().err == "jvpn-tui: client.toml: [[path]] 2: remote is missing\n"
+
+
+def test_missing_engine_modules_say_so(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from jvpn_tui.__main__ import main
+
+    monkeypatch.setitem(sys.modules, "tunnel.headless", None)
+    assert main(["--demo"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jvpn-tui: the client engine is not available yet")
+
+
+def test_bad_keymap_file_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from jvpn_tui.__main__ import main
+
+    keymap = tmp_path / "keys.toml"
+    keymap.write_text('[keymap]\n"jvpn.warp" = "w"\n')
+    assert main(["--demo", "--keymap", str(keymap)]) == 2
+    assert "unknown binding id 'jvpn.warp'" in capsys.readouterr().err
+
+
+def test_headless_never_imports_textual() -> None:
+    code = """
+import sys, types
+stub = types.ModuleType("tunnel.headless")
+stub.build_engine_from_args = lambda config, demo: object()
+stub.run_headless = lambda engine, duration: 0
+sys.modules["tunnel.headless"] = stub
+from jvpn_tui.__main__ import main
+assert main(["--demo", "--headless"]) == 0
+loaded = sorted({m.split(".")[0] for m in sys.modules} & {"textual", "rich"})
+print(",".join(loaded) or "none")
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "none"
