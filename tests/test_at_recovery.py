@@ -20,7 +20,9 @@ from simkit import (
     state_changes,
 )
 
+from tunnel.core.constants import MSG_CONTROL
 from tunnel.core.events import EventType, Reason
+from tunnel.core.wire import Probe, ReattachKind, ReattachRequest, pack_control
 from tunnel.io.memory import Simulation
 
 PEER = "10.66.0.9"
@@ -167,20 +169,20 @@ def test_at13_recovery_timeout_terminates_at_the_bound_and_stays_dead() -> None:
 
 # -- AT-14 / AT-15 --------------------------------------------------------------------------
 def test_at14_loss_spike_on_active_path_switches_to_backup() -> None:
-    # dead_min 600 ms: with the default 300 ms, two lost 100 ms probes already look like
-    # death (see test_at15), and AT-14 is about the loss signal, not about death.
-    sim = build(seed=4, policy=make_policy(dead_min_ms=600))
+    sim = build(seed=4)  # DEFAULT policy
     sim.advance(3.0)
     pol = sim.client.policy
-    sim.links[1].imp.loss_up = 0.30  # 30 % of A's datagrams lost for 3 s (bench B)
+    a = sim.links[1].imp
+    a.loss_up = a.loss_down = 0.30  # 30 % of A's datagrams lost each way for 3 s (bench B)
     spike_ms = int(sim.now * 1000)
     sim.advance(3.0)
-    sim.links[1].imp.loss_up = 0.0
+    a.loss_up = a.loss_down = 0.0
     sim.advance(2.0)
 
     ev = sim.client_events
     changes = state_changes(ev)
-    assert changes[1] == ("ATTACHED", "VOLATILE", "loss_threshold_exceeded", 2)
+    assert changes[1][:2] == ("ATTACHED", "VOLATILE") and changes[1][3] == 2
+    assert changes[1][2] in ("loss_threshold_exceeded", "consecutive_drop_exceeded")
     # DESIGN D2: a switch away from a live path is one versioned rebind VOLATILE -> ATTACHED.
     assert changes[2] == ("VOLATILE", "ATTACHED", "loss_recovery", 3)
     (switch,) = of_type(ev, EventType.TRANSPORT_SWITCH)
@@ -198,14 +200,14 @@ def test_at14_loss_spike_on_active_path_switches_to_backup() -> None:
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_at15_sub_threshold_loss_changes_nothing(seed: int) -> None:
-    # Measured over 30 seeds, 10 s of 10 % loss: with the starter policy (2 s loss window =
-    # 20 probes, dead after 300 ms) 14/30 runs leave ATTACHED (9 loss_threshold_exceeded
-    # from window noise, 5 transport_dead from two lost probes in a row). With the spec's
-    # widest loss window (5 s) and a dead timer above the consecutive-drop signal, 1/30.
-    sim = build(seed=seed, policy=make_policy(loss_window_ms=5_000, dead_min_ms=600))
+    # DEFAULT policy. Measured over 30 seeds, 10 s of 10 % loss each way (19 % of probe
+    # round trips): 29/30 runs stay ATTACHED (0/30 with the D12 starter numbers, see
+    # docs/policy.md: loss is judged per direction, 3 s window, 5 drops, suspicion probing).
+    sim = build(seed=seed)
     sim.advance(2.0)
     assert sim.client.policy.loss_volatile_threshold == 0.20
-    sim.links[1].imp.loss_up = 0.10
+    a = sim.links[1].imp
+    a.loss_up = a.loss_down = 0.10
     sim.advance(10.0)
 
     ev = sim.client_events
@@ -213,7 +215,8 @@ def test_at15_sub_threshold_loss_changes_nothing(seed: int) -> None:
     assert not of_type(ev, EventType.TRANSPORT_SWITCH)
     assert not of_type(ev, EventType.TRANSPORT_SWITCH_DENIED)
     stats = sim.client.snapshot(sim.now).paths[0].stats
-    assert 0.0 <= stats.loss_ratio <= 0.20  # measured, and below the threshold
+    # Round trips lost (0.19 expected), below the round-trip form of 0.20 each way (0.36).
+    assert 0.0 < stats.loss_ratio < 1 - (1 - 0.20) ** 2
 
 
 # -- AT-18 -----------------------------------------------------------------------------------
@@ -316,6 +319,51 @@ def test_at35_reattach_after_transport_ttl_is_rejected_fatally() -> None:
     assert_gap_free(gw)
 
 
+def _gw_recovering_since(gw_pol: Any) -> tuple[Simulation, float]:
+    sim = build(gateway_policy=gw_pol)
+    sim.advance(2.0)
+    for link in sim.links.values():
+        link.imp.up = False
+    sim.advance(1.5)
+    (s,) = sim.gateway.sessions.values()
+    assert s.transportless_since is not None
+    return sim, s.transportless_since
+
+
+def test_at35_reattach_at_the_exact_ttl_instant_is_refused_like_the_timer() -> None:
+    """The reattach check and the TTL timer agree on the boundary (now >= start + ttl): at
+    the instant the timer would end the session, a reattach cannot revive it. Floating
+    point makes ``now - start`` a hair below ``ttl`` there; the old check let it through."""
+    _, t0 = _gw_recovering_since(make_policy(on_recovery_timeout="degrade"))
+    ttl_ms = next(
+        ms for ms in range(2_000, 600_001) if (t0 + ms / 1000) - t0 < ms / 1000
+    )  # a TTL whose deadline rounds below start + ttl when subtracted back
+    gw_pol = make_policy(
+        transport_lost_ttl_ms=ttl_ms, recovery_window_ms=ttl_ms, on_recovery_timeout="degrade"
+    )
+    sim, start = _gw_recovering_since(gw_pol)
+    assert start == t0  # same seed, same death instant
+    deadline = t0 + ttl_ms / 1000
+    (s,) = sim.gateway.sessions.values()
+    assert s.machine.state.name == "RECOVERING"
+    sim.run_until(deadline - 0.001)
+    c = sim.client
+    assert c.cipher is not None
+    req = ReattachRequest(
+        nonce=s.nonces.last + 1, ts_ms=c.ts_ms(deadline), expected_epoch=s.epoch, path_id=2,
+        kind=int(ReattachKind.RECOVERY), client_version=c.machine.version,
+    )  # fmt: skip
+    dgram = c.cipher.seal(MSG_CONTROL, c.peer_index, pack_control(req))
+    sim.gateway.receive_datagram(dgram, sim.links[2].client_addr, deadline)
+
+    gw = list(sim.gateway.events())
+    results = of_type(gw, EventType.REATTACH_RESULT)
+    assert [(r.status, r.reason_code, r.fatal) for r in results] == [
+        ("DENIED", Reason.TRANSPORT_TTL_EXCEEDED, True)
+    ]
+    assert s.machine.state.name == "TERMINATED" and s.binding is None
+
+
 def test_at35_late_packets_after_gateway_ttl_never_revive_the_session() -> None:
     gw_pol = make_policy(transport_lost_ttl_ms=2_000, recovery_window_ms=2_000)
     sim = build(gateway_policy=gw_pol)
@@ -333,7 +381,8 @@ def test_at35_late_packets_after_gateway_ttl_never_revive_the_session() -> None:
     assert view.state == "TERMINATED" and view.state_version == version
     assert sim.gateway.drops.get("wrong_state", 0) > 0
     assert not [r for r in of_type(_gw_events(sim), EventType.REATTACH_RESULT)]
-    assert sim.client.state != "ATTACHED"
+    # The tombstone answers the client's authentic packets with TERMINATE: it learns why.
+    assert state_changes(sim.client_events)[-1][1:3] == ("TERMINATED", "transport_ttl_exceeded")
 
 
 # -- AT-58 -----------------------------------------------------------------------------------
@@ -433,3 +482,48 @@ def test_at59_operator_terminates_at_the_gateway_and_client_follows() -> None:
     (term,) = of_type(ev, EventType.SESSION_TERMINATED)
     assert term.initiator == "peer"
     assert not sim.gateway.terminate(sid, sim.now)  # already gone: nothing to do
+
+
+def test_at59_lost_gateway_terminate_is_repeated_to_the_next_authentic_packet() -> None:
+    """The gateway's TERMINATE is lost; the client keeps probing. The tombstone answers the
+    first authentic packet with TERMINATE (once per second at most), so the client ends with
+    the gateway's reason within a probe interval instead of waiting for its own TTL."""
+    sim = build()
+    sim.advance(2.0)
+    for link in sim.links.values():
+        link.imp.loss_down = 1.0  # everything from the gateway is lost for a moment
+    down: list[bytes] = []
+    up: list[bytes] = []
+    sim.taps.append(lambda d: (up if d.to_gateway else down).append(d.data))
+    assert sim.gateway.terminate(sim.client.machine.session_id, sim.now)
+    sim.advance(0.15)
+    assert sim.client.state == "ATTACHED"  # it did not hear the TERMINATE
+    for link in sim.links.values():
+        link.imp.loss_down = 0.0
+    healed = sim.now
+    sim.advance(1.5)
+
+    ev = sim.client_events
+    assert state_changes(ev)[-1][1:3] == ("TERMINATED", "operator_terminated")
+    (term,) = of_type(ev, EventType.SESSION_TERMINATED)
+    # The answer sent while the loss lasted was lost too; the next one is due a second later.
+    assert term.initiator == "peer" and term.ts_ms <= int((healed + 1.0) * 1000)
+    assert len(down) == 1  # exactly one answer delivered so far
+
+    # A replayed or forged datagram is never answered; an authentic one is, once a second.
+    c, src = sim.client, sim.links[1].client_addr
+    assert c.cipher is not None and up
+    sim.advance(1.2)
+    sim.inject_to_gateway(up[-1], src)  # replay of a delivered datagram
+    sim.inject_to_gateway(up[-1][:-1] + bytes([up[-1][-1] ^ 1]), src)  # forged tag
+    sim.advance(0.1)
+    assert len(down) == 1
+    for i in range(20):  # 2 s of fresh, authentic probes
+        sim.inject_to_gateway(c.cipher.seal(MSG_CONTROL, c.peer_index, _probe(i)), src)
+        sim.advance(0.1)
+    assert len(down) == 3
+    assert sim.gateway.drops.get("wrong_state", 0) >= 22
+
+
+def _probe(i: int) -> bytes:
+    return pack_control(Probe(1000 + i, 1, 0))

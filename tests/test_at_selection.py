@@ -12,7 +12,7 @@ import pytest
 from simkit import assert_gap_free, build, make_policy, of_type, state_changes
 
 from tunnel.core.events import EventType, Reason
-from tunnel.core.selection import Selector, best_candidate
+from tunnel.core.selection import HoldDown, Selector, best_candidate
 from tunnel.io.memory import Simulation
 
 
@@ -23,6 +23,10 @@ def _switches(events: list[Any]) -> list[Any]:
         for e in of_type(events, EventType.TRANSPORT_SWITCH)
         if e.previous_transport != e.new_transport
     ]
+
+
+def _transition_ts(events: list[Any], new_state: str) -> list[int]:
+    return [e.ts_ms for e in of_type(events, EventType.STATE_CHANGE) if e.new_state == new_state]
 
 
 def _max_in_window(times_ms: list[int], window_ms: int = 60_000) -> int:
@@ -55,8 +59,9 @@ def test_at23_flapping_paths_hit_the_cap_then_switching_is_denied_and_degraded()
     denied = of_type(ev, EventType.TRANSPORT_SWITCH_DENIED)
     assert Reason.SWITCH_RATE_LIMITED in {d.reason_code for d in denied}
     assert ("RECOVERING", "DEGRADED", "switch_rate_limited") in [c[:3] for c in state_changes(ev)]
-    # No storm: denials and transitions stay proportional to the path events (36 flips).
-    assert len(denied) <= 40
+    # No storm: denials and transitions stay proportional to the path events (36 flips):
+    # at most one recovery denial and one auto-switch denial (live standby) per flip.
+    assert len(denied) <= 2 * 36
     assert len(of_type(ev, EventType.STATE_CHANGE)) <= 120
     # If the session ends, it ends explicitly (bounds kept being exceeded, attack 6).
     for term in of_type(ev, EventType.SESSION_TERMINATED):
@@ -197,4 +202,83 @@ def test_at28_volatile_without_any_better_candidate_degrades() -> None:
     assert not _switches(ev)
     assert {a.candidate_transport for a in of_type(ev, EventType.REATTACH_ATTEMPT)} <= {1}
     assert sim.client.state == "DEGRADED"
+    # SPEC 8.3: entering DEGRADED because nothing passed says so, once for that entry.
+    (entry,) = [
+        e for e in of_type(ev, EventType.STATE_CHANGE)
+        if e.reason_code == Reason.VOLATILE_PERSISTED
+    ]  # fmt: skip
+    denied = of_type(ev, EventType.TRANSPORT_SWITCH_DENIED)
+    at_entry = [d for d in denied if d.ts_ms == entry.ts_ms]
+    assert [(d.reason_code, d.requested_transport) for d in at_entry] == [
+        (Reason.NO_VALID_CANDIDATE, None)
+    ]
+    unrequested = [d for d in denied if d.requested_transport is None]
+    assert [d.ts_ms for d in unrequested] == [entry.ts_ms]  # never again per tick
     assert_gap_free(ev)
+
+
+# -- switch limiter deadline ------------------------------------------------------------------
+def test_at24_budget_wait_ends_exactly_when_the_oldest_switch_leaves_the_window() -> None:
+    """DEGRADED (budget spent, no active path) retries at the very instant the sliding
+    minute frees a switch: next_deadline() carries the limiter's change, so the driver's
+    single timer fires then, not at some later probe tick."""
+    pol = make_policy(
+        max_switches_per_min=1, transport_lost_ttl_ms=120_000, on_recovery_timeout="degrade",
+        probe_interval_ms=70,  # 60 s is no multiple of it: the budget frees between probes
+    )  # fmt: skip
+    sim = build(policy=pol)
+    sim.advance(2.0)
+    assert sim.client.switch_to(2, sim.now) is None  # the whole budget
+    sim.advance(0.5)
+    (switch,) = _switches(sim.client_events)
+    sim.links[2].imp.up = False  # the new path dies; only a *switch* back to 1 could help
+    sim.advance(3.0)
+    assert sim.client.state == "DEGRADED" and sim.client.snapshot(sim.now).active is None
+    sim.advance(60.0)
+
+    retry = [
+        e for e in of_type(sim.client_events, EventType.STATE_CHANGE)
+        if e.reason_code == Reason.RECOVERY_RETRY
+    ]  # fmt: skip
+    assert retry, "the budget came back: recovery must be retried"
+    assert 59_999 <= retry[0].ts_ms - switch.ts_ms <= 60_001
+
+
+# -- anti-flap hold-down (SPEC 4.6) -------------------------------------------------------------
+def test_at23_recently_failed_path_is_held_down_before_a_proactive_switch() -> None:
+    """B failed and came back; A turns bad at once. B must be live for the hold-down
+    (failed_path_holddown_ms) before the session switches to it, not at first sight."""
+    sim = build()
+    sim.advance(3.0)
+    pol = sim.client.policy
+    sim.links[2].imp.up = False
+    sim.advance(4.0)  # B is seen down (a failure)
+    mark = len(sim.client_events)
+    sim.links[2].imp.up = True
+    a = sim.links[1].imp
+    a.loss_up = a.loss_down = 0.4  # volatile soon, but not dead
+    sim.advance(8.0)
+
+    ev = sim.client_events[mark:]
+    (back,) = [e for e in of_type(ev, EventType.PATH_HEALTH) if e.transport_id == 2 and e.alive]
+    volatile = _transition_ts(ev, "VOLATILE")
+    switches = _switches(ev)
+    assert volatile and switches and switches[0].new_transport == 2
+    assert volatile[0] < back.ts_ms + pol.failed_path_holddown_ms  # it could have switched
+    assert switches[0].ts_ms >= back.ts_ms + pol.failed_path_holddown_ms
+
+
+def test_holddown_doubles_per_repeated_failure_and_is_bounded() -> None:
+    hd = HoldDown(base_ms=1000)
+    assert not hd.held(0.0)  # never failed: never held
+    t = 0.0
+    for expected in (1.0, 2.0, 4.0, 8.0, 16.0, 16.0):  # each failure within 60 s doubles
+        hd.failed(t)
+        assert hd.held(t + 0.5)  # down: held
+        hd.recovered(t + 1.0)
+        assert hd.held(t + 1.0 + expected - 0.001) and not hd.held(t + 1.0 + expected)
+        assert hd.next_change(t + 1.0) == t + 1.0 + expected
+        t += 2.0
+    hd.failed(t)
+    hd.recovered(t + 200.0)  # the old failures aged out: back to the base
+    assert not hd.held(t + 201.0) and hd.held(t + 200.9)

@@ -40,7 +40,9 @@ from tunnel.core.wire import (
     ReattachKind,
     ReattachRequest,
     StateUpdate,
+    Terminate,
     pack_control,
+    parse_control,
 )
 from tunnel.io.memory import Simulation
 
@@ -475,7 +477,11 @@ def test_at05_gateway_terminated_session_refuses_valid_looking_reattach() -> Non
     new = sim.gateway_events[n:]
     assert of_type(new, EventType.STATE_CHANGE) == []
     assert of_type(new, EventType.REATTACH_RESULT) == []
-    assert sent == []  # no ACK, no reject, nothing to the sender
+    # No ACK, no reject: the authentic sender is only told (again) that the session ended.
+    (answer,) = sent
+    assert sim.client.cipher is not None
+    plaintext = sim.client.cipher.open(answer.data, sim.now)
+    assert isinstance(plaintext, bytes) and isinstance(parse_control(plaintext), Terminate)
     # Even the session id cannot be revived under another identity.
     with pytest.raises(IllegalTransition):
         s.machine.session_id = "00" * 16

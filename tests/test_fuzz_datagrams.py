@@ -27,6 +27,7 @@ from tunnel.core.constants import (
     HEADER,
     MAX_DATAGRAM,
     MSG_CONTROL,
+    MSG_COOKIE_REPLY,
     MSG_DATA,
     MSG_HANDSHAKE_INIT,
     MSG_HANDSHAKE_RESP,
@@ -360,7 +361,8 @@ def test_control_messages_round_trip_and_reject_wrong_lengths(
 def test_header_verdicts_are_consistent(msg_type: int, phase: int, index: int, tail: bytes) -> None:
     data = HEADER.pack(msg_type, phase, index) + tail
     verdict = parse_header(data)
-    if msg_type not in (MSG_HANDSHAKE_INIT, MSG_HANDSHAKE_RESP, MSG_DATA, MSG_CONTROL):
+    known = (MSG_HANDSHAKE_INIT, MSG_HANDSHAKE_RESP, MSG_DATA, MSG_CONTROL, MSG_COOKIE_REPLY)
+    if msg_type not in known:
         assert verdict is Drop.UNKNOWN_TYPE
     elif isinstance(verdict, Header):
         assert (verdict.msg_type, verdict.phase, verdict.receiver_index) == (msg_type, phase, index)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tunnel.core.aead import KeyExhausted, SessionCipher
@@ -29,11 +29,13 @@ from tunnel.core.constants import (
     MAX_INNER_PACKET,
     MAX_STATE_VERSION,
     MSG_CONTROL,
+    MSG_COOKIE_REPLY,
     MSG_DATA,
     MSG_HANDSHAKE_INIT,
     MSG_HANDSHAKE_RESP,
     PROTOCOL_VERSION,
 )
+from tunnel.core.cookie import CookieJar
 from tunnel.core.drops import Drop
 from tunnel.core.endpoint import EndpointBase
 from tunnel.core.events import (
@@ -57,9 +59,9 @@ from tunnel.core.events import (
     reason_to_wire,
 )
 from tunnel.core.handshake import HandshakeError, Initiator
-from tunnel.core.health import PathHealth, PathStats
+from tunnel.core.health import PathHealth, PathStats, path_score
 from tunnel.core.policy import Policy
-from tunnel.core.selection import Selector, SwitchLimiter, best_candidate
+from tunnel.core.selection import HoldDown, Selector, SwitchLimiter, best_candidate
 from tunnel.core.session import SessionMachine, State, Trigger, most_urgent
 from tunnel.core.wire import (
     STATE_CODES,
@@ -100,6 +102,16 @@ STANDBY_LIVENESS_INTERVALS = 2
 """A standby path stays live while answered within this many standby probe intervals."""
 
 TERMINATE_COPIES = 2
+
+SUSPECT_AFTER = 1.5
+"""The active path is suspect once silent for this many probe intervals ..."""
+
+SUSPECT_PROBE_SPEEDUP = 8
+"""... and is then probed this many times faster until it answers (robust death: 10 %
+loss each way leaves ~3 lost round trips in a row common, ~8 practically never)."""
+
+SUSPECT_PROBE_MIN_S = 0.01
+"""Suspicion probing is never faster than this (the policy's probe_interval floor)."""
 """TERMINATE is sent this many times on each live path: best effort, it is not acked."""
 
 
@@ -112,11 +124,12 @@ class PathSpec:
 
 
 class _Path:
-    __slots__ = ("health", "next_probe", "spec", "validated", "was_alive")
+    __slots__ = ("health", "holddown", "next_probe", "spec", "validated", "was_alive")
 
     def __init__(self, spec: PathSpec, policy: Policy, now: float) -> None:
         self.spec = spec
         self.health = _health(spec.path_id, policy, now)
+        self.holddown = HoldDown(policy.failed_path_holddown_ms)
         self.validated = False
         self.next_probe = now
         self.was_alive = False
@@ -242,6 +255,10 @@ class ClientSession(EndpointBase):
         self._hs_sends = 0
         self._hs_next: float | None = None
         self._hs_deadline: float | None = None
+        self._cookies = CookieJar(gateway_public)
+        self._hs_body: bytes | None = None
+        """The last INIT without its MACs, resent with mac2 once when a cookie arrives."""
+        self._cookie_retried = False
         self._born = now
         self._started = now
         self._transportless_since: float | None = now
@@ -258,6 +275,7 @@ class ClientSession(EndpointBase):
         self._denied_once: set[Reason] = set()
         self._excluded: set[int] = set()
         self._previous_dead: int | None = None
+        self._timer_now = now
 
     # == helpers ===========================================================================
     @property
@@ -316,14 +334,38 @@ class ClientSession(EndpointBase):
             if pid != exclude and pid not in self._excluded and self._live(pid, now)
         ]
 
+    def _targets(self, now: float, exclude: int | None = None) -> list[int]:
+        """Eligible paths that are not held down after a recent failure (anti-flap)."""
+        return [
+            pid for pid in self._eligible(now, exclude) if not self._paths[pid].holddown.held(now)
+        ]
+
     def _scores(self, now: float) -> dict[int, float]:
-        return {pid: p.health.score(now) for pid, p in self._paths.items()}
+        return {pid: self._score(pid, now) for pid in self._paths}
+
+    def _score(self, path_id: int, now: float) -> float:
+        """The path's score, 0.0 unless :meth:`_live`. A standby path is judged by the
+        standby liveness rule: its fast-probe death timer (``PathHealth.score``) runs out
+        between two slow standby probes, which would make every standby score 0.0."""
+        h = self._paths[path_id].health
+        if not self._live(path_id, now):
+            return 0.0
+        return path_score(h.loss_ratio(now), h.srtt_ms, h.jitter_ms)
+
+    def _stats(self, path_id: int, now: float) -> PathStats:
+        """``PathHealth.stats`` with ``alive`` and ``score`` as the session judges them."""
+        stats = self._paths[path_id].health.stats(now)
+        return replace(stats, alive=self._live(path_id, now), score=self._score(path_id, now))
 
     def _classify(self, path_id: int, now: float) -> str | None:
         pol = self.policy
+        # Probes measure round trips: loss p each way loses 1 - (1 - p)^2 of them. The
+        # policy threshold is per packet (SPEC 8.1), so compare like with like: 10 % each
+        # way (19 % of round trips) stays below 0.20 (36 % of round trips).
+        round_trip_threshold = 1.0 - (1.0 - pol.loss_volatile_threshold) ** 2
         return self._paths[path_id].health.classify(
             now,
-            loss_threshold=pol.loss_volatile_threshold,
+            loss_threshold=round_trip_threshold,
             max_consecutive_drops=pol.max_consecutive_drops,
             latency_threshold_ms=pol.latency_volatile_threshold_ms,
         )
@@ -343,7 +385,9 @@ class ClientSession(EndpointBase):
         self._initiator = Initiator(self._static, self._gateway_public)
         payload = InitPayload(PROTOCOL_VERSION, self.ts_ms(now), path_id).pack()
         noise = self._initiator.write_init(payload)
-        self._out.append((path_id, pack_handshake(MSG_HANDSHAKE_INIT, 0, self.index, noise)))
+        self._hs_body = pack_handshake(MSG_HANDSHAKE_INIT, 0, self.index, noise)
+        self._cookie_retried = False
+        self._out.append((path_id, self._cookies.seal_init(self._hs_body, now)))
         self._hs_sends += 1
         interval = self.policy.handshake_timeout_ms / 1000 / self.policy.handshake_attempts
         self._hs_next = now + interval if self._hs_sends < self.policy.handshake_attempts else None
@@ -360,6 +404,9 @@ class ClientSession(EndpointBase):
             return
         if header.msg_type == MSG_HANDSHAKE_RESP:
             self._on_handshake_response(data, header.receiver_index, path_id, now)
+            return
+        if header.msg_type == MSG_COOKIE_REPLY:
+            self._on_cookie_reply(data, header.receiver_index, path_id, now)
             return
         if header.msg_type == MSG_HANDSHAKE_INIT or self.cipher is None:
             self.count_drop(Drop.WRONG_STATE)
@@ -399,6 +446,22 @@ class ClientSession(EndpointBase):
                 now, self._base(now), "REPLAY_DETECTED", Reason.REPLAY_DETECTED,
                 transport_id=path_id,
             )  # fmt: skip
+
+    def _on_cookie_reply(self, data: bytes, receiver_index: int, path_id: int, now: float) -> None:
+        """The gateway is under load: keep its cookie, resend the INIT with mac2 once."""
+        if self.state is not State.BIRTH or self._initiator is None or self._hs_body is None:
+            self.count_drop(Drop.WRONG_STATE)
+            return
+        if receiver_index != self.index:
+            self.count_drop(Drop.UNKNOWN_SESSION)
+            return
+        drop = self._cookies.consume_reply(data, now)
+        if drop is not None:
+            self.count_drop(drop)
+            return
+        if not self._cookie_retried:
+            self._cookie_retried = True
+            self._out.append((path_id, self._cookies.seal_init(self._hs_body, now)))
 
     def _on_handshake_response(
         self, data: bytes, receiver_index: int, path_id: int, now: float
@@ -535,6 +598,8 @@ class ClientSession(EndpointBase):
             if msg.nonce and msg.nonce == self._last_acked_nonce:
                 return  # a duplicate ACK of a retransmitted request
             self.count_drop(Drop.WRONG_STATE)
+            if self._superseded(msg.nonce):
+                return  # authentic answer to a request we gave up: late, not an attack
             self._security(
                 now, self._base(now), "UNEXPECTED_RESPONSE", Reason.UNEXPECTED_RESPONSE,
                 transport_id=path_id,
@@ -609,11 +674,20 @@ class ClientSession(EndpointBase):
         self._paths[new].next_probe = now
         self._flush_queue()
 
+    def _superseded(self, nonce: int) -> bool:
+        """A nonce we sent that is no longer pending: its answer (authentic, it opened under
+        the session keys) arrives after a newer request replaced it, e.g. reordered (AT-47)."""
+        pending = self._pending
+        return 0 < nonce <= self._nonce and (pending is None or nonce < pending.nonce)
+
     def _on_reattach_reject(self, msg: ReattachReject, now: float) -> None:
         pending = self._pending
         if pending is None or msg.nonce != pending.nonce:
             self.count_drop(Drop.WRONG_STATE)
-            self._security(now, self._base(now), "UNEXPECTED_RESPONSE", Reason.UNEXPECTED_RESPONSE)
+            if not self._superseded(msg.nonce):
+                self._security(
+                    now, self._base(now), "UNEXPECTED_RESPONSE", Reason.UNEXPECTED_RESPONSE
+                )
             return
         reason = reason_from_wire(msg.reason) or Reason.REATTACH_VALIDATION_FAILED
         if msg.epoch > self.epoch:
@@ -675,6 +749,7 @@ class ClientSession(EndpointBase):
 
     # == timers ============================================================================
     def handle_timer(self, now: float) -> None:
+        self._timer_now = max(self._timer_now, now)
         if self.machine.terminated:
             return
         if self.state is State.BIRTH:
@@ -797,12 +872,26 @@ class ClientSession(EndpointBase):
             self._previous_dead = dead
 
     def _enter_degraded(self, reason: Reason, now: float) -> None:
+        persisted = self.state is State.VOLATILE and reason is Reason.VOLATILE_PERSISTED
         if self._fire(Trigger.DEGRADE, reason, now):
             self._degraded_since = now
             self._volatile_since = None
             # The recovery round is over: a candidate that did not answer in it may be
             # tried again (else a transportless DEGRADED session waits for its TTL).
             self._excluded.clear()
+            if persisted and self.auto_switch and not self._passing_candidate(now):
+                # SPEC 8.3 / AT-28: nothing passed the filters during VOLATILE. Once per
+                # entry into DEGRADED (this transition), never per tick.
+                self._deny(Reason.NO_VALID_CANDIDATE, None, now)
+
+    def _passing_candidate(self, now: float) -> bool:
+        """Some live candidate beats the active path by the hysteresis factor right now."""
+        scores = self._scores(now)
+        best = best_candidate(scores, self._targets(now, exclude=self.active))
+        if best is None:
+            return False
+        active = scores.get(self.active, 0.0) if self.active is not None else 0.0
+        return scores[best] > self.policy.switch_improvement_factor * active
 
     def _health_events(self, now: float) -> None:
         for pid in self._order:
@@ -810,7 +899,13 @@ class ClientSession(EndpointBase):
             alive = self._live(pid, now)
             if alive != p.was_alive:
                 p.was_alive = alive
-                stats = p.health.stats(now)
+                if alive:
+                    p.holddown.recovered(now)
+                elif p.health.consecutive_misses > 0 or pid == self._previous_dead:
+                    # A real failure (probes went unanswered, or it died as the active
+                    # path), not merely the stricter liveness rule of "no active path".
+                    p.holddown.failed(now)
+                stats = self._stats(pid, now)
                 self.emit(
                     PathHealthChanged(
                         **self._base(now),
@@ -840,7 +935,9 @@ class ClientSession(EndpointBase):
         if st is State.RECOVERING and self._pending is None:
             dead = self._previous_dead
             candidates = self._eligible(now)
-            choice = best_candidate(self._scores(now), candidates)
+            # Anti-flap: prefer paths not held down after a failure; a held one is still
+            # better than none (transport death must not become session death).
+            choice = best_candidate(self._scores(now), self._targets(now) or candidates)
             if choice is None:
                 if Reason.NO_VALID_CANDIDATE not in self._denied_once:
                     self._denied_once.add(Reason.NO_VALID_CANDIDATE)
@@ -877,7 +974,7 @@ class ClientSession(EndpointBase):
         ):
             return
         choice = self.selector.evaluate(
-            now, self.active, self._scores(now), self._eligible(now, exclude=self.active)
+            now, self.active, self._scores(now), self._targets(now, exclude=self.active)
         )
         if choice is None:
             return
@@ -964,7 +1061,13 @@ class ClientSession(EndpointBase):
             self._send_control(pid, Probe(self._probe_seq, pid, self.ts_ms(now)))
             # The active path is probed fast (loss and death detection, D5); while no path
             # is active every path is, so a live candidate is found quickly.
-            p.next_probe = now + (fast if pid == self.active or self.active is None else slow)
+            interval = fast if pid == self.active or self.active is None else slow
+            last = p.health.last_inbound
+            if pid == self.active and last is not None and now - last > SUSPECT_AFTER * fast:
+                # Suspicion: the active path missed an answer. Probe faster so that only
+                # real silence lasts until the dead timer (a few lost probes do not).
+                interval = max(SUSPECT_PROBE_MIN_S, fast / SUSPECT_PROBE_SPEEDUP)
+            p.next_probe = now + interval
 
     def _rekey_timer(self, now: float) -> None:
         cipher = self.cipher
@@ -1017,9 +1120,15 @@ class ClientSession(EndpointBase):
             # a dwell it will not look at is not a deadline (it would spin the timer).
             times.append(sel)
         if self.state in (State.RECOVERING, State.DEGRADED, State.VOLATILE):
-            t = self.limiter.next_change(times[0])
+            # Changes after the last timer turn (the budget or cooldown the recovery and
+            # switch actions of handle_timer wait for); not after times[0], the lifetime end.
+            t = self.limiter.next_change(self._timer_now)
             if t is not None:
                 times.append(t)
+            for p in self._paths.values():
+                t = p.holddown.next_change(self._timer_now)
+                if t is not None:
+                    times.append(t)
         if self.cipher is not None:
             if not self.cipher.rekey_pending:
                 # While our last rekey is unconfirmed, rekey() refuses: no deadline (the
@@ -1112,6 +1221,8 @@ class ClientSession(EndpointBase):
         self.policy = policy
         self.machine.policy_version = policy.policy_version
         self.limiter.reconfigure(policy.max_switches_per_min, policy.switch_cooldown_ms)
+        for p in self._paths.values():
+            p.holddown.reconfigure(policy.failed_path_holddown_ms)
         self.selector.reconfigure(policy.switch_improvement_factor, policy.switch_dwell_ms)
         self.emit(
             PolicyEvent(
@@ -1156,7 +1267,7 @@ class ClientSession(EndpointBase):
                 role = "standby"
             else:
                 role = "down" if p.validated else "unvalidated"
-            views.append(PathView(p.health.stats(now), p.spec.label, role, p.validated))
+            views.append(PathView(self._stats(pid, now), p.spec.label, role, p.validated))
         cipher = self.cipher
         return ClientSnapshot(
             session_id=self.machine.session_id,

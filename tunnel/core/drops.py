@@ -39,3 +39,8 @@ class Drop(StrEnum):
     """Authentic, but not acceptable in the session's current state (e.g. TERMINATED)."""
     KEY_EXHAUSTED = "key_exhausted"
     """Counter space of the current keys is used up (needs a rekey)."""
+    BAD_MAC = "bad_mac"
+    """HANDSHAKE_INIT whose mac1 is wrong (sender does not know our public key): no DH spent."""
+    COOKIE_REQUIRED = "cookie_required"
+    """HANDSHAKE_INIT without a valid cookie (mac2) while under load: answered by a
+    COOKIE_REPLY instead of a handshake."""

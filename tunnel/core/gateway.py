@@ -29,6 +29,7 @@ from tunnel.core.constants import (
     MAX_INNER_PACKET,
     MAX_STATE_VERSION,
     MSG_CONTROL,
+    MSG_COOKIE_REPLY,
     MSG_DATA,
     MSG_HANDSHAKE_INIT,
     MSG_HANDSHAKE_RESP,
@@ -36,6 +37,7 @@ from tunnel.core.constants import (
     SESSION_ID_LEN,
     TRANSPORT_HEADER,
 )
+from tunnel.core.cookie import CookieChecker, address_bytes
 from tunnel.core.drops import Drop
 from tunnel.core.endpoint import EndpointBase
 from tunnel.core.events import (
@@ -53,7 +55,7 @@ from tunnel.core.events import (
     reason_from_wire,
     reason_to_wire,
 )
-from tunnel.core.handshake import HandshakeError, Responder
+from tunnel.core.handshake import HandshakeError, Responder, public_key
 from tunnel.core.policy import Policy
 from tunnel.core.replay import NonceGuard, NonceVerdict
 from tunnel.core.session import SessionMachine, State, Trigger, most_urgent
@@ -78,7 +80,7 @@ from tunnel.core.wire import (
     pack_handshake,
     parse_control,
     parse_header,
-    split_handshake,
+    split_init,
 )
 
 Addr = Hashable
@@ -102,13 +104,28 @@ STATE_UPDATE_SENDS = 6
 """STATE_UPDATE sends at most (then the next transition or probe ack carries the news)."""
 
 TOMBSTONE_S = 10.0
-"""A terminated session's index stays known this long so late packets are counted quietly."""
+"""A terminated session's index stays known this long: late packets are counted, and an
+authentic one is answered with TERMINATE (a client whose TERMINATE was lost learns it)."""
+
+TOMBSTONE_ANSWER_S = 1.0
+"""At most one TERMINATE answer per tombstone per this many seconds (<= 10 per session)."""
 
 HANDSHAKE_RATE = 200.0
 """Handshake initiations per second the gateway spends DH on (token bucket refill)."""
 
 HANDSHAKE_BURST = 400.0
 """Handshake bucket size."""
+
+COOKIE_LOAD_FRACTION = 0.25
+"""Under load (cookies required) while the handshake bucket holds less than this share of
+its burst: a quarter left means a flood is draining it faster than it refills."""
+
+COOKIE_REPLY_RATE = 5000.0
+"""Cookie replies per second at most (token bucket refill); beyond, INITs without a
+cookie are dropped as rate_limited. Bounds the work a spoofed INIT flood can cause."""
+
+COOKIE_REPLY_BURST = 5000.0
+"""Cookie reply bucket size."""
 
 KIND_REASON = {
     ReattachKind.RECOVERY: Reason.DEAD_TRANSPORT_RECOVERY,
@@ -145,11 +162,15 @@ class TokenBucket:
     def __init__(self, rate: float, burst: float, now: float) -> None:
         self.rate, self.burst, self.tokens, self.last = rate, burst, burst, now
 
-    def allow(self, now: float, cost: float = 1.0) -> bool:
+    def level(self, now: float) -> float:
+        """Tokens available at ``now`` (refills; takes none)."""
         if now > self.last:
             self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
             self.last = now
-        if self.tokens >= cost:
+        return self.tokens
+
+    def allow(self, now: float, cost: float = 1.0) -> bool:
+        if self.level(now) >= cost:
             self.tokens -= cost
             return True
         return False
@@ -217,6 +238,8 @@ class GatewaySession:
         self.rx_phase = 0
         self.total_switches = 0
         self.tombstone_until: float | None = None
+        self.end_reason: Reason | None = None
+        self.terminate_answered: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,9 +273,16 @@ class GatewaySessions(EndpointBase):
         mtu: int = 1420,
         endpoints: Sequence[tuple[str, int]] = (),
         max_version: int = MAX_STATE_VERSION,
+        cookie_threshold: float = COOKIE_LOAD_FRACTION,
     ) -> None:
+        """``cookie_threshold``: share of the handshake bucket below which the gateway is
+        under load and answers INITs without a valid cookie with a COOKIE_REPLY (0: never,
+        1: always)."""
         super().__init__(node_id=node_id, wall_offset=wall_offset, now=now)
         self._responder = Responder(static_private)
+        self._cookies = CookieChecker(public_key(static_private), urandom, now)
+        self.cookie_threshold = cookie_threshold
+        self._cookie_bucket = TokenBucket(COOKIE_REPLY_RATE, COOKIE_REPLY_BURST, now)
         self._clients = {c.public_key: c for c in clients}
         self.policy = policy
         self.policy_error: str | None = None if policy else "no valid policy loaded"
@@ -299,6 +329,7 @@ class GatewaySessions(EndpointBase):
         self, s: GatewaySession, trigger: Trigger, reason: Reason, now: float, **fields: Any
     ) -> bool:
         if trigger is Trigger.TERMINATE:
+            s.end_reason = reason
             fields.setdefault("session_age_ms", (now - s.born) * 1000)
             tl = 0.0 if s.transportless_since is None else (now - s.transportless_since) * 1000
             fields.setdefault("transportless_age_ms", tl)
@@ -366,6 +397,22 @@ class GatewaySessions(EndpointBase):
         if self._by_inner.get(inner) is s:
             del self._by_inner[inner]
 
+    def _answer_tombstone(self, s: GatewaySession, data: bytes, addr: Addr, now: float) -> None:
+        """A datagram for a terminated session: if it is authentic and fresh, tell the sender
+        (again) that the session ended, at most once per TOMBSTONE_ANSWER_S. Forged and
+        replayed datagrams fail to open and get nothing; a TERMINATE is not answered."""
+        if s.cipher is None or s.tombstone_until is None or now >= s.tombstone_until:
+            return
+        plaintext = s.cipher.open(data, now)  # always: the replay window must see it
+        if isinstance(plaintext, Drop):
+            return
+        if s.terminate_answered is not None and now < s.terminate_answered + TOMBSTONE_ANSWER_S:
+            return
+        if data[0] == MSG_CONTROL and isinstance(parse_control(plaintext), Terminate):
+            return
+        s.terminate_answered = now
+        self._send(s, addr, Terminate(reason_to_wire(s.end_reason or Reason.PEER_TERMINATED)))
+
     # == inputs ============================================================================
     def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None:
         header = parse_header(data)
@@ -375,7 +422,7 @@ class GatewaySessions(EndpointBase):
         if header.msg_type == MSG_HANDSHAKE_INIT:
             self._on_init(data, addr, now)
             return
-        if header.msg_type == MSG_HANDSHAKE_RESP:
+        if header.msg_type in (MSG_HANDSHAKE_RESP, MSG_COOKIE_REPLY):
             self.count_drop(Drop.WRONG_STATE)
             return
         s = self.sessions.get(header.receiver_index)
@@ -384,6 +431,7 @@ class GatewaySessions(EndpointBase):
             return
         if s.machine.terminated:
             self.count_drop(Drop.WRONG_STATE)
+            self._answer_tombstone(s, data, addr, now)
             return
         phase_before = s.cipher.phase
         plaintext = s.cipher.open(data, now)
@@ -566,12 +614,14 @@ class GatewaySessions(EndpointBase):
 
     def _on_reattach(self, s: GatewaySession, req: ReattachRequest, addr: Addr, now: float) -> None:
         pol = s.policy
-        if now - s.born >= pol.max_lifetime_ms / 1000:
+        # The same comparisons as _session_timers (now >= start + interval): at the very
+        # instant the timer would end the session, a reattach must not revive it.
+        if now >= s.born + pol.max_lifetime_ms / 1000:
             self._reject(s, req, addr, Reason.SESSION_EXPIRED, now, fatal=True)
             return
         if (
             s.transportless_since is not None
-            and now - s.transportless_since >= pol.transport_lost_ttl_ms / 1000
+            and now >= s.transportless_since + pol.transport_lost_ttl_ms / 1000
         ):
             self._reject(s, req, addr, Reason.TRANSPORT_TTL_EXCEEDED, now, fatal=True)
             return
@@ -589,10 +639,17 @@ class GatewaySessions(EndpointBase):
         if verdict is not NonceVerdict.ACCEPTED:
             base = self._base(s, now)
             if verdict in (NonceVerdict.DUPLICATE, NonceVerdict.STALE):
-                self._security(
-                    now, base, "REPLAY_DETECTED", Reason.REPLAY_DETECTED, source=addr_label(addr)
+                # Not a replay: an exact replay never gets here (the AEAD replay window
+                # drops it as Drop.REPLAY with a SECURITY_EVENT). An older nonce inside a
+                # freshly sealed, authenticated datagram comes from the key holder: a
+                # request overtaken by a newer one (reordering, AT-47). Stale, answered
+                # with the current epoch, no security event, no escalation.
+                stale = (
+                    Reason.STALE_BINDING_EPOCH
+                    if req.expected_epoch != s.epoch
+                    else Reason.STALE_REQUEST
                 )
-                self._reject(s, req, addr, Reason.REPLAY_DETECTED, now)
+                self._reject(s, req, addr, stale, now)
             elif verdict is NonceVerdict.WINDOW_EXCEEDED:
                 self._security(
                     now,
@@ -677,11 +734,30 @@ class GatewaySessions(EndpointBase):
         self._flush(s)
 
     # -- handshake -----------------------------------------------------------------------------
+    def under_load(self, now: float) -> bool:
+        """True while handshakes need a cookie (the handshake bucket is running low)."""
+        if self.cookie_threshold >= 1.0:
+            return True
+        return self._hs_bucket.level(now) < self.cookie_threshold * self._hs_bucket.burst
+
     def _on_init(self, data: bytes, addr: Addr, now: float) -> None:
+        # Cheap checks first (cookie.py): mac1 always, mac2 under load; DH only after both.
+        if not self._cookies.mac1_ok(data):
+            self.count_drop(Drop.BAD_MAC)
+            return
+        sender_index, noise, _, _ = split_init(data)
+        if self.under_load(now):
+            source = address_bytes(addr_label(addr))
+            if not self._cookies.mac2_ok(data, source, now):
+                if self._cookie_bucket.allow(now):
+                    self._out.append((addr, self._cookies.reply(data, sender_index, source, now)))
+                    self.count_drop(Drop.COOKIE_REQUIRED)
+                else:
+                    self.count_drop(Drop.RATE_LIMITED)
+                return
         if not self._hs_bucket.allow(now):
             self.count_drop(Drop.RATE_LIMITED)
             return
-        sender_index, noise = split_handshake(data)
         try:
             pending = self._responder.read_init(noise)
         except HandshakeError:

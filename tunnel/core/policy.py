@@ -151,6 +151,8 @@ POLICY_FIELDS: Final[tuple[PolicyField, ...]] = (
        "hysteresis cannot be off: two equal paths must never flap (D9)"),
     _F("switch_dwell_ms", "switching", int, 10, 60_000,
        "a better candidate must stay better this long (no switch on one spike)"),
+    _F("failed_path_holddown_ms", "switching", int, 100, 600_000,
+       "anti-flap: a path that failed is live this long (doubling per repeat) before reuse"),
     _F("recovery_window_ms", "switching", int, 500, 600_000,
        "spec 2-15 s to find a new path after the active one died"),
     _F("on_recovery_timeout", "switching", str, 0, 0,
@@ -264,14 +266,16 @@ class Policy:
     """A path is dead after max(dead_min_ms, dead_rtt_multiplier x SRTT) of silence."""
     dead_rtt_multiplier: float = 4.0
     """RTT multiple in the dead rule above."""
-    loss_window_ms: int = 2_000
-    """Window over which loss is measured."""
+    loss_window_ms: int = 3_000
+    """Window over which loss is measured (spec starter 2 s; 3 s so 10 % loss each way
+    stays below the threshold, see docs/policy.md)."""
     loss_volatile_threshold: float = 0.20
     """Loss ratio in the window at or above which a path is VOLATILE."""
     min_loss_samples: int = 8
     """Probes/packets the window must hold before loss counts."""
-    max_consecutive_drops: int = 3
-    """Consecutive unanswered probes that make a path VOLATILE."""
+    max_consecutive_drops: int = 5
+    """Consecutive unanswered probes that make a path VOLATILE (spec starter 3; 5, see
+    docs/policy.md)."""
     latency_volatile_threshold_ms: int | None = None
     """Smoothed RTT at or above which a path is VOLATILE; ``None``: off."""
     volatile_to_degraded_ms: int = 4_000
@@ -288,6 +292,10 @@ class Policy:
     """A candidate's score must exceed active x factor to be switched to."""
     switch_dwell_ms: int = 300
     """... and keep doing so for this long."""
+    failed_path_holddown_ms: int = 2_000
+    """A path that failed must be live again this long (2x standby probe interval; doubled
+    for each further failure in 60 s, at most 16x) before it is a proactive switch target;
+    recovery prefers other paths but may still use it (SPEC 4.6 anti-flap)."""
     recovery_window_ms: int = 8_000
     """Time in RECOVERING to reattach on some path."""
     on_recovery_timeout: str = "terminate"

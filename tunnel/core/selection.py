@@ -209,3 +209,59 @@ class Selector:
 
     def _dwell_end(self) -> float:
         return self._since + self._dwell_ms / _MS
+
+
+HOLDDOWN_MEMORY_S: Final = 60.0
+"""Failures of a path remembered for the hold-down backoff (the switch-cap window)."""
+
+HOLDDOWN_MAX_DOUBLINGS: Final = 4
+"""Hold-down grows base, 2x, 4x, 8x, at most 16x base for a path that keeps failing."""
+
+
+class HoldDown:
+    """Anti-flap (SPEC 4.6 "minimum stability before re-using a recently failed transport").
+
+    A path that failed (went from live to not live) is no switch target until it has been
+    live again, continuously, for the hold-down: ``base_ms`` after one failure in the last
+    :data:`HOLDDOWN_MEMORY_S`, doubled for each further one (route-flap damping), at most
+    ``2 ** HOLDDOWN_MAX_DOUBLINGS`` x base. Failing again restarts it. A path that never
+    failed is never held down. Memory: at most ``HOLDDOWN_MAX_DOUBLINGS + 1`` timestamps.
+    """
+
+    def __init__(self, base_ms: float) -> None:
+        self._base_ms = 0.0
+        self._failures: deque[float] = deque(maxlen=HOLDDOWN_MAX_DOUBLINGS + 1)
+        self._down = False
+        self._until: float | None = None
+        self.reconfigure(base_ms)
+
+    def reconfigure(self, base_ms: float) -> None:
+        if not (math.isfinite(base_ms) and base_ms >= 0):
+            raise ValueError(f"base_ms must be finite and >= 0, got {base_ms}")
+        self._base_ms = float(base_ms)
+
+    def failed(self, now: float) -> None:
+        """The path stopped being live at ``now``."""
+        self._failures.append(now)
+        self._down = True
+        self._until = None
+
+    def recovered(self, now: float) -> None:
+        """The path is live again at ``now``: the hold-down starts (if it ever failed)."""
+        if not self._down:
+            return
+        self._down = False
+        # The failure that ended the last live spell counts even if it is old.
+        recent = max(1, sum(1 for t in self._failures if now < t + HOLDDOWN_MEMORY_S))
+        factor = 2 ** min(recent - 1, HOLDDOWN_MAX_DOUBLINGS)
+        self._until = now + factor * self._base_ms / _MS
+
+    def held(self, now: float) -> bool:
+        """True while the path may not be chosen as a switch target."""
+        return self._down or (self._until is not None and now < self._until)
+
+    def next_change(self, now: float) -> float | None:
+        """When the running hold-down ends, if after ``now``."""
+        if self._until is not None and self._until > now:
+            return self._until
+        return None

@@ -3,8 +3,11 @@
 Datagrams::
 
     HANDSHAKE_INIT   HEADER(type=1, phase=0, receiver_index=0) | sender_index:u32 | noise msg 1
+                     | mac1:16 | mac2:16                              (cookie.py)
     HANDSHAKE_RESP   HEADER(type=2, phase=0, receiver_index=<initiator's index>) | sender_index:u32
                      | noise msg 2
+    COOKIE_REPLY     HEADER(type=5, phase=0, receiver_index=<initiator's index>) | nonce:12
+                     | AEAD(cookie):32                                 (cookie.py, 52 bytes)
     DATA / CONTROL   TRANSPORT_HEADER | AEAD(ciphertext)      (sealed and opened by aead.py)
 
 CONTROL plaintext is ``ctype:u8`` followed by the fixed fields of that type (struct), never
@@ -24,11 +27,13 @@ from tunnel.core.constants import (
     HEADER,
     MAX_DATAGRAM,
     MSG_CONTROL,
+    MSG_COOKIE_REPLY,
     MSG_DATA,
     MSG_HANDSHAKE_INIT,
     MSG_HANDSHAKE_RESP,
     TRANSPORT_HEADER,
 )
+from tunnel.core.cookie import COOKIE_REPLY_LEN, INIT_MACS_LEN, MAC_LEN
 from tunnel.core.drops import Drop
 
 _U32 = struct.Struct("<I")
@@ -66,15 +71,20 @@ def parse_header(data: bytes) -> Header | Drop:
     elif msg_type == MSG_HANDSHAKE_INIT:
         if receiver_index != 0 or phase != 0:
             return Drop.MALFORMED
-        if n < HANDSHAKE_PREFIX.size + MIN_NOISE_INIT:
+        if n < HANDSHAKE_PREFIX.size + MIN_NOISE_INIT + INIT_MACS_LEN:
             return Drop.TRUNCATED
-        if n > HANDSHAKE_PREFIX.size + MAX_NOISE_INIT:
+        if n > HANDSHAKE_PREFIX.size + MAX_NOISE_INIT + INIT_MACS_LEN:
             return Drop.OVERSIZED
     elif msg_type == MSG_HANDSHAKE_RESP:
         if phase != 0:
             return Drop.MALFORMED
         if n < HANDSHAKE_PREFIX.size + MIN_NOISE_RESP:
             return Drop.TRUNCATED
+    elif msg_type == MSG_COOKIE_REPLY:
+        if phase != 0:
+            return Drop.MALFORMED
+        if n != COOKIE_REPLY_LEN:
+            return Drop.TRUNCATED if n < COOKIE_REPLY_LEN else Drop.OVERSIZED
     else:
         return Drop.UNKNOWN_TYPE
     return Header(msg_type, phase, receiver_index)
@@ -87,6 +97,17 @@ def pack_handshake(msg_type: int, receiver_index: int, sender_index: int, noise:
 def split_handshake(data: bytes) -> tuple[int, bytes]:
     """(sender_index, noise message) of a datagram that parse_header accepted."""
     return _U32.unpack_from(data, HEADER.size)[0], data[HANDSHAKE_PREFIX.size :]
+
+
+def split_init(data: bytes) -> tuple[int, bytes, bytes, bytes]:
+    """(sender_index, noise message 1, mac1, mac2) of an INIT that parse_header accepted."""
+    end = len(data) - INIT_MACS_LEN
+    return (
+        _U32.unpack_from(data, HEADER.size)[0],
+        data[HANDSHAKE_PREFIX.size : end],
+        data[end : end + MAC_LEN],
+        data[end + MAC_LEN :],
+    )
 
 
 # -- handshake payloads ------------------------------------------------------------------
