@@ -208,3 +208,38 @@ def test_socket_options_and_features_are_reported(pair) -> None:
     assert isinstance(a.features, UdpFeatures)
     with PathSocket(5) as other:
         assert a.features == other.features  # a property of the kernel, probed per socket
+
+
+# -- UDP GSO / GRO (send_many, coalesced reads) ---------------------------------------------
+
+
+def test_send_many_delivers_every_datagram_in_order_as_single_datagrams(pair) -> None:
+    a, b = pair
+    # Equal-sized runs with a shorter tail, a size change, and more than one GSO send's worth.
+    payloads = [bytes([i]) * 1400 for i in range(50)] + [b"tail"]
+    payloads += [bytes([i]) * 300 for i in range(3)] + [b"x" * 2000 for _ in range(40)]
+    assert a.send_many(payloads, b.local_address) == len(payloads)
+    assert a.sent == len(payloads)
+    got = recv_n(b, len(payloads))
+    assert [d for d, _ in got] == payloads
+    assert all(src == a.local_address for _, src in got)
+    assert b.received == len(payloads)
+    if a.features.gso:
+        assert 0 < a.gso_sends < len(payloads)  # batched, not one send per datagram
+    if a.features.gso and b.features.gro:
+        assert b.gro_reads > 0  # coalesced reads were split back into datagrams
+
+
+def test_send_many_without_offload_sends_one_by_one() -> None:
+    with PathSocket(1, ("127.0.0.1", 0), offload=False) as a, PathSocket(2, ("127.0.0.1", 0)) as b:
+        payloads = [b"p" * 500] * 10
+        assert a.send_many(payloads, b.local_address) == 10
+        assert a.gso_sends == 0
+        assert [d for d, _ in recv_n(b, 10)] == payloads
+
+
+def test_send_many_counts_every_refused_datagram(pair) -> None:
+    a, _ = pair
+    assert a.send_many([b"q" * 100] * 5, ("127.0.0.1", 0)) == 0  # port 0: EINVAL
+    assert a.send_errors == {"EINVAL": 5}
+    assert a.sent == 0

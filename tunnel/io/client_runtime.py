@@ -156,7 +156,8 @@ class ClientRuntime:
 
     def _on_socket(self, p: PathTarget) -> None:
         now = self.clock()
-        session, remote, counters = self.session, p.remote, self.counters
+        # The current target: the engine replaces it when a gateway name re-resolves (D7).
+        session, remote, counters = self.session, self.paths[p.path_id].remote, self.counters
         taken = 0
         while taken < DRAIN_LIMIT:
             batch = p.sock.recv_batch(BATCH)
@@ -173,17 +174,17 @@ class ClientRuntime:
 
     def _on_inner(self) -> None:
         now = self.clock()
-        session, counters = self.session, self.counters
+        counters = self.counters
+        receive = self.session.receive_tun_packet
         taken = 0
         while taken < DRAIN_LIMIT:
             batch = self.inner.read_batch(BATCH)
             for packet in batch:
-                version = ip_version(packet)
-                if version == 4:
+                if len(packet) >= 20 and packet[0] >> 4 == 4:  # ip_version() == 4, inlined
                     counters.tx_packets += 1
                     counters.tx_bytes += len(packet)
-                    session.receive_tun_packet(packet, now)
-                elif version == 6:
+                    receive(packet, now)
+                elif ip_version(packet) == 6:
                     counters.inner_ipv6_dropped += 1
                 else:
                     counters.inner_malformed += 1
@@ -215,14 +216,20 @@ class ClientRuntime:
         session = self.session
         counters = self.counters
         tap = self.tap
-        for path_id, data in session.datagrams_to_send():
-            if tap is not None:
-                tap(path_id, data)
-            p = self.paths[path_id]
-            if p.sock.send(data, p.remote):
-                counters.datagrams_out += 1
-            else:
-                counters.send_failed += 1
+        out = session.datagrams_to_send()
+        if out:
+            # Consecutive datagrams for one path leave in one send_many (UDP GSO).
+            run: list[bytes] = []
+            run_path = out[0][0]
+            for path_id, data in out:
+                if tap is not None:
+                    tap(path_id, data)
+                if path_id != run_path:
+                    self._send_run(run_path, run)
+                    run = []
+                    run_path = path_id
+                run.append(data)
+            self._send_run(run_path, run)
         packets = session.packets_for_tun()
         if packets:
             counters.rx_packets += len(packets)
@@ -239,6 +246,12 @@ class ClientRuntime:
                 self._on_terminated()
             return
         self._arm(now if now is not None else self.clock())
+
+    def _send_run(self, path_id: int, run: list[bytes]) -> None:
+        p = self.paths[path_id]
+        sent = p.sock.send_many(run, p.remote)
+        self.counters.datagrams_out += sent
+        self.counters.send_failed += len(run) - sent
 
     def _configure_inner(self) -> None:
         s = self.session

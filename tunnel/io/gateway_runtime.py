@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
 
 from tunnel.core.events import (
+    Diagnostic,
     Event,
     EventType,
     PolicyEvent,
@@ -461,11 +462,15 @@ class GatewayRuntime:
         sock = self._sockets[index]
         receive = self.gateway.receive_datagram
         taken = 0
+        last: object = None
+        peer = PeerAddr("", 0, index)
         while taken < DRAIN_LIMIT:
             batch = sock.recv_batch(BATCH)
             for data, addr in batch:
-                scope = addr[3] if len(addr) > 3 else 0
-                receive(data, PeerAddr(addr[0], addr[1], index, scope), now)
+                if addr != last:  # a burst (a GRO read) comes from one address
+                    last = addr
+                    peer = PeerAddr(addr[0], addr[1], index, addr[3] if len(addr) > 3 else 0)
+                receive(data, peer, now)
             taken += len(batch)
             if len(batch) < BATCH:
                 break
@@ -513,21 +518,36 @@ class GatewayRuntime:
         self._arm(now)
 
     def _flush_datagrams(self) -> None:
+        """Send what the core produced; consecutive datagrams to one client leave in one
+        ``send_many`` (UDP GSO)."""
+        out = self.gateway.datagrams_to_send()
+        if not out:
+            return
+        run: list[bytes] = []
+        run_addr: object = None
+        for addr, data in out:
+            if addr != run_addr:
+                if run:
+                    self._send_run(run_addr, run)
+                run = []
+                run_addr = addr
+            run.append(data)
+        self._send_run(run_addr, run)
+
+    def _send_run(self, addr: object, run: list[bytes]) -> None:
         counters = self.counters
-        for addr, data in self.gateway.datagrams_to_send():
-            if not isinstance(addr, PeerAddr):
-                counters.send_failed += 1
-                continue
-            sock = self._sockets[addr.via]
-            target: tuple[Any, ...] = (
-                (addr.host, addr.port, 0, addr.scope_id)
-                if sock.family == socket.AF_INET6
-                else (addr.host, addr.port)
-            )
-            if sock.send(data, target):
-                counters.datagrams_out += 1
-            else:
-                counters.send_failed += 1
+        if not isinstance(addr, PeerAddr):
+            counters.send_failed += len(run)
+            return
+        sock = self._sockets[addr.via]
+        target: tuple[Any, ...] = (
+            (addr.host, addr.port, 0, addr.scope_id)
+            if sock.family == socket.AF_INET6
+            else (addr.host, addr.port)
+        )
+        sent = sock.send_many(run, target)
+        counters.datagrams_out += sent
+        counters.send_failed += len(run) - sent
 
     def _deliver(self, event: Event) -> None:
         kind = event.event_type
@@ -611,6 +631,14 @@ class GatewayRuntime:
                 "ts_ms": event.ts_ms, "session_id": sid, "node_id": self.node_id,
                 "policy_version": event.policy_version, "state_version": event.state_version,
             }
+        )  # fmt: skip
+        # Seed §5: an unexpected state version is diagnosed, then ends the session.
+        self.gateway.emit(
+            Diagnostic(
+                **base, reason_code=Reason.STALE_STATE_VERSION,
+                detail=f"transition to {event.new_state} v{event.state_version} rejected by "
+                f"the session store: {detail}", state=str(event.new_state),
+            )
         )  # fmt: skip
         self.gateway.emit(
             SecurityEvent(

@@ -12,8 +12,12 @@ Errors say whose fault they are (STYLE): opening without privilege or without
 kernel refuses on write (device down, not an IP packet) is counted by errno name in
 :attr:`TunDevice.write_errors`, never raised; using a closed device raises ValueError.
 
-Offloads (``IFF_VNET_HDR`` + ``TUNSETOFFLOAD``) plug in at ``open``/``read_batch``/``write``;
-docs/io.md describes the plan.
+Offloads: with ``offload=True`` (the default) the device is opened with ``IFF_VNET_HDR``
+and :meth:`TunDevice.write_batch` merges consecutive TCP segments of one flow into one
+GSO write (:mod:`tunnel.io.vnet`), so the kernel's TCP receive path handles one large
+packet instead of dozens. TUNSETOFFLOAD (TSO on reads) is not enabled: reads stay single
+MTU-sized packets unless ``tso=True`` (a measured prototype, off by default).
+docs/performance.md has the measurements.
 
 The packet accessors at the bottom are for inner packets read from the TUN (and
 decrypted ones about to be written): cheap, no slicing, no validation beyond
@@ -30,6 +34,15 @@ from collections import Counter
 from typing import Final
 
 import pytun
+
+from tunnel.io.vnet import (
+    NO_OFFLOAD_HDR,
+    READ_OFFLOADS,
+    TUNSETOFFLOAD,
+    VNET_HDR_LEN,
+    coalesce,
+    from_kernel,
+)
 
 TUN_CLONE_DEVICE: Final = "/dev/net/tun"
 """The clone device every TUN is created through."""
@@ -96,7 +109,14 @@ class TunDevice:
     :meth:`open` and :meth:`close`.
     """
 
-    def __init__(self, name: str = DEFAULT_NAME, mtu: int = DEFAULT_MTU) -> None:
+    def __init__(
+        self,
+        name: str = DEFAULT_NAME,
+        mtu: int = DEFAULT_MTU,
+        *,
+        offload: bool = True,
+        tso: bool = False,
+    ) -> None:
         encoded = name.encode()
         if not encoded or len(encoded) >= IFNAMSIZ or b"/" in encoded or b" " in encoded:
             raise ValueError(f"invalid interface name {name!r}: 1-15 bytes, no '/' or space")
@@ -114,9 +134,18 @@ class TunDevice:
         """Failed reads by errno name (other than "nothing to read")."""
         self.write_errors: Counter[str] = Counter()
         """Packets the kernel refused, by errno name (EIO: device down, EINVAL: not IP)."""
+        self.offload = offload
+        """``IFF_VNET_HDR`` with TCP coalescing on write (falls back off if refused)."""
+        self.coalesced_writes = 0
+        """GSO writes that carried several TCP segments."""
         self._dev: pytun.TunTapDevice | None = None
         self._fd = -1
-        self._buf = bytearray(READ_BUFFER_SIZE)
+        self.tso = tso
+        """Ask for TUNSETOFFLOAD (with ``offload``): reads may then be 64 KiB TSO packets,
+        split into segments in :meth:`read_batch`. Off by default: splitting in Python
+        costs more than the reads it saves (docs/performance.md). False after open if the
+        kernel refused it."""
+        self._buf = bytearray(READ_BUFFER_SIZE + VNET_HDR_LEN)
         self._iov = [self._buf]
         self._view = memoryview(self._buf)
 
@@ -126,8 +155,17 @@ class TunDevice:
         """Create the device (non-blocking fd, MTU set); return self."""
         if self._dev is not None:
             raise ValueError(f"TUN device {self.name!r} is already open")
+        flags = pytun.IFF_TUN | pytun.IFF_NO_PI
         try:
-            dev = pytun.TunTapDevice(name=self.name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+            if self.offload:
+                try:
+                    dev = pytun.TunTapDevice(name=self.name, flags=flags | pytun.IFF_VNET_HDR)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    self.offload = False  # a kernel without IFF_VNET_HDR: plain packets
+            if not self.offload:
+                dev = pytun.TunTapDevice(name=self.name, flags=flags)
         except OSError as exc:
             raise _open_error(self.name, exc) from exc
         try:
@@ -136,6 +174,13 @@ class TunDevice:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
             if dev.mtu != self.mtu:
                 dev.mtu = self.mtu
+            if self.offload and self.tso:
+                try:
+                    fcntl.ioctl(fd, TUNSETOFFLOAD, READ_OFFLOADS)
+                except OSError:
+                    self.tso = False  # reads stay plain MTU-sized packets
+            else:
+                self.tso = False
         except OSError as exc:
             dev.close()
             code = exc.errno
@@ -182,6 +227,8 @@ class TunDevice:
         readv = os.readv
         iov = self._iov
         view = self._view
+        skip = VNET_HDR_LEN if self.offload else 0
+        tso = self.tso
         out: list[bytes] = []
         for _ in range(max_n):
             try:
@@ -193,7 +240,12 @@ class TunDevice:
                     raise
                 self.read_errors[_name(exc.errno)] += 1
                 break
-            out.append(bytes(view[:n]))
+            if tso:
+                dropped = from_kernel(view, n, out)
+                if dropped is not None:
+                    self.read_errors[dropped] += 1
+            else:
+                out.append(bytes(view[skip:n]))
         self.read_packets += len(out)
         return out
 
@@ -201,7 +253,10 @@ class TunDevice:
         """Inject one IP packet; ``False`` (errno counted) if the kernel refused it."""
         fd = self.fileno()
         try:
-            os.write(fd, packet)
+            if self.offload:
+                os.writev(fd, (NO_OFFLOAD_HDR, packet))
+            else:
+                os.write(fd, packet)
         except OSError as exc:
             if exc.errno in _PROGRAMMING_ERRNOS:
                 raise
@@ -211,9 +266,42 @@ class TunDevice:
         return True
 
     def write_batch(self, packets: list[bytes]) -> int:
-        """Write packets in order; return how many the kernel accepted (seam for offloads)."""
-        write = self.write
-        return sum(1 for p in packets if write(p))
+        """Write packets in order; return how many the kernel accepted (seam for offloads).
+
+        One write per packet, except that with ``offload`` consecutive TCP segments of one
+        flow go out as one GSO write (:func:`tunnel.io.vnet.coalesce`); every packet of a
+        refused write is counted.
+        """
+        fd = self.fileno()
+        done = 0
+        if not self.offload:
+            write = os.write
+            for packet in packets:
+                try:
+                    write(fd, packet)
+                except OSError as exc:
+                    if exc.errno in _PROGRAMMING_ERRNOS:
+                        raise
+                    self.write_errors[_name(exc.errno)] += 1
+                    continue
+                done += 1
+            self.written += done
+            return done
+        writev = os.writev
+        for iov in coalesce(packets):
+            count = len(iov) - 2 if len(iov) > 2 else 1  # [vnet, header, payloads...]
+            try:
+                writev(fd, iov)
+            except OSError as exc:
+                if exc.errno in _PROGRAMMING_ERRNOS:
+                    raise
+                self.write_errors[_name(exc.errno)] += count
+                continue
+            done += count
+            if count > 1:
+                self.coalesced_writes += 1
+        self.written += done
+        return done
 
     def __repr__(self) -> str:
         state = "closed" if self._dev is None else f"fd={self._fd}"

@@ -14,9 +14,13 @@ Errors say whose fault they are (STYLE):
   counted by errno name and never raised: ``send`` returns ``False``;
 * local misuse (a closed socket, an address of the wrong family) raises.
 
-The interface is batch-shaped (``send_batch``/``recv_batch``) so UDP GSO/GRO
-(``UDP_SEGMENT``/``UDP_GRO``) can be added without changing callers; :attr:`features`
-reports whether the kernel supports them. docs/io.md describes the plan.
+The interface is batch-shaped. ``send_many(datagrams, addr)`` sends a run of datagrams
+to one destination with UDP GSO (``UDP_SEGMENT``: one ``sendmsg`` for up to
+:data:`GSO_MAX_SEGMENTS` equal-sized datagrams, the last may be shorter) when the kernel
+supports it, else one ``sendto`` each; ``recv_batch`` enables UDP GRO (``UDP_GRO``) and
+splits a coalesced read back into its datagrams, so callers always see single datagrams.
+:attr:`features` reports what the kernel supports; ``offload=False`` turns both off.
+docs/performance.md has the measurements.
 """
 
 from __future__ import annotations
@@ -40,6 +44,22 @@ DEFAULT_BUFFER: Final = 4 * 1024 * 1024
 
 RECV_BUFFER_SIZE: Final = 65535
 """Largest UDP payload (and the largest GRO-coalesced read): a datagram is never truncated."""
+
+GSO_MAX_SEGMENTS: Final = 64
+"""Datagrams per GSO send: the kernel's UDP_MAX_SEGMENTS on every kernel since 4.18."""
+
+GSO_MAX_BYTES: Final = 65000
+"""Payload bytes per GSO send: below the 64 KiB IP datagram limit with headers."""
+
+_GSO_FALLBACK_ERRNOS: Final = frozenset(
+    {errno.EINVAL, errno.EIO, errno.EMSGSIZE, errno.ENOPROTOOPT}
+)
+"""A GSO send refused for its shape (segment above the path MTU, no checksum offload on
+the device): the run is sent again datagram by datagram, which counts real errors."""
+
+_U16 = struct.Struct("=H")
+_I32 = struct.Struct("=i")
+_GRO_CMSG_SPACE: Final = socket.CMSG_SPACE(4)
 
 ERRQUEUE_DRAIN_MAX: Final = 64
 """Error-queue entries read per call: bounded work per loop turn, like ``recv_batch``."""
@@ -100,7 +120,7 @@ class PathError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class UdpFeatures:
-    """Kernel support for UDP offloads, probed on the socket (not used yet; docs/io.md)."""
+    """Kernel support for UDP offloads, probed on the socket (used unless ``offload=False``)."""
 
     gso: bool
     """``UDP_SEGMENT``: one sendmsg of up to 64 equal-sized datagrams to one destination."""
@@ -152,6 +172,10 @@ class PathSocket:
     (``IP_RECVERR``); they are counted in :attr:`icmp_errors`. The kernel then also fails
     the next send or receive once with that error, which is right for a path that talks to
     one remote, wrong for a socket that serves many: :class:`GatewaySocket` turns it off.
+
+    ``offload`` uses UDP GSO in :meth:`send_many` and UDP GRO in :meth:`recv_batch`
+    where the kernel supports them (:attr:`features`); callers see single datagrams
+    either way.
     """
 
     def __init__(
@@ -164,6 +188,7 @@ class PathSocket:
         rcvbuf: int = DEFAULT_BUFFER,
         sndbuf: int = DEFAULT_BUFFER,
         recverr: bool = True,
+        offload: bool = True,
     ) -> None:
         host, port = local
         where = format_address(host, port)
@@ -225,6 +250,12 @@ class PathSocket:
         self._local: Address = sock.getsockname()
         self.features = _probe_features(sock)
         """Offloads the kernel supports on this socket (:class:`UdpFeatures`)."""
+        self._gso = offload and self.features.gso
+        self._gro = offload and self.features.gro and _enable_gro(sock)
+        self.gso_sends = 0
+        """GSO sends the kernel accepted (each carried 2..GSO_MAX_SEGMENTS datagrams)."""
+        self.gro_reads = 0
+        """Reads that returned several coalesced datagrams."""
 
     # -- configuration -------------------------------------------------------------------
 
@@ -322,6 +353,57 @@ class PathSocket:
         self.sent += done
         return done
 
+    def send_many(self, datagrams: list[bytes], addr: Address) -> int:
+        """Send ``datagrams`` in order to one destination; return how many the kernel took.
+
+        With GSO, each run of equal-sized datagrams (the run's last one may be shorter)
+        goes out in one ``sendmsg`` with ``UDP_SEGMENT``; without it, or for a single
+        datagram, one ``sendto`` each. Refusals are counted per datagram as in ``send``.
+        """
+        n = len(datagrams)
+        if not self._gso or n < 2:
+            done = 0
+            for data in datagrams:
+                done += self.send(data, addr)
+            return done
+        sendmsg = self._sock.sendmsg
+        done = 0
+        i = 0
+        while i < n:
+            if not self._gso:  # switched off by a refusal earlier in this batch
+                for data in datagrams[i:]:
+                    done += self.send(data, addr)
+                break
+            size = len(datagrams[i])
+            limit = min(n, i + GSO_MAX_SEGMENTS, i + max(1, GSO_MAX_BYTES // max(size, 1)))
+            j = i + 1
+            while j < limit and len(datagrams[j]) == size:
+                j += 1
+            if j < limit and len(datagrams[j]) < size:
+                j += 1  # a shorter datagram may end a GSO run
+            if j - i == 1:
+                done += self.send(datagrams[i], addr)
+                i = j
+                continue
+            run = datagrams[i:j]
+            try:
+                sendmsg(run, [(SOL_UDP, UDP_SEGMENT, _U16.pack(size))], 0, addr)
+            except OSError as exc:
+                if exc.errno in _GSO_FALLBACK_ERRNOS and not isinstance(exc, socket.gaierror):
+                    if exc.errno in (errno.EIO, errno.ENOPROTOOPT):
+                        self._gso = False  # the device cannot offload: stop trying
+                    for data in run:
+                        done += self.send(data, addr)
+                else:
+                    self._send_failed(exc, addr)
+                    self.send_errors[errno_name(exc.errno)] += len(run) - 1
+            else:
+                done += len(run)
+                self.sent += len(run)
+                self.gso_sends += 1
+            i = j
+        return done
+
     def _send_failed(self, exc: OSError, addr: Address) -> None:
         if isinstance(exc, socket.gaierror):
             raise ValueError(
@@ -352,6 +434,8 @@ class PathSocket:
         """
         if self._closed:
             raise ValueError(f"path {self.path_id}: socket is closed")
+        if self._gro:
+            return self._recv_batch_gro(max_n)
         out: list[tuple[bytes, Address]] = []
         recv_into = self._sock.recvfrom_into
         buf = self._buf
@@ -367,6 +451,37 @@ class PathSocket:
                 self._err_pending = True
                 continue
             out.append((bytes(view[:n]), addr))
+        self.received += len(out)
+        if self._recverr and (self._err_pending or not out):
+            self.drain_errors()
+        return out
+
+    def _recv_batch_gro(self, max_n: int) -> list[tuple[bytes, Address]]:
+        """``recv_batch`` with UDP GRO: up to ``max_n`` reads, coalesced reads split."""
+        out: list[tuple[bytes, Address]] = []
+        append = out.append
+        recvmsg_into = self._sock.recvmsg_into
+        iov = [self._buf]
+        view = self._view
+        for _ in range(max_n):
+            try:
+                n, ancdata, _flags, addr = recvmsg_into(iov, _GRO_CMSG_SPACE)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self._raise_if_misuse(exc)
+                self._err_pending = True
+                continue
+            seg = 0
+            for level, kind, data in ancdata:
+                if level == SOL_UDP and kind == UDP_GRO and len(data) >= _I32.size:
+                    seg = _I32.unpack_from(data)[0]
+            if 0 < seg < n:
+                self.gro_reads += 1
+                for off in range(0, n, seg):
+                    append((bytes(view[off : min(off + seg, n)]), addr))
+            else:
+                append((bytes(view[:n]), addr))
         self.received += len(out)
         if self._recverr and (self._err_pending or not out):
             self.drain_errors()
@@ -462,3 +577,11 @@ def _probe_features(sock: socket.socket) -> UdpFeatures:
         return True
 
     return UdpFeatures(gso=supported(UDP_SEGMENT), gro=supported(UDP_GRO))
+
+
+def _enable_gro(sock: socket.socket) -> bool:
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+    except OSError:
+        return False
+    return True

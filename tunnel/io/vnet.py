@@ -1,0 +1,229 @@
+"""TUN offload helpers: the ``virtio_net_hdr`` and TCP receive coalescing for TUN writes.
+
+With ``IFF_VNET_HDR`` every TUN read and write starts with a 10-byte ``virtio_net_hdr``
+(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset; little-endian here). Reads
+need nothing more while TUNSETOFFLOAD is not used (the kernel then never hands us GSO or
+partially checksummed packets: the header is all zeros and is skipped). Writes may carry
+one *GSO* packet: consecutive in-order TCP segments of one flow, merged into one IPv4
+packet of up to 64 KiB with ``gso_type = TCPV4`` and ``gso_size`` = the segment payload
+size. The kernel's TCP receive path then handles one large packet instead of dozens of
+MSS-sized ones, which is most of the cost of a TUN write (userspace GRO, as
+wireguard-go does it).
+
+:func:`coalesce` plans the writes for a batch of decrypted inner packets: each entry is a
+list of buffers for one ``writev`` (header first). Only plain IPv4/TCP data segments with
+ACK (and PSH on the last) are merged, and only when everything but sequence number, IP id,
+lengths and checksums is identical; anything else is written as it came, in order.
+The merged packet's TCP checksum is left partial (``NEEDS_CSUM``): the packets were
+authenticated by the AEAD, and the kernel treats a partial checksum of a locally
+injected packet as verified.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Final
+
+VNET_HDR = struct.Struct("<BBHHHH")
+"""flags, gso_type, hdr_len, gso_size, csum_start, csum_offset."""
+VNET_HDR_LEN: Final = VNET_HDR.size
+NO_OFFLOAD_HDR: Final = bytes(VNET_HDR_LEN)
+"""The header of a plain packet: no GSO, checksum complete."""
+
+VIRTIO_NET_HDR_F_NEEDS_CSUM: Final = 1
+VIRTIO_NET_HDR_GSO_TCPV4: Final = 1
+
+MAX_COALESCED: Final = 65535
+"""An IPv4 packet's total length is a u16."""
+
+MAX_SEGMENTS: Final = 64
+"""Segments merged into one write at most (the kernel's GSO segment cap)."""
+
+_TCP_ACK: Final = 0x10
+_TCP_PSH: Final = 0x08
+_IPPROTO_TCP: Final = 6
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+
+
+def ipv4_header_checksum(header: bytes | bytearray) -> int:
+    """RFC 1071 checksum of an IPv4 header whose checksum field is zero."""
+    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _pseudo_sum(src_dst: bytes, tcp_length: int) -> int:
+    """Folded (not complemented) sum of the TCP pseudo-header: what a partial checksum holds."""
+    total = sum(struct.unpack("!4H", src_dst)) + _IPPROTO_TCP + tcp_length
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def _segment(packet: bytes) -> tuple[int, int, int] | None:
+    """(TCP header length, payload length, seq) of a mergeable segment, else None."""
+    n = len(packet)
+    if n < 40 or packet[0] != 0x45 or packet[9] != _IPPROTO_TCP:
+        return None
+    if _U16.unpack_from(packet, 2)[0] != n or _U16.unpack_from(packet, 6)[0] & 0x3FFF:
+        return None  # length mismatch, or a fragment (MF set or an offset)
+    thl = (packet[32] >> 4) * 4
+    flags = packet[33]
+    if thl < 20 or 20 + thl >= n or flags & ~_TCP_PSH != _TCP_ACK:
+        return None  # no payload, or SYN/FIN/RST/URG/ECE/CWR
+    return thl, n - 20 - thl, _U32.unpack_from(packet, 24)[0]
+
+
+def _same_flow(a: bytes, b: bytes, thl: int) -> bool:
+    """Everything but id, lengths, checksums, seq and PSH is identical (a: the run's first)."""
+    return (
+        a[1] == b[1]  # TOS
+        and a[6:7] == b[6:7]  # DF
+        and a[8:10] == b[8:10]  # TTL, protocol
+        and a[12:24] == b[12:24]  # addresses, ports
+        and a[28:33] == b[28:33]  # ack, data offset
+        and a[34:36] == b[34:36]  # window
+        and a[38 : 20 + thl] == b[38 : 20 + thl]  # urgent pointer, options (timestamps)
+    )
+
+
+def coalesce(packets: Sequence[bytes]) -> list[list[bytes | memoryview]]:
+    """The writes for ``packets`` (in order): ``[header, packet]`` or a merged GSO packet."""
+    writes: list[list[bytes | memoryview]] = []
+    i, n = 0, len(packets)
+    while i < n:
+        first = packets[i]
+        seg = _segment(first)
+        if seg is None:
+            writes.append([NO_OFFLOAD_HDR, first])
+            i += 1
+            continue
+        thl, size, seq = seg
+        hlen = 20 + thl
+        total = len(first)
+        end = seq + size
+        j = i + 1
+        last_flags = first[33]
+        while j < n and j - i < MAX_SEGMENTS and not last_flags & _TCP_PSH:
+            nxt = packets[j]
+            s2 = _segment(nxt)
+            if s2 is None or s2[0] != thl or s2[1] > size or s2[2] != end:
+                break
+            if total + s2[1] > MAX_COALESCED or not _same_flow(first, nxt, thl):
+                break
+            total += s2[1]
+            end += s2[1]
+            last_flags = nxt[33]
+            j += 1
+            if s2[1] < size:
+                break  # a short segment ends a GSO run
+        if j - i == 1:
+            writes.append([NO_OFFLOAD_HDR, first])
+            i += 1
+            continue
+        header = bytearray(first[:hlen])
+        header[2:4] = _U16.pack(total)
+        header[10:12] = b"\0\0"
+        header[10:12] = _U16.pack(ipv4_header_checksum(header[:20]))
+        header[33] = last_flags  # PSH of the last segment, if any
+        header[36:38] = _U16.pack(_pseudo_sum(first[12:20], total - 20))
+        vnet = VNET_HDR.pack(
+            VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, hlen, size, 20, 16
+        )
+        write: list[bytes | memoryview] = [vnet, bytes(header)]
+        write.extend(memoryview(p)[hlen:] for p in packets[i:j])
+        writes.append(write)
+        i = j
+    return writes
+
+
+# -- the read side: TSO packets from the kernel (TUNSETOFFLOAD) ------------------------------
+
+TUNSETOFFLOAD: Final = 0x400454D0
+"""ioctl: which offloads the kernel may use for packets it hands to us."""
+TUN_F_CSUM: Final = 0x01
+TUN_F_TSO4: Final = 0x02
+READ_OFFLOADS: Final = TUN_F_CSUM | TUN_F_TSO4
+"""Partial checksums and IPv4 TCP segmentation: reads may then be up to 64 KiB."""
+
+VIRTIO_NET_HDR_GSO_NONE: Final = 0
+VIRTIO_NET_HDR_GSO_ECN: Final = 0x80
+_TCP_FIN: Final = 0x01
+_TCP_CWR: Final = 0x80
+
+
+def _csum(*parts: bytes | bytearray | memoryview) -> int:
+    """RFC 1071 checksum of the concatenated parts (each but the last of even length).
+
+    One's complement sum of 16-bit words == the big-endian integer modulo 0xFFFF.
+    """
+    total = 0
+    for part in parts:
+        total += (
+            int.from_bytes(part, "big")
+            if len(part) % 2 == 0
+            else (int.from_bytes(part, "big") << 8)
+        )
+    return ~(total % 0xFFFF) & 0xFFFF
+
+
+def from_kernel(buf: memoryview, n: int, out: list[bytes]) -> str | None:
+    """Append the plain IP packets of one read (``buf[:n]``, vnet header first) to ``out``.
+
+    A packet with a partial checksum gets it completed; an IPv4 TCP GSO packet is split
+    into ``gso_size`` segments with their own IP length, id, TCP seq, flags and
+    checksums. Returns why a read was dropped (``None`` when it was not).
+    """
+    if n <= VNET_HDR_LEN:
+        return "truncated"
+    flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(buf)
+    gso_type &= ~VIRTIO_NET_HDR_GSO_ECN
+    packet = buf[VNET_HDR_LEN:n]
+    length = n - VNET_HDR_LEN
+    if gso_type == VIRTIO_NET_HDR_GSO_NONE:
+        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+            field = csum_start + csum_offset
+            if field + 2 > length:
+                return "bad_csum_offsets"
+            data = bytearray(packet)
+            data[field : field + 2] = _U16.pack(_csum(data[csum_start:]))
+            out.append(bytes(data))
+        else:
+            out.append(bytes(packet))
+        return None
+    if gso_type != VIRTIO_NET_HDR_GSO_TCPV4 or length < 40 or packet[0] >> 4 != 4:
+        return "unsupported_gso"
+    ihl = (packet[0] & 0x0F) * 4
+    thl = (packet[ihl + 12] >> 4) * 4 if length > ihl + 12 else 0
+    hlen = ihl + thl
+    if ihl < 20 or thl < 20 or hlen > length or gso_size == 0:
+        return "bad_gso_header"
+    header = bytes(packet[:hlen])
+    src_dst = header[12:20]
+    ident = _U16.unpack_from(header, 4)[0]
+    seq = _U32.unpack_from(header, ihl + 4)[0]
+    tcp_flags = header[ihl + 13]
+    payload_len = length - hlen
+    for k, off in enumerate(range(0, payload_len, gso_size)):
+        chunk = packet[hlen + off : hlen + min(off + gso_size, payload_len)]
+        seg = bytearray(header)
+        seg[2:4] = _U16.pack(hlen + len(chunk))
+        seg[4:6] = _U16.pack((ident + k) & 0xFFFF)
+        seg[10:12] = b"\0\0"
+        seg[10:12] = _U16.pack(_csum(seg[:ihl]))
+        seg[ihl + 4 : ihl + 8] = _U32.pack((seq + off) & 0xFFFFFFFF)
+        f = tcp_flags
+        if off + gso_size < payload_len:
+            f &= ~(_TCP_FIN | _TCP_PSH)  # only the last segment finishes or pushes
+        if k:
+            f &= ~_TCP_CWR  # only the first segment signals CWR
+        seg[ihl + 13] = f
+        seg[ihl + 16 : ihl + 18] = b"\0\0"
+        pseudo = src_dst + _U16.pack(_IPPROTO_TCP) + _U16.pack(thl + len(chunk))
+        seg[ihl + 16 : ihl + 18] = _U16.pack(_csum(pseudo, seg[ihl:], chunk))
+        seg += chunk
+        out.append(bytes(seg))
+    return None
