@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from jvpn_tui.keymap import KeymapError, load_keymap
+from jvpn_tui.keymap import KeymapError, check_keymap, load_keymap
 
 PROG = "jvpn-tui"
 THEMES = ("dark", "light", "high-contrast")
@@ -26,12 +26,15 @@ EPILOG = """\
 keys (remappable by binding id, see --keymap; ? in the UI lists them all):
   1-9 switch to path N    a auto-switch on/off   r force reattach   p reload policy
   t terminate (asks)      ? help                 q quit             ctrl+p command palette
-  demo only: k kill the active path, u restore all paths, l 30% loss on the active
-  path, x inject a replay, b NAT rebind
+  demo only: g play the demo script (loss, path death, replay, restore), k kill the
+  active path, u restore all paths, l 30% loss on the active path, x inject a replay,
+  b NAT rebind
 
 examples:
   jvpn-tui --demo                          the zero-setup demo
-  jvpn-tui --demo --headless --duration 20 the same without UI, JSON events on stdout
+  jvpn-tui --demo --headless --duration 20 the same without UI, JSON events on stdout;
+                                           plays the demo script (a switch, a recovery
+                                           and a rejected replay within 20 s)
   jvpn-tui --config client.toml --theme light
   NO_COLOR=1 jvpn-tui --demo               no colours
 """
@@ -73,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
         "--keymap",
         metavar="PATH",
         help="TOML file whose [keymap] table remaps keys by binding id, "
-        'e.g. "jvpn.terminate" = "T"',
+        'e.g. "jvpn.terminate" = "T"; overrides the [keymap] of the client config '
+        "for the binding ids it names",
     )
     parser.add_argument(
         "--fake-engine",
@@ -115,7 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as exc:
         return _not_available(exc)
     try:
-        engine = build_engine_from_args(args.config, demo=args.demo)
+        engine = build_engine_from_args(
+            args.config, demo=args.demo, demo_script=args.demo and args.headless
+        )
     except ConfigError as exc:
         return _fail(str(exc))
     except ImportError as exc:  # e.g. the demo engine is not written yet
@@ -123,7 +129,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.headless:
         code: int = run_headless(engine, duration=args.duration)
         return code
+    try:
+        keymap = {**config_keymap(engine), **keymap}
+    except KeymapError as exc:
+        return _fail(str(exc))
     return _run_ui(engine, args, keymap)
+
+
+def config_keymap(engine: Any) -> dict[str, str]:
+    """The ``[keymap]`` of the engine's client config, validated like ``--keymap``."""
+    config = getattr(engine, "config", None)
+    table = getattr(config, "keymap", None)
+    if not table:
+        return {}
+    try:
+        return check_keymap(dict(table))
+    except KeymapError as exc:
+        raise KeymapError(f"{getattr(config, 'source', '<config>')}: keymap: {exc}") from None
 
 
 def _not_available(exc: ImportError) -> int:

@@ -306,6 +306,9 @@ class JvpnApp(App[int]):
         if snap is None:
             return
         s = snap.session
+        if action == "script":
+            self.send(DemoImpair(0, "script"))
+            return
         if action == "restore":
             for view in s.paths:
                 self.send(DemoImpair(view.stats.path_id, "restore"))

@@ -321,7 +321,10 @@ class FakeEngine:
 
     def _impair(self, command: DemoImpair) -> None:
         pid = command.path_id
-        if command.action == "kill":
+        if command.action == "script":
+            self._emit("DIAGNOSTIC", reason_code="manual_switch", state="",
+                       detail="demo: script started (fake engine: announced only)")  # fmt: skip
+        elif command.action == "kill":
             self._set_path(pid, alive=False, score=0.0, misses=12, role="down")
             self._emit("TRANSPORT_DEAD", transport_id=pid, silence_ms=900.0,
                        reason_code="transport_dead")  # fmt: skip

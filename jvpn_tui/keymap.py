@@ -54,6 +54,8 @@ KEYS: Final[tuple[KeySpec, ...]] = (
             "Terminate the session (asks first)"),
     KeySpec("jvpn.help", "question_mark", "help", "Help", "Show this list of keys"),
     KeySpec("jvpn.quit", "q", "quit", "Quit", "Stop the engine and quit"),
+    KeySpec("jvpn.demo.play", "g", "demo('script')", "Script",
+            "Demo: play the demo script (loss, path death, replay, restore)", demo=True),
     KeySpec("jvpn.demo.kill", "k", "demo('kill')", "Kill",
             "Demo: blackhole the active path", demo=True),
     KeySpec("jvpn.demo.restore", "u", "demo('restore')", "Restore",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from jvpn_tui.keymap import check_keymap
 from tunnel.client_config import ConfigError, load_client_config, parse_client_config
 from tunnel.core.handshake import generate_keypair
 from tunnel.core.policy import POLICY_DEFAULT, policy_to_toml
@@ -59,7 +60,8 @@ def test_documented_example_loads_with_every_key(
     ]
     assert cfg.jsonl == Path("/var/log/jvpn/client.jsonl")
     assert cfg.syslog is not None and (cfg.syslog.transport, cfg.syslog.port) == ("udp", 514)
-    assert dict(cfg.keymap) == {"terminate": "ctrl+t"}
+    assert dict(cfg.keymap) == {"jvpn.terminate": "ctrl+t"}
+    assert check_keymap(dict(cfg.keymap)) == {"jvpn.terminate": "ctrl+t"}  # the UI accepts it
     assert "private_key" not in repr(cfg)
 
 
@@ -151,3 +153,27 @@ def test_file_level_problems(tmp_path: Path, keys: tuple[bytes, bytes, str]) -> 
     )
     with pytest.raises(ConfigError, match=r'path\[2\]\.name = "a": duplicate path name'):
         load_client_config(write(tmp_path, dup))
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o604, 0o606, 0o777])
+def test_private_key_file_readable_by_others_is_refused(
+    tmp_path: Path, keys: tuple[bytes, bytes, str], mode: int
+) -> None:
+    (tmp_path / "client.key").chmod(mode)
+    cfg = write(tmp_path, minimal())
+    with pytest.raises(ConfigError) as info:
+        load_client_config(cfg)
+    message = str(info.value)
+    assert message.startswith(f'{cfg}: private_key = "client.key": is accessible by every user')
+    assert f"(mode {mode:04o})" in message
+    assert message.endswith(f"run: chmod 600 {tmp_path / 'client.key'}")
+    private = keys[0]
+    assert base64.b64encode(private).decode() not in message
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400, 0o640])
+def test_private_key_file_private_to_owner_or_group_loads(
+    tmp_path: Path, keys: tuple[bytes, bytes, str], mode: int
+) -> None:
+    (tmp_path / "client.key").chmod(mode)
+    assert load_client_config(write(tmp_path, minimal())).private_key == keys[0]

@@ -19,6 +19,7 @@ from loopback_gateway import CLIENT_INNER, LoopbackGateway
 from tunnel.api import (
     DemoImpair,
     EngineSnapshot,
+    ForceReattach,
     ReloadPolicy,
     SetAutoSwitch,
     SwitchTo,
@@ -319,3 +320,93 @@ def test_demo_engine_kill_switches_and_replay_is_rejected() -> None:
         engine.stop()
     assert engine.final_reason == "operator_terminated"
     assert all(r._thread.is_alive() is False for r in engine.relays.values())
+
+
+# -- D7: gateway host names are re-resolved on every reattach attempt ---------------------
+
+
+def test_d7_gateway_name_is_re_resolved_on_every_reattach_attempt_numeric_never(
+    keys: tuple[bytes, bytes],
+) -> None:
+    private, public = keys
+    with LoopbackGateway(public) as gw:
+        port = gw.address[1]
+        cfg = make_config(gw, private)
+        named = PathConfig(1, "named", ("127.0.0.1", 0), None, ("localhost", port))
+        cfg = dataclasses.replace(cfg, paths=(named, cfg.paths[1]))
+        inner = MemoryInner(rate_pps=50)
+        engine = ClientEngine(cfg, inner=inner)
+        w = Watcher(engine)
+        engine.start()
+        try:
+            w.wait(lambda: w.of("SESSION_CREATED"))
+            assert engine.resolutions == 0  # the start-up look-up is not a re-resolution
+            for n in (1, 2):
+                engine.commands.send(ForceReattach())
+                engine.notify()
+                # a resume on the active path: REATTACH_ATTEMPT, then the gateway's PEER_STATE
+                w.wait(lambda n=n: len(w.of("PEER_STATE")) >= n)
+                w.wait(lambda n=n: engine.resolutions >= n)
+            attempts = [a for a in w.of("REATTACH_ATTEMPT") if a["candidate_transport"] == 1]
+            assert engine.resolutions == len(attempts) == 2
+            # "localhost" still means 127.0.0.1: same target, nothing reported
+            assert engine.runtime is not None
+            assert engine.runtime.paths[1].remote[:2] == ("127.0.0.1", port)
+            assert not [d for d in w.of("DIAGNOSTIC") if "resolve" in d["detail"]]
+
+            # a reattach on the numeric path 2 looks nothing up
+            w.wait(lambda: w.snapshot and w.snapshot.session.paths[1].validated)
+            engine.commands.send(SwitchTo(2))
+            w.wait(lambda: any(s["new_transport"] == 2 for s in w.of("TRANSPORT_SWITCH")))
+            time.sleep(0.3)
+            assert engine.resolutions == 2
+            before = inner.replies
+            w.wait(lambda: inner.replies >= before + 5)
+        finally:
+            engine.stop()
+    assert engine.final_reason == "operator_terminated"
+
+
+def test_d7_a_gateway_name_that_moves_is_followed_after_a_reattach(
+    keys: tuple[bytes, bytes],
+) -> None:
+    """The name first means 127.0.0.1, then 127.0.0.2 (a relay to the same gateway)."""
+    from tunnel.impair import run_relay_in_thread
+
+    private, public = keys
+    with LoopbackGateway(public) as gw:
+        port = gw.address[1]
+        with run_relay_in_thread(("127.0.0.2", port), gw.address, name="moved") as relay:
+            path = PathConfig(1, "named", ("127.0.0.1", 0), None, ("localhost", port))
+            cfg = dataclasses.replace(make_config(gw, private), paths=(path,))
+            inner = MemoryInner(rate_pps=50)
+            engine = ClientEngine(cfg, inner=inner)
+            looked_up: list[str] = []
+
+            async def moved(host: str, port_: int, family: int) -> tuple[str, int]:
+                looked_up.append(host)
+                return ("127.0.0.2", port_)
+
+            engine._lookup = moved  # type: ignore[method-assign]
+            w = Watcher(engine)
+            engine.start()
+            try:
+                w.wait(lambda: w.of("SESSION_CREATED"))
+                assert relay.stats()["up"]["forwarded"] == 0
+                engine.commands.send(ForceReattach())
+                engine.notify()
+                moved_to = w.wait(lambda: [d for d in w.of("DIAGNOSTIC")
+                                           if "now resolves to 127.0.0.2" in d["detail"]])
+                assert "'localhost' of path 1" in moved_to[0]["detail"]
+                assert looked_up == ["localhost"]
+                assert engine.runtime is not None
+                assert engine.runtime.paths[1].remote[:2] == ("127.0.0.2", port)
+                before = inner.replies
+                w.wait(lambda: inner.replies >= before + 10)  # traffic now via the relay
+                stats = relay.stats()
+                assert stats["up"]["forwarded"] > 0 and stats["down"]["forwarded"] > 0
+                assert w.snapshot is not None and w.snapshot.session.state != "TERMINATED"
+                assert {e["session_id"] for e in w.events} == {moved_to[0]["session_id"]}
+            finally:
+                engine.stop()
+    assert engine.final_reason == "operator_terminated"

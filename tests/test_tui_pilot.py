@@ -205,7 +205,7 @@ async def test_help_screen_lists_every_binding_with_its_id_and_keymap() -> None:
         assert isinstance(app.screen, HelpScreen)
         rows = {binding_id: (key, text) for key, text, binding_id in app.screen.rows}
         assert set(rows) >= BINDING_IDS
-        assert len(BINDING_IDS) == 20  # 1-9, a r p t ? q, k u l x b
+        assert len(BINDING_IDS) == 21  # 1-9, a r p t ? q, g k u l x b
         assert rows["jvpn.terminate"][0] == "T"
         assert rows["jvpn.switch-1"][0] == "f1, 1"
         assert rows["jvpn.help"][0] == "?"
@@ -272,7 +272,7 @@ async def test_demo_keys_only_work_with_a_demo_engine() -> None:
     app = RecordingApp(plain)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
-        await pilot.press("k", "u", "l", "x", "b")
+        await pilot.press("g", "k", "u", "l", "x", "b")
         plain.pump()
         assert plain.received == []
 
@@ -280,11 +280,11 @@ async def test_demo_keys_only_work_with_a_demo_engine() -> None:
     app = RecordingApp(demo)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
-        await pilot.press("l", "x", "b", "k")
+        await pilot.press("g", "l", "x", "b", "k")
         demo.pump()
         assert demo.received == [
-            DemoImpair(1, "loss", 0.3), DemoImpair(1, "replay"), DemoImpair(1, "rebind"),
-            DemoImpair(1, "kill"),
+            DemoImpair(0, "script"), DemoImpair(1, "loss", 0.3), DemoImpair(1, "replay"),
+            DemoImpair(1, "rebind"), DemoImpair(1, "kill"),
         ]  # fmt: skip
         table = app.query_one(TransportsTable)
         await wait_for(pilot, lambda: table.role_of(1) == "down", "path 1 down")
@@ -374,6 +374,39 @@ async def test_frozen_ui_does_not_block_the_engine_and_drops_are_shown() -> None
 
 
 @run_async
+async def test_real_demo_engine_keeps_carrying_traffic_while_the_ui_is_frozen() -> None:
+    """Issue 4 isolation with the real engine: the UI thread sleeps 5 s (no drain, no
+    redraw) while a DemoEngine (real Noise + AEAD over loopback UDP) runs."""
+    from tunnel.demo import DemoEngine
+
+    rate, freeze_s = 50.0, 5.0
+    channel = UiChannel(maxsize=16)  # 5 s of 5 Hz snapshots alone overflow it
+    engine = DemoEngine(channel=channel, rate_pps=rate, seed=3)
+    app = RecordingApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await wait_for(pilot, lambda: engine.memory.replies > 0, "first echo replies")
+        replies_before, dropped_before = engine.memory.replies, channel.dropped
+        depth_seen = 0
+        end = time.monotonic() + freeze_s
+        while time.monotonic() < end:  # the UI's event loop is blocked all this time
+            depth_seen = max(depth_seen, len(channel))
+            time.sleep(0.05)
+        carried = engine.memory.replies - replies_before
+        assert carried >= rate * freeze_s / 2, carried  # echo round trips during the freeze
+        assert depth_seen <= channel.maxsize and len(channel) <= channel.maxsize
+        dropped = channel.dropped - dropped_before
+        assert dropped > 0
+
+        health = app.query_one(HealthPanel)
+        await wait_for(pilot, lambda: app.snapshot is not None
+                       and app.snapshot.ui_dropped >= dropped_before + dropped,
+                       "a snapshot that counts the drops")  # fmt: skip
+        assert f"dropped {app.snapshot.ui_dropped}" in text_of(health)
+        assert app.snapshot.running and app.snapshot.session.state == "ATTACHED"
+
+
+@run_async
 async def test_quit_stops_the_engine() -> None:
     engine = FakeEngine("healthy")
     app = RecordingApp(engine)
@@ -406,8 +439,8 @@ def _stub_headless(monkeypatch: pytest.MonkeyPatch, build: Callable[..., Any]) -
     calls: list[Any] = []
     stub = types.ModuleType("tunnel.headless")
 
-    def build_engine_from_args(config: str | None, demo: bool) -> Any:
-        calls.append(("build", config, demo))
+    def build_engine_from_args(config: str | None, demo: bool, demo_script: bool = False) -> Any:
+        calls.append(("build", config, demo, demo_script))
         return build(config, demo)
 
     def run_headless(engine: Any, *, duration: float | None) -> int:
@@ -427,7 +460,8 @@ def test_headless_calls_the_engine_api_and_returns_its_code(
 
     calls = _stub_headless(monkeypatch, lambda config, demo: "ENGINE")
     assert main(["--demo", "--headless", "--duration", "20"]) == 7
-    assert calls == [("build", None, True), ("run", "ENGINE", 20.0)]
+    # headless, the demo plays its script from the start
+    assert calls == [("build", None, True, True), ("run", "ENGINE", 20.0)]
 
 
 def test_config_error_is_one_line_and_exit_2(
@@ -466,11 +500,61 @@ def test_bad_keymap_file_is_refused(
     assert "unknown binding id 'jvpn.warp'" in capsys.readouterr().err
 
 
+def test_client_config_keymap_is_applied_and_keymap_file_overrides_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from jvpn_tui import __main__ as cli
+
+    config = types.SimpleNamespace(
+        keymap={"jvpn.terminate": "T", "jvpn.quit": "Q"}, source="client.toml"
+    )
+    engine = types.SimpleNamespace(config=config)
+    _stub_headless(monkeypatch, lambda config, demo: engine)
+    seen: list[dict[str, str]] = []
+    monkeypatch.setattr(cli, "_run_ui", lambda engine, args, keymap: seen.append(keymap) or 0)
+    assert cli.main(["--config", "client.toml"]) == 0
+    assert seen[-1] == {"jvpn.terminate": "T", "jvpn.quit": "Q"}
+
+    keymap = tmp_path / "keys.toml"
+    keymap.write_text('[keymap]\n"jvpn.terminate" = "ctrl+t"\n')
+    assert cli.main(["--config", "client.toml", "--keymap", str(keymap)]) == 0
+    assert seen[-1] == {"jvpn.terminate": "ctrl+t", "jvpn.quit": "Q"}
+
+
+def test_bad_keymap_in_the_client_config_is_refused_naming_the_file(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from jvpn_tui import __main__ as cli
+
+    config = types.SimpleNamespace(keymap={"terminate": "T"}, source="client.toml")
+    _stub_headless(monkeypatch, lambda config_, demo: types.SimpleNamespace(config=config))
+    monkeypatch.setattr(cli, "_run_ui", lambda *a: pytest.fail("UI started"))
+    assert cli.main(["--config", "client.toml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jvpn-tui: client.toml: keymap: unknown binding id 'terminate'")
+
+
+@run_async
+async def test_config_keymap_reaches_the_running_app() -> None:
+    """What main() hands over is honoured by the app: T terminates, t no longer does."""
+    from jvpn_tui.__main__ import config_keymap
+
+    engine = FakeEngine("healthy")
+    engine.config = types.SimpleNamespace(keymap={"jvpn.terminate": "T"}, source="c.toml")  # type: ignore[attr-defined]
+    app = RecordingApp(engine, keymap=config_keymap(engine))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("t")
+        assert not isinstance(app.screen, ConfirmScreen)
+        await pilot.press("T")
+        assert isinstance(app.screen, ConfirmScreen)
+
+
 def test_headless_never_imports_textual() -> None:
     code = """
 import sys, types
 stub = types.ModuleType("tunnel.headless")
-stub.build_engine_from_args = lambda config, demo: object()
+stub.build_engine_from_args = lambda config, demo, demo_script=False: object()
 stub.run_headless = lambda engine, duration: 0
 sys.modules["tunnel.headless"] = stub
 from jvpn_tui.__main__ import main

@@ -29,7 +29,10 @@ async def _first_snapshot(pilot: Pilot[Any]) -> None:
             break
         await pilot.pause(0.02)
     assert app.snapshot is not None, "the fake engine's snapshot never arrived"
-    await pilot.pause()
+    # Let every widget apply it and the compositor settle, however loaded the machine is.
+    for _ in range(3):
+        await pilot.pause()
+    await pilot.wait_for_scheduled_animations()
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)

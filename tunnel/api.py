@@ -67,8 +67,9 @@ class DemoImpair:
     """Demo only: impair a path in the embedded relay.
 
     ``action`` is one of ``kill`` (blackhole both ways), ``restore`` (clear everything),
-    ``loss`` (``value`` = loss ratio 0..1), ``rebind`` (new NAT source port) or
-    ``replay`` (re-send captured datagrams from another address).
+    ``loss`` (``value`` = loss ratio 0..1), ``rebind`` (new NAT source port),
+    ``replay`` (re-send captured datagrams from another address) or ``script`` (play
+    the demo's scripted timeline; ``path_id`` ignored, 0 by convention).
     """
 
     path_id: int

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -41,10 +42,13 @@ TOP_KEYS: Final = (
     "path",
     "events",
     "keymap",
+    "inner",
 )
 TUN_KEYS: Final = ("name", "mtu", "address", "routes")
 PATH_KEYS: Final = ("name", "bind", "device", "gateway")
 EVENT_KEYS: Final = ("jsonl", "syslog")
+INNER_KEYS: Final = ("kind", "rate_pps", "payload_size")
+INNER_KINDS: Final = ("tun", "memory")
 
 
 class ConfigError(ValueError):
@@ -101,6 +105,13 @@ class ClientConfig:
     syslog: SyslogTarget | None = None
     keymap: Mapping[str, str] = field(default_factory=dict)
     """Binding id -> key, passed through to the UI unchanged."""
+    inner_kind: str = "tun"
+    """``tun`` (a kernel TUN, needs root) or ``memory`` (no device: a built-in ICMP echo
+    source towards the gateway's inner address; for tests and trials without root)."""
+    inner_rate_pps: float = 20.0
+    """Echo requests per second of the ``memory`` traffic source."""
+    inner_payload_size: int = 56
+    """ICMP payload bytes of the ``memory`` traffic source."""
     source: str = "<config>"
     """The file it was read from (for messages)."""
 
@@ -189,6 +200,8 @@ def _key_from(r: _Reader, base: Path, key: str, value: str, *, private: bool) ->
     what = "private key" if private else "gateway public key"
     path = _relative(base, value)
     inline = not path.exists() and _B64_KEY.fullmatch(value.strip()) is not None
+    if private and not inline:
+        _check_private_mode(r, key, value, path)
     try:
         if private:
             return decode_key(value, what) if inline else load_private_key(path, what)
@@ -196,6 +209,19 @@ def _key_from(r: _Reader, base: Path, key: str, value: str, *, private: bool) ->
     except KeyFormatError as exc:
         shown = "<inline key>" if inline else value  # never echo key material
         raise r.error(key, shown, str(exc)) from None
+
+
+def _check_private_mode(r: _Reader, key: str, value: str, path: Path) -> None:
+    """Refuse a private key file other users can read (the gateway has the same rule)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing or unreadable: load_private_key says which
+    if stat.S_ISREG(mode) and mode & stat.S_IRWXO:
+        raise r.error(
+            key, value,
+            f"is accessible by every user (mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}",
+        )  # fmt: skip
 
 
 def _parse_path(r: _Reader, index: int, entry: object) -> PathConfig:
@@ -339,6 +365,22 @@ def parse_client_config(
             raise r.error(f"keymap.{key}", value, "expected a key name string")
         keymap[key] = value
 
+    inner = r.table(doc, "inner")
+    r.unknown(inner, INNER_KEYS, "inner.")
+    inner_kind = r.string(inner, "kind", "inner.") or "tun"
+    if inner_kind not in INNER_KINDS:
+        raise r.error("inner.kind", inner_kind, f"expected one of {', '.join(INNER_KINDS)}")
+    rate = inner.get("rate_pps", 20.0)
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate <= 10_000:
+        raise r.error("inner.rate_pps", rate, "expected a number 0..10000")
+    payload_size = inner.get("payload_size", 56)
+    if (
+        isinstance(payload_size, bool)
+        or not isinstance(payload_size, int)
+        or not 0 <= payload_size <= 1400
+    ):
+        raise r.error("inner.payload_size", payload_size, "expected an integer 0..1400")
+
     return ClientConfig(
         private_key=private_key,
         gateway_public_key=gateway_public_key,
@@ -353,6 +395,9 @@ def parse_client_config(
         jsonl=jsonl,
         syslog=syslog,
         keymap=keymap,
+        inner_kind=inner_kind,
+        inner_rate_pps=float(rate),
+        inner_payload_size=payload_size,
         source=source,
     )
 

@@ -10,9 +10,16 @@ UDP. ``DemoImpair`` commands act on the relays:
 * ``kill``: blackhole the path both ways; ``restore``: clear every impairment;
 * ``loss``: loss ratio ``value`` both ways; ``rebind``: new NAT source port;
 * ``replay``: re-send the datagrams the gateway last received on that path from another
-  address (the gateway rejects them; its SECURITY_EVENTs are forwarded to the UI).
+  address (the gateway rejects them; its SECURITY_EVENTs are forwarded to the UI);
+* ``script``: play :data:`DEMO_SCRIPT` (``path_id`` ignored), the golden timeline in the
+  spirit of SPEC-DIGEST AT-22: loss on the active path (VOLATILE, then a switch), death of
+  the active path (TRANSPORT_DEAD, then recovery on another path), a replay (rejected by
+  the gateway: SECURITY_EVENT), then every path restored. ``DemoEngine(script=True)``
+  plays it from the start (``jvpn-tui --demo --headless`` does); the UI plays it with
+  ``g``. Each step targets the path that is active when the step runs.
 
-Every command's outcome is reported as a DIAGNOSTIC event (``detail`` starts "demo:").
+Every command's outcome and every script step is reported as a DIAGNOSTIC event
+(``detail`` starts "demo:").
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final
 
 from tunnel.api import DemoImpair, UiChannel
@@ -47,6 +55,32 @@ CAPTURE: Final = 32
 """Datagrams the demo keeps per path (as sent by the client) for the ``replay`` action."""
 GATEWAY_TICK_S: Final = 0.05
 """Longest sleep of the demo gateway's selector (its stop flag is checked this often)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptStep:
+    """One step of the scripted demo timeline."""
+
+    at_s: float
+    """Seconds after the script started."""
+    action: str
+    """A DemoImpair action; ``restore`` acts on every path, the others on the active one."""
+    value: float
+    """The action's value (loss ratio for ``loss``)."""
+    expect: str
+    """What the viewer should see next (announced in the step's DIAGNOSTIC)."""
+
+
+DEMO_SCRIPT: Final = (
+    ScriptStep(3.0, "loss", 0.3, "VOLATILE, then a switch to a healthier path"),
+    ScriptStep(8.0, "kill", 0.0, "TRANSPORT_DEAD, then recovery on another path"),
+    ScriptStep(12.0, "replay", 0.0, "a rejected replay (SECURITY_EVENT from the gateway)"),
+    ScriptStep(15.0, "restore", 0.0, "every path answering again"),
+)
+"""The golden demo timeline: a switch, a recovery and a rejected replay within 20 s."""
+
+SCRIPT_LENGTH_S: Final = DEMO_SCRIPT[-1].at_s + 3.0
+"""Script start to a settled end (the restored paths answer their probes again)."""
 
 
 class DemoGateway:
@@ -148,6 +182,7 @@ class DemoEngine(ClientEngine):
         n_paths: int = DEMO_PATHS,
         rate_pps: float = DEMO_RATE_PPS,
         seed: int | None = None,
+        script: bool = False,
     ) -> None:
         if not 1 <= n_paths <= 9:
             raise ValueError(f"n_paths must be 1..9, not {n_paths}")
@@ -171,6 +206,11 @@ class DemoEngine(ClientEngine):
         super().__init__(config, channel=channel, inner=self.memory)
         self._captured: dict[int, deque[bytes]] = {}
         self._tap = self._capture
+        self._script: list[asyncio.TimerHandle] = []
+        self.script_started: float | None = None
+        """Monotonic time the script last started (None: never played)."""
+        if script:
+            self.commands.send(DemoImpair(0, "script"))  # taken when the loop starts
 
     # -- set-up around the ordinary engine ------------------------------------------------
 
@@ -212,6 +252,9 @@ class DemoEngine(ClientEngine):
     # -- demo commands ------------------------------------------------------------------------
 
     def _demo_impair(self, command: DemoImpair, runtime: ClientRuntime) -> None:
+        if command.action == "script":
+            self._play_script(runtime)
+            return
         relay = self.relays.get(command.path_id)
         with self._loop_lock:
             loop = self._loop
@@ -250,6 +293,53 @@ class DemoEngine(ClientEngine):
                 self._demo_report(runtime, f"demo: {action} failed: {one_line(exc)}", ok=False)
 
         future.add_done_callback(done)
+
+    # -- the scripted timeline -------------------------------------------------------------
+
+    def _play_script(self, runtime: ClientRuntime) -> None:
+        """Engine loop: schedule every step of DEMO_SCRIPT (a replay restarts it)."""
+        with self._loop_lock:
+            loop = self._loop
+        if loop is None:
+            return
+        restarted = bool(self._script)
+        for handle in self._script:
+            handle.cancel()
+        self.script_started = runtime.clock()
+        self._script = [
+            loop.call_later(step.at_s, self._script_step, n, step, runtime)
+            for n, step in enumerate(DEMO_SCRIPT, start=1)
+        ]
+        plan = ", ".join(f"{s.action} at {s.at_s:g} s" for s in DEMO_SCRIPT)
+        again = "restarted" if restarted else "started"
+        self._demo_report(runtime, f"demo: script {again}: {plan}", ok=True)
+
+    def _script_step(self, n: int, step: ScriptStep, runtime: ClientRuntime) -> None:
+        """Engine loop: announce one step, then run it as an ordinary DemoImpair."""
+        session = runtime.session
+        if session.machine.terminated:
+            return
+        where = f"step {n}/{len(DEMO_SCRIPT)} at {step.at_s:g} s"
+        if step.action == "restore":
+            self._demo_report(runtime, f"demo: {where}: restore every path; expect "
+                              f"{step.expect}", ok=True)  # fmt: skip
+            for pid in sorted(self.relays):
+                self._demo_impair(DemoImpair(pid, "restore"), runtime)
+            return
+        snap = session.snapshot(runtime.clock())
+        target = snap.active if snap.active is not None else snap.pending
+        if target is None:
+            self._demo_report(runtime, f"demo: {where}: {step.action} skipped, no active "
+                              "path right now", ok=False)  # fmt: skip
+            return
+        what = {"loss": f"{step.value:.0%} loss on", "kill": "kill", "replay": "replay on"}
+        self._demo_report(
+            runtime,
+            f"demo: {where}: {what.get(step.action, step.action)} the active path {target}; "
+            f"expect {step.expect}",
+            ok=True,
+        )
+        self._demo_impair(DemoImpair(target, step.action, step.value), runtime)
 
     def _capture(self, path_id: int, data: bytes) -> None:
         """Engine loop: keep the last datagrams sent on each path (for ``replay``)."""

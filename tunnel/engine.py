@@ -20,6 +20,7 @@ with reason ``invariant_violation`` (TERMINATE sent).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import socket
 import threading
@@ -51,13 +52,14 @@ from tunnel.core.events import (
     EventBase,
     PolicyEvent,
     Reason,
+    ReattachAttempt,
     SessionTerminated,
     TransportSwitchDenied,
     reason_to_wire,
 )
 from tunnel.core.policy import PolicyError, load_policy
 from tunnel.io.client_runtime import ClientRuntime, PathTarget, new_event_loop
-from tunnel.io.inner import KernelTun, TunLike
+from tunnel.io.inner import KernelTun, MemoryInner, TunLike
 from tunnel.io.netconf import NetConfError
 from tunnel.io.tun import TunError
 from tunnel.io.udp import Address, PathError, PathSocket
@@ -128,8 +130,17 @@ def _empty_snapshot() -> ClientSnapshot:
     )  # fmt: skip
 
 
+def _is_numeric(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _resolve(host: str, port: int, family: int) -> Address:
-    """Numeric (host, port[, ...]) for the gateway; names are resolved here (at start)."""
+    """Numeric (host, port[, ...]) for the gateway; names are resolved here at start (and
+    again, without blocking the loop, on every reattach attempt: see ``_re_resolve``)."""
     try:
         infos = socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM)
     except socket.gaierror as exc:
@@ -155,13 +166,17 @@ class ClientEngine:
         self.config = config
         self.channel = channel if channel is not None else UiChannel()
         self.commands = CommandQueue()
-        self.inner: TunLike = (
-            inner
-            if inner is not None
-            else KernelTun(
+        self.inner: TunLike
+        if inner is not None:
+            self.inner = inner
+        elif config.inner_kind == "memory":
+            self.inner = MemoryInner(
+                rate_pps=config.inner_rate_pps, payload_size=config.inner_payload_size
+            )
+        else:
+            self.inner = KernelTun(
                 config.tun_name, config.mtu, address=config.address, routes=config.routes
             )
-        )
         self.final_reason: str | None = None
         """Why the engine ended (set before the final snapshot is published)."""
         self.final_snapshot: EngineSnapshot | None = None
@@ -177,6 +192,12 @@ class ClientEngine:
         self._terminal_reason: str | None = None
         self._stop_requested = False
         self._tap: Callable[[int, bytes], None] | None = None
+        self._names: dict[int, tuple[str, int, int]] = {}
+        """path id -> (host name, port, family) of every path whose gateway is a name."""
+        self._resolving: set[int] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.resolutions = 0
+        """Gateway name look-ups finished after the start (D7: one per reattach attempt)."""
 
     # -- EngineHandle ------------------------------------------------------------------------
 
@@ -271,6 +292,8 @@ class ClientEngine:
                 targets.append(
                     PathTarget(p.path_id, sock, _resolve(remote_host, remote_port, family))
                 )
+                if not _is_numeric(remote_host):
+                    self._names[p.path_id] = (remote_host, remote_port, family)
             inner_touched = True
             self.inner.setup()  # host changes: before the loop (pyroute2 is synchronous)
             self._run_loop(session, targets)
@@ -360,6 +383,14 @@ class ClientEngine:
         session, runtime = self.session, self.runtime
         try:
             if session is not None and runtime is not None and not session.machine.terminated:
+                # Seed §5: the broken invariant is diagnosed, then the session ends explicitly.
+                self._emit(
+                    Diagnostic(
+                        **self._base(runtime.clock()), reason_code=Reason.INVARIANT_VIOLATION,
+                        detail=f"engine failure: {one_line(exc)}",
+                        state=str(session.machine.state),
+                    )
+                )  # fmt: skip
                 session.terminate(runtime.clock(), Reason.INVARIANT_VIOLATION)
                 runtime.pump()
         except Exception as again:  # the session itself is broken: stop anyway
@@ -372,9 +403,76 @@ class ClientEngine:
     def _on_event(self, event: Event) -> None:
         if isinstance(event, SessionTerminated):
             self._terminal_reason = str(event.reason_code)
+        elif isinstance(event, ReattachAttempt):
+            self._re_resolve(event.candidate_transport)
         if self._pipeline is not None:
             self._pipeline.emit(event)
         self.channel.publish(event.to_dict())
+
+    # -- D7: gateway names re-resolved on every reattach attempt ------------------------------
+
+    def _re_resolve(self, path_id: int) -> None:
+        """Loop thread: look the path's gateway name up again, without blocking the loop.
+
+        The attempt that triggered it has already left for the cached address; its
+        retransmissions and every later datagram go to the fresh one. Numeric gateways
+        are never looked up; one look-up per path is in flight at most.
+        """
+        name = self._names.get(path_id)
+        with self._loop_lock:
+            loop = self._loop
+        if name is None or path_id in self._resolving or loop is None or loop.is_closed():
+            return
+        self._resolving.add(path_id)
+        task = loop.create_task(self._refresh_target(path_id, *name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _lookup(self, host: str, port: int, family: int) -> Address:
+        """The first address of ``host`` (the loop's resolver: a thread, or uvloop's)."""
+        with self._loop_lock:
+            loop = self._loop
+        if loop is None:
+            raise OSError("engine loop stopped")
+        infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
+        if not infos:
+            raise OSError("no address")
+        return tuple(infos[0][4])
+
+    async def _refresh_target(self, path_id: int, host: str, port: int, family: int) -> None:
+        try:
+            try:
+                address = await self._lookup(host, port, family)
+            except OSError as exc:  # socket.gaierror included: keep the old address
+                self.resolutions += 1
+                self._resolve_report(
+                    path_id,
+                    f"cannot re-resolve gateway host {host!r} of path {path_id}: "
+                    f"{getattr(exc, 'strerror', None) or one_line(exc)}; keeping the old address",
+                    Reason.INVALID_TRANSPORT_CANDIDATE,
+                )
+                return
+            self.resolutions += 1
+            runtime = self.runtime
+            if runtime is None or path_id not in runtime.paths:
+                return
+            old = runtime.paths[path_id]
+            if tuple(old.remote[:2]) != tuple(address[:2]):
+                runtime.paths[path_id] = PathTarget(path_id, old.sock, address)
+                self._resolve_report(
+                    path_id,
+                    f"gateway host {host!r} of path {path_id} now resolves to "
+                    f"{address[0]}:{address[1]} (was {old.remote[0]}:{old.remote[1]})",
+                    Reason.NAT_REBIND,
+                )
+        finally:
+            self._resolving.discard(path_id)
+
+    def _resolve_report(self, path_id: int, detail: str, reason: Reason) -> None:
+        runtime, session = self.runtime, self.session
+        if runtime is None or session is None or session.machine.terminated:
+            return
+        self._emit(Diagnostic(**self._base(runtime.clock()), reason_code=reason, detail=detail))
 
     def _base(self, now: float) -> EventBase:
         assert self.session is not None

@@ -37,14 +37,19 @@ EXIT_CONFIG_ERROR: Final = 2
 """Exit code for a configuration error (also used by jvpn-tui)."""
 
 
-def build_engine_from_args(config: str | None, demo: bool) -> EngineHandle:
-    """The engine the command line asks for; ConfigError with a clear message otherwise."""
+def build_engine_from_args(
+    config: str | None, demo: bool, *, demo_script: bool = False
+) -> EngineHandle:
+    """The engine the command line asks for; ConfigError with a clear message otherwise.
+
+    ``demo_script``: the demo plays its scripted timeline from the start (headless).
+    """
     if demo:
         if config is not None:
             raise ConfigError("--demo runs without a configuration: drop --config")
         from tunnel.demo import DemoEngine
 
-        return DemoEngine()
+        return DemoEngine(script=demo_script)
     if config is None:
         raise ConfigError("no configuration: give --config PATH (or --demo)")
     return ClientEngine(load_client_config(config))
@@ -118,6 +123,11 @@ def run_headless(
             "tx_bytes": t.tx_bytes, "rx_bytes": t.rx_bytes,
         }  # fmt: skip
         summary["ui_dropped"] = final.ui_dropped
+        obs = final.observability
+        summary["observability"] = {
+            "ok": obs.ok, "ring_dropped": obs.ring_dropped,
+            "sinks": [{"name": s.name, "state": s.state, "dropped": s.dropped} for s in obs.sinks],
+        }  # fmt: skip
     out.write(_line(summary) + "\n")
     out.flush()
     if reason is not None and reason.startswith(ENGINE_ERROR):
@@ -134,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this")
     args = parser.parse_args(argv)
     try:
-        engine = build_engine_from_args(args.config, args.demo)
+        engine = build_engine_from_args(args.config, args.demo, demo_script=True)
     except ConfigError as exc:
         print(f"jvpn-tui: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

@@ -16,9 +16,11 @@ SPARK_WIDTH: Final = 18
 """RTT samples drawn in the sparkline column."""
 
 COLUMNS: Final = (
-    ("id", "#"), ("path", "Path"), ("role", "Role"), ("rtt", "RTT"),
-    ("loss", "Loss"), ("jitter", "Jitter"), ("score", "Score"), ("spark", "RTT history"),
+    ("id", "#", 3), ("path", "Path", 38), ("role", "Role", 8), ("rtt", "RTT", 9),
+    ("loss", "Loss", 5), ("jitter", "Jitter", 8), ("score", "Score", 6),
+    ("spark", "RTT history", SPARK_WIDTH),
 )  # fmt: skip
+"""(key, label, width): fixed widths, so the layout never depends on when a row arrived."""
 
 
 class TransportsTable(DataTable[Text]):
@@ -40,8 +42,8 @@ class TransportsTable(DataTable[Text]):
 
     def on_mount(self) -> None:
         self.border_title = "Transports"
-        for key, label in COLUMNS:
-            self.add_column(label, key=key)
+        for key, label, width in COLUMNS:
+            self.add_column(label, key=key, width=width)
 
     def _colour(self, variable: str) -> str:
         """A theme variable (``$text-success``) as a Rich colour for this theme."""
@@ -80,15 +82,15 @@ class TransportsTable(DataTable[Text]):
             self.clear()
             for view in s.paths:
                 cells = self._cells(view, s.active)
-                self.add_row(*(cells[k] for k, _ in COLUMNS), key=str(view.stats.path_id))
+                self.add_row(*(cells[k] for k, _, _ in COLUMNS), key=str(view.stats.path_id))
             self._ids = ids
             if ids:
                 self.move_cursor(row=min(cursor, len(ids) - 1), animate=False)
         else:
             for view in s.paths:
                 cells = self._cells(view, s.active)
-                for key, _ in COLUMNS:
-                    self.update_cell(str(view.stats.path_id), key, cells[key], update_width=True)
+                for key, _, _ in COLUMNS:
+                    self.update_cell(str(view.stats.path_id), key, cells[key])
         up = sum(1 for p in s.paths if p.stats.alive)
         self.border_subtitle = f"{up}/{len(ids)} answering"
 

@@ -1,0 +1,107 @@
+"""The demo's scripted timeline (issue 4; in the spirit of SPEC-DIGEST AT-22).
+
+``jvpn-tui --demo --headless`` plays DEMO_SCRIPT from the start: within ~20 s a new user
+sees a loss-driven switch, a recovery after a path death and a rejected replay, all on
+one session. The core regression behind the switch (standby paths scored 0.0 between
+their slow probes, so VOLATILE never found a better candidate) is checked at core level.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from simkit import build, of_type
+
+from tunnel.core.events import EventType, Reason
+from tunnel.demo import DEMO_SCRIPT, SCRIPT_LENGTH_S
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, timeout: float) -> tuple[int, list[dict[str, Any]]]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "jvpn_tui", *args], cwd=ROOT, capture_output=True,
+        text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+    events = [json.loads(line) for line in proc.stdout.splitlines()]  # every line is JSON
+    return proc.returncode, events
+
+
+def test_at22_headless_demo_plays_switch_recovery_and_rejected_replay_on_one_session() -> None:
+    duration = math.ceil(SCRIPT_LENGTH_S)
+    code, events = run_cli("--demo", "--headless", "--duration", str(duration), timeout=90)
+    assert code == 0
+    last = events[-1]
+    assert last["event_type"] == "ENGINE_STOPPED"
+    assert (last["final_reason"], last["exit_code"]) == ("operator_terminated", 0)
+    kinds = [e["event_type"] for e in events]
+
+    # every step announced, in order, as a "demo:" DIAGNOSTIC
+    diagnostics = [e["detail"] for e in events if e["event_type"] == "DIAGNOSTIC"]
+    steps = [d for d in diagnostics if d.startswith("demo: step")]
+    assert [s.split(":")[1].strip() for s in steps] == [
+        f"step {n}/{len(DEMO_SCRIPT)} at {step.at_s:g} s" for n, step in enumerate(DEMO_SCRIPT, 1)
+    ]
+
+    # 1. loss on the active path -> VOLATILE -> an automatic switch away from it
+    loss_at = kinds.index("DIAGNOSTIC", next(i for i, e in enumerate(events)
+                                              if e.get("detail", "").startswith("demo: step 1")))
+    volatile = next(i for i, e in enumerate(events) if i > loss_at
+                    and e["event_type"] == "STATE_CHANGE" and e["new_state"] == "VOLATILE")
+    switch = next(e for e in events[volatile:] if e["event_type"] == "TRANSPORT_SWITCH")
+    assert switch["reason_code"] in ("loss_recovery", "latency_recovery")
+    assert switch["previous_transport"] != switch["new_transport"]
+
+    # 2. the active path dies -> TRANSPORT_DEAD -> recovery (REATTACH_RESULT SUCCESS)
+    dead = kinds.index("TRANSPORT_DEAD")
+    assert dead > volatile
+    recovered = [e for e in events[dead:] if e["event_type"] == "REATTACH_RESULT"
+                 and e["status"] == "SUCCESS"]  # fmt: skip
+    assert recovered
+    assert recovered[0]["candidate_transport"] != events[dead]["transport_id"]
+
+    # 3. the replay is rejected by the gateway (its SECURITY_EVENT is forwarded)
+    security = [e for e in events if e["event_type"] == "SECURITY_EVENT"]
+    assert any(e["reason_code"] == "replay_detected" and e["node_id"] == "demo-gateway"
+               for e in security)  # fmt: skip
+
+    # 4. restored: every path says so; the session never changed and never ended early
+    assert sum("restored" in e.get("detail", "") for e in events) == 3
+    assert {e["session_id"] for e in events if e.get("session_id")} == {last["session_id"]}
+    assert kinds.count("SESSION_TERMINATED") == 1
+    terminated = events[kinds.index("SESSION_TERMINATED")]
+    assert terminated["reason_code"] == "operator_terminated"
+    assert last["traffic"]["rx_packets"] > 0
+
+
+def test_duration_shorter_than_the_script_just_stops_early() -> None:
+    code, events = run_cli("--demo", "--headless", "--duration", "2", timeout=60)
+    assert code == 0
+    details = [e.get("detail", "") for e in events if e["event_type"] == "DIAGNOSTIC"]
+    assert any(d.startswith("demo: script started") for d in details)
+    assert not any(d.startswith("demo: step") for d in details)  # step 1 is at 3 s
+    assert events[-1]["event_type"] == "ENGINE_STOPPED" and events[-1]["exit_code"] == 0
+
+
+def test_standby_paths_are_live_and_scored_between_their_slow_probes() -> None:
+    """Core regression (default policy): a standby path probed every second used to score
+    0.0 and show alive=False most of the time, so a lossy active path never switched."""
+    sim = build(n_paths=2)
+    sim.advance(3.0)
+    for _ in range(20):  # sample across several standby probe intervals
+        sim.advance(0.07)
+        standby = sim.client.snapshot(sim.now).paths[1]
+        assert standby.role == "standby"
+        assert standby.stats.alive and standby.stats.score > 0, standby.stats
+
+    sim.links[1].imp.loss_up = sim.links[1].imp.loss_down = 0.3
+    sim.advance(8.0)
+    switches = of_type(sim.client_events, EventType.TRANSPORT_SWITCH)
+    assert switches, "a lossy active path with a clean standby never switched"
+    assert (switches[0].previous_transport, switches[0].new_transport) == (1, 2)
+    assert switches[0].reason_code == Reason.LOSS_RECOVERY
