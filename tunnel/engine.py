@@ -58,8 +58,9 @@ from tunnel.core.events import (
     reason_to_wire,
 )
 from tunnel.core.policy import PolicyError, load_policy
-from tunnel.io.client_runtime import ClientRuntime, PathTarget, new_event_loop
+from tunnel.io.client_runtime import ClientRuntime, PathTarget
 from tunnel.io.inner import KernelTun, MemoryInner, TunLike
+from tunnel.io.loop import new_event_loop
 from tunnel.io.netconf import NetConfError
 from tunnel.io.tun import TunError
 from tunnel.io.udp import Address, PathError, PathSocket

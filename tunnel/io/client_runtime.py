@@ -1,7 +1,7 @@
 """The client's I/O loop: feeds a sans-I/O ClientSession from real sockets and a TUN.
 
 One :class:`ClientRuntime` lives on one asyncio loop (uvloop when importable, see
-:func:`new_event_loop`). It registers a reader on every path socket and on the inner
+:func:`tunnel.io.loop.new_event_loop`). It registers a reader on every path socket and on the inner
 side, drains each until it would block (bounded per wake-up, so one busy fd cannot
 starve the others), and after every input flushes the session's outputs (datagrams per
 path, packets for the TUN, events) and re-arms exactly ONE timer from
@@ -20,7 +20,6 @@ never swallowed and never left to asyncio's default handler.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -72,16 +71,6 @@ class RuntimeCounters:
     datagrams_out: int = 0
     send_failed: int = 0
     """Datagrams the kernel refused (counted by errno on the PathSocket)."""
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """A uvloop loop when uvloop is installed, else the default asyncio loop."""
-    try:
-        uvloop: Any = importlib.import_module("uvloop")
-    except ImportError:
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
 
 
 class ClientRuntime:

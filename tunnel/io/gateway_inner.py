@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import struct
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from typing import Final, Protocol
 
+from tunnel.io.inner import ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IPPROTO_ICMP, inet_checksum
 from tunnel.io.netconf import HostConfig
 from tunnel.io.tun import TunDevice
 
-IPPROTO_ICMP: Final = 1
 IPPROTO_UDP: Final = 17
-ICMP_ECHO_REQUEST: Final = 8
-ICMP_ECHO_REPLY: Final = 0
 
 ECHO_BACKLOG: Final = 1024
 """Replies waiting for the loop to take them; beyond this they are dropped and counted."""
@@ -55,16 +52,6 @@ class GatewayInner(Protocol):
 
     def teardown(self) -> None:
         """Undo every host change, newest first; idempotent."""
-
-
-def inet_checksum(data: bytes | bytearray) -> int:
-    """RFC 1071 Internet checksum."""
-    if len(data) % 2:
-        data = bytes(data) + b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def echo_response(packet: bytes, gateway_ip: bytes) -> bytes | str:

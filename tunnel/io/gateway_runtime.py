@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import importlib
 import os
 import signal
 import socket
@@ -58,6 +57,7 @@ from tunnel.core.gateway import ClientEntry, GatewaySession, GatewaySessions, Se
 from tunnel.core.policy import POLICY_DEFAULT, Policy, PolicyError, load_policy
 from tunnel.core.session import State
 from tunnel.io.gateway_inner import EchoInner, GatewayInner, GatewayTun
+from tunnel.io.loop import new_event_loop
 from tunnel.io.udp import GatewaySocket
 from tunnel.observability.metrics import (
     MetricFamily,
@@ -138,16 +138,6 @@ class RuntimeCounters:
     store_errors: int = 0
     policy_reloads_ok: int = 0
     policy_reloads_invalid: int = 0
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """A uvloop loop when uvloop is installed, else the default asyncio loop."""
-    try:
-        uvloop: Any = importlib.import_module("uvloop")
-    except ImportError:
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
 
 
 def _policy_signature(path: Path) -> tuple[int, int, int] | None:

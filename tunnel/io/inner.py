@@ -351,10 +351,10 @@ class MemoryInner:
 # -- ICMP echo helpers -----------------------------------------------------------------------
 
 
-def inet_checksum(data: bytes) -> int:
+def inet_checksum(data: bytes | bytearray) -> int:
     """RFC 1071 ones' complement sum."""
     if len(data) % 2:
-        data += b"\0"
+        data = bytes(data) + b"\0"
     total = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
