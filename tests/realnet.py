@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -635,12 +635,22 @@ class Captured:
 
 
 class Capture:
-    """AF_PACKET capture of IPv4/UDP on one interface of a namespace, on a thread."""
+    """AF_PACKET capture of IPv4/UDP on one interface of a namespace, on a thread.
+
+    The socket asks for a virtio-net header with every packet (``PACKET_VNET_HDR``), so a
+    UDP GSO super-packet (one skb carrying a run of datagrams, as the client sends them
+    and a veth passes them on) is split back into the datagrams it carries.
+    """
 
     ETH_P_IP = 0x0800
+    SOL_PACKET = 263
+    PACKET_VNET_HDR = 15  # SOCK_RAW only: frames come with their Ethernet header
+    ETH_HDR = 14
+    VNET_HDR = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_*
 
     def __init__(self, ns: str, ifname: str, dst_port: int | None = None) -> None:
-        self.sock = ns_socket(ns, socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(self.ETH_P_IP))
+        self.sock = ns_socket(ns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(self.ETH_P_IP))
+        self.sock.setsockopt(self.SOL_PACKET, self.PACKET_VNET_HDR, 1)
         self.sock.bind((ifname, self.ETH_P_IP))
         self.sock.settimeout(0.2)
         self.dst_port = dst_port
@@ -652,14 +662,21 @@ class Capture:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                data = self.sock.recv(65535)
+                data = self.sock.recv(65535 + self.VNET_HDR.size)
             except TimeoutError:
                 continue
             except OSError:
                 return
-            packet = parse_udp(data)
-            if packet is not None and (self.dst_port is None or packet.dst[1] == self.dst_port):
+            _, gso_type, _, gso_size, _, _ = self.VNET_HDR.unpack_from(data)
+            packet = parse_udp(data[self.VNET_HDR.size + self.ETH_HDR :])
+            if packet is None or (self.dst_port is not None and packet.dst[1] != self.dst_port):
+                continue
+            if gso_type == 0 or gso_size == 0:
                 self.packets.append(packet)
+                continue
+            payload = packet.payload
+            for at in range(0, len(payload), gso_size):
+                self.packets.append(replace(packet, payload=payload[at : at + gso_size]))
 
     def stop(self) -> list[Captured]:
         self._stop.set()
