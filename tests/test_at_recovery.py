@@ -138,6 +138,27 @@ def test_at12_recovery_inside_bound_reattaches() -> None:
     _packets_flow(sim)
 
 
+def test_at12_the_path_that_died_comes_back_clean_and_is_not_judged_by_its_death() -> None:
+    """The dead path returns and is re-attached: its probe misses while it was dead belong
+    to the past (the REATTACH_ACK is a round trip on it), so no VOLATILE/DEGRADED follows."""
+    sim, _ = _blackout(10_000)
+    sim.advance(2.5)  # ~3 s of misses on both paths
+    sim.links[1].imp.up = True
+    sim.advance(0.3)
+    sim.links[2].imp.up = True
+    sim.advance(8.0)
+
+    assert state_changes(sim.client_events)[1:] == [
+        ("ATTACHED", "RECOVERING", "transport_dead", 2),
+        ("RECOVERING", "ATTACHED", "reattach_success", 3),
+    ]
+    (switch,) = of_type(sim.client_events, EventType.TRANSPORT_SWITCH)
+    assert (switch.previous_transport, switch.new_transport) == (1, 1)
+    assert sim.client.snapshot(sim.now).paths[0].stats.loss_ratio < 0.05
+    _one_identity(sim)
+    _packets_flow(sim)
+
+
 def test_at13_recovery_timeout_terminates_at_the_bound_and_stays_dead() -> None:
     sim, t_rec = _blackout(1000)
     sim.run_until(t_rec / 1000 + 2.0)

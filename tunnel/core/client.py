@@ -650,6 +650,9 @@ class ClientSession(EndpointBase):
             self.limiter.record(now)
             self.total_switches += 1
         stats = self._paths[new].health.stats(now)
+        # The ACK is a round trip on ``new``: what it lost before (its death, if it is the
+        # path that died) says nothing about it now, and must not make it VOLATILE.
+        self._paths[new].health.reset_loss()
         base = self._base(now)
         self.emit(
             TransportSwitch(
