@@ -47,10 +47,11 @@ $(VENV_PY):
 	fi
 	$(PYTHON) -m venv $(VENV)
 
-# pip runs only when the stamp is older than pyproject.toml (or missing): a re-run of
-# `make test` with nothing changed does no network access.
-$(STAMP): pyproject.toml | $(VENV_PY)
-	$(VENV_PY) -m pip install $(PIP_FLAGS) -e '.[test,cluster]'
+# Versions are pinned by constraints.txt (the set the snapshots and linters were checked
+# with). pip runs only when the stamp is older than either file (or missing): a re-run
+# of `make test` with nothing changed does no network access.
+$(STAMP): pyproject.toml constraints.txt | $(VENV_PY)
+	$(VENV_PY) -m pip install $(PIP_FLAGS) -c constraints.txt -e '.[test,cluster]'
 	@touch $@
 
 demo: $(STAMP) ## set up, then run the client demo (no root, no config)
