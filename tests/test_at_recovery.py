@@ -286,6 +286,29 @@ def test_at18_nat_rebinding_validates_new_address_then_rebinds() -> None:
     assert_gap_free(sim.client_events)
 
 
+def test_at18_idle_session_is_rebound_by_its_probes_without_a_recovery() -> None:
+    """No inner traffic: the probes of the bound path, now from a new source port, are what
+    shows the NAT rebinding. The gateway validates and rebinds (nat_rebind), it does not
+    first declare the binding dead; traffic sent afterwards reaches the new address."""
+    sim = build()
+    sim.advance(2.0)
+    link = sim.links[1]
+    link.rebind()
+    new_addr = link.client_addr
+    sim.advance(5.0)
+
+    gw = _gw_events(sim)
+    assert state_changes(gw)[1:] == [("ATTACHED", "ATTACHED", "nat_rebind", 2)]
+    (switch,) = of_type(gw, EventType.TRANSPORT_SWITCH)
+    assert switch.reason_code == Reason.NAT_REBIND
+    assert switch.path == f"{new_addr[0]}:{new_addr[1]}"
+    assert switch.ts_ms - 2000 <= sim.client.policy.probe_interval_ms + 100
+    assert state_changes(sim.client_events)[1:] == []
+    assert of_type(sim.client_events, EventType.TRANSPORT_SWITCH) == []
+    _one_identity(sim)
+    _packets_flow(sim)
+
+
 # -- AT-35 -----------------------------------------------------------------------------------
 def _pump(sim: Simulation, now: float, rounds: int = 6) -> None:
     """Move datagrams both ways at one instant, running client timers but NOT the gateway's:

@@ -9,9 +9,10 @@ The gateway record is authoritative for the *binding* (DESIGN D3): which source 
 carries the session's data, under a ``binding_epoch`` incremented on every committed
 binding change. The binding moves only by
 - a validated REATTACH_REQUEST naming the current epoch (recovery, proactive, manual), or
-- NAT rebinding (D4): an authenticated, newest DATA packet from an unknown address starts
-  a PATH_CHALLENGE there (at most 3x the bytes received from it until validated), and
-  only the PATH_RESPONSE commits a versioned rebind with reason ``nat_rebind``.
+- NAT rebinding (D4): an authenticated, newest DATA packet (or PROBE of the bound path: an
+  idle session) from an unknown address starts a PATH_CHALLENGE there (at most 3x the
+  bytes received from it until validated), and only the PATH_RESPONSE commits a versioned
+  rebind with reason ``nat_rebind``.
 An authenticated packet from an unknown address never moves the binding by itself.
 """
 
@@ -495,7 +496,10 @@ class GatewaySessions(EndpointBase):
                 s, addr, ProbeAck(msg.probe_id, msg.path_id, self.ts_ms(now), state, s.epoch)
             )
             if addr not in s.validated:
-                self._challenge(s, addr, "probe", now)
+                # A fresh probe of the bound path from a new address is a NAT rebinding of
+                # an idle session (no data to show it): validate, then rebind like data.
+                nat = newest and s.binding is not None and msg.path_id == s.binding_path
+                self._challenge(s, addr, "nat" if nat else "probe", now)
         elif isinstance(msg, PathResponse):
             self._on_path_response(s, msg, addr, now)
         elif isinstance(msg, ReattachRequest):
