@@ -516,10 +516,11 @@ class RealTunnel:
         self._helpers.append(proc)
         return proc
 
-    def start_download(self, nbytes: int, port: int = 5001) -> InnerTransfer:
-        """Gateway-side server sends ``nbytes`` to a client-side receiver over the inner TCP."""
+    def start_download(self, nbytes: int, port: int = 5001, rate: float = 0) -> InnerTransfer:
+        """Gateway-side server sends ``nbytes`` to a client-side receiver over the inner TCP,
+        paced at ``rate`` bytes/s (0: as fast as it goes)."""
         server = self.helper(
-            self.topo.gateway_ns, TCP_SEND_SERVER, GATEWAY_INNER, str(port), str(nbytes)
+            self.topo.gateway_ns, TCP_SEND_SERVER, GATEWAY_INNER, str(port), str(nbytes), str(rate)
         )
         assert json.loads(read_line(server, START_TIMEOUT_S)) == {"ready": True}
         receiver = self.helper(self.topo.client_ns, TCP_RECV_CLIENT, GATEWAY_INNER, str(port))
@@ -701,6 +702,30 @@ def parse_udp(data: bytes) -> Captured | None:
     return Captured((src, sport), (dst, dport), bytes(data[ihl + 8 : ihl + length]))
 
 
+# -- kernel and gateway counters ------------------------------------------------------------
+
+
+def socket_drops(pid: int, port: int) -> int:
+    """Datagrams the kernel dropped at ``pid``'s UDP socket on ``port`` (receive buffer full)."""
+    suffix = f":{port:04X}"
+    for line in Path(f"/proc/{pid}/net/udp").read_text().splitlines()[1:]:
+        cols = line.split()
+        if cols[1].endswith(suffix):
+            return int(cols[-1])
+    raise AssertionError(f"no UDP socket on port {port} in /proc/{pid}/net/udp")
+
+
+def drop_counts(metrics: dict[str, float]) -> dict[str, int]:
+    """The gateway's ``drops_total`` by reason, from its parsed metrics."""
+    prefix = 'jvpn_gateway_drops_total{reason="'
+    return {k[len(prefix) : -2]: int(v) for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def datagrams_in(metrics: dict[str, float]) -> int:
+    """Datagrams the gateway has read (after splitting GRO reads)."""
+    return int(metrics['jvpn_gateway_datagrams_total{direction="in"}'])
+
+
 # -- the fixture -----------------------------------------------------------------------------
 
 
@@ -740,18 +765,21 @@ def realnet(tmp_path: Path) -> Iterator[Callable[..., RealTunnel]]:
 # -- small programs run inside the namespaces ------------------------------------------------
 
 TCP_SEND_SERVER = r"""
-import hashlib, json, socket, sys
-ip, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+import hashlib, json, socket, sys, time
+ip, port, total, rate = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 srv = socket.socket()
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind((ip, port)); srv.listen(1)
 print(json.dumps({"ready": True}), flush=True)
 conn, peer = srv.accept()
-h = hashlib.sha256(); sent = 0; i = 0; err = None
+h = hashlib.sha256(); sent = 0; i = 0; err = None; start = time.monotonic()
 try:
     while sent < total:
         block = (hashlib.sha256(i.to_bytes(8, "big")).digest() * 2048)[: total - sent]
         conn.sendall(block); h.update(block); sent += len(block); i += 1
+        ahead = start + sent / rate - time.monotonic() if rate > 0 else 0
+        if ahead > 0:
+            time.sleep(ahead)
     conn.shutdown(socket.SHUT_WR)
     conn.settimeout(120)
     while conn.recv(65536):
@@ -761,8 +789,9 @@ except OSError as exc:
 print(json.dumps({"sent": sent, "sha256": h.hexdigest(), "peer": peer[0], "error": err}),
       flush=True)
 """
-"""Accept one inner TCP connection on argv[1]:argv[2], send argv[3] deterministic bytes,
-wait for the peer to close; print what was sent (count, sha256) and any error."""
+"""Accept one inner TCP connection on argv[1]:argv[2], send argv[3] deterministic bytes
+(paced at argv[4] bytes/s, 0: unpaced), wait for the peer to close; print what was sent
+(count, sha256) and any error."""
 
 TCP_RECV_CLIENT = r"""
 import hashlib, json, socket, sys, time

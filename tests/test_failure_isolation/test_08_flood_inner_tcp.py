@@ -36,16 +36,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netns import read_line
 from realnet import (
-    GATEWAY_INNER,
     GATEWAY_PORT,
-    TCP_RECV_CLIENT,
     Capture,
-    InnerTransfer,
     RealTunnel,
+    datagrams_in,
+    drop_counts,
     expected_sha256,
     realnet,  # noqa: F401  (the fixture)
+    socket_drops,
 )
 
 from tunnel.core.constants import MSG_HANDSHAKE_INIT
@@ -69,9 +68,9 @@ RSS_BOUND_KB = 32 * 1024
 """Growth of the gateway's VmRSS allowed during and after the flood. The gateway keeps no
 state per rejected datagram (bounded replay windows, a token-bucket handshake limiter and
 a cookie secret; AT-55 / test_cookie.py prove those bounds in the core); its idle RSS is
-~40-60 MB and the allocator's working set under load adds a few MB. One core sends ~1e6
-datagrams in 10 s here, so retaining as little as ~32 bytes per flood datagram would
-exceed this bound."""
+~40-60 MB and the allocator's working set under load adds a few MB. One core sends ~2.7e6
+datagrams in 10 s here and the gateway reads ~2.2e6 of them, so retaining as little as
+~15 bytes per datagram read would exceed this bound (measured growth: ~160 KB)."""
 
 SYNTHETIC = ("truncated", "oversized", "malformed", "unknown_session", "bad_mac", "wrong_state")
 REPLAY_REASONS = ("replay_detected", "cookie_required", "rate_limited")
@@ -82,45 +81,7 @@ SETTLE_SLACK = 20
 """Datagrams the client may send between the reads of the client namespace's counters and
 the gateway's (only keepalives/probes flow then: the transfer has ended)."""
 
-PACED_SEND_SERVER = r"""
-import hashlib, json, socket, sys, time
-ip, port, total, rate = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind((ip, port)); srv.listen(1)
-print(json.dumps({"ready": True}), flush=True)
-conn, peer = srv.accept()
-h = hashlib.sha256(); sent = 0; i = 0; err = None; start = time.monotonic()
-try:
-    while sent < total:
-        block = (hashlib.sha256(i.to_bytes(8, "big")).digest() * 2048)[: total - sent]
-        conn.sendall(block); h.update(block); sent += len(block); i += 1
-        ahead = start + sent / rate - time.monotonic()
-        if ahead > 0:
-            time.sleep(ahead)
-    conn.shutdown(socket.SHUT_WR)
-    conn.settimeout(120)
-    while conn.recv(65536):
-        pass
-except OSError as exc:
-    err = repr(exc)
-print(json.dumps({"sent": sent, "sha256": h.hexdigest(), "peer": peer[0], "error": err}),
-      flush=True)
-"""
-"""realnet's TCP_SEND_SERVER (same deterministic bytes) paced at argv[4] bytes/s."""
-
-
 # -- kernel counters ----------------------------------------------------------------------------
-
-
-def socket_drops(pid: int, port: int) -> int:
-    """Datagrams the kernel dropped at ``pid``'s UDP socket on ``port`` (buffer full)."""
-    suffix = f":{port:04X}"
-    for line in Path(f"/proc/{pid}/net/udp").read_text().splitlines()[1:]:
-        cols = line.split()
-        if cols[1].endswith(suffix):
-            return int(cols[-1])
-    raise AssertionError(f"no UDP socket on port {port} in /proc/{pid}/net/udp")
 
 
 def udp_snmp(pid: int) -> dict[str, int]:
@@ -141,15 +102,6 @@ def veth_drops(pid: int) -> dict[str, int]:
         out[f"{name.strip()}:rx"] = int(cols[3])
         out[f"{name.strip()}:tx"] = int(cols[11])
     return out
-
-
-def drop_counts(metrics: dict[str, float]) -> dict[str, int]:
-    prefix = 'jvpn_gateway_drops_total{reason="'
-    return {k[len(prefix) : -2]: int(v) for k, v in metrics.items() if k.startswith(prefix)}
-
-
-def datagrams_in(metrics: dict[str, float]) -> int:
-    return int(metrics['jvpn_gateway_datagrams_total{direction="in"}'])
 
 
 def rss_kb(pid: int) -> int:
@@ -196,12 +148,7 @@ def test_08_flood_keeps_the_inner_tcp_transfer_with_bounded_memory_and_counted_d
         t.start_client()
         assert t.client is not None and t.gateway is not None
         sid = t.events.wait_type("SESSION_CREATED", 10)["session_id"]
-        server = t.helper(
-            t.topo.gateway_ns, PACED_SEND_SERVER, GATEWAY_INNER, "5001", str(SIZE), str(PACE_BPS)
-        )
-        assert json.loads(read_line(server, 20)) == {"ready": True}
-        receiver = t.helper(t.topo.client_ns, TCP_RECV_CLIENT, GATEWAY_INNER, "5001")
-        transfer = InnerTransfer(server, receiver)
+        transfer = t.start_download(SIZE, rate=PACE_BPS)
         transfer.wait_progress(FLOOD_AFTER, 30)
     finally:
         captured = cap.stop()

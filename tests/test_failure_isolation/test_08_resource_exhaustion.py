@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+from realnet import datagrams_in, drop_counts, socket_drops
+
 from tunnel.core.gateway import HANDSHAKE_BURST, HANDSHAKE_RATE
 
 from .harness import Attacker, Lab, session_ids, transitions
@@ -80,25 +82,6 @@ class CountingTap(Attacker):
             self.down_times.append(time.monotonic())
             if self.client is not None:
                 self.down.sendto(data, self.client)
-
-
-def socket_drops(pid: int, port: int) -> int:
-    """Datagrams the kernel dropped at the gateway's UDP socket (receive buffer full)."""
-    suffix = f":{port:04X}"
-    for line in Path(f"/proc/{pid}/net/udp").read_text().splitlines()[1:]:
-        cols = line.split()
-        if cols[1].endswith(suffix):
-            return int(cols[-1])
-    raise AssertionError(f"no UDP socket on port {port} in /proc/{pid}/net/udp")
-
-
-def drop_counts(metrics: dict[str, float]) -> dict[str, int]:
-    prefix = 'jvpn_gateway_drops_total{reason="'
-    return {k[len(prefix) : -2]: int(v) for k, v in metrics.items() if k.startswith(prefix)}
-
-
-def datagrams_in(metrics: dict[str, float]) -> int:
-    return int(metrics['jvpn_gateway_datagrams_total{direction="in"}'])
 
 
 def test_08_resource_exhaustion_flood_degrades_before_collapse() -> None:
