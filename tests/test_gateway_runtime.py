@@ -284,6 +284,8 @@ def test_cas_failure_terminates_the_session_as_not_authoritative(
     assert c.run_until(lambda: c.state is State.TERMINATED)
     terminated = [e for e in c.events if e.event_type == EventType.SESSION_TERMINATED]
     assert terminated[-1].to_dict()["reason_code"] == Reason.OWNERSHIP_CONFLICT
+    # the REATTACH_ACK of the refused transition never left: the client did not switch
+    assert [e for e in c.events if e.event_type == EventType.TRANSPORT_SWITCH] == []
     assert wait_for(lambda: bool(s.of_type(EventType.SECURITY_EVENT)))
     security = [e for e in s.of_type(EventType.SECURITY_EVENT) if isinstance(e, SecurityEvent)]
     assert [e.violation_type for e in security] == ["OWNERSHIP_CONFLICT"]

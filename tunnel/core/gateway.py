@@ -379,6 +379,13 @@ class GatewaySessions(EndpointBase):
         if s.machine.terminated:
             return
         if notify and s.cipher is not None:
+            # Transport messages still queued for this client (e.g. the REATTACH_ACK whose
+            # transition the session store refused) are void: TERMINATE is the last word.
+            # A queued HANDSHAKE_RESP stays: without it the client cannot read TERMINATE.
+            index = s.peer_index.to_bytes(4, "little")
+            self._out = [
+                (a, d) for a, d in self._out if d[4:8] != index or d[0] == MSG_HANDSHAKE_RESP
+            ]
             targets = [s.binding] if s.binding is not None else list(s.validated)
             for addr in targets:
                 self._send(s, addr, Terminate(reason_to_wire(reason)))
