@@ -62,7 +62,7 @@ class SecurityPanel(Static):
     def show(self, snapshot: EngineSnapshot) -> None:
         drops = snapshot.session.drops
         text = ", ".join(f"{esc(name)} {n}" for name, n in drops if n) or "none"
-        drops_line = f"[$text-muted]drops[/] {text}"
+        drops_line = f"[$text-muted]client drops[/] {text}"
         if drops_line != self._drops:
             self._drops = drops_line
             self._render_lines()
