@@ -799,7 +799,7 @@ def test_at42_malformed_control_to_gateway_is_a_typed_drop(
     [
         (b"\x08" + StateUpdate.STRUCT.pack(99, len(STATE_CODES), 5, 5, 0), Drop.MALFORMED),
         (b"\x07" + ReattachReject.STRUCT.pack(1, 3, 2, 1), Drop.MALFORMED),
-        (b"\x02" + ProbeAck.STRUCT.pack(1, 1, 0, 200, 1), Drop.MALFORMED),
+        (b"\x02" + ProbeAck.STRUCT.pack(1, 1, 0, 200, 1, 1), Drop.MALFORMED),
         (b"\x06" + ReattachAck.STRUCT.pack(1, 1, 1, 6), Drop.MALFORMED),
         (pack_control(Probe(1, 1, 0)), Drop.UNKNOWN_TYPE),  # wrong way
         (pack_control(_REQ), Drop.UNKNOWN_TYPE),

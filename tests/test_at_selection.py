@@ -92,7 +92,12 @@ def test_at24_switch_cap_five_no_sixth_switch_within_the_window() -> None:
 
 # -- AT-25 -----------------------------------------------------------------------------------
 def test_at25_automatic_switch_inside_cooldown_is_denied_without_a_nonce() -> None:
-    sim = build(policy=make_policy(dead_min_ms=1_000, switch_cooldown_ms=5_000))
+    # VOLATILE must outlast the cooldown (D13: DEGRADED would suspend automatic switching)
+    sim = build(
+        policy=make_policy(
+            dead_min_ms=1_000, switch_cooldown_ms=5_000, volatile_to_degraded_ms=10_000
+        )
+    )
     sim.advance(3.0)
     pol = sim.client.policy
     assert sim.client.switch_to(2, sim.now) is None  # manual: exempt from cooldown, counted

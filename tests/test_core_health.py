@@ -386,3 +386,99 @@ def test_bad_parameters_are_refused() -> None:
         PathHealth(1, dead_min_ms=float("inf"))
     with pytest.raises(ValueError):
         PathHealth(1, min_loss_samples=-1)
+
+
+# -- loss by direction (PROBE_ACK rx_probes) -----------------------------------------------
+
+
+def drive(
+    h: PathHealth,
+    delivery: list[tuple[bool, bool]],
+    *,
+    rx_start: int = 0,
+    first: int = 0,
+    step: float = 0.1,
+) -> float:
+    """Probe ``first + 1``, ``first + 2``, ... one per ``step`` seconds; ``(up, down)``
+    says whether the probe reached the gateway and whether its ack came back. The gateway
+    counts what reached it, from ``rx_start``. Returns the time of the last ack (or send)."""
+    rx = rx_start
+    t = 0.0
+    for i, (up, down) in enumerate(delivery, start=first + 1):
+        t = i * step
+        h.probe_sent(i, t)
+        if up:
+            rx = (rx + 1) & 0xFFFFFFFF
+            if down:
+                h.probe_acked(i, t + 0.02, rx)
+    return t + 0.02
+
+
+def test_direction_loss_separates_upstream_from_downstream() -> None:
+    # 40 probes; every third one lost on the way up, nothing lost on the way down
+    up_only = [(i % 3 != 0, True) for i in range(40)]
+    h = PathHealth(1, loss_window_ms=10_000)
+    now = drive(h, up_only)
+    up, down = h.direction_loss(now)
+    assert down == 0.0
+    assert up == pytest.approx(1 / 3, abs=0.04)
+    assert h.stats(now).loss_up == pytest.approx(up) and h.stats(now).loss_down == 0.0
+
+    down_only = [(True, i % 4 != 0) for i in range(40)]
+    h = PathHealth(1, loss_window_ms=10_000)
+    now = drive(h, down_only)
+    up, down = h.direction_loss(now)
+    assert up == 0.0
+    assert down == pytest.approx(0.25, abs=0.04)
+
+
+def test_direction_loss_survives_the_gateway_counter_wrapping() -> None:
+    h = PathHealth(1, loss_window_ms=10_000)
+    now = drive(h, [(i % 2 == 0, True) for i in range(40)], rx_start=0xFFFFFFF0)
+    up, down = h.direction_loss(now)
+    assert up == pytest.approx(0.5, abs=0.05) and down == 0.0
+
+
+def test_direction_loss_needs_min_samples_and_forgets_on_reset_and_with_the_window() -> None:
+    h = PathHealth(1, loss_window_ms=1_000, min_loss_samples=8)
+    now = drive(h, [(i % 2 == 0, True) for i in range(6)])  # 6 probes: too few
+    assert h.direction_loss(now) == (0.0, 0.0)
+    now = drive(h, [(i % 2 == 0, True) for i in range(6)], rx_start=3, first=6)
+    assert h.direction_loss(now)[0] > 0.3
+    h.reset_loss()
+    assert h.direction_loss(now) == (0.0, 0.0)
+    h2 = PathHealth(1, loss_window_ms=1_000)
+    now = drive(h2, [(i % 2 == 0, True) for i in range(20)])
+    assert h2.direction_loss(now + 1.0) == (0.0, 0.0)  # every ack is out of the window
+
+
+def test_classify_judges_one_way_loss_only_when_asked() -> None:
+    h = PathHealth(1, loss_window_ms=10_000)
+    now = drive(h, [(i % 3 != 0, True) for i in range(40)])  # ~33 % up, ~33 % round trip
+    kwargs = {"loss_threshold": 0.36, "max_consecutive_drops": 100}
+    assert h.classify(now, **kwargs) is None
+    assert h.classify(now, **kwargs, one_way_threshold=0.25) == "loss_threshold_exceeded"
+    assert h.classify(now, **kwargs, one_way_threshold=0.40) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=2, max_size=120))
+def test_direction_loss_matches_a_direct_count(delivery: list[tuple[bool, bool]]) -> None:
+    """Against the reference: between the first and the last probe whose ack came back,
+    sent = ordinal difference, received = probes that reached the gateway after the first
+    and up to the last, acked = acks of those."""
+    h = PathHealth(1, loss_window_ms=60_000, min_loss_samples=1)
+    now = drive(h, delivery)
+    acked = [i for i, (up, down) in enumerate(delivery) if up and down]
+    if len(acked) < 2:
+        assert h.direction_loss(now) == (0.0, 0.0)
+        return
+    a, b = acked[0], acked[-1]
+    between = delivery[a + 1 : b + 1]
+    sent = b - a
+    received = sum(up for up, _ in between)
+    came_back = sum(up and down for up, down in between)
+    up, down = h.direction_loss(now)
+    assert up == pytest.approx(1 - received / sent)
+    assert down == pytest.approx(1 - came_back / received)
+    assert 0.0 <= up <= 1.0 and 0.0 <= down <= 1.0

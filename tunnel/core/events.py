@@ -304,7 +304,11 @@ class PathHealthChanged(Event):
     rtt_ms: float | None
     """Smoothed RTT."""
     loss_ratio: float
-    """Loss over the window."""
+    """Probe round trips lost over the window."""
+    loss_up: float
+    """Client -> gateway loss over the window (from the gateway's probe count)."""
+    loss_down: float
+    """Gateway -> client loss over the window."""
     score: float
     """Selection score."""
 

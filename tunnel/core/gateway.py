@@ -216,6 +216,8 @@ class GatewaySession:
         self.validated: OrderedDict[Addr, float] = OrderedDict({addr: now})
         self.challenges: OrderedDict[Addr, _Challenge] = OrderedDict()
         self.received_from: dict[Addr, int] = {}
+        self.probes_rx: dict[int, int] = {}
+        """PROBEs received per path_id (a u8: at most 256 keys), echoed in PROBE_ACK."""
         self.last_inbound = now
         self.born = now
         self.transportless_since: float | None = None
@@ -499,9 +501,10 @@ class GatewaySessions(EndpointBase):
     ) -> None:
         if isinstance(msg, Probe):
             state = STATE_CODES.index(str(s.machine.state))
-            self._send(
-                s, addr, ProbeAck(msg.probe_id, msg.path_id, self.ts_ms(now), state, s.epoch)
-            )
+            rx = (s.probes_rx.get(msg.path_id, 0) + 1) & 0xFFFFFFFF
+            s.probes_rx[msg.path_id] = rx
+            ack = ProbeAck(msg.probe_id, msg.path_id, self.ts_ms(now), state, s.epoch, rx)
+            self._send(s, addr, ack)
             if addr not in s.validated:
                 # A fresh probe of the bound path from a new address is a NAT rebinding of
                 # an idle session (no data to show it): validate, then rebind like data.

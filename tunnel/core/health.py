@@ -52,6 +52,9 @@ LATE_ACK_HORIZON_MS: Final = 10_000.0
 MAX_LOSS_SAMPLES: Final = 1024
 """Loss outcomes kept, whatever the window: bounds memory if probes are sent very fast."""
 
+MAX_PROBE_ORDINALS: Final = MAX_OUTSTANDING_PROBES + MAX_LATE_PROBES
+"""Probe ids whose send ordinal is remembered (for the direction split of a late ack)."""
+
 SCORE_SCALE: Final = 1000.0
 """Score numerator: a clean path with an effective RTT of 0 ms scores 100 (1000 / 10)."""
 
@@ -107,6 +110,10 @@ class PathStats:
     """False once no authenticated inbound arrived for dead_after_ms."""
     rtt_history: tuple[float, ...]
     """Last RTT samples in ms, oldest first (bounded), for a sparkline."""
+    loss_up: float = 0.0
+    """Client -> gateway loss over the window (see PathHealth.direction_loss)."""
+    loss_down: float = 0.0
+    """Gateway -> client loss over the window."""
 
 
 class PathHealth:
@@ -146,6 +153,12 @@ class PathHealth:
         self._late: OrderedDict[int, float] = OrderedDict()
         self._outcomes: deque[tuple[float, bool]] = deque(maxlen=MAX_LOSS_SAMPLES)
         self._history: deque[float] = deque(maxlen=history)
+        self._sent = 0
+        self._acks = 0
+        self._ordinal: OrderedDict[int, int] = OrderedDict()
+        self._counts: deque[tuple[float, int, int, int]] = deque(maxlen=MAX_LOSS_SAMPLES)
+        """Per PROBE_ACK with the gateway's count: (arrival, the probe's send ordinal, the
+        gateway's ``rx_probes``, acks received so far)."""
 
     def reconfigure(
         self,
@@ -184,20 +197,34 @@ class PathHealth:
         if probe_id in self._outstanding:
             raise ValueError(f"probe id {probe_id} is already outstanding on path {self.path_id}")
         self._late.pop(probe_id, None)
+        self._sent += 1
+        self._ordinal[probe_id] = self._sent
+        self._ordinal.move_to_end(probe_id)
+        while len(self._ordinal) > MAX_PROBE_ORDINALS:
+            self._ordinal.popitem(last=False)
         while len(self._outstanding) >= MAX_OUTSTANDING_PROBES:
             old_id, old_sent = self._outstanding.popitem(last=False)
             self._remember_late(old_id, old_sent)
             self._record_outcome(now, lost=True)
         self._outstanding[probe_id] = now
 
-    def probe_acked(self, probe_id: int, now: float) -> float | None:
+    def probe_acked(
+        self, probe_id: int, now: float, rx_probes: int | None = None
+    ) -> float | None:
         """The ack for ``probe_id`` arrived at ``now``; returns the RTT in ms.
 
         Returns None for an unknown or duplicate id, and for a probe already counted
         lost (a late ack still feeds the RTT estimators, see the module docstring).
         The ack is authenticated inbound traffic, so it also counts as :meth:`inbound`.
+        ``rx_probes`` is the gateway's count of probes received on this path (PROBE_ACK):
+        it feeds :meth:`direction_loss`.
         """
         self.inbound(now)
+        ordinal = self._ordinal.pop(probe_id, None)
+        if ordinal is not None:
+            self._acks += 1
+            if rx_probes is not None:
+                self._counts.append((now, ordinal, rx_probes, self._acks))
         sent = self._outstanding.pop(probe_id, None)
         if sent is not None:
             rtt_ms = max(0.0, (now - sent) * _MS)
@@ -233,6 +260,7 @@ class PathHealth:
         Probes still in flight stay outstanding: their outcomes are new information.
         """
         self._outcomes.clear()
+        self._counts.clear()
         self.consecutive_misses = 0
 
     # -- derived values ----------------------------------------------------------------
@@ -261,6 +289,32 @@ class PathHealth:
         if total == 0 or total < self._min_loss_samples:
             return 0.0
         return lost / total
+
+    def direction_loss(self, now: float) -> tuple[float, float]:
+        """(upstream, downstream) loss over the loss window, from the gateway's counts.
+
+        Between the first and the last PROBE_ACK that arrived in the window: probes sent
+        ``ds`` (send ordinals), probes the gateway received ``dr`` (its ``rx_probes``),
+        acks that came back ``da``. Upstream loss ``1 - dr/ds``, downstream ``1 - da/dr``,
+        each clamped to 0..1. (0.0, 0.0) while ``ds`` < ``min_loss_samples`` (or is 0).
+        """
+        start = now - self._loss_window_ms / _MS
+        counts = self._counts
+        while counts and counts[0][0] <= start:
+            counts.popleft()
+        if len(counts) < 2:
+            return 0.0, 0.0
+        _, seq_a, rx_a, acks_a = counts[0]
+        _, seq_b, rx_b, acks_b = counts[-1]
+        sent = seq_b - seq_a
+        if sent <= 0 or sent < self._min_loss_samples:
+            return 0.0, 0.0
+        received = min(sent, (rx_b - rx_a) & 0xFFFFFFFF)
+        up = 1.0 - received / sent
+        if received == 0:
+            return up, 0.0
+        down = 1.0 - min(received, max(0, acks_b - acks_a)) / received
+        return up, down
 
     def dead_after_ms(self) -> float:
         """``max(dead_min_ms, dead_rtt_multiplier * srtt)``; ``dead_min_ms`` before any sample."""
@@ -304,6 +358,7 @@ class PathHealth:
         loss_threshold: float,
         max_consecutive_drops: int,
         latency_threshold_ms: float | None = None,
+        one_way_threshold: float | None = None,
     ) -> str | None:
         """None if healthy, else the reason (SPEC 8.2).
 
@@ -317,6 +372,8 @@ class PathHealth:
         if self.consecutive_misses >= max_consecutive_drops:
             return REASON_CONSECUTIVE_DROPS
         if self.loss_ratio(now) > loss_threshold:
+            return REASON_LOSS
+        if one_way_threshold is not None and max(self.direction_loss(now)) > one_way_threshold:
             return REASON_LOSS
         if (
             latency_threshold_ms is not None
@@ -334,6 +391,7 @@ class PathHealth:
 
     def stats(self, now: float) -> PathStats:
         """Immutable snapshot at ``now``."""
+        up, down = self.direction_loss(now)
         return PathStats(
             path_id=self.path_id,
             srtt_ms=self.srtt_ms,
@@ -343,6 +401,8 @@ class PathHealth:
             score=self.score(now),
             alive=not self.is_dead(now),
             rtt_history=tuple(self._history),
+            loss_up=up,
+            loss_down=down,
         )
 
     @property

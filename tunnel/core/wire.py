@@ -242,12 +242,15 @@ class ProbeAck:
     """Gateway -> client, same path. Carries the gateway's view so probes also sync state."""
 
     CTYPE: ClassVar = CType.PROBE_ACK
-    STRUCT: ClassVar = struct.Struct("<IBQBI4x")
+    STRUCT: ClassVar = struct.Struct("<IBQBII")
     probe_id: int
     path_id: int
     gw_ts_ms: int
     gw_state: int
     epoch: int
+    rx_probes: int
+    """PROBEs the gateway has received from this session with this ``path_id`` (this one
+    included, mod 2^32): against the client's own count it splits loss by direction."""
 
 
 @dataclass(frozen=True, slots=True)
