@@ -581,10 +581,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       args.time, reverse=True))  # fmt: skip
             if not rig.alive():
                 print("warning: a tunnel program exited during the run\n" + rig.diagnostics())
+            changes = [
+                f"{e['new_state']} ({e['reason_code']})" for _, e in rig.events("STATE_CHANGE")
+            ]
+            switches = len(rig.events("TRANSPORT_SWITCH"))
         finally:
             server.kill()
     print()
     print_table(rows)
+    print(f"\nclient over all runs: {switches} transport switch(es); state changes: "
+          f"{', '.join(changes) or 'none'}")  # fmt: skip
     print(f"\nload after: {loadavg()}  (CPU%: gw/cl = percent of one core used by that "
           "process; sys = percent of all cores busy)")  # fmt: skip
     if args.profile is not None:
