@@ -322,7 +322,7 @@ class FakeEngine:
     def _impair(self, command: DemoImpair) -> None:
         pid = command.path_id
         if command.action == "script":
-            self._emit("DIAGNOSTIC", reason_code="manual_switch", state="",
+            self._emit("DIAGNOSTIC", reason_code="demo_action", state="",
                        detail="demo: script started (fake engine: announced only)")  # fmt: skip
         elif command.action == "kill":
             self._set_path(pid, alive=False, score=0.0, misses=12, role="down")

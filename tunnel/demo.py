@@ -362,7 +362,7 @@ class DemoEngine(ClientEngine):
         self._emit(
             Diagnostic(
                 **self._base(runtime.clock()),
-                reason_code=Reason.MANUAL_SWITCH if ok else Reason.INVALID_TRANSPORT_CANDIDATE,
+                reason_code=Reason.DEMO_ACTION if ok else Reason.INVALID_TRANSPORT_CANDIDATE,
                 detail=detail,
             )
         )

@@ -87,6 +87,8 @@ class Reason(StrEnum):
     UNKNOWN_CLIENT_KEY = "unknown_client_key"
     EVENT_LOSS = "event_loss"
     PROTOCOL_VERSION_MISMATCH = "protocol_version_mismatch"
+    # demo (jvpn-tui --demo: a scripted or keyed impairment was applied)
+    DEMO_ACTION = "demo_action"
 
 
 WIRE_REASONS: tuple[Reason, ...] = tuple(Reason)
