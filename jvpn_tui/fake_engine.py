@@ -75,6 +75,7 @@ def _stats(
     return PathStats(
         path_id=pid, srtt_ms=rtt, jitter_ms=jitter, loss_ratio=loss,
         consecutive_misses=misses, score=score, alive=alive, rtt_history=history,
+        loss_up=loss,  # the scripted loss is all upstream
     )  # fmt: skip
 
 
@@ -340,9 +341,9 @@ class FakeEngine:
             for p in self._session.paths:
                 if not p.stats.alive:
                     self._set_path(p.stats.path_id, alive=True, misses=0, loss_ratio=0.0,
-                                   score=0.7, role="standby")  # fmt: skip
+                                   loss_up=0.0, score=0.7, role="standby")  # fmt: skip
         elif command.action == "loss":
-            self._set_path(pid, loss_ratio=command.value)
+            self._set_path(pid, loss_ratio=command.value, loss_up=command.value)
         elif command.action == "replay":
             self._emit("SECURITY_EVENT", violation_type="REPLAY_DETECTED",
                        reason_code="replay_detected", count=1,

@@ -299,6 +299,21 @@ async def test_demo_keys_only_work_with_a_demo_engine() -> None:
 
 
 @run_async
+async def test_loss_is_shown_as_round_trip_and_by_direction() -> None:
+    demo = FakeEngine("healthy", demo=True)
+    app = RecordingApp(demo)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        table = app.query_one(TransportsTable)
+        assert str(table.get_cell("1", "dir")) == "0 / 0"
+        await pilot.press("l")  # demo: 30 % loss on the active path (the fake: upstream)
+        demo.pump()
+        await wait_for(pilot, lambda: str(table.get_cell("1", "dir")) == "30 / 0", "↑ 30 %")
+        assert str(table.get_cell("1", "loss")) == "30%"
+        assert str(table.get_cell("2", "dir")) == "0 / 0"
+
+
+@run_async
 async def test_command_palette_offers_and_runs_the_actions() -> None:
     engine = FakeEngine("healthy")
     app = RecordingApp(engine)

@@ -16,8 +16,8 @@ SPARK_WIDTH: Final = 18
 """RTT samples drawn in the sparkline column."""
 
 COLUMNS: Final = (
-    ("id", "#", 3), ("path", "Path", 38), ("role", "Role", 8), ("rtt", "RTT", 9),
-    ("loss", "Loss", 5), ("jitter", "Jitter", 8), ("score", "Score", 6),
+    ("id", "#", 3), ("path", "Path", 32), ("role", "Role", 8), ("rtt", "RTT", 8),
+    ("loss", "Loss", 5), ("dir", "↑ / ↓", 7), ("jitter", "Jitter", 7), ("score", "Score", 5),
     ("spark", "RTT history", SPARK_WIDTH),
 )  # fmt: skip
 """(key, label, width): fixed widths, so the layout never depends on when a row arrived."""
@@ -58,6 +58,8 @@ class TransportsTable(DataTable[Text]):
         bad = self._colour("$text-error")
         warn = self._colour("$text-warning")
         loss_style = bad if st.loss_ratio >= 0.1 else warn if st.loss_ratio > 0 else ""
+        one_way = max(st.loss_up, st.loss_down)
+        dir_style = bad if one_way >= 0.1 else warn if one_way > 0 else ""
         marker = "▶" if st.path_id == active else " "
         rtt = NONE if st.srtt_ms is None else f"{st.srtt_ms:.1f} ms"
         jitter = NONE if st.srtt_ms is None else f"{st.jitter_ms:.1f} ms"
@@ -68,6 +70,10 @@ class TransportsTable(DataTable[Text]):
             "role": Text(view.role, style=role_style.strip()),
             "rtt": Text(rtt, justify="right"),
             "loss": Text(f"{st.loss_ratio * 100:.0f}%", style=loss_style, justify="right"),
+            "dir": Text(
+                f"{st.loss_up * 100:.0f} / {st.loss_down * 100:.0f}",
+                style=dir_style, justify="right",
+            ),
             "jitter": Text(jitter, justify="right"),
             "score": Text(f"{st.score:.2f}", justify="right"),
             "spark": Text(sparkline(st.rtt_history, SPARK_WIDTH), style=spark_style),
