@@ -222,6 +222,32 @@ def test_at28_volatile_without_any_better_candidate_degrades() -> None:
     assert_gap_free(ev)
 
 
+def test_at28_degraded_session_takes_a_healthy_candidate_when_one_returns() -> None:
+    """DEGRADED reduces switching, it does not end it: the lossy active path is left for a
+    candidate that came back healthy (hysteresis, dwell, limiter and cooldown all apply),
+    as one versioned DEGRADED -> ATTACHED rebind (R3) with reason loss_recovery."""
+    sim = build(seed=1)
+    sim.advance(2.0)
+    sim.links[2].imp.up = False
+    sim.advance(2.0)
+    a = sim.links[1].imp
+    a.loss_up = a.loss_down = 0.30
+    sim.advance(10.0)
+    assert sim.client.state == "DEGRADED" and not _switches(sim.client_events)
+    back_ms = int(sim.now * 1000)
+    sim.links[2].imp.up = True
+    sim.advance(6.0)
+
+    ev = sim.client_events
+    assert state_changes(ev)[-1] == ("DEGRADED", "ATTACHED", "loss_recovery", 4)
+    (switch,) = _switches(ev)
+    assert (switch.previous_transport, switch.new_transport) == (1, 2)
+    assert switch.reason_code == Reason.LOSS_RECOVERY
+    assert back_ms < switch.ts_ms <= back_ms + 4000
+    assert sim.client.snapshot(sim.now).active == 2
+    assert_gap_free(ev)
+
+
 # -- switch limiter deadline ------------------------------------------------------------------
 def test_at24_budget_wait_ends_exactly_when_the_oldest_switch_leaves_the_window() -> None:
     """DEGRADED (budget spent, no active path) retries at the very instant the sliding

@@ -12,7 +12,9 @@ active path, and changes it only through a REATTACH_REQUEST the gateway acknowle
   on the best live candidate -> ATTACHED (T04/T05/T08, T10);
 - quality trouble: ATTACHED -> VOLATILE; with auto-switch, a candidate that beats the
   active path by the hysteresis factor for the dwell time gets a proactive switch, one
-  versioned rebind VOLATILE -> ATTACHED (R2); otherwise DEGRADED after volatile_to_degraded;
+  versioned rebind VOLATILE -> ATTACHED (R2); otherwise DEGRADED after volatile_to_degraded,
+  where switching goes on with stricter filters (the active path still judged bad, the
+  candidate judged healthy): DEGRADED -> ATTACHED (R3);
 - operator switch: a versioned rebind (R1-R3), exempt from cooldown, counted in the budget.
 
 This module holds the session's state, the datagram and TUN inputs, the commands and the

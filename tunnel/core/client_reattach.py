@@ -177,22 +177,32 @@ class _ReattachMixin(_PathsMixin):
                     self._degraded_since = None
 
     def _switch_actions(self, now: float) -> None:
-        if (
-            self.state is not State.VOLATILE
-            or not self.auto_switch
-            or self._pending is not None
-            or self.active is None
-        ):
+        if not self.auto_switch or self._pending is not None or self.active is None:
             return
-        choice = self.selector.evaluate(
-            now, self.active, self._scores(now), self._targets(now, exclude=self.active)
-        )
+        targets = self._targets(now, exclude=self.active)
+        if self.state is State.DEGRADED:
+            # DEGRADED reduces switching, it does not end it (DESIGN D13 amended): while
+            # the active path is still judged bad, a candidate that is itself judged
+            # healthy, beats it by the hysteresis factor for the dwell and fits the
+            # limiter and the cooldown is taken (R3). Otherwise a session that found no
+            # candidate once would stay on a lossy path after a good one came back.
+            if self._classify(self.active, now) is None:
+                return  # the active path recovers: stability_window brings ATTACHED
+            targets = [pid for pid in targets if self._classify(pid, now) is None]
+        elif self.state is not State.VOLATILE:
+            return
+        choice = self.selector.evaluate(now, self.active, self._scores(now), targets)
         if choice is None:
             return
         denied = self.limiter.check(now)
         if denied == "switch_rate_limited":
-            self._deny(Reason.SWITCH_RATE_LIMITED, choice, now)
-            self._enter_degraded(Reason.SWITCH_RATE_LIMITED, now)
+            if self.state is State.VOLATILE:
+                self._deny(Reason.SWITCH_RATE_LIMITED, choice, now)
+                self._enter_degraded(Reason.SWITCH_RATE_LIMITED, now)
+                self._denied_once.add(Reason.SWITCH_RATE_LIMITED)
+            elif Reason.SWITCH_RATE_LIMITED not in self._denied_once:
+                self._denied_once.add(Reason.SWITCH_RATE_LIMITED)  # DEGRADED: said once
+                self._deny(Reason.SWITCH_RATE_LIMITED, choice, now)
             return
         if denied == "cooldown_active":
             if Reason.COOLDOWN_ACTIVE not in self._denied_once:
