@@ -27,6 +27,9 @@ from tunnel.core.gateway import (
     COOKIE_LOAD_FRACTION,
     COOKIE_REPLY_BURST,
     HANDSHAKE_BURST,
+    MAX_INIT_SOURCES,
+    SOURCE_INIT_BURST,
+    SOURCE_INIT_RATE,
     GatewaySessions,
 )
 from tunnel.core.handshake import generate_keypair
@@ -182,6 +185,41 @@ def test_replayed_init_flood_under_load_spends_bounded_work() -> None:
     assert s.machine.state is State.ATTACHED and s.machine.version == 1
 
 
+def test_a_host_holding_a_cookie_gets_only_its_own_share_of_handshakes() -> None:
+    """Under load a valid mac2 is not enough: each source host has a small token bucket
+    (WireGuard's 20/s, burst 5), so one host with a cookie cannot spend the handshake
+    budget that every other client needs."""
+    sim, _ = loaded_sim()  # cookies required from the first INIT
+    gw = sim.gateway
+    priv, _ = generate_keypair()
+    stranger = ClientSession(
+        static_private=priv, gateway_public=gateway_public(sim), paths=[PathSpec(1, "p")],
+        policy=POLICY_DEFAULT, now=0.0, rng=random.Random(9),
+    )  # fmt: skip
+    stranger.connect(0.0)
+    ((_, first),) = stranger.datagrams_to_send()
+    gw.receive_datagram(first, ATTACKER, 0.0)
+    ((to, reply),) = gw.datagrams_to_send()
+    assert to == ATTACKER and reply[0] == MSG_COOKIE_REPLY
+    stranger.receive_datagram(reply, 1, 0.0)
+    ((_, with_cookie),) = stranger.datagrams_to_send()
+    assert with_cookie[-MAC_LEN:] != bytes(MAC_LEN)
+
+    dh0, limited0 = drops(gw, Drop.UNKNOWN_CLIENT_KEY), drops(gw, Drop.RATE_LIMITED)
+    for _ in range(1000):  # a burst at one instant: only the bucket's burst gets DH
+        gw.receive_datagram(with_cookie, ATTACKER, 0.01)
+    assert drops(gw, Drop.UNKNOWN_CLIENT_KEY) - dh0 == SOURCE_INIT_BURST
+    for k in range(1, 101):  # then one every 10 ms for a second: the refill rate
+        gw.receive_datagram(with_cookie, ATTACKER, 0.01 + k * 0.01)
+    dh = drops(gw, Drop.UNKNOWN_CLIENT_KEY) - dh0
+    assert SOURCE_INIT_BURST + SOURCE_INIT_RATE - 1 <= dh <= SOURCE_INIT_BURST + SOURCE_INIT_RATE
+    assert drops(gw, Drop.RATE_LIMITED) - limited0 == 1100 - dh
+    # another host (the real client, its own cookie) is not held back by that one
+    sim.start()
+    sim.run_until(1.5)
+    assert sim.client.state is State.ATTACHED
+
+
 def test_cookies_expire_with_the_secret_rotation() -> None:
     pub = generate_keypair()[1]
     rnd = random.Random(3)
@@ -271,3 +309,14 @@ def test_a_cookie_reply_after_the_handshake_is_a_wrong_state_drop() -> None:
 
 def wire_addr(sim: Simulation) -> object:
     return sim.links[1].client_addr
+
+
+def test_per_source_handshake_buckets_are_bounded() -> None:
+    sim, _ = loaded_sim()
+    gw = sim.gateway
+    for i in range(MAX_INIT_SOURCES + 500):
+        assert gw._source_allows((f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 1), 0.0)
+    assert len(gw._init_sources) == MAX_INIT_SOURCES
+    # the least recently seen hosts were forgotten: they start again with a full bucket
+    assert "10.0.0.0" not in gw._init_sources and "10.0.1.243" not in gw._init_sources
+    assert "10.0.1.244" in gw._init_sources  # host 500: the oldest one kept

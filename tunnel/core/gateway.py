@@ -27,8 +27,8 @@ The machine is split by concern; this module composes it and re-exports its name
 from __future__ import annotations
 
 import random
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable, Sequence
 
 from tunnel.core.aead import KeyExhausted
 from tunnel.core.constants import (
@@ -62,6 +62,9 @@ from tunnel.core.gateway_handshake import (
     COOKIE_REPLY_RATE,
     HANDSHAKE_BURST,
     HANDSHAKE_RATE,
+    MAX_INIT_SOURCES,
+    SOURCE_INIT_BURST,
+    SOURCE_INIT_RATE,
     _HandshakeMixin,
 )
 from tunnel.core.gateway_session import (
@@ -105,7 +108,10 @@ __all__ = [
     "HANDSHAKE_RATE",
     "KIND_REASON",
     "MAX_CHALLENGES",
+    "MAX_INIT_SOURCES",
     "MAX_VALIDATED",
+    "SOURCE_INIT_BURST",
+    "SOURCE_INIT_RATE",
     "STATE_UPDATE_RESEND_S",
     "STATE_UPDATE_SENDS",
     "TOMBSTONE_ANSWER_S",
@@ -164,6 +170,7 @@ class GatewaySessions(_HandshakeMixin, _BindingMixin):
         self._by_inner: dict[bytes, GatewaySession] = {}
         self._last_init_ts: dict[bytes, int] = {}
         self._hs_bucket = TokenBucket(HANDSHAKE_RATE, HANDSHAKE_BURST, now)
+        self._init_sources: OrderedDict[Hashable, TokenBucket] = OrderedDict()
         self._out: list[tuple[Addr, bytes]] = []
         self._tun: list[bytes] = []
         self._policy_base_version = policy.policy_version if policy else "invalid"

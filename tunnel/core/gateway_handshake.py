@@ -1,16 +1,19 @@
 """The gateway's handshake side: HANDSHAKE_INIT in, HANDSHAKE_RESP (or COOKIE_REPLY) out.
 
 ``_HandshakeMixin`` gives ``GatewaySessions`` (gateway.py) the INIT handling in cheapest
-first order: mac1, then under load mac2 or a rate-limited COOKIE_REPLY (cookie.py), the
-handshake token bucket, the Noise DH, the client key and timestamp checks (replay and
-session fixation), and finally the new session (replacing the client's old one) with its
-RESP and SESSION_CREATED / TRANSPORT_ATTACHED events.
+first order: mac1, then under load mac2 or a rate-limited COOKIE_REPLY (cookie.py) and a
+per-source-host token bucket, the handshake token bucket, the Noise DH, the client key
+and timestamp checks (replay and session fixation), and finally the new session
+(replacing the client's old one) with its RESP and SESSION_CREATED / TRANSPORT_ATTACHED
+events.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import random
+from collections import OrderedDict
+from collections.abc import Hashable
 
 from tunnel.core.aead import SessionCipher
 from tunnel.core.constants import (
@@ -56,6 +59,17 @@ cookie are dropped as rate_limited. Bounds the work a spoofed INIT flood can cau
 COOKIE_REPLY_BURST = 5000.0
 """Cookie reply bucket size."""
 
+SOURCE_INIT_RATE = 20.0
+"""Under load, INITs with a valid cookie per second per source host (WireGuard's handshake
+ratelimiter: 20/s per IP): a host that holds a cookie cannot spend the whole handshake
+budget by itself."""
+
+SOURCE_INIT_BURST = 5.0
+"""Per-source bucket size (WireGuard: 5)."""
+
+MAX_INIT_SOURCES = 4096
+"""Source hosts whose bucket is remembered; the least recently seen is forgotten beyond."""
+
 
 class _HandshakeMixin(_GatewayBase):
     """INIT handling, cookies and handshake rate limiting; creates sessions."""
@@ -66,6 +80,7 @@ class _HandshakeMixin(_GatewayBase):
     cookie_threshold: float
     _cookie_bucket: TokenBucket
     _hs_bucket: TokenBucket
+    _init_sources: OrderedDict[Hashable, TokenBucket]
     _clients: dict[bytes, ClientEntry]
     _last_init_ts: dict[bytes, int]
     _rng: random.Random
@@ -82,6 +97,19 @@ class _HandshakeMixin(_GatewayBase):
             return True
         return self._hs_bucket.level(now) < self.cookie_threshold * self._hs_bucket.burst
 
+    def _source_allows(self, addr: Addr, now: float) -> bool:
+        """Take a token from the bucket of ``addr``'s host (bounded LRU of buckets)."""
+        host = addr[0] if isinstance(addr, tuple) else addr
+        sources = self._init_sources
+        bucket = sources.get(host)
+        if bucket is None:
+            bucket = sources[host] = TokenBucket(SOURCE_INIT_RATE, SOURCE_INIT_BURST, now)
+            while len(sources) > MAX_INIT_SOURCES:
+                sources.popitem(last=False)
+        else:
+            sources.move_to_end(host)
+        return bucket.allow(now)
+
     def _on_init(self, data: bytes, addr: Addr, now: float) -> None:
         # Cheap checks first (cookie.py): mac1 always, mac2 under load; DH only after both.
         if not self._cookies.mac1_ok(data):
@@ -96,6 +124,9 @@ class _HandshakeMixin(_GatewayBase):
                     self.count_drop(Drop.COOKIE_REQUIRED)
                 else:
                     self.count_drop(Drop.RATE_LIMITED)
+                return
+            if not self._source_allows(addr, now):
+                self.count_drop(Drop.RATE_LIMITED)
                 return
         if not self._hs_bucket.allow(now):
             self.count_drop(Drop.RATE_LIMITED)
