@@ -24,25 +24,33 @@ Host changes happen in :meth:`GatewayRuntime.open` before the loop starts (socke
 metrics listener, then the TUN and its addresses) and are undone in reverse order by
 :meth:`GatewayRuntime.close`. An exception inside a loop callback is an engine failure:
 every session is terminated with ``invariant_violation`` and the runtime stops.
+
+The runtime is split by concern; this module composes it and re-exports the public
+names of the parts:
+- gateway_ownership.py: the ownership-store mirror (``_OwnershipMixin``);
+- gateway_policy.py: ``load_initial_policy``, ``reload_policy()`` and the policy-file
+  poll (``_PolicyMixin``, ``POLICY_POLL_S``);
+- gateway_metrics.py: ``health()``, ``session_views()`` and the Prometheus families with
+  the counters behind them (``_MetricsMixin``, ``GatewayHealth``, ``RuntimeCounters``);
+- gateway_thread.py: ``GatewayThread`` and ``start_in_thread`` (``CALL_TIMEOUT_S``);
+- gateway_inner.py: the inner side (``GatewayTun``, ``EchoInner``);
+- here: ``GatewayRuntime`` with construction, the lifecycle, the inputs (sockets, inner
+  side, timer) and the pump (events, datagrams, inner packets, the one timer).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import os
 import signal
 import socket
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
 
 from tunnel.core.events import (
-    Diagnostic,
     Event,
     EventType,
     PolicyEvent,
@@ -53,21 +61,38 @@ from tunnel.core.events import (
     StateChange,
     TransportSwitch,
 )
-from tunnel.core.gateway import ClientEntry, GatewaySession, GatewaySessions, SessionView
-from tunnel.core.policy import POLICY_DEFAULT, Policy, PolicyError, load_policy
-from tunnel.core.session import State
+from tunnel.core.gateway import ClientEntry, GatewaySession, GatewaySessions
+from tunnel.core.policy import POLICY_DEFAULT, Policy
 from tunnel.io.gateway_inner import EchoInner, GatewayInner, GatewayTun
+from tunnel.io.gateway_metrics import GatewayHealth, RuntimeCounters, _MetricsMixin
+from tunnel.io.gateway_ownership import _OwnershipMixin
+from tunnel.io.gateway_policy import (
+    POLICY_POLL_S,
+    _policy_signature,
+    _PolicyMixin,
+    load_initial_policy,
+)
+from tunnel.io.gateway_thread import CALL_TIMEOUT_S, GatewayThread, start_in_thread
 from tunnel.io.loop import new_event_loop
 from tunnel.io.udp import GatewaySocket
-from tunnel.observability.metrics import (
-    MetricFamily,
-    MetricsServer,
-    labelled,
-    observability_families,
-    single,
-)
+from tunnel.observability.metrics import MetricsServer
 from tunnel.observability.pipeline import EventPipeline
-from tunnel.ownership import MemorySessionStore, SessionRecord, SessionStore, StoreUnavailable
+from tunnel.ownership import MemorySessionStore, SessionStore
+
+__all__ = [
+    "BATCH",
+    "CALL_TIMEOUT_S",
+    "DRAIN_LIMIT",
+    "POLICY_POLL_S",
+    "TIMER_SLACK_S",
+    "GatewayHealth",
+    "GatewayRuntime",
+    "GatewayThread",
+    "PeerAddr",
+    "RuntimeCounters",
+    "load_initial_policy",
+    "start_in_thread",
+]
 
 DRAIN_LIMIT: Final = 1024
 """Datagrams (or inner packets) taken per readiness callback: drains a burst, yet one
@@ -78,12 +103,6 @@ BATCH: Final = 64
 
 TIMER_SLACK_S: Final = 0.0005
 """A deadline this close to now is handled now instead of arming a ~0 s timer."""
-
-POLICY_POLL_S: Final = 1.0
-"""How often the policy file's mtime/size/inode is checked for a change."""
-
-CALL_TIMEOUT_S: Final = 5.0
-"""How long a thread waits for the loop to run something for it (metrics, commands)."""
 
 if TYPE_CHECKING:
     from tunnel.gateway_config import GatewayConfig
@@ -106,59 +125,7 @@ class PeerAddr(NamedTuple):
     """IPv6 scope (link-local); 0 for IPv4."""
 
 
-@dataclass(frozen=True, slots=True)
-class GatewayHealth:
-    """What an operator checks first."""
-
-    policy_ok: bool
-    """False after an invalid policy (new sessions are denied until a valid one)."""
-    policy_error: str | None
-    policy_version: str
-    """The last valid policy's version (what running sessions use)."""
-    observability_ok: bool
-    """The event pipeline's health flag (True when there is no pipeline)."""
-    sessions: int
-    """Live (not terminated) sessions."""
-    crashed: str | None
-    """The engine failure that stopped the runtime, if any."""
-
-
-@dataclass(slots=True)
-class RuntimeCounters:
-    """Loop-level counters (the core keeps its own drop counters)."""
-
-    datagrams_in: int = 0
-    datagrams_out: int = 0
-    send_failed: int = 0
-    inner_in: int = 0
-    """Packets from the inner side towards clients."""
-    inner_out: int = 0
-    """Packets from clients written to the inner side."""
-    store_conflicts: int = 0
-    store_errors: int = 0
-    policy_reloads_ok: int = 0
-    policy_reloads_invalid: int = 0
-
-
-def _policy_signature(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-
-def load_initial_policy(path: Path | None) -> tuple[Policy | None, str | None]:
-    """(policy, None) from ``path`` (defaults when None), or (None, error) when invalid."""
-    if path is None:
-        return POLICY_DEFAULT, None
-    try:
-        return load_policy(path), None
-    except PolicyError as exc:
-        return None, str(exc)
-
-
-class GatewayRuntime:
+class GatewayRuntime(_OwnershipMixin, _PolicyMixin, _MetricsMixin):
     """Drives one GatewaySessions on an asyncio loop; see the module docstring.
 
     Lifecycle: ``open()`` (binds, configures the host; before any loop runs) ->
@@ -574,288 +541,3 @@ class GatewayRuntime:
         if delay < TIMER_SLACK_S:
             delay = 0.0
         self._timer = self._loop.call_later(delay, self._guard, self._on_timer)
-
-    # -- ownership store -----------------------------------------------------------------
-
-    def _session(self, session_id: str) -> GatewaySession | None:
-        s = self._by_sid.get(session_id)
-        if s is None:
-            live = self.gateway.sessions.values()
-            self._by_sid = {x.machine.session_id: x for x in live}
-            self._not_authoritative &= set(self._by_sid)
-            s = self._by_sid.get(session_id)
-        return s
-
-    def _mirror(self, event: StateChange, now: float) -> None:
-        sid = event.session_id
-        if sid in self._not_authoritative:
-            return
-        s = self._session(sid)
-        record = SessionRecord(
-            session_id=sid, state=event.new_state, state_version=event.state_version,
-            binding_epoch=s.epoch if s is not None else 0, owner_node=self.node_id,
-            policy_version=event.policy_version, updated_ms=event.ts_ms,
-        )  # fmt: skip
-        detail = ""
-        try:
-            if event.previous_state == State.BIRTH:
-                ok = self.store.create(record)
-                detail = "a record for this session already exists"
-            else:
-                ok = self.store.cas(sid, event.state_version - 1, record)
-                detail = f"record is not at version {event.state_version - 1}"
-            if ok and event.new_state == State.TERMINATED:
-                self.store.delete(sid, event.state_version)
-        except StoreUnavailable as exc:
-            ok = False
-            detail = f"store unavailable: {exc}"
-            self.counters.store_errors += 1
-        if ok:
-            return
-        self.counters.store_conflicts += 1
-        self._not_authoritative.add(sid)
-        base = (
-            s.machine.base(self.gateway.ts_ms(now))
-            if s is not None
-            else {
-                "ts_ms": event.ts_ms, "session_id": sid, "node_id": self.node_id,
-                "policy_version": event.policy_version, "state_version": event.state_version,
-            }
-        )  # fmt: skip
-        # Seed §5: an unexpected state version is diagnosed, then ends the session.
-        self.gateway.emit(
-            Diagnostic(
-                **base, reason_code=Reason.STALE_STATE_VERSION,
-                detail=f"transition to {event.new_state} v{event.state_version} rejected by "
-                f"the session store: {detail}", state=str(event.new_state),
-            )
-        )  # fmt: skip
-        self.gateway.emit(
-            SecurityEvent(
-                **base, violation_type="OWNERSHIP_CONFLICT",
-                reason_code=Reason.OWNERSHIP_CONFLICT, source=detail,
-            )
-        )  # fmt: skip
-        if event.new_state != State.TERMINATED:
-            self.gateway.terminate(sid, now, Reason.OWNERSHIP_CONFLICT)
-
-    # -- policy --------------------------------------------------------------------------
-
-    def reload_policy(self) -> bool:
-        """Reload the policy file now (loop thread); True if it was valid and applied.
-
-        Without a policy file the built-in defaults stay; this returns True.
-        """
-        if self.policy_path is None:
-            return True
-        now = self.clock()
-        self._policy_sig = _policy_signature(self.policy_path)
-        try:
-            policy = load_policy(self.policy_path)
-        except PolicyError as exc:
-            self.policy_ok = False
-            self.policy_error = str(exc)
-            self.counters.policy_reloads_invalid += 1
-            self.gateway.set_policy(None, now, error=str(exc))
-            self.pump(now)
-            return False
-        self.policy_ok = True
-        self.policy_error = None
-        self._last_valid_version = policy.policy_version
-        self.counters.policy_reloads_ok += 1
-        self.gateway.set_policy(policy, now)
-        self.pump(now)
-        return True
-
-    def _reload_from_signal(self) -> None:
-        self.reload_policy()
-
-    def _announce_invalid_start(self) -> None:
-        self.gateway.set_policy(None, self.clock(), error=self.policy_error)
-
-    def _poll(self) -> None:
-        self._poll_handle = None
-        assert self.policy_path is not None and self.policy_poll_s
-        if _policy_signature(self.policy_path) != self._policy_sig:
-            self.reload_policy()
-        if self._loop is not None:
-            self._poll_handle = self._loop.call_later(self.policy_poll_s, self._guard, self._poll)
-
-    # -- views ---------------------------------------------------------------------------
-
-    def health(self) -> GatewayHealth:
-        """The health flags (loop thread, or via :meth:`call`)."""
-        live = sum(1 for s in self.gateway.sessions.values() if not s.machine.terminated)
-        obs_ok = self.pipeline.health().ok if self.pipeline is not None else True
-        return GatewayHealth(
-            policy_ok=self.policy_ok, policy_error=self.policy_error,
-            policy_version=self._last_valid_version, observability_ok=obs_ok,
-            sessions=live, crashed=repr(self.crash) if self.crash is not None else None,
-        )  # fmt: skip
-
-    def session_views(self) -> list[SessionView]:
-        """Every session the core still holds (loop thread, or via :meth:`call`)."""
-        return self.gateway.session_views(self.clock())
-
-    def metric_families(self) -> list[MetricFamily]:
-        """Every gateway metric (loop thread; :meth:`collect_metrics` from elsewhere)."""
-        by_state = {str(st): 0.0 for st in State if st is not State.TERMINATED}
-        for s in self.gateway.sessions.values():
-            if not s.machine.terminated:
-                by_state[str(s.machine.state)] += 1
-        drops = dict(self.gateway.drops)
-        c = self.counters
-        g = "jvpn_gateway_"
-        families = [
-            labelled(g + "sessions", "Live sessions by state.", "gauge", "state", by_state),
-            single(g + "sessions_created_total", "Sessions established.", "counter",
-                   self.sessions_created),
-            single(g + "sessions_denied_total", "Handshakes denied for lack of a valid policy.",
-                   "counter", self.sessions_denied),
-            labelled(g + "switches_total", "Committed transport switches by reason.",
-                     "counter", "reason", self.switches),
-            labelled(g + "terminations_total", "Terminated sessions by reason.", "counter",
-                     "reason", self.terminations),
-            labelled(g + "reattach_rejects_total", "Denied reattach requests by reason.",
-                     "counter", "reason", self.reattach_rejects),
-            labelled(g + "drops_total", "Dropped datagrams and packets by reason.", "counter",
-                     "reason", drops),
-            single(g + "replay_drops_total", "Datagrams dropped by the anti-replay window.",
-                   "counter", drops.get("replay_detected", 0)),
-            labelled(g + "security_events_total", "Security violations by type.", "counter",
-                     "violation", self.security),
-            single(g + "policy_valid", "1 while the last policy load was valid.", "gauge",
-                   float(self.policy_ok)),
-            labelled(g + "policy_reloads_total", "Policy reloads by result.", "counter",
-                     "result", {"ok": c.policy_reloads_ok, "invalid": c.policy_reloads_invalid}),
-            single(g + "store_conflicts_total", "Ownership CAS failures (not authoritative).",
-                   "counter", c.store_conflicts),
-            single(g + "engine_events_dropped_total", "Events dropped in the core's queue.",
-                   "counter", self.gateway.events_dropped),
-            labelled(g + "datagrams_total", "UDP datagrams.", "counter", "direction",
-                     {"in": c.datagrams_in, "out": c.datagrams_out,
-                      "send_failed": c.send_failed}),
-            labelled(g + "inner_packets_total", "Inner packets.", "counter", "direction",
-                     {"to_clients": c.inner_in, "from_clients": c.inner_out}),
-        ]  # fmt: skip
-        if self.pipeline is not None:
-            families += observability_families(self.pipeline.health())
-        return families
-
-    def collect_metrics(self) -> list[MetricFamily]:
-        """:meth:`metric_families`, gathered on the loop thread (safe from any thread)."""
-        return self.call(self.metric_families)
-
-
-class GatewayThread:
-    """A GatewayRuntime on its own thread with its own loop (the demo, tests, embedding).
-
-    ``start()`` returns once the sockets are bound (or raises what ``open()`` raised);
-    ``stop()`` ends every session (TERMINATE to clients) and joins the thread.
-    """
-
-    def __init__(self, runtime: GatewayRuntime) -> None:
-        self.runtime = runtime
-        self._thread = threading.Thread(target=self._main, name="jvpn-gateway", daemon=True)
-        self._ready: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self.error: BaseException | None = None
-        """What ended the thread abnormally (an open() failure or an engine crash)."""
-
-    def start(self, timeout: float = 10.0) -> GatewayThread:
-        self._thread.start()
-        self._ready.result(timeout)
-        return self
-
-    def _main(self) -> None:
-        runtime = self.runtime
-        try:
-            runtime.open()
-        except BaseException as exc:
-            self.error = exc
-            self._ready.set_exception(exc)
-            return
-        try:
-            loop = new_event_loop()
-            try:
-                serving = loop.create_task(runtime.serve())
-                loop.call_soon(self._ready.set_result, None)
-                loop.run_until_complete(serving)
-            finally:
-                loop.close()
-        except BaseException as exc:
-            self.error = exc
-        finally:
-            if not self._ready.done():
-                self._ready.set_exception(self.error or RuntimeError("gateway did not start"))
-            try:
-                runtime.close()
-            except Exception as exc:  # report, the thread ends anyway
-                self.error = self.error or exc
-        if runtime.crash is not None and self.error is None:
-            self.error = runtime.crash
-
-    @property
-    def addresses(self) -> list[tuple[str, int]]:
-        """Bound listen addresses."""
-        return self.runtime.addresses
-
-    @property
-    def address(self) -> tuple[str, int]:
-        """The first bound listen address."""
-        return self.runtime.addresses[0]
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def call(self, fn: Callable[[], T], timeout: float = CALL_TIMEOUT_S) -> T:
-        """Run ``fn()`` on the gateway loop and return its result."""
-        return self.runtime.call(fn, timeout)
-
-    def reload_policy(self, timeout: float = CALL_TIMEOUT_S) -> bool:
-        """Reload the policy file on the loop; True if valid and applied."""
-        return self.call(self.runtime.reload_policy, timeout)
-
-    def sessions(self) -> list[SessionView]:
-        return self.call(self.runtime.session_views)
-
-    def health(self) -> GatewayHealth:
-        return self.call(self.runtime.health)
-
-    def metrics_text(self) -> str:
-        from tunnel.observability.metrics import render
-
-        return render(self.call(self.runtime.metric_families))
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """End every session, stop the loop, undo host changes, join. Idempotent."""
-        self.runtime.request_stop()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def __enter__(self) -> GatewayThread:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def start_in_thread(
-    *,
-    static_private: bytes,
-    clients: Sequence[ClientEntry],
-    policy: Policy | None = POLICY_DEFAULT,
-    listen: Sequence[tuple[str, int]] = (("127.0.0.1", 0),),
-    inner_gateway: str = "10.66.0.1",
-    **kwargs: Any,
-) -> GatewayThread:
-    """An embedded gateway on loopback with the echo inner side, started and bound.
-
-    ``kwargs`` go to :class:`GatewayRuntime` (``pipeline``, ``store``, ``on_event``,
-    ``policy_path``, ``metrics``, ``node_id``, ``inner``...).
-    """
-    runtime = GatewayRuntime(
-        static_private=static_private, clients=clients, policy=policy, listen=listen,
-        inner_gateway=inner_gateway, **kwargs,
-    )  # fmt: skip
-    return GatewayThread(runtime).start()

@@ -1,0 +1,95 @@
+"""Mirroring each session's state into the ownership store (DESIGN D15).
+
+``_OwnershipMixin`` gives :class:`~tunnel.io.gateway_runtime.GatewayRuntime` ``_mirror``,
+which the runtime's pump calls for every STATE_CHANGE before any reply leaves. A session's
+record is created at its first transition and then replaced only by compare-and-swap from
+the version this node last wrote; a terminated session's record is removed. A failed CAS
+(or a store that cannot answer) means this node is not authoritative: a diagnostic
+(``stale_state_version``) and a SECURITY_EVENT (``ownership_conflict``) are emitted, the
+session is terminated with ``ownership_conflict`` (TERMINATE sent to the client), and the
+store is not touched again for it.
+"""
+
+from __future__ import annotations
+
+from tunnel.core.events import Diagnostic, Reason, SecurityEvent, StateChange
+from tunnel.core.gateway import GatewaySession, GatewaySessions
+from tunnel.core.session import State
+from tunnel.io.gateway_metrics import RuntimeCounters
+from tunnel.ownership import SessionRecord, SessionStore, StoreUnavailable
+
+
+class _OwnershipMixin:
+    """The session-store mirror of a GatewayRuntime (see the module docstring)."""
+
+    # Set in GatewayRuntime.__init__; declared here for the methods below.
+    node_id: str
+    gateway: GatewaySessions
+    store: SessionStore
+    counters: RuntimeCounters
+    _by_sid: dict[str, GatewaySession]
+    _not_authoritative: set[str]
+
+    # -- ownership store -----------------------------------------------------------------
+
+    def _session(self, session_id: str) -> GatewaySession | None:
+        s = self._by_sid.get(session_id)
+        if s is None:
+            live = self.gateway.sessions.values()
+            self._by_sid = {x.machine.session_id: x for x in live}
+            self._not_authoritative &= set(self._by_sid)
+            s = self._by_sid.get(session_id)
+        return s
+
+    def _mirror(self, event: StateChange, now: float) -> None:
+        sid = event.session_id
+        if sid in self._not_authoritative:
+            return
+        s = self._session(sid)
+        record = SessionRecord(
+            session_id=sid, state=event.new_state, state_version=event.state_version,
+            binding_epoch=s.epoch if s is not None else 0, owner_node=self.node_id,
+            policy_version=event.policy_version, updated_ms=event.ts_ms,
+        )  # fmt: skip
+        detail = ""
+        try:
+            if event.previous_state == State.BIRTH:
+                ok = self.store.create(record)
+                detail = "a record for this session already exists"
+            else:
+                ok = self.store.cas(sid, event.state_version - 1, record)
+                detail = f"record is not at version {event.state_version - 1}"
+            if ok and event.new_state == State.TERMINATED:
+                self.store.delete(sid, event.state_version)
+        except StoreUnavailable as exc:
+            ok = False
+            detail = f"store unavailable: {exc}"
+            self.counters.store_errors += 1
+        if ok:
+            return
+        self.counters.store_conflicts += 1
+        self._not_authoritative.add(sid)
+        base = (
+            s.machine.base(self.gateway.ts_ms(now))
+            if s is not None
+            else {
+                "ts_ms": event.ts_ms, "session_id": sid, "node_id": self.node_id,
+                "policy_version": event.policy_version, "state_version": event.state_version,
+            }
+        )  # fmt: skip
+        # Seed §5: an unexpected state version is diagnosed, then ends the session.
+        self.gateway.emit(
+            Diagnostic(
+                **base, reason_code=Reason.STALE_STATE_VERSION,
+                detail=f"transition to {event.new_state} v{event.state_version} rejected by "
+                f"the session store: {detail}", state=str(event.new_state),
+            )
+        )  # fmt: skip
+        self.gateway.emit(
+            SecurityEvent(
+                **base, violation_type="OWNERSHIP_CONFLICT",
+                reason_code=Reason.OWNERSHIP_CONFLICT, source=detail,
+            )
+        )  # fmt: skip
+        if event.new_state != State.TERMINATED:
+            self.gateway.terminate(sid, now, Reason.OWNERSHIP_CONFLICT)
