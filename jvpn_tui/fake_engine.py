@@ -76,6 +76,7 @@ def _stats(
         path_id=pid, srtt_ms=rtt, jitter_ms=jitter, loss_ratio=loss,
         consecutive_misses=misses, score=score, alive=alive, rtt_history=history,
         loss_up=loss,  # the scripted loss is all upstream
+        loss_known=rtt is not None, direction_known=rtt is not None,
     )  # fmt: skip
 
 

@@ -482,3 +482,14 @@ def test_direction_loss_matches_a_direct_count(delivery: list[tuple[bool, bool]]
     assert up == pytest.approx(1 - received / sent)
     assert down == pytest.approx(1 - came_back / received)
     assert 0.0 <= up <= 1.0 and 0.0 <= down <= 1.0
+
+
+def test_stats_say_whether_the_loss_is_measured() -> None:
+    h = PathHealth(1, loss_window_ms=10_000, min_loss_samples=8)
+    now = drive(h, [(True, True)] * 5)  # 5 probes: too few for either estimate
+    st = h.stats(now)
+    assert (st.loss_ratio, st.loss_known, st.direction_known) == (0.0, False, False)
+    now = drive(h, [(i % 4 != 0, True) for i in range(20)], rx_start=5, first=5)
+    st = h.stats(now)
+    assert st.loss_known and st.direction_known
+    assert st.loss_up == pytest.approx(0.25, abs=0.06) and st.loss_down == 0.0

@@ -33,6 +33,7 @@ from jvpn_tui.widgets import (
     SwitchTimeline,
     TransportsTable,
 )
+from jvpn_tui.widgets.format import NONE
 from tunnel.api import (
     DemoImpair,
     EngineSnapshot,
@@ -311,6 +312,15 @@ async def test_loss_is_shown_as_round_trip_and_by_direction() -> None:
         await wait_for(pilot, lambda: str(table.get_cell("1", "dir")) == "30 / 0", "↑ 30 %")
         assert str(table.get_cell("1", "loss")) == "30%"
         assert str(table.get_cell("2", "dir")) == "0 / 0"
+
+    degraded = FakeEngine("degraded")
+    app = RecordingApp(degraded)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        table = app.query_one(TransportsTable)
+        # path 2 is down: no measurement, so no number (not a reassuring "0%")
+        assert str(table.get_cell("2", "loss")) == str(table.get_cell("2", "dir")) == NONE
+        assert str(table.get_cell("1", "dir")) == "18 / 0"
 
 
 @run_async

@@ -69,9 +69,14 @@ class TransportsTable(DataTable[Text]):
             "path": Text(view.label, overflow="ellipsis", no_wrap=True),
             "role": Text(view.role, style=role_style.strip()),
             "rtt": Text(rtt, justify="right"),
-            "loss": Text(f"{st.loss_ratio * 100:.0f}%", style=loss_style, justify="right"),
+            # NONE while too few probes lie in the loss window (a standby path's usually)
+            "loss": Text(
+                f"{st.loss_ratio * 100:.0f}%" if st.loss_known else NONE,
+                style=loss_style, justify="right",
+            ),
             "dir": Text(
-                f"{st.loss_up * 100:.0f} / {st.loss_down * 100:.0f}",
+                f"{st.loss_up * 100:.0f} / {st.loss_down * 100:.0f}"
+                if st.direction_known else NONE,
                 style=dir_style, justify="right",
             ),
             "jitter": Text(jitter, justify="right"),

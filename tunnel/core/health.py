@@ -114,6 +114,10 @@ class PathStats:
     """Client -> gateway loss over the window (see PathHealth.direction_loss)."""
     loss_down: float = 0.0
     """Gateway -> client loss over the window."""
+    loss_known: bool = False
+    """``loss_ratio`` rests on at least ``min_loss_samples`` probes (else it reads 0.0)."""
+    direction_known: bool = False
+    """``loss_up``/``loss_down`` rest on enough probes (a standby path's rarely do)."""
 
 
 class PathHealth:
@@ -276,6 +280,11 @@ class PathHealth:
 
         0.0 while fewer than ``min_loss_samples`` outcomes lie in the window (or none).
         """
+        loss = self._loss(now)
+        return 0.0 if loss is None else loss
+
+    def _loss(self, now: float) -> float | None:
+        """:meth:`loss_ratio`, or None while it is not measured (too few outcomes)."""
         self._see(now)
         start = now - self._loss_window_ms / _MS
         while self._outcomes and self._outcomes[0][0] <= start:
@@ -287,7 +296,7 @@ class PathHealth:
                 total += 1
                 lost += was_lost
         if total == 0 or total < self._min_loss_samples:
-            return 0.0
+            return None
         return lost / total
 
     def direction_loss(self, now: float) -> tuple[float, float]:
@@ -298,17 +307,22 @@ class PathHealth:
         acks that came back ``da``. Upstream loss ``1 - dr/ds``, downstream ``1 - da/dr``,
         each clamped to 0..1. (0.0, 0.0) while ``ds`` < ``min_loss_samples`` (or is 0).
         """
+        split = self._direction_split(now)
+        return (0.0, 0.0) if split is None else split
+
+    def _direction_split(self, now: float) -> tuple[float, float] | None:
+        """:meth:`direction_loss`, or None while it is not measured."""
         start = now - self._loss_window_ms / _MS
         counts = self._counts
         while counts and counts[0][0] <= start:
             counts.popleft()
         if len(counts) < 2:
-            return 0.0, 0.0
+            return None
         _, seq_a, rx_a, acks_a = counts[0]
         _, seq_b, rx_b, acks_b = counts[-1]
         sent = seq_b - seq_a
         if sent <= 0 or sent < self._min_loss_samples:
-            return 0.0, 0.0
+            return None
         received = min(sent, (rx_b - rx_a) & 0xFFFFFFFF)
         up = 1.0 - received / sent
         if received == 0:
@@ -391,18 +405,22 @@ class PathHealth:
 
     def stats(self, now: float) -> PathStats:
         """Immutable snapshot at ``now``."""
-        up, down = self.direction_loss(now)
+        loss = self._loss(now)
+        split = self._direction_split(now)
+        up, down = (0.0, 0.0) if split is None else split
         return PathStats(
             path_id=self.path_id,
             srtt_ms=self.srtt_ms,
             jitter_ms=self.jitter_ms,
-            loss_ratio=self.loss_ratio(now),
+            loss_ratio=0.0 if loss is None else loss,
             consecutive_misses=self.consecutive_misses,
             score=self.score(now),
             alive=not self.is_dead(now),
             rtt_history=tuple(self._history),
             loss_up=up,
             loss_down=down,
+            loss_known=loss is not None,
+            direction_known=split is not None,
         )
 
     @property
