@@ -92,12 +92,12 @@ def wrap(cls, name):
             prof.dump_stats(out)
     setattr(cls, name, run)
 if which == "gateway":
-    from tunnel.io.gateway_runtime import GatewayRuntime
+    from tunnel.gateway.runtime import GatewayRuntime
     if out != "-":
         wrap(GatewayRuntime, "run")
-    from tunnel.gateway_main import main
+    from tunnel.gateway.main import main
 else:
-    from tunnel.engine import ClientEngine
+    from tunnel.client.engine import ClientEngine
     if out != "-":
         wrap(ClientEngine, "_run_loop")
     from jvpn_tui.__main__ import main
@@ -286,7 +286,7 @@ class TunnelRig:
 
     def _program(self, which: str, argv: Sequence[str]) -> list[str]:
         if self.profile_dir is None and self.offloads == "on":
-            module = "tunnel.gateway_main" if which == "gateway" else "jvpn_tui"
+            module = "tunnel.gateway.main" if which == "gateway" else "jvpn_tui"
             return [sys.executable, "-m", module, *argv]
         out = "-" if self.profile_dir is None else str(self.profile_dir / f"{which}.prof")
         return [sys.executable, "-c", WRAPPER, out, self.offloads, which, *argv]

@@ -114,8 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_ui(fake, args, keymap)
 
     try:
-        from tunnel.client_config import ConfigError
-        from tunnel.headless import build_engine_from_args, run_headless
+        from tunnel.client.config import ConfigError
+        from tunnel.client.headless import build_engine_from_args, run_headless
     except ImportError as exc:
         return _not_available(exc)
     try:
@@ -164,7 +164,7 @@ def _run_ui(engine: Any, args: argparse.Namespace, keymap: dict[str, str]) -> in
         return 0
     print(f"{PROG}: session ended: {app.ended}", file=sys.stderr)
     try:
-        from tunnel.engine import exit_code_for
+        from tunnel.client.engine import exit_code_for
     except ImportError:
         return 0 if app.ended == "operator_terminated" else 1
     return exit_code_for(app.ended)

@@ -436,7 +436,7 @@ class RealTunnel:
         return Relay(proc, ns, control)
 
     def _start_gateway(self) -> None:
-        argv = [*program("jvpn-gateway", "tunnel.gateway_main"), "--config", "gateway.toml"]
+        argv = [*program("jvpn-gateway", "tunnel.gateway.main"), "--config", "gateway.toml"]
         proc = self.topo.exec(
             self.topo.gateway_ns, argv, cwd=self.tmp, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from jvpn_tui.keymap import check_keymap
-from tunnel.client_config import ConfigError, load_client_config, parse_client_config
+from tunnel.client.config import ConfigError, load_client_config, parse_client_config
 from tunnel.core.handshake import generate_keypair
 from tunnel.core.policy import POLICY_DEFAULT, policy_to_toml
 from tunnel.keys import write_private_key, write_public_key

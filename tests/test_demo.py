@@ -18,7 +18,7 @@ from typing import Any
 from simkit import build, of_type
 
 from tunnel.core.events import EventType, Reason
-from tunnel.demo import DEMO_SCRIPT, SCRIPT_LENGTH_S
+from tunnel.demo.scenario import DEMO_SCRIPT, SCRIPT_LENGTH_S
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,11 +26,11 @@ from tunnel.api import (
     Terminate,
     UiChannel,
 )
-from tunnel.client_config import ClientConfig, PathConfig
+from tunnel.client.config import ClientConfig, PathConfig
+from tunnel.client.engine import ClientEngine, exit_code_for, exit_code_table
 from tunnel.core.events import SessionTerminated
 from tunnel.core.handshake import generate_keypair
 from tunnel.core.policy import POLICY_DEFAULT, policy_to_toml
-from tunnel.engine import ClientEngine, exit_code_for, exit_code_table
 from tunnel.io.inner import MemoryInner
 
 
@@ -296,7 +296,7 @@ def test_exit_codes_are_distinct_per_reason_and_documented() -> None:
 
 
 def test_demo_engine_kill_switches_and_replay_is_rejected() -> None:
-    from tunnel.demo import DemoEngine
+    from tunnel.demo.scenario import DemoEngine
 
     engine = DemoEngine(seed=7)
     w = Watcher(engine)
@@ -371,7 +371,7 @@ def test_d7_a_gateway_name_that_moves_is_followed_after_a_reattach(
     keys: tuple[bytes, bytes],
 ) -> None:
     """The name first means 127.0.0.1, then 127.0.0.2 (a relay to the same gateway)."""
-    from tunnel.impair import run_relay_in_thread
+    from tunnel.impair.thread import run_relay_in_thread
 
     private, public = keys
     with LoopbackGateway(public) as gw:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tunnel import gateway_main
 from tunnel.core.handshake import generate_keypair
-from tunnel.gateway_config import ConfigError, KeyFileError, load_gateway_config
+from tunnel.gateway import main as gateway_main
+from tunnel.gateway.config import ConfigError, KeyFileError, load_gateway_config
 from tunnel.keys import encode_key, write_private_key, write_public_key
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,7 +187,7 @@ def test_missing_config_file(tmp_path: Path) -> None:
 
 def run_program(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tunnel.gateway_main", *args],
+        [sys.executable, "-m", "tunnel.gateway.main", *args],
         capture_output=True, text=True, timeout=timeout, cwd=REPO,
     )  # fmt: skip
 
@@ -252,7 +252,7 @@ def _spy(fn: object, calls: list[object]) -> object:
 def test_program_stops_cleanly_on_sigterm(confdir: Path) -> None:
     path = write(confdir, BASE)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tunnel.gateway_main", "--config", str(path)],
+        [sys.executable, "-m", "tunnel.gateway.main", "--config", str(path)],
         stderr=subprocess.PIPE, text=True, cwd=REPO,
     )  # fmt: skip
     try:

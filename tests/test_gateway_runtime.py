@@ -23,8 +23,8 @@ from tunnel.core.gateway import ClientEntry
 from tunnel.core.handshake import generate_keypair
 from tunnel.core.policy import POLICY_DEFAULT, Policy, policy_to_toml
 from tunnel.core.session import State
-from tunnel.io.gateway_inner import echo_response, inet_checksum
-from tunnel.io.gateway_runtime import GatewayThread, start_in_thread
+from tunnel.gateway.inner import echo_response, inet_checksum
+from tunnel.gateway.runtime import GatewayThread, start_in_thread
 from tunnel.io.udp import PathSocket
 from tunnel.ownership import MemorySessionStore, SessionRecord
 

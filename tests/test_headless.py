@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from loopback_gateway import LoopbackGateway
 
-from tunnel.client_config import ClientConfig, ConfigError, PathConfig
+from tunnel.client.config import ClientConfig, ConfigError, PathConfig
+from tunnel.client.engine import ClientEngine, exit_code_for
+from tunnel.client.headless import build_engine_from_args, run_headless
 from tunnel.core.events import SessionTerminated
 from tunnel.core.handshake import generate_keypair
 from tunnel.core.policy import POLICY_DEFAULT
-from tunnel.engine import ClientEngine, exit_code_for
-from tunnel.headless import build_engine_from_args, run_headless
 from tunnel.io.inner import MemoryInner
 
 ROOT = Path(__file__).parent.parent
@@ -118,7 +118,7 @@ def test_build_engine_from_args_errors_are_clear(tmp_path: Path) -> None:
 
 def test_module_entry_point_reports_config_error_with_exit_2(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "tunnel.headless", "--config", str(tmp_path / "none.toml")],
+        [sys.executable, "-m", "tunnel.client.headless", "--config", str(tmp_path / "none.toml")],
         capture_output=True, text=True, timeout=30, cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 2

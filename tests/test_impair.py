@@ -16,17 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from tunnel.impair import (
-    Impairment,
-    ImpairRelay,
-    RelayStartError,
-    RelayThread,
-    control,
-    format_address,
-    main,
-    parse_address,
-    run_relay_in_thread,
-)
+from tunnel.impair.control import control
+from tunnel.impair.main import main
+from tunnel.impair.model import Impairment
+from tunnel.impair.net import RelayStartError, format_address, parse_address
+from tunnel.impair.relay import ImpairRelay
+from tunnel.impair.thread import RelayThread, run_relay_in_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 2.0

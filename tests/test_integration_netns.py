@@ -31,8 +31,8 @@ from realnet import (
     wait_until,
 )
 
+from tunnel.client.engine import exit_code_for
 from tunnel.core.constants import MSG_CONTROL, MSG_DATA
-from tunnel.engine import exit_code_for
 
 pytestmark = pytest.mark.root
 

@@ -91,7 +91,7 @@ def test_help_prints_usage(program: str, options: list[str]) -> None:
 
 @pytest.mark.parametrize(
     ("program", "source"),
-    [("jvpn-keygen", "tunnel/keygen.py"), ("jvpn-impair", "tunnel/impair.py")],
+    [("jvpn-keygen", "tunnel/keygen.py"), ("jvpn-impair", "tunnel/impair/main.py")],
 )
 def test_tool_help(program: str, source: str) -> None:
     if not (REPO_ROOT / source).exists():

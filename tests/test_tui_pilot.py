@@ -402,7 +402,7 @@ async def test_frozen_ui_does_not_block_the_engine_and_drops_are_shown() -> None
 async def test_real_demo_engine_keeps_carrying_traffic_while_the_ui_is_frozen() -> None:
     """Issue 4 isolation with the real engine: the UI thread sleeps 5 s (no drain, no
     redraw) while a DemoEngine (real Noise + AEAD over loopback UDP) runs."""
-    from tunnel.demo import DemoEngine
+    from tunnel.demo.scenario import DemoEngine
 
     rate, freeze_s = 50.0, 5.0
     channel = UiChannel(maxsize=16)  # 5 s of 5 Hz snapshots alone overflow it
@@ -462,7 +462,7 @@ def test_unknown_theme_and_keymap_ids_are_refused() -> None:
 
 def _stub_headless(monkeypatch: pytest.MonkeyPatch, build: Callable[..., Any]) -> list[Any]:
     calls: list[Any] = []
-    stub = types.ModuleType("tunnel.headless")
+    stub = types.ModuleType("tunnel.client.headless")
 
     def build_engine_from_args(config: str | None, demo: bool, demo_script: bool = False) -> Any:
         calls.append(("build", config, demo, demo_script))
@@ -474,7 +474,7 @@ def _stub_headless(monkeypatch: pytest.MonkeyPatch, build: Callable[..., Any]) -
 
     stub.build_engine_from_args = build_engine_from_args  # type: ignore[attr-defined]
     stub.run_headless = run_headless  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "tunnel.headless", stub)
+    monkeypatch.setitem(sys.modules, "tunnel.client.headless", stub)
     return calls
 
 
@@ -493,7 +493,7 @@ def test_config_error_is_one_line_and_exit_2(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from jvpn_tui.__main__ import main
-    from tunnel.client_config import ConfigError
+    from tunnel.client.config import ConfigError
 
     def bad(config: str | None, demo: bool) -> Any:
         raise ConfigError("client.toml: [[path]] 2: remote is missing")
@@ -508,7 +508,7 @@ def test_missing_engine_modules_say_so(
 ) -> None:
     from jvpn_tui.__main__ import main
 
-    monkeypatch.setitem(sys.modules, "tunnel.headless", None)
+    monkeypatch.setitem(sys.modules, "tunnel.client.headless", None)
     assert main(["--demo"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("jvpn-tui: the client engine is not available yet")
@@ -578,10 +578,10 @@ async def test_config_keymap_reaches_the_running_app() -> None:
 def test_headless_never_imports_textual() -> None:
     code = """
 import sys, types
-stub = types.ModuleType("tunnel.headless")
+stub = types.ModuleType("tunnel.client.headless")
 stub.build_engine_from_args = lambda config, demo, demo_script=False: object()
 stub.run_headless = lambda engine, duration: 0
-sys.modules["tunnel.headless"] = stub
+sys.modules["tunnel.client.headless"] = stub
 from jvpn_tui.__main__ import main
 assert main(["--demo", "--headless"]) == 0
 loaded = sorted({m.split(".")[0] for m in sys.modules} & {"textual", "rich"})

@@ -29,9 +29,9 @@ def tmux_session() -> Iterator[str]:
     if shutil.which("tmux") is None:
         pytest.skip("tmux is not installed (make sysdeps installs it)")
     try:
-        import tunnel.demo  # noqa: F401
+        import tunnel.demo.scenario  # noqa: F401
     except ImportError:
-        pytest.skip("the demo engine (tunnel/demo.py) is not available")
+        pytest.skip("the demo engine (tunnel/demo/scenario.py) is not available")
     name = f"jvpn-tui-test-{uuid.uuid4().hex[:8]}"
     command = f"{sys.executable} -m jvpn_tui --demo --duration 60"
     env = {**os.environ, "TERM": "xterm-256color"}

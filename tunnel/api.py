@@ -7,7 +7,7 @@ drains it on a timer. Commands go the other way through a :class:`CommandQueue`,
 the engine polls; the UI never calls into engine objects.
 
 Anything implementing :class:`EngineHandle` can drive the UI: the real engine
-(``tunnel.engine``), the demo, and the scripted fake engine of the snapshot tests.
+(``tunnel.client.engine``), the demo, and the scripted fake engine of the snapshot tests.
 This module is thread-safe by construction (``queue``/``collections.deque`` with one
 lock) and imports nothing from the UI.
 """

@@ -1,6 +1,6 @@
 """Fault injection into the real programs (test-only failpoints, never shipped).
 
-    python faults.py FAULT gateway --config gw.toml     # runs tunnel.gateway_main.main
+    python faults.py FAULT gateway --config gw.toml     # runs tunnel.gateway.main.main
     python faults.py FAULT client --config alice.toml   # runs jvpn-tui --headless
 
 The program runs unchanged; this wrapper only adds signal handlers that damage its
@@ -24,8 +24,8 @@ from typing import Any
 
 
 def _gateway(fault: str, argv: list[str]) -> int:
-    from tunnel import gateway_main
-    from tunnel.io.gateway_runtime import GatewayRuntime
+    from tunnel.gateway import main as gateway_main
+    from tunnel.gateway.runtime import GatewayRuntime
 
     assert fault == "version-skew", fault
     original = GatewayRuntime.serve
@@ -45,10 +45,10 @@ def _gateway(fault: str, argv: list[str]) -> int:
 
 
 def _client(fault: str, argv: list[str]) -> int:
-    from tunnel import headless
+    from tunnel.client import headless
+    from tunnel.client.engine import ClientEngine
     from tunnel.core.events import Reason
     from tunnel.core.session import Trigger
-    from tunnel.engine import ClientEngine
 
     assert fault == "client-faults", fault
     engines: list[ClientEngine] = []

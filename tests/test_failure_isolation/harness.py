@@ -33,7 +33,7 @@ from typing import Any
 from tunnel.core.client import ClientSession, PathSpec
 from tunnel.core.handshake import generate_keypair
 from tunnel.core.policy import POLICY_DEFAULT
-from tunnel.impair import control
+from tunnel.impair.control import control
 from tunnel.keys import encode_key, write_private_key
 
 BIN = Path(sys.executable).parent

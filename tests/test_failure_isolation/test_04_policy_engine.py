@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 import time
 
-from tunnel.engine import exit_code_for
+from tunnel.client.engine import exit_code_for
 
 from .harness import Gateway, Lab, Proc, fast_policy, final_line
 

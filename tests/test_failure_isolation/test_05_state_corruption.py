@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import signal
 
-from tunnel.engine import exit_code_for
+from tunnel.client.engine import exit_code_for
 
 from .harness import Lab, assert_versions_contiguous, fast_policy, final_line, transitions
 

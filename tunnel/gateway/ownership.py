@@ -1,6 +1,6 @@
 """Mirroring each session's state into the ownership store (DESIGN D15).
 
-``_OwnershipMixin`` gives :class:`~tunnel.io.gateway_runtime.GatewayRuntime` ``_mirror``,
+``_OwnershipMixin`` gives :class:`~tunnel.gateway.runtime.GatewayRuntime` ``_mirror``,
 which the runtime's pump calls for every STATE_CHANGE before any reply leaves. A session's
 record is created at its first transition and then replaced only by compare-and-swap from
 the version this node last wrote; a terminated session's record is removed. A failed CAS
@@ -15,7 +15,7 @@ from __future__ import annotations
 from tunnel.core.events import Diagnostic, Reason, SecurityEvent, StateChange
 from tunnel.core.gateway import GatewaySession, GatewaySessions
 from tunnel.core.session import State
-from tunnel.io.gateway_metrics import RuntimeCounters
+from tunnel.gateway.metrics import RuntimeCounters
 from tunnel.ownership import SessionRecord, SessionStore, StoreUnavailable
 
 

@@ -1,7 +1,7 @@
 """The gateway runtime on a thread of its own: :class:`GatewayThread`, ``start_in_thread``.
 
 For the demo, the tests and embedding. The thread opens a
-:class:`~tunnel.io.gateway_runtime.GatewayRuntime`, serves it on its own event loop until
+:class:`~tunnel.gateway.runtime.GatewayRuntime`, serves it on its own event loop until
 ``stop()`` and closes it; other threads reach the loop only through ``call()`` (and the
 helpers built on it), which waits at most ``CALL_TIMEOUT_S``.
 """
@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from tunnel.core.gateway import ClientEntry, SessionView
 from tunnel.core.policy import POLICY_DEFAULT, Policy
-from tunnel.io.gateway_metrics import GatewayHealth
+from tunnel.gateway.metrics import GatewayHealth
 from tunnel.io.loop import new_event_loop
 
 CALL_TIMEOUT_S: Final = 5.0
 """How long a thread waits for the loop to run something for it (metrics, commands)."""
 
 if TYPE_CHECKING:
-    from tunnel.io.gateway_runtime import GatewayRuntime
+    from tunnel.gateway.runtime import GatewayRuntime
 
 T = TypeVar("T")
 
@@ -134,7 +134,7 @@ def start_in_thread(
     ``kwargs`` go to :class:`GatewayRuntime` (``pipeline``, ``store``, ``on_event``,
     ``policy_path``, ``metrics``, ``node_id``, ``inner``...).
     """
-    from tunnel.io.gateway_runtime import GatewayRuntime  # that module imports this one
+    from tunnel.gateway.runtime import GatewayRuntime  # that module imports this one
 
     runtime = GatewayRuntime(
         static_private=static_private, clients=clients, policy=policy, listen=listen,

@@ -3,7 +3,7 @@
 ``ClientEngine(config)`` implements :class:`tunnel.api.EngineHandle`. ``start()`` spawns
 one thread that builds the session, opens one UDP socket per candidate path, sets the
 inner side up (TUN + host configuration, before the asyncio loop starts), then runs the
-loop (:class:`tunnel.io.client_runtime.ClientRuntime`) until the session is TERMINATED.
+loop (:class:`tunnel.client.runtime.ClientRuntime`) until the session is TERMINATED.
 Meanwhile it publishes an :class:`EngineSnapshot` every 200 ms (5 Hz) and every event's
 ``to_dict()`` into the UiChannel (bounded, never blocks), sends every event to the
 EventPipeline (JSONL / syslog sinks), and polls the CommandQueue every 50 ms.
@@ -44,7 +44,8 @@ from tunnel.api import (
     TrafficStats,
     UiChannel,
 )
-from tunnel.client_config import ClientConfig
+from tunnel.client.config import ClientConfig
+from tunnel.client.runtime import ClientRuntime, PathTarget
 from tunnel.core.client import ClientSession, ClientSnapshot, PathSpec
 from tunnel.core.events import (
     Diagnostic,
@@ -58,7 +59,6 @@ from tunnel.core.events import (
     reason_to_wire,
 )
 from tunnel.core.policy import PolicyError, load_policy
-from tunnel.io.client_runtime import ClientRuntime, PathTarget
 from tunnel.io.inner import KernelTun, MemoryInner, TunLike
 from tunnel.io.loop import new_event_loop
 from tunnel.io.netconf import NetConfError

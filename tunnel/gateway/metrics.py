@@ -1,6 +1,6 @@
 """What an operator reads from a running gateway: health flags, session views, metrics.
 
-``_MetricsMixin`` gives :class:`~tunnel.io.gateway_runtime.GatewayRuntime` its views:
+``_MetricsMixin`` gives :class:`~tunnel.gateway.runtime.GatewayRuntime` its views:
 ``health()`` (:class:`GatewayHealth`, what an operator checks first), ``session_views()``
 and ``metric_families()``, the Prometheus families that the metrics listener serves
 through ``collect_metrics()`` (gathered on the loop thread). :class:`RuntimeCounters` are

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Final
 
-from tunnel.gateway_config import ConfigError, GatewayConfig, KeyFileError, load_gateway_config
+from tunnel.gateway.config import ConfigError, GatewayConfig, KeyFileError, load_gateway_config
 from tunnel.io.netconf import NetConfError
 from tunnel.io.tun import TUN_CLONE_DEVICE, TunError
 from tunnel.io.udp import PathError
@@ -117,7 +117,7 @@ def _privilege_error(exc: TunError | NetConfError) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from tunnel.io.gateway_runtime import GatewayRuntime  # after --help: keeps it fast
+    from tunnel.gateway.runtime import GatewayRuntime  # after --help: keeps it fast
 
     try:
         config = load_gateway_config(args.config)

@@ -3,7 +3,7 @@
 No root and no configuration: :class:`DemoEngine` generates fresh key pairs, starts a
 gateway (a real :class:`GatewaySessions` on a loopback UDP socket, in its own thread,
 answering inner ICMP echo requests itself instead of a TUN), one impairment relay per
-path (:func:`tunnel.impair.run_relay_in_thread`), and runs the ordinary
+path (:func:`tunnel.impair.thread.run_relay_in_thread`), and runs the ordinary
 :class:`ClientEngine` with the memory traffic source over real Noise + AEAD over real
 UDP. ``DemoImpair`` commands act on the relays:
 
@@ -36,14 +36,14 @@ from dataclasses import dataclass
 from typing import Final
 
 from tunnel.api import DemoImpair, UiChannel
-from tunnel.client_config import ClientConfig, PathConfig
+from tunnel.client.config import ClientConfig, PathConfig
+from tunnel.client.engine import ClientEngine, one_line
+from tunnel.client.runtime import ClientRuntime
 from tunnel.core.events import Diagnostic, Event, Reason, SecurityEvent
 from tunnel.core.gateway import ClientEntry, GatewaySessions
 from tunnel.core.handshake import generate_keypair
 from tunnel.core.policy import POLICY_DEFAULT
-from tunnel.engine import ClientEngine, one_line
-from tunnel.impair import RelayThread, run_relay_in_thread
-from tunnel.io.client_runtime import ClientRuntime
+from tunnel.impair.thread import RelayThread, run_relay_in_thread
 from tunnel.io.inner import MemoryInner, echo_reply
 
 DEMO_PATHS: Final = 3

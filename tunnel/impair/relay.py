@@ -3,7 +3,7 @@
 :class:`ImpairRelay` runs on the caller's asyncio loop: one listen socket for the
 downstream clients, one connected upstream socket per client (a NAT mapping, LRU-bounded
 and expired when idle), delayed datagrams scheduled on the loop. The control protocol is
-in :mod:`tunnel.impair_control`, the thread wrapper in :mod:`tunnel.impair_thread`.
+in :mod:`tunnel.impair.control`, the thread wrapper in :mod:`tunnel.impair.thread`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Final
 
-from tunnel.impair_control import _ControlServer
-from tunnel.impair_model import _CLEAN, Impairment, _Link
-from tunnel.impair_net import (
+from tunnel.impair.control import _ControlServer
+from tunnel.impair.model import _CLEAN, Impairment, _Link
+from tunnel.impair.net import (
     MAX_DATAGRAM,
     Address,
     RelayStartError,

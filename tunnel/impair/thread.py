@@ -13,9 +13,9 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from tunnel.impair_model import Impairment
-from tunnel.impair_net import Address
-from tunnel.impair_relay import (
+from tunnel.impair.model import Impairment
+from tunnel.impair.net import Address
+from tunnel.impair.relay import (
     DEFAULT_MAPPING_IDLE_S,
     DEFAULT_MAX_DELAYED,
     DEFAULT_MAX_MAPPINGS,

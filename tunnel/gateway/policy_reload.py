@@ -1,7 +1,7 @@
 """Loading and reloading the gateway's policy file (DESIGN D14).
 
 :func:`load_initial_policy` reads the file once at start-up. ``_PolicyMixin`` gives
-:class:`~tunnel.io.gateway_runtime.GatewayRuntime` ``reload_policy()`` (SIGHUP in the
+:class:`~tunnel.gateway.runtime.GatewayRuntime` ``reload_policy()`` (SIGHUP in the
 program, a file-change poll every ``POLICY_POLL_S``, the thread wrapper): a valid policy is
 installed for new and running sessions; an invalid one keeps running sessions on the last
 valid policy, denies new sessions (``GatewaySessions.set_policy(None)``), emits
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from tunnel.core.gateway import GatewaySessions
 from tunnel.core.policy import POLICY_DEFAULT, Policy, PolicyError, load_policy
-from tunnel.io.gateway_metrics import RuntimeCounters
+from tunnel.gateway.metrics import RuntimeCounters
 
 POLICY_POLL_S: Final = 1.0
 """How often the policy file's mtime/size/inode is checked for a change."""

@@ -22,10 +22,10 @@ the control requester. Everything a peer can grow is bounded: mappings
 the rate-limiter backlog. The hot path logs nothing and reads the clock once per batch.
 
 This module is the ``jvpn-impair`` command line and the public face of the relay; the
-parts live in ``tunnel.impair_model`` (the :class:`Impairment` settings and how each
-datagram is planned), ``tunnel.impair_net`` (addresses and UDP sockets),
-``tunnel.impair_relay`` (:class:`ImpairRelay`), ``tunnel.impair_control`` (the control
-protocol) and ``tunnel.impair_thread`` (:func:`run_relay_in_thread`).
+parts live in ``tunnel.impair.model`` (the :class:`Impairment` settings and how each
+datagram is planned), ``tunnel.impair.net`` (addresses and UDP sockets),
+``tunnel.impair.relay`` (:class:`ImpairRelay`), ``tunnel.impair.control`` (the control
+protocol) and ``tunnel.impair.thread`` (:func:`run_relay_in_thread`).
 """
 
 from __future__ import annotations
@@ -40,24 +40,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from tunnel.impair_control import control
-from tunnel.impair_model import DIRECTIONS, Impairment
-from tunnel.impair_net import Address, RelayStartError, format_address, parse_address
-from tunnel.impair_relay import DEFAULT_MAPPING_IDLE_S, DEFAULT_MAX_MAPPINGS, ImpairRelay
-from tunnel.impair_thread import RelayThread, run_relay_in_thread
+from tunnel.impair.model import Impairment
+from tunnel.impair.net import Address, RelayStartError, format_address, parse_address
+from tunnel.impair.relay import DEFAULT_MAPPING_IDLE_S, DEFAULT_MAX_MAPPINGS, ImpairRelay
 
-__all__ = [
-    "DIRECTIONS",
-    "ImpairRelay",
-    "Impairment",
-    "RelayStartError",
-    "RelayThread",
-    "control",
-    "format_address",
-    "main",
-    "parse_address",
-    "run_relay_in_thread",
-]
+__all__ = ["main"]
 
 
 # -- command line ----------------------------------------------------------------------

@@ -6,9 +6,9 @@ printed; when the engine has stopped, one last line of type ``ENGINE_STOPPED`` c
 ``final_reason``, ``exit_code`` and the inner traffic counters. SIGINT and SIGTERM end
 the session explicitly (TERMINATE sent, reason ``operator_terminated``), SIGHUP reloads
 the policy; ``duration`` seconds after the start the same explicit terminate happens.
-The return value is :func:`tunnel.engine.exit_code_for` of the final reason.
+The return value is :func:`tunnel.client.engine.exit_code_for` of the final reason.
 
-``python -m tunnel.headless --config client.toml`` (or ``--demo``) runs it directly.
+``python -m tunnel.client.headless --config client.toml`` (or ``--demo``) runs it directly.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from types import FrameType
 from typing import Any, Final, TextIO
 
 from tunnel.api import EngineHandle, EngineSnapshot, ReloadPolicy, Terminate
-from tunnel.client_config import ConfigError, load_client_config
-from tunnel.engine import ENGINE_ERROR, ClientEngine, exit_code_for
+from tunnel.client.config import ConfigError, load_client_config
+from tunnel.client.engine import ENGINE_ERROR, ClientEngine, exit_code_for
 
 DRAIN_INTERVAL_S: Final = 0.05
 """How often the channel is drained (the engine never waits for us)."""
@@ -47,7 +47,7 @@ def build_engine_from_args(
     if demo:
         if config is not None:
             raise ConfigError("--demo runs without a configuration: drop --config")
-        from tunnel.demo import DemoEngine
+        from tunnel.demo.scenario import DemoEngine
 
         return DemoEngine(script=demo_script)
     if config is None:
@@ -137,7 +137,7 @@ def run_headless(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tunnel.headless", description="jvpn client engine without a UI"
+        prog="python -m tunnel.client.headless", description="jvpn client engine without a UI"
     )
     parser.add_argument("--config", metavar="PATH", help="client configuration file (TOML)")
     parser.add_argument("--demo", action="store_true", help="embedded loopback demo")

@@ -3,7 +3,7 @@
 One :class:`GatewayRuntime` runs one asyncio loop (uvloop when importable). Per listen
 address it opens a :class:`~tunnel.io.udp.GatewaySocket` and registers a reader that
 drains the socket until it would block (bounded per wake-up); the inner side (a TUN, or
-:class:`~tunnel.io.gateway_inner.EchoInner` for the demo and tests) is read the same
+:class:`~tunnel.gateway.inner.EchoInner` for the demo and tests) is read the same
 way. After every input the runtime *pumps*: events first (each STATE_CHANGE is mirrored
 into the :class:`~tunnel.ownership.SessionStore` with compare-and-swap before any reply
 leaves), then datagrams, then inner packets, and finally it re-arms exactly one timer
@@ -63,16 +63,16 @@ from tunnel.core.events import (
 )
 from tunnel.core.gateway import ClientEntry, GatewaySession, GatewaySessions
 from tunnel.core.policy import POLICY_DEFAULT, Policy
-from tunnel.io.gateway_inner import EchoInner, GatewayInner, GatewayTun
-from tunnel.io.gateway_metrics import GatewayHealth, RuntimeCounters, _MetricsMixin
-from tunnel.io.gateway_ownership import _OwnershipMixin
-from tunnel.io.gateway_policy import (
+from tunnel.gateway.inner import EchoInner, GatewayInner, GatewayTun
+from tunnel.gateway.metrics import GatewayHealth, RuntimeCounters, _MetricsMixin
+from tunnel.gateway.ownership import _OwnershipMixin
+from tunnel.gateway.policy_reload import (
     POLICY_POLL_S,
     _policy_signature,
     _PolicyMixin,
     load_initial_policy,
 )
-from tunnel.io.gateway_thread import CALL_TIMEOUT_S, GatewayThread, start_in_thread
+from tunnel.gateway.thread import CALL_TIMEOUT_S, GatewayThread, start_in_thread
 from tunnel.io.loop import new_event_loop
 from tunnel.io.udp import GatewaySocket
 from tunnel.observability.metrics import MetricsServer
@@ -105,7 +105,7 @@ TIMER_SLACK_S: Final = 0.0005
 """A deadline this close to now is handled now instead of arming a ~0 s timer."""
 
 if TYPE_CHECKING:
-    from tunnel.gateway_config import GatewayConfig
+    from tunnel.gateway.config import GatewayConfig
 
 T = TypeVar("T")
 
@@ -216,7 +216,7 @@ class GatewayRuntime(_OwnershipMixin, _PolicyMixin, _MetricsMixin):
         store: SessionStore | None = None,
         on_event: Callable[[Event], None] | None = None,
     ) -> GatewayRuntime:
-        """A runtime for a :class:`tunnel.gateway_config.GatewayConfig` (nothing opened).
+        """A runtime for a :class:`tunnel.gateway.config.GatewayConfig` (nothing opened).
 
         ``metrics`` overrides the file's metrics address. The runtime owns the event
         pipeline built from the configured sinks and closes it in :meth:`close`.

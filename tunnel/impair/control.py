@@ -12,8 +12,8 @@ import socket
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
-from tunnel.impair_model import _FIELDS
-from tunnel.impair_net import MAX_DATAGRAM, Address, _resolve, format_address
+from tunnel.impair.model import _FIELDS
+from tunnel.impair.net import MAX_DATAGRAM, Address, _resolve, format_address
 
 CONTROL_MAX_COMMAND: Final = 4096
 """Largest control command accepted; anything bigger gets an error reply."""

@@ -1,0 +1,1 @@
+"""The client program: engine thread, runtime (sockets + core), config, headless."""

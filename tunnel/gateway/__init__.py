@@ -1,0 +1,2 @@
+"""The gateway program: runtime, inner side, metrics, ownership mirror, policy reload,
+config, main."""

@@ -1,0 +1,1 @@
+"""jvpn-impair, the userspace impairment relay. Imports nothing else of ``tunnel``."""

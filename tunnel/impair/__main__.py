@@ -1,0 +1,7 @@
+"""``python -m tunnel.impair``: the jvpn-impair command."""
+
+import sys
+
+from tunnel.impair.main import main
+
+sys.exit(main())
