@@ -1004,9 +1004,9 @@ def test_at55_floods_leave_every_gateway_table_bounded() -> None:
     assert len(s.validated) <= MAX_VALIDATED
 
     # Nothing pulled the events: the queue stays at its limit and counts what it dropped.
-    assert len(gw._events) == EVENT_QUEUE_LIMIT
+    assert gw.report.queued_events == EVENT_QUEUE_LIMIT
     assert gw.events_dropped > 0
-    assert len(gw.drops) < 30 and len(gw._security_last) < 20
+    assert len(gw.drops) < 30 and gw.report.security_kinds < 20
     assert len(s.cipher._current.replay._ring) == ring
     assert s.binding == addr(sim, 1) and s.machine.state is State.ATTACHED
 

@@ -23,7 +23,11 @@ SECURITY_REPORT_INTERVAL = 1.0
 """Seconds between two SECURITY_EVENTs of one kind; the count carries what was folded in."""
 
 
-class EndpointBase:
+class Reporter:
+    """One endpoint's reporting: the bounded event queue, drop counters, rate-limited
+    DROP_SUMMARY and SECURITY_EVENT reports. A component of its own: the protocol machine
+    and its parts call these methods and never touch the fields."""
+
     def __init__(self, *, node_id: str, wall_offset: float, now: float) -> None:
         self.node_id = node_id
         self.wall_offset = wall_offset
@@ -49,6 +53,16 @@ class EndpointBase:
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
 
+    @property
+    def queued_events(self) -> int:
+        """Events waiting for the driver (at most EVENT_QUEUE_LIMIT)."""
+        return len(self._events)
+
+    @property
+    def security_kinds(self) -> int:
+        """Violation kinds with rate-limit state (bounded by the kinds that exist)."""
+        return len(self._security_last)
+
     # -- counted drops ----------------------------------------------------------------------
     def count_drop(self, reason: Drop | str) -> None:
         key = str(reason)
@@ -56,10 +70,10 @@ class EndpointBase:
         self._drops_unreported[key] = self._drops_unreported.get(key, 0) + 1
         self._drops_total += 1
 
-    def _drop_summary_due(self) -> float | None:
+    def drop_summary_due(self) -> float | None:
         return self._next_drop_summary if self._drops_unreported else None
 
-    def _maybe_drop_summary(self, now: float, base: EventBase) -> None:
+    def maybe_drop_summary(self, now: float, base: EventBase) -> None:
         if not self._drops_unreported or now < self._next_drop_summary:
             return
         counts = tuple(sorted(self._drops_unreported.items()))
@@ -68,7 +82,7 @@ class EndpointBase:
         self.emit(DropSummary(**base, counts=counts, total=self._drops_total))
 
     # -- rate-limited security reporting ---------------------------------------------------
-    def _security(
+    def security(
         self,
         now: float,
         base: EventBase,
@@ -88,3 +102,44 @@ class EndpointBase:
                 **base, violation_type=violation, reason_code=reason, count=pending, **fields
             )
         )
+
+
+class EndpointBase:
+    """Transitional: delegates to a composed :class:`Reporter` (``self.report``). The
+    protocol machines move to calling ``self.report`` directly; then this class goes."""
+
+    def __init__(self, *, node_id: str, wall_offset: float, now: float) -> None:
+        self.report = Reporter(node_id=node_id, wall_offset=wall_offset, now=now)
+        self.node_id = node_id
+        self.wall_offset = wall_offset
+
+    @property
+    def drops(self) -> dict[str, int]:
+        return self.report.drops
+
+    @property
+    def events_dropped(self) -> int:
+        return self.report.events_dropped
+
+    def ts_ms(self, now: float) -> int:
+        return self.report.ts_ms(now)
+
+    def emit(self, event: Event) -> None:
+        self.report.emit(event)
+
+    def next_event(self) -> Event | None:
+        return self.report.next_event()
+
+    def count_drop(self, reason: Drop | str) -> None:
+        self.report.count_drop(reason)
+
+    def _drop_summary_due(self) -> float | None:
+        return self.report.drop_summary_due()
+
+    def _maybe_drop_summary(self, now: float, base: EventBase) -> None:
+        self.report.maybe_drop_summary(now, base)
+
+    def _security(
+        self, now: float, base: EventBase, violation: str, reason: Reason, **fields: Any
+    ) -> None:
+        self.report.security(now, base, violation, reason, **fields)
