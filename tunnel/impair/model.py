@@ -142,6 +142,22 @@ class _Link:
     def counters(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in _COUNTERS}
 
+    def count_received(self) -> None:
+        """A datagram arrived in this direction (before any impairment)."""
+        self.received += 1
+
+    def count_forwarded(self) -> None:
+        """A copy left the relay."""
+        self.forwarded += 1
+
+    def count_error(self) -> None:
+        """A copy could not be sent (no mapping, socket error)."""
+        self.dropped_error += 1
+
+    def count_overflow(self) -> None:
+        """A copy was dropped because a queue (rate limiter or delayed set) was full."""
+        self.dropped_overflow += 1
+
     def plan(self, size: int, now: float, rng: random.Random) -> list[float]:
         """Departure times (loop clock) of the copies of one datagram; [] = dropped."""
         imp = self.imp
