@@ -104,6 +104,15 @@ BAD = [
     ('node_id = "a b"', 'gateway = "1.2.3.4:5"', 'node_id = "a b"'),
     ('policy = "nope.toml"', 'gateway = "1.2.3.4:5"', 'policy = "nope.toml": policy: cannot read'),
     ("tunnel = 1", 'gateway = "1.2.3.4:5"', "tunnel: unknown key"),
+    # docs/client.md [inner]: kind tun|memory, rate_pps a number 0..10000, payload 0..1400
+    ('[inner]\nkind = "kernel"', 'gateway = "1.2.3.4:5"', 'inner.kind = "kernel": expected one'),
+    ("[inner]\nrate_pps = true", 'gateway = "1.2.3.4:5"', "inner.rate_pps = True: expected a"),
+    ("[inner]\nrate_pps = 10001", 'gateway = "1.2.3.4:5"', "inner.rate_pps = 10001: expected"),
+    ("[inner]\npayload_size = 1401", 'gateway = "1.2.3.4:5"', "inner.payload_size = 1401"),
+    ('[inner]\npayload_size = "56"', 'gateway = "1.2.3.4:5"', 'inner.payload_size = "56"'),
+    ("[inner]\nrate = 1", 'gateway = "1.2.3.4:5"', "inner.rate: unknown key"),
+    ('[events]\nfile = "x"', 'gateway = "1.2.3.4:5"', "events.file: unknown key"),
+    ('[tun]\nroutes = "10.0.0.0/8"', 'gateway = "1.2.3.4:5"', "tun.routes = "),
 ]
 
 
