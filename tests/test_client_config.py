@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import base64
+import json
+import math
 import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from jvpn_tui.keymap import check_keymap
 from tunnel.client.config import ConfigError, load_client_config, parse_client_config
@@ -104,6 +108,15 @@ BAD = [
     ('node_id = "a b"', 'gateway = "1.2.3.4:5"', 'node_id = "a b"'),
     ('policy = "nope.toml"', 'gateway = "1.2.3.4:5"', 'policy = "nope.toml": policy: cannot read'),
     ("tunnel = 1", 'gateway = "1.2.3.4:5"', "tunnel: unknown key"),
+    # docs/client.md [inner]: kind tun|memory, rate_pps a number 0..10000, payload 0..1400
+    ('[inner]\nkind = "kernel"', 'gateway = "1.2.3.4:5"', 'inner.kind = "kernel": expected one'),
+    ("[inner]\nrate_pps = true", 'gateway = "1.2.3.4:5"', "inner.rate_pps = True: expected a"),
+    ("[inner]\nrate_pps = 10001", 'gateway = "1.2.3.4:5"', "inner.rate_pps = 10001: expected"),
+    ("[inner]\npayload_size = 1401", 'gateway = "1.2.3.4:5"', "inner.payload_size = 1401"),
+    ('[inner]\npayload_size = "56"', 'gateway = "1.2.3.4:5"', 'inner.payload_size = "56"'),
+    ("[inner]\nrate = 1", 'gateway = "1.2.3.4:5"', "inner.rate: unknown key"),
+    ('[events]\nfile = "x"', 'gateway = "1.2.3.4:5"', "events.file: unknown key"),
+    ('[tun]\nroutes = "10.0.0.0/8"', 'gateway = "1.2.3.4:5"', "tun.routes = "),
 ]
 
 
@@ -177,3 +190,73 @@ def test_private_key_file_private_to_owner_or_group_loads(
 ) -> None:
     (tmp_path / "client.key").chmod(mode)
     assert load_client_config(write(tmp_path, minimal())).private_key == keys[0]
+
+
+# -- property: whatever a key holds, the result is a config or a ConfigError naming it ---
+
+_TEXT = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=24)
+_SCALARS = (
+    st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats()
+    | _TEXT
+    | st.sampled_from(["1.2.3.4:5", "[::1]:5", "10.0.0.0/8", "eth0", "udp://h", "memory"])
+)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3),
+    max_leaves=6,
+)
+_LOCATIONS = [
+    *[("", k) for k in ("private_key", "gateway_public_key", "policy", "node_id", "extra")],
+    *[("", k) for k in ("tun", "path", "events", "keymap", "inner")],
+    *[("tun", k) for k in ("name", "mtu", "address", "routes", "extra")],
+    *[("path", k) for k in ("name", "bind", "device", "gateway", "extra")],
+    *[("events", k) for k in ("jsonl", "syslog", "extra")],
+    *[("keymap", "jvpn.quit")],
+    *[("inner", k) for k in ("kind", "rate_pps", "payload_size", "extra")],
+]
+
+
+def _toml(value: object) -> str:
+    """Inline TOML for a value hypothesis drew (the venv has no TOML writer)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+@settings(
+    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(location=st.sampled_from(_LOCATIONS), value=_VALUES)
+def test_any_value_at_any_key_loads_or_names_file_and_key(
+    tmp_path: Path, keys: tuple[bytes, bytes, str], location: tuple[str, str], value: object
+) -> None:
+    doc: dict[str, object] = {
+        "private_key": "client.key",
+        "gateway_public_key": "gateway.pub",
+        "path": [{"gateway": "127.0.0.1:51820"}],
+    }
+    section, key = location
+    if not section:
+        doc[key] = value
+        named = key
+    elif section == "path":
+        doc["path"] = [{"gateway": "127.0.0.1:51820", key: value}]
+        named = f"path[1].{key}"
+    else:
+        doc[section] = {key: value}
+        named = f"{section}.{key}"
+    text = "".join(f"{json.dumps(k)} = {_toml(v)}\n" for k, v in doc.items())
+    try:
+        parse_client_config(text, source="prop.toml", base=tmp_path)
+    except ConfigError as exc:
+        assert str(exc).startswith(f"prop.toml: {named}"), (str(exc), named)

@@ -16,12 +16,20 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tunnel.core.handshake import generate_keypair
 from tunnel.gateway import main as gateway_main
-from tunnel.gateway.config import ConfigError, KeyFileError, load_gateway_config
+from tunnel.gateway.config import (
+    ConfigError,
+    KeyFileError,
+    load_gateway_config,
+    parse_gateway_config,
+)
 from tunnel.keys import encode_key, write_private_key, write_public_key
 
 REPO = Path(__file__).resolve().parents[1]
@@ -269,3 +277,64 @@ def test_program_stops_cleanly_on_sigterm(confdir: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- property: whatever a key holds, the result is a config or a ConfigError naming it ---
+
+_TEXT = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=24)
+_SCALARS = (
+    st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats()
+    | _TEXT
+    | st.sampled_from(["127.0.0.1:0", "10.70.0.0/29", "10.70.0.3", "bob.pub", "stdout"])
+)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3),
+    max_leaves=6,
+)
+SINK_TYPES = ("jsonl", "syslog", "stdout")
+"""docs/gateway.md: the [[sinks]] types."""
+_TOP = ("node_id", "listen", "private_key", "policy", "mtu", "metrics", "inner_echo", "extra")
+_LOCATIONS = [
+    *[("", k) for k in (*_TOP, "tun", "clients", "sinks")],
+    *[("tun", k) for k in ("name", "subnet", "address", "extra")],
+    *[("clients", k) for k in ("name", "public_key", "address", "extra")],
+    *[("sinks", k) for k in ("type", "path", "max_bytes", "backups", "address", "transport")],
+]
+
+
+@settings(
+    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(location=st.sampled_from(_LOCATIONS), value=_VALUES, sink=st.sampled_from(SINK_TYPES))
+def test_any_value_at_any_key_loads_or_names_file_and_key(
+    confdir: Path, location: tuple[str, str], value: object, sink: str
+) -> None:
+    data: dict[str, Any] = {
+        "node_id": "gw-t",
+        "listen": ["127.0.0.1:0"],
+        "private_key": "gateway.key",
+        "inner_echo": True,
+        "tun": {"subnet": "10.70.0.0/29"},
+        "clients": [{"name": "alice", "public_key": "alice.pub"}],
+    }
+    section, key = location
+    if not section:
+        data[key] = value
+        named = key
+    elif section == "tun":
+        data["tun"][key] = value
+        named = f"tun.{key}"
+    elif section == "clients":
+        data["clients"] = [{"name": "alice", "public_key": "alice.pub", key: value}]
+        named = f"clients[0].{key}"
+    else:
+        data["sinks"] = [{"type": sink, key: value}]
+        named = "sinks[0]."
+    file = confdir / "gateway.toml"
+    try:
+        parse_gateway_config(data, file)
+    except ConfigError as exc:
+        assert str(exc).startswith(f"{file}: {named}"), (str(exc), named)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -402,6 +403,28 @@ def test_start_errors_are_specific(echo: UdpServer) -> None:
         run_relay_in_thread(("0.0.0.0", free_port), ("127.0.0.1", free_port))
     with pytest.raises(ValueError, match="upstream port"):
         ImpairRelay(("127.0.0.1", 0), ("127.0.0.1", 0))
+
+
+def test_bind_failure_carries_the_errno_and_a_plain_message(echo: UdpServer) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        with pytest.raises(RelayStartError) as info:
+            run_relay_in_thread(taken.getsockname(), echo.address)
+    assert info.value.errno == errno.EADDRINUSE
+    assert str(info.value).startswith("cannot listen on 127.0.0.1:")  # no "[Errno 98]" prefix
+    assert str(info.value).endswith("address already in use")
+
+
+def test_impair_imports_nothing_else_of_tunnel() -> None:
+    """DESIGN §2: the relay is a standalone tool (imports nothing else of tunnel)."""
+    code = (
+        "import sys, tunnel.impair.main, tunnel.impair.thread\n"
+        "print(' '.join(m for m in sys.modules if m.startswith('tunnel.')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.split()
+    assert out and all(m.startswith("tunnel.impair") for m in out), out
 
 
 def test_same_seed_same_decisions_without_sockets() -> None:

@@ -5,6 +5,11 @@ bad value (never a key's secret material), e.g.::
 
     client.toml: path[2].gateway = "10.0.0.1": expected host:port
 
+The keys are data: each table is a tuple of ``_Field`` specs (name, type, bounds, default,
+extra check, doc) that one reader applies, so unknown keys, wrong types and out-of-range
+values are refused the same way in every table. Only what is not a plain table (the list of
+paths, the free-form keymap, cross-key rules) is code.
+
 docs/client.md documents every key; docs/examples/client.toml is a complete example.
 """
 
@@ -15,7 +20,7 @@ import os
 import re
 import stat
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -33,21 +38,6 @@ _B64_KEY: Final = re.compile(r"[A-Za-z0-9+/]{42,44}={0,2}")
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
 _HOSTNAME_RE: Final = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*\.?")
 
-TOP_KEYS: Final = (
-    "private_key",
-    "gateway_public_key",
-    "policy",
-    "node_id",
-    "tun",
-    "path",
-    "events",
-    "keymap",
-    "inner",
-)
-TUN_KEYS: Final = ("name", "mtu", "address", "routes")
-PATH_KEYS: Final = ("name", "bind", "device", "gateway")
-EVENT_KEYS: Final = ("jsonl", "syslog")
-INNER_KEYS: Final = ("kind", "rate_pps", "payload_size")
 INNER_KINDS: Final = ("tun", "memory")
 
 
@@ -121,9 +111,59 @@ def _fmt(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+# -- the field table ---------------------------------------------------------------------
+
+Check = Callable[["_Reader", str, Any], Any]
+"""Validates (and converts) a value whose type is already right: ``(reader, key, value)``."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    """One key of a table: its type, bounds, default and extra check. The parser reads these."""
+
+    name: str
+    kind: type
+    """``str`` (non-empty), ``int``, ``float`` (ints accepted) or ``list``."""
+    default: Any = None
+    """The value when the key is absent (``None``: off, or see ``required``)."""
+    lo: int = 0
+    hi: int = 0
+    """Inclusive bounds of an ``int`` or ``float``."""
+    check: Check | None = None
+    required: str | None = None
+    """Set: the key must be present, this is the message when it is not."""
+    expected: str = ""
+    """What a value of the wrong type is told it should be (derived from ``kind`` if empty)."""
+    doc: str = ""
+
+    def expectation(self) -> str:
+        if self.expected:
+            return self.expected
+        if self.kind is int:
+            return f"expected an integer {self.lo}..{self.hi}"
+        if self.kind is float:
+            return f"expected a number {self.lo}..{self.hi}"
+        return "expected a non-empty string"
+
+    def accepts(self, value: object) -> bool:
+        """Is the value of this field's type (and within its bounds)? ``true`` is no number."""
+        if self.kind is str:
+            return isinstance(value, str) and bool(value.strip())
+        if self.kind is list:
+            return isinstance(value, list)
+        numeric = int | float if self.kind is float else int
+        if isinstance(value, bool) or not isinstance(value, numeric):
+            return False
+        return self.lo <= value <= self.hi
+
+
 class _Reader:
-    def __init__(self, source: str) -> None:
+    """Reads tables by their field specs; errors name the file, the key and the value."""
+
+    def __init__(self, source: str, base: Path) -> None:
         self.source = source
+        self.base = base
+        """Relative file names are resolved against this directory."""
 
     def error(self, key: str, value: object, why: str) -> ConfigError:
         return ConfigError(f"{self.source}: {key} = {_fmt(value)}: {why}")
@@ -138,19 +178,41 @@ class _Reader:
                     f"{self.source}: {prefix}{key}: unknown key (known: {', '.join(allowed)})"
                 )
 
-    def string(self, table: Mapping[str, Any], key: str, prefix: str = "") -> str | None:
-        if key not in table:
-            return None
-        value = table[key]
-        if not isinstance(value, str) or not value.strip():
-            raise self.error(prefix + key, value, "expected a non-empty string")
-        return value
-
     def table(self, table: Mapping[str, Any], key: str) -> Mapping[str, Any]:
         value = table.get(key, {})
         if not isinstance(value, dict):
             raise self.error(key, value, f"expected a table ([{key}])")
         return value
+
+    def value(self, table: Mapping[str, Any], prefix: str, spec: _Field) -> Any:
+        key = prefix + spec.name
+        if spec.name not in table:
+            if spec.required is not None:
+                raise self.missing(key, spec.required)
+            return spec.default
+        value = table[spec.name]
+        if not spec.accepts(value):
+            raise self.error(key, value, spec.expectation())
+        if spec.kind is float:
+            value = float(value)
+        return spec.check(self, key, value) if spec.check else value
+
+    def fields(
+        self, table: Mapping[str, Any], prefix: str, specs: tuple[_Field, ...]
+    ) -> dict[str, Any]:
+        """Every spec'd key of ``table``, checked, in table order (keys are not checked)."""
+        return {spec.name: self.value(table, prefix, spec) for spec in specs}
+
+    def section(
+        self, doc: Mapping[str, Any], name: str, specs: tuple[_Field, ...]
+    ) -> dict[str, Any]:
+        """An optional ``[name]`` table: unknown keys refused, then every field read."""
+        table = self.table(doc, name)
+        self.unknown(table, tuple(spec.name for spec in specs), f"{name}.")
+        return self.fields(table, f"{name}.", specs)
+
+
+# -- checks (one per kind of value) ------------------------------------------------------
 
 
 def _relative(base: Path, value: str) -> Path:
@@ -158,35 +220,82 @@ def _relative(base: Path, value: str) -> Path:
     return path if path.is_absolute() else base / path
 
 
-def _host_port(r: _Reader, key: str, value: str, *, port_required: bool) -> tuple[str, int]:
+def _file(r: _Reader, key: str, value: str) -> Path:
+    return _relative(r.base, value)
+
+
+def _name(r: _Reader, key: str, value: str) -> str:
+    if not _NAME_RE.fullmatch(value):
+        raise r.error(key, value, "use 1-32 letters, digits, '.', '_' or '-'")
+    return value
+
+
+def _ifname(r: _Reader, key: str, value: str) -> str:
+    raw = value.encode()
+    if len(raw) > 15 or b"/" in raw or b" " in raw:
+        raise r.error(key, value, "not a valid interface name (1-15 bytes)")
+    return value
+
+
+def _choice(choices: tuple[str, ...]) -> Check:
+    def check(r: _Reader, key: str, value: str) -> str:
+        if value not in choices:
+            raise r.error(key, value, f"expected one of {', '.join(choices)}")
+        return value
+
+    return check
+
+
+def _inner_address(r: _Reader, key: str, value: str) -> str:
+    try:
+        iface = ipaddress.ip_interface(value)
+    except ValueError:
+        raise r.error(key, value, "expected address/prefix") from None
+    if iface.version != 4 or "/" not in value:
+        raise r.error(key, value, "expected an IPv4 address/prefix")
+    return value
+
+
+def _routes(r: _Reader, key: str, value: list[object]) -> tuple[str, ...]:
+    routes = []
+    for i, route in enumerate(value):
+        try:
+            net = ipaddress.ip_network(route) if isinstance(route, str) else None
+        except ValueError:
+            net = None
+        if net is None or net.version != 4:
+            raise r.error(f"{key}[{i}]", route, "expected an IPv4 CIDR like 10.66.0.0/16")
+        routes.append(str(net))
+    return tuple(routes)
+
+
+def _split_host_port(r: _Reader, key: str, value: str) -> tuple[str, str | None]:
+    """``host[:port]`` or ``[v6][:port]`` -> (host, port text or None)."""
     text = value.strip()
     m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?", text)
     if m:
-        host, port_text = m.group(1), m.group(2)
-        try:
-            if ipaddress.ip_address(host).version != 6:
-                raise ValueError
-        except ValueError:
-            raise r.error(key, value, "brackets are for IPv6 addresses") from None
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    elif text.count(":") > 1:
+        if _is_ip(m.group(1)) != 6:
+            raise r.error(key, value, "brackets are for IPv6 addresses")
+        return m.group(1), m.group(2)
+    if text.count(":") > 1:
         raise r.error(key, value, "write IPv6 addresses in brackets: [addr]:port")
-    else:
-        host, port_text = text, None
+    host, _, port_text = text.partition(":")
+    return host, port_text if ":" in text else None
+
+
+def _host_port(r: _Reader, key: str, value: str, *, port_required: bool) -> tuple[str, int]:
+    host, port_text = _split_host_port(r, key, value)
     if port_text is None:
         if port_required:
             raise r.error(key, value, "expected host:port")
-        port = 0
-    else:
-        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-            raise r.error(key, value, "port must be 0..65535")
-        port = int(port_text)
-    if port_required and port == 0:
+        port_text = "0"
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise r.error(key, value, "port must be 0..65535")
+    if port_required and int(port_text) == 0:
         raise r.error(key, value, "port must be 1..65535")
     if not host:
         raise r.error(key, value, "empty host")
-    return host, port
+    return host, int(port_text)
 
 
 def _is_ip(host: str) -> int | None:
@@ -196,9 +305,47 @@ def _is_ip(host: str) -> int | None:
         return None
 
 
-def _key_from(r: _Reader, base: Path, key: str, value: str, *, private: bool) -> bytes:
+def _gateway(r: _Reader, key: str, value: str) -> tuple[str, int]:
+    gateway = _host_port(r, key, value, port_required=True)
+    if _is_ip(gateway[0]) is None and not _HOSTNAME_RE.fullmatch(gateway[0]):
+        raise r.error(key, value, "not an IP address or host name")
+    return gateway
+
+
+def _bind(r: _Reader, key: str, value: str) -> tuple[str, int]:
+    bind = _host_port(r, key, value, port_required=False)
+    if _is_ip(bind[0]) is None:
+        raise r.error(key, value, "must be a numeric IP address")
+    return bind
+
+
+def _syslog(r: _Reader, key: str, value: str) -> SyslogTarget:
+    m = re.fullmatch(r"(udp|tcp)://(.+)", value.strip())
+    if not m:
+        raise r.error(key, value, "expected udp://host:port or tcp://host:port")
+    host, port = _host_port(r, key, m.group(2), port_required=False)
+    return SyslogTarget(m.group(1), host, port or 514)
+
+
+def _policy(r: _Reader, key: str, value: str) -> tuple[Path, Policy]:
+    path = _relative(r.base, value)
+    try:
+        return path, load_policy(path)
+    except PolicyError as exc:
+        raise r.error(key, value, str(exc)) from None
+
+
+def _private_key(r: _Reader, key: str, value: str) -> bytes:
+    return _key_from(r, key, value, private=True)
+
+
+def _public_key(r: _Reader, key: str, value: str) -> bytes:
+    return _key_from(r, key, value, private=False)
+
+
+def _key_from(r: _Reader, key: str, value: str, *, private: bool) -> bytes:
     what = "private key" if private else "gateway public key"
-    path = _relative(base, value)
+    path = _relative(r.base, value)
     inline = not path.exists() and _B64_KEY.fullmatch(value.strip()) is not None
     if private and not inline:
         _check_private_mode(r, key, value, path)
@@ -224,115 +371,66 @@ def _check_private_mode(r: _Reader, key: str, value: str, path: Path) -> None:
         )  # fmt: skip
 
 
+# -- the tables (docs/client.md documents every key) -------------------------------------
+
+# fmt: off
+TOP_FIELDS: Final = (
+    _Field("private_key", str, check=_private_key,
+           required="required key is missing (a key file or inline base64)",
+           doc="key file (mode 600) from jvpn-keygen, or inline base64"),
+    _Field("gateway_public_key", str, check=_public_key, required="required key is missing",
+           doc="key file or inline base64"),
+    _Field("policy", str, check=_policy, doc="policy file; absent: the built-in policy"),
+    _Field("node_id", str, "client", check=_name, doc="names this client in events"),
+)
+TABLE_KEYS: Final = ("tun", "path", "events", "keymap", "inner")
+TUN_FIELDS: Final = (
+    _Field("name", str, "jvpn%d", check=_ifname, doc="TUN device name (%d: kernel numbers)"),
+    _Field("mtu", int, 1420, 576, 9000, doc="inner MTU"),
+    _Field("address", str, check=_inner_address, doc="inner address/prefix; absent: assigned"),
+    _Field("routes", list, (), check=_routes, expected="expected a list of CIDRs",
+           doc="extra IPv4 routes through the tunnel"),
+)
+PATH_FIELDS: Final = (
+    _Field("name", str, check=_name, doc="shown in the UI; absent: path<N>"),
+    _Field("gateway", str, check=_gateway, required="required key is missing",
+           doc="gateway host:port"),
+    _Field("bind", str, check=_bind, doc="local numeric address[:port]"),
+    _Field("device", str, check=_ifname, doc="SO_BINDTODEVICE"),
+)
+EVENT_FIELDS: Final = (
+    _Field("jsonl", str, check=_file, doc="JSON lines file"),
+    _Field("syslog", str, check=_syslog, doc="udp://host[:port] or tcp://host[:port]"),
+)
+INNER_FIELDS: Final = (
+    _Field("kind", str, "tun", check=_choice(INNER_KINDS), doc="tun or memory"),
+    _Field("rate_pps", float, 20.0, 0, 10_000, doc="memory source: echo requests per second"),
+    _Field("payload_size", int, 56, 0, 1400, doc="memory source: ICMP payload bytes"),
+)
+# fmt: on
+
+
+# -- the parts that are not a plain table ------------------------------------------------
+
+
 def _parse_path(r: _Reader, index: int, entry: object) -> PathConfig:
     prefix = f"path[{index}]."
     if not isinstance(entry, dict):
         raise r.error(f"path[{index}]", entry, "expected a table ([[path]])")
-    r.unknown(entry, PATH_KEYS, prefix)
-    name = r.string(entry, "name", prefix) or f"path{index}"
-    if not _NAME_RE.fullmatch(name):
-        raise r.error(prefix + "name", name, "use 1-32 letters, digits, '.', '_' or '-'")
-    gateway_text = r.string(entry, "gateway", prefix)
-    if gateway_text is None:
-        raise r.missing(prefix + "gateway")
-    gateway = _host_port(r, prefix + "gateway", gateway_text, port_required=True)
-    if _is_ip(gateway[0]) is None and not _HOSTNAME_RE.fullmatch(gateway[0]):
-        raise r.error(prefix + "gateway", gateway_text, "not an IP address or host name")
-    bind = None
-    bind_text = r.string(entry, "bind", prefix)
-    if bind_text is not None:
-        bind = _host_port(r, prefix + "bind", bind_text, port_required=False)
-        bind_version = _is_ip(bind[0])
-        if bind_version is None:
-            raise r.error(prefix + "bind", bind_text, "must be a numeric IP address")
-        gw_version = _is_ip(gateway[0])
-        if gw_version is not None and gw_version != bind_version:
-            raise r.error(
-                prefix + "bind",
-                bind_text,
-                f"an IPv{bind_version} address cannot reach the IPv{gw_version} gateway",
-            )
-    device = r.string(entry, "device", prefix)
-    if device is not None:
-        raw = device.encode()
-        if len(raw) > 15 or b"/" in raw or b" " in raw:
-            raise r.error(prefix + "device", device, "not a valid interface name (1-15 bytes)")
-    return PathConfig(index, name, bind, device, gateway)
+    r.unknown(entry, tuple(spec.name for spec in PATH_FIELDS), prefix)
+    f = r.fields(entry, prefix, PATH_FIELDS)
+    bind, gateway = f["bind"], f["gateway"]
+    gw_version = _is_ip(gateway[0])
+    if bind is not None and gw_version not in (None, _is_ip(bind[0])):
+        raise r.error(
+            prefix + "bind",
+            entry["bind"],
+            f"an IPv{_is_ip(bind[0])} address cannot reach the IPv{gw_version} gateway",
+        )
+    return PathConfig(index, f["name"] or f"path{index}", bind, f["device"], gateway)
 
 
-def _parse_syslog(r: _Reader, value: str) -> SyslogTarget:
-    m = re.fullmatch(r"(udp|tcp)://(.+)", value.strip())
-    if not m:
-        raise r.error("events.syslog", value, "expected udp://host:port or tcp://host:port")
-    host, port = _host_port(r, "events.syslog", m.group(2), port_required=False)
-    return SyslogTarget(m.group(1), host, port or 514)
-
-
-def parse_client_config(
-    text: str, *, source: str = "<config>", base: Path | None = None
-) -> ClientConfig:
-    """Parse TOML text; relative file names are resolved against ``base``."""
-    r = _Reader(source)
-    base = base or Path.cwd()
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    r.unknown(doc, TOP_KEYS, "")
-
-    priv_text = r.string(doc, "private_key")
-    if priv_text is None:
-        raise r.missing("private_key", "required key is missing (a key file or inline base64)")
-    private_key = _key_from(r, base, "private_key", priv_text, private=True)
-    pub_text = r.string(doc, "gateway_public_key")
-    if pub_text is None:
-        raise r.missing("gateway_public_key")
-    gateway_public_key = _key_from(r, base, "gateway_public_key", pub_text, private=False)
-
-    policy, policy_file = POLICY_DEFAULT, None
-    policy_text = r.string(doc, "policy")
-    if policy_text is not None:
-        policy_file = _relative(base, policy_text)
-        try:
-            policy = load_policy(policy_file)
-        except PolicyError as exc:
-            raise r.error("policy", policy_text, str(exc)) from None
-
-    node_id = r.string(doc, "node_id") or "client"
-    if not _NAME_RE.fullmatch(node_id):
-        raise r.error("node_id", node_id, "use 1-32 letters, digits, '.', '_' or '-'")
-
-    tun = r.table(doc, "tun")
-    r.unknown(tun, TUN_KEYS, "tun.")
-    tun_name = r.string(tun, "name", "tun.") or "jvpn%d"
-    raw = tun_name.encode()
-    if len(raw) > 15 or b"/" in raw or b" " in raw:
-        raise r.error("tun.name", tun_name, "not a valid interface name (1-15 bytes)")
-    mtu = tun.get("mtu", 1420)
-    if isinstance(mtu, bool) or not isinstance(mtu, int) or not 576 <= mtu <= 9000:
-        raise r.error("tun.mtu", mtu, "expected an integer 576..9000")
-    address = r.string(tun, "address", "tun.")
-    if address is not None:
-        try:
-            iface = ipaddress.ip_interface(address)
-        except ValueError:
-            raise r.error("tun.address", address, "expected address/prefix") from None
-        if iface.version != 4 or "/" not in address:
-            raise r.error("tun.address", address, "expected an IPv4 address/prefix")
-    routes_value = tun.get("routes", [])
-    if not isinstance(routes_value, list):
-        raise r.error("tun.routes", routes_value, "expected a list of CIDRs")
-    routes = []
-    for i, route in enumerate(routes_value):
-        try:
-            net = ipaddress.ip_network(route) if isinstance(route, str) else None
-        except ValueError:
-            net = None
-        if net is None or net.version != 4:
-            raise r.error(f"tun.routes[{i}]", route, "expected an IPv4 CIDR like 10.66.0.0/16")
-        routes.append(str(net))
-
-    path_list = doc.get("path")
+def _parse_paths(r: _Reader, path_list: object, policy: Policy) -> tuple[PathConfig, ...]:
     if path_list is None:
         raise r.missing("path", "at least one [[path]] is required")
     if not isinstance(path_list, list) or not path_list:
@@ -350,54 +448,51 @@ def parse_client_config(
             f"{len(paths)} paths",
             f"the policy allows {policy.max_candidate_count} candidates",
         )
+    return paths
 
-    events = r.table(doc, "events")
-    r.unknown(events, EVENT_KEYS, "events.")
-    jsonl_text = r.string(events, "jsonl", "events.")
-    jsonl = _relative(base, jsonl_text) if jsonl_text is not None else None
-    syslog_text = r.string(events, "syslog", "events.")
-    syslog = _parse_syslog(r, syslog_text) if syslog_text is not None else None
 
-    keymap_table = r.table(doc, "keymap")
-    keymap: dict[str, str] = {}
-    for key, value in keymap_table.items():
+def _parse_keymap(r: _Reader, table: Mapping[str, Any]) -> dict[str, str]:
+    """Binding id -> key name, passed through to the UI (which checks the ids)."""
+    for key, value in table.items():
         if not isinstance(value, str) or not value:
             raise r.error(f"keymap.{key}", value, "expected a key name string")
-        keymap[key] = value
+    return dict(table)
 
-    inner = r.table(doc, "inner")
-    r.unknown(inner, INNER_KEYS, "inner.")
-    inner_kind = r.string(inner, "kind", "inner.") or "tun"
-    if inner_kind not in INNER_KINDS:
-        raise r.error("inner.kind", inner_kind, f"expected one of {', '.join(INNER_KINDS)}")
-    rate = inner.get("rate_pps", 20.0)
-    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate <= 10_000:
-        raise r.error("inner.rate_pps", rate, "expected a number 0..10000")
-    payload_size = inner.get("payload_size", 56)
-    if (
-        isinstance(payload_size, bool)
-        or not isinstance(payload_size, int)
-        or not 0 <= payload_size <= 1400
-    ):
-        raise r.error("inner.payload_size", payload_size, "expected an integer 0..1400")
 
+def parse_client_config(
+    text: str, *, source: str = "<config>", base: Path | None = None
+) -> ClientConfig:
+    """Parse TOML text; relative file names are resolved against ``base``."""
+    r = _Reader(source, base or Path.cwd())
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    r.unknown(doc, (*(spec.name for spec in TOP_FIELDS), *TABLE_KEYS), "")
+    top = r.fields(doc, "", TOP_FIELDS)
+    policy_file, policy = top["policy"] or (None, POLICY_DEFAULT)
+    tun = r.section(doc, "tun", TUN_FIELDS)
+    paths = _parse_paths(r, doc.get("path"), policy)
+    events = r.section(doc, "events", EVENT_FIELDS)
+    keymap = _parse_keymap(r, r.table(doc, "keymap"))
+    inner = r.section(doc, "inner", INNER_FIELDS)
     return ClientConfig(
-        private_key=private_key,
-        gateway_public_key=gateway_public_key,
+        private_key=top["private_key"],
+        gateway_public_key=top["gateway_public_key"],
         paths=paths,
         policy=policy,
         policy_file=policy_file,
-        node_id=node_id,
-        tun_name=tun_name,
-        mtu=mtu,
-        address=address,
-        routes=tuple(routes),
-        jsonl=jsonl,
-        syslog=syslog,
+        node_id=top["node_id"],
+        tun_name=tun["name"],
+        mtu=tun["mtu"],
+        address=tun["address"],
+        routes=tun["routes"],
+        jsonl=events["jsonl"],
+        syslog=events["syslog"],
         keymap=keymap,
-        inner_kind=inner_kind,
-        inner_rate_pps=float(rate),
-        inner_payload_size=payload_size,
+        inner_kind=inner["kind"],
+        inner_rate_pps=inner["rate_pps"],
+        inner_payload_size=inner["payload_size"],
         source=source,
     )
 

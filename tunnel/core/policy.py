@@ -398,7 +398,6 @@ def _check_value(spec: PolicyField, value: object) -> object:
     """Return the value (floats normalised from int) or raise PolicyError."""
     if value is None and spec.optional:
         return None
-    off = " (omit the key to turn it off)" if spec.optional else ""
     if spec.kind is str:
         if not isinstance(value, str) or value not in spec.choices:
             raise PolicyError(
@@ -407,39 +406,42 @@ def _check_value(spec: PolicyField, value: object) -> object:
                 f"policy: {spec.key} = {_fmt_value(value)} is not one of {spec.range_text()}",
             )
         return value
-    if spec.kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise PolicyError(
-                spec.key,
-                value,
-                f"policy: {spec.key} = {_fmt_value(value)} must be an integer "
-                f"in {spec.range_text()}{off}",
-            )
-    else:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise PolicyError(
-                spec.key,
-                value,
-                f"policy: {spec.key} = {_fmt_value(value)} must be a number "
-                f"in {spec.range_text()}{off}",
-            )
-        if isinstance(value, float) and not math.isfinite(value):
-            raise PolicyError(
-                spec.key,
-                value,
-                f"policy: {spec.key} = {_fmt_value(value)} must be a finite number "
-                f"in {spec.range_text()}{off}",
-            )
+    number = _as_number(spec, value)
     # int vs float comparison is exact in Python, so a huge int cannot overflow here.
-    if not spec.lo <= value <= spec.hi:
+    if not spec.lo <= number <= spec.hi:
         raise PolicyError(
             spec.key,
             value,
-            f"policy: {spec.key} = {_fmt_value(value)} is out of range {spec.range_text()}{off}",
+            f"policy: {spec.key} = {_fmt_value(value)} is out of range "
+            f"{spec.range_text()}{_off_hint(spec)}",
         )
-    if spec.kind is float and type(value) is not float:
-        return float(value)
-    return value
+    if spec.kind is float and type(number) is not float:
+        return float(number)
+    return number
+
+
+def _off_hint(spec: PolicyField) -> str:
+    return " (omit the key to turn it off)" if spec.optional else ""
+
+
+def _as_number(spec: PolicyField, value: object) -> int | float:
+    """The value as the field's numeric kind (``true`` is not 1), or PolicyError."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if spec.kind is float and isinstance(value, float) and math.isfinite(value):
+        return value
+    if spec.kind is int:
+        wanted = "an integer"
+    elif isinstance(value, float):
+        wanted = "a finite number"
+    else:
+        wanted = "a number"
+    raise PolicyError(
+        spec.key,
+        value,
+        f"policy: {spec.key} = {_fmt_value(value)} must be {wanted} "
+        f"in {spec.range_text()}{_off_hint(spec)}",
+    )
 
 
 def _content_hash(policy: Policy) -> str:
@@ -482,6 +484,15 @@ def parse_policy(text: str, *, source: str = "<policy>") -> Policy:
     Unknown sections and keys are errors (a typo must not silently fall back to a
     default); so is a missing MANDATORY_KEYS entry. ``source`` only labels messages.
     """
+    values = _collect_values(_decode_toml(text, source), source)
+    _require_mandatory(values, source)
+    try:
+        return Policy(**values)  # type: ignore[arg-type]  # types are checked in __post_init__
+    except PolicyError as exc:
+        raise PolicyError(exc.field, exc.value, f"{exc} (in {source})") from None
+
+
+def _decode_toml(text: str, source: str) -> dict[str, object]:
     if len(text) > MAX_POLICY_SIZE:
         raise PolicyError(
             "<toml>",
@@ -489,7 +500,7 @@ def parse_policy(text: str, *, source: str = "<policy>") -> Policy:
             f"policy: {source} is {len(text)} characters, more than {MAX_POLICY_SIZE}",
         )
     try:
-        doc = tomllib.loads(text)
+        return tomllib.loads(text)
     except ValueError as exc:  # TOMLDecodeError, or an integer too long to convert
         raise PolicyError("<toml>", None, f"policy: {source} is not valid TOML: {exc}") from None
     except RecursionError:
@@ -497,34 +508,45 @@ def parse_policy(text: str, *, source: str = "<policy>") -> Policy:
             "<toml>", None, f"policy: {source} is not valid TOML: nested too deeply"
         ) from None
 
+
+def _collect_values(doc: Mapping[str, object], source: str) -> dict[str, object]:
+    """Flat ``{field name: raw value}`` of the document; unknown keys/sections raise."""
     values: dict[str, object] = {}
     for top, body in doc.items():
         if top == "version":
             values["version"] = body
-        elif top not in SECTIONS:
-            if not isinstance(body, dict):
-                raise _unknown_key_error(top, body, source)
-            close = difflib.get_close_matches(top, SECTIONS, n=1, cutoff=0.6)
-            hint = f"; did you mean [{close[0]}]?" if close else ""
-            raise PolicyError(
-                top,
-                None,
-                f"policy: unknown section [{top}]{hint} (sections: "
-                f"{', '.join(SECTIONS)}) (in {source})",
-            )
-        elif not isinstance(body, dict):
-            raise PolicyError(
-                top,
-                body,
-                f"policy: {top} = {_fmt_value(body)} must be a [{top}] table (in {source})",
-            )
-        else:
-            for name, value in body.items():
-                spec = _FIELD_BY_NAME.get(name)
-                if spec is None or spec.section != top:
-                    raise _unknown_key_error(f"{top}.{name}", value, source)
-                values[name] = value
+            continue
+        section = _section_table(top, body, source)
+        for name, value in section.items():
+            spec = _FIELD_BY_NAME.get(name)
+            if spec is None or spec.section != top:
+                raise _unknown_key_error(f"{top}.{name}", value, source)
+            values[name] = value
+    return values
 
+
+def _section_table(top: str, body: object, source: str) -> Mapping[str, object]:
+    """The body of a known ``[section]``, or the PolicyError saying what ``top`` is not."""
+    if top in SECTIONS and isinstance(body, dict):
+        return body
+    if top in SECTIONS:
+        raise PolicyError(
+            top,
+            body,
+            f"policy: {top} = {_fmt_value(body)} must be a [{top}] table (in {source})",
+        )
+    if not isinstance(body, dict):
+        raise _unknown_key_error(top, body, source)
+    close = difflib.get_close_matches(top, SECTIONS, n=1, cutoff=0.6)
+    hint = f"; did you mean [{close[0]}]?" if close else ""
+    raise PolicyError(
+        top,
+        None,
+        f"policy: unknown section [{top}]{hint} (sections: {', '.join(SECTIONS)}) (in {source})",
+    )
+
+
+def _require_mandatory(values: Mapping[str, object], source: str) -> None:
     for key in MANDATORY_KEYS:
         spec = _FIELD_BY_NAME[key.split(".", 1)[1]]
         if spec.name not in values:
@@ -534,10 +556,6 @@ def parse_policy(text: str, *, source: str = "<policy>") -> Policy:
                 f"policy: {key} is missing; it is mandatory, range {spec.range_text()} "
                 f"(in {source})",
             )
-    try:
-        return Policy(**values)  # type: ignore[arg-type]  # types are checked in __post_init__
-    except PolicyError as exc:
-        raise PolicyError(exc.field, exc.value, f"{exc} (in {source})") from None
 
 
 def load_policy(path: str | PathLike[str]) -> Policy:

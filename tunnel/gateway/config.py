@@ -20,7 +20,7 @@ import os
 import re
 import stat
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -54,11 +54,6 @@ TOP_KEYS: Final = frozenset(
 TABLES: Final = frozenset({"tun", "clients", "sinks"})
 TUN_KEYS: Final = frozenset({"name", "subnet", "address"})
 CLIENT_KEYS: Final = frozenset({"name", "public_key", "address"})
-SINK_KEYS: Final = {
-    "jsonl": frozenset({"type", "path", "max_bytes", "backups"}),
-    "syslog": frozenset({"type", "address", "transport"}),
-    "stdout": frozenset({"type"}),
-}
 
 
 class ConfigError(ValueError):
@@ -263,6 +258,36 @@ def _check_host(r: _Reader, key: str, text: str, subnet: ipaddress.IPv4Network) 
         raise r.error(key, text, f"is the network or broadcast address of {subnet}")
 
 
+class _Claims:
+    """What the clients already hold: names, public keys and inner addresses, each once."""
+
+    def __init__(self, gateway_address: str) -> None:
+        self.names: set[str] = set()
+        self.keys: dict[bytes, str] = {}
+        """Public key -> client name."""
+        self.addresses: dict[str, str] = {gateway_address: "the gateway (tun.address)"}
+        """Inner address -> who has it (for the message)."""
+
+    def name(self, r: _Reader, name: str) -> None:
+        if name in self.names:
+            raise r.error("name", name, "another client has this name")
+        self.names.add(name)
+
+    def key(self, r: _Reader, key_text: str, public: bytes, name: str) -> None:
+        if public in self.keys:
+            raise r.error("public_key", key_text, f"same key as client {self.keys[public]!r}")
+        self.keys[public] = name
+
+    def address(self, r: _Reader, address: str, name: str) -> None:
+        if address in self.addresses:
+            raise r.error("address", address, f"already used by {self.addresses[address]}")
+        self.addresses[address] = f"client {name!r}"
+
+    def free(self, subnet: ipaddress.IPv4Network) -> Iterator[str]:
+        """The pool: hosts of the subnet nobody holds, in order."""
+        return (str(h) for h in subnet.hosts() if str(h) not in self.addresses)
+
+
 def _parse_clients(
     file: Path, raw: object, subnet: ipaddress.IPv4Network, gateway_address: str
 ) -> tuple[ClientEntry, ...]:
@@ -272,54 +297,101 @@ def _parse_clients(
         )
     if not isinstance(raw, list) or not raw:
         raise ConfigError(file, "clients", raw, "must be a non-empty array of tables")
-    parsed: list[tuple[str, bytes, str | None]] = []
-    names: set[str] = set()
-    keys: dict[bytes, str] = {}
-    taken: dict[str, str] = {gateway_address: "the gateway (tun.address)"}
-    for i, entry in enumerate(raw):
-        if not isinstance(entry, dict):
-            raise ConfigError(file, f"clients[{i}]", entry, "must be a table")
-        r = _Reader(file, entry, f"clients[{i}].")
-        r.unknown(CLIENT_KEYS)
-        name = r.string("name", required=True)
-        if not CLIENT_NAME_RE.fullmatch(name):
-            raise r.error("name", name, "1-64 characters from A-Z a-z 0-9 . _ @ -")
-        if name in names:
-            raise r.error("name", name, "another client has this name")
-        names.add(name)
-        key_text = r.string("public_key", required=True)
-        key_source = key_text
-        candidate = Path(key_text).expanduser()
-        if not candidate.is_absolute() and (file.parent / candidate).exists():
-            key_source = str(file.parent / candidate)
-        try:
-            public = load_public_key(key_source, f"public key of client {name!r}")
-        except KeyFormatError as exc:
-            raise r.error("public_key", key_text, str(exc)) from None
-        if public in keys:
-            raise r.error("public_key", key_text, f"same key as client {keys[public]!r}")
-        keys[public] = name
-        address: str | None = None
-        if "address" in entry:
-            address = r.string("address")
-            _check_host(r, "address", address, subnet)
-            address = str(ipaddress.ip_address(address))
-            if address in taken:
-                raise r.error("address", address, f"already used by {taken[address]}")
-            taken[address] = f"client {name!r}"
-        parsed.append((name, public, address))
-    pool = (str(h) for h in subnet.hosts() if str(h) not in taken)
+    claims = _Claims(gateway_address)
+    parsed = [_parse_client(file, i, entry, subnet, claims) for i, entry in enumerate(raw)]
+    pool = claims.free(subnet)
     out: list[ClientEntry] = []
     for name, public, address in parsed:
+        address = address or next(pool, None)
         if address is None:
-            address = next(pool, None)
-            if address is None:
-                raise ConfigError(
-                    file, "tun.subnet", str(subnet),
-                    f"no free address left in the pool for client {name!r}",
-                )  # fmt: skip
+            raise ConfigError(
+                file, "tun.subnet", str(subnet),
+                f"no free address left in the pool for client {name!r}",
+            )  # fmt: skip
         out.append(ClientEntry(name, public, address))
     return tuple(out)
+
+
+def _parse_client(
+    file: Path, i: int, entry: object, subnet: ipaddress.IPv4Network, claims: _Claims
+) -> tuple[str, bytes, str | None]:
+    """One [[clients]] table: (name, public key, explicit address or None: from the pool)."""
+    if not isinstance(entry, dict):
+        raise ConfigError(file, f"clients[{i}]", entry, "must be a table")
+    r = _Reader(file, entry, f"clients[{i}].")
+    r.unknown(CLIENT_KEYS)
+    name = r.string("name", required=True)
+    if not CLIENT_NAME_RE.fullmatch(name):
+        raise r.error("name", name, "1-64 characters from A-Z a-z 0-9 . _ @ -")
+    claims.name(r, name)
+    key_text = r.string("public_key", required=True)
+    public = _client_key(r, key_text, name)
+    claims.key(r, key_text, public, name)
+    if "address" not in entry:
+        return name, public, None
+    address = r.string("address")
+    _check_host(r, "address", address, subnet)
+    address = str(ipaddress.ip_address(address))
+    claims.address(r, address, name)
+    return name, public, address
+
+
+def _client_key(r: _Reader, key_text: str, name: str) -> bytes:
+    """A client's public key: inline base64, or a file (relative to the config's directory)."""
+    key_source = key_text
+    candidate = Path(key_text).expanduser()
+    if not candidate.is_absolute() and (r.file.parent / candidate).exists():
+        key_source = str(r.file.parent / candidate)
+    try:
+        return load_public_key(key_source, f"public key of client {name!r}")
+    except KeyFormatError as exc:
+        raise r.error("public_key", key_text, str(exc)) from None
+
+
+def _jsonl_sink(r: _Reader, earlier: list[SinkConfig]) -> SinkConfig:
+    path = r.path("path", required=True)
+    max_bytes = r.integer("max_bytes", DEFAULT_JSONL_MAX_BYTES, 1024, 1 << 40)
+    backups = r.integer("backups", DEFAULT_JSONL_BACKUPS, 0, 1000)
+    return SinkConfig("jsonl", path=path, max_bytes=max_bytes, backups=backups)
+
+
+def _syslog_sink(r: _Reader, earlier: list[SinkConfig]) -> SinkConfig:
+    address = r.string("address", required=True)
+    host, sep, port_text = address.rpartition(":")
+    if address.startswith("["):
+        host = host.strip("[]")
+    if not sep:
+        host, port_text = address, str(DEFAULT_SYSLOG_PORT)
+    if not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise r.error("address", address, "must be HOST:PORT (port 1-65535)")
+    transport = r.string("transport", "udp")
+    if transport not in ("udp", "tcp"):
+        raise r.error("transport", transport, "must be udp or tcp")
+    return SinkConfig(
+        "syslog", host=host, port=int(port_text),
+        transport="udp" if transport == "udp" else "tcp",
+    )  # fmt: skip
+
+
+def _stdout_sink(r: _Reader, earlier: list[SinkConfig]) -> SinkConfig:
+    if any(s.kind == "stdout" for s in earlier):
+        raise r.error("type", "stdout", "only one stdout sink")
+    return SinkConfig("stdout")
+
+
+@dataclass(frozen=True, slots=True)
+class _SinkKind:
+    """One ``type`` of [[sinks]]: its keys and how its table is read."""
+
+    keys: frozenset[str]
+    parse: Callable[[_Reader, list[SinkConfig]], SinkConfig]
+
+
+SINK_KINDS: Final = {
+    "jsonl": _SinkKind(frozenset({"type", "path", "max_bytes", "backups"}), _jsonl_sink),
+    "syslog": _SinkKind(frozenset({"type", "address", "transport"}), _syslog_sink),
+    "stdout": _SinkKind(frozenset({"type"}), _stdout_sink),
+}
 
 
 def _parse_sinks(file: Path, raw: object) -> tuple[SinkConfig, ...]:
@@ -333,36 +405,10 @@ def _parse_sinks(file: Path, raw: object) -> tuple[SinkConfig, ...]:
             raise ConfigError(file, f"sinks[{i}]", entry, "must be a table")
         r = _Reader(file, entry, f"sinks[{i}].")
         kind = r.string("type", required=True)
-        if kind not in SINK_KEYS:
+        if kind not in SINK_KINDS:
             raise r.error("type", kind, "must be one of: jsonl, syslog, stdout")
-        r.unknown(SINK_KEYS[kind])
-        if kind == "jsonl":
-            path = r.path("path", required=True)
-            max_bytes = r.integer("max_bytes", DEFAULT_JSONL_MAX_BYTES, 1024, 1 << 40)
-            backups = r.integer("backups", DEFAULT_JSONL_BACKUPS, 0, 1000)
-            out.append(SinkConfig("jsonl", path=path, max_bytes=max_bytes, backups=backups))
-        elif kind == "syslog":
-            address = r.string("address", required=True)
-            host, sep, port_text = address.rpartition(":")
-            if address.startswith("["):
-                host = host.strip("[]")
-            if not sep:
-                host, port_text = address, str(DEFAULT_SYSLOG_PORT)
-            if not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-                raise r.error("address", address, "must be HOST:PORT (port 1-65535)")
-            transport = r.string("transport", "udp")
-            if transport not in ("udp", "tcp"):
-                raise r.error("transport", transport, "must be udp or tcp")
-            out.append(
-                SinkConfig(
-                    "syslog", host=host, port=int(port_text),
-                    transport="udp" if transport == "udp" else "tcp",
-                )
-            )  # fmt: skip
-        else:
-            if any(s.kind == "stdout" for s in out):
-                raise r.error("type", kind, "only one stdout sink")
-            out.append(SinkConfig("stdout"))
+        r.unknown(SINK_KINDS[kind].keys)
+        out.append(SINK_KINDS[kind].parse(r, out))
     return tuple(out)
 
 

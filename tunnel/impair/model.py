@@ -142,6 +142,22 @@ class _Link:
     def counters(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in _COUNTERS}
 
+    def count_received(self) -> None:
+        """A datagram arrived in this direction (before any impairment)."""
+        self.received += 1
+
+    def count_forwarded(self) -> None:
+        """A copy left the relay."""
+        self.forwarded += 1
+
+    def count_error(self) -> None:
+        """A copy could not be sent (no mapping, socket error)."""
+        self.dropped_error += 1
+
+    def count_overflow(self) -> None:
+        """A copy was dropped because a queue (rate limiter or delayed set) was full."""
+        self.dropped_overflow += 1
+
     def plan(self, size: int, now: float, rng: random.Random) -> list[float]:
         """Departure times (loop clock) of the copies of one datagram; [] = dropped."""
         imp = self.imp
@@ -157,18 +173,31 @@ class _Link:
             self.duplicated += 1
         out: list[float] = []
         for _ in range(copies):
-            depart = now
-            if imp.rate_kbit is not None:
-                start = max(now, self.busy_until)
-                if start - now > RATE_BACKLOG_MAX_S:
-                    self.dropped_overflow += 1
-                    continue
-                self.busy_until = depart = start + size * 8 / (imp.rate_kbit * 1000.0)
-            delay_ms = imp.delay_ms
-            if imp.jitter_ms:
-                delay_ms = max(0.0, delay_ms + rng.uniform(-imp.jitter_ms, imp.jitter_ms))
-            if imp.reorder and rng.random() < imp.reorder:
-                delay_ms += max(REORDER_EXTRA_MS, imp.delay_ms)
-                self.reordered += 1
-            out.append(depart + delay_ms / 1000.0)
+            depart = self._depart(size, now)
+            if depart is None:
+                self.dropped_overflow += 1
+                continue
+            out.append(depart + self._delay_ms(rng) / 1000.0)
         return out
+
+    def _depart(self, size: int, now: float) -> float | None:
+        """When the rate limiter lets a copy go: ``now`` if unlimited; None: backlog full."""
+        rate_kbit = self.imp.rate_kbit
+        if rate_kbit is None:
+            return now
+        start = max(now, self.busy_until)
+        if start - now > RATE_BACKLOG_MAX_S:
+            return None
+        self.busy_until = start + size * 8 / (rate_kbit * 1000.0)
+        return self.busy_until
+
+    def _delay_ms(self, rng: random.Random) -> float:
+        """One copy's delay: base, +/- jitter, plus the reorder hold when it is picked."""
+        imp = self.imp
+        delay_ms = imp.delay_ms
+        if imp.jitter_ms:
+            delay_ms = max(0.0, delay_ms + rng.uniform(-imp.jitter_ms, imp.jitter_ms))
+        if imp.reorder and rng.random() < imp.reorder:
+            delay_ms += max(REORDER_EXTRA_MS, imp.delay_ms)
+            self.reordered += 1
+        return delay_ms

@@ -22,7 +22,15 @@ SOCKET_BUFFER: Final = 1 << 20
 
 
 class RelayStartError(OSError):
-    """The relay could not start: an address did not resolve or could not be bound."""
+    """The relay could not start: an address did not resolve or could not be bound.
+
+    ``str()`` is the message alone; ``errno`` is the bind failure's errno (None when no
+    system call failed, e.g. a relay loop refused before binding).
+    """
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 def parse_address(text: str) -> Address:
@@ -81,9 +89,8 @@ def _bind(addr: Address, what: str, avoid: Any = None) -> socket.socket:
     except OSError as exc:
         sock.close()
         reason = (exc.strerror or str(exc)).lower()
-        err = RelayStartError(f"cannot {what} on {format_address(addr)}: {reason}")
-        err.errno = exc.errno
-        raise err from exc
+        message = f"cannot {what} on {format_address(addr)}: {reason}"
+        raise RelayStartError(message, exc.errno) from exc
     bound = sock.getsockname()
     if avoid is not None and _same_endpoint(bound, avoid):
         sock.close()

@@ -328,7 +328,7 @@ class ImpairRelay(_ControlServer):
                 return
             except OSError:
                 return  # a pending socket error is consumed by the failed read
-            up.received += 1
+            up.count_received()
             if up.clean:
                 self._send_up(src, data, now)
             else:
@@ -350,7 +350,7 @@ class ImpairRelay(_ControlServer):
                 continue  # ICMP unreachable for an earlier send; already counted
             self._mappings.move_to_end(mapping.src)  # open mappings are always in the table
             mapping.last_used = now
-            down.received += 1
+            down.count_received()
             if down.clean:
                 self._send_down(mapping.src, data, now)
             else:
@@ -370,7 +370,7 @@ class ImpairRelay(_ControlServer):
             if when <= now:
                 send(addr, data, now)
             elif self._delayed >= self._max_delayed:
-                link.dropped_overflow += 1
+                link.count_overflow()
             else:
                 self._delayed += 1
                 self._loop.call_at(when, deliver, addr, data)
@@ -390,20 +390,20 @@ class ImpairRelay(_ControlServer):
     def _send_up(self, src: Any, data: bytes, now: float) -> None:
         mapping = self._mapping_for(src, now)
         if mapping is None:
-            self._up.dropped_error += 1
+            self._up.count_error()
             return
         try:
             mapping.sock.send(data)
         except OSError:  # buffer full, ICMP unreachable reported late, ...
-            self._up.dropped_error += 1
+            self._up.count_error()
             return
-        self._up.forwarded += 1
+        self._up.count_forwarded()
 
     def _send_down(self, dst: Any, data: bytes, now: float) -> None:
         assert self._listen is not None
         try:
             self._listen.sendto(data, dst)
         except OSError:
-            self._down.dropped_error += 1
+            self._down.count_error()
             return
-        self._down.forwarded += 1
+        self._down.count_forwarded()
