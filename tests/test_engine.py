@@ -17,7 +17,6 @@ import pytest
 from loopback_gateway import CLIENT_INNER, LoopbackGateway
 
 from tunnel.api import (
-    DemoImpair,
     EngineSnapshot,
     ForceReattach,
     ReloadPolicy,
@@ -31,6 +30,7 @@ from tunnel.client.engine import ClientEngine, exit_code_for, exit_code_table
 from tunnel.core.events import SessionTerminated
 from tunnel.core.handshake import generate_keypair
 from tunnel.core.policy import POLICY_DEFAULT, policy_to_toml
+from tunnel.demo.commands import DemoImpair
 from tunnel.io.inner import MemoryInner
 
 

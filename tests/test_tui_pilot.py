@@ -35,7 +35,6 @@ from jvpn_tui.widgets import (
 )
 from jvpn_tui.widgets.format import NONE
 from tunnel.api import (
-    DemoImpair,
     EngineSnapshot,
     ForceReattach,
     ReloadPolicy,
@@ -44,6 +43,7 @@ from tunnel.api import (
     Terminate,
     UiChannel,
 )
+from tunnel.demo.commands import DemoImpair
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZE = (160, 48)
