@@ -327,6 +327,7 @@ class UiChannel:
         self.dropped = 0
         """Items dropped because the queue was full (oldest first)."""
         self.published = 0
+        """Items ever published: every one was drained, dropped, or is still waiting."""
 
     def publish(self, item: UiItem) -> None:
         with self._lock:

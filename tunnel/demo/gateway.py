@@ -85,30 +85,44 @@ class DemoGateway:
             sel.close()
 
     def _turn(self, gw: GatewaySessions, sock: socket.socket) -> None:
+        """One round: take what arrived, fire due timers, send (twice: echo replies make
+        a second round of output), forward the security events."""
         now = time.monotonic()
-        for _ in range(1024):
-            try:
-                data, addr = sock.recvfrom(65535)
-            except BlockingIOError:
-                break
-            except OSError:
-                continue  # an ICMP error for an earlier send: nothing to read
-            gw.receive_datagram(data, addr, now)
+        _receive(gw, sock, now)
         deadline = gw.next_deadline()
         if deadline is not None and deadline <= now:
             gw.handle_timer(now)
-        for _ in range(2):  # echo replies make a second round of output
-            for addr, data in gw.datagrams_to_send():
-                assert isinstance(addr, tuple)
-                try:
-                    sock.sendto(data, addr)
-                except OSError:
-                    pass  # loopback buffer full or relay gone: a lost datagram
-            for packet in gw.packets_for_tun():
-                reply = echo_reply(packet)
-                if reply is not None:
-                    self.echoed += 1
-                    gw.receive_tun_packet(reply, now)
+        for _ in range(2):
+            _send(gw, sock)
+            self._echo(gw, now)
         for event in gw.events():
             if isinstance(event, SecurityEvent):
                 self._on_event(event)
+
+    def _echo(self, gw: GatewaySessions, now: float) -> None:
+        """Answer the client's inner echo requests (the demo gateway has no TUN)."""
+        for packet in gw.packets_for_tun():
+            reply = echo_reply(packet)
+            if reply is not None:
+                self.echoed += 1
+                gw.receive_tun_packet(reply, now)
+
+
+def _receive(gw: GatewaySessions, sock: socket.socket, now: float) -> None:
+    for _ in range(1024):
+        try:
+            data, addr = sock.recvfrom(65535)
+        except BlockingIOError:
+            return
+        except OSError:
+            continue  # an ICMP error for an earlier send: nothing to read
+        gw.receive_datagram(data, addr, now)
+
+
+def _send(gw: GatewaySessions, sock: socket.socket) -> None:
+    for addr, data in gw.datagrams_to_send():
+        assert isinstance(addr, tuple)
+        try:
+            sock.sendto(data, addr)
+        except OSError:
+            pass  # loopback buffer full or relay gone: a lost datagram
