@@ -36,14 +36,16 @@ from jvpn_tui.widgets import (
 from jvpn_tui.widgets.format import NONE
 from tunnel.api import (
     EngineSnapshot,
+    EventType,
     ForceReattach,
+    Reason,
     ReloadPolicy,
     SetAutoSwitch,
     SwitchTo,
     Terminate,
     UiChannel,
 )
-from tunnel.demo.commands import DemoImpair
+from tunnel.demo.commands import DemoAction, DemoImpair
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZE = (160, 48)
@@ -477,6 +479,33 @@ async def test_frozen_ui_does_not_slow_the_real_engine_and_catches_up() -> None:
         assert snap.running and snap.session.state == "ATTACHED"
         assert app.drawn == sorted(set(app.drawn))  # strictly increasing: never older
         assert snap.seq - drawn_before[-1] > 1  # snapshots published while frozen were skipped
+
+
+def test_the_fake_engine_speaks_the_projects_vocabulary() -> None:
+    """What the UI is tested against must be what a real engine can say: every event type
+    and reason code the scripted engine publishes is a member of EventType / Reason."""
+    from jvpn_tui.fake_engine import SCENARIOS
+
+    sweep = (
+        SwitchTo(2), SwitchTo(3), SwitchTo(3), SetAutoSwitch(False), ForceReattach(),
+        ReloadPolicy(), DemoImpair(1, DemoAction.LOSS, 0.3), DemoImpair(1, DemoAction.REPLAY),
+        DemoImpair(1, DemoAction.REBIND), DemoImpair(0, DemoAction.SCRIPT),
+        DemoImpair(1, DemoAction.KILL), DemoImpair(2, DemoAction.KILL),
+        DemoImpair(1, DemoAction.RESTORE), Terminate(), SwitchTo(1),
+    )  # fmt: skip
+    events: list[Any] = []
+    for scenario in SCENARIOS:
+        engine = FakeEngine(scenario, demo=True, channel=UiChannel(maxsize=100_000))
+        engine.start()
+        for command in sweep:
+            engine.commands.send(command)
+            engine.pump()
+        events += [i for i in engine.channel.drain() if not isinstance(i, EngineSnapshot)]
+    types = {e["event_type"] for e in events}
+    reasons = {e["reason_code"] for e in events if "reason_code" in e}
+    assert types <= {t.value for t in EventType}, types - {t.value for t in EventType}
+    assert reasons <= {r.value for r in Reason}, reasons - {r.value for r in Reason}
+    assert len(types) >= 10 and len(reasons) >= 15  # the sweep reached most answers
 
 
 @run_async
