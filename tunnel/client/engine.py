@@ -105,14 +105,17 @@ def exit_code_for(reason: str | None) -> int:
     3: ``engine_error: ...``; 10 + wire index: every other reason code (stable, because
     reason codes are append-only); 1: a reason this build does not know.
     """
-    if reason is None or reason == Reason.OPERATOR_TERMINATED:
+    if reason is None:
         return EXIT_OK
     if reason == ENGINE_ERROR or reason.startswith(ENGINE_ERROR + ":"):
         return EXIT_ENGINE_ERROR
     try:
-        return EXIT_REASON_BASE + reason_to_wire(Reason(reason))
+        code = Reason(reason)
     except ValueError:
         return EXIT_UNKNOWN_REASON
+    if code is Reason.OPERATOR_TERMINATED:
+        return EXIT_OK
+    return EXIT_REASON_BASE + reason_to_wire(code)
 
 
 def exit_code_table() -> list[tuple[str, int]]:
@@ -492,23 +495,34 @@ class ClientEngine:
         if self._error is None:
             self._error = exc
         session, runtime = self.session, self.runtime
-        try:
-            if session is not None and runtime is not None and not _ended(session):
-                # Seed §5: the broken invariant is diagnosed, then the session ends explicitly.
-                self._emit(
-                    Diagnostic(
-                        **self._base(runtime.clock()), reason_code=Reason.INVARIANT_VIOLATION,
-                        detail=f"engine failure: {one_line(exc)}", state=str(session.state),
-                    )
-                )  # fmt: skip
-                session.terminate(runtime.clock(), Reason.INVARIANT_VIOLATION)
-                runtime.pump()
-        except Exception as again:  # the session itself is broken: stop anyway
-            exc.add_note(f"terminating after the failure also failed: {one_line(again)}")
+        if session is not None and runtime is not None:
+            self._end_after(exc, session, runtime)
         with self._loop_lock:
             loop = self._loop
         if loop is not None:
             loop.stop()
+
+    def _end_after(
+        self, exc: BaseException, session: ClientSession, runtime: ClientRuntime
+    ) -> None:
+        """Seed §5: the broken invariant is diagnosed, then the session ends explicitly
+        (TERMINATE sent), even when the diagnosis fails; what fails is noted on ``exc``."""
+        try:
+            if _ended(session):
+                return
+            self._emit(
+                Diagnostic(
+                    **self._base(runtime.clock()), reason_code=Reason.INVARIANT_VIOLATION,
+                    detail=f"engine failure: {one_line(exc)}", state=str(session.state),
+                )
+            )  # fmt: skip
+        except Exception as again:  # a broken session may fail to describe itself
+            exc.add_note(f"diagnosing the failure also failed: {one_line(again)}")
+        try:
+            session.terminate(runtime.clock(), Reason.INVARIANT_VIOLATION)
+            runtime.pump()
+        except Exception as again:  # the session itself is broken: stop anyway
+            exc.add_note(f"terminating after the failure also failed: {one_line(again)}")
 
     def _on_event(self, event: Event) -> None:
         if isinstance(event, SessionTerminated):
