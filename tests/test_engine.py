@@ -425,11 +425,15 @@ def test_session_view_carries_the_core_snapshot_field_for_field() -> None:
     from tunnel.api import PathView as UiPathView
     from tunnel.client.engine import session_view
     from tunnel.core.client import ClientSnapshot
-    from tunnel.core.client import PathView as CorePathView
     from tunnel.core.health import PathStats
 
     def names(cls: type) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)}
+
+    sim = build(n_paths=2)
+    sim.advance(3.0)
+    live = sim.client.snapshot(sim.now)
+    CorePathView = type(live.paths[0])  # the core's path view class
 
     assert names(SessionView) == names(ClientSnapshot)
     assert names(UiPathView) == names(CorePathView)
@@ -459,9 +463,7 @@ def test_session_view_carries_the_core_snapshot_field_for_field() -> None:
     for name in names(PathStatsView):
         assert getattr(ui.stats, name) == getattr(stats, name), name
 
-    sim = build(n_paths=2)  # and a live session's snapshot converts, path for path
-    sim.advance(3.0)
-    live = sim.client.snapshot(sim.now)
+    # and a live session's snapshot converts, path for path
     assert session_view(live).paths[1].stats.rtt_history == live.paths[1].stats.rtt_history
     assert [p.role for p in session_view(live).paths] == [p.role for p in live.paths]
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -14,14 +14,15 @@ from tunnel.api import EventType
 TIMELINE_LINES: Final = 200
 """Lines kept (older ones fall off)."""
 
-Event = Mapping[str, object]
+EventMap = Mapping[str, object]
+"""One event as the channel carries it (its ``to_dict()`` mapping)."""
 
 
 def _path(value: object) -> str:
     return NONE if value is None else esc(value)
 
 
-def _switch(event: Event, reason: str) -> str:
+def _switch(event: EventMap, reason: str) -> str:
     return (
         f"[b $text-success]SWITCH [/] {_path(event.get('previous_transport'))} → "
         f"{_path(event.get('new_transport'))}  {reason}  "
@@ -30,7 +31,7 @@ def _switch(event: Event, reason: str) -> str:
     )
 
 
-def _denied(event: Event, reason: str) -> str:
+def _denied(event: EventMap, reason: str) -> str:
     who = "manual" if event.get("manual") else "auto"
     text = (
         f"[b $text-warning]DENIED [/] → {_path(event.get('requested_transport'))}  "
@@ -42,23 +43,23 @@ def _denied(event: Event, reason: str) -> str:
     return text
 
 
-def _dead(event: Event, reason: str) -> str:
+def _dead(event: EventMap, reason: str) -> str:
     return (
         f"[b $text-error]DEAD   [/] path {_path(event.get('transport_id'))}  {reason}"
         f"  silent {ms(event.get('silence_ms'), 0)}"
     )
 
 
-def _attached(event: Event, reason: str) -> str:
+def _attached(event: EventMap, reason: str) -> str:
     return f"[b]ATTACH [/] path {_path(event.get('transport_id'))}  {esc(event.get('path', ''))}"
 
 
-def _attempt(event: Event, reason: str) -> str:
+def _attempt(event: EventMap, reason: str) -> str:
     target, kind = _path(event.get("candidate_transport")), esc(event.get("kind", ""))
     return f"[b]REATT ?[/] → {target}  {kind}"
 
 
-def _result(event: Event, reason: str) -> str:
+def _result(event: EventMap, reason: str) -> str:
     ok = event.get("status") == "SUCCESS"
     mark = "[b $text-success]REATT ✓[/]" if ok else "[b $text-error]REATT ✗[/]"
     text = f"{mark} → {_path(event.get('candidate_transport'))}  {reason}"
@@ -67,18 +68,18 @@ def _result(event: Event, reason: str) -> str:
     return text
 
 
-def _state(event: Event, reason: str) -> str:
+def _state(event: EventMap, reason: str) -> str:
     return (
         f"[b]STATE  [/] {state_markup(str(event.get('previous_state', '?')))} → "
         f"{state_markup(str(event.get('new_state', '?')))}  {reason}"
     )
 
 
-def _end(event: Event, reason: str) -> str:
+def _end(event: EventMap, reason: str) -> str:
     return f"[b $text-error]END    [/] {reason}  ({esc(event.get('initiator', ''))})"
 
 
-def _policy(event: Event, reason: str) -> str:
+def _policy(event: EventMap, reason: str) -> str:
     text = f"[b]POLICY [/] {esc(event.get('policy_name', ''))}  {reason}"
     detail = event.get("detail")
     if detail:
@@ -86,11 +87,11 @@ def _policy(event: Event, reason: str) -> str:
     return text
 
 
-def _keys(event: Event, reason: str) -> str:
+def _keys(event: EventMap, reason: str) -> str:
     return f"[b]KEYS   [/] phase {esc(event.get('key_phase', '?'))}  {reason}"
 
 
-_LINES: Final[Mapping[str, Callable[[Event, str], str]]] = {
+_LINES: Final[Mapping[str, Callable[[EventMap, str], str]]] = {
     EventType.TRANSPORT_SWITCH: _switch,
     EventType.TRANSPORT_SWITCH_DENIED: _denied,
     EventType.TRANSPORT_DEAD: _dead,
@@ -107,7 +108,7 @@ _LINES: Final[Mapping[str, Callable[[Event, str], str]]] = {
 TIMELINE_TYPES: Final = frozenset(_LINES)
 
 
-def describe(event: Event) -> str | None:
+def describe(event: EventMap) -> str | None:
     """One timeline line (markup) for ``event``, or None when it does not belong here."""
     line = _LINES.get(str(event.get("event_type")))
     if line is None:

@@ -58,7 +58,6 @@ from tunnel.api import (
 from tunnel.client.config import ClientConfig, PathConfig
 from tunnel.client.runtime import ClientRuntime, PathTarget
 from tunnel.core.client import ClientSession, ClientSnapshot, PathSpec
-from tunnel.core.client import PathView as CorePathView
 from tunnel.core.events import (
     Diagnostic,
     Event,
@@ -70,6 +69,7 @@ from tunnel.core.events import (
     TransportSwitchDenied,
     reason_to_wire,
 )
+from tunnel.core.health import PathStats
 from tunnel.core.policy import PolicyError, load_policy
 from tunnel.core.session import State
 from tunnel.io.inner import KernelTun, MemoryInner, TunLike
@@ -140,15 +140,13 @@ def one_line(exc: BaseException) -> str:
 # -- the core's snapshot as the UI contract's view ------------------------------------------
 
 
-def _path_view(view: CorePathView) -> PathView:
-    st = view.stats
-    stats = PathStatsView(
+def _stats_view(st: PathStats) -> PathStatsView:
+    return PathStatsView(
         path_id=st.path_id, srtt_ms=st.srtt_ms, jitter_ms=st.jitter_ms,
         loss_ratio=st.loss_ratio, consecutive_misses=st.consecutive_misses, score=st.score,
         alive=st.alive, rtt_history=st.rtt_history, loss_up=st.loss_up,
         loss_down=st.loss_down, loss_known=st.loss_known, direction_known=st.direction_known,
     )  # fmt: skip
-    return PathView(stats=stats, label=view.label, role=view.role, validated=view.validated)
 
 
 def session_view(snap: ClientSnapshot) -> SessionView:
@@ -158,7 +156,10 @@ def session_view(snap: ClientSnapshot) -> SessionView:
         session_id=snap.session_id, state=snap.state, state_version=snap.state_version,
         binding_epoch=snap.binding_epoch, peer_state=snap.peer_state,
         peer_state_version=snap.peer_state_version, active=snap.active, pending=snap.pending,
-        paths=tuple(_path_view(p) for p in snap.paths), auto_switch=snap.auto_switch,
+        paths=tuple(
+            PathView(_stats_view(p.stats), p.label, p.role, p.validated) for p in snap.paths
+        ),
+        auto_switch=snap.auto_switch,
         switch_budget_left=snap.switch_budget_left,
         cooldown_remaining_ms=snap.cooldown_remaining_ms, key_phase=snap.key_phase,
         key_age_s=snap.key_age_s, policy_version=snap.policy_version, uptime_s=snap.uptime_s,
