@@ -41,15 +41,17 @@ from jvpn_tui.widgets import (
 from themes import PALETTES, STYLESHEET
 from tunnel.api import (
     Command,
-    DemoImpair,
     EngineHandle,
     EngineSnapshot,
+    EventType,
     ForceReattach,
+    Reason,
     ReloadPolicy,
     SetAutoSwitch,
     SwitchTo,
     Terminate,
 )
+from tunnel.demo.commands import DemoAction, DemoImpair
 
 DRAIN_HZ: Final = 10.0
 """How often the UI drains the engine channel."""
@@ -204,7 +206,7 @@ class JvpnApp(App[int]):
             view.add_events(events)
         for event in events:
             kind = event.get("event_type")
-            if kind == "TRANSPORT_SWITCH_DENIED" and event.get("manual"):
+            if kind == EventType.TRANSPORT_SWITCH_DENIED and event.get("manual"):
                 retry = event.get("retry_after_ms")
                 more = (
                     f" (retry in {retry / 1000:.1f} s)" if isinstance(retry, int | float) else ""
@@ -214,8 +216,8 @@ class JvpnApp(App[int]):
                     f"{event.get('reason_code')}{more}",
                     title="Switch denied", severity="warning", markup=False,
                 )  # fmt: skip
-            elif kind == "POLICY_EVENT":
-                bad = event.get("reason_code") == "policy_invalid"
+            elif kind == EventType.POLICY_EVENT:
+                bad = event.get("reason_code") == Reason.POLICY_INVALID
                 detail = event.get("detail") or event.get("reason_code")
                 self.notify(
                     f"{event.get('policy_name')}: {detail}",
@@ -306,18 +308,19 @@ class JvpnApp(App[int]):
         if snap is None:
             return
         s = snap.session
-        if action == "script":
-            self.send(DemoImpair(0, "script"))
+        demo = DemoAction(action)
+        if demo is DemoAction.SCRIPT:
+            self.send(DemoImpair(0, demo))
             return
-        if action == "restore":
+        if demo is DemoAction.RESTORE:
             for view in s.paths:
-                self.send(DemoImpair(view.stats.path_id, "restore"))
+                self.send(DemoImpair(view.stats.path_id, demo))
             return
         target = s.active if s.active is not None else s.pending
         if target is None:
             self.notify("No active path to impair.", title="Demo", severity="warning")
             return
-        self.send(DemoImpair(target, action, DEMO_LOSS if action == "loss" else 0.0))
+        self.send(DemoImpair(target, demo, DEMO_LOSS if demo is DemoAction.LOSS else 0.0))
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen(self.binding_rows()))

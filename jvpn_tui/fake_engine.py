@@ -24,11 +24,13 @@ from typing import Any, Final
 from tunnel.api import (
     Command,
     CommandQueue,
-    DemoImpair,
     EngineSnapshot,
     ForceReattach,
     ObservabilityView,
+    PathStatsView,
+    PathView,
     ReloadPolicy,
+    SessionView,
     SetAutoSwitch,
     SinkView,
     SwitchTo,
@@ -36,8 +38,7 @@ from tunnel.api import (
     TrafficStats,
     UiChannel,
 )
-from tunnel.core.client import ClientSnapshot, PathView
-from tunnel.core.health import PathStats
+from tunnel.demo.commands import DemoAction, DemoImpair
 
 T0_MS: Final = 1_717_243_200_000
 """2024-06-01 12:00:00 UTC: when the scripted session was born (uptime 0)."""
@@ -71,8 +72,8 @@ def _history(base: float, spread: float, phase: int, n: int = 40) -> tuple[float
 def _stats(
     pid: int, rtt: float | None, jitter: float, loss: float, score: float, *,
     alive: bool = True, history: tuple[float, ...] = (), misses: int = 0,
-) -> PathStats:
-    return PathStats(
+) -> PathStatsView:
+    return PathStatsView(
         path_id=pid, srtt_ms=rtt, jitter_ms=jitter, loss_ratio=loss,
         consecutive_misses=misses, score=score, alive=alive, rtt_history=history,
         loss_up=loss,  # the scripted loss is all upstream
@@ -322,39 +323,44 @@ class FakeEngine:
         self._finish(reason)
 
     def _impair(self, command: DemoImpair) -> None:
-        pid = command.path_id
-        if command.action == "script":
+        pid, action = command.path_id, command.action
+        if action == DemoAction.SCRIPT:
             self._emit("DIAGNOSTIC", reason_code="demo_action", state="",
                        detail="demo: script started (fake engine: announced only)")  # fmt: skip
-        elif command.action == "kill":
-            self._set_path(pid, alive=False, score=0.0, misses=12, role="down")
-            self._emit("TRANSPORT_DEAD", transport_id=pid, silence_ms=900.0,
-                       reason_code="transport_dead")  # fmt: skip
-            if pid == self._session.active:
-                standby = [
-                    p.stats.path_id for p in self._session.paths
-                    if p.stats.alive and p.validated and p.stats.path_id != pid
-                ]  # fmt: skip
-                self._session = dataclasses.replace(self._session, cooldown_remaining_ms=0.0)
-                if standby:
-                    self._switch(standby[0], "dead_transport_recovery", manual=False)
-        elif command.action == "restore":
+        elif action == DemoAction.KILL:
+            self._kill(pid)
+        elif action == DemoAction.RESTORE:
             for p in self._session.paths:
                 if not p.stats.alive:
                     self._set_path(p.stats.path_id, alive=True, misses=0, loss_ratio=0.0,
                                    loss_up=0.0, score=0.7, role="standby")  # fmt: skip
-        elif command.action == "loss":
+        elif action == DemoAction.LOSS:
             self._set_path(pid, loss_ratio=command.value, loss_up=command.value)
-        elif command.action == "replay":
+        elif action == DemoAction.REPLAY:
             self._emit("SECURITY_EVENT", violation_type="REPLAY_DETECTED",
                        reason_code="replay_detected", count=1,
                        source="127.0.0.1:40999", transport_id=pid)  # fmt: skip
-        elif command.action == "rebind":
+        elif action == DemoAction.REBIND:
             self._emit("REATTACH_ATTEMPT", candidate_transport=pid, nonce=1,
                        expected_epoch=self._session.binding_epoch, kind="rebind")  # fmt: skip
 
+    def _kill(self, pid: int) -> None:
+        """The path dies; when it was the active one, the session recovers on a standby."""
+        self._set_path(pid, alive=False, score=0.0, misses=12, role="down")
+        self._emit("TRANSPORT_DEAD", transport_id=pid, silence_ms=900.0,
+                   reason_code="transport_dead")  # fmt: skip
+        if pid != self._session.active:
+            return
+        standby = [
+            p.stats.path_id for p in self._session.paths
+            if p.stats.alive and p.validated and p.stats.path_id != pid
+        ]  # fmt: skip
+        self._session = dataclasses.replace(self._session, cooldown_remaining_ms=0.0)
+        if standby:
+            self._switch(standby[0], "dead_transport_recovery", manual=False)
 
-_STATS_FIELDS: Final = frozenset(f.name for f in dataclasses.fields(PathStats))
+
+_STATS_FIELDS: Final = frozenset(f.name for f in dataclasses.fields(PathStatsView))
 
 
 def _event(event_type: str, ts: int, version: int, **fields: Any) -> Mapping[str, Any]:
@@ -366,7 +372,7 @@ def _event(event_type: str, ts: int, version: int, **fields: Any) -> Mapping[str
     return base
 
 
-def _session(**overrides: Any) -> ClientSnapshot:
+def _session(**overrides: Any) -> SessionView:
     fields: dict[str, Any] = {
         "session_id": SESSION_ID, "state": "ATTACHED", "state_version": 7,
         "binding_epoch": 4, "peer_state": "ATTACHED", "peer_state_version": 7,
@@ -377,7 +383,7 @@ def _session(**overrides: Any) -> ClientSnapshot:
         "inner_address": "10.77.0.2",
     }  # fmt: skip
     fields.update(overrides)
-    return ClientSnapshot(**fields)
+    return SessionView(**fields)
 
 
 _OPENING: Final = (
@@ -398,7 +404,7 @@ _OPENING: Final = (
 
 def _scenario(
     name: str,
-) -> tuple[ClientSnapshot, ObservabilityView, TrafficStats, tuple[Mapping[str, Any], ...]]:
+) -> tuple[SessionView, ObservabilityView, TrafficStats, tuple[Mapping[str, Any], ...]]:
     sinks_ok = (
         SinkView("jsonl", "ok", 0, 0),
         SinkView("syslog", "ok", 1, 0),

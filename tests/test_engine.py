@@ -17,8 +17,8 @@ import pytest
 from loopback_gateway import CLIENT_INNER, LoopbackGateway
 
 from tunnel.api import (
-    DemoImpair,
     EngineSnapshot,
+    ExtensionCommand,
     ForceReattach,
     ReloadPolicy,
     SetAutoSwitch,
@@ -27,10 +27,11 @@ from tunnel.api import (
     UiChannel,
 )
 from tunnel.client.config import ClientConfig, PathConfig
-from tunnel.client.engine import ClientEngine, exit_code_for, exit_code_table
-from tunnel.core.events import SessionTerminated
+from tunnel.client.engine import ClientEngine, PluginHost, exit_code_for, exit_code_table
+from tunnel.core.events import Reason, SessionTerminated
 from tunnel.core.handshake import generate_keypair
 from tunnel.core.policy import POLICY_DEFAULT, policy_to_toml
+from tunnel.demo.commands import DemoImpair
 from tunnel.io.inner import MemoryInner
 
 
@@ -410,3 +411,139 @@ def test_d7_a_gateway_name_that_moves_is_followed_after_a_reattach(
             finally:
                 engine.stop()
     assert engine.final_reason == "operator_terminated"
+
+
+# -- the UI contract's own view of the session ------------------------------------------
+
+
+def test_session_view_carries_the_core_snapshot_field_for_field() -> None:
+    """The UI's SessionView/PathView/PathStatsView keep the core's field names and
+    meanings (tunnel/api.py): the conversion loses and swaps nothing."""
+    from simkit import build
+
+    from tunnel.api import PathStatsView, SessionView
+    from tunnel.api import PathView as UiPathView
+    from tunnel.client.engine import session_view
+    from tunnel.core.client import ClientSnapshot
+    from tunnel.core.health import PathStats
+
+    def names(cls: type) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    sim = build(n_paths=2)
+    sim.advance(3.0)
+    live = sim.client.snapshot(sim.now)
+    CorePathView = type(live.paths[0])  # the core's path view class
+
+    assert names(SessionView) == names(ClientSnapshot)
+    assert names(UiPathView) == names(CorePathView)
+    assert names(PathStatsView) == names(PathStats)
+
+    # every field a value of its own, so a swapped or dropped field shows
+    stats = PathStats(
+        path_id=3, srtt_ms=41.5, jitter_ms=4.25, loss_ratio=0.125, consecutive_misses=2,
+        score=0.625, alive=True, rtt_history=(40.0, 43.0), loss_up=0.25, loss_down=0.0625,
+        loss_known=True, direction_known=False,
+    )  # fmt: skip
+    core = ClientSnapshot(
+        session_id="ab" * 16, state="VOLATILE", state_version=9, binding_epoch=4,
+        peer_state="ATTACHED", peer_state_version=8, active=3, pending=5,
+        paths=(CorePathView(stats, "10.0.0.2 -> gw", "active", True),), auto_switch=False,
+        switch_budget_left=6, cooldown_remaining_ms=750.5, key_phase=7, key_age_s=95.25,
+        policy_version="2026-12.1", uptime_s=3723.75, queue_depth=11, queue_dropped=12,
+        total_switches=13, drops=(("replay", 14),), inner_address="10.77.0.2",
+    )  # fmt: skip
+    view = session_view(core)
+    assert isinstance(view, SessionView)
+    for name in names(SessionView) - {"paths"}:
+        assert getattr(view, name) == getattr(core, name), name
+    (ui,) = view.paths
+    assert isinstance(ui, UiPathView) and isinstance(ui.stats, PathStatsView)
+    assert (ui.label, ui.role, ui.validated) == ("10.0.0.2 -> gw", "active", True)
+    for name in names(PathStatsView):
+        assert getattr(ui.stats, name) == getattr(stats, name), name
+
+    # and a live session's snapshot converts, path for path
+    assert session_view(live).paths[1].stats.rtt_history == live.paths[1].stats.rtt_history
+    assert [p.role for p in session_view(live).paths] == [p.role for p in live.paths]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        view.active = 2  # type: ignore[misc]
+
+
+# -- plug-ins: behaviour added from outside the engine ---------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Ping(ExtensionCommand):
+    """A plug-in's command (the test's own)."""
+
+    n: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Stray(ExtensionCommand):
+    """A command no plug-in takes."""
+
+
+class RecordingPlugin:
+    """An EnginePlugin that records what the engine asks of it, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.tapped: dict[int, int] = {}
+        self.host: PluginHost | None = None
+
+    def prepare(self, config: ClientConfig) -> ClientConfig:
+        self.calls.append("prepare")
+        # only path 2 survives: the engine must run the configuration returned here
+        return dataclasses.replace(config, paths=config.paths[1:])
+
+    def attach(self, host: PluginHost) -> None:
+        self.calls.append("attach")
+        self.host = host
+
+    def tap(self, path_id: int, data: bytes) -> None:
+        self.tapped[path_id] = self.tapped.get(path_id, 0) + 1
+
+    def handle(self, command: ExtensionCommand) -> bool:
+        if not isinstance(command, Ping):
+            return False
+        assert self.host is not None
+        self.calls.append(f"ping {command.n}")
+        self.host.report(Reason.DEMO_ACTION, f"pong {command.n} on {self.host.session().active}")
+        return True
+
+    def annotate(self, snapshot: EngineSnapshot) -> EngineSnapshot:
+        return dataclasses.replace(snapshot, demo=True)
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+
+def test_a_plugin_plugs_in_from_outside(keys: tuple[bytes, bytes]) -> None:
+    private, public = keys
+    with LoopbackGateway(public) as gw:
+        plugin = RecordingPlugin()
+        engine = ClientEngine(make_config(gw, private), inner=MemoryInner(rate_pps=50),
+                              plugin=plugin)  # fmt: skip
+        w = Watcher(engine)
+        engine.start()
+        try:
+            w.wait(lambda: w.snapshot and w.snapshot.session.active == 2)
+            assert [p.stats.path_id for p in w.snapshot.session.paths] == [2]
+            assert w.snapshot.demo  # annotated by the plug-in
+            engine.commands.send(Ping(7))
+            engine.commands.send(Stray())
+            pong = w.wait(lambda: [d for d in w.of("DIAGNOSTIC") if "pong" in d["detail"]])
+            assert pong[0]["detail"] == "pong 7 on 2"
+            assert pong[0]["reason_code"] == "demo_action"
+            stray = w.wait(lambda: [d for d in w.of("DIAGNOSTIC") if "Stray" in d["detail"]])
+            assert stray[0]["detail"] == Stray().ignored()
+            assert stray[0]["reason_code"] == "invalid_transport_candidate"
+            assert set(plugin.tapped) == {2} and plugin.tapped[2] > 0
+        finally:
+            engine.stop()
+    assert engine.final_reason == "operator_terminated"
+    assert plugin.calls == ["prepare", "attach", "ping 7", "close"]
+    assert engine.final_snapshot is not None and engine.final_snapshot.demo
+    assert private.hex() not in repr(engine.final_snapshot)  # no secrets in the contract

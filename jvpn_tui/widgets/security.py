@@ -9,7 +9,7 @@ from typing import Final
 from textual.widgets import Static
 
 from jvpn_tui.widgets.format import clock, esc
-from tunnel.api import EngineSnapshot
+from tunnel.api import EngineSnapshot, EventType
 
 SECURITY_LINES: Final = 100
 
@@ -17,7 +17,7 @@ SECURITY_LINES: Final = 100
 def describe(event: Mapping[str, object]) -> str | None:
     """One line (markup) for a security-relevant event, or None."""
     kind = event.get("event_type")
-    if kind == "SECURITY_EVENT":
+    if kind == EventType.SECURITY_EVENT:
         count = event.get("count", 1)
         times = f" \N{MULTIPLICATION SIGN}{esc(count)}" if count != 1 else ""
         text = f"[b $text-error]{esc(event.get('violation_type', '?'))}[/]{times}"
@@ -26,7 +26,7 @@ def describe(event: Mapping[str, object]) -> str | None:
             text += f" from {esc(source)}"
         if event.get("transport_id") is not None:
             text += f" on path {esc(event.get('transport_id'))}"
-    elif kind == "REATTACH_RESULT" and event.get("status") != "SUCCESS":
+    elif kind == EventType.REATTACH_RESULT and event.get("status") != "SUCCESS":
         text = f"[b $text-warning]reattach denied[/] {esc(event.get('reason_code', ''))}"
     else:
         return None

@@ -3,84 +3,117 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
 from textual.widgets import Static
 
 from jvpn_tui.widgets.format import NONE, clock, esc, ms, state_markup
+from tunnel.api import EventType
 
 TIMELINE_LINES: Final = 200
 """Lines kept (older ones fall off)."""
 
-TIMELINE_TYPES: Final = frozenset({
-    "TRANSPORT_SWITCH", "TRANSPORT_SWITCH_DENIED", "TRANSPORT_DEAD", "TRANSPORT_ATTACHED",
-    "REATTACH_ATTEMPT", "REATTACH_RESULT", "STATE_CHANGE", "SESSION_TERMINATED",
-    "POLICY_EVENT", "KEY_ROTATED",
-})  # fmt: skip
+EventMap = Mapping[str, object]
+"""One event as the channel carries it (its ``to_dict()`` mapping)."""
 
 
 def _path(value: object) -> str:
     return NONE if value is None else esc(value)
 
 
-def describe(event: Mapping[str, object]) -> str | None:
+def _switch(event: EventMap, reason: str) -> str:
+    return (
+        f"[b $text-success]SWITCH [/] {_path(event.get('previous_transport'))} → "
+        f"{_path(event.get('new_transport'))}  {reason}  "
+        f"[$text-primary]{ms(event.get('switch_latency_ms'))}[/]  "
+        f"epoch {esc(event.get('binding_epoch', '?'))}"
+    )
+
+
+def _denied(event: EventMap, reason: str) -> str:
+    who = "manual" if event.get("manual") else "auto"
+    text = (
+        f"[b $text-warning]DENIED [/] → {_path(event.get('requested_transport'))}  "
+        f"[$text-warning]{reason}[/]  ({who})"
+    )
+    retry = event.get("retry_after_ms")
+    if isinstance(retry, int | float):
+        text += f"  retry in {ms(retry, 0)}"
+    return text
+
+
+def _dead(event: EventMap, reason: str) -> str:
+    return (
+        f"[b $text-error]DEAD   [/] path {_path(event.get('transport_id'))}  {reason}"
+        f"  silent {ms(event.get('silence_ms'), 0)}"
+    )
+
+
+def _attached(event: EventMap, reason: str) -> str:
+    return f"[b]ATTACH [/] path {_path(event.get('transport_id'))}  {esc(event.get('path', ''))}"
+
+
+def _attempt(event: EventMap, reason: str) -> str:
+    target, kind = _path(event.get("candidate_transport")), esc(event.get("kind", ""))
+    return f"[b]REATT ?[/] → {target}  {kind}"
+
+
+def _result(event: EventMap, reason: str) -> str:
+    ok = event.get("status") == "SUCCESS"
+    mark = "[b $text-success]REATT ✓[/]" if ok else "[b $text-error]REATT ✗[/]"
+    text = f"{mark} → {_path(event.get('candidate_transport'))}  {reason}"
+    if event.get("fatal"):
+        text += "  [$text-error]fatal[/]"
+    return text
+
+
+def _state(event: EventMap, reason: str) -> str:
+    return (
+        f"[b]STATE  [/] {state_markup(str(event.get('previous_state', '?')))} → "
+        f"{state_markup(str(event.get('new_state', '?')))}  {reason}"
+    )
+
+
+def _end(event: EventMap, reason: str) -> str:
+    return f"[b $text-error]END    [/] {reason}  ({esc(event.get('initiator', ''))})"
+
+
+def _policy(event: EventMap, reason: str) -> str:
+    text = f"[b]POLICY [/] {esc(event.get('policy_name', ''))}  {reason}"
+    detail = event.get("detail")
+    if detail:
+        text += f"  [$text-muted]{esc(detail)}[/]"
+    return text
+
+
+def _keys(event: EventMap, reason: str) -> str:
+    return f"[b]KEYS   [/] phase {esc(event.get('key_phase', '?'))}  {reason}"
+
+
+_LINES: Final[Mapping[str, Callable[[EventMap, str], str]]] = {
+    EventType.TRANSPORT_SWITCH: _switch,
+    EventType.TRANSPORT_SWITCH_DENIED: _denied,
+    EventType.TRANSPORT_DEAD: _dead,
+    EventType.TRANSPORT_ATTACHED: _attached,
+    EventType.REATTACH_ATTEMPT: _attempt,
+    EventType.REATTACH_RESULT: _result,
+    EventType.STATE_CHANGE: _state,
+    EventType.SESSION_TERMINATED: _end,
+    EventType.POLICY_EVENT: _policy,
+    EventType.KEY_ROTATED: _keys,
+}
+"""Event type -> its timeline line (markup), given the event and its escaped reason."""
+
+TIMELINE_TYPES: Final = frozenset(_LINES)
+
+
+def describe(event: EventMap) -> str | None:
     """One timeline line (markup) for ``event``, or None when it does not belong here."""
-    kind = event.get("event_type")
-    reason = esc(event.get("reason_code", ""))
-    if kind == "TRANSPORT_SWITCH":
-        text = (
-            f"[b $text-success]SWITCH [/] {_path(event.get('previous_transport'))} → "
-            f"{_path(event.get('new_transport'))}  {reason}  "
-            f"[$text-primary]{ms(event.get('switch_latency_ms'))}[/]  "
-            f"epoch {esc(event.get('binding_epoch', '?'))}"
-        )
-    elif kind == "TRANSPORT_SWITCH_DENIED":
-        who = "manual" if event.get("manual") else "auto"
-        text = (
-            f"[b $text-warning]DENIED [/] → {_path(event.get('requested_transport'))}  "
-            f"[$text-warning]{reason}[/]  ({who})"
-        )
-        retry = event.get("retry_after_ms")
-        if isinstance(retry, int | float):
-            text += f"  retry in {ms(retry, 0)}"
-    elif kind == "TRANSPORT_DEAD":
-        text = (
-            f"[b $text-error]DEAD   [/] path {_path(event.get('transport_id'))}  {reason}"
-            f"  silent {ms(event.get('silence_ms'), 0)}"
-        )
-    elif kind == "TRANSPORT_ATTACHED":
-        text = (
-            f"[b]ATTACH [/] path {_path(event.get('transport_id'))}  "
-            f"{esc(event.get('path', ''))}"
-        )
-    elif kind == "REATTACH_ATTEMPT":
-        text = (
-            f"[b]REATT ?[/] → {_path(event.get('candidate_transport'))}  "
-            f"{esc(event.get('kind', ''))}"
-        )
-    elif kind == "REATTACH_RESULT":
-        ok = event.get("status") == "SUCCESS"
-        mark = "[b $text-success]REATT ✓[/]" if ok else "[b $text-error]REATT ✗[/]"
-        text = f"{mark} → {_path(event.get('candidate_transport'))}  {reason}"
-        if event.get("fatal"):
-            text += "  [$text-error]fatal[/]"
-    elif kind == "STATE_CHANGE":
-        text = (
-            f"[b]STATE  [/] {state_markup(str(event.get('previous_state', '?')))} → "
-            f"{state_markup(str(event.get('new_state', '?')))}  {reason}"
-        )
-    elif kind == "SESSION_TERMINATED":
-        text = f"[b $text-error]END    [/] {reason}  ({esc(event.get('initiator', ''))})"
-    elif kind == "POLICY_EVENT":
-        text = f"[b]POLICY [/] {esc(event.get('policy_name', ''))}  {reason}"
-        detail = event.get("detail")
-        if detail:
-            text += f"  [$text-muted]{esc(detail)}[/]"
-    elif kind == "KEY_ROTATED":
-        text = f"[b]KEYS   [/] phase {esc(event.get('key_phase', '?'))}  {reason}"
-    else:
+    line = _LINES.get(str(event.get("event_type")))
+    if line is None:
         return None
+    text = line(event, esc(event.get("reason_code", "")))
     return f"[$text-muted]{clock(event)}[/] {text}"
 
 

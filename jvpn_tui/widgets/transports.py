@@ -9,8 +9,7 @@ from textual.message import Message
 from textual.widgets import DataTable
 
 from jvpn_tui.widgets.format import NONE, ROLE_COLOUR, sparkline
-from tunnel.api import EngineSnapshot
-from tunnel.core.client import PathView
+from tunnel.api import EngineSnapshot, PathView
 
 SPARK_WIDTH: Final = 18
 """RTT samples drawn in the sparkline column."""

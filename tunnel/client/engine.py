@@ -14,6 +14,13 @@ reverse order (inner side, then sockets), a final snapshot with ``running=False`
 becomes ``final_reason = "engine_error: <one line>"``; a live session is first ended
 with reason ``invariant_violation`` (TERMINATE sent).
 
+The UI sees the session through the contract's own types: :func:`session_view` turns the
+core's ``ClientSnapshot`` into a :class:`tunnel.api.SessionView`. Extra behaviour plugs in
+from outside through an :class:`EnginePlugin` given at construction (the demo's embedded
+gateway and impairments are one): it may rewrite the configuration before the session
+starts, see every datagram sent, answer :class:`tunnel.api.ExtensionCommand` values and
+mark the snapshots; it acts on the running engine only through a :class:`PluginHost`.
+
 :func:`exit_code_for` maps a final reason to the process exit code (docs/client.md).
 """
 
@@ -27,16 +34,20 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from tunnel.api import (
+    NO_SESSION,
     Command,
     CommandQueue,
-    DemoImpair,
     EngineSnapshot,
+    ExtensionCommand,
     ForceReattach,
     ObservabilityView,
+    PathStatsView,
+    PathView,
     ReloadPolicy,
+    SessionView,
     SetAutoSwitch,
     SinkView,
     SwitchTo,
@@ -44,7 +55,7 @@ from tunnel.api import (
     TrafficStats,
     UiChannel,
 )
-from tunnel.client.config import ClientConfig
+from tunnel.client.config import ClientConfig, PathConfig
 from tunnel.client.runtime import ClientRuntime, PathTarget
 from tunnel.core.client import ClientSession, ClientSnapshot, PathSpec
 from tunnel.core.events import (
@@ -58,7 +69,9 @@ from tunnel.core.events import (
     TransportSwitchDenied,
     reason_to_wire,
 )
+from tunnel.core.health import PathStats
 from tunnel.core.policy import PolicyError, load_policy
+from tunnel.core.session import State
 from tunnel.io.inner import KernelTun, MemoryInner, TunLike
 from tunnel.io.loop import new_event_loop
 from tunnel.io.netconf import NetConfError
@@ -92,14 +105,17 @@ def exit_code_for(reason: str | None) -> int:
     3: ``engine_error: ...``; 10 + wire index: every other reason code (stable, because
     reason codes are append-only); 1: a reason this build does not know.
     """
-    if reason is None or reason == Reason.OPERATOR_TERMINATED:
+    if reason is None:
         return EXIT_OK
     if reason == ENGINE_ERROR or reason.startswith(ENGINE_ERROR + ":"):
         return EXIT_ENGINE_ERROR
     try:
-        return EXIT_REASON_BASE + reason_to_wire(Reason(reason))
+        code = Reason(reason)
     except ValueError:
         return EXIT_UNKNOWN_REASON
+    if code is Reason.OPERATOR_TERMINATED:
+        return EXIT_OK
+    return EXIT_REASON_BASE + reason_to_wire(code)
 
 
 def exit_code_table() -> list[tuple[str, int]]:
@@ -121,14 +137,110 @@ def one_line(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _empty_snapshot() -> ClientSnapshot:
-    return ClientSnapshot(
-        session_id="", state="TERMINATED", state_version=0, binding_epoch=0,
-        peer_state="", peer_state_version=0, active=None, pending=None, paths=(),
-        auto_switch=True, switch_budget_left=0, cooldown_remaining_ms=0.0, key_phase=0,
-        key_age_s=0.0, policy_version="", uptime_s=0.0, queue_depth=0, queue_dropped=0,
-        total_switches=0, drops=(), inner_address="",
+# -- the core's snapshot as the UI contract's view ------------------------------------------
+
+
+def _stats_view(st: PathStats) -> PathStatsView:
+    return PathStatsView(
+        path_id=st.path_id, srtt_ms=st.srtt_ms, jitter_ms=st.jitter_ms,
+        loss_ratio=st.loss_ratio, consecutive_misses=st.consecutive_misses, score=st.score,
+        alive=st.alive, rtt_history=st.rtt_history, loss_up=st.loss_up,
+        loss_down=st.loss_down, loss_known=st.loss_known, direction_known=st.direction_known,
     )  # fmt: skip
+
+
+def session_view(snap: ClientSnapshot) -> SessionView:
+    """The core's ``ClientSnapshot`` as the UI contract's :class:`SessionView` (same
+    field names and meanings; the UI never sees a core type)."""
+    return SessionView(
+        session_id=snap.session_id, state=snap.state, state_version=snap.state_version,
+        binding_epoch=snap.binding_epoch, peer_state=snap.peer_state,
+        peer_state_version=snap.peer_state_version, active=snap.active, pending=snap.pending,
+        paths=tuple(
+            PathView(_stats_view(p.stats), p.label, p.role, p.validated) for p in snap.paths
+        ),
+        auto_switch=snap.auto_switch,
+        switch_budget_left=snap.switch_budget_left,
+        cooldown_remaining_ms=snap.cooldown_remaining_ms, key_phase=snap.key_phase,
+        key_age_s=snap.key_age_s, policy_version=snap.policy_version, uptime_s=snap.uptime_s,
+        queue_depth=snap.queue_depth, queue_dropped=snap.queue_dropped,
+        total_switches=snap.total_switches, drops=snap.drops,
+        inner_address=snap.inner_address,
+    )  # fmt: skip
+
+
+# -- plug-ins -------------------------------------------------------------------------------
+
+
+class PluginHost:
+    """What a plug-in may use of a running engine (handed over by ``EnginePlugin.attach``).
+
+    Every method runs on the engine loop thread, except :meth:`emit_threadsafe`.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        runtime: ClientRuntime,
+        *,
+        emit: Callable[[Event], None],
+        base: Callable[[float], EventBase],
+        threadsafe: Callable[[Callable[[], object]], None],
+    ) -> None:
+        self.loop = loop
+        """The engine's event loop (schedule work on it; never block it)."""
+        self._runtime = runtime
+        self._emit = emit
+        self._base = base
+        self._threadsafe = threadsafe
+
+    def now(self) -> float:
+        """The engine's clock (monotonic seconds)."""
+        return self._runtime.clock()
+
+    def session(self) -> SessionView:
+        """The session as the UI sees it, now."""
+        return session_view(self._runtime.session.snapshot(self.now()))
+
+    def ended(self) -> bool:
+        """The session is TERMINATED."""
+        return self._runtime.session.state is State.TERMINATED
+
+    def report(self, reason: Reason, detail: str) -> None:
+        """Emit a DIAGNOSTIC event of the session (to the UI and the event pipeline)."""
+        self._emit(Diagnostic(**self._base(self.now()), reason_code=reason, detail=detail))
+
+    def emit_threadsafe(self, event: Event) -> None:
+        """Any thread: emit ``event`` on the engine loop (dropped once the loop is gone)."""
+        self._threadsafe(lambda: self._emit(event))
+
+
+class EnginePlugin(Protocol):
+    """Behaviour plugged into a :class:`ClientEngine` from outside (``tunnel.demo``).
+
+    The engine calls, on its own thread: :meth:`prepare` before the session is built,
+    :meth:`attach` once its loop runs, :meth:`tap` for every datagram sent,
+    :meth:`handle` for every :class:`ExtensionCommand`, :meth:`annotate` for every snapshot
+    and :meth:`close` after the host is restored (also after a failure).
+    """
+
+    def prepare(self, config: ClientConfig) -> ClientConfig:
+        """Set up what the plug-in needs; the configuration returned is the one run."""
+
+    def attach(self, host: PluginHost) -> None:
+        """The engine loop runs (loop thread): what the plug-in may use of it."""
+
+    def tap(self, path_id: int, data: bytes) -> None:
+        """Loop thread: ``data`` was sent on ``path_id``."""
+
+    def handle(self, command: ExtensionCommand) -> bool:
+        """Loop thread: act on ``command``; False when it is not this plug-in's."""
+
+    def annotate(self, snapshot: EngineSnapshot) -> EngineSnapshot:
+        """The snapshot as published (a plug-in may mark it)."""
+
+    def close(self) -> None:
+        """Release what :meth:`prepare` set up (errors end up in the final reason)."""
 
 
 def _is_numeric(host: str) -> bool:
@@ -154,45 +266,35 @@ def _resolve(host: str, port: int, family: int) -> Address:
 class ClientEngine:
     """The real client engine (an :class:`tunnel.api.EngineHandle`)."""
 
-    demo = False
-    """True for the embedded demo (the snapshot says so; DemoImpair commands apply)."""
-
     def __init__(
         self,
         config: ClientConfig,
         *,
         channel: UiChannel | None = None,
         inner: TunLike | None = None,
+        plugin: EnginePlugin | None = None,
     ) -> None:
         self.config = config
+        """The configuration; a plug-in's ``prepare`` may replace it when the engine starts."""
         self.channel = channel if channel is not None else UiChannel()
         self.commands = CommandQueue()
-        self.inner: TunLike
-        if inner is not None:
-            self.inner = inner
-        elif config.inner_kind == "memory":
-            self.inner = MemoryInner(
-                rate_pps=config.inner_rate_pps, payload_size=config.inner_payload_size
-            )
-        else:
-            self.inner = KernelTun(
-                config.tun_name, config.mtu, address=config.address, routes=config.routes
-            )
+        self.inner: TunLike = inner if inner is not None else _inner_for(config)
         self.final_reason: str | None = None
         """Why the engine ended (set before the final snapshot is published)."""
         self.final_snapshot: EngineSnapshot | None = None
         self.session: ClientSession | None = None
         self.runtime: ClientRuntime | None = None
+        self._plugin = plugin
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
         self._pipeline: EventPipeline | None = None
         self._seq = itertools.count(1)
         self._samples: deque[tuple[float, int, int]] = deque()
+        self._wall_offset = 0.0
         self._error: BaseException | None = None
         self._terminal_reason: str | None = None
         self._stop_requested = False
-        self._tap: Callable[[int, bytes], None] | None = None
         self._names: dict[int, tuple[str, int, int]] = {}
         """path id -> (host name, port, family) of every path whose gateway is a name."""
         self._resolving: set[int] = set()
@@ -233,10 +335,7 @@ class ClientEngine:
 
     def notify(self) -> None:
         """Wake the engine loop to take commands now (any thread)."""
-        with self._loop_lock:
-            loop = self._loop
-            if loop is not None and not loop.is_closed():
-                loop.call_soon_threadsafe(self._poll_commands, False)
+        self._threadsafe(lambda: self._poll_commands(False))
 
     @property
     def running(self) -> bool:
@@ -247,6 +346,13 @@ class ClientEngine:
             loop = self._loop
             if loop is not None and not loop.is_closed():
                 loop.call_soon_threadsafe(loop.stop)
+
+    def _threadsafe(self, fn: Callable[[], object]) -> None:
+        """Any thread: run ``fn`` on the engine loop soon (nothing once the loop is gone)."""
+        with self._loop_lock:
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(fn)
 
     # -- the engine thread -------------------------------------------------------------------
 
@@ -268,33 +374,10 @@ class ClientEngine:
         inner_touched = False
         try:
             self._pipeline = EventPipeline(self._sinks())
-            self._before_loop()
-            now = time.monotonic()
-            cfg = self.config
-            session = ClientSession(
-                static_private=cfg.private_key,
-                gateway_public=cfg.gateway_public_key,
-                paths=[PathSpec(p.path_id, p.label) for p in cfg.paths],
-                policy=cfg.policy,
-                now=now,
-                node_id=cfg.node_id,
-                wall_offset=time.time() - now,
-            )
-            self.session = session
-            targets = []
-            for p in cfg.paths:
-                remote_host, remote_port = p.gateway
-                local = p.bind if p.bind is not None else ("0.0.0.0", 0)
-                family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
-                if p.bind is None and ":" in remote_host:
-                    local, family = ("::", 0), socket.AF_INET6
-                sock = PathSocket(p.path_id, local, device=p.device)
-                sockets.append(sock)
-                targets.append(
-                    PathTarget(p.path_id, sock, _resolve(remote_host, remote_port, family))
-                )
-                if not _is_numeric(remote_host):
-                    self._names[p.path_id] = (remote_host, remote_port, family)
+            if self._plugin is not None:
+                self.config = self._plugin.prepare(self.config)
+            session = self._new_session()
+            targets = [self._open_path(p, sockets) for p in self.config.paths]
             inner_touched = True
             self.inner.setup()  # host changes: before the loop (pyroute2 is synchronous)
             self._run_loop(session, targets)
@@ -303,15 +386,40 @@ class ClientEngine:
         finally:
             self._finish(sockets, inner_touched)
 
-    def _before_loop(self) -> None:
-        """Hook for subclasses (the demo starts its gateway and relays here)."""
+    def _new_session(self) -> ClientSession:
+        now = time.monotonic()
+        cfg = self.config
+        self._wall_offset = time.time() - now
+        self.session = ClientSession(
+            static_private=cfg.private_key,
+            gateway_public=cfg.gateway_public_key,
+            paths=[PathSpec(p.path_id, p.label) for p in cfg.paths],
+            policy=cfg.policy,
+            now=now,
+            node_id=cfg.node_id,
+            wall_offset=self._wall_offset,
+        )
+        return self.session
 
-    def _after_loop(self) -> None:
-        """Hook for subclasses, run after the host is restored (also after a crash)."""
+    def _open_path(self, p: PathConfig, sockets: list[PathSocket]) -> PathTarget:
+        """The path's socket (added to ``sockets`` at once, to be closed whatever happens)
+        and its gateway address; a gateway given by name is remembered for D7."""
+        remote_host, remote_port = p.gateway
+        local = p.bind if p.bind is not None else ("0.0.0.0", 0)
+        family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
+        if p.bind is None and ":" in remote_host:
+            local, family = ("::", 0), socket.AF_INET6
+        sock = PathSocket(p.path_id, local, device=p.device)
+        sockets.append(sock)
+        target = PathTarget(p.path_id, sock, _resolve(remote_host, remote_port, family))
+        if not _is_numeric(remote_host):
+            self._names[p.path_id] = (remote_host, remote_port, family)
+        return target
 
     def _run_loop(self, session: ClientSession, targets: list[PathTarget]) -> None:
         loop = new_event_loop()
         loop.set_exception_handler(self._loop_exception)
+        plugin = self._plugin
         runtime = ClientRuntime(
             session,
             targets,
@@ -319,13 +427,18 @@ class ClientEngine:
             on_event=self._on_event,
             on_crash=self._on_crash,
             on_terminated=lambda: self._later(loop.stop),
-            tap=self._tap,
+            tap=plugin.tap if plugin is not None else None,
         )
         self.runtime = runtime
         with self._loop_lock:
             self._loop = loop
         try:
             loop.call_soon(runtime.install, loop)
+            if plugin is not None:
+                host = PluginHost(
+                    loop, runtime, emit=self._emit, base=self._base, threadsafe=self._threadsafe
+                )
+                loop.call_soon(plugin.attach, host)
             loop.call_soon(self._snapshot_tick)
             loop.call_soon(self._poll_commands, True)
             loop.run_forever()
@@ -350,27 +463,28 @@ class ClientEngine:
                 errors.append(f"host restore failed: {one_line(exc)}")
         for sock in reversed(sockets):
             sock.close()
-        try:
-            self._after_loop()
-        except Exception as exc:
-            errors.append(one_line(exc))
-        reason: str | None
-        if self._error is not None:
-            reason = f"{ENGINE_ERROR}: {one_line(self._error)}"
-        elif errors:
-            reason = f"{ENGINE_ERROR}: {'; '.join(errors)}"
-        elif self._terminal_reason is not None:
-            reason = self._terminal_reason
-        else:
-            reason = str(Reason.OPERATOR_TERMINATED) if self._stop_requested else None
-        if self._error is not None and errors:
-            reason = f"{reason}; {'; '.join(errors)}"
-        self.final_reason = reason
+        if self._plugin is not None:
+            try:
+                self._plugin.close()
+            except Exception as exc:  # reported in the final reason, never hidden
+                errors.append(one_line(exc))
+        self.final_reason = self._final_reason(errors)
         snap = self._snapshot(running=False)
         self.final_snapshot = snap
         self.channel.publish(snap)
         if self._pipeline is not None:
             self._pipeline.close(timeout=1.0)
+
+    def _final_reason(self, errors: list[str]) -> str | None:
+        """Engine failure first (with the clean-up errors), then the session's own end."""
+        if self._error is not None:
+            reason = f"{ENGINE_ERROR}: {one_line(self._error)}"
+            return f"{reason}; {'; '.join(errors)}" if errors else reason
+        if errors:
+            return f"{ENGINE_ERROR}: {'; '.join(errors)}"
+        if self._terminal_reason is not None:
+            return self._terminal_reason
+        return str(Reason.OPERATOR_TERMINATED) if self._stop_requested else None
 
     # -- loop callbacks --------------------------------------------------------------------
 
@@ -382,24 +496,34 @@ class ClientEngine:
         if self._error is None:
             self._error = exc
         session, runtime = self.session, self.runtime
-        try:
-            if session is not None and runtime is not None and not session.machine.terminated:
-                # Seed §5: the broken invariant is diagnosed, then the session ends explicitly.
-                self._emit(
-                    Diagnostic(
-                        **self._base(runtime.clock()), reason_code=Reason.INVARIANT_VIOLATION,
-                        detail=f"engine failure: {one_line(exc)}",
-                        state=str(session.machine.state),
-                    )
-                )  # fmt: skip
-                session.terminate(runtime.clock(), Reason.INVARIANT_VIOLATION)
-                runtime.pump()
-        except Exception as again:  # the session itself is broken: stop anyway
-            exc.add_note(f"terminating after the failure also failed: {one_line(again)}")
+        if session is not None and runtime is not None:
+            self._end_after(exc, session, runtime)
         with self._loop_lock:
             loop = self._loop
         if loop is not None:
             loop.stop()
+
+    def _end_after(
+        self, exc: BaseException, session: ClientSession, runtime: ClientRuntime
+    ) -> None:
+        """Seed §5: the broken invariant is diagnosed, then the session ends explicitly
+        (TERMINATE sent), even when the diagnosis fails; what fails is noted on ``exc``."""
+        try:
+            if _ended(session):
+                return
+            self._emit(
+                Diagnostic(
+                    **self._base(runtime.clock()), reason_code=Reason.INVARIANT_VIOLATION,
+                    detail=f"engine failure: {one_line(exc)}", state=str(session.state),
+                )
+            )  # fmt: skip
+        except Exception as again:  # a broken session may fail to describe itself
+            exc.add_note(f"diagnosing the failure also failed: {one_line(again)}")
+        try:
+            session.terminate(runtime.clock(), Reason.INVARIANT_VIOLATION)
+            runtime.pump()
+        except Exception as again:  # the session itself is broken: stop anyway
+            exc.add_note(f"terminating after the failure also failed: {one_line(again)}")
 
     def _on_event(self, event: Event) -> None:
         if isinstance(event, SessionTerminated):
@@ -447,37 +571,47 @@ class ClientEngine:
             except OSError as exc:  # socket.gaierror included: keep the old address
                 self.resolutions += 1
                 self._resolve_report(
-                    path_id,
                     f"cannot re-resolve gateway host {host!r} of path {path_id}: "
                     f"{getattr(exc, 'strerror', None) or one_line(exc)}; keeping the old address",
                     Reason.INVALID_TRANSPORT_CANDIDATE,
                 )
                 return
             self.resolutions += 1
-            runtime = self.runtime
-            if runtime is None or path_id not in runtime.paths:
-                return
-            old = runtime.paths[path_id]
-            if tuple(old.remote[:2]) != tuple(address[:2]):
-                runtime.paths[path_id] = PathTarget(path_id, old.sock, address)
-                self._resolve_report(
-                    path_id,
-                    f"gateway host {host!r} of path {path_id} now resolves to "
-                    f"{address[0]}:{address[1]} (was {old.remote[0]}:{old.remote[1]})",
-                    Reason.NAT_REBIND,
-                )
+            self._retarget(path_id, host, address)
         finally:
             self._resolving.discard(path_id)
 
-    def _resolve_report(self, path_id: int, detail: str, reason: Reason) -> None:
+    def _retarget(self, path_id: int, host: str, address: Address) -> None:
+        """Send the path's datagrams to ``address`` from now on, if it changed."""
+        runtime = self.runtime
+        if runtime is None or path_id not in runtime.paths:
+            return
+        old = runtime.paths[path_id]
+        if tuple(old.remote[:2]) != tuple(address[:2]):
+            runtime.paths[path_id] = PathTarget(path_id, old.sock, address)
+            self._resolve_report(
+                f"gateway host {host!r} of path {path_id} now resolves to "
+                f"{address[0]}:{address[1]} (was {old.remote[0]}:{old.remote[1]})",
+                Reason.NAT_REBIND,
+            )
+
+    def _resolve_report(self, detail: str, reason: Reason) -> None:
         runtime, session = self.runtime, self.session
-        if runtime is None or session is None or session.machine.terminated:
+        if runtime is None or session is None or _ended(session):
             return
         self._emit(Diagnostic(**self._base(runtime.clock()), reason_code=reason, detail=detail))
 
     def _base(self, now: float) -> EventBase:
+        """The base fields of an event the engine itself emits for the session."""
         assert self.session is not None
-        return self.session.machine.base(self.session.ts_ms(now))
+        snap = self.session.snapshot(now)
+        return {
+            "ts_ms": int((now + self._wall_offset) * 1000),
+            "session_id": snap.session_id,
+            "node_id": self.config.node_id,
+            "policy_version": snap.policy_version,
+            "state_version": snap.state_version,
+        }
 
     def _snapshot_tick(self) -> None:
         try:
@@ -489,6 +623,8 @@ class ClientEngine:
             loop = self._loop
         if loop is not None:
             loop.call_later(SNAPSHOT_INTERVAL_S, self._snapshot_tick)
+
+    # -- commands ----------------------------------------------------------------------------
 
     def _poll_commands(self, reschedule: bool) -> None:
         runtime = self.runtime
@@ -506,21 +642,10 @@ class ClientEngine:
 
     def _apply(self, command: Command, runtime: ClientRuntime) -> None:
         session = runtime.session
-        if session.machine.terminated:
+        if _ended(session):
             return
         if isinstance(command, SwitchTo):
-            if command.path_id not in runtime.paths:
-                self._emit(
-                    TransportSwitchDenied(
-                        **self._base(runtime.clock()),
-                        reason_code=Reason.INVALID_TRANSPORT_CANDIDATE,
-                        requested_transport=command.path_id,
-                        manual=True,
-                    )
-                )
-                return
-            pid = command.path_id
-            runtime.run_command(lambda now: self._ignore(session.switch_to(pid, now)))
+            self._switch(command.path_id, runtime)
         elif isinstance(command, SetAutoSwitch):
             enabled = command.enabled
             runtime.run_command(lambda now: session.set_auto_switch(enabled))
@@ -531,21 +656,36 @@ class ClientEngine:
         elif isinstance(command, Terminate):
             self._stop_requested = True
             runtime.run_command(lambda now: session.terminate(now))
-        elif isinstance(command, DemoImpair):
-            self._demo_impair(command, runtime)
+        else:
+            self._extension(command, runtime)
+
+    def _switch(self, path_id: int, runtime: ClientRuntime) -> None:
+        session = runtime.session
+        if path_id not in runtime.paths:
+            self._emit(
+                TransportSwitchDenied(
+                    **self._base(runtime.clock()), reason_code=Reason.INVALID_TRANSPORT_CANDIDATE,
+                    requested_transport=path_id, manual=True,
+                )
+            )  # fmt: skip
+            return
+        # a denial's reason is already in the TRANSPORT_SWITCH_DENIED event the session emits
+        runtime.run_command(lambda now: self._ignore(session.switch_to(path_id, now)))
 
     @staticmethod
     def _ignore(_: object) -> None:
-        """switch_to's denial reason is already in the TRANSPORT_SWITCH_DENIED event."""
+        """Discard a result the session has already reported as an event."""
 
-    def _demo_impair(self, command: DemoImpair, runtime: ClientRuntime) -> None:
+    def _extension(self, command: ExtensionCommand, runtime: ClientRuntime) -> None:
+        """A plug-in's command: its plug-in acts, or the engine says it was ignored."""
+        if self._plugin is not None and self._plugin.handle(command):
+            return
         self._emit(
             Diagnostic(
-                **self._base(runtime.clock()),
-                reason_code=Reason.INVALID_TRANSPORT_CANDIDATE,
-                detail=f"demo impairment {command.action!r} ignored: not running --demo",
+                **self._base(runtime.clock()), reason_code=Reason.INVALID_TRANSPORT_CANDIDATE,
+                detail=command.ignored(),
             )
-        )
+        )  # fmt: skip
 
     def _reload_policy(self, now: float) -> None:
         session = self.session
@@ -563,11 +703,11 @@ class ClientEngine:
         try:
             policy = load_policy(path)
         except PolicyError as exc:
+            base = self._base(now)
             self._emit(
                 PolicyEvent(
-                    **self._base(now), policy_name="POLICY_INVALID",
-                    reason_code=Reason.POLICY_INVALID,
-                    detail=f"{exc}; keeping policy {session.policy.policy_version}",
+                    **base, policy_name="POLICY_INVALID", reason_code=Reason.POLICY_INVALID,
+                    detail=f"{exc}; keeping policy {base['policy_version']}",
                 )
             )  # fmt: skip
             return
@@ -613,14 +753,25 @@ class ClientEngine:
     def _snapshot(self, *, running: bool) -> EngineSnapshot:
         now = time.monotonic()
         session = self.session
-        return EngineSnapshot(
+        snap = EngineSnapshot(
             seq=next(self._seq),
             ts_ms=int(time.time() * 1000),
-            session=session.snapshot(now) if session else _empty_snapshot(),
+            session=session_view(session.snapshot(now)) if session else NO_SESSION,
             traffic=self._traffic(now),
             observability=self._observability(),
             ui_dropped=self.channel.dropped,
             running=running,
             final_reason=None if running else self.final_reason,
-            demo=self.demo,
         )
+        return self._plugin.annotate(snap) if self._plugin is not None else snap
+
+
+def _ended(session: ClientSession) -> bool:
+    return session.state is State.TERMINATED
+
+
+def _inner_for(config: ClientConfig) -> TunLike:
+    """The inner side the configuration names: the memory traffic source or a kernel TUN."""
+    if config.inner_kind == "memory":
+        return MemoryInner(rate_pps=config.inner_rate_pps, payload_size=config.inner_payload_size)
+    return KernelTun(config.tun_name, config.mtu, address=config.address, routes=config.routes)

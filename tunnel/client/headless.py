@@ -59,6 +59,88 @@ def _line(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), default=str)
 
 
+class _Drain:
+    """Drains the engine's channel: events printed as JSON lines, the last snapshot kept."""
+
+    def __init__(self, engine: EngineHandle, out: TextIO) -> None:
+        self._engine = engine
+        self._out = out
+        self.last: EngineSnapshot | None = None
+        """The newest snapshot seen."""
+        self.final: EngineSnapshot | None = None
+        """The engine's last snapshot (``running`` False), once seen."""
+
+    def once(self) -> None:
+        for item in self._engine.channel.drain():
+            if isinstance(item, EngineSnapshot):
+                self.last = item
+                if not item.running:
+                    self.final = item
+            else:
+                self._out.write(_line(dict(item)) + "\n")
+        self._out.flush()
+
+    def until_stopped(self, stop_at: float | None) -> EngineSnapshot | None:
+        """Drain until the engine's final snapshot; at ``stop_at`` end the session."""
+        engine = self._engine
+        while self.final is None:
+            ended = engine.join(DRAIN_INTERVAL_S)
+            self.once()
+            if ended and self.final is None:
+                return getattr(engine, "final_snapshot", None) or self.last
+            if stop_at is not None and time.monotonic() >= stop_at:
+                stop_at = None
+                _terminate(engine)
+        return self.final
+
+
+def _terminate(engine: EngineHandle) -> None:
+    """End the session explicitly (TERMINATE sent), waking the engine if it can be woken."""
+    engine.commands.send(Terminate())
+    notify = getattr(engine, "notify", None)
+    if notify is not None:
+        notify()
+
+
+def _install_signals(engine: EngineHandle) -> dict[signal.Signals, Any]:
+    """SIGINT/SIGTERM terminate, SIGHUP reloads the policy (main thread only); returns the
+    handlers they replace."""
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        del frame
+        if signum == signal.SIGHUP:
+            engine.commands.send(ReloadPolicy())
+        else:
+            _terminate(engine)
+
+    previous: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, on_signal)
+    return previous
+
+
+def _summary(reason: str | None, code: int, final: EngineSnapshot | None) -> dict[str, Any]:
+    """The ENGINE_STOPPED line."""
+    summary: dict[str, Any] = {"event_type": "ENGINE_STOPPED", "final_reason": reason}
+    summary["exit_code"] = code
+    if final is None:
+        return summary
+    t = final.traffic
+    summary["session_id"] = final.session.session_id
+    summary["traffic"] = {
+        "tx_packets": t.tx_packets, "rx_packets": t.rx_packets,
+        "tx_bytes": t.tx_bytes, "rx_bytes": t.rx_bytes,
+    }  # fmt: skip
+    summary["ui_dropped"] = final.ui_dropped
+    obs = final.observability
+    summary["observability"] = {
+        "ok": obs.ok, "ring_dropped": obs.ring_dropped,
+        "sinks": [{"name": s.name, "state": s.state, "dropped": s.dropped} for s in obs.sinks],
+    }  # fmt: skip
+    return summary
+
+
 def run_headless(
     engine: EngineHandle,
     *,
@@ -68,67 +150,17 @@ def run_headless(
 ) -> int:
     """Run ``engine`` to its end, printing events; return the exit code."""
     stop_at = None if duration is None else time.monotonic() + max(0.0, duration)
-    stop_sent = False
-
-    def terminate() -> None:
-        engine.commands.send(Terminate())
-        notify = getattr(engine, "notify", None)
-        if notify is not None:
-            notify()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        del frame
-        if signum == signal.SIGHUP:
-            engine.commands.send(ReloadPolicy())
-        else:
-            terminate()
-
-    previous: dict[signal.Signals, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            previous[sig] = signal.signal(sig, on_signal)
-    final: EngineSnapshot | None = None
-    last: EngineSnapshot | None = None
+    previous = _install_signals(engine)
     try:
         engine.start()
-        while final is None:
-            ended = engine.join(DRAIN_INTERVAL_S)
-            for item in engine.channel.drain():
-                if isinstance(item, EngineSnapshot):
-                    last = item
-                    if not item.running:
-                        final = item
-                else:
-                    out.write(_line(dict(item)) + "\n")
-            out.flush()
-            if ended and final is None:
-                final = getattr(engine, "final_snapshot", None) or last
-                break
-            if stop_at is not None and not stop_sent and time.monotonic() >= stop_at:
-                stop_sent = True
-                terminate()
+        final = _Drain(engine, out).until_stopped(stop_at)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         engine.stop(STOP_TIMEOUT_S)
     reason = final.final_reason if final is not None else getattr(engine, "final_reason", None)
     code = exit_code_for(reason)
-    summary: dict[str, Any] = {"event_type": "ENGINE_STOPPED", "final_reason": reason}
-    summary["exit_code"] = code
-    if final is not None:
-        t = final.traffic
-        summary["session_id"] = final.session.session_id
-        summary["traffic"] = {
-            "tx_packets": t.tx_packets, "rx_packets": t.rx_packets,
-            "tx_bytes": t.tx_bytes, "rx_bytes": t.rx_bytes,
-        }  # fmt: skip
-        summary["ui_dropped"] = final.ui_dropped
-        obs = final.observability
-        summary["observability"] = {
-            "ok": obs.ok, "ring_dropped": obs.ring_dropped,
-            "sinks": [{"name": s.name, "state": s.state, "dropped": s.dropped} for s in obs.sinks],
-        }  # fmt: skip
-    out.write(_line(summary) + "\n")
+    out.write(_line(_summary(reason, code, final)) + "\n")
     out.flush()
     if reason is not None and reason.startswith(ENGINE_ERROR):
         err.write(f"jvpn-tui: {reason.removeprefix(ENGINE_ERROR + ': ')}\n")
