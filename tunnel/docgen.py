@@ -160,17 +160,22 @@ def render_events() -> str:
     ]
     for code, reason in enumerate(events.WIRE_REASONS):
         lines.append(f"| {code} | `{reason}` | {groups.get(reason.name, '')} |")
-    lines += [
+    lines += _drop_lines()
+    return "\n".join(lines) + "\n"
+
+
+def _drop_lines() -> list[str]:
+    """The drop reasons, each with the first paragraph of its docstring (drops.py)."""
+    drop_docs = member_docs(ast.parse(DROPS_SOURCE.read_text(encoding="utf-8")), "Drop")
+    return [
         "",
         "## Drop reasons",
         "",
         "A datagram discarded before it could change anything is counted under one of",
         "these (DROP_SUMMARY events and the gateway's metrics):",
         "",
+        *(f"- `{d}`: {drop_docs.get(d.name, '')}" for d in drops.Drop),
     ]
-    drop_docs = member_docs(ast.parse(DROPS_SOURCE.read_text(encoding="utf-8")), "Drop")
-    lines += [f"- `{d}`: {drop_docs.get(d.name, '')}" for d in drops.Drop]
-    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
