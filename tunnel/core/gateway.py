@@ -12,7 +12,7 @@ session, each with its own state:
 - ``Reporter`` (endpoint.py): events, drop counters, rate-limited reports;
 - ``HandshakeAdmission`` (admission.py): mac1/cookies, handshake and per-source budgets;
 - ``HandshakeResponder`` (gateway_handshake.py): Noise, allowed clients, INIT freshness;
-- ``Outbox`` (gateway_session.py): the datagrams to send;
+- ``Outbox`` (gateway_outbox.py): the datagrams to send;
 and the sessions, ``GatewaySession`` (gateway_session.py), which keep their own binding,
 paths, reattach state and timers.
 """
@@ -46,15 +46,9 @@ from tunnel.core.events import (
     reason_to_wire,
 )
 from tunnel.core.gateway_handshake import HandshakeResponder, Initiation
+from tunnel.core.gateway_outbox import Outbox, SessionPorts
 from tunnel.core.gateway_paths import Addr, addr_label
-from tunnel.core.gateway_session import (
-    INITIAL_EPOCH,
-    ClientEntry,
-    GatewaySession,
-    Outbox,
-    SessionPorts,
-    SessionView,
-)
+from tunnel.core.gateway_session import INITIAL_EPOCH, ClientEntry, GatewaySession, SessionView
 from tunnel.core.handshake import public_key
 from tunnel.core.policy import Policy
 from tunnel.core.session import SessionMachine, Trigger

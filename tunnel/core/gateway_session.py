@@ -12,24 +12,22 @@ An authenticated packet from an unknown address never moves the binding by itsel
 
 ``GatewaySession`` composes its parts (wireguard-go groups a peer's state per concern the
 same way): ``SessionClocks`` (timers.py), ``PathValidator`` (gateway_paths.py),
-``ReattachGuard`` (gateway_reattach.py) and ``StateUpdates`` (here). Its timed triggers
-are rows (``GATEWAY_ROWS``, with the shared ``SESSION_ROWS``) and chores
+``ReattachGuard`` (gateway_reattach.py) and ``StateUpdates`` (gateway_outbox.py). Its
+timed triggers are rows (``GATEWAY_ROWS``, with the shared ``SESSION_ROWS``) and chores
 (``GATEWAY_CHORES``); ``handle_timer`` and ``next_deadline`` both read them. It reaches the
-rest of the gateway only through ``SessionPorts``: the ``Reporter``, the ``Outbox``, the
-TUN outlet and the ``ended`` callback.
+rest of the gateway only through ``SessionPorts`` (gateway_outbox.py): the ``Reporter``,
+the ``Outbox``, the TUN outlet and the ``ended`` callback.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from tunnel.core.aead import KeyExhausted, SessionCipher
-from tunnel.core.constants import MSG_CONTROL, MSG_DATA, MSG_HANDSHAKE_RESP, TRANSPORT_HEADER
+from tunnel.core.constants import MSG_CONTROL, MSG_DATA, TRANSPORT_HEADER
 from tunnel.core.drops import Drop
-from tunnel.core.endpoint import Reporter
 from tunnel.core.events import (
     EventBase,
     KeyRotated,
@@ -41,6 +39,7 @@ from tunnel.core.events import (
     reason_from_wire,
     reason_to_wire,
 )
+from tunnel.core.gateway_outbox import SessionPorts, StateUpdates
 from tunnel.core.gateway_paths import Addr, ChallengePurpose, PathValidator, addr_label
 from tunnel.core.gateway_reattach import ReattachAction, ReattachGuard, ReattachVerdict
 from tunnel.core.policy import Policy
@@ -72,7 +71,6 @@ from tunnel.core.wire import (
     ReattachRequest,
     Rekey,
     StateAck,
-    StateUpdate,
     Terminate,
     pack_control,
     parse_control,
@@ -80,12 +78,6 @@ from tunnel.core.wire import (
 
 INITIAL_EPOCH = 1
 """The binding epoch of a new session (the handshake's path is the first binding)."""
-
-STATE_UPDATE_RESEND_S = 0.3
-"""STATE_UPDATE retransmit interval until acknowledged."""
-
-STATE_UPDATE_SENDS = 6
-"""STATE_UPDATE sends at most (then the next transition or probe ack carries the news)."""
 
 TOMBSTONE_S = 10.0
 """A terminated session's index stays known this long: late packets are counted, and an
@@ -140,92 +132,6 @@ class SessionView:
     age_s: float
     security_failures: int
     total_switches: int
-
-
-class Outbox:
-    """The gateway's outgoing datagrams, in order, and the sealing of control messages.
-    (No ``__slots__``: one per gateway, and tests wrap ``control`` to watch what is sent.)"""
-
-    def __init__(self, report: Reporter) -> None:
-        self._report = report
-        self._out: list[tuple[Addr, bytes]] = []
-
-    def push(self, addr: Addr, dgram: bytes) -> None:
-        self._out.append((addr, dgram))
-
-    def control(self, cipher: SessionCipher, peer_index: int, addr: Addr, msg: Control) -> int:
-        """Seal ``msg`` for the peer and queue it to ``addr``: the bytes queued (0 when the
-        keys are exhausted, counted as a drop)."""
-        try:
-            dgram = cipher.seal(MSG_CONTROL, peer_index, pack_control(msg))
-        except KeyExhausted:
-            self._report.count_drop(Drop.KEY_EXHAUSTED)
-            return 0
-        self._out.append((addr, dgram))
-        return len(dgram)
-
-    def void_for(self, peer_index: int) -> None:
-        """Forget the transport messages queued for ``peer_index``; a queued HANDSHAKE_RESP
-        stays (without it the peer could not read what follows)."""
-        index = peer_index.to_bytes(4, "little")
-        self._out[:] = [
-            (a, d) for a, d in self._out if d[4:8] != index or d[0] == MSG_HANDSHAKE_RESP
-        ]
-
-    def take(self) -> list[tuple[Addr, bytes]]:
-        out, self._out = self._out, []
-        return out
-
-
-@dataclass(frozen=True, slots=True)
-class SessionPorts:
-    """What a session reaches of its gateway (a record; the gateway makes one)."""
-
-    report: Reporter
-    outbox: Outbox
-    deliver: Callable[[bytes], None]
-    """An inner packet for the TUN."""
-    urandom: Callable[[int], bytes]
-    ended: Callable[[GatewaySession], None]
-    """Called once when the session terminates (the gateway forgets its routes)."""
-
-
-class StateUpdates:
-    """STATE_UPDATE sequence and the retransmission of the unacknowledged one."""
-
-    __slots__ = ("_sends", "_sent_at", "_seq", "_unacked")
-
-    def __init__(self) -> None:
-        self._seq = 0
-        self._unacked: StateUpdate | None = None
-        self._sent_at = 0.0
-        self._sends = 0
-
-    @property
-    def pending(self) -> StateUpdate | None:
-        return self._unacked
-
-    def new(self, state_code: int, version: int, epoch: int, reason: Reason) -> None:
-        self._seq += 1
-        self._unacked = StateUpdate(self._seq, state_code, version, epoch, reason_to_wire(reason))
-        self._sends = 0
-
-    def sent(self, now: float) -> None:
-        """The pending update went out at ``now``; after STATE_UPDATE_SENDS it is given up."""
-        self._sent_at = now
-        self._sends += 1
-        if self._sends >= STATE_UPDATE_SENDS:
-            self._unacked = None
-
-    def resend_at(self) -> float | None:
-        return None if self._unacked is None else self._sent_at + STATE_UPDATE_RESEND_S
-
-    def acked(self, seq: int) -> None:
-        if self._unacked is not None and seq == self._unacked.seq:
-            self._unacked = None
-
-    def cancel(self) -> None:
-        self._unacked = None
 
 
 class GatewaySession:
