@@ -17,7 +17,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from tunnel.core.events import Event
-from tunnel.core.gateway import ClientEntry, GatewaySessions
+from tunnel.core.gateway import GatewaySessions
+from tunnel.core.gateway_session import ClientEntry
 from tunnel.core.handshake import generate_keypair
 from tunnel.core.policy import POLICY_DEFAULT, Policy
 from tunnel.io.inner import echo_reply

@@ -9,7 +9,8 @@ from typing import Any
 
 from tunnel.core.client import ClientSession, PathSpec
 from tunnel.core.events import Event, EventType
-from tunnel.core.gateway import ClientEntry, GatewaySessions
+from tunnel.core.gateway import GatewaySessions
+from tunnel.core.gateway_session import ClientEntry
 from tunnel.core.handshake import generate_keypair
 from tunnel.core.policy import POLICY_DEFAULT, Policy
 from tunnel.io.memory import MemoryLink, Simulation

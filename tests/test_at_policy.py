@@ -19,7 +19,8 @@ from simkit import CLIENT_INNER, make_policy
 from tunnel.core.client import ClientSession, PathSpec
 from tunnel.core.constants import MSG_CONTROL
 from tunnel.core.events import EventType, Reason
-from tunnel.core.gateway import ClientEntry, GatewaySession, GatewaySessions
+from tunnel.core.gateway import GatewaySessions
+from tunnel.core.gateway_session import ClientEntry, GatewaySession
 from tunnel.core.handshake import generate_keypair
 from tunnel.core.policy import POLICY_DEFAULT, Policy, PolicyError, parse_policy, policy_to_toml
 from tunnel.core.session import State

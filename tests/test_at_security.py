@@ -18,21 +18,16 @@ from typing import Any
 import pytest
 from simkit import CLIENT_INNER, GATEWAY_INNER, assert_gap_free, build, ipv4_packet, make_policy
 
+from tunnel.core.admission import HANDSHAKE_BURST
 from tunnel.core.aead import SessionCipher, TrafficKeys
 from tunnel.core.client import ClientSession, PathSpec
 from tunnel.core.constants import HEADER, MAX_DATAGRAM, MSG_CONTROL, MSG_DATA, TRANSPORT_HEADER
 from tunnel.core.drops import Drop
 from tunnel.core.endpoint import EVENT_QUEUE_LIMIT
 from tunnel.core.events import EventType, Reason, reason_to_wire
-from tunnel.core.gateway import (
-    HANDSHAKE_BURST,
-    MAX_CHALLENGES,
-    MAX_VALIDATED,
-    TOMBSTONE_S,
-    ClientEntry,
-    GatewaySession,
-    GatewaySessions,
-)
+from tunnel.core.gateway import GatewaySessions
+from tunnel.core.gateway_paths import MAX_CHALLENGES, MAX_VALIDATED
+from tunnel.core.gateway_session import TOMBSTONE_S, ClientEntry, GatewaySession
 from tunnel.core.handshake import generate_keypair
 from tunnel.core.policy import POLICY_DEFAULT, Policy
 from tunnel.core.replay import NonceGuard, NonceVerdict, ReplayWindow
@@ -140,13 +135,13 @@ class GatewaySpy:
 
     def __init__(self, gateway: GatewaySessions) -> None:
         self.sent: list[tuple[Any, Control]] = []
-        original = gateway._send
+        original = gateway.outbox.control
 
-        def send(s: GatewaySession, where: Any, msg: Control) -> int:
+        def send(cipher: SessionCipher, peer_index: int, where: Any, msg: Control) -> int:
             self.sent.append((where, msg))
-            return original(s, where, msg)
+            return original(cipher, peer_index, where, msg)
 
-        gateway._send = send  # type: ignore[method-assign]
+        gateway.outbox.control = send  # type: ignore[method-assign]
 
     def of(self, cls: type) -> list[tuple[Any, Any]]:
         return [(a, m) for a, m in self.sent if isinstance(m, cls)]
@@ -992,7 +987,7 @@ def test_at55_floods_leave_every_gateway_table_bounded() -> None:
         gw.receive_datagram(init, ("203.0.113.1", i), now)
     assert drops(gw, Drop.HANDSHAKE_FAILED) <= HANDSHAKE_BURST  # DH spent at most a burst
     assert drops(gw, Drop.BAD_MAC) >= N // 10
-    assert len(gw._last_init_ts) <= len(gw._clients)
+    assert gw.handshakes.remembered <= gw.handshakes.clients
 
     # Authentic probes from 10^4 source addresses (NAT churn): per-source tables bounded.
     for i in range(N // 10):

@@ -24,7 +24,7 @@ from simkit import (
 
 from tunnel.core.constants import MAX_STATE_VERSION, MSG_CONTROL
 from tunnel.core.events import Event, EventType, Reason
-from tunnel.core.gateway import GatewaySession
+from tunnel.core.gateway_session import GatewaySession
 from tunnel.core.session import (
     TRANSITIONS,
     IllegalTransition,

@@ -11,6 +11,14 @@ import random
 
 from simkit import build
 
+from tunnel.core.admission import (
+    COOKIE_LOAD_FRACTION,
+    COOKIE_REPLY_BURST,
+    HANDSHAKE_BURST,
+    MAX_INIT_SOURCES,
+    SOURCE_INIT_BURST,
+    SOURCE_INIT_RATE,
+)
 from tunnel.core.client import ClientSession, PathSpec
 from tunnel.core.constants import HEADER, MSG_COOKIE_REPLY, MSG_HANDSHAKE_INIT
 from tunnel.core.cookie import (
@@ -23,15 +31,7 @@ from tunnel.core.cookie import (
     address_bytes,
 )
 from tunnel.core.drops import Drop
-from tunnel.core.gateway import (
-    COOKIE_LOAD_FRACTION,
-    COOKIE_REPLY_BURST,
-    HANDSHAKE_BURST,
-    MAX_INIT_SOURCES,
-    SOURCE_INIT_BURST,
-    SOURCE_INIT_RATE,
-    GatewaySessions,
-)
+from tunnel.core.gateway import GatewaySessions
 from tunnel.core.handshake import generate_keypair
 from tunnel.core.policy import POLICY_DEFAULT
 from tunnel.core.session import State
@@ -63,7 +63,7 @@ class Wire:
 def loaded_sim(threshold: float = 1.0) -> tuple[Simulation, Wire]:
     """A client about to connect to a gateway that requires cookies (``threshold`` 1)."""
     sim = build(n_paths=1, start=False)
-    sim.gateway.cookie_threshold = threshold
+    sim.gateway.admission.set_cookie_threshold(threshold)
     return sim, Wire(sim)
 
 
@@ -104,7 +104,7 @@ def test_init_with_wrong_mac1_costs_no_dh() -> None:
         sim.gateway.receive_datagram(init, ("198.51.100.1", i), 0.0)
     assert drops(sim.gateway, Drop.BAD_MAC) == 1000
     assert drops(sim.gateway, Drop.UNKNOWN_CLIENT_KEY) == 0  # never decrypted
-    assert sim.gateway._hs_bucket.tokens == HANDSHAKE_BURST  # no handshake token spent
+    assert sim.gateway.admission.handshakes.tokens == HANDSHAKE_BURST  # no handshake token spent
     assert sim.gateway.datagrams_to_send() == []
 
 
@@ -315,8 +315,10 @@ def test_per_source_handshake_buckets_are_bounded() -> None:
     sim, _ = loaded_sim()
     gw = sim.gateway
     for i in range(MAX_INIT_SOURCES + 500):
-        assert gw._source_allows((f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 1), 0.0)
-    assert len(gw._init_sources) == MAX_INIT_SOURCES
+        addr = (f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 1)
+        assert gw.admission.source_allows(addr, 0.0)
+    assert gw.admission.sources == MAX_INIT_SOURCES
     # the least recently seen hosts were forgotten: they start again with a full bucket
-    assert "10.0.0.0" not in gw._init_sources and "10.0.1.243" not in gw._init_sources
-    assert "10.0.1.244" in gw._init_sources  # host 500: the oldest one kept
+    known = gw.admission.knows_source
+    assert not known("10.0.0.0") and not known("10.0.1.243")
+    assert known("10.0.1.244")  # host 500: the oldest one kept

@@ -19,7 +19,7 @@ import pytest
 
 from tunnel.core.client import ClientSession, PathSpec
 from tunnel.core.events import Event, EventType, PolicyEvent, Reason, SecurityEvent, StateChange
-from tunnel.core.gateway import ClientEntry
+from tunnel.core.gateway_session import ClientEntry
 from tunnel.core.handshake import generate_keypair
 from tunnel.core.policy import POLICY_DEFAULT, Policy, policy_to_toml
 from tunnel.core.session import State

@@ -20,6 +20,27 @@ from pathlib import Path
 from tunnel.core import drops, events
 
 EVENTS_SOURCE = Path(events.__file__)
+DROPS_SOURCE = Path(drops.__file__)
+
+
+def member_docs(tree: ast.Module, class_name: str) -> dict[str, str]:
+    """Enum member -> its docstring (the string right after ``NAME = value``) in the class
+    ``class_name`` of ``tree``; the first paragraph, on one line."""
+    docs: dict[str, str] = {}
+    for node in tree.body:
+        if not (isinstance(node, ast.ClassDef) and node.name == class_name):
+            continue
+        for stmt, nxt in itertools.pairwise(node.body):
+            if (
+                isinstance(stmt, ast.Assign)
+                and len(stmt.targets) == 1
+                and isinstance(stmt.targets[0], ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[stmt.targets[0].id] = " ".join(nxt.value.value.split())
+    return docs
 
 
 def _attribute_docs(tree: ast.Module) -> dict[str, dict[str, str]]:
@@ -139,16 +160,22 @@ def render_events() -> str:
     ]
     for code, reason in enumerate(events.WIRE_REASONS):
         lines.append(f"| {code} | `{reason}` | {groups.get(reason.name, '')} |")
-    lines += [
+    lines += _drop_lines()
+    return "\n".join(lines) + "\n"
+
+
+def _drop_lines() -> list[str]:
+    """The drop reasons, each with the first paragraph of its docstring (drops.py)."""
+    drop_docs = member_docs(ast.parse(DROPS_SOURCE.read_text(encoding="utf-8")), "Drop")
+    return [
         "",
         "## Drop reasons",
         "",
         "A datagram discarded before it could change anything is counted under one of",
         "these (DROP_SUMMARY events and the gateway's metrics):",
         "",
+        *(f"- `{d}`: {drop_docs.get(d.name, '')}" for d in drops.Drop),
     ]
-    lines += [f"- `{d}`" for d in drops.Drop]
-    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

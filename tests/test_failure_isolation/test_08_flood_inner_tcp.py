@@ -47,8 +47,8 @@ from realnet import (
     socket_drops,
 )
 
+from tunnel.core.admission import HANDSHAKE_BURST, HANDSHAKE_RATE
 from tunnel.core.constants import MSG_HANDSHAKE_INIT
-from tunnel.core.gateway import HANDSHAKE_BURST, HANDSHAKE_RATE
 
 pytestmark = pytest.mark.root
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from realnet import datagrams_in, drop_counts, socket_drops
 
-from tunnel.core.gateway import HANDSHAKE_BURST, HANDSHAKE_RATE
+from tunnel.core.admission import HANDSHAKE_BURST, HANDSHAKE_RATE
 
 from .harness import Attacker, Lab, session_ids, transitions
 

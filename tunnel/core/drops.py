@@ -44,3 +44,18 @@ class Drop(StrEnum):
     COOKIE_REQUIRED = "cookie_required"
     """HANDSHAKE_INIT without a valid cookie (mac2) while under load: answered by a
     COOKIE_REPLY instead of a handshake."""
+    AMPLIFICATION_LIMIT = "amplification_limit"
+    """A PATH_CHALLENGE to an unvalidated address was not sent: it would exceed 3x the bytes
+    received from that address (DESIGN D4 anti-amplification)."""
+    UNEXPECTED_PATH_RESPONSE = "unexpected_path_response"
+    """PATH_RESPONSE from an address with no outstanding challenge, or with a wrong token."""
+    UNVALIDATED_PATH = "unvalidated_path"
+    """Authentic data from an address not (yet) validated for the session; a NAT rebinding
+    is checked by a PATH_CHALLENGE, the data itself is not delivered."""
+    IPV6_NOT_ROUTED = "ipv6_not_routed"
+    """Gateway TUN packet that is not IPv4: the tunnel routes IPv4 inner addresses only."""
+    NO_ROUTE = "no_route"
+    """Gateway TUN packet whose destination is no live session's inner address."""
+    QUEUE_OVERFLOW = "queue_overflow"
+    """Gateway TUN packet for a session without a binding, beyond the policy's outbound
+    queue limits (packets or bytes)."""

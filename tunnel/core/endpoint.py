@@ -64,8 +64,9 @@ class Reporter:
         return len(self._security_last)
 
     # -- counted drops ----------------------------------------------------------------------
-    def count_drop(self, reason: Drop | str) -> None:
-        key = str(reason)
+    def count_drop(self, reason: Drop) -> None:
+        """Count one dropped input; the counters are keyed by the reason's string value."""
+        key = reason.value
         self.drops[key] = self.drops.get(key, 0) + 1
         self._drops_unreported[key] = self._drops_unreported.get(key, 0) + 1
         self._drops_total += 1
@@ -130,7 +131,7 @@ class EndpointBase:
     def next_event(self) -> Event | None:
         return self.report.next_event()
 
-    def count_drop(self, reason: Drop | str) -> None:
+    def count_drop(self, reason: Drop) -> None:
         self.report.count_drop(reason)
 
     def _drop_summary_due(self) -> float | None:

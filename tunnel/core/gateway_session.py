@@ -1,54 +1,83 @@
-"""The gateway's record of one session, and the operations every part of the gateway shares.
+"""One gateway session: a component that owns its state and moves its own binding.
 
-``GatewaySession`` holds one session's keys, binding, validated addresses, outstanding
-path challenges, reattach state and queued TUN packets; ``SessionView`` is its row in a
-snapshot; ``ClientEntry`` an allowed client; ``TokenBucket`` the deterministic limiter the
-gateway uses for handshakes, cookie replies and reattaches. ``_GatewayBase`` gives
-``GatewaySessions`` (gateway.py) and its mixins the per-session plumbing they all use:
-sealing a control message, firing a state-machine trigger, STATE_UPDATE and its
-retransmission, termination and the tombstone that answers late packets.
+The gateway record is authoritative for the *binding* (DESIGN D3): which source address
+carries the session's data, under a ``binding_epoch`` incremented on every committed
+binding change. The binding moves only here, by
+- a validated REATTACH_REQUEST naming the current epoch (recovery, proactive, manual), or
+- NAT rebinding (D4): an authenticated, newest DATA packet (or PROBE of the bound path: an
+  idle session) from an unknown address starts a PATH_CHALLENGE there (at most 3x the
+  bytes received from it until validated), and only the PATH_RESPONSE commits a versioned
+  rebind with reason ``nat_rebind``.
+An authenticated packet from an unknown address never moves the binding by itself.
+
+``GatewaySession`` composes its parts (wireguard-go groups a peer's state per concern the
+same way): ``SessionClocks`` (timers.py), ``PathValidator`` (gateway_paths.py),
+``ReattachGuard`` (gateway_reattach.py) and ``StateUpdates`` (gateway_outbox.py). Its
+timed triggers are rows (``GATEWAY_ROWS``, with the shared ``SESSION_ROWS``) and chores
+(``GATEWAY_CHORES``); ``handle_timer`` and ``next_deadline`` both read them. It reaches the
+rest of the gateway only through ``SessionPorts`` (gateway_outbox.py): the ``Reporter``,
+the ``Outbox``, the TUN outlet and the ``ended`` callback.
 """
 
 from __future__ import annotations
 
-import ipaddress
-from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 from tunnel.core.aead import KeyExhausted, SessionCipher
-from tunnel.core.constants import MSG_CONTROL, MSG_HANDSHAKE_RESP
+from tunnel.core.constants import MSG_CONTROL, MSG_DATA, TRANSPORT_HEADER
 from tunnel.core.drops import Drop
-from tunnel.core.endpoint import EndpointBase
-from tunnel.core.events import EventBase, Reason, reason_to_wire
+from tunnel.core.events import (
+    EventBase,
+    KeyRotated,
+    PathValidated,
+    Reason,
+    ReattachResult,
+    TransportDead,
+    TransportSwitch,
+    reason_from_wire,
+    reason_to_wire,
+)
+from tunnel.core.gateway_outbox import SessionPorts, StateUpdates
+from tunnel.core.gateway_paths import Addr, ChallengePurpose, PathValidator, addr_label
+from tunnel.core.gateway_reattach import ReattachAction, ReattachGuard, ReattachVerdict
 from tunnel.core.policy import Policy
 from tunnel.core.replay import NonceGuard
-from tunnel.core.session import SessionMachine, Trigger
+from tunnel.core.session import SessionMachine, State, Trigger
+from tunnel.core.timers import (
+    LIVE_STATES,
+    SESSION_ROWS,
+    SessionClocks,
+    TimedChore,
+    TimedRow,
+    chore_deadline,
+    due_rows,
+    earliest,
+    most_urgent_row,
+    run_due_chores,
+)
 from tunnel.core.wire import (
     STATE_CODES,
     Control,
+    Header,
+    PathChallenge,
+    PathResponse,
+    Probe,
+    ProbeAck,
     ReattachAck,
+    ReattachKind,
+    ReattachReject,
     ReattachRequest,
-    StateUpdate,
+    Rekey,
+    StateAck,
     Terminate,
     pack_control,
     parse_control,
 )
 
-Addr = Hashable
-
-MAX_VALIDATED = 8
-"""Validated source addresses remembered per session (one per client path, with room)."""
-
-MAX_CHALLENGES = 8
-"""Outstanding path challenges per session; the oldest is forgotten beyond this."""
-
-STATE_UPDATE_RESEND_S = 0.3
-"""STATE_UPDATE retransmit interval until acknowledged."""
-
-STATE_UPDATE_SENDS = 6
-"""STATE_UPDATE sends at most (then the next transition or probe ack carries the news)."""
+INITIAL_EPOCH = 1
+"""The binding epoch of a new session (the handshake's path is the first binding)."""
 
 TOMBSTONE_S = 10.0
 """A terminated session's index stays known this long: late packets are counted, and an
@@ -57,12 +86,26 @@ authentic one is answered with TERMINATE (a client whose TERMINATE was lost lear
 TOMBSTONE_ANSWER_S = 1.0
 """At most one TERMINATE answer per tombstone per this many seconds (<= 10 per session)."""
 
+KIND_REASON = {
+    ReattachKind.RECOVERY: Reason.DEAD_TRANSPORT_RECOVERY,
+    ReattachKind.PROACTIVE: Reason.LOSS_RECOVERY,
+    ReattachKind.MANUAL: Reason.MANUAL_SWITCH,
+    ReattachKind.RESUME: Reason.TRANSPORT_RESUMED,
+}
+"""The reason a committed reattach of each kind carries (a rebind from a live state)."""
 
-def addr_label(addr: Addr) -> str:
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        host, port = addr[0], addr[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(addr)
+REATTACH_LIMITS = {
+    Reason.SESSION_LIFETIME_EXCEEDED: Reason.SESSION_EXPIRED,
+    Reason.TRANSPORT_TTL_EXCEEDED: Reason.TRANSPORT_TTL_EXCEEDED,
+}
+"""Session rows whose deadline also ends a reattach (fatally), with the reject reason: at
+the very instant the timer would end the session, a reattach must not revive it."""
+
+OPEN_VIOLATIONS = {
+    Drop.BAD_TAG: ("INVALID_PROOF", Reason.BAD_PROOF),
+    Drop.REPLAY: ("REPLAY_DETECTED", Reason.REPLAY_DETECTED),
+}
+"""Datagrams that failed to open and are reported as a SECURITY_EVENT too."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,96 +118,6 @@ class ClientEntry:
 
     def __repr__(self) -> str:
         return f"ClientEntry(name={self.name!r}, inner_address={self.inner_address!r})"
-
-
-class TokenBucket:
-    """Deterministic token bucket (SPEC-DIGEST 4.6); starts full; time is a parameter."""
-
-    __slots__ = ("burst", "last", "rate", "tokens")
-
-    def __init__(self, rate: float, burst: float, now: float) -> None:
-        self.rate, self.burst, self.tokens, self.last = rate, burst, burst, now
-
-    def level(self, now: float) -> float:
-        """Tokens available at ``now`` (refills; takes none)."""
-        if now > self.last:
-            self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
-            self.last = now
-        return self.tokens
-
-    def allow(self, now: float, cost: float = 1.0) -> bool:
-        if self.level(now) >= cost:
-            self.tokens -= cost
-            return True
-        return False
-
-
-@dataclass(slots=True)
-class _Challenge:
-    token: bytes
-    purpose: str  # "probe", "nat" or "reattach"
-    received: int
-    sent: int
-    last_sent: float
-
-
-class GatewaySession:
-    """The gateway's record of one session (its keys never leave this object)."""
-
-    def __init__(
-        self,
-        *,
-        machine: SessionMachine,
-        client: ClientEntry,
-        index: int,
-        peer_index: int,
-        session_id: bytes,
-        addr: Addr,
-        path_id: int,
-        skew_ms: int,
-        policy: Policy,
-        now: float,
-    ) -> None:
-        self.machine = machine
-        self.client = client
-        self.index = index
-        self.peer_index = peer_index
-        self.session_id = session_id
-        self.cipher: SessionCipher | None = None
-        self.binding: Addr | None = addr
-        self.binding_path: int | None = path_id
-        self.last_binding: Addr | None = addr
-        self.epoch = 1
-        self.validated: OrderedDict[Addr, float] = OrderedDict({addr: now})
-        self.challenges: OrderedDict[Addr, _Challenge] = OrderedDict()
-        self.received_from: dict[Addr, int] = {}
-        self.probes_rx: dict[int, int] = {}
-        """PROBEs received per path_id (a u8: at most 256 keys), echoed in PROBE_ACK."""
-        self.last_inbound = now
-        self.born = now
-        self.transportless_since: float | None = None
-        self.recovery_started: float | None = None
-        self.dead_until: float | None = None
-        self.nonces = NonceGuard()
-        self.skew_ms = skew_ms
-        self.policy = policy
-        self.security_failures = 0
-        self.last_failure: float | None = None
-        self.state_seq = 0
-        self.unacked: StateUpdate | None = None
-        self.unacked_sent = 0.0
-        self.unacked_sends = 0
-        self.held: tuple[ReattachRequest, Addr] | None = None
-        self.last_ack: tuple[int, ReattachAck] | None = None
-        self.bucket = TokenBucket(policy.reattach_rate_per_s, policy.reattach_burst, now)
-        self.queue: deque[bytes] = deque()
-        self.queue_bytes = 0
-        self.rx_high = -1
-        self.rx_phase = 0
-        self.total_switches = 0
-        self.tombstone_until: float | None = None
-        self.end_reason: Reason | None = None
-        self.terminate_answered: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,131 +134,597 @@ class SessionView:
     total_switches: int
 
 
-class _GatewayBase(EndpointBase):
-    """Per-session plumbing shared by GatewaySessions and its mixins (no inputs here)."""
+class GatewaySession:
+    """The gateway's record of one session (its keys never leave this object)."""
 
-    # Set in GatewaySessions.__init__; declared here for the methods below and the mixins.
-    policy: Policy | None
-    sessions: dict[int, GatewaySession]
-    _by_key: dict[bytes, GatewaySession]
-    _by_inner: dict[bytes, GatewaySession]
-    _out: list[tuple[Addr, bytes]]
-    _urandom: Callable[[int], bytes]
+    def __init__(
+        self,
+        *,
+        machine: SessionMachine,
+        client: ClientEntry,
+        index: int,
+        peer_index: int,
+        session_id: bytes,
+        cipher: SessionCipher,
+        addr: Addr,
+        path_id: int,
+        skew_ms: int,
+        policy: Policy,
+        now: float,
+        ports: SessionPorts,
+    ) -> None:
+        self.machine = machine
+        self.client = client
+        self.index = index
+        self.peer_index = peer_index
+        self.session_id = session_id
+        self.cipher = cipher
+        self.policy = policy
+        self._ports = ports
+        self._report = ports.report
+        self.clocks = SessionClocks(now, transportless=False)
+        self.paths = PathValidator(addr, now, ports.urandom)
+        self.reattach = ReattachGuard(policy.reattach_rate_per_s, policy.reattach_burst, now)
+        self.updates = StateUpdates()
+        self.binding: Addr | None = addr
+        self.binding_path: int | None = path_id
+        self.last_binding: Addr | None = addr
+        self.epoch = INITIAL_EPOCH
+        self.last_inbound = now
+        self.probes_rx: dict[int, int] = {}
+        """PROBEs received per path_id (a u8: at most 256 keys), echoed in PROBE_ACK."""
+        self.skew_ms = skew_ms
+        self.security_failures = 0
+        self.last_failure: float | None = None
+        self.queue: deque[bytes] = deque()
+        self.queue_bytes = 0
+        self.rx_high = -1
+        self.rx_phase = 0
+        self.total_switches = 0
+        self.tombstone_until: float | None = None
+        self.end_reason: Reason | None = None
+        self.terminate_answered: float | None = None
 
-    # == helpers ===========================================================================
-    def _base(self, s: GatewaySession | None, now: float) -> EventBase:
-        if s is not None:
-            return s.machine.base(self.ts_ms(now))
-        return {
-            "ts_ms": self.ts_ms(now),
-            "session_id": "",
-            "node_id": self.node_id,
-            "policy_version": self.policy.policy_version if self.policy else "invalid",
-            "state_version": 0,
-        }
+    # == reading ===========================================================================
+    @property
+    def born(self) -> float:
+        return self.clocks.born
 
-    def _send(self, s: GatewaySession, addr: Addr, msg: Control) -> int:
-        if s.cipher is None:
-            return 0
-        try:
-            dgram = s.cipher.seal(MSG_CONTROL, s.peer_index, pack_control(msg))
-        except KeyExhausted:
-            self.count_drop(Drop.KEY_EXHAUSTED)
-            return 0
-        self._out.append((addr, dgram))
-        return len(dgram)
+    @property
+    def transportless_since(self) -> float | None:
+        return self.clocks.transportless_since
 
-    def _fire(
-        self, s: GatewaySession, trigger: Trigger, reason: Reason, now: float, **fields: Any
-    ) -> bool:
-        if trigger is Trigger.TERMINATE:
-            s.end_reason = reason
-            fields.setdefault("session_age_ms", (now - s.born) * 1000)
-            tl = 0.0 if s.transportless_since is None else (now - s.transportless_since) * 1000
-            fields.setdefault("transportless_age_ms", tl)
-            fields.setdefault("total_switches", s.total_switches)
-        ok = s.machine.fire(trigger, reason, self.ts_ms(now), **fields)
-        if not ok and not s.machine.terminated:
-            return False
-        if s.machine.terminated:
-            self._on_terminated(s, now)
+    @property
+    def validated(self) -> dict[Addr, float]:
+        return self.paths.validated
+
+    @property
+    def challenges(self) -> dict[Addr, Any]:
+        return self.paths.challenges
+
+    @property
+    def received_from(self) -> dict[Addr, int]:
+        return self.paths.received_from
+
+    @property
+    def nonces(self) -> NonceGuard:
+        return self.reattach.nonces
+
+    @property
+    def last_ack(self) -> tuple[int, ReattachAck] | None:
+        return self.reattach.last_ack
+
+    def dead_after_s(self) -> float:
+        """Inbound silence on the binding that declares it dead: longer than the client's
+        own detection (which probes every probe_interval), so the client normally acts
+        first. Read from the session's current policy (a reload applies at once)."""
+        return max(1.0, 3 * self.policy.dead_min_ms / 1000)
+
+    def view(self, now: float) -> SessionView:
+        return SessionView(
+            session_id=self.machine.session_id, client=self.client.name,
+            state=str(self.machine.state), state_version=self.machine.version,
+            binding_epoch=self.epoch,
+            binding=addr_label(self.binding) if self.binding is not None else "-",
+            policy_version=self.machine.policy_version, age_s=now - self.clocks.born,
+            security_failures=self.security_failures, total_switches=self.total_switches,
+        )  # fmt: skip
+
+    def _base(self, now: float) -> EventBase:
+        return self.machine.base(self._report.ts_ms(now))
+
+    def _state_code(self) -> int:
+        return STATE_CODES.index(str(self.machine.state))
+
+    def _targets(self) -> list[Addr]:
+        """Where news goes: the binding, or without one every validated address."""
+        return [self.binding] if self.binding is not None else list(self.paths.validated)
+
+    # == commands ==========================================================================
+    def apply_policy(self, policy: Policy) -> None:
+        """A reloaded policy applies strictly to this running session from now on."""
+        self.policy = policy
+        self.machine.policy_reloaded(policy.policy_version)
+        self.reattach.configure(policy.reattach_rate_per_s, policy.reattach_burst)
+
+    # == inputs ============================================================================
+    def receive(self, data: bytes, header: Header, addr: Addr, now: float) -> None:
+        """A transport datagram (DATA or CONTROL) addressed to this session."""
+        if self.machine.terminated:
+            self._report.count_drop(Drop.WRONG_STATE)
+            self._answer_tombstone(data, addr, now)
+            return
+        plaintext = self._open(data, addr, now)
+        if plaintext is None:
+            return
+        newest = self._note_inbound(data, header, addr, now)
+        if header.msg_type == MSG_DATA:
+            self._on_data(plaintext, addr, newest, now)
+            return
+        msg = parse_control(plaintext)
+        if isinstance(msg, Drop):
+            self._report.count_drop(msg)
+            return
+        self._on_control(msg, addr, newest, now)
+
+    def _open(self, data: bytes, addr: Addr, now: float) -> bytes | None:
+        phase_before = self.cipher.phase
+        plaintext = self.cipher.open(data, now)
+        if isinstance(plaintext, Drop):
+            self._report.count_drop(plaintext)
+            violation = OPEN_VIOLATIONS.get(plaintext)
+            if violation is not None:
+                self._report.security(
+                    now, self._base(now), violation[0], violation[1], source=addr_label(addr)
+                )
+            return None
+        if self.cipher.phase != phase_before:
+            self._report.emit(
+                KeyRotated(**self._base(now), key_phase=self.cipher.phase, initiator="peer")
+            )
+        return plaintext
+
+    def _note_inbound(self, data: bytes, header: Header, addr: Addr, now: float) -> bool:
+        """Record an authentic datagram from ``addr``; True if it is the newest seen."""
+        counter = TRANSPORT_HEADER.unpack_from(data)[3]
+        if header.phase != self.rx_phase:
+            self.rx_phase, self.rx_high = header.phase, -1
+        newest = counter > self.rx_high
+        if newest:
+            self.rx_high = counter
+        self.paths.received(addr, len(data))
+        if addr == self.binding:
+            self.last_inbound = now
+        elif (
+            self.binding is None
+            and addr == self.last_binding
+            and self.paths.is_validated(addr)
+            and newest
+        ):
+            self._resume(addr, now)
+        return newest
+
+    def _on_data(self, packet: bytes, addr: Addr, newest: bool, now: float) -> None:
+        if addr == self.binding or self.paths.is_validated(addr):
+            if not packet or packet[0] >> 4 not in (4, 6):
+                self._report.count_drop(Drop.MALFORMED)
+                return
+            self._ports.deliver(packet)
+            return
+        # Authentic data from an unknown address: a possible NAT rebinding (D4).
+        self._report.count_drop(Drop.UNVALIDATED_PATH)
+        if newest and self.binding is not None:
+            self._challenge(addr, ChallengePurpose.NAT, now)
+
+    def _on_control(self, msg: Control, addr: Addr, newest: bool, now: float) -> None:
+        if isinstance(msg, Probe):
+            self._on_probe(msg, addr, newest, now)
+        elif isinstance(msg, PathResponse):
+            self._on_path_response(msg, addr, now)
+        elif isinstance(msg, ReattachRequest):
+            self._on_reattach(msg, addr, now)
+        elif isinstance(msg, StateAck):
+            self.updates.acked(msg.seq)
+        elif isinstance(msg, Terminate):
+            reason = reason_from_wire(msg.reason) or Reason.PEER_TERMINATED
+            self.terminate(reason, now, notify=False, initiator="peer")
+        elif isinstance(msg, Rekey):
+            pass  # the phase change itself was handled by SessionCipher.open
         else:
-            self._state_update(s, reason, now)
+            self._report.count_drop(Drop.UNKNOWN_TYPE)
+
+    def _on_probe(self, msg: Probe, addr: Addr, newest: bool, now: float) -> None:
+        rx = (self.probes_rx.get(msg.path_id, 0) + 1) & 0xFFFFFFFF
+        self.probes_rx[msg.path_id] = rx
+        ts = self._report.ts_ms(now)
+        self._send(
+            addr, ProbeAck(msg.probe_id, msg.path_id, ts, self._state_code(), self.epoch, rx)
+        )
+        if not self.paths.is_validated(addr):
+            # A fresh probe of the bound path from a new address is a NAT rebinding of an
+            # idle session (no data to show it): validate, then rebind like data.
+            nat = newest and self.binding is not None and msg.path_id == self.binding_path
+            self._challenge(addr, ChallengePurpose.NAT if nat else ChallengePurpose.PROBE, now)
+
+    def send_inner(self, packet: bytes) -> None:
+        """An inner packet from the TUN for this client: sealed to the binding, or queued
+        (within the policy's limits) while there is none."""
+        if self.binding is not None:
+            try:
+                dgram = self.cipher.seal(MSG_DATA, self.peer_index, packet)
+            except KeyExhausted:
+                self._report.count_drop(Drop.KEY_EXHAUSTED)
+                return
+            self._ports.outbox.push(self.binding, dgram)
+            return
+        pol = self.policy
+        if (
+            len(self.queue) >= pol.outbound_queue_packets
+            or self.queue_bytes + len(packet) > pol.outbound_queue_bytes
+        ):
+            self._report.count_drop(Drop.QUEUE_OVERFLOW)
+            return
+        self.queue.append(packet)
+        self.queue_bytes += len(packet)
+
+    def _flush(self) -> None:
+        queue, self.queue, self.queue_bytes = self.queue, deque(), 0
+        for packet in queue:
+            self.send_inner(packet)
+
+    def _send(self, addr: Addr, msg: Control) -> int:
+        return self._ports.outbox.control(self.cipher, self.peer_index, addr, msg)
+
+    # == path validation and NAT rebinding (D4) ==========================================
+    def _seal_challenge(self, token: bytes) -> bytes:
+        return self.cipher.seal(MSG_CONTROL, self.peer_index, pack_control(PathChallenge(token)))
+
+    def _challenge(self, addr: Addr, purpose: ChallengePurpose, now: float) -> None:
+        result = self.paths.challenge(addr, purpose, now, self._seal_challenge)
+        if isinstance(result, Drop):
+            self._report.count_drop(result)
+        elif result is not None:
+            self._ports.outbox.push(addr, result)
+
+    def _on_path_response(self, msg: PathResponse, addr: Addr, now: float) -> None:
+        purpose = self.paths.responded(addr, msg.token, now, keep=self.binding)
+        if purpose is None:
+            self._report.count_drop(Drop.UNEXPECTED_PATH_RESPONSE)
+            return
+        self._report.emit(PathValidated(**self._base(now), path=addr_label(addr)))
+        held = self.reattach.release(addr)
+        if held is not None:
+            self._on_reattach(held, addr, now)
+        elif purpose is ChallengePurpose.NAT and self.binding is not None and addr != self.binding:
+            self._nat_rebind(addr, now)
+
+    def _nat_rebind(self, addr: Addr, now: float) -> None:
+        old = self.binding
+        if not self._fire(Trigger.REBIND, Reason.NAT_REBIND, now):
+            return
+        self.epoch += 1
+        self.binding, self.last_binding, self.last_inbound = addr, addr, now
+        self.paths.forget(old)  # the old address is no longer accepted
+        self.total_switches += 1
+        self._report.emit(
+            TransportSwitch(
+                **self._base(now), previous_transport=self.binding_path,
+                new_transport=self.binding_path if self.binding_path is not None else -1,
+                reason_code=Reason.NAT_REBIND, switch_latency_ms=0.0,
+                binding_epoch=self.epoch, path=addr_label(addr),
+            )
+        )  # fmt: skip
+        self._state_update(Reason.NAT_REBIND, now)
+
+    def _resume(self, addr: Addr, now: float) -> None:
+        """RECOVERING, and the last binding speaks again with a newest packet: re-bind it."""
+        if self.machine.state is State.RECOVERING and self._fire(
+            Trigger.REATTACH_OK, Reason.TRANSPORT_RESUMED, now
+        ):
+            self.epoch += 1
+            self.binding, self.last_inbound = addr, now
+            self.clocks.transport_regained()
+            self._state_update(Reason.TRANSPORT_RESUMED, now)
+            self._flush()
+
+    # == reattach (spec/security-binding order, digest §4.4) ==============================
+    def _expired_for_reattach(self, now: float) -> Reason | None:
+        """The reject reason if a session row that ends the session is due at ``now``."""
+        for row in SESSION_ROWS:
+            answer = REATTACH_LIMITS.get(row.reason)
+            deadline = row.deadline(self) if answer is not None else None
+            if deadline is not None and now >= deadline:
+                return answer
+        return None
+
+    def _on_reattach(self, req: ReattachRequest, addr: Addr, now: float) -> None:
+        expired = self._expired_for_reattach(now)
+        if expired is not None:
+            self._reject(req, addr, expired, now, fatal=True)
+            return
+        verdict = self.reattach.check(
+            req, now, epoch=self.epoch, at_binding=addr == self.binding,
+            validated=self.paths.is_validated(addr),
+            age_ms=abs(self._report.ts_ms(now) - (req.ts_ms + self.skew_ms)),
+            max_age_ms=self.policy.reattach_proof_max_age_ms,
+        )  # fmt: skip
+        self._carry_out(verdict, req, addr, now)
+
+    def _carry_out(
+        self, verdict: ReattachVerdict, req: ReattachRequest, addr: Addr, now: float
+    ) -> None:
+        action = verdict.action
+        if action is ReattachAction.COMMIT:
+            self._commit_reattach(req, addr, now)
+        elif action is ReattachAction.HOLD:
+            self.reattach.hold(req, addr)  # answered once the address proves it is the client's
+            self._challenge(addr, ChallengePurpose.REATTACH, now)
+        elif action is ReattachAction.REPEAT_ACK:
+            last = self.reattach.last_ack
+            if last is not None:
+                self._send(addr, last[1])  # retransmitted request: same answer
+        elif action is ReattachAction.REPLAY:
+            self._report.count_drop(Drop.REPLAY)  # not answered, but never silently
+        else:
+            assert verdict.reason is not None
+            if verdict.violation is not None:
+                self._report.security(
+                    now, self._base(now), verdict.violation, verdict.reason,
+                    source=addr_label(addr),
+                )  # fmt: skip
+            self._reject(
+                req, addr, verdict.reason, now, fatal=verdict.fatal, escalate=verdict.escalate
+            )
+
+    def _reject(
+        self, req: ReattachRequest, addr: Addr, reason: Reason, now: float,
+        *, fatal: bool = False, escalate: bool = False,
+    ) -> None:  # fmt: skip
+        self._send(addr, ReattachReject(req.nonce, reason_to_wire(reason), int(fatal), self.epoch))
+        self._report.emit(
+            ReattachResult(
+                **self._base(now), status="DENIED", reason_code=reason,
+                candidate_transport=req.path_id, path=addr_label(addr), fatal=fatal,
+            )
+        )  # fmt: skip
+        if fatal:
+            self.terminate(reason, now, notify=False)
+        elif escalate:
+            self._escalate(now)
+
+    def _escalate(self, now: float) -> None:
+        """Seed §3: repeated authenticated validation failures -> DEGRADED, then TERMINATED."""
+        self.security_failures += 1
+        self.last_failure = now
+        pol = self.policy
+        if self.security_failures >= pol.security_failures_to_terminate:
+            self.terminate(Reason.SECURITY_FAILURE, now)
+        elif self.security_failures >= pol.security_failures_to_degrade and self.machine.can(
+            Trigger.SECURITY_ESCALATION
+        ):
+            self._fire(Trigger.SECURITY_ESCALATION, Reason.SECURITY_FAILURES_REPEATED, now)
+
+    def _commit_reattach(self, req: ReattachRequest, addr: Addr, now: float) -> None:
+        self.reattach.commit(req)
+        st = self.machine.state
+        ack: ReattachAck | None
+        if addr == self.binding and st is not State.RECOVERING:
+            ack = ReattachAck(req.nonce, self.epoch, self.machine.version, self._state_code())
+        else:
+            ack = self._move_binding(req, addr, now)
+        if ack is None:
+            return
+        self.reattach.acked(req, ack)
+        self._send(addr, ack)
+        self._flush()
+
+    def _move_binding(self, req: ReattachRequest, addr: Addr, now: float) -> ReattachAck | None:
+        """The committed reattach moves the binding to ``addr``: the ACK, or None when the
+        state machine refused (then rejected, or terminated by the version ceiling)."""
+        previous = self.binding_path
+        recovering = self.machine.state is State.RECOVERING
+        reason = KIND_REASON[ReattachKind(req.kind)]
+        ts = self._report.ts_ms(now)
+        if recovering:
+            ok = self.machine.fire(Trigger.REATTACH_OK, Reason.REATTACH_SUCCESS, ts)
+        else:
+            ok = self.machine.fire(Trigger.REBIND, reason, ts)
+        if not ok:
+            if self.machine.terminated:
+                self._on_terminated(now)
+            else:
+                self._reject(req, addr, Reason.INVALID_STATE_FOR_REATTACH, now)
+            return None
+        self.epoch += 1
+        self.binding, self.binding_path, self.last_binding = addr, req.path_id, addr
+        self.last_inbound = now
+        started = self.clocks.recovery_started
+        latency = 0.0 if started is None else (now - started) * 1000
+        self.clocks.transport_regained()
+        self.total_switches += 1
+        self.updates.cancel()  # the ACK carries the new state
+        self._report.emit(
+            TransportSwitch(
+                **self._base(now), previous_transport=previous, new_transport=req.path_id,
+                reason_code=Reason.REATTACH_SUCCESS if recovering else reason,
+                switch_latency_ms=round(latency, 3), binding_epoch=self.epoch,
+                path=addr_label(addr),
+            )
+        )  # fmt: skip
+        self._report.emit(
+            ReattachResult(
+                **self._base(now), status="SUCCESS", reason_code=Reason.REATTACH_SUCCESS,
+                candidate_transport=req.path_id, path=addr_label(addr),
+            )
+        )  # fmt: skip
+        return ReattachAck(req.nonce, self.epoch, self.machine.version, self._state_code())
+
+    # == transitions, STATE_UPDATE, termination ===========================================
+    def _fire(self, trigger: Trigger, reason: Reason, now: float, **fields: Any) -> bool:
+        if trigger is Trigger.TERMINATE:
+            self.end_reason = reason
+            fields.setdefault("session_age_ms", self.clocks.age_ms(now))
+            fields.setdefault("transportless_age_ms", self.clocks.transportless_ms(now))
+            fields.setdefault("total_switches", self.total_switches)
+        ok = self.machine.fire(trigger, reason, self._report.ts_ms(now), **fields)
+        if not ok and not self.machine.terminated:
+            return False
+        if self.machine.terminated:
+            self._on_terminated(now)
+        else:
+            self._state_update(reason, now)
         return ok
 
-    def _state_update(self, s: GatewaySession, reason: Reason, now: float) -> None:
-        s.state_seq += 1
-        s.unacked = StateUpdate(
-            s.state_seq,
-            STATE_CODES.index(str(s.machine.state)),
-            s.machine.version,
-            s.epoch,
-            reason_to_wire(reason),
-        )
-        s.unacked_sends = 0
-        self._send_state_update(s, now)
+    def _state_update(self, reason: Reason, now: float) -> None:
+        self.updates.new(self._state_code(), self.machine.version, self.epoch, reason)
+        self._send_state_update(now)
 
-    def _send_state_update(self, s: GatewaySession, now: float) -> None:
-        if s.unacked is None:
+    def _send_state_update(self, now: float) -> None:
+        msg = self.updates.pending
+        if msg is None:
             return
-        targets = [s.binding] if s.binding is not None else list(s.validated)
-        for addr in targets:
-            self._send(s, addr, s.unacked)
-        s.unacked_sent = now
-        s.unacked_sends += 1
-        if s.unacked_sends >= STATE_UPDATE_SENDS:
-            s.unacked = None
+        for addr in self._targets():
+            self._send(addr, msg)
+        self.updates.sent(now)
 
-    def _terminate(
-        self,
-        s: GatewaySession,
-        reason: Reason,
-        now: float,
-        *,
-        notify: bool = True,
-        initiator: str = "local",
+    def terminate(
+        self, reason: Reason, now: float, *, notify: bool = True, initiator: str = "local"
     ) -> None:
-        if s.machine.terminated:
+        """End the session (TERMINATE to the client unless ``notify`` is False)."""
+        if self.machine.terminated:
             return
-        if notify and s.cipher is not None:
+        if notify:
             # Transport messages still queued for this client (e.g. the REATTACH_ACK whose
             # transition the session store refused) are void: TERMINATE is the last word.
-            # A queued HANDSHAKE_RESP stays: without it the client cannot read TERMINATE.
-            index = s.peer_index.to_bytes(4, "little")
-            self._out = [
-                (a, d) for a, d in self._out if d[4:8] != index or d[0] == MSG_HANDSHAKE_RESP
-            ]
-            targets = [s.binding] if s.binding is not None else list(s.validated)
-            for addr in targets:
-                self._send(s, addr, Terminate(reason_to_wire(reason)))
-        self._fire(s, Trigger.TERMINATE, reason, now, initiator=initiator)
+            self._ports.outbox.void_for(self.peer_index)
+            for addr in self._targets():
+                self._send(addr, Terminate(reason_to_wire(reason)))
+        self._fire(Trigger.TERMINATE, reason, now, initiator=initiator)
 
-    def _on_terminated(self, s: GatewaySession, now: float) -> None:
-        s.binding = None
-        s.queue.clear()
-        s.queue_bytes = 0
-        s.held = None
-        s.unacked = None
-        s.challenges.clear()
-        s.tombstone_until = now + TOMBSTONE_S
-        if self._by_key.get(s.client.public_key) is s:
-            del self._by_key[s.client.public_key]
-        inner = ipaddress.IPv4Address(s.client.inner_address).packed
-        if self._by_inner.get(inner) is s:
-            del self._by_inner[inner]
+    def _on_terminated(self, now: float) -> None:
+        self.binding = None
+        self.queue.clear()
+        self.queue_bytes = 0
+        self.reattach.forget_held()
+        self.updates.cancel()
+        self.paths.clear_challenges()
+        self.tombstone_until = now + TOMBSTONE_S
+        self._ports.ended(self)
 
-    def _answer_tombstone(self, s: GatewaySession, data: bytes, addr: Addr, now: float) -> None:
+    def _answer_tombstone(self, data: bytes, addr: Addr, now: float) -> None:
         """A datagram for a terminated session: if it is authentic and fresh, tell the sender
         (again) that the session ended, at most once per TOMBSTONE_ANSWER_S. Forged and
         replayed datagrams fail to open and get nothing; a TERMINATE is not answered."""
-        if s.cipher is None or s.tombstone_until is None or now >= s.tombstone_until:
+        if self.tombstone_until is None or now >= self.tombstone_until:
             return
-        plaintext = s.cipher.open(data, now)  # always: the replay window must see it
+        plaintext = self.cipher.open(data, now)  # always: the replay window must see it
         if isinstance(plaintext, Drop):
             return
-        if s.terminate_answered is not None and now < s.terminate_answered + TOMBSTONE_ANSWER_S:
+        answered = self.terminate_answered
+        if answered is not None and now < answered + TOMBSTONE_ANSWER_S:
             return
         if data[0] == MSG_CONTROL and isinstance(parse_control(plaintext), Terminate):
             return
-        s.terminate_answered = now
-        self._send(s, addr, Terminate(reason_to_wire(s.end_reason or Reason.PEER_TERMINATED)))
+        self.terminate_answered = now
+        self._send(addr, Terminate(reason_to_wire(self.end_reason or Reason.PEER_TERMINATED)))
+
+    # == timers ============================================================================
+    def handle_timer(self, now: float) -> None:
+        """Apply the most urgent due row, then the due chores (a terminated session: none)."""
+        if self.machine.terminated:
+            return
+        due = due_rows(GATEWAY_ROWS, self, self.machine.state, now)
+        row = most_urgent_row(due, self)
+        if row is not None:
+            self._apply_row(row, now)
+        run_due_chores(GATEWAY_CHORES, self, now)
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of the same rows and chores (a tombstone: its expiry)."""
+        if self.machine.terminated:
+            return self.tombstone_until
+        rows = earliest(GATEWAY_ROWS, self, self.machine.state)
+        chores = chore_deadline(GATEWAY_CHORES, self)
+        if rows is None or chores is None:
+            return chores if rows is None else rows
+        return min(rows, chores)
+
+    def tombstone_expired(self, now: float) -> bool:
+        return self.tombstone_until is not None and now >= self.tombstone_until
+
+    def _apply_row(self, row: TimedRow[Any], now: float) -> None:
+        trigger = row.fires(self)
+        if trigger is Trigger.TERMINATE:
+            self.terminate(row.reason, now)
+        elif trigger is Trigger.TRANSPORT_DEAD:
+            self._binding_dead(now)
+        elif trigger is Trigger.STABILITY_RESTORED:
+            if self._fire(trigger, row.reason, now):
+                self.security_failures = 0
+                self.last_failure = None
+        else:
+            self._fire(trigger, row.reason, now)
+
+    def _binding_dead(self, now: float) -> None:
+        """Inbound silence on the binding: RECOVERING without a binding (the client
+        reattaches; a datagram from the last binding resumes it)."""
+        dead = self.binding
+        self._report.emit(
+            TransportDead(
+                **self._base(now),
+                transport_id=-1 if self.binding_path is None else self.binding_path,
+                silence_ms=round((now - self.last_inbound) * 1000, 3),
+            )
+        )
+        self.binding = None
+        self.clocks.transport_lost(now)
+        self.clocks.recovery_begun(now)
+        ok = self._fire(
+            Trigger.TRANSPORT_DEAD, Reason.TRANSPORT_DEAD, now, from_transport=self.binding_path
+        )
+        if not ok and not self.machine.terminated:
+            self.binding = dead
+            self.clocks.transport_regained()
+
+    def _resend_state_update(self, now: float) -> None:
+        self._send_state_update(now)
+
+    def _discard_old_keys(self, now: float) -> None:
+        self.cipher.discard_expired(now)
+
+
+def _binding_dead_at(s: GatewaySession) -> float | None:
+    return None if s.binding is None else s.last_inbound + s.dead_after_s()
+
+
+def _stability_at(s: GatewaySession) -> float | None:
+    if s.binding is None or s.last_failure is None:
+        return None
+    return s.last_failure + s.policy.stability_window_ms / 1000
+
+
+GATEWAY_ROWS: tuple[TimedRow[Any], ...] = (
+    *SESSION_ROWS,
+    TimedRow(
+        "binding_dead", LIVE_STATES, _binding_dead_at,
+        Trigger.TRANSPORT_DEAD, Reason.TRANSPORT_DEAD,
+    ),
+    TimedRow(
+        "stability_restored", frozenset({State.DEGRADED}), _stability_at,
+        Trigger.STABILITY_RESTORED, Reason.STABILITY_RESTORED,
+    ),
+)  # fmt: skip
+"""A gateway session's timed triggers: the shared rows, then death of the binding from
+inbound silence (``dead_after_s``) and, in DEGRADED with a binding, the end of the
+stability window after the last security failure."""
+
+GATEWAY_CHORES: tuple[TimedChore[GatewaySession], ...] = (
+    TimedChore(
+        "state_update_resend", lambda s: s.updates.resend_at(), GatewaySession._resend_state_update
+    ),
+    TimedChore(
+        "previous_keys", lambda s: s.cipher.next_deadline(), GatewaySession._discard_old_keys
+    ),
+)
+"""Timed work that is no transition: the STATE_UPDATE retransmission (every
+STATE_UPDATE_RESEND_S until acknowledged) and the end of the previous keys' grace."""

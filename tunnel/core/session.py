@@ -134,10 +134,13 @@ class SessionMachine:
         policy_version: str,
         emit: Callable[[Event], None],
         max_version: int = MAX_STATE_VERSION,
+        session_id: str = "",
     ) -> None:
+        """``session_id``: the hex id when it is known at creation (the gateway's), else
+        set once by the handshake through the ``session_id`` setter."""
         self.node_id = node_id
         self.policy_version = policy_version
-        self._session_id = ""
+        self._session_id = session_id
         self.state = State.BIRTH
         self.version = 0
         self.max_version = max_version
@@ -164,6 +167,10 @@ class SessionMachine:
     @property
     def terminated(self) -> bool:
         return self.state is State.TERMINATED
+
+    def policy_reloaded(self, policy_version: str) -> None:
+        """A reloaded policy applies from now: later events carry its version."""
+        self.policy_version = policy_version
 
     def can(self, trigger: Trigger) -> bool:
         return (self.state, trigger) in TRANSITIONS

@@ -28,10 +28,13 @@ __all__ = [
     "LIVE_STATES",
     "SESSION_ROWS",
     "SessionClocks",
+    "TimedChore",
     "TimedRow",
+    "chore_deadline",
     "due_rows",
     "earliest",
     "most_urgent_row",
+    "run_due_chores",
 ]
 
 LIVE_STATES: frozenset[State] = frozenset(State) - {State.BIRTH, State.TERMINATED}
@@ -101,6 +104,35 @@ class TimedRow(Generic[Ctx]):
 
     def armed_at(self, ctx: Ctx, state: State) -> float | None:
         return self.deadline(ctx) if state in self.states else None
+
+
+@dataclass(frozen=True, slots=True)
+class TimedChore(Generic[Ctx]):
+    """A timed action that is no state-machine trigger (a retransmission, a cleanup): due
+    at ``deadline(ctx)`` (None: nothing to do), done by ``run(ctx, now)``. Like a row, one
+    definition serves both ``handle_timer`` and ``next_deadline``."""
+
+    name: str
+    deadline: Callable[[Ctx], float | None]
+    run: Callable[[Ctx, float], None]
+
+
+def run_due_chores(chores: Iterable[TimedChore[Ctx]], ctx: Ctx, now: float) -> None:
+    """Run, in table order, every chore due at ``now``."""
+    for chore in chores:
+        t = chore.deadline(ctx)
+        if t is not None and now >= t:
+            chore.run(ctx, now)
+
+
+def chore_deadline(chores: Iterable[TimedChore[Ctx]], ctx: Ctx) -> float | None:
+    """The earliest deadline over ``chores`` (None: nothing to do)."""
+    best: float | None = None
+    for chore in chores:
+        t = chore.deadline(ctx)
+        if t is not None and (best is None or t < best):
+            best = t
+    return best
 
 
 def due_rows(

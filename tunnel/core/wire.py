@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import fields as dataclass_fields
 from enum import IntEnum
@@ -65,29 +66,49 @@ def parse_header(data: bytes) -> Header | Drop:
     msg_type, phase, receiver_index = HEADER.unpack_from(data)
     if data[2] or data[3]:
         return Drop.MALFORMED
-    if msg_type in (MSG_DATA, MSG_CONTROL):
-        if n < TRANSPORT_HEADER.size + 16:
-            return Drop.TRUNCATED
-    elif msg_type == MSG_HANDSHAKE_INIT:
-        if receiver_index != 0 or phase != 0:
-            return Drop.MALFORMED
-        if n < HANDSHAKE_PREFIX.size + MIN_NOISE_INIT + INIT_MACS_LEN:
-            return Drop.TRUNCATED
-        if n > HANDSHAKE_PREFIX.size + MAX_NOISE_INIT + INIT_MACS_LEN:
-            return Drop.OVERSIZED
-    elif msg_type == MSG_HANDSHAKE_RESP:
-        if phase != 0:
-            return Drop.MALFORMED
-        if n < HANDSHAKE_PREFIX.size + MIN_NOISE_RESP:
-            return Drop.TRUNCATED
-    elif msg_type == MSG_COOKIE_REPLY:
-        if phase != 0:
-            return Drop.MALFORMED
-        if n != COOKIE_REPLY_LEN:
-            return Drop.TRUNCATED if n < COOKIE_REPLY_LEN else Drop.OVERSIZED
-    else:
+    shape = _SHAPES.get(msg_type)
+    if shape is None:
         return Drop.UNKNOWN_TYPE
-    return Header(msg_type, phase, receiver_index)
+    drop = shape(n, phase, receiver_index)
+    return Header(msg_type, phase, receiver_index) if drop is None else drop
+
+
+def _transport_shape(n: int, phase: int, receiver_index: int) -> Drop | None:
+    return Drop.TRUNCATED if n < TRANSPORT_HEADER.size + 16 else None
+
+
+def _init_shape(n: int, phase: int, receiver_index: int) -> Drop | None:
+    if receiver_index != 0 or phase != 0:
+        return Drop.MALFORMED
+    if n < HANDSHAKE_PREFIX.size + MIN_NOISE_INIT + INIT_MACS_LEN:
+        return Drop.TRUNCATED
+    if n > HANDSHAKE_PREFIX.size + MAX_NOISE_INIT + INIT_MACS_LEN:
+        return Drop.OVERSIZED
+    return None
+
+
+def _resp_shape(n: int, phase: int, receiver_index: int) -> Drop | None:
+    if phase != 0:
+        return Drop.MALFORMED
+    return Drop.TRUNCATED if n < HANDSHAKE_PREFIX.size + MIN_NOISE_RESP else None
+
+
+def _cookie_reply_shape(n: int, phase: int, receiver_index: int) -> Drop | None:
+    if phase != 0:
+        return Drop.MALFORMED
+    if n != COOKIE_REPLY_LEN:
+        return Drop.TRUNCATED if n < COOKIE_REPLY_LEN else Drop.OVERSIZED
+    return None
+
+
+_SHAPES: dict[int, Callable[[int, int, int], Drop | None]] = {
+    MSG_DATA: _transport_shape,
+    MSG_CONTROL: _transport_shape,
+    MSG_HANDSHAKE_INIT: _init_shape,
+    MSG_HANDSHAKE_RESP: _resp_shape,
+    MSG_COOKIE_REPLY: _cookie_reply_shape,
+}
+"""Per message type: the size and field checks of its fixed part (None: well formed)."""
 
 
 def pack_handshake(msg_type: int, receiver_index: int, sender_index: int, noise: bytes) -> bytes:

@@ -1,0 +1,148 @@
+"""Path validation of one gateway session (DESIGN D4): which source addresses may carry it.
+
+``PathValidator`` owns the addresses a session has validated, the outstanding
+PATH_CHALLENGEs with their anti-amplification budget, and the bytes received per source
+address (aioquic's ``QuicNetworkPath`` owns a path's validation and ``can_send`` budget the
+same way). It never moves the binding: it says which address answered which challenge,
+and the session decides (gateway_session.py).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from enum import Enum
+
+from tunnel.core.drops import Drop
+
+Addr = Hashable
+"""A source address as the driver gives it (e.g. ``(host, port)``)."""
+
+AMPLIFICATION_FACTOR = 3
+"""D4: bytes sent to an unvalidated address stay within 3x the bytes received from it."""
+
+CHALLENGE_RESEND_S = 0.25
+"""A challenge is repeated at most this often while packets keep coming from the address."""
+
+MAX_VALIDATED = 8
+"""Validated source addresses remembered per session (one per client path, with room)."""
+
+MAX_CHALLENGES = 8
+"""Outstanding path challenges per session; the oldest is forgotten beyond this."""
+
+
+def addr_label(addr: Addr) -> str:
+    """``addr`` as text for events and cookies: ``host:port``, ``[v6host]:port``."""
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host, port = addr[0], addr[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(addr)
+
+
+class ChallengePurpose(Enum):
+    """Why an address is being challenged: what its PATH_RESPONSE leads to."""
+
+    PROBE = "probe"
+    """A PROBE from an unvalidated address: validating it only lets it carry data."""
+    NAT = "nat"
+    """A newest DATA packet or bound-path PROBE from a new address: a possible NAT
+    rebinding; the response commits a versioned rebind there."""
+    REATTACH = "reattach"
+    """A held REATTACH_REQUEST from that address: the response lets it be answered."""
+
+
+@dataclass(slots=True)
+class _Challenge:
+    token: bytes
+    purpose: ChallengePurpose
+    received: int
+    sent: int
+    last_sent: float
+
+
+class PathValidator:
+    """Validated addresses, outstanding challenges and their amplification budget."""
+
+    __slots__ = ("_challenges", "_received_from", "_urandom", "_validated")
+
+    def __init__(self, addr: Addr, now: float, urandom: Callable[[int], bytes]) -> None:
+        self._urandom = urandom
+        self._validated: OrderedDict[Addr, float] = OrderedDict({addr: now})
+        self._challenges: OrderedDict[Addr, _Challenge] = OrderedDict()
+        self._received_from: dict[Addr, int] = {}
+
+    # -- reading -----------------------------------------------------------------------------
+    @property
+    def validated(self) -> OrderedDict[Addr, float]:
+        """Validated address -> when (read-only view for tests and STATE_UPDATE targets)."""
+        return self._validated
+
+    @property
+    def challenges(self) -> dict[Addr, _Challenge]:
+        return self._challenges
+
+    @property
+    def received_from(self) -> dict[Addr, int]:
+        return self._received_from
+
+    def is_validated(self, addr: Addr) -> bool:
+        return addr in self._validated
+
+    # -- inputs ------------------------------------------------------------------------------
+    def received(self, addr: Addr, size: int) -> None:
+        """``size`` authentic bytes came from ``addr`` (bounded: the oldest source goes)."""
+        self._received_from[addr] = self._received_from.get(addr, 0) + size
+        if len(self._received_from) > 2 * MAX_VALIDATED:
+            self._received_from.pop(next(iter(self._received_from)))
+
+    def challenge(
+        self, addr: Addr, purpose: ChallengePurpose, now: float, seal: Callable[[bytes], bytes]
+    ) -> bytes | Drop | None:
+        """Challenge ``addr``: the datagram to send (``seal(token)``), None when a challenge
+        was sent too recently, or ``Drop.AMPLIFICATION_LIMIT`` when it would exceed 3x the
+        bytes received from ``addr``. A stronger purpose replaces a mere PROBE."""
+        ch = self._challenges.get(addr)
+        if ch is None:
+            ch = _Challenge(self._urandom(8), purpose, 0, 0, -1.0)
+            self._challenges[addr] = ch
+            while len(self._challenges) > MAX_CHALLENGES:
+                self._challenges.popitem(last=False)
+        elif purpose is not ChallengePurpose.PROBE:
+            ch.purpose = purpose  # data or a reattach outranks a mere probe
+        ch.received = self._received_from.get(addr, 0)
+        if now - ch.last_sent < CHALLENGE_RESEND_S:
+            return None
+        dgram = seal(ch.token)
+        if ch.sent + len(dgram) > AMPLIFICATION_FACTOR * ch.received:
+            return Drop.AMPLIFICATION_LIMIT
+        ch.sent += len(dgram)
+        ch.last_sent = now
+        return dgram
+
+    def responded(
+        self, addr: Addr, token: bytes, now: float, keep: Addr | None
+    ) -> ChallengePurpose | None:
+        """A PATH_RESPONSE with ``token`` from ``addr``: the purpose of the challenge it
+        answers (``addr`` is now validated), or None if it answers none. ``keep`` (the
+        binding) is never forgotten when the validated set is full."""
+        ch = self._challenges.get(addr)
+        if ch is None or ch.token != token:
+            return None
+        del self._challenges[addr]
+        self._validated[addr] = now
+        self._validated.move_to_end(addr)
+        while len(self._validated) > MAX_VALIDATED:
+            old, _ = self._validated.popitem(last=False)
+            if old == keep:  # never forget the binding itself
+                self._validated[old] = now
+                self._validated.move_to_end(old, last=False)
+                break
+        return ch.purpose
+
+    def forget(self, addr: Addr) -> None:
+        """``addr`` is no longer accepted (the binding moved away from it by a NAT rebind)."""
+        self._validated.pop(addr, None)
+
+    def clear_challenges(self) -> None:
+        self._challenges.clear()
