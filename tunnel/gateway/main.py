@@ -130,10 +130,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(EXIT_PRIVILEGE, problem)
 
     runtime = GatewayRuntime.from_config(config, metrics=args.metrics)
-    if not runtime.policy_ok:
+    if not runtime.policy.ok:
         print(
             f"jvpn-gateway: warning: invalid policy, new sessions are denied until it is "
-            f"fixed (then send SIGHUP or save the file): {runtime.policy_error}",
+            f"fixed (then send SIGHUP or save the file): {runtime.policy.error}",
             file=sys.stderr,
         )
     try:
