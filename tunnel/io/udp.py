@@ -159,6 +159,29 @@ def _family_of(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
 
 
+def _bind_target(
+    local: tuple[str, int], family: socket.AddressFamily | None
+) -> tuple[str, int, socket.AddressFamily]:
+    """(host, port, family) to bind: the family of ``local`` unless one is asked; the
+    default wildcard becomes ``::`` for AF_INET6. PathError/ValueError when they disagree."""
+    host, port = local
+    try:
+        local_family = _family_of(host)
+    except ValueError:
+        where = format_address(host, port)
+        raise PathError(f"cannot bind UDP {where}: not a numeric IP address") from None
+    if family is None:
+        return host, port, local_family
+    if family not in (socket.AF_INET, socket.AF_INET6):
+        raise ValueError(f"family must be AF_INET or AF_INET6, not {family!r}")
+    if family == local_family:
+        return host, port, family
+    if local == ("0.0.0.0", 0) and family == socket.AF_INET6:
+        return "::", port, family
+    where = format_address(host, port)
+    raise ValueError(f"local address {where} is not an {family.name} address")
+
+
 def _gso_run_end(datagrams: list[bytes], i: int) -> int:
     """The end (exclusive) of the GSO run starting at ``i``: equal-sized datagrams, at
     most ``GSO_MAX_SEGMENTS`` and ``GSO_MAX_BYTES``, and one shorter datagram may end it."""
@@ -204,21 +227,8 @@ class PathSocket:
         recverr: bool = True,
         offload: bool = True,
     ) -> None:
-        host, port = local
+        host, port, family = _bind_target(local, family)
         where = format_address(host, port)
-        try:
-            local_family = _family_of(host)
-        except ValueError:
-            raise PathError(f"cannot bind UDP {where}: not a numeric IP address") from None
-        if family is None:
-            family = local_family
-        elif family not in (socket.AF_INET, socket.AF_INET6):
-            raise ValueError(f"family must be AF_INET or AF_INET6, not {family!r}")
-        elif family != local_family:
-            if local == ("0.0.0.0", 0) and family == socket.AF_INET6:
-                host, where = "::", format_address("::", port)
-            else:
-                raise ValueError(f"local address {where} is not an {family.name} address")
 
         self.path_id = path_id
         """The path this socket carries; the core's name for it."""

@@ -97,47 +97,60 @@ def coalesce(packets: Sequence[bytes]) -> list[list[bytes | memoryview]]:
     while i < n:
         first = packets[i]
         seg = _segment(first)
-        if seg is None:
+        j, total, last_flags = _gso_run(packets, i, seg) if seg is not None else (i + 1, 0, 0)
+        if seg is None or j - i == 1:
             writes.append([NO_OFFLOAD_HDR, first])
-            i += 1
-            continue
-        thl, size, seq = seg
-        hlen = 20 + thl
-        total = len(first)
-        end = seq + size
-        j = i + 1
-        last_flags = first[33]
-        while j < n and j - i < MAX_SEGMENTS and not last_flags & _TCP_PSH:
-            nxt = packets[j]
-            s2 = _segment(nxt)
-            if s2 is None or s2[0] != thl or s2[1] > size or s2[2] != end:
-                break
-            if total + s2[1] > MAX_COALESCED or not _same_flow(first, nxt, thl):
-                break
-            total += s2[1]
-            end += s2[1]
-            last_flags = nxt[33]
-            j += 1
-            if s2[1] < size:
-                break  # a short segment ends a GSO run
-        if j - i == 1:
-            writes.append([NO_OFFLOAD_HDR, first])
-            i += 1
-            continue
-        header = bytearray(first[:hlen])
-        header[2:4] = _U16.pack(total)
-        header[10:12] = b"\0\0"
-        header[10:12] = _U16.pack(ipv4_header_checksum(header[:20]))
-        header[33] = last_flags  # PSH of the last segment, if any
-        header[36:38] = _U16.pack(_pseudo_sum(first[12:20], total - 20))
-        vnet = VNET_HDR.pack(
-            VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, hlen, size, 20, 16
-        )
-        write: list[bytes | memoryview] = [vnet, bytes(header)]
-        write.extend(memoryview(p)[hlen:] for p in packets[i:j])
-        writes.append(write)
+        else:
+            writes.append(_merged(packets[i:j], seg[0], seg[1], total, last_flags))
         i = j
     return writes
+
+
+def _gso_run(packets: Sequence[bytes], i: int, seg: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(end, IP total length, flags of the last) of the TCP segments from ``i`` that one
+    GSO packet can carry: one flow, consecutive, equal-sized (a shorter one ends the run),
+    no PSH before the last, within MAX_SEGMENTS and MAX_COALESCED."""
+    first = packets[i]
+    thl, size, seq = seg
+    total = len(first)
+    end = seq + size
+    j = i + 1
+    last_flags = first[33]
+    n = len(packets)
+    while j < n and j - i < MAX_SEGMENTS and not last_flags & _TCP_PSH:
+        nxt = packets[j]
+        s2 = _segment(nxt)
+        if s2 is None or s2[0] != thl or s2[1] > size or s2[2] != end:
+            break
+        if total + s2[1] > MAX_COALESCED or not _same_flow(first, nxt, thl):
+            break
+        total += s2[1]
+        end += s2[1]
+        last_flags = nxt[33]
+        j += 1
+        if s2[1] < size:
+            break  # a short segment ends a GSO run
+    return j, total, last_flags
+
+
+def _merged(
+    run: Sequence[bytes], thl: int, size: int, total: int, last_flags: int
+) -> list[bytes | memoryview]:
+    """One GSO write for a run: the vnet header, the first segment's headers fixed up for
+    the whole run (length, IP checksum, PSH of the last, TCP pseudo-header sum), then every
+    segment's payload."""
+    first = run[0]
+    hlen = 20 + thl
+    header = bytearray(first[:hlen])
+    header[2:4] = _U16.pack(total)
+    header[10:12] = b"\0\0"
+    header[10:12] = _U16.pack(ipv4_header_checksum(header[:20]))
+    header[33] = last_flags  # PSH of the last segment, if any
+    header[36:38] = _U16.pack(_pseudo_sum(first[12:20], total - 20))
+    vnet = VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, hlen, size, 20, 16)
+    write: list[bytes | memoryview] = [vnet, bytes(header)]
+    write.extend(memoryview(p)[hlen:] for p in run)
+    return write
 
 
 # -- the read side: TSO packets from the kernel (TUNSETOFFLOAD) ------------------------------
