@@ -24,7 +24,7 @@ from tunnel.core.handshake import generate_keypair
 from tunnel.core.policy import POLICY_DEFAULT, Policy, policy_to_toml
 from tunnel.core.session import State
 from tunnel.gateway.inner import echo_response, inet_checksum
-from tunnel.gateway.runtime import GatewayThread, start_in_thread
+from tunnel.gateway.thread import GatewayThread, start_in_thread
 from tunnel.io.udp import PathSocket
 from tunnel.ownership import MemorySessionStore, SessionRecord
 

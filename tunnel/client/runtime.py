@@ -1,10 +1,11 @@
 """The client's I/O loop: feeds a sans-I/O ClientSession from real sockets and a TUN.
 
 One :class:`ClientRuntime` lives on one asyncio loop (uvloop when importable, see
-:func:`tunnel.io.loop.new_event_loop`). It registers a reader on every path socket and on the inner
-side, drains each until it would block (bounded per wake-up, so one busy fd cannot
-starve the others), and after every input flushes the session's outputs (datagrams per
-path, packets for the TUN, events) and re-arms exactly ONE timer from
+:func:`tunnel.io.loop.new_event_loop`) and is driven by the shared
+:class:`tunnel.io.loop.DriverLoop`: a reader on every path socket and on the inner side
+drains each until it would block (bounded per wake-up, so one busy fd cannot starve the
+others), and after every input the runtime flushes the session's outputs (datagrams per
+path, packets for the TUN, events) and the driver re-arms exactly ONE timer from
 ``session.next_deadline()``. Time is ``time.monotonic()``, read once per input.
 
 Inner packets from the host: IPv4 goes to the session; IPv6 is dropped and counted
@@ -12,7 +13,7 @@ Inner packets from the host: IPv4 goes to the session; IPv6 is dropped and count
 is not IP is counted as malformed. Datagrams on a path socket from anything but that
 path's gateway address are dropped and counted (``foreign_source``).
 
-Every callback runs under :meth:`ClientRuntime._guard`: an exception is an engine
+Every callback runs under :meth:`tunnel.io.loop.DriverLoop.guard`: an exception is an engine
 failure, handed to ``on_crash`` (the engine turns it into a reason-coded termination),
 never swallowed and never left to asyncio's default handler.
 """
@@ -23,23 +24,14 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 from tunnel.core.client import ClientSession
 from tunnel.core.events import Event
 from tunnel.io.inner import TunLike
+from tunnel.io.loop import DriverLoop, drain
 from tunnel.io.tun import ip_version
 from tunnel.io.udp import Address, PathSocket
-
-DRAIN_LIMIT: Final = 1024
-"""Datagrams (or inner packets) taken per readiness callback: drains a burst until
-EAGAIN, yet one flooded fd cannot starve the timer and the other fds."""
-
-BATCH: Final = 64
-"""Packets per recv/read call."""
-
-TIMER_SLACK_S: Final = 0.0005
-"""A deadline this close to now is handled now instead of arming a ~0 s timer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,139 +80,99 @@ class ClientRuntime:
         clock: Callable[[], float] = time.monotonic,
         tap: Callable[[int, bytes], None] | None = None,
     ) -> None:
-        self.session = session
+        self.session: ClientSession = session
         self.tap = tap
         """Called with (path_id, datagram) for every datagram sent (the demo captures)."""
-        self.paths = {p.path_id: p for p in paths}
-        self.inner = inner
-        self.counters = RuntimeCounters()
+        self.paths: dict[int, PathTarget] = {p.path_id: p for p in paths}
+        self.inner: TunLike = inner
+        self.counters: RuntimeCounters = RuntimeCounters()
         self.clock = clock
+        self.driver: DriverLoop = DriverLoop(
+            session, flush=self._flush, on_crash=on_crash, clock=clock
+        )
         self._on_event = on_event
-        self._on_crash = on_crash
         self._on_terminated = on_terminated
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
         self._inner_set = False
         self._terminated_seen = False
-        self._crashed = False
 
     # -- lifetime ------------------------------------------------------------------------
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
         """Register readers, start the handshake, flush, arm the timer (loop thread)."""
-        self._loop = loop
+        driver = self.driver
+        driver.attach(loop)
         for p in self.paths.values():
-            loop.add_reader(p.sock.fileno(), self._guard, self._on_socket, p)
-        self.inner.start(loop, lambda: self._guard(self._on_inner))
-        self._guard(self._connect)
+            driver.add_reader(p.sock.fileno(), self._on_socket, p)
+        self.inner.start(loop, lambda: driver.guard(self._on_inner))
+        driver.guard(driver.input, self.session.connect)
 
     def uninstall(self) -> None:
         """Remove readers and the timer (loop thread, loop still usable). Idempotent."""
-        loop, self._loop = self._loop, None
+        loop = self.driver.detach()
         if loop is None:
             return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         for p in self.paths.values():
             if not p.sock.closed:
                 loop.remove_reader(p.sock.fileno())
         self.inner.stop()
 
-    def _guard(self, fn: Callable[..., None], *args: Any) -> None:
-        if self._crashed:
-            return
-        try:
-            fn(*args)
-        except Exception as exc:  # the engine boundary: turned into a coded termination
-            self._crashed = True
-            self._on_crash(exc)
-
     # -- inputs ------------------------------------------------------------------------------
 
-    def _connect(self) -> None:
-        self.session.connect(self.clock())
-        self.pump()
-
     def _on_socket(self, p: PathTarget) -> None:
-        now = self.clock()
+        self.driver.input(self._read_socket, p)
+
+    def _read_socket(self, now: float, p: PathTarget) -> None:
         # The current target: the engine replaces it when a gateway name re-resolves (D7).
-        session, remote, counters = self.session, self.paths[p.path_id].remote, self.counters
-        taken = 0
-        while taken < DRAIN_LIMIT:
-            batch = p.sock.recv_batch(BATCH)
-            for data, addr in batch:
-                if addr[0] != remote[0] or addr[1] != remote[1]:
-                    counters.foreign_source += 1
-                    continue
-                counters.datagrams_in += 1
-                session.receive_datagram(data, p.path_id, now)
-            taken += len(batch)
-            if len(batch) < BATCH:
-                break
-        self.pump(now)
+        drain(p.sock.recv_batch, self._take_datagrams, p.path_id, self.paths[p.path_id].remote, now)
+
+    def _take_datagrams(
+        self, batch: Sequence[tuple[bytes, Any]], path_id: int, remote: Address, now: float
+    ) -> None:
+        counters = self.counters
+        receive = self.session.receive_datagram
+        for data, addr in batch:
+            if addr[0] != remote[0] or addr[1] != remote[1]:
+                counters.foreign_source += 1
+                continue
+            counters.datagrams_in += 1
+            receive(data, path_id, now)
 
     def _on_inner(self) -> None:
-        now = self.clock()
+        self.driver.input(self._read_inner)
+
+    def _read_inner(self, now: float) -> None:
+        drain(self.inner.read_batch, self._take_packets, now)
+
+    def _take_packets(self, batch: Sequence[bytes], now: float) -> None:
         counters = self.counters
         receive = self.session.receive_tun_packet
-        taken = 0
-        while taken < DRAIN_LIMIT:
-            batch = self.inner.read_batch(BATCH)
-            for packet in batch:
-                if len(packet) >= 20 and packet[0] >> 4 == 4:  # ip_version() == 4, inlined
-                    counters.tx_packets += 1
-                    counters.tx_bytes += len(packet)
-                    receive(packet, now)
-                elif ip_version(packet) == 6:
-                    counters.inner_ipv6_dropped += 1
-                else:
-                    counters.inner_malformed += 1
-            taken += len(batch)
-            if len(batch) < BATCH:
-                break
-        self.pump(now)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
-        now = self.clock()
-        self.session.handle_timer(now)
-        self.pump(now)
+        for packet in batch:
+            if len(packet) >= 20 and packet[0] >> 4 == 4:  # ip_version() == 4, inlined
+                counters.tx_packets += 1
+                counters.tx_bytes += len(packet)
+                receive(packet, now)
+            elif ip_version(packet) == 6:
+                counters.inner_ipv6_dropped += 1
+            else:
+                counters.inner_malformed += 1
 
     def run_command(self, fn: Callable[[float], None]) -> None:
         """Apply an operator command ``fn(now)`` to the session, then flush (loop thread)."""
-        self._guard(self._command, fn)
-
-    def _command(self, fn: Callable[[float], None]) -> None:
-        now = self.clock()
-        fn(now)
-        self.pump(now)
+        self.driver.guard(self.driver.input, fn)
 
     # -- outputs -------------------------------------------------------------------------
 
     def pump(self, now: float | None = None) -> None:
         """Flush every output of the session and re-arm the one timer."""
+        self.driver.pump(now)
+
+    def _flush(self, now: float) -> bool:
+        """Send the session's outputs; False once it is terminated (no timer then)."""
         session = self.session
-        counters = self.counters
-        tap = self.tap
-        out = session.datagrams_to_send()
-        if out:
-            # Consecutive datagrams for one path leave in one send_many (UDP GSO).
-            run: list[bytes] = []
-            run_path = out[0][0]
-            for path_id, data in out:
-                if tap is not None:
-                    tap(path_id, data)
-                if path_id != run_path:
-                    self._send_run(run_path, run)
-                    run = []
-                    run_path = path_id
-                run.append(data)
-            self._send_run(run_path, run)
+        self._send_datagrams(session.datagrams_to_send())
         packets = session.packets_for_tun()
         if packets:
+            counters = self.counters
             counters.rx_packets += len(packets)
             counters.rx_bytes += sum(len(pk) for pk in packets)
             self.inner.write_batch(packets)
@@ -233,40 +185,44 @@ class ClientRuntime:
             if not self._terminated_seen:
                 self._terminated_seen = True
                 self._on_terminated()
+            return False
+        return True
+
+    def _send_datagrams(self, out: Sequence[tuple[int, bytes]]) -> None:
+        """Consecutive datagrams for one path leave in one send_many (UDP GSO)."""
+        if not out:
             return
-        self._arm(now if now is not None else self.clock())
+        tap = self.tap
+        run: list[bytes] = []
+        run_path = out[0][0]
+        for path_id, data in out:
+            if tap is not None:
+                tap(path_id, data)
+            if path_id != run_path:
+                self._send_run(run_path, run)
+                run = []
+                run_path = path_id
+            run.append(data)
+        self._send_run(run_path, run)
 
     def _send_run(self, path_id: int, run: list[bytes]) -> None:
         p = self.paths[path_id]
         sent = p.sock.send_many(run, p.remote)
-        self.counters.datagrams_out += sent
-        self.counters.send_failed += len(run) - sent
+        counters = self.counters
+        counters.datagrams_out += sent
+        counters.send_failed += len(run) - sent
 
     def _configure_inner(self) -> None:
         s = self.session
         future = self.inner.set_inner_address(
             s.inner_address, s.inner_prefix, s.inner_gateway, s.mtu
         )
-        if future is None or self._loop is None:
+        loop = self.driver.loop
+        if future is None or loop is None:
             return
-        loop = self._loop
+        guard = self.driver.guard
 
         def done(f: Any) -> None:
-            loop.call_soon_threadsafe(self._guard, f.result)  # raises there if it failed
+            loop.call_soon_threadsafe(guard, f.result)  # raises there if it failed
 
         future.add_done_callback(done)
-
-    def _arm(self, now: float) -> None:
-        deadline = self.session.next_deadline()
-        if deadline == self._timer_at and self._timer is not None:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._timer_at = deadline
-        if deadline is None or self._loop is None:
-            return
-        delay = max(0.0, deadline - now)
-        if delay < TIMER_SLACK_S:
-            delay = 0.0
-        self._timer = self._loop.call_later(delay, self._guard, self._on_timer)

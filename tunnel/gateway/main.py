@@ -15,13 +15,16 @@ import errno
 import os
 import sys
 from collections.abc import Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from tunnel.gateway.config import ConfigError, GatewayConfig, KeyFileError, load_gateway_config
 from tunnel.io.netconf import NetConfError
 from tunnel.io.tun import TUN_CLONE_DEVICE, TunError
 from tunnel.io.udp import PathError
 from tunnel.observability.metrics import parse_host_port
+
+if TYPE_CHECKING:
+    from tunnel.gateway.runtime import GatewayRuntime  # imported in main(), after --help
 
 EXIT_OK: Final = 0
 EXIT_ENGINE_FAILURE: Final = 1
@@ -115,6 +118,30 @@ def _privilege_error(exc: TunError | NetConfError) -> bool:
     return exc.errno in (errno.EPERM, errno.EACCES, errno.ENOENT, errno.ENXIO, errno.ENODEV)
 
 
+def _open(runtime: GatewayRuntime) -> int | None:
+    """Open the runtime; the exit code (after the message) if that failed."""
+    try:
+        runtime.open()
+    except PathError as exc:
+        return _fail(EXIT_ADDRESS, str(exc))
+    except OSError as exc:  # the metrics listener
+        where = "{}:{}".format(*runtime.metrics_address) if runtime.metrics_address else "?"
+        cause = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        return _fail(EXIT_ADDRESS, f"cannot bind metrics endpoint {where}: {cause}")
+    except (TunError, NetConfError) as exc:
+        code = EXIT_PRIVILEGE if _privilege_error(exc) else EXIT_HOST_CONFIG
+        return _fail(code, str(exc))
+    return None
+
+
+def _ready_line(runtime: GatewayRuntime, config: GatewayConfig) -> str:
+    listening = ", ".join(f"{h}:{p}" for h, p in runtime.addresses)
+    inner = f"inner {runtime.inner.name} {config.gateway_address}/{config.subnet.prefixlen}"
+    metrics = runtime.metrics_bound
+    extra = f", metrics http://{metrics[0]}:{metrics[1]}/metrics" if metrics else ""
+    return f"jvpn-gateway: node {config.node_id} listening on {listening}, {inner}{extra}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from tunnel.gateway.runtime import GatewayRuntime  # after --help: keeps it fast
@@ -130,29 +157,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(EXIT_PRIVILEGE, problem)
 
     runtime = GatewayRuntime.from_config(config, metrics=args.metrics)
-    if not runtime.policy_ok:
+    if not runtime.policy.ok:
         print(
             f"jvpn-gateway: warning: invalid policy, new sessions are denied until it is "
-            f"fixed (then send SIGHUP or save the file): {runtime.policy_error}",
+            f"fixed (then send SIGHUP or save the file): {runtime.policy.error}",
             file=sys.stderr,
         )
-    try:
-        runtime.open()
-    except PathError as exc:
-        return _fail(EXIT_ADDRESS, str(exc))
-    except OSError as exc:  # the metrics listener
-        where = "{}:{}".format(*runtime.metrics_address) if runtime.metrics_address else "?"
-        cause = os.strerror(exc.errno).lower() if exc.errno else str(exc)
-        return _fail(EXIT_ADDRESS, f"cannot bind metrics endpoint {where}: {cause}")
-    except (TunError, NetConfError) as exc:
-        code = EXIT_PRIVILEGE if _privilege_error(exc) else EXIT_HOST_CONFIG
-        return _fail(code, str(exc))
-
-    listening = ", ".join(f"{h}:{p}" for h, p in runtime.addresses)
-    inner = f"inner {runtime.inner.name} {config.gateway_address}/{config.subnet.prefixlen}"
-    metrics = runtime.metrics_bound
-    extra = f", metrics http://{metrics[0]}:{metrics[1]}/metrics" if metrics else ""
-    ready = f"jvpn-gateway: node {config.node_id} listening on {listening}, {inner}{extra}"
+    failed = _open(runtime)
+    if failed is not None:
+        return failed
+    ready = _ready_line(runtime, config)
     try:
         runtime.run(
             install_signals=True, on_ready=lambda: print(ready, file=sys.stderr, flush=True)

@@ -1,11 +1,14 @@
 """What an operator reads from a running gateway: health flags, session views, metrics.
 
-``_MetricsMixin`` gives :class:`~tunnel.gateway.runtime.GatewayRuntime` its views:
-``health()`` (:class:`GatewayHealth`, what an operator checks first), ``session_views()``
-and ``metric_families()``, the Prometheus families that the metrics listener serves
-through ``collect_metrics()`` (gathered on the loop thread). :class:`RuntimeCounters` are
-the loop-level counters behind those families; the runtime increments them as datagrams
-and packets pass, and as the ownership store and the policy file answer.
+:class:`GatewayMetrics` is the runtime's metrics/health component. It owns the event
+tallies (:class:`EventTally`: switches, terminations, reattach rejects, security events,
+sessions created and denied; the runtime hands it every event it delivers) and reads the
+rest from their owners: the loop's traffic counters (:class:`TrafficCounters`, a plain
+record the runtime increments as datagrams and packets pass), the policy reloader's
+status, the ownership mirror's conflict count, the core's drops and the event pipeline's
+health. It answers ``health()`` (:class:`GatewayHealth`, what an operator checks first),
+``session_views()`` and ``metric_families()``, the Prometheus families the metrics
+listener serves (gathered on the loop thread).
 """
 
 from __future__ import annotations
@@ -13,14 +16,22 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
 
+from tunnel.core.events import (
+    Event,
+    EventType,
+    PolicyEvent,
+    ReattachResult,
+    SecurityEvent,
+    SessionTerminated,
+    TransportSwitch,
+)
 from tunnel.core.gateway import GatewaySessions, SessionView
 from tunnel.core.session import State
+from tunnel.gateway.ownership import OwnershipMirror
+from tunnel.gateway.policy_reload import PolicyReloader
 from tunnel.observability.metrics import MetricFamily, labelled, observability_families, single
 from tunnel.observability.pipeline import EventPipeline
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,8 +52,8 @@ class GatewayHealth:
 
 
 @dataclass(slots=True)
-class RuntimeCounters:
-    """Loop-level counters (the core keeps its own drop counters)."""
+class TrafficCounters:
+    """Loop-level traffic counters (the core keeps its own drop counters)."""
 
     datagrams_in: int = 0
     datagrams_out: int = 0
@@ -51,96 +62,146 @@ class RuntimeCounters:
     """Packets from the inner side towards clients."""
     inner_out: int = 0
     """Packets from clients written to the inner side."""
-    store_conflicts: int = 0
-    store_errors: int = 0
-    policy_reloads_ok: int = 0
-    policy_reloads_invalid: int = 0
 
 
-class _MetricsMixin:
-    """Health, session views and Prometheus families of a GatewayRuntime (module docstring)."""
+class EventTally:
+    """Counts of the events the gateway delivered, by reason (the metrics' own state)."""
 
-    # Set in GatewayRuntime.__init__; declared here for the methods below.
-    clock: Callable[[], float]
-    gateway: GatewaySessions
-    pipeline: EventPipeline | None
-    counters: RuntimeCounters
-    policy_ok: bool
-    policy_error: str | None
-    _last_valid_version: str
-    crash: BaseException | None
-    switches: Counter[str]
-    terminations: Counter[str]
-    reattach_rejects: Counter[str]
-    security: Counter[str]
-    sessions_created: int
-    sessions_denied: int
+    def __init__(self) -> None:
+        self.switches: Counter[str] = Counter()
+        self.terminations: Counter[str] = Counter()
+        self.reattach_rejects: Counter[str] = Counter()
+        self.security: Counter[str] = Counter()
+        self.sessions_created = 0
+        self.sessions_denied = 0
+        self._by_type: dict[EventType, Callable[[Event], None]] = {
+            EventType.TRANSPORT_SWITCH: self._switch,
+            EventType.SESSION_TERMINATED: self._terminated,
+            EventType.SESSION_CREATED: self._created,
+            EventType.REATTACH_RESULT: self._reattach,
+            EventType.SECURITY_EVENT: self._security,
+            EventType.POLICY_EVENT: self._policy,
+        }
 
-    if TYPE_CHECKING:  # provided by GatewayRuntime
+    def count(self, event: Event) -> None:
+        """Tally one delivered event (events of other types are not counted)."""
+        tally = self._by_type.get(event.event_type)
+        if tally is not None:
+            tally(event)
 
-        def call(self, fn: Callable[[], T], timeout: float = ...) -> T: ...
+    def _switch(self, event: Event) -> None:
+        if isinstance(event, TransportSwitch):
+            self.switches[str(event.reason_code)] += 1
+
+    def _terminated(self, event: Event) -> None:
+        if isinstance(event, SessionTerminated):
+            self.terminations[str(event.reason_code)] += 1
+
+    def _created(self, event: Event) -> None:
+        self.sessions_created += 1
+
+    def _reattach(self, event: Event) -> None:
+        if isinstance(event, ReattachResult) and event.status != "SUCCESS":
+            self.reattach_rejects[str(event.reason_code)] += 1
+
+    def _security(self, event: Event) -> None:
+        if isinstance(event, SecurityEvent):
+            self.security[event.violation_type] += event.count
+
+    def _policy(self, event: Event) -> None:
+        if isinstance(event, PolicyEvent) and event.policy_name == "SESSION_DENIED":
+            self.sessions_denied += 1
+
+
+class GatewayMetrics:
+    """Health, session views and Prometheus families of a gateway (module docstring).
+
+    Reads its sources on the loop thread; the runtime gathers through its loop for other
+    threads.
+    """
+
+    def __init__(
+        self,
+        gateway: GatewaySessions,
+        *,
+        traffic: TrafficCounters,
+        policy: PolicyReloader,
+        ownership: OwnershipMirror,
+        pipeline: EventPipeline | None,
+    ) -> None:
+        self._gateway: GatewaySessions = gateway
+        self._traffic = traffic
+        self._policy = policy
+        self._ownership = ownership
+        self._pipeline = pipeline
+        self.tally: EventTally = EventTally()
+
+    def count(self, event: Event) -> None:
+        """Tally one event the runtime delivered."""
+        self.tally.count(event)
 
     # -- views ---------------------------------------------------------------------------
 
-    def health(self) -> GatewayHealth:
-        """The health flags (loop thread, or via :meth:`call`)."""
-        live = sum(1 for s in self.gateway.sessions.values() if not s.machine.terminated)
-        obs_ok = self.pipeline.health().ok if self.pipeline is not None else True
+    def health(self, crash: BaseException | None) -> GatewayHealth:
+        """The health flags; ``crash`` is the engine failure that stopped the runtime."""
+        live = sum(1 for s in self._gateway.sessions.values() if not s.machine.terminated)
+        pipeline = self._pipeline
+        policy = self._policy
         return GatewayHealth(
-            policy_ok=self.policy_ok, policy_error=self.policy_error,
-            policy_version=self._last_valid_version, observability_ok=obs_ok,
-            sessions=live, crashed=repr(self.crash) if self.crash is not None else None,
+            policy_ok=policy.ok, policy_error=policy.error,
+            policy_version=policy.last_valid_version,
+            observability_ok=pipeline.health().ok if pipeline is not None else True,
+            sessions=live, crashed=repr(crash) if crash is not None else None,
         )  # fmt: skip
 
-    def session_views(self) -> list[SessionView]:
-        """Every session the core still holds (loop thread, or via :meth:`call`)."""
-        return self.gateway.session_views(self.clock())
+    def session_views(self, now: float) -> list[SessionView]:
+        """Every session the core still holds."""
+        return self._gateway.session_views(now)
 
     def metric_families(self) -> list[MetricFamily]:
-        """Every gateway metric (loop thread; :meth:`collect_metrics` from elsewhere)."""
+        """Every gateway metric."""
+        gateway = self._gateway
         by_state = {str(st): 0.0 for st in State if st is not State.TERMINATED}
-        for s in self.gateway.sessions.values():
+        for s in gateway.sessions.values():
             if not s.machine.terminated:
                 by_state[str(s.machine.state)] += 1
-        drops = dict(self.gateway.drops)
-        c = self.counters
+        drops = dict(gateway.drops)
+        t = self.tally
+        c = self._traffic
+        p = self._policy
         g = "jvpn_gateway_"
         families = [
             labelled(g + "sessions", "Live sessions by state.", "gauge", "state", by_state),
             single(g + "sessions_created_total", "Sessions established.", "counter",
-                   self.sessions_created),
+                   t.sessions_created),
             single(g + "sessions_denied_total", "Handshakes denied for lack of a valid policy.",
-                   "counter", self.sessions_denied),
+                   "counter", t.sessions_denied),
             labelled(g + "switches_total", "Committed transport switches by reason.",
-                     "counter", "reason", self.switches),
+                     "counter", "reason", t.switches),
             labelled(g + "terminations_total", "Terminated sessions by reason.", "counter",
-                     "reason", self.terminations),
+                     "reason", t.terminations),
             labelled(g + "reattach_rejects_total", "Denied reattach requests by reason.",
-                     "counter", "reason", self.reattach_rejects),
+                     "counter", "reason", t.reattach_rejects),
             labelled(g + "drops_total", "Dropped datagrams and packets by reason.", "counter",
                      "reason", drops),
             single(g + "replay_drops_total", "Datagrams dropped by the anti-replay window.",
                    "counter", drops.get("replay_detected", 0)),
             labelled(g + "security_events_total", "Security violations by type.", "counter",
-                     "violation", self.security),
+                     "violation", t.security),
             single(g + "policy_valid", "1 while the last policy load was valid.", "gauge",
-                   float(self.policy_ok)),
+                   float(p.ok)),
             labelled(g + "policy_reloads_total", "Policy reloads by result.", "counter",
-                     "result", {"ok": c.policy_reloads_ok, "invalid": c.policy_reloads_invalid}),
+                     "result", {"ok": p.reloads_ok, "invalid": p.reloads_invalid}),
             single(g + "store_conflicts_total", "Ownership CAS failures (not authoritative).",
-                   "counter", c.store_conflicts),
+                   "counter", self._ownership.conflicts),
             single(g + "engine_events_dropped_total", "Events dropped in the core's queue.",
-                   "counter", self.gateway.events_dropped),
+                   "counter", gateway.events_dropped),
             labelled(g + "datagrams_total", "UDP datagrams.", "counter", "direction",
                      {"in": c.datagrams_in, "out": c.datagrams_out,
                       "send_failed": c.send_failed}),
             labelled(g + "inner_packets_total", "Inner packets.", "counter", "direction",
                      {"to_clients": c.inner_in, "from_clients": c.inner_out}),
         ]  # fmt: skip
-        if self.pipeline is not None:
-            families += observability_families(self.pipeline.health())
+        if self._pipeline is not None:
+            families += observability_families(self._pipeline.health())
         return families
-
-    def collect_metrics(self) -> list[MetricFamily]:
-        """:meth:`metric_families`, gathered on the loop thread (safe from any thread)."""
-        return self.call(self.metric_families)

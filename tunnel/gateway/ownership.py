@@ -1,13 +1,14 @@
 """Mirroring each session's state into the ownership store (DESIGN D15).
 
-``_OwnershipMixin`` gives :class:`~tunnel.gateway.runtime.GatewayRuntime` ``_mirror``,
-which the runtime's pump calls for every STATE_CHANGE before any reply leaves. A session's
+:class:`OwnershipMirror` is a component the
+:class:`~tunnel.gateway.runtime.GatewayRuntime` owns; its pump calls
+:meth:`OwnershipMirror.mirror` for every STATE_CHANGE before any reply leaves. A session's
 record is created at its first transition and then replaced only by compare-and-swap from
 the version this node last wrote; a terminated session's record is removed. A failed CAS
 (or a store that cannot answer) means this node is not authoritative: a diagnostic
 (``stale_state_version``) and a SECURITY_EVENT (``ownership_conflict``) are emitted, the
 session is terminated with ``ownership_conflict`` (TERMINATE sent to the client), and the
-store is not touched again for it.
+store is not touched again for it. The mirror counts its own conflicts and store errors.
 """
 
 from __future__ import annotations
@@ -15,33 +16,34 @@ from __future__ import annotations
 from tunnel.core.events import Diagnostic, Reason, SecurityEvent, StateChange
 from tunnel.core.gateway import GatewaySession, GatewaySessions
 from tunnel.core.session import State
-from tunnel.gateway.metrics import RuntimeCounters
 from tunnel.ownership import SessionRecord, SessionStore, StoreUnavailable
 
 
-class _OwnershipMixin:
-    """The session-store mirror of a GatewayRuntime (see the module docstring)."""
+class OwnershipMirror:
+    """The session-store mirror of one gateway node (see the module docstring)."""
 
-    # Set in GatewayRuntime.__init__; declared here for the methods below.
-    node_id: str
-    gateway: GatewaySessions
-    store: SessionStore
-    counters: RuntimeCounters
-    _by_sid: dict[str, GatewaySession]
-    _not_authoritative: set[str]
-
-    # -- ownership store -----------------------------------------------------------------
+    def __init__(self, gateway: GatewaySessions, store: SessionStore, node_id: str) -> None:
+        self._gateway: GatewaySessions = gateway
+        self.store: SessionStore = store
+        self.node_id = node_id
+        self.conflicts = 0
+        """Failed CAS (or create) answers: this node was not authoritative."""
+        self.errors = 0
+        """Store calls that raised StoreUnavailable (also counted as conflicts)."""
+        self._by_sid: dict[str, GatewaySession] = {}
+        self._not_authoritative: set[str] = set()
 
     def _session(self, session_id: str) -> GatewaySession | None:
         s = self._by_sid.get(session_id)
         if s is None:
-            live = self.gateway.sessions.values()
+            live = self._gateway.sessions.values()
             self._by_sid = {x.machine.session_id: x for x in live}
             self._not_authoritative &= set(self._by_sid)
             s = self._by_sid.get(session_id)
         return s
 
-    def _mirror(self, event: StateChange, now: float) -> None:
+    def mirror(self, event: StateChange, now: float) -> None:
+        """Write one transition to the store; on a conflict, end the session (D15)."""
         sid = event.session_id
         if sid in self._not_authoritative:
             return
@@ -64,13 +66,13 @@ class _OwnershipMixin:
         except StoreUnavailable as exc:
             ok = False
             detail = f"store unavailable: {exc}"
-            self.counters.store_errors += 1
+            self.errors += 1
         if ok:
             return
-        self.counters.store_conflicts += 1
+        self.conflicts += 1
         self._not_authoritative.add(sid)
         base = (
-            s.machine.base(self.gateway.ts_ms(now))
+            s.machine.base(self._gateway.ts_ms(now))
             if s is not None
             else {
                 "ts_ms": event.ts_ms, "session_id": sid, "node_id": self.node_id,
@@ -78,18 +80,18 @@ class _OwnershipMixin:
             }
         )  # fmt: skip
         # Seed §5: an unexpected state version is diagnosed, then ends the session.
-        self.gateway.emit(
+        self._gateway.emit(
             Diagnostic(
                 **base, reason_code=Reason.STALE_STATE_VERSION,
                 detail=f"transition to {event.new_state} v{event.state_version} rejected by "
                 f"the session store: {detail}", state=str(event.new_state),
             )
         )  # fmt: skip
-        self.gateway.emit(
+        self._gateway.emit(
             SecurityEvent(
                 **base, violation_type="OWNERSHIP_CONFLICT",
                 reason_code=Reason.OWNERSHIP_CONFLICT, source=detail,
             )
         )  # fmt: skip
         if event.new_state != State.TERMINATED:
-            self.gateway.terminate(sid, now, Reason.OWNERSHIP_CONFLICT)
+            self._gateway.terminate(sid, now, Reason.OWNERSHIP_CONFLICT)

@@ -1,24 +1,22 @@
 """Loading and reloading the gateway's policy file (DESIGN D14).
 
-:func:`load_initial_policy` reads the file once at start-up. ``_PolicyMixin`` gives
-:class:`~tunnel.gateway.runtime.GatewayRuntime` ``reload_policy()`` (SIGHUP in the
-program, a file-change poll every ``POLICY_POLL_S``, the thread wrapper): a valid policy is
-installed for new and running sessions; an invalid one keeps running sessions on the last
-valid policy, denies new sessions (``GatewaySessions.set_policy(None)``), emits
-POLICY_EVENT and clears the health flag.
+:func:`load_initial_policy` reads the file once at start-up. :class:`PolicyReloader` is
+the component the :class:`~tunnel.gateway.runtime.GatewayRuntime` owns for reloads (SIGHUP
+in the program, a file-change poll every ``POLICY_POLL_S``, the thread wrapper): a valid
+policy is installed for new and running sessions; an invalid one keeps running sessions on
+the last valid policy, denies new sessions (``GatewaySessions.set_policy(None)``), emits
+POLICY_EVENT and clears the health flag. The reloader owns that flag, the last valid
+version and its reload counters; the runtime schedules the poll and pumps the core after.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Final
 
 from tunnel.core.gateway import GatewaySessions
 from tunnel.core.policy import POLICY_DEFAULT, Policy, PolicyError, load_policy
-from tunnel.gateway.metrics import RuntimeCounters
 
 POLICY_POLL_S: Final = 1.0
 """How often the policy file's mtime/size/inode is checked for a change."""
@@ -42,66 +40,56 @@ def load_initial_policy(path: Path | None) -> tuple[Policy | None, str | None]:
         return None, str(exc)
 
 
-class _PolicyMixin:
-    """Policy reload and the policy-file poll of a GatewayRuntime (see the module docstring)."""
+class PolicyReloader:
+    """The policy file of one gateway and what its last load said (module docstring)."""
 
-    # Set in GatewayRuntime.__init__; declared here for the methods below.
-    clock: Callable[[], float]
-    gateway: GatewaySessions
-    counters: RuntimeCounters
-    policy_path: Path | None
-    policy_poll_s: float | None
-    policy_ok: bool
-    policy_error: str | None
-    _last_valid_version: str
-    _policy_sig: tuple[int, int, int] | None
-    _loop: asyncio.AbstractEventLoop | None
-    _poll_handle: asyncio.TimerHandle | None
+    def __init__(
+        self,
+        gateway: GatewaySessions,
+        path: Path | None,
+        policy: Policy | None,
+        error: str | None = None,
+    ) -> None:
+        """``policy``/``error``: the start-up load (:func:`load_initial_policy`)."""
+        self._gateway: GatewaySessions = gateway
+        self.path = path
+        self.ok = policy is not None
+        """False after an invalid load (new sessions are denied until a valid one)."""
+        self.error: str | None = None if policy is not None else error or "no valid policy loaded"
+        self.last_valid_version = policy.policy_version if policy is not None else "invalid"
+        """The last valid policy's version (what running sessions use)."""
+        self.reloads_ok = 0
+        self.reloads_invalid = 0
+        self._signature = _policy_signature(path) if path is not None else None
 
-    if TYPE_CHECKING:  # provided by GatewayRuntime
-
-        def pump(self, now: float | None = None) -> None: ...
-
-        def _guard(self, fn: Callable[..., None], *args: Any) -> None: ...
-
-    # -- policy --------------------------------------------------------------------------
-
-    def reload_policy(self) -> bool:
-        """Reload the policy file now (loop thread); True if it was valid and applied.
+    def reload(self, now: float) -> bool:
+        """Load the file now and install the result in the core; True if it was valid.
 
         Without a policy file the built-in defaults stay; this returns True.
         """
-        if self.policy_path is None:
+        if self.path is None:
             return True
-        now = self.clock()
-        self._policy_sig = _policy_signature(self.policy_path)
+        self._signature = _policy_signature(self.path)
         try:
-            policy = load_policy(self.policy_path)
+            policy = load_policy(self.path)
         except PolicyError as exc:
-            self.policy_ok = False
-            self.policy_error = str(exc)
-            self.counters.policy_reloads_invalid += 1
-            self.gateway.set_policy(None, now, error=str(exc))
-            self.pump(now)
+            self.ok = False
+            self.error = str(exc)
+            self.reloads_invalid += 1
+            self._gateway.set_policy(None, now, error=str(exc))
             return False
-        self.policy_ok = True
-        self.policy_error = None
-        self._last_valid_version = policy.policy_version
-        self.counters.policy_reloads_ok += 1
-        self.gateway.set_policy(policy, now)
-        self.pump(now)
+        self.ok = True
+        self.error = None
+        self.last_valid_version = policy.policy_version
+        self.reloads_ok += 1
+        self._gateway.set_policy(policy, now)
         return True
 
-    def _reload_from_signal(self) -> None:
-        self.reload_policy()
+    def file_changed(self) -> bool:
+        """True if the file's mtime/size/inode differ from the last load's."""
+        return self.path is not None and _policy_signature(self.path) != self._signature
 
-    def _announce_invalid_start(self) -> None:
-        self.gateway.set_policy(None, self.clock(), error=self.policy_error)
-
-    def _poll(self) -> None:
-        self._poll_handle = None
-        assert self.policy_path is not None and self.policy_poll_s
-        if _policy_signature(self.policy_path) != self._policy_sig:
-            self.reload_policy()
-        if self._loop is not None:
-            self._poll_handle = self._loop.call_later(self.policy_poll_s, self._guard, self._poll)
+    def announce_invalid_start(self, now: float) -> None:
+        """Started without a valid policy: tell the core (POLICY_EVENT, sessions denied)."""
+        if not self.ok:
+            self._gateway.set_policy(None, now, error=self.error)

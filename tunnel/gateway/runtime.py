@@ -25,17 +25,16 @@ metrics listener, then the TUN and its addresses) and are undone in reverse orde
 :meth:`GatewayRuntime.close`. An exception inside a loop callback is an engine failure:
 every session is terminated with ``invariant_violation`` and the runtime stops.
 
-The runtime is split by concern; this module composes it and re-exports the public
-names of the parts:
-- gateway_ownership.py: the ownership-store mirror (``_OwnershipMixin``);
-- gateway_policy.py: ``load_initial_policy``, ``reload_policy()`` and the policy-file
-  poll (``_PolicyMixin``, ``POLICY_POLL_S``);
-- gateway_metrics.py: ``health()``, ``session_views()`` and the Prometheus families with
-  the counters behind them (``_MetricsMixin``, ``GatewayHealth``, ``RuntimeCounters``);
-- gateway_thread.py: ``GatewayThread`` and ``start_in_thread`` (``CALL_TIMEOUT_S``);
-- gateway_inner.py: the inner side (``GatewayTun``, ``EchoInner``);
-- here: ``GatewayRuntime`` with construction, the lifecycle, the inputs (sockets, inner
-  side, timer) and the pump (events, datagrams, inner packets, the one timer).
+The runtime is composed of components it owns and calls (each owns its state):
+- :class:`tunnel.io.loop.DriverLoop`: guarded callbacks, bounded drains, the one timer;
+- :class:`tunnel.gateway.ownership.OwnershipMirror`: the ownership-store mirror;
+- :class:`tunnel.gateway.policy_reload.PolicyReloader`: the policy file and its status;
+- :class:`tunnel.gateway.metrics.GatewayMetrics`: health, session views, the Prometheus
+  families and the event tallies behind them;
+- the inner side (:mod:`tunnel.gateway.inner`).
+Here: ``GatewayRuntime`` with construction, the lifecycle, the inputs (sockets, inner
+side, signals, the policy poll) and the flush (events, datagrams, inner packets).
+:mod:`tunnel.gateway.thread` runs it on a thread of its own.
 """
 
 from __future__ import annotations
@@ -45,64 +44,30 @@ import os
 import signal
 import socket
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
 
-from tunnel.core.events import (
-    Event,
-    EventType,
-    PolicyEvent,
-    Reason,
-    ReattachResult,
-    SecurityEvent,
-    SessionTerminated,
-    StateChange,
-    TransportSwitch,
-)
-from tunnel.core.gateway import ClientEntry, GatewaySession, GatewaySessions
+from tunnel.core.events import Event, Reason, StateChange
+from tunnel.core.gateway import ClientEntry, GatewaySessions, SessionView
 from tunnel.core.policy import POLICY_DEFAULT, Policy
 from tunnel.gateway.inner import EchoInner, GatewayInner, GatewayTun
-from tunnel.gateway.metrics import GatewayHealth, RuntimeCounters, _MetricsMixin
-from tunnel.gateway.ownership import _OwnershipMixin
-from tunnel.gateway.policy_reload import (
-    POLICY_POLL_S,
-    _policy_signature,
-    _PolicyMixin,
-    load_initial_policy,
-)
-from tunnel.gateway.thread import CALL_TIMEOUT_S, GatewayThread, start_in_thread
-from tunnel.io.loop import new_event_loop
+from tunnel.gateway.metrics import GatewayHealth, GatewayMetrics, TrafficCounters
+from tunnel.gateway.ownership import OwnershipMirror
+from tunnel.gateway.policy_reload import POLICY_POLL_S, PolicyReloader, load_initial_policy
+from tunnel.io.loop import DriverLoop, drain, new_event_loop
 from tunnel.io.udp import GatewaySocket
-from tunnel.observability.metrics import MetricsServer
+from tunnel.observability.metrics import MetricFamily, MetricsServer
 from tunnel.observability.pipeline import EventPipeline
 from tunnel.ownership import MemorySessionStore, SessionStore
 
-__all__ = [
-    "BATCH",
-    "CALL_TIMEOUT_S",
-    "DRAIN_LIMIT",
-    "POLICY_POLL_S",
-    "TIMER_SLACK_S",
-    "GatewayHealth",
-    "GatewayRuntime",
-    "GatewayThread",
-    "PeerAddr",
-    "RuntimeCounters",
-    "load_initial_policy",
-    "start_in_thread",
-]
+CALL_TIMEOUT_S: Final = 5.0
+"""How long a thread waits for the loop to run something for it (metrics, commands)."""
 
-DRAIN_LIMIT: Final = 1024
-"""Datagrams (or inner packets) taken per readiness callback: drains a burst, yet one
-flooded socket cannot starve the timer and the other sockets."""
-
-BATCH: Final = 64
-"""Packets per recv/read call."""
-
-TIMER_SLACK_S: Final = 0.0005
-"""A deadline this close to now is handled now instead of arming a ~0 s timer."""
+EVENT_ROUNDS: Final = 8
+"""Rounds of the core's event queue taken per flush. Mirroring an event can make the core
+emit more (an ownership conflict ends the session); a round bound keeps one flush finite
+whatever a peer sends. Events left over wait for the next flush."""
 
 if TYPE_CHECKING:
     from tunnel.gateway.config import GatewayConfig
@@ -125,13 +90,13 @@ class PeerAddr(NamedTuple):
     """IPv6 scope (link-local); 0 for IPv4."""
 
 
-class GatewayRuntime(_OwnershipMixin, _PolicyMixin, _MetricsMixin):
+class GatewayRuntime:
     """Drives one GatewaySessions on an asyncio loop; see the module docstring.
 
     Lifecycle: ``open()`` (binds, configures the host; before any loop runs) ->
     ``await serve()`` on a loop (until ``request_stop()``) -> ``close()``. ``run()`` does
-    all three on a fresh loop in the calling thread; :class:`GatewayThread` does it on
-    its own thread.
+    all three on a fresh loop in the calling thread;
+    :class:`~tunnel.gateway.thread.GatewayThread` does it on its own thread.
     """
 
     def __init__(
@@ -163,47 +128,45 @@ class GatewayRuntime(_OwnershipMixin, _PolicyMixin, _MetricsMixin):
         self.clock = clock
         now = clock()
         self.node_id = node_id
-        self.gateway = GatewaySessions(
+        self.gateway: GatewaySessions = GatewaySessions(
             static_private=static_private, clients=clients, policy=policy, now=now,
             urandom=urandom, node_id=node_id, wall_offset=wall_clock() - now,
             inner_gateway=inner_gateway, inner_prefix=inner_prefix, mtu=mtu,
         )  # fmt: skip
-        if policy is None:
-            self.gateway.policy_error = policy_error or "no valid policy loaded"
         self.listen = tuple(listen)
         self.inner: GatewayInner = inner if inner is not None else EchoInner(inner_gateway)
         self.pipeline = pipeline
         self._own_pipeline = own_pipeline
-        self.store: SessionStore = store if store is not None else MemorySessionStore()
-        self.policy_path = Path(policy_path) if policy_path is not None else None
-        self.policy_poll_s = policy_poll_s
         self.metrics_address = metrics
-        self.counters = RuntimeCounters()
-        self.policy_ok = policy is not None
-        self.policy_error: str | None = None if policy is not None else self.gateway.policy_error
-        self._last_valid_version = policy.policy_version if policy is not None else "invalid"
+        self.policy_poll_s = policy_poll_s
+        self.driver: DriverLoop = DriverLoop(
+            self.gateway, flush=self._flush, on_crash=self._on_crash, clock=clock
+        )
+        self.policy: PolicyReloader = PolicyReloader(
+            self.gateway, Path(policy_path) if policy_path is not None else None,
+            policy, policy_error,
+        )  # fmt: skip
+        self.ownership: OwnershipMirror = OwnershipMirror(
+            self.gateway, store if store is not None else MemorySessionStore(), node_id
+        )
+        self.traffic: TrafficCounters = TrafficCounters()
+        self.metrics: GatewayMetrics = GatewayMetrics(
+            self.gateway, traffic=self.traffic, policy=self.policy,
+            ownership=self.ownership, pipeline=pipeline,
+        )  # fmt: skip
         self._on_event = on_event
         self._sockets: list[GatewaySocket] = []
         self._metrics_server: MetricsServer | None = None
         self._inner_ready = False
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
         self._poll_handle: asyncio.TimerHandle | None = None
-        self._policy_sig = _policy_signature(self.policy_path) if self.policy_path else None
-        self._by_sid: dict[str, GatewaySession] = {}
-        self._not_authoritative: set[str] = set()
         self._opened = False
         self._stop_requested = False
-        self.crash: BaseException | None = None
+
+    @property
+    def crash(self) -> BaseException | None:
         """The exception that stopped the loop (an engine bug), if any."""
-        self.switches: Counter[str] = Counter()
-        self.terminations: Counter[str] = Counter()
-        self.reattach_rejects: Counter[str] = Counter()
-        self.security: Counter[str] = Counter()
-        self.sessions_created = 0
-        self.sessions_denied = 0
+        return self.driver.crash
 
     # -- construction from a configuration file ------------------------------------------
 
@@ -329,22 +292,23 @@ class GatewayRuntime(_OwnershipMixin, _PolicyMixin, _MetricsMixin):
         if not self._opened:
             raise RuntimeError("GatewayRuntime.open() must be called before serve()")
         loop = asyncio.get_running_loop()
-        self._loop = loop
+        driver = self.driver
+        driver.attach(loop)
         self._stop = asyncio.Event()
         if self._stop_requested:
             self._stop.set()
         for index, sock in enumerate(self._sockets):
-            loop.add_reader(sock.fileno(), self._guard, self._on_socket, index)
-        self.inner.start(loop, lambda: self._guard(self._on_inner))
+            driver.add_reader(sock.fileno(), self._on_socket, index)
+        self.inner.start(loop, lambda: driver.guard(self._on_inner))
         if install_signals:
             loop.add_signal_handler(signal.SIGINT, self.request_stop)
             loop.add_signal_handler(signal.SIGTERM, self.request_stop)
-            loop.add_signal_handler(signal.SIGHUP, self._guard, self._reload_from_signal)
-        if self.policy_path is not None and self.policy_poll_s:
-            self._poll_handle = loop.call_later(self.policy_poll_s, self._guard, self._poll)
-        if not self.policy_ok:
-            self._guard(self._announce_invalid_start)
-        self._guard(self.pump)
+            loop.add_signal_handler(signal.SIGHUP, driver.guard, self._reload_from_signal)
+        if self.policy.path is not None and self.policy_poll_s:
+            self._poll_handle = driver.call_later(self.policy_poll_s, self._poll)
+        if not self.policy.ok:
+            driver.guard(self._announce_invalid_start)
+        driver.guard(self.pump)
         if on_ready is not None:
             on_ready()
         try:
@@ -359,9 +323,7 @@ class GatewayRuntime(_OwnershipMixin, _PolicyMixin, _MetricsMixin):
                 self.gateway.terminate_all(now, Reason.OPERATOR_TERMINATED)
                 self.pump(now)
             except Exception as exc:  # the engine failed while stopping: still clean up
-                self.crash = exc
-        if self._timer is not None:
-            self._timer.cancel()
+                self.driver.fail(exc)
         if self._poll_handle is not None:
             self._poll_handle.cancel()
         for sock in self._sockets:
@@ -371,12 +333,12 @@ class GatewayRuntime(_OwnershipMixin, _PolicyMixin, _MetricsMixin):
         if signals:
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
-        self._loop = None
+        self.driver.detach()
 
     def request_stop(self) -> None:
         """Ask the loop to end every session and return from serve(); any thread."""
         self._stop_requested = True
-        loop, stop = self._loop, self._stop
+        loop, stop = self.driver.loop, self._stop
         if loop is None or stop is None:
             return
         try:
@@ -386,7 +348,7 @@ class GatewayRuntime(_OwnershipMixin, _PolicyMixin, _MetricsMixin):
 
     def call(self, fn: Callable[[], T], timeout: float = CALL_TIMEOUT_S) -> T:
         """Run ``fn()`` on the loop thread and return its result (from any other thread)."""
-        loop = self._loop
+        loop = self.driver.loop
         if loop is None:
             raise RuntimeError("the gateway loop is not running")
 
@@ -395,84 +357,120 @@ class GatewayRuntime(_OwnershipMixin, _PolicyMixin, _MetricsMixin):
 
         return asyncio.run_coroutine_threadsafe(run(), loop).result(timeout)
 
+    # -- views (loop thread, or via :meth:`call`) ------------------------------------------
+
+    def health(self) -> GatewayHealth:
+        """The health flags."""
+        return self.metrics.health(self.crash)
+
+    def session_views(self) -> list[SessionView]:
+        """Every session the core still holds."""
+        return self.metrics.session_views(self.clock())
+
+    def metric_families(self) -> list[MetricFamily]:
+        """Every gateway metric (:meth:`collect_metrics` from other threads)."""
+        return self.metrics.metric_families()
+
+    def collect_metrics(self) -> list[MetricFamily]:
+        """:meth:`metric_families`, gathered on the loop thread (safe from any thread)."""
+        return self.call(self.metric_families)
+
+    # -- policy --------------------------------------------------------------------------
+
+    def reload_policy(self) -> bool:
+        """Reload the policy file now (loop thread); True if it was valid and applied.
+
+        Without a policy file the built-in defaults stay; this returns True.
+        """
+        if self.policy.path is None:
+            return True
+        now = self.clock()
+        ok = self.policy.reload(now)
+        self.driver.pump(now)
+        return ok
+
+    def _reload_from_signal(self) -> None:
+        self.reload_policy()
+
+    def _announce_invalid_start(self) -> None:
+        self.policy.announce_invalid_start(self.clock())
+
+    def _poll(self) -> None:
+        self._poll_handle = None
+        assert self.policy_poll_s
+        if self.policy.file_changed():
+            self.reload_policy()
+        if self.driver.loop is not None:
+            self._poll_handle = self.driver.call_later(self.policy_poll_s, self._poll)
+
     # -- inputs --------------------------------------------------------------------------
 
-    def _guard(self, fn: Callable[..., None], *args: Any) -> None:
-        if self.crash is not None:
-            return
+    def _on_crash(self, exc: BaseException) -> None:
+        """An engine failure in a loop callback: a coded termination of every session,
+        then stop."""
         try:
-            fn(*args)
-        except Exception as exc:  # the engine boundary: a coded termination, then stop
-            self.crash = exc
-            try:
-                now = self.clock()
-                self.gateway.terminate_all(now, Reason.INVARIANT_VIOLATION)
-                self._flush_datagrams()
-                for event in self.gateway.events():
-                    self._deliver(event)
-            except Exception as again:  # nothing more can be done for the sessions
-                exc.add_note(f"terminating sessions after the failure also failed: {again!r}")
-            self.request_stop()
+            now = self.clock()
+            self.gateway.terminate_all(now, Reason.INVARIANT_VIOLATION)
+            self._flush_datagrams()
+            for event in self.gateway.events():
+                self._deliver(event)
+        except Exception as again:  # nothing more can be done for the sessions
+            exc.add_note(f"terminating sessions after the failure also failed: {again!r}")
+        self.request_stop()
 
     def _on_socket(self, index: int) -> None:
-        now = self.clock()
+        self.driver.input(self._read_socket, index)
+
+    def _read_socket(self, now: float, index: int) -> None:
         sock = self._sockets[index]
+        self.traffic.datagrams_in += drain(sock.recv_batch, self._take_datagrams, index, now)
+
+    def _take_datagrams(self, batch: Sequence[tuple[bytes, Any]], index: int, now: float) -> None:
         receive = self.gateway.receive_datagram
-        taken = 0
         last: object = None
         peer = PeerAddr("", 0, index)
-        while taken < DRAIN_LIMIT:
-            batch = sock.recv_batch(BATCH)
-            for data, addr in batch:
-                if addr != last:  # a burst (a GRO read) comes from one address
-                    last = addr
-                    peer = PeerAddr(addr[0], addr[1], index, addr[3] if len(addr) > 3 else 0)
-                receive(data, peer, now)
-            taken += len(batch)
-            if len(batch) < BATCH:
-                break
-        self.counters.datagrams_in += taken
-        self.pump(now)
+        for data, addr in batch:
+            if addr != last:  # a burst (a GRO read) comes from one address
+                last = addr
+                peer = PeerAddr(addr[0], addr[1], index, addr[3] if len(addr) > 3 else 0)
+            receive(data, peer, now)
 
     def _on_inner(self) -> None:
-        now = self.clock()
-        receive = self.gateway.receive_tun_packet
-        taken = 0
-        while taken < DRAIN_LIMIT:
-            batch = self.inner.read_batch(BATCH)
-            for packet in batch:
-                receive(packet, now)
-            taken += len(batch)
-            if len(batch) < BATCH:
-                break
-        self.counters.inner_in += taken
-        self.pump(now)
+        self.driver.input(self._read_inner)
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
-        now = self.clock()
-        self.gateway.handle_timer(now)
-        self.pump(now)
+    def _read_inner(self, now: float) -> None:
+        self.traffic.inner_in += drain(self.inner.read_batch, self._take_packets, now)
+
+    def _take_packets(self, batch: Sequence[bytes], now: float) -> None:
+        receive = self.gateway.receive_tun_packet
+        for packet in batch:
+            receive(packet, now)
 
     # -- outputs -------------------------------------------------------------------------
 
     def pump(self, now: float | None = None) -> None:
         """Events (with store mirroring), then datagrams, then inner packets; re-arm."""
-        if now is None:
-            now = self.clock()
+        self.driver.pump(now)
+
+    def _flush(self, now: float) -> bool:
         gateway = self.gateway
-        while events := gateway.events():
+        for _ in range(EVENT_ROUNDS):
+            events = gateway.events()
+            if not events:
+                break
             for event in events:
                 if isinstance(event, StateChange):
-                    self._mirror(event, now)
+                    self.ownership.mirror(event, now)
                 self._deliver(event)
+        else:
+            if self.driver.loop is not None:  # more events: the next loop turn
+                self.driver.call_later(0.0, self.pump)
         self._flush_datagrams()
         packets = gateway.packets_for_tun()
         if packets:
-            self.counters.inner_out += len(packets)
+            self.traffic.inner_out += len(packets)
             self.inner.write_batch(packets)
-        self._arm(now)
+        return True
 
     def _flush_datagrams(self) -> None:
         """Send what the core produced; consecutive datagrams to one client leave in one
@@ -492,9 +490,9 @@ class GatewayRuntime(_OwnershipMixin, _PolicyMixin, _MetricsMixin):
         self._send_run(run_addr, run)
 
     def _send_run(self, addr: object, run: list[bytes]) -> None:
-        counters = self.counters
+        traffic = self.traffic
         if not isinstance(addr, PeerAddr):
-            counters.send_failed += len(run)
+            traffic.send_failed += len(run)
             return
         sock = self._sockets[addr.via]
         target: tuple[Any, ...] = (
@@ -503,41 +501,12 @@ class GatewayRuntime(_OwnershipMixin, _PolicyMixin, _MetricsMixin):
             else (addr.host, addr.port)
         )
         sent = sock.send_many(run, target)
-        counters.datagrams_out += sent
-        counters.send_failed += len(run) - sent
+        traffic.datagrams_out += sent
+        traffic.send_failed += len(run) - sent
 
     def _deliver(self, event: Event) -> None:
-        kind = event.event_type
-        if kind is EventType.TRANSPORT_SWITCH and isinstance(event, TransportSwitch):
-            self.switches[str(event.reason_code)] += 1
-        elif kind is EventType.SESSION_TERMINATED and isinstance(event, SessionTerminated):
-            self.terminations[str(event.reason_code)] += 1
-        elif kind is EventType.SESSION_CREATED:
-            self.sessions_created += 1
-        elif kind is EventType.REATTACH_RESULT and isinstance(event, ReattachResult):
-            if event.status != "SUCCESS":
-                self.reattach_rejects[str(event.reason_code)] += 1
-        elif kind is EventType.SECURITY_EVENT and isinstance(event, SecurityEvent):
-            self.security[event.violation_type] += event.count
-        elif kind is EventType.POLICY_EVENT and isinstance(event, PolicyEvent):
-            if event.policy_name == "SESSION_DENIED":
-                self.sessions_denied += 1
+        self.metrics.count(event)
         if self.pipeline is not None:
             self.pipeline.emit(event)
         if self._on_event is not None:
             self._on_event(event)
-
-    def _arm(self, now: float) -> None:
-        deadline = self.gateway.next_deadline()
-        if deadline == self._timer_at and self._timer is not None:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._timer_at = deadline
-        if deadline is None or self._loop is None:
-            return
-        delay = max(0.0, deadline - now)
-        if delay < TIMER_SLACK_S:
-            delay = 0.0
-        self._timer = self._loop.call_later(delay, self._guard, self._on_timer)

@@ -11,18 +11,13 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import Any, TypeVar
 
 from tunnel.core.gateway import ClientEntry, SessionView
 from tunnel.core.policy import POLICY_DEFAULT, Policy
 from tunnel.gateway.metrics import GatewayHealth
+from tunnel.gateway.runtime import CALL_TIMEOUT_S, GatewayRuntime
 from tunnel.io.loop import new_event_loop
-
-CALL_TIMEOUT_S: Final = 5.0
-"""How long a thread waits for the loop to run something for it (metrics, commands)."""
-
-if TYPE_CHECKING:
-    from tunnel.gateway.runtime import GatewayRuntime
 
 T = TypeVar("T")
 
@@ -134,8 +129,6 @@ def start_in_thread(
     ``kwargs`` go to :class:`GatewayRuntime` (``pipeline``, ``store``, ``on_event``,
     ``policy_path``, ``metrics``, ``node_id``, ``inner``...).
     """
-    from tunnel.gateway.runtime import GatewayRuntime  # that module imports this one
-
     runtime = GatewayRuntime(
         static_private=static_private, clients=clients, policy=policy, listen=listen,
         inner_gateway=inner_gateway, **kwargs,

@@ -157,18 +157,9 @@ class Simulation:
 
     def run_until(self, t_end: float, *, max_steps: int = 2_000_000) -> None:
         for _ in range(max_steps):
-            while self.client_tun.to_tunnel:
-                self.client.receive_tun_packet(self.client_tun.to_tunnel.popleft(), self.now)
-            while self.gateway_tun.to_tunnel:
-                self.gateway.receive_tun_packet(self.gateway_tun.to_tunnel.popleft(), self.now)
+            self._feed_tuns()
             self._collect()
-            candidates = [t_end]
-            for t in (self.client.next_deadline(), self.gateway.next_deadline()):
-                if t is not None:
-                    candidates.append(max(t, self.now))
-            if self._heap:
-                candidates.append(self._heap[0].at)
-            nxt = min(candidates)
+            nxt = self._next_time(t_end)
             if nxt > t_end or (nxt == t_end and not self._due(t_end)):
                 self.now = t_end
                 self.client.handle_timer(self.now)
@@ -176,16 +167,36 @@ class Simulation:
                 self._collect()
                 return
             self.now = max(self.now, nxt)
-            while self._heap and self._heap[0].at <= self.now:
-                self._deliver(heapq.heappop(self._heap))
-                self._collect()
-            ct, gt = self.client.next_deadline(), self.gateway.next_deadline()
-            if ct is not None and ct <= self.now:
-                self.client.handle_timer(self.now)
-            if gt is not None and gt <= self.now:
-                self.gateway.handle_timer(self.now)
-            self._collect()
+            self._step()
         raise RuntimeError("simulation did not reach t_end: a timer is spinning")
+
+    def _feed_tuns(self) -> None:
+        while self.client_tun.to_tunnel:
+            self.client.receive_tun_packet(self.client_tun.to_tunnel.popleft(), self.now)
+        while self.gateway_tun.to_tunnel:
+            self.gateway.receive_tun_packet(self.gateway_tun.to_tunnel.popleft(), self.now)
+
+    def _next_time(self, t_end: float) -> float:
+        """The earliest of ``t_end``, either side's deadline and the next delivery."""
+        candidates = [t_end]
+        for t in (self.client.next_deadline(), self.gateway.next_deadline()):
+            if t is not None:
+                candidates.append(max(t, self.now))
+        if self._heap:
+            candidates.append(self._heap[0].at)
+        return min(candidates)
+
+    def _step(self) -> None:
+        """Deliver what is due at ``now``, then fire the timers that are due."""
+        while self._heap and self._heap[0].at <= self.now:
+            self._deliver(heapq.heappop(self._heap))
+            self._collect()
+        ct, gt = self.client.next_deadline(), self.gateway.next_deadline()
+        if ct is not None and ct <= self.now:
+            self.client.handle_timer(self.now)
+        if gt is not None and gt <= self.now:
+            self.gateway.handle_timer(self.now)
+        self._collect()
 
     def _due(self, t: float) -> bool:
         ct, gt = self.client.next_deadline(), self.gateway.next_deadline()

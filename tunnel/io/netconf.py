@@ -67,6 +67,48 @@ def _cause(code: int | None, fallback: str = "") -> str:
     return text
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _route_target(
+    dst_cidr: str, ifname: str | None, gateway: str | None
+) -> tuple[IPNetwork, IPAddress | None]:
+    """The destination and gateway of a route to add, checked (ValueError when invalid)."""
+    try:
+        net = ipaddress.ip_network(dst_cidr)
+    except ValueError as exc:
+        raise ValueError(f"invalid route destination {dst_cidr!r}: {exc}") from None
+    if ifname is None and gateway is None:
+        raise ValueError(f"route {dst_cidr}: give an interface, a gateway or both")
+    if gateway is None:
+        return net, None
+    try:
+        gw = ipaddress.ip_address(gateway)
+    except ValueError as exc:
+        raise ValueError(f"invalid gateway {gateway!r}: {exc}") from None
+    if gw.version != net.version:
+        raise ValueError(f"gateway {gateway} is not an IPv{net.version} address")
+    return net, gw
+
+
+def _route_spec(
+    net: IPNetwork, index: int | None, gw: IPAddress | None, table: int | None
+) -> dict[str, Any]:
+    """The netlink attributes of a route (for add and for the undo's del)."""
+    family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
+    spec: dict[str, Any] = {"family": family, "dst_len": net.prefixlen}
+    if net.prefixlen:
+        spec["dst"] = str(net.network_address)
+    if index is not None:
+        spec["oif"] = index
+    if gw is not None:
+        spec["gateway"] = str(gw)
+    if table is not None:
+        spec["table"] = table
+    return spec
+
+
 class HostConfig:
     """Records and reverts link/address/route changes, in this or another namespace.
 
@@ -228,32 +270,10 @@ class HostConfig:
         False if an identical route already exists (left alone). A different route for
         the same destination is an error: it is not replaced.
         """
-        try:
-            net = ipaddress.ip_network(dst_cidr)
-        except ValueError as exc:
-            raise ValueError(f"invalid route destination {dst_cidr!r}: {exc}") from None
-        if ifname is None and gateway is None:
-            raise ValueError(f"route {dst_cidr}: give an interface, a gateway or both")
-        gw = None
-        if gateway is not None:
-            try:
-                gw = ipaddress.ip_address(gateway)
-            except ValueError as exc:
-                raise ValueError(f"invalid gateway {gateway!r}: {exc}") from None
-            if gw.version != net.version:
-                raise ValueError(f"gateway {gateway} is not an IPv{net.version} address")
+        net, gw = _route_target(dst_cidr, ifname, gateway)
         ipr = self._open_ipr()
         index = self._link(ifname)[0] if ifname is not None else None
-        family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
-        spec: dict[str, Any] = {"family": family, "dst_len": net.prefixlen}
-        if net.prefixlen:
-            spec["dst"] = str(net.network_address)
-        if index is not None:
-            spec["oif"] = index
-        if gw is not None:
-            spec["gateway"] = str(gw)
-        if table is not None:
-            spec["table"] = table
+        spec = _route_spec(net, index, gw, table)
         via = " ".join(
             p for p in (f"dev {ifname}" if ifname else "", f"via {gw}" if gw else "") if p
         )

@@ -156,6 +156,7 @@ class TunDevice:
         if self._dev is not None:
             raise ValueError(f"TUN device {self.name!r} is already open")
         flags = pytun.IFF_TUN | pytun.IFF_NO_PI
+        dev: pytun.TunTapDevice
         try:
             if self.offload:
                 try:

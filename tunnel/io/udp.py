@@ -159,6 +159,43 @@ def _family_of(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
 
 
+def _bind_target(
+    local: tuple[str, int], family: socket.AddressFamily | None
+) -> tuple[str, int, socket.AddressFamily]:
+    """(host, port, family) to bind: the family of ``local`` unless one is asked; the
+    default wildcard becomes ``::`` for AF_INET6. PathError/ValueError when they disagree."""
+    host, port = local
+    try:
+        local_family = _family_of(host)
+    except ValueError:
+        where = format_address(host, port)
+        raise PathError(f"cannot bind UDP {where}: not a numeric IP address") from None
+    if family is None:
+        return host, port, local_family
+    if family not in (socket.AF_INET, socket.AF_INET6):
+        raise ValueError(f"family must be AF_INET or AF_INET6, not {family!r}")
+    if family == local_family:
+        return host, port, family
+    if local == ("0.0.0.0", 0) and family == socket.AF_INET6:
+        return "::", port, family
+    where = format_address(host, port)
+    raise ValueError(f"local address {where} is not an {family.name} address")
+
+
+def _gso_run_end(datagrams: list[bytes], i: int) -> int:
+    """The end (exclusive) of the GSO run starting at ``i``: equal-sized datagrams, at
+    most ``GSO_MAX_SEGMENTS`` and ``GSO_MAX_BYTES``, and one shorter datagram may end it."""
+    n = len(datagrams)
+    size = len(datagrams[i])
+    limit = min(n, i + GSO_MAX_SEGMENTS, i + max(1, GSO_MAX_BYTES // max(size, 1)))
+    j = i + 1
+    while j < limit and len(datagrams[j]) == size:
+        j += 1
+    if j < limit and len(datagrams[j]) < size:
+        j += 1  # a shorter datagram may end a GSO run
+    return j
+
+
 class PathSocket:
     """One non-blocking UDP socket for one candidate path.
 
@@ -190,21 +227,8 @@ class PathSocket:
         recverr: bool = True,
         offload: bool = True,
     ) -> None:
-        host, port = local
+        host, port, family = _bind_target(local, family)
         where = format_address(host, port)
-        try:
-            local_family = _family_of(host)
-        except ValueError:
-            raise PathError(f"cannot bind UDP {where}: not a numeric IP address") from None
-        if family is None:
-            family = local_family
-        elif family not in (socket.AF_INET, socket.AF_INET6):
-            raise ValueError(f"family must be AF_INET or AF_INET6, not {family!r}")
-        elif family != local_family:
-            if local == ("0.0.0.0", 0) and family == socket.AF_INET6:
-                host, where = "::", format_address("::", port)
-            else:
-                raise ValueError(f"local address {where} is not an {family.name} address")
 
         self.path_id = path_id
         """The path this socket carries; the core's name for it."""
@@ -362,47 +386,43 @@ class PathSocket:
         """
         n = len(datagrams)
         if not self._gso or n < 2:
-            done = 0
-            for data in datagrams:
-                done += self.send(data, addr)
-            return done
-        sendmsg = self._sock.sendmsg
+            return self._send_each(datagrams, addr)
         done = 0
         i = 0
         while i < n:
             if not self._gso:  # switched off by a refusal earlier in this batch
-                for data in datagrams[i:]:
-                    done += self.send(data, addr)
-                break
-            size = len(datagrams[i])
-            limit = min(n, i + GSO_MAX_SEGMENTS, i + max(1, GSO_MAX_BYTES // max(size, 1)))
-            j = i + 1
-            while j < limit and len(datagrams[j]) == size:
-                j += 1
-            if j < limit and len(datagrams[j]) < size:
-                j += 1  # a shorter datagram may end a GSO run
+                return done + self._send_each(datagrams[i:], addr)
+            j = _gso_run_end(datagrams, i)
             if j - i == 1:
                 done += self.send(datagrams[i], addr)
-                i = j
-                continue
-            run = datagrams[i:j]
-            try:
-                sendmsg(run, [(SOL_UDP, UDP_SEGMENT, _U16.pack(size))], 0, addr)
-            except OSError as exc:
-                if exc.errno in _GSO_FALLBACK_ERRNOS and not isinstance(exc, socket.gaierror):
-                    if exc.errno in (errno.EIO, errno.ENOPROTOOPT):
-                        self._gso = False  # the device cannot offload: stop trying
-                    for data in run:
-                        done += self.send(data, addr)
-                else:
-                    self._send_failed(exc, addr)
-                    self.send_errors[errno_name(exc.errno)] += len(run) - 1
             else:
-                done += len(run)
-                self.sent += len(run)
-                self.gso_sends += 1
+                done += self._send_gso_run(datagrams[i:j], addr)
             i = j
         return done
+
+    def _send_each(self, datagrams: list[bytes], addr: Address) -> int:
+        done = 0
+        for data in datagrams:
+            done += self.send(data, addr)
+        return done
+
+    def _send_gso_run(self, run: list[bytes], addr: Address) -> int:
+        """One ``sendmsg`` with ``UDP_SEGMENT`` for a run of equal-sized datagrams (the
+        last may be shorter); falls back to one send each where the device cannot."""
+        size = len(run[0])
+        try:
+            self._sock.sendmsg(run, [(SOL_UDP, UDP_SEGMENT, _U16.pack(size))], 0, addr)
+        except OSError as exc:
+            if exc.errno in _GSO_FALLBACK_ERRNOS and not isinstance(exc, socket.gaierror):
+                if exc.errno in (errno.EIO, errno.ENOPROTOOPT):
+                    self._gso = False  # the device cannot offload: stop trying
+                return self._send_each(run, addr)
+            self._send_failed(exc, addr)
+            self.send_errors[errno_name(exc.errno)] += len(run) - 1
+            return 0
+        self.sent += len(run)
+        self.gso_sends += 1
+        return len(run)
 
     def _send_failed(self, exc: OSError, addr: Address) -> None:
         if isinstance(exc, socket.gaierror):

@@ -97,47 +97,60 @@ def coalesce(packets: Sequence[bytes]) -> list[list[bytes | memoryview]]:
     while i < n:
         first = packets[i]
         seg = _segment(first)
-        if seg is None:
+        j, total, last_flags = _gso_run(packets, i, seg) if seg is not None else (i + 1, 0, 0)
+        if seg is None or j - i == 1:
             writes.append([NO_OFFLOAD_HDR, first])
-            i += 1
-            continue
-        thl, size, seq = seg
-        hlen = 20 + thl
-        total = len(first)
-        end = seq + size
-        j = i + 1
-        last_flags = first[33]
-        while j < n and j - i < MAX_SEGMENTS and not last_flags & _TCP_PSH:
-            nxt = packets[j]
-            s2 = _segment(nxt)
-            if s2 is None or s2[0] != thl or s2[1] > size or s2[2] != end:
-                break
-            if total + s2[1] > MAX_COALESCED or not _same_flow(first, nxt, thl):
-                break
-            total += s2[1]
-            end += s2[1]
-            last_flags = nxt[33]
-            j += 1
-            if s2[1] < size:
-                break  # a short segment ends a GSO run
-        if j - i == 1:
-            writes.append([NO_OFFLOAD_HDR, first])
-            i += 1
-            continue
-        header = bytearray(first[:hlen])
-        header[2:4] = _U16.pack(total)
-        header[10:12] = b"\0\0"
-        header[10:12] = _U16.pack(ipv4_header_checksum(header[:20]))
-        header[33] = last_flags  # PSH of the last segment, if any
-        header[36:38] = _U16.pack(_pseudo_sum(first[12:20], total - 20))
-        vnet = VNET_HDR.pack(
-            VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, hlen, size, 20, 16
-        )
-        write: list[bytes | memoryview] = [vnet, bytes(header)]
-        write.extend(memoryview(p)[hlen:] for p in packets[i:j])
-        writes.append(write)
+        else:
+            writes.append(_merged(packets[i:j], seg[0], seg[1], total, last_flags))
         i = j
     return writes
+
+
+def _gso_run(packets: Sequence[bytes], i: int, seg: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(end, IP total length, flags of the last) of the TCP segments from ``i`` that one
+    GSO packet can carry: one flow, consecutive, equal-sized (a shorter one ends the run),
+    no PSH before the last, within MAX_SEGMENTS and MAX_COALESCED."""
+    first = packets[i]
+    thl, size, seq = seg
+    total = len(first)
+    end = seq + size
+    j = i + 1
+    last_flags = first[33]
+    n = len(packets)
+    while j < n and j - i < MAX_SEGMENTS and not last_flags & _TCP_PSH:
+        nxt = packets[j]
+        s2 = _segment(nxt)
+        if s2 is None or s2[0] != thl or s2[1] > size or s2[2] != end:
+            break
+        if total + s2[1] > MAX_COALESCED or not _same_flow(first, nxt, thl):
+            break
+        total += s2[1]
+        end += s2[1]
+        last_flags = nxt[33]
+        j += 1
+        if s2[1] < size:
+            break  # a short segment ends a GSO run
+    return j, total, last_flags
+
+
+def _merged(
+    run: Sequence[bytes], thl: int, size: int, total: int, last_flags: int
+) -> list[bytes | memoryview]:
+    """One GSO write for a run: the vnet header, the first segment's headers fixed up for
+    the whole run (length, IP checksum, PSH of the last, TCP pseudo-header sum), then every
+    segment's payload."""
+    first = run[0]
+    hlen = 20 + thl
+    header = bytearray(first[:hlen])
+    header[2:4] = _U16.pack(total)
+    header[10:12] = b"\0\0"
+    header[10:12] = _U16.pack(ipv4_header_checksum(header[:20]))
+    header[33] = last_flags  # PSH of the last segment, if any
+    header[36:38] = _U16.pack(_pseudo_sum(first[12:20], total - 20))
+    vnet = VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, hlen, size, 20, 16)
+    write: list[bytes | memoryview] = [vnet, bytes(header)]
+    write.extend(memoryview(p)[hlen:] for p in run)
+    return write
 
 
 # -- the read side: TSO packets from the kernel (TUNSETOFFLOAD) ------------------------------
@@ -184,46 +197,63 @@ def from_kernel(buf: memoryview, n: int, out: list[bytes]) -> str | None:
     packet = buf[VNET_HDR_LEN:n]
     length = n - VNET_HDR_LEN
     if gso_type == VIRTIO_NET_HDR_GSO_NONE:
-        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
-            field = csum_start + csum_offset
-            if field + 2 > length:
-                return "bad_csum_offsets"
-            data = bytearray(packet)
-            data[field : field + 2] = _U16.pack(_csum(data[csum_start:]))
-            out.append(bytes(data))
-        else:
+        if not flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
             out.append(bytes(packet))
-        return None
+            return None
+        return _complete_csum(packet, length, csum_start, csum_offset, out)
     if gso_type != VIRTIO_NET_HDR_GSO_TCPV4 or length < 40 or packet[0] >> 4 != 4:
         return "unsupported_gso"
+    return _split_tcp_gso(packet, length, gso_size, out)
+
+
+def _complete_csum(
+    packet: memoryview, length: int, csum_start: int, csum_offset: int, out: list[bytes]
+) -> str | None:
+    """A packet with a partial checksum (``NEEDS_CSUM``): complete it and append it."""
+    field = csum_start + csum_offset
+    if field + 2 > length:
+        return "bad_csum_offsets"
+    data = bytearray(packet)
+    data[field : field + 2] = _U16.pack(_csum(data[csum_start:]))
+    out.append(bytes(data))
+    return None
+
+
+def _split_tcp_gso(packet: memoryview, length: int, gso_size: int, out: list[bytes]) -> str | None:
+    """An IPv4 TCP GSO packet: append its ``gso_size`` segments."""
     ihl = (packet[0] & 0x0F) * 4
     thl = (packet[ihl + 12] >> 4) * 4 if length > ihl + 12 else 0
     hlen = ihl + thl
     if ihl < 20 or thl < 20 or hlen > length or gso_size == 0:
         return "bad_gso_header"
     header = bytes(packet[:hlen])
-    src_dst = header[12:20]
-    ident = _U16.unpack_from(header, 4)[0]
-    seq = _U32.unpack_from(header, ihl + 4)[0]
-    tcp_flags = header[ihl + 13]
     payload_len = length - hlen
     for k, off in enumerate(range(0, payload_len, gso_size)):
         chunk = packet[hlen + off : hlen + min(off + gso_size, payload_len)]
-        seg = bytearray(header)
-        seg[2:4] = _U16.pack(hlen + len(chunk))
-        seg[4:6] = _U16.pack((ident + k) & 0xFFFF)
-        seg[10:12] = b"\0\0"
-        seg[10:12] = _U16.pack(_csum(seg[:ihl]))
-        seg[ihl + 4 : ihl + 8] = _U32.pack((seq + off) & 0xFFFFFFFF)
-        f = tcp_flags
-        if off + gso_size < payload_len:
-            f &= ~(_TCP_FIN | _TCP_PSH)  # only the last segment finishes or pushes
-        if k:
-            f &= ~_TCP_CWR  # only the first segment signals CWR
-        seg[ihl + 13] = f
-        seg[ihl + 16 : ihl + 18] = b"\0\0"
-        pseudo = src_dst + _U16.pack(_IPPROTO_TCP) + _U16.pack(thl + len(chunk))
-        seg[ihl + 16 : ihl + 18] = _U16.pack(_csum(pseudo, seg[ihl:], chunk))
-        seg += chunk
-        out.append(bytes(seg))
+        last = off + gso_size >= payload_len
+        out.append(_tcp_segment(header, ihl, k, off, chunk, last))
     return None
+
+
+def _tcp_segment(header: bytes, ihl: int, k: int, off: int, chunk: memoryview, last: bool) -> bytes:
+    """Segment ``k`` of a TCP GSO packet: ``header`` with its own IP length, id, TCP seq,
+    flags and checksums, then ``chunk`` (the payload from offset ``off``)."""
+    thl = len(header) - ihl
+    seg = bytearray(header)
+    seg[2:4] = _U16.pack(len(header) + len(chunk))
+    seg[4:6] = _U16.pack((_U16.unpack_from(header, 4)[0] + k) & 0xFFFF)
+    seg[10:12] = b"\0\0"
+    seg[10:12] = _U16.pack(_csum(seg[:ihl]))
+    seq = _U32.unpack_from(header, ihl + 4)[0]
+    seg[ihl + 4 : ihl + 8] = _U32.pack((seq + off) & 0xFFFFFFFF)
+    f = header[ihl + 13]
+    if not last:
+        f &= ~(_TCP_FIN | _TCP_PSH)  # only the last segment finishes or pushes
+    if k:
+        f &= ~_TCP_CWR  # only the first segment signals CWR
+    seg[ihl + 13] = f
+    seg[ihl + 16 : ihl + 18] = b"\0\0"
+    pseudo = header[12:20] + _U16.pack(_IPPROTO_TCP) + _U16.pack(thl + len(chunk))
+    seg[ihl + 16 : ihl + 18] = _U16.pack(_csum(pseudo, seg[ihl:], chunk))
+    seg += chunk
+    return bytes(seg)

@@ -155,7 +155,13 @@ def parse_host_port(text: str, *, default_host: str = DEFAULT_METRICS_HOST) -> t
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
-    collect: Callable[[], Iterable[MetricFamily]]
+
+    def __init__(
+        self, address: tuple[str, int], collect: Callable[[], Iterable[MetricFamily]]
+    ) -> None:
+        self.collect = collect
+        """What a scrape renders (called on the server's request thread)."""
+        super().__init__(address, _Handler)
 
 
 class _Server6(_Server):
@@ -198,8 +204,7 @@ class MetricsServer:
 
     def __init__(self, host: str, port: int, collect: Callable[[], Iterable[MetricFamily]]) -> None:
         server_class = _Server6 if ":" in host else _Server
-        self._server = server_class((host, port), _Handler)
-        self._server.collect = collect
+        self._server = server_class((host, port), collect)
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
             name="jvpn-metrics", daemon=True,

@@ -372,6 +372,16 @@ class EventPipeline:
             self._last_loss = now
 
 
+@dataclass(slots=True)
+class _Line:
+    """The line a sink thread is writing, and how often it tried."""
+
+    line: str | None = None
+    is_event: bool = False
+    """False for an EVENT_LOSS warning: losing one loses no event."""
+    attempts: int = 0
+
+
 class _SinkWorker:
     """One sink, its bounded queue, its counters and the thread that writes to it."""
 
@@ -481,75 +491,87 @@ class _SinkWorker:
     # -- the sink thread -----------------------------------------------------------------
 
     def _run(self) -> None:
-        line: str | None = None
-        is_event = False  # False for an EVENT_LOSS warning: losing one loses no event
-        attempts = 0
-        abort = self._p._abort
-        while True:
-            with self._cond:
-                while (
-                    line is None
-                    and not self._queue
-                    and not self._pending_loss
-                    and not self._draining
-                    and not abort.is_set()
-                ):
-                    self._cond.wait()
-                if abort.is_set():
-                    if line is not None and is_event:
-                        self._drop_locked(1)
-                    break
-                if line is None:
-                    if self._pending_loss:
-                        about = next(iter(self._pending_loss))
-                        line = self._p.loss_line(about, *self._pending_loss.pop(about))
-                        is_event = False
-                    elif self._queue:
-                        line = self._queue.popleft()
-                        is_event = True
-                    else:
-                        break  # draining and nothing left
-                    attempts = 0
-                if self._draining and time.monotonic() >= self._deadline:
-                    self._drop_locked(len(self._queue) + int(is_event))
-                    self._queue.clear()
-                    break
-                self._inflight = True
-                self._write_started = self._p._clock()
+        work = _Line()
+        while self._next_locked(work):
+            assert work.line is not None
             try:
-                self.sink.write(line)
+                self.sink.write(work.line)
             except Exception as exc:  # any sink failure is the sink's state, never ours
-                with self._cond:
-                    self._write_started = None
-                    self._failing = True
-                    self._failures += 1
-                    self._last_error = _error_text(exc)
-                    attempts += 1
-                    if attempts >= self._p._max_attempts:
-                        if is_event:
-                            self._drop_locked(1)
-                        line = None
-                        self._inflight = False
-                    delay = backoff_delay(
-                        self._failures, self._p._backoff_initial, self._p._backoff_max
-                    )
-                    if self._draining:
-                        delay = min(delay, max(0.0, self._deadline - time.monotonic()))
-                if self._interrupt.wait(delay):
+                if self._interrupt.wait(self._write_failed(work, exc)):
                     self._interrupt.clear()
                 continue
-            with self._cond:
-                self._write_started = None
-                self._written += 1
-                recovered = self._failing
-                self._failing = False
-                self._failures = 0
-                line = None
-                self._inflight = False
-                self._report_to_self_locked(recovered)
+            self._write_done(work)
         with self._cond:
             self._inflight = False
         self._close_sink()
+
+    def _next_locked(self, work: _Line) -> bool:
+        """Wait for a line to write (kept in ``work``); False when the thread should end:
+        aborted, drained, or past the close deadline (what is left is counted lost)."""
+        abort = self._p._abort
+        with self._cond:
+            while work.line is None and not self._has_work_locked() and not abort.is_set():
+                self._cond.wait()
+            if abort.is_set():
+                if work.line is not None and work.is_event:
+                    self._drop_locked(1)
+                return False
+            if work.line is None and not self._take_locked(work):
+                return False  # draining and nothing left
+            if self._draining and time.monotonic() >= self._deadline:
+                self._drop_locked(len(self._queue) + int(work.is_event))
+                self._queue.clear()
+                return False
+            self._inflight = True
+            self._write_started = self._p._clock()
+            return True
+
+    def _has_work_locked(self) -> bool:
+        return bool(self._queue) or bool(self._pending_loss) or self._draining
+
+    def _take_locked(self, work: _Line) -> bool:
+        """The next line: a pending loss warning first, then the oldest queued event."""
+        if self._pending_loss:
+            about = next(iter(self._pending_loss))
+            work.line = self._p.loss_line(about, *self._pending_loss.pop(about))
+            work.is_event = False
+        elif self._queue:
+            work.line = self._queue.popleft()
+            work.is_event = True
+        else:
+            return False
+        work.attempts = 0
+        return True
+
+    def _write_failed(self, work: _Line, exc: Exception) -> float:
+        """Record a failed write; gives up the line after the last attempt. Returns how
+        long to back off before the next write."""
+        with self._cond:
+            self._write_started = None
+            self._failing = True
+            self._failures += 1
+            self._last_error = _error_text(exc)
+            work.attempts += 1
+            if work.attempts >= self._p._max_attempts:
+                if work.is_event:
+                    self._drop_locked(1)
+                work.line = None
+                self._inflight = False
+            delay = backoff_delay(self._failures, self._p._backoff_initial, self._p._backoff_max)
+            if self._draining:
+                delay = min(delay, max(0.0, self._deadline - time.monotonic()))
+            return delay
+
+    def _write_done(self, work: _Line) -> None:
+        with self._cond:
+            self._write_started = None
+            self._written += 1
+            recovered = self._failing
+            self._failing = False
+            self._failures = 0
+            work.line = None
+            self._inflight = False
+            self._report_to_self_locked(recovered)
 
     def _report_to_self_locked(self, recovered: bool) -> None:
         """Tell the sink about its own losses: at once after a recovery, else once a second."""

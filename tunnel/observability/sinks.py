@@ -18,7 +18,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final, Literal, Protocol, TextIO
 
-from tunnel.observability import syslog
+from tunnel.observability.syslog import (
+    DEFAULT_SD_ID,
+    FACILITY_LOCAL0,
+    NILVALUE,
+    format_message,
+    octet_frame,
+    pri,
+    truncate_utf8,
+)
 
 DEFAULT_MAX_BYTES: Final = 10 * 1024 * 1024
 """JSONL file size at which it is rotated: small enough to ship, large enough to be rare."""
@@ -150,9 +158,9 @@ class SyslogSink:
         transport: Literal["udp", "tcp"] = "udp",
         app_name: str = "jvpn",
         hostname: str | None = None,
-        facility: int = syslog.FACILITY_LOCAL0,
+        facility: int = FACILITY_LOCAL0,
         procid: str | None = None,
-        sd_id: str = syslog.DEFAULT_SD_ID,
+        sd_id: str = DEFAULT_SD_ID,
         connect_timeout: float = CONNECT_TIMEOUT_S,
         send_timeout: float = SEND_TIMEOUT_S,
         udp_max_bytes: int = UDP_MAX_BYTES,
@@ -161,12 +169,12 @@ class SyslogSink:
     ) -> None:
         if transport not in ("udp", "tcp"):
             raise ValueError(f"syslog transport must be 'udp' or 'tcp', not {transport!r}")
-        syslog.pri(facility, 0)  # validates the facility
+        pri(facility, 0)  # validates the facility
         self.host = host
         self.port = port
         self.transport = transport
         self.app_name = app_name
-        self.hostname = hostname or socket.gethostname() or syslog.NILVALUE
+        self.hostname = hostname or socket.gethostname() or NILVALUE
         self.facility = facility
         self.procid = procid or str(os.getpid())
         self.sd_id = sd_id
@@ -181,7 +189,7 @@ class SyslogSink:
         """The RFC 5424 message (unframed, untruncated) for one JSON line."""
         decoded = json.loads(line)
         event: Mapping[str, object] = decoded if isinstance(decoded, dict) else {}
-        message = syslog.format_message(
+        message = format_message(
             event,
             line,
             now_ms=int(self._wall_clock() * 1000),
@@ -196,9 +204,9 @@ class SyslogSink:
     def write(self, line: str) -> None:
         message = self.format(line)
         if self.transport == "udp":
-            self._send_udp(syslog.truncate_utf8(message, self.udp_max_bytes))
+            self._send_udp(truncate_utf8(message, self.udp_max_bytes))
         else:
-            self._send_tcp(syslog.octet_frame(message))
+            self._send_tcp(octet_frame(message))
 
     def close(self) -> None:
         sock, self._sock = self._sock, None
