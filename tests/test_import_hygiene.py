@@ -5,6 +5,10 @@
 * ``tunnel`` never loads the UI (textual, rich, jvpn_tui), whatever module is imported.
 * No file under ``tunnel/`` even names the UI in an import statement, and no file under
   ``tunnel/core/`` names an I/O module or the clock (``time``).
+* The layout by program (DESIGN §2, issue 15): the core knows no program and no driver;
+  ``io/`` holds drivers only; ``client`` and ``gateway`` never import each other;
+  ``impair`` imports nothing else of ``tunnel``; ``jvpn_tui`` never reaches into
+  ``tunnel.core`` or ``tunnel.io`` (it goes through ``tunnel.api``); no import cycles.
 
 The runtime checks import in a fresh interpreter (``sys.executable -c``) one module at a
 time, so a failure names the first module that pulled the forbidden one in, with the
@@ -331,3 +335,189 @@ def test_static_detector_catches_every_import_form() -> None:
     # the same relative import from a package __init__ resolves one level lower
     init_found = static_violations("from .io import x\n", "tunnel", True, ("tunnel.io",))
     assert init_found == [(1, "tunnel.io"), (1, "tunnel.io.x")]
+
+
+# -- the layout by program (issue 15; DESIGN §2) -------------------------------------------
+
+LAYOUT_RULES: dict[str, tuple[str, ...]] = {
+    "tunnel.core": (
+        "tunnel.io", "tunnel.client", "tunnel.gateway", "tunnel.demo", "tunnel.impair",
+        "tunnel.api", "tunnel.observability", "tunnel.ownership",
+    ),
+    "tunnel.io": ("tunnel.client", "tunnel.gateway", "tunnel.demo", "tunnel.impair", "tunnel.api"),
+    "tunnel.observability": (
+        "tunnel.io", "tunnel.client", "tunnel.gateway", "tunnel.demo", "tunnel.impair",
+        "tunnel.api",
+    ),
+    "tunnel.ownership": (
+        "tunnel.io", "tunnel.client", "tunnel.gateway", "tunnel.demo", "tunnel.impair",
+        "tunnel.api",
+    ),
+    "tunnel.client": ("tunnel.gateway", "tunnel.impair"),
+    "tunnel.gateway": ("tunnel.client", "tunnel.demo", "tunnel.impair", "tunnel.api"),
+    "tunnel.impair": ("tunnel.",),
+    "tunnel.api": ("tunnel.io", "tunnel.client", "tunnel.gateway", "tunnel.demo", "tunnel.impair"),
+}  # fmt: skip
+"""package -> what it never imports. The core is sans-I/O and knows no program; io/ holds
+drivers only; the client and the gateway never import each other; the relay tool imports
+nothing else of tunnel; the engine <-> UI contract names no program."""
+
+UI_NEVER_IMPORTS = ("tunnel.core", "tunnel.io", "tunnel.gateway", "tunnel.impair")
+"""jvpn_tui talks to the engine through tunnel.api (and starts it through tunnel.client /
+tunnel.demo); it never reaches into the protocol core or the drivers."""
+
+CLIENT_MAY_IMPORT_DEMO = {"tunnel.client.headless"}
+"""The one place the client program chooses the demo (``--demo``); the engine itself never does."""
+
+
+def _owner(module: str, rules: dict[str, tuple[str, ...]]) -> str | None:
+    for package in rules:
+        if module == package or module.startswith(package + "."):
+            return package
+    return None
+
+
+def _imports_of(file: Path, root: Path) -> tuple[str, list[tuple[int, str]]]:
+    module, is_package = module_name(file, root)
+    return module, imported_names(file.read_text(encoding="utf-8"), module, is_package)
+
+
+def layout_violations(root: Path, rules: dict[str, tuple[str, ...]]) -> list[str]:
+    problems = []
+    for file in sorted((root / "tunnel").rglob("*.py")):
+        module, names = _imports_of(file, root)
+        package = _owner(module, rules)
+        if package is None:
+            continue
+        forbidden = rules[package]
+        if package == "tunnel.client" and module not in CLIENT_MAY_IMPORT_DEMO:
+            forbidden = (*forbidden, "tunnel.demo")
+        for line, name in names:
+            if any(
+                name == f or name.startswith(f if f.endswith(".") else f + ".") for f in forbidden
+            ):
+                if not (package == "tunnel.impair" and name.startswith("tunnel.impair")):
+                    problems.append(f"{file.relative_to(root)}:{line}: {module} imports {name}")
+    return sorted(set(problems))
+
+
+def test_layout_rules_hold() -> None:
+    problems = layout_violations(REPO_ROOT, LAYOUT_RULES)
+    assert not problems, "layout rules broken:\n" + "\n".join(problems)
+
+
+def test_the_ui_reaches_the_engine_only_through_the_contract() -> None:
+    problems = []
+    for file in sorted((REPO_ROOT / "jvpn_tui").rglob("*.py")):
+        module, names = _imports_of(file, REPO_ROOT)
+        for line, name in names:
+            if any(name == f or name.startswith(f + ".") for f in UI_NEVER_IMPORTS):
+                problems.append(f"{file.relative_to(REPO_ROOT)}:{line}: {module} imports {name}")
+    assert not problems, "\n".join(sorted(set(problems)))
+
+
+def import_graph(root: Path, top: str = "tunnel") -> dict[str, set[str]]:
+    """module -> modules of ``top`` it imports (any import statement, TYPE_CHECKING-only
+    imports excluded: they never execute). ``from pkg import name`` counts as an import of
+    ``pkg.name`` when that is a module, else of ``pkg``."""
+    files = {module_name(f, root)[0]: f for f in (root / top).rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for module, file in files.items():
+        is_package = file.name == "__init__.py"
+        tree = ast.parse(file.read_text(encoding="utf-8"))
+        skip = {
+            id(n)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+            for stmt in node.body
+            for n in ast.walk(stmt)
+        }
+        edges = set()
+        for node in ast.walk(tree):
+            if id(node) in skip or not isinstance(node, ast.Import | ast.ImportFrom):
+                continue
+            names = imported_names(ast.unparse(node), module, is_package)
+            if isinstance(node, ast.ImportFrom):
+                # ``from pkg import sub`` imports the submodule; ``from pkg import name``, pkg
+                base = names[0][1] if node.module else names[0][1].rpartition(".")[0]
+                subs = [n for _, n in names if n in files and n != base]
+                names = [(0, n) for n in subs] or [(0, base)]
+            for _, name in names:
+                while name and name not in files:
+                    name = name.rpartition(".")[0]
+                if name and name != module:
+                    edges.add(name)
+        graph[module] = edges
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles_in_tunnel() -> None:
+    found = cycles(import_graph(REPO_ROOT))
+    assert not found, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in found)
+
+
+def test_layout_and_cycle_detectors_can_fail(tmp_path: Path) -> None:
+    files = {
+        "tunnel/__init__.py": "",
+        "tunnel/client/__init__.py": "",
+        "tunnel/client/engine.py": "from tunnel.gateway.runtime import X\n",
+        "tunnel/gateway/__init__.py": "",
+        "tunnel/gateway/runtime.py": "from tunnel.gateway import thread\n",
+        "tunnel/gateway/thread.py": (
+            "from typing import TYPE_CHECKING\n"
+            "if TYPE_CHECKING:\n    from tunnel.client import engine\n"
+            "import tunnel.gateway.runtime\n"
+        ),
+        "tunnel/impair/__init__.py": "",
+        "tunnel/impair/relay.py": "from tunnel.impair import net\nfrom tunnel.core import wire\n",
+        "tunnel/impair/net.py": "",
+    }
+    for rel, text in files.items():
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    problems = layout_violations(tmp_path, LAYOUT_RULES)
+    assert problems == [
+        "tunnel/client/engine.py:1: tunnel.client.engine imports tunnel.gateway.runtime",
+        "tunnel/client/engine.py:1: tunnel.client.engine imports tunnel.gateway.runtime.X",
+        "tunnel/gateway/thread.py:3: tunnel.gateway.thread imports tunnel.client",
+        "tunnel/gateway/thread.py:3: tunnel.gateway.thread imports tunnel.client.engine",
+        "tunnel/impair/relay.py:2: tunnel.impair.relay imports tunnel.core",
+        "tunnel/impair/relay.py:2: tunnel.impair.relay imports tunnel.core.wire",
+    ]
+    assert cycles(import_graph(tmp_path)) == [["tunnel.gateway.runtime", "tunnel.gateway.thread"]]
