@@ -96,9 +96,11 @@ TERMINATE_COPIES = 2
 """TERMINATE is sent this many times on each live path: best effort, it is not acked."""
 
 MAX_TIMER_PASSES = 4
-"""``handle_timer`` repeats its pass while something is still due at ``now`` (an action of
-one pass can arm a row due at once, e.g. DEGRADED with a zero timeout); the bound only
-guards against a bug, which the timer property test would then report."""
+"""``handle_timer`` repeats its pass while something is still due at ``now``: an action late
+in one pass can make an earlier step due (a reattach request given up at the end of the
+pass frees the selector, whose dwell may have ended meanwhile). So no deadline at or before
+``now`` is left for the driver; the bound only guards against a bug, which the timer
+property test (tests/test_client_timers.py) reports."""
 
 MAX_CHAINED_ROWS = 8
 """Rows fired in one pass at most. Each row is armed only in states where its trigger is
@@ -544,8 +546,16 @@ class ClientSession:
             if deadline is None or deadline > now:
                 break
 
-    def _timer_pass(self, now: float) -> None:
+    def observe(self, now: float) -> None:
+        """Take the sample of path health the timed rows read at ``now``: overdue probes
+        count as lost, the active path is judged (healthy, or the reason it is not).
+        ``handle_timer`` does this first; doing it again at the same ``now`` changes
+        nothing (so a test can see the rows exactly as the timer will)."""
         self.paths.expire(now)
+        self._judge_active(now)
+
+    def _timer_pass(self, now: float) -> None:
+        self.observe(now)
         self._fire_rows(now)
         if self.machine.terminated:
             return
@@ -563,7 +573,7 @@ class ClientSession:
         for _ in range(MAX_CHAINED_ROWS):
             if self.machine.terminated:
                 return
-            self._judge_active(now)
+            self._judge_active(now)  # a fired row may have changed the active path
             row = most_urgent_row(due_rows(CLIENT_ROWS, self, self.state, now), self)
             if row is None:
                 return
