@@ -21,9 +21,10 @@ The session is composed of components that own their state (wireguard-go's peer 
 per concern): ``report`` (events, drops), ``machine`` (the state table), ``clocks`` and
 ``quality`` (what the timed rows read), ``paths`` (``PathSet``: health, probes, the active
 path), ``switching`` (``SwitchController``: recovery, switches, the request in flight),
-``handshake`` (``HandshakeInitiator``) and ``peer`` (the gateway's view). This class routes
-inputs to them and collects their outputs. Its timer is data: ``CLIENT_ROWS`` plus the
-components' own ``next_deadline()``.
+``handshake`` (``HandshakeInitiator``), ``keys`` (``KeySchedule``: the cipher and its
+rotation) and ``peer`` (the gateway's view). This class routes inputs to them and collects
+their outputs. Its timer is data: ``CLIENT_ROWS`` (client_rows.py) plus the components' own
+``next_deadline()``.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from tunnel.core.events import (
 from tunnel.core.handshake import HandshakeError
 from tunnel.core.health import PathStats
 from tunnel.core.initiator import HandshakeInitiator
+from tunnel.core.key_schedule import KeySchedule
 from tunnel.core.path import PathSet
 from tunnel.core.policy import Policy
 from tunnel.core.selection import Selector, SwitchLimiter
@@ -199,7 +201,7 @@ class ClientSession:
             static_private, gateway_public, self.index, self.paths.order
         )
         self.peer_index = 0
-        self.cipher: SessionCipher | None = None
+        self.keys = KeySchedule()
         self.inner_address = ""
         self.inner_prefix = 0
         self.inner_gateway = ""
@@ -223,6 +225,11 @@ class ClientSession:
     @property
     def state(self) -> State:
         return self.machine.state
+
+    @property
+    def cipher(self) -> SessionCipher | None:
+        """The session keys (None before the handshake)."""
+        return self.keys.cipher
 
     @property
     def state_version(self) -> int:
@@ -411,7 +418,7 @@ class ClientSession:
             )
             self.fire(Trigger.TERMINATE, reason, now, initiator="peer")
             return
-        self.cipher = SessionCipher(keys, replay_window=self.policy.replay_window_size, now=now)
+        self.keys.install(keys, self.policy.replay_window_size, now)
         self.peer_index = sender_index
         self.machine.session_id = payload.session_id.hex()
         self.peer.epoch = payload.epoch
@@ -564,8 +571,6 @@ class ClientSession:
         for path_id, probe_id in self.paths.due_probes(now):
             self.send_control(path_id, Probe(probe_id, path_id, self.report.ts_ms(now)))
         self._rekey_timer(now)
-        if self.cipher is not None:
-            self.cipher.discard_expired(now)
         self.report.maybe_drop_summary(now, self.base(now))
 
     def _fire_rows(self, now: float) -> None:
@@ -591,28 +596,12 @@ class ClientSession:
         self.fire(Trigger.TERMINATE, reason, now)
 
     def _rekey_timer(self, now: float) -> None:
-        cipher = self.cipher
-        at = self._rekey_at()
-        if cipher is None or at is None or now < at:
+        phase = self.keys.on_timer(now, self.policy.rekey_after_s)
+        if phase is None:
             return
-        if cipher.rekey(now):
-            active = self.paths.active
-            self.send_control(
-                active if active is not None else self.paths.order[0], Rekey(cipher.phase)
-            )
-            self.report.emit(
-                KeyRotated(**self.base(now), key_phase=cipher.phase, initiator="local")
-            )
-
-    def _rekey_at(self) -> float | None:
-        """When the current key generation is due for rotation; None while our last rekey
-        is unconfirmed (``rekey()`` refuses then; the peer's first datagram in the new
-        phase confirms it and brings the deadline back)."""
-        cipher = self.cipher
-        if cipher is None or cipher.rekey_pending:
-            return None
-        # key_age(now) = now - generation start, so the start is -key_age(0).
-        return -cipher.key_age(0.0) + self.policy.rekey_after_s
+        active = self.paths.active
+        self.send_control(active if active is not None else self.paths.order[0], Rekey(phase))
+        self.report.emit(KeyRotated(**self.base(now), key_phase=phase, initiator="local"))
 
     def next_deadline(self) -> float | None:
         """The earliest ``now`` at which handle_timer has work: ``earliest`` over the
@@ -626,8 +615,7 @@ class ClientSession:
             earliest(rows, self, self.state),
             self.paths.next_deadline(),
             self.switching.next_deadline(self._timer_now),
-            self._rekey_at(),
-            self.cipher.next_deadline() if self.cipher is not None else None,
+            self.keys.next_deadline(self.policy.rekey_after_s),
             self.report.drop_summary_due(),
         ]
         return min((t for t in times if t is not None), default=None)
