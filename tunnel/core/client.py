@@ -45,7 +45,6 @@ from tunnel.core.constants import (
     MSG_DATA,
     MSG_HANDSHAKE_INIT,
     MSG_HANDSHAKE_RESP,
-    PROTOCOL_VERSION,
 )
 from tunnel.core.drops import Drop
 from tunnel.core.endpoint import Reporter
@@ -62,9 +61,8 @@ from tunnel.core.events import (
     reason_from_wire,
     reason_to_wire,
 )
-from tunnel.core.handshake import HandshakeError
 from tunnel.core.health import PathStats
-from tunnel.core.initiator import HandshakeInitiator
+from tunnel.core.initiator import Accepted, HandshakeInitiator
 from tunnel.core.key_schedule import KeySchedule
 from tunnel.core.path import PathSet
 from tunnel.core.policy import Policy
@@ -82,14 +80,12 @@ from tunnel.core.wire import (
     ReattachAck,
     ReattachReject,
     Rekey,
-    RespPayload,
     StateAck,
     StateUpdate,
     Terminate,
     pack_control,
     parse_control,
     parse_header,
-    split_handshake,
 )
 
 __all__ = ["ClientSession", "ClientSnapshot", "PathSpec", "PathView"]
@@ -378,13 +374,7 @@ class ClientSession:
 
     def _on_cookie_reply(self, data: bytes, receiver_index: int, path_id: int, now: float) -> None:
         """The gateway is under load: keep its cookie, resend the INIT with mac2 once."""
-        if self.state is not State.BIRTH or not self.handshake.waiting:
-            self.report.count_drop(Drop.WRONG_STATE)
-            return
-        if receiver_index != self.index:
-            self.report.count_drop(Drop.UNKNOWN_SESSION)
-            return
-        result = self.handshake.on_cookie_reply(data, now)
+        result = self.handshake.on_cookie_reply(data, receiver_index, now)
         if isinstance(result, Drop):
             self.report.count_drop(result)
         elif result is not None:
@@ -393,33 +383,19 @@ class ClientSession:
     def _on_handshake_response(
         self, data: bytes, receiver_index: int, path_id: int, now: float
     ) -> None:
-        if self.state is not State.BIRTH or not self.handshake.waiting:
-            self.report.count_drop(Drop.WRONG_STATE)
-            return
-        if receiver_index != self.index:
-            self.report.count_drop(Drop.UNKNOWN_SESSION)
-            return
-        sender_index, noise = split_handshake(data)
-        try:
-            payload_bytes, keys = self.handshake.read_response(noise)
-        except HandshakeError:
-            self.report.count_drop(Drop.HANDSHAKE_FAILED)
-            return
-        payload = RespPayload.parse(payload_bytes)
-        if isinstance(payload, Drop):
-            self.report.count_drop(payload)
-            return
-        self.handshake.stop()
-        if payload.version != PROTOCOL_VERSION or payload.status != 0:
-            reason = (
-                Reason.PROTOCOL_VERSION_MISMATCH
-                if payload.version != PROTOCOL_VERSION
-                else reason_from_wire(payload.status) or Reason.POLICY_DENIED
-            )
-            self.fire(Trigger.TERMINATE, reason, now, initiator="peer")
-            return
-        self.keys.install(keys, self.policy.replay_window_size, now)
-        self.peer_index = sender_index
+        result = self.handshake.on_response(data, receiver_index)
+        if isinstance(result, Drop):
+            self.report.count_drop(result)
+        elif isinstance(result, Reason):
+            self.fire(Trigger.TERMINATE, result, now, initiator="peer")
+        else:
+            self._created(result, path_id, now)
+
+    def _created(self, accepted: Accepted, path_id: int, now: float) -> None:
+        """The gateway created the session: take its keys and parameters, attach."""
+        payload = accepted.payload
+        self.keys.install(accepted.keys, self.policy.replay_window_size, now)
+        self.peer_index = accepted.sender_index
         self.machine.session_id = payload.session_id.hex()
         self.peer.epoch = payload.epoch
         self.peer.state, self.peer.version = "ATTACHED", payload.state_version

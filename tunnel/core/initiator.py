@@ -3,23 +3,35 @@
 ``HandshakeInitiator`` owns the Noise initiator of the attempt in flight, the retry clock
 (one path after another, ``handshake_attempts`` sends spread over ``handshake_timeout_ms``),
 the overall deadline, the cookie jar and the INIT body that is resent once with mac2 when
-a COOKIE_REPLY arrives. It returns datagrams for the session to send and exposes its own
-``next_deadline()``; the session decides what a timeout or a response means.
+a COOKIE_REPLY arrives. It verifies the gateway's answers (``on_cookie_reply``,
+``on_response``), returns datagrams for the session to send and exposes its own
+``next_deadline()``; the session decides what a timeout or an accepted session means.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from tunnel.core.aead import TrafficKeys
 from tunnel.core.constants import MSG_HANDSHAKE_INIT, PROTOCOL_VERSION
 from tunnel.core.cookie import CookieJar
 from tunnel.core.drops import Drop
-from tunnel.core.handshake import Initiator
+from tunnel.core.events import Reason, reason_from_wire
+from tunnel.core.handshake import HandshakeError, Initiator
 from tunnel.core.policy import Policy
-from tunnel.core.wire import InitPayload, pack_handshake
+from tunnel.core.wire import InitPayload, RespPayload, pack_handshake, split_handshake
 
-__all__ = ["HandshakeInitiator"]
+__all__ = ["Accepted", "HandshakeInitiator"]
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The gateway created the session: its index, its parameters, the traffic keys."""
+
+    sender_index: int
+    payload: RespPayload
+    keys: TrafficKeys
 
 
 class HandshakeInitiator:
@@ -81,10 +93,12 @@ class HandshakeInitiator:
         self.next_send = now + interval if self.sends < policy.handshake_attempts else None
         return path_id, self.cookies.seal_init(self._body, now)
 
-    def on_cookie_reply(self, data: bytes, now: float) -> Drop | bytes | None:
+    def on_cookie_reply(self, data: bytes, receiver_index: int, now: float) -> Drop | bytes | None:
         """Keep the gateway's cookie; the INIT to resend with mac2 (once), else None."""
-        if self._body is None:
+        if not self.waiting or self._body is None:
             return Drop.WRONG_STATE
+        if receiver_index != self._index:
+            return Drop.UNKNOWN_SESSION
         drop = self.cookies.consume_reply(data, now)
         if drop is not None:
             return drop
@@ -93,10 +107,27 @@ class HandshakeInitiator:
         self._cookie_retried = True
         return self.cookies.seal_init(self._body, now)
 
-    def read_response(self, noise: bytes) -> tuple[bytes, TrafficKeys]:
-        """The response's payload and the session keys; raises ``HandshakeError``."""
-        assert self._noise is not None
-        return self._noise.read_response(noise)
+    def on_response(self, data: bytes, receiver_index: int) -> Drop | Reason | Accepted:
+        """The gateway's HANDSHAKE_RESP: a counted drop (not for us, or it does not verify;
+        the attempt goes on), the reason it refused (the attempt is over), or the session."""
+        if self._noise is None:
+            return Drop.WRONG_STATE
+        if receiver_index != self._index:
+            return Drop.UNKNOWN_SESSION
+        sender_index, noise = split_handshake(data)
+        try:
+            payload_bytes, keys = self._noise.read_response(noise)
+        except HandshakeError:
+            return Drop.HANDSHAKE_FAILED
+        payload = RespPayload.parse(payload_bytes)
+        if isinstance(payload, Drop):
+            return payload
+        self.stop()
+        if payload.version != PROTOCOL_VERSION:
+            return Reason.PROTOCOL_VERSION_MISMATCH
+        if payload.status != 0:
+            return reason_from_wire(payload.status) or Reason.POLICY_DENIED
+        return Accepted(sender_index, payload, keys)
 
     def stop(self) -> None:
         """Answered (or the session ended): no more retries, no deadline."""
