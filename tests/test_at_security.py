@@ -703,7 +703,7 @@ def test_at41_forged_and_replayed_server_responses_are_ignored_and_counted() -> 
 
     # 1. A fake REATTACH_ACK under keys the gateway does not have.
     fake = foreign_cipher().seal(
-        MSG_CONTROL, c.index, pack_control(ReattachAck(c._nonce + 1, s.epoch + 5, 99, 1))
+        MSG_CONTROL, c.index, pack_control(ReattachAck(c.switching.nonce + 1, s.epoch + 5, 99, 1))
     )
     bad = drops(c, Drop.BAD_TAG)
     sim.inject_to_client(fake, 1)
@@ -730,7 +730,7 @@ def test_at41_authentic_but_unsolicited_or_stale_acks_are_refused() -> None:
     # A request in flight that the gateway never sees.
     assert c.switch_to(2, sim.now) is None
     c.datagrams_to_send()
-    pending_nonce = c._nonce
+    pending_nonce = c.switching.nonce
     before = client_view(c)
     mark = len(sim.client_events)
     wrong_state = drops(c, Drop.WRONG_STATE)
@@ -902,9 +902,9 @@ def test_at47_client_ignores_late_answer_to_a_superseded_request_quietly() -> No
     c = sim.client
     s = gw_session(sim)
     assert c.switch_to(2, sim.now) is None
-    old_nonce = c._nonce
+    old_nonce = c.switching.nonce
     c.datagrams_to_send()  # lost
-    c._pending = None  # given up (as _pending_timer does)
+    c.switching.give_up()  # given up (as the retransmission timer does)
     assert c.switch_to(2, sim.now) is None
     c.datagrams_to_send()  # also lost: n+1 stays pending
     before = client_view(c)
@@ -921,7 +921,7 @@ def test_at47_client_ignores_late_answer_to_a_superseded_request_quietly() -> No
     assert not new_events(sim.client_events, mark, EventType.SECURITY_EVENT)
     assert client_view(c) == before and c.snapshot(sim.now).pending == 2
     # A never-sent nonce is still an unexpected response.
-    forged = ReattachReject(c._nonce + 3, reason_to_wire(Reason.STALE_REQUEST), 0, s.epoch)
+    forged = ReattachReject(c.switching.nonce + 3, reason_to_wire(Reason.STALE_REQUEST), 0, s.epoch)
     sim.inject_to_client(seal_from_gateway(sim, forged), 2)
     sim.advance(0.0)
     assert security(sim.client_events, mark, "UNEXPECTED_RESPONSE")

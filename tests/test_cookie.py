@@ -80,7 +80,7 @@ def stranger_init(gateway_public: bytes) -> bytes:
 
 
 def gateway_public(sim: Simulation) -> bytes:
-    return sim.client._gateway_public
+    return sim.client.handshake.gateway_public
 
 
 # -- normal operation ----------------------------------------------------------------------
@@ -139,7 +139,7 @@ def test_client_under_load_completes_the_handshake_after_one_retry() -> None:
     assert len(wire.cookie_replies()) == 1
     assert first[-MAC_LEN:] == bytes(MAC_LEN) and retry[-MAC_LEN:] != bytes(MAC_LEN)
     assert first[:-MAC_LEN] == retry[:-MAC_LEN]  # the same INIT, now with mac2
-    assert sim.client._hs_sends == 1  # the retry is not a handshake attempt of its own
+    assert sim.client.handshake.sends == 1  # the retry is not a handshake attempt of its own
     assert drops(gw, Drop.COOKIE_REQUIRED) == flood_cookies + 1
     assert drops(gw, Drop.UNKNOWN_CLIENT_KEY) == dh_spent
     assert len([s for s in gw.sessions.values() if not s.machine.terminated]) == 1
@@ -284,7 +284,7 @@ def test_garbage_cookie_replies_are_dropped_by_the_client() -> None:
         c.receive_datagram(data, path, 0.01)
         assert drops(c, reason) == before + 1, reason
         assert c.datagrams_to_send() == [] and c.state is State.BIRTH
-        assert not c._cookies.has_cookie(0.01)
+        assert not c.handshake.cookies.has_cookie(0.01)
 
     # The real reply: one retry; replaying that reply triggers no second one.
     gw.receive_datagram(init, wire_addr(sim), 0.02)

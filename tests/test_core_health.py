@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tunnel.core.events import Reason
 from tunnel.core.health import (
     MAX_LATE_PROBES,
     MAX_LOSS_SAMPLES,
@@ -228,7 +229,7 @@ def test_next_deadline_is_the_dead_time_or_the_probe_expiry() -> None:
 # -- classification -----------------------------------------------------------------------
 
 
-def classify(h: PathHealth, now: float, latency: float | None = None) -> str | None:
+def classify(h: PathHealth, now: float, latency: float | None = None) -> Reason | None:
     return h.classify(
         now, loss_threshold=0.20, max_consecutive_drops=3, latency_threshold_ms=latency
     )
@@ -242,11 +243,11 @@ def test_classify_priority_misses_then_loss_then_latency() -> None:
     for i in range(4, 7):  # three losses in a row
         t = lose(h, i, t)
     # misses 3 >= 3, loss 3/7 > 0.2 and srtt > 100: misses win
-    assert classify(h, t, latency=100.0) == "consecutive_drop_exceeded"
+    assert classify(h, t, latency=100.0) is Reason.CONSECUTIVE_DROP_EXCEEDED
     ack_after(h, 7, t, 200.0)  # misses reset, loss 3/8 still > 0.2
     t += 0.2
-    assert classify(h, t, latency=100.0) == "loss_threshold_exceeded"
-    assert classify(h, 10.0, latency=100.0) == "latency_threshold_exceeded"  # loss aged out
+    assert classify(h, t, latency=100.0) is Reason.LOSS_THRESHOLD_EXCEEDED
+    assert classify(h, 10.0, latency=100.0) is Reason.LATENCY_THRESHOLD_EXCEEDED  # loss aged out
     assert classify(h, 10.0, latency=None) is None
     assert classify(h, 10.0, latency=300.0) is None
 
@@ -264,7 +265,7 @@ def test_classify_loss_is_strict_and_misses_inclusive() -> None:
         t = lose(h2, i, t)
     assert classify(h2, t) is None
     t = lose(h2, 2, t)
-    assert classify(h2, t) == "consecutive_drop_exceeded"  # 3 >= 3
+    assert classify(h2, t) is Reason.CONSECUTIVE_DROP_EXCEEDED  # 3 >= 3
 
 
 def test_at26b_single_spike_does_not_report_latency() -> None:
@@ -281,7 +282,7 @@ def test_at26b_single_spike_does_not_report_latency() -> None:
     for i in range(21, 30):
         ack_after(h, i, t, 290.0)
         t += 0.3
-    assert classify(h, t, latency=150.0) == "latency_threshold_exceeded"
+    assert classify(h, t, latency=150.0) is Reason.LATENCY_THRESHOLD_EXCEEDED
 
 
 # -- score --------------------------------------------------------------------------------
@@ -457,7 +458,7 @@ def test_classify_judges_one_way_loss_only_when_asked() -> None:
     now = drive(h, [(i % 3 != 0, True) for i in range(40)])  # ~33 % up, ~33 % round trip
     kwargs = {"loss_threshold": 0.36, "max_consecutive_drops": 100}
     assert h.classify(now, **kwargs) is None
-    assert h.classify(now, **kwargs, one_way_threshold=0.25) == "loss_threshold_exceeded"
+    assert h.classify(now, **kwargs, one_way_threshold=0.25) is Reason.LOSS_THRESHOLD_EXCEEDED
     assert h.classify(now, **kwargs, one_way_threshold=0.40) is None
 
 

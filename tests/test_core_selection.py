@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tunnel.core.events import Reason
 from tunnel.core.selection import Selector, SwitchLimiter, best_candidate
 
 # -- SwitchLimiter ------------------------------------------------------------------------
@@ -19,14 +20,14 @@ def test_at24_switch_cap() -> None:
         assert lim.check(float(i)) is None
         lim.record(float(i))
     assert lim.budget_left(4.0) == 0
-    assert lim.check(5.0) == "switch_rate_limited"
-    assert lim.check(59.999) == "switch_rate_limited"
-    assert lim.check(30.0, manual=True) == "switch_rate_limited"  # the cap binds manual too
+    assert lim.check(5.0) is Reason.SWITCH_RATE_LIMITED
+    assert lim.check(59.999) is Reason.SWITCH_RATE_LIMITED
+    assert lim.check(30.0, manual=True) is Reason.SWITCH_RATE_LIMITED  # the cap binds manual too
     assert lim.next_change(5.0) == pytest.approx(60.0)
     assert lim.check(60.0) is None  # the switch at t=0 aged out
     assert lim.budget_left(60.0) == 1
     lim.record(60.0)
-    assert lim.check(60.5) == "switch_rate_limited"
+    assert lim.check(60.5) is Reason.SWITCH_RATE_LIMITED
     assert lim.check(61.0) is None
 
 
@@ -34,7 +35,7 @@ def test_at25_cooldown() -> None:
     lim = SwitchLimiter(max_per_min=8, cooldown_ms=1500)
     assert lim.cooldown_remaining_ms(0.0) == 0.0
     lim.record(10.0)
-    assert lim.check(11.0) == "cooldown_active"
+    assert lim.check(11.0) is Reason.COOLDOWN_ACTIVE
     assert lim.cooldown_remaining_ms(11.0) == pytest.approx(500.0)
     assert lim.next_change(11.0) == pytest.approx(11.5)
     assert lim.check(11.0, manual=True) is None  # manual: exempt from the cooldown
@@ -46,12 +47,12 @@ def test_at25_cooldown() -> None:
 def test_at25_manual_exempt_from_cooldown_but_not_from_the_cap() -> None:
     lim = SwitchLimiter(max_per_min=2, cooldown_ms=1500)
     lim.record(0.0)
-    assert lim.check(0.1) == "cooldown_active"
+    assert lim.check(0.1) is Reason.COOLDOWN_ACTIVE
     assert lim.check(0.1, manual=True) is None
     lim.record(0.1)
     # both limits hold now: the cap is reported first
-    assert lim.check(0.2) == "switch_rate_limited"
-    assert lim.check(0.2, manual=True) == "switch_rate_limited"
+    assert lim.check(0.2) is Reason.SWITCH_RATE_LIMITED
+    assert lim.check(0.2, manual=True) is Reason.SWITCH_RATE_LIMITED
     assert lim.check(60.0, manual=True) is None
 
 
@@ -72,10 +73,10 @@ def test_reconfigure_keeps_history() -> None:
     for t in (0.0, 1.0, 2.0, 3.0):
         lim.record(t)
     lim.reconfigure(max_per_min=3, cooldown_ms=5000)
-    assert lim.check(4.0, manual=True) == "switch_rate_limited"
+    assert lim.check(4.0, manual=True) is Reason.SWITCH_RATE_LIMITED
     assert lim.budget_left(61.5) == 1  # only the switch at 2.0 and 3.0 remain
     lim.reconfigure(max_per_min=8, cooldown_ms=5000)
-    assert lim.check(4.0) == "cooldown_active"
+    assert lim.check(4.0) is Reason.COOLDOWN_ACTIVE
 
 
 def test_limiter_refuses_an_unbounded_cap() -> None:

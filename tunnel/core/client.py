@@ -17,28 +17,26 @@ active path, and changes it only through a REATTACH_REQUEST the gateway acknowle
   candidate judged healthy): DEGRADED -> ATTACHED (R3);
 - operator switch: a versioned rebind (R1-R3), exempt from cooldown, counted in the budget.
 
-This module holds the session's state, the datagram and TUN inputs, the commands and the
-outputs. The rest is split by concern into mixins that ``ClientSession`` inherits:
-``client_handshake`` (BIRTH: ``connect``, INIT, cookie, response), ``client_paths``
-(per-path liveness, scores, classification, probes), ``client_reattach`` (path death,
-recovery, proactive switches, the REATTACH_REQUEST in flight) and ``client_timers``
-(``handle_timer``, timed triggers, rekey, ``next_deadline``). ``PathSpec`` and ``PathView``
-stay importable from here.
+The session is composed of components that own their state (wireguard-go's peer grouped
+per concern): ``report`` (events, drops), ``machine`` (the state table), ``clocks`` and
+``quality`` (what the timed rows read), ``paths`` (``PathSet``: health, probes, the active
+path), ``switching`` (``SwitchController``: recovery, switches, the request in flight),
+``handshake`` (``HandshakeInitiator``), ``keys`` (``KeySchedule``: the cipher and its
+rotation) and ``peer`` (the gateway's view). This class routes inputs to them and collects
+their outputs. Its timer is data: ``CLIENT_ROWS`` (client_rows.py) plus the components' own
+``next_deadline()``.
 """
 
 from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from tunnel.core.aead import KeyExhausted, SessionCipher
-from tunnel.core.client_handshake import _HandshakeMixin
-from tunnel.core.client_paths import PathSpec, PathView, _Path, _PathsMixin
-from tunnel.core.client_reattach import _Pending, _ReattachMixin
-from tunnel.core.client_timers import _TimersMixin
+from tunnel.core.client_rows import CLIENT_ROWS, QualityClocks
 from tunnel.core.constants import (
     MAX_INNER_PACKET,
     MAX_STATE_VERSION,
@@ -48,8 +46,8 @@ from tunnel.core.constants import (
     MSG_HANDSHAKE_INIT,
     MSG_HANDSHAKE_RESP,
 )
-from tunnel.core.cookie import CookieJar
 from tunnel.core.drops import Drop
+from tunnel.core.endpoint import Reporter
 from tunnel.core.events import (
     Diagnostic,
     Event,
@@ -58,21 +56,28 @@ from tunnel.core.events import (
     PeerState,
     PolicyEvent,
     Reason,
+    SessionCreated,
+    TransportAttached,
     reason_from_wire,
     reason_to_wire,
 )
-from tunnel.core.handshake import Initiator
+from tunnel.core.health import PathStats
+from tunnel.core.initiator import Accepted, HandshakeInitiator
+from tunnel.core.key_schedule import KeySchedule
+from tunnel.core.path import PathSet
 from tunnel.core.policy import Policy
 from tunnel.core.selection import Selector, SwitchLimiter
 from tunnel.core.session import SessionMachine, State, Trigger
+from tunnel.core.switching import PeerView, SwitchController
+from tunnel.core.timers import SessionClocks, TimedRow, due_rows, earliest, most_urgent_row
 from tunnel.core.wire import (
     STATE_CODES,
     Control,
     PathChallenge,
     PathResponse,
+    Probe,
     ProbeAck,
     ReattachAck,
-    ReattachKind,
     ReattachReject,
     Rekey,
     StateAck,
@@ -87,6 +92,35 @@ __all__ = ["ClientSession", "ClientSnapshot", "PathSpec", "PathView"]
 
 TERMINATE_COPIES = 2
 """TERMINATE is sent this many times on each live path: best effort, it is not acked."""
+
+MAX_TIMER_PASSES = 4
+"""``handle_timer`` repeats its pass while something is still due at ``now``: an action late
+in one pass can make an earlier step due (a reattach request given up at the end of the
+pass frees the selector, whose dwell may have ended meanwhile). So no deadline at or before
+``now`` is left for the driver; the bound only guards against a bug, which the timer
+property test (tests/test_client_timers.py) reports."""
+
+MAX_CHAINED_ROWS = 8
+"""Rows fired in one pass at most. Each row is armed only in states where its trigger is
+legal, and firing it changes the state or ends the session, so chains are short."""
+
+
+@dataclass(frozen=True, slots=True)
+class PathSpec:
+    """A candidate transport as the core sees it: an id and a human label."""
+
+    path_id: int
+    label: str
+
+
+@dataclass(frozen=True, slots=True)
+class PathView:
+    """One path in a :class:`ClientSnapshot`: its stats and its role for the session."""
+
+    stats: PathStats
+    label: str
+    role: str
+    validated: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +150,7 @@ class ClientSnapshot:
     inner_address: str
 
 
-class ClientSession(_TimersMixin, _HandshakeMixin, _ReattachMixin, _PathsMixin):
+class ClientSession:
     """The client protocol machine; see the module docstring for its inputs and outputs."""
 
     def __init__(
@@ -132,7 +166,6 @@ class ClientSession(_TimersMixin, _HandshakeMixin, _ReattachMixin, _PathsMixin):
         wall_offset: float = 0.0,
         max_version: int = MAX_STATE_VERSION,
     ) -> None:
-        super().__init__(node_id=node_id, wall_offset=wall_offset, now=now)
         if not paths:
             raise ValueError("a client needs at least one path")
         if len({p.path_id for p in paths}) != len(paths):
@@ -141,89 +174,121 @@ class ClientSession(_TimersMixin, _HandshakeMixin, _ReattachMixin, _PathsMixin):
             raise ValueError(
                 f"{len(paths)} paths configured, policy allows {policy.max_candidate_count}"
             )
+        self.node_id = node_id
+        self.wall_offset = wall_offset
         self.policy = policy
-        self._static = static_private
-        self._gateway_public = gateway_public
-        self._rng = rng or random.Random()
-        self._paths: dict[int, _Path] = {p.path_id: _Path(p, policy, now) for p in paths}
-        self._order = [p.path_id for p in paths]
+        self.report = Reporter(node_id=node_id, wall_offset=wall_offset, now=now)
         self.machine = SessionMachine(
             node_id=node_id,
             policy_version=policy.policy_version,
-            emit=self.emit,
+            emit=self.report.emit,
             max_version=max_version,
         )
-        self.limiter = SwitchLimiter(policy.max_switches_per_min, policy.switch_cooldown_ms)
-        self.selector = Selector(policy.switch_improvement_factor, policy.switch_dwell_ms)
-        self.auto_switch = True
-        self.index = self._rng.getrandbits(32) or 1
+        self.clocks = SessionClocks(now, transportless=True)
+        self.quality = QualityClocks()
+        self.peer = PeerView()
+        self.paths = PathSet(
+            [(p.path_id, p.label) for p in paths], policy, now, emit=self.report.emit,
+            base=self.base,
+        )  # fmt: skip
+        self.switching = SwitchController(self, policy)
+        self.index = (rng or random.Random()).getrandbits(32) or 1
+        self.handshake = HandshakeInitiator(
+            static_private, gateway_public, self.index, self.paths.order
+        )
         self.peer_index = 0
-        self.cipher: SessionCipher | None = None
-        self.active: int | None = None
-        self.epoch = 0
-        self.peer_state = "BIRTH"
-        self.peer_version = 0
+        self.keys = KeySchedule()
         self.inner_address = ""
         self.inner_prefix = 0
         self.inner_gateway = ""
         self.mtu = 1420
         self.advertised: tuple[tuple[str, int], ...] = ()
-        self.total_switches = 0
         self._out: list[tuple[int, bytes]] = []
         self._tun: list[bytes] = []
         self._queue: deque[bytes] = deque()
         self._queue_bytes = 0
         self.queue_dropped = 0
-        self._initiator: Initiator | None = None
-        self._hs_sends = 0
-        self._hs_next: float | None = None
-        self._hs_deadline: float | None = None
-        self._cookies = CookieJar(gateway_public)
-        self._hs_body: bytes | None = None
-        """The last INIT without its MACs, resent with mac2 once when a cookie arrives."""
-        self._cookie_retried = False
-        self._born = now
-        self._started = now
-        self._transportless_since: float | None = now
-        self._recovery_started: float | None = None
-        self._death_at: float | None = None
-        self._volatile_since: float | None = None
-        self._degraded_since: float | None = None
-        self._stable_since: float | None = None
-        self._pending: _Pending | None = None
-        self._nonce = 0
-        self._last_acked_nonce = 0
-        self._state_seq = 0
-        self._probe_seq = 0
-        self._denied_once: set[Reason] = set()
-        self._excluded: set[int] = set()
-        self._previous_dead: int | None = None
         self._timer_now = now
+        self._row_handlers: dict[Trigger, Callable[[Reason, float], None]] = {
+            Trigger.TERMINATE: self._terminate_by_row,
+            Trigger.TRANSPORT_DEAD: lambda _reason, now: self.switching.on_transport_dead(now),
+            Trigger.INSTABILITY: self.switching.on_instability,
+            Trigger.DEGRADE: self.switching.enter_degraded,
+            Trigger.STABILITY_RESTORED: lambda _reason, now: self.switching.on_stability(now),
+        }
 
-    # == helpers ===========================================================================
+    # == read-only views =====================================================================
     @property
     def state(self) -> State:
         return self.machine.state
 
-    def _base(self, now: float) -> EventBase:
-        return self.machine.base(self.ts_ms(now))
+    @property
+    def cipher(self) -> SessionCipher | None:
+        """The session keys (None before the handshake)."""
+        return self.keys.cipher
 
-    def _fire(self, trigger: Trigger, reason: Reason, now: float, **fields: Any) -> bool:
+    @property
+    def state_version(self) -> int:
+        return self.machine.version
+
+    @property
+    def active(self) -> int | None:
+        return self.paths.active
+
+    @property
+    def epoch(self) -> int:
+        return self.peer.epoch
+
+    @property
+    def peer_state(self) -> str:
+        return self.peer.state
+
+    @property
+    def peer_version(self) -> int:
+        return self.peer.version
+
+    @property
+    def total_switches(self) -> int:
+        return self.switching.total_switches
+
+    @property
+    def auto_switch(self) -> bool:
+        return self.switching.auto_switch
+
+    @property
+    def limiter(self) -> SwitchLimiter:
+        return self.switching.limiter
+
+    @property
+    def selector(self) -> Selector:
+        return self.switching.selector
+
+    @property
+    def drops(self) -> dict[str, int]:
+        return self.report.drops
+
+    @property
+    def events_dropped(self) -> int:
+        return self.report.events_dropped
+
+    def ts_ms(self, now: float) -> int:
+        return self.report.ts_ms(now)
+
+    # == what the components call ==========================================================
+    def base(self, now: float) -> EventBase:
+        return self.machine.base(self.report.ts_ms(now))
+
+    def fire(self, trigger: Trigger, reason: Reason, now: float, **fields: Any) -> bool:
         if trigger is Trigger.TERMINATE:
-            fields.setdefault("session_age_ms", (now - self._born) * 1000)
-            fields.setdefault("transportless_age_ms", self._transportless_ms(now))
+            fields.setdefault("session_age_ms", self.clocks.age_ms(now))
+            fields.setdefault("transportless_age_ms", self.clocks.transportless_ms(now))
             fields.setdefault("total_switches", self.total_switches)
-        ok = self.machine.fire(trigger, reason, self.ts_ms(now), **fields)
+        ok = self.machine.fire(trigger, reason, self.report.ts_ms(now), **fields)
         if self.machine.terminated:
             self._on_terminated()
         return ok
 
-    def _transportless_ms(self, now: float) -> float:
-        if self._transportless_since is None:
-            return 0.0
-        return (now - self._transportless_since) * 1000
-
-    def _send_control(self, path_id: int, msg: Control) -> None:
+    def send_control(self, path_id: int, msg: Control) -> None:
         if self.cipher is None:
             return
         try:
@@ -231,142 +296,209 @@ class ClientSession(_TimersMixin, _HandshakeMixin, _ReattachMixin, _PathsMixin):
                 (path_id, self.cipher.seal(MSG_CONTROL, self.peer_index, pack_control(msg)))
             )
         except KeyExhausted:
-            self.count_drop(Drop.KEY_EXHAUSTED)
+            self.report.count_drop(Drop.KEY_EXHAUSTED)
+
+    def switched(self, path_id: int, now: float) -> None:
+        """The binding moved to ``path_id`` (the gateway acknowledged): send what waited."""
+        self._flush_queue()
 
     # == inputs ============================================================================
     def receive_datagram(self, data: bytes, path_id: int, now: float) -> None:
-        if path_id not in self._paths:
+        if path_id not in self.paths:
             raise ValueError(f"unknown path id {path_id}")
         if self.machine.terminated:
-            self.count_drop(Drop.WRONG_STATE)
+            self.report.count_drop(Drop.WRONG_STATE)
             return
         header = parse_header(data)
         if isinstance(header, Drop):
-            self.count_drop(header)
-            return
-        if header.msg_type == MSG_HANDSHAKE_RESP:
+            self.report.count_drop(header)
+        elif header.msg_type == MSG_HANDSHAKE_RESP:
             self._on_handshake_response(data, header.receiver_index, path_id, now)
-            return
-        if header.msg_type == MSG_COOKIE_REPLY:
+        elif header.msg_type == MSG_COOKIE_REPLY:
             self._on_cookie_reply(data, header.receiver_index, path_id, now)
-            return
-        if header.msg_type == MSG_HANDSHAKE_INIT or self.cipher is None:
-            self.count_drop(Drop.WRONG_STATE)
-            return
-        if header.receiver_index != self.index:
-            self.count_drop(Drop.UNKNOWN_SESSION)
-            return
-        phase_before = self.cipher.phase
-        plaintext = self.cipher.open(data, now)
+        elif header.msg_type == MSG_HANDSHAKE_INIT or self.cipher is None:
+            self.report.count_drop(Drop.WRONG_STATE)
+        elif header.receiver_index != self.index:
+            self.report.count_drop(Drop.UNKNOWN_SESSION)
+        else:
+            self._on_sealed(data, header.msg_type, self.cipher, path_id, now)
+
+    def _on_sealed(
+        self, data: bytes, msg_type: int, cipher: SessionCipher, path_id: int, now: float
+    ) -> None:
+        phase_before = cipher.phase
+        plaintext = cipher.open(data, now)
         if isinstance(plaintext, Drop):
             self._on_bad_packet(plaintext, path_id, now)
             return
-        if self.cipher.phase != phase_before:
-            self.emit(KeyRotated(**self._base(now), key_phase=self.cipher.phase, initiator="peer"))
-        path = self._paths[path_id]
-        path.health.inbound(now)
-        if header.msg_type == MSG_DATA:
+        if cipher.phase != phase_before:
+            self.report.emit(KeyRotated(**self.base(now), key_phase=cipher.phase, initiator="peer"))
+        self.paths.get(path_id).health.inbound(now)
+        if msg_type == MSG_DATA:
             if not plaintext or plaintext[0] >> 4 not in (4, 6):
-                self.count_drop(Drop.MALFORMED)
+                self.report.count_drop(Drop.MALFORMED)
                 return
             self._tun.append(plaintext)
             return
         msg = parse_control(plaintext)
         if isinstance(msg, Drop):
-            self.count_drop(msg)
+            self.report.count_drop(msg)
             return
         self._on_control(msg, path_id, now)
 
     def _on_bad_packet(self, drop: Drop, path_id: int, now: float) -> None:
-        self.count_drop(drop)
+        self.report.count_drop(drop)
         if drop is Drop.BAD_TAG:
-            self._security(
-                now, self._base(now), "INVALID_PROOF", Reason.BAD_PROOF, transport_id=path_id
+            self.report.security(
+                now, self.base(now), "INVALID_PROOF", Reason.BAD_PROOF, transport_id=path_id
             )
         elif drop is Drop.REPLAY:
-            self._security(
-                now, self._base(now), "REPLAY_DETECTED", Reason.REPLAY_DETECTED,
+            self.report.security(
+                now, self.base(now), "REPLAY_DETECTED", Reason.REPLAY_DETECTED,
                 transport_id=path_id,
             )  # fmt: skip
+
+    # -- the handshake -------------------------------------------------------------------------
+    def connect(self, now: float) -> None:
+        """Start the handshake (BIRTH). Idempotent."""
+        if self.state is not State.BIRTH or self.handshake.started:
+            return
+        self.clocks = SessionClocks(now, transportless=True)
+        self._out.append(self.handshake.start(now, self.policy, self.report.ts_ms(now)))
+
+    def _handshake_timer(self, now: float) -> None:
+        if self.handshake.expired(now):
+            self.fire(Trigger.TERMINATE, Reason.HANDSHAKE_FAILED, now)
+        elif (out := self.handshake.on_timer(now, self.policy, self.report.ts_ms(now))) is not None:
+            self._out.append(out)
+
+    def _on_cookie_reply(self, data: bytes, receiver_index: int, path_id: int, now: float) -> None:
+        """The gateway is under load: keep its cookie, resend the INIT with mac2 once."""
+        result = self.handshake.on_cookie_reply(data, receiver_index, now)
+        if isinstance(result, Drop):
+            self.report.count_drop(result)
+        elif result is not None:
+            self._out.append((path_id, result))
+
+    def _on_handshake_response(
+        self, data: bytes, receiver_index: int, path_id: int, now: float
+    ) -> None:
+        result = self.handshake.on_response(data, receiver_index)
+        if isinstance(result, Drop):
+            self.report.count_drop(result)
+        elif isinstance(result, Reason):
+            self.fire(Trigger.TERMINATE, result, now, initiator="peer")
+        else:
+            self._created(result, path_id, now)
+
+    def _created(self, accepted: Accepted, path_id: int, now: float) -> None:
+        """The gateway created the session: take its keys and parameters, attach."""
+        payload = accepted.payload
+        self.keys.install(accepted.keys, self.policy.replay_window_size, now)
+        self.peer_index = accepted.sender_index
+        self.machine.session_id = payload.session_id.hex()
+        self.peer.epoch = payload.epoch
+        self.peer.state, self.peer.version = "ATTACHED", payload.state_version
+        self.inner_address, self.inner_prefix = payload.inner_address, payload.inner_prefix
+        self.inner_gateway, self.mtu = payload.inner_gateway, payload.mtu
+        self.advertised = payload.endpoints
+        self._attach_first(path_id, now)
+
+    def _attach_first(self, path_id: int, now: float) -> None:
+        """The response came on ``path_id``: it is validated and carries the session."""
+        path = self.paths.get(path_id)
+        path.health.inbound(now)
+        self.paths.validated(path_id, now)
+        self.clocks = SessionClocks(now, transportless=False)
+        self.paths.activate(path_id, now)
+        self.fire(Trigger.HANDSHAKE_OK, Reason.ATTACHED_TO_TRANSPORT, now)
+        base = self.base(now)
+        self.report.emit(
+            SessionCreated(
+                **base, peer=f"gateway via {path.label}", inner_address=self.inner_address
+            )
+        )
+        self.report.emit(
+            TransportAttached(
+                **base, transport_id=path_id, path=path.label, binding_epoch=self.peer.epoch
+            )
+        )
+        self.paths.probe_all_soon(now)
+        self._flush_queue()
 
     # -- control messages ------------------------------------------------------------------
     def _on_control(self, msg: Control, path_id: int, now: float) -> None:
         if isinstance(msg, ProbeAck):
-            self._paths[path_id].health.probe_acked(msg.probe_id, now, msg.rx_probes)
-            self._mark_validated(path_id, now)
-            self._peer_view(STATE_CODES[msg.gw_state], self.peer_version, msg.epoch, now)
+            self.paths.get(path_id).health.probe_acked(msg.probe_id, now, msg.rx_probes)
+            self.paths.validated(path_id, now)
+            self._peer_view(STATE_CODES[msg.gw_state], self.peer.version, msg.epoch, now)
         elif isinstance(msg, PathChallenge):
-            self._send_control(path_id, PathResponse(msg.token))
+            self.send_control(path_id, PathResponse(msg.token))
         elif isinstance(msg, ReattachAck):
-            self._on_reattach_ack(msg, path_id, now)
+            self.switching.on_ack(msg, path_id, now)
         elif isinstance(msg, ReattachReject):
-            self._on_reattach_reject(msg, now)
+            self.switching.on_reject(msg, now)
         elif isinstance(msg, StateUpdate):
-            self._send_control(path_id, StateAck(msg.seq))
-            if msg.seq <= self._state_seq:
-                return
-            self._state_seq = msg.seq
-            if msg.gw_version < self.peer_version:
-                self.emit(
-                    Diagnostic(
-                        **self._base(now),
-                        reason_code=Reason.STALE_STATE_VERSION,
-                        detail=(
-                            f"gateway state update v{msg.gw_version} < known v{self.peer_version}"
-                        ),
-                        state=str(self.state),
-                    )
-                )
-                return
-            self._peer_view(STATE_CODES[msg.gw_state], msg.gw_version, msg.epoch, now)
+            self._on_state_update(msg, path_id, now)
         elif isinstance(msg, Terminate):
             reason = reason_from_wire(msg.reason) or Reason.PEER_TERMINATED
-            self._fire(Trigger.TERMINATE, reason, now, initiator="peer")
+            self.fire(Trigger.TERMINATE, reason, now, initiator="peer")
         elif isinstance(msg, Rekey):
             pass  # the key phase change itself was handled by SessionCipher.open
         else:
-            self.count_drop(Drop.UNKNOWN_TYPE)
+            self.report.count_drop(Drop.UNKNOWN_TYPE)
 
-    def _peer_view(self, state: str, version: int, epoch: int, now: float) -> None:
-        changed = state != self.peer_state or version != self.peer_version
-        if epoch > self.epoch:
-            self.epoch = epoch
-            changed = True
-        self.peer_state, self.peer_version = state, max(version, self.peer_version)
-        if changed:
-            self.emit(
-                PeerState(
-                    **self._base(now),
-                    peer_state=state,
-                    peer_state_version=self.peer_version,
-                    binding_epoch=self.epoch,
+    def _on_state_update(self, msg: StateUpdate, path_id: int, now: float) -> None:
+        self.send_control(path_id, StateAck(msg.seq))
+        if msg.seq <= self.peer.update_seq:
+            return
+        self.peer.update_seq = msg.seq
+        if msg.gw_version < self.peer.version:
+            self.report.emit(
+                Diagnostic(
+                    **self.base(now),
+                    reason_code=Reason.STALE_STATE_VERSION,
+                    detail=f"gateway state update v{msg.gw_version} < known v{self.peer.version}",
+                    state=str(self.state),
                 )
             )
+            return
+        self._peer_view(STATE_CODES[msg.gw_state], msg.gw_version, msg.epoch, now)
+
+    def _peer_view(self, state: str, version: int, epoch: int, now: float) -> None:
+        peer = self.peer
+        changed = state != peer.state or version != peer.version
+        if epoch > peer.epoch:
+            peer.epoch = epoch
+            changed = True
+        peer.state, peer.version = state, max(version, peer.version)
+        if changed:
+            self.report.emit(
+                PeerState(
+                    **self.base(now), peer_state=state, peer_state_version=peer.version,
+                    binding_epoch=peer.epoch,
+                )
+            )  # fmt: skip
         if state == "TERMINATED":
-            self._fire(Trigger.TERMINATE, Reason.PEER_TERMINATED, now, initiator="peer")
-        elif (
-            state == "RECOVERING"
-            and self.active is not None
-            and self._pending is None
-            and self._live(self.active, now)
-        ):
-            # The gateway lost our binding while our path works: re-assert it (D3).
-            self._start_reattach(self.active, ReattachKind.RESUME, Reason.TRANSPORT_RESUMED, now)
+            self.fire(Trigger.TERMINATE, Reason.PEER_TERMINATED, now, initiator="peer")
+        elif state == "RECOVERING":
+            self.switching.peer_recovering(now)
 
     # -- data ------------------------------------------------------------------------------
     def receive_tun_packet(self, packet: bytes, now: float) -> None:
         """An inner IP packet to carry. Waits in a bounded queue while no path is active."""
         if not packet or len(packet) > MAX_INNER_PACKET:
-            self.count_drop(Drop.OVERSIZED if packet else Drop.TRUNCATED)
+            self.report.count_drop(Drop.OVERSIZED if packet else Drop.TRUNCATED)
             return
         if self.machine.terminated:
-            self.count_drop(Drop.WRONG_STATE)
+            self.report.count_drop(Drop.WRONG_STATE)
             return
-        if self.active is not None and self.cipher is not None:
+        active = self.paths.active
+        if active is not None and self.cipher is not None:
             try:
-                self._out.append((self.active, self.cipher.seal(MSG_DATA, self.peer_index, packet)))
+                self._out.append((active, self.cipher.seal(MSG_DATA, self.peer_index, packet)))
             except KeyExhausted:
-                self.count_drop(Drop.KEY_EXHAUSTED)
+                self.report.count_drop(Drop.KEY_EXHAUSTED)
             return
         if (
             len(self._queue) >= self.policy.outbound_queue_packets
@@ -382,94 +514,145 @@ class ClientSession(_TimersMixin, _HandshakeMixin, _ReattachMixin, _PathsMixin):
         for packet in queue:
             self.receive_tun_packet(packet, 0.0)
 
+    # == the timer =========================================================================
+    def handle_timer(self, now: float) -> None:
+        """Everything due at ``now``: timed rows, then the components' own clocks."""
+        self._timer_now = max(self._timer_now, now)
+        if self.machine.terminated:
+            return
+        if self.state is State.BIRTH:
+            self._handshake_timer(now)
+            return
+        for _ in range(MAX_TIMER_PASSES):
+            self._timer_pass(now)
+            deadline = self.next_deadline()
+            if deadline is None or deadline > now:
+                break
+
+    def observe(self, now: float) -> None:
+        """Take the sample of path health the timed rows read at ``now``: overdue probes
+        count as lost, the active path is judged (healthy, or the reason it is not).
+        ``handle_timer`` does this first; doing it again at the same ``now`` changes
+        nothing (so a test can see the rows exactly as the timer will)."""
+        self.paths.expire(now)
+        self._judge_active(now)
+
+    def _timer_pass(self, now: float) -> None:
+        self.observe(now)
+        self._fire_rows(now)
+        if self.machine.terminated:
+            return
+        self.paths.health_events(now)
+        self.switching.on_timer(now)
+        for path_id, probe_id in self.paths.due_probes(now):
+            self.send_control(path_id, Probe(probe_id, path_id, self.report.ts_ms(now)))
+        self._rekey_timer(now)
+        self.report.maybe_drop_summary(now, self.base(now))
+
+    def _fire_rows(self, now: float) -> None:
+        """Fire the most urgent due row until none is due (AT-08 priorities)."""
+        for _ in range(MAX_CHAINED_ROWS):
+            if self.machine.terminated:
+                return
+            self._judge_active(now)  # a fired row may have changed the active path
+            row = most_urgent_row(due_rows(CLIENT_ROWS, self, self.state, now), self)
+            if row is None:
+                return
+            self._row_handlers[row.fires(self)](row.reason, now)
+
+    def _judge_active(self, now: float) -> None:
+        """Sample the active path's classification for the quality rows."""
+        active = self.paths.active
+        if active is None or self.paths.get(active).health.is_dead(now):
+            self.quality.unjudged()
+        else:
+            self.quality.observe(self.paths.classify(active, now), now)
+
+    def _terminate_by_row(self, reason: Reason, now: float) -> None:
+        self.fire(Trigger.TERMINATE, reason, now)
+
+    def _rekey_timer(self, now: float) -> None:
+        phase = self.keys.on_timer(now, self.policy.rekey_after_s)
+        if phase is None:
+            return
+        active = self.paths.active
+        self.send_control(active if active is not None else self.paths.order[0], Rekey(phase))
+        self.report.emit(KeyRotated(**self.base(now), key_phase=phase, initiator="local"))
+
+    def next_deadline(self) -> float | None:
+        """The earliest ``now`` at which handle_timer has work: ``earliest`` over the
+        client rows and the components' own deadlines. One timer for everything."""
+        if self.machine.terminated:
+            return None
+        if self.state is State.BIRTH:
+            return self.handshake.next_deadline()
+        rows: Sequence[TimedRow[Any]] = CLIENT_ROWS
+        times = [
+            earliest(rows, self, self.state),
+            self.paths.next_deadline(),
+            self.switching.next_deadline(self._timer_now),
+            self.keys.next_deadline(self.policy.rekey_after_s),
+            self.report.drop_summary_due(),
+        ]
+        return min((t for t in times if t is not None), default=None)
+
     # == commands ==========================================================================
     def switch_to(self, path_id: int, now: float) -> Reason | None:
         """Operator switch to ``path_id``. Returns the denial reason, or None if requested."""
-        if path_id not in self._paths:
+        if path_id not in self.paths:
             raise ValueError(f"unknown path id {path_id}")
-        reason: Reason | None = None
-        if self.machine.terminated or self.state is State.BIRTH:
-            reason = Reason.INVALID_STATE_FOR_REATTACH
-        elif path_id == self.active:
-            reason = Reason.NO_VALID_CANDIDATE
-        elif not self._paths[path_id].validated:
-            reason = Reason.PATH_NOT_VALIDATED
-        elif not self._live(path_id, now):
-            reason = Reason.NO_VALID_CANDIDATE
-        else:
-            denied = self.limiter.check(now, manual=True)
-            if denied is not None:
-                reason = Reason(denied)
-        if reason is not None:
-            self._deny(reason, path_id, now, manual=True)
-            return reason
-        kind = ReattachKind.RECOVERY if self.state is State.RECOVERING else ReattachKind.MANUAL
-        why = (
-            Reason.DEAD_TRANSPORT_RECOVERY
-            if kind is ReattachKind.RECOVERY
-            else Reason.MANUAL_SWITCH
-        )
-        self._pending = None
-        self._start_reattach(path_id, kind, why, now)
-        return None
+        return self.switching.manual(path_id, now)
 
     def set_auto_switch(self, enabled: bool) -> None:
-        self.auto_switch = enabled
-        self.selector.reset()
+        self.switching.set_auto(enabled)
 
     def force_reattach(self, now: float) -> None:
         """Re-assert the binding now (RECOVERING: retry immediately)."""
         if self.machine.terminated or self.state is State.BIRTH:
             return
-        if self.state is State.RECOVERING:
-            self._pending = None
-            self._excluded.clear()
-            self._recovery_actions(now)
-        elif self.active is not None and self._pending is None:
-            self._start_reattach(self.active, ReattachKind.RESUME, Reason.TRANSPORT_RESUMED, now)
+        self.switching.force(now)
 
     def terminate(self, now: float, reason: Reason = Reason.OPERATOR_TERMINATED) -> None:
         """Explicit end: TERMINATE to the gateway on every live path, then TERMINATED."""
         if self.machine.terminated:
             return
         if self.cipher is not None:
-            targets = [pid for pid in self._order if self._paths[pid].validated]
+            targets = [p.path_id for p in self.paths if p.validated]
             for _ in range(TERMINATE_COPIES):
                 for pid in targets:
-                    self._send_control(pid, Terminate(reason_to_wire(reason)))
-        self._fire(Trigger.TERMINATE, reason, now)
+                    self.send_control(pid, Terminate(reason_to_wire(reason)))
+        self.fire(Trigger.TERMINATE, reason, now)
 
     def apply_policy(self, policy: Policy, now: float) -> None:
-        """Strict mode (D14): new bounds apply from now on; history is not rewritten."""
-        if len(self._paths) > policy.max_candidate_count:
-            self.emit(
+        """Strict mode (D14): new bounds apply from now on; history is not rewritten. Every
+        component takes the new numbers: each path's health estimators and hold-down, the
+        selector, the limiter; the timed rows read ``self.policy``."""
+        if len(self.paths) > policy.max_candidate_count:
+            self.report.emit(
                 PolicyEvent(
-                    **self._base(now), policy_name="POLICY_REJECTED",
+                    **self.base(now), policy_name="POLICY_REJECTED",
                     reason_code=Reason.POLICY_INVALID,
                     detail=(
                         f"max_candidate_count {policy.max_candidate_count}"
-                        f" < {len(self._paths)} configured paths"
+                        f" < {len(self.paths)} configured paths"
                     ),
                 )
             )  # fmt: skip
             return
         self.policy = policy
         self.machine.policy_version = policy.policy_version
-        self.limiter.reconfigure(policy.max_switches_per_min, policy.switch_cooldown_ms)
-        for p in self._paths.values():
-            p.holddown.reconfigure(policy.failed_path_holddown_ms)
-        self.selector.reconfigure(policy.switch_improvement_factor, policy.switch_dwell_ms)
-        self.emit(
+        self.paths.reconfigure(policy)
+        self.switching.reconfigure(policy)
+        self.report.emit(
             PolicyEvent(
-                **self._base(now), policy_name="POLICY_APPLIED", reason_code=Reason.POLICY_APPLIED
+                **self.base(now), policy_name="POLICY_APPLIED", reason_code=Reason.POLICY_APPLIED
             )
         )
 
     def _on_terminated(self) -> None:
-        self.active = None
-        self._pending = None
-        self._initiator = None
-        self._hs_next = self._hs_deadline = None
+        self.paths.clear_active()
+        self.switching.stop()
+        self.handshake.stop()
         self.queue_dropped += len(self._queue)
         self._queue.clear()
         self._queue_bytes = 0
@@ -483,47 +666,53 @@ class ClientSession(_TimersMixin, _HandshakeMixin, _ReattachMixin, _PathsMixin):
         out, self._tun = self._tun, []
         return out
 
+    def next_event(self) -> Event | None:
+        return self.report.next_event()
+
     def events(self) -> list[Event]:
         """All pending events at once (convenience for drivers and tests)."""
         out = []
-        while (ev := self.next_event()) is not None:
+        while (ev := self.report.next_event()) is not None:
             out.append(ev)
         return out
 
+    def _role(self, path_id: int, now: float) -> str:
+        if path_id == self.paths.active:
+            return "active"
+        if path_id == self.switching.pending_path:
+            return "switching"
+        if self.paths.live(path_id, now):
+            return "standby"
+        return "down" if self.paths.get(path_id).validated else "unvalidated"
+
     def snapshot(self, now: float) -> ClientSnapshot:
-        views = []
-        for pid in self._order:
-            p = self._paths[pid]
-            if pid == self.active:
-                role = "active"
-            elif self._pending is not None and pid == self._pending.path_id:
-                role = "switching"
-            elif self._live(pid, now):
-                role = "standby"
-            else:
-                role = "down" if p.validated else "unvalidated"
-            views.append(PathView(self._stats(pid, now), p.spec.label, role, p.validated))
+        views = tuple(
+            PathView(self.paths.stats(p.path_id, now), p.label, self._role(p.path_id, now),
+                     p.validated)
+            for p in self.paths
+        )  # fmt: skip
         cipher = self.cipher
+        limiter = self.switching.limiter
         return ClientSnapshot(
             session_id=self.machine.session_id,
             state=str(self.state),
             state_version=self.machine.version,
-            binding_epoch=self.epoch,
-            peer_state=self.peer_state,
-            peer_state_version=self.peer_version,
-            active=self.active,
-            pending=None if self._pending is None else self._pending.path_id,
-            paths=tuple(views),
-            auto_switch=self.auto_switch,
-            switch_budget_left=self.limiter.budget_left(now),
-            cooldown_remaining_ms=self.limiter.cooldown_remaining_ms(now),
+            binding_epoch=self.peer.epoch,
+            peer_state=self.peer.state,
+            peer_state_version=self.peer.version,
+            active=self.paths.active,
+            pending=self.switching.pending_path,
+            paths=views,
+            auto_switch=self.switching.auto_switch,
+            switch_budget_left=limiter.budget_left(now),
+            cooldown_remaining_ms=limiter.cooldown_remaining_ms(now),
             key_phase=cipher.phase if cipher else 0,
             key_age_s=cipher.key_age(now) if cipher else 0.0,
             policy_version=self.machine.policy_version,
-            uptime_s=now - self._born,
+            uptime_s=now - self.clocks.born,
             queue_depth=len(self._queue),
             queue_dropped=self.queue_dropped,
-            total_switches=self.total_switches,
-            drops=tuple(sorted(self.drops.items())),
+            total_switches=self.switching.total_switches,
+            drops=tuple(sorted(self.report.drops.items())),
             inner_address=self.inner_address,
         )

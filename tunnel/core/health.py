@@ -33,11 +33,13 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Final
 
-REASON_CONSECUTIVE_DROPS: Final = "consecutive_drop_exceeded"
+from tunnel.core.events import Reason
+
+REASON_CONSECUTIVE_DROPS: Final = Reason.CONSECUTIVE_DROP_EXCEEDED
 """classify(): misses >= max_consecutive_drops (checked first: the sharpest signal)."""
-REASON_LOSS: Final = "loss_threshold_exceeded"
+REASON_LOSS: Final = Reason.LOSS_THRESHOLD_EXCEEDED
 """classify(): loss_ratio > loss_threshold (strict, SPEC 8.2)."""
-REASON_LATENCY: Final = "latency_threshold_exceeded"
+REASON_LATENCY: Final = Reason.LATENCY_THRESHOLD_EXCEEDED
 """classify(): smoothed RTT > latency threshold (optional signal, checked last)."""
 
 MAX_OUTSTANDING_PROBES: Final = 64
@@ -212,9 +214,7 @@ class PathHealth:
             self._record_outcome(now, lost=True)
         self._outstanding[probe_id] = now
 
-    def probe_acked(
-        self, probe_id: int, now: float, rx_probes: int | None = None
-    ) -> float | None:
+    def probe_acked(self, probe_id: int, now: float, rx_probes: int | None = None) -> float | None:
         """The ack for ``probe_id`` arrived at ``now``; returns the RTT in ms.
 
         Returns None for an unknown or duplicate id, and for a probe already counted
@@ -373,8 +373,8 @@ class PathHealth:
         max_consecutive_drops: int,
         latency_threshold_ms: float | None = None,
         one_way_threshold: float | None = None,
-    ) -> str | None:
-        """None if healthy, else the reason (SPEC 8.2).
+    ) -> Reason | None:
+        """None if healthy, else the :class:`Reason` (SPEC 8.2).
 
         Priority when several hold: ``consecutive_drop_exceeded`` (misses >= max),
         ``loss_threshold_exceeded`` (loss_ratio > threshold, strict),

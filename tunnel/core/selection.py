@@ -19,11 +19,13 @@ from collections import deque
 from collections.abc import Collection, Mapping
 from typing import Final
 
-REASON_RATE_LIMITED: Final = "switch_rate_limited"
+from tunnel.core.events import Reason
+
+REASON_RATE_LIMITED: Final = Reason.SWITCH_RATE_LIMITED
 """SwitchLimiter.check(): max_per_min switches already happened in the last 60 s."""
-REASON_COOLDOWN: Final = "cooldown_active"
+REASON_COOLDOWN: Final = Reason.COOLDOWN_ACTIVE
 """SwitchLimiter.check(): the last switch is younger than cooldown_ms (automatic only)."""
-REASON_NO_CANDIDATE: Final = "no_valid_candidate"
+REASON_NO_CANDIDATE: Final = Reason.NO_VALID_CANDIDATE
 """For the caller: best_candidate() found nothing eligible with a positive score."""
 
 SWITCH_WINDOW_S: Final = 60.0
@@ -79,8 +81,8 @@ class SwitchLimiter:
         self._cooldown_ms = float(cooldown_ms)
         self._times = deque(self._times, maxlen=self._max)
 
-    def check(self, now: float, *, manual: bool = False) -> str | None:
-        """None if a switch is allowed at ``now``, else the reason.
+    def check(self, now: float, *, manual: bool = False) -> Reason | None:
+        """None if a switch is allowed at ``now``, else the :class:`Reason`.
 
         ``switch_rate_limited`` is checked first (it applies to manual switches too),
         then ``cooldown_active`` (automatic switches only).

@@ -1,0 +1,135 @@
+"""The client's side of the handshake: the HANDSHAKE_INIT, its retries and the cookie.
+
+``HandshakeInitiator`` owns the Noise initiator of the attempt in flight, the retry clock
+(one path after another, ``handshake_attempts`` sends spread over ``handshake_timeout_ms``),
+the overall deadline, the cookie jar and the INIT body that is resent once with mac2 when
+a COOKIE_REPLY arrives. It verifies the gateway's answers (``on_cookie_reply``,
+``on_response``), returns datagrams for the session to send and exposes its own
+``next_deadline()``; the session decides what a timeout or an accepted session means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tunnel.core.aead import TrafficKeys
+from tunnel.core.constants import MSG_HANDSHAKE_INIT, PROTOCOL_VERSION
+from tunnel.core.cookie import CookieJar
+from tunnel.core.drops import Drop
+from tunnel.core.events import Reason, reason_from_wire
+from tunnel.core.handshake import HandshakeError, Initiator
+from tunnel.core.policy import Policy
+from tunnel.core.wire import InitPayload, RespPayload, pack_handshake, split_handshake
+
+__all__ = ["Accepted", "HandshakeInitiator"]
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The gateway created the session: its index, its parameters, the traffic keys."""
+
+    sender_index: int
+    payload: RespPayload
+    keys: TrafficKeys
+
+
+class HandshakeInitiator:
+    """One client's handshake attempts until the gateway answers or the deadline passes."""
+
+    def __init__(
+        self, static_private: bytes, gateway_public: bytes, index: int, order: Sequence[int]
+    ) -> None:
+        self._static = static_private
+        self.gateway_public = gateway_public
+        self._index = index
+        self._order = tuple(order)
+        self.cookies = CookieJar(gateway_public)
+        self.sends = 0
+        """HANDSHAKE_INITs sent (a resend with mac2 after a cookie is not a new attempt)."""
+        self.next_send: float | None = None
+        self.deadline: float | None = None
+        self._noise: Initiator | None = None
+        self._body: bytes | None = None
+        """The last INIT without its MACs, resent with mac2 once when a cookie arrives."""
+        self._cookie_retried = False
+
+    @property
+    def started(self) -> bool:
+        return self.deadline is not None
+
+    @property
+    def waiting(self) -> bool:
+        """An INIT is out and its response is still welcome."""
+        return self._noise is not None
+
+    def start(self, now: float, policy: Policy, ts_ms: int) -> tuple[int, bytes]:
+        """The first INIT; the overall deadline starts now."""
+        self.deadline = now + policy.handshake_timeout_ms / 1000
+        return self._send(now, policy, ts_ms)
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+    def on_timer(self, now: float, policy: Policy, ts_ms: int) -> tuple[int, bytes] | None:
+        """The retransmission due at ``now``, if any (check :meth:`expired` first)."""
+        if self.next_send is not None and now >= self.next_send:
+            return self._send(now, policy, ts_ms)
+        return None
+
+    def next_deadline(self) -> float | None:
+        pending = [t for t in (self.next_send, self.deadline) if t is not None]
+        return min(pending) if pending else None
+
+    def _send(self, now: float, policy: Policy, ts_ms: int) -> tuple[int, bytes]:
+        path_id = self._order[self.sends % len(self._order)]
+        self._noise = Initiator(self._static, self.gateway_public)
+        payload = InitPayload(PROTOCOL_VERSION, ts_ms, path_id).pack()
+        noise = self._noise.write_init(payload)
+        self._body = pack_handshake(MSG_HANDSHAKE_INIT, 0, self._index, noise)
+        self._cookie_retried = False
+        self.sends += 1
+        interval = policy.handshake_timeout_ms / 1000 / policy.handshake_attempts
+        self.next_send = now + interval if self.sends < policy.handshake_attempts else None
+        return path_id, self.cookies.seal_init(self._body, now)
+
+    def on_cookie_reply(self, data: bytes, receiver_index: int, now: float) -> Drop | bytes | None:
+        """Keep the gateway's cookie; the INIT to resend with mac2 (once), else None."""
+        if not self.waiting or self._body is None:
+            return Drop.WRONG_STATE
+        if receiver_index != self._index:
+            return Drop.UNKNOWN_SESSION
+        drop = self.cookies.consume_reply(data, now)
+        if drop is not None:
+            return drop
+        if self._cookie_retried:
+            return None
+        self._cookie_retried = True
+        return self.cookies.seal_init(self._body, now)
+
+    def on_response(self, data: bytes, receiver_index: int) -> Drop | Reason | Accepted:
+        """The gateway's HANDSHAKE_RESP: a counted drop (not for us, or it does not verify;
+        the attempt goes on), the reason it refused (the attempt is over), or the session."""
+        if self._noise is None:
+            return Drop.WRONG_STATE
+        if receiver_index != self._index:
+            return Drop.UNKNOWN_SESSION
+        sender_index, noise = split_handshake(data)
+        try:
+            payload_bytes, keys = self._noise.read_response(noise)
+        except HandshakeError:
+            return Drop.HANDSHAKE_FAILED
+        payload = RespPayload.parse(payload_bytes)
+        if isinstance(payload, Drop):
+            return payload
+        self.stop()
+        if payload.version != PROTOCOL_VERSION:
+            return Reason.PROTOCOL_VERSION_MISMATCH
+        if payload.status != 0:
+            return reason_from_wire(payload.status) or Reason.POLICY_DENIED
+        return Accepted(sender_index, payload, keys)
+
+    def stop(self) -> None:
+        """Answered (or the session ended): no more retries, no deadline."""
+        self._noise = None
+        self.next_send = self.deadline = None
