@@ -78,7 +78,7 @@ def new_machine(max_version: int = MAX_STATE_VERSION) -> tuple[SessionMachine, l
     m = SessionMachine(
         node_id="n1", policy_version="test+0", emit=events.append, max_version=max_version
     )
-    m.session_id = SID
+    m.assign_id(SID)
     return m, events
 
 
@@ -484,7 +484,7 @@ def test_at05_gateway_terminated_session_refuses_valid_looking_reattach() -> Non
     assert isinstance(plaintext, bytes) and isinstance(parse_control(plaintext), Terminate)
     # Even the session id cannot be revived under another identity.
     with pytest.raises(IllegalTransition):
-        s.machine.session_id = "00" * 16
+        s.machine.assign_id("00" * 16)
 
 
 def test_at05_client_terminated_ignores_datagrams_timers_and_commands() -> None:
@@ -507,9 +507,9 @@ def test_at05_client_terminated_ignores_datagrams_timers_and_commands() -> None:
 def test_at06_machine_refuses_a_new_session_id() -> None:
     m, events = machine_in(State.RECOVERING)
     with pytest.raises(IllegalTransition):
-        m.session_id = "ff" * 16
+        m.assign_id("ff" * 16)
     assert m.session_id == SID
-    m.session_id = SID  # re-asserting the same identity is harmless
+    m.assign_id(SID)  # re-asserting the same identity is harmless
     assert (m.state, m.version) == (State.RECOVERING, 2)
     assert m.fire(Trigger.REATTACH_OK, Reason.REATTACH_SUCCESS, 9)
     assert {e.session_id for e in events} == {SID}
@@ -524,7 +524,7 @@ def test_at06_gateway_cannot_reassign_identity_during_reattach() -> None:
     sim.advance(1.5)
     assert s.machine.state is State.RECOVERING
     with pytest.raises(IllegalTransition):
-        s.machine.session_id = "ab" * 16  # server logic trying a new id mid-reattach
+        s.machine.assign_id("ab" * 16)  # server logic trying a new id mid-reattach
     assert s.machine.session_id == sid
     for link in sim.links.values():
         link.imp.up = True

@@ -52,7 +52,7 @@ class MachineAgainstTable(RuleBasedStateMachine):
         self.m = SessionMachine(
             node_id="prop", policy_version="p+0", emit=self.events.append, max_version=max_version
         )
-        self.m.session_id = SID
+        self.m.assign_id(SID)
         self.ts = 0
         self.ended_at = None
 
@@ -115,7 +115,7 @@ class MachineAgainstTable(RuleBasedStateMachine):
     @rule(new_id=st.sampled_from(["d1" * 16, "00" * 16]))
     def identity_change(self, new_id: str) -> None:
         try:
-            self.m.session_id = new_id
+            self.m.assign_id(new_id)
         except IllegalTransition:
             pass
         else:

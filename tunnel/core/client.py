@@ -396,7 +396,7 @@ class ClientSession:
         payload = accepted.payload
         self.keys.install(accepted.keys, self.policy.replay_window_size, now)
         self.peer_index = accepted.sender_index
-        self.machine.session_id = payload.session_id.hex()
+        self.machine.assign_id(payload.session_id.hex())
         self.peer.epoch = payload.epoch
         self.peer.state, self.peer.version = "ATTACHED", payload.state_version
         self.inner_address, self.inner_prefix = payload.inner_address, payload.inner_prefix
@@ -640,7 +640,7 @@ class ClientSession:
             )  # fmt: skip
             return
         self.policy = policy
-        self.machine.policy_version = policy.policy_version
+        self.machine.policy_reloaded(policy.policy_version)
         self.paths.reconfigure(policy)
         self.switching.reconfigure(policy)
         self.report.emit(

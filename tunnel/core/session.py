@@ -137,7 +137,7 @@ class SessionMachine:
         session_id: str = "",
     ) -> None:
         """``session_id``: the hex id when it is known at creation (the gateway's), else
-        set once by the handshake through the ``session_id`` setter."""
+        set once by the handshake through :meth:`assign_id`."""
         self.node_id = node_id
         self.policy_version = policy_version
         self._session_id = session_id
@@ -152,8 +152,7 @@ class SessionMachine:
         """Hex session id; empty until the handshake assigns it."""
         return self._session_id
 
-    @session_id.setter
-    def session_id(self, value: str) -> None:
+    def assign_id(self, value: str) -> None:
         """Set once (handshake). AT-06: a later change of identity is refused, never applied."""
         if not value:
             raise ValueError("session id must not be empty")
