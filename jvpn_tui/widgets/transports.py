@@ -95,7 +95,9 @@ class TransportsTable(DataTable[Text]):
             for view in s.paths:
                 self._update_row(view, s.active)
         up = sum(1 for p in s.paths if p.stats.alive)
-        self.border_subtitle = f"{up}/{len(ids)} answering"
+        subtitle = f"{up}/{len(ids)} answering"
+        if self.border_subtitle != subtitle:  # setting it repaints the table, even if equal
+            self.border_subtitle = subtitle
 
     def _rebuild(self, paths: tuple[PathView, ...], active: int | None) -> None:
         """The set of paths changed: every row anew, the cursor kept where it can be."""
