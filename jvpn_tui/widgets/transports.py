@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, Self
 
 from rich.text import Text
+from textual.geometry import Region
 from textual.message import Message
 from textual.widgets import DataTable
 
@@ -26,6 +27,10 @@ class TransportsTable(DataTable[Text]):
     """The ``session.paths`` slice. Enter on a row asks for a switch to that path."""
 
     DEFAULT_CLASSES = "snapshot-view panel"
+
+    _row_update: bool = False
+    """True while :meth:`_update_row` updates cells (see :meth:`refresh`); a class default
+    because DataTable's own ``__init__`` already refreshes."""
 
     class SwitchRequested(Message):
         """The user picked a row: switch to ``path_id``."""
@@ -123,10 +128,28 @@ class TransportsTable(DataTable[Text]):
             return
         self._shown[pid] = shown
         row = str(pid)
-        for key, cell in self._cells(view, active).items():
-            old = self.get_cell(row, key)
-            if old.plain != cell.plain or old.style != cell.style or old.spans != cell.spans:
-                self.update_cell(row, key, cell)
+        changed = False
+        self._row_update = True  # each update_cell would repaint the whole table
+        try:
+            for key, cell in self._cells(view, active).items():
+                old = self.get_cell(row, key)
+                if old.plain != cell.plain or old.style != cell.style or old.spans != cell.spans:
+                    self.update_cell(row, key, cell)
+                    changed = True
+        finally:
+            self._row_update = False
+        if changed:
+            self.refresh_row(self.get_row_index(row))
+
+    def refresh(
+        self, *regions: Region, repaint: bool = True, layout: bool = False,
+        recompose: bool = False,
+    ) -> Self:  # fmt: skip
+        """As DataTable's, except that the whole-table refresh of ``update_cell`` is skipped
+        while :meth:`_update_row` changes one row's cells (it repaints that row after)."""
+        if self._row_update and not regions and not layout and not recompose:
+            return self
+        return super().refresh(*regions, repaint=repaint, layout=layout, recompose=recompose)
 
     def role_of(self, path_id: int) -> str | None:
         """The role the table currently shows for ``path_id``, read from the cell."""
