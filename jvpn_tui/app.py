@@ -5,11 +5,11 @@ thread; a Textual thread worker starts it and waits for it to end. A 4 Hz timer 
 what waits in the engine's :class:`~tunnel.api.UiChannel` without blocking and posts the
 events and the newest snapshot; the widgets in ``widgets/`` render them, each only when
 its own content changed. A snapshot that differs from the drawn one only in its ticking
-fields (seq, timestamp, uptime, key age) is drawn at most once a second, so an idle
-screen stays nearly silent. When the channel lost events (the UI stalled), the event
-views are rebuilt from the channel's history of session-changing events and the loss is
-said on screen. Commands
-go back through ``engine.commands``. :meth:`JvpnApp.on_worker_state_changed` is the one
+fields (seq, timestamp, uptime, key age) is drawn at most once a second
+(:class:`~jvpn_tui.pacing.SnapshotPacer`), so an idle screen stays nearly silent. When
+the channel lost events (the UI stalled), the event views are rebuilt from the channel's
+history of session-changing events and the loss is said on screen. Commands go back
+through ``engine.commands``. :meth:`JvpnApp.on_worker_state_changed` is the one
 place that handles the engine ending or failing: the banner shows the reason and the
 session's last state, never a traceback.
 """
@@ -17,7 +17,6 @@ session's last state, never a traceback.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -34,6 +33,7 @@ from textual.worker import Worker, WorkerState, get_current_worker
 from jvpn_tui.commands import JvpnCommands
 from jvpn_tui.keymap import KEYS, check_keymap
 from jvpn_tui.messages import EventsLost, EventsReady, SnapshotReady
+from jvpn_tui.pacing import SnapshotPacer
 from jvpn_tui.screens import ConfirmScreen, HelpScreen
 from jvpn_tui.theming import all_themes, theme_name
 from jvpn_tui.widgets import (
@@ -63,9 +63,6 @@ from tunnel.demo.commands import DemoAction, DemoImpair
 DRAIN_HZ: Final = 4.0
 """How often the UI takes what the engine published (and at most how often it redraws)."""
 
-TICKING_PERIOD_S: Final = 1.0
-"""A snapshot whose only news is its ticking fields is drawn at most this often."""
-
 ENGINE_WORKER: Final = "engine"
 WIDE_COLUMNS: Final = 150
 """From this width on, the two-column layout (the transports table needs ~110)."""
@@ -84,13 +81,6 @@ class _EventView(Protocol):
     def add_events(self, events: list[Mapping[str, object]]) -> None: ...
 
     def reset_events(self, history: list[Mapping[str, object]], lost: int) -> None: ...
-
-
-def steady_part(snapshot: EngineSnapshot) -> EngineSnapshot:
-    """``snapshot`` without the fields that change on every publication by themselves
-    (seq, timestamp, uptime, key age): equal steady parts mean nothing else changed."""
-    session = dataclasses.replace(snapshot.session, uptime_s=0.0, key_age_s=0.0)
-    return dataclasses.replace(snapshot, seq=0, ts_ms=0, session=session)
 
 
 class JvpnApp(App[int]):
@@ -126,9 +116,7 @@ class JvpnApp(App[int]):
         """The newest snapshot drawn."""
         self._latest: EngineSnapshot | None = None
         """The newest snapshot taken (its message may still be queued, or not posted yet)."""
-        self._posted: EngineSnapshot | None = None
-        self._posted_steady: EngineSnapshot | None = None
-        self._posted_at = 0.0
+        self._pacer: SnapshotPacer = SnapshotPacer()
         self.ended: str | None = None
         """Why the engine ended (set once, by on_worker_state_changed)."""
         self._keymap_in = check_keymap(dict(keymap or {}))
@@ -201,14 +189,8 @@ class JvpnApp(App[int]):
     def _post_snapshot(self) -> None:
         """Post the newest snapshot, unless only its ticking fields moved lately."""
         latest = self._latest
-        if latest is None or latest is self._posted:
-            return
-        now = time.monotonic()
-        steady = steady_part(latest)
-        if steady == self._posted_steady and now - self._posted_at < TICKING_PERIOD_S:
-            return  # taken again on a later tick
-        self._posted, self._posted_steady, self._posted_at = latest, steady, now
-        self.post_message(SnapshotReady(latest))
+        if latest is not None and self._pacer.due(latest, time.monotonic()):
+            self.post_message(SnapshotReady(latest))
 
     def on_snapshot_ready(self, message: SnapshotReady) -> None:
         if self.snapshot is not None and message.snapshot.seq < self.snapshot.seq:

@@ -394,11 +394,10 @@ class UiChannel:
         if history < 1:
             raise ValueError("UiChannel needs a history of at least one event")
         self.maxsize = maxsize
-        self._events: deque[tuple[int, Mapping[str, object]]] = deque()
-        self._history: deque[tuple[int, Mapping[str, object]]] = deque(maxlen=history)
+        self._events: deque[Mapping[str, object]] = deque()
+        self._history: deque[Mapping[str, object]] = deque(maxlen=history)
         self._snapshot: EngineSnapshot | None = None
         self._lock = threading.Lock()
-        self._numbered = 0
         self._lost_taken = 0
         self.superseded = 0
         """Snapshots replaced by a newer one before the UI took them (nothing is lost:
@@ -425,34 +424,30 @@ class UiChannel:
 
     def publish_event(self, event: Mapping[str, object]) -> None:
         with self._lock:
-            self._numbered += 1
-            entry = (self._numbered, event)
             if len(self._events) >= self.maxsize:
                 self._events.popleft()
                 self.dropped += 1
-            self._events.append(entry)
+            self._events.append(event)
             if event.get("event_type") in SESSION_EVENT_TYPES:
-                self._history.append(entry)
+                self._history.append(event)
             self.published += 1
 
     def take(self) -> UiBatch:
         """UI side: every waiting event and the newest snapshot; after a loss, the history."""
         with self._lock:
-            entries = list(self._events)
-            self._events.clear()
+            events, self._events = self._events, deque()
             snapshot, self._snapshot = self._snapshot, None
             lost = self.dropped - self._lost_taken
             self._lost_taken = self.dropped
-            ring = tuple(self._history) if lost else ()  # O(history), only after a loss
-        events = tuple(e for _, e in entries)
-        return UiBatch(events, snapshot, lost, tuple(e for _, e in ring))
+            history = tuple(self._history) if lost else ()  # O(history), only after a loss
+        return UiBatch(tuple(events), snapshot, lost, history)
 
     def drain(self, max_items: int | None = None) -> list[UiItem]:
         """Simple consumers (headless, tests): waiting events oldest first, then the
         newest snapshot; at most ``max_items`` items (the rest keep waiting)."""
         with self._lock:
             n = len(self._events) if max_items is None else min(max_items, len(self._events))
-            out: list[UiItem] = [self._events.popleft()[1] for _ in range(n)]
+            out: list[UiItem] = [self._events.popleft() for _ in range(n)]
             if self._snapshot is not None and (max_items is None or n < max_items):
                 out.append(self._snapshot)
                 self._snapshot = None
