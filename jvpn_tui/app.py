@@ -1,10 +1,15 @@
 """The jvpn-tui application: wiring only.
 
 The engine (anything implementing :class:`tunnel.api.EngineHandle`) runs in its own
-thread; a Textual thread worker starts it and waits for it to end. A 10 Hz timer drains
-the engine's :class:`~tunnel.api.UiChannel` without blocking and posts the newest
-snapshot (coalescing) and the events; the widgets in ``widgets/`` render them. Commands
-go back through ``engine.commands``. :meth:`JvpnApp.on_worker_state_changed` is the one
+thread; a Textual thread worker starts it and waits for it to end. A 4 Hz timer takes
+what waits in the engine's :class:`~tunnel.api.UiChannel` without blocking and posts the
+events and the newest snapshot; the widgets in ``widgets/`` render them, each only when
+its own content changed. A snapshot that differs from the drawn one only in its ticking
+fields (seq, timestamp, uptime, key age) is drawn at most once a second
+(:class:`~jvpn_tui.pacing.SnapshotPacer`), so an idle screen stays nearly silent. When
+the channel lost events (the UI stalled), the event views are rebuilt from the channel's
+history of session-changing events and the loss is said on screen. Commands go back
+through ``engine.commands``. :meth:`JvpnApp.on_worker_state_changed` is the one
 place that handles the engine ending or failing: the banner shows the reason and the
 session's last state, never a traceback.
 """
@@ -12,6 +17,7 @@ session's last state, never a traceback.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, ClassVar, Final, Protocol, cast
@@ -26,7 +32,8 @@ from textual.worker import Worker, WorkerState, get_current_worker
 
 from jvpn_tui.commands import JvpnCommands
 from jvpn_tui.keymap import KEYS, check_keymap
-from jvpn_tui.messages import EventsReady, SnapshotReady
+from jvpn_tui.messages import EventsLost, EventsReady, SnapshotReady
+from jvpn_tui.pacing import SnapshotPacer
 from jvpn_tui.screens import ConfirmScreen, HelpScreen
 from jvpn_tui.theming import all_themes, theme_name
 from jvpn_tui.widgets import (
@@ -53,8 +60,8 @@ from tunnel.api import (
 )
 from tunnel.demo.commands import DemoAction, DemoImpair
 
-DRAIN_HZ: Final = 10.0
-"""How often the UI drains the engine channel."""
+DRAIN_HZ: Final = 4.0
+"""How often the UI takes what the engine published (and at most how often it redraws)."""
 
 ENGINE_WORKER: Final = "engine"
 WIDE_COLUMNS: Final = 150
@@ -72,6 +79,8 @@ class _SnapshotView(Protocol):
 
 class _EventView(Protocol):
     def add_events(self, events: list[Mapping[str, object]]) -> None: ...
+
+    def reset_events(self, history: list[Mapping[str, object]], lost: int) -> None: ...
 
 
 class JvpnApp(App[int]):
@@ -106,7 +115,8 @@ class JvpnApp(App[int]):
         self.snapshot: EngineSnapshot | None = None
         """The newest snapshot drawn."""
         self._latest: EngineSnapshot | None = None
-        """The newest snapshot drained (its message may still be queued)."""
+        """The newest snapshot taken (its message may still be queued, or not posted yet)."""
+        self._pacer: SnapshotPacer = SnapshotPacer()
         self.ended: str | None = None
         """Why the engine ended (set once, by on_worker_state_changed)."""
         self._keymap_in = check_keymap(dict(keymap or {}))
@@ -167,16 +177,20 @@ class JvpnApp(App[int]):
 
     def drain_channel(self) -> None:
         """Take what the engine published (never blocks) and post it as messages."""
-        items = self.engine.channel.drain()
-        if not items:
-            return
-        events = [item for item in items if not isinstance(item, EngineSnapshot)]
-        snapshots = [item for item in items if isinstance(item, EngineSnapshot)]
-        if events:
-            self.post_message(EventsReady(events))
-        if snapshots:
-            self._latest = snapshots[-1]
-            self.post_message(SnapshotReady(snapshots[-1]))
+        batch = self.engine.channel.take()
+        if batch.lost:
+            self.post_message(EventsLost(batch.lost, batch.history, batch.events))
+        elif batch.events:
+            self.post_message(EventsReady(batch.events))
+        if batch.snapshot is not None:
+            self._latest = batch.snapshot
+        self._post_snapshot()
+
+    def _post_snapshot(self) -> None:
+        """Post the newest snapshot, unless only its ticking fields moved lately."""
+        latest = self._latest
+        if latest is not None and self._pacer.due(latest, time.monotonic()):
+            self.post_message(SnapshotReady(latest))
 
     def on_snapshot_ready(self, message: SnapshotReady) -> None:
         if self.snapshot is not None and message.snapshot.seq < self.snapshot.seq:
@@ -185,6 +199,17 @@ class JvpnApp(App[int]):
 
     def on_events_ready(self, message: EventsReady) -> None:
         self._add_events(list(message.events))
+
+    def on_events_lost(self, message: EventsLost) -> None:
+        history = list(message.history)
+        for view in self._event_views:
+            view.reset_events(history, message.lost)
+        self._notify_events(list(message.events))
+        self.notify(
+            f"{message.lost} events were lost while the screen was not kept up with; "
+            "the timeline was re-read from the engine.",
+            title="Events lost", severity="warning",
+        )  # fmt: skip
 
     def _draw(self, snapshot: EngineSnapshot) -> None:
         self.snapshot = snapshot
@@ -204,6 +229,9 @@ class JvpnApp(App[int]):
     def _add_events(self, events: list[Mapping[str, object]]) -> None:
         for view in self._event_views:
             view.add_events(events)
+        self._notify_events(events)
+
+    def _notify_events(self, events: list[Mapping[str, object]]) -> None:
         for event in events:
             kind = event.get("event_type")
             if kind == EventType.TRANSPORT_SWITCH_DENIED and event.get("manual"):
@@ -246,14 +274,14 @@ class JvpnApp(App[int]):
 
     def _take_last_items(self) -> None:
         """Drain synchronously: the engine's last snapshot says why it stopped."""
-        items = self.engine.channel.drain()
-        events = [i for i in items if not isinstance(i, EngineSnapshot)]
-        snapshots = [i for i in items if isinstance(i, EngineSnapshot)]
-        if events:
-            self._add_events(events)
-        if snapshots:
-            self._latest = snapshots[-1]
-            self._draw(snapshots[-1])
+        batch = self.engine.channel.take()
+        if batch.lost:
+            self.on_events_lost(EventsLost(batch.lost, batch.history, batch.events))
+        elif batch.events:
+            self._add_events(list(batch.events))
+        if batch.snapshot is not None:
+            self._latest = batch.snapshot
+            self._draw(batch.snapshot)
 
     # -- UI -> engine -------------------------------------------------------------------
 

@@ -31,3 +31,21 @@ class EventsReady(Message):
     def __init__(self, events: Sequence[Mapping[str, object]]) -> None:
         super().__init__()
         self.events = events
+
+
+class EventsLost(Message):
+    """The channel lost ``lost`` events: rebuild the event views from ``history`` (the
+    session-changing events the engine still remembers, oldest first); ``events`` are the
+    ones taken with it (for notifications; ``history`` already holds the ones that belong
+    in a view)."""
+
+    def __init__(
+        self,
+        lost: int,
+        history: Sequence[Mapping[str, object]],
+        events: Sequence[Mapping[str, object]],
+    ) -> None:
+        super().__init__()
+        self.lost = lost
+        self.history = history
+        self.events = events

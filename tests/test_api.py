@@ -1,5 +1,7 @@
 """The engine -> UI channel never blocks, keeps the newest items and counts what it drops;
-the contract stands between the UI and the engine (DESIGN §2, §4)."""
+the newest snapshot is one replaced slot, so snapshots never push an event out, and after
+an event loss the UI gets the session-changing events back from the history ring (issue
+14); the contract stands between the UI and the engine (DESIGN §2, §4)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from tunnel.api import CommandQueue, SwitchTo, Terminate, UiChannel
+from tunnel.api import (
+    NO_SESSION,
+    UI_QUEUE_SIZE,
+    UI_QUEUE_SIZE_ENV,
+    CommandQueue,
+    EngineSnapshot,
+    EventType,
+    SwitchTo,
+    Terminate,
+    UiChannel,
+    ui_queue_size,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,6 +63,78 @@ def test_drain_respects_max_items() -> None:
 def test_channel_rejects_zero_size() -> None:
     with pytest.raises(ValueError, match="at least one"):
         UiChannel(maxsize=0)
+
+
+def snapshot(seq: int) -> EngineSnapshot:
+    return EngineSnapshot(seq=seq, ts_ms=seq, session=NO_SESSION)
+
+
+def event(kind: EventType, n: int) -> dict[str, object]:
+    return {"event_type": str(kind), "n": n}
+
+
+def test_the_newest_snapshot_replaces_the_waiting_one_and_is_never_queued() -> None:
+    channel = UiChannel(maxsize=4)
+    for seq in range(1, 101):
+        channel.publish(snapshot(seq))
+    assert len(channel) == 0 and channel.has_snapshot
+    batch = channel.take()
+    assert batch.snapshot is not None and batch.snapshot.seq == 100
+    assert batch.events == () and batch.lost == 0
+    assert channel.superseded == 99 and channel.dropped == 0
+    assert channel.take().snapshot is None  # taken once
+    counters = channel.counters()
+    assert counters.published == 100 and counters.waiting == 0
+
+
+def test_snapshots_never_push_an_event_out() -> None:
+    """The old shared queue lost a switch behind snapshots nobody draws (issue 14)."""
+    channel = UiChannel(maxsize=4)
+    channel.publish(event(EventType.TRANSPORT_DEAD, 1))
+    channel.publish(event(EventType.TRANSPORT_SWITCH, 2))
+    for seq in range(1, 10_001):  # 10,000 snapshots: a long stall at 5 Hz
+        channel.publish(snapshot(seq))
+    batch = channel.take()
+    assert [e["n"] for e in batch.events] == [1, 2]
+    assert batch.lost == 0 and channel.dropped == 0
+    assert batch.snapshot is not None and batch.snapshot.seq == 10_000
+
+
+def test_after_an_event_loss_the_take_carries_the_session_events_history() -> None:
+    channel = UiChannel(maxsize=3, history=5)
+    channel.publish(event(EventType.TRANSPORT_ATTACHED, 0))
+    assert channel.take().lost == 0  # the UI took it: a normal batch, no history
+    channel.publish(event(EventType.TRANSPORT_DEAD, 1))
+    channel.publish(event(EventType.PATH_HEALTH, 2))  # noise: not kept in the history
+    channel.publish(event(EventType.TRANSPORT_SWITCH, 3))
+    channel.publish(event(EventType.DIAGNOSTIC, 4))
+    channel.publish(event(EventType.PATH_HEALTH, 5))
+    channel.publish(snapshot(1))
+    batch = channel.take()
+    assert batch.lost == 2 and channel.dropped == 2  # DEAD and the first PATH_HEALTH
+    assert [e["n"] for e in batch.events] == [3, 4, 5]
+    # the history: every session-changing event still remembered, oldest first
+    assert [e["n"] for e in batch.history] == [0, 1, 3]
+    nxt = channel.take()
+    assert nxt.lost == 0 and nxt.history == () and nxt.events == ()
+
+
+def test_the_history_is_a_bounded_ring() -> None:
+    channel = UiChannel(maxsize=1, history=3)
+    for n in range(10):
+        channel.publish(event(EventType.STATE_CHANGE, n))
+    batch = channel.take()
+    assert batch.lost == 9
+    assert [e["n"] for e in batch.history] == [7, 8, 9]
+    assert [e["n"] for e in batch.events] == [9]
+
+
+def test_the_queue_size_knob() -> None:
+    assert ui_queue_size({}) == UI_QUEUE_SIZE
+    assert ui_queue_size({UI_QUEUE_SIZE_ENV: "4"}) == 4
+    for bad in ("0", "-3", "many"):
+        with pytest.raises(ValueError):
+            ui_queue_size({UI_QUEUE_SIZE_ENV: bad})
 
 
 def test_command_queue_is_bounded_and_ordered() -> None:

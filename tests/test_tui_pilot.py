@@ -355,9 +355,10 @@ async def test_snapshot_messages_coalesce_to_the_newest() -> None:
     app = RecordingApp(engine)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
-        for _ in range(3):
+        snaps = []
+        for _ in range(3):  # one slot holds the newest snapshot: take each as it comes
             engine.pump()
-        snaps = [i for i in engine.channel.drain() if isinstance(i, EngineSnapshot)]
+            snaps += [i for i in engine.channel.drain() if isinstance(i, EngineSnapshot)]
         assert [s.seq for s in snaps] == [2, 3, 4]
         app.drawn.clear()
         for snap in snaps:  # posted back to back: each replaces the one still queued
@@ -407,7 +408,33 @@ FREEZE_CHANNELS = 4
 """The frozen UI leaves the engine this many channels' worth of items undrained."""
 
 FREEZE_REPLIES = 20
-"""Echo round trips the tunnel must carry after the undrained channel is full."""
+"""Echo round trips the tunnel must carry after the undrained snapshot slot is full."""
+
+
+def block_until_the_engine_moved_on(channel: UiChannel, inner: Any) -> None:
+    """Block the calling thread (the UI's event loop, when called from a test coroutine)
+    until the engine has published FREEZE_CHANNELS channels' worth of items and carried
+    FREEZE_REPLIES echo round trips after its snapshot slot was first replaced; the
+    channel must stay bounded meanwhile. Bounded: a stuck engine fails the test."""
+    start = channel.counters()
+    replies0 = inner.replies
+    deadline = time.monotonic() + 60.0
+    replies_when_full: int | None = None
+    while True:
+        assert time.monotonic() < deadline, (
+            f"engine stalled behind a frozen UI: published {channel.published - start.published}"
+            f" items, {inner.replies - replies0} echo replies"
+        )
+        assert len(channel) <= channel.maxsize
+        if replies_when_full is None and channel.superseded > start.superseded:
+            replies_when_full = inner.replies  # the slot was full: a snapshot replaced
+        if (
+            replies_when_full is not None
+            and inner.replies >= replies_when_full + FREEZE_REPLIES
+            and channel.published >= start.published + FREEZE_CHANNELS * channel.maxsize
+        ):
+            return
+        time.sleep(0.01)
 
 
 @run_async
@@ -416,9 +443,10 @@ async def test_frozen_ui_does_not_slow_the_real_engine_and_catches_up() -> None:
     demo: a ClientEngine with Noise + AEAD over loopback UDP to an embedded gateway); the
     UI's event loop is blocked, so nobody drains the channel, until the engine has
     published several channels' worth of snapshots and events AND carried more inner
-    round trips after the channel was full. Asserted: accounting (every item published
-    during the freeze is either still queued or counted as dropped; inner traffic kept
-    flowing; the inner source never backed up) and ordering (the UI resumes on a snapshot
+    round trips after the undrained snapshot slot was first replaced. Asserted: accounting
+    (every item published during the freeze is still waiting, or was replaced (a
+    snapshot) or counted as dropped (an event); inner traffic kept flowing; the inner
+    source never backed up) and ordering (the UI resumes on a snapshot
     from after the freeze and never draws an older one after a newer one). No rates, no
     timed freeze: the freeze lasts until those conditions hold (bounded, so that a stuck
     engine fails the test instead of hanging it)."""
@@ -435,34 +463,20 @@ async def test_frozen_ui_does_not_slow_the_real_engine_and_catches_up() -> None:
 
         # -- freeze: this coroutine runs on the UI's event loop; blocking it blocks the UI
         drawn_before = list(app.drawn)
-        published0, dropped0, queued0 = channel.published, channel.dropped, len(channel)
+        start = channel.counters()
+        published0, dropped0, superseded0 = start.published, start.dropped, start.superseded
         generated0, replies0, overflow0 = inner.generated, inner.replies, inner.overflow
-        deadline = time.monotonic() + 60.0
-        replies_when_full: int | None = None
-        while True:
-            assert time.monotonic() < deadline, (
-                f"engine stalled behind a frozen UI: published {channel.published - published0}"
-                f" items, {inner.replies - replies0} echo replies"
-            )
-            assert len(channel) <= channel.maxsize
-            if replies_when_full is None and len(channel) == channel.maxsize:
-                replies_when_full = inner.replies
-            if (
-                replies_when_full is not None
-                and inner.replies >= replies_when_full + FREEZE_REPLIES
-                and channel.published >= published0 + FREEZE_CHANNELS * channel.maxsize
-            ):
-                break
-            time.sleep(0.01)
-        published = channel.published - published0
-        dropped = channel.dropped - dropped0
-        queued = len(channel)
+        block_until_the_engine_moved_on(channel, inner)
+        end = channel.counters()  # one consistent reading (the engine keeps publishing)
+        published = end.published - published0
+        dropped = end.dropped - dropped0
+        superseded = end.superseded - superseded0
         replies_end = inner.replies
-        # accounting: nothing was drained, so every item is queued or counted as dropped
+        # accounting: nothing was taken, so every item waits or was replaced or dropped
         assert app.drawn == drawn_before  # the UI really was frozen
-        assert queued == channel.maxsize
-        assert dropped == published - (queued - queued0)
-        assert dropped >= (FREEZE_CHANNELS - 1) * channel.maxsize
+        assert channel.has_snapshot  # the newest snapshot waits in its slot
+        assert superseded + dropped == published - (end.waiting - start.waiting)
+        assert superseded + dropped >= (FREEZE_CHANNELS - 1) * channel.maxsize
         # the tunnel kept carrying inner traffic, and the engine kept up with its source
         assert inner.generated > generated0 and replies_end > replies0
         assert inner.overflow == overflow0

@@ -1,10 +1,15 @@
 """The engine <-> UI contract (DESIGN §4): snapshots and events out, commands in.
 
 The engine runs in its own thread. It publishes immutable :class:`EngineSnapshot` values
-(4-10 Hz) and discrete event dicts into a :class:`UiChannel`, a bounded queue that never
-blocks the publisher: when it is full the oldest item is dropped and counted. The UI
-drains it on a timer. Commands go the other way through a :class:`CommandQueue`, which
-the engine polls; the UI never calls into engine objects.
+(4-10 Hz) and discrete event dicts into a :class:`UiChannel`, which never blocks the
+publisher. The newest snapshot sits in a single slot that each publication replaces (a
+snapshot carries the whole state, so an older one is never worth keeping); events travel
+in their own bounded queue, so snapshots can never push an event out. If the event queue
+itself overflows, its oldest events are lost and counted, and the UI re-reads the
+session-changing events (:data:`SESSION_EVENT_TYPES`) from the channel's bounded history
+ring. The UI takes what is waiting on a timer (:meth:`UiChannel.take`). Commands go the
+other way through a :class:`CommandQueue`, which the engine polls; the UI never calls
+into engine objects.
 
 The contract owns its types: :class:`SessionView`, :class:`PathView` and
 :class:`PathStatsView` are what the UI draws (the engine converts the protocol core's
@@ -35,17 +40,35 @@ from typing import Final, Protocol
 from tunnel.core.events import EventType, Reason
 
 __all__ = [
-    "COMMAND_QUEUE_SIZE", "NO_SESSION", "UI_QUEUE_SIZE", "Command", "CommandQueue",
-    "EngineHandle", "EngineSnapshot", "EventType", "ExtensionCommand", "ForceReattach",
-    "ObservabilityView", "PathStatsView", "PathView", "Reason", "ReloadPolicy", "SessionView",
-    "SetAutoSwitch", "SinkView", "SwitchTo", "Terminate", "TrafficStats", "UiChannel",
-    "UiItem",
+    "COMMAND_QUEUE_SIZE", "HISTORY_SIZE", "NO_SESSION", "SESSION_EVENT_TYPES", "UI_QUEUE_SIZE",
+    "UI_QUEUE_SIZE_ENV", "ChannelCounters", "Command", "CommandQueue", "EngineHandle",
+    "EngineSnapshot", "EventType", "ExtensionCommand", "ForceReattach", "ObservabilityView",
+    "PathStatsView", "PathView", "Reason", "ReloadPolicy", "SessionView", "SetAutoSwitch",
+    "SinkView", "SwitchTo", "Terminate", "TrafficStats", "UiBatch", "UiChannel", "UiItem",
+    "ui_queue_size",
 ]  # fmt: skip
 """``EventType`` and ``Reason`` are the events' vocabulary (``tunnel.core.events``), named
 here so that the UI reads event mappings in the project's terms without importing the core."""
 
 UI_QUEUE_SIZE: Final = 256
-"""Items (snapshots + events) the UI channel holds before it drops the oldest."""
+"""Events the UI channel's queue holds; one more pushes the oldest event out (counted).
+Snapshots do not count: the newest one has its own slot."""
+
+UI_QUEUE_SIZE_ENV: Final = "JVPN_UI_QUEUE_SIZE"
+"""Environment variable that overrides :data:`UI_QUEUE_SIZE` for the program's channel
+(a test knob: a small queue overflows after a short UI stall)."""
+
+HISTORY_SIZE: Final = 256
+"""Session-changing events the channel keeps for a UI that lost some (a ring)."""
+
+SESSION_EVENT_TYPES: Final = frozenset({
+    EventType.STATE_CHANGE, EventType.TRANSPORT_ATTACHED, EventType.TRANSPORT_SWITCH,
+    EventType.TRANSPORT_SWITCH_DENIED, EventType.TRANSPORT_DEAD, EventType.REATTACH_ATTEMPT,
+    EventType.REATTACH_RESULT, EventType.SECURITY_EVENT, EventType.POLICY_EVENT,
+    EventType.KEY_ROTATED, EventType.SESSION_TERMINATED,
+})  # fmt: skip
+"""Events that change the session (or report an attack on it): what the switch timeline
+and the security panel show, and what the channel's history ring keeps."""
 
 COMMAND_QUEUE_SIZE: Final = 64
 """Commands waiting for the engine; a UI that floods it gets ``False`` from ``send``."""
@@ -298,7 +321,9 @@ class EngineSnapshot:
     observability: ObservabilityView = field(default_factory=ObservabilityView)
     """Health of the event pipeline."""
     ui_dropped: int = 0
-    """Items the UI channel dropped because the UI did not drain it in time."""
+    """Events the UI channel lost because its event queue overflowed (the UI re-reads the
+    session-changing ones from the channel's history). Snapshots are never lost: a newer
+    one replaces an older one that was not taken yet."""
     running: bool = True
     """False once the engine has stopped (then ``final_reason`` says why)."""
     final_reason: str | None = None
@@ -311,40 +336,137 @@ UiItem = EngineSnapshot | Mapping[str, object]
 """What the channel carries: a snapshot, or one event as its ``to_dict()`` mapping."""
 
 
-class UiChannel:
-    """Bounded engine -> UI queue. ``publish`` never blocks and never raises.
+@dataclass(frozen=True, slots=True)
+class UiBatch:
+    """What :meth:`UiChannel.take` hands the UI: everything that waited, at one instant."""
 
-    When full, the oldest item is dropped and counted in :attr:`dropped`; the newest
-    snapshot always survives, so a UI that resumes after a stall draws the present.
+    events: tuple[Mapping[str, object], ...]
+    """Events that waited, oldest first."""
+    snapshot: EngineSnapshot | None
+    """The newest snapshot, if one was published since the last take."""
+    lost: int = 0
+    """Events the queue lost since the last take (0: none; then ``history`` is empty)."""
+    history: tuple[Mapping[str, object], ...] = ()
+    """When ``lost``: the session-changing events the channel still remembers, oldest
+    first, taken at the same instant as ``events`` (so it ends with their
+    session-changing ones): the UI rebuilds its timeline from it instead of adding
+    ``events``."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelCounters:
+    """A :class:`UiChannel`'s accounting at one instant: every item ever published was
+    taken, superseded (a snapshot), dropped (an event), or is waiting."""
+
+    published: int
+    superseded: int
+    dropped: int
+    waiting: int
+    """Items waiting: the events plus the snapshot in its slot (0 or 1)."""
+
+
+def ui_queue_size(environ: Mapping[str, str]) -> int:
+    """The channel size the program uses: :data:`UI_QUEUE_SIZE`, or the test knob
+    :data:`UI_QUEUE_SIZE_ENV` when it is set (``ValueError`` when it is not a size)."""
+    raw = environ.get(UI_QUEUE_SIZE_ENV)
+    if raw is None:
+        return UI_QUEUE_SIZE
+    size = int(raw)
+    if size < 1:
+        raise ValueError(f"{UI_QUEUE_SIZE_ENV} must be at least 1, not {raw!r}")
+    return size
+
+
+class UiChannel:
+    """Engine -> UI: a snapshot slot, a bounded event queue and a history ring.
+
+    ``publish`` never blocks and never raises; it holds one lock for O(1) work. A
+    snapshot replaces the one in the slot (counted in :attr:`superseded`); an event goes
+    to the queue, which holds ``maxsize`` events and loses its oldest one when full
+    (counted in :attr:`dropped`), so snapshots never push an event out. Session-changing
+    events (:data:`SESSION_EVENT_TYPES`) are also kept in a ring of ``history`` events,
+    so a UI that lost some can rebuild its timeline (:meth:`take` hands them over).
     """
 
-    def __init__(self, maxsize: int = UI_QUEUE_SIZE) -> None:
+    def __init__(self, maxsize: int = UI_QUEUE_SIZE, history: int = HISTORY_SIZE) -> None:
         if maxsize < 1:
-            raise ValueError("UiChannel needs room for at least one item")
+            raise ValueError("UiChannel needs room for at least one event")
+        if history < 1:
+            raise ValueError("UiChannel needs a history of at least one event")
         self.maxsize = maxsize
-        self._items: deque[UiItem] = deque()
+        self._events: deque[Mapping[str, object]] = deque()
+        self._history: deque[Mapping[str, object]] = deque(maxlen=history)
+        self._snapshot: EngineSnapshot | None = None
         self._lock = threading.Lock()
+        self._lost_taken = 0
+        self.superseded = 0
+        """Snapshots replaced by a newer one before the UI took them (nothing is lost:
+        the newer one carries the whole state)."""
         self.dropped = 0
-        """Items dropped because the queue was full (oldest first)."""
+        """Events pushed out of the full queue (oldest first): lost to the UI, except the
+        session-changing ones its history still holds."""
         self.published = 0
-        """Items ever published: every one was drained, dropped, or is still waiting."""
+        """Items ever published: every one was taken, superseded, dropped, or is waiting."""
 
     def publish(self, item: UiItem) -> None:
+        """Engine side: a snapshot goes to the slot, anything else to the event queue."""
+        if isinstance(item, EngineSnapshot):
+            self.publish_snapshot(item)
+        else:
+            self.publish_event(item)
+
+    def publish_snapshot(self, snapshot: EngineSnapshot) -> None:
         with self._lock:
-            if len(self._items) >= self.maxsize:
-                self._items.popleft()
-                self.dropped += 1
-            self._items.append(item)
+            if self._snapshot is not None:
+                self.superseded += 1
+            self._snapshot = snapshot
             self.published += 1
 
-    def drain(self, max_items: int | None = None) -> list[UiItem]:
-        """Take waiting items, oldest first (UI side)."""
+    def publish_event(self, event: Mapping[str, object]) -> None:
         with self._lock:
-            n = len(self._items) if max_items is None else min(max_items, len(self._items))
-            return [self._items.popleft() for _ in range(n)]
+            if len(self._events) >= self.maxsize:
+                self._events.popleft()
+                self.dropped += 1
+            self._events.append(event)
+            if event.get("event_type") in SESSION_EVENT_TYPES:
+                self._history.append(event)
+            self.published += 1
+
+    def take(self) -> UiBatch:
+        """UI side: every waiting event and the newest snapshot; after a loss, the history."""
+        with self._lock:
+            events, self._events = self._events, deque()
+            snapshot, self._snapshot = self._snapshot, None
+            lost = self.dropped - self._lost_taken
+            self._lost_taken = self.dropped
+            history = tuple(self._history) if lost else ()  # O(history), only after a loss
+        return UiBatch(tuple(events), snapshot, lost, history)
+
+    def drain(self, max_items: int | None = None) -> list[UiItem]:
+        """Simple consumers (headless, tests): waiting events oldest first, then the
+        newest snapshot; at most ``max_items`` items (the rest keep waiting)."""
+        with self._lock:
+            n = len(self._events) if max_items is None else min(max_items, len(self._events))
+            out: list[UiItem] = [self._events.popleft() for _ in range(n)]
+            if self._snapshot is not None and (max_items is None or n < max_items):
+                out.append(self._snapshot)
+                self._snapshot = None
+            return out
 
     def __len__(self) -> int:
-        return len(self._items)
+        """Events waiting (the snapshot slot is not a queue; see :attr:`has_snapshot`)."""
+        return len(self._events)
+
+    def counters(self) -> ChannelCounters:
+        """The accounting, read consistently (under the channel's lock)."""
+        with self._lock:
+            waiting = len(self._events) + (self._snapshot is not None)
+            return ChannelCounters(self.published, self.superseded, self.dropped, waiting)
+
+    @property
+    def has_snapshot(self) -> bool:
+        """A snapshot waits in the slot."""
+        return self._snapshot is not None
 
 
 class EngineHandle(Protocol):

@@ -1,8 +1,10 @@
 """Widgets: each renders one slice of an :class:`tunnel.api.EngineSnapshot`.
 
 Snapshot views carry the CSS class ``snapshot-view`` and have ``show(snapshot)``; event
-views carry ``event-view`` and have ``add_events(events)``. None of them touches the
-engine: the app hands them what it drained from the channel.
+views carry ``event-view`` and have ``add_events(events)`` and ``reset_events(history,
+lost)`` (the channel lost events: rebuild from the engine's history). None of them
+touches the engine: the app hands them what it took from the channel. The text panels
+are :class:`~jvpn_tui.widgets.panel.TextPanel` values, which repaint only changed lines.
 """
 
 from jvpn_tui.widgets.banner import EngineBanner

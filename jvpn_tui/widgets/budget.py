@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from textual.widgets import Static
-
 from jvpn_tui.widgets.format import duration
+from jvpn_tui.widgets.panel import TextPanel
 from tunnel.api import EngineSnapshot
 
 
-class BudgetPanel(Static):
+class BudgetPanel(TextPanel):
     """How many switches the rate limiter still allows, and when the next one may go."""
 
     DEFAULT_CLASSES = "snapshot-view panel"
@@ -31,4 +30,4 @@ class BudgetPanel(Static):
             ("Cooldown", cooldown),
             ("Switches", f"{s.total_switches} total"),
         ]
-        self.update("\n".join(f"[$text-muted]{k:<8}[/] {v}" for k, v in rows))
+        self.show_markup("\n".join(f"[$text-muted]{k:<8}[/] {v}" for k, v in rows))

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from textual.widgets import Static
-
 from jvpn_tui.widgets.format import esc, rate
+from jvpn_tui.widgets.panel import TextPanel
 from tunnel.api import EngineSnapshot
 
 
-class HealthPanel(Static):
+class HealthPanel(TextPanel):
     """The event pipeline (D16), the UI channel and the inner traffic counters."""
 
     DEFAULT_CLASSES = "snapshot-view panel"
@@ -40,4 +39,4 @@ class HealthPanel(Static):
             if sink.last_error:
                 line += f" [$text-muted]({esc(sink.last_error)})[/]"
             lines.append(line)
-        self.update("\n".join(lines))
+        self.show_markup("\n".join(lines))

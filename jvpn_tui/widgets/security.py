@@ -6,9 +6,8 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Final
 
-from textual.widgets import Static
-
 from jvpn_tui.widgets.format import clock, esc
+from jvpn_tui.widgets.panel import TextPanel
 from tunnel.api import EngineSnapshot, EventType
 
 SECURITY_LINES: Final = 100
@@ -33,7 +32,7 @@ def describe(event: Mapping[str, object]) -> str | None:
     return f"[$text-muted]{clock(event)}[/] {text}"
 
 
-class SecurityPanel(Static):
+class SecurityPanel(TextPanel):
     """Security events as they arrive (newest first) above the session's drop counters."""
 
     DEFAULT_CLASSES = "snapshot-view event-view panel"
@@ -49,15 +48,27 @@ class SecurityPanel(Static):
         self._render_lines()
 
     def add_events(self, events: Iterable[Mapping[str, object]]) -> None:
+        if self._take(events):
+            self.border_subtitle = f"{self.count} events"
+            self._render_lines()
+
+    def reset_events(self, history: Iterable[Mapping[str, object]], lost: int) -> None:
+        """Events were lost: rebuild from the engine's history (oldest first)."""
+        del lost  # the timeline says it
+        self._lines.clear()
+        self.count = 0
+        self._take(history)
+        self.border_subtitle = f"{self.count} events" if self.count else ""
+        self._render_lines()
+
+    def _take(self, events: Iterable[Mapping[str, object]]) -> bool:
         before = self.count
         for event in events:
             line = describe(event)
             if line is not None:
                 self._lines.appendleft(line)
                 self.count += 1
-        if self.count != before:
-            self.border_subtitle = f"{self.count} events"
-            self._render_lines()
+        return self.count != before
 
     def show(self, snapshot: EngineSnapshot) -> None:
         drops = snapshot.session.drops
@@ -69,7 +80,7 @@ class SecurityPanel(Static):
 
     def _render_lines(self) -> None:
         body = list(self._lines) or ["[$text-success]no security events[/]"]
-        self.update("\n".join([self._drops, *body] if self._drops else body))
+        self.show_markup("\n".join([self._drops, *body] if self._drops else body))
 
     @property
     def lines(self) -> list[str]:

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from textual.widgets import Static
-
 from jvpn_tui.widgets.format import NONE, duration, esc, state_markup
+from jvpn_tui.widgets.panel import TextPanel
 from tunnel.api import EngineSnapshot
 
 
-class SessionPanel(Static):
+class SessionPanel(TextPanel):
     """One session's identity and state (the ``session`` slice of a snapshot)."""
 
     DEFAULT_CLASSES = "snapshot-view panel"
 
     def on_mount(self) -> None:
         self.border_title = "Session"
-        self.update("[$text-muted]waiting for the engine…[/]")
+        self.show_markup("[$text-muted]waiting for the engine…[/]")
 
     def show(self, snapshot: EngineSnapshot) -> None:
         s = snapshot.session
@@ -38,4 +37,4 @@ class SessionPanel(Static):
             ("Key", f"phase {s.key_phase}, age {duration(s.key_age_s)}"),
             ("Policy", esc(s.policy_version)),
         ]
-        self.update("\n".join(f"[$text-muted]{k:<8}[/] {v}" for k, v in rows))
+        self.show_markup("\n".join(f"[$text-muted]{k:<8}[/] {v}" for k, v in rows))

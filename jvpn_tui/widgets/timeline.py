@@ -6,9 +6,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
-from textual.widgets import Static
-
 from jvpn_tui.widgets.format import NONE, clock, esc, ms, state_markup
+from jvpn_tui.widgets.panel import TextPanel
 from tunnel.api import EventType
 
 TIMELINE_LINES: Final = 200
@@ -117,7 +116,15 @@ def describe(event: EventMap) -> str | None:
     return f"[$text-muted]{clock(event)}[/] {text}"
 
 
-class SwitchTimeline(Static):
+def lost_line(lost: int) -> str:
+    """The line that marks where the UI lost events and re-read the engine's history."""
+    return (
+        f"[b $text-warning]LOST   [/] {lost} events lost while the screen was not kept up "
+        "with; re-read from the engine"
+    )
+
+
+class SwitchTimeline(TextPanel):
     """Every transport decision with its reason and latency, newest first."""
 
     DEFAULT_CLASSES = "event-view panel"
@@ -129,9 +136,21 @@ class SwitchTimeline(Static):
 
     def on_mount(self) -> None:
         self.border_title = "Switch timeline (UTC)"
-        self.update("[$text-muted]no events yet[/]")
+        self.show_markup("[$text-muted]no events yet[/]")
 
     def add_events(self, events: Iterable[Mapping[str, object]]) -> None:
+        if self._take(events):
+            self._render_lines()
+
+    def reset_events(self, history: Iterable[Mapping[str, object]], lost: int) -> None:
+        """Events were lost: rebuild from the engine's history (oldest first), and say so."""
+        self._lines.clear()
+        self.count = 0
+        self._take(history)
+        self._lines.appendleft(lost_line(lost))
+        self._render_lines()
+
+    def _take(self, events: Iterable[Mapping[str, object]]) -> bool:
         added = False
         for event in events:
             line = describe(event)
@@ -139,9 +158,11 @@ class SwitchTimeline(Static):
                 self._lines.appendleft(line)
                 self.count += 1
                 added = True
-        if added:
-            self.border_subtitle = f"{self.count} events"
-            self.update("\n".join(self._lines))
+        return added
+
+    def _render_lines(self) -> None:
+        self.border_subtitle = f"{self.count} events"
+        self.show_markup("\n".join(self._lines))
 
     @property
     def lines(self) -> list[str]:

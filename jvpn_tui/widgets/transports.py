@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, Self
 
 from rich.text import Text
+from textual.geometry import Region
 from textual.message import Message
 from textual.widgets import DataTable
 
@@ -27,6 +28,10 @@ class TransportsTable(DataTable[Text]):
 
     DEFAULT_CLASSES = "snapshot-view panel"
 
+    _row_update: bool = False
+    """True while :meth:`_update_row` updates cells (see :meth:`refresh`); a class default
+    because DataTable's own ``__init__`` already refreshes."""
+
     class SwitchRequested(Message):
         """The user picked a row: switch to ``path_id``."""
 
@@ -37,6 +42,8 @@ class TransportsTable(DataTable[Text]):
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id, cursor_type="row", zebra_stripes=True)
         self._ids: tuple[int, ...] = ()
+        self._shown: dict[int, tuple[PathView, bool, str]] = {}
+        """path id -> what its row was last drawn from (view, is active, theme)."""
         self.last: EngineSnapshot | None = None
 
     def on_mount(self) -> None:
@@ -88,21 +95,61 @@ class TransportsTable(DataTable[Text]):
         s = snapshot.session
         ids = tuple(p.stats.path_id for p in s.paths)
         if ids != self._ids:
-            cursor = self.cursor_row
-            self.clear()
-            for view in s.paths:
-                cells = self._cells(view, s.active)
-                self.add_row(*(cells[k] for k, _, _ in COLUMNS), key=str(view.stats.path_id))
-            self._ids = ids
-            if ids:
-                self.move_cursor(row=min(cursor, len(ids) - 1), animate=False)
+            self._rebuild(s.paths, s.active)
         else:
             for view in s.paths:
-                cells = self._cells(view, s.active)
-                for key, _, _ in COLUMNS:
-                    self.update_cell(str(view.stats.path_id), key, cells[key])
+                self._update_row(view, s.active)
         up = sum(1 for p in s.paths if p.stats.alive)
-        self.border_subtitle = f"{up}/{len(ids)} answering"
+        subtitle = f"{up}/{len(ids)} answering"
+        if self.border_subtitle != subtitle:  # setting it repaints the table, even if equal
+            self.border_subtitle = subtitle
+
+    def _rebuild(self, paths: tuple[PathView, ...], active: int | None) -> None:
+        """The set of paths changed: every row anew, the cursor kept where it can be."""
+        cursor = self.cursor_row
+        self.clear()
+        self._shown.clear()
+        for view in paths:
+            cells = self._cells(view, active)
+            self.add_row(*(cells[k] for k, _, _ in COLUMNS), key=str(view.stats.path_id))
+            self._shown[view.stats.path_id] = self._row_input(view, active)
+        self._ids = tuple(p.stats.path_id for p in paths)
+        if paths:
+            self.move_cursor(row=min(cursor, len(paths) - 1), animate=False)
+
+    def _row_input(self, view: PathView, active: int | None) -> tuple[PathView, bool, str]:
+        return (view, view.stats.path_id == active, self.app.theme)
+
+    def _update_row(self, view: PathView, active: int | None) -> None:
+        """Only a row whose input changed is redrawn, and only its changed cells."""
+        pid = view.stats.path_id
+        shown = self._row_input(view, active)
+        if self._shown.get(pid) == shown:
+            return
+        self._shown[pid] = shown
+        row = str(pid)
+        changed = False
+        self._row_update = True  # each update_cell would repaint the whole table
+        try:
+            for key, cell in self._cells(view, active).items():
+                old = self.get_cell(row, key)
+                if old.plain != cell.plain or old.style != cell.style or old.spans != cell.spans:
+                    self.update_cell(row, key, cell)
+                    changed = True
+        finally:
+            self._row_update = False
+        if changed:
+            self.refresh_row(self.get_row_index(row))
+
+    def refresh(
+        self, *regions: Region, repaint: bool = True, layout: bool = False,
+        recompose: bool = False,
+    ) -> Self:  # fmt: skip
+        """As DataTable's, except that the whole-table refresh of ``update_cell`` is skipped
+        while :meth:`_update_row` changes one row's cells (it repaints that row after)."""
+        if self._row_update and not regions and not layout and not recompose:
+            return self
+        return super().refresh(*regions, repaint=repaint, layout=layout, recompose=recompose)
 
     def role_of(self, path_id: int) -> str | None:
         """The role the table currently shows for ``path_id``, read from the cell."""

@@ -4,8 +4,9 @@
 one thread that builds the session, opens one UDP socket per candidate path, sets the
 inner side up (TUN + host configuration, before the asyncio loop starts), then runs the
 loop (:class:`tunnel.client.runtime.ClientRuntime`) until the session is TERMINATED.
-Meanwhile it publishes an :class:`EngineSnapshot` every 200 ms (5 Hz) and every event's
-``to_dict()`` into the UiChannel (bounded, never blocks), sends every event to the
+Meanwhile it publishes an :class:`EngineSnapshot` every 200 ms (5 Hz) into the UiChannel's
+snapshot slot and every event's ``to_dict()`` into its event queue (bounded, never
+blocks; session-changing events also into its history ring), sends every event to the
 EventPipeline (JSONL / syslog sinks), and polls the CommandQueue every 50 ms.
 
 When the loop ends (termination, engine failure, hard stop) the host is restored in
@@ -471,7 +472,7 @@ class ClientEngine:
         self.final_reason = self._final_reason(errors)
         snap = self._snapshot(running=False)
         self.final_snapshot = snap
-        self.channel.publish(snap)
+        self.channel.publish_snapshot(snap)
         if self._pipeline is not None:
             self._pipeline.close(timeout=1.0)
 
@@ -532,7 +533,7 @@ class ClientEngine:
             self._re_resolve(event.candidate_transport)
         if self._pipeline is not None:
             self._pipeline.emit(event)
-        self.channel.publish(event.to_dict())
+        self.channel.publish_event(event.to_dict())
 
     # -- D7: gateway names re-resolved on every reattach attempt ------------------------------
 
@@ -615,7 +616,7 @@ class ClientEngine:
 
     def _snapshot_tick(self) -> None:
         try:
-            self.channel.publish(self._snapshot(running=True))
+            self.channel.publish_snapshot(self._snapshot(running=True))
         except Exception as exc:
             self._on_crash(exc)
             return

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -23,7 +24,14 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any, Final, TextIO
 
-from tunnel.api import EngineHandle, EngineSnapshot, ReloadPolicy, Terminate
+from tunnel.api import (
+    EngineHandle,
+    EngineSnapshot,
+    ReloadPolicy,
+    Terminate,
+    UiChannel,
+    ui_queue_size,
+)
 from tunnel.client.config import ConfigError, load_client_config
 from tunnel.client.engine import ENGINE_ERROR, ClientEngine, exit_code_for
 
@@ -43,16 +51,22 @@ def build_engine_from_args(
     """The engine the command line asks for; ConfigError with a clear message otherwise.
 
     ``demo_script``: the demo plays its scripted timeline from the start (headless).
+    The UI channel's size is :data:`tunnel.api.UI_QUEUE_SIZE` unless the test knob
+    :data:`tunnel.api.UI_QUEUE_SIZE_ENV` says otherwise.
     """
+    try:
+        channel = UiChannel(ui_queue_size(os.environ))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if demo:
         if config is not None:
             raise ConfigError("--demo runs without a configuration: drop --config")
         from tunnel.demo.scenario import DemoEngine
 
-        return DemoEngine(script=demo_script)
+        return DemoEngine(script=demo_script, channel=channel)
     if config is None:
         raise ConfigError("no configuration: give --config PATH (or --demo)")
-    return ClientEngine(load_client_config(config))
+    return ClientEngine(load_client_config(config), channel=channel)
 
 
 def _line(obj: Any) -> str:
