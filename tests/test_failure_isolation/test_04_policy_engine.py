@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 import time
 
-from tunnel.client.engine import exit_code_for
+from exit_codes import EXIT_CODES
 
 from .harness import Gateway, Lab, Proc, fast_policy, final_line
 
@@ -27,7 +27,7 @@ def _policy_valid(gw: Gateway) -> float:
 
 def _denied_client(lab: Lab, gw: Gateway) -> Proc:
     bob = lab.client([gw.address], name="bob")
-    assert bob.wait_exit(20) == exit_code_for("policy_denied")
+    assert bob.wait_exit(20) == EXIT_CODES["policy_denied"]
     assert final_line(bob)["final_reason"] == "policy_denied"
     return bob
 
