@@ -702,17 +702,68 @@ def parse_udp(data: bytes) -> Captured | None:
     return Captured((src, sport), (dst, dport), bytes(data[ihl + 8 : ihl + length]))
 
 
+# -- CPU priority -----------------------------------------------------------------------------
+
+SUT_NICE = -5
+"""Nice value a flood test gives the programs under test (the flood stays at 0)."""
+
+
+def prioritize(pid: int, nice: int = SUT_NICE) -> None:
+    """Give every thread of ``pid`` the nice value ``nice`` (threads it starts later inherit
+    it). A flood test raises the gateway and the client above the flood and above whatever
+    else the machine runs: how much of the flood the gateway reads, and so how many of the
+    session's own datagrams the kernel drops with the flood's, then depends on the gateway
+    and the flood, not on the machine's other load."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+
+
 # -- kernel and gateway counters ------------------------------------------------------------
 
 
-def socket_drops(pid: int, port: int) -> int:
-    """Datagrams the kernel dropped at ``pid``'s UDP socket on ``port`` (receive buffer full)."""
+def _udp_socket(pid: int, port: int) -> list[str]:
+    """The /proc/<pid>/net/udp row of the socket bound to ``port``, split in columns."""
     suffix = f":{port:04X}"
     for line in Path(f"/proc/{pid}/net/udp").read_text().splitlines()[1:]:
         cols = line.split()
         if cols[1].endswith(suffix):
-            return int(cols[-1])
+            return cols
     raise AssertionError(f"no UDP socket on port {port} in /proc/{pid}/net/udp")
+
+
+def socket_drops(pid: int, port: int) -> int:
+    """Datagrams the kernel dropped at ``pid``'s UDP socket on ``port`` (receive buffer full)."""
+    return int(_udp_socket(pid, port)[-1])
+
+
+def socket_backlog(pid: int, port: int) -> int:
+    """Bytes waiting in the receive queue of ``pid``'s UDP socket on ``port``."""
+    return int(_udp_socket(pid, port)[4].partition(":")[2], 16)
+
+
+def wait_drained(pid: int, port: int, timeout: float = 30.0) -> None:
+    """Until the socket's receive queue is empty: everything that arrived has been read
+    (the gateway's counters are then current: its metrics are gathered on its loop thread,
+    after the read that emptied the queue)."""
+    wait_until(lambda: socket_backlog(pid, port) == 0, timeout, f"UDP port {port} drained")
+
+
+def udp_snmp(pid: int) -> dict[str, int]:
+    """The ``Udp:`` counters of ``pid``'s network namespace (/proc/<pid>/net/snmp)."""
+    lines = [ln.split() for ln in Path(f"/proc/{pid}/net/snmp").read_text().splitlines()]
+    names, values = [ln for ln in lines if ln and ln[0] == "Udp:"][:2]
+    return {k: int(v) for k, v in zip(names[1:], values[1:], strict=True)}
+
+
+def link_drops(pid: int, ifname: str) -> tuple[int, int]:
+    """(rx, tx) drops of interface ``ifname`` in ``pid``'s namespace (/proc/<pid>/net/dev)."""
+    for line in Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]:
+        name, _, rest = line.partition(":")
+        if name.strip() == ifname:
+            cols = rest.split()
+            return int(cols[3]), int(cols[11])
+    raise AssertionError(f"no interface {ifname} in /proc/{pid}/net/dev")
 
 
 def drop_counts(metrics: dict[str, float]) -> dict[str, int]:

@@ -10,7 +10,11 @@ namespace, ``jvpn-tui --headless`` in the client namespace. A paced inner TCP do
 for ~16 s; 2 s into it ``bench/flood.py`` floods the gateway's listen address on the
 active path (10.200.0.2:51820) from the client namespace for 10 s, mixing garbage,
 unknown-session DATA, INITs with a wrong mac1, and replays of the session's own
-datagrams captured on the gateway's veth (its HANDSHAKE_INIT included).
+datagrams captured on the gateway's veth (its HANDSHAKE_INIT included). The gateway and
+the client run at a higher priority than the flood and the rest of the machine
+(``realnet.prioritize``): a gateway starved by unrelated load reads less of its socket,
+and the kernel then drops the session's datagrams with the flood's -- that would measure
+the machine's load, not the gateway.
 
 Asserted: the transfer completes intact (sha256, byte count, no reset or error on either
 end); the client and the gateway keep the one session id, nothing TERMINATED, no new
@@ -18,15 +22,20 @@ session; the gateway's VmRSS stays within RSS_BOUND_KB of its value before the f
 (before / peak / after printed); and every UDP datagram sent in the client namespace
 during the window is accounted for: read by the gateway (its ``datagrams_total{in}``),
 dropped by the kernel at the gateway's full socket buffer (``/proc/<pid>/net/udp`` drops
-column, cross-checked with the namespace's ``Udp RcvbufErrors``) or dropped by a veth
-(``/proc/net/dev``); every flood datagram the gateway read is counted under the drop
-reason it deserves (per-reason bounds: what the sender's own parser expects, minus at
-most what the kernel dropped indiscriminately).
+column, cross-checked with the namespace's ``Udp RcvbufErrors``) or dropped on the way by
+a path's veth pair (``/proc/net/dev``: the client end's tx drops, the gateway end's rx
+drops); every flood datagram the gateway read is counted under the drop reason it
+deserves (per-reason bounds: what the sender's own parser expects, minus at most what the
+kernel dropped indiscriminately); and the gateway kept reading through the whole flood
+(its namespace's ``Udp InDatagrams`` grew between every two samples taken during it).
+Nothing here is a rate: how much of the flood the gateway reads depends on how much CPU
+it gets, which the test does not control.
 Needs root, network namespaces and /dev/net/tun; skips with the reason otherwise.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 import sys
@@ -43,8 +52,12 @@ from realnet import (
     datagrams_in,
     drop_counts,
     expected_sha256,
+    link_drops,
+    prioritize,
     realnet,  # noqa: F401  (the fixture)
     socket_drops,
+    udp_snmp,
+    wait_drained,
 )
 
 from tunnel.core.constants import MSG_HANDSHAKE_INIT
@@ -78,30 +91,12 @@ INNER_SIDE = ("ipv6_not_routed",)
 """Drops on the gateway's TUN side in the same window (the kernel's IPv6 router
 solicitations and MLD reports on the fresh TUN device): not flood datagrams."""
 SETTLE_SLACK = 20
+READ_SAMPLE_S = 1.0
+"""Spacing of the samples of the gateway's reads during the flood."""
 """Datagrams the client may send between the reads of the client namespace's counters and
 the gateway's (only keepalives/probes flow then: the transfer has ended)."""
 
 # -- kernel counters ----------------------------------------------------------------------------
-
-
-def udp_snmp(pid: int) -> dict[str, int]:
-    """The ``Udp:`` counters of ``pid``'s network namespace."""
-    lines = [ln.split() for ln in Path(f"/proc/{pid}/net/snmp").read_text().splitlines()]
-    names, values = [ln for ln in lines if ln and ln[0] == "Udp:"][:2]
-    return {k: int(v) for k, v in zip(names[1:], values[1:], strict=True)}
-
-
-def veth_drops(pid: int) -> dict[str, int]:
-    """rx / tx drops of every interface but lo in ``pid``'s namespace (/proc/net/dev)."""
-    out: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]:
-        name, _, rest = line.partition(":")
-        if name.strip() == "lo":
-            continue
-        cols = rest.split()
-        out[f"{name.strip()}:rx"] = int(cols[3])
-        out[f"{name.strip()}:tx"] = int(cols[11])
-    return out
 
 
 def rss_kb(pid: int) -> int:
@@ -117,12 +112,14 @@ class Counters:
     def __init__(self, t: RealTunnel, client_pid: int) -> None:
         gw = t.gateway
         assert gw is not None
+        links = t.topo.paths
         # client side first: whatever it sent before this is visible at the gateway below
         self.client_udp = udp_snmp(client_pid)
-        self.client_veth = veth_drops(client_pid)
+        self.veth_tx = sum(link_drops(client_pid, p.client_ifname)[1] for p in links)
         self.metrics = t.metrics()
         self.gw_udp = udp_snmp(gw.pid)
-        self.gw_veth = veth_drops(gw.pid)
+        self.veth_rx = sum(link_drops(gw.pid, p.gateway_ifname)[0] for p in links)
+        self.tun_tx = link_drops(gw.pid, t.gateway_tun)[1]
         self.sock_drops = socket_drops(gw.pid, GATEWAY_PORT)
         self.drops = drop_counts(self.metrics)
         self.received = datagrams_in(self.metrics)
@@ -157,7 +154,7 @@ def test_08_flood_keeps_the_inner_tcp_transfer_with_bounded_memory_and_counted_d
     assert len(replay) >= 20, len(replay)
     replay_file = t.tmp / "captured.bin"
     replay_file.write_bytes(b"".join(struct.pack("<H", len(d)) + d for d in replay))
-    time.sleep(0.3)  # every captured datagram has been processed by the gateway
+    wait_drained(t.gateway.pid, GATEWAY_PORT)  # every captured datagram has been read
 
     client_pid, gw_pid = t.client.pid, t.gateway.pid
     c0 = Counters(t, client_pid)
@@ -165,14 +162,19 @@ def test_08_flood_keeps_the_inner_tcp_transfer_with_bounded_memory_and_counted_d
     gw_mark, mark = t.gw_events.mark(), t.events.mark()  # type: ignore[union-attr]
     rss = {"before": rss_kb(gw_pid)}
     samples: list[int] = []
+    reads: list[tuple[float, int]] = []  # (when, the gateway namespace's Udp InDatagrams)
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.wait(0.2):
             samples.append(rss_kb(gw_pid))
+            if not reads or time.monotonic() - reads[-1][0] >= READ_SAMPLE_S:
+                reads.append((time.monotonic(), udp_snmp(gw_pid)["InDatagrams"]))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
+    for pid in (gw_pid, client_pid):  # the programs under test before the machine's load
+        prioritize(pid)
     t_start = time.monotonic()
     flood = t.topo.exec(
         t.topo.client_ns,
@@ -185,14 +187,15 @@ def test_08_flood_keeps_the_inner_tcp_transfer_with_bounded_memory_and_counted_d
     finally:
         if flood.poll() is None:
             flood.kill()
-    flood_s = time.monotonic() - t_start
+    t_end = time.monotonic()
+    flood_s = t_end - t_start
     assert flood.returncode == 0, err
     report = json.loads(out)
 
     result = transfer.finish(60)
     stop.set()
     sampler.join(5)
-    time.sleep(1.0)  # the gateway drains; only keepalives/probes flow now
+    wait_drained(gw_pid, GATEWAY_PORT)  # only keepalives/probes flow now
     rss["peak"] = max([rss["before"], *samples])
     rss["after"] = rss_kb(gw_pid)
     c1 = Counters(t, client_pid)
@@ -225,19 +228,18 @@ def test_08_flood_keeps_the_inner_tcp_transfer_with_bounded_memory_and_counted_d
     kernel = c1.sock_drops - c0.sock_drops
     d_gw = {k: c1.gw_udp[k] - c0.gw_udp[k] for k in ("InDatagrams", "RcvbufErrors", "InErrors")}
     d_cl = {k: c1.client_udp[k] - c0.client_udp[k] for k in ("OutDatagrams", "SndbufErrors")}
-    veth = {k: v - c0.client_veth.get(k, 0) for k, v in c1.client_veth.items()}
-    veth |= {k: v - c0.gw_veth.get(k, 0) for k, v in c1.gw_veth.items()}
-    veth = {k: v for k, v in veth.items() if v}
-    veth_lost = sum(veth.values())
+    veth = {"client_tx": c1.veth_tx - c0.veth_tx, "gateway_rx": c1.veth_rx - c0.veth_rx}
     client_skbs = d_cl["OutDatagrams"] - report["total"]
     flood_dropped = sum(delta.values())
+    during = [n for when, n in reads if t_start < when < t_end]
     numbers = {
         "flood": report, "flood_wall_s": round(flood_s, 2),
         "rss_kb": rss, "rss_growth_kb": {"peak": rss["peak"] - rss["before"],
                                          "after": rss["after"] - rss["before"]},
         "client_ns_udp": d_cl, "client_tunnel_skbs": client_skbs,
         "gateway_ns_udp": d_gw, "gateway_socket_kernel_drops": kernel,
-        "veth_drops": veth, "gateway_datagrams_in": received,
+        "path_veth_drops": veth, "gateway_tun_tx_drops": c1.tun_tx - c0.tun_tx,
+        "gateway_datagrams_in": received, "gateway_ns_reads_during_flood": during,
         "drops_by_reason": delta, "drops_total": flood_dropped, "inner_side_drops": inner,
         "transfer": {"bytes": SIZE, "flood_started_at_bytes": FLOOD_AFTER,
                      **{k: result.receiver[k] for k in ("duration_s", "max_gap_ms")}},
@@ -252,9 +254,14 @@ def test_08_flood_keeps_the_inner_tcp_transfer_with_bounded_memory_and_counted_d
     # the kernel's socket-buffer drops in the gateway namespace are all its listen socket's
     assert kernel == d_gw["RcvbufErrors"], numbers
     # skbs: sent in the client namespace = read by the gateway + dropped at its full socket
-    # buffer + dropped by a veth (up to a few in flight while the counters are read)
+    # buffer + lost between the namespaces (up to a few in flight while the counters are
+    # read). A veth pair may count one lost skb at both ends (the sender's tx drop, the
+    # receiver's backlog rx drop), so the loss on the way is between the larger and the sum.
+    # (The gateway TUN's tx drops are inner packets the gateway read too late, not UDP.)
     arrived = d_gw["InDatagrams"] + d_gw["RcvbufErrors"]
-    assert abs(d_cl["OutDatagrams"] - veth_lost - arrived) <= SETTLE_SLACK, numbers
+    on_the_way = d_cl["OutDatagrams"] - arrived
+    veth_lost = veth["client_tx"] + veth["gateway_rx"]
+    assert max(veth.values()) - SETTLE_SLACK <= on_the_way <= veth_lost + SETTLE_SLACK, numbers
     # datagrams: every flood datagram the gateway read is a drop counted by its reason; the
     # kernel's drops are indiscriminate (any category, the client's own datagrams too)
     lost = kernel + veth_lost
@@ -270,8 +277,11 @@ def test_08_flood_keeps_the_inner_tcp_transfer_with_bounded_memory_and_counted_d
     assert delta.get("cookie_required", 0) > 0, numbers  # the INIT flood met cookies
     dh_bound = HANDSHAKE_RATE * (flood_s + 2) + HANDSHAKE_BURST
     assert delta.get("replay_detected", 0) <= report["sent"]["replay"] + dh_bound, numbers
-    # degrade before collapse: a large share of the flood was read and rejected, not lost
-    assert flood_dropped >= 0.2 * report["total"], numbers
+    # degrade before collapse: the gateway read (and rejected) throughout the flood, never
+    # stalled; how much it read depends on its share of the CPU, so no rate is asserted
+    assert len(during) >= 3, numbers
+    assert all(b > a for a, b in itertools.pairwise(during)), numbers
+    assert flood_dropped > 0, numbers
 
     # -- bounded memory -------------------------------------------------------------------------
     assert rss["peak"] - rss["before"] < RSS_BOUND_KB, numbers
