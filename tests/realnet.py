@@ -31,6 +31,7 @@ import ctypes
 import hashlib
 import json
 import os
+import random
 import signal
 import socket
 import struct
@@ -59,6 +60,17 @@ RELAY_CONTROL_BASE = 52000
 """Relay on path i has its JSON control socket on 127.0.0.1:52000+i in its namespace."""
 METRICS_PORT = 9108
 """Gateway Prometheus endpoint on 127.0.0.1 inside the gateway namespace."""
+RELAY_SEED_BASE = 1000
+"""The relay on path i draws its randomness from ``random.Random(RELAY_SEED_BASE + i)``."""
+
+
+def seeded_loss(path: int, ratio: float, count: int) -> list[bool]:
+    """Which of the first ``count`` datagrams the relay on ``path`` drops once its only
+    impairment is ``loss = ratio`` in one direction (it draws once per datagram of that
+    direction, and nothing while no ratio is set): the fixed loss pattern of a test."""
+    rng = random.Random(RELAY_SEED_BASE + path)
+    return [rng.random() < ratio for _ in range(count)]
+
 
 START_TIMEOUT_S = 20.0
 """Generous: the machine has 2 cores and other test runs share them."""
@@ -428,7 +440,7 @@ class RealTunnel:
         argv = [
             *program("jvpn-impair", "tunnel.impair"),
             "--listen", listen, "--upstream", upstream,
-            "--control", f"{control[0]}:{control[1]}", "--seed", str(1000 + i),
+            "--control", f"{control[0]}:{control[1]}", "--seed", str(RELAY_SEED_BASE + i),
         ]  # fmt: skip
         proc = self.topo.exec(ns, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         ready = json.loads(read_line(proc, START_TIMEOUT_S))
