@@ -539,9 +539,10 @@ class RealTunnel:
         return InnerTransfer(server, receiver)
 
     def start_udp_stream(
-        self, duration: float, *, interval: float = 0.02, port: int = 7070
+        self, duration: float = 120.0, *, interval: float = 0.02, port: int = 7070
     ) -> subprocess.Popen[bytes]:
-        """Inner UDP echo traffic for ``duration`` s (data packets on the active path).
+        """Inner UDP echo traffic (data packets on the active path) until :func:`stop_stream`
+        (or for at most ``duration`` s).
 
         Returns the client-side sender; its last line is JSON {sent, received, ...}.
         """
@@ -906,7 +907,7 @@ while True:
 
 
 UDP_STREAM = r"""
-import json, socket, sys, time
+import json, select, socket, sys, time
 src, dst, port, interval, duration = (
     sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]))
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -916,6 +917,9 @@ sent = received = 0; replies = []
 while True:
     now = time.monotonic()
     if now >= end:
+        break
+    if select.select([sys.stdin], [], [], 0)[0]:  # told to stop
+        end = now
         break
     if now >= nxt:
         try:
@@ -935,7 +939,17 @@ print(json.dumps({"sent": sent, "received": received,
                   "replies_last_s": sum(1 for r in replies if r > end - 1.0)}), flush=True)
 """
 """Send a numbered datagram from argv[1] to argv[2]:argv[3] every argv[4] s for argv[5] s
-and count the echoes; print totals, the longest gap between echoes and the last second's."""
+(or until a line on stdin) and count the echoes; print totals, the longest gap between
+echoes and the last second's."""
+
+
+def stop_stream(stream: subprocess.Popen[bytes], timeout: float = 20.0) -> dict[str, Any]:
+    """Stop a :meth:`RealTunnel.start_udp_stream` sender now; its totals."""
+    assert stream.stdin is not None
+    stream.stdin.write(b"stop\n")
+    stream.stdin.flush()
+    out: dict[str, Any] = json.loads(read_line(stream, timeout))
+    return out
 
 
 def policy_toml(**sections: dict[str, Any]) -> str:

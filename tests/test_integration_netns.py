@@ -13,13 +13,11 @@ Transport ids: the client's path i (0-based in the topology) is transport i + 1.
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from typing import Any
 
 import pytest
 from exit_codes import EXIT_CODES
-from netns import read_line
 from realnet import (
     CLIENT_INNER,
     GATEWAY_PORT,
@@ -31,6 +29,7 @@ from realnet import (
     policy_toml,
     realnet,  # noqa: F401  (the fixture)
     seeded_loss,
+    stop_stream,
     wait_until,
 )
 
@@ -252,8 +251,9 @@ def test_at18_nat_rebinding_rebinds_with_a_path_challenge_and_drops_the_old_addr
     attached = t.gw_events.wait_type("TRANSPORT_ATTACHED", 5)
     old_label = attached["path"]
     old_host, old_port = old_label.rsplit(":", 1)
-    stream = t.start_udp_stream(duration=7.0)
-    time.sleep(1.0)
+    forwarded = _relay_up(relay, "forwarded")
+    stream = t.start_udp_stream()
+    wait_until(lambda: _relay_up(relay, "forwarded") >= forwarded + 50, 20, "the stream on A")
 
     gw_mark, mark = t.gw_events.mark(), t.events.mark()
     assert relay.rebind() == 1
@@ -311,7 +311,7 @@ def test_at18_nat_rebinding_rebinds_with_a_path_challenge_and_drops_the_old_addr
     assert t.gw_events.of_type("PATH_VALIDATED", gw_mark2) == []
 
     # traffic continued through the rebinding, on the same session, with no client switch
-    out = json.loads(read_line(stream, 20))
+    out = stop_stream(stream)
     assert out["replies_last_s"] > 0 and out["received"] > out["sent"] * 0.8, out
     assert t.switches(mark) == [] and not _terminal(t) and t.session_ids() == {sid}
     drops = _metric(t.metrics(), 'jvpn_gateway_drops_total{reason="unvalidated_path"}')
@@ -450,7 +450,7 @@ def test_at30_datagrams_replayed_from_another_address_are_rejected_and_counted(
 ) -> None:
     t: RealTunnel = realnet()
     sid = _session_id(t)
-    stream = t.start_udp_stream(duration=5.0)
+    stream = t.start_udp_stream()
     link_a, link_b = t.topo.paths[0], t.topo.paths[1]
     with Capture(t.topo.gateway_ns, link_a.gateway_ifname, GATEWAY_PORT) as cap:
         wait_until(lambda: len(cap.packets) >= 40, 10, "captured datagrams on path A")
@@ -486,7 +486,7 @@ def test_at30_datagrams_replayed_from_another_address_are_rejected_and_counted(
         assert t.gw_events.of_type(kind, gw_mark) == [], kind
     assert t.states(mark) == [] and t.switches(mark) == []
     assert not _terminal(t) and t.session_ids() == {sid}
-    out = json.loads(read_line(stream, 20))
+    out = stop_stream(stream)
     assert out["replies_last_s"] > 0, out  # the real traffic never noticed
     print(
         f"\nAT-30 replay: {len(captured)} captured datagrams re-sent from "
