@@ -287,13 +287,13 @@ def test_at18_nat_rebinding_rebinds_with_a_path_challenge_and_drops_the_old_addr
     relay.set("up", blackhole=True)  # before the capture: every captured datagram is unseen
     try:
         with Capture(t.topo.gateway_ns, link.gateway_ifname, RELAY_PORT_BASE) as cap:
-            wait_until(lambda: sum(p.payload[0] == MSG_DATA for p in cap.packets) >= 3, 2.0, "data")
+            wait_until(lambda: sum(p.payload[0] == MSG_DATA for p in cap.packets) >= 3, 10, "data")
     finally:
         relay.reset()
     fresh = [p.payload for p in cap.packets if p.payload[0] == MSG_DATA]
     with ns_socket(t.topo.gateway_ns) as old:
         old.bind((old_host, int(old_port)))  # the relay closed this port at the rebind
-        old.settimeout(2.0)
+        old.settimeout(10.0)  # generous: the machine may be loaded
         for payload in fresh:
             old.sendto(payload, ("127.0.0.1", GATEWAY_PORT))
         challenge, _ = old.recvfrom(2048)  # the gateway only challenges the old address
