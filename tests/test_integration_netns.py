@@ -258,6 +258,45 @@ def test_at15_ten_percent_loss_on_a_does_not_switch(realnet) -> None:  # noqa: F
 # -- AT-18: NAT rebinding ---------------------------------------------------------------------
 
 
+UNVALIDATED = 'jvpn_gateway_drops_total{reason="unvalidated_path"}'
+
+
+def _old_address_is_only_challenged(
+    t: RealTunnel, relay: Any, old_host: str, old_port: str
+) -> tuple[list[bytes], float]:
+    """The old address is no longer accepted: authentic, never-seen client datagrams sent
+    from the old address are dropped as coming from an unvalidated path (and only
+    challenged), the binding does not move back. Fresh datagrams are taken off path A
+    while the relay briefly blackholes them, so the gateway has not seen them yet.
+    Returns the fresh datagrams and the unvalidated_path drops before them."""
+    before = _metric(t.metrics(), UNVALIDATED)
+    gw_mark2 = t.gw_events.mark()
+    link = t.topo.paths[0]
+    relay.set("up", blackhole=True)  # before the capture: every captured datagram is unseen
+    try:
+        with Capture(t.topo.gateway_ns, link.gateway_ifname, RELAY_PORT_BASE) as cap:
+            wait_until(lambda: sum(p.payload[0] == MSG_DATA for p in cap.packets) >= 3, 10, "data")
+    finally:
+        relay.reset()
+    fresh = [p.payload for p in cap.packets if p.payload[0] == MSG_DATA]
+    with ns_socket(t.topo.gateway_ns) as old:
+        old.bind((old_host, int(old_port)))  # the relay closed this port at the rebind
+        old.settimeout(10.0)  # generous: the machine may be loaded
+        for payload in fresh:
+            old.sendto(payload, ("127.0.0.1", GATEWAY_PORT))
+        challenge, _ = old.recvfrom(2048)  # the gateway only challenges the old address
+    assert challenge[0] == MSG_CONTROL
+    wait_until(
+        lambda: _metric(t.metrics(), UNVALIDATED) >= before + 1,
+        5,
+        "unvalidated_path drops",
+    )
+    _observe(t, 5)
+    assert t.gw_events.of_type("TRANSPORT_SWITCH", gw_mark2) == []
+    assert t.gw_events.of_type("PATH_VALIDATED", gw_mark2) == []
+    return fresh, before
+
+
 def test_at18_nat_rebinding_rebinds_with_a_path_challenge_and_drops_the_old_address(
     realnet,  # noqa: F811
 ) -> None:
@@ -293,44 +332,13 @@ def test_at18_nat_rebinding_rebinds_with_a_path_challenge_and_drops_the_old_addr
     metrics = t.metrics()
     assert _metric(metrics, 'jvpn_gateway_switches_total{reason="nat_rebind"}') == 1
 
-    # The old address is no longer accepted: authentic, never-seen client datagrams sent
-    # from the old address are dropped as coming from an unvalidated path (and only
-    # challenged), the binding does not move back. Fresh datagrams are taken off path A
-    # while the relay briefly blackholes them, so the gateway has not seen them yet.
-    before = _metric(metrics, 'jvpn_gateway_drops_total{reason="unvalidated_path"}')
-    gw_mark2 = t.gw_events.mark()
-    link = t.topo.paths[0]
-    relay.set("up", blackhole=True)  # before the capture: every captured datagram is unseen
-    try:
-        with Capture(t.topo.gateway_ns, link.gateway_ifname, RELAY_PORT_BASE) as cap:
-            wait_until(lambda: sum(p.payload[0] == MSG_DATA for p in cap.packets) >= 3, 10, "data")
-    finally:
-        relay.reset()
-    fresh = [p.payload for p in cap.packets if p.payload[0] == MSG_DATA]
-    with ns_socket(t.topo.gateway_ns) as old:
-        old.bind((old_host, int(old_port)))  # the relay closed this port at the rebind
-        old.settimeout(10.0)  # generous: the machine may be loaded
-        for payload in fresh:
-            old.sendto(payload, ("127.0.0.1", GATEWAY_PORT))
-        challenge, _ = old.recvfrom(2048)  # the gateway only challenges the old address
-    assert challenge[0] == MSG_CONTROL
-    wait_until(
-        lambda: (
-            _metric(t.metrics(), 'jvpn_gateway_drops_total{reason="unvalidated_path"}')
-            >= before + 1
-        ),
-        5,
-        "unvalidated_path drops",
-    )
-    _observe(t, 5)
-    assert t.gw_events.of_type("TRANSPORT_SWITCH", gw_mark2) == []
-    assert t.gw_events.of_type("PATH_VALIDATED", gw_mark2) == []
+    fresh, before = _old_address_is_only_challenged(t, relay, old_host, old_port)
 
     # traffic continued through the rebinding, on the same session, with no client switch
     out = stop_stream(stream)
     assert out["replies_last_s"] > 0 and out["received"] > out["sent"] * 0.8, out
     assert t.switches(mark) == [] and not _terminal(t) and t.session_ids() == {sid}
-    drops = _metric(t.metrics(), 'jvpn_gateway_drops_total{reason="unvalidated_path"}')
+    drops = _metric(t.metrics(), UNVALIDATED)
     print(
         f"\nAT-18 rebind {old_label} -> {new_label}; UDP stream {out['received']}/{out['sent']} "
         f"echoed, longest echo gap {out['max_reply_gap_ms']:.0f} ms; {len(fresh)} datagrams from "
@@ -346,13 +354,10 @@ FLAP_POLICY = policy_toml(switching={"max_switches_per_min": 4})
 without exercising anything else."""
 
 
-def test_at23_flapping_paths_are_capped_and_degrade_without_a_storm(realnet) -> None:  # noqa: F811
-    t: RealTunnel = realnet(policy=FLAP_POLICY)
-    sid = _session_id(t)
-    _wait_standby_alive(t)
-    cap = 4
+def _flap_until_denied(t: RealTunnel, cap: int) -> tuple[dict[str, Any], int, int, int]:
+    """Kill the active path, revive it once the client switched away, and again, until a
+    switch is denied: (the denial, the event mark of its cycle, active, other path)."""
     active, other = 0, 1
-    denied = None
     for cycle in range(cap + 2):
         mark = t.events.mark()
         t.topo.link_down(active)
@@ -368,15 +373,21 @@ def test_at23_flapping_paths_are_capped_and_degrade_without_a_storm(realnet) -> 
             what=f"switch or rate-limit denial in cycle {cycle}",
         )
         if outcome["event_type"] != "TRANSPORT_SWITCH":
-            denied = outcome
-            break
+            return outcome, mark, active, other
         assert outcome["new_transport"] == other + 1
         # bring the dead path back and wait until the client sees it alive as a standby
         t.topo.link_up(active)
         t.events.wait_type("PATH_HEALTH", 15, since=mark, transport_id=active + 1, alive=True)
         active, other = other, active
+    raise AssertionError("the switch cap never applied")
 
-    assert denied is not None, "the switch cap never applied"
+
+def test_at23_flapping_paths_are_capped_and_degrade_without_a_storm(realnet) -> None:  # noqa: F811
+    t: RealTunnel = realnet(policy=FLAP_POLICY)
+    sid = _session_id(t)
+    _wait_standby_alive(t)
+    cap = 4
+    denied, mark, active, other = _flap_until_denied(t, cap)
     assert denied["event_type"] == "TRANSPORT_SWITCH_DENIED"
     assert denied["requested_transport"] == other + 1 and denied["manual"] is False
     assert len(t.switches()) == cap
@@ -461,6 +472,27 @@ def test_at17_all_paths_dead_terminates_after_the_bound_and_restores_the_host(
 # -- AT-30: replay from elsewhere --------------------------------------------------------------
 
 
+def _assert_binding_and_state_unmoved(
+    t: RealTunnel, sid: str, metrics: tuple[dict[str, float], dict[str, float]],
+    marks: tuple[int, int],
+) -> None:  # fmt: skip
+    """Between the two metric readings and since the (gateway, client) event marks: no
+    switch, no new session, no state change or binding change on either side."""
+    m0, m1 = metrics
+    gw_mark, mark = marks
+    for name in ("jvpn_gateway_switches_total", "jvpn_gateway_sessions_created_total"):
+        before = {k: v for k, v in m0.items() if k.startswith(name)}
+        assert {k: v for k, v in m1.items() if k.startswith(name)} == before
+    assert _metric(m1, 'jvpn_gateway_sessions{state="ATTACHED"}') == 1
+    assert t.gw_events is not None
+    for kind in ("STATE_CHANGE", "TRANSPORT_SWITCH", "PATH_VALIDATED", "TRANSPORT_ATTACHED"):
+        assert t.gw_events.of_type(kind, gw_mark) == [], kind
+    assert t.states(mark) == []
+    assert t.switches(mark) == []
+    assert not _terminal(t)
+    assert t.session_ids() == {sid}
+
+
 def test_at30_datagrams_replayed_from_another_address_are_rejected_and_counted(
     realnet,  # noqa: F811
 ) -> None:
@@ -494,14 +526,7 @@ def test_at30_datagrams_replayed_from_another_address_are_rejected_and_counted(
 
     # rejected and counted; nothing about the binding or the state moved
     assert _metric(m1, key) - _metric(m0, key) == len(captured)
-    for name in ("jvpn_gateway_switches_total", "jvpn_gateway_sessions_created_total"):
-        before = {k: v for k, v in m0.items() if k.startswith(name)}
-        assert {k: v for k, v in m1.items() if k.startswith(name)} == before
-    assert _metric(m1, 'jvpn_gateway_sessions{state="ATTACHED"}') == 1
-    for kind in ("STATE_CHANGE", "TRANSPORT_SWITCH", "PATH_VALIDATED", "TRANSPORT_ATTACHED"):
-        assert t.gw_events.of_type(kind, gw_mark) == [], kind
-    assert t.states(mark) == [] and t.switches(mark) == []
-    assert not _terminal(t) and t.session_ids() == {sid}
+    _assert_binding_and_state_unmoved(t, sid, (m0, m1), (gw_mark, mark))
     out = stop_stream(stream)
     assert out["replies_last_s"] > 0, out  # the real traffic never noticed
     print(
