@@ -274,6 +274,21 @@ def snapshot(ipr: Any) -> dict[str, list[tuple[str, ...]]]:
     return {"links": sorted(links), "addrs": sorted(addrs), "routes": sorted(routes)}
 
 
+def _seven_changes(host: HostConfig, veth: str) -> None:
+    """Addresses, MTU, link state and routes: seven changes of ours, three that were not."""
+    assert host.add_address(veth, "10.200.0.1/24") is False  # already there: not ours
+    assert host.add_address(veth, "10.210.0.1/24") is True
+    assert host.add_address(veth, "fd00:6a76::1/64") is True
+    assert host.set_mtu(veth, 1400) is True
+    assert host.link_up("jvx0") is True
+    assert host.link_up(veth) is False  # already up
+    assert host.add_route("10.211.0.0/16", gateway="10.200.0.2") is True
+    assert host.add_route("10.212.0.0/16", ifname=veth, table=100) is True
+    assert host.add_route("0.0.0.0/0", ifname=veth, gateway="10.200.0.2", table=101)
+    assert host.add_route("10.211.0.0/16", gateway="10.200.0.2") is False  # identical
+    assert len(host.changes) == 7
+
+
 def test_host_config_undo_restores_exactly_what_it_changed(topo: Topology) -> None:
     ipr = topo.ipr(topo.client_ns)
     # a link that is down, with IPv6 off so no link-local address appears asynchronously
@@ -283,17 +298,7 @@ def test_host_config_undo_restores_exactly_what_it_changed(topo: Topology) -> No
     before = snapshot(ipr)
 
     with pytest.raises(RuntimeError, match="engine crashed"), HostConfig(topo.client_ns) as host:
-        assert host.add_address(veth, "10.200.0.1/24") is False  # already there: not ours
-        assert host.add_address(veth, "10.210.0.1/24") is True
-        assert host.add_address(veth, "fd00:6a76::1/64") is True
-        assert host.set_mtu(veth, 1400) is True
-        assert host.link_up("jvx0") is True
-        assert host.link_up(veth) is False  # already up
-        assert host.add_route("10.211.0.0/16", gateway="10.200.0.2") is True
-        assert host.add_route("10.212.0.0/16", ifname=veth, table=100) is True
-        assert host.add_route("0.0.0.0/0", ifname=veth, gateway="10.200.0.2", table=101)
-        assert host.add_route("10.211.0.0/16", gateway="10.200.0.2") is False  # identical
-        assert len(host.changes) == 7
+        _seven_changes(host, veth)
         during = snapshot(ipr)
         assert during != before
         assert ("100", "2", "10.212.0.0", "16") in {r[:4] for r in during["routes"]}
