@@ -191,9 +191,7 @@ def _stderr_tail(proc: subprocess.Popen[Any]) -> str:
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for children: ours, with the repository importable."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
-    )
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     if extra:
         env.update(extra)
@@ -219,9 +217,7 @@ class Topology:
         self.client_ns = f"{PREFIX}{pid}-{self.tag}-c"
         self.gateway_ns = f"{PREFIX}{pid}-{self.tag}-g"
         self.paths: list[PathLink] = [
-            PathLink(
-                f"10.200.{i}.1", f"10.200.{i}.2", f"jvc{i}-{self.tag}", f"jvg{i}-{self.tag}"
-            )
+            PathLink(f"10.200.{i}.1", f"10.200.{i}.2", f"jvc{i}-{self.tag}", f"jvg{i}-{self.tag}")
             for i in range(n_paths)
         ]
         self._ipr: dict[str, IPRoute] = {}

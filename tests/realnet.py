@@ -31,6 +31,7 @@ import ctypes
 import hashlib
 import json
 import os
+import random
 import signal
 import socket
 import struct
@@ -59,6 +60,17 @@ RELAY_CONTROL_BASE = 52000
 """Relay on path i has its JSON control socket on 127.0.0.1:52000+i in its namespace."""
 METRICS_PORT = 9108
 """Gateway Prometheus endpoint on 127.0.0.1 inside the gateway namespace."""
+RELAY_SEED_BASE = 1000
+"""The relay on path i draws its randomness from ``random.Random(RELAY_SEED_BASE + i)``."""
+
+
+def seeded_loss(path: int, ratio: float, count: int) -> list[bool]:
+    """Which of the first ``count`` datagrams the relay on ``path`` drops once its only
+    impairment is ``loss = ratio`` in one direction (it draws once per datagram of that
+    direction, and nothing while no ratio is set): the fixed loss pattern of a test."""
+    rng = random.Random(RELAY_SEED_BASE + path)
+    return [rng.random() < ratio for _ in range(count)]
+
 
 START_TIMEOUT_S = 20.0
 """Generous: the machine has 2 cores and other test runs share them."""
@@ -428,7 +440,7 @@ class RealTunnel:
         argv = [
             *program("jvpn-impair", "tunnel.impair"),
             "--listen", listen, "--upstream", upstream,
-            "--control", f"{control[0]}:{control[1]}", "--seed", str(1000 + i),
+            "--control", f"{control[0]}:{control[1]}", "--seed", str(RELAY_SEED_BASE + i),
         ]  # fmt: skip
         proc = self.topo.exec(ns, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         ready = json.loads(read_line(proc, START_TIMEOUT_S))
@@ -527,9 +539,10 @@ class RealTunnel:
         return InnerTransfer(server, receiver)
 
     def start_udp_stream(
-        self, duration: float, *, interval: float = 0.02, port: int = 7070
+        self, duration: float = 120.0, *, interval: float = 0.02, port: int = 7070
     ) -> subprocess.Popen[bytes]:
-        """Inner UDP echo traffic for ``duration`` s (data packets on the active path).
+        """Inner UDP echo traffic (data packets on the active path) until :func:`stop_stream`
+        (or for at most ``duration`` s).
 
         Returns the client-side sender; its last line is JSON {sent, received, ...}.
         """
@@ -702,17 +715,68 @@ def parse_udp(data: bytes) -> Captured | None:
     return Captured((src, sport), (dst, dport), bytes(data[ihl + 8 : ihl + length]))
 
 
+# -- CPU priority -----------------------------------------------------------------------------
+
+SUT_NICE = -5
+"""Nice value a flood test gives the programs under test (the flood stays at 0)."""
+
+
+def prioritize(pid: int, nice: int = SUT_NICE) -> None:
+    """Give every thread of ``pid`` the nice value ``nice`` (threads it starts later inherit
+    it). A flood test raises the gateway and the client above the flood and above whatever
+    else the machine runs: how much of the flood the gateway reads, and so how many of the
+    session's own datagrams the kernel drops with the flood's, then depends on the gateway
+    and the flood, not on the machine's other load."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+
+
 # -- kernel and gateway counters ------------------------------------------------------------
 
 
-def socket_drops(pid: int, port: int) -> int:
-    """Datagrams the kernel dropped at ``pid``'s UDP socket on ``port`` (receive buffer full)."""
+def _udp_socket(pid: int, port: int) -> list[str]:
+    """The /proc/<pid>/net/udp row of the socket bound to ``port``, split in columns."""
     suffix = f":{port:04X}"
     for line in Path(f"/proc/{pid}/net/udp").read_text().splitlines()[1:]:
         cols = line.split()
         if cols[1].endswith(suffix):
-            return int(cols[-1])
+            return cols
     raise AssertionError(f"no UDP socket on port {port} in /proc/{pid}/net/udp")
+
+
+def socket_drops(pid: int, port: int) -> int:
+    """Datagrams the kernel dropped at ``pid``'s UDP socket on ``port`` (receive buffer full)."""
+    return int(_udp_socket(pid, port)[-1])
+
+
+def socket_backlog(pid: int, port: int) -> int:
+    """Bytes waiting in the receive queue of ``pid``'s UDP socket on ``port``."""
+    return int(_udp_socket(pid, port)[4].partition(":")[2], 16)
+
+
+def wait_drained(pid: int, port: int, timeout: float = 30.0) -> None:
+    """Until the socket's receive queue is empty: everything that arrived has been read
+    (the gateway's counters are then current: its metrics are gathered on its loop thread,
+    after the read that emptied the queue)."""
+    wait_until(lambda: socket_backlog(pid, port) == 0, timeout, f"UDP port {port} drained")
+
+
+def udp_snmp(pid: int) -> dict[str, int]:
+    """The ``Udp:`` counters of ``pid``'s network namespace (/proc/<pid>/net/snmp)."""
+    lines = [ln.split() for ln in Path(f"/proc/{pid}/net/snmp").read_text().splitlines()]
+    names, values = [ln for ln in lines if ln and ln[0] == "Udp:"][:2]
+    return {k: int(v) for k, v in zip(names[1:], values[1:], strict=True)}
+
+
+def link_drops(pid: int, ifname: str) -> tuple[int, int]:
+    """(rx, tx) drops of interface ``ifname`` in ``pid``'s namespace (/proc/<pid>/net/dev)."""
+    for line in Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]:
+        name, _, rest = line.partition(":")
+        if name.strip() == ifname:
+            cols = rest.split()
+            return int(cols[3]), int(cols[11])
+    raise AssertionError(f"no interface {ifname} in /proc/{pid}/net/dev")
 
 
 def drop_counts(metrics: dict[str, float]) -> dict[str, int]:
@@ -843,7 +907,7 @@ while True:
 
 
 UDP_STREAM = r"""
-import json, socket, sys, time
+import json, select, socket, sys, time
 src, dst, port, interval, duration = (
     sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]))
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -853,6 +917,9 @@ sent = received = 0; replies = []
 while True:
     now = time.monotonic()
     if now >= end:
+        break
+    if select.select([sys.stdin], [], [], 0)[0]:  # told to stop
+        end = now
         break
     if now >= nxt:
         try:
@@ -872,7 +939,17 @@ print(json.dumps({"sent": sent, "received": received,
                   "replies_last_s": sum(1 for r in replies if r > end - 1.0)}), flush=True)
 """
 """Send a numbered datagram from argv[1] to argv[2]:argv[3] every argv[4] s for argv[5] s
-and count the echoes; print totals, the longest gap between echoes and the last second's."""
+(or until a line on stdin) and count the echoes; print totals, the longest gap between
+echoes and the last second's."""
+
+
+def stop_stream(stream: subprocess.Popen[bytes], timeout: float = 20.0) -> dict[str, Any]:
+    """Stop a :meth:`RealTunnel.start_udp_stream` sender now; its totals."""
+    assert stream.stdin is not None
+    stream.stdin.write(b"stop\n")
+    stream.stdin.flush()
+    out: dict[str, Any] = json.loads(read_line(stream, timeout))
+    return out
 
 
 def policy_toml(**sections: dict[str, Any]) -> str:

@@ -7,6 +7,8 @@ streams (types, reasons, fields) and the snapshots only.
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -189,97 +191,172 @@ def test_at13_recovery_timeout_terminates_at_the_bound_and_stays_dead() -> None:
 
 
 # -- AT-14 / AT-15 --------------------------------------------------------------------------
-def test_at14_loss_spike_on_active_path_switches_to_backup() -> None:
-    sim = build(seed=4)  # DEFAULT policy
+#
+# Random loss on a fake clock: whether a given run crosses the threshold depends on where the
+# losses fall, so each test runs the same fixed range of seeds and asserts a bound on how many
+# runs show the documented outcome; what must hold in EVERY run (one identity, gap-free
+# versions, the right switch when there is one, the loss really measured) is asserted per run.
+# Rates were measured over seeds 0-1199; each bound is the count a correct build falls below
+# with probability < 0.1 % (binomial, 100 runs) when a change merely reshuffles the random
+# draws, so a real regression fails while a reshuffle does not.
+
+LOSS_SEEDS = range(100)
+"""The fixed seed range of the loss tests (100 runs: about 3 s each test on an idle core)."""
+
+
+def _misses(run: Callable[[int], str | None]) -> dict[int, str]:
+    """seed -> why the run missed the documented outcome (per-run invariants assert inside)."""
+    out: dict[int, str] = {}
+    for seed in LOSS_SEEDS:
+        miss = run(seed)
+        if miss is not None:
+            out[seed] = miss
+    return out
+
+
+def _switched_to_backup(sim: Simulation, spike_ms: int, bound_ms: int) -> str | None:
+    """Per-run checks after a loss spike; None when the run took the documented way (A went
+    VOLATILE, no death, one switch to B within bound_ms), else what it did instead."""
+    ev = sim.client_events
+    changes = state_changes(ev)
+    switches = of_type(ev, EventType.TRANSPORT_SWITCH)
+    assert all(s.explicit and s.auditable for s in switches)
+    _one_identity(sim)  # whatever the way, no renegotiation
+    _packets_flow(sim)
+    assert_gap_free(ev)
+    if of_type(ev, EventType.TRANSPORT_DEAD):
+        return f"judged dead: {changes[1:]}"
+    if not switches:
+        return f"no switch: {changes[1:]}"
+    (switch,) = switches  # not dead: the one switch is the loss switch
+    assert (switch.previous_transport, switch.new_transport) == (1, 2)
+    assert switch.reason_code == Reason.LOSS_RECOVERY
+    # DESIGN D2: a switch away from a live path is one versioned rebind VOLATILE -> ATTACHED.
+    assert changes[1:] == [changes[1], ("VOLATILE", "ATTACHED", "loss_recovery", 3)]
+    assert changes[1][:2] == ("ATTACHED", "VOLATILE") and changes[1][3] == 2
+    t_volatile = _transition_ts(ev, "VOLATILE")[0]
+    assert switch.ts_ms - t_volatile <= sim.client.policy.recovery_window_ms
+    assert sim.client.snapshot(sim.now).active == 2
+    if switch.ts_ms - spike_ms > bound_ms:
+        return f"switched {switch.ts_ms - spike_ms} ms after the loss started"
+    return None
+
+
+def _spike(seed: int) -> str | None:
+    sim = build(seed=seed)  # DEFAULT policy
     sim.advance(3.0)
-    pol = sim.client.policy
     a = sim.links[1].imp
     a.loss_up = a.loss_down = 0.30  # 30 % of A's datagrams lost each way for 3 s (bench B)
     spike_ms = int(sim.now * 1000)
     sim.advance(3.0)
     a.loss_up = a.loss_down = 0.0
     sim.advance(2.0)
+    miss = _switched_to_backup(sim, spike_ms, 3000)
+    if miss is None:
+        reason = state_changes(sim.client_events)[1][2]
+        assert reason in ("loss_threshold_exceeded", "consecutive_drop_exceeded")
+    return miss
 
+
+def test_at14_loss_spike_on_active_path_switches_to_backup() -> None:
+    """30 % loss each way on A for 3 s (51 % of round trips): A goes VOLATILE and the session
+    switches to B within 3 s of the spike's start, without judging A dead. Measured:
+    1064/1200 seeds (88.7 %; the others: no switch, or A judged dead first and the session
+    recovered through RECOVERING); asserted >= 78/100."""
+    misses = _misses(_spike)
+    assert len(LOSS_SEEDS) - len(misses) >= 78, misses
+
+
+def _one_way_spike(direction: str, seed: int) -> str | None:
+    sim = build(seed=seed)
+    sim.advance(3.0)
+    setattr(sim.links[1].imp, f"loss_{direction}", 0.30)
+    spike_ms = int(sim.now * 1000)
+    sim.advance(6.0)
+    miss = _switched_to_backup(sim, spike_ms, 6000)
+    if miss is None and state_changes(sim.client_events)[1][2] != "loss_threshold_exceeded":
+        return f"VOLATILE by {state_changes(sim.client_events)[1][2]}"
+    return miss
+
+
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_at14_loss_in_one_direction_only_switches_to_backup(direction: str) -> None:
+    """30 % loss one way loses only 30 % of probe round trips (below the round-trip form of
+    the threshold, 0.36): the gateway's probe count in PROBE_ACK splits it by direction, and
+    A goes VOLATILE by loss_threshold_exceeded and switches to B within 6 s.
+    Measured: 1124/1200 seeds (93.7 %; 28/30 over seeds 0-29, where the commit that added the
+    split said 29/30), the same seeds in both directions; asserted >= 85/100."""
+    misses = _misses(lambda seed: _one_way_spike(direction, seed))
+    assert len(LOSS_SEEDS) - len(misses) >= 85, misses
+
+
+def _nothing_changed(sim: Simulation) -> bool:
+    """Per-run checks under sub-threshold loss; True when the session saw no state change."""
     ev = sim.client_events
-    changes = state_changes(ev)
-    assert changes[1][:2] == ("ATTACHED", "VOLATILE") and changes[1][3] == 2
-    assert changes[1][2] in ("loss_threshold_exceeded", "consecutive_drop_exceeded")
-    # DESIGN D2: a switch away from a live path is one versioned rebind VOLATILE -> ATTACHED.
-    assert changes[2] == ("VOLATILE", "ATTACHED", "loss_recovery", 3)
-    (switch,) = of_type(ev, EventType.TRANSPORT_SWITCH)
-    assert (switch.previous_transport, switch.new_transport) == (1, 2)
-    assert switch.reason_code == Reason.LOSS_RECOVERY and switch.explicit
-    t_volatile = _transition_ts(ev, "VOLATILE")[0]
-    assert switch.ts_ms - t_volatile <= pol.recovery_window_ms
-    assert switch.ts_ms - spike_ms <= 3000
-    assert not of_type(ev, EventType.TRANSPORT_DEAD)
-    assert sim.client.snapshot(sim.now).active == 2
     _one_identity(sim)
-    _packets_flow(sim)
     assert_gap_free(ev)
+    changes = state_changes(ev)
+    assert changes[0] == ("BIRTH", "ATTACHED", "attached_to_transport", 1)
+    if changes[1:] or of_type(ev, EventType.TRANSPORT_SWITCH):
+        return False
+    assert not of_type(ev, EventType.TRANSPORT_SWITCH_DENIED)
+    assert not of_type(ev, EventType.TRANSPORT_DEAD)
+    return True
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_at15_sub_threshold_loss_changes_nothing(seed: int) -> None:
-    # DEFAULT policy. Measured over 30 seeds, 10 s of 10 % loss each way (19 % of probe
-    # round trips): 29/30 runs stay ATTACHED (0/30 with the D12 starter numbers, see
-    # docs/policy.md: loss is judged per direction, 3 s window, 5 drops, suspicion probing).
+def _sub_threshold(seed: int) -> float | None:
+    """The run's measured round-trip loss on A, or None if the session changed state."""
     sim = build(seed=seed)
     sim.advance(2.0)
     assert sim.client.policy.loss_volatile_threshold == 0.20
     a = sim.links[1].imp
     a.loss_up = a.loss_down = 0.10
     sim.advance(10.0)
-
-    ev = sim.client_events
-    assert state_changes(ev) == [("BIRTH", "ATTACHED", "attached_to_transport", 1)]
-    assert not of_type(ev, EventType.TRANSPORT_SWITCH)
-    assert not of_type(ev, EventType.TRANSPORT_SWITCH_DENIED)
+    if not _nothing_changed(sim):
+        return None
     stats = sim.client.snapshot(sim.now).paths[0].stats
     # Round trips lost (0.19 expected), below the round-trip form of 0.20 each way (0.36).
-    assert 0.0 < stats.loss_ratio < 1 - (1 - 0.20) ** 2
+    assert stats.loss_ratio < 1 - (1 - 0.20) ** 2
+    return stats.loss_ratio
 
 
-@pytest.mark.parametrize("direction", ["up", "down"])
-@pytest.mark.parametrize("seed", [1, 3, 4])
-def test_at14_loss_in_one_direction_only_switches_to_backup(direction: str, seed: int) -> None:
-    """30 % loss one way loses only 30 % of probe round trips (below the round-trip form of
-    the threshold, 0.36): the gateway's probe count in PROBE_ACK splits it by direction.
-    Measured over 30 seeds: 29/30 switch within 6 s (17/30 judged by round trips alone)."""
-    sim = build(seed=seed)
-    sim.advance(3.0)
-    setattr(sim.links[1].imp, f"loss_{direction}", 0.30)
-    spike_ms = int(sim.now * 1000)
-    sim.advance(6.0)
-
-    ev = sim.client_events
-    changes = state_changes(ev)
-    assert changes[1] == ("ATTACHED", "VOLATILE", "loss_threshold_exceeded", 2)
-    assert changes[2] == ("VOLATILE", "ATTACHED", "loss_recovery", 3)
-    (switch,) = of_type(ev, EventType.TRANSPORT_SWITCH)
-    assert (switch.previous_transport, switch.new_transport) == (1, 2)
-    assert switch.ts_ms - spike_ms <= 6000
-    _one_identity(sim)
-    _packets_flow(sim)
+def test_at15_sub_threshold_loss_changes_nothing() -> None:
+    """DEFAULT policy, 10 s of 10 % loss each way (19 % of probe round trips): no state
+    change, no switch (0/30 with the D12 starter numbers, see docs/policy.md: loss is judged
+    per direction, 3 s window, 5 drops, suspicion probing). Measured: 1103/1200 seeds
+    (91.9 %; the commit that tuned it said 29/30); asserted >= 82/100. The loss is really
+    measured: 0.178 on average over the unchanged runs of seeds 0-99."""
+    measured = {seed: _sub_threshold(seed) for seed in LOSS_SEEDS}
+    unchanged = [m for m in measured.values() if m is not None]
+    assert len(unchanged) >= 82, [seed for seed, m in measured.items() if m is None]
+    assert 0.19 - 0.05 <= statistics.mean(unchanged) <= 0.19 + 0.05
 
 
-@pytest.mark.parametrize("direction", ["up", "down"])
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_at15_sub_threshold_loss_in_one_direction_changes_nothing(
-    direction: str, seed: int
-) -> None:
+def _one_way_sub_threshold(direction: str, seed: int) -> float | None:
+    """The run's measured loss in `direction` on A, or None if the session changed state."""
     sim = build(seed=seed)
     sim.advance(2.0)
     setattr(sim.links[1].imp, f"loss_{direction}", 0.10)
     sim.advance(10.0)
-
-    ev = sim.client_events
-    assert state_changes(ev) == [("BIRTH", "ATTACHED", "attached_to_transport", 1)]
-    assert not of_type(ev, EventType.TRANSPORT_SWITCH)
+    if not _nothing_changed(sim):
+        return None
     stats = sim.client.snapshot(sim.now).paths[0].stats
     measured = stats.loss_up if direction == "up" else stats.loss_down
-    assert 0.0 < measured < 0.25
+    assert measured < 0.25
     assert (stats.loss_down if direction == "up" else stats.loss_up) < 0.05
+    return measured
+
+
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_at15_sub_threshold_loss_in_one_direction_changes_nothing(direction: str) -> None:
+    """10 s of 10 % loss one way: no state change, no switch, the loss measured on its own
+    direction only (0.094 on average over the unchanged runs of seeds 0-99; a single run's
+    3 s window may hold no loss at all). Measured: 1180/1200 seeds (98.3 %); asserted
+    >= 93/100."""
+    measured = {seed: _one_way_sub_threshold(direction, seed) for seed in LOSS_SEEDS}
+    unchanged = [m for m in measured.values() if m is not None]
+    assert len(unchanged) >= 93, [seed for seed, m in measured.items() if m is None]
+    assert 0.10 - 0.05 <= statistics.mean(unchanged) <= 0.10 + 0.05
 
 
 # -- AT-18 -----------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ from tunnel.core.constants import MAX_STATE_VERSION, MSG_CONTROL
 from tunnel.core.events import Event, EventType, Reason
 from tunnel.core.gateway_session import GatewaySession
 from tunnel.core.session import (
-    TRANSITIONS,
     IllegalTransition,
     SessionMachine,
     State,
@@ -57,6 +56,37 @@ ROUTE: dict[State, list[Trigger]] = {
     State.TERMINATED: [Trigger.HANDSHAKE_OK, Trigger.TERMINATE],
 }
 """A legal trigger sequence from BIRTH to each state."""
+
+SPEC_EDGES: dict[tuple[State, Trigger], tuple[str, State]] = {
+    # SPEC-DIGEST §2.3, the reconciled graph, with the choices of DESIGN D2.
+    (State.BIRTH, Trigger.HANDSHAKE_OK): ("T01", State.ATTACHED),  # handshake accepted
+    (State.BIRTH, Trigger.TERMINATE): ("T02", State.TERMINATED),  # rejected, TTL, operator
+    (State.ATTACHED, Trigger.INSTABILITY): ("T03", State.VOLATILE),  # loss, drops, heartbeat
+    (State.ATTACHED, Trigger.TRANSPORT_DEAD): ("T04", State.RECOVERING),  # D2: directly
+    (State.VOLATILE, Trigger.TRANSPORT_DEAD): ("T05", State.RECOVERING),  # dies while VOLATILE
+    (State.VOLATILE, Trigger.STABILITY_RESTORED): ("T06", State.ATTACHED),  # D2: same path
+    (State.VOLATILE, Trigger.DEGRADE): ("T07", State.DEGRADED),  # persisted, switch denied
+    (State.DEGRADED, Trigger.TRANSPORT_DEAD): ("T08", State.RECOVERING),
+    (State.DEGRADED, Trigger.RECOVERY_RETRY): ("T08", State.RECOVERING),
+    (State.DEGRADED, Trigger.STABILITY_RESTORED): ("T09", State.ATTACHED),  # D2: same path
+    (State.RECOVERING, Trigger.REATTACH_OK): ("T10", State.ATTACHED),  # validated reattach only
+    (State.RECOVERING, Trigger.DEGRADE): ("T11", State.DEGRADED),  # D2: non-fatal reject
+    (State.RECOVERING, Trigger.TERMINATE): ("T12", State.TERMINATED),
+    (State.DEGRADED, Trigger.TERMINATE): ("T13", State.TERMINATED),
+    (State.ATTACHED, Trigger.TERMINATE): ("T14", State.TERMINATED),  # any non-terminal state
+    (State.VOLATILE, Trigger.TERMINATE): ("T14", State.TERMINATED),
+    # T15: nothing leaves TERMINATED.
+    # DESIGN D2: a switch from a live path is one versioned rebind, never through RECOVERING.
+    (State.ATTACHED, Trigger.REBIND): ("R1", State.ATTACHED),
+    (State.VOLATILE, Trigger.REBIND): ("R2", State.ATTACHED),
+    (State.DEGRADED, Trigger.REBIND): ("R3", State.ATTACHED),
+    # Seed §3 (SPEC-DIGEST §9.3): repeated security failures may degrade, no further.
+    (State.ATTACHED, Trigger.SECURITY_ESCALATION): ("X1", State.DEGRADED),
+    (State.VOLATILE, Trigger.SECURITY_ESCALATION): ("X1", State.DEGRADED),
+    (State.RECOVERING, Trigger.SECURITY_ESCALATION): ("X1", State.DEGRADED),
+}
+"""The legal (state, trigger) pairs and their (edge id, target), written from the spec:
+the oracle for the machine's table (tunnel.core.session.TRANSITIONS is the code under test)."""
 
 REASON_FOR: dict[Trigger, Reason] = {
     Trigger.HANDSHAKE_OK: Reason.ATTACHED_TO_TRANSPORT,
@@ -162,7 +192,7 @@ def check_stream(events: list[Any], machine: SessionMachine) -> None:
     for ev in changes:
         assert ev.previous_state == previous, ev
         assert isinstance(ev.reason_code, Reason) and ev.reason_code
-        assert TRANSITIONS[(State(ev.previous_state), Trigger(ev.trigger))] == (
+        assert SPEC_EDGES[(State(ev.previous_state), Trigger(ev.trigger))] == (
             ev.edge,
             State(ev.new_state),
         )
@@ -403,10 +433,34 @@ def test_at04_attached_to_attached_needs_a_reason() -> None:
     assert (m.state, m.version) == (State.ATTACHED, 2)
 
 
+def test_at04_the_spec_table_never_enters_birth_nor_leaves_terminated() -> None:
+    # SPEC-DIGEST §2.5 (the literal table above is data: check it says what the spec says)
+    assert all(target is not State.BIRTH for _, target in SPEC_EDGES.values())
+    assert all(state is not State.TERMINATED for state, _ in SPEC_EDGES)
+    assert {edge for edge, _ in SPEC_EDGES.values()} == {
+        *(f"T{i:02}" for i in range(1, 15)), "R1", "R2", "R3", "X1",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("state", "trigger"), list(SPEC_EDGES), ids=[f"{s}-{t}" for s, t in SPEC_EDGES]
+)
+def test_at04_every_edge_of_the_spec_is_taken_to_its_target(state: State, trigger: Trigger) -> None:
+    edge, target = SPEC_EDGES[(state, trigger)]
+    m, events = machine_in(state)
+    version = m.version
+    assert m.fire(trigger, REASON_FOR[trigger], 9, expect=target)
+    assert (m.state, m.version) == (target, version + 1)
+    (change,) = of_type(events, EventType.STATE_CHANGE)
+    assert (change.previous_state, change.new_state) == (str(state), str(target))
+    assert (change.edge, change.trigger, change.state_version) == (edge, str(trigger), version + 1)
+    assert change.reason_code is REASON_FOR[trigger]
+
+
 @pytest.mark.parametrize("state", list(State))
 def test_at04_every_pair_outside_the_table_is_rejected(state: State) -> None:
     for trig in Trigger:
-        if (state, trig) in TRANSITIONS:
+        if (state, trig) in SPEC_EDGES:
             continue
         m, events = machine_in(state)
         version = m.version

@@ -12,8 +12,10 @@ import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -197,11 +199,25 @@ def test_tun_in_namespace_reads_and_writes_ipv4(topo: Topology) -> None:
     assert result["written"] == 1
 
 
-def test_tun_open_without_privilege_says_how_to_fix_it(topo: Topology) -> None:
+PRIVILEGE_FIX = "— run as root or grant CAP_NET_ADMIN"
+"""The actionable end of every "no privilege for the TUN" message."""
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o666], ids=["clone-device-0600", "clone-device-0666"])
+def test_tun_open_without_privilege_says_how_to_fix_it(
+    topo: Topology, tmp_path: Path, mode: int
+) -> None:
+    """An unprivileged open fails at open(2) where /dev/net/tun is 0600 and at TUNSETIFF
+    where it is 0666 (the Debian default); either way the message names what was refused
+    and says how to fix it. Both modes run on every machine: a private mount namespace
+    binds a clone-device node of that mode over /dev/net/tun (the host's stays untouched)."""
     require_tun()
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("setpriv (util-linux) not available to drop privileges")
+    setpriv, unshare = shutil.which("setpriv"), shutil.which("unshare")
+    if setpriv is None or unshare is None:
+        pytest.skip("setpriv/unshare (util-linux) not available to drop privileges")
+    node = tmp_path / "tun"
+    os.mknod(node, stat.S_IFCHR | mode, os.makedev(10, 200))  # the misc device net/tun
+    os.chmod(node, mode)  # mknod applies the umask
     code = (
         "from tunnel.io.tun import TunDevice, TunError\n"
         "try:\n"
@@ -211,14 +227,20 @@ def test_tun_open_without_privilege_says_how_to_fix_it(topo: Topology) -> None:
         "else:\n"
         "    print('opened')\n"
     )
-    argv = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
-            sys.executable, "-c", code]
+    argv = [unshare, "--mount", "sh", "-c", 'mount --bind "$0" /dev/net/tun && exec "$@"',
+            str(node), setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
+            "--inh-caps=-all", sys.executable, "-c", code]  # fmt: skip
     proc = topo.run(topo.client_ns, argv)
-    if proc.returncode != 0:
+    if proc.returncode != 0 and "Traceback" not in proc.stderr:  # the sandbox, not the code
         pytest.skip(f"cannot run Python as an unprivileged user here: {proc.stderr[-300:]}")
-    assert proc.stdout.strip() == (
-        "cannot open /dev/net/tun: permission denied — run as root or grant CAP_NET_ADMIN"
-    )
+    assert proc.returncode == 0, proc.stderr  # a TunError, not any other exception
+    message = proc.stdout.strip()
+    assert message.endswith(PRIVILEGE_FIX), message
+    if mode == 0o600:  # the device itself is refused: name it
+        assert message.startswith("cannot open /dev/net/tun: permission denied"), message
+    else:  # the device opens; creating the interface is refused
+        assert message.startswith("cannot create TUN device "), message
+        assert "operation not permitted" in message, message
 
 
 # -- HostConfig -------------------------------------------------------------------------
@@ -252,6 +274,21 @@ def snapshot(ipr: Any) -> dict[str, list[tuple[str, ...]]]:
     return {"links": sorted(links), "addrs": sorted(addrs), "routes": sorted(routes)}
 
 
+def _seven_changes(host: HostConfig, veth: str) -> None:
+    """Addresses, MTU, link state and routes: seven changes of ours, three that were not."""
+    assert host.add_address(veth, "10.200.0.1/24") is False  # already there: not ours
+    assert host.add_address(veth, "10.210.0.1/24") is True
+    assert host.add_address(veth, "fd00:6a76::1/64") is True
+    assert host.set_mtu(veth, 1400) is True
+    assert host.link_up("jvx0") is True
+    assert host.link_up(veth) is False  # already up
+    assert host.add_route("10.211.0.0/16", gateway="10.200.0.2") is True
+    assert host.add_route("10.212.0.0/16", ifname=veth, table=100) is True
+    assert host.add_route("0.0.0.0/0", ifname=veth, gateway="10.200.0.2", table=101)
+    assert host.add_route("10.211.0.0/16", gateway="10.200.0.2") is False  # identical
+    assert len(host.changes) == 7
+
+
 def test_host_config_undo_restores_exactly_what_it_changed(topo: Topology) -> None:
     ipr = topo.ipr(topo.client_ns)
     # a link that is down, with IPv6 off so no link-local address appears asynchronously
@@ -261,17 +298,7 @@ def test_host_config_undo_restores_exactly_what_it_changed(topo: Topology) -> No
     before = snapshot(ipr)
 
     with pytest.raises(RuntimeError, match="engine crashed"), HostConfig(topo.client_ns) as host:
-        assert host.add_address(veth, "10.200.0.1/24") is False  # already there: not ours
-        assert host.add_address(veth, "10.210.0.1/24") is True
-        assert host.add_address(veth, "fd00:6a76::1/64") is True
-        assert host.set_mtu(veth, 1400) is True
-        assert host.link_up("jvx0") is True
-        assert host.link_up(veth) is False  # already up
-        assert host.add_route("10.211.0.0/16", gateway="10.200.0.2") is True
-        assert host.add_route("10.212.0.0/16", ifname=veth, table=100) is True
-        assert host.add_route("0.0.0.0/0", ifname=veth, gateway="10.200.0.2", table=101)
-        assert host.add_route("10.211.0.0/16", gateway="10.200.0.2") is False  # identical
-        assert len(host.changes) == 7
+        _seven_changes(host, veth)
         during = snapshot(ipr)
         assert during != before
         assert ("100", "2", "10.212.0.0", "16") in {r[:4] for r in during["routes"]}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import signal
 
-from tunnel.client.engine import exit_code_for
+from exit_codes import EXIT_CODES
 
 from .harness import Lab, assert_versions_contiguous, fast_policy, final_line, transitions
 
@@ -38,7 +38,7 @@ def test_05_state_corruption_gateway_version_mismatch_is_diagnosed_and_terminate
         assert m["jvpn_gateway_store_conflicts_total"] == 1
         assert sum(v for k, v in m.items() if k.startswith("jvpn_gateway_sessions{")) == 0
         # deterministic: the client is told and ends with that reason, never continues
-        assert client.wait_exit(20) == exit_code_for("ownership_conflict")
+        assert client.wait_exit(20) == EXIT_CODES["ownership_conflict"]
         assert final_line(client)["final_reason"] == "ownership_conflict"
         # the mismatching transition is the last one before the explicit end: the session
         # never continues in an undefined state (diagnostic first, then TERMINATED)
@@ -65,7 +65,7 @@ def test_05_state_corruption_client_invalid_transition_rejected_then_fault_termi
         assert client.popen.poll() is None  # rejected, and the session is still defined
 
         client.signal(signal.SIGUSR2)  # an invariant breaks inside the engine
-        assert client.wait_exit(20) == exit_code_for("engine_error: x")
+        assert client.wait_exit(20) == EXIT_CODES["engine_error"]
         end = final_line(client)
         assert end["final_reason"].startswith("engine_error: state corrupted")
         diag2 = client.wait_event("DIAGNOSTIC", reason_code="invariant_violation")

@@ -8,9 +8,8 @@ an exit status, instead of continuing in an undefined state.
 from __future__ import annotations
 
 import signal
-import time
 
-from tunnel.client.engine import exit_code_for
+from exit_codes import EXIT_CODES, documented_exit_code
 
 from .harness import Lab, assert_versions_contiguous, fast_policy, final_line, transitions
 
@@ -28,15 +27,14 @@ def test_10_deterministic_termination_when_every_path_dies() -> None:
         code = client.wait_exit(30)  # the process ends on its own: no undefined limbo
         end = final_line(client)
         assert end["final_reason"] in EXPLICIT, end
-        assert code == exit_code_for(end["final_reason"])
+        assert code == documented_exit_code(end["final_reason"])
         trans = transitions(client.snapshot(), sid)
         assert_versions_contiguous(trans)
         assert trans[-1][1:3] == ("TERMINATED", end["final_reason"])
         gw_end = gw.wait_event("SESSION_TERMINATED", session_id=sid, timeout=30)
         assert gw_end["reason_code"] in EXPLICIT
-        time.sleep(0.5)
         key = f'jvpn_gateway_terminations_total{{reason="{gw_end["reason_code"]}"}}'
-        assert gw.metrics()[key] == 1
+        assert gw.wait_for(lambda: gw.metrics().get(key), 10, key) == 1
         gw_trans = transitions(gw.session_events(sid), sid)
         assert_versions_contiguous(gw_trans)
         assert gw_trans[-1][1] == "TERMINATED" and [t[1] for t in gw_trans].count("TERMINATED") == 1
@@ -55,7 +53,7 @@ def test_10_deterministic_termination_gateway_lost_the_session() -> None:
         end = final_line(client)
         # the client never continues on a session nobody holds: it ends explicitly
         assert end["final_reason"] in EXPLICIT, end
-        assert code == exit_code_for(end["final_reason"])
+        assert code == documented_exit_code(end["final_reason"])
         m = fresh.metrics()
         assert m['jvpn_gateway_drops_total{reason="unknown_session"}'] > 0
         assert not fresh.of("SESSION_CREATED") and not fresh.session_events(sid)
@@ -73,7 +71,7 @@ def test_10_deterministic_termination_gateway_shutdown_tells_every_client() -> N
         ended = {e["session_id"]: e["reason_code"] for e in gw.of("SESSION_TERMINATED")}
         assert ended == {sid: "operator_terminated" for sid in sids}
         for proc in (alice, bob):
-            assert proc.wait_exit(20) == exit_code_for("operator_terminated")
+            assert proc.wait_exit(20) == EXIT_CODES["operator_terminated"] == 0
             assert final_line(proc)["final_reason"] == "operator_terminated"
             term = proc.of("SESSION_TERMINATED")
             assert len(term) == 1 and term[0]["initiator"] == "peer"
