@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from engine_watch import Watcher
 from loopback_gateway import CLIENT_INNER, LoopbackGateway
 
 from tunnel.api import (
@@ -33,35 +33,6 @@ from tunnel.core.handshake import generate_keypair
 from tunnel.core.policy import POLICY_DEFAULT, policy_to_toml
 from tunnel.demo.commands import DemoImpair
 from tunnel.io.inner import MemoryInner
-
-
-class Watcher:
-    """Drains a channel, keeps every event dict and the newest snapshot."""
-
-    def __init__(self, engine: ClientEngine) -> None:
-        self.engine = engine
-        self.events: list[dict[str, Any]] = []
-        self.snapshot: EngineSnapshot | None = None
-
-    def drain(self) -> None:
-        for item in self.engine.channel.drain():
-            if isinstance(item, EngineSnapshot):
-                self.snapshot = item
-            else:
-                self.events.append(dict(item))
-
-    def of(self, event_type: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["event_type"] == event_type]
-
-    def wait(self, what: Callable[[], object], timeout: float = 10.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.drain()
-            result = what()
-            if result:
-                return result
-            time.sleep(0.02)
-        raise AssertionError(f"timed out; events: {[e['event_type'] for e in self.events]}")
 
 
 def make_config(

@@ -13,12 +13,12 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from engine_watch import Watcher
 from loopback_gateway import LoopbackGateway
 
-from tunnel.api import EngineSnapshot, ReloadPolicy
+from tunnel.api import ReloadPolicy
 from tunnel.client.config import ClientConfig, PathConfig
 from tunnel.client.engine import ClientEngine
 from tunnel.core.handshake import generate_keypair
@@ -42,35 +42,6 @@ def quiet_policy(dead_min_ms: int) -> Policy:
     )
 
 
-class Watcher:
-    """Drains the engine's channel; keeps every event dict and the newest snapshot."""
-
-    def __init__(self, engine: ClientEngine) -> None:
-        self.engine = engine
-        self.events: list[dict[str, Any]] = []
-        self.snapshot: EngineSnapshot | None = None
-
-    def drain(self) -> None:
-        for item in self.engine.channel.drain():
-            if isinstance(item, EngineSnapshot):
-                self.snapshot = item
-            else:
-                self.events.append(dict(item))
-
-    def of(self, event_type: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["event_type"] == event_type]
-
-    def wait(self, what: Callable[[], object], timeout: float = 15.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.drain()
-            result = what()
-            if result:
-                return result
-            time.sleep(0.02)
-        raise AssertionError(f"timed out; events: {[e['event_type'] for e in self.events]}")
-
-
 Rig = Callable[[int], tuple[ClientEngine, Watcher, RelayThread]]
 
 
@@ -91,7 +62,7 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
                 )  # fmt: skip
                 engine = ClientEngine(cfg, inner=MemoryInner())
                 engines.append(engine)
-                w = Watcher(engine)
+                w = Watcher(engine, timeout=15.0)
                 engine.start()
                 w.wait(lambda: w.of("SESSION_CREATED"))
                 w.wait(lambda: w.snapshot and w.snapshot.session.state == "ATTACHED")
