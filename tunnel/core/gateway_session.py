@@ -43,7 +43,7 @@ from tunnel.core.gateway_outbox import SessionPorts, StateUpdates
 from tunnel.core.gateway_paths import Addr, ChallengePurpose, PathValidator, addr_label
 from tunnel.core.gateway_reattach import ReattachAction, ReattachGuard, ReattachVerdict
 from tunnel.core.policy import Policy
-from tunnel.core.replay import NonceGuard
+from tunnel.core.replay import DuplicateMeter, NonceGuard, stale_drop
 from tunnel.core.session import SessionMachine, State, Trigger
 from tunnel.core.timers import (
     LIVE_STATES,
@@ -165,6 +165,7 @@ class GatewaySession:
         self.clocks = SessionClocks(now, transportless=False)
         self.paths = PathValidator(addr, now, ports.urandom)
         self.reattach = ReattachGuard(policy.reattach_rate_per_s, policy.reattach_burst, now)
+        self.duplicates = DuplicateMeter(policy.duplicate_alarm_ratio, now)
         self.updates = StateUpdates()
         self.binding: Addr | None = addr
         self.binding_path: int | None = path_id
@@ -246,6 +247,7 @@ class GatewaySession:
         self.policy = policy
         self.machine.policy_reloaded(policy.policy_version)
         self.reattach.configure(policy.reattach_rate_per_s, policy.reattach_burst)
+        self.duplicates.configure(policy.duplicate_alarm_ratio)
 
     # == inputs ============================================================================
     def receive(self, data: bytes, header: Header, addr: Addr, now: float) -> None:
@@ -271,18 +273,26 @@ class GatewaySession:
         phase_before = self.cipher.phase
         plaintext = self.cipher.open(data, now)
         if isinstance(plaintext, Drop):
-            self._report.count_drop(plaintext)
-            violation = OPEN_VIOLATIONS.get(plaintext)
-            if violation is not None:
-                self._report.security(
-                    now, self._base(now), violation[0], violation[1], source=addr_label(addr)
-                )
+            self._on_bad_packet(plaintext, addr, now)
             return None
+        self.duplicates.fresh(now)
         if self.cipher.phase != phase_before:
             self._report.emit(
                 KeyRotated(**self._base(now), key_phase=self.cipher.phase, initiator="peer")
             )
         return plaintext
+
+    def _on_bad_packet(self, drop: Drop, addr: Addr, now: float) -> None:
+        """Count a datagram that did not open; a late or duplicated one from a validated
+        path is a transport effect, the rest of the violations are reported."""
+        if drop is Drop.TOO_OLD or drop is Drop.DUPLICATE:
+            drop = stale_drop(drop, self.paths.is_validated(addr), self.duplicates, now)
+        self._report.count_drop(drop)
+        violation = OPEN_VIOLATIONS.get(drop)
+        if violation is not None:
+            self._report.security(
+                now, self._base(now), violation[0], violation[1], source=addr_label(addr)
+            )
 
     def _note_inbound(self, data: bytes, header: Header, addr: Addr, now: float) -> bool:
         """Record an authentic datagram from ``addr``; True if it is the newest seen."""
