@@ -22,7 +22,8 @@ per concern): ``report`` (events, drops), ``machine`` (the state table), ``clock
 ``quality`` (what the timed rows read), ``paths`` (``PathSet``: health, probes, the active
 path), ``switching`` (``SwitchController``: recovery, switches, the request in flight),
 ``handshake`` (``HandshakeInitiator``), ``keys`` (``KeySchedule``: the cipher and its
-rotation) and ``peer`` (the gateway's view). This class routes inputs to them and collects
+rotation), ``duplicates`` (``DuplicateMeter``: whether stale datagrams are network copies
+or a replay) and ``peer`` (the gateway's view). This class routes inputs to them and collects
 their outputs. Its timer is data: ``CLIENT_ROWS`` (client_rows.py) plus the components' own
 ``next_deadline()``.
 """

@@ -12,9 +12,11 @@ An authenticated packet from an unknown address never moves the binding by itsel
 
 ``GatewaySession`` composes its parts (wireguard-go groups a peer's state per concern the
 same way): ``SessionClocks`` (timers.py), ``PathValidator`` (gateway_paths.py),
-``ReattachGuard`` (gateway_reattach.py) and ``StateUpdates`` (gateway_outbox.py). Its
-timed triggers are rows (``GATEWAY_ROWS``, with the shared ``SESSION_ROWS``) and chores
-(``GATEWAY_CHORES``); ``handle_timer`` and ``next_deadline`` both read them. It reaches the
+``ReattachGuard`` (gateway_reattach.py), ``StateUpdates`` (gateway_outbox.py) and
+``DuplicateMeter`` (replay.py: a duplicate from a validated path is a network copy until
+the session's duplicates pass ``duplicate_alarm_ratio``). Its timed triggers are rows
+(``GATEWAY_ROWS``, with the shared ``SESSION_ROWS``) and chores (``GATEWAY_CHORES``);
+``handle_timer`` and ``next_deadline`` both read them. It reaches the
 rest of the gateway only through ``SessionPorts`` (gateway_outbox.py): the ``Reporter``,
 the ``Outbox``, the TUN outlet and the ``ended`` callback.
 """
