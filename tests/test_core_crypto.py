@@ -83,7 +83,7 @@ def test_replay_is_dropped_after_authentication() -> None:
     a, b = _pair()
     datagram = a.seal(DATA, PEER_INDEX, b"once")
     assert b.open(datagram, 0.0) == b"once"
-    assert b.open(datagram, 0.1) is Drop.REPLAY
+    assert b.open(datagram, 0.1) is Drop.DUPLICATE  # the receive side judges the source
 
 
 def test_reordered_within_window_accepted() -> None:
@@ -91,15 +91,15 @@ def test_reordered_within_window_accepted() -> None:
     datagrams = [a.seal(DATA, PEER_INDEX, i.to_bytes(2, "big")) for i in range(300)]
     for i in [*range(299, 149, -1), *range(0, 150)]:
         assert b.open(datagrams[i], 0.0) == i.to_bytes(2, "big")
-    assert all(b.open(d, 0.0) is Drop.REPLAY for d in datagrams)
+    assert all(b.open(d, 0.0) is Drop.DUPLICATE for d in datagrams)
 
 
-def test_older_than_window_is_replay() -> None:
+def test_older_than_window_is_too_old() -> None:
     a, b = SessionCipher(KEYS_A), SessionCipher(KEYS_B, replay_window=64)
     first = a.seal(DATA, PEER_INDEX, b"old")
     a.send_counter = 1000
     assert b.open(a.seal(DATA, PEER_INDEX, b"new"), 0.0) == b"new"
-    assert b.open(first, 0.0) is Drop.REPLAY
+    assert b.open(first, 0.0) is Drop.TOO_OLD
 
 
 def test_size_limits() -> None:
@@ -242,7 +242,7 @@ def test_replay_of_new_phase_after_promotion() -> None:
     a.rekey(0.0)
     new = a.seal(DATA, PEER_INDEX, b"n")
     assert b.open(new, 0.0) == b"n"
-    assert b.open(new, 0.0) is Drop.REPLAY
+    assert b.open(new, 0.0) is Drop.DUPLICATE
     assert b.phase == 1
 
 

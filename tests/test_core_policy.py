@@ -68,7 +68,8 @@ D12 = {
     "reattach_retry_ms": 250,
     "max_candidate_count": 8,
     "reattach_proof_max_age_ms": 5_000,
-    "replay_window_size": 2_048,
+    "replay_window_size": 8_192,  # D12 2048, changed for multipath (issue 14): docs/policy.md
+    "duplicate_alarm_ratio": 0.10,  # issue 14: docs/policy.md
     "rekey_after_s": 120,
     "security_failures_to_degrade": 3,
     "security_failures_to_terminate": 10,

@@ -9,7 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tunnel.core.replay import NonceGuard, NonceVerdict, ReplayWindow
+from tunnel.core.replay import NonceGuard, NonceVerdict, ReplayVerdict, ReplayWindow
+
+FRESH, TOO_OLD, DUPLICATE = ReplayVerdict.FRESH, ReplayVerdict.TOO_OLD, ReplayVerdict.DUPLICATE
 
 
 class ModelWindow:
@@ -25,12 +27,16 @@ class ModelWindow:
             0 <= counter < 2**64 and counter not in self.seen and counter > self.highest - self.size
         )
 
-    def update(self, counter: int) -> bool:
-        if not self.check(counter):
-            return False
+    def update(self, counter: int) -> ReplayVerdict:
+        """FRESH (recorded), TOO_OLD (outside the counter space or the window) or
+        DUPLICATE (inside the window, already seen)."""
+        if not 0 <= counter < 2**64 or counter <= self.highest - self.size:
+            return TOO_OLD
+        if counter in self.seen:
+            return DUPLICATE
         self.seen.add(counter)
         self.highest = max(self.highest, counter)
-        return True
+        return FRESH
 
 
 def _counter_steps(size: int) -> st.SearchStrategy[list[int]]:
@@ -69,21 +75,21 @@ def test_window_matches_model_on_arbitrary_u64(counters: list[int]) -> None:
 def test_fresh_counters_in_window_accepted_once_in_any_order() -> None:
     window = ReplayWindow(2048)
     order = list(range(1000, 3048))[::-1]  # newest first: all within the window
-    assert all(window.update(c) for c in order)
-    assert not any(window.update(c) for c in order)
+    assert all(window.update(c) is FRESH for c in order)
+    assert all(window.update(c) is DUPLICATE for c in order)
     assert window.highest == 3047
 
 
 def test_window_edges() -> None:
     window = ReplayWindow(2048)
-    assert window.update(5000)
+    assert window.update(5000) is FRESH
     assert window.check(5000 - 2047)  # oldest counter still inside
     assert not window.check(5000 - 2048)  # just outside
-    assert not window.update(5000 - 2048)
-    assert window.update(5000 - 2047)
-    assert not window.update(-1)
-    assert not window.update(2**64)
-    assert window.update(2**64 - 1)
+    assert window.update(5000 - 2048) is TOO_OLD
+    assert window.update(5000 - 2047) is FRESH
+    assert window.update(-1) is TOO_OLD
+    assert window.update(2**64) is TOO_OLD
+    assert window.update(2**64 - 1) is FRESH
 
 
 def test_check_does_not_mutate() -> None:

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from tunnel.core import constants
 from tunnel.core.drops import Drop
-from tunnel.core.replay import ReplayWindow
+from tunnel.core.replay import DEFAULT_WINDOW, FRESH, ReplayVerdict, ReplayWindow
 
 PREVIOUS_KEYS_GRACE_S: Final = 10.0
 """How long the previous generation still opens datagrams once the peer uses the new one:
@@ -47,6 +47,8 @@ _HEADER = constants.TRANSPORT_HEADER
 _HEADER_LEN: Final = constants.TRANSPORT_HEADER.size
 _MIN_DATAGRAM: Final = _HEADER_LEN + constants.AEAD_TAG_LEN
 _MAX_PLAINTEXT: Final = constants.MAX_DATAGRAM - _MIN_DATAGRAM
+_STALE: Final = {ReplayVerdict.TOO_OLD: Drop.TOO_OLD, ReplayVerdict.DUPLICATE: Drop.DUPLICATE}
+"""The drop of an authentic datagram the replay window did not record."""
 _NONCE = struct.Struct("<4xQ")
 """ChaCha20-Poly1305 nonce: 4 zero bytes, then the counter as u64 little-endian."""
 
@@ -140,7 +142,9 @@ class SessionCipher:
     send_counter: int
     """Counter of the next datagram sealed with the current generation."""
 
-    def __init__(self, keys: TrafficKeys, *, replay_window: int = 2048, now: float = 0.0) -> None:
+    def __init__(
+        self, keys: TrafficKeys, *, replay_window: int = DEFAULT_WINDOW, now: float = 0.0
+    ) -> None:
         self._replay_size = replay_window
         self._current = _Generation(keys, 0, replay_window)
         self._previous: _Generation | None = None
@@ -213,7 +217,12 @@ class SessionCipher:
     # -- receive -----------------------------------------------------------------------
 
     def open(self, datagram: bytes, now: float) -> bytes | Drop:
-        """Plaintext of an authentic, fresh ``datagram``, else the reason it was dropped."""
+        """Plaintext of an authentic, fresh ``datagram``, else the reason it was dropped.
+
+        An authentic datagram whose counter is not fresh is ``Drop.TOO_OLD`` (below the
+        replay window) or ``Drop.DUPLICATE`` (seen inside it); whether that is a replay
+        depends on where it came from, which only the receive side knows
+        (``replay.stale_drop``)."""
         length = len(datagram)
         if length < _MIN_DATAGRAM:
             return Drop.TRUNCATED
@@ -242,8 +251,9 @@ class SessionCipher:
             )
         except InvalidTag:
             return Drop.BAD_TAG
-        if not generation.replay.update(counter):
-            return Drop.REPLAY
+        verdict = generation.replay.update(counter)
+        if verdict is not FRESH:
+            return _STALE[verdict]
 
         if generation is current:
             if not self._confirmed:

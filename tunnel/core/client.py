@@ -22,7 +22,8 @@ per concern): ``report`` (events, drops), ``machine`` (the state table), ``clock
 ``quality`` (what the timed rows read), ``paths`` (``PathSet``: health, probes, the active
 path), ``switching`` (``SwitchController``: recovery, switches, the request in flight),
 ``handshake`` (``HandshakeInitiator``), ``keys`` (``KeySchedule``: the cipher and its
-rotation) and ``peer`` (the gateway's view). This class routes inputs to them and collects
+rotation), ``duplicates`` (``DuplicateMeter``: whether stale datagrams are network copies
+or a replay) and ``peer`` (the gateway's view). This class routes inputs to them and collects
 their outputs. Its timer is data: ``CLIENT_ROWS`` (client_rows.py) plus the components' own
 ``next_deadline()``.
 """
@@ -66,6 +67,7 @@ from tunnel.core.initiator import Accepted, HandshakeInitiator
 from tunnel.core.key_schedule import KeySchedule
 from tunnel.core.path import PathSet
 from tunnel.core.policy import Policy
+from tunnel.core.replay import DuplicateMeter, stale_drop
 from tunnel.core.selection import Selector, SwitchLimiter
 from tunnel.core.session import SessionMachine, State, Trigger
 from tunnel.core.switching import PeerView, SwitchController
@@ -198,6 +200,7 @@ class ClientSession:
         )
         self.peer_index = 0
         self.keys = KeySchedule()
+        self.duplicates = DuplicateMeter(policy.duplicate_alarm_ratio, now)
         self.inner_address = ""
         self.inner_prefix = 0
         self.inner_gateway = ""
@@ -331,6 +334,7 @@ class ClientSession:
         if isinstance(plaintext, Drop):
             self._on_bad_packet(plaintext, path_id, now)
             return
+        self.duplicates.fresh(now)
         if cipher.phase != phase_before:
             self.report.emit(KeyRotated(**self.base(now), key_phase=cipher.phase, initiator="peer"))
         self.paths.get(path_id).health.inbound(now)
@@ -347,6 +351,9 @@ class ClientSession:
         self._on_control(msg, path_id, now)
 
     def _on_bad_packet(self, drop: Drop, path_id: int, now: float) -> None:
+        if drop is Drop.TOO_OLD or drop is Drop.DUPLICATE:
+            validated = self.paths.get(path_id).validated
+            drop = stale_drop(drop, validated, self.duplicates, now)
         self.report.count_drop(drop)
         if drop is Drop.BAD_TAG:
             self.report.security(
@@ -643,6 +650,7 @@ class ClientSession:
         self.machine.policy_reloaded(policy.policy_version)
         self.paths.reconfigure(policy)
         self.switching.reconfigure(policy)
+        self.duplicates.configure(policy.duplicate_alarm_ratio)
         self.report.emit(
             PolicyEvent(
                 **self.base(now), policy_name="POLICY_APPLIED", reason_code=Reason.POLICY_APPLIED

@@ -26,7 +26,17 @@ class Drop(StrEnum):
     BAD_TAG = "bad_proof"
     """AEAD authentication failed: wrong key, tampered or forged."""
     REPLAY = "replay_detected"
-    """Counter already seen or older than the replay window."""
+    """A replay: a counter already seen, or older than the replay window, from an address
+    that is not a validated path of the session; or duplicates above the session's alarm
+    line (``duplicate_alarm_ratio`` of its datagrams over about a second, plus a slack of
+    8). Reported as a SECURITY_EVENT."""
+    TOO_OLD = "too_old"
+    """Authentic, but its counter is below the replay window, from a validated path: a
+    datagram that arrived late (a slower path, a switch). Counted, no SECURITY_EVENT."""
+    DUPLICATE = "duplicate"
+    """Authentic, its counter already seen inside the window, from a validated path, while
+    the session's duplicates stay below the alarm line: a copy the network made. Counted,
+    no SECURITY_EVENT."""
     UNKNOWN_KEY_PHASE = "unknown_key_phase"
     """Key phase is neither the current, the previous nor the next one."""
     HANDSHAKE_FAILED = "handshake_failed"

@@ -12,9 +12,11 @@ An authenticated packet from an unknown address never moves the binding by itsel
 
 ``GatewaySession`` composes its parts (wireguard-go groups a peer's state per concern the
 same way): ``SessionClocks`` (timers.py), ``PathValidator`` (gateway_paths.py),
-``ReattachGuard`` (gateway_reattach.py) and ``StateUpdates`` (gateway_outbox.py). Its
-timed triggers are rows (``GATEWAY_ROWS``, with the shared ``SESSION_ROWS``) and chores
-(``GATEWAY_CHORES``); ``handle_timer`` and ``next_deadline`` both read them. It reaches the
+``ReattachGuard`` (gateway_reattach.py), ``StateUpdates`` (gateway_outbox.py) and
+``DuplicateMeter`` (replay.py: a duplicate from a validated path is a network copy until
+the session's duplicates pass ``duplicate_alarm_ratio``). Its timed triggers are rows
+(``GATEWAY_ROWS``, with the shared ``SESSION_ROWS``) and chores (``GATEWAY_CHORES``);
+``handle_timer`` and ``next_deadline`` both read them. It reaches the
 rest of the gateway only through ``SessionPorts`` (gateway_outbox.py): the ``Reporter``,
 the ``Outbox``, the TUN outlet and the ``ended`` callback.
 """
@@ -43,7 +45,7 @@ from tunnel.core.gateway_outbox import SessionPorts, StateUpdates
 from tunnel.core.gateway_paths import Addr, ChallengePurpose, PathValidator, addr_label
 from tunnel.core.gateway_reattach import ReattachAction, ReattachGuard, ReattachVerdict
 from tunnel.core.policy import Policy
-from tunnel.core.replay import NonceGuard
+from tunnel.core.replay import DuplicateMeter, NonceGuard, stale_drop
 from tunnel.core.session import SessionMachine, State, Trigger
 from tunnel.core.timers import (
     LIVE_STATES,
@@ -165,6 +167,7 @@ class GatewaySession:
         self.clocks = SessionClocks(now, transportless=False)
         self.paths = PathValidator(addr, now, ports.urandom)
         self.reattach = ReattachGuard(policy.reattach_rate_per_s, policy.reattach_burst, now)
+        self.duplicates = DuplicateMeter(policy.duplicate_alarm_ratio, now)
         self.updates = StateUpdates()
         self.binding: Addr | None = addr
         self.binding_path: int | None = path_id
@@ -246,6 +249,7 @@ class GatewaySession:
         self.policy = policy
         self.machine.policy_reloaded(policy.policy_version)
         self.reattach.configure(policy.reattach_rate_per_s, policy.reattach_burst)
+        self.duplicates.configure(policy.duplicate_alarm_ratio)
 
     # == inputs ============================================================================
     def receive(self, data: bytes, header: Header, addr: Addr, now: float) -> None:
@@ -271,18 +275,26 @@ class GatewaySession:
         phase_before = self.cipher.phase
         plaintext = self.cipher.open(data, now)
         if isinstance(plaintext, Drop):
-            self._report.count_drop(plaintext)
-            violation = OPEN_VIOLATIONS.get(plaintext)
-            if violation is not None:
-                self._report.security(
-                    now, self._base(now), violation[0], violation[1], source=addr_label(addr)
-                )
+            self._on_bad_packet(plaintext, addr, now)
             return None
+        self.duplicates.fresh(now)
         if self.cipher.phase != phase_before:
             self._report.emit(
                 KeyRotated(**self._base(now), key_phase=self.cipher.phase, initiator="peer")
             )
         return plaintext
+
+    def _on_bad_packet(self, drop: Drop, addr: Addr, now: float) -> None:
+        """Count a datagram that did not open; a late or duplicated one from a validated
+        path is a transport effect, the rest of the violations are reported."""
+        if drop is Drop.TOO_OLD or drop is Drop.DUPLICATE:
+            drop = stale_drop(drop, self.paths.is_validated(addr), self.duplicates, now)
+        self._report.count_drop(drop)
+        violation = OPEN_VIOLATIONS.get(drop)
+        if violation is not None:
+            self._report.security(
+                now, self._base(now), violation[0], violation[1], source=addr_label(addr)
+            )
 
     def _note_inbound(self, data: bytes, header: Header, addr: Addr, now: float) -> bool:
         """Record an authentic datagram from ``addr``; True if it is the newest seen."""

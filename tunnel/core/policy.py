@@ -171,6 +171,9 @@ POLICY_FIELDS: Final[tuple[PolicyField, ...]] = (
        "spec 1-10 s freshness of a reattach proof; never unbounded"),
     _F("replay_window_size", "security", int, REPLAY_WINDOW_MIN, 16_384,
        "D12: never below 2048 (replay protection cannot be off); 2 KiB bitmap max"),
+    _F("duplicate_alarm_ratio", "security", float, 0.01, 0.5,
+       "duplicates on a validated path above this share of a session's datagrams per"
+       " second are a replay; above 0.5 a replay could hide among copies"),
     _F("rekey_after_s", "security", int, 10, 86_400,
        "D10 default 120 s; keys always rotate, at the latest daily"),
     _F("security_failures_to_degrade", "security", int, 1, 1_000,
@@ -312,8 +315,10 @@ class Policy:
     # [security]
     reattach_proof_max_age_ms: int = 5_000
     """Oldest reattach request timestamp the gateway accepts."""
-    replay_window_size: int = 2_048
-    """Anti-replay window in counters (never below 2048)."""
+    replay_window_size: int = 8_192
+    """Anti-replay window in counters (never below 2048; 8192 covers multipath reordering)."""
+    duplicate_alarm_ratio: float = 0.10
+    """Share of duplicates (on validated paths, per second) above which they are replays."""
     rekey_after_s: int = 120
     """Rotate traffic keys this often (seconds)."""
     security_failures_to_degrade: int = 3

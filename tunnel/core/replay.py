@@ -3,7 +3,13 @@
 ``ReplayWindow`` is the RFC 6479 bitmap as in wireguard-go ``replay/replay.go``: a ring of
 64-bit blocks that slides forward with the highest counter seen. Counters may arrive out
 of order (several paths reorder), so any counter within ``size`` of the highest one is
-accepted once. Memory is ``size / 64 + 1`` small integers whatever the traffic.
+accepted once. Memory is ``size / 64 + 1`` small integers whatever the traffic. A rejected
+counter is either TOO_OLD (below the window: a late datagram, or an old replay) or a
+DUPLICATE (inside the window, already seen: a network copy, or a replay); the receive side
+decides which of those is alarming (``DuplicateMeter``, ``stale_drop``).
+
+``DuplicateMeter`` is the per-session rate of duplicates: an honest network duplicates a
+few percent of the datagrams at most, a replay flood does not stop there.
 
 ``NonceGuard`` is the stricter rule for REATTACH_REQUEST nonces (SPEC-DIGEST 4.5, AT-33):
 every accepted nonce must be larger than the last, by at most ``max_gap``.
@@ -13,13 +19,37 @@ Both are per-packet code: no allocation beyond integers, no logging, no locks.
 
 from __future__ import annotations
 
-from enum import StrEnum
+from enum import IntEnum, StrEnum
+from typing import Final
+
+from tunnel.core.drops import Drop
 
 _BLOCK_BITS = 64
 _BLOCK_SHIFT = 6
 _BIT_MASK = _BLOCK_BITS - 1
 _COUNTER_LIMIT = 2**64
 """Counters are u64 on the wire; anything outside [0, 2**64) is never fresh."""
+
+
+DEFAULT_WINDOW: Final = 8192
+"""Counters remembered by default: WireGuard's 8,128-bit bitmap, rounded to whole blocks.
+At 60k datagrams/s that is about 135 ms of reordering between two paths."""
+
+
+class ReplayVerdict(IntEnum):
+    """What ``ReplayWindow.update`` found; members are preallocated (no per-packet object)."""
+
+    FRESH = 0
+    """Never seen and inside (or above) the window: recorded."""
+    TOO_OLD = 1
+    """Below the window (``counter <= highest - size``), or outside the u64 counter space."""
+    DUPLICATE = 2
+    """Inside the window and already recorded."""
+
+
+FRESH: Final = ReplayVerdict.FRESH
+TOO_OLD: Final = ReplayVerdict.TOO_OLD
+DUPLICATE: Final = ReplayVerdict.DUPLICATE
 
 
 class ReplayWindow:
@@ -37,7 +67,7 @@ class ReplayWindow:
     highest: int
     """Largest counter recorded so far; -1 before the first one."""
 
-    def __init__(self, size: int = 2048) -> None:
+    def __init__(self, size: int = DEFAULT_WINDOW) -> None:
         if size < _BLOCK_BITS:
             raise ValueError(f"replay window must hold at least {_BLOCK_BITS} counters")
         self.size = size
@@ -61,10 +91,10 @@ class ReplayWindow:
         block = (counter >> _BLOCK_SHIFT) % self._blocks
         return not (self._ring[block] >> (counter & _BIT_MASK)) & 1
 
-    def update(self, counter: int) -> bool:
-        """Record ``counter`` if it is fresh and return True; else return False, record nothing."""
+    def update(self, counter: int) -> ReplayVerdict:
+        """Record ``counter`` if it is fresh (FRESH); else say why not, recording nothing."""
         if counter < 0 or counter >= _COUNTER_LIMIT:
-            return False
+            return TOO_OLD
         ring = self._ring
         nblocks = self._blocks
         index = counter >> _BLOCK_SHIFT
@@ -75,14 +105,96 @@ class ReplayWindow:
                 ring[i % nblocks] = 0
             self.highest = counter
         elif self.highest - counter >= self.size:
-            return False
+            return TOO_OLD
         slot = index % nblocks
         bit = 1 << (counter & _BIT_MASK)
         old = ring[slot]
         if old & bit:
-            return False
+            return DUPLICATE
         ring[slot] = old | bit
-        return True
+        return FRESH
+
+
+DUPLICATE_WINDOW_S: Final = 1.0
+"""Length of one duplicate-rate window (seconds)."""
+
+DUPLICATE_ALARM_SLACK: Final = 8
+"""Duplicates a window may hold beyond ``ratio`` of its datagrams before they alarm. For a
+link that copies a share ``p`` below the ratio, ``duplicates - ratio * received`` is a
+random walk drifting down, and the slack is how far chance must carry it up: at 5 %
+copies and the default 0.10 that happens with a probability of about 1e-10 (the
+random-walk bound ``exp(-2 * slack * drift / variance)``), also in the first second of a
+session, when no earlier window is carried over. A replay flood crosses it after about
+``slack / (1 - ratio)`` copies."""
+
+
+class DuplicateMeter:
+    """The share of duplicates among a session's authentic datagrams, over about a second.
+
+    Two counters and a window start, O(1) per datagram: ``fresh`` counts a recorded
+    datagram, ``duplicate`` counts a duplicate and says whether the duplicates are now
+    more than ``ratio`` of the received datagrams plus ``DUPLICATE_ALARM_SLACK``. When a
+    window of ``DUPLICATE_WINDOW_S`` ends, both counters are halved (after two silent
+    windows they restart at zero), so a busy session's share does not restart from nothing
+    every second: a duplicate early in a window is weighed against the window before too.
+    """
+
+    __slots__ = ("_duplicates", "_received", "_start", "ratio")
+
+    ratio: float
+    """Duplicates above this share of the received datagrams (plus the slack) alarm."""
+
+    def __init__(self, ratio: float, now: float) -> None:
+        self.ratio = ratio
+        self._received = 0
+        self._duplicates = 0
+        self._start = now
+
+    def __repr__(self) -> str:
+        return f"DuplicateMeter(ratio={self.ratio}, {self._duplicates}/{self._received})"
+
+    def configure(self, ratio: float) -> None:
+        """A reloaded policy's ratio applies from the next datagram on."""
+        self.ratio = ratio
+
+    def fresh(self, now: float) -> None:
+        """One authentic, recorded datagram."""
+        if now - self._start >= DUPLICATE_WINDOW_S:
+            self._roll(now)
+        self._received += 1
+
+    def duplicate(self, now: float) -> bool:
+        """One authentic duplicate; True if duplicates are now above the alarm line."""
+        if now - self._start >= DUPLICATE_WINDOW_S:
+            self._roll(now)
+        self._received += 1
+        self._duplicates += 1
+        return self._duplicates > self.ratio * self._received + DUPLICATE_ALARM_SLACK
+
+    def _roll(self, now: float) -> None:
+        if now - self._start >= 2 * DUPLICATE_WINDOW_S:
+            self._received = self._duplicates = 0
+        else:
+            self._received >>= 1
+            self._duplicates >>= 1
+        self._start = now
+
+
+def stale_drop(verdict: Drop, validated: bool, meter: DuplicateMeter, now: float) -> Drop:
+    """The drop a stale datagram (``Drop.TOO_OLD`` or ``Drop.DUPLICATE`` from
+    ``SessionCipher.open``) is counted as on the receive side, from a source that is
+    (``validated``) or is not a validated path of the session.
+
+    From a validated path: TOO_OLD stays TOO_OLD (a late datagram of a slower path), and a
+    DUPLICATE stays DUPLICATE while the session's duplicates stay below the meter's line.
+    Anything else (an unvalidated source, or duplicates above the ratio) is
+    ``Drop.REPLAY``, which the caller reports as a SECURITY_EVENT.
+    """
+    if not validated:
+        return Drop.REPLAY
+    if verdict is Drop.DUPLICATE and meter.duplicate(now):
+        return Drop.REPLAY
+    return verdict
 
 
 class NonceVerdict(StrEnum):

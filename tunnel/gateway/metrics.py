@@ -184,7 +184,9 @@ class GatewayMetrics:
                      "counter", "reason", t.reattach_rejects),
             labelled(g + "drops_total", "Dropped datagrams and packets by reason.", "counter",
                      "reason", drops),
-            single(g + "replay_drops_total", "Datagrams dropped by the anti-replay window.",
+            single(g + "replay_drops_total",
+                   "Replays: datagrams the anti-replay window rejected that were not late or"
+                   " network copies on a validated path (drops_total too_old, duplicate).",
                    "counter", drops.get("replay_detected", 0)),
             labelled(g + "security_events_total", "Security violations by type.", "counter",
                      "violation", t.security),
