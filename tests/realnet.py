@@ -443,6 +443,7 @@ class RealTunnel:
             "--control", f"{control[0]}:{control[1]}", "--seed", str(RELAY_SEED_BASE + i),
         ]  # fmt: skip
         proc = self.topo.exec(ns, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        prioritize(proc.pid)
         ready = json.loads(read_line(proc, START_TIMEOUT_S))
         assert ready.get("event") == "listening", ready
         return Relay(proc, ns, control)
@@ -453,6 +454,7 @@ class RealTunnel:
             self.topo.gateway_ns, argv, cwd=self.tmp, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )  # fmt: skip
+        prioritize(proc.pid)
         self.gateway = proc
         assert proc.stdout is not None and proc.stderr is not None
         self.gw_events = LineLog(proc.stdout, "gateway-events")
@@ -473,6 +475,7 @@ class RealTunnel:
             self.topo.client_ns, argv, cwd=self.tmp, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )  # fmt: skip
+        prioritize(proc.pid)
         self.client = proc
         assert proc.stdout is not None and proc.stderr is not None
         self._events = LineLog(proc.stdout, "client-events")
@@ -723,7 +726,10 @@ SUT_NICE = -5
 
 def prioritize(pid: int, nice: int = SUT_NICE) -> None:
     """Give every thread of ``pid`` the nice value ``nice`` (threads it starts later inherit
-    it). A flood test raises the gateway and the client above the flood and above whatever
+    it). Every program under test (client, gateway, relays) runs so: its path death is
+    judged on a 300 ms silence, and a test asserts what the programs do, not whether an
+    unrelated busy process starved them past that silence. A flood test raises the gateway
+    and the client above the flood and above whatever
     else the machine runs: how much of the flood the gateway reads, and so how many of the
     session's own datagrams the kernel drops with the flood's, then depends on the gateway
     and the flood, not on the machine's other load."""

@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from realnet import prioritize
+
 from tunnel.core.client import ClientSession, PathSpec
 from tunnel.core.handshake import generate_keypair
 from tunnel.core.policy import POLICY_DEFAULT
@@ -92,6 +94,7 @@ class Proc:
             text=True,
             bufsize=1,
         )
+        prioritize(self.popen.pid)  # the program under test, above unrelated load (realnet)
         self._threads = [
             threading.Thread(target=self._read_stdout, daemon=True),
             threading.Thread(target=self._read_stderr, daemon=True),
