@@ -7,7 +7,8 @@ one core floods the gateway with garbage, unknown-session datagrams, handshake I
 a wrong mac1 and replays of the session's own captured datagrams (its INIT included).
 
 Asserted: the gateway's answers to the client keep arriving in every interval of the
-flood and no session changes state (gateway side: no STATE_CHANGE, no new session); the
+flood; no new session, no termination, no security reaction (both ends may react to the
+kernel's indiscriminate drops as to any transport loss, and are ATTACHED again after); the
 gateway kept reading through the whole flood (its ``datagrams_total{in}`` grew between
 every two samples taken during it); the gateway's RSS stays bounded (measured before,
 during, after); every datagram the sender sent is accounted for as received by the
@@ -167,10 +168,20 @@ def _answers_per_interval(down: list[float], t_start: float, t_end: float) -> li
 def _assert_no_session_harm(
     gw: Gateway, client: Proc, sid: str, gw_trans0: list[Any], t_start: float
 ) -> list[tuple[str, str, str]]:
-    """No state change on the gateway, no new session. The client may see the loss the
-    kernel inflicts on its datagrams too (VOLATILE, DEGRADED, even a reattach on its one
-    path), never more, and is ATTACHED again once the flood is over. Its changes."""
-    assert transitions(gw.snapshot(), sid) == gw_trans0
+    """No new session, no termination, no security reaction on either side. The kernel
+    drops at the gateway's full socket buffer without looking, so the client's datagrams
+    are lost there with the flood's: both ends may react to that loss the way the spec
+    says a transport reacts (the gateway may even judge the path dead and see it resume;
+    how much is lost depends on the CPU the gateway gets, which this test does not
+    assert), never more, and both are ATTACHED again once the flood is over. The client's
+    changes."""
+    gw.wait_for(
+        lambda: transitions(gw.snapshot(), sid)[-1][1] == "ATTACHED",
+        20, "gateway session ATTACHED again after the flood",
+    )  # fmt: skip
+    gw_trans = transitions(gw.snapshot(), sid)
+    assert gw_trans[: len(gw_trans0)] == gw_trans0, gw_trans
+    assert {t[2] for t in gw_trans[len(gw_trans0) :]} <= LOSS_REASONS, gw_trans
     assert session_ids(gw.snapshot()) == {sid}
     assert session_ids(client.snapshot()) == {sid}
     client.wait_for(
