@@ -190,7 +190,9 @@ def demo_in_tmux() -> Iterator[Tmux]:
 
 def fill_terminal(tty: str) -> int:
     """Write NULs (which a terminal ignores) into the pane's terminal until the kernel's
-    buffer is full; from then on every write of the UI blocks. Bytes written."""
+    buffer is full; from then on every write of the UI blocks. Returns only then, with the
+    bytes it wrote: 0 when the UI's own redraws filled the buffer first (the test process
+    ran late on a loaded machine)."""
     fd = os.open(tty, os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY)
     written = 0
     try:
@@ -220,7 +222,7 @@ def test_a_stalled_ui_loses_events_but_not_the_switch(demo_in_tmux: Tmux) -> Non
     started = time.monotonic()
     os.kill(server, signal.SIGSTOP)
     try:
-        assert fill_terminal(tty) > 0
+        fill_terminal(tty)  # returns once the terminal's buffer is full
         # The stall. The UI's writes block at once; its event loop blocks as soon as its
         # writer's queue is full (a few seconds of redraws). The engine goes on: about 80
         # snapshots and, from the death of the path on, 25-odd events (a queue of 4 holds
