@@ -47,7 +47,7 @@ def _prose_lines(text: str) -> Iterator[tuple[int, str]]:
 
 def links(text: str) -> list[tuple[int, str]]:
     """(line, target) of every inline link, image and reference definition."""
-    found = []
+    found: list[tuple[int, str]] = []
     for number, raw in _prose_lines(text):
         line = _INLINE_CODE.sub("", raw)
         found.extend((number, m.group(1)) for m in _LINK.finditer(line))
