@@ -253,7 +253,7 @@ def _client_exit_lines() -> list[str]:
         *_exit_table(general),
         "| exit | final reason |",
         "| --- | --- |",
-        *(f"| {code} | `{reason}` |" for reason, code in table if code >= base),
+        *(f"| {code} | `{reason}` |" for reason, code in table),
         "",
     ]
     if unused:
