@@ -47,9 +47,7 @@ def write(tmp_path: Path, text: str) -> Path:
     return cfg
 
 
-def test_documented_example_loads_as_copied(
-    tmp_path: Path, keys: tuple[bytes, bytes, str]
-) -> None:
+def test_documented_example_loads_as_copied(tmp_path: Path, keys: tuple[bytes, bytes, str]) -> None:
     private, gw_public, _ = keys
     (tmp_path / "policy.toml").write_text(policy_to_toml(POLICY_DEFAULT))
     cfg_path = tmp_path / "client.toml"

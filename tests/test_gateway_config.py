@@ -85,9 +85,7 @@ def test_the_documented_example_loads(confdir: Path) -> None:
     assert config.subnet == ipaddress.IPv4Network("10.66.0.0/24")
     assert config.policy_path == confdir / "policy.toml"
     # sinks that need nothing else: a JSONL file next to the config (syslog commented out)
-    assert [(s.kind, s.path) for s in config.sinks] == [
-        ("jsonl", confdir / "gateway-events.jsonl")
-    ]
+    assert [(s.kind, s.path) for s in config.sinks] == [("jsonl", confdir / "gateway-events.jsonl")]
     assert config.metrics == ("127.0.0.1", 9108)
     assert not config.inner_echo and config.tun_name == "jvpn%d" and config.mtu == 1420
     assert encode_key(config.private_key) not in repr(config)
