@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 # Tools the tests use, as command:debian-package. A package is installed only when its
 # command is missing; tests that need a tool that is still missing skip themselves.
-SYSTEM_TOOLS := ip:iproute2 iperf3:iperf3 etcd:etcd-server tmux:tmux
+SYSTEM_TOOLS := ip:iproute2 iperf3:iperf3 etcd:etcd-server tmux:tmux ping:iputils-ping
 
 .DEFAULT_GOAL := help
 MAKEFLAGS += --no-builtin-rules

@@ -1,4 +1,4 @@
-"""The client's exit codes as documented (docs/client.md, "Exit codes"), pinned as literals.
+"""The client's exit codes as documented (docs/events.md, "Exit codes"), pinned as literals.
 
 Tests compare a process's exit status with these, never with
 ``tunnel.client.engine.exit_code_for`` (the code under test). 0: operator stop;

@@ -16,7 +16,10 @@ from jvpn_tui.keymap import check_keymap
 from tunnel.client.config import ConfigError, load_client_config, parse_client_config
 from tunnel.core.handshake import generate_keypair
 from tunnel.core.policy import POLICY_DEFAULT, policy_to_toml
-from tunnel.keys import write_private_key, write_public_key
+from tunnel.core.wire import RespPayload
+from tunnel.gateway.config import ConfigError as GatewayConfigError
+from tunnel.gateway.config import parse_gateway_config
+from tunnel.keys import encode_key, write_private_key, write_public_key
 
 EXAMPLE = Path(__file__).parent.parent / "docs" / "examples" / "client.toml"
 
@@ -26,6 +29,7 @@ def keys(tmp_path: Path) -> tuple[bytes, bytes, str]:
     private, _ = generate_keypair()
     _, gw_public = generate_keypair()
     write_private_key(tmp_path / "client.key", private)
+    write_private_key(tmp_path / "alice.key", private)  # the name the example uses
     write_public_key(tmp_path / "gateway.pub", gw_public)
     return private, gw_public, base64.b64encode(gw_public).decode()
 
@@ -43,9 +47,7 @@ def write(tmp_path: Path, text: str) -> Path:
     return cfg
 
 
-def test_documented_example_loads_with_every_key(
-    tmp_path: Path, keys: tuple[bytes, bytes, str]
-) -> None:
+def test_documented_example_loads_as_copied(tmp_path: Path, keys: tuple[bytes, bytes, str]) -> None:
     private, gw_public, _ = keys
     (tmp_path / "policy.toml").write_text(policy_to_toml(POLICY_DEFAULT))
     cfg_path = tmp_path / "client.toml"
@@ -54,16 +56,16 @@ def test_documented_example_loads_with_every_key(
     assert cfg.private_key == private and cfg.gateway_public_key == gw_public
     assert cfg.policy_file == tmp_path / "policy.toml"
     assert cfg.policy.policy_version == POLICY_DEFAULT.policy_version
-    assert cfg.node_id == "laptop"
+    assert cfg.node_id == "alice"
     assert (cfg.tun_name, cfg.mtu, cfg.address, cfg.routes) == (
-        "jvpn0", 1420, None, ("10.66.0.0/16",),
+        "jvpn0", 1420, None, ("198.51.100.0/24",),
     )  # fmt: skip
     assert [(p.path_id, p.name, p.bind, p.device, p.gateway) for p in cfg.paths] == [
-        (1, "wired", ("192.168.1.20", 0), "eth0", ("203.0.113.10", 51820)),
-        (2, "lte", None, "wwan0", ("vpn.example.net", 51820)),
+        (1, "wired", None, "eth0", ("203.0.113.10", 51820)),
+        (2, "lte", None, "wwan0", ("203.0.113.10", 51820)),
     ]
-    assert cfg.jsonl == Path("/var/log/jvpn/client.jsonl")
-    assert cfg.syslog is not None and (cfg.syslog.transport, cfg.syslog.port) == ("udp", 514)
+    assert cfg.jsonl == tmp_path / "client-events.jsonl"  # next to the file, as it says
+    assert cfg.syslog is None  # commented out: no receiver is assumed
     assert dict(cfg.keymap) == {"jvpn.terminate": "ctrl+t"}
     assert check_keymap(dict(cfg.keymap)) == {"jvpn.terminate": "ctrl+t"}  # the UI accepts it
     assert "private_key" not in repr(cfg)
@@ -95,7 +97,8 @@ BAD = [
     ("", 'gateway = "1.2.3.4:5"\ndevice = "a/b"', 'path[1].device = "a/b": not a valid'),
     ("", 'gateway = "1.2.3.4:5"\nport = 5', "path[1].port: unknown key"),
     ("", 'gateway = "1.2.3.4:5"\nname = "has space"', 'path[1].name = "has space"'),
-    ("[tun]\nmtu = 100", 'gateway = "1.2.3.4:5"', "tun.mtu = 100: expected an integer 576..9000"),
+    ("[tun]\nmtu = 100", 'gateway = "1.2.3.4:5"', "tun.mtu = 100: expected an integer 576..1500"),
+    ("[tun]\nmtu = 1501", 'gateway = "1.2.3.4:5"', "tun.mtu = 1501: expected an integer 576..1500"),
     ("[tun]\nmtu = true", 'gateway = "1.2.3.4:5"', "tun.mtu = True: expected an integer"),
     ('[tun]\naddress = "10.1.1.1"', 'gateway = "1.2.3.4:5"', 'tun.address = "10.1.1.1"'),
     ('[tun]\naddress = "fd00::1/64"', 'gateway = "1.2.3.4:5"', 'tun.address = "fd00::1/64"'),
@@ -260,3 +263,36 @@ def test_any_value_at_any_key_loads_or_names_file_and_key(
         parse_client_config(text, source="prop.toml", base=tmp_path)
     except ConfigError as exc:
         assert str(exc).startswith(f"prop.toml: {named}"), (str(exc), named)
+
+
+MTU_RANGE = (576, 1500)
+"""docs/client.md and docs/gateway.md: the inner MTU is 576..1500 on both sides (576: the
+IPv4 datagram every host accepts; 1500: the largest inner packet the tunnel carries)."""
+
+
+@pytest.mark.parametrize("mtu", [MTU_RANGE[0] - 1, *MTU_RANGE, MTU_RANGE[1] + 1])
+def test_client_gateway_and_handshake_agree_on_the_mtu_range(
+    tmp_path: Path, keys: tuple[bytes, bytes, str], mtu: int
+) -> None:
+    """The same MTU is valid, or refused, in client.toml, in gateway.toml and in the MTU a
+    gateway announces in its handshake response."""
+    inside = MTU_RANGE[0] <= mtu <= MTU_RANGE[1]
+    outcomes = []
+    try:
+        parse_client_config(minimal(f"[tun]\nmtu = {mtu}"), base=tmp_path)
+        outcomes.append(True)
+    except ConfigError:
+        outcomes.append(False)
+    write_private_key(tmp_path / "gateway.key", generate_keypair()[0])
+    gateway = {
+        "listen": "127.0.0.1:0", "private_key": "gateway.key", "mtu": mtu,
+        "clients": [{"name": "alice", "public_key": encode_key(generate_keypair()[1])}],
+    }  # fmt: skip
+    try:
+        parse_gateway_config(gateway, tmp_path / "gateway.toml")
+        outcomes.append(True)
+    except GatewayConfigError:
+        outcomes.append(False)
+    resp = RespPayload(1, 0, bytes(16), 0, 1, 0, "10.66.0.2", 24, "10.66.0.1", mtu)
+    outcomes.append(isinstance(RespPayload.parse(resp.pack()), RespPayload))
+    assert outcomes == [inside] * 3, f"mtu {mtu}: client, gateway, handshake = {outcomes}"

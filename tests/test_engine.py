@@ -263,7 +263,7 @@ def test_exit_codes_are_distinct_per_reason_and_documented() -> None:
     assert dict(table)["operator_terminated"] == 0
     assert exit_code_for(None) == 0
     assert exit_code_for("no_such_reason") == 1
-    doc = (Path(__file__).parent.parent / "docs" / "client.md").read_text()
+    doc = (Path(__file__).parent.parent / "docs" / "events.md").read_text()  # generated
     for reason, code in table:
         assert f"| {code} | `{reason}` |" in doc, (reason, code)
 

@@ -73,20 +73,19 @@ def write(confdir: Path, text: str) -> Path:
 
 
 def test_the_documented_example_loads(confdir: Path) -> None:
+    """As the quick start copies it: next to gateway.key, alice.pub and policy.toml."""
+    (confdir / "bob.pub").unlink()  # the quick start makes no bob
     shutil.copy(EXAMPLE, confdir / "gateway.toml")
     (confdir / "policy.toml").write_text("")
     config = load_gateway_config(confdir / "gateway.toml")
     assert config.node_id == "gw1"
     assert config.listen == (("0.0.0.0", 51820),)
-    assert [(c.name, c.inner_address) for c in config.clients] == [
-        ("alice", "10.66.0.2"),
-        ("bob", "10.66.0.3"),  # from the pool: the first free host
-    ]
+    assert [(c.name, c.inner_address) for c in config.clients] == [("alice", "10.66.0.2")]
     assert config.gateway_address == "10.66.0.1"
     assert config.subnet == ipaddress.IPv4Network("10.66.0.0/24")
     assert config.policy_path == confdir / "policy.toml"
-    assert [s.kind for s in config.sinks] == ["jsonl", "syslog"]
-    assert (config.sinks[1].host, config.sinks[1].port) == ("127.0.0.1", 514)
+    # sinks that need nothing else: a JSONL file next to the config (syslog commented out)
+    assert [(s.kind, s.path) for s in config.sinks] == [("jsonl", confdir / "gateway-events.jsonl")]
     assert config.metrics == ("127.0.0.1", 9108)
     assert not config.inner_echo and config.tun_name == "jvpn%d" and config.mtu == 1420
     assert encode_key(config.private_key) not in repr(config)

@@ -28,7 +28,9 @@ from tunnel.keys import (
 
 PROG = "jvpn-keygen"
 EXIT_OK = 0
+"""The key (pair) was written or printed."""
 EXIT_USAGE = 2
+"""Bad usage or bad input, e.g. an existing key file without --force (reason on stderr)."""
 
 _DESCRIPTION = """\
 Generate X25519 key pairs for jvpn. Keys are 32 bytes written as one line of base64,

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from tunnel.core.constants import MAX_INNER_PACKET, MIN_MTU
 from tunnel.core.policy import POLICY_DEFAULT, Policy, PolicyError, load_policy
 from tunnel.keys import KeyFormatError, decode_key, load_private_key, load_public_key
 
@@ -386,7 +387,7 @@ TOP_FIELDS: Final = (
 TABLE_KEYS: Final = ("tun", "path", "events", "keymap", "inner")
 TUN_FIELDS: Final = (
     _Field("name", str, "jvpn%d", check=_ifname, doc="TUN device name (%d: kernel numbers)"),
-    _Field("mtu", int, 1420, 576, 9000, doc="inner MTU"),
+    _Field("mtu", int, 1420, MIN_MTU, MAX_INNER_PACKET, doc="inner MTU (the gateway's)"),
     _Field("address", str, check=_inner_address, doc="inner address/prefix; absent: assigned"),
     _Field("routes", list, (), check=_routes, expected="expected a list of CIDRs",
            doc="extra IPv4 routes through the tunnel"),

@@ -93,10 +93,16 @@ ENGINE_ERROR: Final = "engine_error"
 """Prefix of the final reason when the engine itself failed."""
 
 EXIT_OK: Final = 0
+"""Operator stop: the final reason is ``operator_terminated`` (so its own 10 + n is never
+used), or the engine stopped before a session reason existed."""
 EXIT_UNKNOWN_REASON: Final = 1
+"""The final reason is one this build does not know."""
 EXIT_ENGINE_ERROR: Final = 3
+"""``engine_error: <cause>``: the engine failed or could not start (cause also on stderr);
+the host is restored."""
 EXIT_REASON_BASE: Final = 10
-"""Exit code of a termination reason = this + the reason's (append-only) wire index."""
+"""Plus n: the session ended with the reason code of wire index n (stable: reason codes are
+only ever appended)."""
 
 
 def exit_code_for(reason: str | None) -> int:

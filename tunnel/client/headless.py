@@ -42,7 +42,18 @@ STOP_TIMEOUT_S: Final = 5.0
 """How long an explicit terminate may take before the engine is stopped hard."""
 
 EXIT_CONFIG_ERROR: Final = 2
-"""Exit code for a configuration error (also used by jvpn-tui)."""
+"""Bad command line, configuration or keymap: one line on stderr, nothing started."""
+
+ENGINE_STOPPED_FIELDS: Final = {
+    "final_reason": "Why the engine ended: a reason code, ``engine_error: <cause>``, or null.",
+    "exit_code": "The process's exit status (Exit codes, below).",
+    "session_id": "Hex id of the session (empty if none was created).",
+    "traffic": "Inner traffic: ``tx_packets``, ``rx_packets``, ``tx_bytes``, ``rx_bytes``.",
+    "ui_dropped": "Events the UI channel lost (its oldest, when events alone overflowed it).",
+    "observability": "Event sinks at the end: ``ok`` (false while a sink failed or lost "
+    "events), ``ring_dropped``, ``sinks`` (``name``, ``state``, ``dropped`` each).",
+}
+"""The fields of the last headless line, ``ENGINE_STOPPED`` (docs/events.md lists them)."""
 
 
 def build_engine_from_args(

@@ -46,6 +46,11 @@ MAX_DATAGRAM: Final = 1500 + TRANSPORT_HEADER.size + AEAD_TAG_LEN
 MAX_INNER_PACKET: Final = 1500
 """Largest inner IP packet carried (the TUN MTU never exceeds this)."""
 
+MIN_MTU: Final = 576
+"""Smallest inner MTU: the IPv4 datagram every host must accept (RFC 791). Client and
+gateway TUN MTUs lie in [MIN_MTU, MAX_INNER_PACKET]: a larger MTU would let the host hand
+the tunnel packets it drops as oversized."""
+
 REPLAY_WINDOW_MIN: Final = 2048
 """DESIGN D12: at least 2048 counters, enough for reordering across paths at high rate."""
 

@@ -27,6 +27,8 @@ from typing import ClassVar
 from tunnel.core.constants import (
     HEADER,
     MAX_DATAGRAM,
+    MAX_INNER_PACKET,
+    MIN_MTU,
     MSG_CONTROL,
     MSG_COOKIE_REPLY,
     MSG_DATA,
@@ -204,7 +206,7 @@ class RespPayload:
         (ver, status, sid, ts, sv, epoch, addr, prefix, gw, mtu, n) = cls.FIXED.unpack_from(data)
         if n > cls.MAX_ENDPOINTS or len(data) != cls.FIXED.size + n * cls.ENDPOINT.size:
             return Drop.MALFORMED
-        if prefix > 32 or not 576 <= mtu <= 9000:
+        if prefix > 32 or not MIN_MTU <= mtu <= MAX_INNER_PACKET:
             return Drop.MALFORMED
         eps = []
         for i in range(n):

@@ -25,16 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from tunnel.core.constants import MAX_INNER_PACKET
+from tunnel.core.constants import MAX_INNER_PACKET, MIN_MTU
 from tunnel.core.gateway import ClientEntry
 from tunnel.keys import KeyFormatError, load_private_key, load_public_key
 from tunnel.observability.metrics import parse_host_port
 
 MAX_CONFIG_SIZE: Final = 1 << 20
 """A gateway config is a few kB; a larger file is a mistake."""
-
-MIN_MTU: Final = 576
-"""The smallest IPv4 datagram every host must accept (RFC 791)."""
 
 NODE_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 """Node ids appear in events, records and syslog structured data: short and printable."""

@@ -38,18 +38,23 @@ EXIT_HOST_CONFIG: Final = 7
 CAP_NET_ADMIN: Final = 12
 """Bit of CAP_NET_ADMIN in /proc/self/status CapEff."""
 
-EPILOG = f"""\
-exit status:
-  {EXIT_OK}  stopped by SIGINT/SIGTERM (sessions terminated, host restored)
-  {EXIT_ENGINE_FAILURE}  engine failure (sessions terminated with invariant_violation)
-  {EXIT_USAGE}  bad command line
-  {EXIT_CONFIG}  bad configuration value (file, key and value on stderr)
-  {EXIT_KEY}  private key missing, unreadable, invalid or readable by every user
-  {EXIT_ADDRESS}  a listen or metrics address cannot be bound (e.g. port in use)
-  {EXIT_PRIVILEGE}  no privilege for the TUN (root or CAP_NET_ADMIN) or no {TUN_CLONE_DEVICE}
-  {EXIT_HOST_CONFIG}  creating or configuring the TUN failed otherwise
+EXIT_STATUS: Final = (
+    (EXIT_OK, "stopped by SIGINT/SIGTERM (sessions terminated, host restored)"),
+    (EXIT_ENGINE_FAILURE, "engine failure (sessions terminated with invariant_violation)"),
+    (EXIT_USAGE, "bad command line"),
+    (EXIT_CONFIG, "bad configuration value (file, key and value on stderr)"),
+    (EXIT_KEY, "private key missing, unreadable, invalid or readable by every user"),
+    (EXIT_ADDRESS, "a listen or metrics address cannot be bound (e.g. port in use)"),
+    (EXIT_PRIVILEGE, f"no privilege for the TUN (root or CAP_NET_ADMIN) or no {TUN_CLONE_DEVICE}"),
+    (EXIT_HOST_CONFIG, "creating or configuring the TUN failed otherwise"),
+)
+"""(exit status, meaning): ``--help`` prints it, docs/events.md is generated from it."""
 
-signals: SIGHUP reloads the policy file (also reloaded when it changes on disk)."""
+EPILOG = (
+    "exit status:\n"
+    + "".join(f"  {code}  {meaning}\n" for code, meaning in EXIT_STATUS)
+    + "\nsignals: SIGHUP reloads the policy file (also reloaded when it changes on disk)."
+)
 
 
 def _metrics_arg(text: str) -> tuple[str, int]:

@@ -38,7 +38,7 @@ import random
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 from tunnel.impair.model import Impairment
 from tunnel.impair.net import Address, RelayStartError, format_address, parse_address
@@ -162,6 +162,14 @@ async def _serve(relay: ImpairRelay) -> None:
     _emit({"event": "stopped", "stats": relay.stats()})
 
 
+EXIT_OK: Final = 0
+"""Stopped by SIGINT/SIGTERM (after the ``stopped`` line with the counters)."""
+EXIT_FAILURE: Final = 1
+"""Internal error (one line on stderr)."""
+EXIT_USAGE: Final = 2
+"""Bad option or value, or the listen/control address cannot be bound (one line on stderr)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``jvpn-impair``: 0 on SIGINT/SIGTERM, 2 on usage or bind errors, 1 otherwise."""
     parser = _build_parser()
@@ -169,9 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except _UsageError as exc:
         print(f"jvpn-impair: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except SystemExit as exc:  # --help / --version
-        return exc.code if isinstance(exc.code, int) else 0
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
     try:
         imp = Impairment(
             loss=args.loss,
@@ -194,18 +202,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except ValueError as exc:
         print(f"jvpn-impair: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         asyncio.run(_serve(relay))
     except RelayStartError as exc:
         print(f"jvpn-impair: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
-        return 0
+        return EXIT_OK
     except Exception as exc:  # the boundary: one line, never a traceback
         print(f"jvpn-impair: internal error: {exc!r}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FAILURE
+    return EXIT_OK
 
 
 if __name__ == "__main__":
