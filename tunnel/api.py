@@ -328,6 +328,12 @@ class EngineSnapshot:
     """False once the engine has stopped (then ``final_reason`` says why)."""
     final_reason: str | None = None
     """Termination reason code, or an engine failure description."""
+    handshake_failure: str | None = None
+    """With ``handshake_failed``: what came back before the deadline (``no_answer``,
+    ``unverified_answer`` or ``gateway_under_load``; docs/events.md); else None."""
+    explanation: str | None = None
+    """One line for a person: what ``final_reason`` means here and what to check (key
+    fingerprints only, never a secret); None when there is nothing to add."""
     demo: bool = False
     """The demo plug-in is in the engine: the UI offers the demo keys."""
 

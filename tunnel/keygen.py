@@ -3,6 +3,12 @@
     jvpn-keygen                      print a new private key (like ``wg genkey``)
     jvpn-keygen --out client         write client.key (0600) and client.pub
     jvpn-keygen pubkey < client.key  print the public key of a private key (``wg pubkey``)
+    jvpn-keygen fingerprint < client.pub
+                                     print the fingerprint of a public key (SHA256:...)
+
+A fingerprint names a public key in log lines: ``SHA256:`` and the first 16 characters of
+the base64 SHA-256 of the raw key (``tunnel.core.handshake.fingerprint``). The client and
+the gateway print the same one when a handshake is refused.
 
 Exit status: 0 on success, 2 on bad usage or bad input (one line on stderr).
 """
@@ -16,10 +22,11 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from tunnel.core.handshake import generate_keypair, public_key
+from tunnel.core.handshake import fingerprint, generate_keypair, public_key
 from tunnel.keys import (
     MAX_KEY_FILE,
     KeyFormatError,
+    check_public_key,
     decode_key,
     encode_key,
     write_private_key,
@@ -46,6 +53,9 @@ examples:
                                   replace an existing gateway key pair
   jvpn-keygen > client.key        print only a private key (keep it secret)
   jvpn-keygen pubkey < client.key print the public key of a private key
+  jvpn-keygen fingerprint < client.pub
+                                  print the fingerprint of a public key, as the client
+                                  and the gateway name it in their messages
 
 exit status: 0 success, 2 bad usage or bad input (reason on stderr)"""
 
@@ -62,7 +72,7 @@ class _Parser(argparse.ArgumentParser):
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
-        usage="%(prog)s [-h] [--out PREFIX [--force]] [genkey | pubkey]",
+        usage="%(prog)s [-h] [--out PREFIX [--force]] [genkey | pubkey | fingerprint]",
         description=_DESCRIPTION,
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -90,6 +100,12 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Read a base64 private key on stdin and print its public key "
         "(like `wg pubkey`).",
     )
+    sub.add_parser(
+        "fingerprint",
+        help="read a public key on stdin, print its fingerprint (SHA256:...)",
+        description="Read a base64 public key on stdin and print its fingerprint, the name "
+        "the client and the gateway give it in their messages.",
+    )
     return parser
 
 
@@ -98,10 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)
-        if args.command == "pubkey":
+        if args.command in ("pubkey", "fingerprint"):
             if args.out is not None or args.force:
-                raise _UsageError("--out/--force do not apply to pubkey")
-            return _pubkey()
+                raise _UsageError(f"--out/--force do not apply to {args.command}")
+            return _pubkey() if args.command == "pubkey" else _fingerprint()
         if args.force and args.out is None:
             raise _UsageError("--force needs --out")
         if args.out is not None:
@@ -134,15 +150,25 @@ def _stdout_exposure() -> str | None:
     return None
 
 
-def _pubkey() -> int:
+def _stdin_key(what: str) -> bytes:
+    """The raw key given as base64 on stdin."""
     try:
         text = sys.stdin.read(MAX_KEY_FILE + 1)
     except UnicodeDecodeError:
-        raise KeyFormatError("private key on stdin: not valid base64") from None
+        raise KeyFormatError(f"{what} on stdin: not valid base64") from None
     if len(text) > MAX_KEY_FILE:
-        raise KeyFormatError("private key on stdin: too large to be a key")
-    private = decode_key(text, "private key on stdin")
-    sys.stdout.write(encode_key(public_key(private)) + "\n")
+        raise KeyFormatError(f"{what} on stdin: too large to be a key")
+    return decode_key(text, f"{what} on stdin")
+
+
+def _pubkey() -> int:
+    sys.stdout.write(encode_key(public_key(_stdin_key("private key"))) + "\n")
+    return EXIT_OK
+
+
+def _fingerprint() -> int:
+    public = check_public_key(_stdin_key("public key"), "public key on stdin")
+    sys.stdout.write(fingerprint(public) + "\n")
     return EXIT_OK
 
 
@@ -163,7 +189,7 @@ def _write_pair(prefix: str, *, force: bool) -> int:
         except OSError as exc:
             raise _UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
     print(f"wrote {key_path} (private key, mode 0600: keep it secret)")
-    print(f"wrote {pub_path} (public key {encode_key(public)})")
+    print(f"wrote {pub_path} (public key {encode_key(public)}, fingerprint {fingerprint(public)})")
     return EXIT_OK
 
 

@@ -1,4 +1,8 @@
-"""The line that says the engine has stopped, and why (hidden while it runs)."""
+"""The line that says the engine has stopped, and why (hidden while it runs).
+
+When the engine explains its final reason (a session that never started: what came back
+from the gateway and the client's key fingerprint), the explanation is a second line.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ from tunnel.api import EngineSnapshot
 
 
 class EngineBanner(Static):
-    """Shows ``final_reason`` and the final session state once the engine stopped."""
+    """Shows ``final_reason``, the final session state and the engine's explanation once
+    the engine stopped."""
 
     DEFAULT_CLASSES = "snapshot-view"
 
@@ -18,15 +23,22 @@ class EngineBanner(Static):
         self.display = False
         self.final_reason: str | None = None
         self.final_state: str | None = None
+        self.explanation: str | None = None
+        """The engine's line about the final reason (from the final snapshot), if any."""
 
     def show(self, snapshot: EngineSnapshot) -> None:
         if not snapshot.running:
+            self.explanation = snapshot.explanation
             self.stopped(snapshot.final_reason or "engine stopped", snapshot.session.state)
 
     def stopped(self, reason: str, state: str | None) -> None:
-        """The engine is gone: say why, with the last state the session had."""
+        """The engine is gone: say why, with the last state the session had (and the
+        explanation the final snapshot brought, if any)."""
         self.final_reason = reason
         self.final_state = state
         where = f" — session {state_markup(state)}" if state else ""
-        self.update(f"[b]Engine stopped:[/b] {esc(reason)}{where}")
+        text = f"[b]Engine stopped:[/b] {esc(reason)}{where}"
+        if self.explanation:
+            text += f"\n{esc(self.explanation)}"
+        self.update(text)
         self.display = True

@@ -11,9 +11,11 @@ EventPipeline (JSONL / syslog sinks), and polls the CommandQueue every 50 ms.
 
 When the loop ends (termination, engine failure, hard stop) the host is restored in
 reverse order (inner side, then sockets), a final snapshot with ``running=False`` and
-``final_reason`` is published, and the thread ends. An exception anywhere in the engine
-becomes ``final_reason = "engine_error: <one line>"``; a live session is first ended
-with reason ``invariant_violation`` (TERMINATE sent).
+``final_reason`` is published, and the thread ends. A handshake that found no session adds
+what came back and a line that explains it (``handshake_failure``, ``explanation``;
+:mod:`tunnel.client.explain`). An exception anywhere in the engine becomes
+``final_reason = "engine_error: <one line>"``; a live session is first ended with reason
+``invariant_violation`` (TERMINATE sent).
 
 The UI sees the session through the contract's own types: :func:`session_view` turns the
 core's ``ClientSnapshot`` into a :class:`tunnel.api.SessionView`. Extra behaviour plugs in
@@ -57,12 +59,14 @@ from tunnel.api import (
     UiChannel,
 )
 from tunnel.client.config import ClientConfig, PathConfig
+from tunnel.client.explain import handshake_explanation
 from tunnel.client.runtime import ClientRuntime, PathTarget
 from tunnel.core.client import ClientSession, ClientSnapshot, PathSpec
 from tunnel.core.events import (
     Diagnostic,
     Event,
     EventBase,
+    HandshakeFailure,
     PolicyEvent,
     Reason,
     ReattachAttempt,
@@ -70,6 +74,7 @@ from tunnel.core.events import (
     TransportSwitchDenied,
     reason_to_wire,
 )
+from tunnel.core.handshake import fingerprint, public_key
 from tunnel.core.health import PathStats
 from tunnel.core.policy import PolicyError, load_policy
 from tunnel.core.session import State
@@ -289,6 +294,10 @@ class ClientEngine:
         self.final_reason: str | None = None
         """Why the engine ended (set before the final snapshot is published)."""
         self.final_snapshot: EngineSnapshot | None = None
+        self.handshake_failure: HandshakeFailure | None = None
+        """What came back when the handshake ended without a session (else None)."""
+        self.explanation: str | None = None
+        """The line that explains the final reason (set with it), if there is one."""
         self.session: ClientSession | None = None
         self.runtime: ClientRuntime | None = None
         self._plugin = plugin
@@ -476,6 +485,8 @@ class ClientEngine:
             except Exception as exc:  # reported in the final reason, never hidden
                 errors.append(one_line(exc))
         self.final_reason = self._final_reason(errors)
+        if self._error is None and not errors:  # the session's own end, explained
+            self.explanation = self._explain(sockets)
         snap = self._snapshot(running=False)
         self.final_snapshot = snap
         self.channel.publish_snapshot(snap)
@@ -492,6 +503,20 @@ class ClientEngine:
         if self._terminal_reason is not None:
             return self._terminal_reason
         return str(Reason.OPERATOR_TERMINATED) if self._stop_requested else None
+
+    def _explain(self, sockets: list[PathSocket]) -> str | None:
+        """The line for a session that never started; None for any other end."""
+        failure = self.handshake_failure
+        if failure is None:
+            return None
+        cfg = self.config
+        errors = {s.path_id: [name for name, _ in s.errors.most_common()] for s in sockets}
+        return handshake_explanation(
+            failure,
+            client_key=fingerprint(public_key(cfg.private_key)),
+            gateway_key=fingerprint(cfg.gateway_public_key),
+            errors=errors,
+        )
 
     # -- loop callbacks --------------------------------------------------------------------
 
@@ -535,6 +560,7 @@ class ClientEngine:
     def _on_event(self, event: Event) -> None:
         if isinstance(event, SessionTerminated):
             self._terminal_reason = str(event.reason_code)
+            self.handshake_failure = event.handshake_failure
         elif isinstance(event, ReattachAttempt):
             self._re_resolve(event.candidate_transport)
         if self._pipeline is not None:
@@ -769,8 +795,14 @@ class ClientEngine:
             ui_dropped=self.channel.dropped,
             running=running,
             final_reason=None if running else self.final_reason,
+            handshake_failure=None if running else _value(self.handshake_failure),
+            explanation=None if running else self.explanation,
         )
         return self._plugin.annotate(snap) if self._plugin is not None else snap
+
+
+def _value(failure: HandshakeFailure | None) -> str | None:
+    return None if failure is None else str(failure)
 
 
 def _ended(session: ClientSession) -> bool:

@@ -3,9 +3,12 @@
 :func:`run_headless` starts an engine, drains its UiChannel every 50 ms and prints each
 event (``Event.to_dict()``) as one compact JSON line on ``out``. Snapshots are not
 printed; when the engine has stopped, one last line of type ``ENGINE_STOPPED`` carries
-``final_reason``, ``exit_code`` and the inner traffic counters. SIGINT and SIGTERM end
-the session explicitly (TERMINATE sent, reason ``operator_terminated``), SIGHUP reloads
-the policy; ``duration`` seconds after the start the same explicit terminate happens.
+``final_reason``, ``exit_code``, ``handshake_failure`` and the inner traffic counters. An
+engine error, or the engine's explanation of the final reason (a session that never
+started: what came back, the client's key fingerprint), is also one line on stderr.
+SIGINT and SIGTERM end the session explicitly (TERMINATE sent, reason
+``operator_terminated``), SIGHUP reloads the policy; ``duration`` seconds after the start
+the same explicit terminate happens.
 The return value is :func:`tunnel.client.engine.exit_code_for` of the final reason.
 
 ``python -m tunnel.client.headless --config client.toml`` (or ``--demo``) runs it directly.
@@ -47,6 +50,9 @@ EXIT_CONFIG_ERROR: Final = 2
 ENGINE_STOPPED_FIELDS: Final = {
     "final_reason": "Why the engine ended: a reason code, ``engine_error: <cause>``, or null.",
     "exit_code": "The process's exit status (Exit codes, below).",
+    "handshake_failure": "With ``handshake_failed``: what came back before the deadline, "
+    "``no_answer``, ``unverified_answer`` or ``gateway_under_load`` (docs/client.md); "
+    "else null.",
     "session_id": "Hex id of the session (empty if none was created).",
     "traffic": "Inner traffic: ``tx_packets``, ``rx_packets``, ``tx_bytes``, ``rx_bytes``.",
     "ui_dropped": "Events the UI channel lost (its oldest, when events alone overflowed it).",
@@ -151,6 +157,7 @@ def _summary(reason: str | None, code: int, final: EngineSnapshot | None) -> dic
     summary["exit_code"] = code
     if final is None:
         return summary
+    summary["handshake_failure"] = final.handshake_failure
     t = final.traffic
     summary["session_id"] = final.session.session_id
     summary["traffic"] = {
@@ -189,6 +196,8 @@ def run_headless(
     out.flush()
     if reason is not None and reason.startswith(ENGINE_ERROR):
         err.write(f"jvpn-tui: {reason.removeprefix(ENGINE_ERROR + ': ')}\n")
+    elif final is not None and final.explanation:
+        err.write(f"jvpn-tui: {reason}: {final.explanation}\n")
     return code
 
 

@@ -375,7 +375,8 @@ class ClientSession:
 
     def _handshake_timer(self, now: float) -> None:
         if self.handshake.expired(now):
-            self.fire(Trigger.TERMINATE, Reason.HANDSHAKE_FAILED, now)
+            failure = self.handshake.failure()
+            self.fire(Trigger.TERMINATE, Reason.HANDSHAKE_FAILED, now, handshake_failure=failure)
         elif (out := self.handshake.on_timer(now, self.policy, self.report.ts_ms(now))) is not None:
             self._out.append(out)
 

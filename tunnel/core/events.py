@@ -89,6 +89,8 @@ class Reason(StrEnum):
     PROTOCOL_VERSION_MISMATCH = "protocol_version_mismatch"
     # demo (jvpn-tui --demo: a scripted or keyed impairment was applied)
     DEMO_ACTION = "demo_action"
+    # handshakes the gateway cannot answer
+    WRONG_GATEWAY_KEY = "wrong_gateway_key"
 
 
 WIRE_REASONS: tuple[Reason, ...] = tuple(Reason)
@@ -103,6 +105,21 @@ def reason_to_wire(reason: Reason) -> int:
 def reason_from_wire(code: int) -> Reason | None:
     """The reason for a wire code, or None for a code this build does not know."""
     return WIRE_REASONS[code] if 0 <= code < len(WIRE_REASONS) else None
+
+
+class HandshakeFailure(StrEnum):
+    """What the client saw before its handshake deadline passed without a session: the
+    reason ``handshake_failed`` precisely, as far as the client can know it."""
+
+    NO_ANSWER = "no_answer"
+    """Nothing came back on any path: the gateway is down, blocked, does not know this
+    client's key, or is not the gateway whose key is configured (it stays silent then)."""
+    UNVERIFIED_ANSWER = "unverified_answer"
+    """Answers came back, but none verified with the configured gateway key: something
+    other than that gateway answers, or the answers were forged or damaged."""
+    GATEWAY_UNDER_LOAD = "gateway_under_load"
+    """The gateway answered with a cookie (it is under load) and no session followed: it
+    is rate-limiting handshakes, or it does not know this client's key."""
 
 
 class EventBase(TypedDict):
@@ -330,7 +347,8 @@ class PeerState(Event):
 class SecurityEvent(Event):
     event_type: ClassVar[EventType] = EventType.SECURITY_EVENT
     violation_type: str
-    """REPLAY_DETECTED, INVALID_PROOF, STALE_REQUEST, UNKNOWN_CLIENT, FIXATION_ATTEMPT, ..."""
+    """REPLAY_DETECTED, INVALID_PROOF, STALE_REQUEST, UNKNOWN_CLIENT, FIXATION_ATTEMPT,
+    WRONG_GATEWAY_KEY, ..."""
     reason_code: Reason
     """Lowercase reason."""
     count: int = 1
@@ -339,6 +357,9 @@ class SecurityEvent(Event):
     """Source address label, when known."""
     transport_id: int | None = None
     """Client path id, when known."""
+    key_fingerprint: str = ""
+    """Fingerprint (``SHA256:...``) of the public key concerned (UNKNOWN_CLIENT: the key
+    the refused client offered); empty when none. Never a key."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -399,6 +420,9 @@ class SessionTerminated(Event):
     """Committed transport switches over the session's life."""
     initiator: str = "local"
     """local or peer."""
+    handshake_failure: HandshakeFailure | None = None
+    """With ``handshake_failed`` (client): what came back before the deadline, ``no_answer``,
+    ``unverified_answer`` or ``gateway_under_load`` (docs/client.md); else null."""
 
     def to_dict(self) -> dict[str, Any]:
         out = Event.to_dict(self)

@@ -182,7 +182,7 @@ class GatewaySessions:
             self.report.count_drop(Drop.COOKIE_REQUIRED)
             return
         if refused is not None:
-            self.report.count_drop(refused)
+            self._refused(refused, addr, now)
             return
         init = self.handshakes.read(data, addr, now, self._base(now))
         if init is None:
@@ -199,6 +199,16 @@ class GatewaySessions:
             self._deny(init, addr, Reason.POLICY_DENIED, now)
         else:
             self._open_session(init, self.policy, addr, now)
+
+    def _refused(self, drop: Drop, addr: Addr, now: float) -> None:
+        """An INIT the admission dropped: counted. One whose mac1 does not match our key
+        is also reported (rate-limited): its sender has another key for this gateway."""
+        self.report.count_drop(drop)
+        if drop is Drop.BAD_MAC:
+            self.report.security(
+                now, self._base(now), "WRONG_GATEWAY_KEY", Reason.WRONG_GATEWAY_KEY,
+                source=addr_label(addr),
+            )  # fmt: skip
 
     def _deny(self, init: Initiation, addr: Addr, status: Reason, now: float) -> None:
         resp = RespPayload(

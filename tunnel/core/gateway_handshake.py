@@ -4,7 +4,9 @@
 the newest INIT timestamp per client. ``read`` runs the Noise DH on an INIT the admission
 (admission.py) let through, then the client key, payload and timestamp checks (replay and
 session fixation, AT-36). It returns an ``Initiation`` (a record) or None after counting
-the drop; GatewaySessions (gateway.py) answers it and creates the session.
+the drop; GatewaySessions (gateway.py) answers it and creates the session. An unknown
+client key is reported with its fingerprint (never the key), so the gateway's console can
+name it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from tunnel.core.endpoint import Reporter
 from tunnel.core.events import EventBase, Reason
 from tunnel.core.gateway_paths import Addr, addr_label
 from tunnel.core.gateway_session import ClientEntry
-from tunnel.core.handshake import HandshakeError, PendingHandshake, Responder
+from tunnel.core.handshake import HandshakeError, PendingHandshake, Responder, fingerprint
 from tunnel.core.wire import InitPayload, split_init
 
 
@@ -67,8 +69,9 @@ class HandshakeResponder:
         if client is None:
             self._report.count_drop(Drop.UNKNOWN_CLIENT_KEY)
             self._report.security(
-                now, base, "UNKNOWN_CLIENT", Reason.UNKNOWN_CLIENT_KEY, source=addr_label(addr)
-            )
+                now, base, "UNKNOWN_CLIENT", Reason.UNKNOWN_CLIENT_KEY, source=addr_label(addr),
+                key_fingerprint=fingerprint(pending.client_static),
+            )  # fmt: skip
             return None
         payload = InitPayload.parse(pending.payload)
         if isinstance(payload, Drop):

@@ -22,6 +22,8 @@ arguments (key lengths, calling methods out of order) raise ``ValueError`` or
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from typing import TYPE_CHECKING, Any, Final
 
 from cryptography.exceptions import InvalidTag
@@ -64,6 +66,25 @@ def generate_keypair() -> tuple[bytes, bytes]:
     private = x25519.X25519PrivateKey.generate()
     raw = private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
     return raw, private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+FINGERPRINT_PREFIX: Final = "SHA256:"
+"""A fingerprint names its hash, as OpenSSH's ``SHA256:...`` fingerprints do."""
+
+FINGERPRINT_CHARS: Final = 16
+"""Base64 characters of the digest kept: 96 bits, enough to tell keys apart in a log line."""
+
+
+def fingerprint(public: bytes) -> str:
+    """The fingerprint of a raw 32-byte PUBLIC key, e.g. ``SHA256:q2Jk3nW0u7sT9xYb``.
+
+    ``SHA256:`` then the first 16 characters of the standard base64 of SHA-256(key). It
+    names a key in log lines and messages (jvpn-keygen, the client, the gateway) without
+    the whole key; it is never computed from a private key.
+    """
+    _check_len(public, "public key")
+    digest = base64.standard_b64encode(hashlib.sha256(public).digest()).decode("ascii")
+    return FINGERPRINT_PREFIX + digest[:FINGERPRINT_CHARS]
 
 
 def public_key(private: bytes) -> bytes:

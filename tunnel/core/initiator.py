@@ -6,6 +6,8 @@ the overall deadline, the cookie jar and the INIT body that is resent once with 
 a COOKIE_REPLY arrives. It verifies the gateway's answers (``on_cookie_reply``,
 ``on_response``), returns datagrams for the session to send and exposes its own
 ``next_deadline()``; the session decides what a timeout or an accepted session means.
+It also keeps what came back, so that a timeout can say which of the cases the client can
+tell apart it was (:meth:`HandshakeInitiator.failure`, a ``HandshakeFailure``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from tunnel.core.aead import TrafficKeys
 from tunnel.core.constants import MSG_HANDSHAKE_INIT, PROTOCOL_VERSION
 from tunnel.core.cookie import CookieJar
 from tunnel.core.drops import Drop
-from tunnel.core.events import Reason, reason_from_wire
+from tunnel.core.events import HandshakeFailure, Reason, reason_from_wire
 from tunnel.core.handshake import HandshakeError, Initiator
 from tunnel.core.policy import Policy
 from tunnel.core.wire import InitPayload, RespPayload, pack_handshake, split_handshake
@@ -53,6 +55,10 @@ class HandshakeInitiator:
         self._body: bytes | None = None
         """The last INIT without its MACs, resent with mac2 once when a cookie arrives."""
         self._cookie_retried = False
+        self.cookies_accepted = 0
+        """COOKIE_REPLYs that verified with the gateway's key (it is under load)."""
+        self.unverified = 0
+        """Answers to our INIT (right index) that did not verify with the gateway's key."""
 
     @property
     def started(self) -> bool:
@@ -101,7 +107,9 @@ class HandshakeInitiator:
             return Drop.UNKNOWN_SESSION
         drop = self.cookies.consume_reply(data, now)
         if drop is not None:
+            self.unverified += 1
             return drop
+        self.cookies_accepted += 1
         if self._cookie_retried:
             return None
         self._cookie_retried = True
@@ -118,6 +126,7 @@ class HandshakeInitiator:
         try:
             payload_bytes, keys = self._noise.read_response(noise)
         except HandshakeError:
+            self.unverified += 1
             return Drop.HANDSHAKE_FAILED
         payload = RespPayload.parse(payload_bytes)
         if isinstance(payload, Drop):
@@ -128,6 +137,14 @@ class HandshakeInitiator:
         if payload.status != 0:
             return reason_from_wire(payload.status) or Reason.POLICY_DENIED
         return Accepted(sender_index, payload, keys)
+
+    def failure(self) -> HandshakeFailure:
+        """What came back, for a handshake that ends without a session at the deadline."""
+        if self.cookies_accepted:
+            return HandshakeFailure.GATEWAY_UNDER_LOAD
+        if self.unverified:
+            return HandshakeFailure.UNVERIFIED_ANSWER
+        return HandshakeFailure.NO_ANSWER
 
     def stop(self) -> None:
         """Answered (or the session ended): no more retries, no deadline."""

@@ -251,6 +251,7 @@ class SessionMachine:
                     transportless_age_ms=fields.get("transportless_age_ms", 0.0),
                     total_switches=fields.get("total_switches", 0),
                     initiator=fields.get("initiator", "local"),
+                    handshake_failure=fields.get("handshake_failure"),
                 )
             )
 

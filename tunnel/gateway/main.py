@@ -5,7 +5,9 @@ private key), the privilege and ``/dev/net/tun`` for the TUN, then binds the UDP
 listeners and the metrics endpoint, and only then creates and configures the TUN. Every
 failure is one line on stderr and its own exit code (``EXIT_*`` below, also in
 ``--help``). SIGINT/SIGTERM end every session (TERMINATE sent to the clients), restore
-the host and exit 0; SIGHUP reloads the policy file.
+the host and exit 0; SIGHUP reloads the policy file. The ready line names the gateway's
+key fingerprint; handshakes refused without an answer (unknown client key, another
+gateway key) get rate-limited lines on stderr (:mod:`tunnel.gateway.console`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
+from tunnel.core.handshake import fingerprint, public_key
 from tunnel.gateway.config import ConfigError, GatewayConfig, KeyFileError, load_gateway_config
+from tunnel.gateway.console import RefusalNotices
 from tunnel.io.netconf import NetConfError
 from tunnel.io.tun import TUN_CLONE_DEVICE, TunError
 from tunnel.io.udp import PathError
@@ -89,6 +93,10 @@ def _fail(code: int, message: str) -> int:
     return code
 
 
+def _console(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def _has_net_admin() -> bool:
     if os.geteuid() == 0:
         return True
@@ -144,7 +152,8 @@ def _ready_line(runtime: GatewayRuntime, config: GatewayConfig) -> str:
     inner = f"inner {runtime.inner.name} {config.gateway_address}/{config.subnet.prefixlen}"
     metrics = runtime.metrics_bound
     extra = f", metrics http://{metrics[0]}:{metrics[1]}/metrics" if metrics else ""
-    return f"jvpn-gateway: node {config.node_id} listening on {listening}, {inner}{extra}"
+    key = f", key {fingerprint(public_key(config.private_key))}"
+    return f"jvpn-gateway: node {config.node_id} listening on {listening}, {inner}{extra}{key}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -161,7 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem is not None:
         return _fail(EXIT_PRIVILEGE, problem)
 
-    runtime = GatewayRuntime.from_config(config, metrics=args.metrics)
+    notices = RefusalNotices(_console, fingerprint(public_key(config.private_key)))
+    runtime = GatewayRuntime.from_config(config, metrics=args.metrics, on_event=notices.on_event)
     if not runtime.policy.ok:
         print(
             f"jvpn-gateway: warning: invalid policy, new sessions are denied until it is "
