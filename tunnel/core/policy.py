@@ -185,9 +185,9 @@ POLICY_FIELDS: Final[tuple[PolicyField, ...]] = (
     _F("reattach_burst", "security", int, 1, 100,
        "token-bucket size for reattach requests (spec 5)"),
     _F("handshake_timeout_ms", "security", int, 100, 60_000,
-       "wait for a handshake response before retrying"),
+       "the handshake's deadline: handshake_attempts sends spread over it, then handshake_failed"),
     _F("handshake_attempts", "security", int, 1, 20,
-       "handshake tries before giving up; never retry forever"),
+       "handshake sends within handshake_timeout_ms; never retry forever"),
     # -- queue --------------------------------------------------------------------------
     _F("outbound_queue_packets", "queue", int, 1, 65_536,
        "D11: packets held while no transport is active; bounded"),
