@@ -218,6 +218,10 @@ class SwitchController:
             from_transport=dead, candidate_set_size=len(candidates),
         ):  # fmt: skip
             paths.lose_active()
+            # Every path is judged by silence now (no active path): ask each of them at
+            # once, not at its next standby probe (up to a standby interval away), so the
+            # recovery sees which ones answer within a round trip.
+            paths.probe_all_soon(now)
             if self.pending is not None and self.pending.kind is ReattachKind.RESUME:
                 self.pending = None
             self._death_at = now
@@ -303,6 +307,8 @@ class SwitchController:
         # better than none (transport death must not become session death).
         choice = best_candidate(paths.scores(now), paths.targets(now, self._excluded) or candidates)
         if choice is None:
+            if self._asking(now):
+                return  # the paths probed at the death have not had time to answer
             # Nothing to move to: the denial names no transport (the one that died is not a
             # target; re-attaching it when it answers again is not a switch).
             self._deny_once(Reason.NO_VALID_CANDIDATE, None, now)
@@ -318,6 +324,12 @@ class SwitchController:
             self.enter_degraded(Reason.SWITCH_RATE_LIMITED, now)
             return
         self.request(choice, ReattachKind.RECOVERY, Reason.DEAD_TRANSPORT_RECOVERY, now)
+
+    def _asking(self, now: float) -> bool:
+        """Within ``dead_min_ms`` of the death: the probes sent to every path then may
+        still be answered (a path is not "no candidate" before it had that chance)."""
+        death = self._death_at
+        return death is not None and now < death + self._host.policy.dead_min_ms / 1000
 
     def _maybe_retry(self, now: float) -> None:
         """DEGRADED without an active path: try recovery again once a candidate is live."""
