@@ -124,6 +124,8 @@ class JvpnApp(App[int]):
         self._drain_period = 1.0 / drain_hz
         self._stopping = False
         self._demo = False
+        self._held: list[Mapping[str, object]] = []
+        """Events taken before the snapshot that shows them (see :meth:`drain_channel`)."""
         self._snapshot_views: list[_SnapshotView] = []
         self._event_views: list[_EventView] = []
         for t in all_themes():
@@ -176,15 +178,33 @@ class JvpnApp(App[int]):
                 return
 
     def drain_channel(self) -> None:
-        """Take what the engine published (never blocks) and post it as messages."""
+        """Take what the engine published (never blocks) and post it as messages.
+
+        The engine publishes an event when it happens and a snapshot five times a second,
+        so a batch's snapshot may be older than its events. Events that a snapshot shows
+        (a transition: the header's state and path) wait until a snapshot as new as their
+        transition arrives (one more drain at most), so the header never lags the timeline.
+        """
         batch = self.engine.channel.take()
-        if batch.lost:
-            self.post_message(EventsLost(batch.lost, batch.history, batch.events))
-        elif batch.events:
-            self.post_message(EventsReady(batch.events))
         if batch.snapshot is not None:
             self._latest = batch.snapshot
-        self._post_snapshot()
+        self._post_snapshot()  # first: the events' lines come with (or after) their state
+        held, self._held = self._held, []
+        events = held + list(batch.events)
+        if batch.lost:
+            self.post_message(EventsLost(batch.lost, batch.history, events))
+        elif events and (held or not self._ahead(events)):
+            self.post_message(EventsReady(events))
+        elif events:
+            self._held = events  # once: the next drain posts them, whatever it takes
+
+    def _ahead(self, events: list[Mapping[str, object]]) -> bool:
+        """One of ``events`` is a transition the newest snapshot does not show yet."""
+        shown = self._latest.session.state_version if self._latest is not None else -1
+        versions = [
+            e.get("state_version") for e in events if e.get("event_type") == EventType.STATE_CHANGE
+        ]
+        return max((v for v in versions if isinstance(v, int)), default=-1) > shown
 
     def _post_snapshot(self) -> None:
         """Post the newest snapshot, unless only its ticking fields moved lately."""
@@ -275,10 +295,11 @@ class JvpnApp(App[int]):
     def _take_last_items(self) -> None:
         """Drain synchronously: the engine's last snapshot says why it stopped."""
         batch = self.engine.channel.take()
+        held, self._held = self._held, []
         if batch.lost:
             self.on_events_lost(EventsLost(batch.lost, batch.history, batch.events))
-        elif batch.events:
-            self._add_events(list(batch.events))
+        elif held or batch.events:
+            self._add_events(held + list(batch.events))
         if batch.snapshot is not None:
             self._latest = batch.snapshot
             self._draw(batch.snapshot)

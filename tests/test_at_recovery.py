@@ -190,6 +190,74 @@ def test_at13_recovery_timeout_terminates_at_the_bound_and_stays_dead() -> None:
     assert_gap_free(_gw_events(sim))
 
 
+def test_at12_no_candidate_denial_names_no_transport_not_the_dead_one() -> None:
+    """Every path down: recovery finds nothing to move to. SPEC-DIGEST §8.3 says so with a
+    TransportSwitchDenied(no_valid_candidate); its requested_transport is "the transport
+    the switch would have moved to" (docs/events.md), and there is none: the path that
+    just died is not a target."""
+    sim, t_rec = _blackout(1000)
+    sim.run_until(t_rec / 1000 + 0.5)  # every path had its chance to answer
+    ev = sim.client_events
+    (dead,) = of_type(ev, EventType.TRANSPORT_DEAD)
+    denied = of_type(ev, EventType.TRANSPORT_SWITCH_DENIED)
+    assert [(d.reason_code, d.requested_transport, d.manual) for d in denied] == [
+        (Reason.NO_VALID_CANDIDATE, None, False)
+    ]
+    assert denied[0].requested_transport != dead.transport_id
+    # No time to try again is known (the switch budget has nothing to do with it).
+    assert denied[0].retry_after_ms is None
+
+
+def test_at10_every_path_is_asked_at_the_death_no_denial_no_waiting() -> None:
+    """The active path dies while the standby paths were last probed seconds ago (slow
+    standby probing). With no active path every path is judged by its silence, so each is
+    asked at once: the recovery takes one that answers within a round trip or two. It does
+    not first deny "no valid candidate" (they had no chance to answer yet), nor wait for
+    the next standby probe, and the untouched paths do not read "down" meanwhile."""
+    sim = build(n_paths=3, policy=make_policy(standby_probe_interval_ms=5_000))
+    sim.advance(7.0)  # the standby paths answered their probes about 2 s ago
+    sim.links[1].imp.up = False
+    roles: list[tuple[str, ...]] = []
+    for _ in range(30):  # 3 s, a look every 100 ms
+        sim.advance(0.1)
+        roles.append(tuple(p.role for p in sim.client.snapshot(sim.now).paths))
+
+    ev = sim.client_events
+    (dead,) = of_type(ev, EventType.TRANSPORT_DEAD)
+    assert not of_type(ev, EventType.TRANSPORT_SWITCH_DENIED)
+    (switch,) = of_type(ev, EventType.TRANSPORT_SWITCH)
+    assert switch.previous_transport == 1 and switch.new_transport in (2, 3)
+    # two round trips of 20 ms (probe, reattach) and a timer turn; the standby interval is 5 s
+    assert switch.ts_ms - dead.ts_ms <= 100
+    assert all(r[1:] != ("down", "down") for r in roles), roles
+    assert_gap_free(ev)
+
+
+def test_operator_reattach_on_the_active_path_ends_in_a_result_and_is_no_switch() -> None:
+    """The operator's reattach (a resume of the binding on the active path) is an attempt
+    like any other: SPEC-DIGEST §3.3 ReattachAttempt "every reattach initiation", then a
+    ReattachResult for its outcome. The binding stays on the same path: no switch, no
+    transition."""
+    sim = build()
+    sim.advance(2.0)
+    version, mark = sim.client.machine.version, len(sim.client_events)
+    sim.client.force_reattach(sim.now)
+    sim.advance(1.0)
+
+    new = sim.client_events[mark:]
+    (attempt,) = of_type(new, EventType.REATTACH_ATTEMPT)
+    assert (attempt.kind, attempt.candidate_transport) == ("resume", 1)
+    (result,) = of_type(new, EventType.REATTACH_RESULT)
+    assert (result.status, result.reason_code, result.candidate_transport) == (
+        "SUCCESS", Reason.REATTACH_SUCCESS, 1,
+    )  # fmt: skip
+    assert result.ts_ms >= attempt.ts_ms
+    assert of_type(new, EventType.TRANSPORT_SWITCH) == []
+    assert state_changes(new) == [] and sim.client.machine.version == version
+    assert sim.client.active == 1
+    _packets_flow(sim)
+
+
 # -- AT-14 / AT-15 --------------------------------------------------------------------------
 #
 # Random loss on a fake clock: whether a given run crosses the threshold depends on where the

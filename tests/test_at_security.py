@@ -939,6 +939,38 @@ def test_at47_client_ignores_late_answer_to_a_superseded_request_quietly() -> No
     assert security(sim.client_events, mark, "UNEXPECTED_RESPONSE")
 
 
+def test_at47_client_attempt_denied_for_a_stale_epoch_has_its_result_then_a_new_attempt() -> None:
+    """SPEC-DIGEST §3.3: every validation outcome is a ReattachResult. The gateway refuses
+    the request for its binding epoch (non-fatal, retryable): that attempt ends DENIED,
+    and the client tries again, same candidate, a new nonce and the epoch it was told."""
+    sim = established()
+    c = sim.client
+    s = gw_session(sim)
+    mark = len(sim.client_events)
+    assert c.switch_to(2, sim.now) is None
+    nonce = c.switching.nonce
+    c.datagrams_to_send()  # lost: the gateway answers the reject below instead
+    stale = ReattachReject(nonce, reason_to_wire(Reason.STALE_BINDING_EPOCH), 0, s.epoch)
+    sim.inject_to_client(seal_from_gateway(sim, stale), 2)
+    sim.advance(1.0)
+
+    attempts = new_events(sim.client_events, mark, EventType.REATTACH_ATTEMPT)
+    results = new_events(sim.client_events, mark, EventType.REATTACH_RESULT)
+    assert [(a.candidate_transport, a.nonce) for a in attempts] == [(2, nonce), (2, nonce + 1)]
+    assert [(r.status, r.reason_code, r.candidate_transport) for r in results] == [
+        ("DENIED", Reason.STALE_BINDING_EPOCH, 2),
+        ("SUCCESS", Reason.REATTACH_SUCCESS, 2),
+    ]
+    assert attempts[0].ts_ms <= results[0].ts_ms <= attempts[1].ts_ms
+    assert not results[0].fatal
+    # Retryable: no switch was denied, and the second attempt moved the binding.
+    assert not new_events(sim.client_events, mark, EventType.TRANSPORT_SWITCH_DENIED)
+    (switch,) = new_events(sim.client_events, mark, EventType.TRANSPORT_SWITCH)
+    assert (switch.previous_transport, switch.new_transport) == (1, 2)
+    assert c.active == 2
+    assert_gap_free(sim.client_events)
+
+
 # -- AT-55 ---------------------------------------------------------------------------------
 
 N = 100_000

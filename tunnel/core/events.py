@@ -255,11 +255,13 @@ class TransportSwitchDenied(Event):
     reason_code: Reason
     """switch_rate_limited, cooldown_active, no_valid_candidate, policy_denied, a reject reason."""
     requested_transport: int | None
-    """The transport the switch would have moved to."""
+    """The transport the switch would have moved to (the operator's choice, or the
+    candidate the session chose); None when there was none (no valid candidate)."""
     manual: bool = False
     """True when an operator asked for the switch."""
     retry_after_ms: float | None = None
-    """When the switch could be allowed again, if known."""
+    """When the switch limiter allows a switch again (switch_rate_limited, cooldown_active);
+    None for any other reason."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -282,7 +284,9 @@ class ReattachAttempt(Event):
     expected_epoch: int
     """Binding epoch the request expects."""
     kind: str
-    """recovery, proactive or manual."""
+    """recovery (after a death), proactive (automatic switch), manual (the operator's
+    switch) or resume (re-assert the binding on the active path: the operator's reattach,
+    or the gateway lost the binding)."""
     recovery_deadline_ms: int | None = None
     """Wall ms at which the recovery window closes (recovery only)."""
 

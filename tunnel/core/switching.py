@@ -50,6 +50,9 @@ RETRYABLE_REJECTS = frozenset(
 )
 """Rejects that say 'try again' (with the epoch the reject carries), not 'you failed'."""
 
+LIMITER_REASONS = frozenset({Reason.SWITCH_RATE_LIMITED, Reason.COOLDOWN_ACTIVE})
+"""Denials by the switch limiter: their ``retry_after_ms`` is when it allows one again."""
+
 PROACTIVE_ATTEMPTS = 4
 """Sends of one proactive/manual request before the candidate is given up."""
 
@@ -215,6 +218,10 @@ class SwitchController:
             from_transport=dead, candidate_set_size=len(candidates),
         ):  # fmt: skip
             paths.lose_active()
+            # Every path is judged by silence now (no active path): ask each of them at
+            # once, not at its next standby probe (up to a standby interval away), so the
+            # recovery sees which ones answer within a round trip.
+            paths.probe_all_soon(now)
             if self.pending is not None and self.pending.kind is ReattachKind.RESUME:
                 self.pending = None
             self._death_at = now
@@ -260,7 +267,9 @@ class SwitchController:
     def _deny(
         self, reason: Reason, requested: int | None, now: float, *, manual: bool = False
     ) -> None:
-        retry = self.limiter.next_change(now)
+        # Only the limiter's own refusals have a known time to try again; a missing
+        # candidate does not come back when the budget does.
+        retry = self.limiter.next_change(now) if reason in LIMITER_REASONS else None
         self._host.report.emit(
             TransportSwitchDenied(
                 **self._host.base(now), reason_code=reason, requested_transport=requested,
@@ -298,7 +307,11 @@ class SwitchController:
         # better than none (transport death must not become session death).
         choice = best_candidate(paths.scores(now), paths.targets(now, self._excluded) or candidates)
         if choice is None:
-            self._deny_once(Reason.NO_VALID_CANDIDATE, dead, now)
+            if self._asking(now):
+                return  # the paths probed at the death have not had time to answer
+            # Nothing to move to: the denial names no transport (the one that died is not a
+            # target; re-attaching it when it answers again is not a switch).
+            self._deny_once(Reason.NO_VALID_CANDIDATE, None, now)
             return
         # Hard-death recovery is exempt from the cooldown (a dead path must be replaced)
         # but never from the per-minute cap (an invariant). Resuming the path that died
@@ -311,6 +324,12 @@ class SwitchController:
             self.enter_degraded(Reason.SWITCH_RATE_LIMITED, now)
             return
         self.request(choice, ReattachKind.RECOVERY, Reason.DEAD_TRANSPORT_RECOVERY, now)
+
+    def _asking(self, now: float) -> bool:
+        """Within ``dead_min_ms`` of the death: the probes sent to every path then may
+        still be answered (a path is not "no candidate" before it had that chance)."""
+        death = self._death_at
+        return death is not None and now < death + self._host.policy.dead_min_ms / 1000
 
     def _maybe_retry(self, now: float) -> None:
         """DEGRADED without an active path: try recovery again once a candidate is live."""
@@ -495,10 +514,20 @@ class SwitchController:
         peer.epoch = msg.epoch
         peer.state, peer.version = STATE_CODES[msg.gw_state], msg.gw_version
         if pending.kind is ReattachKind.RESUME:
+            base = host.base(now)
             host.report.emit(
                 PeerState(
-                    **host.base(now), peer_state=peer.state,
+                    **base, peer_state=peer.state,
                     peer_state_version=peer.version, binding_epoch=peer.epoch,
+                )
+            )  # fmt: skip
+            # Every validation outcome has its REATTACH_RESULT (SPEC-DIGEST §3.3), a resume
+            # on the active path too: the attempt does not stay open.
+            host.report.emit(
+                ReattachResult(
+                    **base, status="SUCCESS", reason_code=Reason.REATTACH_SUCCESS,
+                    candidate_transport=pending.path_id,
+                    path=host.paths.get(pending.path_id).label,
                 )
             )  # fmt: skip
             return
@@ -567,17 +596,13 @@ class SwitchController:
             host.peer.epoch = msg.epoch
         if reason in RETRYABLE_REJECTS and not msg.fatal:
             if reason is Reason.STALE_BINDING_EPOCH:
-                # Same candidate, fresh nonce, the epoch the gateway just told us.
+                # This attempt was denied (its REATTACH_RESULT says so); the next one goes
+                # to the same candidate with a fresh nonce and the epoch the gateway told us.
+                self._result_denied(pending, reason, now)
                 self.request(pending.path_id, pending.kind, pending.reason, now)
-            return  # others: the retransmit timer tries again
+            return  # others: the retransmit timer tries again (same request, same nonce)
         self.pending = None
-        host.report.emit(
-            ReattachResult(
-                **host.base(now), status="DENIED", reason_code=reason,
-                candidate_transport=pending.path_id, fatal=bool(msg.fatal),
-                path=host.paths.get(pending.path_id).label,
-            )
-        )  # fmt: skip
+        self._result_denied(pending, reason, now, fatal=bool(msg.fatal))
         if msg.fatal:
             host.fire(Trigger.TERMINATE, reason, now, initiator="peer")
             return
@@ -589,3 +614,15 @@ class SwitchController:
         )  # fmt: skip
         if host.state is State.RECOVERING:
             self.enter_degraded(Reason.REATTACH_VALIDATION_FAILED, now)
+
+    def _result_denied(
+        self, pending: Pending, reason: Reason, now: float, *, fatal: bool = False
+    ) -> None:
+        host = self._host
+        host.report.emit(
+            ReattachResult(
+                **host.base(now), status="DENIED", reason_code=reason,
+                candidate_transport=pending.path_id, fatal=fatal,
+                path=host.paths.get(pending.path_id).label,
+            )
+        )  # fmt: skip
