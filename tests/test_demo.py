@@ -105,3 +105,35 @@ def test_standby_paths_are_live_and_scored_between_their_slow_probes() -> None:
     assert switches, "a lossy active path with a clean standby never switched"
     assert (switches[0].previous_transport, switches[0].new_transport) == (1, 2)
     assert switches[0].reason_code == Reason.LOSS_RECOVERY
+
+
+# -- demo step 2: only the path that died shows down ---------------------------------------
+
+
+def test_when_the_active_path_dies_only_that_path_shows_down() -> None:
+    """Issue 13: in demo step 2 (the active path blackholed) every path showed ``down``.
+    The standby paths, probed once a second, were judged by the active path's rule (dead
+    after 300 ms of silence) as soon as no path was active, so the death of one path made
+    all of them look dead, and recovery first said no_valid_candidate. Now the death of
+    the active path says nothing about the others, and the one that died stays down until
+    it answers again."""
+    for seed in range(1, 6):
+        sim = build(n_paths=3, seed=seed)
+        sim.advance(3.0)
+        dead = sim.client.snapshot(sim.now).active
+        assert dead is not None
+        sim.links[dead].imp.up = False
+        seen: list[dict[int, str]] = []
+        for _ in range(300):  # 3 s, every 10 ms
+            sim.advance(0.01)
+            roles = {p.stats.path_id: p.role for p in sim.client.snapshot(sim.now).paths}
+            seen.append(roles)
+            assert all(r in ("active", "standby", "switching") for p, r in roles.items()
+                       if p != dead), (seed, roles)  # fmt: skip
+        assert seen[-1][dead] == "down"
+        after = seen[[r[dead] for r in seen].index("down"):]
+        assert all(r[dead] == "down" for r in after), (seed, [r[dead] for r in after])
+        events = sim.client_events
+        assert of_type(events, EventType.TRANSPORT_DEAD)
+        assert not of_type(events, EventType.TRANSPORT_SWITCH_DENIED)
+        assert sim.client.snapshot(sim.now).active not in (None, dead)

@@ -214,7 +214,8 @@ class SwitchController:
             Trigger.TRANSPORT_DEAD, Reason.TRANSPORT_DEAD, now,
             from_transport=dead, candidate_set_size=len(candidates),
         ):  # fmt: skip
-            paths.lose_active()
+            paths.lose_active(now)
+            paths.probe_all_soon(now)  # every path is probed fast while none is active
             if self.pending is not None and self.pending.kind is ReattachKind.RESUME:
                 self.pending = None
             self._death_at = now
@@ -298,7 +299,8 @@ class SwitchController:
         # better than none (transport death must not become session death).
         choice = best_candidate(paths.scores(now), paths.targets(now, self._excluded) or candidates)
         if choice is None:
-            self._deny_once(Reason.NO_VALID_CANDIDATE, dead, now)
+            if not self._may_still_answer(now):
+                self._deny_once(Reason.NO_VALID_CANDIDATE, dead, now)
             return
         # Hard-death recovery is exempt from the cooldown (a dead path must be replaced)
         # but never from the per-minute cap (an invariant). Resuming the path that died
@@ -311,6 +313,12 @@ class SwitchController:
             self.enter_degraded(Reason.SWITCH_RATE_LIMITED, now)
             return
         self.request(choice, ReattachKind.RECOVERY, Reason.DEAD_TRANSPORT_RECOVERY, now)
+
+    def _may_still_answer(self, now: float) -> bool:
+        """Some path the recovery may use has not had time to answer its fast probes yet
+        (it answered its standby probes): no candidate is no verdict yet."""
+        paths = self._host.paths
+        return any(pid not in self._excluded and paths.answering(pid, now) for pid in paths.order)
 
     def _maybe_retry(self, now: float) -> None:
         """DEGRADED without an active path: try recovery again once a candidate is live."""
