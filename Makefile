@@ -61,12 +61,14 @@ $(STAMP): pyproject.toml constraints.txt | $(VENV_PY)
 # The demo runs jvpn from this directory (`python -m jvpn_tui`): it needs jvpn's own
 # dependencies ([project] dependencies of pyproject.toml, pinned by constraints.txt) and
 # nothing else, neither the extras nor an install of jvpn itself (building the editable
-# install takes longer than all the rest). `make test` later adds both to the same venv.
+# install takes longer than all the rest). --no-compile: Python compiles what the demo
+# imports when it first starts, a fraction of what pip would compile (every one of
+# pygments' lexers, ...). `make test` later adds the extras and jvpn to the same venv.
 DEMO_REQUIREMENTS := $(VENV)/demo-requirements.txt
 $(DEMO_STAMP): pyproject.toml constraints.txt | $(VENV_PY)
 	$(VENV_PY) -c 'import tomllib; project = tomllib.load(open("pyproject.toml", "rb")); \
 		print("\n".join(project["project"]["dependencies"]))' > $(DEMO_REQUIREMENTS)
-	$(VENV_PY) -m pip install $(PIP_FLAGS) -c constraints.txt -r $(DEMO_REQUIREMENTS)
+	$(VENV_PY) -m pip install $(PIP_FLAGS) --no-compile -c constraints.txt -r $(DEMO_REQUIREMENTS)
 	@touch $@
 
 demo: $(DEMO_STAMP) ## set up (jvpn's dependencies only), then run the demo (no root)
