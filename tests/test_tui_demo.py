@@ -61,7 +61,7 @@ def plain(widget: Widget) -> str:
     return str(getattr(visual, "plain", visual))
 
 
-class Screen:
+class OnScreen:
     """What the running app shows, read as text: the caption, the toasts, the timeline.
     Remembers every caption and toast it saw (a toast times out)."""
 
@@ -108,7 +108,7 @@ def demo_app(**engine_args: Any) -> JvpnApp:
 async def test_the_script_plays_without_a_key_and_the_caption_follows_its_steps() -> None:
     app = demo_app(timeline=SHORT)
     async with app.run_test(size=SIZE, notifications=True) as pilot:
-        screen = Screen(app)
+        screen = OnScreen(app)
         # no key pressed: the caption bar appears under the header and says it plays
         await screen.until(pilot, lambda: "started" in screen.caption, "the script to start")
         caption = app.query_one(DemoCaption)
@@ -140,7 +140,7 @@ async def test_the_timeline_lists_the_step_announcements() -> None:
     DIAGNOSTIC lines: every step's line is there, newest first."""
     app = demo_app(timeline=SHORT)
     async with app.run_test(size=SIZE) as pilot:
-        screen = Screen(app)
+        screen = OnScreen(app)
         await screen.until(pilot, lambda: "demo finished" in screen.caption, "the script's end")
         lines = app.query_one(SwitchTimeline).lines
         announced = [
@@ -155,7 +155,7 @@ async def test_the_timeline_lists_the_step_announcements() -> None:
 async def test_every_demo_key_confirms_on_screen() -> None:
     app = demo_app()
     async with app.run_test(size=SIZE, notifications=True) as pilot:
-        screen = Screen(app)
+        screen = OnScreen(app)
 
         def active() -> int | None:
             snap = app.snapshot
