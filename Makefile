@@ -6,7 +6,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 VENV_PY := $(VENV)/bin/python
-# Written after a successful `pip install -e`; rebuilt whenever pyproject.toml changes.
+# Written after a successful `pip install -e`; redone whenever pyproject.toml or
+# constraints.txt changes. Two installs into the one venv: the demo's (jvpn and what it
+# runs on, nothing else) and the developers' (plus the test and cluster extras: pytest,
+# mypy, ruff, hypothesis, grpcio, aetcd, ...). The second includes the first.
+DEMO_STAMP := $(VENV)/.jvpn-demo.stamp
 STAMP := $(VENV)/.jvpn-install.stamp
 PIP_FLAGS ?= --disable-pip-version-check --progress-bar off
 PYTEST_ARGS ?=
@@ -49,13 +53,26 @@ $(VENV_PY):
 
 # Versions are pinned by constraints.txt (the set the snapshots and linters were checked
 # with). pip runs only when the stamp is older than either file (or missing): a re-run
-# of `make test` with nothing changed does no network access.
+# of `make test` or `make demo` with nothing changed does no network access.
 $(STAMP): pyproject.toml constraints.txt | $(VENV_PY)
 	$(VENV_PY) -m pip install $(PIP_FLAGS) -c constraints.txt -e '.[test,cluster]'
+	@touch $(DEMO_STAMP) $@
+
+# The demo runs jvpn from this directory (`python -m jvpn_tui`): it needs jvpn's own
+# dependencies ([project] dependencies of pyproject.toml, pinned by constraints.txt) and
+# nothing else, neither the extras nor an install of jvpn itself (building the editable
+# install takes longer than all the rest). --no-compile: Python compiles what the demo
+# imports when it first starts, a fraction of what pip would compile (every one of
+# pygments' lexers, ...). `make test` later adds the extras and jvpn to the same venv.
+DEMO_REQUIREMENTS := $(VENV)/demo-requirements.txt
+$(DEMO_STAMP): pyproject.toml constraints.txt | $(VENV_PY)
+	$(VENV_PY) -c 'import tomllib; project = tomllib.load(open("pyproject.toml", "rb")); \
+		print("\n".join(project["project"]["dependencies"]))' > $(DEMO_REQUIREMENTS)
+	$(VENV_PY) -m pip install $(PIP_FLAGS) --no-compile -c constraints.txt -r $(DEMO_REQUIREMENTS)
 	@touch $@
 
-demo: $(STAMP) ## set up, then run the client demo (no root, no config)
-	$(VENV)/bin/jvpn-tui --demo
+demo: $(DEMO_STAMP) ## set up (jvpn's dependencies only), then run the demo (no root)
+	$(VENV_PY) -m jvpn_tui --demo
 
 # Guarded: installs only missing tools, only as root with apt-get, one `apt-get update`.
 # Not root: print what is missing and carry on (the tests that need it skip).

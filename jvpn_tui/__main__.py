@@ -26,12 +26,12 @@ EPILOG = """\
 keys (remappable by binding id, see --keymap; ? in the UI lists them all):
   1-9 switch to path N    a auto-switch on/off   r force reattach   p reload policy
   t terminate (asks)      ? help                 q quit             ctrl+p command palette
-  demo only: g play the demo script (loss, path death, replay, restore), k kill the
-  active path, u restore all paths, l 30% loss on the active path, x inject a replay,
-  b NAT rebind
+  demo only: the demo script (loss, path death, replay, restore) plays from the start;
+  g pauses and resumes it (replays it once finished), k kill the active path, u restore
+  all paths, l 30% loss on the active path, x inject a replay, b NAT rebind
 
 examples:
-  jvpn-tui --demo                          the zero-setup demo
+  jvpn-tui --demo                          the zero-setup demo; its script plays at once
   jvpn-tui --demo --headless --duration 20 the same without UI, JSON events on stdout;
                                            plays the demo script (a switch, a recovery
                                            and a rejected replay within 20 s)
@@ -119,9 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as exc:
         return _not_available(exc)
     try:
-        engine = build_engine_from_args(
-            args.config, demo=args.demo, demo_script=args.demo and args.headless
-        )
+        engine = build_engine_from_args(args.config, demo=args.demo, demo_script=args.demo)
     except ConfigError as exc:
         return _fail(str(exc))
     except ImportError as exc:  # e.g. the demo engine is not written yet

@@ -45,6 +45,7 @@ from jvpn_tui.widgets import (
     SwitchTimeline,
     TransportsTable,
 )
+from jvpn_tui.widgets.caption import DemoCaption
 from themes import PALETTES, STYLESHEET
 from tunnel.api import (
     Command,
@@ -58,7 +59,7 @@ from tunnel.api import (
     SwitchTo,
     Terminate,
 )
-from tunnel.demo.commands import DemoAction, DemoImpair
+from tunnel.demo.commands import ALL_PATHS, DemoAction, DemoImpair, outcome_of
 
 DRAIN_HZ: Final = 4.0
 """How often the UI takes what the engine published (and at most how often it redraws)."""
@@ -136,6 +137,7 @@ class JvpnApp(App[int]):
 
     def compose(self) -> ComposeResult:
         yield Header(icon="⇄")
+        yield DemoCaption(id="caption", play_key=self._key_display("jvpn.demo.play"))
         yield EngineBanner(id="banner")
         with VerticalScroll(id="main", can_focus=False):
             with Horizontal(id="top"):
@@ -240,6 +242,7 @@ class JvpnApp(App[int]):
         self.sub_title = f"{s.state} · {where}"
         if snapshot.demo != self._demo:
             self._demo = snapshot.demo
+            self.query_one(DemoCaption).display = snapshot.demo
             self.refresh_bindings()
 
     def _redraw(self, _theme: object = None) -> None:
@@ -271,6 +274,16 @@ class JvpnApp(App[int]):
                     f"{event.get('policy_name')}: {detail}",
                     title="Policy", severity="error" if bad else "information", markup=False,
                 )  # fmt: skip
+            elif kind == EventType.DIAGNOSTIC:
+                self._notify_demo(event)
+
+    def _notify_demo(self, event: Mapping[str, object]) -> None:
+        """A demo action's outcome (a key's or a script step's) confirmed on screen."""
+        outcome = outcome_of(event.get("detail"))
+        if outcome is not None:
+            ok = event.get("reason_code") == Reason.DEMO_ACTION
+            self.notify(outcome, title="Demo", severity="information" if ok else "warning",
+                        markup=False)  # fmt: skip
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         """The one place where the engine's end or failure is handled."""
@@ -358,12 +371,8 @@ class JvpnApp(App[int]):
             return
         s = snap.session
         demo = DemoAction(action)
-        if demo is DemoAction.SCRIPT:
-            self.send(DemoImpair(0, demo))
-            return
-        if demo is DemoAction.RESTORE:
-            for view in s.paths:
-                self.send(DemoImpair(view.stats.path_id, demo))
+        if demo in (DemoAction.SCRIPT, DemoAction.PLAY_PAUSE, DemoAction.RESTORE):
+            self.send(DemoImpair(ALL_PATHS, demo))  # the script, or every path
             return
         target = s.active if s.active is not None else s.pending
         if target is None:
@@ -389,6 +398,11 @@ class JvpnApp(App[int]):
         self.engine.stop()
 
     # -- help and palette ---------------------------------------------------------------
+
+    def _key_display(self, binding_id: str) -> str:
+        """The first key of a binding (after the keymap), as the footer names it."""
+        keys = self._keymap_in.get(binding_id) or next(k.key for k in KEYS if k.id == binding_id)
+        return self.get_key_display(Binding(keys.split(",")[0], ""))
 
     def binding_rows(self) -> list[tuple[str, str, str]]:
         """``(keys, what it does, binding id)`` for every binding, after the keymap."""

@@ -38,7 +38,15 @@ from tunnel.api import (
     TrafficStats,
     UiChannel,
 )
-from tunnel.demo.commands import DemoAction, DemoImpair
+from tunnel.demo.commands import (
+    ALL_PATHS,
+    DemoAction,
+    DemoImpair,
+    ScriptStatus,
+    script_detail,
+    step_detail,
+)
+from tunnel.demo.script import DEMO_SCRIPT, step_summary
 
 T0_MS: Final = 1_717_243_200_000
 """2024-06-01 12:00:00 UTC: when the scripted session was born (uptime 0)."""
@@ -114,6 +122,7 @@ class FakeEngine:
         self._thread: threading.Thread | None = None
         self._running = True
         self._final_reason: str | None = None
+        self._script: ScriptStatus | None = None
         self._session, self._obs, self._traffic, self._history = _scenario(scenario)
         self._now_ms = T0_MS + round(self._session.uptime_s * 1000)
 
@@ -126,6 +135,8 @@ class FakeEngine:
         with self._lock:
             for event in self._history:
                 self.channel.publish(event)
+            if self.demo:  # the demo plays its script from the start: announce its first step
+                self._announce_first_step()
             self._publish_snapshot()
         if self._period is not None:
             self._thread = threading.Thread(target=self._loop, name="fake-engine", daemon=True)
@@ -324,10 +335,16 @@ class FakeEngine:
 
     def _impair(self, command: DemoImpair) -> None:
         pid, action = command.path_id, command.action
-        if action == DemoAction.SCRIPT:
+        if action in (DemoAction.SCRIPT, DemoAction.PLAY_PAUSE):
+            pause = action == DemoAction.PLAY_PAUSE and self._script == ScriptStatus.PLAYING
+            self._script = ScriptStatus.PAUSED if pause else ScriptStatus.PLAYING
             self._emit("DIAGNOSTIC", reason_code="demo_action", state="",
-                       detail="demo: script started (fake engine: announced only)")  # fmt: skip
-        elif action == DemoAction.KILL:
+                       detail=script_detail(self._script, "fake engine: announced only"))
+            return
+        where = "every path" if pid == ALL_PATHS else f"path {pid}"
+        self._emit("DIAGNOSTIC", reason_code="demo_action", state="",
+                   detail=f"demo: {where}: {action} (fake engine)")  # fmt: skip
+        if action == DemoAction.KILL:
             self._kill(pid)
         elif action == DemoAction.RESTORE:
             for p in self._session.paths:
@@ -343,6 +360,13 @@ class FakeEngine:
         elif action == DemoAction.REBIND:
             self._emit("REATTACH_ATTEMPT", candidate_transport=pid, nonce=1,
                        expected_epoch=self._session.binding_epoch, kind="rebind")  # fmt: skip
+
+    def _announce_first_step(self) -> None:
+        self._script = ScriptStatus.PLAYING
+        first = DEMO_SCRIPT.steps[0]
+        what = step_summary(first, self._session.active)
+        detail = step_detail(1, len(DEMO_SCRIPT.steps), first.at_s, what, first.expect)
+        self._emit("DIAGNOSTIC", reason_code="demo_action", state="", detail=detail)
 
     def _kill(self, pid: int) -> None:
         """The path dies; when it was the active one, the session recovers on a standby."""

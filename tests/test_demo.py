@@ -12,13 +12,16 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from simkit import build, of_type
 
 from tunnel.core.events import EventType, Reason
+from tunnel.demo.commands import Caption, ScriptStatus, caption_of
 from tunnel.demo.scenario import DEMO_SCRIPT, SCRIPT_LENGTH_S
+from tunnel.demo.script import ScriptPlayer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +36,7 @@ def run_cli(*args: str, timeout: float) -> tuple[int, list[dict[str, Any]]]:
 
 
 def test_at22_headless_demo_plays_switch_recovery_and_rejected_replay_on_one_session() -> None:
-    duration = math.ceil(SCRIPT_LENGTH_S)
+    duration = math.ceil(SCRIPT_LENGTH_S) + 1  # the script's end is said, then terminate
     code, events = run_cli("--demo", "--headless", "--duration", str(duration), timeout=90)
     assert code == 0
     last = events[-1]
@@ -44,9 +47,15 @@ def test_at22_headless_demo_plays_switch_recovery_and_rejected_replay_on_one_ses
     # every step announced, in order, as a "demo:" DIAGNOSTIC
     diagnostics = [e["detail"] for e in events if e["event_type"] == "DIAGNOSTIC"]
     steps = [d for d in diagnostics if d.startswith("demo: step")]
+    total = len(DEMO_SCRIPT.steps)
     assert [s.split(":")[1].strip() for s in steps] == [
-        f"step {n}/{len(DEMO_SCRIPT)} at {step.at_s:g} s" for n, step in enumerate(DEMO_SCRIPT, 1)
+        f"step {n}/{total} at {step.at_s:g} s" for n, step in enumerate(DEMO_SCRIPT.steps, 1)
     ]
+    # each says what it does and what to expect; the script says when it started and ended
+    for announced, step in zip(steps, DEMO_SCRIPT.steps, strict=True):
+        assert announced.endswith(f"— expect {step.expect}"), announced
+    assert diagnostics[0].startswith(f"demo: script playing: started: {total} steps")
+    assert "demo: script finished: all 4 steps ran, the paths settled" in diagnostics
 
     # 1. loss on the active path -> VOLATILE -> an automatic switch away from it
     loss_at = kinds.index("DIAGNOSTIC", next(i for i, e in enumerate(events)
@@ -71,7 +80,9 @@ def test_at22_headless_demo_plays_switch_recovery_and_rejected_replay_on_one_ses
                for e in security)  # fmt: skip
 
     # 4. restored: every path says so; the session never changed and never ended early
-    assert sum("restored" in e.get("detail", "") for e in events) == 3
+    assert [d for d in diagnostics if "restored" in d] == [
+        "demo: every path restored (no impairment left)"
+    ]
     assert {e["session_id"] for e in events if e.get("session_id")} == {last["session_id"]}
     assert kinds.count("SESSION_TERMINATED") == 1
     terminated = events[kinds.index("SESSION_TERMINATED")]
@@ -83,7 +94,7 @@ def test_duration_shorter_than_the_script_just_stops_early() -> None:
     code, events = run_cli("--demo", "--headless", "--duration", "2", timeout=60)
     assert code == 0
     details = [e.get("detail", "") for e in events if e["event_type"] == "DIAGNOSTIC"]
-    assert any(d.startswith("demo: script started") for d in details)
+    assert any(d.startswith("demo: script playing: started") for d in details)
     assert not any(d.startswith("demo: step") for d in details)  # step 1 is at 3 s
     assert events[-1]["event_type"] == "ENGINE_STOPPED" and events[-1]["exit_code"] == 0
 
@@ -105,3 +116,106 @@ def test_standby_paths_are_live_and_scored_between_their_slow_probes() -> None:
     assert switches, "a lossy active path with a clean standby never switched"
     assert (switches[0].previous_transport, switches[0].new_transport) == (1, 2)
     assert switches[0].reason_code == Reason.LOSS_RECOVERY
+
+
+# -- the script player: plays on start, pauses, resumes, replays ---------------------------
+
+
+class Timer:
+    """A timer of :class:`ManualLoop` (what ScriptPlayer keeps: it can be cancelled)."""
+
+    def __init__(self, when: float, callback: Callable[..., object], args: tuple[Any, ...]):
+        self.when, self.callback, self.args = when, callback, args
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class ManualLoop:
+    """What ScriptPlayer uses of an event loop (``call_later``), on a hand-stepped clock."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.timers: list[Timer] = []
+
+    def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> Timer:
+        timer = Timer(self.now + delay, callback, args)
+        self.timers.append(timer)
+        return timer
+
+    def advance(self, seconds: float) -> None:
+        """Run the timers due up to ``now + seconds``, in time order (then in the order
+        they were set)."""
+        end = self.now + seconds
+        while due := [t for t in self.timers if t.when <= end and not t.cancelled]:
+            first = min(due, key=lambda t: t.when)
+            self.timers.remove(first)
+            self.now = first.when
+            first.callback(*first.args)
+        self.now = end
+
+
+def test_the_script_pauses_resumes_and_replays_in_script_time() -> None:
+    loop = ManualLoop()
+    said: list[str] = []
+    player = ScriptPlayer(DEMO_SCRIPT, loop, lambda: loop.now,  # type: ignore[arg-type]
+                          run_step=lambda n, step: said.append(f"step {n}"),
+                          say=said.append)  # fmt: skip
+    player.toggle()  # never played: the play key plays it from the start
+    assert said == ["demo: script playing: started: 4 steps in 18 s; next: step 1/4 at 3 s: "
+                    "30% loss both ways on the active path"]  # fmt: skip
+    loop.advance(5.0)
+    assert said[1:] == ["step 1"]
+    player.toggle()  # pause at 5 s: nothing runs while paused, however long
+    assert said[-1] == ("demo: script paused: at 5.0 s; next: step 2/4 at 8 s: "
+                        "blackhole the active path")  # fmt: skip
+    loop.advance(60.0)
+    assert said[2:] == [said[-1]]
+    player.toggle()  # resume: step 2 is due 3 s of playing later
+    assert said[-1].startswith("demo: script playing: resumed at 5.0 s; next: step 2/4")
+    loop.advance(2.9)
+    assert "step 2" not in said
+    loop.advance(0.2)
+    assert said[-1] == "step 2"
+    loop.advance(10.0)  # script time 18.1 s: every step ran, then the end is said
+    assert [s for s in said if s.startswith("step")] == ["step 1", "step 2", "step 3", "step 4"]
+    assert said[-1] == "demo: script finished: all 4 steps ran, the paths settled"
+    assert caption_of(said[-1]) == Caption(ScriptStatus.FINISHED,
+                                           "all 4 steps ran, the paths settled")  # fmt: skip
+    player.toggle()  # finished: the play key plays it again from the start
+    assert said[-1].startswith("demo: script playing: again from the start")
+    loop.advance(3.0)
+    assert said[-1] == "step 1"
+
+
+# -- demo step 2: only the path that died shows down ---------------------------------------
+
+
+def test_when_the_active_path_dies_only_that_path_shows_down() -> None:
+    """Issue 13: in demo step 2 (the active path blackholed) every path showed ``down``.
+    The standby paths, probed once a second, were judged by the active path's rule (dead
+    after 300 ms of silence) as soon as no path was active, so the death of one path made
+    all of them look dead, and recovery first said no_valid_candidate. Now the death of
+    the active path says nothing about the others, and the one that died stays down until
+    it answers again."""
+    for seed in range(1, 6):
+        sim = build(n_paths=3, seed=seed)
+        sim.advance(3.0)
+        dead = sim.client.snapshot(sim.now).active
+        assert dead is not None
+        sim.links[dead].imp.up = False
+        seen: list[dict[int, str]] = []
+        for _ in range(300):  # 3 s, every 10 ms
+            sim.advance(0.01)
+            roles = {p.stats.path_id: p.role for p in sim.client.snapshot(sim.now).paths}
+            seen.append(roles)
+            assert all(r in ("active", "standby", "switching") for p, r in roles.items()
+                       if p != dead), (seed, roles)  # fmt: skip
+        assert seen[-1][dead] == "down"
+        after = seen[[r[dead] for r in seen].index("down"):]
+        assert all(r[dead] == "down" for r in after), (seed, [r[dead] for r in after])
+        events = sim.client_events
+        assert of_type(events, EventType.TRANSPORT_DEAD)
+        assert not of_type(events, EventType.TRANSPORT_SWITCH_DENIED)
+        assert sim.client.snapshot(sim.now).active not in (None, dead)

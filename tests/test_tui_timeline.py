@@ -372,6 +372,9 @@ def test_events_wait_for_their_snapshot_one_drain_at_most() -> None:
 
 
 def test_the_demo_script_diagnostics_appear_in_the_timeline() -> None:
+    """The demo plays on start (docs/tui.md): its step announcement is a NOTE line without
+    a key; the play key (g) pauses it and the script's new status is a NOTE line too."""
+
     async def main() -> None:
         engine = FakeEngine("healthy", demo=True)
         app = JvpnApp(engine)
@@ -379,16 +382,14 @@ def test_the_demo_script_diagnostics_appear_in_the_timeline() -> None:
             await wait_for(pilot, lambda: app.snapshot is not None, "the first snapshot")
             timeline = app.query_one(SwitchTimeline)
 
-            def announced() -> bool:
+            def notes() -> list[str]:
                 engine.pump()  # the fake engine answers commands when pumped
-                return any("NOTE" in line for line in timeline.lines)
+                return [line for line in plain(timeline.lines) if "NOTE" in line]
 
+            await wait_for(pilot, lambda: any("step 1/" in n for n in notes()), "step 1")
+            assert engine.received == []
             await pilot.press("g")
-            await wait_for(pilot, announced, "the script's announcement")
-            assert engine.received == [DemoImpair(0, DemoAction.SCRIPT)]
-            (note,) = [
-                line for line in plain(app.query_one(SwitchTimeline).lines) if "NOTE" in line
-            ]
-            assert "demo: script started" in note
+            await wait_for(pilot, lambda: any("paused" in n for n in notes()), "the pause")
+            assert engine.received == [DemoImpair(0, DemoAction.PLAY_PAUSE)]
 
     asyncio.run(main())

@@ -1,8 +1,9 @@
 """jvpn-tui --demo in a real terminal (tmux): a path kill changes the state line.
 
 Starts the real demo (embedded gateway, relay, loopback UDP paths) under a tmux session
-with a unique name, reads the screen with ``capture-pane``, presses ``k`` (kill the
-active path) and waits until the session panel shows another active path, then ``q``.
+with a unique name, reads the screen with ``capture-pane``, pauses the demo script
+(``g``), presses ``k`` (kill the active path) and waits until the session panel shows
+another active path, then ``q``.
 Skips when tmux or the demo engine is missing. Waits are bounded polls, not timings.
 """
 
@@ -66,11 +67,14 @@ def wait_screen(name: str, condition: Callable[[str], bool], what: str) -> str:
 
 
 def test_demo_under_tmux_path_kill_changes_the_state_line(tmux_session: str) -> None:
-    screen = wait_screen(
+    wait_screen(
         tmux_session,
         lambda s: ACTIVE.search(s) is not None and "ATTACHED" in s,
         "the demo session to attach",
     )
+    # the demo script plays from the start: pause it (g), so that only k acts on the paths
+    subprocess.run(["tmux", "send-keys", "-t", tmux_session, "g"], check=True, timeout=30)
+    screen = wait_screen(tmux_session, lambda s: "demo paused" in s, "the script to pause")
     match = ACTIVE.search(screen)
     assert match is not None
     before = match.group(1)

@@ -690,7 +690,7 @@ class ClientSession:
             return "active"
         if path_id == self.switching.pending_path:
             return "switching"
-        if self.paths.live(path_id, now):
+        if self.paths.answering(path_id, now):
             return "standby"
         return "down" if self.paths.get(path_id).validated else "unvalidated"
 

@@ -128,6 +128,8 @@ class PathSet:
         """The path carrying data and the binding, None while there is none."""
         self.previous_dead: int | None = None
         """The path that died last as the active one (recovery may resume it)."""
+        self._died_at = 0.0
+        """When :attr:`previous_dead` died: it is down until it answers after that."""
         self._probe_seq = 0
         self._emit = emit
         self._base = base
@@ -156,12 +158,13 @@ class PathSet:
         self.active = path_id
         self._paths[path_id].probe_soon(now)
 
-    def lose_active(self) -> int:
-        """The active path died: no active path, remember which one it was."""
+    def lose_active(self, now: float) -> int:
+        """The active path died at ``now``: no active path, remember which one it was."""
         dead = self.active
         assert dead is not None
         self.active = None
         self.previous_dead = dead
+        self._died_at = now
         return dead
 
     def clear_active(self) -> None:
@@ -175,12 +178,39 @@ class PathSet:
     def live(self, path_id: int, now: float) -> bool:
         """Validated and answering. The active path (and every path while none is active)
         is probed fast and dies by silence (D5); a standby path is probed slowly, so it is
-        live while its last probes were answered within a few standby intervals."""
+        live while its last probes were answered within a few standby intervals. The path
+        that died as the active one stays down until it answers again."""
         p = self._paths[path_id]
-        if not p.validated:
+        if not self._may_answer(p):
             return False
         if path_id == self.active or self.active is None:
             return not p.health.is_dead(now)
+        return self._standby_live(p, now)
+
+    def answering(self, path_id: int, now: float) -> bool:
+        """:meth:`live`, or, while no path is active, a path other than the one that died
+        that was live by the standby rule and has not yet had the dead time to answer the
+        fast probes it gets from the death on: its silence counts from then, not from its
+        last slow probe (the death of the active path says nothing about the others).
+        What the role ``standby`` shows; recovery waits for such a path before it says
+        that no candidate is valid."""
+        if self.live(path_id, now):
+            return True
+        p = self._paths[path_id]
+        return (
+            self.active is None and path_id != self.previous_dead and self._may_answer(p)
+            and now < self._died_at + p.health.dead_after_ms() / 1000
+            and self._standby_live(p, now)
+        )  # fmt: skip
+
+    def _may_answer(self, p: Path) -> bool:
+        """Validated, and not the path that died unless it answered since."""
+        if not p.validated:
+            return False
+        last = p.health.last_inbound
+        return p.path_id != self.previous_dead or (last is not None and last > self._died_at)
+
+    def _standby_live(self, p: Path, now: float) -> bool:
         last = p.health.last_inbound
         window = STANDBY_LIVENESS_INTERVALS * self.policy.standby_probe_interval_ms / 1000
         return (

@@ -217,7 +217,7 @@ class SwitchController:
             Trigger.TRANSPORT_DEAD, Reason.TRANSPORT_DEAD, now,
             from_transport=dead, candidate_set_size=len(candidates),
         ):  # fmt: skip
-            paths.lose_active()
+            paths.lose_active(now)
             # Every path is judged by silence now (no active path): ask each of them at
             # once, not at its next standby probe (up to a standby interval away), so the
             # recovery sees which ones answer within a round trip.
@@ -307,8 +307,8 @@ class SwitchController:
         # better than none (transport death must not become session death).
         choice = best_candidate(paths.scores(now), paths.targets(now, self._excluded) or candidates)
         if choice is None:
-            if self._asking(now):
-                return  # the paths probed at the death have not had time to answer
+            if self._may_still_answer(now):
+                return  # a path that answered its standby probes has not had time to answer
             # Nothing to move to: the denial names no transport (the one that died is not a
             # target; re-attaching it when it answers again is not a switch).
             self._deny_once(Reason.NO_VALID_CANDIDATE, None, now)
@@ -325,11 +325,11 @@ class SwitchController:
             return
         self.request(choice, ReattachKind.RECOVERY, Reason.DEAD_TRANSPORT_RECOVERY, now)
 
-    def _asking(self, now: float) -> bool:
-        """Within ``dead_min_ms`` of the death: the probes sent to every path then may
-        still be answered (a path is not "no candidate" before it had that chance)."""
-        death = self._death_at
-        return death is not None and now < death + self._host.policy.dead_min_ms / 1000
+    def _may_still_answer(self, now: float) -> bool:
+        """Some path the recovery may use has not had time to answer its fast probes yet
+        (it answered its standby probes): no candidate is no verdict yet."""
+        paths = self._host.paths
+        return any(pid not in self._excluded and paths.answering(pid, now) for pid in paths.order)
 
     def _maybe_retry(self, now: float) -> None:
         """DEGRADED without an active path: try recovery again once a candidate is live."""

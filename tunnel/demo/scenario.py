@@ -9,19 +9,19 @@ and one impairment relay per path (:func:`tunnel.impair.thread.run_relay_in_thre
 points the paths at the relays. ``DemoImpair`` commands (``tunnel.demo.commands``) act on
 the relays:
 
-* ``kill``: blackhole the path both ways; ``restore``: clear every impairment;
+* ``kill``: blackhole the path both ways; ``restore``: clear every impairment (of every
+  path for ``path_id`` 0);
 * ``loss``: loss ratio ``value`` both ways; ``rebind``: new NAT source port;
 * ``replay``: re-send the datagrams the gateway last received on that path from another
   address (the gateway rejects them; its SECURITY_EVENTs are forwarded to the UI);
-* ``script``: play :data:`DEMO_SCRIPT` (``path_id`` ignored), the golden timeline in the
-  spirit of SPEC-DIGEST AT-22: loss on the active path (VOLATILE, then a switch), death of
-  the active path (TRANSPORT_DEAD, then recovery on another path), a replay (rejected by
-  the gateway: SECURITY_EVENT), then every path restored. ``DemoEngine(script=True)``
-  plays it from the start (``jvpn-tui --demo --headless`` does); the UI plays it with
-  ``g``. Each step targets the path that is active when the step runs.
+* ``script``: play :data:`~tunnel.demo.script.DEMO_SCRIPT` from its start (``path_id``
+  ignored); ``play_pause``: pause, resume or replay it (the play key). Each step targets
+  the path that is active when the step runs. ``DemoEngine(script=True)`` plays it from
+  the start (``jvpn-tui --demo`` does, with or without the UI).
 
-Every command's outcome and every script step is reported as a DIAGNOSTIC event
-(``detail`` starts "demo:").
+Every command's outcome, every script step and every change of the script's status is
+reported as a DIAGNOSTIC event (``detail`` starts "demo:"; its format:
+``tunnel.demo.commands``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import asyncio
 import dataclasses
 import socket
 from collections import deque
-from dataclasses import dataclass
 from functools import partial
 from typing import Final
 
@@ -39,8 +38,16 @@ from tunnel.client.config import ClientConfig, PathConfig
 from tunnel.client.engine import ClientEngine, PluginHost, one_line
 from tunnel.core.events import Event, Reason
 from tunnel.core.handshake import generate_keypair
-from tunnel.demo.commands import DemoAction, DemoImpair
+from tunnel.demo.commands import ALL_PATHS, DemoAction, DemoImpair, step_detail
 from tunnel.demo.gateway import DemoGateway
+from tunnel.demo.script import (
+    DEMO_SCRIPT,
+    SCRIPT_LENGTH_S,
+    DemoScript,
+    ScriptPlayer,
+    ScriptStep,
+    step_summary,
+)
 from tunnel.impair.thread import RelayThread, run_relay_in_thread
 from tunnel.io.inner import MemoryInner
 
@@ -51,53 +58,26 @@ CAPTURE: Final = 32
 """Datagrams the demo keeps per path (as sent by the client) for the ``replay`` action."""
 
 
-@dataclass(frozen=True, slots=True)
-class ScriptStep:
-    """One step of the scripted demo timeline."""
-
-    at_s: float
-    """Seconds after the script started."""
-    action: DemoAction
-    """``restore`` acts on every path, the others on the active one."""
-    value: float
-    """The action's value (loss ratio for ``loss``)."""
-    expect: str
-    """What the viewer should see next (announced in the step's DIAGNOSTIC)."""
-
-
-DEMO_SCRIPT: Final = (
-    ScriptStep(3.0, DemoAction.LOSS, 0.3, "VOLATILE, then a switch to a healthier path"),
-    ScriptStep(8.0, DemoAction.KILL, 0.0, "TRANSPORT_DEAD, then recovery on another path"),
-    ScriptStep(12.0, DemoAction.REPLAY, 0.0,
-               "a rejected replay (SECURITY_EVENT from the gateway)"),
-    ScriptStep(15.0, DemoAction.RESTORE, 0.0, "every path answering again"),
-)  # fmt: skip
-"""The golden demo timeline: a switch, a recovery and a rejected replay within 20 s."""
-
-SCRIPT_LENGTH_S: Final = DEMO_SCRIPT[-1].at_s + 3.0
-"""Script start to a settled end (the restored paths answer their probes again)."""
-
-_STEP_VERB: Final = {
-    DemoAction.LOSS: "{value:.0%} loss on",
-    DemoAction.KILL: "kill",
-    DemoAction.REPLAY: "replay on",
-}
-"""How a step's announcement names its action (format with the step's ``value``)."""
+__all__ = ["DEMO_SCRIPT", "SCRIPT_LENGTH_S", "DemoEngine", "DemoPlugin", "DemoScript",
+           "ScriptStep"]  # fmt: skip
 
 
 class DemoPlugin:
     """The demo as an :class:`tunnel.client.engine.EnginePlugin`: the embedded gateway, one
     impairment relay per path, the datagrams captured for ``replay``, the script."""
 
-    def __init__(self, client_public: bytes, *, seed: int | None = None) -> None:
+    def __init__(
+        self, client_public: bytes, *, seed: int | None = None, script: DemoScript = DEMO_SCRIPT
+    ) -> None:
         self.gateway = DemoGateway(client_public, self._gateway_event)
         self.relays: dict[int, RelayThread] = {}
         """path id -> its impairment relay (started by :meth:`prepare`)."""
-        self.script_started: float | None = None
-        """Engine time the script last started (None: never played)."""
+        self.script = script
+        """The timeline ``script`` / ``play_pause`` play."""
+        self.player: ScriptPlayer | None = None
+        """Plays :attr:`script` (made by :meth:`attach`: it needs the engine loop)."""
         self._seed = seed
         self._captured: dict[int, deque[bytes]] = {}
-        self._script: list[asyncio.TimerHandle] = []
         self._host: PluginHost | None = None
 
     # -- EnginePlugin -----------------------------------------------------------------------
@@ -119,6 +99,11 @@ class DemoPlugin:
 
     def attach(self, host: PluginHost) -> None:
         self._host = host
+        self.player = ScriptPlayer(
+            self.script, host.loop, host.now,
+            run_step=partial(self._script_step, host),
+            say=partial(self._report, ok=True),
+        )  # fmt: skip
 
     def tap(self, path_id: int, data: bytes) -> None:
         """Engine loop: keep the last datagrams sent on each path (for ``replay``)."""
@@ -138,6 +123,8 @@ class DemoPlugin:
         return dataclasses.replace(snapshot, demo=True)
 
     def close(self) -> None:
+        if self.player is not None:
+            self.player.stop()
         for relay in self.relays.values():
             relay.stop()
         self.gateway.stop()
@@ -153,45 +140,56 @@ class DemoPlugin:
     # -- demo commands ------------------------------------------------------------------------
 
     def _impair(self, command: DemoImpair) -> None:
-        """Engine loop: act on a relay (in an executor: relays answer over a socket)."""
-        host = self._host
-        assert host is not None, "the engine attaches its plug-in before taking commands"
+        """Engine loop: act on the script, or on a relay (in an executor: relays answer
+        over a socket)."""
+        host, player = self._host, self.player
+        assert host is not None and player is not None, "attached before taking commands"
         if command.action == DemoAction.SCRIPT:
-            self._play_script(host)
+            player.play()
             return
-        relay = self.relays.get(command.path_id)
-        if relay is None:
-            self._report(f"demo: no path {command.path_id}", ok=False)
+        if command.action == DemoAction.PLAY_PAUSE:
+            player.toggle()
             return
-        future = host.loop.run_in_executor(None, self._act, command, relay)
-        future.add_done_callback(partial(self._acted, command.action))
+        if command.action == DemoAction.RESTORE and command.path_id == ALL_PATHS:
+            relays = sorted(self.relays.items())
+        elif command.path_id in self.relays:
+            relays = [(command.path_id, self.relays[command.path_id])]
+        else:
+            self._report(f"demo: there is no path {command.path_id}", ok=False)
+            return
+        future = host.loop.run_in_executor(None, self._act, command, relays)
+        future.add_done_callback(partial(self._acted, command))
 
-    def _act(self, command: DemoImpair, relay: RelayThread) -> str:
+    def _act(self, command: DemoImpair, relays: list[tuple[int, RelayThread]]) -> str:
         """Executor thread: do it; the line that says what was done."""
-        pid, value = command.path_id, command.value
-        action = command.action
+        action, value = command.action, command.value
+        if action == DemoAction.RESTORE:
+            for _, relay in relays:
+                relay.reset()
+            if command.path_id == ALL_PATHS:
+                return "every path restored (no impairment left)"
+            return f"path {command.path_id}: restored (no impairment left)"
+        pid, relay = relays[0]
         if action == DemoAction.KILL:
             relay.set("both", blackhole=True)
-            return f"demo: path {pid} killed (blackhole both ways)"
-        if action == DemoAction.RESTORE:
-            relay.reset()
-            return f"demo: path {pid} restored"
+            return f"path {pid}: blackholed both ways"
         if action == DemoAction.LOSS:
             relay.set("both", loss=value)
-            return f"demo: path {pid} loss {value:.0%} both ways"
+            return f"path {pid}: {value:.0%} loss both ways"
         if action == DemoAction.REBIND:
-            return f"demo: path {pid} NAT rebinding #{relay.rebind()} (new source port)"
+            return f"path {pid}: NAT rebinding #{relay.rebind()} (new source port)"
         if action == DemoAction.REPLAY:
             sent = self._replay(pid, relay)
-            return f"demo: replayed {sent} captured datagrams of path {pid} from another address"
+            return f"path {pid}: {sent} captured datagrams replayed from another address"
         raise ValueError(f"unknown demo action {str(action)!r}")
 
-    def _acted(self, action: DemoAction, future: asyncio.Future[str]) -> None:
+    def _acted(self, command: DemoImpair, future: asyncio.Future[str]) -> None:
         exc = future.exception()
         if exc is None:
-            self._report(future.result(), ok=True)
-        else:
-            self._report(f"demo: {action} failed: {one_line(exc)}", ok=False)
+            self._report(f"demo: {future.result()}", ok=True)
+            return
+        where = "every path" if command.path_id == ALL_PATHS else f"path {command.path_id}"
+        self._report(f"demo: {where}: {command.action} failed: {one_line(exc)}", ok=False)
 
     def _replay(self, path_id: int, relay: RelayThread) -> int:
         """Re-send the captured datagrams of ``path_id`` from a fresh socket (an attacker
@@ -210,40 +208,26 @@ class DemoPlugin:
 
     # -- the scripted timeline -------------------------------------------------------------
 
-    def _play_script(self, host: PluginHost) -> None:
-        """Engine loop: schedule every step of DEMO_SCRIPT (a replay restarts it)."""
-        restarted = bool(self._script)
-        for handle in self._script:
-            handle.cancel()
-        self.script_started = host.now()
-        self._script = [
-            host.loop.call_later(step.at_s, self._script_step, n, step, host)
-            for n, step in enumerate(DEMO_SCRIPT, start=1)
-        ]
-        plan = ", ".join(f"{s.action} at {s.at_s:g} s" for s in DEMO_SCRIPT)
-        again = "restarted" if restarted else "started"
-        self._report(f"demo: script {again}: {plan}", ok=True)
-
-    def _script_step(self, n: int, step: ScriptStep, host: PluginHost) -> None:
-        """Engine loop: announce one step, then run it as an ordinary DemoImpair."""
+    def _script_step(self, host: PluginHost, n: int, step: ScriptStep) -> None:
+        """Engine loop (the player's timer): announce one step, then run it as an ordinary
+        DemoImpair on the path active now (``restore``: on every path)."""
         if host.ended():
             return
-        where = f"step {n}/{len(DEMO_SCRIPT)} at {step.at_s:g} s"
+        total = len(self.script.steps)
         if step.action == DemoAction.RESTORE:
-            self._report(f"demo: {where}: restore every path; expect {step.expect}", ok=True)
-            for pid in sorted(self.relays):
-                self._impair(DemoImpair(pid, DemoAction.RESTORE))
+            self._report(step_detail(n, total, step.at_s, step_summary(step), step.expect),
+                         ok=True)  # fmt: skip
+            self._impair(DemoImpair(ALL_PATHS, DemoAction.RESTORE))
             return
         session = host.session()
         target = session.active if session.active is not None else session.pending
         if target is None:
-            self._report(f"demo: {where}: {step.action} skipped, no active path right now",
+            skipped = f"{step.action} skipped: no active path right now"
+            self._report(step_detail(n, total, step.at_s, skipped, "nothing from this step"),
                          ok=False)  # fmt: skip
             return
-        what = _STEP_VERB.get(step.action, str(step.action)).format(value=step.value)
-        self._report(
-            f"demo: {where}: {what} the active path {target}; expect {step.expect}", ok=True
-        )
+        what = step_summary(step, target)
+        self._report(step_detail(n, total, step.at_s, what, step.expect), ok=True)
         self._impair(DemoImpair(target, step.action, step.value))
 
 
@@ -259,11 +243,13 @@ class DemoEngine:
         rate_pps: float = DEMO_RATE_PPS,
         seed: int | None = None,
         script: bool = False,
+        timeline: DemoScript = DEMO_SCRIPT,
     ) -> None:
+        """``script``: play ``timeline`` from the start (``jvpn-tui --demo`` does)."""
         if not 1 <= n_paths <= 9:
             raise ValueError(f"n_paths must be 1..9, not {n_paths}")
         private, public = generate_keypair()
-        self.plugin = DemoPlugin(public, seed=seed)
+        self.plugin = DemoPlugin(public, seed=seed, script=timeline)
         self.memory = MemoryInner(rate_pps=rate_pps)
         """The inner side: an ICMP echo source (its counters show traffic carried)."""
         placeholder = ("127.0.0.1", 9)  # the plug-in points every path at its relay
@@ -279,7 +265,7 @@ class DemoEngine:
         self.channel: UiChannel = self.engine.channel
         self.commands: CommandQueue = self.engine.commands
         if script:
-            self.commands.send(DemoImpair(0, DemoAction.SCRIPT))  # taken when the loop starts
+            self.commands.send(DemoImpair(ALL_PATHS, DemoAction.SCRIPT))  # taken at loop start
 
     # -- EngineHandle, by the engine ------------------------------------------------------
 
