@@ -316,7 +316,7 @@ class FakeEngine:
         if s.active is None or s.state == "TERMINATED":
             return
         self._emit("REATTACH_ATTEMPT", candidate_transport=s.active, nonce=s.state_version + 1,
-                   expected_epoch=s.binding_epoch, kind="manual")  # fmt: skip
+                   expected_epoch=s.binding_epoch, kind="resume")  # fmt: skip
         self._session = dataclasses.replace(s, binding_epoch=s.binding_epoch + 1)
         self._emit("REATTACH_RESULT", status="SUCCESS", reason_code="reattach_success",
                    candidate_transport=s.active, path=_LABELS.get(s.active, ""))  # fmt: skip
@@ -357,9 +357,6 @@ class FakeEngine:
             self._emit("SECURITY_EVENT", violation_type="REPLAY_DETECTED",
                        reason_code="replay_detected", count=1,
                        source="127.0.0.1:40999", transport_id=pid)  # fmt: skip
-        elif action == DemoAction.REBIND:
-            self._emit("REATTACH_ATTEMPT", candidate_transport=pid, nonce=1,
-                       expected_epoch=self._session.binding_epoch, kind="rebind")  # fmt: skip
 
     def _announce_first_step(self) -> None:
         self._script = ScriptStatus.PLAYING
