@@ -9,6 +9,7 @@ are :class:`~jvpn_tui.widgets.panel.TextPanel` values, which repaint only change
 
 from jvpn_tui.widgets.banner import EngineBanner
 from jvpn_tui.widgets.budget import BudgetPanel
+from jvpn_tui.widgets.footer import KeyFooter
 from jvpn_tui.widgets.health import HealthPanel
 from jvpn_tui.widgets.security import SecurityPanel
 from jvpn_tui.widgets.session import SessionPanel
@@ -19,6 +20,7 @@ __all__ = [
     "BudgetPanel",
     "EngineBanner",
     "HealthPanel",
+    "KeyFooter",
     "SecurityPanel",
     "SessionPanel",
     "SwitchTimeline",
