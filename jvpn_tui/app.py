@@ -46,6 +46,7 @@ from jvpn_tui.widgets import (
     SessionPanel,
     SwitchTimeline,
     TransportsTable,
+    TrendsPanel,
 )
 from themes import PALETTES, STYLESHEET
 from tunnel.api import (
@@ -156,6 +157,7 @@ class JvpnApp(App[int]):
                 with Vertical(id="right"):
                     yield TransportsTable(id="transports")
                     yield HealthPanel(id="health")
+            yield TrendsPanel(id="trends")
             with Horizontal(id="bottom"):
                 yield SwitchTimeline(id="timeline")
                 yield SecurityPanel(id="security")
@@ -209,7 +211,13 @@ class JvpnApp(App[int]):
             self.post_message(EventsReady(batch.events))
         if batch.snapshot is not None:
             self._latest = batch.snapshot
+            self._record(batch.snapshot)
         self._post_snapshot()
+
+    def _record(self, snapshot: EngineSnapshot) -> None:
+        """Every snapshot taken is a trend sample, drawn or not."""
+        if self._home is not None:
+            self._home.query_one(TrendsPanel).record(snapshot)
 
     def _post_snapshot(self) -> None:
         """Post the newest snapshot, unless only its ticking fields moved lately."""
@@ -306,6 +314,7 @@ class JvpnApp(App[int]):
             self._add_events(list(batch.events))
         if batch.snapshot is not None:
             self._latest = batch.snapshot
+            self._record(batch.snapshot)
             self._draw(batch.snapshot)
 
     # -- layout -----------------------------------------------------------------------------

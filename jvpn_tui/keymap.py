@@ -73,6 +73,7 @@ KEYS: Final[tuple[KeySpec, ...]] = (
                 f"Show the {label} page ({what})", show=False, page=True)
         for name, key, label, what in (
             ("overview", "o", "Overview", "session, switching, transports"),
+            ("trends", "c", "Trends", "RTT, loss and traffic charts"),
             ("timeline", "e", "Timeline", "switch timeline"),
             ("security", "s", "Security", "security events and drops"),
             ("observability", "h", "Observability", "event pipeline and traffic"),

@@ -1,8 +1,9 @@
 """Every panel's content is reachable by keys at 80x24, 100x30 and 160x48 (issue 13).
 
-Pilot tests against the scripted fake engine. Each assertion reads what the terminal would show
+Pilot tests against the scripted fake engine (its scenario plays two minutes of past
+first, so the trend charts are full). Each assertion reads what the terminal would show
 (the screen's rendered lines), never only widget state: after the documented keys
-(docs/tui.md: ``o e s h`` show one page of the compact layout; ``End`` scrolls a
+(docs/tui.md: ``o c e s h`` show one page of the compact layout; ``End`` scrolls a
 page), the panel's content must be on screen. No word is ever cut (no ``…``, a role
 written whole, every word of a path label whole), the help screen lists the keys that
 apply with their whole binding ids and says how to close it, and the footer drops whole
@@ -22,8 +23,10 @@ from textual.pilot import Pilot
 
 from jvpn_tui.app import JvpnApp
 from jvpn_tui.fake_engine import FakeEngine
+from jvpn_tui.fake_trends import PAST_S
 from jvpn_tui.keymap import KEYS
 from jvpn_tui.screens import HelpScreen
+from jvpn_tui.screenshots import play_past
 from jvpn_tui.widgets import TransportsTable
 
 SIZES = [(80, 24), (100, 30), (160, 48)]
@@ -34,6 +37,7 @@ PANELS: dict[str, tuple[str, list[str]]] = {
     "Session": ("o", ["3f2a9c1e5b7d4a60a1c2e3f405162738", "DEGRADED v12", "2024-06-01.1"]),
     "Switching": ("o", ["0 left this minute", "5 total"]),
     "Transports": ("o", ["unvalidated", "198.51.100.7:51821", "212.0 ms", "18 / 0"]),
+    "Trends": ("c", ["RTT ▶1", "Loss  2", "Switch", "Inner ↑", "2 switches, 1 death"]),
     "Switch timeline": ("e", ["switch_rate_limited", "volatile_persisted"]),
     "Security": ("s", ["REPLAY_DETECTED", "INVALID_PROOF", "auth_failed 9"]),
     "Observability": ("h", ["DEGRADED", "connection refused", "depth 37, dropped 112"]),
@@ -66,12 +70,7 @@ async def settle(pilot: Pilot[Any]) -> None:
 async def started(pilot: Pilot[Any], engine: FakeEngine) -> JvpnApp:
     app = pilot.app
     assert isinstance(app, JvpnApp)
-    for _ in range(250):
-        if app.snapshot is not None:
-            break
-        await pilot.pause(0.02)
-    assert app.snapshot is not None, "the fake engine's snapshot never arrived"
-    await settle(pilot)
+    await play_past(pilot, engine)
     return app
 
 
@@ -84,7 +83,7 @@ def assert_nothing_cut(text: str) -> None:
 @pytest.mark.parametrize("size", SIZES, ids=SIZE_IDS)
 @run_async
 async def test_every_panel_is_reachable_by_its_documented_key(size: tuple[int, int]) -> None:
-    engine = FakeEngine("degraded")
+    engine = FakeEngine("degraded", past_s=PAST_S)
     app = JvpnApp(engine)
     async with app.run_test(size=size) as pilot:
         await started(pilot, engine)
@@ -104,7 +103,7 @@ async def test_every_panel_is_reachable_by_its_documented_key(size: tuple[int, i
 @pytest.mark.parametrize("size", SIZES[:2], ids=SIZE_IDS[:2])
 @run_async
 async def test_a_long_page_scrolls_with_end_and_home(size: tuple[int, int]) -> None:
-    engine = FakeEngine("degraded")
+    engine = FakeEngine("degraded", past_s=PAST_S)
     app = JvpnApp(engine)
     async with app.run_test(size=size) as pilot:
         await started(pilot, engine)
@@ -128,7 +127,7 @@ async def test_a_long_page_scrolls_with_end_and_home(size: tuple[int, int]) -> N
 @pytest.mark.parametrize("scenario", ["mid-switch", "degraded"])
 @run_async
 async def test_roles_and_path_labels_are_whole_words(size: tuple[int, int], scenario: str) -> None:
-    engine = FakeEngine(scenario)
+    engine = FakeEngine(scenario, past_s=PAST_S)
     app = JvpnApp(engine)
     async with app.run_test(size=size) as pilot:
         await started(pilot, engine)
@@ -202,7 +201,7 @@ async def test_footer_keeps_whole_keys_most_important_first() -> None:
 
 @run_async
 async def test_the_tabs_follow_the_keys_and_a_click_shows_its_page() -> None:
-    engine = FakeEngine("degraded")
+    engine = FakeEngine("degraded", past_s=PAST_S)
     app = JvpnApp(engine)
     async with app.run_test(size=(100, 30)) as pilot:
         await started(pilot, engine)
@@ -211,9 +210,9 @@ async def test_the_tabs_follow_the_keys_and_a_click_shows_its_page() -> None:
         await settle(pilot)
         assert app.page == "security" and "REPLAY_DETECTED" in screen_text(app)
         assert "3f2a9c1e5b7d4a60a1c2e3f405162738" not in screen_text(app)
-        await pilot.click("#jvpn-page-timeline")
+        await pilot.click("#jvpn-page-trends")
         await settle(pilot)
-        assert app.page == "timeline" and "volatile_persisted" in screen_text(app)
+        assert app.page == "trends" and "Inner ↓" in screen_text(app)
         await pilot.resize_terminal(160, 48)
         await settle(pilot)
         text = screen_text(app)
@@ -223,3 +222,74 @@ async def test_the_tabs_follow_the_keys_and_a_click_shows_its_page() -> None:
         await pilot.press("s")  # no pages when everything is on screen: nothing happens
         await settle(pilot)
         assert screen_text(app) == text
+
+
+def trends_rows(app: JvpnApp) -> dict[str, str]:
+    """The Trends panel's rows on screen: label -> the rest of the line."""
+    rows: dict[str, str] = {}
+    for line in screen_text(app).splitlines():
+        m = re.search(r"│ (RTT [▶ ]\d|Loss [▶ ]\d|Switch|Inner [↑↓]) +(.*?) *│", line)
+        if m:
+            rows[m.group(1)] = m.group(2)
+    return rows
+
+
+def chart_span(app: JvpnApp) -> int:
+    """Seconds a chart column covers, as the Trends panel's subtitle says."""
+    m = re.search(r"(\d+) s a column", screen_text(app))
+    assert m, screen_text(app)
+    return int(m.group(1))
+
+
+def expected_marks(first: int, last: int, span: int, marks: dict[int, str]) -> str:
+    """The switch row docs/tui.md describes: one cell per whole span from ``first`` to
+    ``last`` (seconds; the span still filling is not drawn yet), ``marks`` (second ->
+    mark) in the cell of their second, ``·`` elsewhere."""
+    top = last // span - (0 if last % span == span - 1 else 1)
+    cells = {second // span: mark for second, mark in marks.items()}
+    return "".join(cells.get(b, "·") for b in range(first // span, top + 1))
+
+
+@run_async
+async def test_trends_mark_the_switches_in_the_column_of_their_second() -> None:
+    engine = FakeEngine("degraded", past_s=PAST_S)
+    app = JvpnApp(engine)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await started(pilot, engine)
+        rows = trends_rows(app)
+        moment = engine.now_ms // 1000
+        # fake_trends: 1 -> 2 at -50 s, path 2 dead at -17.7 s, back to 1 at -14.7 s
+        marks = {moment - 50: "2", moment - 18: "✗", moment - 15: "1"}
+        span = chart_span(app)
+        assert span == 2  # two minutes fit the width at 2 s a column
+        shown = rows["Switch"].split()[-1]
+        assert shown == expected_marks(moment - PAST_S, moment, span, marks)
+        assert rows["Switch"].startswith("2 switches, 1 death")
+        assert rows["RTT ▶1"].startswith("212 ms")
+        assert rows["RTT  2"].startswith("no answer")
+        assert rows["Loss  2"].startswith("100%, max 100%")
+
+
+@run_async
+async def test_trends_follow_the_snapshots_the_ui_takes() -> None:
+    engine = FakeEngine("healthy")
+    app = JvpnApp(engine)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await started(pilot, engine)
+        first = engine.now_ms // 1000
+        for _ in range(25):  # 2.5 s of engine time (the fake: 100 ms a pump)
+            engine.pump()
+            app.drain_channel()
+        await pilot.press("2")  # a manual switch, answered by the next pump
+        engine.pump()
+        app.drain_channel()
+        switched = engine.now_ms // 1000
+        for _ in range(40):
+            engine.pump()
+            app.drain_channel()
+        await settle(pilot)
+        rows = trends_rows(app)
+        shown = rows["Switch"].split()[-1]
+        expected = expected_marks(first, engine.now_ms // 1000, chart_span(app), {switched: "2"})
+        assert shown == expected and "2" in shown
+        assert rows["Switch"].startswith("1 switch ")

@@ -207,7 +207,7 @@ async def test_help_screen_lists_every_binding_with_its_id_and_keymap() -> None:
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
         rows = {binding_id: (key, text) for key, text, binding_id in app.screen.rows}
-        assert len(BINDING_IDS) == 25  # 1-9, a r p t ? q, g k u l x b, o e s h
+        assert len(BINDING_IDS) == 26  # 1-9, a r p t ? q, g k u l x b, o c e s h
         # only the keys that apply: 3 paths, no demo, everything on one screen (no pages)
         applies = {i for i in BINDING_IDS if not i.startswith(("jvpn.demo.", "jvpn.page."))}
         applies -= {f"jvpn.switch-{n}" for n in range(4, 10)}

@@ -15,6 +15,7 @@ from jvpn_tui.widgets.security import SecurityPanel
 from jvpn_tui.widgets.session import SessionPanel
 from jvpn_tui.widgets.timeline import SwitchTimeline
 from jvpn_tui.widgets.transports import TransportsTable
+from jvpn_tui.widgets.trends import TrendsPanel
 
 __all__ = [
     "BudgetPanel",
@@ -25,4 +26,5 @@ __all__ = [
     "SessionPanel",
     "SwitchTimeline",
     "TransportsTable",
+    "TrendsPanel",
 ]
