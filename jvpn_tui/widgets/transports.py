@@ -20,11 +20,12 @@ ROLES: Final = ("active", "switching", "standby", "down", "unvalidated")
 
 COLUMNS: Final = (
     ("id", "#", 3), ("path", "Path", 18), ("role", "Role", max(map(len, ROLES))),
-    ("rtt", "RTT", 8), ("loss", "Loss", 4), ("dir", "↑ / ↓", 9), ("jitter", "Jitter", 7),
-    ("score", "Score", 5), ("spark", "RTT history", SPARK_WIDTH),
+    ("rtt", "RTT", 9), ("loss", "Loss", 4), ("dir", "↑ / ↓", 9), ("jitter", "Jitter", 8),
+    ("score", "Score", 6), ("spark", "RTT history", SPARK_WIDTH),
 )  # fmt: skip
-"""(key, label, width) in display order; the path's width is its minimum (a longer label
-wraps at spaces onto a second line), the sparkline's its maximum."""
+"""(key, label, width) in display order, each as wide as its widest value (``1234.5 ms``,
+``100 / 100``, ``100.00``), so no value is cut; the path's width is its minimum (a longer
+label wraps at spaces onto a second line), the sparkline's its maximum."""
 
 KEEP_ORDER: Final = ("rtt", "loss", "dir", "path", "score", "jitter", "spark")
 """Beyond id, path (at its minimum) and role, which are always shown: what the columns'
