@@ -22,16 +22,17 @@ from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, ClassVar, Final, Protocol, cast
 
-from textual import work
+from textual import events, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
 from textual.widget import Widget
-from textual.widgets import Footer, Header
+from textual.widgets import Header, Tab, Tabs
 from textual.worker import Worker, WorkerState, get_current_worker
 
 from jvpn_tui.commands import JvpnCommands
-from jvpn_tui.keymap import KEYS, check_keymap
+from jvpn_tui.keymap import FOOTER_PRIORITY, KEYS, PAGES, KeySpec, check_keymap
 from jvpn_tui.messages import EventsLost, EventsReady, SnapshotReady
 from jvpn_tui.pacing import SnapshotPacer
 from jvpn_tui.screens import ConfirmScreen, HelpScreen
@@ -40,10 +41,12 @@ from jvpn_tui.widgets import (
     BudgetPanel,
     EngineBanner,
     HealthPanel,
+    KeyFooter,
     SecurityPanel,
     SessionPanel,
     SwitchTimeline,
     TransportsTable,
+    TrendsPanel,
 )
 from jvpn_tui.widgets.caption import DemoCaption
 from themes import PALETTES, STYLESHEET
@@ -67,6 +70,9 @@ DRAIN_HZ: Final = 4.0
 ENGINE_WORKER: Final = "engine"
 WIDE_COLUMNS: Final = 150
 """From this width on, the two-column layout (the transports table needs ~110)."""
+TALL_ROWS: Final = 40
+"""From this height on (and :data:`WIDE_COLUMNS` wide), every panel on one screen; below,
+the compact layout: one page at a time (:data:`keymap.PAGES`), chosen by key or tab."""
 DEMO_LOSS: Final = 0.3
 """Loss ratio the demo ``l`` key injects."""
 
@@ -127,6 +133,13 @@ class JvpnApp(App[int]):
         self._demo = False
         self._held: list[Mapping[str, object]] = []
         """Events taken before the snapshot that shows them (see :meth:`drain_channel`)."""
+        self._home: Screen[Any] | None = None
+        """The screen the panels live on (set at mount): queries go there, never to a help
+        or confirm screen pushed on top of it."""
+        self.compact: bool | None = None
+        """One page at a time (the terminal is smaller than the full layout needs)."""
+        self.page = PAGES[0]
+        """The page the compact layout shows."""
         self._snapshot_views: list[_SnapshotView] = []
         self._event_views: list[_EventView] = []
         for t in all_themes():
@@ -139,7 +152,8 @@ class JvpnApp(App[int]):
         yield Header(icon="⇄")
         yield DemoCaption(id="caption", play_key=self._key_display("jvpn.demo.play"))
         yield EngineBanner(id="banner")
-        with VerticalScroll(id="main", can_focus=False):
+        yield Tabs(*self._page_tabs(), id="pages")
+        with VerticalScroll(id="main"):
             with Horizontal(id="top"):
                 with Vertical(id="left"):
                     yield SessionPanel(id="session")
@@ -147,10 +161,21 @@ class JvpnApp(App[int]):
                 with Vertical(id="right"):
                     yield TransportsTable(id="transports")
                     yield HealthPanel(id="health")
+            yield TrendsPanel(id="trends")
             with Horizontal(id="bottom"):
                 yield SwitchTimeline(id="timeline")
                 yield SecurityPanel(id="security")
-        yield Footer()
+        yield KeyFooter([k.action for i in FOOTER_PRIORITY for k in KEYS if k.id == i])
+
+    def _page_tabs(self) -> list[Tab]:
+        """One tab per page of the compact layout, labelled with its key (after the keymap)."""
+        tabs = []
+        for spec in KEYS:
+            if spec.page:
+                key = self._keymap_in.get(spec.id, spec.key).split(",")[0]
+                shown = self.get_key_display(Binding(key, spec.action))
+                tabs.append(Tab(f"[b]{shown}[/b] {spec.label}", id=spec.id.replace(".", "-")))
+        return tabs
 
     def on_mount(self) -> None:
         if self._keymap_in:
@@ -162,6 +187,8 @@ class JvpnApp(App[int]):
             cast(_EventView, w) for w in self.query(".event-view").results(Widget)
         ]
         self.theme_changed_signal.subscribe(self, self._redraw)
+        self._home = self.screen
+        self._layout(self.size.width, self.size.height)
         self.query_one(TransportsTable).focus()
         self.run_engine()
         self.set_interval(self._drain_period, self.drain_channel, name="drain")
@@ -190,6 +217,7 @@ class JvpnApp(App[int]):
         batch = self.engine.channel.take()
         if batch.snapshot is not None:
             self._latest = batch.snapshot
+            self._record(batch.snapshot)
         self._post_snapshot()  # first: the events' lines come with (or after) their state
         held, self._held = self._held, []
         events = held + list(batch.events)
@@ -207,6 +235,16 @@ class JvpnApp(App[int]):
             e.get("state_version") for e in events if e.get("event_type") == EventType.STATE_CHANGE
         ]
         return max((v for v in versions if isinstance(v, int)), default=-1) > shown
+
+    @property
+    def _panels(self) -> Screen[Any]:
+        """The screen the panels live on (the current one before mount)."""
+        return self._home if self._home is not None else self.screen
+
+    def _record(self, snapshot: EngineSnapshot) -> None:
+        """Every snapshot taken is a trend sample, drawn or not."""
+        if self._home is not None:
+            self._home.query_one(TrendsPanel).record(snapshot)
 
     def _post_snapshot(self) -> None:
         """Post the newest snapshot, unless only its ticking fields moved lately."""
@@ -242,7 +280,7 @@ class JvpnApp(App[int]):
         self.sub_title = f"{s.state} · {where}"
         if snapshot.demo != self._demo:
             self._demo = snapshot.demo
-            self.query_one(DemoCaption).display = snapshot.demo
+            self._panels.query_one(DemoCaption).display = snapshot.demo
             self.refresh_bindings()
 
     def _redraw(self, _theme: object = None) -> None:
@@ -300,7 +338,7 @@ class JvpnApp(App[int]):
             return
         self.ended = reason
         state = self._latest.session.state if self._latest is not None else None
-        self.query_one(EngineBanner).stopped(reason, state)
+        self._panels.query_one(EngineBanner).stopped(reason, state)
         self.sub_title = f"stopped · {reason}"
         self.notify(reason, title="Engine stopped", severity="error", markup=False, timeout=8)
         self.refresh_bindings()
@@ -315,11 +353,55 @@ class JvpnApp(App[int]):
             self._add_events(held + list(batch.events))
         if batch.snapshot is not None:
             self._latest = batch.snapshot
+            self._record(batch.snapshot)
             self._draw(batch.snapshot)
+
+    # -- layout -----------------------------------------------------------------------------
+
+    def on_resize(self, event: events.Resize) -> None:
+        self._layout(event.size.width, event.size.height)
+
+    def _layout(self, width: int, height: int) -> None:
+        """Full layout from WIDE_COLUMNS x TALL_ROWS on; below, one page at a time."""
+        compact = width < WIDE_COLUMNS or height < TALL_ROWS
+        if self._home is None or compact == self.compact:
+            return
+        self.compact = compact
+        self._home.query_one("#main").set_class(compact, "-compact")
+        self._home.query_one("#pages", Tabs).set_class(compact, "-compact")
+        self._show_page(self.page)
+        self.refresh_bindings()
+
+    def action_page(self, name: str) -> None:
+        """Show page ``name`` of the compact layout (the tabs follow)."""
+        if self._home is not None:
+            self._home.query_one("#pages", Tabs).active = f"jvpn-page-{name}"
+            self._show_page(name)
+
+    def on_tabs_tab_activated(self, event: Tabs.TabActivated) -> None:
+        if event.tab.id is not None and event.tab.id.startswith("jvpn-page-"):
+            self._show_page(event.tab.id.removeprefix("jvpn-page-"))
+
+    def _show_page(self, name: str) -> None:
+        if self._home is None:
+            return
+        main = self._home.query_one("#main", VerticalScroll)
+        for page in PAGES:
+            main.set_class(page == name, f"-page-{page}")
+        if name != self.page:
+            self.page = name
+            main.scroll_home(animate=False)
+        if self.compact:
+            target: Widget = (
+                self._home.query_one(TransportsTable) if name == "overview" else main
+            )
+            target.focus()
 
     # -- UI -> engine -------------------------------------------------------------------
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "page":
+            return bool(self.compact)
         if action == "demo":
             if not self._demo:
                 return False
@@ -405,18 +487,31 @@ class JvpnApp(App[int]):
         return self.get_key_display(Binding(keys.split(",")[0], ""))
 
     def binding_rows(self) -> list[tuple[str, str, str]]:
-        """``(keys, what it does, binding id)`` for every binding, after the keymap."""
+        """``(keys, what it does, binding id)`` for every binding that applies now (demo
+        keys with the demo, page keys in the compact layout, a switch key per path), after
+        the keymap."""
         rows = []
         for spec in KEYS:
+            if not self._applies(spec):
+                continue
             keys = self._keymap_in.get(spec.id, spec.key)
             shown = ", ".join(
                 self.get_key_display(Binding(k.strip(), spec.action)) for k in keys.split(",")
             )
-            text = spec.help + (" (demo only)" if spec.demo else "")
-            rows.append((shown, text, spec.id))
+            rows.append((shown, spec.help, spec.id))
         palette = self.get_key_display(Binding(self.COMMAND_PALETTE_BINDING, "command_palette"))
         rows.append((palette, "Command palette: every action by name", "(textual)"))
         return rows
+
+    def _applies(self, spec: KeySpec) -> bool:
+        if spec.demo and not self._demo:
+            return False
+        if spec.page and not self.compact:
+            return False
+        if spec.id.startswith("jvpn.switch-") and self.snapshot is not None:
+            n = int(spec.id.removeprefix("jvpn.switch-"))
+            return any(p.stats.path_id == n for p in self.snapshot.session.paths)
+        return True
 
     def palette_commands(self) -> list[tuple[str, str, Callable[[], Any]]]:
         """What the command palette offers: the key actions, per path and per theme."""
@@ -443,6 +538,11 @@ class JvpnApp(App[int]):
                         action = spec.action.split("'")[1]
                         out.append((spec.help, f"key {spec.key}",
                                     partial(self.action_demo, action)))  # fmt: skip
+        if self.compact:
+            for spec in KEYS:
+                if spec.page:
+                    page = spec.action.split("'")[1]
+                    out.append((f"Page: {spec.label}", spec.help, partial(self.action_page, page)))
         for palette in PALETTES:
             name = theme_name(palette)
             out.append((f"Theme: {palette}", f"Switch to the {name} theme",

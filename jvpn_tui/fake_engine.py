@@ -21,6 +21,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any, Final
 
+from jvpn_tui.fake_trends import frame, past_events
 from tunnel.api import (
     Command,
     CommandQueue,
@@ -101,6 +102,7 @@ class FakeEngine:
         period: float | None = None,
         publish_events: bool = False,
         fail_on_start: str | None = None,
+        past_s: int = 0,
     ) -> None:
         if scenario not in SCENARIOS:
             raise ValueError(f"unknown scenario {scenario!r} (known: {', '.join(SCENARIOS)})")
@@ -124,6 +126,14 @@ class FakeEngine:
         self._final_reason: str | None = None
         self._script: ScriptStatus | None = None
         self._session, self._obs, self._traffic, self._history = _scenario(scenario)
+        self._moment = (self._session, self._traffic)
+        self.past_left = past_s
+        """Seconds of the scripted past still to play: with ``past_s``, the engine starts
+        that long before the scenario's moment and each pump() moves one second forward
+        (``fake_trends``), so the UI's trend charts fill."""
+        if past_s:
+            self._history = _with_past(scenario, self._history, self._session)
+            self._session, self._traffic = frame(scenario, *self._moment, past_s)
         self._now_ms = T0_MS + round(self._session.uptime_s * 1000)
 
     # -- EngineHandle ----------------------------------------------------------------
@@ -159,6 +169,9 @@ class FakeEngine:
         with self._lock:
             if not self._running:
                 return 0
+            if self.past_left:
+                self._step_past()
+                return 0
             commands = self.commands.take_all()
             self._now_ms += TICK_MS
             self.ticks += 1
@@ -186,7 +199,19 @@ class FakeEngine:
         with self._lock:
             self._emit(event_type, **fields)
 
+    @property
+    def now_ms(self) -> int:
+        """Engine time of the newest snapshot (``ts_ms``)."""
+        return self._now_ms
+
     # -- internals ---------------------------------------------------------------------
+
+    def _step_past(self) -> None:
+        """One second of the scripted past (``past_s``), then its snapshot."""
+        self.past_left -= 1
+        self._now_ms += 1000
+        self._session, self._traffic = frame(self.scenario, *self._moment, self.past_left)
+        self._publish_snapshot()
 
     def _loop(self) -> None:
         assert self._period is not None
@@ -382,6 +407,18 @@ class FakeEngine:
 
 
 _STATS_FIELDS: Final = frozenset(f.name for f in dataclasses.fields(PathStatsView))
+
+
+def _with_past(
+    scenario: str, history: tuple[Mapping[str, Any], ...], moment: SessionView
+) -> tuple[Mapping[str, Any], ...]:
+    """The scenario's events and those of its scripted past, in time order."""
+    at_ms = round(moment.uptime_s * 1000)
+    extra = tuple(
+        _event(kind, at_ms - round(before * 1000), moment.state_version, **fields)
+        for before, kind, fields in past_events(scenario)
+    )
+    return tuple(sorted((*history, *extra), key=lambda e: int(e["ts_ms"])))
 
 
 def _event(event_type: str, ts: int, version: int, **fields: Any) -> Mapping[str, Any]:

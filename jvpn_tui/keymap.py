@@ -36,6 +36,8 @@ class KeySpec:
     """Shown in the footer."""
     demo: bool = False
     """Only available when the engine is the embedded demo."""
+    page: bool = False
+    """Shows one page of the compact layout (only below the size that fits every panel)."""
 
 
 KEYS: Final[tuple[KeySpec, ...]] = (
@@ -66,7 +68,30 @@ KEYS: Final[tuple[KeySpec, ...]] = (
             "Demo: replay captured packets from another address", demo=True),
     KeySpec("jvpn.demo.rebind", "b", "demo('rebind')", "Rebind",
             "Demo: NAT rebinding of the active path (new source port)", demo=True),
+    *(
+        KeySpec(f"jvpn.page.{name}", key, f"page('{name}')", label,
+                f"Show the {label} page ({what})", show=False, page=True)
+        for name, key, label, what in (
+            ("overview", "o", "Overview", "session, switching, transports"),
+            ("trends", "c", "Trends", "RTT, loss and traffic charts"),
+            ("timeline", "e", "Timeline", "switch timeline"),
+            ("security", "s", "Security", "security events and drops"),
+            ("observability", "h", "Observability", "event pipeline and traffic"),
+        )
+    ),
 )  # fmt: skip
+
+PAGES: Final = tuple(k.id.removeprefix("jvpn.page.") for k in KEYS if k.page)
+"""The pages of the compact layout, in tab order."""
+
+FOOTER_PRIORITY: Final = (
+    "jvpn.help", "jvpn.quit",
+    "jvpn.demo.play", "jvpn.demo.kill", "jvpn.demo.loss", "jvpn.demo.restore",
+    "jvpn.demo.replay", "jvpn.demo.rebind",
+    "jvpn.auto-switch", "jvpn.terminate", "jvpn.reattach", "jvpn.reload-policy",
+)  # fmt: skip
+"""Footer keys, most important first: on a narrow terminal the footer keeps as many as fit,
+whole, in this order (the help screen and the palette always list them all)."""
 
 BINDING_IDS: Final = frozenset(k.id for k in KEYS)
 

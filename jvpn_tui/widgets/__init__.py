@@ -9,18 +9,22 @@ are :class:`~jvpn_tui.widgets.panel.TextPanel` values, which repaint only change
 
 from jvpn_tui.widgets.banner import EngineBanner
 from jvpn_tui.widgets.budget import BudgetPanel
+from jvpn_tui.widgets.footer import KeyFooter
 from jvpn_tui.widgets.health import HealthPanel
 from jvpn_tui.widgets.security import SecurityPanel
 from jvpn_tui.widgets.session import SessionPanel
 from jvpn_tui.widgets.timeline import SwitchTimeline
 from jvpn_tui.widgets.transports import TransportsTable
+from jvpn_tui.widgets.trends import TrendsPanel
 
 __all__ = [
     "BudgetPanel",
     "EngineBanner",
     "HealthPanel",
+    "KeyFooter",
     "SecurityPanel",
     "SessionPanel",
     "SwitchTimeline",
     "TransportsTable",
+    "TrendsPanel",
 ]

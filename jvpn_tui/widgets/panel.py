@@ -4,7 +4,8 @@ A panel's whole content is one markup string, one line of markup per screen line
 snapshots change nothing, or one number ("12s" becomes "13s"): repainting (and writing
 to the terminal) the whole panel for that is what made an idle screen busy. So
 :meth:`TextPanel.show_markup` skips an unchanged string, repaints only the changed lines
-when the line count and lengths stayed the same, and asks for a layout pass (which
+when the line count and lengths stayed the same (only the cells from the first to the
+last that changed, in each), and asks for a layout pass (which
 repaints the neighbours too) only when they did not (the panels' widths are fixed by the
 stylesheet; their heights follow their lines).
 """
@@ -48,7 +49,7 @@ class TextPanel(Static):
         width = self.content_size.width
         if _fits(new_lines, width):  # no line wraps: markup lines are screen lines
             self._lines_only = tuple(
-                Region(0, y, width, 1)
+                _changed(a, b, y, width)
                 for y, (a, b) in enumerate(zip(old.split("\n"), new_lines, strict=True))
                 if a != b
             )
@@ -65,6 +66,38 @@ class TextPanel(Static):
         if lines and not regions and not layout and not recompose:
             regions = lines
         return super().refresh(*regions, repaint=repaint, layout=layout, recompose=recompose)
+
+
+def _changed(old: str, new: str, y: int, width: int) -> Region:
+    """The cells of line ``y`` that differ between two markup lines: from the first cell
+    whose character or style differs to the last (the whole line when a character is
+    wider than one cell)."""
+    a, b = _cells(old), _cells(new)
+    if a is None or b is None:
+        return Region(0, y, width, 1)
+    start = 0
+    while start < min(len(a), len(b)) and a[start] == b[start]:
+        start += 1
+    end_a, end_b = len(a), len(b)
+    while end_a > start and end_b > start and a[end_a - 1] == b[end_b - 1]:
+        end_a -= 1
+        end_b -= 1
+    end = min(width, max(end_a, end_b))
+    return Region(start, y, max(1, end - start), 1)
+
+
+def _cells(markup: str) -> list[tuple[str, str]] | None:
+    """(character, style) of each cell of a markup line; None when a character is not
+    one cell wide."""
+    content = Content.from_markup(markup)
+    plain = content.plain
+    if content.cell_length != len(plain):
+        return None
+    styles = [""] * len(plain)
+    for span in content.spans:
+        for i in range(span.start, min(span.end, len(plain))):
+            styles[i] += f"|{span.style}"
+    return list(zip(plain, styles, strict=True))
 
 
 def _fits(lines: list[str], width: int) -> bool:

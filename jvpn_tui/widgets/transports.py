@@ -13,14 +13,48 @@ from jvpn_tui.widgets.format import NONE, ROLE_COLOUR, sparkline
 from tunnel.api import EngineSnapshot, PathView
 
 SPARK_WIDTH: Final = 18
-"""RTT samples drawn in the sparkline column."""
+"""RTT samples drawn in the sparkline column (at most)."""
+
+ROLES: Final = ("active", "switching", "standby", "down", "unvalidated")
+"""Every role the engine reports; the Role column is as wide as the longest (no cut word)."""
 
 COLUMNS: Final = (
-    ("id", "#", 3), ("path", "Path", 32), ("role", "Role", 8), ("rtt", "RTT", 8),
-    ("loss", "Loss", 5), ("dir", "↑ / ↓", 7), ("jitter", "Jitter", 7), ("score", "Score", 5),
-    ("spark", "RTT history", SPARK_WIDTH),
+    ("id", "#", 3), ("path", "Path", 18), ("role", "Role", max(map(len, ROLES))),
+    ("rtt", "RTT", 9), ("loss", "Loss", 4), ("dir", "↑ / ↓", 9), ("jitter", "Jitter", 8),
+    ("score", "Score", 6), ("spark", "RTT history", SPARK_WIDTH),
 )  # fmt: skip
-"""(key, label, width): fixed widths, so the layout never depends on when a row arrived."""
+"""(key, label, width) in display order, each as wide as its widest value (``1234.5 ms``,
+``100 / 100``, ``100.00``), so no value is cut; the path's width is its minimum (a longer
+label wraps at spaces onto a second line), the sparkline's its maximum."""
+
+KEEP_ORDER: Final = ("rtt", "loss", "dir", "path", "score", "jitter", "spark")
+"""Beyond id, path (at its minimum) and role, which are always shown: what the columns'
+room is given to, in this order. A narrow table drops the sparkline first, then jitter,
+then the score, and wraps a path label that no longer fits on one line."""
+
+CELL_PADDING: Final = 1
+"""Cells added on each side of every column (DataTable's ``cell_padding``)."""
+
+
+def plan_columns(room: int, label_width: int) -> tuple[tuple[str, str, int], ...]:
+    """The columns (key, label, width) that fit ``room`` cells, by :data:`KEEP_ORDER`,
+    the path column as wide as ``label_width`` (the longest label) when it has room."""
+    widths = {key: width for key, _, width in COLUMNS}
+    pad = 2 * CELL_PADDING
+    shown = {"id": widths["id"], "path": widths["path"], "role": widths["role"]}
+    left = room - sum(w + pad for w in shown.values())
+    for key in KEEP_ORDER:
+        if key == "path":
+            grow = max(0, min(label_width - shown["path"], left))
+            shown["path"] += grow
+            left -= grow
+        elif key == "spark":
+            if left - pad >= len("RTT history"):
+                shown["spark"] = min(widths["spark"], left - pad)
+        elif widths[key] + pad <= left:
+            shown[key] = widths[key]
+            left -= widths[key] + pad
+    return tuple((key, label, shown[key]) for key, label, _ in COLUMNS if key in shown)
 
 
 class TransportsTable(DataTable[Text]):
@@ -40,16 +74,31 @@ class TransportsTable(DataTable[Text]):
             self.path_id = path_id
 
     def __init__(self, *, id: str | None = None) -> None:
-        super().__init__(id=id, cursor_type="row", zebra_stripes=True)
+        super().__init__(
+            id=id, cursor_type="row", zebra_stripes=True, cell_padding=CELL_PADDING
+        )
         self._ids: tuple[int, ...] = ()
+        self._columns: tuple[tuple[str, str, int], ...] = ()
+        """The columns shown (:func:`plan_columns`), set by :meth:`_rebuild`."""
         self._shown: dict[int, tuple[PathView, bool, str]] = {}
         """path id -> what its row was last drawn from (view, is active, theme)."""
         self.last: EngineSnapshot | None = None
 
     def on_mount(self) -> None:
         self.border_title = "Transports"
-        for key, label, width in COLUMNS:
-            self.add_column(label, key=key, width=width)
+
+    def on_resize(self) -> None:
+        if self.last is not None and self._plan(self.last.session.paths) != self._columns:
+            self._rebuild(self.last.session.paths, self.last.session.active)
+
+    def _plan(self, paths: tuple[PathView, ...]) -> tuple[tuple[str, str, int], ...]:
+        label_width = max((len(p.label) for p in paths), default=0)
+        return plan_columns(self.scrollable_content_region.width, label_width)
+
+    @property
+    def column_keys(self) -> tuple[str, ...]:
+        """The keys of the columns shown (by width: see :func:`plan_columns`)."""
+        return tuple(key for key, _, _ in self._columns)
 
     def _colour(self, variable: str) -> str:
         """A theme variable (``$text-success``) as a Rich colour for this theme."""
@@ -72,7 +121,7 @@ class TransportsTable(DataTable[Text]):
         spark_style = self._colour("$text-primary") if st.alive else self._colour("$text-muted")
         return {
             "id": Text(f"{marker}{st.path_id}", style="bold" if marker != " " else ""),
-            "path": Text(view.label, overflow="ellipsis", no_wrap=True),
+            "path": Text(view.label, overflow="fold"),
             "role": Text(view.role, style=role_style.strip()),
             "rtt": Text(rtt, justify="right"),
             # NONE while too few probes lie in the loss window (a standby path's usually)
@@ -87,14 +136,14 @@ class TransportsTable(DataTable[Text]):
             ),
             "jitter": Text(jitter, justify="right"),
             "score": Text(f"{st.score:.2f}", justify="right"),
-            "spark": Text(sparkline(st.rtt_history, SPARK_WIDTH), style=spark_style),
+            "spark": Text(sparkline(st.rtt_history, self._spark_width()), style=spark_style),
         }
 
     def show(self, snapshot: EngineSnapshot) -> None:
         self.last = snapshot
         s = snapshot.session
         ids = tuple(p.stats.path_id for p in s.paths)
-        if ids != self._ids:
+        if ids != self._ids or self._plan(s.paths) != self._columns:
             self._rebuild(s.paths, s.active)
         else:
             for view in s.paths:
@@ -107,11 +156,16 @@ class TransportsTable(DataTable[Text]):
     def _rebuild(self, paths: tuple[PathView, ...], active: int | None) -> None:
         """The set of paths changed: every row anew, the cursor kept where it can be."""
         cursor = self.cursor_row
-        self.clear()
+        self.clear(columns=True)
         self._shown.clear()
+        self._columns = self._plan(paths)
+        for key, label, width in self._columns:
+            self.add_column(label, key=key, width=width)
         for view in paths:
             cells = self._cells(view, active)
-            self.add_row(*(cells[k] for k, _, _ in COLUMNS), key=str(view.stats.path_id))
+            self.add_row(
+                *(cells[k] for k in self.column_keys), key=str(view.stats.path_id), height=None
+            )
             self._shown[view.stats.path_id] = self._row_input(view, active)
         self._ids = tuple(p.stats.path_id for p in paths)
         if paths:
@@ -131,8 +185,9 @@ class TransportsTable(DataTable[Text]):
         changed = False
         self._row_update = True  # each update_cell would repaint the whole table
         try:
-            for key, cell in self._cells(view, active).items():
-                old = self.get_cell(row, key)
+            cells = self._cells(view, active)
+            for key in self.column_keys:
+                cell, old = cells[key], self.get_cell(row, key)
                 if old.plain != cell.plain or old.style != cell.style or old.spans != cell.spans:
                     self.update_cell(row, key, cell)
                     changed = True
@@ -150,6 +205,9 @@ class TransportsTable(DataTable[Text]):
         if self._row_update and not regions and not layout and not recompose:
             return self
         return super().refresh(*regions, repaint=repaint, layout=layout, recompose=recompose)
+
+    def _spark_width(self) -> int:
+        return next((w for key, _, w in self._columns if key == "spark"), 0)
 
     def role_of(self, path_id: int) -> str | None:
         """The role the table currently shows for ``path_id``, read from the cell."""
