@@ -26,6 +26,8 @@ EPILOG = """\
 keys (remappable by binding id, see --keymap; ? in the UI lists them all):
   1-9 switch to path N    a auto-switch on/off   r force reattach   p reload policy
   t terminate (asks)      ? help                 q quit             ctrl+p command palette
+  below 150x40 one page at a time: o overview, c trends, e timeline, s security,
+  h observability (PgUp/PgDn/Home/End scroll a long page)
   demo only: the demo script (loss, path death, replay, restore) plays from the start;
   g pauses and resumes it (replays it once finished), k kill the active path, u restore
   all paths, l 30% loss on the active path, x inject a replay, b NAT rebind

@@ -67,7 +67,8 @@ def build_engine_from_args(
 ) -> EngineHandle:
     """The engine the command line asks for; ConfigError with a clear message otherwise.
 
-    ``demo_script``: the demo plays its scripted timeline from the start (headless).
+    ``demo_script``: the demo plays its scripted timeline from the start (with or
+    without the UI: ``--demo`` always plays it).
     The UI channel's size is :data:`tunnel.api.UI_QUEUE_SIZE` unless the test knob
     :data:`tunnel.api.UI_QUEUE_SIZE_ENV` says otherwise.
     """
