@@ -460,6 +460,10 @@ async def test_frozen_ui_does_not_slow_the_real_engine_and_catches_up() -> None:
         await ready(pilot)
         await wait_for(pilot, lambda: inner.replies > 0, "first echo replies")
         await wait_for(pilot, lambda: len(channel) == 0, "a drained channel")
+        await wait_for(pilot, lambda: app.snapshot is not None
+                       and app.snapshot.session.session_id != "", "the session id")  # fmt: skip
+        assert app.snapshot is not None
+        session_id = app.snapshot.session.session_id
 
         # -- freeze: this coroutine runs on the UI's event loop; blocking it blocks the UI
         drawn_before = list(app.drawn)
@@ -490,7 +494,13 @@ async def test_frozen_ui_does_not_slow_the_real_engine_and_catches_up() -> None:
                        "a snapshot from after the freeze")  # fmt: skip
         snap = app.snapshot
         assert f"dropped {snap.ui_dropped}" in text_of(health)
-        assert snap.running and snap.session.state == "ATTACHED"
+        # the session lived through the freeze (its id unchanged, never ended). On a loaded
+        # machine the demo's 300 ms death judgement may see a path die and recover in it (the
+        # engine, its embedded gateway and the UI share one process): ATTACHED again soon
+        assert snap.running and snap.session.session_id == session_id
+        assert snap.session.state != "TERMINATED"
+        await wait_for(pilot, lambda: app.snapshot is not None
+                       and app.snapshot.session.state == "ATTACHED", "ATTACHED")  # fmt: skip
         assert app.drawn == sorted(set(app.drawn))  # strictly increasing: never older
         assert snap.seq - drawn_before[-1] > 1  # snapshots published while frozen were skipped
 
