@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from jvpn_tui.keymap import KeymapError, check_keymap, load_keymap
+from tunnel.version import package_version
 
 PROG = "jvpn-tui"
 THEMES = ("dark", "light", "high-contrast")
@@ -48,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
         description="jvpn client: a session that outlives any one UDP path.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     parser.add_argument(
         "--demo",
         action="store_true",
@@ -156,6 +159,12 @@ def _not_available(exc: ImportError) -> int:
 
 
 def _run_ui(engine: Any, args: argparse.Namespace, keymap: dict[str, str]) -> int:
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        # Without a terminal the UI would draw escape codes into a file or a pipe forever.
+        return _fail(
+            "the UI needs a terminal on stdin and stdout; without one (a service, nohup, "
+            "cron, a pipe) run --headless, which prints JSON events on stdout"
+        )
     from jvpn_tui.app import JvpnApp
 
     app = JvpnApp(engine, theme=args.theme, keymap=keymap, duration=args.duration)

@@ -92,3 +92,50 @@ def test_help_prints_usage(program: str, options: list[str]) -> None:
     assert program in proc.stdout
     for option in options:
         assert option in proc.stdout, f"{program} --help does not document {option}"
+
+
+def project_version() -> str:
+    with (REPO_ROOT / "pyproject.toml").open("rb") as f:
+        version: str = tomllib.load(f)["project"]["version"]
+    return version
+
+
+@pytest.mark.parametrize("program", list(HELP_OPTIONS))
+def test_version_names_the_program_and_the_projects_version(program: str) -> None:
+    editable_install()  # the version comes from the installed distribution's metadata
+    proc = run_program(program, "--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"{program} {project_version()}"
+
+
+ABBREVIATED: dict[str, list[str]] = {
+    "jvpn-tui": ["--conf", "client.toml", "--headless"],
+    "jvpn-gateway": ["--conf", "gateway.toml"],
+    "jvpn-keygen": ["--ou=alice", "genkey"],
+    "jvpn-impair": ["--liste", "127.0.0.1:0", "--upstream", "127.0.0.1:9"],
+}
+"""A prefix of a real option (--config, --out, --listen) with what else the program needs."""
+
+
+@pytest.mark.parametrize(("program", "argv"), list(ABBREVIATED.items()))
+def test_an_abbreviated_option_is_refused(program: str, argv: list[str]) -> None:
+    """No program guesses which option a prefix means (a typo must not pick one)."""
+    proc = run_program(program, *argv)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert argv[0] in proc.stderr, proc.stderr
+
+
+def test_the_ui_without_a_terminal_refuses_in_one_line_naming_headless() -> None:
+    """Started with no terminal (a service, nohup, a pipe), jvpn-tui says what to use and
+    exits 2 (configuration/usage error, docs/client.md) instead of drawing into a file."""
+    script = SCRIPTS_DIR / "jvpn-tui"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "jvpn_tui"]
+    proc = subprocess.run(
+        [*command, "--demo"], cwd=REPO_ROOT, stdin=subprocess.DEVNULL, capture_output=True,
+        text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jvpn-tui: "), proc.stderr
+    assert "--headless" in lines[0] and "terminal" in lines[0]

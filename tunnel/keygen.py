@@ -32,6 +32,7 @@ from tunnel.keys import (
     write_private_key,
     write_public_key,
 )
+from tunnel.version import package_version
 
 PROG = "jvpn-keygen"
 EXIT_OK = 0
@@ -76,7 +77,9 @@ def _build_parser() -> argparse.ArgumentParser:
         description=_DESCRIPTION,
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     parser.add_argument(
         "--out",
         metavar="PREFIX",

@@ -204,7 +204,9 @@ def run_headless(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tunnel.client.headless", description="jvpn client engine without a UI"
+        prog="python -m tunnel.client.headless",
+        description="jvpn client engine without a UI",
+        allow_abbrev=False,
     )
     parser.add_argument("--config", metavar="PATH", help="client configuration file (TOML)")
     parser.add_argument("--demo", action="store_true", help="embedded loopback demo")

@@ -26,6 +26,7 @@ from tunnel.io.netconf import NetConfError
 from tunnel.io.tun import TUN_CLONE_DEVICE, TunError
 from tunnel.io.udp import PathError
 from tunnel.observability.metrics import parse_host_port
+from tunnel.version import package_version
 
 if TYPE_CHECKING:
     from tunnel.gateway.runtime import GatewayRuntime  # imported in main(), after --help
@@ -74,7 +75,9 @@ def _parser() -> argparse.ArgumentParser:
         description="jvpn gateway: UDP listeners, TUN, session table, policy, event sinks.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     parser.add_argument(
         "--config", metavar="PATH", required=True, help="gateway configuration file (TOML)"
     )

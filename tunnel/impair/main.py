@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import ipaddress
 import json
 import random
@@ -59,6 +60,15 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(f"{message} (try --help)")
 
 
+def _version() -> str:
+    """The installed jvpn version (this tool imports nothing else of tunnel, so it does not
+    use tunnel.version)."""
+    try:
+        return importlib.metadata.version("jvpn")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed: running from a source tree)"
+
+
 def _address_arg(text: str) -> Address:
     try:
         return parse_address(text)
@@ -73,7 +83,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "downstream clients and one upstream, with loss, delay, jitter, duplication, "
         "reordering, blackholing, rate limiting and NAT rebinding controllable at run "
         "time through a JSON control socket (see docs/impair.md).",
+        allow_abbrev=False,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument(
         "--listen",
         required=True,
