@@ -19,6 +19,7 @@ from tunnel.control.protocol import (
     MAX_LINE,
     PROTOCOL_VERSION,
     Command,
+    ControlClosed,
     ControlError,
     Error,
     Hello,
@@ -111,7 +112,7 @@ class ControlConnection:
             except OSError as exc:
                 raise ControlError(f"{self._path}: {exc.strerror or exc}") from None
             if not chunk:
-                raise ControlError(f"{self._path}: the server closed the connection")
+                raise ControlClosed(f"{self._path}: the server closed the connection")
             self._buffer += chunk
         line = bytes(self._buffer[: end + 1])
         del self._buffer[: end + 1]

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from tunnel.control.protocol import default_socket
 from tunnel.core.constants import MAX_INNER_PACKET, MIN_MTU
 from tunnel.core.gateway import ClientEntry
 from tunnel.keys import KeyFormatError, load_private_key, load_public_key
@@ -48,7 +49,8 @@ DEFAULT_JSONL_BACKUPS: Final = 5
 TOP_KEYS: Final = frozenset(
     {"node_id", "listen", "private_key", "policy", "mtu", "metrics", "inner_echo"}
 )
-TABLES: Final = frozenset({"tun", "clients", "sinks"})
+TABLES: Final = frozenset({"tun", "clients", "sinks", "control"})
+CONTROL_KEYS: Final = frozenset({"socket"})
 TUN_KEYS: Final = frozenset({"name", "subnet", "address"})
 CLIENT_KEYS: Final = frozenset({"name", "public_key", "address"})
 
@@ -119,6 +121,9 @@ class GatewayConfig:
     """Prometheus endpoint, or None for none (``--metrics`` overrides)."""
     inner_echo: bool
     """No TUN: answer inner packets addressed to the gateway (demo, tests; no root)."""
+    control_socket: Path | None = None
+    """The control socket (docs/control.md); None: none. The file's default is
+    ``default_socket("gateway")``; ``--control-socket`` overrides."""
 
 
 class _Reader:
@@ -409,6 +414,25 @@ def _parse_sinks(file: Path, raw: object) -> tuple[SinkConfig, ...]:
     return tuple(out)
 
 
+def _parse_control(file: Path, raw: object) -> Path | None:
+    """``[control] socket``: a path (relative to the file), "" for none; the default
+    path when the table or the key is absent."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(file, "control", raw, "must be a table ([control])")
+    r = _Reader(file, raw, "control.")
+    r.unknown(CONTROL_KEYS)
+    value = raw.get("socket")
+    if value is None:
+        return default_socket("gateway")
+    if not isinstance(value, str):
+        raise r.error("socket", value, 'must be a path, or "" for no control socket')
+    if not value.strip():
+        return None
+    return r.path("socket")
+
+
 def parse_gateway_config(data: Mapping[str, Any], file: Path) -> GatewayConfig:
     """Validate decoded TOML ``data`` (``file`` names it in errors and anchors paths)."""
     r = _Reader(file, data, "")
@@ -430,12 +454,13 @@ def parse_gateway_config(data: Mapping[str, Any], file: Path) -> GatewayConfig:
     tun_name, subnet, gateway_address = _parse_tun(file, data.get("tun"))
     clients = _parse_clients(file, data.get("clients"), subnet, gateway_address)
     sinks = _parse_sinks(file, data.get("sinks"))
+    control_socket = _parse_control(file, data.get("control"))
     key_path, private_key = _load_key(r)  # last: every plain value error comes first
     return GatewayConfig(
         source=file, node_id=node_id, listen=listen, private_key_path=key_path,
         private_key=private_key, clients=clients, policy_path=policy_path, sinks=sinks,
         tun_name=tun_name, subnet=subnet, gateway_address=gateway_address, mtu=mtu,
-        metrics=metrics, inner_echo=inner_echo,
+        metrics=metrics, inner_echo=inner_echo, control_socket=control_socket,
     )  # fmt: skip
 
 

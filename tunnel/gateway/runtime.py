@@ -31,6 +31,9 @@ The runtime is composed of components it owns and calls (each owns its state):
 - :class:`tunnel.gateway.policy_reload.PolicyReloader`: the policy file and its status;
 - :class:`tunnel.gateway.metrics.GatewayMetrics`: health, session views, the Prometheus
   families and the event tallies behind them;
+- :class:`tunnel.gateway.control.GatewayControl` (with a control socket): the control
+  server, its status, history and commands (``reload_policy_guarded``,
+  ``terminate_session``), and the per-client inner traffic counters;
 - the inner side (:mod:`tunnel.gateway.inner`).
 Here: ``GatewayRuntime`` with construction, the lifecycle, the inputs (sockets, inner
 side, signals, the policy poll) and the flush (events, datagrams, inner packets).
@@ -51,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
 from tunnel.core.events import Event, Reason, StateChange
 from tunnel.core.gateway import ClientEntry, GatewaySessions, SessionView
 from tunnel.core.policy import POLICY_DEFAULT, Policy
+from tunnel.gateway.control import STATUS_INTERVAL_S, GatewayControl
 from tunnel.gateway.inner import EchoInner, GatewayInner, GatewayTun
 from tunnel.gateway.metrics import GatewayHealth, GatewayMetrics, TrafficCounters
 from tunnel.gateway.ownership import OwnershipMirror
@@ -118,6 +122,7 @@ class GatewayRuntime:
         own_pipeline: bool = False,
         store: SessionStore | None = None,
         metrics: tuple[str, int] | None = None,
+        control: Path | None = None,
         on_event: Callable[[Event], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
@@ -134,6 +139,7 @@ class GatewayRuntime:
             inner_gateway=inner_gateway, inner_prefix=inner_prefix, mtu=mtu,
         )  # fmt: skip
         self.listen = tuple(listen)
+        self.clients = tuple(clients)
         self.inner: GatewayInner = inner if inner is not None else EchoInner(inner_gateway)
         self.pipeline = pipeline
         self._own_pipeline = own_pipeline
@@ -154,12 +160,16 @@ class GatewayRuntime:
             self.gateway, traffic=self.traffic, policy=self.policy,
             ownership=self.ownership, pipeline=pipeline,
         )  # fmt: skip
+        self.control: GatewayControl | None = (
+            GatewayControl(self, control) if control is not None else None
+        )
         self._on_event = on_event
         self._sockets: list[GatewaySocket] = []
         self._metrics_server: MetricsServer | None = None
         self._inner_ready = False
         self._stop: asyncio.Event | None = None
         self._poll_handle: asyncio.TimerHandle | None = None
+        self._status_handle: asyncio.TimerHandle | None = None
         self._opened = False
         self._stop_requested = False
 
@@ -210,16 +220,18 @@ class GatewayRuntime:
             inner_prefix=prefix, mtu=config.mtu,
             pipeline=EventPipeline(sinks) if sinks else None, own_pipeline=True,
             store=store, metrics=metrics if metrics is not None else config.metrics,
-            on_event=on_event,
+            control=config.control_socket, on_event=on_event,
         )  # fmt: skip
 
     # -- lifecycle -----------------------------------------------------------------------
 
     def open(self) -> GatewayRuntime:
-        """Bind the sockets and the metrics listener, then set up the inner side.
+        """Bind the sockets, the metrics listener and the control socket, then set up the
+        inner side.
 
         Runs before the loop (never on it). On failure everything done so far is undone
-        and the error (PathError, OSError, TunError, NetConfError) propagates.
+        and the error (PathError, OSError, ControlError, TunError, NetConfError)
+        propagates.
         """
         if self._opened:
             return self
@@ -230,6 +242,8 @@ class GatewayRuntime:
             if self.metrics_address is not None:
                 host, port = self.metrics_address
                 self._metrics_server = MetricsServer(host, port, self.collect_metrics)
+            if self.control is not None:
+                self.control.listen()
             self.inner.setup()
             self._inner_ready = True
         except BaseException:
@@ -246,6 +260,8 @@ class GatewayRuntime:
                 self.inner.teardown()
             except Exception as exc:  # keep closing the rest; reported below
                 errors.append(exc)
+        if self.control is not None:
+            self.control.discard()
         if self._metrics_server is not None:
             self._metrics_server.close()
             self._metrics_server = None
@@ -306,6 +322,9 @@ class GatewayRuntime:
             loop.add_signal_handler(signal.SIGHUP, driver.guard, self._reload_from_signal)
         if self.policy.path is not None and self.policy_poll_s:
             self._poll_handle = driver.call_later(self.policy_poll_s, self._poll)
+        if self.control is not None:
+            await self.control.start()
+            self._status_handle = driver.call_later(STATUS_INTERVAL_S, self._publish_status)
         if not self.policy.ok:
             driver.guard(self._announce_invalid_start)
         driver.guard(self.pump)
@@ -315,6 +334,8 @@ class GatewayRuntime:
             await self._stop.wait()
         finally:
             self._shutdown(loop, install_signals)
+            if self.control is not None:
+                await self.control.close()
 
     def _shutdown(self, loop: asyncio.AbstractEventLoop, signals: bool) -> None:
         if self.crash is None:
@@ -326,6 +347,8 @@ class GatewayRuntime:
                 self.driver.fail(exc)
         if self._poll_handle is not None:
             self._poll_handle.cancel()
+        if self._status_handle is not None:
+            self._status_handle.cancel()
         for sock in self._sockets:
             if not sock.closed:
                 loop.remove_reader(sock.fileno())
@@ -392,6 +415,33 @@ class GatewayRuntime:
     def _reload_from_signal(self) -> None:
         self.reload_policy()
 
+    def reload_policy_guarded(self) -> bool:
+        """:meth:`reload_policy` as a guarded callback (an exception is an engine failure,
+        as for SIGHUP); False if it failed. Loop thread (the control socket's command)."""
+        result: list[bool] = []
+        self.driver.guard(lambda: result.append(self.reload_policy()))
+        return bool(result and result[0])
+
+    # -- operator commands (loop thread) -------------------------------------------------
+
+    def terminate_session(self, session_id: str) -> bool:
+        """End one session with ``operator_terminated`` (TERMINATE sent to the client);
+        False if no live session has that id. Guarded like every input."""
+        result: list[bool] = []
+
+        def end(now: float) -> None:
+            result.append(self.gateway.terminate(session_id, now, Reason.OPERATOR_TERMINATED))
+
+        self.driver.guard(self.driver.input, end)
+        return bool(result and result[0])
+
+    def _publish_status(self) -> None:
+        self._status_handle = None
+        if self.control is None or self.driver.loop is None:
+            return
+        self.control.publish_status()
+        self._status_handle = self.driver.call_later(STATUS_INTERVAL_S, self._publish_status)
+
     def _announce_invalid_start(self) -> None:
         self.policy.announce_invalid_start(self.clock())
 
@@ -442,6 +492,8 @@ class GatewayRuntime:
         self.traffic.inner_in += drain(self.inner.read_batch, self._take_packets, now)
 
     def _take_packets(self, batch: Sequence[bytes], now: float) -> None:
+        if self.control is not None:
+            self.control.traffic.to_clients(batch)
         receive = self.gateway.receive_tun_packet
         for packet in batch:
             receive(packet, now)
@@ -469,6 +521,8 @@ class GatewayRuntime:
         packets = gateway.packets_for_tun()
         if packets:
             self.traffic.inner_out += len(packets)
+            if self.control is not None:
+                self.control.traffic.from_clients(packets)
             self.inner.write_batch(packets)
         return True
 
@@ -508,5 +562,7 @@ class GatewayRuntime:
         self.metrics.count(event)
         if self.pipeline is not None:
             self.pipeline.emit(event)
+        if self.control is not None:
+            self.control.on_event(event)
         if self._on_event is not None:
             self._on_event(event)
