@@ -9,6 +9,7 @@ protocol version, the server went away), never a traceback.
 from __future__ import annotations
 
 import socket
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
@@ -50,8 +51,17 @@ def _connect_error(path: Path, exc: OSError) -> ControlError:
             "(run as root, or as the user that started the program)"
         )
     if isinstance(exc, ConnectionRefusedError):
+        if not _is_socket(path):
+            return ControlError(f"{path} is not a socket (--socket names the control socket)")
         return ControlError(f"nobody listens on {path} (a stale socket: the program ended)")
     return ControlError(f"cannot connect to {path}: {exc.strerror or exc}")
+
+
+def _is_socket(path: Path) -> bool:
+    try:
+        return stat.S_ISSOCK(path.stat().st_mode)
+    except OSError:
+        return True  # cannot tell: keep the usual message
 
 
 class ControlConnection:

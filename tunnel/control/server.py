@@ -87,7 +87,9 @@ def prepare_socket_path(path: Path) -> None:
         try:
             path.parent.mkdir(mode=0o700, parents=True)
         except OSError as exc:
-            raise ControlError(f"cannot create {path.parent}: {exc.strerror}") from None
+            raise ControlError(
+                f"cannot create the directory {path.parent} for {path.name}: {exc.strerror}"
+            ) from None
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:
