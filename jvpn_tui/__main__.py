@@ -65,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", metavar="PATH", help="client configuration file (TOML)")
     parser.add_argument(
+        "--control-socket",
+        metavar="PATH",
+        help="serve the control socket (jvpn status, jvpn-tui --attach) at PATH, or 'off'; "
+        "default: control_socket of the config, else /run/jvpn/client.sock as root "
+        "($XDG_RUNTIME_DIR/jvpn/client.sock otherwise); --demo serves one only at PATH",
+    )
+    parser.add_argument(
         "--duration",
         metavar="SECONDS",
         type=float,
@@ -124,7 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as exc:
         return _not_available(exc)
     try:
-        engine = build_engine_from_args(args.config, demo=args.demo, demo_script=args.demo)
+        engine = build_engine_from_args(
+            args.config, demo=args.demo, demo_script=args.demo, control=args.control_socket,
+            default_control=True,
+        )  # fmt: skip
     except ConfigError as exc:
         return _fail(str(exc))
     except ImportError as exc:  # e.g. the demo engine is not written yet
