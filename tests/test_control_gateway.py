@@ -34,6 +34,7 @@ from engine_watch import Watcher
 from tunnel.api import SwitchTo
 from tunnel.client.config import ClientConfig, PathConfig
 from tunnel.client.engine import ClientEngine
+from tunnel.control.protocol import ControlError
 from tunnel.core.events import (
     Reason,
     SessionCreated,
@@ -325,8 +326,10 @@ def test_watch_text_renders_a_switch_line(rig: Rig) -> None:
 def test_cannot_reach_the_socket_exits_3_in_one_line(tmp_path: Path) -> None:
     missing = jvpn("--socket", str(tmp_path / "none.sock"), "status")
     assert missing.returncode == 3
-    assert missing.stderr == f"jvpn: no control socket at {tmp_path / 'none.sock'}: is the " \
+    assert (
+        missing.stderr == f"jvpn: no control socket at {tmp_path / 'none.sock'}: is the "
         "client or gateway running? (--socket names another path)\n"
+    )
     stale = tmp_path / "stale.sock"
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(stale))
@@ -365,7 +368,7 @@ def test_another_user_is_refused_by_the_socket_permissions(rig: Rig) -> None:
             os.setgid(65534)
             os.setuid(65534)
             errors: list[str] = []
-            code = run(args, rig.sock, open(os.devnull, "w"), errors.append)  # noqa: SIM115
+            code = run(args, rig.sock, open(os.devnull, "w"), errors.append)
             os.write(write_end, "\n".join(errors).encode())
         finally:
             os._exit(code)
@@ -396,13 +399,14 @@ def write_gateway_files(d: Path, control: str | None) -> Path:
 def test_config_control_socket_default_relative_and_disabled(tmp_path: Path) -> None:
     from tunnel.control.protocol import default_socket
 
-    assert load_gateway_config(write_gateway_files(tmp_path, None)).control_socket == (
-        default_socket("gateway")
-    )
-    assert load_gateway_config(write_gateway_files(tmp_path, "")).control_socket is None
-    assert load_gateway_config(write_gateway_files(tmp_path, "run/gw.sock")).control_socket == (
-        tmp_path / "run" / "gw.sock"
-    )
+    default = load_gateway_config(write_gateway_files(tmp_path, None))
+    assert (default.control_socket, default.control_required) == (
+        default_socket("gateway"), False,
+    )  # fmt: skip
+    for off in ("", "off"):
+        assert load_gateway_config(write_gateway_files(tmp_path, off)).control_socket is None
+    named = load_gateway_config(write_gateway_files(tmp_path, "run/gw.sock"))
+    assert (named.control_socket, named.control_required) == (tmp_path / "run" / "gw.sock", True)
     config = write_gateway_files(tmp_path, None)
     config.write_text(config.read_text() + "[control]\nsocket = 5\n")
     with pytest.raises(ConfigError, match=r"control\.socket = 5: must be a path"):
@@ -422,7 +426,9 @@ def run_gateway(config: Path, *extra: str) -> subprocess.Popen[str]:
 
 def test_gateway_program_serves_the_socket_and_removes_it_at_exit(tmp_path: Path) -> None:
     sock = tmp_path / "ctl" / "gw.sock"
-    proc = run_gateway(write_gateway_files(tmp_path, "elsewhere.sock"), "--control-socket", str(sock))
+    proc = run_gateway(
+        write_gateway_files(tmp_path, "elsewhere.sock"), "--control-socket", str(sock)
+    )
     try:
         assert proc.stderr is not None
         ready = proc.stderr.readline()
@@ -462,6 +468,31 @@ def test_a_control_socket_that_cannot_be_created_is_exit_5_naming_the_path(
         f"jvpn-gateway: error: control socket: cannot create the directory {blocked.parent} "
         "for gw.sock: File exists\n"
     )
+
+
+def test_a_busy_default_socket_costs_only_the_socket(tmp_path: Path) -> None:
+    """The default path is best effort (docs/gateway.md): when it cannot be used (another
+    gateway holds it), the gateway runs without one and says why; a named one is fatal."""
+    from tunnel.gateway.runtime import GatewayRuntime
+
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    runtime = GatewayRuntime(
+        static_private=generate_keypair()[0], clients=[], control=taken, control_required=False
+    )
+    runtime.open()
+    try:
+        assert runtime.control is None
+        assert (
+            runtime.control_warning == f"{taken} exists and is not a socket; remove it or "
+            "choose another"
+        )
+    finally:
+        runtime.close()
+    required = GatewayRuntime(static_private=generate_keypair()[0], clients=[], control=taken)
+    with pytest.raises(ControlError, match="is not a socket"):
+        required.open()
+    assert taken.read_text() == ""
 
 
 def test_gateway_without_a_control_socket_starts_and_jvpn_says_nothing_listens(

@@ -124,6 +124,9 @@ class GatewayConfig:
     control_socket: Path | None = None
     """The control socket (docs/control.md); None: none. The file's default is
     ``default_socket("gateway")``; ``--control-socket`` overrides."""
+    control_required: bool = True
+    """The socket was named (file or option): failing to create it stops the start. The
+    default path is best effort (another gateway may hold it: then none, with a warning)."""
 
 
 class _Reader:
@@ -414,9 +417,13 @@ def _parse_sinks(file: Path, raw: object) -> tuple[SinkConfig, ...]:
     return tuple(out)
 
 
-def _parse_control(file: Path, raw: object) -> Path | None:
-    """``[control] socket``: a path (relative to the file), "" for none; the default
-    path when the table or the key is absent."""
+CONTROL_OFF: Final = ("", "off")
+"""``[control] socket`` values that mean no control socket (``"off"`` as in client.toml)."""
+
+
+def _parse_control(file: Path, raw: object) -> tuple[Path | None, bool]:
+    """``[control] socket``: a path (relative to the file; required), "" or "off" for none;
+    the default path (best effort) when the table or the key is absent."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -425,12 +432,12 @@ def _parse_control(file: Path, raw: object) -> Path | None:
     r.unknown(CONTROL_KEYS)
     value = raw.get("socket")
     if value is None:
-        return default_socket("gateway")
+        return default_socket("gateway"), False
     if not isinstance(value, str):
-        raise r.error("socket", value, 'must be a path, or "" for no control socket')
-    if not value.strip():
-        return None
-    return r.path("socket")
+        raise r.error("socket", value, 'must be a path, or "off" for no control socket')
+    if value.strip() in CONTROL_OFF:
+        return None, False
+    return r.path("socket"), True
 
 
 def parse_gateway_config(data: Mapping[str, Any], file: Path) -> GatewayConfig:
@@ -454,13 +461,14 @@ def parse_gateway_config(data: Mapping[str, Any], file: Path) -> GatewayConfig:
     tun_name, subnet, gateway_address = _parse_tun(file, data.get("tun"))
     clients = _parse_clients(file, data.get("clients"), subnet, gateway_address)
     sinks = _parse_sinks(file, data.get("sinks"))
-    control_socket = _parse_control(file, data.get("control"))
+    control_socket, control_required = _parse_control(file, data.get("control"))
     key_path, private_key = _load_key(r)  # last: every plain value error comes first
     return GatewayConfig(
         source=file, node_id=node_id, listen=listen, private_key_path=key_path,
         private_key=private_key, clients=clients, policy_path=policy_path, sinks=sinks,
         tun_name=tun_name, subnet=subnet, gateway_address=gateway_address, mtu=mtu,
         metrics=metrics, inner_echo=inner_echo, control_socket=control_socket,
+        control_required=control_required,
     )  # fmt: skip
 
 

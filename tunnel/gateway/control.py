@@ -148,8 +148,9 @@ class GatewayControl:
     async def start(self) -> None:
         await self.server.start()
 
-    async def close(self) -> None:
-        await self.server.close()
+    async def close(self, flush: float = 0.0) -> None:
+        """Stop serving (watchers get up to ``flush`` seconds to read what is queued)."""
+        await self.server.close(flush)
 
     def discard(self) -> None:
         self.server.discard()

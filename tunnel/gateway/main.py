@@ -24,7 +24,13 @@ from typing import TYPE_CHECKING, Final
 from tunnel.control.protocol import ControlError
 from tunnel.core.events import Event
 from tunnel.core.handshake import fingerprint, public_key
-from tunnel.gateway.config import ConfigError, GatewayConfig, KeyFileError, load_gateway_config
+from tunnel.gateway.config import (
+    CONTROL_OFF,
+    ConfigError,
+    GatewayConfig,
+    KeyFileError,
+    load_gateway_config,
+)  # fmt: skip
 from tunnel.gateway.console import RefusalNotices, SessionNotices
 from tunnel.io.netconf import NetConfError
 from tunnel.io.tun import TUN_CLONE_DEVICE, TunError
@@ -100,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
         "--control-socket",
         metavar="PATH",
         help="the control socket for jvpn status/watch/reload/terminate (docs/control.md); "
-        'overrides [control] socket; "" for none',
+        'overrides [control] socket; "off" for none',
     )
     return parser
 
@@ -192,8 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(EXIT_PRIVILEGE, problem)
 
     if args.control_socket is not None:
-        control = Path(args.control_socket) if args.control_socket else None
-        config = dataclasses.replace(config, control_socket=control)
+        off = args.control_socket.strip() in CONTROL_OFF
+        control = None if off else Path(args.control_socket)
+        config = dataclasses.replace(config, control_socket=control, control_required=not off)
     refusals = RefusalNotices(_console, fingerprint(public_key(config.private_key)))
     sessions = SessionNotices(_console)
 
@@ -211,7 +218,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = _open(runtime)
     if failed is not None:
         return failed
-    ready = _ready_line(runtime, config)
+    if runtime.control_warning is not None:
+        print(
+            f"jvpn-gateway: warning: no control socket: {runtime.control_warning} (set "
+            "[control] socket or --control-socket to choose one)",
+            file=sys.stderr,
+        )
+    ready = _ready_line(
+        runtime,
+        config if runtime.control is not None else dataclasses.replace(config, control_socket=None),
+    )
     try:
         runtime.run(
             install_signals=True, on_ready=lambda: print(ready, file=sys.stderr, flush=True)

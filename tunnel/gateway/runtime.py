@@ -51,6 +51,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
 
+from tunnel.control.protocol import ControlError
 from tunnel.core.events import Event, Reason, StateChange
 from tunnel.core.gateway import ClientEntry, GatewaySessions, SessionView
 from tunnel.core.policy import POLICY_DEFAULT, Policy
@@ -67,6 +68,9 @@ from tunnel.ownership import MemorySessionStore, SessionStore
 
 CALL_TIMEOUT_S: Final = 5.0
 """How long a thread waits for the loop to run something for it (metrics, commands)."""
+
+CONTROL_FLUSH_S: Final = 1.0
+"""At the end, how long control-socket watchers get to read the last events (bounded)."""
 
 EVENT_ROUNDS: Final = 8
 """Rounds of the core's event queue taken per flush. Mirroring an event can make the core
@@ -123,6 +127,7 @@ class GatewayRuntime:
         store: SessionStore | None = None,
         metrics: tuple[str, int] | None = None,
         control: Path | None = None,
+        control_required: bool = True,
         on_event: Callable[[Event], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
@@ -163,6 +168,9 @@ class GatewayRuntime:
         self.control: GatewayControl | None = (
             GatewayControl(self, control) if control is not None else None
         )
+        self._control_required = control_required
+        self.control_warning: str | None = None
+        """Why the (default, best-effort) control socket is not served, if it is not."""
         self._on_event = on_event
         self._sockets: list[GatewaySocket] = []
         self._metrics_server: MetricsServer | None = None
@@ -220,7 +228,8 @@ class GatewayRuntime:
             inner_prefix=prefix, mtu=config.mtu,
             pipeline=EventPipeline(sinks) if sinks else None, own_pipeline=True,
             store=store, metrics=metrics if metrics is not None else config.metrics,
-            control=config.control_socket, on_event=on_event,
+            control=config.control_socket, control_required=config.control_required,
+            on_event=on_event,
         )  # fmt: skip
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -242,14 +251,26 @@ class GatewayRuntime:
             if self.metrics_address is not None:
                 host, port = self.metrics_address
                 self._metrics_server = MetricsServer(host, port, self.collect_metrics)
-            if self.control is not None:
-                self.control.listen()
+            self._listen_control()
             self.inner.setup()
             self._inner_ready = True
         except BaseException:
             self.close()
             raise
         return self
+
+    def _listen_control(self) -> None:
+        """Create the control socket; a default one that cannot be (another gateway holds
+        it) is left out with :attr:`control_warning`, a configured one raises."""
+        if self.control is None:
+            return
+        try:
+            self.control.listen()
+        except ControlError as exc:
+            if self._control_required:
+                raise
+            self.control_warning = str(exc)
+            self.control = None
 
     def close(self) -> None:
         """Undo :meth:`open` in reverse order and close an owned pipeline. Idempotent."""
@@ -335,7 +356,7 @@ class GatewayRuntime:
         finally:
             self._shutdown(loop, install_signals)
             if self.control is not None:
-                await self.control.close()
+                await self.control.close(CONTROL_FLUSH_S)
 
     def _shutdown(self, loop: asyncio.AbstractEventLoop, signals: bool) -> None:
         if self.crash is None:
