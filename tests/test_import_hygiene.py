@@ -357,7 +357,9 @@ LAYOUT_RULES: dict[str, tuple[str, ...]] = {
     "tunnel.gateway": ("tunnel.client", "tunnel.demo", "tunnel.impair", "tunnel.api"),
     "tunnel.impair": ("tunnel.",),
     "tunnel.api": ("tunnel.io", "tunnel.client", "tunnel.gateway", "tunnel.demo", "tunnel.impair"),
-    "tunnel.cli": ("tunnel.core", "tunnel.client", "tunnel.gateway", "tunnel.demo", "tunnel.impair"),
+    "tunnel.cli": (
+        "tunnel.core", "tunnel.client", "tunnel.gateway", "tunnel.demo", "tunnel.impair",
+    ),
 }  # fmt: skip
 """package -> what it never imports. The core is sans-I/O and knows no program; io/ holds
 drivers only; the client and the gateway never import each other; the relay tool imports

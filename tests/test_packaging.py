@@ -114,7 +114,7 @@ ABBREVIATED: dict[str, list[str]] = {
     "jvpn-gateway": ["--conf", "gateway.toml"],
     "jvpn-keygen": ["--ou=alice", "genkey"],
     "jvpn-impair": ["--liste", "127.0.0.1:0", "--upstream", "127.0.0.1:9"],
-    "jvpn": ["--sock", "/run/jvpn/client.sock", "status"],
+    "jvpn": ["--sock=/run/jvpn/client.sock", "status"],
 }
 """A prefix of a real option (--config, --out, --listen) with what else the program needs."""
 
