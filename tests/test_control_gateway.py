@@ -603,3 +603,22 @@ def test_session_lines_are_rate_limited_per_client_and_count_what_was_not_shown(
     assert out[-1] == (
         "jvpn-gateway: session eeeeeeee (?) switched ? -> b:2 (path 1 -> 2): manual_switch"
     )  # an ended session is forgotten: what is not known any more is '?'
+
+
+def test_a_watcher_that_asks_for_statuses_gets_the_gateway_status_every_second(
+    rig: Rig,
+) -> None:
+    from tunnel.control.client import ControlConnection
+    from tunnel.control.protocol import SnapshotMsg, Watch, gateway_status
+
+    with ControlConnection(rig.sock, timeout=10) as conn:
+        assert conn.hello.role == "gateway"
+        conn.send(Watch(snapshots=True, history=False))
+        statuses = []
+        while len(statuses) < 3:  # the first at once, then one per second
+            message = conn.read()
+            if isinstance(message, SnapshotMsg):
+                statuses.append(gateway_status(message.status))
+    assert all(s.node_id == "gw1" for s in statuses)
+    assert statuses[0].uptime_s < statuses[1].uptime_s < statuses[2].uptime_s
+    assert {x.client for x in statuses[-1].sessions} == {"alice", "bob"}
