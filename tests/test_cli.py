@@ -63,6 +63,7 @@ def test_help_has_examples_commands_and_exit_codes() -> None:
         (["status", "--js"], "unrecognized arguments: --js"),
         (["--socket", "/x", "--gateway", "status"], "not allowed with argument"),
         (["status", "--socket", "/x", "--gateway"], "not allowed with argument"),
+        (["--socket", "/x", "status", "--gateway"], "not allowed with argument"),
         (["reload", "now"], "unrecognized arguments: now"),
     ],
 )

@@ -117,7 +117,10 @@ def _socket(args: argparse.Namespace) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    cli = parser()
+    args = cli.parse_args(argv)
+    if args.socket is not None and args.gateway:  # one before, one after the command
+        cli.error("argument --gateway: not allowed with argument --socket")
     from tunnel.cli.commands import run  # after --help / usage errors: keeps them fast
 
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `jvpn watch | head` ends quietly
