@@ -24,6 +24,7 @@ Needs root, namespaces and /dev/net/tun (skips otherwise); everything is removed
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import socket
 import time
@@ -33,7 +34,7 @@ from typing import Any
 
 import pytest
 from exit_codes import EXIT_CODES
-from netns import require_tun
+from netns import Topology, require_tun
 from realnet import (
     CLIENT_INNER,
     GATEWAY_INNER,
@@ -50,7 +51,14 @@ from realnet import (
     wait_until,
 )
 
-from tunnel.io.killswitch import RTPROT_JVPN, find_installed
+from tunnel.io.killswitch import (
+    RTPROT_JVPN,
+    Endpoint,
+    KillSwitchError,
+    RouteGuard,
+    find_installed,
+    release,
+)
 
 pytestmark = pytest.mark.root
 
@@ -356,3 +364,54 @@ def test_full_tunnel_keeps_every_path_on_its_uplink_and_is_undone_on_exit(tunnel
     assert t.stop_client(signal.SIGTERM) == EXIT_CODES["operator_terminated"]
     assert t.routes() == before  # everything undone: the table as it was
     assert not [r for r in t.routes() if r[4] == RTPROT_JVPN]
+
+
+# -- the guard itself: re-resolution, refusal, taking over an old kill switch -------------------
+
+
+def test_guard_excepts_a_re_resolved_endpoint_refuses_a_capture_and_takes_over() -> None:
+    require_tun()
+    with Topology(n_paths=2) as topo:
+        ns, (a, b) = topo.client_ns, topo.paths
+        ipr = topo.ipr(ns)
+        for metric, link in ((100, a), (200, b)):  # two uplinks, each with its router
+            ipr.route("add", dst="0.0.0.0", dst_len=0, gateway=link.gateway_ip, priority=metric)
+
+        def text() -> list[str]:
+            return sorted(str(r) for r in find_installed(ns))
+
+        first = RouteGuard(["0.0.0.0/0"], kill_switch=True, netns=ns)
+        first.install([Endpoint(1, ENDPOINT), Endpoint(2, ENDPOINT, b.client_ifname)])
+        # a gateway name now resolves elsewhere: the path's next hop carries it too
+        added = first.except_endpoint(1, "198.18.0.9")
+        assert (
+            str(added)
+            == f"exception 198.18.0.9/32 via {a.gateway_ip} dev {a.client_ifname} metric 1"
+        )
+        assert first.except_endpoint(2, "198.18.0.9") is not None
+        assert len(text()) == 6
+        # a host route for the new address: no exception possible, said, nothing added
+        hostile = RouteGuard(["0.0.0.0/0", "198.18.0.5/32"], kill_switch=True, netns=ns)
+        with pytest.raises(
+            KillSwitchError, match=re.escape("198.18.0.5/32 would send path 1's gateway")
+        ):
+            hostile.except_endpoint(1, "198.18.0.5")
+        with pytest.raises(KillSwitchError, match="no room for the exception"):
+            hostile.install([Endpoint(1, "198.18.0.5")])
+        assert len(text()) == 6
+        assert first.finish(on_purpose=False) is not None  # an abnormal end: it stays
+        assert len(text()) == 6
+
+        # the next start (path B's endpoint changed) takes the old kill switch over; B's
+        # next hop is its uplink's router, not the "on-link" the old unreachable route
+        # would have made of it
+        second = RouteGuard(["0.0.0.0/0"], kill_switch=True, netns=ns)
+        second.install([Endpoint(1, ENDPOINT), Endpoint(2, "198.18.0.2", b.client_ifname)])
+        assert text() == [
+            f"exception 198.18.0.1/32 via {a.gateway_ip} dev {a.client_ifname} metric 1",
+            f"exception 198.18.0.2/32 via {b.gateway_ip} dev {b.client_ifname} metric 2",
+            "unreachable 0.0.0.0/1 metric 1000000",
+            "unreachable 128.0.0.0/1 metric 1000000",
+        ]
+        assert second.finish(on_purpose=True) is None
+        assert text() == [] and release(ns) == []

@@ -313,11 +313,11 @@ class RouteGuard:
         :class:`KillSwitchError` when an endpoint cannot be excepted (see
         :func:`capture_problem`) or a route cannot be added.
         """
-        self._attempted = True
         for ep in endpoints:
             problem = capture_problem(self.routes, ep.address, f"path {ep.path_id}'s gateway")
             if problem:
                 raise KillSwitchError(problem)
+        self._attempted = True  # from here on, a failure may leave part of it in place
         _on_worker(lambda: self._install(endpoints))
 
     def _install(self, endpoints: Sequence[Endpoint]) -> None:
