@@ -10,8 +10,10 @@ blocks; session-changing events also into its history ring), sends every event t
 EventPipeline (JSONL / syslog sinks), and polls the CommandQueue every 50 ms.
 
 When the loop ends (termination, engine failure, hard stop) the host is restored in
-reverse order (inner side, then sockets), a final snapshot with ``running=False`` and
-``final_reason`` is published, and the thread ends. A handshake that found no session adds
+reverse order (inner side, then the kill switch and endpoint exceptions of
+:mod:`tunnel.io.killswitch`, which stay after any end but the operator's, then sockets),
+a final snapshot with ``running=False`` and ``final_reason`` is published, and the thread
+ends. A handshake that found no session adds
 what came back and a line that explains it (``handshake_failure``, ``explanation``;
 :mod:`tunnel.client.explain`). An exception anywhere in the engine becomes
 ``final_reason = "engine_error: <one line>"``; a live session is first ended with reason

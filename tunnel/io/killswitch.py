@@ -386,16 +386,19 @@ class RouteGuard:
     def _add(self, ipr: Any, spec: dict[str, Any]) -> dict[str, Any]:
         """Add the route; one of ours already there (an earlier run's) is replaced."""
         try:
-            ipr.route("add", **spec)
+            try:
+                ipr.route("add", **spec)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST or not any(_same(m, spec) for m in _ours(ipr)):
+                    raise
+                ipr.route("replace", **spec)
+            self.installed.append(_describe(ipr, _Spec(spec)))
         except NetlinkError as exc:
-            if exc.code != errno.EEXIST or not any(_same(m, spec) for m in _ours(ipr)):
-                what = "exception" if spec["type"] == RTN_UNICAST else "kill-switch route"
-                raise KillSwitchError(
-                    f"cannot add {what} {spec['dst']}/{spec['dst_len']} metric "
-                    f"{spec['priority']}: {_cause(exc)}"
-                ) from exc
-            ipr.route("replace", **spec)
-        self.installed.append(_describe(ipr, _Spec(spec)))
+            what = "exception" if spec["type"] == RTN_UNICAST else "kill-switch route"
+            raise KillSwitchError(
+                f"cannot add {what} {spec['dst']}/{spec['dst_len']} metric "
+                f"{spec['priority']}: {_cause(exc)}"
+            ) from exc
         return spec
 
     # -- while running ---------------------------------------------------------------------
