@@ -328,8 +328,10 @@ def test_operator_stop_releases_the_kill_switch(tunnels) -> None:
 def test_full_tunnel_keeps_every_path_on_its_uplink_and_is_undone_on_exit(tunnels) -> None:
     t: KillSwitchTunnel = tunnels(tun_extra='routes = ["0.0.0.0/0"]', layout="full")
     before = t.routes_before
-    # path A (address-bound, no device) carried the handshake: its exception was in place
-    assert t.events.of_type("TRANSPORT_ATTACHED")[0]["transport_id"] == 1
+    # both paths reach the gateway through their uplinks: A (address-bound, no device)
+    # and B (device-bound) each answer probes
+    for transport in (1, 2):
+        t.events.wait_type("PATH_HEALTH", 20, transport_id=transport, alive=True)
     link = t.topo.paths
     assert t.ours() == [
         "exception 198.18.0.1/32 via 10.200.0.2 dev " + f"{link[0].client_ifname} metric 1",
@@ -346,20 +348,19 @@ def test_full_tunnel_keeps_every_path_on_its_uplink_and_is_undone_on_exit(tunnel
     assert t.echo_via(FAR) == {CLIENT_INNER}
     assert t.echo_via(GATEWAY_INNER) == {CLIENT_INNER}
 
-    # the paths' own traffic still reaches the gateway: path A dies, B takes over
-    mark = t.events.mark()
-    t.gateway_link(0, "down")
-    switch = t.events.wait_type("TRANSPORT_SWITCH", 20, since=mark, new_transport=2)
-    assert switch["previous_transport"] == 1
-    wait_until(lambda: t.states(mark)[-1:] == ["ATTACHED"], 20, "ATTACHED on path B")
-    assert t.echo_via(FAR) == {CLIENT_INNER}
-    t.gateway_link(0, "up")
-    t.events.wait_type("PATH_HEALTH", 20, since=mark, transport_id=1, alive=True)
-    mark = t.events.mark()
-    t.gateway_link(1, "down")  # and back to A, which answers again from its uplink
-    switch = t.events.wait_type("TRANSPORT_SWITCH", 20, since=mark, new_transport=1)
-    wait_until(lambda: t.states(mark)[-1:] == ["ATTACHED"], 20, "ATTACHED on path A")
-    assert t.echo_via(FAR) == {CLIENT_INNER}
+    # the paths' own traffic still flows: the active path dies, the other takes over; it
+    # comes back, the other dies, and the session moves back
+    active = t.events.of_type("TRANSPORT_ATTACHED")[0]["transport_id"]
+    for dying, taking_over in ((active, 3 - active), (3 - active, active)):
+        mark = t.events.mark()
+        t.gateway_link(dying - 1, "down")
+        switch = t.events.wait_type("TRANSPORT_SWITCH", 20, since=mark, new_transport=taking_over)
+        assert switch["previous_transport"] == dying
+        wait_until(lambda: t.states(mark)[-1:] == ["ATTACHED"], 20, "ATTACHED again")  # noqa: B023
+        assert t.echo_via(FAR) == {CLIENT_INNER}
+        mark = t.events.mark()
+        t.gateway_link(dying - 1, "up")
+        t.events.wait_type("PATH_HEALTH", 20, since=mark, transport_id=dying, alive=True)
 
     assert t.stop_client(signal.SIGTERM) == EXIT_CODES["operator_terminated"]
     assert t.routes() == before  # everything undone: the table as it was
