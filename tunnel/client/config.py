@@ -94,6 +94,10 @@ class ClientConfig:
     address: str | None = None
     """Inner ``address/prefix`` to configure; None: the gateway's assignment."""
     routes: tuple[str, ...] = ()
+    kill_switch: bool = False
+    """Keep the routes' traffic off the plain network while the session is not ATTACHED
+    and after an abnormal end (tunnel.io.killswitch); the file's default: on when
+    ``routes`` holds a default route."""
     jsonl: Path | None = None
     syslog: SyslogTarget | None = None
     keymap: Mapping[str, str] = field(default_factory=dict)
@@ -129,7 +133,7 @@ class _Field:
 
     name: str
     kind: type
-    """``str`` (non-empty), ``int``, ``float`` (ints accepted) or ``list``."""
+    """``str`` (non-empty), ``int``, ``float`` (ints accepted), ``bool`` or ``list``."""
     default: Any = None
     """The value when the key is absent (``None``: off, or see ``required``)."""
     lo: int = 0
@@ -149,6 +153,8 @@ class _Field:
             return f"expected an integer {self.lo}..{self.hi}"
         if self.kind is float:
             return f"expected a number {self.lo}..{self.hi}"
+        if self.kind is bool:
+            return "expected true or false"
         return "expected a non-empty string"
 
     def accepts(self, value: object) -> bool:
@@ -157,6 +163,8 @@ class _Field:
             return isinstance(value, str) and bool(value.strip())
         if self.kind is list:
             return isinstance(value, list)
+        if self.kind is bool:
+            return isinstance(value, bool)
         numeric = int | float if self.kind is float else int
         if isinstance(value, bool) or not isinstance(value, numeric):
             return False
@@ -410,6 +418,7 @@ TUN_FIELDS: Final = (
     _Field("address", str, check=_inner_address, doc="inner address/prefix; absent: assigned"),
     _Field("routes", list, (), check=_routes, expected="expected a list of CIDRs",
            doc="extra IPv4 routes through the tunnel"),
+    _Field("kill_switch", bool, doc="true/false; absent: true when routes has a default route"),
 )
 PATH_FIELDS: Final = (
     _Field("name", str, check=_name, doc="shown in the UI; absent: path<N>"),
@@ -471,6 +480,34 @@ def _parse_paths(r: _Reader, path_list: object, policy: Policy) -> tuple[PathCon
     return paths
 
 
+def _kill_switch(tun: Mapping[str, Any]) -> bool:
+    """The ``kill_switch`` key, or its default: on for a full tunnel (a default route)."""
+    if tun["kill_switch"] is not None:
+        return bool(tun["kill_switch"])
+    return any(ipaddress.ip_network(r).prefixlen == 0 for r in tun["routes"])
+
+
+def _check_capture(r: _Reader, routes: tuple[str, ...], paths: tuple[PathConfig, ...]) -> None:
+    """A host route for a numeric gateway endpoint would send the path into the tunnel,
+    and leaves no room for the exception that keeps it out (docs/client.md, "Full
+    tunnel"); a wider route is fine. Names are checked when they resolve."""
+    for i, route in enumerate(routes):
+        net = ipaddress.ip_network(route)
+        for p in paths:
+            host = p.gateway[0]
+            if (
+                _is_ip(host)
+                and net.prefixlen == net.max_prefixlen
+                and ipaddress.ip_address(host) in net
+            ):
+                raise r.error(
+                    f"tun.routes[{i}]", route,
+                    f"would send path[{p.path_id}]'s gateway {host} into the tunnel itself "
+                    "(a host route leaves no room for the exception that keeps it on its "
+                    "uplink): remove it",
+                )  # fmt: skip
+
+
 def _parse_keymap(r: _Reader, table: Mapping[str, Any]) -> dict[str, str]:
     """Binding id -> key name, passed through to the UI (which checks the ids)."""
     for key, value in table.items():
@@ -493,6 +530,7 @@ def parse_client_config(
     policy_file, policy = top["policy"] or (None, POLICY_DEFAULT)
     tun = r.section(doc, "tun", TUN_FIELDS)
     paths = _parse_paths(r, doc.get("path"), policy)
+    _check_capture(r, tun["routes"], paths)
     events = r.section(doc, "events", EVENT_FIELDS)
     keymap = _parse_keymap(r, r.table(doc, "keymap"))
     inner = r.section(doc, "inner", INNER_FIELDS)
@@ -508,6 +546,7 @@ def parse_client_config(
         mtu=tun["mtu"],
         address=tun["address"],
         routes=tun["routes"],
+        kill_switch=_kill_switch(tun),
         jsonl=events["jsonl"],
         syslog=events["syslog"],
         keymap=keymap,
