@@ -813,4 +813,7 @@ def _inner_for(config: ClientConfig) -> TunLike:
     """The inner side the configuration names: the memory traffic source or a kernel TUN."""
     if config.inner_kind == "memory":
         return MemoryInner(rate_pps=config.inner_rate_pps, payload_size=config.inner_payload_size)
-    return KernelTun(config.tun_name, config.mtu, address=config.address, routes=config.routes)
+    return KernelTun(
+        config.tun_name, config.mtu, address=config.address, address6=config.address6,
+        routes=config.routes,
+    )  # fmt: skip

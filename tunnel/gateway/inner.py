@@ -1,8 +1,9 @@
 """The gateway's inner side: a real TUN, or an echo responder that needs no root.
 
 :class:`GatewayTun` is a :class:`~tunnel.io.tun.TunDevice` plus its reversible host
-configuration (address ``gateway/prefix``, MTU, link up). ``setup`` runs before the
-asyncio loop starts (pyroute2's synchronous API cannot run inside a running loop) and
+configuration (address ``gateway/prefix``, MTU, link up; with an inner IPv6 subnet also
+``gateway6/prefix6`` and IPv6 switched on quietly, else IPv6 off). ``setup`` runs before
+the asyncio loop starts (pyroute2's synchronous API cannot run inside a running loop) and
 ``teardown`` after it stopped, undoing the changes newest first, then closing the device.
 
 :class:`EchoInner` replaces the TUN for the demo and for tests: every inner IPv4 packet
@@ -21,7 +22,7 @@ from typing import Final, Protocol
 
 from tunnel.io.inner import ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IPPROTO_ICMP, inet_checksum
 from tunnel.io.netconf import HostConfig
-from tunnel.io.tun import TunDevice
+from tunnel.io.tun import TunDevice, TunError, set_ipv6
 
 IPPROTO_UDP: Final = 17
 
@@ -147,12 +148,19 @@ class EchoInner:
 
 
 class GatewayTun:
-    """The gateway's TUN with its address ``gateway_address/prefix``, MTU and link up."""
+    """The gateway's TUN with its address ``gateway_address/prefix``, MTU and link up.
 
-    def __init__(self, name: str, mtu: int, gateway_address: str, prefix: int) -> None:
+    ``cidr6`` (``fd00:6a76::1/64``): the inner IPv6 address too, IPv6 on; None: IPv6 off
+    on the device (the kernel then sends no router solicitations into it).
+    """
+
+    def __init__(
+        self, name: str, mtu: int, gateway_address: str, prefix: int, cidr6: str | None = None
+    ) -> None:
         self.name = name
         self.mtu = mtu
         self.cidr = f"{gateway_address}/{prefix}"
+        self.cidr6 = cidr6
         self._tun: TunDevice | None = None
         self._host: HostConfig | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -168,7 +176,12 @@ class GatewayTun:
         try:
             host = HostConfig().open()
             self._host = host
+            ipv6 = set_ipv6(tun.name, self.cidr6 is not None)
             host.add_address(tun.name, self.cidr)
+            if self.cidr6 is not None:
+                if not ipv6:
+                    raise TunError(f"cannot switch IPv6 on for {tun.name} (tun.subnet6)")
+                host.add_address(tun.name, self.cidr6)
             host.link_up(tun.name)
         except BaseException:
             self.teardown()
