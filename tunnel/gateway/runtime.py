@@ -137,7 +137,9 @@ class GatewayRuntime:
             inner_gateway6=inner_gateway6, inner_prefix6=inner_prefix6,
         )  # fmt: skip
         self.listen = tuple(listen)
-        self.inner: GatewayInner = inner if inner is not None else EchoInner(inner_gateway)
+        self.inner: GatewayInner = (
+            inner if inner is not None else EchoInner(inner_gateway, inner_gateway6)
+        )
         self.pipeline = pipeline
         self._own_pipeline = own_pipeline
         self.metrics_address = metrics
@@ -204,7 +206,7 @@ class GatewayRuntime:
         prefix6 = config.subnet6.prefixlen if config.subnet6 is not None else 0
         cidr6 = f"{config.gateway_address6}/{prefix6}" if config.gateway_address6 else None
         inner: GatewayInner = (
-            EchoInner(config.gateway_address)
+            EchoInner(config.gateway_address, config.gateway_address6)
             if config.inner_echo
             else GatewayTun(config.tun_name, config.mtu, config.gateway_address, prefix, cidr6)
         )
