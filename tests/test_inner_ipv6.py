@@ -141,7 +141,9 @@ def test_every_valid_ipv6_assignment_round_trips(address: int, prefix: int, gate
 # -- two whole engines over memory links ---------------------------------------------------------
 
 
-def build(*, gateway6: bool = True, client6: str = CLIENT6, seed: int = 7) -> Simulation:
+def build(
+    *, gateway6: bool = True, client6: str = CLIENT6, prefix6: int = 64, seed: int = 7
+) -> Simulation:
     rng = random.Random(seed)
     gw_priv, gw_pub = generate_keypair()
     cl_priv, cl_pub = generate_keypair()
@@ -149,7 +151,7 @@ def build(*, gateway6: bool = True, client6: str = CLIENT6, seed: int = 7) -> Si
         static_private=cl_priv, gateway_public=gw_pub, paths=[PathSpec(1, "path1")],
         policy=POLICY_DEFAULT, now=0.0, rng=random.Random(seed + 1),
     )  # fmt: skip
-    six = {"inner_gateway6": GATEWAY6, "inner_prefix6": 64} if gateway6 else {}
+    six = {"inner_gateway6": GATEWAY6, "inner_prefix6": prefix6} if gateway6 else {}
     gateway = GatewaySessions(
         static_private=gw_priv, clients=[ClientEntry("alice", cl_pub, CLIENT4, client6)],
         policy=POLICY_DEFAULT, now=0.0, urandom=random.Random(seed + 2).randbytes,
@@ -158,7 +160,6 @@ def build(*, gateway6: bool = True, client6: str = CLIENT6, seed: int = 7) -> Si
     sim = Simulation(client, gateway, [MemoryLink(1, rng=rng)])
     sim.start()
     sim.advance(1.0)
-    assert client.state == "ATTACHED"
     return sim
 
 
@@ -175,6 +176,7 @@ def drops(sim: Simulation, reason: Drop) -> int:
 
 def test_the_client_learns_its_inner_ipv6_address_from_the_handshake() -> None:
     sim = build()
+    assert sim.client.state == "ATTACHED"
     c = sim.client
     assert (c.inner_address6, c.inner_prefix6, c.inner_gateway6) == (CLIENT6, 64, GATEWAY6)
     assert c.inner_address == CLIENT4  # IPv4 as before
@@ -286,3 +288,9 @@ def test_ipv6_packets_that_cannot_merge_are_written_as_they_came() -> None:
     for packets in (with_extension, gap, [a[:50], b[:50]]):
         writes = coalesce(packets)
         assert writes == [[NO_OFFLOAD_HDR, p] for p in packets]
+
+
+def test_a_response_with_an_impossible_ipv6_field_is_a_counted_drop_not_a_session() -> None:
+    sim = build(prefix6=129)  # a gateway that announces an impossible prefix length
+    assert sim.client.report.drops.get(Drop.MALFORMED.value, 0) >= 1
+    assert sim.client.state == "BIRTH" and sim.client.inner_address6 == ""
