@@ -89,6 +89,9 @@ def test_inner_ipv6_tcp_both_ways_and_ping(realnet) -> None:  # noqa: F811
     # IPv6 on, quietly: each TUN holds its inner address and nothing else (no link-local)
     assert ipv6_addresses(t, gns, t.gateway_tun) == [GATEWAY_INNER6]
     assert sysctl(t, cns, t.client_tun, "disable_ipv6") == "0"
+    assert t.gw_stderr is not None
+    ready = [line for line in t.gw_stderr.lines if "listening on" in line]
+    assert f"inner {t.gateway_tun} {GATEWAY_INNER}/24 {GATEWAY_INNER6}/64," in ready[0]
 
     ping = t.topo.run(cns, ["ping", "-6", "-c", "3", "-i", "0.2", "-W", "5", GATEWAY_INNER6], 30)
     assert ping.returncode == 0 and " 0% packet loss" in ping.stdout, ping.stdout + ping.stderr
