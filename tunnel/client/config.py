@@ -43,6 +43,9 @@ _HOSTNAME_RE: Final = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-
 
 INNER_KINDS: Final = ("tun", "memory")
 
+IPV6_MIN_MTU: Final = 1280
+"""IPv6 needs links of at least this MTU (RFC 8200)."""
+
 
 class ConfigError(ValueError):
     """A configuration file is missing, unreadable or invalid. The message says where."""
@@ -93,6 +96,8 @@ class ClientConfig:
     mtu: int = 1420
     address: str | None = None
     """Inner ``address/prefix`` to configure; None: the gateway's assignment."""
+    address6: str | None = None
+    """Inner IPv6 ``address/prefix``; None: the gateway's assignment, if it makes one."""
     routes: tuple[str, ...] = ()
     kill_switch: bool = False
     """Keep the routes' traffic off the plain network while the session is not ATTACHED
@@ -270,6 +275,16 @@ def _inner_address(r: _Reader, key: str, value: str) -> str:
     return value
 
 
+def _inner_address6(r: _Reader, key: str, value: str) -> str:
+    try:
+        iface = ipaddress.ip_interface(value)
+    except ValueError:
+        raise r.error(key, value, "expected address/prefix") from None
+    if iface.version != 6 or "/" not in value:
+        raise r.error(key, value, "expected an IPv6 address/prefix like fd00:6a76::2/64")
+    return str(iface)
+
+
 def _routes(r: _Reader, key: str, value: list[object]) -> tuple[str, ...]:
     routes = []
     for i, route in enumerate(value):
@@ -277,8 +292,8 @@ def _routes(r: _Reader, key: str, value: list[object]) -> tuple[str, ...]:
             net = ipaddress.ip_network(route) if isinstance(route, str) else None
         except ValueError:
             net = None
-        if net is None or net.version != 4:
-            raise r.error(f"{key}[{i}]", route, "expected an IPv4 CIDR like 10.66.0.0/16")
+        if net is None:
+            raise r.error(f"{key}[{i}]", route, "expected an IPv4 or IPv6 CIDR like 10.66.0.0/16")
         routes.append(str(net))
     return tuple(routes)
 
@@ -416,8 +431,9 @@ TUN_FIELDS: Final = (
     _Field("name", str, "jvpn%d", check=_ifname, doc="TUN device name (%d: kernel numbers)"),
     _Field("mtu", int, 1420, MIN_MTU, MAX_INNER_PACKET, doc="inner MTU (the gateway's)"),
     _Field("address", str, check=_inner_address, doc="inner address/prefix; absent: assigned"),
+    _Field("address6", str, check=_inner_address6, doc="inner IPv6 address/prefix"),
     _Field("routes", list, (), check=_routes, expected="expected a list of CIDRs",
-           doc="extra IPv4 routes through the tunnel"),
+           doc="extra IPv4/IPv6 routes through the tunnel"),
     _Field("kill_switch", bool, doc="true/false; absent: true when routes has a default route"),
 )
 PATH_FIELDS: Final = (
@@ -529,6 +545,8 @@ def parse_client_config(
     top = r.fields(doc, "", TOP_FIELDS)
     policy_file, policy = top["policy"] or (None, POLICY_DEFAULT)
     tun = r.section(doc, "tun", TUN_FIELDS)
+    if tun["address6"] is not None and tun["mtu"] < IPV6_MIN_MTU:
+        raise r.error("tun.mtu", tun["mtu"], f"IPv6 (tun.address6) needs at least {IPV6_MIN_MTU}")
     paths = _parse_paths(r, doc.get("path"), policy)
     _check_capture(r, tun["routes"], paths)
     events = r.section(doc, "events", EVENT_FIELDS)
@@ -545,6 +563,7 @@ def parse_client_config(
         tun_name=tun["name"],
         mtu=tun["mtu"],
         address=tun["address"],
+        address6=tun["address6"],
         routes=tun["routes"],
         kill_switch=_kill_switch(tun),
         jsonl=events["jsonl"],

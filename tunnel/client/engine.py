@@ -947,4 +947,7 @@ def _inner_for(config: ClientConfig) -> TunLike:
     if config.inner_kind == "memory":
         return MemoryInner(rate_pps=config.inner_rate_pps, payload_size=config.inner_payload_size)
     routes = tunnel_routes(config.routes)  # a default route: its two halves (killswitch.py)
-    return KernelTun(config.tun_name, config.mtu, address=config.address, routes=routes)
+    return KernelTun(
+        config.tun_name, config.mtu, address=config.address, address6=config.address6,
+        routes=routes,
+    )  # fmt: skip
