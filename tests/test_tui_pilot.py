@@ -565,7 +565,13 @@ def _stub_headless(monkeypatch: pytest.MonkeyPatch, build: Callable[..., Any]) -
     calls: list[Any] = []
     stub = types.ModuleType("tunnel.client.headless")
 
-    def build_engine_from_args(config: str | None, demo: bool, demo_script: bool = False) -> Any:
+    def build_engine_from_args(
+        config: str | None,
+        demo: bool,
+        demo_script: bool = False,
+        control: str | None = None,
+        default_control: bool = False,
+    ) -> Any:
         calls.append(("build", config, demo, demo_script))
         return build(config, demo)
 
@@ -680,7 +686,7 @@ def test_headless_never_imports_textual() -> None:
     code = """
 import sys, types
 stub = types.ModuleType("tunnel.client.headless")
-stub.build_engine_from_args = lambda config, demo, demo_script=False: object()
+stub.build_engine_from_args = lambda config, demo, demo_script=False, **_: object()
 stub.run_headless = lambda engine, duration: 0
 sys.modules["tunnel.client.headless"] = stub
 from jvpn_tui.__main__ import main
