@@ -28,7 +28,7 @@ FAKE_PERIOD_S = 0.1
 EXIT_ATTACH_FAILED: Final = 3
 """--attach: no client could be reached at the socket (none there, permission denied, not
 a client's, another protocol), or it went away without a final word while attached."""
-ATTACH_ALONE: Final = ("demo", "headless", "config", "fake_engine")
+ATTACH_ALONE: Final = ("demo", "headless", "config", "control_socket", "fake_engine")
 """Options that start an engine, so they make no sense with --attach."""
 
 EPILOG = """\
@@ -82,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
         help="show and drive a client that already runs (jvpn-tui --headless, a service) "
         "through its control socket (default: /run/jvpn/client.sock as root, else "
         "$XDG_RUNTIME_DIR/jvpn/client.sock); quitting detaches, the tunnel stays up",
+    )
+    parser.add_argument(
+        "--control-socket",
+        metavar="PATH",
+        help="serve the control socket (jvpn status, jvpn-tui --attach) at PATH, or 'off'; "
+        "default: control_socket of the config, else /run/jvpn/client.sock as root "
+        "($XDG_RUNTIME_DIR/jvpn/client.sock otherwise); --demo serves one only at PATH",
     )
     parser.add_argument(
         "--duration",
@@ -145,7 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as exc:
         return _not_available(exc)
     try:
-        engine = build_engine_from_args(args.config, demo=args.demo, demo_script=args.demo)
+        engine = build_engine_from_args(
+            args.config, demo=args.demo, demo_script=args.demo, control=args.control_socket,
+            default_control=True,
+        )  # fmt: skip
     except ConfigError as exc:
         return _fail(str(exc))
     except ImportError as exc:  # e.g. the demo engine is not written yet

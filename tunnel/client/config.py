@@ -30,6 +30,8 @@ from tunnel.core.policy import POLICY_DEFAULT, Policy, PolicyError, load_policy
 from tunnel.keys import KeyFormatError, decode_key, load_private_key, load_public_key
 
 MAX_CONFIG_SIZE: Final = 1 << 20
+MAX_UNIX_PATH: Final = 107
+"""Longest unix socket path (sun_path is 108 bytes with the terminating NUL)."""
 """A client config is a few hundred bytes; anything near this is not one."""
 
 MAX_PATHS: Final = 9
@@ -96,6 +98,9 @@ class ClientConfig:
     syslog: SyslogTarget | None = None
     keymap: Mapping[str, str] = field(default_factory=dict)
     """Binding id -> key, passed through to the UI unchanged."""
+    control_socket: str | None = None
+    """Control socket path (absolute), ``"off"``, or None: the default path
+    (:func:`tunnel.client.control.control_socket_for`)."""
     inner_kind: str = "tun"
     """``tun`` (a kernel TUN, needs root) or ``memory`` (no device: a built-in ICMP echo
     source towards the gateway's inner address; for tests and trials without root)."""
@@ -359,6 +364,18 @@ def _key_from(r: _Reader, key: str, value: str, *, private: bool) -> bytes:
         raise r.error(key, shown, str(exc)) from None
 
 
+def _control_socket(r: _Reader, key: str, value: str) -> str:
+    """``off``, or a socket path (relative: against the config's directory)."""
+    if value == "off":
+        return value
+    path = _relative(r.base, value)
+    if len(os.fsencode(path)) > MAX_UNIX_PATH:
+        raise r.error(
+            key, value, f"is longer than a unix socket path may be ({MAX_UNIX_PATH} bytes)"
+        )
+    return str(path)
+
+
 def _check_private_mode(r: _Reader, key: str, value: str, path: Path) -> None:
     """Refuse a private key file other users can read (the gateway has the same rule)."""
     try:
@@ -383,6 +400,8 @@ TOP_FIELDS: Final = (
            doc="key file or inline base64"),
     _Field("policy", str, check=_policy, doc="policy file; absent: the built-in policy"),
     _Field("node_id", str, "client", check=_name, doc="names this client in events"),
+    _Field("control_socket", str, check=_control_socket,
+           doc='control socket path; "off": none; absent: the default (docs/control.md)'),
 )
 TABLE_KEYS: Final = ("tun", "path", "events", "keymap", "inner")
 TUN_FIELDS: Final = (
@@ -484,6 +503,7 @@ def parse_client_config(
         policy=policy,
         policy_file=policy_file,
         node_id=top["node_id"],
+        control_socket=top["control_socket"],
         tun_name=tun["name"],
         mtu=tun["mtu"],
         address=tun["address"],

@@ -37,6 +37,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Final, Protocol
 
 from tunnel.api import (
@@ -59,8 +60,11 @@ from tunnel.api import (
     UiChannel,
 )
 from tunnel.client.config import ClientConfig, PathConfig
+from tunnel.client.control import ControlSocket, EngineControl
 from tunnel.client.explain import handshake_explanation
 from tunnel.client.runtime import ClientRuntime, PathTarget
+from tunnel.control.protocol import ControlError
+from tunnel.control.server import ControlServer, prepare_socket_path
 from tunnel.core.client import ClientSession, ClientSnapshot, PathSpec
 from tunnel.core.events import (
     Diagnostic,
@@ -90,6 +94,9 @@ SNAPSHOT_INTERVAL_S: Final = 0.2
 
 COMMAND_POLL_S: Final = 0.05
 """Command queue poll period; ``notify()`` wakes the loop at once."""
+
+CONTROL_FLUSH_S: Final = 1.0
+"""At the end, how long the control socket's watchers get to read the final snapshot."""
 
 RATE_WINDOW_S: Final = 1.0
 """Traffic rates are averaged over this window."""
@@ -285,7 +292,10 @@ class ClientEngine:
         channel: UiChannel | None = None,
         inner: TunLike | None = None,
         plugin: EnginePlugin | None = None,
+        control: ControlSocket | None = None,
     ) -> None:
+        """``control``: where to serve the control socket (:mod:`tunnel.client.control`);
+        None: no socket (the library default; the programs pass one)."""
         self.config = config
         """The configuration; a plug-in's ``prepare`` may replace it when the engine starts."""
         self.channel = channel if channel is not None else UiChannel()
@@ -317,6 +327,15 @@ class ClientEngine:
         self._tasks: set[asyncio.Task[None]] = set()
         self.resolutions = 0
         """Gateway name look-ups finished after the start (D7: one per reattach attempt)."""
+        self._control_spec = control
+        self._control: EngineControl | None = None
+        self._control_server: ControlServer | None = None
+        self._spent_loop: asyncio.AbstractEventLoop | None = None
+        self.control_socket: Path | None = None
+        """Where the control socket listens (set once it does; None: no socket)."""
+        self.notices: list[str] = []
+        """One-line notices for the person running the program (appended by the engine
+        thread, e.g. a default control socket that another client already holds)."""
 
     # -- EngineHandle ------------------------------------------------------------------------
 
@@ -394,6 +413,8 @@ class ClientEngine:
                 self.config = self._plugin.prepare(self.config)
             session = self._new_session()
             targets = [self._open_path(p, sockets) for p in self.config.paths]
+            if self._control_spec is not None and self._control_spec.required:
+                prepare_socket_path(self._control_spec.path)  # refuse before touching the host
             inner_touched = True
             self.inner.setup()  # host changes: before the loop (pyroute2 is synchronous)
             self._run_loop(session, targets)
@@ -449,6 +470,7 @@ class ClientEngine:
         with self._loop_lock:
             self._loop = loop
         try:
+            self._start_control(loop)
             loop.call_soon(runtime.install, loop)
             if plugin is not None:
                 host = PluginHost(
@@ -462,7 +484,48 @@ class ClientEngine:
         finally:
             with self._loop_lock:
                 self._loop = None
-                loop.close()
+            self._spent_loop = loop  # closed by _finish, after the control socket's goodbye
+
+    def _start_control(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve the control socket on the engine loop (before the loop runs)."""
+        spec = self._control_spec
+        if spec is None:
+            return
+        control = EngineControl(
+            lambda: self._snapshot(running=True),
+            self._command_from_socket,
+            [p.path_id for p in self.config.paths],
+        )
+        server = ControlServer(spec.path, control)
+        try:
+            loop.run_until_complete(server.start())
+        except ControlError as exc:
+            if spec.required:
+                raise
+            self.notices.append(f"no control socket: {exc} (set control_socket to choose one)")
+            return
+        self._control, self._control_server = control, server
+        self.control_socket = spec.path
+
+    def _command_from_socket(self, command: Command) -> bool:
+        """Loop thread: a control-socket command joins the UI's queue, taken at once."""
+        if not self.commands.send(command):
+            return False
+        self._later(lambda: self._poll_commands(False))
+        return True
+
+    def _close_control(self, final: EngineSnapshot) -> None:
+        """Send watchers the final snapshot, close the socket, then the spent loop."""
+        loop, server = self._spent_loop, self._control_server
+        self._spent_loop = self._control_server = None
+        if loop is None:
+            return
+        try:
+            if server is not None:
+                server.publish_status(final)
+                loop.run_until_complete(server.close(flush=CONTROL_FLUSH_S))
+        finally:
+            loop.close()
 
     def _later(self, fn: Callable[[], object]) -> None:
         with self._loop_lock:
@@ -490,6 +553,10 @@ class ClientEngine:
         snap = self._snapshot(running=False)
         self.final_snapshot = snap
         self.channel.publish_snapshot(snap)
+        try:
+            self._close_control(snap)
+        except Exception as exc:  # the session has ended already; say so, never hide it
+            self.notices.append(f"closing the control socket failed: {one_line(exc)}")
         if self._pipeline is not None:
             self._pipeline.close(timeout=1.0)
 
@@ -565,7 +632,11 @@ class ClientEngine:
             self._re_resolve(event.candidate_transport)
         if self._pipeline is not None:
             self._pipeline.emit(event)
-        self.channel.publish_event(event.to_dict())
+        record = event.to_dict()
+        self.channel.publish_event(record)
+        if self._control is not None and self._control_server is not None:
+            self._control.remember(record)
+            self._control_server.publish_event(record)
 
     # -- D7: gateway names re-resolved on every reattach attempt ------------------------------
 
@@ -648,7 +719,10 @@ class ClientEngine:
 
     def _snapshot_tick(self) -> None:
         try:
-            self.channel.publish_snapshot(self._snapshot(running=True))
+            snap = self._snapshot(running=True)
+            self.channel.publish_snapshot(snap)
+            if self._control_server is not None:
+                self._control_server.publish_status(snap)
         except Exception as exc:
             self._on_crash(exc)
             return

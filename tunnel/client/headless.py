@@ -36,6 +36,7 @@ from tunnel.api import (
     ui_queue_size,
 )
 from tunnel.client.config import ConfigError, load_client_config
+from tunnel.client.control import CONTROL_OFF, control_socket_for
 from tunnel.client.engine import ENGINE_ERROR, ClientEngine, exit_code_for
 
 DRAIN_INTERVAL_S: Final = 0.05
@@ -63,7 +64,12 @@ ENGINE_STOPPED_FIELDS: Final = {
 
 
 def build_engine_from_args(
-    config: str | None, demo: bool, *, demo_script: bool = False
+    config: str | None,
+    demo: bool,
+    *,
+    demo_script: bool = False,
+    control: str | None = None,
+    default_control: bool = False,
 ) -> EngineHandle:
     """The engine the command line asks for; ConfigError with a clear message otherwise.
 
@@ -71,6 +77,9 @@ def build_engine_from_args(
     without the UI: ``--demo`` always plays it).
     The UI channel's size is :data:`tunnel.api.UI_QUEUE_SIZE` unless the test knob
     :data:`tunnel.api.UI_QUEUE_SIZE_ENV` says otherwise.
+    ``control``: ``--control-socket`` (a path or ``off``); else the config's
+    ``control_socket``; else, with ``default_control``, the default path (best effort).
+    The demo serves a control socket only when ``control`` names one.
     """
     try:
         channel = UiChannel(ui_queue_size(os.environ))
@@ -81,10 +90,15 @@ def build_engine_from_args(
             raise ConfigError("--demo runs without a configuration: drop --config")
         from tunnel.demo.scenario import DemoEngine
 
-        return DemoEngine(script=demo_script, channel=channel)
+        socket = control_socket_for(CONTROL_OFF, control)
+        return DemoEngine(script=demo_script, channel=channel, control=socket)
     if config is None:
         raise ConfigError("no configuration: give --config PATH (or --demo)")
-    return ClientEngine(load_client_config(config), channel=channel)
+    cfg = load_client_config(config)
+    socket = control_socket_for(cfg.control_socket, control)
+    if socket is not None and not socket.required and not default_control:
+        socket = None
+    return ClientEngine(cfg, channel=channel, control=socket)
 
 
 def _line(obj: Any) -> str:
@@ -94,9 +108,11 @@ def _line(obj: Any) -> str:
 class _Drain:
     """Drains the engine's channel: events printed as JSON lines, the last snapshot kept."""
 
-    def __init__(self, engine: EngineHandle, out: TextIO) -> None:
+    def __init__(self, engine: EngineHandle, out: TextIO, err: TextIO) -> None:
         self._engine = engine
         self._out = out
+        self._err = err
+        self._notices = 0
         self.last: EngineSnapshot | None = None
         """The newest snapshot seen."""
         self.final: EngineSnapshot | None = None
@@ -111,6 +127,10 @@ class _Drain:
             else:
                 self._out.write(_line(dict(item)) + "\n")
         self._out.flush()
+        notices: list[str] = getattr(self._engine, "notices", [])
+        for notice in notices[self._notices :]:
+            self._err.write(f"jvpn-tui: {notice}\n")
+            self._notices += 1
 
     def until_stopped(self, stop_at: float | None) -> EngineSnapshot | None:
         """Drain until the engine's final snapshot; at ``stop_at`` end the session."""
@@ -186,7 +206,7 @@ def run_headless(
     previous = _install_signals(engine)
     try:
         engine.start()
-        final = _Drain(engine, out).until_stopped(stop_at)
+        final = _Drain(engine, out, err).until_stopped(stop_at)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -211,9 +231,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", metavar="PATH", help="client configuration file (TOML)")
     parser.add_argument("--demo", action="store_true", help="embedded loopback demo")
     parser.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this")
+    parser.add_argument("--control-socket", metavar="PATH", help='control socket, or "off"')
     args = parser.parse_args(argv)
     try:
-        engine = build_engine_from_args(args.config, args.demo, demo_script=True)
+        engine = build_engine_from_args(
+            args.config, args.demo, demo_script=True, control=args.control_socket,
+            default_control=True,
+        )  # fmt: skip
     except ConfigError as exc:
         print(f"jvpn-tui: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

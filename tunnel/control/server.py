@@ -183,11 +183,18 @@ class ControlServer:
             sock.close()
             raise ControlError(f"cannot listen on {self._path}: {exc.strerror or exc}") from None
 
-    async def close(self) -> None:
-        """Stop serving, end every connection, remove the socket file."""
+    async def close(self, flush: float = 0.0) -> None:
+        """Stop serving, end every connection, remove the socket file.
+
+        ``flush``: up to this many seconds for the watchers to read what is queued for
+        them (the final snapshot of an engine that ends)."""
         if self._server is not None:
             self._server.close()
             self._server = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + flush
+        while any(w.lines for w in self._watchers) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
         for task in list(self._connections):
             task.cancel()
         for task in list(self._connections):

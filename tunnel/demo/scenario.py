@@ -35,6 +35,7 @@ from typing import Final
 
 from tunnel.api import CommandQueue, EngineSnapshot, ExtensionCommand, UiChannel
 from tunnel.client.config import ClientConfig, PathConfig
+from tunnel.client.control import ControlSocket
 from tunnel.client.engine import ClientEngine, PluginHost, one_line
 from tunnel.core.events import Event, Reason
 from tunnel.core.handshake import generate_keypair
@@ -244,6 +245,7 @@ class DemoEngine:
         seed: int | None = None,
         script: bool = False,
         timeline: DemoScript = DEMO_SCRIPT,
+        control: ControlSocket | None = None,
     ) -> None:
         """``script``: play ``timeline`` from the start (``jvpn-tui --demo`` does)."""
         if not 1 <= n_paths <= 9:
@@ -261,7 +263,9 @@ class DemoEngine:
             private_key=private, gateway_public_key=self.plugin.gateway.public_key,
             paths=paths, node_id="demo-client", source="<demo>",
         )  # fmt: skip
-        self.engine = ClientEngine(config, channel=channel, inner=self.memory, plugin=self.plugin)
+        self.engine = ClientEngine(
+            config, channel=channel, inner=self.memory, plugin=self.plugin, control=control
+        )
         self.channel: UiChannel = self.engine.channel
         self.commands: CommandQueue = self.engine.commands
         if script:
