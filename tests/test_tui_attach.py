@@ -39,6 +39,8 @@ from test_tui_layout import screen_text, settle
 from test_tui_pilot import RecordingApp, run_async, text_of, wait_for
 from textual.pilot import Pilot
 
+from jvpn_tui.app import JvpnApp
+from jvpn_tui.fake_engine import FakeEngine
 from jvpn_tui.screens import ConfirmScreen
 from jvpn_tui.widgets import EngineBanner, SwitchTimeline
 from tunnel.api import NO_SESSION, EngineSnapshot
@@ -422,3 +424,33 @@ def test_a_refused_command_is_notified_and_noted_in_the_timeline(tmp_path: Path)
 
 def asyncio_run(scenario: Callable[[], Any]) -> None:
     run_async(scenario)()
+
+
+def test_attached_screen_picture(
+    snap_compare: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The healthy scenario of the fake engine, served over a control socket: the header
+    names the socket and the client's pid, the footer offers Detach (pytest-textual-snapshot;
+    a relative socket path keeps the picture the same in every directory)."""
+    fake = FakeEngine("healthy")
+    fake.start()
+    lines = [
+        encode(SnapshotMsg(status=raw(item)))
+        if isinstance(item, EngineSnapshot)
+        else encode(EventMsg(event=dict(item)))
+        for item in fake.channel.drain()
+    ]
+    monkeypatch.chdir(tmp_path)
+    server = ScriptedServer(Path("client.sock"), [lines])
+
+    async def first_snapshot(pilot: Pilot[Any]) -> None:
+        app = pilot.app
+        assert isinstance(app, JvpnApp)
+        await wait_for(pilot, lambda: app.snapshot is not None, "the served snapshot")
+        await settle(pilot)
+
+    try:
+        app = JvpnApp(RemoteEngine(Path("client.sock")))
+        assert snap_compare(app, terminal_size=SIZE, run_before=first_snapshot)
+    finally:
+        server.close()
