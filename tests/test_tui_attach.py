@@ -39,11 +39,13 @@ from test_tui_layout import screen_text, settle
 from test_tui_pilot import RecordingApp, run_async, text_of, wait_for
 from textual.pilot import Pilot
 
+from jvpn_tui.__main__ import main
 from jvpn_tui.app import JvpnApp
 from jvpn_tui.fake_engine import FakeEngine
 from jvpn_tui.screens import ConfirmScreen
 from jvpn_tui.widgets import EngineBanner, SwitchTimeline
 from tunnel.api import NO_SESSION, EngineSnapshot
+from tunnel.control import protocol
 from tunnel.control.client import ControlConnection
 from tunnel.control.protocol import (
     PROTOCOL_VERSION,
@@ -310,6 +312,31 @@ def test_attaching_where_no_client_answers_is_one_line_and_exit_3(tmp_path: Path
     ]
 
 
+def test_attach_without_a_socket_uses_the_clients_default_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    default = tmp_path / "run" / "client.sock"
+    asked: list[str] = []
+
+    def default_socket(role: str) -> Path:
+        asked.append(role)
+        return default
+
+    monkeypatch.setattr(protocol, "default_socket", default_socket)
+    assert main(["--attach"]) == 3
+    assert asked == ["client"]
+    assert f"no control socket at {default}:" in capsys.readouterr().err
+
+
+def test_attaching_to_a_gateways_socket_is_refused(tmp_path: Path) -> None:
+    server = ScriptedServer(tmp_path / "gw.sock", [], role="gateway")
+    try:
+        with pytest.raises(ControlError, match="is a gateway's control socket; --attach needs a"):
+            RemoteEngine(server.path)
+    finally:
+        server.close()
+
+
 def test_attach_refuses_the_options_that_start_an_engine(tmp_path: Path) -> None:
     for extra in (["--demo"], ["--headless"], ["--config", "client.toml"]):
         proc = run_attach("--attach", str(tmp_path / "x.sock"), *extra)
@@ -338,8 +365,9 @@ class ScriptedServer:
     """A control socket that answers as scripted: the n-th watch gets ``watches[n]`` (lines
     after its hello and request), every command gets ``Result(ok=False)``."""
 
-    def __init__(self, path: Path, watches: list[list[bytes]]) -> None:
+    def __init__(self, path: Path, watches: list[list[bytes]], role: str = "client") -> None:
         self.path = path
+        self.role = role
         self.watches = watches
         self.commands: list[dict[str, Any]] = []
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -356,7 +384,8 @@ class ScriptedServer:
                 threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        conn.sendall(encode(Hello(protocol=PROTOCOL_VERSION, role="client", version="t", pid=7)))
+        hello = Hello(protocol=PROTOCOL_VERSION, role=self.role, version="t", pid=7)
+        conn.sendall(encode(hello))
         with contextlib.suppress(OSError), conn.makefile("rb") as lines:
             for line in lines:
                 request = decode_request(line)
