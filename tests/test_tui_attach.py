@@ -312,6 +312,19 @@ def test_attaching_where_no_client_answers_is_one_line_and_exit_3(tmp_path: Path
     ]
 
 
+def test_attach_without_a_terminal_refuses_in_one_line_exit_2(tmp_path: Path) -> None:
+    """A client answers, but there is no terminal to draw on: the usual refusal."""
+    server = ScriptedServer(tmp_path / "s.sock", [])
+    try:
+        proc = run_attach("--attach", str(server.path))
+    finally:
+        server.close()
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jvpn-tui: the UI needs a terminal")
+    assert "--headless" in lines[0] and "--attach" in lines[0]
+
+
 def test_attach_without_a_socket_uses_the_clients_default_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
