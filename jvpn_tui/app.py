@@ -299,6 +299,8 @@ class JvpnApp(App[int]):
 
     def _notify_events(self, events: list[Mapping[str, object]]) -> None:
         for event in events:
+            if self._remote is not None and self._remote.before_attach(event):
+                continue  # the attached client's history: in the views, not news
             kind = event.get("event_type")
             if kind == EventType.TRANSPORT_SWITCH_DENIED and event.get("manual"):
                 retry = event.get("retry_after_ms")

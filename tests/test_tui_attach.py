@@ -468,6 +468,38 @@ def asyncio_run(scenario: Callable[[], Any]) -> None:
     run_async(scenario)()
 
 
+def policy_event(ts_ms: int, detail: str) -> dict[str, Any]:
+    return {"event_type": "POLICY_EVENT", "ts_ms": ts_ms, "session_id": "ab",
+            "node_id": "client", "policy_version": "1", "state_version": 1,
+            "policy_name": "POLICY_LOADED", "reason_code": "policy_applied",
+            "detail": detail}  # fmt: skip
+
+
+def test_the_clients_history_is_drawn_but_only_news_is_notified(tmp_path: Path) -> None:
+    """At attach the timeline shows what the client remembers, without a notification
+    per old event (a client that reloaded its policy 20 times would bury the screen);
+    what happens after the attach is notified as in the embedded UI."""
+    later = int(time.time() * 1000) + 60_000  # after the attach
+    lines = [encode(EventMsg(event=policy_event(1_700_000_000_000, "old reload"))),
+             encode(SnapshotMsg(status=raw(snapshot(1)))),
+             encode(EventMsg(event=policy_event(later, "new reload")))]  # fmt: skip
+    server = ScriptedServer(tmp_path / "s.sock", [lines])
+
+    async def scenario() -> None:
+        app = RecordingApp(RemoteEngine(server.path))
+        async with app.run_test(size=SIZE) as pilot:
+            await attached(pilot)
+            timeline = app.query_one(SwitchTimeline)
+            await wait_for(pilot, lambda: len(timeline.lines) == 2, "both policy lines")
+            assert "new reload" in timeline.lines[0] and "old reload" in timeline.lines[1]
+            assert [m for m, _ in app.notes if "reload" in m] == ["POLICY_LOADED: new reload"]
+
+    try:
+        asyncio_run(scenario)
+    finally:
+        server.close()
+
+
 def test_attached_screen_picture(
     snap_compare: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

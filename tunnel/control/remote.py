@@ -254,6 +254,9 @@ class RemoteEngine:
             )
         self.channel: RemoteChannel = channel if channel is not None else RemoteChannel()
         self.commands: CommandQueue = CommandQueue()
+        self.attached_ms: Final = int(time.time() * 1000)
+        """Wall-clock ms when this UI attached: the client's events from before are its
+        history (see :meth:`before_attach`)."""
         self.went_away: str | None = None
         """Set when the stream ended without the client's final snapshot (it was killed,
         or the watch could not be opened): what the UI says."""
@@ -296,6 +299,12 @@ class RemoteEngine:
             return self._detached.is_set()
         self._watcher.join(timeout)
         return not self._watcher.is_alive()
+
+    def before_attach(self, event: Mapping[str, object]) -> bool:
+        """``event`` happened before this UI attached (the client's remembered history):
+        the UI draws it but does not notify it as news."""
+        ts = event.get("ts_ms")
+        return isinstance(ts, int) and ts < self.attached_ms
 
     # -- the watch ----------------------------------------------------------------------------
 
