@@ -2,8 +2,10 @@
 
 ``jvpn-tui --demo`` runs a complete setup on loopback (no root, no config);
 ``jvpn-tui --config client.toml`` runs the real client; ``--headless`` runs either
-without a UI and prints one JSON event per line. The engine modules are imported only
-when they are needed, and ``--headless`` never imports Textual.
+without a UI and prints one JSON event per line; ``--attach [SOCKET]`` shows and drives a
+client that already runs, through its control socket (quitting detaches: the client runs
+on). The engine modules are imported only when they are needed, and ``--headless`` never
+imports Textual.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Final
 
 from jvpn_tui.keymap import KeymapError, check_keymap, load_keymap
 from tunnel.version import package_version
@@ -22,11 +25,16 @@ THEMES = ("dark", "light", "high-contrast")
 FAKE_SCENARIOS = ("healthy", "mid-switch", "degraded")
 FAKE_PERIOD_S = 0.1
 """--fake-engine answers commands and publishes every 100 ms (a 10 Hz engine)."""
+EXIT_ATTACH_FAILED: Final = 3
+"""--attach: no client could be reached at the socket (none there, permission denied, not
+a client's, another protocol), or it went away without a final word while attached."""
+ATTACH_ALONE: Final = ("demo", "headless", "config", "control_socket", "fake_engine")
+"""Options that start an engine, so they make no sense with --attach."""
 
 EPILOG = """\
 keys (remappable by binding id, see --keymap; ? in the UI lists them all):
   1-9 switch to path N    a auto-switch on/off   r force reattach   p reload policy
-  t terminate (asks)      ? help                 q quit             ctrl+p command palette
+  t terminate (asks)      ? help                 q quit (attached: detach)  ctrl+p palette
   below 150x40 one page at a time: o overview, c trends, e timeline, s security,
   h observability (PgUp/PgDn/Home/End scroll a long page)
   demo only: the demo script (loss, path death, replay, restore) plays from the start;
@@ -39,6 +47,8 @@ examples:
                                            plays the demo script (a switch, a recovery
                                            and a rejected replay within 20 s)
   jvpn-tui --config client.toml --theme light
+  jvpn-tui --attach                        show and drive the client that runs as a service
+                                           (its default control socket); q detaches
   NO_COLOR=1 jvpn-tui --demo               no colours
 """
 
@@ -64,6 +74,15 @@ def _parser() -> argparse.ArgumentParser:
         help="run the engine without a UI; print one JSON event per line on stdout",
     )
     parser.add_argument("--config", metavar="PATH", help="client configuration file (TOML)")
+    parser.add_argument(
+        "--attach",
+        metavar="SOCKET",
+        nargs="?",
+        const="",
+        help="show and drive a client that already runs (jvpn-tui --headless, a service) "
+        "through its control socket (default: /run/jvpn/client.sock as root, else "
+        "$XDG_RUNTIME_DIR/jvpn/client.sock); quitting detaches, the tunnel stays up",
+    )
     parser.add_argument(
         "--control-socket",
         metavar="PATH",
@@ -92,6 +111,12 @@ def _parser() -> argparse.ArgumentParser:
         "for the binding ids it names",
     )
     parser.add_argument(
+        "--release-kill-switch",
+        action="store_true",
+        help="remove a kill switch an abnormal end left in place (routes of protocol 106 "
+        "in this network namespace; docs/client.md, Kill switch), then exit; needs root",
+    )
+    parser.add_argument(
         "--fake-engine",
         metavar="SCENARIO",
         choices=FAKE_SCENARIOS,
@@ -108,6 +133,11 @@ def _fail(message: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.release_kill_switch:
+        from tunnel.client.headless import release_kill_switch
+
+        released: int = release_kill_switch()
+        return released
     if args.duration is not None and args.duration <= 0:
         return _fail("--duration must be a positive number of seconds")
     keymap: dict[str, str] = {}
@@ -117,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeymapError as exc:
             return _fail(str(exc))
 
+    if args.attach is not None:
+        return _attach(args, keymap)
     if args.fake_engine is not None:
         if args.headless:
             return _fail("--fake-engine drives the UI only; it cannot run --headless")
@@ -149,6 +181,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run_ui(engine, args, keymap)
 
 
+def _attach(args: argparse.Namespace, keymap: dict[str, str]) -> int:
+    """``--attach [SOCKET]``: the UI on a running client; exit 3 when none answers."""
+    clash = [f"--{name.replace('_', '-')}" for name in ATTACH_ALONE if getattr(args, name)]
+    if clash:
+        return _fail(f"--attach shows a client that already runs; it takes no {clash[0]}")
+    from tunnel.control.protocol import ControlError, default_socket
+    from tunnel.control.remote import RemoteEngine
+
+    path = Path(args.attach) if args.attach else default_socket("client")
+    try:
+        remote = RemoteEngine(path)
+    except ControlError as exc:
+        print(f"{PROG}: cannot attach: {exc}", file=sys.stderr)
+        return EXIT_ATTACH_FAILED
+    try:
+        ended = _ui(remote, args, keymap)
+    finally:
+        remote.stop()
+    if isinstance(ended, int):
+        return ended
+    if remote.went_away is not None:
+        print(f"{PROG}: detached: {remote.went_away}", file=sys.stderr)
+        return EXIT_ATTACH_FAILED
+    if ended is None:
+        print(f"{PROG}: detached from {path}; the client runs on, its tunnel up", file=sys.stderr)
+    return _ended(ended)
+
+
 def config_keymap(engine: Any) -> dict[str, str]:
     """The ``[keymap]`` of the engine's client config, validated like ``--keymap``."""
     config = getattr(engine, "config", None)
@@ -169,24 +229,40 @@ def _not_available(exc: ImportError) -> int:
 
 
 def _run_ui(engine: Any, args: argparse.Namespace, keymap: dict[str, str]) -> int:
+    ended = _ui(engine, args, keymap)
+    return ended if isinstance(ended, int) else _ended(ended)
+
+
+def _ui(engine: Any, args: argparse.Namespace, keymap: dict[str, str]) -> int | str | None:
+    """Run the UI: why its engine ended (None: the UI was quit), or an exit code when
+    there is no terminal to run it on."""
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         # Without a terminal the UI would draw escape codes into a file or a pipe forever.
         return _fail(
             "the UI needs a terminal on stdin and stdout; without one (a service, nohup, "
-            "cron, a pipe) run --headless, which prints JSON events on stdout"
+            "cron, a pipe) run --headless, which prints JSON events on stdout, and see or "
+            "drive it later from a terminal with --attach"
         )
     from jvpn_tui.app import JvpnApp
 
     app = JvpnApp(engine, theme=args.theme, keymap=keymap, duration=args.duration)
     app.run()
-    if app.ended is None:
+    notice = getattr(engine, "kill_switch_notice", None)
+    if notice:
+        print(f"{PROG}: {notice}", file=sys.stderr)
+    return app.ended
+
+
+def _ended(ended: str | None) -> int:
+    """The exit status after the UI: 0 when it was quit, else the engine's final reason's."""
+    if ended is None:
         return 0
-    print(f"{PROG}: session ended: {app.ended}", file=sys.stderr)
+    print(f"{PROG}: session ended: {ended}", file=sys.stderr)
     try:
         from tunnel.client.engine import exit_code_for
     except ImportError:
-        return 0 if app.ended == "operator_terminated" else 1
-    return exit_code_for(app.ended)
+        return 0 if ended == "operator_terminated" else 1
+    return exit_code_for(ended)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ from tunnel.api import (
     SwitchTo,
     Terminate,
 )
+from tunnel.control.remote import ATTACH_NODE, RemoteEngine
 from tunnel.demo.commands import ALL_PATHS, DemoAction, DemoImpair, outcome_of
 
 DRAIN_HZ: Final = 4.0
@@ -119,6 +120,10 @@ class JvpnApp(App[int]):
         if theme not in PALETTES:
             raise ValueError(f"unknown theme {theme!r} (known: {', '.join(PALETTES)})")
         self.engine = engine
+        self._remote = engine if isinstance(engine, RemoteEngine) else None
+        """The client this UI is attached to (``--attach``); None: the engine is its own."""
+        if self._remote is not None:
+            self.title = f"jvpn · attached to {self._remote.path} (pid {self._remote.hello.pid})"
         self.snapshot: EngineSnapshot | None = None
         """The newest snapshot drawn."""
         self._latest: EngineSnapshot | None = None
@@ -294,6 +299,8 @@ class JvpnApp(App[int]):
 
     def _notify_events(self, events: list[Mapping[str, object]]) -> None:
         for event in events:
+            if self._remote is not None and self._remote.before_attach(event):
+                continue  # the attached client's history: in the views, not news
             kind = event.get("event_type")
             if kind == EventType.TRANSPORT_SWITCH_DENIED and event.get("manual"):
                 retry = event.get("retry_after_ms")
@@ -312,6 +319,9 @@ class JvpnApp(App[int]):
                     f"{event.get('policy_name')}: {detail}",
                     title="Policy", severity="error" if bad else "information", markup=False,
                 )  # fmt: skip
+            elif kind == EventType.DIAGNOSTIC and event.get("node_id") == ATTACH_NODE:
+                self.notify(str(event.get("detail")), title="Command refused",
+                            severity="warning", markup=False)  # fmt: skip
             elif kind == EventType.DIAGNOSTIC:
                 self._notify_demo(event)
 
@@ -336,11 +346,17 @@ class JvpnApp(App[int]):
             reason = (last.final_reason if last is not None else None) or "engine stopped"
         else:
             return
-        self.ended = reason
         state = self._latest.session.state if self._latest is not None else None
-        self._panels.query_one(EngineBanner).stopped(reason, state)
+        gone = self._remote.went_away if self._remote is not None else None
+        if gone is not None:  # attached, and the client ended without a word (killed)
+            reason = f"detached: {gone}"
+            self._panels.query_one(EngineBanner).detached(gone, state)
+        else:
+            self._panels.query_one(EngineBanner).stopped(reason, state)
+        self.ended = reason
         self.sub_title = f"stopped · {reason}"
-        self.notify(reason, title="Engine stopped", severity="error", markup=False, timeout=8)
+        title = "Detached" if gone is not None else "Engine stopped"
+        self.notify(reason, title=title, severity="error", markup=False, timeout=8)
         self.refresh_bindings()
 
     def _take_last_items(self) -> None:
@@ -403,8 +419,10 @@ class JvpnApp(App[int]):
         if action == "page":
             return bool(self.compact)
         if action == "demo":
-            if not self._demo:
+            if not self._demo_keys:
                 return False
+        if action == "detach":
+            return self._remote is not None
         if action in _ENGINE_ACTIONS and self.ended is not None:
             return None
         return True
@@ -439,9 +457,10 @@ class JvpnApp(App[int]):
             if yes:
                 self.send(Terminate())
 
+        where = f" The client at {self._remote.path} ends too." if self._remote else ""
         self.push_screen(
             ConfirmScreen(
-                "End the session? The gateway is told (TERMINATE) and the tunnel closes.",
+                "End the session? The gateway is told (TERMINATE) and the tunnel closes." + where,
                 confirm_label="Terminate",
             ),
             answered,
@@ -467,8 +486,18 @@ class JvpnApp(App[int]):
 
     async def action_quit(self) -> None:
         self._stopping = True
-        await asyncio.to_thread(self.engine.stop)
+        await asyncio.to_thread(self.engine.stop)  # attached: detach (the client runs on)
         self.exit(0)
+
+    async def action_detach(self) -> None:
+        """Attached: close the UI; the client and its tunnel stay up."""
+        await self.action_quit()
+
+    @property
+    def _demo_keys(self) -> bool:
+        """The demo keys apply: the engine is the demo, and its own (the control socket
+        of an attached client does not carry the demo's commands)."""
+        return self._demo and self._remote is None
 
     def on_transports_table_switch_requested(
         self, message: TransportsTable.SwitchRequested
@@ -504,8 +533,10 @@ class JvpnApp(App[int]):
         return rows
 
     def _applies(self, spec: KeySpec) -> bool:
-        if spec.demo and not self._demo:
+        if spec.demo and not self._demo_keys:
             return False
+        if spec.id in ("jvpn.quit", "jvpn.detach"):
+            return (spec.id == "jvpn.detach") == (self._remote is not None)
         if spec.page and not self.compact:
             return False
         if spec.id.startswith("jvpn.switch-") and self.snapshot is not None:
@@ -532,7 +563,7 @@ class JvpnApp(App[int]):
                 ("Reload policy", "Re-read the policy file", self.action_reload_policy),
                 ("Terminate session", "End the session (asks first)", self.action_terminate),
             ]  # fmt: skip
-            if self._demo:
+            if self._demo_keys:
                 for spec in KEYS:
                     if spec.demo:
                         action = spec.action.split("'")[1]

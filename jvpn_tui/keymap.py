@@ -55,6 +55,9 @@ KEYS: Final[tuple[KeySpec, ...]] = (
     KeySpec("jvpn.terminate", "t", "terminate", "Terminate",
             "Terminate the session (asks first)"),
     KeySpec("jvpn.help", "question_mark", "help", "Help", "Show this list of keys"),
+    # before jvpn.quit: of the bindings of one key, the first one enabled takes it
+    KeySpec("jvpn.detach", "q", "detach", "Detach",
+            "Attached UI: detach (the client runs on and its tunnel stays up)"),
     KeySpec("jvpn.quit", "q", "quit", "Quit", "Stop the engine and quit"),
     KeySpec("jvpn.demo.play", "g", "demo('play_pause')", "Play/pause",
             "Demo: pause / resume the demo script (replay it once it finished)", demo=True),
@@ -85,7 +88,7 @@ PAGES: Final = tuple(k.id.removeprefix("jvpn.page.") for k in KEYS if k.page)
 """The pages of the compact layout, in tab order."""
 
 FOOTER_PRIORITY: Final = (
-    "jvpn.help", "jvpn.quit",
+    "jvpn.help", "jvpn.quit", "jvpn.detach",
     "jvpn.demo.play", "jvpn.demo.kill", "jvpn.demo.loss", "jvpn.demo.restore",
     "jvpn.demo.replay", "jvpn.demo.rebind",
     "jvpn.auto-switch", "jvpn.terminate", "jvpn.reattach", "jvpn.reload-policy",

@@ -420,6 +420,38 @@ def test_the_ui_reaches_the_engine_only_through_the_contract() -> None:
     assert not problems, "\n".join(sorted(set(problems)))
 
 
+UI_CONTROL_MODULES = ("tunnel.control.remote", "tunnel.control.protocol")
+"""The modules of tunnel.control the UI may import (``jvpn-tui --attach``: the remote engine
+and the protocol's names); they reach the engine only through tunnel.api."""
+
+UI_CONTROL_MAY_IMPORT = ("tunnel.api", *UI_CONTROL_MODULES)
+"""What of tunnel those modules may import (and the ``tunnel.control`` package itself)."""
+
+
+def _within(name: str, modules: tuple[str, ...]) -> bool:
+    return any(name == m or name.startswith(m + ".") for m in modules)
+
+
+def test_the_attached_ui_reaches_a_client_only_through_the_contract_and_the_protocol() -> None:
+    problems = []
+    for file in sorted((REPO_ROOT / "jvpn_tui").rglob("*.py")):
+        module, names = _imports_of(file, REPO_ROOT)
+        for line, name in names:
+            if _within(name, ("tunnel.control",)) and not _within(name, UI_CONTROL_MODULES):
+                problems.append(f"{file.relative_to(REPO_ROOT)}:{line}: {module} imports {name}")
+    for ui_module in UI_CONTROL_MODULES:
+        file = REPO_ROOT / (ui_module.replace(".", "/") + ".py")
+        module, names = _imports_of(file, REPO_ROOT)
+        for line, name in names:
+            allowed = name == "tunnel.control" or _within(name, UI_CONTROL_MAY_IMPORT)
+            if _within(name, ("tunnel",)) and not allowed:
+                problems.append(f"{file.relative_to(REPO_ROOT)}:{line}: {module} imports {name}")
+    assert not problems, "\n".join(sorted(set(problems)))
+    forbidden = ("tunnel.io", "tunnel.client", "tunnel.gateway", "tunnel.demo", "tunnel.impair")
+    result = probe(list(UI_CONTROL_MODULES), (*forbidden, *UI_MODULES), [str(REPO_ROOT)])
+    assert_clean(result, "what the attached UI imports must stay off the programs and drivers")
+
+
 def import_graph(root: Path, top: str = "tunnel") -> dict[str, set[str]]:
     """module -> modules of ``top`` it imports (any import statement, TYPE_CHECKING-only
     imports excluded: they never execute). ``from pkg import name`` counts as an import of

@@ -62,7 +62,7 @@ def run_program(name: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 HELP_OPTIONS: dict[str, list[str]] = {
-    "jvpn-tui": ["--demo", "--headless", "--config", "--duration", "--theme"],
+    "jvpn-tui": ["--demo", "--headless", "--config", "--attach", "--duration", "--theme"],
     "jvpn-gateway": ["--config", "--metrics"],
     "jvpn-keygen": ["--out", "--force"],  # docs/gateway.md
     "jvpn-impair": ["--listen", "--upstream", "--control", "--seed"],  # docs/impair.md
@@ -127,9 +127,10 @@ def test_an_abbreviated_option_is_refused(program: str, argv: list[str]) -> None
     assert argv[0] in proc.stderr, proc.stderr
 
 
-def test_the_ui_without_a_terminal_refuses_in_one_line_naming_headless() -> None:
-    """Started with no terminal (a service, nohup, a pipe), jvpn-tui says what to use and
-    exits 2 (configuration/usage error, docs/client.md) instead of drawing into a file."""
+def test_the_ui_without_a_terminal_refuses_in_one_line_naming_headless_and_attach() -> None:
+    """Started with no terminal (a service, nohup, a pipe), jvpn-tui says what to use
+    (--headless, then --attach from a terminal) and exits 2 (configuration/usage error,
+    docs/client.md) instead of drawing into a file."""
     script = SCRIPTS_DIR / "jvpn-tui"
     command = [str(script)] if script.exists() else [sys.executable, "-m", "jvpn_tui"]
     proc = subprocess.run(
@@ -140,4 +141,4 @@ def test_the_ui_without_a_terminal_refuses_in_one_line_naming_headless() -> None
     assert proc.stdout == ""
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("jvpn-tui: "), proc.stderr
-    assert "--headless" in lines[0] and "terminal" in lines[0]
+    assert "--headless" in lines[0] and "--attach" in lines[0] and "terminal" in lines[0]

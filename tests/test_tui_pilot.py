@@ -207,10 +207,11 @@ async def test_help_screen_lists_every_binding_with_its_id_and_keymap() -> None:
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
         rows = {binding_id: (key, text) for key, text, binding_id in app.screen.rows}
-        assert len(BINDING_IDS) == 26  # 1-9, a r p t ? q, g k u l x b, o c e s h
-        # only the keys that apply: 3 paths, no demo, everything on one screen (no pages)
+        assert len(BINDING_IDS) == 27  # 1-9, a r p t ? q, q (detach), g k u l x b, o c e s h
+        # only the keys that apply: 3 paths, no demo, everything on one screen (no pages),
+        # and q quits (it detaches only in a UI attached to a running client)
         applies = {i for i in BINDING_IDS if not i.startswith(("jvpn.demo.", "jvpn.page."))}
-        applies -= {f"jvpn.switch-{n}" for n in range(4, 10)}
+        applies -= {f"jvpn.switch-{n}" for n in range(4, 10)} | {"jvpn.detach"}
         assert set(rows) == applies | {"(textual)"}  # + the command palette
         assert rows["jvpn.terminate"][0] == "T"
         assert rows["jvpn.switch-1"][0] == "f1, 1"
@@ -565,7 +566,13 @@ def _stub_headless(monkeypatch: pytest.MonkeyPatch, build: Callable[..., Any]) -
     calls: list[Any] = []
     stub = types.ModuleType("tunnel.client.headless")
 
-    def build_engine_from_args(config: str | None, demo: bool, demo_script: bool = False) -> Any:
+    def build_engine_from_args(
+        config: str | None,
+        demo: bool,
+        demo_script: bool = False,
+        control: str | None = None,
+        default_control: bool = False,
+    ) -> Any:
         calls.append(("build", config, demo, demo_script))
         return build(config, demo)
 
@@ -680,7 +687,7 @@ def test_headless_never_imports_textual() -> None:
     code = """
 import sys, types
 stub = types.ModuleType("tunnel.client.headless")
-stub.build_engine_from_args = lambda config, demo, demo_script=False: object()
+stub.build_engine_from_args = lambda config, demo, demo_script=False, **_: object()
 stub.run_headless = lambda engine, duration: 0
 sys.modules["tunnel.client.headless"] = stub
 from jvpn_tui.__main__ import main

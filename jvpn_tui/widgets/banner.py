@@ -1,7 +1,8 @@
 """The line that says the engine has stopped, and why (hidden while it runs).
 
 When the engine explains its final reason (a session that never started: what came back
-from the gateway and the client's key fingerprint), the explanation is a second line.
+from the gateway and the client's key fingerprint), the explanation is a second line. An
+attached UI whose client went away without a final word says that instead (``Detached``).
 """
 
 from __future__ import annotations
@@ -41,4 +42,13 @@ class EngineBanner(Static):
         if self.explanation:
             text += f"\n{esc(self.explanation)}"
         self.update(text)
+        self.display = True
+
+    def detached(self, message: str, state: str | None) -> None:
+        """Attached, and the client went away without its final snapshot (it was killed):
+        say so, with the last state seen."""
+        self.final_reason = message
+        self.final_state = state
+        seen = f" (last seen: session {state_markup(state)})" if state else ""
+        self.update(f"[b]Detached:[/b] {esc(message)}{seen}")
         self.display = True
