@@ -183,7 +183,7 @@ def test_status_json_fields_are_documented_and_counters_add_up(rig: Rig) -> None
     traffic = status["traffic"]
     assert sum(s["rx_packets"] for s in sessions.values()) == traffic["inner_from_clients"]
     assert sum(s["tx_packets"] for s in sessions.values()) == traffic["inner_to_clients"]
-    documented = set(re.findall(r"^\| `([a-z_]+)` \|", DOC.read_text(encoding="utf-8"), re.M))
+    documented = set(re.findall(r"^\| `([a-z0-9_]+)` \|", DOC.read_text(encoding="utf-8"), re.M))
     fields = set(status) | set(traffic) | {k for s in sessions.values() for k in s}
     fields |= {k for s in sessions.values() for p in s["paths"] for k in p}
     assert fields - documented == set(), "undocumented in docs/control.md"
@@ -622,3 +622,33 @@ def test_a_watcher_that_asks_for_statuses_gets_the_gateway_status_every_second(
     assert all(s.node_id == "gw1" for s in statuses)
     assert statuses[0].uptime_s < statuses[1].uptime_s < statuses[2].uptime_s
     assert {x.client for x in statuses[-1].sessions} == {"alice", "bob"}
+
+
+def test_inner_traffic_is_counted_per_client_for_both_address_families() -> None:
+    """IPv4 and IPv6 packets of one client add up in its one row; other addresses are not
+    counted (the table cannot grow); a new session starts from zero."""
+    from tunnel.gateway.control import ClientTraffic
+
+    traffic = ClientTraffic([
+        ClientEntry("alice", b"a" * 32, "10.66.0.2", "fd00:66::2"),
+        ClientEntry("bob", b"b" * 32, "10.66.0.3"),
+    ])  # fmt: skip
+
+    def v4(src: str, dst: str, size: int) -> bytes:
+        head = bytes([0x45]) + bytes(11) + socket.inet_aton(src) + socket.inet_aton(dst)
+        return head + bytes(size - 20)
+
+    def v6(src: str, dst: str, size: int) -> bytes:
+        head = bytes([0x60]) + bytes(7)
+        head += socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst)
+        return head + bytes(size - 40)
+
+    traffic.from_clients([v4("10.66.0.2", "10.66.0.1", 100), v6("fd00:66::2", "fd00:66::1", 80)])
+    traffic.from_clients([v4("10.66.0.9", "10.66.0.1", 100)])  # nobody's: not counted
+    traffic.to_clients([v6("fd00:66::1", "fd00:66::2", 60), v4("10.66.0.1", "10.66.0.3", 50)])
+    assert traffic.counts("10.66.0.2") == (2, 180, 1, 60)
+    assert traffic.counts("fd00:66::2") == (2, 180, 1, 60)  # the same client
+    assert traffic.counts("10.66.0.3") == (0, 0, 1, 50)
+    assert traffic.counts("10.66.0.9") == (0, 0, 0, 0)
+    traffic.reset("10.66.0.2")
+    assert traffic.counts("fd00:66::2") == (0, 0, 0, 0)

@@ -162,10 +162,11 @@ def _session_row(s: GatewaySessionStatus) -> list[str]:
 
 
 def _other_paths(s: GatewaySessionStatus) -> list[str]:
-    """Lines under a session's row: how it ended, its other validated addresses, a queue."""
+    """Lines under a session's row: how it ended, or its inner IPv6 address, its other
+    validated addresses, a queue."""
     if s.end_reason:
         return [f"    ended: {s.end_reason}"]
-    out = []
+    out = [f"    inner IPv6: {s.inner_address6}"] if s.inner_address6 else []
     for p in s.paths:
         if p.active:
             continue

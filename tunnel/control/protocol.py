@@ -124,7 +124,7 @@ class GatewayPathStatus(msgspec.Struct):
 class GatewaySessionStatus(msgspec.Struct):
     """One session as the gateway sees it. No keys.
 
-    Traffic is counted in inner packets, per client inner address, since the session was
+    Traffic is counted in inner packets (IPv4 and IPv6), per client, since the session was
     created: ``rx`` from the client into the gateway's inner side, ``tx`` from the inner
     side towards the client (counted when read from the inner side, also while the
     packets wait for a binding). Drops are counted gateway-wide (:class:`GatewayStatus`):
@@ -135,7 +135,7 @@ class GatewaySessionStatus(msgspec.Struct):
     client: str
     """The client's name from ``[[clients]]``."""
     inner_address: str
-    """The client's inner (tunnel) address."""
+    """The client's inner (tunnel) IPv4 address."""
     state: str
     """The gateway's state of the session (ATTACHED, RECOVERING, TERMINATED...)."""
     state_version: int
@@ -168,6 +168,8 @@ class GatewaySessionStatus(msgspec.Struct):
     """Inner packets waiting for a binding."""
     end_reason: str | None = None
     """Why it ended (TERMINATED sessions stay listed briefly, to answer late datagrams)."""
+    inner_address6: str = ""
+    """The client's inner IPv6 address; empty when the tunnel carries no IPv6 for it."""
 
 
 class GatewayTraffic(msgspec.Struct):

@@ -14,8 +14,8 @@ server, and reads the runtime's components there (no lock, no copy of their stat
   ``operator_terminated`` and the client is told). The client's commands (``switch``,
   ``auto``, ``reattach``) are refused with the reason: a gateway follows its clients.
 
-Per-session inner traffic is counted by :class:`ClientTraffic` as the runtime moves inner
-packets (bounded: one entry per configured client).
+Per-session inner traffic (IPv4 and IPv6) is counted by :class:`ClientTraffic` as the
+runtime moves inner packets (bounded: one entry per configured client).
 """
 
 from __future__ import annotations
@@ -71,25 +71,29 @@ CLIENT_ONLY: Final = ("switch", "auto", "reattach")
 
 
 class ClientTraffic:
-    """Inner IPv4 packets and bytes per configured client inner address.
+    """Inner packets and bytes per configured client (its IPv4 and IPv6 inner addresses).
 
-    ``rx``: packets from the client (by inner source address) written to the inner side;
-    ``tx``: packets read from the inner side for it (by destination address). Addresses
-    of no configured client are not counted, so the table never grows.
+    ``rx``: packets from the client (by inner source address; the gateway drops any other
+    source) written to the inner side; ``tx``: packets read from the inner side for it
+    (by destination address). Addresses of no configured client are not counted, so the
+    table never grows.
     """
 
     __slots__ = ("_by_inner",)
 
     def __init__(self, clients: Iterable[ClientEntry]) -> None:
-        self._by_inner: dict[bytes, list[int]] = {
-            ipaddress.IPv4Address(c.inner_address).packed: [0, 0, 0, 0] for c in clients
-        }
+        self._by_inner: dict[bytes, list[int]] = {}
+        for c in clients:
+            row = [0, 0, 0, 0]
+            for address in (c.inner_address, c.inner_address6):
+                if address:
+                    self._by_inner[_packed(address)] = row
 
     def from_clients(self, packets: Sequence[bytes]) -> None:
         """Packets the sessions delivered to the inner side."""
         table = self._by_inner
         for packet in packets:
-            row = table.get(packet[12:16])
+            row = table.get(packet[12:16] if packet[0] >> 4 == 4 else packet[8:24])
             if row is not None:
                 row[0] += 1
                 row[1] += len(packet)
@@ -98,26 +102,26 @@ class ClientTraffic:
         """Packets read from the inner side (routed to their client's session)."""
         table = self._by_inner
         for packet in packets:
-            row = table.get(packet[16:20])
+            row = table.get(packet[16:20] if packet[0] >> 4 == 4 else packet[24:40])
             if row is not None:
                 row[2] += 1
                 row[3] += len(packet)
 
     def reset(self, inner_address: str) -> None:
-        """A new session for this address: its counters start at zero."""
+        """A new session for this client: its counters start at zero."""
         row = self._by_inner.get(_packed(inner_address))
         if row is not None:
             row[:] = [0, 0, 0, 0]
 
     def counts(self, inner_address: str) -> tuple[int, int, int, int]:
-        """(rx packets, rx bytes, tx packets, tx bytes) of one address."""
+        """(rx packets, rx bytes, tx packets, tx bytes) of one client (either address)."""
         row = self._by_inner.get(_packed(inner_address))
         return (row[0], row[1], row[2], row[3]) if row is not None else (0, 0, 0, 0)
 
 
 def _packed(address: str) -> bytes:
     try:
-        return ipaddress.IPv4Address(address).packed
+        return ipaddress.ip_address(address).packed
     except ValueError:
         return b""
 
@@ -227,7 +231,8 @@ class GatewayControl:
         rx_p, rx_b, tx_p, tx_b = self.traffic.counts(s.client.inner_address)
         return GatewaySessionStatus(
             session_id=machine.session_id, client=s.client.name,
-            inner_address=s.client.inner_address, state=str(machine.state),
+            inner_address=s.client.inner_address, inner_address6=s.client.inner_address6,
+            state=str(machine.state),
             state_version=machine.version, binding_epoch=s.epoch, key_phase=s.cipher.phase,
             owner=self._owner(machine.session_id), policy_version=machine.policy_version,
             active_path=s.binding_path if s.binding is not None else None,
