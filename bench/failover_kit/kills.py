@@ -1,0 +1,213 @@
+"""How bench/failover.py kills a path, and how it finds the path to kill.
+
+``--mode silent``: the path stops carrying packets while every link stays up, the way a
+path dies behind a router: both ends of the path's veth drop every packet on arrival
+(an nftables ``netdev`` ingress chain with one ``drop`` rule, or, without nftables, a
+``tc`` ingress ``matchall`` filter with ``action drop``). Nothing on either host is told.
+
+``--mode linkdown``: the client-side veth goes down (``ip link set down`` through
+pyroute2); the kernel removes its route and the gateway side loses carrier.
+
+The path to kill is the one the tunnel is using: the client-side veth whose packet
+counters grew the most over the last 0.3 s (any tool, no log parsing).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Sequence
+
+from netns import Topology
+
+TABLE = "jvpnbench"
+"""The nftables table (family netdev) the silent kill puts its chains in, per namespace."""
+SAMPLE_S = 0.3
+"""How long the packet counters are watched to find the active path."""
+
+
+class PathKiller:
+    """Kills and restores path ``i`` of a topology; a context manager (setup/teardown)."""
+
+    mode = "?"
+    how = "?"
+    requires: tuple[str, ...] = ()
+
+    def __init__(self, topo: Topology) -> None:
+        self.topo = topo
+
+    def __enter__(self) -> PathKiller:
+        self.setup()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.teardown()
+
+    def setup(self) -> None:
+        pass
+
+    def teardown(self) -> None:
+        pass
+
+    def kill(self, i: int) -> None:
+        raise NotImplementedError
+
+    def restore(self, i: int) -> None:
+        raise NotImplementedError
+
+    def _both_ends(self, argv_for: Sequence[tuple[str, list[str], str | None]]) -> None:
+        """Run one command per (namespace, argv, stdin) at once; raise if any failed."""
+        procs = [
+            (
+                self.topo.exec(
+                    ns, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+                ),
+                stdin,
+            )
+            for ns, argv, stdin in argv_for
+        ]
+        errors = []
+        for proc, stdin in procs:
+            _, err = proc.communicate(stdin.encode() if stdin else None, timeout=10)
+            if proc.returncode != 0:
+                errors.append(err.decode(errors="replace").strip())
+        if errors:
+            raise RuntimeError(f"{self.mode} kill command failed: {'; '.join(errors)}")
+
+    def _ends(self, i: int) -> list[tuple[str, str]]:
+        p = self.topo.paths[i]
+        return [(self.topo.client_ns, p.client_ifname), (self.topo.gateway_ns, p.gateway_ifname)]
+
+
+class LinkDown(PathKiller):
+    mode = "linkdown"
+    how = "the path's client-side veth set down (ip link set down, via pyroute2)"
+
+    def kill(self, i: int) -> None:
+        self.topo.link_down(i)
+
+    def restore(self, i: int) -> None:
+        self.topo.link_up(i)
+
+
+class NftDrop(PathKiller):
+    mode = "silent"
+    how = (
+        "every packet dropped on arrival at both ends of the path, links up "
+        "(nftables netdev ingress chain, rule 'drop')"
+    )
+    requires = ("nft",)
+
+    def _chains(self, ns: str) -> str:
+        lines = [f"table netdev {TABLE} {{"]
+        for i in range(len(self.topo.paths)):
+            ifname = dict(self._ends(i))[ns]
+            lines.append(
+                f'  chain p{i} {{ type filter hook ingress device "{ifname}" '
+                "priority -500; policy accept; }"
+            )
+        return "\n".join([*lines, "}", ""])
+
+    def setup(self) -> None:
+        self._both_ends([(ns, ["nft", "-f", "-"], self._chains(ns)) for ns in self.topo.namespaces])
+
+    def teardown(self) -> None:
+        self._both_ends(
+            [(ns, ["nft", "delete", "table", "netdev", TABLE], None) for ns in self.topo.namespaces]
+        )
+
+    def kill(self, i: int) -> None:
+        self._both_ends(
+            [
+                (ns, ["nft", "add", "rule", "netdev", TABLE, f"p{i}", "drop"], None)
+                for ns in self.topo.namespaces
+            ]
+        )
+
+    def restore(self, i: int) -> None:
+        self._both_ends(
+            [
+                (ns, ["nft", "flush", "chain", "netdev", TABLE, f"p{i}"], None)
+                for ns in self.topo.namespaces
+            ]
+        )
+
+
+class TcDrop(PathKiller):
+    mode = "silent"
+    how = (
+        "every packet dropped on arrival at both ends of the path, links up "
+        "(tc ingress qdisc, matchall filter with action drop; nftables was missing)"
+    )
+    requires = ("tc",)
+
+    def _all(self, argv: list[str]) -> list[tuple[str, list[str], str | None]]:
+        return [
+            (ns, ["tc", *argv[:2], "dev", ifname, *argv[2:]], None)
+            for i in range(len(self.topo.paths))
+            for ns, ifname in self._ends(i)
+        ]
+
+    def setup(self) -> None:
+        self._both_ends(self._all(["qdisc", "add", "ingress"]))
+
+    def teardown(self) -> None:
+        self._both_ends(self._all(["qdisc", "del", "ingress"]))
+
+    def kill(self, i: int) -> None:
+        self._both_ends(
+            [
+                (
+                    ns,
+                    [
+                        "tc",
+                        "filter",
+                        "add",
+                        "dev",
+                        ifname,
+                        "ingress",
+                        "prio",
+                        "1",
+                        "matchall",
+                        "action",
+                        "drop",
+                    ],
+                    None,
+                )
+                for ns, ifname in self._ends(i)
+            ]
+        )
+
+    def restore(self, i: int) -> None:
+        self._both_ends(
+            [
+                (ns, ["tc", "filter", "del", "dev", ifname, "ingress", "prio", "1"], None)
+                for ns, ifname in self._ends(i)
+            ]
+        )
+
+
+def path_counters(topo: Topology) -> list[int]:
+    """rx + tx packets of each path's client-side veth."""
+    ipr = topo.ipr(topo.client_ns)
+    counts = []
+    for p in topo.paths:
+        link = ipr.get_links(ipr.link_lookup(ifname=p.client_ifname)[0])[0]
+        stats = link.get_attr("IFLA_STATS64")
+        counts.append(int(stats["rx_packets"]) + int(stats["tx_packets"]))
+    return counts
+
+
+def busiest(before: Sequence[int], after: Sequence[int], default: int = 0) -> int:
+    """Index of the path whose counter grew the most (``default`` when none grew)."""
+    growth = [b - a for a, b in zip(before, after, strict=True)]
+    if not growth or max(growth) <= 0:
+        return default
+    return growth.index(max(growth))
+
+
+def active_path(topo: Topology, default: int = 0) -> int:
+    """The path carrying the tunnel now (watched for :data:`SAMPLE_S`)."""
+    before = path_counters(topo)
+    time.sleep(SAMPLE_S)
+    return busiest(before, path_counters(topo), default)
