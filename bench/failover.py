@@ -322,7 +322,8 @@ def measure(tool: Tool, killer: PathKiller, args: argparse.Namespace) -> ToolRun
     try:
         tool.start()
     except (ToolError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
-        run.skipped = f"{tool.name}: skipped: did not come up: {str(exc).splitlines()[0]}"
+        why = (str(exc).splitlines() or [type(exc).__name__])[0]
+        run.skipped = f"{tool.name}: skipped: did not come up: {why}"
         _stop_quietly(tool, run)
         return run
     flows = None
@@ -332,7 +333,7 @@ def measure(tool: Tool, killer: PathKiller, args: argparse.Namespace) -> ToolRun
         flows.finish()
         run.kills = evaluate(kills, flows, args.period)
         run.notes += _flow_notes(flows) + tool.run_notes()
-    except (ToolError, RuntimeError, OSError) as exc:
+    except (ToolError, RuntimeError, OSError, ValueError, subprocess.SubprocessError) as exc:
         run.notes.append(f"run broken off: {exc}")
         if flows is not None:
             flows.kill()

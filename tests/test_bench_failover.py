@@ -192,3 +192,28 @@ def test_jvpn_alone_needs_no_anchor() -> None:
     _, runnable, notes = fo.prepare(fo.parse_args(["--mode", "linkdown"]), lambda c: False,
                                     lambda p: pytest.fail("nothing to install"))  # fmt: skip
     assert runnable == [] and notes == []
+
+
+def test_a_tool_that_does_not_come_up_is_skipped_in_one_line_and_cleaned_up() -> None:
+    from failover_kit.tunnels import ToolError
+
+    class Broken:
+        name = "openvpn"
+        stopped = False
+
+        def describe(self) -> str:
+            return "OpenVPN as the bench runs it"
+
+        def start(self) -> None:
+            raise ToolError("openvpn exited: Options error: bad option\nUse --help for more")
+
+        def stop(self) -> None:
+            Broken.stopped = True
+
+    run = fo.measure(Broken(), killer=None, args=fo.parse_args(["--compare"]))
+    assert (
+        run.skipped
+        == "openvpn: skipped: did not come up: openvpn exited: Options error: bad option"
+    )
+    assert run.kills == [] and Broken.stopped
+    assert run.skipped in fo.comparison_lines([run], "silent")[-1]
