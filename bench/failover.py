@@ -8,8 +8,9 @@ connection (gateway -> client, 100 kB/s). Every ``--period`` seconds the *active
 (the client veth whose packet counters grow) is killed for ``--down`` seconds:
 
 * ``--mode silent`` (default): every packet is dropped on arrival at both ends of the
-  path while the links stay up (nftables ``netdev`` ingress drop; ``tc`` ingress drop
-  without nftables): nothing tells either host;
+  path while the links stay up (nftables ``netdev`` ingress drop; without nftables a
+  ``tc`` ``blackhole`` qdisc at both ends drops them as they are sent): nothing tells
+  either host;
 * ``--mode linkdown``: the client-side veth goes down (``ip link set down``).
 
 Per kill, at the receivers: **stall** = the longest gap between two delivered UDP

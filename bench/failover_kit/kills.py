@@ -3,7 +3,8 @@
 ``--mode silent``: the path stops carrying packets while every link stays up, the way a
 path dies behind a router: both ends of the path's veth drop every packet on arrival
 (an nftables ``netdev`` ingress chain with one ``drop`` rule, or, without nftables, a
-``tc`` ingress ``matchall`` filter with ``action drop``). Nothing on either host is told.
+``tc`` ``blackhole`` qdisc that drops them as they are sent). Nothing on either host is
+told.
 
 ``--mode linkdown``: the client-side veth goes down (``ip link set down`` through
 pyroute2); the kernel removes its route and the gateway side loses carrier.
@@ -147,57 +148,28 @@ class NftDrop(PathKiller):
 
 
 class TcDrop(PathKiller):
+    """Without nftables: a ``blackhole`` root qdisc on both ends of the path.
+
+    It drops every packet as it leaves rather than as it arrives (same effect: the path
+    carries nothing either way, links up, senders told nothing). An ingress ``tc`` filter
+    would need the ``gact`` drop action, which not every kernel has (this machine's lacks
+    it); ``sch_blackhole`` is built into every kernel with traffic control.
+    """
+
     mode = "silent"
     how = (
-        "every packet dropped on arrival at both ends of the path, links up "
-        "(tc ingress qdisc, matchall filter with action drop; nftables was missing)"
+        "every packet dropped at both ends of the path as it is sent, links up "
+        "(tc blackhole root qdisc; nftables was missing)"
     )
     requires = ("tc",)
 
-    def _all(self, argv: list[str]) -> list[tuple[str, list[str], str | None]]:
-        return [
-            (ns, ["tc", *argv[:2], "dev", ifname, *argv[2:]], None)
-            for i in range(len(self.topo.paths))
-            for ns, ifname in self._ends(i)
-        ]
-
-    def setup(self) -> None:
-        self._both_ends(self._all(["qdisc", "add", "ingress"]))
-
-    def teardown(self) -> None:
-        self._both_ends(self._all(["qdisc", "del", "ingress"]))
-
     def kill(self, i: int) -> None:
-        self._both_ends(
-            [
-                (
-                    ns,
-                    [
-                        "tc",
-                        "filter",
-                        "add",
-                        "dev",
-                        ifname,
-                        "ingress",
-                        "prio",
-                        "1",
-                        "matchall",
-                        "action",
-                        "drop",
-                    ],
-                    None,
-                )
-                for ns, ifname in self._ends(i)
-            ]
-        )
+        self._both_ends([(ns, ["tc", "qdisc", "replace", "dev", ifname, "root", "blackhole"], None)
+                         for ns, ifname in self._ends(i)])  # fmt: skip
 
     def restore(self, i: int) -> None:
-        self._both_ends(
-            [
-                (ns, ["tc", "filter", "del", "dev", ifname, "ingress", "prio", "1"], None)
-                for ns, ifname in self._ends(i)
-            ]
-        )
+        self._both_ends([(ns, ["tc", "qdisc", "del", "dev", ifname, "root"], None)
+                         for ns, ifname in self._ends(i)])  # fmt: skip
 
 
 def pin_neighbours(topo: Topology, i: int) -> None:
