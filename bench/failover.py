@@ -1,26 +1,42 @@
 #!/usr/bin/env python3
-"""Failover stall through a real jvpn tunnel: N path kills under a running inner flow.
+"""Failover stall through real tunnels: N kills of the active path under running inner flows.
 
-Same rig as bench/throughput.py (client and gateway namespaces, two veth paths with a
-1500-byte MTU, ``jvpn-gateway`` and ``jvpn-tui --headless`` with real TUNs, default
-policy unless ``--policy`` is given). Two inner UDP flows run for the whole bench, one
-each way (``--rate`` packets/s, sequence-numbered). Every ``--period`` seconds the link
-of the *active* path goes down (its client-side veth), stays down ``--down`` seconds,
-and comes back. Per kill it measures, at the receivers:
+The rig (bench/throughput.py, tests/netns.py): a client and a gateway namespace joined by
+two veth paths with a 1500-byte MTU. Inner flows (bench/failover_kit/flows.py) run for the
+whole run: UDP ``--rate`` packets/s each way (sequence-numbered) and one paced inner TCP
+connection (gateway -> client, 100 kB/s). Every ``--period`` seconds the *active* path
+(the client veth whose packet counters grow) is killed for ``--down`` seconds:
 
-* **stall**: the longest gap between two delivered packets around the kill
-  (receiver-side; at 1000 packets/s the resolution is about 1 ms);
-* **lost**: packets sent around the kill that never arrived;
+* ``--mode silent`` (default): every packet is dropped on arrival at both ends of the
+  path while the links stay up (nftables ``netdev`` ingress drop; without nftables a
+  ``tc`` ``blackhole`` qdisc at both ends drops them as they are sent): nothing tells
+  either host;
+* ``--mode linkdown``: the client-side veth goes down (``ip link set down``).
 
-and from the client's TRANSPORT_SWITCH event: the new path, the reason and
-``switch_latency_ms`` (death detection to committed binding), plus the time from the
-link going down to the event being printed (includes the headless 50 ms drain tick).
-Prints one row per kill and min / median / p95 / max. With the default 8 kills at a 10 s
-period it finishes in about 2 minutes. The default policy allows 8 switches a minute;
-a shorter ``--period`` makes the limit show up as TRANSPORT_SWITCH_DENIED.
+Per kill, at the receivers: **stall** = the longest gap between two delivered UDP
+packets in the window after the kill (the worse direction; about 1 ms resolution at 1000
+packets/s), **TCP stall** = the same for the inner TCP connection's reads, **lost** = UDP
+packets sent around the kill that never arrived (both directions). Then median and p95
+(nearest rank: the sorted values' element ``round(0.95 * (n - 1))``, the maximum for
+n <= 10) per tool.
 
-    sudo .venv/bin/python bench/failover.py
-    sudo .venv/bin/python bench/failover.py -n 20 --period 8 --policy fast.toml
+``--compare`` runs the same kills on the same rig (same namespaces, paths and flows, one
+tool after the other, the same number of kills each) against two anchors
+(bench/failover_kit/tunnels.py says exactly how each is set up):
+
+* wireguard-go + ``bench/failover_kit/wg-watchdog.sh``: every 1 s, if the peer's received-
+  bytes counter did not grow since the previous check, the peer's endpoint moves to the
+  other path;
+* OpenVPN 2.6, UDP p2p, static key, both paths as ``--remote``, ``--keepalive 1 3``,
+  ``--connect-retry 0``; the gateway ``--float``s.
+
+and prints each anchor's numbers divided by jvpn's (``2.0x`` = the anchor stalls twice as
+long). A tool that is missing and cannot be installed (apt-get, as root, unless
+``--no-install``), or does not come up, is skipped with a one-line note.
+
+    sudo .venv/bin/python bench/failover.py                    # jvpn, silent, ~2 minutes
+    sudo .venv/bin/python bench/failover.py --mode linkdown
+    sudo .venv/bin/python bench/failover.py --compare -n 10    # + anchors, ~8 minutes
 
 Needs root, iproute2 and /dev/net/tun; exits 0 with a message when it cannot run.
 """
@@ -28,164 +44,43 @@ Needs root, iproute2 and /dev/net/tun; exits 0 with a message when it cannot run
 from __future__ import annotations
 
 import argparse
-import array
+import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+BENCH = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests")]  # failover_kit, throughput, netns
 
-import itertools
+from failover_kit.flows import Flows, start_flows  # noqa: E402
+from failover_kit.kills import LinkDown, NftDrop, PathKiller, TcDrop, active_path  # noqa: E402
+from failover_kit.tunnels import ANCHORS, Jvpn, Tool, ToolError  # noqa: E402
+from netns import Topology  # noqa: E402
+from throughput import cannot_run, loadavg, machine_facts  # noqa: E402
 
-from throughput import (
-    INNER_CLIENT,
-    INNER_GATEWAY,
-    TunnelRig,
-    cannot_run,
-    loadavg,
-    machine_facts,
-)
-
-UP_PORT = 9101
-"""client -> gateway flow."""
-DOWN_PORT = 9102
-"""gateway -> client flow."""
-
-SENDER = r"""
-import select, socket, struct, sys, time
-dst, port, rate = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.setblocking(False)
-pad = b"\xa5" * 92
-seq, errors, t0 = 0, 0, time.monotonic()
-print("ready", flush=True)
-while True:
-    now = time.monotonic()
-    due = int((now - t0) * rate) + 1
-    while seq < due:
-        try:
-            s.sendto(struct.pack("!Qd", seq, now) + pad, (dst, port))
-        except OSError:
-            errors += 1  # the route or the queue refused it: it counts as lost
-        seq += 1
-    if select.select([sys.stdin], [], [], 0.001)[0]:
-        break
-print(seq, errors, flush=True)
-"""
-"""Sends ``rate`` datagrams/s (seq:u64, send time:f64, padding) until stdin has input."""
-
-RECEIVER = r"""
-import array, select, socket, struct, sys, time
-host, port, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-s.bind((host, port))
-s.setblocking(False)
-seqs, times = array.array("q"), array.array("d")
-print("ready", flush=True)
-while True:
-    ready = select.select([s, sys.stdin], [], [], 1.0)[0]
-    if s in ready:
-        while True:
-            try:
-                data = s.recv(2048)
-            except BlockingIOError:
-                break
-            seqs.append(struct.unpack_from("!Q", data)[0])
-            times.append(time.monotonic())
-    if sys.stdin in ready:
-        break
-with open(out, "wb") as fh:
-    array.array("q", [len(seqs)]).tofile(fh)
-    seqs.tofile(fh)
-    times.tofile(fh)
-print("done", len(seqs), flush=True)
-"""
-"""Records (seq, arrival time) of every datagram on host:port; dumps them to a file when
-stdin has input."""
+MODES = ("silent", "linkdown")
+PERIOD, DOWN = 10.0, 3.0
+"""jvpn alone: a kill every 10 s, the path dead 3 s (8 kills: about 2 minutes)."""
+COMPARE_PERIOD, COMPARE_DOWN = 12.0, 6.0
+"""--compare: the path stays dead longer than OpenVPN's 3 s ping-restart plus its TCP
+retransmission backoff, so every tool has to fail over rather than wait the kill out."""
+WARMUP_S = 2.0
+"""Flows run this long before the first kill."""
 
 
-@dataclass
-class Flow:
-    name: str
-    sender: subprocess.Popen[bytes]
-    receiver: subprocess.Popen[bytes]
-    out: Path
-    seqs: array.array[int] | None = None
-    times: array.array[float] | None = None
-    sent: int = 0
-
-    def finish(self) -> None:
-        for proc in (self.sender, self.receiver):
-            assert proc.stdin is not None
-            proc.stdin.write(b"stop\n")
-            proc.stdin.flush()
-        sent_line = _line(self.sender, 10.0)
-        self.sent = int(sent_line.split()[0]) if sent_line else 0
-        _line(self.receiver, 20.0)  # "done N"
-        with open(self.out, "rb") as fh:
-            count = array.array("q")
-            count.fromfile(fh, 1)
-            self.seqs = array.array("q")
-            self.seqs.fromfile(fh, count[0])
-            self.times = array.array("d")
-            self.times.fromfile(fh, count[0])
-
-    def stall_and_loss(self, t_from: float, t_to: float) -> tuple[float | None, int]:
-        """Longest delivery gap overlapping [t_from, t_to] and the datagrams lost there."""
-        assert self.seqs is not None and self.times is not None
-        times, seqs = self.times, self.seqs
-        before = [i for i in range(len(times)) if times[i] < t_from]
-        inside = [i for i in range(len(times)) if t_from <= times[i] <= t_to]
-        if not inside:
-            return None, 0
-        idx = ([before[-1]] if before else []) + inside
-        gap = max((times[b] - times[a] for a, b in itertools.pairwise(idx)), default=0.0)
-        got = {seqs[i] for i in idx}
-        lo, hi = min(got), max(got)
-        return gap, (hi - lo + 1) - len(got)
-
-
-def _line(proc: subprocess.Popen[bytes], timeout: float) -> str:
-    from netns import read_line
-
-    try:
-        return read_line(proc, timeout)
-    except (TimeoutError, EOFError):
-        return ""
-
-
-def start_flow(rig: TunnelRig, name: str, up: bool, rate: float) -> Flow:
-    topo = rig.topo
-    tx_ns, rx_ns = (topo.client_ns, topo.gateway_ns) if up else (topo.gateway_ns, topo.client_ns)
-    host, port = (INNER_GATEWAY, UP_PORT) if up else (INNER_CLIENT, DOWN_PORT)
-    out = rig.workdir / f"{name}.bin"
-    receiver = topo.python(rx_ns, RECEIVER, host, str(port), str(out))
-    if _line(receiver, 10.0) != "ready":
-        raise RuntimeError(f"{name} receiver did not start")
-    sender = topo.python(tx_ns, SENDER, host, str(port), str(rate))
-    if _line(sender, 10.0) != "ready":
-        raise RuntimeError(f"{name} sender did not start")
-    return Flow(name, sender, receiver, out)
-
-
-@dataclass
-class Kill:
-    index: int
-    path: int
-    t_down: float
-    t_up: float
-    switch: dict[str, Any] | None
-    t_event: float | None
-    denied: int
+# -- statistics ------------------------------------------------------------------------------
 
 
 def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest rank: the sorted values' element ``round(q * (n - 1))``."""
+    if not values:
+        raise ValueError("percentile of no values")
     ordered = sorted(values)
     k = max(0, min(len(ordered) - 1, round(q * (len(ordered) - 1))))
     return ordered[k]
@@ -200,95 +95,388 @@ def summary(values: Sequence[float]) -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("-n", "--kills", type=int, default=8, help="path kills (default 8)")
-    parser.add_argument("--period", type=float, default=10.0, help="seconds between kills")
-    parser.add_argument("--down", type=float, default=3.0, help="seconds a killed link stays down")
-    parser.add_argument("--rate", type=float, default=1000.0, help="inner packets/s each way")
-    parser.add_argument("--policy", type=Path, default=None, help="policy file for both ends")
+@dataclass(frozen=True)
+class KillResult:
+    index: int
+    path: int
+    """0-based index of the path killed."""
+    stall_up_ms: float
+    stall_down_ms: float
+    tcp_stall_ms: float
+    lost_up: int
+    lost_down: int
+    note: str = ""
+
+    @property
+    def stall_ms(self) -> float:
+        """The worse direction."""
+        return max(self.stall_up_ms, self.stall_down_ms)
+
+
+@dataclass(frozen=True)
+class Stats:
+    kills: int
+    stall_median: float
+    stall_p95: float
+    tcp_median: float
+    lost: int
+    """UDP packets lost around all kills, both directions."""
+
+
+def stats(kills: Sequence[KillResult]) -> Stats | None:
+    if not kills:
+        return None
+    stalls = [k.stall_ms for k in kills]
+    return Stats(
+        kills=len(kills),
+        stall_median=statistics.median(stalls),
+        stall_p95=percentile(stalls, 0.95),
+        tcp_median=statistics.median(k.tcp_stall_ms for k in kills),
+        lost=sum(k.lost_up + k.lost_down for k in kills),
+    )
+
+
+def ratio(anchor: float, jvpn: float) -> float | None:
+    """How many times jvpn's value the anchor's is (None when jvpn's is 0)."""
+    return anchor / jvpn if jvpn > 0 else None
+
+
+def ratios(jvpn: Stats, anchor: Stats) -> dict[str, float | None]:
+    return {
+        "stall median": ratio(anchor.stall_median, jvpn.stall_median),
+        "p95": ratio(anchor.stall_p95, jvpn.stall_p95),
+        "TCP stall median": ratio(anchor.tcp_median, jvpn.tcp_median),
+        "lost": ratio(anchor.lost, jvpn.lost),
+    }
+
+
+def format_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}x"
+
+
+# -- tools and what they need ----------------------------------------------------------------
+
+
+def have(command: str) -> bool:
+    return shutil.which(command) is not None or any(
+        Path(d, command).exists() for d in ("/usr/sbin", "/sbin")
+    )
+
+
+def missing(requires: dict[str, str], exists: Callable[[str], bool] = have) -> list[str]:
+    """The commands of ``requires`` (command -> package) that are not installed."""
+    return [cmd for cmd in requires if not exists(cmd)]
+
+
+def skip_note(tool: str, requires: dict[str, str], absent: Sequence[str]) -> str:
+    """The one line printed for a tool that cannot run because commands are missing."""
+    packages = " ".join(dict.fromkeys(requires[c] for c in absent))
+    return f"{tool}: skipped: {', '.join(absent)} not installed (apt-get install {packages})"
+
+
+def install(packages: Sequence[str]) -> str:
+    """apt-get install the packages, only as root with apt-get; says what happened."""
+    if not packages:
+        return ""
+    if os.geteuid() != 0 or not have("apt-get"):
+        return f"not installing {' '.join(packages)}: needs root and apt-get"
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "-q", "update"], capture_output=True, env=env, check=False)
+    proc = subprocess.run(
+        ["apt-get", "install", "-q", "-y", "--no-install-recommends", *packages],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if proc.returncode != 0:
+        return f"apt-get install {' '.join(packages)} failed: {proc.stderr.strip()[-200:]}"
+    return f"installed {' '.join(packages)}"
+
+
+def killer_for(mode: str, exists: Callable[[str], bool] = have) -> type[PathKiller] | None:
+    """LinkDown, or for silent NftDrop (TcDrop without nft); None when nothing can kill."""
+    if mode == "linkdown":
+        return LinkDown
+    if exists("nft"):
+        return NftDrop
+    return TcDrop if exists("tc") else None
+
+
+# -- arguments -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] if __doc__ else None, allow_abbrev=False
+    )
+    add = parser.add_argument
+    add("-n", "--kills", type=int, default=8, help="path kills per tool (default 8)")
+    add(
+        "--mode",
+        choices=MODES,
+        default="silent",
+        help="silent: packets dropped on arrival, links up (default); linkdown: veth down",
+    )
+    add(
+        "--compare",
+        action="store_true",
+        help="also run wireguard-go + 1 s watchdog and OpenVPN on the same rig and kills",
+    )
+    add(
+        "--period",
+        type=float,
+        default=None,
+        help=f"seconds between kills (default {PERIOD:.0f}, {COMPARE_PERIOD:.0f} with --compare)",
+    )
+    add(
+        "--down",
+        type=float,
+        default=None,
+        help=f"seconds a killed path stays dead (default {DOWN:.0f}, "
+        f"{COMPARE_DOWN:.0f} with --compare)",
+    )
+    add("--rate", type=float, default=1000.0, help="inner UDP packets/s each way")
+    add("--policy", type=Path, default=None, help="jvpn policy file for both ends")
+    add("--no-install", action="store_true", help="never apt-get install a missing tool")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.period is None:
+        args.period = COMPARE_PERIOD if args.compare else PERIOD
+    if args.down is None:
+        args.down = COMPARE_DOWN if args.compare else DOWN
+    if args.kills < 1:
+        parser.error("-n/--kills must be at least 1")
     if args.down >= args.period - 1:
         parser.error("--down must leave at least 1 s of --period for the path to come back")
+    return args
 
+
+# -- one tool's run --------------------------------------------------------------------------
+
+
+@dataclass
+class ToolRun:
+    name: str
+    description: str = ""
+    kills: list[KillResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    skipped: str = ""
+
+
+@dataclass(frozen=True)
+class Kill:
+    index: int
+    path: int
+    t_down: float
+    note: str
+
+
+def kill_loop(tool: Tool, killer: PathKiller, args: argparse.Namespace) -> list[Kill]:
+    """``args.kills`` kills of the active path, one every ``args.period`` s."""
+    kills: list[Kill] = []
+    t_next = time.monotonic() + WARMUP_S
+    victim = 0
+    for k in range(args.kills):
+        time.sleep(max(0.0, t_next - 0.4 - time.monotonic()))
+        victim = active_path(killer.topo, default=victim)
+        time.sleep(max(0.0, t_next - time.monotonic()))
+        t_down = time.monotonic()
+        killer.kill(victim)
+        time.sleep(args.down)
+        killer.restore(victim)
+        t_next = t_down + args.period
+        time.sleep(max(0.0, t_next - 0.5 - time.monotonic()))
+        kills.append(Kill(k + 1, victim, t_down, tool.kill_note(t_down, t_next - 0.5)))
+        if not tool.alive():
+            raise ToolError(f"{tool.name} exited during kill {k + 1}:\n{tool.diagnostics()}")
+    time.sleep(max(0.0, t_next - time.monotonic()))
+    return kills
+
+
+def evaluate(kills: Sequence[Kill], flows: Flows, period: float) -> list[KillResult]:
+    out = []
+    for kill in kills:
+        window = (kill.t_down, kill.t_down + period - 0.5)
+        stall_up, lost_up = flows.up.stall_and_loss(*window)
+        stall_down, lost_down = flows.down.stall_and_loss(*window)
+        out.append(
+            KillResult(
+                kill.index,
+                kill.path,
+                stall_up * 1000,
+                stall_down * 1000,
+                flows.tcp.stall(*window) * 1000,
+                lost_up,
+                lost_down,
+                kill.note,
+            )
+        )
+    return out
+
+
+def measure(tool: Tool, killer: PathKiller, args: argparse.Namespace) -> ToolRun:
+    run = ToolRun(tool.name, tool.describe())
+    try:
+        tool.start()
+    except (ToolError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        why = (str(exc).splitlines() or [type(exc).__name__])[0]
+        run.skipped = f"{tool.name}: skipped: did not come up: {why}"
+        _stop_quietly(tool, run)
+        return run
+    flows = None
+    try:
+        flows = start_flows(killer.topo, tool.workdir, args.rate)
+        kills = kill_loop(tool, killer, args)
+        flows.finish()
+        run.kills = evaluate(kills, flows, args.period)
+        run.notes += _flow_notes(flows) + tool.run_notes()
+    except (ToolError, RuntimeError, OSError, ValueError, subprocess.SubprocessError) as exc:
+        run.notes.append(f"run broken off: {exc}")
+        if flows is not None:
+            flows.kill()
+    finally:
+        _stop_quietly(tool, run)
+    return run
+
+
+def _stop_quietly(tool: Tool, run: ToolRun) -> None:
+    try:
+        tool.stop()
+    except (ToolError, RuntimeError, OSError) as exc:
+        run.notes.append(f"stop: {exc}")
+
+
+def _flow_notes(flows: Flows) -> list[str]:
+    up, down, tcp = flows.up, flows.down, flows.tcp
+    broke = "none" if tcp.error == "-" else tcp.error
+    return [
+        f"whole run: UDP up lost {up.sent - up.received} of {up.sent}, down lost "
+        f"{down.sent - down.received} of {down.sent}; inner TCP received {tcp.received} bytes, "
+        f"connection broken: {broke}"
+    ]
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def print_tool(run: ToolRun) -> None:
+    print(f"\n== {run.name}: {run.description}")
+    if run.skipped:
+        print(run.skipped)
+        return
+    head = (
+        f"{'kill':>4} {'path':>4} {'stall up':>9} {'stall dn':>9} {'TCP stall':>9} "
+        f"{'lost up':>7} {'lost dn':>7}  note (ms)"
+    )
+    print(head)
+    print("-" * len(head))
+    for k in run.kills:
+        print(
+            f"{k.index:4d} {k.path + 1:4d} {k.stall_up_ms:9.0f} {k.stall_down_ms:9.0f} "
+            f"{k.tcp_stall_ms:9.0f} {k.lost_up:7d} {k.lost_down:7d}  {k.note}"
+        )
+    if run.kills:
+        print(f"stall (worse direction), ms: {summary([k.stall_ms for k in run.kills])}")
+        print(f"inner TCP stall, ms:         {summary([k.tcp_stall_ms for k in run.kills])}")
+    for note in run.notes:
+        print(note)
+
+
+def comparison_lines(runs: Sequence[ToolRun], mode: str) -> list[str]:
+    """The final table: one row per tool, then each anchor's ratios to jvpn."""
+    head = (
+        f"{'tool':<22} {'mode':<8} {'kills':>5} {'stall median':>12} {'p95':>6} "
+        f"{'TCP stall median':>16} {'lost':>6}"
+    )
+    lines = [head, "-" * len(head)]
+    for run in runs:
+        s = stats(run.kills)
+        if s is None:
+            lines.append(f"{run.name:<22} {mode:<8} {run.skipped or 'no kills measured'}")
+            continue
+        lines.append(
+            f"{run.name:<22} {mode:<8} {s.kills:5d} {s.stall_median:12.0f} "
+            f"{s.stall_p95:6.0f} {s.tcp_median:16.0f} {s.lost:6d}"
+        )
+    base = stats(runs[0].kills) if runs else None
+    for run in runs[1:]:
+        s = stats(run.kills)
+        if base is None or s is None:
+            continue
+        parts = ", ".join(f"{k} {format_ratio(v)}" for k, v in ratios(base, s).items())
+        lines.append(f"{run.name} / jvpn: {parts}")
+    return lines
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+Prepared = tuple[type[PathKiller] | None, list[type[Tool]], list[str]]
+
+
+def prepare(
+    args: argparse.Namespace,
+    exists: Callable[[str], bool] = have,
+    installer: Callable[[Sequence[str]], str] = install,
+) -> Prepared:
+    """Install what is missing (unless --no-install); the killer, runnable anchors, notes."""
+    notes: list[str] = []
+    anchors = list(ANCHORS) if args.compare else []
+    needed = {cmd: pkg for a in anchors for cmd, pkg in a.requires.items()}
+    if args.mode == "silent":
+        needed["nft"] = "nftables"
+    packages = list(dict.fromkeys(needed[c] for c in missing(needed, exists)))
+    if packages and not args.no_install:
+        notes.append(installer(packages))
+    runnable = []
+    for anchor in anchors:
+        absent = missing(anchor.requires, exists)
+        if absent:
+            notes.append(skip_note(anchor.name, anchor.requires, absent))
+        else:
+            runnable.append(anchor)
+    return killer_for(args.mode, exists), runnable, notes
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     reason = cannot_run()
     if reason:
         print(f"failover: skipped: {reason}")
         return 0
+    killer_cls, anchors, notes = prepare(args)
+    if killer_cls is None:
+        print("failover: skipped: --mode silent needs nft (nftables) or tc (iproute2)")
+        return 0
     policy = args.policy.read_text() if args.policy else None
     print(f"failover: {machine_facts()}")
-    print(f"load before: {loadavg()}; {args.kills} kills every {args.period:.0f} s, link down "
-          f"{args.down:.0f} s; inner UDP {args.rate:.0f} pkt/s each way; policy "
-          f"{args.policy or 'default'}")  # fmt: skip
-    kills: list[Kill] = []
-    with TunnelRig(2, policy_toml=policy) as rig:
-        flows = [start_flow(rig, "up", True, args.rate), start_flow(rig, "down", False, args.rate)]
-        time.sleep(2.0)
-        t_next = time.monotonic()
-        for k in range(args.kills):
-            time.sleep(max(0.0, t_next - time.monotonic()))
-            victim = rig.current_active()
-            t_down = time.monotonic()
-            rig.topo.link_down(victim)
-            time.sleep(args.down)
-            rig.topo.link_up(victim)
-            t_up = time.monotonic()
-            t_next = t_down + args.period
-            switches = rig.events("TRANSPORT_SWITCH", since=t_down)
-            denied = len(rig.events("TRANSPORT_SWITCH_DENIED", since=t_down))
-            sw = switches[0] if switches else None
-            kills.append(Kill(k + 1, victim, t_down, t_up, sw[1] if sw else None,
-                              sw[0] if sw else None, denied))  # fmt: skip
-            if not rig.alive():
-                print("a tunnel program exited:\n" + rig.diagnostics())
-                break
-        time.sleep(max(0.0, t_next - time.monotonic()))
-        for flow in flows:
-            flow.finish()
-        terminated = rig.events("SESSION_TERMINATED")
-
-    print()
-    head = (f"{'kill':>4} {'path':>4} {'->':>3} {'reason':<18} {'switch ms':>9} "
-            f"{'event ms':>8} {'stall up ms':>11} {'stall dn ms':>11} {'lost up':>7} "
-            f"{'lost dn':>7}")  # fmt: skip
-    print(head)
-    print("-" * len(head))
-    stalls: list[float] = []
-    latencies: list[float] = []
-    lost_total = [0, 0]
-    for kill in kills:
-        window_end = kill.t_down + args.period - 0.5
-        results = [flow.stall_and_loss(kill.t_down, window_end) for flow in flows]
-        row_stall = [r[0] for r in results]
-        for i, r in enumerate(results):
-            lost_total[i] += r[1]
-        sw = kill.switch
-        if sw is not None:
-            latencies.append(float(sw["switch_latency_ms"]))
-        valid = [s for s in row_stall if s is not None]
-        if valid:
-            stalls.append(max(valid) * 1000)
-        new = str(sw["new_transport"]) if sw else "-"
-        reason = str(sw["reason_code"]) if sw else f"none ({kill.denied} denied)"
-        lat = f"{float(sw['switch_latency_ms']):9.0f}" if sw else f"{'-':>9}"
-        ev = f"{(kill.t_event - kill.t_down) * 1000:8.0f}" if kill.t_event else f"{'-':>8}"
-        cells = [f"{s * 1000:11.0f}" if s is not None else f"{'-':>11}" for s in row_stall]
-        print(f"{kill.index:4d} {kill.path + 1:4d} {new:>3} {reason:<18} {lat} {ev} "
-              f"{cells[0]} {cells[1]} {results[0][1]:7d} {results[1][1]:7d}")  # fmt: skip
-    print()
-    print(f"stall (worse direction), ms:  {summary(stalls)}")
-    print(f"switch_latency_ms (events):   {summary(latencies)}")
-    sent = [f.sent for f in flows]
-    got = [len(f.seqs or ()) for f in flows]
     print(
-        f"packets lost around kills: up {lost_total[0]}, down {lost_total[1]}; "
-        f"whole run: up {sent[0] - got[0]} of {sent[0]}, down {sent[1] - got[1]} of {sent[1]}"
+        f"load at start: {loadavg()}; mode {args.mode}; {args.kills} kills per tool, one "
+        f"every {args.period:.0f} s, path dead {args.down:.0f} s; inner UDP {args.rate:.0f} "
+        f"pkt/s each way + one paced inner TCP connection"
     )
-    print(
-        f"switches seen: {sum(1 for k in kills if k.switch)} of {len(kills)} kills; "
-        f"session terminated: {'yes' if terminated else 'no'}"
-    )
-    print(f"load after: {loadavg()}")
+    for note in filter(None, notes):
+        print(note)
+    runs: list[ToolRun] = []
+    workdir = Path(tempfile.mkdtemp(prefix="jvpn-failover-"))
+    try:
+        with Topology(2) as topo, killer_cls(topo) as killer:
+            print(f"kill: {killer.how}")
+            tools: list[Tool] = [Jvpn(topo, workdir / "jvpn", policy)]
+            tools += [cls(topo, workdir / cls.name) for cls in anchors]
+            for tool in tools:
+                tool.workdir.mkdir(parents=True, exist_ok=True)
+                runs.append(measure(tool, killer, args))
+                print_tool(runs[-1])
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print()
+    print("\n".join(comparison_lines(runs, args.mode)))
+    print(f"load at end: {loadavg()}")
     return 0
 
 

@@ -114,7 +114,8 @@ EXIT_UNKNOWN_REASON: Final = 1
 """The final reason is one this build does not know."""
 EXIT_ENGINE_ERROR: Final = 3
 """``engine_error: <cause>``: the engine failed or could not start (cause also on stderr);
-the host is restored."""
+the host is restored. ``jvpn-tui --attach`` exits 3 too when no client answers at the
+socket or the client went away while attached (no engine of its own ran)."""
 EXIT_REASON_BASE: Final = 10
 """Plus n: the session ended with the reason code of wire index n (stable: reason codes are
 only ever appended)."""
