@@ -5,7 +5,9 @@ gateway namespace joined by 2-3 veth paths), generates keys, writes ``gateway.to
 ``client.toml`` into ``tmp_path``, optionally puts a ``jvpn-impair`` relay on some paths,
 starts ``jvpn-gateway`` in the gateway namespace and ``jvpn-tui --headless`` in the client
 namespace (a real TUN on both sides, inner subnet 10.77.0.0/24), and reads both programs'
-JSON event lines on threads. Teardown always runs: SIGTERM, then SIGKILL after a grace
+JSON event lines on threads. Both programs serve their control socket
+(``gateway_socket``, ``client_socket``, in a short temporary directory) for ``jvpn``.
+Teardown always runs: SIGTERM, then SIGKILL after a grace
 period, namespaces removed, and a check that no jvpn TUN or veth of this run is left in
 the host's namespace.
 
@@ -32,11 +34,13 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -329,6 +333,11 @@ class RealTunnel:
         self._events: LineLog | None = None
         self._helpers: list[subprocess.Popen[bytes]] = []
         self._open = False
+        self.control_dir = Path(tempfile.mkdtemp(prefix="jvpn-ctl-"))
+        """The programs' control sockets (short paths: a unix socket path is at most 107
+        bytes; a test's tmp_path can be longer)."""
+        self.gateway_socket = self.control_dir / "gateway.sock"
+        self.client_socket = self.control_dir / "client.sock"
 
     # -- lifetime --------------------------------------------------------------------------
 
@@ -359,6 +368,7 @@ class RealTunnel:
         try:
             self.topo.close()
         finally:
+            shutil.rmtree(self.control_dir, ignore_errors=True)
             leftovers = host_leftovers(self.tag)
             assert not leftovers, f"left in the host namespace: {leftovers}"
 
@@ -400,6 +410,7 @@ class RealTunnel:
             'private_key = "gateway.key"\n'
             f"{policy_line}"
             f'metrics = "127.0.0.1:{METRICS_PORT}"\n'
+            f"[control]\nsocket = {json.dumps(str(self.gateway_socket))}\n"
             "[tun]\n"
             f'name = "{self.gateway_tun}"\n'
             f'subnet = "{INNER_SUBNET}"\n'
@@ -426,6 +437,7 @@ class RealTunnel:
             'gateway_public_key = "gateway.pub"\n'
             f"{policy_line}"
             'node_id = "client"\n'
+            f"control_socket = {json.dumps(str(self.client_socket))}\n"
             "[tun]\n"
             f'name = "{self.client_tun}"\n' + "".join(paths)
         )

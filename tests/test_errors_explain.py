@@ -304,7 +304,7 @@ class Gateway:
         config = directory / "gateway.toml"
         config.write_text(
             'node_id = "gw-e"\nlisten = ["127.0.0.1:0"]\nprivate_key = "gateway.key"\n'
-            'inner_echo = true\n[tun]\nsubnet = "10.70.0.0/29"\n'
+            'inner_echo = true\n[control]\nsocket = "off"\n[tun]\nsubnet = "10.70.0.0/29"\n'
             f'[[clients]]\nname = "alice"\npublic_key = "{allowed}"\n'
         )
         self.proc = subprocess.Popen(
@@ -343,7 +343,8 @@ def run_client(
     config = directory / "client.toml"
     config.write_text(
         f'private_key = "client.key"\ngateway_public_key = "{gateway_key}"\n'
-        f'policy = "{policy_file(directory).name}"\n[inner]\nkind = "memory"\n'
+        f'policy = "{policy_file(directory).name}"\ncontrol_socket = "off"\n'
+        '[inner]\nkind = "memory"\n'
         f'[[path]]\nname = "one"\ngateway = "127.0.0.1:{port}"\n'
         f'[[path]]\nname = "two"\ngateway = "127.0.0.1:{port}"\n'
     )
@@ -429,7 +430,8 @@ def test_program_a_session_that_starts_writes_nothing_on_stderr(
     gateways.append(gw)
     config = tmp_path / "client.toml"
     config.write_text(
-        'private_key = "client.key"\ngateway_public_key = "gateway.pub"\n[inner]\n'
+        'private_key = "client.key"\ngateway_public_key = "gateway.pub"\n'
+        'control_socket = "off"\n[inner]\n'
         f'kind = "memory"\n[[path]]\nname = "one"\ngateway = "127.0.0.1:{gw.port}"\n'
     )
     proc = subprocess.run(

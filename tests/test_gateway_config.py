@@ -51,6 +51,8 @@ node_id = "gw-t"
 listen = ["127.0.0.1:0"]
 private_key = "gateway.key"
 inner_echo = true
+[control]
+socket = "off"
 [tun]
 subnet = "10.70.0.0/29"
 [[clients]]

@@ -357,10 +357,14 @@ LAYOUT_RULES: dict[str, tuple[str, ...]] = {
     "tunnel.gateway": ("tunnel.client", "tunnel.demo", "tunnel.impair", "tunnel.api"),
     "tunnel.impair": ("tunnel.",),
     "tunnel.api": ("tunnel.io", "tunnel.client", "tunnel.gateway", "tunnel.demo", "tunnel.impair"),
+    "tunnel.cli": (
+        "tunnel.core", "tunnel.client", "tunnel.gateway", "tunnel.demo", "tunnel.impair",
+    ),
 }  # fmt: skip
 """package -> what it never imports. The core is sans-I/O and knows no program; io/ holds
 drivers only; the client and the gateway never import each other; the relay tool imports
-nothing else of tunnel; the engine <-> UI contract names no program."""
+nothing else of tunnel; the engine <-> UI contract names no program; the ``jvpn`` command
+talks to programs only through their control socket (tunnel.control, tunnel.api)."""
 
 UI_NEVER_IMPORTS = ("tunnel.core", "tunnel.io", "tunnel.gateway", "tunnel.impair")
 """jvpn_tui talks to the engine through tunnel.api (and starts it through tunnel.client /

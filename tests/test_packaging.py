@@ -66,6 +66,7 @@ HELP_OPTIONS: dict[str, list[str]] = {
     "jvpn-gateway": ["--config", "--metrics"],
     "jvpn-keygen": ["--out", "--force"],  # docs/gateway.md
     "jvpn-impair": ["--listen", "--upstream", "--control", "--seed"],  # docs/impair.md
+    "jvpn": ["--socket", "--gateway", "status", "watch", "switch", "terminate"],  # control.md
 }
 """Every program a user types, with the options its documentation uses."""
 
@@ -113,6 +114,7 @@ ABBREVIATED: dict[str, list[str]] = {
     "jvpn-gateway": ["--conf", "gateway.toml"],
     "jvpn-keygen": ["--ou=alice", "genkey"],
     "jvpn-impair": ["--liste", "127.0.0.1:0", "--upstream", "127.0.0.1:9"],
+    "jvpn": ["--sock=/run/jvpn/client.sock", "status"],
 }
 """A prefix of a real option (--config, --out, --listen) with what else the program needs."""
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import ModuleType
 
 from tunnel import keygen
+from tunnel.cli import exits as cli_exits
 from tunnel.client import engine, headless
 from tunnel.core import drops, events
 from tunnel.gateway import main as gateway_main
@@ -273,6 +274,9 @@ def _exit_code_lines() -> list[str]:
         "### jvpn-gateway",
         "",
         *_exit_table(gateway_main.EXIT_STATUS),
+        "### jvpn (status, watch and commands; docs/control.md)",
+        "",
+        *_exit_table(_constant_rows(cli_exits)),
         "### jvpn-keygen",
         "",
         *_exit_table(_constant_rows(keygen)),

@@ -315,6 +315,7 @@ class Lab:
                 f'public_key = "{encode_key(public)}"',
                 f'address = "{address}"',
             ]
+        lines += ["[control]", 'socket = "off"']  # no control socket: it is not under test
         lines += ["[[sinks]]", 'type = "stdout"', *sinks]
         self.write("gw.toml", "\n".join(lines) + "\n")
         argv = [str(BIN / "jvpn-gateway"), "--config", "gw.toml"]
@@ -367,6 +368,7 @@ class Lab:
             f'private_key = "{name}.key"',
             f'gateway_public_key = "{encode_key(self.gw_public)}"',
             f'node_id = "{name}"',
+            'control_socket = "off"',  # not under test; the default may be taken
         ]
         if policy is not None:
             self.write(f"{name}-policy.toml", policy)

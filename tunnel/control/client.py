@@ -9,6 +9,7 @@ protocol version, the server went away), never a traceback.
 from __future__ import annotations
 
 import socket
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
@@ -19,6 +20,7 @@ from tunnel.control.protocol import (
     MAX_LINE,
     PROTOCOL_VERSION,
     Command,
+    ControlClosed,
     ControlError,
     Error,
     Hello,
@@ -49,8 +51,17 @@ def _connect_error(path: Path, exc: OSError) -> ControlError:
             "(run as root, or as the user that started the program)"
         )
     if isinstance(exc, ConnectionRefusedError):
+        if not _is_socket(path):
+            return ControlError(f"{path} is not a socket (--socket names the control socket)")
         return ControlError(f"nobody listens on {path} (a stale socket: the program ended)")
     return ControlError(f"cannot connect to {path}: {exc.strerror or exc}")
+
+
+def _is_socket(path: Path) -> bool:
+    try:
+        return stat.S_ISSOCK(path.stat().st_mode)
+    except OSError:
+        return True  # cannot tell: keep the usual message
 
 
 class ControlConnection:
@@ -111,7 +122,7 @@ class ControlConnection:
             except OSError as exc:
                 raise ControlError(f"{self._path}: {exc.strerror or exc}") from None
             if not chunk:
-                raise ControlError(f"{self._path}: the server closed the connection")
+                raise ControlClosed(f"{self._path}: the server closed the connection")
             self._buffer += chunk
         line = bytes(self._buffer[: end + 1])
         del self._buffer[: end + 1]

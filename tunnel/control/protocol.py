@@ -41,10 +41,11 @@ import msgspec
 from tunnel.api import EngineSnapshot
 
 __all__ = [
-    "COMMANDS", "MAX_LINE", "PROTOCOL_VERSION", "Command", "ControlError", "Error",
-    "EventMsg", "GatewayPathStatus", "GatewaySessionStatus", "GatewayStatus", "Hello",
-    "Loss", "Message", "Request", "Result", "SnapshotMsg", "Status", "StatusReply", "Watch",
-    "client_status", "decode_reply", "decode_request", "default_socket", "encode",
+    "COMMANDS", "MAX_LINE", "PROTOCOL_VERSION", "Command", "ControlClosed", "ControlError",
+    "Error",
+    "EventMsg", "GatewayPathStatus", "GatewaySessionStatus", "GatewayStatus", "GatewayTraffic",
+    "Hello", "Loss", "Message", "Request", "Result", "SnapshotMsg", "Status", "StatusReply",
+    "Watch", "client_status", "decode_reply", "decode_request", "default_socket", "encode",
     "gateway_status", "raw", "to_builtins",
 ]  # fmt: skip
 
@@ -63,6 +64,10 @@ Role = Literal["client", "gateway"]
 
 class ControlError(Exception):
     """The control socket cannot be used: no server, wrong protocol, bad path, refused."""
+
+
+class ControlClosed(ControlError):
+    """The server closed the connection (the program stopped, or it ended the watch)."""
 
 
 # -- requests (peer -> server) ---------------------------------------------------------
@@ -104,31 +109,80 @@ class Hello(msgspec.Struct, tag="hello"):
 
 
 class GatewayPathStatus(msgspec.Struct):
-    """One validated address of a gateway session."""
+    """One source address a gateway session has validated (or is bound to)."""
 
     address: str
+    """``host:port`` (``[v6]:port``) the client's datagrams come from."""
     active: bool
+    """This is the binding: replies go here."""
     validated: bool
+    """The address answered a path challenge (only validated addresses carry data)."""
+    validated_s: float | None = None
+    """Seconds since it was (last) validated; None if it is not validated."""
 
 
 class GatewaySessionStatus(msgspec.Struct):
-    """One session as the gateway sees it. No keys."""
+    """One session as the gateway sees it. No keys.
+
+    Traffic is counted in inner packets (IPv4 and IPv6), per client, since the session was
+    created: ``rx`` from the client into the gateway's inner side, ``tx`` from the inner
+    side towards the client (counted when read from the inner side, also while the
+    packets wait for a binding). Drops are counted gateway-wide (:class:`GatewayStatus`):
+    most happen before a datagram can be tied to a session."""
 
     session_id: str
+    """Hex session id (``jvpn terminate`` takes it, or a unique prefix)."""
     client: str
+    """The client's name from ``[[clients]]``."""
     inner_address: str
+    """The client's inner (tunnel) IPv4 address."""
     state: str
+    """The gateway's state of the session (ATTACHED, RECOVERING, TERMINATED...)."""
     state_version: int
+    """Monotonic version of that state."""
     binding_epoch: int
+    """Bumped by every committed reattach or rebinding."""
     key_phase: int
+    """Current key phase (bumped by every rekey)."""
     owner: str
+    """Owner node in the session store (empty when the store holds no record)."""
+    policy_version: str
+    """Version of the policy the session runs under."""
+    active_path: int | None
+    """The client's path id of the binding; None while the session has no binding."""
     paths: tuple[GatewayPathStatus, ...]
+    """Every validated address and the binding, the binding first."""
     rx_packets: int
-    tx_packets: int
     rx_bytes: int
+    tx_packets: int
     tx_bytes: int
     last_seen_s: float
-    drops: tuple[tuple[str, int], ...] = ()
+    """Seconds since the last authenticated datagram on the binding."""
+    age_s: float
+    """Seconds since the session was created."""
+    total_switches: int
+    """Committed transport switches (reattaches to another address)."""
+    security_failures: int
+    """Recent security failures (bad proofs, stale requests), reset after a quiet period."""
+    queued: int
+    """Inner packets waiting for a binding."""
+    end_reason: str | None = None
+    """Why it ended (TERMINATED sessions stay listed briefly, to answer late datagrams)."""
+    inner_address6: str = ""
+    """The client's inner IPv6 address; empty when the tunnel carries no IPv6 for it."""
+
+
+class GatewayTraffic(msgspec.Struct):
+    """Gateway-wide datagram and inner packet counters since start."""
+
+    datagrams_in: int = 0
+    datagrams_out: int = 0
+    send_failed: int = 0
+    """Datagrams the kernel refused to send."""
+    inner_to_clients: int = 0
+    """Inner packets read from the inner side (TUN)."""
+    inner_from_clients: int = 0
+    """Inner packets written to the inner side."""
 
 
 class GatewayStatus(msgspec.Struct):
@@ -136,12 +190,30 @@ class GatewayStatus(msgspec.Struct):
 
     node_id: str
     listen: tuple[str, ...]
+    """Bound UDP listen addresses."""
     policy_version: str
+    """The last valid policy's version (what running sessions use)."""
     uptime_s: float
     sessions: tuple[GatewaySessionStatus, ...]
+    """Every session the gateway holds, ended ones included until they are forgotten."""
+    policy_ok: bool = True
+    """False after an invalid policy: new sessions are denied until a valid one."""
+    policy_error: str | None = None
+    sessions_created: int = 0
+    sessions_denied: int = 0
+    """Handshakes denied for lack of a valid policy."""
     handshakes_refused: int = 0
+    """Handshakes dropped without an answer: unknown client key, or for another gateway
+    key (``drops`` has them by reason)."""
     drops: tuple[tuple[str, int], ...] = ()
+    """(drop reason, count) since start, by reason name (docs/gateway.md, metrics)."""
+    traffic: GatewayTraffic = msgspec.field(default_factory=GatewayTraffic)
+    events_dropped: int = 0
+    """Events lost in the core's bounded event queue."""
+    store_conflicts: int = 0
+    """Ownership-store CAS failures (this node was not authoritative)."""
     observability_ok: bool = True
+    """The event sinks' health flag (false while a sink fails or lost events)."""
 
 
 class StatusReply(msgspec.Struct, tag="status_reply"):

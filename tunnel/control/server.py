@@ -87,7 +87,9 @@ def prepare_socket_path(path: Path) -> None:
         try:
             path.parent.mkdir(mode=0o700, parents=True)
         except OSError as exc:
-            raise ControlError(f"cannot create {path.parent}: {exc.strerror}") from None
+            raise ControlError(
+                f"cannot create the directory {path.parent} for {path.name}: {exc.strerror}"
+            ) from None
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:
@@ -152,6 +154,7 @@ class ControlServer:
         self._max_clients = max_clients
         self._watch_queue = watch_queue
         self._server: asyncio.AbstractServer | None = None
+        self._sock: socket.socket | None = None
         self._connections: set[asyncio.Task[None]] = set()
         self._watchers: set[_Watcher] = set()
         self._hello = encode(
@@ -169,8 +172,17 @@ class ControlServer:
         """Connections currently watching."""
         return len(self._watchers)
 
-    async def start(self) -> None:
-        """Bind (mode set before listening) and serve. Raises ControlError."""
+    @property
+    def status_watchers(self) -> int:
+        """Watchers that asked for statuses (a program builds none for nobody)."""
+        return sum(1 for w in self._watchers if w.snapshots)
+
+    def listen(self) -> None:
+        """Bind and listen now, before any loop runs (a program checks its socket at
+        start-up, before it changes the host); :meth:`start` then serves. Raises
+        ControlError. Idempotent."""
+        if self._sock is not None:
+            return
         prepare_socket_path(self._path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -178,6 +190,18 @@ class ControlServer:
             os.chmod(self._path, self._mode)
             sock.listen(self._max_clients)
             sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise ControlError(f"cannot listen on {self._path}: {exc.strerror or exc}") from None
+        self._sock = sock
+
+    async def start(self) -> None:
+        """Bind (mode set before listening; unless :meth:`listen` did) and serve. Raises
+        ControlError."""
+        self.listen()
+        sock, self._sock = self._sock, None
+        assert sock is not None
+        try:
             self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_LINE)
         except OSError as exc:
             sock.close()
@@ -188,6 +212,7 @@ class ControlServer:
 
         ``flush``: up to this many seconds for the watchers to read what is queued for
         them (the final snapshot of an engine that ends)."""
+        self.discard()
         if self._server is not None:
             self._server.close()
             self._server = None
@@ -200,6 +225,17 @@ class ControlServer:
         for task in list(self._connections):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(self._path.lstat().st_mode):
+                self._path.unlink()
+
+    def discard(self) -> None:
+        """Close a socket :meth:`listen` bound that was never served, and remove its file
+        (no loop needed: a start-up that failed later). Idempotent."""
+        if self._sock is None:
+            return
+        self._sock.close()
+        self._sock = None
         with contextlib.suppress(OSError):
             if stat.S_ISSOCK(self._path.lstat().st_mode):
                 self._path.unlink()

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from tunnel.control.protocol import default_socket
 from tunnel.core.constants import MAX_INNER_PACKET, MIN_MTU
 from tunnel.core.gateway import ClientEntry
 from tunnel.keys import KeyFormatError, load_private_key, load_public_key
@@ -50,7 +51,8 @@ DEFAULT_JSONL_BACKUPS: Final = 5
 TOP_KEYS: Final = frozenset(
     {"node_id", "listen", "private_key", "policy", "mtu", "metrics", "inner_echo"}
 )
-TABLES: Final = frozenset({"tun", "clients", "sinks"})
+TABLES: Final = frozenset({"tun", "clients", "sinks", "control"})
+CONTROL_KEYS: Final = frozenset({"socket"})
 TUN_KEYS: Final = frozenset({"name", "subnet", "address", "subnet6", "address6"})
 CLIENT_KEYS: Final = frozenset({"name", "public_key", "address", "address6"})
 IPV6_MIN_MTU: Final = 1280
@@ -127,6 +129,12 @@ class GatewayConfig:
     """Inner IPv6 subnet; None: the tunnel carries IPv4 only."""
     gateway_address6: str = ""
     """The gateway's own inner IPv6 address (on the TUN); empty without ``subnet6``."""
+    control_socket: Path | None = None
+    """The control socket (docs/control.md); None: none. The file's default is
+    ``default_socket("gateway")``; ``--control-socket`` overrides."""
+    control_required: bool = True
+    """The socket was named (file or option): failing to create it stops the start. The
+    default path is best effort (another gateway may hold it: then none, with a warning)."""
 
 
 class _Reader:
@@ -476,6 +484,29 @@ def _parse_sinks(file: Path, raw: object) -> tuple[SinkConfig, ...]:
     return tuple(out)
 
 
+CONTROL_OFF: Final = ("", "off")
+"""``[control] socket`` values that mean no control socket (``"off"`` as in client.toml)."""
+
+
+def _parse_control(file: Path, raw: object) -> tuple[Path | None, bool]:
+    """``[control] socket``: a path (relative to the file; required), "" or "off" for none;
+    the default path (best effort) when the table or the key is absent."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(file, "control", raw, "must be a table ([control])")
+    r = _Reader(file, raw, "control.")
+    r.unknown(CONTROL_KEYS)
+    value = raw.get("socket")
+    if value is None:
+        return default_socket("gateway"), False
+    if not isinstance(value, str):
+        raise r.error("socket", value, 'must be a path, or "off" for no control socket')
+    if value.strip() in CONTROL_OFF:
+        return None, False
+    return r.path("socket"), True
+
+
 def parse_gateway_config(data: Mapping[str, Any], file: Path) -> GatewayConfig:
     """Validate decoded TOML ``data`` (``file`` names it in errors and anchors paths)."""
     r = _Reader(file, data, "")
@@ -499,13 +530,15 @@ def parse_gateway_config(data: Mapping[str, Any], file: Path) -> GatewayConfig:
     net = _InnerNet(subnet, gateway_address, subnet6, gateway_address6)
     clients = _parse_clients(file, data.get("clients"), net)
     sinks = _parse_sinks(file, data.get("sinks"))
+    control_socket, control_required = _parse_control(file, data.get("control"))
     key_path, private_key = _load_key(r)  # last: every plain value error comes first
     return GatewayConfig(
         source=file, node_id=node_id, listen=listen, private_key_path=key_path,
         private_key=private_key, clients=clients, policy_path=policy_path, sinks=sinks,
         tun_name=tun_name, subnet=subnet, gateway_address=gateway_address, mtu=mtu,
         metrics=metrics, inner_echo=inner_echo, subnet6=subnet6,
-        gateway_address6=gateway_address6,
+        gateway_address6=gateway_address6, control_socket=control_socket,
+        control_required=control_required,
     )  # fmt: skip
 
 

@@ -1,4 +1,6 @@
-"""Console lines for handshakes the gateway refuses without an answer (docs/gateway.md).
+"""The gateway's console lines (docs/gateway.md): refused handshakes, sessions.
+
+Refused handshakes:
 
 A client the gateway does not know, or one that has another key for this gateway, gets no
 answer at all (an answer would tell a stranger who is here), so without these lines the
@@ -14,6 +16,9 @@ core already reports each kind at most once a second, which bounds the lines ove
 line also says how many refusals were not shown since the previous line of its kind
 (folded into the core's reports, or suppressed here), so the lines add up to the metric.
 The table of recent sources is bounded (the oldest entry goes first).
+
+Sessions: :class:`SessionNotices` writes one line when a session starts, switches to
+another address and ends, rate-limited per client the same way.
 """
 
 from __future__ import annotations
@@ -21,9 +26,18 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final
 
-from tunnel.core.events import Event, Reason, SecurityEvent
+from tunnel.core.events import (
+    Event,
+    Reason,
+    SecurityEvent,
+    SessionCreated,
+    SessionTerminated,
+    TransportAttached,
+    TransportSwitch,
+)  # fmt: skip
 
 REPEAT_S: Final = 30.0
 """A source (host and key) gets at most one line of a kind this often."""
@@ -99,3 +113,134 @@ class RefusalNotices:
             )
         more = f"; {unshown} more not shown since the previous such line" if unshown else ""
         return f"jvpn-gateway: refused a handshake from {event.source}: {what}{more}"
+
+
+SESSION_REPEAT_S: Final = 10.0
+"""A client gets at most one line of a kind (start, switch, end) this often."""
+
+MAX_SESSIONS: Final = 4096
+"""Sessions remembered for their lines (client, address); beyond, the oldest is forgotten
+(its later lines then say ``?`` for what was forgotten)."""
+
+
+@dataclass(slots=True)
+class _Seen:
+    """What the lines of one session need to remember."""
+
+    client: str
+    inner: str
+    address: str = "?"
+    started: bool = False
+
+
+class SessionNotices:
+    """Rate-limited console lines when a session starts, switches and ends (docs/gateway.md).
+
+    ::
+
+        jvpn-gateway: session 3fa2c1d0 started: alice 10.66.0.2 from 192.0.2.7:40112
+            (path 1)
+        jvpn-gateway: session 3fa2c1d0 (alice) switched 192.0.2.7:40112 ->
+            198.51.100.4:5555 (path 1 -> 2): manual_switch
+        jvpn-gateway: session 3fa2c1d0 (alice) ended: operator_terminated after 12m03s,
+            1 switch
+
+    (one line each; the first 8 hex digits of the session id). At most one line per kind
+    and client every ``repeat_s`` seconds; the next line of that kind for that client says
+    how many were not shown. Feed it every event.
+    """
+
+    def __init__(
+        self,
+        write: Callable[[str], None],
+        *,
+        repeat_s: float = SESSION_REPEAT_S,
+        max_sessions: int = MAX_SESSIONS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._write = write
+        self._repeat_s = repeat_s
+        self._max_sessions = max_sessions
+        self._clock = clock
+        self._sessions: OrderedDict[str, _Seen] = OrderedDict()
+        self._last: dict[tuple[str, str], float] = {}
+        self._unshown: dict[tuple[str, str], int] = {}
+        self.lines = 0
+        """Lines written."""
+
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, SessionCreated):
+            self._remember(event.session_id, _Seen(event.peer, event.inner_address))
+        elif isinstance(event, TransportAttached):
+            self._attached(event)
+        elif isinstance(event, TransportSwitch):
+            self._switched(event)
+        elif isinstance(event, SessionTerminated):
+            self._ended(event)
+
+    def _remember(self, sid: str, seen: _Seen) -> None:
+        self._sessions[sid] = seen
+        self._sessions.move_to_end(sid)
+        while len(self._sessions) > self._max_sessions:
+            self._sessions.popitem(last=False)
+
+    def _seen(self, sid: str) -> _Seen:
+        seen = self._sessions.get(sid)
+        return seen if seen is not None else _Seen("?", "?")
+
+    def _attached(self, event: TransportAttached) -> None:
+        seen: _Seen | None = self._sessions.get(event.session_id)
+        if seen is None:
+            return
+        seen.address = event.path
+        if seen.started:
+            return
+        seen.started = True
+        path = f" (path {event.transport_id})" if event.transport_id >= 0 else ""
+        what = f"started: {seen.client} {seen.inner} from {event.path}{path}"
+        self._line("start", event.session_id, seen, what)
+
+    def _switched(self, event: TransportSwitch) -> None:
+        seen: _Seen = self._seen(event.session_id)
+        old, seen.address = seen.address, event.path
+        before = "?" if event.previous_transport is None else str(event.previous_transport)
+        what = (
+            f"({seen.client}) switched {old} -> {event.path} "
+            f"(path {before} -> {event.new_transport}): {event.reason_code}"
+        )
+        self._line("switch", event.session_id, seen, what)
+
+    def _ended(self, event: SessionTerminated) -> None:
+        seen = self._seen(event.session_id)
+        self._sessions.pop(event.session_id, None)
+        n = event.total_switches
+        what = (
+            f"({seen.client}) ended: {event.reason_code} after "
+            f"{duration(event.session_age_ms / 1000)}, {n} switch{'' if n == 1 else 'es'}"
+        )
+        self._line("end", event.session_id, seen, what)
+
+    def _line(self, kind: str, sid: str, seen: _Seen, what: str) -> None:
+        key = (kind, seen.client)
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self._repeat_s:
+            self._unshown[key] = self._unshown.get(key, 0) + 1
+            return
+        self._last[key] = now
+        unshown = self._unshown.pop(key, 0)
+        more = f"; {unshown} more not shown since the previous such line" if unshown else ""
+        self._write(f"jvpn-gateway: session {sid[:8] or '?'} {what}{more}")
+        self.lines += 1
+
+
+def duration(seconds: float) -> str:
+    """``42s``, ``12m03s``, ``3h07m``, ``2d04h``: short and sortable by eye."""
+    s = int(max(0.0, seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"

@@ -13,15 +13,25 @@ gateway key) get rate-limited lines on stderr (:mod:`tunnel.gateway.console`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from tunnel.control.protocol import ControlError
+from tunnel.core.events import Event
 from tunnel.core.handshake import fingerprint, public_key
-from tunnel.gateway.config import ConfigError, GatewayConfig, KeyFileError, load_gateway_config
-from tunnel.gateway.console import RefusalNotices
+from tunnel.gateway.config import (
+    CONTROL_OFF,
+    ConfigError,
+    GatewayConfig,
+    KeyFileError,
+    load_gateway_config,
+)  # fmt: skip
+from tunnel.gateway.console import RefusalNotices, SessionNotices
 from tunnel.io.netconf import NetConfError
 from tunnel.io.tun import TUN_CLONE_DEVICE, TunError
 from tunnel.io.udp import PathError
@@ -49,7 +59,11 @@ EXIT_STATUS: Final = (
     (EXIT_USAGE, "bad command line"),
     (EXIT_CONFIG, "bad configuration value (file, key and value on stderr)"),
     (EXIT_KEY, "private key missing, unreadable, invalid or readable by every user"),
-    (EXIT_ADDRESS, "a listen or metrics address cannot be bound (e.g. port in use)"),
+    (
+        EXIT_ADDRESS,
+        "a listen or metrics address cannot be bound (e.g. port in use), or the "
+        "control socket cannot be created",
+    ),
     (EXIT_PRIVILEGE, f"no privilege for the TUN (root or CAP_NET_ADMIN) or no {TUN_CLONE_DEVICE}"),
     (EXIT_HOST_CONFIG, "creating or configuring the TUN failed otherwise"),
 )
@@ -87,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
         type=_metrics_arg,
         help="serve Prometheus metrics here (loopback by default, e.g. 127.0.0.1:9108); "
         "overrides the file's metrics key",
+    )
+    parser.add_argument(
+        "--control-socket",
+        metavar="PATH",
+        help="the control socket for jvpn status/watch/reload/terminate (docs/control.md); "
+        'overrides [control] socket; "off" for none',
     )
     return parser
 
@@ -140,6 +160,8 @@ def _open(runtime: GatewayRuntime) -> int | None:
         runtime.open()
     except PathError as exc:
         return _fail(EXIT_ADDRESS, str(exc))
+    except ControlError as exc:
+        return _fail(EXIT_ADDRESS, f"control socket: {exc}")
     except OSError as exc:  # the metrics listener
         where = "{}:{}".format(*runtime.metrics_address) if runtime.metrics_address else "?"
         cause = os.strerror(exc.errno).lower() if exc.errno else str(exc)
@@ -157,6 +179,8 @@ def _ready_line(runtime: GatewayRuntime, config: GatewayConfig) -> str:
         inner += f" {config.gateway_address6}/{config.subnet6.prefixlen}"
     metrics = runtime.metrics_bound
     extra = f", metrics http://{metrics[0]}:{metrics[1]}/metrics" if metrics else ""
+    if config.control_socket is not None:
+        extra += f", control {config.control_socket}"
     key = f", key {fingerprint(public_key(config.private_key))}"
     return f"jvpn-gateway: node {config.node_id} listening on {listening}, {inner}{extra}{key}"
 
@@ -175,8 +199,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem is not None:
         return _fail(EXIT_PRIVILEGE, problem)
 
-    notices = RefusalNotices(_console, fingerprint(public_key(config.private_key)))
-    runtime = GatewayRuntime.from_config(config, metrics=args.metrics, on_event=notices.on_event)
+    if args.control_socket is not None:
+        off = args.control_socket.strip() in CONTROL_OFF
+        control = None if off else Path(args.control_socket)
+        config = dataclasses.replace(config, control_socket=control, control_required=not off)
+    refusals = RefusalNotices(_console, fingerprint(public_key(config.private_key)))
+    sessions = SessionNotices(_console)
+
+    def console(event: Event) -> None:
+        refusals.on_event(event)
+        sessions.on_event(event)
+
+    runtime = GatewayRuntime.from_config(config, metrics=args.metrics, on_event=console)
     if not runtime.policy.ok:
         print(
             f"jvpn-gateway: warning: invalid policy, new sessions are denied until it is "
@@ -186,7 +220,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = _open(runtime)
     if failed is not None:
         return failed
-    ready = _ready_line(runtime, config)
+    if runtime.control_warning is not None:
+        print(
+            f"jvpn-gateway: warning: no control socket: {runtime.control_warning} (set "
+            "[control] socket or --control-socket to choose one)",
+            file=sys.stderr,
+        )
+    ready = _ready_line(
+        runtime,
+        config if runtime.control is not None else dataclasses.replace(config, control_socket=None),
+    )
     try:
         runtime.run(
             install_signals=True, on_ready=lambda: print(ready, file=sys.stderr, flush=True)

@@ -31,6 +31,9 @@ The runtime is composed of components it owns and calls (each owns its state):
 - :class:`tunnel.gateway.policy_reload.PolicyReloader`: the policy file and its status;
 - :class:`tunnel.gateway.metrics.GatewayMetrics`: health, session views, the Prometheus
   families and the event tallies behind them;
+- :class:`tunnel.gateway.control.GatewayControl` (with a control socket): the control
+  server, its status, history and commands (``reload_policy_guarded``,
+  ``terminate_session``), and the per-client inner traffic counters;
 - the inner side (:mod:`tunnel.gateway.inner`).
 Here: ``GatewayRuntime`` with construction, the lifecycle, the inputs (sockets, inner
 side, signals, the policy poll) and the flush (events, datagrams, inner packets).
@@ -48,9 +51,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
 
+from tunnel.control.protocol import ControlError
 from tunnel.core.events import Event, Reason, StateChange
 from tunnel.core.gateway import ClientEntry, GatewaySessions, SessionView
 from tunnel.core.policy import POLICY_DEFAULT, Policy
+from tunnel.gateway.control import STATUS_INTERVAL_S, GatewayControl
 from tunnel.gateway.inner import EchoInner, GatewayInner, GatewayTun
 from tunnel.gateway.metrics import GatewayHealth, GatewayMetrics, TrafficCounters
 from tunnel.gateway.ownership import OwnershipMirror
@@ -63,6 +68,9 @@ from tunnel.ownership import MemorySessionStore, SessionStore
 
 CALL_TIMEOUT_S: Final = 5.0
 """How long a thread waits for the loop to run something for it (metrics, commands)."""
+
+CONTROL_FLUSH_S: Final = 1.0
+"""At the end, how long control-socket watchers get to read the last events (bounded)."""
 
 EVENT_ROUNDS: Final = 8
 """Rounds of the core's event queue taken per flush. Mirroring an event can make the core
@@ -120,6 +128,8 @@ class GatewayRuntime:
         own_pipeline: bool = False,
         store: SessionStore | None = None,
         metrics: tuple[str, int] | None = None,
+        control: Path | None = None,
+        control_required: bool = True,
         on_event: Callable[[Event], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
@@ -137,6 +147,7 @@ class GatewayRuntime:
             inner_gateway6=inner_gateway6, inner_prefix6=inner_prefix6,
         )  # fmt: skip
         self.listen = tuple(listen)
+        self.clients = tuple(clients)
         self.inner: GatewayInner = (
             inner if inner is not None else EchoInner(inner_gateway, inner_gateway6)
         )
@@ -159,12 +170,19 @@ class GatewayRuntime:
             self.gateway, traffic=self.traffic, policy=self.policy,
             ownership=self.ownership, pipeline=pipeline,
         )  # fmt: skip
+        self.control: GatewayControl | None = (
+            GatewayControl(self, control) if control is not None else None
+        )
+        self._control_required = control_required
+        self.control_warning: str | None = None
+        """Why the (default, best-effort) control socket is not served, if it is not."""
         self._on_event = on_event
         self._sockets: list[GatewaySocket] = []
         self._metrics_server: MetricsServer | None = None
         self._inner_ready = False
         self._stop: asyncio.Event | None = None
         self._poll_handle: asyncio.TimerHandle | None = None
+        self._status_handle: asyncio.TimerHandle | None = None
         self._opened = False
         self._stop_requested = False
 
@@ -218,16 +236,19 @@ class GatewayRuntime:
             inner_prefix6=prefix6,
             pipeline=EventPipeline(sinks) if sinks else None, own_pipeline=True,
             store=store, metrics=metrics if metrics is not None else config.metrics,
+            control=config.control_socket, control_required=config.control_required,
             on_event=on_event,
         )  # fmt: skip
 
     # -- lifecycle -----------------------------------------------------------------------
 
     def open(self) -> GatewayRuntime:
-        """Bind the sockets and the metrics listener, then set up the inner side.
+        """Bind the sockets, the metrics listener and the control socket, then set up the
+        inner side.
 
         Runs before the loop (never on it). On failure everything done so far is undone
-        and the error (PathError, OSError, TunError, NetConfError) propagates.
+        and the error (PathError, OSError, ControlError, TunError, NetConfError)
+        propagates.
         """
         if self._opened:
             return self
@@ -238,12 +259,26 @@ class GatewayRuntime:
             if self.metrics_address is not None:
                 host, port = self.metrics_address
                 self._metrics_server = MetricsServer(host, port, self.collect_metrics)
+            self._listen_control()
             self.inner.setup()
             self._inner_ready = True
         except BaseException:
             self.close()
             raise
         return self
+
+    def _listen_control(self) -> None:
+        """Create the control socket; a default one that cannot be (another gateway holds
+        it) is left out with :attr:`control_warning`, a configured one raises."""
+        if self.control is None:
+            return
+        try:
+            self.control.listen()
+        except ControlError as exc:
+            if self._control_required:
+                raise
+            self.control_warning = str(exc)
+            self.control = None
 
     def close(self) -> None:
         """Undo :meth:`open` in reverse order and close an owned pipeline. Idempotent."""
@@ -254,6 +289,8 @@ class GatewayRuntime:
                 self.inner.teardown()
             except Exception as exc:  # keep closing the rest; reported below
                 errors.append(exc)
+        if self.control is not None:
+            self.control.discard()
         if self._metrics_server is not None:
             self._metrics_server.close()
             self._metrics_server = None
@@ -314,6 +351,9 @@ class GatewayRuntime:
             loop.add_signal_handler(signal.SIGHUP, driver.guard, self._reload_from_signal)
         if self.policy.path is not None and self.policy_poll_s:
             self._poll_handle = driver.call_later(self.policy_poll_s, self._poll)
+        if self.control is not None:
+            await self.control.start()
+            self._status_handle = driver.call_later(STATUS_INTERVAL_S, self._publish_status)
         if not self.policy.ok:
             driver.guard(self._announce_invalid_start)
         driver.guard(self.pump)
@@ -323,6 +363,8 @@ class GatewayRuntime:
             await self._stop.wait()
         finally:
             self._shutdown(loop, install_signals)
+            if self.control is not None:
+                await self.control.close(CONTROL_FLUSH_S)
 
     def _shutdown(self, loop: asyncio.AbstractEventLoop, signals: bool) -> None:
         if self.crash is None:
@@ -334,6 +376,8 @@ class GatewayRuntime:
                 self.driver.fail(exc)
         if self._poll_handle is not None:
             self._poll_handle.cancel()
+        if self._status_handle is not None:
+            self._status_handle.cancel()
         for sock in self._sockets:
             if not sock.closed:
                 loop.remove_reader(sock.fileno())
@@ -400,6 +444,33 @@ class GatewayRuntime:
     def _reload_from_signal(self) -> None:
         self.reload_policy()
 
+    def reload_policy_guarded(self) -> bool:
+        """:meth:`reload_policy` as a guarded callback (an exception is an engine failure,
+        as for SIGHUP); False if it failed. Loop thread (the control socket's command)."""
+        result: list[bool] = []
+        self.driver.guard(lambda: result.append(self.reload_policy()))
+        return bool(result and result[0])
+
+    # -- operator commands (loop thread) -------------------------------------------------
+
+    def terminate_session(self, session_id: str) -> bool:
+        """End one session with ``operator_terminated`` (TERMINATE sent to the client);
+        False if no live session has that id. Guarded like every input."""
+        result: list[bool] = []
+
+        def end(now: float) -> None:
+            result.append(self.gateway.terminate(session_id, now, Reason.OPERATOR_TERMINATED))
+
+        self.driver.guard(self.driver.input, end)
+        return bool(result and result[0])
+
+    def _publish_status(self) -> None:
+        self._status_handle = None
+        if self.control is None or self.driver.loop is None:
+            return
+        self.control.publish_status()
+        self._status_handle = self.driver.call_later(STATUS_INTERVAL_S, self._publish_status)
+
     def _announce_invalid_start(self) -> None:
         self.policy.announce_invalid_start(self.clock())
 
@@ -450,6 +521,8 @@ class GatewayRuntime:
         self.traffic.inner_in += drain(self.inner.read_batch, self._take_packets, now)
 
     def _take_packets(self, batch: Sequence[bytes], now: float) -> None:
+        if self.control is not None:
+            self.control.traffic.to_clients(batch)
         receive = self.gateway.receive_tun_packet
         for packet in batch:
             receive(packet, now)
@@ -477,6 +550,8 @@ class GatewayRuntime:
         packets = gateway.packets_for_tun()
         if packets:
             self.traffic.inner_out += len(packets)
+            if self.control is not None:
+                self.control.traffic.from_clients(packets)
             self.inner.write_batch(packets)
         return True
 
@@ -516,5 +591,7 @@ class GatewayRuntime:
         self.metrics.count(event)
         if self.pipeline is not None:
             self.pipeline.emit(event)
+        if self.control is not None:
+            self.control.on_event(event)
         if self._on_event is not None:
             self._on_event(event)
