@@ -416,3 +416,30 @@ def test_guard_excepts_a_re_resolved_endpoint_refuses_a_capture_and_takes_over()
         ]
         assert second.finish(on_purpose=True) is None
         assert text() == [] and release(ns) == []
+
+
+def test_jvpn_killswitch_show_and_release_need_no_socket_and_no_config() -> None:
+    """docs/control.md: `jvpn killswitch show|release` act on the routes a client left."""
+    require_tun()
+    with Topology(n_paths=1) as topo:
+        ns, (a,) = topo.client_ns, topo.paths
+        ipr = topo.ipr(ns)
+        ipr.route("add", dst="0.0.0.0", dst_len=0, gateway=a.gateway_ip, priority=100)
+        guard = RouteGuard(["0.0.0.0/0"], kill_switch=True, netns=ns)
+        guard.install([Endpoint(1, ENDPOINT)])
+        assert guard.finish(on_purpose=False) is not None  # left in place, as after a crash
+        jvpn = [*program("jvpn", "tunnel.cli")]
+        shown = topo.run(ns, [*jvpn, "killswitch", "show"], timeout=30)
+        assert shown.returncode == 0, shown.stderr
+        assert sorted(shown.stdout.splitlines()) == [
+            f"{ENDPOINT}/32 via {a.gateway_ip} dev {a.client_ifname} (endpoint exception)",
+            "unreachable 0.0.0.0/1 (kill switch)",
+            "unreachable 128.0.0.0/1 (kill switch)",
+        ]
+        released = topo.run(ns, [*jvpn, "killswitch", "release"], timeout=30)
+        assert released.returncode == 0, released.stderr
+        assert len(released.stdout.splitlines()) == 3
+        assert all(line.startswith("removed ") for line in released.stdout.splitlines())
+        assert find_installed(ns) == []
+        again = topo.run(ns, [*jvpn, "killswitch", "show"], timeout=30)
+        assert again.stdout == "no kill switch installed\n"

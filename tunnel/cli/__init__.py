@@ -30,6 +30,7 @@ examples:
   jvpn reload                    reload the policy file (as SIGHUP)
   jvpn terminate                 end the client's session (the client stops)
   jvpn --gateway terminate 3fa2  end one session on the gateway (id or unique prefix)
+  jvpn killswitch release        remove the kill switch a client left after an abnormal end
 
 sockets: the client's default is /run/jvpn/client.sock, the gateway's
 /run/jvpn/gateway.sock (as root; else under $XDG_RUNTIME_DIR/jvpn/); --socket PATH names
@@ -102,9 +103,14 @@ def parser() -> argparse.ArgumentParser:
         "session", nargs="?", metavar="SESSION",
         help="gateway: a session id, or a unique prefix (4+ hex digits)",
     )  # fmt: skip
-    # -- jvpn killswitch release (issue 12 item 4): the kill switch's own command goes here;
-    # it acts on the host (tunnel/io/killswitch.py) when no client holds it, so it is wired
-    # by whoever lands the kill switch. ---------------------------------------------------
+    killswitch = sub.add_parser(
+        "killswitch", allow_abbrev=False,
+        help="show or release the kill switch a client left in place (no socket needed)",
+        description="A client whose session ended abnormally keeps its kill switch: the "
+        "tunnel's routes stay unreachable. 'show' lists those routes, 'release' removes them "
+        "(root).",
+    )  # fmt: skip
+    killswitch.add_argument("action", choices=("show", "release"))
     return top
 
 
@@ -121,6 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = cli.parse_args(argv)
     if args.socket is not None and args.gateway:  # one before, one after the command
         cli.error("argument --gateway: not allowed with argument --socket")
+    if args.command == "killswitch":  # the host's routes, not a program's socket
+        from tunnel.cli.killswitch import run_killswitch
+
+        return run_killswitch(args.action, sys.stdout, _error)
     from tunnel.cli.commands import run  # after --help / usage errors: keeps them fast
 
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `jvpn watch | head` ends quietly
