@@ -5,11 +5,11 @@ tests/test_killswitch_netns.py with IPv6 added to it.
 
 Full tunnel: the gateway listens on ``2001:db8:18::1`` (its ``lo``), reached from the
 client only through IPv6 routers (an IPv6 default route via each path's veth, metrics
-100/200); both paths' endpoints are IPv6, path A bound to an address only, path B to its
-device. ``routes = ["0.0.0.0/0", "::/0"]``: four halves on the TUN, one IPv6 exception per
-path, inner IPv6 TCP to ``fd00:203::7`` (on the gateway's ``lo``, outside the inner subnet,
-in the other half than the endpoint) through the tunnel, both routing tables as they were
-after the exit.
+100/200, path B's router known by its link-local address); both paths' endpoints are IPv6,
+path A bound to an address only, path B to its device. ``routes = ["0.0.0.0/0", "::/0"]``:
+four halves on the TUN, one IPv6 exception per path, inner IPv6 TCP to ``fd00:203::7`` (on
+the gateway's ``lo``, outside the inner subnet, in the other half than the endpoint)
+through the tunnel, both routing tables as they were after the exit.
 
 Leak tests: the plain uplink of the IPv4 tests gets IPv6 too (an IPv6 default route to the
 gateway namespace, where ``2001:db8:203::7`` lives on ``lo``); an IPv6 packet capture at
@@ -64,6 +64,7 @@ pytestmark = pytest.mark.root
 
 MiB = 1 << 20
 IFA_F_NODAD = 0x02
+IFA_F_TENTATIVE = 0x40
 ENDPOINT6 = "2001:db8:18::1"
 """The full-tunnel gateway endpoint (in ``::/1``): on no link of the client."""
 INNER_FAR6 = "fd00:203::7"
@@ -99,7 +100,13 @@ def text6(address: str) -> str:
 
 class V6Tunnel(KillSwitchTunnel):
     """The kill-switch rig with IPv6: the ``plain`` uplink gets an IPv6 default route; the
-    ``full`` layout puts the gateway on ENDPOINT6 behind IPv6 routers."""
+    ``full`` layout puts the gateway on ENDPOINT6 behind IPv6 routers (path A's by a global
+    address, path B's by its link-local one)."""
+
+    def __init__(self, tmp: Path, **kwargs: Any) -> None:
+        super().__init__(tmp, **kwargs)
+        self.routers6: list[str] = []
+        """The IPv6 next hop of each path's default route (``full`` layout)."""
 
     def _addr6(self, ns: str, ifname: str, address: str, prefixlen: int) -> None:
         ipr = self.topo.ipr(ns)
@@ -127,10 +134,27 @@ class V6Tunnel(KillSwitchTunnel):
         for i, link in enumerate(self.topo.paths):
             self._addr6(self.topo.client_ns, link.client_ifname, path6(i, 1), 64)
             self._addr6(self.topo.gateway_ns, link.gateway_ifname, path6(i, 2), 64)
+            self.routers6.append(path6(i, 2) if i == 0 else self._link_local(i))
             self._ip(
-                self.topo.client_ns, "-6", "route", "add", "default", "via", path6(i, 2),
-                "metric", str(100 * (i + 1)),
+                self.topo.client_ns, "-6", "route", "add", "default", "via", self.routers6[i],
+                "dev", link.client_ifname, "metric", str(100 * (i + 1)),
             )  # fmt: skip
+
+    def _link_local(self, i: int) -> str:
+        """The gateway-side veth's link-local address, once usable (DAD done): path B's
+        router is known by it, as an IPv6 router usually is (from its advertisements)."""
+        ipr = self.topo.ipr(self.topo.gateway_ns)
+        index = ipr.link_lookup(ifname=self.topo.paths[i].gateway_ifname)[0]
+
+        def usable() -> list[str]:
+            return [
+                a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index, family=socket.AF_INET6)
+                if a.get_attr("IFA_ADDRESS").startswith("fe80:")
+                and not (a.get_attr("IFA_FLAGS") or a["flags"]) & IFA_F_TENTATIVE
+            ]  # fmt: skip
+
+        wait_until(lambda: bool(usable()), 10, "the router's link-local address")
+        return usable()[0]
 
     def _full_path(self, i: int) -> str:
         device = f'device = "{self.topo.paths[i].client_ifname}"\n' if i > 0 else ""
@@ -246,8 +270,7 @@ def test_full_tunnel_over_ipv6_endpoints_carries_ipv6_and_is_undone_on_exit(tunn
     assert t.ours() == sorted([
         f"exception {ENDPOINT6}/128 via {text6(path6(0, 2))} dev {link[0].client_ifname} "
         "metric 1",
-        f"exception {ENDPOINT6}/128 via {text6(path6(1, 2))} dev {link[1].client_ifname} "
-        "metric 2",
+        f"exception {ENDPOINT6}/128 via {t.routers6[1]} dev {link[1].client_ifname} metric 2",
         f"unreachable 0.0.0.0/1 {HALF}", f"unreachable 128.0.0.0/1 {HALF}",
         f"unreachable ::/1 {HALF}", f"unreachable 8000::/1 {HALF}",
     ])  # fmt: skip
