@@ -438,7 +438,7 @@ def _session(**overrides: Any) -> SessionView:
         "switch_budget_left": 5, "cooldown_remaining_ms": 0.0, "key_phase": 2,
         "key_age_s": 95.0, "policy_version": POLICY_VERSION, "uptime_s": 3723.0,
         "queue_depth": 0, "queue_dropped": 0, "total_switches": 2, "drops": (),
-        "inner_address": "10.77.0.2",
+        "inner_address": "10.77.0.2", "inner_address6": "fd00:77::2",
     }  # fmt: skip
     fields.update(overrides)
     return SessionView(**fields)

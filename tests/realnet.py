@@ -674,7 +674,8 @@ class Captured:
 
 
 class Capture:
-    """AF_PACKET capture of IPv4/UDP on one interface of a namespace, on a thread.
+    """AF_PACKET capture of IPv4/UDP (``ethertype=Capture.ETH_P_IPV6``: IPv6/UDP) on one
+    interface of a namespace, on a thread.
 
     The socket asks for a virtio-net header with every packet (``PACKET_VNET_HDR``), so a
     UDP GSO super-packet (one skb carrying a run of datagrams, as the client sends them
@@ -682,15 +683,18 @@ class Capture:
     """
 
     ETH_P_IP = 0x0800
+    ETH_P_IPV6 = 0x86DD
     SOL_PACKET = 263
     PACKET_VNET_HDR = 15  # SOCK_RAW only: frames come with their Ethernet header
     ETH_HDR = 14
     VNET_HDR = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_*
 
-    def __init__(self, ns: str, ifname: str, dst_port: int | None = None) -> None:
-        self.sock = ns_socket(ns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(self.ETH_P_IP))
+    def __init__(
+        self, ns: str, ifname: str, dst_port: int | None = None, ethertype: int = ETH_P_IP
+    ) -> None:
+        self.sock = ns_socket(ns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ethertype))
         self.sock.setsockopt(self.SOL_PACKET, self.PACKET_VNET_HDR, 1)
-        self.sock.bind((ifname, self.ETH_P_IP))
+        self.sock.bind((ifname, ethertype))
         self.sock.settimeout(0.2)
         self.dst_port = dst_port
         self.packets: list[Captured] = []
@@ -731,7 +735,12 @@ class Capture:
 
 
 def parse_udp(data: bytes) -> Captured | None:
-    """IPv4/UDP packet -> Captured; None for anything else."""
+    """IPv4/UDP or IPv6/UDP (no extension headers) packet -> Captured; None for anything
+    else."""
+    if len(data) >= 48 and data[0] >> 4 == 6 and data[6] == socket.IPPROTO_UDP:
+        src6, dst6 = (socket.inet_ntop(socket.AF_INET6, data[at : at + 16]) for at in (8, 24))
+        sport, dport, length = struct.unpack_from("!HHH", data, 40)
+        return Captured((src6, sport), (dst6, dport), bytes(data[48 : 40 + length]))
     if len(data) < 28 or data[0] >> 4 != 4 or data[9] != socket.IPPROTO_UDP:
         return None
     ihl = (data[0] & 0x0F) * 4

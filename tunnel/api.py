@@ -243,9 +243,14 @@ class SessionView:
     total_switches: int
     """Committed transport switches since the session was born."""
     drops: tuple[tuple[str, int], ...]
-    """(drop reason, count) of every datagram the session dropped, by reason name."""
+    """(drop reason, count) of every datagram the session dropped, by reason name; with
+    what the client's loop dropped before the session (``foreign_source``,
+    ``inner_ipv6_dropped``, ``inner_malformed``; docs/events.md, "Drop reasons")."""
     inner_address: str
     """The tunnel address the gateway assigned (empty before the handshake)."""
+    inner_address6: str = ""
+    """The inner IPv6 address the gateway assigned (empty before the handshake, and for
+    good when the gateway has no inner IPv6 subnet: the session then carries no IPv6)."""
 
 
 NO_SESSION: Final = SessionView(

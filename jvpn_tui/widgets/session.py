@@ -1,4 +1,5 @@
-"""Session panel: identity, state, versions, the gateway's view, ages, policy."""
+"""Session panel: identity, state, versions, the gateway's view, inner addresses, ages,
+policy."""
 
 from __future__ import annotations
 
@@ -26,13 +27,14 @@ class SessionPanel(TextPanel):
         if s.pending is not None:
             active += f" [$text-warning]→ {s.pending}[/]"
         peer = f"{state_markup(s.peer_state)} v{s.peer_state_version}" if s.peer_state else NONE
+        inner = "  ".join(esc(a) for a in (s.inner_address, s.inner_address6) if a) or NONE
         rows = [
             ("Session", f"[b]{esc(sid)}[/]"),
             ("State", f"{state_markup(s.state)} v{s.state_version}"),
             ("Gateway", peer),
             ("Epoch", str(s.binding_epoch)),
             ("Active", active),
-            ("Inner", esc(s.inner_address) or NONE),
+            ("Inner", inner),  # IPv4, then IPv6 when the session carries it
             ("Uptime", duration(s.uptime_s)),
             ("Key", f"phase {s.key_phase}, age {duration(s.key_age_s)}"),
             ("Policy", esc(s.policy_version)),

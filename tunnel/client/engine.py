@@ -190,7 +190,7 @@ def session_view(snap: ClientSnapshot) -> SessionView:
         key_age_s=snap.key_age_s, policy_version=snap.policy_version, uptime_s=snap.uptime_s,
         queue_depth=snap.queue_depth, queue_dropped=snap.queue_dropped,
         total_switches=snap.total_switches, drops=snap.drops,
-        inner_address=snap.inner_address,
+        inner_address=snap.inner_address, inner_address6=snap.inner_address6,
     )  # fmt: skip
 
 

@@ -12,7 +12,8 @@ Inner packets from the host: IPv4 goes to the session; IPv6 too once the gateway
 the session an inner IPv6 address, else it is dropped and counted (that gateway does not
 route IPv6); anything that is not IP is counted as malformed. Datagrams on a path socket
 from anything but that path's gateway address are dropped and counted
-(``foreign_source``).
+(``foreign_source``). These three are counted here and with the session's own drops
+(:meth:`ClientSession.count_drop`: the snapshot's ``drops``, DROP_SUMMARY).
 
 Every callback runs under :meth:`tunnel.io.loop.DriverLoop.guard`: an exception is an engine
 failure, handed to ``on_crash`` (the engine turns it into a reason-coded termination),
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunnel.core.client import ClientSession
+from tunnel.core.drops import Drop
 from tunnel.core.events import Event
 from tunnel.io.inner import TunLike
 from tunnel.io.loop import DriverLoop, drain
@@ -134,6 +136,7 @@ class ClientRuntime:
         for data, addr in batch:
             if addr[0] != remote[0] or addr[1] != remote[1]:
                 counters.foreign_source += 1
+                self.session.count_drop(Drop.FOREIGN_SOURCE)
                 continue
             counters.datagrams_in += 1
             receive(data, path_id, now)
@@ -159,8 +162,10 @@ class ClientRuntime:
                     receive(packet, now)
                 else:
                     counters.inner_ipv6_dropped += 1
+                    self.session.count_drop(Drop.INNER_IPV6_DROPPED)
             else:
                 counters.inner_malformed += 1
+                self.session.count_drop(Drop.INNER_MALFORMED)
 
     def run_command(self, fn: Callable[[float], None]) -> None:
         """Apply an operator command ``fn(now)`` to the session, then flush (loop thread)."""

@@ -150,6 +150,8 @@ class ClientSnapshot:
     total_switches: int
     drops: tuple[tuple[str, int], ...]
     inner_address: str
+    inner_address6: str = ""
+    """The inner IPv6 address the gateway assigned (empty: no IPv6 in this session)."""
 
 
 class ClientSession:
@@ -273,6 +275,12 @@ class ClientSession:
     @property
     def drops(self) -> dict[str, int]:
         return self.report.drops
+
+    def count_drop(self, reason: Drop) -> None:
+        """An input the driver discarded before it reached the session (a datagram from
+        an address that is not the path's gateway, a host packet the session cannot
+        carry): counted with the session's own drops (snapshot ``drops``, DROP_SUMMARY)."""
+        self.report.count_drop(reason)
 
     @property
     def events_dropped(self) -> int:
@@ -730,4 +738,5 @@ class ClientSession:
             total_switches=self.switching.total_switches,
             drops=tuple(sorted(self.report.drops.items())),
             inner_address=self.inner_address,
+            inner_address6=self.inner_address6,
         )

@@ -74,3 +74,11 @@ class Drop(StrEnum):
     QUEUE_OVERFLOW = "queue_overflow"
     """Gateway TUN packet for a session without a binding, beyond the policy's outbound
     queue limits (packets or bytes)."""
+    FOREIGN_SOURCE = "foreign_source"
+    """Client: a datagram on a path socket from an address other than that path's gateway
+    (counted by the engine's loop; the session never sees it)."""
+    INNER_IPV6_DROPPED = "inner_ipv6_dropped"
+    """Client: an IPv6 packet from the host while the session has no inner IPv6 address
+    (its gateway has no inner IPv6 subnet); the session does not carry it."""
+    INNER_MALFORMED = "inner_malformed"
+    """Client: a packet from the host (the TUN) that is neither IPv4 nor IPv6."""

@@ -7,17 +7,19 @@ with the routing protocol number :data:`RTPROT_JVPN` so they can be found and re
 later, by this process or by another (``jvpn-tui --release-kill-switch``):
 
 * **kill-switch routes**: ``unreachable <route> metric 1000000`` for every tunnel route.
-  The TUN's own route for the same prefix has metric 0 and wins while the TUN exists;
+  The TUN's own route for the same prefix has metric 0 (IPv6: the kernel's 1024) and wins
+  while the TUN exists;
   once it is gone (engine ended, process killed) the unreachable route is what is left, so
   the traffic is refused on this host (``No route to host``) instead of leaving by the plain
   network. While the session is VOLATILE or RECOVERING the TUN and its routes stay: the
   traffic enters the tunnel and is held (queued) or dropped there, never sent plain.
-* **endpoint exceptions**: ``<endpoint>/32 via <gw> dev <if> metric <path id>`` for every
-  path whose gateway endpoint a tunnel route covers (``0.0.0.0/0`` covers them all). The
-  next hop is what the kernel answers for that endpoint *before* the TUN routes go in (a
-  path pinned to a device asks with that device as output interface, so two paths on two
-  uplinks keep one exception each: a device-bound socket skips the other's). A host route
-  is more specific than any tunnel route, so the paths' own datagrams keep their uplinks.
+* **endpoint exceptions**: ``<endpoint>/32 via <gw> dev <if> metric <path id>`` (``/128``
+  for an IPv6 endpoint) for every path whose gateway endpoint a tunnel route covers
+  (``0.0.0.0/0`` covers them all). The next hop is what the kernel answers for that
+  endpoint *before* the TUN routes go in (a path pinned to a device asks with that device
+  as output interface, so two paths on two uplinks keep one exception each: a
+  device-bound socket skips the other's). A host route is more specific than any tunnel
+  route, so the paths' own datagrams keep their uplinks.
 
 ``0.0.0.0/0`` (``::/0``) itself is never installed: :func:`tunnel_routes` splits it into two
 halves (``0.0.0.0/1`` and ``128.0.0.0/1``, as OpenVPN's ``def1`` does), which beat the
@@ -30,8 +32,9 @@ name that re-resolves, :meth:`RouteGuard.finish` at the end). :func:`find_instal
 Limits: one client with a kill switch per network namespace (release removes every route
 tagged :data:`RTPROT_JVPN`); the next hops of the exceptions are taken at start, and a
 re-resolved endpoint reuses its path's (an uplink whose router changes while the engine
-runs keeps the old next hop until the next start); IPv4 and IPv6 are handled alike, but
-only routes of a family the configuration allows ever reach here.
+runs keeps the old next hop until the next start). IPv4 and IPv6 are handled alike; an
+IPv6 route the TUN never gets (a session without an inner IPv6 address) is left to its
+unreachable route, so with a kill switch that traffic is refused, not sent plain.
 
 All netlink work runs on a short-lived worker thread (pyroute2's synchronous API cannot run
 inside a running asyncio loop), so any thread may call these functions.
