@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tunnel.core.handshake import generate_keypair
@@ -310,6 +310,7 @@ _LOCATIONS = [
     max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(location=st.sampled_from(_LOCATIONS), value=_VALUES, sink=st.sampled_from(SINK_TYPES))
+@example(location=("", "private_key"), value="~0", sink=SINK_TYPES[0])  # ~user: no such user
 def test_any_value_at_any_key_loads_or_names_file_and_key(
     confdir: Path, location: tuple[str, str], value: object, sink: str
 ) -> None:

@@ -183,7 +183,7 @@ class _Reader:
         if name not in self.table and not required:
             return None
         text = self.string(name, required=True)
-        path = Path(text).expanduser()
+        path = Path(os.path.expanduser(text))  # ~user that does not exist: kept as written
         return path if path.is_absolute() else self.file.parent / path
 
 
@@ -411,7 +411,7 @@ def _client_address(
 def _client_key(r: _Reader, key_text: str, name: str) -> bytes:
     """A client's public key: inline base64, or a file (relative to the config's directory)."""
     key_source = key_text
-    candidate = Path(key_text).expanduser()
+    candidate = Path(os.path.expanduser(key_text))
     if not candidate.is_absolute() and (r.file.parent / candidate).exists():
         key_source = str(r.file.parent / candidate)
     try:
