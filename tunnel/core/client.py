@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunnel.core.aead import KeyExhausted, SessionCipher
-from tunnel.core.client_rows import CLIENT_ROWS, QualityClocks
+from tunnel.core.client_rows import CLIENT_ROWS, WITH_ACTIVE, QualityClocks
 from tunnel.core.constants import (
     MAX_INNER_PACKET,
     MAX_STATE_VERSION,
@@ -59,6 +59,7 @@ from tunnel.core.events import (
     Reason,
     SessionCreated,
     TransportAttached,
+    TransportDead,
     reason_from_wire,
     reason_to_wire,
 )
@@ -655,6 +656,43 @@ class ClientSession:
         self.report.emit(
             PolicyEvent(
                 **self.base(now), policy_name="POLICY_APPLIED", reason_code=Reason.POLICY_APPLIED
+            )
+        )
+
+    # == the kernel's view of the paths (netlink; tunnel/client/netmon.py) ==================
+    def path_down(self, path_id: int, detail: str, now: float) -> None:
+        """The kernel says ``path_id`` cannot carry anything (link down, carrier lost, its
+        address or its route to the gateway gone; ``detail`` is its message). The path is
+        dead at once: the active one goes through the same death handling as a silent
+        death (TRANSPORT_DEAD, RECOVERING, recovery under the limiter), with the reason
+        ``link_down``; a standby one is no candidate (TRANSPORT_DEAD names it). It stays so
+        until :meth:`path_up`. Repeating it changes nothing."""
+        if path_id not in self.paths:
+            raise ValueError(f"unknown path id {path_id}")
+        if not self.paths.link_down(path_id) or self.machine.terminated:
+            return
+        if path_id == self.paths.active and self.state in WITH_ACTIVE:
+            self.switching.on_transport_dead(now, Reason.LINK_DOWN, detail)
+            return
+        last = self.paths.get(path_id).health.last_inbound
+        silence = (now - last) * 1000 if last is not None else 0.0
+        self.report.emit(
+            TransportDead(
+                **self.base(now), transport_id=path_id, silence_ms=round(silence, 3),
+                reason_code=Reason.LINK_DOWN, detail=detail,
+            )
+        )  # fmt: skip
+
+    def path_up(self, path_id: int, detail: str, now: float) -> None:
+        """The kernel says ``path_id`` is usable again: it is probed at once and becomes a
+        candidate (standby) as soon as it answers (DIAGNOSTIC ``link_up`` with ``detail``)."""
+        if path_id not in self.paths:
+            raise ValueError(f"unknown path id {path_id}")
+        if not self.paths.link_up(path_id, now) or self.machine.terminated:
+            return
+        self.report.emit(
+            Diagnostic(
+                **self.base(now), reason_code=Reason.LINK_UP, detail=detail, state=str(self.state)
             )
         )
 

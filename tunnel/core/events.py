@@ -91,6 +91,10 @@ class Reason(StrEnum):
     DEMO_ACTION = "demo_action"
     # handshakes the gateway cannot answer
     WRONG_GATEWAY_KEY = "wrong_gateway_key"
+    # the kernel's view of the client's paths (netlink; docs/client.md "Link monitor")
+    LINK_DOWN = "link_down"
+    LINK_UP = "link_up"
+    NETLINK_UNAVAILABLE = "netlink_unavailable"
 
 
 WIRE_REASONS: tuple[Reason, ...] = tuple(Reason)
@@ -272,6 +276,10 @@ class TransportDead(Event):
     silence_ms: float
     """Time since the last authenticated inbound packet on it."""
     reason_code: Reason = Reason.TRANSPORT_DEAD
+    """transport_dead (silence: nothing authenticated arrived for the dead time) or
+    link_down (the kernel said the path cannot carry anything: see ``detail``)."""
+    detail: str = ""
+    """With link_down: the kernel's message (interface, what changed); else empty."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

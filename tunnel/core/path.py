@@ -133,6 +133,10 @@ class PathSet:
         self._probe_seq = 0
         self._emit = emit
         self._base = base
+        self._link_down: set[int] = set()
+        """Paths the kernel says cannot carry anything (``link_down``): never live."""
+        self._link_up_at: dict[int, float] = {}
+        """When the kernel said a path is back: it is live again once it answers after."""
 
     # -- membership ------------------------------------------------------------------------
     def __contains__(self, path_id: object) -> bool:
@@ -204,10 +208,14 @@ class PathSet:
         )  # fmt: skip
 
     def _may_answer(self, p: Path) -> bool:
-        """Validated, and not the path that died unless it answered since."""
-        if not p.validated:
+        """Validated, and not the path that died unless it answered since; not a path the
+        kernel took down, nor one it brought back that has not answered since."""
+        if not p.validated or p.path_id in self._link_down:
             return False
         last = p.health.last_inbound
+        up_at = self._link_up_at.get(p.path_id)
+        if up_at is not None and (last is None or last <= up_at):
+            return False
         return p.path_id != self.previous_dead or (last is not None and last > self._died_at)
 
     def _standby_live(self, p: Path, now: float) -> bool:
@@ -273,6 +281,28 @@ class PathSet:
     def active_dead_at(self) -> float | None:
         """When the active path dies unless something arrives on it (None: no active)."""
         return None if self.active is None else self._paths[self.active].health.dead_at()
+
+    # -- the kernel's view (netlink) -------------------------------------------------------
+    def link_down(self, path_id: int) -> bool:
+        """The kernel says ``path_id`` cannot carry anything. True unless it already said so."""
+        if path_id in self._link_down:
+            return False
+        self._link_down.add(path_id)
+        self._link_up_at.pop(path_id, None)
+        return True
+
+    def link_up(self, path_id: int, now: float) -> bool:
+        """The kernel says ``path_id`` is usable again: probe it at once; it is live once it
+        answers. True if it was down."""
+        if path_id not in self._link_down:
+            return False
+        self._link_down.discard(path_id)
+        self._link_up_at[path_id] = now
+        self._paths[path_id].probe_soon(now)
+        return True
+
+    def is_link_down(self, path_id: int) -> bool:
+        return path_id in self._link_down
 
     # -- inputs ----------------------------------------------------------------------------
     def validated(self, path_id: int, now: float) -> None:
