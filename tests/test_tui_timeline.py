@@ -90,6 +90,23 @@ def test_a_death_is_one_line_with_its_reason_and_the_recovery_one_switch_line() 
     assert lines.index(switch) < lines.index(dead)  # newest first
 
 
+def test_a_death_the_kernel_reported_shows_what_it_said() -> None:
+    """issue 10 item 3: the link monitor's death line carries the kernel's message, and the
+    recovery folds into it like a silent death's."""
+    sim = attached(n_paths=3)
+    sim.links[1].imp.up = False
+    sim.client.path_down(1, "jvc0: link down (kernel: RTM_NEWLINK jvc0 down)", sim.now)
+    sim.advance(1.0)
+
+    lines = read(sim.client_events)
+    (dead,) = starting("DEAD", lines)
+    assert "path 1" in dead and "link_down: jvc0: link down" in dead
+    assert "RTM_NEWLINK jvc0 down" in dead and "silent" not in dead
+    assert "→ RECOVERING" in dead
+    (switch,) = starting("SWITCH", lines)
+    assert "1 → 2" in switch and "RECOVERING → ATTACHED" in switch
+
+
 def test_a_denial_with_nothing_to_move_to_names_no_path_and_says_recovery() -> None:
     """Every path down, auto-switching off: the recovery (which runs whether or not
     automatic switching is on) finds no candidate. The denial names no path (the one that

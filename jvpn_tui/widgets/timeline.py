@@ -289,10 +289,10 @@ class Timeline:
         path = event.get("transport_id")
         if self._open_attempt(path) is not None:
             self._unanswered(event, "path died")
+        detail = event.get("detail")  # link_down: what the kernel said
+        why = esc(detail) if detail else f"silent {ms(event.get('silence_ms'), 0)}"
         entry = self._push(
-            event,
-            f"[b $text-error]DEAD   [/] path {_path(path)}  {_reason(event)}: "
-            f"silent {ms(event.get('silence_ms'), 0)}",
+            event, f"[b $text-error]DEAD   [/] path {_path(path)}  {_reason(event)}: {why}"
         )
         self._dead, self._dead_id = entry, path
 

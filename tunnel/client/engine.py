@@ -62,6 +62,7 @@ from tunnel.api import (
 from tunnel.client.config import ClientConfig, PathConfig
 from tunnel.client.control import ControlSocket, EngineControl
 from tunnel.client.explain import handshake_explanation
+from tunnel.client.netmon import monitor_for
 from tunnel.client.runtime import ClientRuntime, PathTarget
 from tunnel.control.protocol import ControlError
 from tunnel.control.server import ControlServer, prepare_socket_path
@@ -467,11 +468,13 @@ class ClientEngine:
             tap=plugin.tap if plugin is not None else None,
         )
         self.runtime = runtime
+        monitor = monitor_for(self.config.paths, runtime, self.inner, self._monitor_report)
         with self._loop_lock:
             self._loop = loop
         try:
             self._start_control(loop)
             loop.call_soon(runtime.install, loop)
+            loop.call_soon(monitor.start, loop)  # the kernel's word on the paths (netmon)
             if plugin is not None:
                 host = PluginHost(
                     loop, runtime, emit=self._emit, base=self._base, threadsafe=self._threadsafe
@@ -482,6 +485,7 @@ class ClientEngine:
             loop.run_forever()
             runtime.uninstall()
         finally:
+            monitor.stop()
             with self._loop_lock:
                 self._loop = None
             self._spent_loop = loop  # closed by _finish, after the control socket's goodbye
@@ -698,6 +702,9 @@ class ClientEngine:
                 f"{address[0]}:{address[1]} (was {old.remote[0]}:{old.remote[1]})",
                 Reason.NAT_REBIND,
             )
+
+    def _monitor_report(self, reason: Reason, detail: str) -> None:
+        self._resolve_report(detail, reason)
 
     def _resolve_report(self, detail: str, reason: Reason) -> None:
         runtime, session = self.runtime, self.session
