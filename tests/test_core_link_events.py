@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 from simkit import build, make_policy, of_type, state_changes
 
+from tunnel.core.client import PathSpec
 from tunnel.core.events import EventType, Reason
 from tunnel.io.memory import Simulation
 
@@ -222,3 +223,67 @@ def test_reports_after_the_end_change_nothing() -> None:
     sim.client.path_up(1, "jvc0: link up", sim.now)
     sim.advance(0.1)
     assert sim.client_events[mark:] == []
+
+
+# -- paths that come and go (issue 10 item 4) ------------------------------------------------
+
+
+def test_an_added_path_is_probed_at_once_and_becomes_a_validated_standby() -> None:
+    sim = build(n_paths=3, policy=SLOW_DEATH, start=False)
+    sim.client.remove_path(3, "wlan0: address 192.0.2.7 gone", sim.now)  # not there at start
+    sim.start()
+    sim.advance(2.0)
+    assert [p.stats.path_id for p in sim.client.snapshot(sim.now).paths] == [1, 2]
+
+    mark = len(sim.client_events)
+    sim.client.add_path(PathSpec(3, "wlan0"), sim.now, interface="wlan0", address="192.0.2.7")
+    sim.advance(0.3)  # inside the standby probe interval: the at-once probe
+    ev = sim.client_events[mark:]
+    (added,) = of_type(ev, EventType.PATH_ADDED)
+    assert (added.transport_id, added.path, added.interface, added.address) == (
+        3, "wlan0", "wlan0", "192.0.2.7",
+    )  # fmt: skip
+    assert [v.transport_id for v in of_type(ev, EventType.PATH_VALIDATED)] == [3]
+    assert _roles(sim) == ["active", "standby", "standby"]
+    assert sim.client.switch_to(3, sim.now) is None  # a candidate like any other
+
+
+def test_removing_the_active_path_moves_the_session_and_hides_the_path() -> None:
+    sim = _attached_with_standby()
+    mark = len(sim.client_events)
+    sim.links[1].imp.up = False
+    sim.client.remove_path(1, "address 10.200.0.1 gone", sim.now)
+    sim.advance(WINDOW_S)
+    ev = sim.client_events[mark:]
+    kinds = [e.event_type for e in ev]
+    assert kinds.index(EventType.TRANSPORT_DEAD) < kinds.index(EventType.PATH_REMOVED)
+    (removed,) = of_type(ev, EventType.PATH_REMOVED)
+    assert (removed.transport_id, removed.detail) == (1, "address 10.200.0.1 gone")
+    (switch,) = of_type(ev, EventType.TRANSPORT_SWITCH)
+    assert (switch.previous_transport, switch.new_transport) == (1, 2)
+    snap = sim.client.snapshot(sim.now)
+    assert [p.stats.path_id for p in snap.paths] == [2]
+    assert sim.client.switch_to(1, sim.now) is Reason.NO_VALID_CANDIDATE
+    sim.client.path_up(1, "eth0: usable again", sim.now)  # a removed path stays removed
+    sim.advance(0.5)
+    assert [p.stats.path_id for p in sim.client.snapshot(sim.now).paths] == [2]
+
+    # it comes back under its own number, and is a standby once it answers
+    sim.links[1].imp.up = True
+    sim.client.add_path(PathSpec(1, "path1"), sim.now, interface="eth0", address="10.200.0.1")
+    sim.advance(0.5)
+    assert _roles(sim) == ["standby", "active"]
+    with pytest.raises(ValueError):
+        sim.client.add_path(PathSpec(1, "path1"), sim.now)  # already a candidate
+
+
+def test_no_more_candidates_than_the_policy_allows() -> None:
+    sim = build(n_paths=2, policy=make_policy(dead_min_ms=5_000, max_candidate_count=2))
+    sim.advance(1.0)
+    with pytest.raises(ValueError):
+        sim.client.add_path(PathSpec(3, "path3"), sim.now)
+    sim.client.remove_path(2, "gone", sim.now)
+    sim.links[3] = sim.links[2]  # path 3 travels the link path 2 had
+    sim.client.add_path(PathSpec(3, "path3"), sim.now)
+    sim.advance(0.5)
+    assert [p.stats.path_id for p in sim.client.snapshot(sim.now).paths] == [1, 3]
