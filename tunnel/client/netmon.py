@@ -57,20 +57,9 @@ from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
-from tunnel.client.config import PathConfig
-from tunnel.client.runtime import ClientRuntime
 from tunnel.core.events import Reason
-from tunnel.io.inner import KernelTun, TunLike
 
-__all__ = [
-    "KernelView",
-    "Link",
-    "NetlinkMonitor",
-    "RtnlSocket",
-    "WatchedPath",
-    "judge",
-    "monitor_for",
-]
+__all__ = ["KernelView", "Link", "NetlinkMonitor", "RtnlSocket", "WatchedPath", "judge"]
 
 GROUPS: Final = (
     RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
@@ -383,10 +372,13 @@ class NetlinkMonitor:
         report: Callable[[Reason, str], None],
         enabled: bool = True,
         kernel: KernelView | None = None,
+        on_batch: Callable[[], None] | None = None,
     ) -> None:
         """``kernel``: judge against this instead of netlink (tests: without sockets, call
-        :meth:`judge_all` directly)."""
-        self.paths = tuple(paths)
+        :meth:`judge_all` directly). ``on_batch``: called after every judgement (the
+        automatic paths follow the interfaces then)."""
+        self._watched: dict[int, WatchedPath] = {p.path_id: p for p in paths}
+        self._on_batch = on_batch
         self.enabled = enabled
         """False: :meth:`start` does nothing (an engine without kernel paths to watch)."""
         self._on_down = on_down
@@ -406,6 +398,21 @@ class NetlinkMonitor:
     @property
     def running(self) -> bool:
         return self._events is not None
+
+    @property
+    def paths(self) -> tuple[WatchedPath, ...]:
+        return tuple(self._watched.values())
+
+    def watch(self, path: WatchedPath) -> None:
+        """Judge ``path`` too from now on (it is usable now: it was just added)."""
+        self._watched[path.path_id] = path
+        self.down.pop(path.path_id, None)
+
+    def unwatch(self, path_id: int) -> None:
+        """Forget ``path_id`` (it was removed)."""
+        self._watched.pop(path_id, None)
+        self.down.pop(path_id, None)
+        self.indexes.pop(path_id, None)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Open the sockets, listen on ``loop``, judge every path once (loop thread)."""
@@ -469,6 +476,8 @@ class NetlinkMonitor:
             before = self.indexes.get(path.path_id, set())
             self.indexes[path.path_id] = indexes
             self._apply(path, why, said, indexes | before)
+        if self._on_batch is not None:
+            self._on_batch()
 
     def _apply(
         self, path: WatchedPath, why: str | None, said: Sequence[Said], indexes: set[int]
@@ -488,43 +497,3 @@ class NetlinkMonitor:
         """The monitor cannot go on: say so once, stop (the paths die by silence only)."""
         self.stop()
         self._report(Reason.NETLINK_UNAVAILABLE, f"link monitor stopped: {why}")
-
-
-# -- the engine's monitor ----------------------------------------------------------------------
-
-
-def monitor_for(
-    paths: Sequence[PathConfig],
-    runtime: ClientRuntime,
-    inner: TunLike,
-    report: Callable[[Reason, str], None],
-) -> NetlinkMonitor:
-    """The monitor of an engine's paths: it tells the runtime's session (``path_down`` /
-    ``path_up``, applied and flushed like an operator command). Disabled with a memory
-    inner side: such an engine (tests, the demo) has no kernel paths worth watching."""
-    session = runtime.session
-
-    def down(path_id: int, detail: str) -> None:
-        runtime.run_command(lambda now: session.path_down(path_id, detail, now))
-
-    def up(path_id: int, detail: str) -> None:
-        runtime.run_command(lambda now: session.path_up(path_id, detail, now))
-
-    watched = [
-        WatchedPath(p.path_id, p.device, _bind_address(p), _remote(runtime, p.path_id))
-        for p in paths
-    ]
-    return NetlinkMonitor(
-        watched, on_down=down, on_up=up, report=report, enabled=isinstance(inner, KernelTun)
-    )
-
-
-def _bind_address(p: PathConfig) -> str | None:
-    if p.bind is None or p.bind[0] in WILDCARDS:
-        return None
-    return str(ipaddress.ip_address(p.bind[0]))
-
-
-def _remote(runtime: ClientRuntime, path_id: int) -> Callable[[], str]:
-    """The gateway address the path sends to now (the engine may re-target it, D7)."""
-    return lambda: str(runtime.paths[path_id].remote[0])
