@@ -468,7 +468,7 @@ class NetlinkMonitor:
         for path in self.paths:
             try:
                 why, indexes = judge(kernel, path)
-            except (OSError, NetlinkError) as exc:
+            except (OSError, NetlinkError, ValueError) as exc:  # ValueError: cannot encode
                 self._fail(f"asking the kernel about path {path.path_id} failed: {exc}")
                 return
             # quote what the kernel said about the interfaces it used before, too (a route

@@ -61,7 +61,6 @@ from tunnel.core.events import (
     Reason,
     SessionCreated,
     TransportAttached,
-    TransportDead,
     reason_from_wire,
     reason_to_wire,
 )
@@ -667,8 +666,9 @@ class ClientSession:
         address or its route to the gateway gone; ``detail`` is its message). The path is
         dead at once: the active one goes through the same death handling as a silent
         death (TRANSPORT_DEAD, RECOVERING, recovery under the limiter), with the reason
-        ``link_down``; a standby one is no candidate (TRANSPORT_DEAD names it). It stays so
-        until :meth:`path_up`. Repeating it changes nothing."""
+        ``link_down``; any other is no candidate (DIAGNOSTIC ``link_down`` with ``detail``,
+        then its PATH_HEALTH). It stays so until :meth:`path_up`. Repeating it changes
+        nothing."""
         if path_id not in self.paths:
             raise ValueError(f"unknown path id {path_id}")
         if not self.paths.link_down(path_id) or self.machine.terminated:
@@ -676,12 +676,10 @@ class ClientSession:
         if path_id == self.paths.active and self.state in WITH_ACTIVE:
             self.switching.on_transport_dead(now, Reason.LINK_DOWN, detail)
             return
-        last = self.paths.get(path_id).health.last_inbound
-        silence = (now - last) * 1000 if last is not None else 0.0
         self.report.emit(
-            TransportDead(
-                **self.base(now), transport_id=path_id, silence_ms=round(silence, 3),
-                reason_code=Reason.LINK_DOWN, detail=detail,
+            Diagnostic(
+                **self.base(now), reason_code=Reason.LINK_DOWN, detail=f"path {path_id}: {detail}",
+                state=str(self.state),
             )
         )  # fmt: skip
 
@@ -694,9 +692,10 @@ class ClientSession:
             return
         self.report.emit(
             Diagnostic(
-                **self.base(now), reason_code=Reason.LINK_UP, detail=detail, state=str(self.state)
+                **self.base(now), reason_code=Reason.LINK_UP, detail=f"path {path_id}: {detail}",
+                state=str(self.state),
             )
-        )
+        )  # fmt: skip
 
     # == paths that come and go (paths = "auto"; tunnel/client/autopaths.py) =============
     def add_path(
