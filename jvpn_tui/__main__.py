@@ -92,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
         "for the binding ids it names",
     )
     parser.add_argument(
+        "--release-kill-switch",
+        action="store_true",
+        help="remove a kill switch an abnormal end left in place (routes of protocol 106 "
+        "in this network namespace; docs/client.md, Kill switch), then exit; needs root",
+    )
+    parser.add_argument(
         "--fake-engine",
         metavar="SCENARIO",
         choices=FAKE_SCENARIOS,
@@ -108,6 +114,11 @@ def _fail(message: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.release_kill_switch:
+        from tunnel.client.headless import release_kill_switch
+
+        released: int = release_kill_switch()
+        return released
     if args.duration is not None and args.duration <= 0:
         return _fail("--duration must be a positive number of seconds")
     keymap: dict[str, str] = {}
@@ -179,6 +190,9 @@ def _run_ui(engine: Any, args: argparse.Namespace, keymap: dict[str, str]) -> in
 
     app = JvpnApp(engine, theme=args.theme, keymap=keymap, duration=args.duration)
     app.run()
+    notice = getattr(engine, "kill_switch_notice", None)
+    if notice:
+        print(f"{PROG}: {notice}", file=sys.stderr)
     if app.ended is None:
         return 0
     print(f"{PROG}: session ended: {app.ended}", file=sys.stderr)

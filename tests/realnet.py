@@ -53,6 +53,10 @@ from tunnel.keys import write_private_key, write_public_key
 INNER_SUBNET = "10.77.0.0/24"
 GATEWAY_INNER = "10.77.0.1"
 CLIENT_INNER = "10.77.0.2"
+INNER_SUBNET6 = "fd00:77::/64"
+GATEWAY_INNER6 = "fd00:77::1"
+CLIENT_INNER6 = "fd00:77::2"
+"""With ``ipv6=True``: the gateway's inner IPv6 subnet; the client gets its address from it."""
 GATEWAY_PORT = 51820
 RELAY_PORT_BASE = 51900
 """Relay on path i listens on <gateway veth address>:51900+i (gateway side placement)."""
@@ -302,6 +306,7 @@ class RealTunnel:
         relays: Sequence[int] = (),
         relay_side: str = "gateway",
         policy: str | None = None,
+        ipv6: bool = False,
     ) -> None:
         if relay_side not in ("gateway", "client"):
             raise ValueError("relay_side must be 'gateway' or 'client'")
@@ -310,6 +315,7 @@ class RealTunnel:
         self.relay_paths = tuple(relays)
         self.relay_side = relay_side
         self.policy_text = policy
+        self.ipv6 = ipv6
         self.topo = Topology(n_paths)
         self.tag = self.topo.tag
         self.client_tun = f"jtc-{self.tag}"
@@ -386,6 +392,8 @@ class RealTunnel:
         if self.policy_text is not None:
             (self.tmp / "policy.toml").write_text(self.policy_text)
             policy_line = 'policy = "policy.toml"\n'
+        tun6 = f'subnet6 = "{INNER_SUBNET6}"\n' if self.ipv6 else ""
+        client6 = f'address6 = "{CLIENT_INNER6}"\n' if self.ipv6 else ""
         (self.tmp / "gateway.toml").write_text(
             f'node_id = "gw-{self.tag}"\n'
             f'listen = ["0.0.0.0:{GATEWAY_PORT}"]\n'
@@ -396,10 +404,12 @@ class RealTunnel:
             f'name = "{self.gateway_tun}"\n'
             f'subnet = "{INNER_SUBNET}"\n'
             f'address = "{GATEWAY_INNER}"\n'
+            f"{tun6}"
             "[[clients]]\n"
             'name = "client"\n'
             'public_key = "client.pub"\n'
             f'address = "{CLIENT_INNER}"\n'
+            f"{client6}"
             "[[sinks]]\n"
             'type = "stdout"\n'
         )
@@ -801,7 +811,8 @@ def datagrams_in(metrics: dict[str, float]) -> int:
 
 @pytest.fixture
 def realnet(tmp_path: Path) -> Iterator[Callable[..., RealTunnel]]:
-    """Factory: ``realnet(n_paths=2, relays=(0,), policy=TOML, client=True)`` -> RealTunnel.
+    """Factory: ``realnet(n_paths=2, relays=(0,), policy=TOML, ipv6=False, client=True)``
+    -> RealTunnel (``ipv6``: the gateway gets an inner IPv6 subnet, see INNER_SUBNET6).
 
     Skips when not root / no namespaces / no /dev/net/tun. Everything built is torn down
     at the end of the test, also when it fails.
@@ -837,7 +848,7 @@ def realnet(tmp_path: Path) -> Iterator[Callable[..., RealTunnel]]:
 TCP_SEND_SERVER = r"""
 import hashlib, json, socket, sys, time
 ip, port, total, rate = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-srv = socket.socket()
+srv = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind((ip, port)); srv.listen(1)
 print(json.dumps({"ready": True}), flush=True)

@@ -43,6 +43,9 @@ _HOSTNAME_RE: Final = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-
 
 INNER_KINDS: Final = ("tun", "memory")
 
+IPV6_MIN_MTU: Final = 1280
+"""IPv6 needs links of at least this MTU (RFC 8200)."""
+
 
 class ConfigError(ValueError):
     """A configuration file is missing, unreadable or invalid. The message says where."""
@@ -114,7 +117,13 @@ class ClientConfig:
     mtu: int = 1420
     address: str | None = None
     """Inner ``address/prefix`` to configure; None: the gateway's assignment."""
+    address6: str | None = None
+    """Inner IPv6 ``address/prefix``; None: the gateway's assignment, if it makes one."""
     routes: tuple[str, ...] = ()
+    kill_switch: bool = False
+    """Keep the routes' traffic off the plain network while the session is not ATTACHED
+    and after an abnormal end (tunnel.io.killswitch); the file's default: on when
+    ``routes`` holds a default route."""
     jsonl: Path | None = None
     syslog: SyslogTarget | None = None
     keymap: Mapping[str, str] = field(default_factory=dict)
@@ -153,7 +162,7 @@ class _Field:
 
     name: str
     kind: type
-    """``str`` (non-empty), ``int``, ``float`` (ints accepted) or ``list``."""
+    """``str`` (non-empty), ``int``, ``float`` (ints accepted), ``bool`` or ``list``."""
     default: Any = None
     """The value when the key is absent (``None``: off, or see ``required``)."""
     lo: int = 0
@@ -173,6 +182,8 @@ class _Field:
             return f"expected an integer {self.lo}..{self.hi}"
         if self.kind is float:
             return f"expected a number {self.lo}..{self.hi}"
+        if self.kind is bool:
+            return "expected true or false"
         return "expected a non-empty string"
 
     def accepts(self, value: object) -> bool:
@@ -181,6 +192,8 @@ class _Field:
             return isinstance(value, str) and bool(value.strip())
         if self.kind is list:
             return isinstance(value, list)
+        if self.kind is bool:
+            return isinstance(value, bool)
         numeric = int | float if self.kind is float else int
         if isinstance(value, bool) or not isinstance(value, numeric):
             return False
@@ -286,6 +299,16 @@ def _inner_address(r: _Reader, key: str, value: str) -> str:
     return value
 
 
+def _inner_address6(r: _Reader, key: str, value: str) -> str:
+    try:
+        iface = ipaddress.ip_interface(value)
+    except ValueError:
+        raise r.error(key, value, "expected address/prefix") from None
+    if iface.version != 6 or "/" not in value:
+        raise r.error(key, value, "expected an IPv6 address/prefix like fd00:6a76::2/64")
+    return str(iface)
+
+
 def _routes(r: _Reader, key: str, value: list[object]) -> tuple[str, ...]:
     routes = []
     for i, route in enumerate(value):
@@ -293,8 +316,8 @@ def _routes(r: _Reader, key: str, value: list[object]) -> tuple[str, ...]:
             net = ipaddress.ip_network(route) if isinstance(route, str) else None
         except ValueError:
             net = None
-        if net is None or net.version != 4:
-            raise r.error(f"{key}[{i}]", route, "expected an IPv4 CIDR like 10.66.0.0/16")
+        if net is None:
+            raise r.error(f"{key}[{i}]", route, "expected an IPv4 or IPv6 CIDR like 10.66.0.0/16")
         routes.append(str(net))
     return tuple(routes)
 
@@ -463,8 +486,10 @@ TUN_FIELDS: Final = (
     _Field("name", str, "jvpn%d", check=_ifname, doc="TUN device name (%d: kernel numbers)"),
     _Field("mtu", int, 1420, MIN_MTU, MAX_INNER_PACKET, doc="inner MTU (the gateway's)"),
     _Field("address", str, check=_inner_address, doc="inner address/prefix; absent: assigned"),
+    _Field("address6", str, check=_inner_address6, doc="inner IPv6 address/prefix"),
     _Field("routes", list, (), check=_routes, expected="expected a list of CIDRs",
-           doc="extra IPv4 routes through the tunnel"),
+           doc="extra IPv4/IPv6 routes through the tunnel"),
+    _Field("kill_switch", bool, doc="true/false; absent: true when routes has a default route"),
 )
 PATH_FIELDS: Final = (
     _Field("name", str, check=_name, doc="shown in the UI; absent: path<N>"),
@@ -544,6 +569,34 @@ def _parse_auto(r: _Reader, doc: Mapping[str, Any], paths: str | None) -> AutoPa
     return AutoPaths(f["gateway"], tuple(f["include"]), tuple(f["exclude"]), tuple(f["prefer"]))
 
 
+def _kill_switch(tun: Mapping[str, Any]) -> bool:
+    """The ``kill_switch`` key, or its default: on for a full tunnel (a default route)."""
+    if tun["kill_switch"] is not None:
+        return bool(tun["kill_switch"])
+    return any(ipaddress.ip_network(r).prefixlen == 0 for r in tun["routes"])
+
+
+def _check_capture(r: _Reader, routes: tuple[str, ...], paths: tuple[PathConfig, ...]) -> None:
+    """A host route for a numeric gateway endpoint would send the path into the tunnel,
+    and leaves no room for the exception that keeps it out (docs/client.md, "Full
+    tunnel"); a wider route is fine. Names are checked when they resolve."""
+    for i, route in enumerate(routes):
+        net = ipaddress.ip_network(route)
+        for p in paths:
+            host = p.gateway[0]
+            if (
+                _is_ip(host)
+                and net.prefixlen == net.max_prefixlen
+                and ipaddress.ip_address(host) in net
+            ):
+                raise r.error(
+                    f"tun.routes[{i}]", route,
+                    f"would send path[{p.path_id}]'s gateway {host} into the tunnel itself "
+                    "(a host route leaves no room for the exception that keeps it on its "
+                    "uplink): remove it",
+                )  # fmt: skip
+
+
 def _parse_keymap(r: _Reader, table: Mapping[str, Any]) -> dict[str, str]:
     """Binding id -> key name, passed through to the UI (which checks the ids)."""
     for key, value in table.items():
@@ -565,8 +618,11 @@ def parse_client_config(
     top = r.fields(doc, "", TOP_FIELDS)
     policy_file, policy = top["policy"] or (None, POLICY_DEFAULT)
     tun = r.section(doc, "tun", TUN_FIELDS)
+    if tun["address6"] is not None and tun["mtu"] < IPV6_MIN_MTU:
+        raise r.error("tun.mtu", tun["mtu"], f"IPv6 (tun.address6) needs at least {IPV6_MIN_MTU}")
     auto = _parse_auto(r, doc, top["paths"])
     paths = () if auto is not None else _parse_paths(r, doc.get("path"), policy)
+    _check_capture(r, tun["routes"], paths)
     events = r.section(doc, "events", EVENT_FIELDS)
     keymap = _parse_keymap(r, r.table(doc, "keymap"))
     inner = r.section(doc, "inner", INNER_FIELDS)
@@ -581,7 +637,9 @@ def parse_client_config(
         tun_name=tun["name"],
         mtu=tun["mtu"],
         address=tun["address"],
+        address6=tun["address6"],
         routes=tun["routes"],
+        kill_switch=_kill_switch(tun),
         jsonl=events["jsonl"],
         syslog=events["syslog"],
         keymap=keymap,

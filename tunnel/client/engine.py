@@ -10,8 +10,10 @@ blocks; session-changing events also into its history ring), sends every event t
 EventPipeline (JSONL / syslog sinks), and polls the CommandQueue every 50 ms.
 
 When the loop ends (termination, engine failure, hard stop) the host is restored in
-reverse order (inner side, then sockets), a final snapshot with ``running=False`` and
-``final_reason`` is published, and the thread ends. A handshake that found no session adds
+reverse order (inner side, then the kill switch and endpoint exceptions of
+:mod:`tunnel.io.killswitch`, which stay after any end but the operator's, then sockets),
+a final snapshot with ``running=False`` and ``final_reason`` is published, and the thread
+ends. A handshake that found no session adds
 what came back and a line that explains it (``handshake_failure``, ``explanation``;
 :mod:`tunnel.client.explain`). An exception anywhere in the engine becomes
 ``final_reason = "engine_error: <one line>"``; a live session is first ended with reason
@@ -84,6 +86,7 @@ from tunnel.core.health import PathStats
 from tunnel.core.policy import PolicyError, load_policy
 from tunnel.core.session import State
 from tunnel.io.inner import KernelTun, MemoryInner, TunLike
+from tunnel.io.killswitch import Endpoint, KillSwitchError, RouteGuard, tunnel_routes
 from tunnel.io.loop import new_event_loop
 from tunnel.io.netconf import NetConfError
 from tunnel.io.tun import TunError
@@ -145,7 +148,9 @@ def exit_code_table() -> list[tuple[str, int]]:
     return sorted(rows, key=lambda row: row[1])
 
 
-_PLAIN_ERRORS = (OSError, ValueError, RuntimeError, PathError, TunError, NetConfError)
+_PLAIN_ERRORS = (
+    OSError, ValueError, RuntimeError, PathError, TunError, NetConfError, KillSwitchError,
+)  # fmt: skip
 """Errors whose message already says what went wrong; other types are named (bugs)."""
 
 
@@ -337,6 +342,10 @@ class ClientEngine:
         self.notices: list[str] = []
         """One-line notices for the person running the program (appended by the engine
         thread, e.g. a default control socket that another client already holds)."""
+        self._guard: RouteGuard | None = None
+        self.kill_switch_notice: str | None = None
+        """Set when the engine ended and left its kill switch in place: the one line that
+        says so and how to release it (docs/client.md, "Kill switch")."""
 
     # -- EngineHandle ------------------------------------------------------------------------
 
@@ -418,6 +427,7 @@ class ClientEngine:
             if self._control_spec is not None and self._control_spec.required:
                 prepare_socket_path(self._control_spec.path)  # refuse before touching the host
             inner_touched = True
+            self._install_guard(targets)  # exceptions and kill switch: before the TUN routes
             self.inner.setup()  # host changes: before the loop (pyroute2 is synchronous)
             self._run_loop(session, targets)
         except Exception as exc:  # the engine boundary: reported as engine_error
@@ -454,6 +464,16 @@ class ClientEngine:
         if not _is_numeric(remote_host):
             self._names[p.path_id] = (remote_host, remote_port, family)
         return target
+
+    def _install_guard(self, targets: list[PathTarget]) -> None:
+        """Kill switch and endpoint exceptions (tunnel.io.killswitch) for a kernel TUN with
+        routes: the next hops are taken now, before the TUN's routes could capture them."""
+        cfg = self.config
+        if not isinstance(self.inner, KernelTun) or not cfg.routes:
+            return
+        self._guard = guard = RouteGuard(cfg.routes, kill_switch=cfg.kill_switch)
+        devices = {p.path_id: p.device for p in cfg.paths}
+        guard.install([Endpoint(t.path_id, t.remote[0], devices[t.path_id]) for t in targets])
 
     def _run_loop(self, session: ClientSession, targets: list[PathTarget]) -> None:
         loop = new_event_loop()
@@ -548,6 +568,7 @@ class ClientEngine:
                 self.inner.teardown()
             except Exception as exc:  # reported in the final reason, never hidden
                 errors.append(f"host restore failed: {one_line(exc)}")
+        self._finish_guard(errors)
         for sock in reversed(sockets):
             sock.close()
         if self._plugin is not None:
@@ -567,6 +588,22 @@ class ClientEngine:
             self.notices.append(f"closing the control socket failed: {one_line(exc)}")
         if self._pipeline is not None:
             self._pipeline.close(timeout=1.0)
+
+    def _finish_guard(self, errors: list[str]) -> None:
+        """The TUN is gone: the kill switch goes only when the operator ended the session
+        (operator_terminated, asked for here); after any other end it stays."""
+        guard = self._guard
+        if guard is None:
+            return
+        ended = Reason(self._terminal_reason or Reason.OPERATOR_TERMINATED)
+        on_purpose = (
+            self._stop_requested and self._error is None and not errors
+            and ended is Reason.OPERATOR_TERMINATED
+        )  # fmt: skip
+        try:
+            self.kill_switch_notice = guard.finish(on_purpose=on_purpose)
+        except KillSwitchError as exc:
+            errors.append(f"kill switch release failed: {one_line(exc)}")
 
     def _final_reason(self, errors: list[str]) -> str | None:
         """Engine failure first (with the clean-up errors), then the session's own end."""
@@ -692,9 +729,31 @@ class ClientEngine:
                 )
                 return
             self.resolutions += 1
-            self._retarget(path_id, host, address)
+            if await self._keep_out(path_id, host, address):
+                self._retarget(path_id, host, address)
         finally:
             self._resolving.discard(path_id)
+
+    async def _keep_out(self, path_id: int, host: str, address: Address) -> bool:
+        """A re-resolved endpoint gets its exception from the tunnel routes first; False
+        (reported, old address kept) when it cannot have one."""
+        guard, runtime = self._guard, self.runtime
+        with self._loop_lock:
+            loop = self._loop
+        if guard is None or loop is None or runtime is None or path_id not in runtime.paths:
+            return True
+        if tuple(runtime.paths[path_id].remote[:2]) == tuple(address[:2]):
+            return True  # unchanged: its exception (if it needs one) is in place
+        try:
+            await loop.run_in_executor(None, guard.except_endpoint, path_id, address[0])
+        except KillSwitchError as exc:
+            self._resolve_report(
+                f"gateway host {host!r} of path {path_id} now resolves to {address[0]}, "
+                f"but {exc}; keeping the old address",
+                Reason.INVALID_TRANSPORT_CANDIDATE,
+            )
+            return False
+        return True
 
     def _retarget(self, path_id: int, host: str, address: Address) -> None:
         """Send the path's datagrams to ``address`` from now on, if it changed."""
@@ -914,4 +973,8 @@ def _inner_for(config: ClientConfig) -> TunLike:
     """The inner side the configuration names: the memory traffic source or a kernel TUN."""
     if config.inner_kind == "memory":
         return MemoryInner(rate_pps=config.inner_rate_pps, payload_size=config.inner_payload_size)
-    return KernelTun(config.tun_name, config.mtu, address=config.address, routes=config.routes)
+    routes = tunnel_routes(config.routes)  # a default route: its two halves (killswitch.py)
+    return KernelTun(
+        config.tun_name, config.mtu, address=config.address, address6=config.address6,
+        routes=routes,
+    )  # fmt: skip

@@ -7,8 +7,9 @@ printed; when the engine has stopped, one last line of type ``ENGINE_STOPPED`` c
 engine error, or the engine's explanation of the final reason (a session that never
 started: what came back, the client's key fingerprint), is also one line on stderr.
 SIGINT and SIGTERM end the session explicitly (TERMINATE sent, reason
-``operator_terminated``), SIGHUP reloads the policy; ``duration`` seconds after the start
-the same explicit terminate happens.
+``operator_terminated``; a kill switch is released then, and kept after any other end, with
+one line on stderr saying how to release it), SIGHUP reloads the policy; ``duration``
+seconds after the start the same explicit terminate happens.
 The return value is :func:`tunnel.client.engine.exit_code_for` of the final reason.
 
 ``python -m tunnel.client.headless --config client.toml`` (or ``--demo``) runs it directly.
@@ -219,7 +220,27 @@ def run_headless(
         err.write(f"jvpn-tui: {reason.removeprefix(ENGINE_ERROR + ': ')}\n")
     elif final is not None and final.explanation:
         err.write(f"jvpn-tui: {reason}: {final.explanation}\n")
+    notice = getattr(engine, "kill_switch_notice", None)
+    if notice:  # the session ended abnormally and its kill switch stays: say how to release
+        err.write(f"jvpn-tui: {notice}\n")
     return code
+
+
+def release_kill_switch(out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """``jvpn-tui --release-kill-switch``: remove a kill switch left in place (this network
+    namespace; no configuration needed); one line per route removed. 0, or 1 on failure."""
+    from tunnel.io.killswitch import KillSwitchError, release
+
+    try:
+        removed = release()
+    except KillSwitchError as exc:
+        err.write(f"jvpn-tui: cannot release the kill switch: {exc}\n")
+        return 1
+    for route in removed:
+        out.write(f"removed {route}\n")
+    if not removed:
+        out.write("no kill switch installed\n")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,10 +8,11 @@ others), and after every input the runtime flushes the session's outputs (datagr
 path, packets for the TUN, events) and the driver re-arms exactly ONE timer from
 ``session.next_deadline()``. Time is ``time.monotonic()``, read once per input.
 
-Inner packets from the host: IPv4 goes to the session; IPv6 is dropped and counted
-(the gateway assigns IPv4 inner addresses only and does not route IPv6); anything that
-is not IP is counted as malformed. Datagrams on a path socket from anything but that
-path's gateway address are dropped and counted (``foreign_source``).
+Inner packets from the host: IPv4 goes to the session; IPv6 too once the gateway gave
+the session an inner IPv6 address, else it is dropped and counted (that gateway does not
+route IPv6); anything that is not IP is counted as malformed. Datagrams on a path socket
+from anything but that path's gateway address are dropped and counted
+(``foreign_source``).
 
 Every callback runs under :meth:`tunnel.io.loop.DriverLoop.guard`: an exception is an engine
 failure, handed to ``on_crash`` (the engine turns it into a reason-coded termination),
@@ -54,7 +55,7 @@ class RuntimeCounters:
     """Inner packets written to the inner side (tunnel -> host)."""
     rx_bytes: int = 0
     inner_ipv6_dropped: int = 0
-    """IPv6 packets from the host, dropped: the tunnel carries IPv4."""
+    """IPv6 packets from the host, dropped: the session has no inner IPv6 address."""
     inner_malformed: int = 0
     """Packets from the host that are not IP at all."""
     foreign_source: int = 0
@@ -168,7 +169,12 @@ class ClientRuntime:
                 counters.tx_bytes += len(packet)
                 receive(packet, now)
             elif ip_version(packet) == 6:
-                counters.inner_ipv6_dropped += 1
+                if self.session.inner_address6:
+                    counters.tx_packets += 1
+                    counters.tx_bytes += len(packet)
+                    receive(packet, now)
+                else:
+                    counters.inner_ipv6_dropped += 1
             else:
                 counters.inner_malformed += 1
 
@@ -233,8 +239,9 @@ class ClientRuntime:
 
     def _configure_inner(self) -> None:
         s = self.session
+        address6 = f"{s.inner_address6}/{s.inner_prefix6}" if s.inner_address6 else ""
         future = self.inner.set_inner_address(
-            s.inner_address, s.inner_prefix, s.inner_gateway, s.mtu
+            s.inner_address, s.inner_prefix, s.inner_gateway, s.mtu, address6=address6
         )
         loop = self.driver.loop
         if future is None or loop is None:

@@ -206,6 +206,10 @@ class ClientSession:
         self.inner_address = ""
         self.inner_prefix = 0
         self.inner_gateway = ""
+        self.inner_address6 = ""
+        """The inner IPv6 address the gateway assigned; empty: no IPv6 in this session."""
+        self.inner_prefix6 = 0
+        self.inner_gateway6 = ""
         self.mtu = 1420
         self.advertised: tuple[tuple[str, int], ...] = ()
         self._out: list[tuple[int, bytes]] = []
@@ -411,6 +415,8 @@ class ClientSession:
         self.peer.state, self.peer.version = "ATTACHED", payload.state_version
         self.inner_address, self.inner_prefix = payload.inner_address, payload.inner_prefix
         self.inner_gateway, self.mtu = payload.inner_gateway, payload.mtu
+        self.inner_address6, self.inner_prefix6 = payload.inner_address6, payload.inner_prefix6
+        self.inner_gateway6 = payload.inner_gateway6
         self.advertised = payload.endpoints
         self._attach_first(path_id, now)
 

@@ -63,9 +63,14 @@ class Drop(StrEnum):
     """Authentic data from an address not (yet) validated for the session; a NAT rebinding
     is checked by a PATH_CHALLENGE, the data itself is not delivered."""
     IPV6_NOT_ROUTED = "ipv6_not_routed"
-    """Gateway TUN packet that is not IPv4: the tunnel routes IPv4 inner addresses only."""
+    """Inner IPv6 packet where IPv6 is not carried: from the gateway's TUN while the gateway
+    has no inner IPv6 subnet (``tun.subnet6``), or from a client whose session has no inner
+    IPv6 address."""
     NO_ROUTE = "no_route"
     """Gateway TUN packet whose destination is no live session's inner address."""
+    INNER_SOURCE_SPOOFED = "inner_source_spoofed"
+    """Inner packet from a client whose source address is not that client's inner address
+    (IPv4, or IPv6 when the session has one): a client may only send as itself."""
     QUEUE_OVERFLOW = "queue_overflow"
     """Gateway TUN packet for a session without a binding, beyond the policy's outbound
     queue limits (packets or bytes)."""

@@ -19,6 +19,7 @@ paths, reattach state and timers.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import random
 from collections.abc import Callable, Sequence
@@ -71,6 +72,8 @@ class GatewaySessions:
         wall_offset: float = 0.0,
         inner_gateway: str = "10.66.0.1",
         inner_prefix: int = 24,
+        inner_gateway6: str = "",
+        inner_prefix6: int = 0,
         mtu: int = 1420,
         endpoints: Sequence[tuple[str, int]] = (),
         max_version: int = MAX_STATE_VERSION,
@@ -79,7 +82,10 @@ class GatewaySessions:
     ) -> None:
         """``cookie_threshold``: share of the handshake bucket below which the gateway is
         under load and answers INITs without a valid cookie with a COOKIE_REPLY (0: never,
-        1: always). ``policy_error``: why ``policy`` is None (shown until a valid one)."""
+        1: always). ``policy_error``: why ``policy`` is None (shown until a valid one).
+        ``inner_gateway6``/``inner_prefix6``: the gateway's inner IPv6 address and the
+        subnet's prefix length; empty: IPv6 is not routed (clients' IPv6 addresses then
+        unused)."""
         self.report = Reporter(node_id=node_id, wall_offset=wall_offset, now=now)
         self.node_id = node_id
         self.admission = HandshakeAdmission(
@@ -93,12 +99,15 @@ class GatewaySessions:
         self._rng = rng or random.Random()
         self.inner_gateway = inner_gateway
         self.inner_prefix = inner_prefix
+        self.inner_gateway6 = inner_gateway6
+        self.inner_prefix6 = inner_prefix6
         self.mtu = mtu
         self.endpoints = tuple(endpoints)
         self.max_version = max_version
         self.sessions: dict[int, GatewaySession] = {}
         self._by_key: dict[bytes, GatewaySession] = {}
         self._by_inner: dict[bytes, GatewaySession] = {}
+        """Packed inner address (4 bytes IPv4, 16 bytes IPv6) -> the session that owns it."""
         self._tun: list[bytes] = []
         self._ports = SessionPorts(
             report=self.report, outbox=self.outbox, deliver=self._tun.append,
@@ -164,10 +173,18 @@ class GatewaySessions:
         if len(packet) < 20 or len(packet) > MAX_INNER_PACKET:
             self.report.count_drop(Drop.MALFORMED if packet else Drop.TRUNCATED)
             return
-        if packet[0] >> 4 != 4:
+        version = packet[0] >> 4
+        if version == 4:
+            dst = packet[16:20]
+        elif version != 6 or len(packet) < 40:
+            self.report.count_drop(Drop.MALFORMED)
+            return
+        elif not self.inner_gateway6:
             self.report.count_drop(Drop.IPV6_NOT_ROUTED)
             return
-        s = self._by_inner.get(packet[16:20])
+        else:
+            dst = packet[24:40]
+        s = self._by_inner.get(dst)
         if s is None:
             self.report.count_drop(Drop.NO_ROUTE)
             return
@@ -220,6 +237,8 @@ class GatewaySessions:
 
     def _open_session(self, init: Initiation, policy: Policy, addr: Addr, now: float) -> None:
         client, payload = init.client, init.payload
+        if client.inner_address6 and not self.inner_gateway6:
+            client = dataclasses.replace(client, inner_address6="")  # IPv6 is not routed
         old = self._by_key.get(client.public_key)
         if old is not None:
             old.terminate(Reason.SESSION_REPLACED, now, notify=False)
@@ -233,6 +252,7 @@ class GatewaySessions:
         resp = RespPayload(
             PROTOCOL_VERSION, 0, session_id, self.ts_ms(now), machine.version, INITIAL_EPOCH,
             client.inner_address, self.inner_prefix, self.inner_gateway, self.mtu, self.endpoints,
+            *self._inner6(client),
         )  # fmt: skip
         noise_resp, keys = init.pending.write_response(resp.pack())
         s = GatewaySession(
@@ -244,7 +264,8 @@ class GatewaySessions:
         )  # fmt: skip
         self.sessions[index] = s
         self._by_key[client.public_key] = s
-        self._by_inner[ipaddress.IPv4Address(client.inner_address).packed] = s
+        for inner in _inner_keys(client):
+            self._by_inner[inner] = s
         self.outbox.push(
             addr, pack_handshake(MSG_HANDSHAKE_RESP, init.sender_index, index, noise_resp)
         )
@@ -269,9 +290,15 @@ class GatewaySessions:
         known as a tombstone until ``handle_timer`` removes it)."""
         if self._by_key.get(s.client.public_key) is s:
             del self._by_key[s.client.public_key]
-        inner = ipaddress.IPv4Address(s.client.inner_address).packed
-        if self._by_inner.get(inner) is s:
-            del self._by_inner[inner]
+        for inner in _inner_keys(s.client):
+            if self._by_inner.get(inner) is s:
+                del self._by_inner[inner]
+
+    def _inner6(self, client: ClientEntry) -> tuple[str, int, str]:
+        """The IPv6 part of a handshake response: empty for a client without IPv6."""
+        if not client.inner_address6:
+            return "", 0, ""
+        return client.inner_address6, self.inner_prefix6, self.inner_gateway6
 
     # == timers ============================================================================
     def handle_timer(self, now: float) -> None:
@@ -351,3 +378,11 @@ class GatewaySessions:
 
     def session_views(self, now: float) -> list[SessionView]:
         return [s.view(now) for s in self.sessions.values()]
+
+
+def _inner_keys(client: ClientEntry) -> list[bytes]:
+    """The packed inner addresses TUN packets reach ``client`` by (IPv4, then IPv6)."""
+    keys = [ipaddress.IPv4Address(client.inner_address).packed]
+    if client.inner_address6:
+        keys.append(ipaddress.IPv6Address(client.inner_address6).packed)
+    return keys

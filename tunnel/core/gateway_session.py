@@ -23,6 +23,7 @@ the ``Outbox``, the TUN outlet and the ``ended`` callback.
 
 from __future__ import annotations
 
+import ipaddress
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -112,14 +113,43 @@ OPEN_VIOLATIONS = {
 
 @dataclass(frozen=True, slots=True)
 class ClientEntry:
-    """An allowed client: its static public key and the inner address it gets."""
+    """An allowed client: its static public key and the inner addresses it gets."""
 
     name: str
     public_key: bytes
     inner_address: str
+    inner_address6: str = ""
+    """Its inner IPv6 address; empty: the client's session carries no IPv6."""
 
     def __repr__(self) -> str:
-        return f"ClientEntry(name={self.name!r}, inner_address={self.inner_address!r})"
+        six = f", inner_address6={self.inner_address6!r}" if self.inner_address6 else ""
+        return f"ClientEntry(name={self.name!r}, inner_address={self.inner_address!r}{six})"
+
+
+class InnerSources:
+    """The inner source addresses one client may send from (anti-spoofing): its IPv4
+    address and, when it has one, its IPv6 address, as packed bytes."""
+
+    __slots__ = ("ipv4", "ipv6")
+
+    def __init__(self, client: ClientEntry) -> None:
+        self.ipv4 = ipaddress.IPv4Address(client.inner_address).packed
+        self.ipv6 = (
+            ipaddress.IPv6Address(client.inner_address6).packed if client.inner_address6 else None
+        )
+
+    def check(self, packet: bytes) -> Drop | None:
+        """Why the inner ``packet`` from this client may not be delivered, or None."""
+        version = packet[0] >> 4 if packet else 0
+        if version == 4:
+            if len(packet) < 20:
+                return Drop.MALFORMED
+            return None if packet[12:16] == self.ipv4 else Drop.INNER_SOURCE_SPOOFED
+        if version != 6 or len(packet) < 40:
+            return Drop.MALFORMED
+        if self.ipv6 is None:
+            return Drop.IPV6_NOT_ROUTED
+        return None if packet[8:24] == self.ipv6 else Drop.INNER_SOURCE_SPOOFED
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +187,7 @@ class GatewaySession:
     ) -> None:
         self.machine = machine
         self.client = client
+        self.sources = InnerSources(client)
         self.index = index
         self.peer_index = peer_index
         self.session_id = session_id
@@ -318,8 +349,9 @@ class GatewaySession:
 
     def _on_data(self, packet: bytes, addr: Addr, newest: bool, now: float) -> None:
         if addr == self.binding or self.paths.is_validated(addr):
-            if not packet or packet[0] >> 4 not in (4, 6):
-                self._report.count_drop(Drop.MALFORMED)
+            drop = self.sources.check(packet)
+            if drop is not None:
+                self._report.count_drop(drop)
                 return
             self._ports.deliver(packet)
             return

@@ -160,11 +160,18 @@ class RespPayload:
     """Inside Noise message 2: the session the gateway created, or why it refused.
 
     status 0 = accepted; otherwise a wire reason code (the session was not created).
-    Advertised endpoints (D7) are (ip, port) pairs, at most MAX_ENDPOINTS.
+    Advertised endpoints (D7) are (ip, port) pairs, at most MAX_ENDPOINTS. After them come
+    optional extensions, ``type:u8 | length:u8 | value``: a parser skips a type it does
+    not know, so a later field never needs a version bump. Type 1 (EXT_INNER_IPV6) is the
+    inner IPv6 address, present when the gateway has an inner IPv6 subnet.
     """
 
     FIXED: ClassVar = struct.Struct("<BH16sQQI4sB4sHB")
     ENDPOINT: ClassVar = struct.Struct("<B16sH")
+    EXT_HEADER: ClassVar = struct.Struct("<BB")
+    EXT_INNER_IPV6: ClassVar = 1
+    INNER_IPV6: ClassVar = struct.Struct("<16sB16s")
+    """address, prefix length (1..128), the gateway's inner IPv6 address."""
     MAX_ENDPOINTS: ClassVar = 4
     version: int
     status: int
@@ -177,6 +184,10 @@ class RespPayload:
     inner_gateway: str
     mtu: int
     endpoints: tuple[tuple[str, int], ...] = ()
+    inner_address6: str = ""
+    """The client's inner IPv6 address; empty: the session carries no IPv6."""
+    inner_prefix6: int = 0
+    inner_gateway6: str = ""
 
     def pack(self) -> bytes:
         out = [
@@ -197,6 +208,13 @@ class RespPayload:
         for host, port in self.endpoints[: self.MAX_ENDPOINTS]:
             ip = ipaddress.ip_address(host)
             out.append(self.ENDPOINT.pack(ip.version, ip.packed.ljust(16, b"\0"), port))
+        if self.inner_address6:
+            value = self.INNER_IPV6.pack(
+                ipaddress.IPv6Address(self.inner_address6).packed,
+                self.inner_prefix6,
+                ipaddress.IPv6Address(self.inner_gateway6 or "::").packed,
+            )
+            out.append(self.EXT_HEADER.pack(self.EXT_INNER_IPV6, len(value)) + value)
         return b"".join(out)
 
     @classmethod
@@ -204,7 +222,8 @@ class RespPayload:
         if len(data) < cls.FIXED.size:
             return Drop.TRUNCATED
         (ver, status, sid, ts, sv, epoch, addr, prefix, gw, mtu, n) = cls.FIXED.unpack_from(data)
-        if n > cls.MAX_ENDPOINTS or len(data) != cls.FIXED.size + n * cls.ENDPOINT.size:
+        end = cls.FIXED.size + n * cls.ENDPOINT.size
+        if n > cls.MAX_ENDPOINTS or len(data) < end:
             return Drop.MALFORMED
         if prefix > 32 or not MIN_MTU <= mtu <= MAX_INNER_PACKET:
             return Drop.MALFORMED
@@ -217,11 +236,52 @@ class RespPayload:
                 eps.append((str(ipaddress.IPv6Address(raw)), port))
             else:
                 return Drop.MALFORMED
+        inner6 = _parse_extensions(data, end)
+        if isinstance(inner6, Drop):
+            return inner6
         return cls(
             ver, status, sid, ts, sv, epoch,
             str(ipaddress.IPv4Address(addr)), prefix, str(ipaddress.IPv4Address(gw)), mtu,
-            tuple(eps),
+            tuple(eps), *inner6,
         )  # fmt: skip
+
+
+def _parse_extensions(data: bytes, offset: int) -> tuple[str, int, str] | Drop:
+    """The extensions of a RespPayload from ``offset``: (inner IPv6 address, prefix,
+    gateway) or ("", 0, "") without one. A cut-off extension is ``truncated``; a known one
+    of the wrong length, twice, or with an impossible value is ``malformed``; unknown
+    types are skipped."""
+    inner6: tuple[str, int, str] | None = None
+    header = RespPayload.EXT_HEADER
+    while offset < len(data):
+        if len(data) - offset < header.size:
+            return Drop.TRUNCATED
+        ext_type, length = header.unpack_from(data, offset)
+        offset += header.size
+        if len(data) - offset < length:
+            return Drop.TRUNCATED
+        if ext_type == RespPayload.EXT_INNER_IPV6:
+            if inner6 is not None or length != RespPayload.INNER_IPV6.size:
+                return Drop.MALFORMED
+            parsed = _inner_ipv6(data, offset)
+            if parsed is None:
+                return Drop.MALFORMED
+            inner6 = parsed
+        offset += length
+    return inner6 or ("", 0, "")
+
+
+def _inner_ipv6(data: bytes, offset: int) -> tuple[str, int, str] | None:
+    """The value of EXT_INNER_IPV6, or None when it is impossible: a prefix outside
+    1..128, or an unspecified, multicast or loopback address."""
+    raw, prefix, raw_gw = RespPayload.INNER_IPV6.unpack_from(data, offset)
+    address = ipaddress.IPv6Address(raw)
+    gateway = ipaddress.IPv6Address(raw_gw)
+    if not 1 <= prefix <= 128:
+        return None
+    if address.is_unspecified or address.is_multicast or address.is_loopback:
+        return None
+    return str(address), prefix, "" if gateway.is_unspecified else str(gateway)
 
 
 # -- control messages ----------------------------------------------------------------------

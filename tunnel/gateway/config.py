@@ -10,7 +10,9 @@ docs/examples/gateway.toml is a complete example.
 Clients either name their inner address or take one from the pool: the free hosts of
 ``tun.subnet`` in order (the gateway's own address, the network and broadcast addresses
 and every address given explicitly are skipped). The allocation is deterministic, so a
-client keeps its address across restarts as long as the list is not reordered.
+client keeps its address across restarts as long as the list is not reordered. With an
+inner IPv6 subnet (``tun.subnet6``) every client also gets an IPv6 address the same way
+(``address6``, else the next free host of ``tun.subnet6``).
 """
 
 from __future__ import annotations
@@ -49,8 +51,10 @@ TOP_KEYS: Final = frozenset(
     {"node_id", "listen", "private_key", "policy", "mtu", "metrics", "inner_echo"}
 )
 TABLES: Final = frozenset({"tun", "clients", "sinks"})
-TUN_KEYS: Final = frozenset({"name", "subnet", "address"})
-CLIENT_KEYS: Final = frozenset({"name", "public_key", "address"})
+TUN_KEYS: Final = frozenset({"name", "subnet", "address", "subnet6", "address6"})
+CLIENT_KEYS: Final = frozenset({"name", "public_key", "address", "address6"})
+IPV6_MIN_MTU: Final = 1280
+"""IPv6 needs links of at least this MTU (RFC 8200); the kernel turns IPv6 off below it."""
 
 
 class ConfigError(ValueError):
@@ -119,6 +123,10 @@ class GatewayConfig:
     """Prometheus endpoint, or None for none (``--metrics`` overrides)."""
     inner_echo: bool
     """No TUN: answer inner packets addressed to the gateway (demo, tests; no root)."""
+    subnet6: ipaddress.IPv6Network | None = None
+    """Inner IPv6 subnet; None: the tunnel carries IPv4 only."""
+    gateway_address6: str = ""
+    """The gateway's own inner IPv6 address (on the TUN); empty without ``subnet6``."""
 
 
 class _Reader:
@@ -244,26 +252,56 @@ def _parse_tun(file: Path, raw: object) -> tuple[str, ipaddress.IPv4Network, str
     return name, subnet, address
 
 
-def _check_host(r: _Reader, key: str, text: str, subnet: ipaddress.IPv4Network) -> None:
+def _parse_tun6(file: Path, raw: object, mtu: int) -> tuple[ipaddress.IPv6Network | None, str]:
+    """``tun.subnet6`` and ``tun.address6`` (the tun table is already checked)."""
+    r = _Reader(file, raw if isinstance(raw, dict) else {}, "tun.")
+    if "subnet6" not in r.table:
+        if "address6" in r.table:
+            raise r.error("address6", r.table["address6"], "needs tun.subnet6")
+        return None, ""
+    text = r.string("subnet6")
+    try:
+        subnet = ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        raise r.error("subnet6", text, f"not a network in CIDR form: {exc}") from None
+    if not isinstance(subnet, ipaddress.IPv6Network):
+        raise r.error("subnet6", text, "must be an IPv6 network (e.g. fd00:6a76::/64)")
+    if subnet.prefixlen > 126:
+        raise r.error("subnet6", text, "too small: at most /126")
+    if mtu < IPV6_MIN_MTU:
+        raise ConfigError(file, "mtu", mtu, f"IPv6 (tun.subnet6) needs at least {IPV6_MIN_MTU}")
+    address = r.string("address6", str(subnet.network_address + 1))
+    _check_host(r, "address6", address, subnet)
+    return subnet, str(ipaddress.ip_address(address))
+
+
+Subnet = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _check_host(r: _Reader, key: str, text: str, subnet: Subnet) -> None:
     try:
         ip = ipaddress.ip_address(text)
     except ValueError:
         raise r.error(key, text, "not an IP address") from None
     if ip not in subnet:
         raise r.error(key, text, f"not in the inner subnet {subnet}")
-    if ip in (subnet.network_address, subnet.broadcast_address):
+    if ip.version == 4 and ip in (subnet.network_address, subnet.broadcast_address):
         raise r.error(key, text, f"is the network or broadcast address of {subnet}")
+    if ip == subnet.network_address:
+        raise r.error(key, text, f"is the network (subnet-router anycast) address of {subnet}")
 
 
 class _Claims:
     """What the clients already hold: names, public keys and inner addresses, each once."""
 
-    def __init__(self, gateway_address: str) -> None:
+    def __init__(self, gateway_address: str, gateway_address6: str) -> None:
         self.names: set[str] = set()
         self.keys: dict[bytes, str] = {}
         """Public key -> client name."""
         self.addresses: dict[str, str] = {gateway_address: "the gateway (tun.address)"}
-        """Inner address -> who has it (for the message)."""
+        """Inner address (IPv4 or IPv6) -> who has it (for the message)."""
+        if gateway_address6:
+            self.addresses[gateway_address6] = "the gateway (tun.address6)"
 
     def name(self, r: _Reader, name: str) -> None:
         if name in self.names:
@@ -275,44 +313,62 @@ class _Claims:
             raise r.error("public_key", key_text, f"same key as client {self.keys[public]!r}")
         self.keys[public] = name
 
-    def address(self, r: _Reader, address: str, name: str) -> None:
+    def address(self, r: _Reader, address: str, name: str, key: str = "address") -> None:
         if address in self.addresses:
-            raise r.error("address", address, f"already used by {self.addresses[address]}")
+            raise r.error(key, address, f"already used by {self.addresses[address]}")
         self.addresses[address] = f"client {name!r}"
 
-    def free(self, subnet: ipaddress.IPv4Network) -> Iterator[str]:
-        """The pool: hosts of the subnet nobody holds, in order."""
+    def free(self, subnet: Subnet | None) -> Iterator[str]:
+        """The pool: hosts of the subnet nobody holds, in order (lazily: a /64 is large)."""
+        if subnet is None:
+            return iter(())
         return (str(h) for h in subnet.hosts() if str(h) not in self.addresses)
 
 
-def _parse_clients(
-    file: Path, raw: object, subnet: ipaddress.IPv4Network, gateway_address: str
-) -> tuple[ClientEntry, ...]:
+@dataclass(frozen=True, slots=True)
+class _InnerNet:
+    """The inner subnets and the gateway's addresses in them (what clients are checked
+    against and take their pool addresses from)."""
+
+    subnet: ipaddress.IPv4Network
+    gateway_address: str
+    subnet6: ipaddress.IPv6Network | None
+    gateway_address6: str
+
+
+def _parse_clients(file: Path, raw: object, net: _InnerNet) -> tuple[ClientEntry, ...]:
     if raw is None:
         raise ConfigError(
             file, "clients", _NO_VALUE, "missing: list allowed clients in [[clients]] tables"
         )
     if not isinstance(raw, list) or not raw:
         raise ConfigError(file, "clients", raw, "must be a non-empty array of tables")
-    claims = _Claims(gateway_address)
-    parsed = [_parse_client(file, i, entry, subnet, claims) for i, entry in enumerate(raw)]
-    pool = claims.free(subnet)
+    claims = _Claims(net.gateway_address, net.gateway_address6)
+    parsed = [_parse_client(file, i, entry, net, claims) for i, entry in enumerate(raw)]
+    pool, pool6 = claims.free(net.subnet), claims.free(net.subnet6)
     out: list[ClientEntry] = []
-    for name, public, address in parsed:
-        address = address or next(pool, None)
-        if address is None:
-            raise ConfigError(
-                file, "tun.subnet", str(subnet),
-                f"no free address left in the pool for client {name!r}",
-            )  # fmt: skip
-        out.append(ClientEntry(name, public, address))
+    for name, public, address, address6 in parsed:
+        address = address or _next_free(file, pool, "tun.subnet", net.subnet, name)
+        if net.subnet6 is not None:
+            address6 = address6 or _next_free(file, pool6, "tun.subnet6", net.subnet6, name)
+        out.append(ClientEntry(name, public, address, address6 or ""))
     return tuple(out)
 
 
+def _next_free(file: Path, pool: Iterator[str], key: str, subnet: Subnet, name: str) -> str:
+    address = next(pool, None)
+    if address is None:
+        raise ConfigError(
+            file, key, str(subnet), f"no free address left in the pool for client {name!r}"
+        )
+    return address
+
+
 def _parse_client(
-    file: Path, i: int, entry: object, subnet: ipaddress.IPv4Network, claims: _Claims
-) -> tuple[str, bytes, str | None]:
-    """One [[clients]] table: (name, public key, explicit address or None: from the pool)."""
+    file: Path, i: int, entry: object, net: _InnerNet, claims: _Claims
+) -> tuple[str, bytes, str | None, str | None]:
+    """One [[clients]] table: (name, public key, explicit address and IPv6 address, each
+    None: from the pool)."""
     if not isinstance(entry, dict):
         raise ConfigError(file, f"clients[{i}]", entry, "must be a table")
     r = _Reader(file, entry, f"clients[{i}].")
@@ -324,13 +380,24 @@ def _parse_client(
     key_text = r.string("public_key", required=True)
     public = _client_key(r, key_text, name)
     claims.key(r, key_text, public, name)
-    if "address" not in entry:
-        return name, public, None
-    address = r.string("address")
-    _check_host(r, "address", address, subnet)
-    address = str(ipaddress.ip_address(address))
-    claims.address(r, address, name)
-    return name, public, address
+    address = _client_address(r, "address", net.subnet, claims, name)
+    if "address6" in entry and net.subnet6 is None:
+        raise r.error("address6", entry["address6"], "needs tun.subnet6")
+    address6 = _client_address(r, "address6", net.subnet6, claims, name)
+    return name, public, address, address6
+
+
+def _client_address(
+    r: _Reader, key: str, subnet: Subnet | None, claims: _Claims, name: str
+) -> str | None:
+    """The explicit ``key`` of a [[clients]] table (checked and claimed), or None."""
+    if key not in r.table or subnet is None:
+        return None
+    text = r.string(key)
+    _check_host(r, key, text, subnet)
+    address = str(ipaddress.ip_address(text))
+    claims.address(r, address, name, key)
+    return address
 
 
 def _client_key(r: _Reader, key_text: str, name: str) -> bytes:
@@ -428,14 +495,17 @@ def parse_gateway_config(data: Mapping[str, Any], file: Path) -> GatewayConfig:
     inner_echo = r.boolean("inner_echo", False)
     policy_path = r.path("policy")
     tun_name, subnet, gateway_address = _parse_tun(file, data.get("tun"))
-    clients = _parse_clients(file, data.get("clients"), subnet, gateway_address)
+    subnet6, gateway_address6 = _parse_tun6(file, data.get("tun"), mtu)
+    net = _InnerNet(subnet, gateway_address, subnet6, gateway_address6)
+    clients = _parse_clients(file, data.get("clients"), net)
     sinks = _parse_sinks(file, data.get("sinks"))
     key_path, private_key = _load_key(r)  # last: every plain value error comes first
     return GatewayConfig(
         source=file, node_id=node_id, listen=listen, private_key_path=key_path,
         private_key=private_key, clients=clients, policy_path=policy_path, sinks=sinks,
         tun_name=tun_name, subnet=subnet, gateway_address=gateway_address, mtu=mtu,
-        metrics=metrics, inner_echo=inner_echo,
+        metrics=metrics, inner_echo=inner_echo, subnet6=subnet6,
+        gateway_address6=gateway_address6,
     )  # fmt: skip
 
 

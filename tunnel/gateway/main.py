@@ -153,6 +153,8 @@ def _open(runtime: GatewayRuntime) -> int | None:
 def _ready_line(runtime: GatewayRuntime, config: GatewayConfig) -> str:
     listening = ", ".join(f"{h}:{p}" for h, p in runtime.addresses)
     inner = f"inner {runtime.inner.name} {config.gateway_address}/{config.subnet.prefixlen}"
+    if config.subnet6 is not None:
+        inner += f" {config.gateway_address6}/{config.subnet6.prefixlen}"
     metrics = runtime.metrics_bound
     extra = f", metrics http://{metrics[0]}:{metrics[1]}/metrics" if metrics else ""
     key = f", key {fingerprint(public_key(config.private_key))}"

@@ -113,6 +113,8 @@ class GatewayRuntime:
         node_id: str = "gateway",
         inner_gateway: str = "10.66.0.1",
         inner_prefix: int = 24,
+        inner_gateway6: str = "",
+        inner_prefix6: int = 0,
         mtu: int = 1420,
         pipeline: EventPipeline | None = None,
         own_pipeline: bool = False,
@@ -132,9 +134,12 @@ class GatewayRuntime:
             static_private=static_private, clients=clients, policy=policy, now=now,
             urandom=urandom, node_id=node_id, wall_offset=wall_clock() - now,
             inner_gateway=inner_gateway, inner_prefix=inner_prefix, mtu=mtu,
+            inner_gateway6=inner_gateway6, inner_prefix6=inner_prefix6,
         )  # fmt: skip
         self.listen = tuple(listen)
-        self.inner: GatewayInner = inner if inner is not None else EchoInner(inner_gateway)
+        self.inner: GatewayInner = (
+            inner if inner is not None else EchoInner(inner_gateway, inner_gateway6)
+        )
         self.pipeline = pipeline
         self._own_pipeline = own_pipeline
         self.metrics_address = metrics
@@ -198,16 +203,19 @@ class GatewayRuntime:
                 sinks.append(StdoutSink())
         policy, error = load_initial_policy(config.policy_path)
         prefix = config.subnet.prefixlen
+        prefix6 = config.subnet6.prefixlen if config.subnet6 is not None else 0
+        cidr6 = f"{config.gateway_address6}/{prefix6}" if config.gateway_address6 else None
         inner: GatewayInner = (
-            EchoInner(config.gateway_address)
+            EchoInner(config.gateway_address, config.gateway_address6)
             if config.inner_echo
-            else GatewayTun(config.tun_name, config.mtu, config.gateway_address, prefix)
+            else GatewayTun(config.tun_name, config.mtu, config.gateway_address, prefix, cidr6)
         )
         return cls(
             static_private=config.private_key, clients=config.clients, policy=policy,
             policy_error=error, policy_path=config.policy_path, listen=config.listen,
             inner=inner, node_id=config.node_id, inner_gateway=config.gateway_address,
-            inner_prefix=prefix, mtu=config.mtu,
+            inner_prefix=prefix, mtu=config.mtu, inner_gateway6=config.gateway_address6,
+            inner_prefix6=prefix6,
             pipeline=EventPipeline(sinks) if sinks else None, own_pipeline=True,
             store=store, metrics=metrics if metrics is not None else config.metrics,
             on_event=on_event,

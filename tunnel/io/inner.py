@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from tunnel.io.netconf import HostConfig
-from tunnel.io.tun import TunDevice
+from tunnel.io.tun import IPV6_MIN_MTU, TunDevice, set_ipv6
 
 ICMP_ECHO_REQUEST: Final = 8
 ICMP_ECHO_REPLY: Final = 0
@@ -65,9 +65,10 @@ class TunLike(Protocol):
         """Packets from the tunnel to the host; returns how many were accepted."""
 
     def set_inner_address(
-        self, address: str, prefix: int, gateway: str, mtu: int
+        self, address: str, prefix: int, gateway: str, mtu: int, *, address6: str = ""
     ) -> concurrent.futures.Future[None] | None:
-        """The gateway assigned the inner address; a Future when work runs elsewhere."""
+        """The gateway assigned the inner address (and ``address6``, IPv6 ``address/prefix``,
+        when it routes IPv6); a Future when work runs elsewhere."""
 
     def stop(self) -> None:
         """Unregister from the loop (the loop is still running)."""
@@ -83,10 +84,12 @@ class KernelTun:
     """A TUN device plus the reversible host configuration around it.
 
     ``address`` (``10.66.0.2/24``) is configured at setup when given; otherwise the
-    gateway's assignment is configured when the session is created. ``routes`` (CIDRs)
-    go through the device once it has an address. IPv6 is switched off on the device
-    (the tunnel carries IPv4; otherwise the kernel sends router solicitations and MLD
-    reports into it as soon as it is up); the setting vanishes with the device.
+    gateway's assignment is configured when the session is created. The same holds for
+    ``address6`` (``fd00:6a76::2/64``), the inner IPv6 address. IPv6 is switched on,
+    quietly (no link-local address, router solicitations or MLD reports: only the inner
+    address is used), once the device has an inner IPv6 address, and off until then (and
+    for good in a session without one). ``routes`` (CIDRs) go through the device once it
+    has an address of their family. The sysctl settings vanish with the device.
     """
 
     def __init__(
@@ -95,17 +98,20 @@ class KernelTun:
         mtu: int = 1420,
         *,
         address: str | None = None,
+        address6: str | None = None,
         routes: Sequence[str] = (),
     ) -> None:
         self.name = name
         self.mtu = mtu
         self.address = address
+        self.address6 = address6
         self.routes = tuple(routes)
         self._tun: TunDevice | None = None
         self._host: HostConfig | None = None
         self._worker: concurrent.futures.ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._routed = False
+        self._routed: set[int] = set()
+        """IP versions whose routes are in place."""
 
     # -- host changes, on the worker thread ----------------------------------------------
 
@@ -123,31 +129,54 @@ class KernelTun:
         self.name = tun.name
         host = HostConfig().open()
         self._host = host
-        _disable_ipv6(tun.name)
+        set_ipv6(tun.name, False)  # on with an inner IPv6 address (_add_address6)
         if self.address is not None:
             host.add_address(tun.name, self.address)
+        ipv6 = self.address6 is not None and self._add_address6(self.address6)
         host.link_up(tun.name)
         if self.address is not None:
-            self._add_routes()
+            self._add_routes(4)
+        if ipv6:
+            self._add_routes(6)
 
-    def _add_routes(self) -> None:
+    def _add_address6(self, cidr: str) -> bool:
+        """IPv6 on, then the inner IPv6 address; False (nothing done) where the device
+        cannot have IPv6 (MTU below 1280, no IPv6 in the kernel)."""
         assert self._host is not None and self._tun is not None
-        if not self._routed:
-            self._routed = True
+        if self.mtu < IPV6_MIN_MTU or not set_ipv6(self._tun.name, True):
+            return False
+        self._host.add_address(self._tun.name, cidr)
+        return True
+
+    def _add_routes(self, version: int) -> None:
+        assert self._host is not None and self._tun is not None
+        if version not in self._routed:
+            self._routed.add(version)
             for cidr in self.routes:
-                self._host.add_route(cidr, ifname=self._tun.name)
+                if ipaddress.ip_network(cidr).version == version:
+                    self._host.add_route(cidr, ifname=self._tun.name)
 
     def set_inner_address(
-        self, address: str, prefix: int, gateway: str, mtu: int
+        self, address: str, prefix: int, gateway: str, mtu: int, *, address6: str = ""
     ) -> concurrent.futures.Future[None] | None:
-        if self.address is not None or self._worker is None:
+        if self._worker is None:
             return None
-        self.address = f"{address}/{prefix}"
+        ipv4 = self.address is None
+        ipv6 = self.address6 is None and bool(address6)
+        if not ipv4 and not ipv6:
+            return None
+        if ipv4:
+            self.address = f"{address}/{prefix}"
+        if ipv6:
+            self.address6 = address6
 
         def configure() -> None:
             assert self._host is not None and self._tun is not None
-            self._host.add_address(self._tun.name, f"{address}/{prefix}")
-            self._add_routes()
+            if ipv4:
+                self._host.add_address(self._tun.name, f"{address}/{prefix}")
+                self._add_routes(4)
+            if ipv6 and self._add_address6(address6):
+                self._add_routes(6)
 
         return self._worker.submit(configure)
 
@@ -190,17 +219,6 @@ class KernelTun:
 
     def write_batch(self, packets: Sequence[bytes]) -> int:
         return 0 if self._tun is None else self._tun.write_batch(list(packets))
-
-
-def _disable_ipv6(ifname: str) -> None:
-    path = f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"
-    try:
-        with open(path, "w") as fh:
-            fh.write("1")
-    except FileNotFoundError:
-        return  # IPv6 is not built into this kernel: nothing to switch off
-    except PermissionError:
-        return  # read-only /proc/sys (container): IPv6 packets are dropped and counted
 
 
 # -- the memory twin -----------------------------------------------------------------------
@@ -293,7 +311,7 @@ class MemoryInner:
         self._arm()
 
     def set_inner_address(
-        self, address: str, prefix: int, gateway: str, mtu: int
+        self, address: str, prefix: int, gateway: str, mtu: int, *, address6: str = ""
     ) -> concurrent.futures.Future[None] | None:
         self._src = address
         self._dst = self.target or gateway

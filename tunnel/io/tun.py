@@ -313,6 +313,46 @@ def _name(code: int | None) -> str:
     return errno.errorcode.get(code, f"E{code}") if code is not None else "UNKNOWN"
 
 
+# -- IPv6 on the device (sysctl) ----------------------------------------------------------
+
+IPV6_CONF: Final = "/proc/sys/net/ipv6/conf"
+"""Per-interface IPv6 settings; they vanish with the device (nothing to undo)."""
+
+IPV6_MIN_MTU: Final = 1280
+"""Below this MTU the kernel keeps IPv6 off on a device (RFC 8200)."""
+
+IPV6_QUIET: Final = (("addr_gen_mode", "1"), ("accept_ra", "0"), ("router_solicitations", "0"))
+"""IPv6 on a TUN without chatter: no link-local address (so no MLD reports from it), no
+router advertisements taken, no router solicitations sent. Only the inner address the
+tunnel configures is used."""
+
+
+def set_ipv6(ifname: str, enabled: bool) -> bool:
+    """Switch IPv6 on (quietly, see IPV6_QUIET) or off on ``ifname``; True if it now is.
+
+    Off, the kernel neither sends IPv6 into the device nor accepts it from there. False
+    when IPv6 is not built into the kernel, or /proc/sys is read-only (a container) and
+    the setting is not already as asked.
+    """
+    if enabled:
+        for key, value in IPV6_QUIET:
+            _write_sysctl(ifname, key, value)
+    _write_sysctl(ifname, "disable_ipv6", "0" if enabled else "1")
+    try:
+        with open(f"{IPV6_CONF}/{ifname}/disable_ipv6") as fh:
+            return fh.read().strip() == ("0" if enabled else "1")
+    except OSError:
+        return False  # no IPv6 in this kernel
+
+
+def _write_sysctl(ifname: str, key: str, value: str) -> None:
+    try:
+        with open(f"{IPV6_CONF}/{ifname}/{key}", "w") as fh:
+            fh.write(value)
+    except OSError:
+        pass  # no such setting (old kernel, no IPv6) or read-only: set_ipv6 reads the result
+
+
 # -- inner packet accessors ---------------------------------------------------------------
 
 

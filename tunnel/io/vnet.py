@@ -4,16 +4,17 @@ With ``IFF_VNET_HDR`` every TUN read and write starts with a 10-byte ``virtio_ne
 (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset; little-endian here). Reads
 need nothing more while TUNSETOFFLOAD is not used (the kernel then never hands us GSO or
 partially checksummed packets: the header is all zeros and is skipped). Writes may carry
-one *GSO* packet: consecutive in-order TCP segments of one flow, merged into one IPv4
-packet of up to 64 KiB with ``gso_type = TCPV4`` and ``gso_size`` = the segment payload
-size. The kernel's TCP receive path then handles one large packet instead of dozens of
-MSS-sized ones, which is most of the cost of a TUN write (userspace GRO, as
+one *GSO* packet: consecutive in-order TCP segments of one flow, merged into one IPv4 or
+IPv6 packet of up to 64 KiB with ``gso_type = TCPV4`` / ``TCPV6`` and ``gso_size`` = the
+segment payload size. The kernel's TCP receive path then handles one large packet instead
+of dozens of MSS-sized ones, which is most of the cost of a TUN write (userspace GRO, as
 wireguard-go does it).
 
 :func:`coalesce` plans the writes for a batch of decrypted inner packets: each entry is a
-list of buffers for one ``writev`` (header first). Only plain IPv4/TCP data segments with
-ACK (and PSH on the last) are merged, and only when everything but sequence number, IP id,
-lengths and checksums is identical; anything else is written as it came, in order.
+list of buffers for one ``writev`` (header first). Only plain TCP data segments (IPv4
+without options, IPv6 without extension headers) with ACK (and PSH on the last) are
+merged, and only when everything but sequence number, IP id, lengths and checksums is
+identical; anything else is written as it came, in order.
 The merged packet's TCP checksum is left partial (``NEEDS_CSUM``): the packets were
 authenticated by the AEAD, and the kernel treats a partial checksum of a locally
 injected packet as verified.
@@ -33,9 +34,10 @@ NO_OFFLOAD_HDR: Final = bytes(VNET_HDR_LEN)
 
 VIRTIO_NET_HDR_F_NEEDS_CSUM: Final = 1
 VIRTIO_NET_HDR_GSO_TCPV4: Final = 1
+VIRTIO_NET_HDR_GSO_TCPV6: Final = 4
 
 MAX_COALESCED: Final = 65535
-"""An IPv4 packet's total length is a u16."""
+"""An IPv4 packet's total length is a u16 (an IPv6 packet is kept to the same size)."""
 
 MAX_SEGMENTS: Final = 64
 """Segments merged into one write at most (the kernel's GSO segment cap)."""
@@ -43,6 +45,8 @@ MAX_SEGMENTS: Final = 64
 _TCP_ACK: Final = 0x10
 _TCP_PSH: Final = 0x08
 _IPPROTO_TCP: Final = 6
+_IPV4_HEADER: Final = 20
+_IPV6_HEADER: Final = 40
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 
@@ -55,38 +59,65 @@ def ipv4_header_checksum(header: bytes | bytearray) -> int:
     return ~total & 0xFFFF
 
 
-def _pseudo_sum(src_dst: bytes, tcp_length: int) -> int:
-    """Folded (not complemented) sum of the TCP pseudo-header: what a partial checksum holds."""
-    total = sum(struct.unpack("!4H", src_dst)) + _IPPROTO_TCP + tcp_length
+def _pseudo_sum(addresses: bytes, tcp_length: int) -> int:
+    """Folded (not complemented) sum of the TCP pseudo-header: what a partial checksum holds.
+
+    ``addresses`` is source and destination (8 bytes IPv4, 32 bytes IPv6); both families'
+    pseudo-headers then add the protocol and the TCP length (RFC 793, RFC 8200 8.1).
+    """
+    total = sum(struct.unpack(f"!{len(addresses) // 2}H", addresses)) + _IPPROTO_TCP + tcp_length
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return total
 
 
-def _segment(packet: bytes) -> tuple[int, int, int] | None:
-    """(TCP header length, payload length, seq) of a mergeable segment, else None."""
+def _ip_header_len(packet: bytes, n: int) -> int:
+    """20 or 40 for a plain IPv4 / IPv6 TCP packet of exactly ``n`` bytes that could be merged
+    (no IPv4 options or fragment, no IPv6 extension header), else 0."""
+    first = packet[0]
+    if first == 0x45:
+        if packet[9] != _IPPROTO_TCP or _U16.unpack_from(packet, 2)[0] != n:
+            return 0
+        return 0 if _U16.unpack_from(packet, 6)[0] & 0x3FFF else _IPV4_HEADER  # a fragment
+    if first >> 4 == 6 and packet[6] == _IPPROTO_TCP:
+        return _IPV6_HEADER if _U16.unpack_from(packet, 4)[0] + _IPV6_HEADER == n else 0
+    return 0
+
+
+def _segment(packet: bytes) -> tuple[int, int, int, int] | None:
+    """(IP header length, TCP header length, payload length, seq) of a mergeable segment,
+    else None."""
     n = len(packet)
-    if n < 40 or packet[0] != 0x45 or packet[9] != _IPPROTO_TCP:
+    if n < 40:
         return None
-    if _U16.unpack_from(packet, 2)[0] != n or _U16.unpack_from(packet, 6)[0] & 0x3FFF:
-        return None  # length mismatch, or a fragment (MF set or an offset)
-    thl = (packet[32] >> 4) * 4
-    flags = packet[33]
-    if thl < 20 or 20 + thl >= n or flags & ~_TCP_PSH != _TCP_ACK:
+    iphl = _ip_header_len(packet, n)
+    if not iphl or n < iphl + 20:
+        return None
+    thl = (packet[iphl + 12] >> 4) * 4
+    flags = packet[iphl + 13]
+    if thl < 20 or iphl + thl >= n or flags & ~_TCP_PSH != _TCP_ACK:
         return None  # no payload, or SYN/FIN/RST/URG/ECE/CWR
-    return thl, n - 20 - thl, _U32.unpack_from(packet, 24)[0]
+    return iphl, thl, n - iphl - thl, _U32.unpack_from(packet, iphl + 4)[0]
 
 
-def _same_flow(a: bytes, b: bytes, thl: int) -> bool:
+def _same_flow(a: bytes, b: bytes, iphl: int, thl: int) -> bool:
     """Everything but id, lengths, checksums, seq and PSH is identical (a: the run's first)."""
+    if iphl == _IPV4_HEADER:
+        same_ip = (
+            a[1] == b[1]  # TOS
+            and a[6:7] == b[6:7]  # DF
+            and a[8:10] == b[8:10]  # TTL, protocol
+            and a[12:20] == b[12:20]  # addresses
+        )
+    else:
+        same_ip = a[0:4] == b[0:4] and a[6:40] == b[6:40]  # class, flow, hop limit, addresses
+    t = iphl
     return (
-        a[1] == b[1]  # TOS
-        and a[6:7] == b[6:7]  # DF
-        and a[8:10] == b[8:10]  # TTL, protocol
-        and a[12:24] == b[12:24]  # addresses, ports
-        and a[28:33] == b[28:33]  # ack, data offset
-        and a[34:36] == b[34:36]  # window
-        and a[38 : 20 + thl] == b[38 : 20 + thl]  # urgent pointer, options (timestamps)
+        same_ip
+        and a[t : t + 4] == b[t : t + 4]  # ports
+        and a[t + 8 : t + 13] == b[t + 8 : t + 13]  # ack, data offset
+        and a[t + 14 : t + 16] == b[t + 14 : t + 16]  # window
+        and a[t + 18 : t + thl] == b[t + 18 : t + thl]  # urgent pointer, options (timestamps)
     )
 
 
@@ -101,53 +132,61 @@ def coalesce(packets: Sequence[bytes]) -> list[list[bytes | memoryview]]:
         if seg is None or j - i == 1:
             writes.append([NO_OFFLOAD_HDR, first])
         else:
-            writes.append(_merged(packets[i:j], seg[0], seg[1], total, last_flags))
+            writes.append(_merged(packets[i:j], seg, total, last_flags))
         i = j
     return writes
 
 
-def _gso_run(packets: Sequence[bytes], i: int, seg: tuple[int, int, int]) -> tuple[int, int, int]:
+def _gso_run(
+    packets: Sequence[bytes], i: int, seg: tuple[int, int, int, int]
+) -> tuple[int, int, int]:
     """(end, IP total length, flags of the last) of the TCP segments from ``i`` that one
     GSO packet can carry: one flow, consecutive, equal-sized (a shorter one ends the run),
     no PSH before the last, within MAX_SEGMENTS and MAX_COALESCED."""
     first = packets[i]
-    thl, size, seq = seg
+    iphl, thl, size, seq = seg
     total = len(first)
     end = seq + size
     j = i + 1
-    last_flags = first[33]
+    last_flags = first[iphl + 13]
     n = len(packets)
     while j < n and j - i < MAX_SEGMENTS and not last_flags & _TCP_PSH:
         nxt = packets[j]
         s2 = _segment(nxt)
-        if s2 is None or s2[0] != thl or s2[1] > size or s2[2] != end:
+        if s2 is None or s2[0] != iphl or s2[1] != thl or s2[2] > size or s2[3] != end:
             break
-        if total + s2[1] > MAX_COALESCED or not _same_flow(first, nxt, thl):
+        if total + s2[2] > MAX_COALESCED or not _same_flow(first, nxt, iphl, thl):
             break
-        total += s2[1]
-        end += s2[1]
-        last_flags = nxt[33]
+        total += s2[2]
+        end += s2[2]
+        last_flags = nxt[iphl + 13]
         j += 1
-        if s2[1] < size:
+        if s2[2] < size:
             break  # a short segment ends a GSO run
     return j, total, last_flags
 
 
 def _merged(
-    run: Sequence[bytes], thl: int, size: int, total: int, last_flags: int
+    run: Sequence[bytes], seg: tuple[int, int, int, int], total: int, last_flags: int
 ) -> list[bytes | memoryview]:
     """One GSO write for a run: the vnet header, the first segment's headers fixed up for
-    the whole run (length, IP checksum, PSH of the last, TCP pseudo-header sum), then every
-    segment's payload."""
+    the whole run (IP length, IPv4 header checksum, PSH of the last, TCP pseudo-header
+    sum), then every segment's payload."""
+    iphl, thl, size, _seq = seg
     first = run[0]
-    hlen = 20 + thl
+    hlen = iphl + thl
     header = bytearray(first[:hlen])
-    header[2:4] = _U16.pack(total)
-    header[10:12] = b"\0\0"
-    header[10:12] = _U16.pack(ipv4_header_checksum(header[:20]))
-    header[33] = last_flags  # PSH of the last segment, if any
-    header[36:38] = _U16.pack(_pseudo_sum(first[12:20], total - 20))
-    vnet = VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, hlen, size, 20, 16)
+    if iphl == _IPV4_HEADER:
+        header[2:4] = _U16.pack(total)
+        header[10:12] = b"\0\0"
+        header[10:12] = _U16.pack(ipv4_header_checksum(header[:20]))
+        addresses, gso_type = first[12:20], VIRTIO_NET_HDR_GSO_TCPV4
+    else:
+        header[4:6] = _U16.pack(total - _IPV6_HEADER)
+        addresses, gso_type = first[8:40], VIRTIO_NET_HDR_GSO_TCPV6
+    header[iphl + 13] = last_flags  # PSH of the last segment, if any
+    header[iphl + 16 : iphl + 18] = _U16.pack(_pseudo_sum(addresses, total - iphl))
+    vnet = VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, hlen, size, iphl, 16)
     write: list[bytes | memoryview] = [vnet, bytes(header)]
     write.extend(memoryview(p)[hlen:] for p in run)
     return write
