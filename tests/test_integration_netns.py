@@ -451,7 +451,9 @@ def test_at17_all_paths_dead_terminates_after_the_bound_and_restores_the_host(
     t: RealTunnel = realnet(policy=policy)
     sid = _session_id(t)
     mark = t.events.mark()
-    for i in range(t.n_paths):
+    # standbys first, the active path (A) last: the link monitor reports each link at once,
+    # so killing A first could let the session move to B before B's link goes too
+    for i in reversed(range(t.n_paths)):
         t.topo.link_down(i)
     killed = time.monotonic()
 
