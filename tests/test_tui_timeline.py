@@ -38,6 +38,7 @@ from tunnel.api import (
     UiChannel,
 )
 from tunnel.client.engine import session_view
+from tunnel.core.client import PathSpec
 from tunnel.core.events import Diagnostic, Event, EventBase, Reason
 from tunnel.demo.commands import DemoAction, DemoImpair
 from tunnel.io.memory import Simulation
@@ -88,6 +89,38 @@ def test_a_death_is_one_line_with_its_reason_and_the_recovery_one_switch_line() 
     assert not starting("STATE", lines) and not starting("DENIED", lines)
     assert not [line for line in lines if "REATT" in line]
     assert lines.index(switch) < lines.index(dead)  # newest first
+
+
+def test_a_death_the_kernel_reported_shows_what_it_said() -> None:
+    """issue 10 item 3: the link monitor's death line carries the kernel's message, and the
+    recovery folds into it like a silent death's."""
+    sim = attached(n_paths=3)
+    sim.links[1].imp.up = False
+    sim.client.path_down(1, "jvc0: link down (kernel: RTM_NEWLINK jvc0 down)", sim.now)
+    sim.advance(1.0)
+
+    lines = read(sim.client_events)
+    (dead,) = starting("DEAD", lines)
+    assert "path 1" in dead and "link_down: jvc0: link down" in dead
+    assert "RTM_NEWLINK jvc0 down" in dead and "silent" not in dead
+    assert "→ RECOVERING" in dead
+    (switch,) = starting("SWITCH", lines)
+    assert "1 → 2" in switch and "RECOVERING → ATTACHED" in switch
+
+
+def test_paths_that_come_and_go_have_their_lines() -> None:
+    """issue 10 item 4 (paths = "auto"): a path added and a path removed, one line each."""
+    sim = attached(n_paths=2)
+    sim.client.remove_path(2, "wlan0: address 192.0.2.7 no longer usable", sim.now)
+    sim.advance(0.5)
+    sim.client.add_path(PathSpec(2, "wlan0 192.0.2.7"), sim.now, interface="wlan0")
+    sim.advance(0.5)
+    lines = read(sim.client_events)
+    (added,) = starting("PATH +", lines)
+    (removed,) = starting("PATH -", lines)
+    assert "path 2" in added and "wlan0 192.0.2.7" in added
+    assert "path 2" in removed and "no longer usable" in removed
+    assert lines.index(added) < lines.index(removed)  # newest first
 
 
 def test_a_denial_with_nothing_to_move_to_names_no_path_and_says_recovery() -> None:

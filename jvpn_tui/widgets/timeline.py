@@ -173,6 +173,8 @@ class Timeline:
             EventType.POLICY_EVENT: self._policy,
             EventType.KEY_ROTATED: self._keys,
             EventType.DIAGNOSTIC: self._diagnostic,
+            EventType.PATH_ADDED: self._path_added,
+            EventType.PATH_REMOVED: self._path_removed,
         }
 
     @property
@@ -289,10 +291,10 @@ class Timeline:
         path = event.get("transport_id")
         if self._open_attempt(path) is not None:
             self._unanswered(event, "path died")
+        detail = event.get("detail")  # link_down: what the kernel said
+        why = esc(detail) if detail else f"silent {ms(event.get('silence_ms'), 0)}"
         entry = self._push(
-            event,
-            f"[b $text-error]DEAD   [/] path {_path(path)}  {_reason(event)}: "
-            f"silent {ms(event.get('silence_ms'), 0)}",
+            event, f"[b $text-error]DEAD   [/] path {_path(path)}  {_reason(event)}: {why}"
         )
         self._dead, self._dead_id = entry, path
 
@@ -362,6 +364,14 @@ class Timeline:
     def _keys(self, event: EventMap) -> None:
         phase = esc(event.get("key_phase", "?"))
         self._push(event, f"[b]KEYS   [/] phase {phase}  {_reason(event)}")
+
+    def _path_added(self, event: EventMap) -> None:
+        self._push(event, f"[b]PATH + [/] path {_path(event.get('transport_id'))}  "
+                   f"{esc(event.get('path', ''))}")  # fmt: skip
+
+    def _path_removed(self, event: EventMap) -> None:
+        self._push(event, f"[b]PATH - [/] path {_path(event.get('transport_id'))}  "
+                   f"{esc(event.get('detail', ''))}")  # fmt: skip
 
     def _diagnostic(self, event: EventMap) -> None:
         reason = event.get("reason_code")

@@ -74,6 +74,27 @@ class PathConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AutoPaths:
+    """``paths = "auto"``: a candidate path per usable interface address to each gateway
+    endpoint, made and removed as the machine's interfaces come and go
+    (:mod:`tunnel.client.autopaths`; docs/client.md "Automatic paths")."""
+
+    gateways: tuple[tuple[str, int], ...]
+    """Gateway endpoints (host, port): numeric or names, resolved at start (D7 after)."""
+    include: tuple[str, ...] = ("*",)
+    """Interface name patterns (fnmatch) that may carry paths."""
+    exclude: tuple[str, ...] = ()
+    """Interface name patterns that never do (checked after ``include``)."""
+    prefer: tuple[str, ...] = ()
+    """Interface name patterns in order of preference: paths are numbered (and tried) in
+    this order at start; interfaces no pattern names come after, by name."""
+
+    def includes_loopback(self) -> bool:
+        """Loopback carries paths only when an include pattern other than ``*`` names it."""
+        return self.include != ("*",)
+
+
+@dataclass(frozen=True, slots=True)
 class SyslogTarget:
     transport: str
     """``udp`` or ``tcp``."""
@@ -119,6 +140,9 @@ class ClientConfig:
     """ICMP payload bytes of the ``memory`` traffic source."""
     source: str = "<config>"
     """The file it was read from (for messages)."""
+    auto: AutoPaths | None = None
+    """``paths = "auto"``: the rules for the paths (``paths`` is empty until the engine
+    starts and finds them); None: the ``[[path]]`` tables."""
 
 
 def _fmt(value: object) -> str:
@@ -348,6 +372,24 @@ def _bind(r: _Reader, key: str, value: str) -> tuple[str, int]:
     return bind
 
 
+def _gateways(r: _Reader, key: str, value: list[object]) -> tuple[tuple[str, int], ...]:
+    if not value or len(value) > MAX_PATHS:
+        raise r.error(key, value, f"expected 1..{MAX_PATHS} gateway endpoints")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise r.error(f"{key}[{i}]", item, 'expected "host:port"')
+        out.append(_gateway(r, f"{key}[{i}]", item))
+    return tuple(out)
+
+
+def _patterns(r: _Reader, key: str, value: list[object]) -> tuple[str, ...]:
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not item or len(item) > 64:
+            raise r.error(f"{key}[{i}]", item, "expected an interface name pattern")
+    return tuple(str(item) for item in value)
+
+
 def _syslog(r: _Reader, key: str, value: str) -> SyslogTarget:
     m = re.fullmatch(r"(udp|tcp)://(.+)", value.strip())
     if not m:
@@ -425,8 +467,21 @@ TOP_FIELDS: Final = (
     _Field("node_id", str, "client", check=_name, doc="names this client in events"),
     _Field("control_socket", str, check=_control_socket,
            doc='control socket path; "off": none; absent: the default (docs/control.md)'),
+    _Field("paths", str, check=_choice(("auto",)),
+           doc='"auto": paths follow the interfaces ([auto]); absent: the [[path]] tables'),
 )
-TABLE_KEYS: Final = ("tun", "path", "events", "keymap", "inner")
+TABLE_KEYS: Final = ("tun", "path", "events", "keymap", "inner", "auto")
+AUTO_FIELDS: Final = (
+    _Field("gateway", list, check=_gateways, required="required key is missing",
+           expected='expected "host:port" or a list of them',
+           doc='gateway endpoint(s): "host:port" or ["host:port", ...]'),
+    _Field("include", list, ("*",), check=_patterns, expected="expected a list of patterns",
+           doc="interface name patterns (fnmatch) that may carry paths"),
+    _Field("exclude", list, (), check=_patterns, expected="expected a list of patterns",
+           doc="interface name patterns that never do"),
+    _Field("prefer", list, (), check=_patterns, expected="expected a list of patterns",
+           doc="interface name patterns in order of preference"),
+)
 TUN_FIELDS: Final = (
     _Field("name", str, "jvpn%d", check=_ifname, doc="TUN device name (%d: kernel numbers)"),
     _Field("mtu", int, 1420, MIN_MTU, MAX_INNER_PACKET, doc="inner MTU (the gateway's)"),
@@ -496,6 +551,24 @@ def _parse_paths(r: _Reader, path_list: object, policy: Policy) -> tuple[PathCon
     return paths
 
 
+def _parse_auto(r: _Reader, doc: Mapping[str, Any], paths: str | None) -> AutoPaths | None:
+    """``paths = "auto"`` with its ``[auto]`` table (and no ``[[path]]``), or None."""
+    if paths is None:
+        if "auto" in doc:
+            raise r.missing("paths", '[auto] is only read with paths = "auto"')
+        return None
+    if "path" in doc:
+        raise r.error("paths", paths, '[[path]] tables and paths = "auto" exclude each other')
+    if "auto" not in doc:
+        raise r.missing("auto", 'paths = "auto" needs an [auto] table with gateway = [...]')
+    table = dict(r.table(doc, "auto"))
+    if isinstance(table.get("gateway"), str):
+        table["gateway"] = [table["gateway"]]  # one endpoint: a string will do
+    r.unknown(table, tuple(spec.name for spec in AUTO_FIELDS), "auto.")
+    f = r.fields(table, "auto.", AUTO_FIELDS)
+    return AutoPaths(f["gateway"], tuple(f["include"]), tuple(f["exclude"]), tuple(f["prefer"]))
+
+
 def _kill_switch(tun: Mapping[str, Any]) -> bool:
     """The ``kill_switch`` key, or its default: on for a full tunnel (a default route)."""
     if tun["kill_switch"] is not None:
@@ -547,7 +620,8 @@ def parse_client_config(
     tun = r.section(doc, "tun", TUN_FIELDS)
     if tun["address6"] is not None and tun["mtu"] < IPV6_MIN_MTU:
         raise r.error("tun.mtu", tun["mtu"], f"IPv6 (tun.address6) needs at least {IPV6_MIN_MTU}")
-    paths = _parse_paths(r, doc.get("path"), policy)
+    auto = _parse_auto(r, doc, top["paths"])
+    paths = () if auto is not None else _parse_paths(r, doc.get("path"), policy)
     _check_capture(r, tun["routes"], paths)
     events = r.section(doc, "events", EVENT_FIELDS)
     keymap = _parse_keymap(r, r.table(doc, "keymap"))
@@ -573,6 +647,7 @@ def parse_client_config(
         inner_rate_pps=inner["rate_pps"],
         inner_payload_size=inner["payload_size"],
         source=source,
+        auto=auto,
     )
 
 

@@ -61,6 +61,7 @@ from tunnel.api import (
     TrafficStats,
     UiChannel,
 )
+from tunnel.client.autopaths import EngineWatch, start_paths, tun_names
 from tunnel.client.config import ClientConfig, PathConfig
 from tunnel.client.control import ControlSocket, EngineControl
 from tunnel.client.explain import handshake_explanation
@@ -421,6 +422,7 @@ class ClientEngine:
             self._pipeline = EventPipeline(self._sinks())
             if self._plugin is not None:
                 self.config = self._plugin.prepare(self.config)
+            self.config = start_paths(self.config, tun_names(self.config, self.inner))
             session = self._new_session()
             targets = [self._open_path(p, sockets) for p in self.config.paths]
             if self._control_spec is not None and self._control_spec.required:
@@ -488,11 +490,16 @@ class ClientEngine:
             tap=plugin.tap if plugin is not None else None,
         )
         self.runtime = runtime
+        monitor = EngineWatch(
+            self.config, runtime, self.inner, report=self._monitor_report,
+            remember_name=self._remember_name,
+        )  # fmt: skip
         with self._loop_lock:
             self._loop = loop
         try:
             self._start_control(loop)
             loop.call_soon(runtime.install, loop)
+            loop.call_soon(monitor.start, loop)  # the kernel's word on the paths, auto paths
             if plugin is not None:
                 host = PluginHost(
                     loop, runtime, emit=self._emit, base=self._base, threadsafe=self._threadsafe
@@ -503,6 +510,7 @@ class ClientEngine:
             loop.run_forever()
             runtime.uninstall()
         finally:
+            monitor.stop()
             with self._loop_lock:
                 self._loop = None
             self._spent_loop = loop  # closed by _finish, after the control socket's goodbye
@@ -668,6 +676,9 @@ class ClientEngine:
             self.handshake_failure = event.handshake_failure
         elif isinstance(event, ReattachAttempt):
             self._re_resolve(event.candidate_transport)
+        elif _nothing_to_move_to(event):  # every path failed: the gateway may have moved
+            for path_id in list(self._names):
+                self._re_resolve(path_id)
         if self._pipeline is not None:
             self._pipeline.emit(event)
         record = event.to_dict()
@@ -758,6 +769,13 @@ class ClientEngine:
                 f"{address[0]}:{address[1]} (was {old.remote[0]}:{old.remote[1]})",
                 Reason.NAT_REBIND,
             )
+
+    def _remember_name(self, path_id: int, host: str, port: int, family: int) -> None:
+        """A path added while running (paths = "auto") whose gateway is a name (D7)."""
+        self._names[path_id] = (host, port, family)
+
+    def _monitor_report(self, reason: Reason, detail: str) -> None:
+        self._resolve_report(detail, reason)
 
     def _resolve_report(self, detail: str, reason: Reason) -> None:
         runtime, session = self.runtime, self.session
@@ -937,6 +955,15 @@ class ClientEngine:
 
 def _value(failure: HandshakeFailure | None) -> str | None:
     return None if failure is None else str(failure)
+
+
+def _nothing_to_move_to(event: Event) -> bool:
+    """The session found no candidate at all (every path failed; the denial names none)."""
+    return (
+        isinstance(event, TransportSwitchDenied)
+        and event.reason_code is Reason.NO_VALID_CANDIDATE
+        and event.requested_transport is None
+    )
 
 
 def _ended(session: ClientSession) -> bool:

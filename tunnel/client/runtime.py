@@ -109,6 +109,20 @@ class ClientRuntime:
         self.inner.start(loop, lambda: driver.guard(self._on_inner))
         driver.guard(driver.input, self.session.connect)
 
+    def attach_path(self, target: PathTarget) -> None:
+        """A path added while the loop runs (``paths = "auto"``): read its socket too."""
+        self.paths[target.path_id] = target
+        self.driver.add_reader(target.sock.fileno(), self._on_socket, target)
+
+    def detach_path(self, path_id: int) -> PathTarget | None:
+        """A path removed while the loop runs: stop reading its socket (the caller closes
+        it); what the session still sends on it is dropped and counted as send_failed."""
+        target = self.paths.pop(path_id, None)
+        loop = self.driver.loop
+        if target is not None and loop is not None and not target.sock.closed:
+            loop.remove_reader(target.sock.fileno())
+        return target
+
     def uninstall(self) -> None:
         """Remove readers and the timer (loop thread, loop still usable). Idempotent."""
         loop = self.driver.detach()
@@ -126,7 +140,9 @@ class ClientRuntime:
 
     def _read_socket(self, now: float, p: PathTarget) -> None:
         # The current target: the engine replaces it when a gateway name re-resolves (D7).
-        drain(p.sock.recv_batch, self._take_datagrams, p.path_id, self.paths[p.path_id].remote, now)
+        current = self.paths.get(p.path_id)
+        if current is not None:
+            drain(p.sock.recv_batch, self._take_datagrams, p.path_id, current.remote, now)
 
     def _take_datagrams(
         self, batch: Sequence[tuple[bytes, Any]], path_id: int, remote: Address, now: float
@@ -217,9 +233,12 @@ class ClientRuntime:
         self._send_run(run_path, run)
 
     def _send_run(self, path_id: int, run: list[bytes]) -> None:
-        p = self.paths[path_id]
-        sent = p.sock.send_many(run, p.remote)
+        p = self.paths.get(path_id)
         counters = self.counters
+        if p is None:  # a path removed while the session had something for it
+            counters.send_failed += len(run)
+            return
+        sent = p.sock.send_many(run, p.remote)
         counters.datagrams_out += sent
         counters.send_failed += len(run) - sent
 

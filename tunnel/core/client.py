@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunnel.core.aead import KeyExhausted, SessionCipher
-from tunnel.core.client_rows import CLIENT_ROWS, QualityClocks
+from tunnel.core.client_rows import CLIENT_ROWS, WITH_ACTIVE, QualityClocks
 from tunnel.core.constants import (
     MAX_INNER_PACKET,
     MAX_STATE_VERSION,
@@ -54,6 +54,8 @@ from tunnel.core.events import (
     Event,
     EventBase,
     KeyRotated,
+    PathAdded,
+    PathRemoved,
     PeerState,
     PolicyEvent,
     Reason,
@@ -639,7 +641,7 @@ class ClientSession:
         if self.machine.terminated:
             return
         if self.cipher is not None:
-            targets = [p.path_id for p in self.paths if p.validated]
+            targets = [p.path_id for p in self.paths.shown() if p.validated]
             for _ in range(TERMINATE_COPIES):
                 for pid in targets:
                     self.send_control(pid, Terminate(reason_to_wire(reason)))
@@ -649,14 +651,14 @@ class ClientSession:
         """Strict mode (D14): new bounds apply from now on; history is not rewritten. Every
         component takes the new numbers: each path's health estimators and hold-down, the
         selector, the limiter; the timed rows read ``self.policy``."""
-        if len(self.paths) > policy.max_candidate_count:
+        if len(self.paths.shown()) > policy.max_candidate_count:
             self.report.emit(
                 PolicyEvent(
                     **self.base(now), policy_name="POLICY_REJECTED",
                     reason_code=Reason.POLICY_INVALID,
                     detail=(
                         f"max_candidate_count {policy.max_candidate_count}"
-                        f" < {len(self.paths)} configured paths"
+                        f" < {len(self.paths.shown())} configured paths"
                     ),
                 )
             )  # fmt: skip
@@ -670,6 +672,80 @@ class ClientSession:
             PolicyEvent(
                 **self.base(now), policy_name="POLICY_APPLIED", reason_code=Reason.POLICY_APPLIED
             )
+        )
+
+    # == the kernel's view of the paths (netlink; tunnel/client/netmon.py) ==================
+    def path_down(self, path_id: int, detail: str, now: float) -> None:
+        """The kernel says ``path_id`` cannot carry anything (link down, carrier lost, its
+        address or its route to the gateway gone; ``detail`` is its message). The path is
+        dead at once: the active one goes through the same death handling as a silent
+        death (TRANSPORT_DEAD, RECOVERING, recovery under the limiter), with the reason
+        ``link_down``; any other is no candidate (DIAGNOSTIC ``link_down`` with ``detail``,
+        then its PATH_HEALTH). It stays so until :meth:`path_up`. Repeating it changes
+        nothing."""
+        if path_id not in self.paths:
+            raise ValueError(f"unknown path id {path_id}")
+        if not self.paths.link_down(path_id) or self.machine.terminated:
+            return
+        if path_id == self.paths.active and self.state in WITH_ACTIVE:
+            self.switching.on_transport_dead(now, Reason.LINK_DOWN, detail)
+            return
+        self.report.emit(
+            Diagnostic(
+                **self.base(now), reason_code=Reason.LINK_DOWN, detail=f"path {path_id}: {detail}",
+                state=str(self.state),
+            )
+        )  # fmt: skip
+
+    def path_up(self, path_id: int, detail: str, now: float) -> None:
+        """The kernel says ``path_id`` is usable again: it is probed at once and becomes a
+        candidate (standby) as soon as it answers (DIAGNOSTIC ``link_up`` with ``detail``)."""
+        if path_id not in self.paths:
+            raise ValueError(f"unknown path id {path_id}")
+        if not self.paths.link_up(path_id, now) or self.machine.terminated:
+            return
+        self.report.emit(
+            Diagnostic(
+                **self.base(now), reason_code=Reason.LINK_UP, detail=f"path {path_id}: {detail}",
+                state=str(self.state),
+            )
+        )  # fmt: skip
+
+    # == paths that come and go (paths = "auto"; tunnel/client/autopaths.py) =============
+    def add_path(
+        self, spec: PathSpec, now: float, *, interface: str = "", address: str = ""
+    ) -> None:
+        """A candidate path appeared (PATH_ADDED): probed at once, a standby once it answers.
+        A removed path comes back under its id. ValueError: the id is a candidate already, or
+        the policy's ``max_candidate_count`` is reached."""
+        if self.machine.terminated:
+            return
+        shown = len(self.paths.shown())
+        if spec.path_id in self.paths and not self.paths.is_retired(spec.path_id):
+            raise ValueError(f"path id {spec.path_id} is already a candidate")
+        if shown >= self.policy.max_candidate_count:
+            raise ValueError(f"the policy allows {self.policy.max_candidate_count} candidates")
+        self.paths.add(spec.path_id, spec.label, now)
+        self.report.emit(
+            PathAdded(
+                **self.base(now), transport_id=spec.path_id, path=spec.label,
+                interface=interface, address=address,
+            )
+        )  # fmt: skip
+
+    def remove_path(self, path_id: int, detail: str, now: float) -> None:
+        """A candidate path left (PATH_REMOVED): it is down first (:meth:`path_down`, the
+        active one dies and the session recovers elsewhere), then no candidate. Its id is
+        not given to another path; :meth:`add_path` may bring it back."""
+        if path_id not in self.paths:
+            raise ValueError(f"unknown path id {path_id}")
+        if self.paths.is_retired(path_id) or self.machine.terminated:
+            return
+        self.path_down(path_id, detail, now)
+        self.paths.retire(path_id)
+        label = self.paths.get(path_id).label
+        self.report.emit(
+            PathRemoved(**self.base(now), transport_id=path_id, path=label, detail=detail)
         )
 
     def _on_terminated(self) -> None:
@@ -712,7 +788,7 @@ class ClientSession:
         views = tuple(
             PathView(self.paths.stats(p.path_id, now), p.label, self._role(p.path_id, now),
                      p.validated)
-            for p in self.paths
+            for p in self.paths.shown()
         )  # fmt: skip
         cipher = self.cipher
         limiter = self.switching.limiter

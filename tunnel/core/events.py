@@ -91,6 +91,10 @@ class Reason(StrEnum):
     DEMO_ACTION = "demo_action"
     # handshakes the gateway cannot answer
     WRONG_GATEWAY_KEY = "wrong_gateway_key"
+    # the kernel's view of the client's paths (netlink; docs/client.md "Link monitor")
+    LINK_DOWN = "link_down"
+    LINK_UP = "link_up"
+    NETLINK_UNAVAILABLE = "netlink_unavailable"
 
 
 WIRE_REASONS: tuple[Reason, ...] = tuple(Reason)
@@ -151,6 +155,8 @@ class EventType(StrEnum):
     DROP_SUMMARY = "DROP_SUMMARY"
     SESSION_TERMINATED = "SESSION_TERMINATED"
     EVENT_LOSS = "EVENT_LOSS"
+    PATH_ADDED = "PATH_ADDED"
+    PATH_REMOVED = "PATH_REMOVED"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -272,6 +278,10 @@ class TransportDead(Event):
     silence_ms: float
     """Time since the last authenticated inbound packet on it."""
     reason_code: Reason = Reason.TRANSPORT_DEAD
+    """transport_dead (silence: nothing authenticated arrived for the dead time) or
+    link_down (the kernel said the path cannot carry anything: see ``detail``)."""
+    detail: str = ""
+    """With link_down: the kernel's message (interface, what changed); else empty."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -313,6 +323,36 @@ class PathValidated(Event):
     """Label (address) of the path that answered the challenge or probe."""
     transport_id: int | None = None
     """Client path id, when known."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PathAdded(Event):
+    """A candidate path appeared (client ``paths = "auto"``: an interface or address came
+    up). It is probed at once and becomes a standby once it answers."""
+
+    event_type: ClassVar[EventType] = EventType.PATH_ADDED
+    transport_id: int
+    """Its path id (a path that comes back keeps the id it had)."""
+    path: str
+    """Its label."""
+    interface: str = ""
+    """The local interface it leaves through."""
+    address: str = ""
+    """The local address it is bound to."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PathRemoved(Event):
+    """A candidate path left (its interface or address went away): it is no candidate any
+    more; the active one died first (TRANSPORT_DEAD ``link_down``, recovery elsewhere)."""
+
+    event_type: ClassVar[EventType] = EventType.PATH_REMOVED
+    transport_id: int
+    """Its path id (not given to another path while the session lives)."""
+    path: str
+    """Its label."""
+    detail: str = ""
+    """Why: what the kernel said."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

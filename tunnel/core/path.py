@@ -133,6 +133,13 @@ class PathSet:
         self._probe_seq = 0
         self._emit = emit
         self._base = base
+        self._link_down: set[int] = set()
+        """Paths the kernel says cannot carry anything (``link_down``): never live."""
+        self._link_up_at: dict[int, float] = {}
+        """When the kernel said a path is back: it is live again once it answers after."""
+        self._retired: set[int] = set()
+        """Paths removed (their interface or address went away): down, not shown, their
+        ids kept so that no other path takes them (:meth:`add` brings one back)."""
 
     # -- membership ------------------------------------------------------------------------
     def __contains__(self, path_id: object) -> bool:
@@ -204,10 +211,14 @@ class PathSet:
         )  # fmt: skip
 
     def _may_answer(self, p: Path) -> bool:
-        """Validated, and not the path that died unless it answered since."""
-        if not p.validated:
+        """Validated, and not the path that died unless it answered since; not a path the
+        kernel took down, nor one it brought back that has not answered since."""
+        if not p.validated or p.path_id in self._link_down:
             return False
         last = p.health.last_inbound
+        up_at = self._link_up_at.get(p.path_id)
+        if up_at is not None and (last is None or last <= up_at):
+            return False
         return p.path_id != self.previous_dead or (last is not None and last > self._died_at)
 
     def _standby_live(self, p: Path, now: float) -> bool:
@@ -274,6 +285,53 @@ class PathSet:
         """When the active path dies unless something arrives on it (None: no active)."""
         return None if self.active is None else self._paths[self.active].health.dead_at()
 
+    # -- the kernel's view (netlink) -------------------------------------------------------
+    def link_down(self, path_id: int) -> bool:
+        """The kernel says ``path_id`` cannot carry anything. True unless it already said so."""
+        if path_id in self._link_down:
+            return False
+        self._link_down.add(path_id)
+        self._link_up_at.pop(path_id, None)
+        return True
+
+    def link_up(self, path_id: int, now: float) -> bool:
+        """The kernel says ``path_id`` is usable again: probe it at once; it is live once it
+        answers. True if it was down (and is not removed)."""
+        if path_id not in self._link_down or path_id in self._retired:
+            return False
+        self._link_down.discard(path_id)
+        self._link_up_at[path_id] = now
+        self._paths[path_id].probe_soon(now)
+        return True
+
+    def is_link_down(self, path_id: int) -> bool:
+        return path_id in self._link_down
+
+    # -- paths that come and go (paths = "auto") ----------------------------------------------
+    def add(self, path_id: int, label: str, now: float) -> None:
+        """A new candidate, or a removed one back (under its old id): probed at once, live
+        once it answers."""
+        if path_id in self._retired:
+            self._retired.discard(path_id)
+            self.link_up(path_id, now)
+            return
+        if path_id in self._paths:
+            raise ValueError(f"path id {path_id} is already a candidate")
+        self._paths[path_id] = Path(path_id, label, self.policy, now)
+        self.order = (*self.order, path_id)
+
+    def retire(self, path_id: int) -> None:
+        """``path_id`` is no candidate any more (it is down: :meth:`link_down` first)."""
+        self.link_down(path_id)
+        self._retired.add(path_id)
+
+    def is_retired(self, path_id: int) -> bool:
+        return path_id in self._retired
+
+    def shown(self) -> list[Path]:
+        """The candidates, in order, without the removed ones."""
+        return [p for p in self if p.path_id not in self._retired]
+
     # -- inputs ----------------------------------------------------------------------------
     def validated(self, path_id: int, now: float) -> None:
         """An authenticated answer arrived on ``path_id`` (PATH_VALIDATED the first time)."""
@@ -316,7 +374,7 @@ class PathSet:
         slow = pol.standby_probe_interval_ms / 1000
         out = []
         for p in self:
-            if now < p.next_probe:
+            if now < p.next_probe or p.path_id in self._retired:
                 continue
             self._probe_seq = (self._probe_seq + 1) & 0xFFFFFFFF
             # The active path is probed fast (loss and death detection, D5); while no path
@@ -333,9 +391,11 @@ class PathSet:
         return out
 
     # -- deadlines -------------------------------------------------------------------------
-    def next_deadline(self) -> float:
-        """The earliest probe, probe expiry or path death over every path."""
-        return min(p.next_deadline() for p in self._paths.values())
+    def next_deadline(self) -> float | None:
+        """The earliest probe, probe expiry or path death over every path (removed paths
+        are not probed: None when every path was removed)."""
+        times = [p.next_deadline() for p in self._paths.values() if p.path_id not in self._retired]
+        return min(times, default=None)
 
     def holddown_change(self, after: float) -> float | None:
         """When the next running hold-down ends, if after ``after``."""

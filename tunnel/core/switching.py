@@ -202,7 +202,11 @@ class SwitchController:
             self.request(active, ReattachKind.RESUME, Reason.TRANSPORT_RESUMED, now)
 
     # -- transitions the timer rows fire ----------------------------------------------------
-    def on_transport_dead(self, now: float) -> None:
+    def on_transport_dead(
+        self, now: float, reason: Reason = Reason.TRANSPORT_DEAD, detail: str = ""
+    ) -> None:
+        """The active path is dead: silence (``transport_dead``, the timed row) or the
+        kernel's word (``link_down``, :meth:`ClientSession.path_down`), handled alike."""
         host = self._host
         paths = host.paths
         dead = paths.active
@@ -210,11 +214,14 @@ class SwitchController:
         last = paths.get(dead).health.last_inbound
         silence = (now - last) * 1000 if last is not None else 0.0
         host.report.emit(
-            TransportDead(**host.base(now), transport_id=dead, silence_ms=round(silence, 3))
-        )
+            TransportDead(
+                **host.base(now), transport_id=dead, silence_ms=round(silence, 3),
+                reason_code=reason, detail=detail,
+            )
+        )  # fmt: skip
         candidates = paths.eligible(now, self._excluded, exclude=dead)
         if host.fire(
-            Trigger.TRANSPORT_DEAD, Reason.TRANSPORT_DEAD, now,
+            Trigger.TRANSPORT_DEAD, reason, now,
             from_transport=dead, candidate_set_size=len(candidates),
         ):  # fmt: skip
             paths.lose_active(now)
