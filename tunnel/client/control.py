@@ -72,11 +72,12 @@ class EngineControl:
         self,
         snapshot: Callable[[], EngineSnapshot],
         send: Callable[[ApiCommand], bool],
-        path_ids: Sequence[int],
+        path_ids: Callable[[], Sequence[int]],
     ) -> None:
+        """``path_ids``: the session's paths now (they come and go with ``paths = "auto"``)."""
         self._snapshot = snapshot
         self._send = send
-        self._path_ids = tuple(path_ids)
+        self._path_ids = path_ids
         self._history: deque[Mapping[str, object]] = deque(maxlen=HISTORY_SIZE)
 
     def remember(self, event: Mapping[str, object]) -> None:
@@ -122,9 +123,10 @@ class EngineControl:
         return simple[name]
 
     def _switch(self, path: int | None) -> tuple[ApiCommand, str]:
-        ids = ", ".join(map(str, self._path_ids))
+        now = self._path_ids()
+        ids = ", ".join(map(str, now))
         if path is None:
             raise ValueError(f"switch needs 'path' (this client's paths: {ids})")
-        if path not in self._path_ids:
+        if path not in now:
             raise ValueError(f"no path {path} (this client's paths: {ids})")
         return SwitchTo(path), f"switch to path {path} requested (the outcome is an event)"

@@ -523,7 +523,7 @@ class ClientEngine:
         control = EngineControl(
             lambda: self._snapshot(running=True),
             self._command_from_socket,
-            [p.path_id for p in self.config.paths],
+            self._path_ids,
         )
         server = ControlServer(spec.path, control)
         try:
@@ -535,6 +535,11 @@ class ClientEngine:
             return
         self._control, self._control_server = control, server
         self.control_socket = spec.path
+
+    def _path_ids(self) -> list[int]:
+        """Loop thread: the session's paths now (``paths = "auto"`` adds and removes them)."""
+        runtime = self.runtime
+        return sorted(runtime.paths) if runtime is not None else []
 
     def _command_from_socket(self, command: Command) -> bool:
         """Loop thread: a control-socket command joins the UI's queue, taken at once."""
