@@ -214,3 +214,22 @@ def test_tables_align_and_colour_only_on_a_terminal() -> None:
     assert Style.for_stream(Tty(), {"TERM": "xterm"}).enabled is True
     assert Style.for_stream(Tty(), {"NO_COLOR": "1", "TERM": "xterm"}).enabled is False
     assert Style(False)("ATTACHED", "green") == "ATTACHED"
+
+
+def test_a_death_the_kernel_reported_and_paths_that_come_and_go_read_as_such() -> None:
+    """docs/client.md (Link monitor, paths = "auto"): a link_down death quotes the kernel;
+    an auto path's arrival names its interface and address."""
+    base = {"ts_ms": 0, "session_id": "3fa2c1d0aa", "transport_id": 2, "path": "wlan0"}
+    dead = event_line({
+        **base, "event_type": "TRANSPORT_DEAD", "silence_ms": 3.2, "reason_code": "link_down",
+        "detail": "wlan0: carrier lost (kernel: RTM_NEWLINK wlan0 up, no carrier)",
+    })  # fmt: skip
+    assert "path 2 (wlan0) dead: link_down: wlan0: carrier lost" in dead
+    silent = event_line({**base, "event_type": "TRANSPORT_DEAD", "silence_ms": 900.0})
+    assert "dead after 900.0 ms of silence" in silent
+    added = event_line({
+        **base, "event_type": "PATH_ADDED", "interface": "wlan0", "address": "192.0.2.7",
+    })  # fmt: skip
+    assert "path 2 (wlan0) added (wlan0 192.0.2.7)" in added
+    removed = event_line({**base, "event_type": "PATH_REMOVED", "detail": "wlan0 gone"})
+    assert "path 2 (wlan0) removed: wlan0 gone" in removed

@@ -28,6 +28,8 @@ class FakeKernel:
     routes: dict[str, int] = field(default_factory=dict)
     """Destination -> the interface the kernel sends it out of (absent: unreachable)."""
     names: dict[int, str] = field(default_factory=dict)
+    strict_oif: bool = True
+    """False: the lookup treats oif as a preference, as IPv6's does for a global address."""
 
     def link(self, *, index: int = 0, name: str = "") -> Link | None:
         for link in self.links.values():
@@ -41,7 +43,7 @@ class FakeKernel:
     def route(self, dst: str, src: str | None, oif: int) -> int | str:
         if dst not in self.routes:
             return "Network is unreachable"
-        return oif or self.routes[dst]
+        return (oif if self.strict_oif else 0) or self.routes[dst]
 
 
 def _kernel() -> FakeKernel:
@@ -176,3 +178,14 @@ def test_a_disabled_monitor_opens_nothing(monkeypatch: pytest.MonkeyPatch) -> No
     finally:
         loop.close()
     assert (opened, rec.calls, mon.running) == ([], [], False)
+
+
+def test_a_pinned_path_is_judged_by_its_device_not_by_a_lookup_that_names_another() -> None:
+    """A socket pinned to wlan0 leaves by wlan0; an IPv6 lookup may still name eth0's route
+    to the same gateway (two paths' endpoint routes): eth0 losing carrier is not wlan0's."""
+    kernel = _kernel()
+    kernel.strict_oif = False
+    kernel.links[2] = Link(2, "eth0", True, False)
+    assert judge(kernel, _path(device="wlan0")) == (None, {3})
+    kernel.links[3] = Link(3, "wlan0", True, False)
+    assert judge(kernel, _path(device="wlan0"))[0] == "wlan0: carrier lost"

@@ -26,13 +26,11 @@ from tunnel.control.client import ControlConnection
 from tunnel.control.protocol import client_status
 from tunnel.control.remote import RemoteEngine
 
-SOCKET = "ctl/client.sock"
-"""The client's control socket, relative to its config (``control_socket``)."""
 ECHOES = 20
 
 
 def status(t: RealTunnel) -> EngineSnapshot:
-    with ControlConnection(t.tmp / SOCKET) as conn:
+    with ControlConnection(t.client_socket) as conn:
         return client_status(conn.status().status)
 
 
@@ -47,8 +45,6 @@ def wait(condition: Callable[[], Any], timeout: float, what: str) -> Any:
 
 def test_attached_ui_switch_moves_the_tunnel_and_detaching_leaves_it_up(realnet) -> None:  # noqa: F811
     t: RealTunnel = realnet(client=False)
-    config = t.tmp / "client.toml"
-    config.write_text(f'control_socket = "{SOCKET}"\n' + config.read_text())
     t.start_client()
     ready = wait(
         lambda: (s := status(t)).session.state == "ATTACHED"
@@ -60,7 +56,7 @@ def test_attached_ui_switch_moves_the_tunnel_and_detaching_leaves_it_up(realnet)
     mark = t.events.mark()
 
     async def scenario() -> None:
-        app = RecordingApp(RemoteEngine(t.tmp / SOCKET))
+        app = RecordingApp(RemoteEngine(t.client_socket))
         async with app.run_test(size=(160, 48)) as pilot:
             await attached(pilot)
             assert "attached" in app.title

@@ -73,7 +73,19 @@ def _switch_denied(e: Event) -> str:
 
 
 def _dead(e: Event) -> str:
+    reason = e.get("reason_code")
+    if reason and reason != "transport_dead":  # the kernel's word (link_down), not silence
+        return f"{_path(e)} dead: {reason}: {e.get('detail') or '-'}"
     return f"{_path(e)} dead after {_ms(e.get('silence_ms'))} of silence"
+
+
+def _path_added(e: Event) -> str:
+    where = " ".join(x for x in (e.get("interface"), e.get("address")) if x)
+    return f"{_path(e)} added" + (f" ({where})" if where else "")
+
+
+def _path_removed(e: Event) -> str:
+    return f"{_path(e)} removed" + (f": {e['detail']}" if e.get("detail") else "")
 
 
 def _reattach_attempt(e: Event) -> str:
@@ -181,6 +193,8 @@ RENDERERS: Final[dict[EventType, Callable[[Event], str]]] = {
     EventType.DROP_SUMMARY: _drops,
     EventType.SESSION_TERMINATED: _terminated,
     EventType.EVENT_LOSS: _loss,
+    EventType.PATH_ADDED: _path_added,
+    EventType.PATH_REMOVED: _path_removed,
 }
 """How each event type reads; every EventType has one."""
 

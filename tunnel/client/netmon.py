@@ -164,6 +164,11 @@ def judge(kernel: KernelView, path: WatchedPath) -> tuple[str | None, set[int]]:
     route = kernel.route(remote, path.bind, oif)
     if isinstance(route, str):
         return f"no route to {remote}: {route}", indexes
+    if oif:
+        # A pinned socket leaves by its device whatever the lookup names: an IPv6 lookup
+        # treats oif as a preference and may answer with another interface's route to the
+        # same destination (two paths' endpoint routes, different metrics).
+        return None, indexes
     indexes.add(route)
     if route != oif:
         out = kernel.link(index=route)
