@@ -47,7 +47,10 @@ each way stays ATTACHED 29/30 (a margin of 0: 26/30 and 19/30)."""
 class Path:
     """One candidate transport: its health, hold-down, probe clock and validation."""
 
-    __slots__ = ("health", "holddown", "label", "next_probe", "path_id", "validated", "was_alive")
+    __slots__ = (
+        "gateway_validated", "health", "holddown", "label", "last_probe", "next_probe", "path_id",
+        "validated", "was_alive",
+    )  # fmt: skip
 
     def __init__(self, path_id: int, label: str, policy: Policy, now: float) -> None:
         self.path_id = path_id
@@ -58,11 +61,16 @@ class Path:
             dead_min_ms=policy.dead_min_ms,
             dead_rtt_multiplier=policy.dead_rtt_multiplier,
             min_loss_samples=policy.min_loss_samples,
+            dead_traffic_min_ms=policy.dead_traffic_min_ms,
             now=now,
         )
         self.holddown = HoldDown(policy.failed_path_holddown_ms)
         self.validated = False
+        self.gateway_validated = False
+        """The gateway's last PROBE_ACK on this path said the address is validated there
+        (a switch to it may move by binding mark, without a request)."""
         self.next_probe = now
+        self.last_probe: float | None = None
         self.was_alive = False
 
     def reconfigure(self, policy: Policy) -> None:
@@ -72,6 +80,7 @@ class Path:
             dead_min_ms=policy.dead_min_ms,
             dead_rtt_multiplier=policy.dead_rtt_multiplier,
             min_loss_samples=policy.min_loss_samples,
+            dead_traffic_min_ms=policy.dead_traffic_min_ms,
         )
         self.holddown.reconfigure(policy.failed_path_holddown_ms)
 
@@ -82,13 +91,26 @@ class Path:
         self.validated = True
         return True
 
+    def gateway_says(self, validated: bool) -> None:
+        """A PROBE_ACK on this path: whether the gateway has validated its address."""
+        self.gateway_validated = validated
+
     def probe_soon(self, now: float) -> None:
         """Probe at the next timer turn (after an attach or a switch onto this path)."""
         self.next_probe = now
 
     def probed(self, probe_id: int, now: float, interval: float) -> None:
         self.health.probe_sent(probe_id, now)
+        self.last_probe = now
         self.next_probe = now + interval
+
+    def burst_at(self) -> float | None:
+        """When this path (if active) needs a probe burst: its traffic went silent
+        (``PathHealth.traffic_suspect_at``) and no probe left since. None: none needed."""
+        t = self.health.traffic_suspect_at()
+        if t is None or (self.last_probe is not None and self.last_probe >= t):
+            return None
+        return t
 
     def liveness_changed(self, alive: bool, now: float, *, real_failure: bool) -> bool:
         """Record ``alive``; True if it differs from the last judgement. Going live starts
@@ -316,7 +338,8 @@ class PathSet:
         slow = pol.standby_probe_interval_ms / 1000
         out = []
         for p in self:
-            if now < p.next_probe:
+            burst = p.burst_at() if p.path_id == self.active else None
+            if now < p.next_probe and (burst is None or now < burst):
                 continue
             self._probe_seq = (self._probe_seq + 1) & 0xFFFFFFFF
             # The active path is probed fast (loss and death detection, D5); while no path
@@ -324,7 +347,9 @@ class PathSet:
             active = p.path_id == self.active
             interval = fast if active or self.active is None else slow
             last = p.health.last_inbound
-            if active and last is not None and now - last > SUSPECT_AFTER * fast:
+            quiet = p.health.traffic_suspect_at()  # traffic went silent: probe fast too
+            suspect = quiet is not None and now >= quiet
+            if active and last is not None and (now - last > SUSPECT_AFTER * fast or suspect):
                 # Suspicion: the active path missed an answer. Probe faster so that only
                 # real silence lasts until the dead timer (a few lost probes do not).
                 interval = max(SUSPECT_PROBE_MIN_S, fast / SUSPECT_PROBE_SPEEDUP)
@@ -334,8 +359,11 @@ class PathSet:
 
     # -- deadlines -------------------------------------------------------------------------
     def next_deadline(self) -> float:
-        """The earliest probe, probe expiry or path death over every path."""
-        return min(p.next_deadline() for p in self._paths.values())
+        """The earliest probe, probe expiry or path death over every path, and the probe
+        burst of an active path whose traffic went silent."""
+        t = min(p.next_deadline() for p in self._paths.values())
+        burst = None if self.active is None else self._paths[self.active].burst_at()
+        return t if burst is None else min(t, burst)
 
     def holddown_change(self, after: float) -> float | None:
         """When the next running hold-down ends, if after ``after``."""
