@@ -475,7 +475,8 @@ class SwitchController:
 
     def next_deadline(self, after: float) -> float | None:
         """The earliest of this controller's clocks that its :meth:`on_timer` acts on:
-        the retransmission of the request in flight, the end of a dwell the selector is
+        the retransmission of the request in flight, a recovery that can start (a live
+        candidate while RECOVERING with nothing in flight), the end of a dwell the selector is
         timing, and (while recovery or switching waits for them) the next change of the
         switch budget or cooldown after ``after`` (the last timer turn)."""
         host = self._host
@@ -483,6 +484,11 @@ class SwitchController:
         times = []
         if self.pending is not None:
             times.append(self._retransmit_at(self.pending))
+        elif st is State.RECOVERING and host.paths.eligible(after, self._excluded):
+            # A candidate answered since the last turn (an inbound datagram, no timer made
+            # it live): recover now, not at the next probe. ``_recover`` then requests or
+            # leaves RECOVERING, so this never repeats at the same time.
+            times.append(after)
         dwell = self.selector.next_deadline()
         if dwell is not None and self._switch_considered():
             times.append(dwell)
