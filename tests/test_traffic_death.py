@@ -52,6 +52,23 @@ def test_the_floor_is_the_policy_value() -> None:
     assert 200 <= dead.silence_ms < 210  # RTT 2 ms: the floor decides
 
 
+def test_a_gateway_silent_on_every_path_is_judged_by_the_idle_rule() -> None:
+    """A busy gateway (or a stall of this host) silences every path at once: that is no
+    reason to switch. The traffic rule needs another path to answer meanwhile."""
+    sim = build(delay_s=0.001)
+    sim.advance(2.0)
+    flow(sim, 1.0)
+    for link in sim.links.values():
+        link.imp.delay_s = 0.2  # what leaves now arrives 200 ms later, on every path
+    flow(sim, 0.2)  # 200 ms of silence everywhere: far past the 50 ms floor
+    for link in sim.links.values():
+        link.imp.delay_s = 0.001
+    flow(sim, 1.0)
+    # No death (the probes' late answers may still count as loss: the loss judgement is
+    # not the traffic rule's business and reacts the same with the rule off).
+    assert not of_type(sim.client_events, EventType.TRANSPORT_DEAD)
+
+
 def test_without_traffic_the_idle_rule_is_unchanged() -> None:
     sim = build(delay_s=0.001)
     sim.advance(2.0)
@@ -78,15 +95,16 @@ def test_health_traffic_rule_needs_a_flow_and_lets_go_after_an_answer() -> None:
     for i in range(5):  # too few arrivals: no flow yet
         h.inbound(i * 0.001)
         h.data_inbound(i * 0.001)
-    assert h.traffic_suspect_at() is None and h.dead_at() == 0.004 + 0.3
+    assert h.traffic_suspect_at() is None and h.traffic_dead_at() is None
     for i in range(5, 20):
         h.inbound(i * 0.001)
         h.data_inbound(i * 0.001)
     suspect = h.traffic_suspect_at()
     assert suspect is not None and abs(suspect - (0.019 + 0.010)) < 1e-9  # 4 gaps < 10 ms
-    assert h.dead_at() == 0.019 + 0.050  # no RTT yet: the floor
+    assert h.traffic_dead_at() == 0.019 + 0.050  # no RTT yet: the floor
+    assert h.dead_at() == 0.019 + 0.3  # the idle rule is unchanged
     h.inbound(0.040)  # a probe answered after the data stopped: alive, the flow is over
-    assert h.traffic_suspect_at() is None and h.dead_at() == 0.040 + 0.3
+    assert h.traffic_suspect_at() is None and h.traffic_dead_at() is None
 
 
 def _ten_percent_loss_with_traffic(seed: int) -> bool:

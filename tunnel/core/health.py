@@ -26,16 +26,20 @@ lost (a *late ack*) is not an ack: ``probe_acked`` returns ``None``, the loss st
 the miss count is not reset, but its RTT still feeds the estimators so the timeout
 adapts when a path's RTT steps up beyond it (otherwise every probe would expire forever).
 
-Death has two rules; the earlier one applies (``dead_at``):
-- idle: no authenticated inbound for ``max(dead_min_ms, dead_rtt_multiplier * srtt)``;
-- traffic (issue 10): while data flows (``TRAFFIC_MIN_RUN`` DATA arrivals in a row, each
-  within ``TRAFFIC_GAP_CAP_MS`` of the one before, the last of them at most a few expected
-  gaps before the last inbound), the path is *suspect* after ``TRAFFIC_SILENCE_GAPS``
-  expected inter-arrival times of silence (``traffic_suspect_at``; the session probes it
-  at once and fast) and dead when that probe burst stays unanswered for
-  ``TRAFFIC_CONFIRM_RTOS`` probe RTOs (srtt + 4 rttvar), never before
-  ``dead_traffic_min_ms`` of silence (the policy's floor). A path without traffic is
-  judged by the idle rule alone, so an idle session probes exactly as before.
+Death has two rules:
+- idle (``dead_at``): no authenticated inbound for
+  ``max(dead_min_ms, dead_rtt_multiplier * srtt)``;
+- traffic (issue 10; ``traffic_dead_at``): while data flows (``TRAFFIC_MIN_RUN`` DATA
+  arrivals in a row, each within ``TRAFFIC_GAP_CAP_MS`` of the one before, the last of
+  them at most a few expected gaps before the last inbound), the path is *suspect* after
+  ``TRAFFIC_SILENCE_GAPS`` expected inter-arrival times of silence
+  (``traffic_suspect_at``; the session probes it at once and fast) and dead when that
+  probe burst stays unanswered for ``TRAFFIC_CONFIRM_RTOS`` probe RTOs (srtt + 4 rttvar),
+  never before ``dead_traffic_min_ms`` of silence (the policy's floor). The session
+  applies it only while another path has answered since the suspicion (``PathSet``): a
+  peer that is merely slow (a busy gateway) is silent on every path, a dead path alone.
+  A path without traffic is judged by the idle rule alone, so an idle session probes
+  exactly as before.
 """
 
 from __future__ import annotations
@@ -426,14 +430,12 @@ class PathHealth:
     def dead_at(self) -> float:
         """The ``now`` from which the path is dead unless something arrives.
 
-        The earlier of the idle rule (reference: the last authenticated inbound, or the
-        creation time if nothing ever arrived) and the traffic rule. Always a number (a
-        ``float | None`` caller can use it as is).
+        The idle rule. Reference: the last authenticated inbound, or the creation time if
+        nothing ever arrived. Always a number (a ``float | None`` caller can use it as is).
+        The traffic rule is :meth:`traffic_dead_at`; the session combines them.
         """
         ref = self.last_inbound if self.last_inbound is not None else self._created
-        idle = ref + self.dead_after_ms() / _MS
-        traffic = self.traffic_dead_at()
-        return idle if traffic is None else min(idle, traffic)
+        return ref + self.dead_after_ms() / _MS
 
     def is_dead(self, now: float) -> bool:
         """True once ``now >= dead_at()`` (inclusive, so a timer at the deadline sees it)."""

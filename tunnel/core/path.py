@@ -293,8 +293,26 @@ class PathSet:
         )
 
     def active_dead_at(self) -> float | None:
-        """When the active path dies unless something arrives on it (None: no active)."""
-        return None if self.active is None else self._paths[self.active].health.dead_at()
+        """When the active path dies unless something arrives on it (None: no active): by
+        the idle rule, or earlier by the traffic rule (``PathHealth.traffic_dead_at``)
+        once another path has answered since the active one became suspect, i.e. the
+        gateway is alive and only this path is silent (a busy gateway, or a stall here,
+        silences every path: then only the idle rule, as before)."""
+        if self.active is None:
+            return None
+        health = self._paths[self.active].health
+        idle = health.dead_at()
+        traffic, suspect = health.traffic_dead_at(), health.traffic_suspect_at()
+        if traffic is None or suspect is None or not self._answered_elsewhere(suspect):
+            return idle
+        return min(idle, traffic)
+
+    def _answered_elsewhere(self, since: float) -> bool:
+        for p in self._paths.values():
+            last = p.health.last_inbound
+            if p.path_id != self.active and p.validated and last is not None and last > since:
+                return True
+        return False
 
     # -- inputs ----------------------------------------------------------------------------
     def validated(self, path_id: int, now: float) -> None:
@@ -337,6 +355,7 @@ class PathSet:
         fast = pol.probe_interval_ms / 1000
         slow = pol.standby_probe_interval_ms / 1000
         out = []
+        self._burst_standbys(now)
         for p in self:
             burst = p.burst_at() if p.path_id == self.active else None
             if now < p.next_probe and (burst is None or now < burst):
@@ -356,6 +375,20 @@ class PathSet:
             p.probed(self._probe_seq, now, interval)
             out.append((p.path_id, self._probe_seq))
         return out
+
+    def _burst_standbys(self, now: float) -> None:
+        """The active path's probe burst is due: ask the standby paths too (once per
+        suspicion: not if probed since it began), so that their answers show the gateway
+        is alive and only the active path is silent (``active_dead_at``)."""
+        if self.active is None:
+            return
+        burst = self._paths[self.active].burst_at()
+        if burst is None or now < burst:
+            return
+        for p in self._paths.values():
+            asked = p.last_probe is not None and p.last_probe >= burst
+            if p.path_id != self.active and p.validated and not asked:
+                p.probe_soon(now)
 
     # -- deadlines -------------------------------------------------------------------------
     def next_deadline(self) -> float:
