@@ -273,8 +273,9 @@ class Policy:
     """RTT multiple in the dead rule above."""
     dead_traffic_min_ms: int = 50
     """While data flows on a path, silence of a few expected inter-arrival times makes it
-    suspect (probed at once); it is dead when the probes stay unanswered two probe RTOs,
-    but never before this much silence (issue 10; docs/policy.md)."""
+    suspect (probed at once, the standby paths once too); it is dead when the probes stay
+    unanswered two probe RTOs while a standby answered, but never before this much
+    silence (issue 10; docs/policy.md)."""
     loss_window_ms: int = 3_000
     """Window over which loss is measured (spec starter 2 s; 3 s so 10 % loss each way
     stays below the threshold, see docs/policy.md)."""
