@@ -16,8 +16,10 @@ from __future__ import annotations
 import struct
 from typing import Final
 
-PROTOCOL_VERSION: Final = 1
-"""Carried in the handshake payload; a peer speaking another version is refused."""
+PROTOCOL_VERSION: Final = 2
+"""Carried in the handshake payload; a peer speaking another version is refused. 2: DATA
+and CONTROL headers carry the binding mark (a version 1 peer would drop them as
+``malformed``; refused at the handshake instead, with ``protocol_version_mismatch``)."""
 
 # -- message types (first byte of every datagram) -------------------------------------
 MSG_HANDSHAKE_INIT: Final = 1
