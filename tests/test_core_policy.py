@@ -50,6 +50,7 @@ D12 = {
     "standby_probe_interval_ms": 1_000,
     "dead_min_ms": 300,
     "dead_rtt_multiplier": 4.0,
+    "dead_traffic_min_ms": 50,  # issue 10: docs/policy.md
     "loss_window_ms": 3_000,  # D12 2000, changed with measurements: docs/policy.md
     "loss_volatile_threshold": 0.20,
     "min_loss_samples": 8,

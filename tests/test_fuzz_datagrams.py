@@ -289,7 +289,13 @@ def test_parsers_never_raise_on_arbitrary_bytes(data: bytes) -> None:
     header = parse_header(data)
     assert isinstance(header, (Header, Drop))
     if isinstance(header, Header):
-        assert len(data) <= MAX_DATAGRAM and data[2:4] == b"\0\0"
+        assert len(data) <= MAX_DATAGRAM
+        # docs/wire-format.md: bytes 2-3 are zero, or a DATA/CONTROL binding mark 1..3
+        # with its epoch (a mark of 0 names no epoch).
+        assert (header.epoch, header.mark) == (data[2], data[3])
+        assert data[2:4] == b"\0\0" or (
+            header.msg_type in (MSG_DATA, MSG_CONTROL) and 1 <= data[3] <= 3
+        )
         if header.msg_type in (MSG_HANDSHAKE_INIT, MSG_HANDSHAKE_RESP):
             sender, noise = split_handshake(data)
             assert 0 <= sender < 2**32 and len(noise) == len(data) - 12

@@ -4,9 +4,12 @@ DESIGN D10: the Noise handshake only yields two 32-byte keys (``TrafficKeys``); 
 datagram after it carries its own 64-bit counter, so loss and reordering across paths
 cost nothing. Datagram layout (``constants.TRANSPORT_HEADER``)::
 
-    type:u8 | phase:u8 | reserved:2 | receiver_index:u32 | counter:u64 | ciphertext+tag
+    type:u8 | phase:u8 | epoch:u8 | mark:u8 | receiver_index:u32 | counter:u64 | ciphertext+tag
 
 The 16 header bytes are the associated data; the nonce is 4 zero bytes + counter (LE).
+``epoch``/``mark`` are the binding mark (docs/wire-format.md), zero when unmarked: set per
+datagram or as a default (``set_mark``). Being associated data, they are as authentic as
+the rest of the header.
 
 Key phases (rekey without a round trip): generation ``g+1`` is ``next_generation(g)``,
 a one-way HKDF step of each direction's key. The side that rekeys starts sealing with
@@ -44,6 +47,7 @@ PHASES: Final = 256
 """The key phase is a u8 and wraps."""
 
 _HEADER = constants.TRANSPORT_HEADER
+_MARKED = constants.MARKED_TRANSPORT_HEADER
 _HEADER_LEN: Final = constants.TRANSPORT_HEADER.size
 _MIN_DATAGRAM: Final = _HEADER_LEN + constants.AEAD_TAG_LEN
 _MAX_PLAINTEXT: Final = constants.MAX_DATAGRAM - _MIN_DATAGRAM
@@ -51,6 +55,12 @@ _STALE: Final = {ReplayVerdict.TOO_OLD: Drop.TOO_OLD, ReplayVerdict.DUPLICATE: D
 """The drop of an authentic datagram the replay window did not record."""
 _NONCE = struct.Struct("<4xQ")
 """ChaCha20-Poly1305 nonce: 4 zero bytes, then the counter as u64 little-endian."""
+
+
+def _binding_mark(epoch: int, mark: int) -> tuple[int, int]:
+    if not 0 <= mark <= constants.MAX_MARK:
+        raise ValueError(f"mark must be 0..{constants.MAX_MARK}, got {mark}")
+    return (epoch & 0xFF if mark else 0), mark
 
 
 class KeyExhausted(Exception):
@@ -132,6 +142,7 @@ class SessionCipher:
         "_born",
         "_confirmed",
         "_current",
+        "_mark",
         "_next",
         "_previous",
         "_previous_until",
@@ -156,6 +167,7 @@ class SessionCipher:
         """The peer has authenticated a datagram in the current phase (the handshake
         confirms generation 0)."""
         self._born = now
+        self._mark = (0, 0)
         self.send_counter = 0
 
     def __repr__(self) -> str:
@@ -187,15 +199,30 @@ class SessionCipher:
 
     # -- send --------------------------------------------------------------------------
 
-    def seal(self, msg_type: int, receiver_index: int, plaintext: bytes) -> bytes:
-        """The whole datagram for ``plaintext``, addressed to the peer's ``receiver_index``."""
+    def set_mark(self, epoch: int, mark: int) -> None:
+        """The binding mark of every header sealed from now on that names none: ``mark``
+        (0..MAX_MARK) with the low 8 bits of ``epoch`` (0 when ``mark`` is 0)."""
+        self._mark = _binding_mark(epoch, mark)
+
+    def seal(
+        self,
+        msg_type: int,
+        receiver_index: int,
+        plaintext: bytes,
+        *,
+        mark: tuple[int, int] | None = None,
+    ) -> bytes:
+        """The whole datagram for ``plaintext``, addressed to the peer's ``receiver_index``,
+        with the binding mark ``(epoch, mark)`` (default: :meth:`set_mark`) in its
+        authenticated header."""
+        epoch8, mark8 = self._mark if mark is None else _binding_mark(*mark)
         counter = self.send_counter
         if counter >= constants.REJECT_AFTER_MESSAGES:
             raise KeyExhausted("send counter exhausted for this key generation; rekey first")
         if len(plaintext) > _MAX_PLAINTEXT:
             raise ValueError(f"plaintext of {len(plaintext)} bytes exceeds {_MAX_PLAINTEXT}")
         current = self._current
-        header = _HEADER.pack(msg_type, current.phase, receiver_index, counter)
+        header = _MARKED.pack(msg_type, current.phase, epoch8, mark8, receiver_index, counter)
         self.send_counter = counter + 1
         return header + current.tx.encrypt(_NONCE.pack(counter), plaintext, header)
 

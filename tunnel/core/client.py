@@ -39,6 +39,9 @@ from typing import Any
 from tunnel.core.aead import KeyExhausted, SessionCipher
 from tunnel.core.client_rows import CLIENT_ROWS, WITH_ACTIVE, QualityClocks
 from tunnel.core.constants import (
+    BINDING_MARK_OFFSET,
+    MARK_BINDING,
+    MARK_VALIDATED,
     MAX_INNER_PACKET,
     MAX_STATE_VERSION,
     MSG_CONTROL,
@@ -306,17 +309,29 @@ class ClientSession:
         return ok
 
     def send_control(self, path_id: int, msg: Control) -> None:
-        if self.cipher is None:
-            return
+        if self.cipher is not None:
+            self._seal(self.cipher, MSG_CONTROL, path_id, pack_control(msg))
+
+    def _seal(self, cipher: SessionCipher, msg_type: int, path_id: int, plaintext: bytes) -> None:
+        """Seal for ``path_id`` with the binding mark the switch controller gives it."""
         try:
-            self._out.append(
-                (path_id, self.cipher.seal(MSG_CONTROL, self.peer_index, pack_control(msg)))
+            dgram = cipher.seal(
+                msg_type, self.peer_index, plaintext, mark=self.switching.mark_for(path_id)
             )
         except KeyExhausted:
             self.report.count_drop(Drop.KEY_EXHAUSTED)
+            return
+        self._out.append((path_id, dgram))
 
     def switched(self, path_id: int, now: float) -> None:
         """The binding moved to ``path_id`` (the gateway acknowledged): send what waited."""
+        self._flush_queue()
+
+    def moving(self, path_id: int, now: float) -> None:
+        """A switch by binding mark to ``path_id`` starts: data goes there from now on (what
+        waited too), and a marked probe goes at once, so the gateway moves even with no
+        data to send (its answers confirm the move)."""
+        self.paths.get(path_id).probe_soon(now)
         self._flush_queue()
 
     # == inputs ============================================================================
@@ -351,17 +366,25 @@ class ClientSession:
         self.duplicates.fresh(now)
         if cipher.phase != phase_before:
             self.report.emit(KeyRotated(**self.base(now), key_phase=cipher.phase, initiator="peer"))
-        self.paths.get(path_id).health.inbound(now)
+        path = self.paths.get(path_id)
+        path.health.inbound(now)
+        epoch8, mark = data[BINDING_MARK_OFFSET], data[BINDING_MARK_OFFSET + 1]
+        if mark == MARK_BINDING:
+            # The gateway's binding is this path at epoch8: a switch by mark has landed.
+            self.switching.confirm(path_id, epoch8, now)
         if msg_type == MSG_DATA:
             if not plaintext or plaintext[0] >> 4 not in (4, 6):
                 self.report.count_drop(Drop.MALFORMED)
                 return
+            path.health.data_inbound(now)
             self._tun.append(plaintext)
             return
         msg = parse_control(plaintext)
         if isinstance(msg, Drop):
             self.report.count_drop(msg)
             return
+        if isinstance(msg, ProbeAck):
+            path.gateway_says(mark >= MARK_VALIDATED)
         self._on_control(msg, path_id, now)
 
     def _on_bad_packet(self, drop: Drop, path_id: int, now: float) -> None:
@@ -517,12 +540,11 @@ class ClientSession:
         if self.machine.terminated:
             self.report.count_drop(Drop.WRONG_STATE)
             return
-        active = self.paths.active
-        if active is not None and self.cipher is not None:
-            try:
-                self._out.append((active, self.cipher.seal(MSG_DATA, self.peer_index, packet)))
-            except KeyExhausted:
-                self.report.count_drop(Drop.KEY_EXHAUSTED)
+        target = self.switching.data_path()
+        if target is None:
+            target = self.paths.active
+        if target is not None and self.cipher is not None:
+            self._seal(self.cipher, MSG_DATA, target, packet)
             return
         if (
             len(self._queue) >= self.policy.outbound_queue_packets

@@ -4,7 +4,8 @@ Wire layout (DESIGN D1), little-endian throughout::
 
     every datagram      type:u8 | phase:u8 | reserved:2 | receiver_index:u32          (8 bytes)
     DATA / CONTROL      header  | counter:u64 | AEAD ciphertext (plaintext + 16-byte tag)
-                        the 16 bytes header+counter are the AEAD associated data
+                        the 16 bytes header+counter are the AEAD associated data; the
+                        two reserved bytes are the binding mark ``epoch:u8 | mark:u8``
 
 ``phase`` is the key phase (0..255, wraps): it tells the receiver which generation of
 traffic keys sealed the packet, so a rekey needs no extra round trip.
@@ -15,8 +16,10 @@ from __future__ import annotations
 import struct
 from typing import Final
 
-PROTOCOL_VERSION: Final = 1
-"""Carried in the handshake payload; a peer speaking another version is refused."""
+PROTOCOL_VERSION: Final = 2
+"""Carried in the handshake payload; a peer speaking another version is refused. 2: DATA
+and CONTROL headers carry the binding mark (a version 1 peer would drop them as
+``malformed``; refused at the handshake instead, with ``protocol_version_mismatch``)."""
 
 # -- message types (first byte of every datagram) -------------------------------------
 MSG_HANDSHAKE_INIT: Final = 1
@@ -30,6 +33,26 @@ HEADER = struct.Struct("<BBxxI")
 
 TRANSPORT_HEADER = struct.Struct("<BBxxIQ")
 """HEADER followed by the explicit 64-bit AEAD counter: 16 bytes, also the AEAD AD."""
+
+MARKED_TRANSPORT_HEADER = struct.Struct("<BBBBIQ")
+"""TRANSPORT_HEADER with its two reserved bytes filled: type, phase, epoch, mark, index,
+counter. What ``SessionCipher.seal`` writes (docs/wire-format.md, "Binding mark")."""
+
+BINDING_MARK_OFFSET: Final = 2
+"""Byte offset of ``epoch:u8`` (then ``mark:u8``) in a DATA/CONTROL header."""
+
+MAX_MARK: Final = 3
+"""Largest ``mark``. 0: no mark (then ``epoch`` is 0 too). Client -> gateway: 1 + the
+ReattachKind of a binding move to ``epoch`` (RECOVERY, PROACTIVE; 3 is MANUAL, which the
+client does not send). Gateway -> client: what the gateway knows of the address it sends to
+(MARK_UNVALIDATED, MARK_VALIDATED, MARK_BINDING), ``epoch`` its binding epoch."""
+
+MARK_UNVALIDATED: Final = 1
+"""Gateway -> client: the destination address is not validated for the session."""
+MARK_VALIDATED: Final = 2
+"""Gateway -> client: the destination is validated (a binding mark from it can move)."""
+MARK_BINDING: Final = 3
+"""Gateway -> client: the destination is the session's binding, at ``epoch``."""
 
 AEAD_TAG_LEN: Final = 16
 """ChaCha20-Poly1305 tag length."""

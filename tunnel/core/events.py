@@ -288,9 +288,11 @@ class TransportDead(Event):
 class ReattachAttempt(Event):
     event_type: ClassVar[EventType] = EventType.REATTACH_ATTEMPT
     candidate_transport: int
-    """Path the REATTACH_REQUEST is sent on."""
+    """Path the REATTACH_REQUEST is sent on (a switch by binding mark: the path its marked
+    datagrams go to, docs/wire-format.md)."""
     nonce: int
-    """The request's monotonic nonce (not a secret)."""
+    """The request's monotonic nonce (not a secret); a switch by binding mark sends its
+    request with it only if the move is not confirmed in time."""
     expected_epoch: int
     """Binding epoch the request expects."""
     kind: str

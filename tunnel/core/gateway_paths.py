@@ -64,13 +64,19 @@ class _Challenge:
 class PathValidator:
     """Validated addresses, outstanding challenges and their amplification budget."""
 
-    __slots__ = ("_challenges", "_received_from", "_urandom", "_validated")
+    __slots__ = ("_challenges", "_path_ids", "_received_from", "_urandom", "_validated")
 
-    def __init__(self, addr: Addr, now: float, urandom: Callable[[int], bytes]) -> None:
+    def __init__(
+        self, addr: Addr, now: float, urandom: Callable[[int], bytes], path_id: int | None = None
+    ) -> None:
         self._urandom = urandom
         self._validated: OrderedDict[Addr, float] = OrderedDict({addr: now})
         self._challenges: OrderedDict[Addr, _Challenge] = OrderedDict()
         self._received_from: dict[Addr, int] = {}
+        self._path_ids: OrderedDict[Addr, int] = OrderedDict()
+        """The client's path id per source address, as its PROBEs name it (bounded)."""
+        if path_id is not None:
+            self._path_ids[addr] = path_id
 
     # -- reading -----------------------------------------------------------------------------
     @property
@@ -89,12 +95,24 @@ class PathValidator:
     def is_validated(self, addr: Addr) -> bool:
         return addr in self._validated
 
+    def path_id_of(self, addr: Addr) -> int | None:
+        """The client's id for the path that uses ``addr`` (from its PROBEs), if known."""
+        return self._path_ids.get(addr)
+
     # -- inputs ------------------------------------------------------------------------------
     def received(self, addr: Addr, size: int) -> None:
         """``size`` authentic bytes came from ``addr`` (bounded: the oldest source goes)."""
         self._received_from[addr] = self._received_from.get(addr, 0) + size
         if len(self._received_from) > 2 * MAX_VALIDATED:
             self._received_from.pop(next(iter(self._received_from)))
+
+    def saw_path(self, addr: Addr, path_id: int) -> None:
+        """An authentic PROBE from ``addr`` named the client's ``path_id`` (bounded: the
+        oldest address goes)."""
+        self._path_ids[addr] = path_id
+        self._path_ids.move_to_end(addr)
+        while len(self._path_ids) > 2 * MAX_VALIDATED:
+            self._path_ids.popitem(last=False)
 
     def challenge(
         self, addr: Addr, purpose: ChallengePurpose, now: float, seal: Callable[[bytes], bytes]
@@ -143,6 +161,7 @@ class PathValidator:
     def forget(self, addr: Addr) -> None:
         """``addr`` is no longer accepted (the binding moved away from it by a NAT rebind)."""
         self._validated.pop(addr, None)
+        self._path_ids.pop(addr, None)
 
     def clear_challenges(self) -> None:
         self._challenges.clear()

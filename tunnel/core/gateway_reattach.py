@@ -94,21 +94,34 @@ class ReattachGuard:
         validated: bool,
         age_ms: int,
         max_age_ms: int,
+        moved_here: bool = False,
     ) -> ReattachVerdict:
-        """The verdict on ``req`` (the session has checked its lifetime and TTL)."""
+        """The verdict on ``req`` (the session has checked its lifetime and TTL).
+        ``moved_here``: the binding moved to this very address by a binding mark, to
+        ``epoch`` (docs/wire-format.md): a request that expected the epoch before it is
+        that move's own (late) request, answered with the ACK of the binding as it is,
+        without a second token."""
         verdict = self.nonces.check(req.nonce)
         if verdict is NonceVerdict.DUPLICATE and self._last_ack is not None:
             if self._last_ack[0] == req.nonce:
                 return _REPEAT_ACK if at_binding else _REPLAY
         if verdict is not NonceVerdict.ACCEPTED:
             return _refused_nonce(verdict, req.expected_epoch == epoch)
-        if req.expected_epoch != epoch:
+        confirms_move = moved_here and at_binding and req.expected_epoch + 1 == epoch
+        if req.expected_epoch != epoch and not confirms_move:
             return _WRONG_EPOCH
         if age_ms > max_age_ms:
             return _TOO_OLD
+        if confirms_move:
+            return _COMMIT
         if not self._bucket.allow(now):
             return _RATE_LIMITED
         return _COMMIT if validated else _HOLD
+
+    def allow_move(self, now: float) -> bool:
+        """A binding mark would move the binding: it spends a token of the same bucket as
+        a request (one move, one token)."""
+        return self._bucket.allow(now)
 
     def hold(self, req: ReattachRequest, addr: Addr) -> None:
         """Answer ``req`` once ``addr`` proves it is the client's (one held at a time)."""

@@ -4,6 +4,9 @@ The gateway record is authoritative for the *binding* (DESIGN D3): which source 
 carries the session's data, under a ``binding_epoch`` incremented on every committed
 binding change. The binding moves only here, by
 - a validated REATTACH_REQUEST naming the current epoch (recovery, proactive, manual), or
+- a binding mark (docs/wire-format.md): an authenticated DATA/CONTROL datagram, the newest
+  seen, whose header moves to ``epoch + 1``, from an address validated for this session
+  (a pre-validated standby path: no round trip before the move), or
 - NAT rebinding (D4): an authenticated, newest DATA packet (or PROBE of the bound path: an
   idle session) from an unknown address starts a PATH_CHALLENGE there (at most 3x the
   bytes received from it until validated), and only the PATH_RESPONSE commits a versioned
@@ -29,7 +32,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunnel.core.aead import KeyExhausted, SessionCipher
-from tunnel.core.constants import MSG_CONTROL, MSG_DATA, TRANSPORT_HEADER
+from tunnel.core.constants import (
+    MARK_BINDING,
+    MARK_UNVALIDATED,
+    MARK_VALIDATED,
+    MSG_CONTROL,
+    MSG_DATA,
+    TRANSPORT_HEADER,
+)
 from tunnel.core.drops import Drop
 from tunnel.core.events import (
     EventBase,
@@ -196,7 +206,7 @@ class GatewaySession:
         self._ports = ports
         self._report = ports.report
         self.clocks = SessionClocks(now, transportless=False)
-        self.paths = PathValidator(addr, now, ports.urandom)
+        self.paths = PathValidator(addr, now, ports.urandom, path_id)
         self.reattach = ReattachGuard(policy.reattach_rate_per_s, policy.reattach_burst, now)
         self.duplicates = DuplicateMeter(policy.duplicate_alarm_ratio, now)
         self.updates = StateUpdates()
@@ -204,6 +214,9 @@ class GatewaySession:
         self.binding_path: int | None = path_id
         self.last_binding: Addr | None = addr
         self.epoch = INITIAL_EPOCH
+        self.moved_by_mark: tuple[int, Addr] | None = None
+        """(epoch, address) of the last move a binding mark committed: the late request of
+        that move is answered, not refused as stale (ReattachGuard.check)."""
         self.last_inbound = now
         self.probes_rx: dict[int, int] = {}
         """PROBEs received per path_id (a u8: at most 256 keys), echoed in PROBE_ACK."""
@@ -293,6 +306,8 @@ class GatewaySession:
         if plaintext is None:
             return
         newest = self._note_inbound(data, header, addr, now)
+        if self.machine.terminated:
+            return  # the datagram ended the session (a move past its TTL): nothing more
         if header.msg_type == MSG_DATA:
             self._on_data(plaintext, addr, newest, now)
             return
@@ -336,6 +351,8 @@ class GatewaySession:
         if newest:
             self.rx_high = counter
         self.paths.received(addr, len(data))
+        if newest and header.mark and self._move_by_mark(header, addr, now):
+            return newest
         if addr == self.binding:
             self.last_inbound = now
         elif (
@@ -381,6 +398,7 @@ class GatewaySession:
         rx = (self.probes_rx.get(msg.path_id, 0) + 1) & 0xFFFFFFFF
         self.probes_rx[msg.path_id] = rx
         ts = self._report.ts_ms(now)
+        self.paths.saw_path(addr, msg.path_id)
         self._send(
             addr, ProbeAck(msg.probe_id, msg.path_id, ts, self._state_code(), self.epoch, rx)
         )
@@ -395,7 +413,8 @@ class GatewaySession:
         (within the policy's limits) while there is none."""
         if self.binding is not None:
             try:
-                dgram = self.cipher.seal(MSG_DATA, self.peer_index, packet)
+                mark = (self.epoch, MARK_BINDING)
+                dgram = self.cipher.seal(MSG_DATA, self.peer_index, packet, mark=mark)
             except KeyExhausted:
                 self._report.count_drop(Drop.KEY_EXHAUSTED)
                 return
@@ -417,13 +436,25 @@ class GatewaySession:
             self.send_inner(packet)
 
     def _send(self, addr: Addr, msg: Control) -> int:
+        self._mark_to(addr)
         return self._ports.outbox.control(self.cipher, self.peer_index, addr, msg)
+
+    def _mark_to(self, addr: Addr) -> None:
+        """What is sealed next goes to ``addr``: its binding mark says what this session
+        knows of ``addr`` (the binding at ``epoch``, validated or not): the client learns
+        from it that a standby path is ready and that a switch by mark has landed."""
+        if addr == self.binding:
+            mark = MARK_BINDING
+        else:
+            mark = MARK_VALIDATED if self.paths.is_validated(addr) else MARK_UNVALIDATED
+        self.cipher.set_mark(self.epoch, mark)
 
     # == path validation and NAT rebinding (D4) ==========================================
     def _seal_challenge(self, token: bytes) -> bytes:
         return self.cipher.seal(MSG_CONTROL, self.peer_index, pack_control(PathChallenge(token)))
 
     def _challenge(self, addr: Addr, purpose: ChallengePurpose, now: float) -> None:
+        self._mark_to(addr)
         result = self.paths.challenge(addr, purpose, now, self._seal_challenge)
         if isinstance(result, Drop):
             self._report.count_drop(result)
@@ -446,7 +477,7 @@ class GatewaySession:
         old = self.binding
         if not self._fire(Trigger.REBIND, Reason.NAT_REBIND, now):
             return
-        self.epoch += 1
+        self._next_epoch()
         self.binding, self.last_binding, self.last_inbound = addr, addr, now
         self.paths.forget(old)  # the old address is no longer accepted
         self.total_switches += 1
@@ -465,7 +496,7 @@ class GatewaySession:
         if self.machine.state is State.RECOVERING and self._fire(
             Trigger.REATTACH_OK, Reason.TRANSPORT_RESUMED, now
         ):
-            self.epoch += 1
+            self._next_epoch()
             self.binding, self.last_inbound = addr, now
             self.clocks.transport_regained()
             self._state_update(Reason.TRANSPORT_RESUMED, now)
@@ -491,6 +522,7 @@ class GatewaySession:
             validated=self.paths.is_validated(addr),
             age_ms=abs(self._report.ts_ms(now) - (req.ts_ms + self.skew_ms)),
             max_age_ms=self.policy.reattach_proof_max_age_ms,
+            moved_here=self.moved_by_mark == (self.epoch, addr),
         )  # fmt: skip
         self._carry_out(verdict, req, addr, now)
 
@@ -565,31 +597,81 @@ class GatewaySession:
     def _move_binding(self, req: ReattachRequest, addr: Addr, now: float) -> ReattachAck | None:
         """The committed reattach moves the binding to ``addr``: the ACK, or None when the
         state machine refused (then rejected, or terminated by the version ceiling)."""
+        if not self._commit_move(addr, req.path_id, ReattachKind(req.kind), now):
+            if self.machine.terminated:
+                self._on_terminated(now)
+            else:
+                self._reject(req, addr, Reason.INVALID_STATE_FOR_REATTACH, now)
+            return None
+        self.updates.cancel()  # the ACK carries the new state
+        return ReattachAck(req.nonce, self.epoch, self.machine.version, self._state_code())
+
+    def _move_by_mark(self, header: Header, addr: Addr, now: float) -> bool:
+        """A binding mark on an authentic, newest datagram: move the binding to ``addr`` if
+        the mark names ``epoch + 1`` (mod 256), ``addr`` is validated for this session and
+        is not the binding, the session may still reattach (lifetime, TTL, state) and the
+        reattach bucket has a token. True if it moved. Anything else moves nothing and the
+        datagram is handled as any other (docs/wire-format.md, "Binding mark"); a move
+        past the session's lifetime or transport TTL ends the session, as a request would."""
+        if (
+            header.epoch != (self.epoch + 1) & 0xFF
+            or addr == self.binding
+            or not self.paths.is_validated(addr)
+        ):
+            return False
+        path_id = self.paths.path_id_of(addr)
+        expired = self._expired_for_reattach(now)
+        if expired is not None:
+            self._report.emit(
+                ReattachResult(
+                    **self._base(now), status="DENIED", reason_code=expired,
+                    candidate_transport=-1 if path_id is None else path_id,
+                    path=addr_label(addr), fatal=True,
+                )
+            )  # fmt: skip
+            self.terminate(expired, now)
+            return True
+        recovering = self.machine.state is State.RECOVERING
+        if not self.machine.can(Trigger.REATTACH_OK if recovering else Trigger.REBIND):
+            return False
+        if not self.reattach.allow_move(now):
+            return False
+        kind = ReattachKind(header.mark - 1)
+        if not self._commit_move(addr, -1 if path_id is None else path_id, kind, now):
+            if self.machine.terminated:
+                self._on_terminated(now)
+            return False
+        self.moved_by_mark = (self.epoch, addr)
+        # The client learns the move from this (retransmitted until acknowledged) and from
+        # every datagram that carries the new epoch in its header.
+        self._state_update(Reason.REATTACH_SUCCESS if recovering else KIND_REASON[kind], now)
+        self._flush()
+        return True
+
+    def _commit_move(self, addr: Addr, path_id: int, kind: ReattachKind, now: float) -> bool:
+        """Move the binding to ``addr`` (the client's ``path_id``): one versioned transition
+        (REATTACH_OK from RECOVERING, else REBIND with the kind's reason), the next epoch,
+        TRANSPORT_SWITCH and REATTACH_RESULT. False when the state machine refused."""
         previous = self.binding_path
         recovering = self.machine.state is State.RECOVERING
-        reason = KIND_REASON[ReattachKind(req.kind)]
+        reason = KIND_REASON[kind]
         ts = self._report.ts_ms(now)
         if recovering:
             ok = self.machine.fire(Trigger.REATTACH_OK, Reason.REATTACH_SUCCESS, ts)
         else:
             ok = self.machine.fire(Trigger.REBIND, reason, ts)
         if not ok:
-            if self.machine.terminated:
-                self._on_terminated(now)
-            else:
-                self._reject(req, addr, Reason.INVALID_STATE_FOR_REATTACH, now)
-            return None
-        self.epoch += 1
-        self.binding, self.binding_path, self.last_binding = addr, req.path_id, addr
+            return False
+        self._next_epoch()
+        self.binding, self.binding_path, self.last_binding = addr, path_id, addr
         self.last_inbound = now
         started = self.clocks.recovery_started
         latency = 0.0 if started is None else (now - started) * 1000
         self.clocks.transport_regained()
         self.total_switches += 1
-        self.updates.cancel()  # the ACK carries the new state
         self._report.emit(
             TransportSwitch(
-                **self._base(now), previous_transport=previous, new_transport=req.path_id,
+                **self._base(now), previous_transport=previous, new_transport=path_id,
                 reason_code=Reason.REATTACH_SUCCESS if recovering else reason,
                 switch_latency_ms=round(latency, 3), binding_epoch=self.epoch,
                 path=addr_label(addr),
@@ -598,10 +680,14 @@ class GatewaySession:
         self._report.emit(
             ReattachResult(
                 **self._base(now), status="SUCCESS", reason_code=Reason.REATTACH_SUCCESS,
-                candidate_transport=req.path_id, path=addr_label(addr),
+                candidate_transport=path_id, path=addr_label(addr),
             )
         )  # fmt: skip
-        return ReattachAck(req.nonce, self.epoch, self.machine.version, self._state_code())
+        return True
+
+    def _next_epoch(self) -> None:
+        """A committed binding change: the next epoch."""
+        self.epoch += 1
 
     # == transitions, STATE_UPDATE, termination ===========================================
     def _fire(self, trigger: Trigger, reason: Reason, now: float, **fields: Any) -> bool:

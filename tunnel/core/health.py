@@ -12,6 +12,7 @@ Inputs::
     probe_sent(id, now)     a PROBE left on this path
     probe_acked(id, now)    its PROBE_ACK arrived (authenticated) -> RTT sample
     inbound(now)            any authenticated packet arrived on this path
+    data_inbound(now)       ... and it was DATA (after inbound): the traffic estimator
     expire(now)             probes unanswered for probe_timeout_ms() become misses
 
 Estimators (RFC 6298 section 2, in milliseconds): the first sample sets
@@ -24,6 +25,21 @@ evicted from the full outstanding map. An ack that comes after its probe was cou
 lost (a *late ack*) is not an ack: ``probe_acked`` returns ``None``, the loss stands and
 the miss count is not reset, but its RTT still feeds the estimators so the timeout
 adapts when a path's RTT steps up beyond it (otherwise every probe would expire forever).
+
+Death has two rules:
+- idle (``dead_at``): no authenticated inbound for
+  ``max(dead_min_ms, dead_rtt_multiplier * srtt)``;
+- traffic (issue 10; ``traffic_dead_at``): while data flows (``TRAFFIC_MIN_RUN`` DATA
+  arrivals in a row, each within ``TRAFFIC_GAP_CAP_MS`` of the one before, the last of
+  them at most a few expected gaps before the last inbound), the path is *suspect* after
+  ``TRAFFIC_SILENCE_GAPS`` expected inter-arrival times of silence
+  (``traffic_suspect_at``; the session probes it at once and fast) and dead when that
+  probe burst stays unanswered for ``TRAFFIC_CONFIRM_RTOS`` probe RTOs (srtt + 4 rttvar),
+  never before ``dead_traffic_min_ms`` of silence (the policy's floor). The session
+  applies it only while another path has answered since the suspicion (``PathSet``): a
+  peer that is merely slow (a busy gateway) is silent on every path, a dead path alone.
+  A path without traffic is judged by the idle rule alone, so an idle session probes
+  exactly as before.
 """
 
 from __future__ import annotations
@@ -71,6 +87,27 @@ SCORE_MEASURED_FLOOR: Final = 0.01
 
 SCORE_UNMEASURED: Final = 0.005
 """A live path without an RTT sample: above 0 (a last resort) but below any measured one."""
+
+TRAFFIC_MIN_RUN: Final = 8
+"""DATA arrivals in a row (each within TRAFFIC_GAP_CAP_MS) before traffic is 'flowing'."""
+
+TRAFFIC_GAP_CAP_MS: Final = 250.0
+"""A longer gap between two DATA arrivals ends the flow (the estimator starts again)."""
+
+TRAFFIC_GAP_ALPHA: Final = 0.125
+"""EWMA weight of one inter-arrival sample (RFC 6298's 1/8, as for srtt)."""
+
+TRAFFIC_SILENCE_GAPS: Final = 4.0
+"""Silence of this many expected inter-arrival times makes a path with traffic suspect
+(10 % random loss leaves four losses in a row once in 10^4 packets; the probe burst, not
+the silence, decides)."""
+
+TRAFFIC_SUSPECT_MIN_MS: Final = 10.0
+"""... but never less than this (batched arrivals read as gaps of zero)."""
+
+TRAFFIC_CONFIRM_RTOS: Final = 2.0
+"""A suspect path with traffic is dead when its probe burst stays unanswered this many
+probe RTOs (srtt + 4 rttvar) after the suspicion: a probe and its ack cross the path."""
 
 _MS: Final = 1000.0
 
@@ -133,6 +170,7 @@ class PathHealth:
         dead_min_ms: float = 300,
         dead_rtt_multiplier: float = 4.0,
         min_loss_samples: int = 8,
+        dead_traffic_min_ms: float = 50,
         history: int = 60,
         now: float = 0.0,
     ) -> None:
@@ -143,11 +181,13 @@ class PathHealth:
         self._dead_min_ms = 0.0
         self._dead_rtt_multiplier = 0.0
         self._min_loss_samples = 0
+        self._dead_traffic_min_ms = 0.0
         self.reconfigure(
             loss_window_ms=loss_window_ms,
             dead_min_ms=dead_min_ms,
             dead_rtt_multiplier=dead_rtt_multiplier,
             min_loss_samples=min_loss_samples,
+            dead_traffic_min_ms=dead_traffic_min_ms,
         )
         self._created = now
         self._seen_now = now
@@ -155,6 +195,11 @@ class PathHealth:
         self.jitter_ms: float = 0.0
         self.consecutive_misses: int = 0
         self.last_inbound: float | None = None
+        self.last_data: float | None = None
+        """When the last authenticated DATA arrived (the traffic rule's estimator)."""
+        self.data_gap_ms: float | None = None
+        """EWMA of the gaps between DATA arrivals (None: no flow measured)."""
+        self._data_run = 0
         self._outstanding: OrderedDict[int, float] = OrderedDict()
         self._late: OrderedDict[int, float] = OrderedDict()
         self._outcomes: deque[tuple[float, bool]] = deque(maxlen=MAX_LOSS_SAMPLES)
@@ -173,8 +218,13 @@ class PathHealth:
         dead_min_ms: float,
         dead_rtt_multiplier: float,
         min_loss_samples: int,
+        dead_traffic_min_ms: float = 50,
     ) -> None:
         """Apply new policy numbers (policy reload); measurements are kept."""
+        if not (math.isfinite(dead_traffic_min_ms) and dead_traffic_min_ms > 0):
+            raise ValueError(
+                f"dead_traffic_min_ms must be finite and > 0, got {dead_traffic_min_ms}"
+            )
         if not (math.isfinite(loss_window_ms) and loss_window_ms > 0):
             raise ValueError(f"loss_window_ms must be finite and > 0, got {loss_window_ms}")
         if not (math.isfinite(dead_min_ms) and dead_min_ms > 0):
@@ -189,6 +239,7 @@ class PathHealth:
         self._dead_min_ms = float(dead_min_ms)
         self._dead_rtt_multiplier = float(dead_rtt_multiplier)
         self._min_loss_samples = int(min_loss_samples)
+        self._dead_traffic_min_ms = float(dead_traffic_min_ms)
 
     # -- inputs ----------------------------------------------------------------------
 
@@ -248,6 +299,46 @@ class PathHealth:
         self._see(now)
         if self.last_inbound is None or now > self.last_inbound:
             self.last_inbound = now
+
+    def data_inbound(self, now: float) -> None:
+        """The authenticated packet that arrived at ``now`` (after :meth:`inbound`) was DATA:
+        one inter-arrival sample for the traffic rule."""
+        last = self.last_data
+        self.last_data = now
+        if last is None or (now - last) * _MS > TRAFFIC_GAP_CAP_MS:
+            self._data_run, self.data_gap_ms = 1, None
+            return
+        gap = max(0.0, (now - last) * _MS)
+        self._data_run += 1
+        if self.data_gap_ms is None:
+            self.data_gap_ms = gap
+        else:
+            self.data_gap_ms += TRAFFIC_GAP_ALPHA * (gap - self.data_gap_ms)
+
+    def traffic_suspect_at(self) -> float | None:
+        """When a path with flowing traffic becomes suspect (see the module docstring):
+        ``TRAFFIC_SILENCE_GAPS`` expected gaps (at least ``TRAFFIC_SUSPECT_MIN_MS``) after
+        the last inbound. None while no traffic flows, or once inbound other than data (a
+        probe's answer) has come well after the last data: the traffic has stopped and the
+        path is alive, the idle rule judges it."""
+        gap, last_data, last = self.data_gap_ms, self.last_data, self.last_inbound
+        if gap is None or last_data is None or last is None or self._data_run < TRAFFIC_MIN_RUN:
+            return None
+        silence_ms = max(TRAFFIC_SILENCE_GAPS * gap, TRAFFIC_SUSPECT_MIN_MS)
+        if (last - last_data) * _MS >= silence_ms:
+            return None
+        return last + silence_ms / _MS
+
+    def traffic_dead_at(self) -> float | None:
+        """When a suspect path with traffic is dead (None: the traffic rule does not apply):
+        ``TRAFFIC_CONFIRM_RTOS`` probe RTOs after the suspicion, at the earliest
+        ``dead_traffic_min_ms`` after the last inbound."""
+        suspect = self.traffic_suspect_at()
+        if suspect is None or self.last_inbound is None:
+            return None
+        rto_ms = 0.0 if self.srtt_ms is None else self.srtt_ms + 4.0 * self.jitter_ms
+        floor = self.last_inbound + self._dead_traffic_min_ms / _MS
+        return max(floor, suspect + TRAFFIC_CONFIRM_RTOS * rto_ms / _MS)
 
     def expire(self, now: float) -> None:
         """Count every probe unanswered for ``probe_timeout_ms()`` as lost (a miss)."""
@@ -339,8 +430,9 @@ class PathHealth:
     def dead_at(self) -> float:
         """The ``now`` from which the path is dead unless something arrives.
 
-        Reference: the last authenticated inbound, or the creation time if nothing ever
-        arrived. Always a number (a ``float | None`` caller can use it as is).
+        The idle rule. Reference: the last authenticated inbound, or the creation time if
+        nothing ever arrived. Always a number (a ``float | None`` caller can use it as is).
+        The traffic rule is :meth:`traffic_dead_at`; the session combines them.
         """
         ref = self.last_inbound if self.last_inbound is not None else self._created
         return ref + self.dead_after_ms() / _MS

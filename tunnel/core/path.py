@@ -47,7 +47,10 @@ each way stays ATTACHED 29/30 (a margin of 0: 26/30 and 19/30)."""
 class Path:
     """One candidate transport: its health, hold-down, probe clock and validation."""
 
-    __slots__ = ("health", "holddown", "label", "next_probe", "path_id", "validated", "was_alive")
+    __slots__ = (
+        "gateway_validated", "health", "holddown", "label", "last_probe", "next_probe", "path_id",
+        "validated", "was_alive",
+    )  # fmt: skip
 
     def __init__(self, path_id: int, label: str, policy: Policy, now: float) -> None:
         self.path_id = path_id
@@ -58,11 +61,16 @@ class Path:
             dead_min_ms=policy.dead_min_ms,
             dead_rtt_multiplier=policy.dead_rtt_multiplier,
             min_loss_samples=policy.min_loss_samples,
+            dead_traffic_min_ms=policy.dead_traffic_min_ms,
             now=now,
         )
         self.holddown = HoldDown(policy.failed_path_holddown_ms)
         self.validated = False
+        self.gateway_validated = False
+        """The gateway's last PROBE_ACK on this path said the address is validated there
+        (a switch to it may move by binding mark, without a request)."""
         self.next_probe = now
+        self.last_probe: float | None = None
         self.was_alive = False
 
     def reconfigure(self, policy: Policy) -> None:
@@ -72,6 +80,7 @@ class Path:
             dead_min_ms=policy.dead_min_ms,
             dead_rtt_multiplier=policy.dead_rtt_multiplier,
             min_loss_samples=policy.min_loss_samples,
+            dead_traffic_min_ms=policy.dead_traffic_min_ms,
         )
         self.holddown.reconfigure(policy.failed_path_holddown_ms)
 
@@ -82,13 +91,26 @@ class Path:
         self.validated = True
         return True
 
+    def gateway_says(self, validated: bool) -> None:
+        """A PROBE_ACK on this path: whether the gateway has validated its address."""
+        self.gateway_validated = validated
+
     def probe_soon(self, now: float) -> None:
         """Probe at the next timer turn (after an attach or a switch onto this path)."""
         self.next_probe = now
 
     def probed(self, probe_id: int, now: float, interval: float) -> None:
         self.health.probe_sent(probe_id, now)
+        self.last_probe = now
         self.next_probe = now + interval
+
+    def burst_at(self) -> float | None:
+        """When this path (if active) needs a probe burst: its traffic went silent
+        (``PathHealth.traffic_suspect_at``) and no probe left since. None: none needed."""
+        t = self.health.traffic_suspect_at()
+        if t is None or (self.last_probe is not None and self.last_probe >= t):
+            return None
+        return t
 
     def liveness_changed(self, alive: bool, now: float, *, real_failure: bool) -> bool:
         """Record ``alive``; True if it differs from the last judgement. Going live starts
@@ -282,8 +304,26 @@ class PathSet:
         )
 
     def active_dead_at(self) -> float | None:
-        """When the active path dies unless something arrives on it (None: no active)."""
-        return None if self.active is None else self._paths[self.active].health.dead_at()
+        """When the active path dies unless something arrives on it (None: no active): by
+        the idle rule, or earlier by the traffic rule (``PathHealth.traffic_dead_at``)
+        once another path has answered since the active one became suspect, i.e. the
+        gateway is alive and only this path is silent (a busy gateway, or a stall here,
+        silences every path: then only the idle rule, as before)."""
+        if self.active is None:
+            return None
+        health = self._paths[self.active].health
+        idle = health.dead_at()
+        traffic, suspect = health.traffic_dead_at(), health.traffic_suspect_at()
+        if traffic is None or suspect is None or not self._answered_elsewhere(suspect):
+            return idle
+        return min(idle, traffic)
+
+    def _answered_elsewhere(self, since: float) -> bool:
+        for p in self._paths.values():
+            last = p.health.last_inbound
+            if p.path_id != self.active and p.validated and last is not None and last > since:
+                return True
+        return False
 
     # -- the kernel's view (netlink) -------------------------------------------------------
     def link_down(self, path_id: int) -> bool:
@@ -373,8 +413,12 @@ class PathSet:
         fast = pol.probe_interval_ms / 1000
         slow = pol.standby_probe_interval_ms / 1000
         out = []
+        self._burst_standbys(now)
         for p in self:
-            if now < p.next_probe or p.path_id in self._retired:
+            if p.path_id in self._retired:
+                continue
+            burst = p.burst_at() if p.path_id == self.active else None
+            if now < p.next_probe and (burst is None or now < burst):
                 continue
             self._probe_seq = (self._probe_seq + 1) & 0xFFFFFFFF
             # The active path is probed fast (loss and death detection, D5); while no path
@@ -382,7 +426,9 @@ class PathSet:
             active = p.path_id == self.active
             interval = fast if active or self.active is None else slow
             last = p.health.last_inbound
-            if active and last is not None and now - last > SUSPECT_AFTER * fast:
+            quiet = p.health.traffic_suspect_at()  # traffic went silent: probe fast too
+            suspect = quiet is not None and now >= quiet
+            if active and last is not None and (now - last > SUSPECT_AFTER * fast or suspect):
                 # Suspicion: the active path missed an answer. Probe faster so that only
                 # real silence lasts until the dead timer (a few lost probes do not).
                 interval = max(SUSPECT_PROBE_MIN_S, fast / SUSPECT_PROBE_SPEEDUP)
@@ -390,11 +436,31 @@ class PathSet:
             out.append((p.path_id, self._probe_seq))
         return out
 
+    def _burst_standbys(self, now: float) -> None:
+        """The active path's probe burst is due: ask the standby paths too (once per
+        suspicion: not if probed since it began), so that their answers show the gateway
+        is alive and only the active path is silent (``active_dead_at``)."""
+        if self.active is None:
+            return
+        burst = self._paths[self.active].burst_at()
+        if burst is None or now < burst:
+            return
+        for p in self._paths.values():
+            asked = p.last_probe is not None and p.last_probe >= burst
+            if p.path_id != self.active and p.validated and not asked:
+                p.probe_soon(now)
+
     # -- deadlines -------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
-        """The earliest probe, probe expiry or path death over every path (removed paths
-        are not probed: None when every path was removed)."""
+        """The earliest probe, probe expiry or path death over every path, and the probe
+        burst of an active path whose traffic went silent (removed paths are not probed:
+        None when every path was removed)."""
         times = [p.next_deadline() for p in self._paths.values() if p.path_id not in self._retired]
+        active = self.active
+        if active is not None and active not in self._retired:
+            burst = self._paths[active].burst_at()
+            if burst is not None:
+                times.append(burst)
         return min(times, default=None)
 
     def holddown_change(self, after: float) -> float | None:

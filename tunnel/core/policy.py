@@ -127,6 +127,8 @@ POLICY_FIELDS: Final[tuple[PolicyField, ...]] = (
        "floor of the dead timer; a few LAN RTTs at least, a minute at most"),
     _F("dead_rtt_multiplier", "volatility", float, 1.5, 20.0,
        "dead after k x smoothed RTT of silence; k < 1.5 calls a slow reply death"),
+    _F("dead_traffic_min_ms", "volatility", int, 10, 60_000,
+       "floor of the traffic death rule; below 10 ms a scheduling hiccup is a death"),
     _F("loss_window_ms", "volatility", int, 250, 60_000,
        "spec 1-5 s; loss over a window shorter than a few probes is noise"),
     _F("loss_volatile_threshold", "volatility", float, 0.01, 1.0,
@@ -269,6 +271,11 @@ class Policy:
     """A path is dead after max(dead_min_ms, dead_rtt_multiplier x SRTT) of silence."""
     dead_rtt_multiplier: float = 4.0
     """RTT multiple in the dead rule above."""
+    dead_traffic_min_ms: int = 50
+    """While data flows on a path, silence of a few expected inter-arrival times makes it
+    suspect (probed at once, the standby paths once too); it is dead when the probes stay
+    unanswered two probe RTOs while a standby answered, but never before this much
+    silence (issue 10; docs/policy.md)."""
     loss_window_ms: int = 3_000
     """Window over which loss is measured (spec starter 2 s; 3 s so 10 % loss each way
     stays below the threshold, see docs/policy.md)."""

@@ -8,6 +8,15 @@ already reported once. It enters RECOVERING on a dead active path, DEGRADED when
 or a switch cannot proceed, chooses candidates and handles the gateway's REATTACH_ACK and
 REATTACH_REJECT. It acts through its host (the session: state machine, clocks, outputs)
 and the host's ``PathSet``; it exposes ``next_deadline()`` for its own clocks.
+
+An automatic switch (recovery or proactive) to a path the gateway has validated (its
+PROBE_ACKs say so) needs no request: the controller *marks* every datagram it sends there
+with the next binding epoch (``mark_for``) and moves the data there at once; the first of
+them that reaches the gateway moves the binding, and the first datagram back on that path
+carrying the new epoch (``confirm``) commits the switch here, with the same events and
+the same transition as an acknowledged request. Unconfirmed after ``reattach_retry_ms``,
+the attempt falls back to the explicit REATTACH_REQUEST with its own nonce. Manual
+switches, resumes and unvalidated targets use the request from the start.
 """
 
 from __future__ import annotations
@@ -53,6 +62,16 @@ RETRYABLE_REJECTS = frozenset(
 LIMITER_REASONS = frozenset({Reason.SWITCH_RATE_LIMITED, Reason.COOLDOWN_ACTIVE})
 """Denials by the switch limiter: their ``retry_after_ms`` is when it allows one again."""
 
+MARK_NONCE_BUDGET = 64
+"""Attempts moved by a binding mark use a nonce the gateway never sees. At most this many
+nonces past the last one the gateway acknowledged are spent that way; then the next attempt
+is an explicit request, so the gateway's nonce gap (NonceGuard, 256) is never exceeded."""
+
+MARKED_KINDS = frozenset({ReattachKind.RECOVERY, ReattachKind.PROACTIVE})
+"""Switches that may move by a binding mark: the automatic ones. A manual switch keeps the
+explicit request (its nonce is audited by the gateway, the operator waits one round trip),
+a resume does not move the binding at all."""
+
 PROACTIVE_ATTEMPTS = 4
 """Sends of one proactive/manual request before the candidate is given up."""
 
@@ -72,6 +91,11 @@ class Pending:
     last_sent: float
     sends: int
     previous: int | None
+    epoch_to: int = 0
+    """The binding epoch this switch moves to (the one it expects, plus one)."""
+    marked: bool = False
+    """Moving by binding mark: datagrams to ``path_id`` carry ``epoch_to`` and the move,
+    data goes there already; no request sent (yet)."""
 
 
 @dataclass(slots=True)
@@ -120,6 +144,8 @@ class SwitchHost(Protocol):
 
     def switched(self, path_id: int, now: float) -> None: ...
 
+    def moving(self, path_id: int, now: float) -> None: ...
+
 
 class SwitchController:
     """Recovery, proactive and manual switches and the reattach request in flight."""
@@ -133,6 +159,9 @@ class SwitchController:
         self.nonce = 0
         """The last nonce sent."""
         self._last_acked_nonce = 0
+        self._moved_nonce = 0
+        """The nonce of the last attempt a binding mark committed (its request, if it was
+        sent too, may still be answered)."""
         self._death_at: float | None = None
         self._excluded: set[int] = set()
         """Recovery candidates that did not answer in this round."""
@@ -159,6 +188,32 @@ class SwitchController:
     @property
     def pending_path(self) -> int | None:
         return None if self.pending is None else self.pending.path_id
+
+    def data_path(self) -> int | None:
+        """Where data goes ahead of the active path: the target of a switch by mark."""
+        p = self.pending
+        return p.path_id if p is not None and p.marked else None
+
+    def mark_for(self, path_id: int) -> tuple[int, int]:
+        """(epoch, mark) of the binding mark for a datagram sent on ``path_id``: none, or
+        the epoch a switch by mark moves to with 1 + its kind."""
+        p = self.pending
+        if p is not None and p.marked and p.path_id == path_id:
+            return p.epoch_to, int(p.kind) + 1
+        return 0, 0
+
+    def confirm(self, path_id: int, epoch8: int, now: float) -> None:
+        """An authentic datagram from the gateway on ``path_id`` marked as sent to its
+        binding at epoch ``epoch8`` (low 8 bits): if that is the switch by mark to
+        ``path_id``, it is committed."""
+        p = self.pending
+        if p is None or not p.marked or p.path_id != path_id or epoch8 != p.epoch_to & 0xFF:
+            return
+        self.pending = None
+        self._moved_nonce = p.nonce
+        peer = self._host.peer
+        peer.epoch = max(peer.epoch, p.epoch_to)
+        self._rebind(p, now)
 
     def manual(self, path_id: int, now: float) -> Reason | None:
         """Operator switch to ``path_id``; the denial reason, or None if requested."""
@@ -405,6 +460,9 @@ class SwitchController:
         limit = (
             RECOVERY_ATTEMPTS_PER_PATH if p.kind is ReattachKind.RECOVERY else PROACTIVE_ATTEMPTS
         )
+        if p.marked:
+            # No datagram back with the new epoch: from now on only the request moves it.
+            p.marked = False
         if p.sends < limit and self._host.paths.live(p.path_id, now):
             self._send_pending(p, now)
             return
@@ -424,7 +482,8 @@ class SwitchController:
 
     def next_deadline(self, after: float) -> float | None:
         """The earliest of this controller's clocks that its :meth:`on_timer` acts on:
-        the retransmission of the request in flight, the end of a dwell the selector is
+        the retransmission of the request in flight, a recovery that can start (a live
+        candidate while RECOVERING with nothing in flight), the end of a dwell the selector is
         timing, and (while recovery or switching waits for them) the next change of the
         switch budget or cooldown after ``after`` (the last timer turn)."""
         host = self._host
@@ -432,6 +491,11 @@ class SwitchController:
         times = []
         if self.pending is not None:
             times.append(self._retransmit_at(self.pending))
+        elif st is State.RECOVERING and host.paths.eligible(after, self._excluded):
+            # A candidate answered since the last turn (an inbound datagram, no timer made
+            # it live): recover now, not at the next probe. ``_recover`` then requests or
+            # leaves RECOVERING, so this never repeats at the same time.
+            times.append(after)
         dwell = self.selector.next_deadline()
         if dwell is not None and self._switch_considered():
             times.append(dwell)
@@ -472,7 +536,24 @@ class SwitchController:
                 recovery_deadline_ms=deadline,
             )
         )  # fmt: skip
+        if self._may_mark(path_id, kind):
+            self.pending.marked = True
+            self.pending.epoch_to = host.peer.epoch + 1
+            host.moving(path_id, now)
+            return
         self._send_pending(self.pending, now)
+
+    def _may_mark(self, path_id: int, kind: ReattachKind) -> bool:
+        """The switch may move by binding mark: automatic, to a path the gateway said it
+        validated, within the nonce budget."""
+        pending = self.pending
+        return (
+            kind in MARKED_KINDS
+            and pending is not None
+            and path_id != pending.previous  # the binding may never have left it: ask
+            and self._host.paths.get(path_id).gateway_validated
+            and self.nonce - self._last_acked_nonce <= MARK_NONCE_BUDGET
+        )
 
     def _send_pending(self, p: Pending, now: float) -> None:
         host = self._host
@@ -504,6 +585,10 @@ class SwitchController:
         host = self._host
         pending = self.pending
         if pending is None or msg.nonce != pending.nonce:
+            if msg.nonce and msg.nonce == self._moved_nonce:
+                # The request of a switch a binding mark committed first: nothing moves.
+                self._last_acked_nonce = max(self._last_acked_nonce, msg.nonce)
+                return
             if msg.nonce and msg.nonce == self._last_acked_nonce:
                 return  # a duplicate ACK of a retransmitted request
             self._unexpected(msg.nonce, now, transport_id=path_id)

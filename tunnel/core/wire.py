@@ -28,6 +28,7 @@ from tunnel.core.constants import (
     HEADER,
     MAX_DATAGRAM,
     MAX_INNER_PACKET,
+    MAX_MARK,
     MIN_MTU,
     MSG_CONTROL,
     MSG_COOKIE_REPLY,
@@ -56,6 +57,15 @@ class Header:
     msg_type: int
     phase: int
     receiver_index: int
+    epoch: int = 0
+    """DATA/CONTROL binding mark: low 8 bits of a binding epoch (0 when ``mark`` is 0)."""
+    mark: int = 0
+    """DATA/CONTROL binding mark (constants.MAX_MARK): from a client 1 + the ReattachKind
+    of a binding move to ``epoch``, from the gateway what it knows of the destination; 0:
+    none. Unauthenticated until the AEAD tag verified (it is associated data)."""
+
+
+_TRANSPORT_TYPES = (MSG_DATA, MSG_CONTROL)
 
 
 def parse_header(data: bytes) -> Header | Drop:
@@ -66,13 +76,14 @@ def parse_header(data: bytes) -> Header | Drop:
     if n < HEADER.size:
         return Drop.TRUNCATED
     msg_type, phase, receiver_index = HEADER.unpack_from(data)
-    if data[2] or data[3]:
-        return Drop.MALFORMED
+    epoch, mark = data[2], data[3]
+    if mark > MAX_MARK or (epoch and not mark) or (mark and msg_type not in _TRANSPORT_TYPES):
+        return Drop.MALFORMED  # a binding mark exists in DATA/CONTROL only, and names its epoch
     shape = _SHAPES.get(msg_type)
     if shape is None:
         return Drop.UNKNOWN_TYPE
     drop = shape(n, phase, receiver_index)
-    return Header(msg_type, phase, receiver_index) if drop is None else drop
+    return Header(msg_type, phase, receiver_index, epoch, mark) if drop is None else drop
 
 
 def _transport_shape(n: int, phase: int, receiver_index: int) -> Drop | None:
