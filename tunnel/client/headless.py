@@ -47,7 +47,7 @@ from tunnel.client.config import ClientConfig, ConfigError, load_client_config
 from tunnel.client.control import CONTROL_OFF, control_socket_for
 from tunnel.client.engine import ENGINE_ERROR, ClientEngine, exit_code_for
 from tunnel.client.sinks import check_sinks
-from tunnel.observability import SINK_HEALTH, JsonlFileSink
+from tunnel.observability import SINK_HEALTH, JsonlFileSink, sink_health_text
 
 DRAIN_INTERVAL_S: Final = 0.05
 """How often the channel is drained (the engine never waits for us)."""
@@ -168,16 +168,6 @@ class _Output:
             self.console(f"log file {log.path}: {exc.strerror or exc}; no longer written")
 
 
-def sink_health_line(event: dict[str, Any]) -> str:
-    """The console line of a SINK_HEALTH event."""
-    error = event.get("last_error")
-    why = f": {error}" if error and event.get("state") != "ok" else ""
-    return (
-        f"event sink {event.get('sink')} {event.get('state')} "
-        f"(was {event.get('previous_state')}, {event.get('dropped_total')} lost){why}"
-    )
-
-
 class _Drain:
     """Drains the engine's channel: events printed as JSON lines, the last snapshot kept."""
 
@@ -200,7 +190,7 @@ class _Drain:
                 event = dict(item)
                 self._out.event(_line(event))
                 if event.get("event_type") == SINK_HEALTH:
-                    self._out.console(sink_health_line(event))
+                    self._out.console(sink_health_text(event))
         self._out.flush()
         notices: list[str] = getattr(self._engine, "notices", [])
         for notice in notices[self._notices :]:

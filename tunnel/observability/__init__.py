@@ -16,6 +16,7 @@ from tunnel.observability.pipeline import (
     SinkState,
     backoff_delay,
     encode_event,
+    sink_health_text,
 )
 from tunnel.observability.sinks import (
     CallbackSink,
@@ -42,5 +43,6 @@ __all__ = [
     "SyslogSink",
     "backoff_delay",
     "encode_event",
+    "sink_health_text",
     "sink_problems",
 ]

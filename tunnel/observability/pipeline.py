@@ -171,6 +171,16 @@ class ObservabilityHealth:
         return self.ring_dropped + self.invalid_events + sum(s.dropped for s in self.sinks)
 
 
+def sink_health_text(event: Mapping[str, object]) -> str:
+    """One console line for a SINK_HEALTH event (headless client, gateway stderr)."""
+    error = event.get("last_error")
+    why = f": {error}" if error and event.get("state") != "ok" else ""
+    return (
+        f"event sink {event.get('sink')} {event.get('state')} "
+        f"(was {event.get('previous_state')}, {event.get('dropped_total')} lost){why}"
+    )
+
+
 def backoff_delay(
     failures: int, initial: float = BACKOFF_INITIAL_S, maximum: float = BACKOFF_MAX_S
 ) -> float:
