@@ -127,6 +127,7 @@ def test_exec_start_lines_are_valid_command_lines_of_the_programs() -> None:
     args = client_parser().parse_args(client[1:])
     assert args.headless and args.config == "/etc/jvpn/%i.toml"
     assert args.log_file == "/var/log/jvpn/%i.log"
+    assert args.control_socket == "/run/jvpn/%i.sock"  # one socket per instance
     gateway = shlex.split(one(GATEWAY, "Service.ExecStart"))
     assert Path(gateway[0]).name == "jvpn-gateway"
     assert gateway_main._parser().parse_args(gateway[1:]).config == "/etc/jvpn/gateway.toml"
