@@ -162,6 +162,15 @@ def _loss(e: Event) -> str:
     )
 
 
+def _sink_health(e: Event) -> str:
+    error = e.get("last_error")
+    why = f": {error}" if error and e.get("state") != "ok" else ""
+    return (
+        f"sink {e.get('sink', '?')} {e.get('state', '?')} (was {e.get('previous_state', '?')}, "
+        f"{e.get('dropped_total', '?')} lost){why}"
+    )
+
+
 RENDERERS: Final[dict[EventType, Callable[[Event], str]]] = {
     EventType.STATE_CHANGE: _state_change,
     EventType.SESSION_CREATED: _created,
@@ -181,6 +190,7 @@ RENDERERS: Final[dict[EventType, Callable[[Event], str]]] = {
     EventType.DROP_SUMMARY: _drops,
     EventType.SESSION_TERMINATED: _terminated,
     EventType.EVENT_LOSS: _loss,
+    EventType.SINK_HEALTH: _sink_health,
 }
 """How each event type reads; every EventType has one."""
 
