@@ -91,6 +91,12 @@ def _parser() -> argparse.ArgumentParser:
         "($XDG_RUNTIME_DIR/jvpn/client.sock otherwise); --demo serves one only at PATH",
     )
     parser.add_argument(
+        "--log-file",
+        metavar="PATH",
+        help="with --headless: also write every stdout and stderr line to this file "
+        "(rotated at 10 MiB, 5 old files kept); overrides [events] log_file",
+    )
+    parser.add_argument(
         "--duration",
         metavar="SECONDS",
         type=float,
@@ -162,18 +168,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tunnel.client.headless import build_engine_from_args, run_headless
     except ImportError as exc:
         return _not_available(exc)
+    warnings: list[str] = []  # event sinks that cannot work at start: one line each
     try:
         engine = build_engine_from_args(
             args.config, demo=args.demo, demo_script=args.demo, control=args.control_socket,
-            default_control=True,
+            default_control=True, warnings=warnings,
         )  # fmt: skip
     except ConfigError as exc:
         return _fail(str(exc))
     except ImportError as exc:  # e.g. the demo engine is not written yet
         return _not_available(exc)
     if args.headless:
-        code: int = run_headless(engine, duration=args.duration)
+        code: int = run_headless(
+            engine, duration=args.duration, log_file=args.log_file, notes=warnings
+        )
         return code
+    for line in warnings:
+        print(f"{PROG}: {line}", file=sys.stderr)
     try:
         keymap = {**config_keymap(engine), **keymap}
     except KeymapError as exc:

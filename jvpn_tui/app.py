@@ -49,6 +49,7 @@ from jvpn_tui.widgets import (
     TrendsPanel,
 )
 from jvpn_tui.widgets.caption import DemoCaption
+from jvpn_tui.widgets.health import sink_notice
 from themes import PALETTES, STYLESHEET
 from tunnel.api import (
     Command,
@@ -324,6 +325,9 @@ class JvpnApp(App[int]):
                             severity="warning", markup=False)  # fmt: skip
             elif kind == EventType.DIAGNOSTIC:
                 self._notify_demo(event)
+            elif (notice := sink_notice(event)) is not None:  # EVENT_LOSS, SINK_HEALTH
+                message, title, severity = notice
+                self.notify(message, title=title, severity=severity, markup=False)
 
     def _notify_demo(self, event: Mapping[str, object]) -> None:
         """A demo action's outcome (a key's or a script step's) confirmed on screen."""

@@ -153,10 +153,15 @@ def test_every_event_type_has_its_own_line() -> None:
         if event_type is EventType.EVENT_LOSS:
             event = {"event_type": "EVENT_LOSS", "ts_ms": 1_700_000_000_250, "sink": "syslog",
                      "dropped": 12, "dropped_total": 40, "reason": "sink_slow"}  # fmt: skip
+        elif event_type is EventType.SINK_HEALTH:  # from the pipeline too
+            event = {"event_type": "SINK_HEALTH", "ts_ms": 1_700_000_000_250, "sink": "syslog",
+                     "state": "lagging", "previous_state": "ok", "dropped_total": 40,
+                     "last_error": "TimeoutError: timed out"}  # fmt: skip
         else:
             event = sample(classes[event_type])
         line = event_line(event)
-        sid = "1234abcd" if event_type is not EventType.EVENT_LOSS else "-"
+        pipeline = (EventType.EVENT_LOSS, EventType.SINK_HEALTH)
+        sid = "1234abcd" if event_type not in pipeline else "-"
         assert line.split()[1:3] == [sid, str(event_type)], line
         what = line.split(str(event_type), 1)[1].strip()
         assert what and "=" not in what, (event_type, line)  # not the generic key=value form

@@ -185,7 +185,8 @@ def test_emit_never_blocks_behind_a_sink_that_blocks_forever(
 
         blocked_health = {s.name: s for s in health.sinks}["blocked"]
         assert blocked_health.dropped > 0
-        assert blocked_health.state == "ok"  # not yet stalled by the injected clock
+        # Not yet stalled by the injected clock, but losing lines: not draining.
+        assert blocked_health.state == "lagging"
 
         # The healthy sink keeps receiving and hears about the blocked sink's loss.
         assert wait_until(lambda: any(e["sink"] == "blocked" for e in good.of_type(EVENT_LOSS)))
@@ -330,6 +331,9 @@ def test_raising_sink_retries_reports_failing_loses_counted_and_recovers(
 
     flaky.failing = False
     assert wait_until(lambda: len(flaky.lines) == 6)
+    sink = {s.name: s for s in pipeline.health().sinks}["flaky"]
+    assert sink.state == "lagging"  # writing again, but it failed within the drain window
+    clock.now += 10.0  # DRAIN_WINDOW_S without a failure or a loss
     sink = {s.name: s for s in pipeline.health().sinks}["flaky"]
     assert sink.state == "ok"
     assert sink.written == 6
@@ -637,7 +641,9 @@ def test_syslog_tcp_server_down_then_up_recovers(pipelines: list[EventPipeline])
     port = probe.getsockname()[1]
     probe.close()  # nothing listens on this port now
     sink = SyslogSink("127.0.0.1", port, transport="tcp", connect_timeout=0.5, hostname="gw1")
-    pipeline = EventPipeline([sink], backoff_initial=0.02, backoff_max=0.05, max_attempts=10_000)
+    pipeline = EventPipeline(
+        [sink], backoff_initial=0.02, backoff_max=0.05, max_attempts=10_000, drain_window=0.5
+    )
     pipelines.append(pipeline)
     pipeline.emit(FakeEvent("SESSION_CREATED", ts_ms=1_700_000_000_000))
     assert wait_until(lambda: pipeline.health().sinks[0].state == "failing")
@@ -683,8 +689,9 @@ def test_jsonl_sink_recovers_when_its_directory_appears(
 ) -> None:
     path = tmp_path / "later" / "events.jsonl"
     pipeline = EventPipeline(
-        [JsonlFileSink(path, name="file")], backoff_initial=0.01, backoff_max=0.02
-    )
+        [JsonlFileSink(path, name="file")], backoff_initial=0.01, backoff_max=0.02,
+        drain_window=0.3,
+    )  # fmt: skip
     pipelines.append(pipeline)
     pipeline.emit({"event_type": "SESSION_CREATED", "ts_ms": 1})
     assert wait_until(lambda: pipeline.health().sinks[0].state == "failing")

@@ -572,11 +572,12 @@ def _stub_headless(monkeypatch: pytest.MonkeyPatch, build: Callable[..., Any]) -
         demo_script: bool = False,
         control: str | None = None,
         default_control: bool = False,
+        warnings: Any = None,
     ) -> Any:
         calls.append(("build", config, demo, demo_script))
         return build(config, demo)
 
-    def run_headless(engine: Any, *, duration: float | None) -> int:
+    def run_headless(engine: Any, *, duration: float | None, **options: Any) -> int:
         calls.append(("run", engine, duration))
         return 7
 
@@ -688,7 +689,7 @@ def test_headless_never_imports_textual() -> None:
 import sys, types
 stub = types.ModuleType("tunnel.client.headless")
 stub.build_engine_from_args = lambda config, demo, demo_script=False, **_: object()
-stub.run_headless = lambda engine, duration: 0
+stub.run_headless = lambda engine, duration, **options: 0
 sys.modules["tunnel.client.headless"] = stub
 from jvpn_tui.__main__ import main
 assert main(["--demo", "--headless"]) == 0

@@ -27,6 +27,7 @@ from tunnel.client import engine, headless
 from tunnel.core import drops, events
 from tunnel.gateway import main as gateway_main
 from tunnel.impair import main as impair_main
+from tunnel.observability.pipeline import PIPELINE_EVENT_FIELDS
 
 EVENTS_SOURCE = Path(events.__file__)
 DROPS_SOURCE = Path(drops.__file__)
@@ -161,11 +162,7 @@ def render_events() -> str:
         lines.append(f"### {event_type}")
         lines.append("")
         if cls is None:
-            lines += [
-                "Emitted by the observability pipeline (`tunnel/observability`), not the",
-                "core: a sink lost events; fields `sink`, `dropped`, `dropped_total`, `reason`.",
-                "",
-            ]
+            lines += _pipeline_event_lines(event_type)
             continue
         doc = class_docs.get(cls.__name__, "")
         if doc:
@@ -193,6 +190,26 @@ def render_events() -> str:
     lines += _drop_lines()
     lines += _exit_code_lines()
     return "\n".join(lines) + "\n"
+
+
+def _pipeline_event_lines(event_type: str) -> list[str]:
+    """EVENT_LOSS, SINK_HEALTH: written by the event pipeline, not the core."""
+    what = {
+        "EVENT_LOSS": "a sink (or the ring) lost events.",
+        "SINK_HEALTH": "a sink's state changed (`tunnel/observability/pipeline.py`, *Draining*).",
+    }
+    lines = [
+        "Emitted by the observability pipeline (`tunnel/observability`), not the core:",
+        f"{what.get(event_type, '')} It goes to the other sinks and, on the client, to the",
+        "UI channel: `--headless` prints it on stdout as it happens, the TUI notifies.",
+        "It carries no `session_id`, `node_id`, `policy_version` or `state_version`.",
+        "",
+        "| field | meaning |",
+        "| --- | --- |",
+    ]
+    for name, meaning in PIPELINE_EVENT_FIELDS[event_type].items():
+        lines.append(f"| `{name}` | {meaning.replace('``', '`')} |")
+    return [*lines, ""]
 
 
 def _engine_stopped_lines() -> list[str]:

@@ -2,9 +2,43 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Literal
+
 from jvpn_tui.widgets.format import esc, rate
 from jvpn_tui.widgets.panel import TextPanel
-from tunnel.api import EngineSnapshot
+from tunnel.api import EngineSnapshot, EventType
+
+Severity = Literal["information", "warning", "error"]
+
+SINK_STATE_STYLE = {"ok": "$text-success", "lagging": "$text-warning", "failing": "$text-error"}
+"""How a sink's state is coloured: lagging (writing again, lost lines lately) is a warning."""
+
+
+def sink_notice(event: Mapping[str, object]) -> tuple[str, str, Severity] | None:
+    """(message, title, severity) of a notification for an EVENT_LOSS or SINK_HEALTH
+    event, None for any other event."""
+    kind = event.get("event_type")
+    sink = event.get("sink")
+    if kind == EventType.EVENT_LOSS:
+        where = "the event ring" if sink == "*" else f"event sink {sink}"
+        message = (
+            f"{where} lost {event.get('dropped')} events ({event.get('reason')}; "
+            f"{event.get('dropped_total')} in all)"
+        )
+        return message, "Events lost", "warning"
+    if kind == EventType.SINK_HEALTH:
+        state = event.get("state")
+        error = event.get("last_error")
+        why = f": {error}" if error and state != "ok" else ""
+        severity: Severity = "error"
+        if state == "ok":
+            severity = "information"
+        elif state == "lagging":
+            severity = "warning"
+        message = f"event sink {sink} is {state} (was {event.get('previous_state')}){why}"
+        return message, "Event sink", severity
+    return None
 
 
 class HealthPanel(TextPanel):
@@ -31,8 +65,8 @@ class HealthPanel(TextPanel):
         ]
         lines = [f"[$text-muted]{k:<8}[/] {v}" for k, v in rows]
         for sink in o.sinks:
-            ok = sink.state == "ok"
-            state = "[$text-success]ok[/]" if ok else f"[$text-error]{esc(sink.state)}[/]"
+            style = SINK_STATE_STYLE.get(sink.state, "$text-error")
+            state = f"[{style}]{esc(sink.state)}[/]"
             line = f"[$text-muted]{'sink':<8}[/] {esc(sink.name)} {state} q{sink.queue_depth}"
             if sink.dropped:
                 line += f" [$text-error]dropped {sink.dropped}[/]"

@@ -174,6 +174,15 @@ def _loss(e: Event) -> str:
     )
 
 
+def _sink_health(e: Event) -> str:
+    error = e.get("last_error")
+    why = f": {error}" if error and e.get("state") != "ok" else ""
+    return (
+        f"sink {e.get('sink', '?')} {e.get('state', '?')} (was {e.get('previous_state', '?')}, "
+        f"{e.get('dropped_total', '?')} lost){why}"
+    )
+
+
 RENDERERS: Final[dict[EventType, Callable[[Event], str]]] = {
     EventType.STATE_CHANGE: _state_change,
     EventType.SESSION_CREATED: _created,
@@ -195,6 +204,7 @@ RENDERERS: Final[dict[EventType, Callable[[Event], str]]] = {
     EventType.EVENT_LOSS: _loss,
     EventType.PATH_ADDED: _path_added,
     EventType.PATH_REMOVED: _path_removed,
+    EventType.SINK_HEALTH: _sink_health,
 }
 """How each event type reads; every EventType has one."""
 

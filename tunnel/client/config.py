@@ -126,6 +126,10 @@ class ClientConfig:
     ``routes`` holds a default route."""
     jsonl: Path | None = None
     syslog: SyslogTarget | None = None
+    events_required: tuple[str, ...] = ()
+    """``[events] required``: sinks (``jsonl``, ``syslog``) that must work at start."""
+    log_file: Path | None = None
+    """``[events] log_file``: headless writes its stdout and stderr lines here too."""
     keymap: Mapping[str, str] = field(default_factory=dict)
     """Binding id -> key, passed through to the UI unchanged."""
     control_socket: str | None = None
@@ -398,6 +402,13 @@ def _syslog(r: _Reader, key: str, value: str) -> SyslogTarget:
     return SyslogTarget(m.group(1), host, port or 514)
 
 
+def _required_sinks(r: _Reader, key: str, value: list[object]) -> tuple[str, ...]:
+    for i, name in enumerate(value):
+        if name not in ("jsonl", "syslog"):
+            raise r.error(f"{key}[{i}]", name, "expected jsonl or syslog")
+    return tuple(str(name) for name in value)
+
+
 def _policy(r: _Reader, key: str, value: str) -> tuple[Path, Policy]:
     path = _relative(r.base, value)
     try:
@@ -501,6 +512,9 @@ PATH_FIELDS: Final = (
 EVENT_FIELDS: Final = (
     _Field("jsonl", str, check=_file, doc="JSON lines file"),
     _Field("syslog", str, check=_syslog, doc="udp://host[:port] or tcp://host[:port]"),
+    _Field("required", list, (), check=_required_sinks, expected="expected a list of sink keys",
+           doc="sinks that must work at start, e.g. [\"jsonl\"]; else exit 2"),
+    _Field("log_file", str, check=_file, doc="headless: its stdout and stderr lines, rotated"),
 )
 INNER_FIELDS: Final = (
     _Field("kind", str, "tun", check=_choice(INNER_KINDS), doc="tun or memory"),
@@ -624,6 +638,9 @@ def parse_client_config(
     paths = () if auto is not None else _parse_paths(r, doc.get("path"), policy)
     _check_capture(r, tun["routes"], paths)
     events = r.section(doc, "events", EVENT_FIELDS)
+    for name in events["required"]:
+        if events[name] is None:
+            raise r.error("events.required", name, f"no sink configured: set events.{name}")
     keymap = _parse_keymap(r, r.table(doc, "keymap"))
     inner = r.section(doc, "inner", INNER_FIELDS)
     return ClientConfig(
@@ -642,6 +659,8 @@ def parse_client_config(
         kill_switch=_kill_switch(tun),
         jsonl=events["jsonl"],
         syslog=events["syslog"],
+        events_required=events["required"],
+        log_file=events["log_file"],
         keymap=keymap,
         inner_kind=inner["kind"],
         inner_rate_pps=inner["rate_pps"],

@@ -66,6 +66,7 @@ from tunnel.client.config import ClientConfig, PathConfig
 from tunnel.client.control import ControlSocket, EngineControl
 from tunnel.client.explain import handshake_explanation
 from tunnel.client.runtime import ClientRuntime, PathTarget
+from tunnel.client.sinks import client_sinks
 from tunnel.control.protocol import ControlError
 from tunnel.control.server import ControlServer, prepare_socket_path
 from tunnel.core.client import ClientSession, ClientSnapshot, PathSpec
@@ -91,7 +92,7 @@ from tunnel.io.loop import new_event_loop
 from tunnel.io.netconf import NetConfError
 from tunnel.io.tun import TunError
 from tunnel.io.udp import Address, PathError, PathSocket
-from tunnel.observability import EventPipeline, JsonlFileSink, Sink, SyslogSink
+from tunnel.observability import EventPipeline, Sink
 
 SNAPSHOT_INTERVAL_S: Final = 0.2
 """Snapshot publication period (5 Hz, inside DESIGN §4's 4-10 Hz)."""
@@ -403,23 +404,14 @@ class ClientEngine:
     # -- the engine thread -------------------------------------------------------------------
 
     def _sinks(self) -> list[Sink]:
-        cfg = self.config
-        sinks: list[Sink] = []
-        if cfg.jsonl is not None:
-            sinks.append(JsonlFileSink(cfg.jsonl))
-        if cfg.syslog is not None:
-            target = cfg.syslog
-            if target.transport == "tcp":
-                sinks.append(SyslogSink(target.host, target.port, transport="tcp"))
-            else:
-                sinks.append(SyslogSink(target.host, target.port, transport="udp"))
-        return sinks
+        return [sink for _, sink in client_sinks(self.config)]
 
     def _main(self) -> None:
         sockets: list[PathSocket] = []
         inner_touched = False
         try:
-            self._pipeline = EventPipeline(self._sinks())
+            # EVENT_LOSS and SINK_HEALTH reach the UI (and headless stdout) as they happen.
+            self._pipeline = EventPipeline(self._sinks(), on_report=self.channel.publish_event)
             if self._plugin is not None:
                 self.config = self._plugin.prepare(self.config)
             self.config = start_paths(self.config, tun_names(self.config, self.inner))

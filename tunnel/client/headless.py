@@ -12,6 +12,13 @@ one line on stderr saying how to release it), SIGHUP reloads the policy; ``durat
 seconds after the start the same explicit terminate happens.
 The return value is :func:`tunnel.client.engine.exit_code_for` of the final reason.
 
+Event sinks: EVENT_LOSS and SINK_HEALTH lines appear on stdout as they happen (the
+engine's pipeline reports them to the channel); a SINK_HEALTH change is also one line on
+stderr. A sink that cannot work at start is one ``warning:`` line on stderr, or refuses
+the start (exit 2) when ``[events] required`` names it (:mod:`tunnel.client.sinks`).
+The log file (``--log-file`` or ``[events] log_file``) gets every stdout and stderr line
+too, in order, rotated by size like a JSONL sink (10 MiB, 5 old files).
+
 ``python -m tunnel.client.headless --config client.toml`` (or ``--demo``) runs it directly.
 """
 
@@ -36,9 +43,11 @@ from tunnel.api import (
     UiChannel,
     ui_queue_size,
 )
-from tunnel.client.config import ConfigError, load_client_config
+from tunnel.client.config import ClientConfig, ConfigError, load_client_config
 from tunnel.client.control import CONTROL_OFF, control_socket_for
 from tunnel.client.engine import ENGINE_ERROR, ClientEngine, exit_code_for
+from tunnel.client.sinks import check_sinks
+from tunnel.observability import SINK_HEALTH, JsonlFileSink, sink_health_text
 
 DRAIN_INTERVAL_S: Final = 0.05
 """How often the channel is drained (the engine never waits for us)."""
@@ -64,6 +73,9 @@ ENGINE_STOPPED_FIELDS: Final = {
 """The fields of the last headless line, ``ENGINE_STOPPED`` (docs/events.md lists them)."""
 
 
+PROG: Final = "jvpn-tui"
+
+
 def build_engine_from_args(
     config: str | None,
     demo: bool,
@@ -71,11 +83,13 @@ def build_engine_from_args(
     demo_script: bool = False,
     control: str | None = None,
     default_control: bool = False,
+    warnings: list[str] | None = None,
 ) -> EngineHandle:
     """The engine the command line asks for; ConfigError with a clear message otherwise.
 
     ``demo_script``: the demo plays its scripted timeline from the start (with or
-    without the UI: ``--demo`` always plays it).
+    without the UI: ``--demo`` always plays it). An event sink that cannot work is a
+    ConfigError when ``[events] required`` names it, else a line added to ``warnings``.
     The UI channel's size is :data:`tunnel.api.UI_QUEUE_SIZE` unless the test knob
     :data:`tunnel.api.UI_QUEUE_SIZE_ENV` says otherwise.
     ``control``: ``--control-socket`` (a path or ``off``); else the config's
@@ -96,23 +110,70 @@ def build_engine_from_args(
     if config is None:
         raise ConfigError("no configuration: give --config PATH (or --demo)")
     cfg = load_client_config(config)
+    for problem in check_sinks(cfg):
+        if problem.required:
+            raise ConfigError(problem.line())
+        if warnings is not None:
+            warnings.append(problem.line())
     socket = control_socket_for(cfg.control_socket, control)
     if socket is not None and not socket.required and not default_control:
         socket = None
     return ClientEngine(cfg, channel=channel, control=socket)
 
 
+LOG_FILE_HELP: Final = (
+    "headless: also write every stdout and stderr line to this file (rotated at 10 MiB, "
+    "5 old files kept); overrides [events] log_file"
+)
+
+
 def _line(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), default=str)
+
+
+class _Output:
+    """Where headless writes: events on ``out``, console lines on ``err``, both to the log
+    file (if any) in the order they happen. A log file that fails is dropped with one line."""
+
+    def __init__(self, out: TextIO, err: TextIO, log: JsonlFileSink | None) -> None:
+        self._out = out
+        self._err = err
+        self._log = log
+
+    def event(self, line: str) -> None:
+        self._out.write(line + "\n")
+        self._to_log(line)
+
+    def console(self, text: str) -> None:
+        self._err.write(f"{PROG}: {text}\n")
+        self._err.flush()
+        self._to_log(f"{PROG}: {text}")
+
+    def flush(self) -> None:
+        self._out.flush()
+
+    def close(self) -> None:
+        log, self._log = self._log, None
+        if log is not None:
+            log.close()
+
+    def _to_log(self, line: str) -> None:
+        log = self._log
+        if log is None:
+            return
+        try:
+            log.write(line)
+        except OSError as exc:
+            self.close()
+            self.console(f"log file {log.path}: {exc.strerror or exc}; no longer written")
 
 
 class _Drain:
     """Drains the engine's channel: events printed as JSON lines, the last snapshot kept."""
 
-    def __init__(self, engine: EngineHandle, out: TextIO, err: TextIO) -> None:
+    def __init__(self, engine: EngineHandle, out: _Output) -> None:
         self._engine = engine
         self._out = out
-        self._err = err
         self._notices = 0
         self.last: EngineSnapshot | None = None
         """The newest snapshot seen."""
@@ -126,11 +187,14 @@ class _Drain:
                 if not item.running:
                     self.final = item
             else:
-                self._out.write(_line(dict(item)) + "\n")
+                event = dict(item)
+                self._out.event(_line(event))
+                if event.get("event_type") == SINK_HEALTH:
+                    self._out.console(sink_health_text(event))
         self._out.flush()
         notices: list[str] = getattr(self._engine, "notices", [])
         for notice in notices[self._notices :]:
-            self._err.write(f"jvpn-tui: {notice}\n")
+            self._out.console(notice)
             self._notices += 1
 
     def until_stopped(self, stop_at: float | None) -> EngineSnapshot | None:
@@ -195,34 +259,70 @@ def _summary(reason: str | None, code: int, final: EngineSnapshot | None) -> dic
     return summary
 
 
+def _open_log(engine: EngineHandle, log_file: str | None) -> JsonlFileSink | None:
+    """The log file (``log_file`` or the config's ``[events] log_file``), checked; a
+    ConfigError when it cannot be written."""
+    config = getattr(engine, "config", None)
+    path = log_file or (config.log_file if isinstance(config, ClientConfig) else None)
+    if path is None:
+        return None
+    log = JsonlFileSink(path, name="log")
+    problem = log.check()
+    if problem is not None:
+        raise ConfigError(f"log file {path}: {problem}")
+    return log
+
+
 def run_headless(
     engine: EngineHandle,
     *,
     duration: float | None,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
+    log_file: str | None = None,
+    notes: Sequence[str] = (),
 ) -> int:
-    """Run ``engine`` to its end, printing events; return the exit code."""
+    """Run ``engine`` to its end, printing events; return the exit code.
+
+    ``notes`` are console lines to print first (start-up warnings); ``log_file`` overrides
+    the configuration's ``[events] log_file``. A log file that cannot be written is exit 2.
+    """
+    try:
+        output = _Output(out, err, _open_log(engine, log_file))
+    except ConfigError as exc:
+        err.write(f"{PROG}: {exc}\n")
+        return EXIT_CONFIG_ERROR
+    try:
+        return _run(engine, duration, output, notes)
+    finally:
+        output.close()
+
+
+def _run(
+    engine: EngineHandle, duration: float | None, output: _Output, notes: Sequence[str]
+) -> int:
+    for note in notes:
+        output.console(note)
     stop_at = None if duration is None else time.monotonic() + max(0.0, duration)
     previous = _install_signals(engine)
     try:
         engine.start()
-        final = _Drain(engine, out, err).until_stopped(stop_at)
+        final = _Drain(engine, output).until_stopped(stop_at)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         engine.stop(STOP_TIMEOUT_S)
     reason = final.final_reason if final is not None else getattr(engine, "final_reason", None)
     code = exit_code_for(reason)
-    out.write(_line(_summary(reason, code, final)) + "\n")
-    out.flush()
+    output.event(_line(_summary(reason, code, final)))
+    output.flush()
     if reason is not None and reason.startswith(ENGINE_ERROR):
-        err.write(f"jvpn-tui: {reason.removeprefix(ENGINE_ERROR + ': ')}\n")
+        output.console(reason.removeprefix(ENGINE_ERROR + ": "))
     elif final is not None and final.explanation:
-        err.write(f"jvpn-tui: {reason}: {final.explanation}\n")
+        output.console(f"{reason}: {final.explanation}")
     notice = getattr(engine, "kill_switch_notice", None)
     if notice:  # the session ended abnormally and its kill switch stays: say how to release
-        err.write(f"jvpn-tui: {notice}\n")
+        output.console(notice)
     return code
 
 
@@ -253,16 +353,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--demo", action="store_true", help="embedded loopback demo")
     parser.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this")
     parser.add_argument("--control-socket", metavar="PATH", help='control socket, or "off"')
+    parser.add_argument("--log-file", metavar="PATH", help=LOG_FILE_HELP)
     args = parser.parse_args(argv)
+    warnings: list[str] = []
     try:
         engine = build_engine_from_args(
             args.config, args.demo, demo_script=True, control=args.control_socket,
-            default_control=True,
+            default_control=True, warnings=warnings,
         )  # fmt: skip
     except ConfigError as exc:
-        print(f"jvpn-tui: {exc}", file=sys.stderr)
+        print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    return run_headless(engine, duration=args.duration)
+    return run_headless(engine, duration=args.duration, log_file=args.log_file, notes=warnings)
 
 
 if __name__ == "__main__":

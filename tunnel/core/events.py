@@ -157,6 +157,7 @@ class EventType(StrEnum):
     EVENT_LOSS = "EVENT_LOSS"
     PATH_ADDED = "PATH_ADDED"
     PATH_REMOVED = "PATH_REMOVED"
+    SINK_HEALTH = "SINK_HEALTH"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

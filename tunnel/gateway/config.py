@@ -97,6 +97,9 @@ class SinkConfig:
     """syslog: receiver host (name or address)."""
     port: int = DEFAULT_SYSLOG_PORT
     transport: Literal["udp", "tcp"] = "udp"
+    required: bool = False
+    """The gateway does not start when this sink cannot work (missing directory,
+    unresolvable host); otherwise that is one warning line and the sink is retried."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,7 +427,10 @@ def _jsonl_sink(r: _Reader, earlier: list[SinkConfig]) -> SinkConfig:
     path = r.path("path", required=True)
     max_bytes = r.integer("max_bytes", DEFAULT_JSONL_MAX_BYTES, 1024, 1 << 40)
     backups = r.integer("backups", DEFAULT_JSONL_BACKUPS, 0, 1000)
-    return SinkConfig("jsonl", path=path, max_bytes=max_bytes, backups=backups)
+    return SinkConfig(
+        "jsonl", path=path, max_bytes=max_bytes, backups=backups,
+        required=r.boolean("required", False),
+    )  # fmt: skip
 
 
 def _syslog_sink(r: _Reader, earlier: list[SinkConfig]) -> SinkConfig:
@@ -441,7 +447,7 @@ def _syslog_sink(r: _Reader, earlier: list[SinkConfig]) -> SinkConfig:
         raise r.error("transport", transport, "must be udp or tcp")
     return SinkConfig(
         "syslog", host=host, port=int(port_text),
-        transport="udp" if transport == "udp" else "tcp",
+        transport="udp" if transport == "udp" else "tcp", required=r.boolean("required", False),
     )  # fmt: skip
 
 
@@ -460,8 +466,10 @@ class _SinkKind:
 
 
 SINK_KINDS: Final = {
-    "jsonl": _SinkKind(frozenset({"type", "path", "max_bytes", "backups"}), _jsonl_sink),
-    "syslog": _SinkKind(frozenset({"type", "address", "transport"}), _syslog_sink),
+    "jsonl": _SinkKind(
+        frozenset({"type", "path", "max_bytes", "backups", "required"}), _jsonl_sink
+    ),
+    "syslog": _SinkKind(frozenset({"type", "address", "transport", "required"}), _syslog_sink),
     "stdout": _SinkKind(frozenset({"type"}), _stdout_sink),
 }
 

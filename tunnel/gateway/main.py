@@ -17,7 +17,7 @@ import dataclasses
 import errno
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -32,10 +32,12 @@ from tunnel.gateway.config import (
     load_gateway_config,
 )  # fmt: skip
 from tunnel.gateway.console import RefusalNotices, SessionNotices
+from tunnel.gateway.sinks import check_sinks
 from tunnel.io.netconf import NetConfError
 from tunnel.io.tun import TUN_CLONE_DEVICE, TunError
 from tunnel.io.udp import PathError
 from tunnel.observability.metrics import parse_host_port
+from tunnel.observability.pipeline import SINK_HEALTH, sink_health_text
 from tunnel.version import package_version
 
 if TYPE_CHECKING:
@@ -120,6 +122,12 @@ def _console(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _sink_report(event: Mapping[str, object]) -> None:
+    """A sink's state changed (pipeline thread): one console line."""
+    if event.get("event_type") == SINK_HEALTH:
+        _console(f"jvpn-gateway: {sink_health_text(event)}")
+
+
 def _has_net_admin() -> bool:
     if os.geteuid() == 0:
         return True
@@ -198,6 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     problem = tun_precheck(config)
     if problem is not None:
         return _fail(EXIT_PRIVILEGE, problem)
+    for sink_problem in check_sinks(config):  # one line each; a required one stops here
+        if sink_problem.required:
+            return _fail(EXIT_CONFIG, sink_problem.line())
+        _console(f"jvpn-gateway: {sink_problem.line()}")
 
     if args.control_socket is not None:
         off = args.control_socket.strip() in CONTROL_OFF
@@ -210,7 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         refusals.on_event(event)
         sessions.on_event(event)
 
-    runtime = GatewayRuntime.from_config(config, metrics=args.metrics, on_event=console)
+    runtime = GatewayRuntime.from_config(
+        config, metrics=args.metrics, on_event=console, on_sink_report=_sink_report
+    )
     if not runtime.policy.ok:
         print(
             f"jvpn-gateway: warning: invalid policy, new sessions are denied until it is "

@@ -63,7 +63,7 @@ from tunnel.gateway.policy_reload import POLICY_POLL_S, PolicyReloader, load_ini
 from tunnel.io.loop import DriverLoop, drain, new_event_loop
 from tunnel.io.udp import GatewaySocket
 from tunnel.observability.metrics import MetricFamily, MetricsServer
-from tunnel.observability.pipeline import EventPipeline
+from tunnel.observability.pipeline import EventPipeline, Report
 from tunnel.ownership import MemorySessionStore, SessionStore
 
 CALL_TIMEOUT_S: Final = 5.0
@@ -201,24 +201,17 @@ class GatewayRuntime:
         metrics: tuple[str, int] | None = None,
         store: SessionStore | None = None,
         on_event: Callable[[Event], None] | None = None,
+        on_sink_report: Report | None = None,
     ) -> GatewayRuntime:
         """A runtime for a :class:`tunnel.gateway.config.GatewayConfig` (nothing opened).
 
         ``metrics`` overrides the file's metrics address. The runtime owns the event
-        pipeline built from the configured sinks and closes it in :meth:`close`.
+        pipeline built from the configured sinks and closes it in :meth:`close`;
+        ``on_sink_report`` gets its EVENT_LOSS and SINK_HEALTH reports (the console).
         """
-        from tunnel.observability.sinks import JsonlFileSink, Sink, StdoutSink, SyslogSink
+        from tunnel.gateway.sinks import gateway_sinks
 
-        sinks: list[Sink] = []
-        for sc in config.sinks:
-            if sc.kind == "jsonl" and sc.path is not None:
-                sinks.append(JsonlFileSink(sc.path, max_bytes=sc.max_bytes, backups=sc.backups))
-            elif sc.kind == "syslog" and sc.host is not None:
-                sinks.append(
-                    SyslogSink(sc.host, sc.port, transport=sc.transport, app_name="jvpn-gateway")
-                )
-            elif sc.kind == "stdout":
-                sinks.append(StdoutSink())
+        sinks = gateway_sinks(config)
         policy, error = load_initial_policy(config.policy_path)
         prefix = config.subnet.prefixlen
         prefix6 = config.subnet6.prefixlen if config.subnet6 is not None else 0
@@ -234,7 +227,8 @@ class GatewayRuntime:
             inner=inner, node_id=config.node_id, inner_gateway=config.gateway_address,
             inner_prefix=prefix, mtu=config.mtu, inner_gateway6=config.gateway_address6,
             inner_prefix6=prefix6,
-            pipeline=EventPipeline(sinks) if sinks else None, own_pipeline=True,
+            pipeline=EventPipeline(sinks, on_report=on_sink_report) if sinks else None,
+            own_pipeline=True,
             store=store, metrics=metrics if metrics is not None else config.metrics,
             control=config.control_socket, control_required=config.control_required,
             on_event=on_event,

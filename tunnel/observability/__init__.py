@@ -7,6 +7,7 @@ waits and never raises; loss is counted, warned about (EVENT_LOSS) and flagged i
 
 from tunnel.observability.pipeline import (
     EVENT_LOSS,
+    SINK_HEALTH,
     EventLike,
     EventPipeline,
     LossReason,
@@ -15,6 +16,7 @@ from tunnel.observability.pipeline import (
     SinkState,
     backoff_delay,
     encode_event,
+    sink_health_text,
 )
 from tunnel.observability.sinks import (
     CallbackSink,
@@ -22,10 +24,12 @@ from tunnel.observability.sinks import (
     Sink,
     StdoutSink,
     SyslogSink,
+    sink_problems,
 )
 
 __all__ = [
     "EVENT_LOSS",
+    "SINK_HEALTH",
     "CallbackSink",
     "EventLike",
     "EventPipeline",
@@ -39,4 +43,6 @@ __all__ = [
     "SyslogSink",
     "backoff_delay",
     "encode_event",
+    "sink_health_text",
+    "sink_problems",
 ]

@@ -115,7 +115,9 @@ def observability_families(health: ObservabilityHealth) -> list[MetricFamily]:
                health.ring_dropped),
         single(prefix + "invalid_total", "Events that could not be encoded, dropped.",
                "counter", health.invalid_events),
-        labelled(prefix + "sink_up", "1 while the sink writes, 0 while it fails or stalls.",
+        labelled(prefix + "sink_up",
+                 "1 while the sink drains: no failed write, blocked write or lost line "
+                 "within the drain window (10 s); else 0.",
                  "gauge", "sink", {s.name: float(s.state == "ok") for s in sinks}),
         labelled(prefix + "sink_queue_depth", "Lines waiting in the sink's queue.", "gauge",
                  "sink", {s.name: s.queue_depth for s in sinks}),

@@ -15,6 +15,24 @@ Event *generation* is mandatory, *delivery* is best effort with counted loss
 * Every loss is counted. An ``EVENT_LOSS`` warning about a sink goes to the *other* sinks
   (at most one per sink per second) and, once that sink writes again, to the sink itself.
 * ``health()`` is a frozen snapshot; ``ok`` is the health-degradation flag.
+
+**Draining.** A sink is ``ok`` only while it drains: no write has failed, no line was lost
+and no write has been blocked for ``stall_after`` within the last ``drain_window`` seconds
+(DRAIN_WINDOW_S). Otherwise it is ``failing`` (its last write failed and none succeeded
+since, or a write is blocked right now) or ``lagging`` (writes succeed again, but a write
+failed or a line was lost less than ``drain_window`` ago: it is not keeping up). A SIEM that
+accepts a TCP connection but never reads fails a send every few seconds and reconnects in
+between, so it never looks ``ok`` for long: the window covers the gaps between failures.
+Lines the kernel accepted on a connection that is then dropped are not counted as lost
+(TCP does not acknowledge lines); the failure that dropped it makes the sink down.
+
+**Reports.** ``on_report`` (optional, any callable that never blocks) receives a mapping
+for every EVENT_LOSS warning and every SINK_HEALTH change of a sink's state (``sink``,
+``state``, ``previous_state``, ``dropped_total``, ``last_error``), on the dispatcher thread;
+the engines hand them to the UI channel so a headless client prints them and the TUI
+shows them as they happen. SINK_HEALTH also goes to the other sinks (not to the sink
+itself). A sink with a ``check()`` method is checked when its thread starts: a problem
+(e.g. a missing directory) makes it ``failing`` at once, with the problem as its error.
 """
 
 from __future__ import annotations
@@ -46,8 +64,12 @@ MAX_ATTEMPTS_PER_LINE: Final = 5
 LOSS_WARNING_INTERVAL_S: Final = 1.0
 """At most one EVENT_LOSS warning per lossy sink (and for the ring) per second."""
 
-STALL_AFTER_S: Final = 5.0
-"""A write that has not returned after this long makes the sink ``failing``."""
+STALL_AFTER_S: Final = 2.0
+"""A write that has not returned after this long makes the sink ``failing`` (shorter than
+the syslog sink's 3 s send timeout, so a peer that stopped reading shows while it blocks)."""
+
+DRAIN_WINDOW_S: Final = 10.0
+"""A sink is ``ok`` again only after this long without a failed write or a lost line."""
 
 DEGRADED_HOLD_S: Final = 60.0
 """``health().ok`` stays False this long after the last lost event."""
@@ -59,11 +81,35 @@ MAX_ERROR_TEXT: Final = 200
 """Error texts in health are cut to this length (they go to the TUI and metrics)."""
 
 EVENT_LOSS: Final = "EVENT_LOSS"
+SINK_HEALTH: Final = "SINK_HEALTH"
 RING_SINK_NAME: Final = "*"
 """The ``sink`` of an EVENT_LOSS about the ring: a ring overflow loses events for all sinks."""
 
+PIPELINE_EVENT_FIELDS: Final[Mapping[str, Mapping[str, str]]] = {
+    EVENT_LOSS: {
+        "ts_ms": "Wall-clock milliseconds of the warning.",
+        "sink": "The sink that lost lines (``*``: the ring, before any sink).",
+        "dropped": "Lines lost since the last warning about this sink.",
+        "dropped_total": "Lines this sink (or the ring) lost since the start.",
+        "reason": "``sink_failing`` (writes fail or block), ``sink_slow`` (its queue "
+        "overflowed) or ``ring_overflow``.",
+    },
+    SINK_HEALTH: {
+        "ts_ms": "Wall-clock milliseconds of the change.",
+        "sink": "The sink whose state changed.",
+        "state": "``ok``, ``lagging`` (writing, but it failed or lost a line within the "
+        "last 10 s) or ``failing`` (its last write failed, or a write is blocked).",
+        "previous_state": "The state before.",
+        "dropped_total": "Lines the sink lost since the start.",
+        "last_error": "The error that explains the state (kept after recovery), or null.",
+    },
+}
+"""The pipeline's own lines (not session events): field -> meaning (docs/events.md)."""
+
 LossReason = Literal["sink_failing", "sink_slow", "ring_overflow"]
-SinkState = Literal["ok", "failing"]
+SinkState = Literal["ok", "lagging", "failing"]
+Report = Callable[[Mapping[str, object]], object]
+"""Receives EVENT_LOSS and SINK_HEALTH mappings (``on_report``); must never block."""
 
 
 class EventLike(Protocol):
@@ -85,7 +131,9 @@ class SinkHealth:
     name: str
     """The sink's name, unique in its pipeline."""
     state: SinkState
-    """``failing`` after a failed write or while a write is stalled; ``ok`` after a success."""
+    """``failing``: the last write failed, or a write is blocked for ``stall_after``;
+    ``lagging``: writing again, but a write failed or a line was lost within the drain
+    window; ``ok``: drained cleanly for the whole window (module docstring, *Draining*)."""
     queue_depth: int
     """Lines waiting in the sink's queue."""
     queue_size: int
@@ -121,6 +169,16 @@ class ObservabilityHealth:
     def dropped_total(self) -> int:
         """Every loss counted anywhere in the pipeline."""
         return self.ring_dropped + self.invalid_events + sum(s.dropped for s in self.sinks)
+
+
+def sink_health_text(event: Mapping[str, object]) -> str:
+    """One console line for a SINK_HEALTH event (headless client, gateway stderr)."""
+    error = event.get("last_error")
+    why = f": {error}" if error and event.get("state") != "ok" else ""
+    return (
+        f"event sink {event.get('sink')} {event.get('state')} "
+        f"(was {event.get('previous_state')}, {event.get('dropped_total')} lost){why}"
+    )
 
 
 def backoff_delay(
@@ -170,9 +228,11 @@ class EventPipeline:
         backoff_max: float = BACKOFF_MAX_S,
         max_attempts: int = MAX_ATTEMPTS_PER_LINE,
         stall_after: float = STALL_AFTER_S,
+        drain_window: float = DRAIN_WINDOW_S,
         degraded_hold: float = DEGRADED_HOLD_S,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        on_report: Report | None = None,
     ) -> None:
         if ring_size < 1 or queue_size < 1:
             raise ValueError("ring_size and queue_size must be >= 1")
@@ -187,6 +247,9 @@ class EventPipeline:
         self._backoff_max = backoff_max
         self._max_attempts = max_attempts
         self._stall_after = stall_after
+        self._drain_window = drain_window
+        self._on_report = on_report
+        self._report_errors = 0
         self._degraded_hold = degraded_hold
         self._clock = clock
         self._wall_clock = wall_clock
@@ -325,8 +388,32 @@ class EventPipeline:
                     worker.enqueue(line)
             self._dispatching = False
             self._send_loss_warnings(force=closed)
+            self._send_state_changes()
             if closed:
                 return
+
+    def _report(self, event: Mapping[str, object]) -> None:
+        """Hand a warning to ``on_report``; its failure is counted, never raised."""
+        if self._on_report is None:
+            return
+        try:
+            self._on_report(event)
+        except Exception:  # the receiver is engine/UI code: count, keep dispatching
+            with self._state_lock:
+                self._report_errors += 1
+
+    def _send_state_changes(self) -> None:
+        """SINK_HEALTH for every sink whose state changed since the last tick: to
+        ``on_report`` and to the other sinks."""
+        now = self._clock()
+        for changed in self._workers:
+            event = changed.take_state_change(now)
+            if event is None:
+                continue
+            self._report(event)
+            for worker in self._workers:
+                if worker is not changed:
+                    worker.offer_health(event)
 
     def _send_loss_warnings(self, *, force: bool) -> None:
         now = self._clock()
@@ -342,6 +429,7 @@ class EventPipeline:
                 self._ring_last_warning = now
         if ring_due:
             self._note_loss(now)
+            self._report(self.loss_event(RING_SINK_NAME, ring_dropped, ring_total, "ring_overflow"))
             for worker in self._workers:
                 worker.offer_loss(RING_SINK_NAME, ring_dropped, ring_total, "ring_overflow")
         for lossy in self._workers:
@@ -349,23 +437,33 @@ class EventPipeline:
             if report is None:
                 continue
             self._note_loss(now)
+            self._report(self.loss_event(lossy.name, *report))
             for worker in self._workers:
                 if worker is not lossy:
                     worker.offer_loss(lossy.name, *report)
 
     # -- shared helpers ------------------------------------------------------------------
 
-    def loss_line(self, sink: str, dropped: int, dropped_total: int, reason: LossReason) -> str:
-        """The JSON line of an EVENT_LOSS warning."""
-        warning: dict[str, object] = {
+    def loss_event(
+        self, sink: str, dropped: int, dropped_total: int, reason: LossReason
+    ) -> dict[str, object]:
+        """An EVENT_LOSS warning."""
+        return {
             "event_type": EVENT_LOSS,
-            "ts_ms": int(self._wall_clock() * 1000),
+            "ts_ms": self.wall_ms(),
             "sink": sink,
             "dropped": dropped,
             "dropped_total": dropped_total,
             "reason": reason,
         }
-        return encode_event(warning)
+
+    def loss_line(self, sink: str, dropped: int, dropped_total: int, reason: LossReason) -> str:
+        """The JSON line of an EVENT_LOSS warning."""
+        return encode_event(self.loss_event(sink, dropped, dropped_total, reason))
+
+    def wall_ms(self) -> int:
+        """The wall clock in Unix milliseconds (the ``ts_ms`` of the pipeline's own lines)."""
+        return int(self._wall_clock() * 1000)
 
     def _note_loss(self, now: float) -> None:
         with self._state_lock:
@@ -397,11 +495,16 @@ class _SinkWorker:
         self._unreported_others = 0
         self._unreported_self = 0
         self._pending_loss: dict[str, tuple[int, int, LossReason]] = {}
+        self._pending_health: dict[str, dict[str, object]] = {}
+        """SINK_HEALTH about other sinks, one slot per sink (the newest state wins)."""
         self._last_reason: LossReason = "sink_slow"
         self._last_warning: float | None = None
         self._last_self_warning: float | None = None
         self._failing = False
         self._failures = 0
+        self._last_trouble: float | None = None
+        """When a write last failed or a line was last lost (the drain window)."""
+        self._reported_state: SinkState = "ok"
         self._last_error: str | None = None
         self._write_started: float | None = None
         self._inflight = False
@@ -428,6 +531,18 @@ class _SinkWorker:
             self._add_pending_locked(sink, dropped, dropped_total, reason)
             self._cond.notify()
 
+    def offer_health(self, event: dict[str, object]) -> None:
+        """Queue a SINK_HEALTH event about another sink beside the queue, like a loss
+        warning (never dropped, never pushes an event out); a newer one about the same
+        sink replaces it, keeping the state it changed from."""
+        with self._cond:
+            sink = str(event["sink"])
+            earlier = self._pending_health.pop(sink, None)
+            if earlier is not None:
+                event = {**event, "previous_state": earlier["previous_state"]}
+            self._pending_health[sink] = event
+            self._cond.notify()
+
     def take_report_for_others(
         self, now: float, *, force: bool
     ) -> tuple[int, int, LossReason] | None:
@@ -444,14 +559,39 @@ class _SinkWorker:
 
     # -- called by any thread ------------------------------------------------------------
 
+    def take_state_change(self, now: float) -> dict[str, object] | None:
+        """The SINK_HEALTH event when the state differs from the last one reported."""
+        with self._cond:
+            state, last_error = self._state_locked(now)
+            previous = self._reported_state
+            if state == previous:
+                return None
+            self._reported_state = state
+            return {
+                "event_type": SINK_HEALTH,
+                "ts_ms": self._p.wall_ms(),
+                "sink": self.name,
+                "state": state,
+                "previous_state": previous,
+                "dropped_total": self._dropped,
+                "last_error": last_error,
+            }
+
+    def _state_locked(self, now: float) -> tuple[SinkState, str | None]:
+        """The sink's state now and the error that explains it (module docstring)."""
+        if self._stalled_locked(now):
+            assert self._write_started is not None
+            return "failing", f"write blocked for {now - self._write_started:.1f} s"
+        if self._failing:
+            return "failing", self._last_error
+        trouble = self._last_trouble
+        if trouble is not None and now - trouble < self._p._drain_window:
+            return "lagging", self._last_error
+        return "ok", self._last_error
+
     def snapshot(self, now: float) -> SinkHealth:
         with self._cond:
-            state: SinkState = "failing" if self._failing else "ok"
-            last_error = self._last_error
-            if self._stalled_locked(now):
-                state = "failing"
-                assert self._write_started is not None
-                last_error = f"write blocked for {now - self._write_started:.1f} s"
+            state, last_error = self._state_locked(now)
             return SinkHealth(
                 name=self.name,
                 state=state,
@@ -468,7 +608,8 @@ class _SinkWorker:
 
     def busy(self) -> bool:
         with self._cond:
-            return bool(self._queue) or bool(self._pending_loss) or self._inflight
+            pending = bool(self._pending_loss) or bool(self._pending_health)
+            return bool(self._queue) or pending or self._inflight
 
     # -- called by close() ---------------------------------------------------------------
 
@@ -491,6 +632,7 @@ class _SinkWorker:
     # -- the sink thread -----------------------------------------------------------------
 
     def _run(self) -> None:
+        self._check()
         work = _Line()
         while self._next_locked(work):
             assert work.line is not None
@@ -527,13 +669,19 @@ class _SinkWorker:
             return True
 
     def _has_work_locked(self) -> bool:
-        return bool(self._queue) or bool(self._pending_loss) or self._draining
+        pending = bool(self._pending_loss) or bool(self._pending_health)
+        return bool(self._queue) or pending or self._draining
 
     def _take_locked(self, work: _Line) -> bool:
-        """The next line: a pending loss warning first, then the oldest queued event."""
+        """The next line: a pending loss warning first, then a pending SINK_HEALTH, then
+        the oldest queued event."""
         if self._pending_loss:
             about = next(iter(self._pending_loss))
             work.line = self._p.loss_line(about, *self._pending_loss.pop(about))
+            work.is_event = False
+        elif self._pending_health:
+            about = next(iter(self._pending_health))
+            work.line = encode_event(self._pending_health.pop(about))
             work.is_event = False
         elif self._queue:
             work.line = self._queue.popleft()
@@ -549,6 +697,7 @@ class _SinkWorker:
         with self._cond:
             self._write_started = None
             self._failing = True
+            self._last_trouble = self._p._clock()
             self._failures += 1
             self._last_error = _error_text(exc)
             work.attempts += 1
@@ -564,6 +713,9 @@ class _SinkWorker:
 
     def _write_done(self, work: _Line) -> None:
         with self._cond:
+            now = self._p._clock()
+            if self._stalled_locked(now):  # it returned, but only after blocking that long
+                self._last_trouble = now
             self._write_started = None
             self._written += 1
             recovered = self._failing
@@ -589,6 +741,22 @@ class _SinkWorker:
         self._unreported_self = 0
         self._last_self_warning = now
 
+    def _check(self) -> None:
+        """The sink's own start-up check (``check()``, if it has one): a problem makes it
+        ``failing`` before the first write, with the problem as its error."""
+        check = getattr(self.sink, "check", None)
+        if check is None:
+            return
+        try:
+            problem = check()
+        except Exception as exc:  # a check that fails is a problem of the sink
+            problem = _error_text(exc)
+        if problem:
+            with self._cond:
+                self._failing = True
+                self._last_error = str(problem)[:MAX_ERROR_TEXT]
+                self._last_trouble = self._p._clock()
+
     def _close_sink(self) -> None:
         try:
             self.sink.close()
@@ -611,7 +779,9 @@ class _SinkWorker:
         return started is not None and now - started >= self._p._stall_after
 
     def _drop_locked(self, count: int) -> None:
-        failing = self._failing or self._stalled_locked(self._p._clock())
+        now = self._p._clock()
+        failing = self._failing or self._stalled_locked(now)
+        self._last_trouble = now
         self._dropped += count
         self._unreported_others += count
         self._unreported_self += count

@@ -5,6 +5,11 @@ object without the trailing newline and raises on any failure; the pipeline owns
 backoff, buffering and health, so a sink stays a thin, synchronous writer that only its
 own pipeline thread ever calls. Sinks open files and sockets lazily on the first write,
 so a sink whose target is missing at start-up shows as ``failing`` and recovers by itself.
+
+A sink may also have ``check() -> str | None``: why it cannot work right now (a missing
+directory, a host name that does not resolve), or None. The programs call it at start to
+report (or refuse, for a sink the configuration marks ``required``) in one line, and the
+pipeline calls it when the sink's thread starts (:func:`sink_problems`).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Final, Literal, Protocol, TextIO
 
@@ -82,6 +87,21 @@ class JsonlFileSink:
         self.name = name or f"jsonl:{self.path.name}"
         self._fd: int | None = None
         self._size = 0
+
+    def check(self) -> str | None:
+        """Why lines cannot be appended now (missing or unwritable directory or file)."""
+        directory = self.path.parent
+        if self.path.exists():
+            if self.path.is_dir():
+                return f"{self.path} is a directory"
+            if not os.access(self.path, os.W_OK):
+                return f"{self.path} is not writable"
+            return None
+        if not directory.is_dir():
+            return f"directory {directory} does not exist"
+        if not os.access(directory, os.W_OK | os.X_OK):
+            return f"directory {directory} is not writable"
+        return None
 
     def write(self, line: str) -> None:
         data = line.encode("utf-8") + b"\n"
@@ -185,6 +205,19 @@ class SyslogSink:
         self.name = name or f"syslog-{transport}:{host}:{port}"
         self._sock: socket.socket | None = None
 
+    def check(self) -> str | None:
+        """Why the receiver cannot be reached by name now (the host does not resolve).
+
+        A receiver that is down is not a problem here: the sink retries it.
+        """
+        kind = socket.SOCK_DGRAM if self.transport == "udp" else socket.SOCK_STREAM
+        try:
+            socket.getaddrinfo(self.host, self.port, type=kind)
+        except (socket.gaierror, UnicodeError) as exc:
+            reason = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+            return f"cannot resolve syslog host {self.host!r}: {reason}"
+        return None
+
     def format(self, line: str) -> bytes:
         """The RFC 5424 message (unframed, untruncated) for one JSON line."""
         decoded = json.loads(line)
@@ -273,3 +306,14 @@ class CallbackSink:
 
     def close(self) -> None:
         return None
+
+
+def sink_problems(sinks: Iterable[object]) -> list[tuple[str, str]]:
+    """(sink name, problem) for every sink whose ``check()`` names one, in order."""
+    problems = []
+    for sink in sinks:
+        check = getattr(sink, "check", None)
+        problem = check() if check is not None else None
+        if problem:
+            problems.append((str(getattr(sink, "name", "?")), problem))
+    return problems
