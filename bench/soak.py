@@ -120,11 +120,13 @@ def write_configs(work: Path) -> tuple[Path, Path]:
         'node_id = "soak-gw"\nlisten = ["127.0.0.1:0"]\nprivate_key = "gateway.key"\n'
         'inner_echo = true\n[tun]\nsubnet = "10.66.0.0/24"\n'
         '[[clients]]\nname = "soak"\npublic_key = "client.pub"\n'
+        f'[control]\nsocket = "{work / "gateway.sock"}"\n'  # never the host's default socket
     )
     client = work / "client.toml"
     client.write_text(
         f'private_key = "{encode_key(cl_private)}"\n'
         f'gateway_public_key = "{encode_key(gw_public)}"\n'
+        f'control_socket = "{work / "client.sock"}"\n'
         '[inner]\nkind = "memory"\nrate_pps = 20\n'
     )
     return gateway, client
