@@ -313,7 +313,14 @@ def _old_address_is_only_challenged(
 def test_at18_nat_rebinding_rebinds_with_a_path_challenge_and_drops_the_old_address(
     realnet,  # noqa: F811
 ) -> None:
-    t: RealTunnel = realnet(relays=(0,))
+    # The old address is tested with datagrams taken off path A while its relay briefly
+    # blackholes the upstream (the stream's echoes stop too): with traffic-scaled death
+    # (docs/policy.md, dead_traffic_min_ms) that silence alone would move the session to B
+    # within the capture and make the taken datagrams stale. The floor at its maximum keeps
+    # the capture an instrument, not a death; the rebinding itself is what is tested.
+    t: RealTunnel = realnet(
+        relays=(0,), policy=policy_toml(volatility={"dead_traffic_min_ms": 60_000})
+    )
     sid = _session_id(t)
     relay = t.relays[0]
     attached = t.gw_events.wait_type("TRANSPORT_ATTACHED", 5)
