@@ -437,3 +437,36 @@ def test_the_program_reloads_clients_dir_on_sighup_and_names_a_bad_file(
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     assert proc.returncode == 0
+
+
+def test_jvpn_reload_reloads_clients_dir_and_says_what_it_did(confdir: Path) -> None:
+    """The control socket's ``reload`` takes the SIGHUP path: the policy, then the files."""
+    from tunnel.gateway.runtime import GatewayRuntime
+    from tunnel.gateway.thread import GatewayThread
+
+    d = confdir / "clients.d"
+    client_file(d, "anna")
+    sock = confdir / "run" / "gateway.sock"
+    path = confdir / "gateway.toml"
+    path.write_text(HEAD.replace('socket = "off"', f'socket = "{sock}"'))
+    config = load_gateway_config(path)
+    gw = GatewayThread(GatewayRuntime.from_config(config)).start()
+    jvpn = [sys.executable, "-m", "tunnel.cli", "--socket", str(sock), "reload"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    try:
+        client_file(d, "bob")
+        bad = client_file(d, "broken", "?")
+        proc = subprocess.run(jvpn, capture_output=True, text=True, env=env, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == (
+            "no policy file: the built-in defaults stay; clients_dir: 2 clients (+1 -0 ~0), "
+            "1 files skipped, 0 sessions ended"
+        )
+        assert sorted(c.name for c in gw.runtime.clients) == ["anna", "bob"]
+        shutil.move(d, confdir / "gone")
+        proc = subprocess.run(jvpn, capture_output=True, text=True, env=env, timeout=30)
+        assert proc.returncode == 1
+        assert f"clients_dir not read, the clients stay: {d}" in proc.stderr
+        assert str(bad) not in proc.stderr
+    finally:
+        gw.stop()
