@@ -29,6 +29,8 @@ The runtime is composed of components it owns and calls (each owns its state):
 - :class:`tunnel.io.loop.DriverLoop`: guarded callbacks, bounded drains, the one timer;
 - :class:`tunnel.gateway.ownership.OwnershipMirror`: the ownership-store mirror;
 - :class:`tunnel.gateway.policy_reload.PolicyReloader`: the policy file and its status;
+- :class:`tunnel.gateway.clients_reload.ClientsReloader`: the clients and their reloads
+  from ``clients_dir`` (SIGHUP and the control socket's ``reload``: ``reload_clients()``);
 - :class:`tunnel.gateway.metrics.GatewayMetrics`: health, session views, the Prometheus
   families and the event tallies behind them;
 - :class:`tunnel.gateway.control.GatewayControl` (with a control socket): the control
