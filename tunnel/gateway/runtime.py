@@ -29,6 +29,8 @@ The runtime is composed of components it owns and calls (each owns its state):
 - :class:`tunnel.io.loop.DriverLoop`: guarded callbacks, bounded drains, the one timer;
 - :class:`tunnel.gateway.ownership.OwnershipMirror`: the ownership-store mirror;
 - :class:`tunnel.gateway.policy_reload.PolicyReloader`: the policy file and its status;
+- :class:`tunnel.gateway.clients_reload.ClientsReloader`: the clients and their reloads
+  from ``clients_dir`` (SIGHUP and the control socket's ``reload``: ``reload_clients()``);
 - :class:`tunnel.gateway.metrics.GatewayMetrics`: health, session views, the Prometheus
   families and the event tallies behind them;
 - :class:`tunnel.gateway.control.GatewayControl` (with a control socket): the control
@@ -55,6 +57,7 @@ from tunnel.control.protocol import ControlError
 from tunnel.core.events import Event, Reason, StateChange
 from tunnel.core.gateway import ClientEntry, GatewaySessions, SessionView
 from tunnel.core.policy import POLICY_DEFAULT, Policy
+from tunnel.gateway.clients_reload import ClientsReloader
 from tunnel.gateway.control import STATUS_INTERVAL_S, GatewayControl
 from tunnel.gateway.inner import EchoInner, GatewayInner, GatewayTun
 from tunnel.gateway.metrics import GatewayHealth, GatewayMetrics, TrafficCounters
@@ -131,6 +134,7 @@ class GatewayRuntime:
         control: Path | None = None,
         control_required: bool = True,
         on_event: Callable[[Event], None] | None = None,
+        config: GatewayConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         urandom: Callable[[int], bytes] = os.urandom,
@@ -162,6 +166,8 @@ class GatewayRuntime:
             self.gateway, Path(policy_path) if policy_path is not None else None,
             policy, policy_error,
         )  # fmt: skip
+        self.clients_reload: ClientsReloader = ClientsReloader(self.gateway, config, clients)
+        """The clients and their reloads from ``config.clients_dir`` (SIGHUP)."""
         self.ownership: OwnershipMirror = OwnershipMirror(
             self.gateway, store if store is not None else MemorySessionStore(), node_id
         )
@@ -231,7 +237,7 @@ class GatewayRuntime:
             own_pipeline=True,
             store=store, metrics=metrics if metrics is not None else config.metrics,
             control=config.control_socket, control_required=config.control_required,
-            on_event=on_event,
+            on_event=on_event, config=config,
         )  # fmt: skip
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -350,6 +356,7 @@ class GatewayRuntime:
             self._status_handle = driver.call_later(STATUS_INTERVAL_S, self._publish_status)
         if not self.policy.ok:
             driver.guard(self._announce_invalid_start)
+        driver.guard(self.clients_reload.announce_start, self.clock())
         driver.guard(self.pump)
         if on_ready is not None:
             on_ready()
@@ -435,15 +442,30 @@ class GatewayRuntime:
         self.driver.pump(now)
         return ok
 
+    def reload_clients(self) -> bool:
+        """Read ``clients_dir`` again (loop thread; tunnel/gateway/clients_reload.py);
+        False if the directory could not be read. True without one."""
+        if not self.clients_reload.reloadable:
+            return True
+        now = self.clock()
+        ok = self.clients_reload.reload(now)
+        self.clients = self.clients_reload.clients
+        if self.control is not None:
+            self.control.traffic.add(self.clients)
+        self.driver.pump(now)
+        return ok
+
     def _reload_from_signal(self) -> None:
         self.reload_policy()
+        self.reload_clients()
 
     def reload_policy_guarded(self) -> bool:
-        """:meth:`reload_policy` as a guarded callback (an exception is an engine failure,
-        as for SIGHUP); False if it failed. Loop thread (the control socket's command)."""
+        """SIGHUP's reload (the policy, then the clients) as a guarded callback (an
+        exception is an engine failure, as for SIGHUP); False if either failed. Loop
+        thread (the control socket's command)."""
         result: list[bool] = []
-        self.driver.guard(lambda: result.append(self.reload_policy()))
-        return bool(result and result[0])
+        self.driver.guard(lambda: result.extend((self.reload_policy(), self.reload_clients())))
+        return bool(result and all(result))
 
     # -- operator commands (loop thread) -------------------------------------------------
 
