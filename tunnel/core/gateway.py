@@ -379,10 +379,18 @@ class GatewaySessions:
                 return True
         return False
 
-    def terminate_all(self, now: float, reason: Reason = Reason.OPERATOR_TERMINATED) -> None:
-        for s in list(self.sessions.values()):
+    def terminate_all(
+        self, now: float, reason: Reason = Reason.OPERATOR_TERMINATED, *, limit: int = 0
+    ) -> int:
+        """End the live sessions (TERMINATE to each); with ``limit``, at most that many, so a
+        driver can send each batch before the next (the outbox stays short: a shutdown of
+        many sessions is linear). Returns how many live sessions remain."""
+        live = [s for s in self.sessions.values() if not s.machine.terminated]
+        batch = live[:limit] if limit > 0 else live
+        for s in batch:
             s.terminate(reason, now)
-        self._timers.touch_all(self.sessions)
+            self._timers.touch(s.index)
+        return len(live) - len(batch)
 
     # == outputs ===========================================================================
     def datagrams_to_send(self) -> list[tuple[Addr, bytes]]:
