@@ -379,18 +379,21 @@ class GatewaySessions:
                 return True
         return False
 
-    def terminate_all(
-        self, now: float, reason: Reason = Reason.OPERATOR_TERMINATED, *, limit: int = 0
-    ) -> int:
-        """End the live sessions (TERMINATE to each); with ``limit``, at most that many, so a
-        driver can send each batch before the next (the outbox stays short: a shutdown of
-        many sessions is linear). Returns how many live sessions remain."""
-        live = [s for s in self.sessions.values() if not s.machine.terminated]
-        batch = live[:limit] if limit > 0 else live
-        for s in batch:
-            s.terminate(reason, now)
-            self._timers.touch(s.index)
-        return len(live) - len(batch)
+    def terminate_all(self, now: float, reason: Reason = Reason.OPERATOR_TERMINATED) -> None:
+        self.terminate_many(list(self.sessions), now, reason)
+
+    def terminate_many(
+        self, indexes: Sequence[int], now: float, reason: Reason = Reason.OPERATOR_TERMINATED
+    ) -> None:
+        """End the sessions ``indexes`` name (TERMINATE to each; ended or unknown ones are
+        skipped). A driver ending many sessions passes them in batches and sends each
+        batch's output before the next, so the outbox stays short (ending a session voids
+        what is queued for it: a linear scan of the outbox)."""
+        for index in indexes:
+            s = self.sessions.get(index)
+            if s is not None and not s.machine.terminated:
+                s.terminate(reason, now)
+                self._timers.touch(index)
 
     # == outputs ===========================================================================
     def datagrams_to_send(self) -> list[tuple[Addr, bytes]]:

@@ -72,7 +72,7 @@ CALL_TIMEOUT_S: Final = 5.0
 CONTROL_FLUSH_S: Final = 1.0
 """At the end, how long control-socket watchers get to read the last events (bounded)."""
 
-SHUTDOWN_BATCH: Final = 256
+SHUTDOWN_BATCH: Final = 64
 """Sessions ended per step of a shutdown (their TERMINATEs and events leave before the
 next step: the outbox and the event queue stay bounded whatever the number of sessions)."""
 
@@ -392,7 +392,10 @@ class GatewayRuntime:
     def _terminate_in_batches(self, now: float) -> None:
         """End every session, SHUTDOWN_BATCH at a time, each batch's TERMINATEs (and events)
         sent before the next: bounded work per step, linear in the number of sessions."""
-        while self.gateway.terminate_all(now, Reason.OPERATOR_TERMINATED, limit=SHUTDOWN_BATCH):
+        indexes = list(self.gateway.sessions)
+        for start in range(0, len(indexes), SHUTDOWN_BATCH):
+            batch = indexes[start : start + SHUTDOWN_BATCH]
+            self.gateway.terminate_many(batch, now, Reason.OPERATOR_TERMINATED)
             self.pump(now)
         self.pump(now)
 
