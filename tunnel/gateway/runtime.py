@@ -75,6 +75,10 @@ CALL_TIMEOUT_S: Final = 5.0
 CONTROL_FLUSH_S: Final = 1.0
 """At the end, how long control-socket watchers get to read the last events (bounded)."""
 
+SHUTDOWN_BATCH: Final = 64
+"""Sessions ended per step of a shutdown (their TERMINATEs and events leave before the
+next step: the outbox and the event queue stay bounded whatever the number of sessions)."""
+
 EVENT_ROUNDS: Final = 8
 """Rounds of the core's event queue taken per flush. Mirroring an event can make the core
 emit more (an ownership conflict ends the session); a round bound keeps one flush finite
@@ -370,9 +374,7 @@ class GatewayRuntime:
     def _shutdown(self, loop: asyncio.AbstractEventLoop, signals: bool) -> None:
         if self.crash is None:
             try:
-                now = self.clock()
-                self.gateway.terminate_all(now, Reason.OPERATOR_TERMINATED)
-                self.pump(now)
+                self._terminate_in_batches(self.clock())
             except Exception as exc:  # the engine failed while stopping: still clean up
                 self.driver.fail(exc)
         if self._poll_handle is not None:
@@ -387,6 +389,16 @@ class GatewayRuntime:
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
         self.driver.detach()
+
+    def _terminate_in_batches(self, now: float) -> None:
+        """End every session, SHUTDOWN_BATCH at a time, each batch's TERMINATEs (and events)
+        sent before the next: bounded work per step, linear in the number of sessions."""
+        indexes = list(self.gateway.sessions)
+        for start in range(0, len(indexes), SHUTDOWN_BATCH):
+            batch = indexes[start : start + SHUTDOWN_BATCH]
+            self.gateway.terminate_many(batch, now, Reason.OPERATOR_TERMINATED)
+            self.pump(now)
+        self.pump(now)
 
     def request_stop(self) -> None:
         """Ask the loop to end every session and return from serve(); any thread."""
