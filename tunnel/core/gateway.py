@@ -53,6 +53,7 @@ from tunnel.core.gateway_session import INITIAL_EPOCH, ClientEntry, GatewaySessi
 from tunnel.core.handshake import public_key
 from tunnel.core.policy import Policy
 from tunnel.core.session import SessionMachine, Trigger
+from tunnel.core.timers import DeadlineQueue
 from tunnel.core.wire import RespPayload, pack_handshake, parse_header
 
 
@@ -108,6 +109,8 @@ class GatewaySessions:
         self._by_key: dict[bytes, GatewaySession] = {}
         self._by_inner: dict[bytes, GatewaySession] = {}
         """Packed inner address (4 bytes IPv4, 16 bytes IPv6) -> the session that owns it."""
+        self._timers: DeadlineQueue[int] = DeadlineQueue(self._session_deadline)
+        """Every session's next deadline (a heap): touched after each input it took."""
         self._tun: list[bytes] = []
         self._ports = SessionPorts(
             report=self.report, outbox=self.outbox, deliver=self._tun.append,
@@ -168,6 +171,7 @@ class GatewaySessions:
             self.report.count_drop(Drop.UNKNOWN_SESSION)
             return
         s.receive(data, header, addr, now)
+        self._timers.touch(header.receiver_index)
 
     def receive_tun_packet(self, packet: bytes, now: float) -> None:
         if len(packet) < 20 or len(packet) > MAX_INNER_PACKET:
@@ -189,6 +193,7 @@ class GatewaySessions:
             self.report.count_drop(Drop.NO_ROUTE)
             return
         s.send_inner(packet)
+        self._timers.touch(s.index)
 
     # -- handshakes ----------------------------------------------------------------------
     def _on_init(self, data: bytes, addr: Addr, now: float) -> None:
@@ -242,6 +247,7 @@ class GatewaySessions:
         old = self._by_key.get(client.public_key)
         if old is not None:
             old.terminate(Reason.SESSION_REPLACED, now, notify=False)
+            self._timers.touch(old.index)
         index = self._new_index()
         session_id = self._urandom(SESSION_ID_LEN)
         machine = SessionMachine(
@@ -263,6 +269,7 @@ class GatewaySessions:
             policy=policy, now=now, ports=self._ports,
         )  # fmt: skip
         self.sessions[index] = s
+        self._timers.touch(index)
         self._by_key[client.public_key] = s
         for inner in _inner_keys(client):
             self._by_inner[inner] = s
@@ -302,8 +309,12 @@ class GatewaySessions:
 
     # == timers ============================================================================
     def handle_timer(self, now: float) -> None:
-        for index in list(self.sessions):
-            s = self.sessions[index]
+        """Act on the sessions whose deadline has come (only those: the timer queue
+        knows them), then the drop summary."""
+        for index in self._timers.due(now):
+            s = self.sessions.get(index)
+            if s is None:
+                continue
             if s.tombstone_expired(now):
                 del self.sessions[index]
             else:
@@ -312,11 +323,14 @@ class GatewaySessions:
 
     def next_deadline(self) -> float | None:
         best = self.report.drop_summary_due()
-        for s in self.sessions.values():
-            t = s.next_deadline()
-            if t is not None and (best is None or t < best):
-                best = t
+        t = self._timers.next_deadline()
+        if t is not None and (best is None or t < best):
+            best = t
         return best
+
+    def _session_deadline(self, index: int) -> float | None:
+        s = self.sessions.get(index)
+        return None if s is None else s.next_deadline()
 
     # == commands ==========================================================================
     def set_policy(self, policy: Policy | None, now: float, *, error: str | None = None) -> None:
@@ -342,6 +356,7 @@ class GatewaySessions:
         for s in self.sessions.values():
             if not s.machine.terminated:
                 s.apply_policy(policy)
+        self._timers.touch_all(self.sessions)
         self.report.emit(
             PolicyEvent(
                 **self._base(now), policy_name="POLICY_APPLIED",
@@ -360,12 +375,25 @@ class GatewaySessions:
         for s in self.sessions.values():
             if s.machine.session_id == session_id and not s.machine.terminated:
                 s.terminate(reason, now)
+                self._timers.touch(s.index)
                 return True
         return False
 
     def terminate_all(self, now: float, reason: Reason = Reason.OPERATOR_TERMINATED) -> None:
-        for s in list(self.sessions.values()):
-            s.terminate(reason, now)
+        self.terminate_many(list(self.sessions), now, reason)
+
+    def terminate_many(
+        self, indexes: Sequence[int], now: float, reason: Reason = Reason.OPERATOR_TERMINATED
+    ) -> None:
+        """End the sessions ``indexes`` name (TERMINATE to each; ended or unknown ones are
+        skipped). A driver ending many sessions passes them in batches and sends each
+        batch's output before the next, so the outbox stays short (ending a session voids
+        what is queued for it: a linear scan of the outbox)."""
+        for index in indexes:
+            s = self.sessions.get(index)
+            if s is not None and not s.machine.terminated:
+                s.terminate(reason, now)
+                self._timers.touch(index)
 
     # == outputs ===========================================================================
     def datagrams_to_send(self) -> list[tuple[Addr, bytes]]:

@@ -53,8 +53,15 @@ class HandshakeResponder:
 
     @property
     def remembered(self) -> int:
-        """Clients whose newest INIT timestamp is kept (at most ``clients``)."""
+        """Client keys whose newest INIT timestamp is kept (each key allowed since the
+        start, once it sent an INIT: a removed and re-added client's old INITs stay
+        refused)."""
         return len(self._last_init_ts)
+
+    def set_clients(self, clients: Sequence[ClientEntry]) -> None:
+        """Replace the allow-list (a reload of the gateway's clients): INITs from keys no
+        longer listed are refused as unknown from now on."""
+        self._clients = {c.public_key: c for c in clients}
 
     def read(self, data: bytes, addr: Addr, now: float, base: EventBase) -> Initiation | None:
         """The admitted INIT ``data`` from ``addr``: an ``Initiation``, or None (counted;

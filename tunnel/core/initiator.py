@@ -1,8 +1,8 @@
 """The client's side of the handshake: the HANDSHAKE_INIT, its retries and the cookie.
 
 ``HandshakeInitiator`` owns the Noise initiator of the attempt in flight, the retry clock
-(one path after another, ``handshake_attempts`` sends spread over ``handshake_timeout_ms``),
-the overall deadline, the cookie jar and the INIT body that is resent once with mac2 when
+(one path after another, with jittered exponential backoff: :func:`retry_interval`), the
+overall deadline, the cookie jar and the INIT body that is resent once with mac2 when
 a COOKIE_REPLY arrives. It verifies the gateway's answers (``on_cookie_reply``,
 ``on_response``), returns datagrams for the session to send and exposes its own
 ``next_deadline()``; the session decides what a timeout or an accepted session means.
@@ -12,8 +12,10 @@ tell apart it was (:meth:`HandshakeInitiator.failure`, a ``HandshakeFailure``).
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from tunnel.core.aead import TrafficKeys
 from tunnel.core.constants import MSG_HANDSHAKE_INIT, PROTOCOL_VERSION
@@ -24,7 +26,27 @@ from tunnel.core.handshake import HandshakeError, Initiator
 from tunnel.core.policy import Policy
 from tunnel.core.wire import InitPayload, RespPayload, pack_handshake, split_handshake
 
-__all__ = ["Accepted", "HandshakeInitiator"]
+__all__ = ["Accepted", "HandshakeInitiator", "retry_interval"]
+
+RETRY_MIN_S: Final = 0.25
+"""The first retry never comes sooner than this (an answer needs a round trip)."""
+RETRY_MAX_S: Final = 4.0
+"""No wait between two INITs is longer than this (before jitter): a client that keeps
+losing to a burst keeps asking, so the gateway's DH budget is never left unused."""
+RETRY_JITTER: Final = 0.5
+"""Each wait is multiplied by a uniform random factor in [1 - RETRY_JITTER,
+1 + RETRY_JITTER]: clients started together do not retry together."""
+
+
+def retry_interval(sends: int, policy: Policy, rng: random.Random) -> float:
+    """The wait after the ``sends``-th INIT (1-based) before the next one (docs/client.md):
+    ``min(first * 2**(sends-1), RETRY_MAX_S)`` jittered, where ``first`` is
+    ``handshake_timeout_ms / (2**handshake_attempts - 1)`` (the doubling waits of every
+    attempt then fill the deadline), at least ``RETRY_MIN_S``."""
+    timeout = policy.handshake_timeout_ms / 1000
+    first = max(timeout / (2**policy.handshake_attempts - 1), RETRY_MIN_S)
+    base = min(first * 2 ** (sends - 1), RETRY_MAX_S)
+    return base * rng.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,9 +62,17 @@ class HandshakeInitiator:
     """One client's handshake attempts until the gateway answers or the deadline passes."""
 
     def __init__(
-        self, static_private: bytes, gateway_public: bytes, index: int, order: Sequence[int]
+        self,
+        static_private: bytes,
+        gateway_public: bytes,
+        index: int,
+        order: Sequence[int],
+        rng: random.Random | None = None,
     ) -> None:
+        """``rng``: the retry jitter (default: seeded with ``index``, itself random, so
+        clients started together draw different waits)."""
         self._static = static_private
+        self._rng = rng if rng is not None else random.Random(index)
         self.gateway_public = gateway_public
         self._index = index
         self._order = tuple(order)
@@ -78,7 +108,7 @@ class HandshakeInitiator:
         return self.deadline is not None and now >= self.deadline
 
     def on_timer(self, now: float, policy: Policy, ts_ms: int) -> tuple[int, bytes] | None:
-        """The retransmission due at ``now``, if any (check :meth:`expired` first)."""
+        """The retry due at ``now``, if any (check :meth:`expired` first)."""
         if self.next_send is not None and now >= self.next_send:
             return self._send(now, policy, ts_ms)
         return None
@@ -95,8 +125,11 @@ class HandshakeInitiator:
         self._body = pack_handshake(MSG_HANDSHAKE_INIT, 0, self._index, noise)
         self._cookie_retried = False
         self.sends += 1
-        interval = policy.handshake_timeout_ms / 1000 / policy.handshake_attempts
-        self.next_send = now + interval if self.sends < policy.handshake_attempts else None
+        self.next_send = None
+        if self.sends < policy.handshake_attempts:
+            at = now + retry_interval(self.sends, policy, self._rng)
+            if self.deadline is None or at < self.deadline:
+                self.next_send = at  # none at or after the deadline: handshake_failed then
         return path_id, self.cookies.seal_init(self._body, now)
 
     def on_cookie_reply(self, data: bytes, receiver_index: int, now: float) -> Drop | bytes | None:

@@ -187,9 +187,9 @@ POLICY_FIELDS: Final[tuple[PolicyField, ...]] = (
     _F("reattach_burst", "security", int, 1, 100,
        "token-bucket size for reattach requests (spec 5)"),
     _F("handshake_timeout_ms", "security", int, 100, 60_000,
-       "the handshake's deadline: handshake_attempts sends spread over it, then handshake_failed"),
+       "the handshake's deadline: retries with backoff until then, then handshake_failed"),
     _F("handshake_attempts", "security", int, 1, 20,
-       "handshake sends within handshake_timeout_ms; never retry forever"),
+       "handshake sends at most within handshake_timeout_ms; never retry forever"),
     # -- queue --------------------------------------------------------------------------
     _F("outbound_queue_packets", "queue", int, 1, 65_536,
        "D11: packets held while no transport is active; bounded"),
@@ -337,7 +337,7 @@ class Policy:
     reattach_burst: int = 5
     """Reattach token-bucket size."""
     handshake_timeout_ms: int = 5_000
-    """Wait this long for a handshake response before retrying."""
+    """The handshake's deadline: retries with jittered backoff until then (docs/client.md)."""
     handshake_attempts: int = 5
     """Handshake tries before the client gives up."""
 

@@ -16,7 +16,8 @@ the transport-lost TTL and the recovery window. Each endpoint appends its own ro
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import heapq
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -27,6 +28,7 @@ from tunnel.core.session import PRIORITY, TERMINATION_PRIORITY, State, Trigger
 __all__ = [
     "LIVE_STATES",
     "SESSION_ROWS",
+    "DeadlineQueue",
     "SessionClocks",
     "TimedChore",
     "TimedRow",
@@ -208,3 +210,111 @@ SESSION_ROWS: tuple[TimedRow[HasClocks], ...] = (
     ),
 )  # fmt: skip
 """The timed rules both endpoints share (SPEC-DIGEST §2.3 TTLs, D2 recovery window)."""
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+class DeadlineQueue(Generic[K]):
+    """The deadlines of many keyed items (a gateway's sessions): a binary heap with lazy
+    invalidation, so finding the earliest deadline and the due items costs O(log n)
+    amortised instead of a scan of every item.
+
+    The owner reads an item's deadline through ``deadline_of(key)`` (None: nothing armed,
+    or no such item) and calls ``touch(key)`` after anything that may have changed it; the
+    queue re-reads touched items before it answers. An item whose deadline moved *later*
+    keeps its old heap entry as a lower bound (the common case: every inbound packet pushes
+    the silence deadline back), which is re-read and re-armed only when it reaches the top;
+    an earlier deadline is pushed at once. ``next_deadline()`` is therefore exact, and
+    ``due(now)`` returns exactly the items whose deadline is at or before ``now``: none is
+    lost, none is early (tests/test_timer_queue.py checks both against a full scan).
+    """
+
+    __slots__ = ("_armed", "_deadline_of", "_dirty", "_heap", "_seq")
+
+    def __init__(self, deadline_of: Callable[[K], float | None]) -> None:
+        self._deadline_of = deadline_of
+        self._heap: list[tuple[float, int, K]] = []
+        self._armed: dict[K, float] = {}
+        """key -> its entry in the heap: its deadline, or a lower bound of it."""
+        self._dirty: set[K] = set()
+        self._seq = 0
+
+    def __len__(self) -> int:
+        """Armed items (an item whose deadline is a lower bound counts)."""
+        self._refresh()
+        return len(self._armed)
+
+    def touch(self, key: K) -> None:
+        """``key``'s deadline may have changed (read again before the next answer)."""
+        self._dirty.add(key)
+
+    def touch_all(self, keys: Iterable[K]) -> None:
+        self._dirty.update(keys)
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of all items (None: none armed)."""
+        self._refresh()
+        heap, armed = self._heap, self._armed
+        while heap:
+            t, _, key = heap[0]
+            if armed.get(key) != t:
+                heapq.heappop(heap)  # superseded by a newer entry, or disarmed
+                continue
+            real = self._deadline_of(key)
+            if real == t:
+                return t
+            heapq.heappop(heap)  # t was a lower bound: re-arm at the real deadline
+            self._arm(key, real)
+        return None
+
+    def due(self, now: float) -> list[K]:
+        """The items whose deadline is at or before ``now``, earliest first. They leave
+        the queue and count as touched: their next deadline is read after the owner has
+        acted on them."""
+        self._refresh()
+        heap, armed = self._heap, self._armed
+        out: list[K] = []
+        while heap and heap[0][0] <= now:
+            t, _, key = heapq.heappop(heap)
+            if armed.get(key) != t:
+                continue
+            del armed[key]
+            real = self._deadline_of(key)
+            if real is not None and real <= now:
+                out.append(key)
+            else:
+                self._arm(key, real)
+        self._dirty.update(out)
+        return out
+
+    def _refresh(self) -> None:
+        """Read the touched items: arm an earlier deadline now, keep a lower bound."""
+        if not self._dirty:
+            return
+        armed = self._armed
+        for key in self._dirty:
+            t = self._deadline_of(key)
+            bound = armed.get(key)
+            if t is None:
+                if bound is not None:
+                    del armed[key]  # its heap entry is stale from now on
+            elif bound is None or t < bound:
+                self._arm(key, t)
+        self._dirty.clear()
+        if len(self._heap) > 2 * len(armed) + 64:
+            self._compact()
+
+    def _arm(self, key: K, t: float | None) -> None:
+        if t is None:
+            self._armed.pop(key, None)
+            return
+        self._armed[key] = t
+        self._seq += 1
+        heapq.heappush(self._heap, (t, self._seq, key))
+
+    def _compact(self) -> None:
+        """Drop the stale entries (bounded memory: at most 2n + 64 entries)."""
+        armed = self._armed
+        self._heap = [e for e in self._heap if armed.get(e[2]) == e[0]]
+        heapq.heapify(self._heap)

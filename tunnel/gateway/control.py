@@ -83,7 +83,13 @@ class ClientTraffic:
 
     def __init__(self, clients: Iterable[ClientEntry]) -> None:
         self._by_inner: dict[bytes, list[int]] = {}
+        self.add(clients)
+
+    def add(self, clients: Iterable[ClientEntry]) -> None:
+        """Count these clients too (a reload of the clients; known addresses keep theirs)."""
         for c in clients:
+            if _packed(c.inner_address) in self._by_inner:
+                continue
             row = [0, 0, 0, 0]
             for address in (c.inner_address, c.inner_address6):
                 if address:
@@ -252,15 +258,21 @@ class GatewayControl:
         return record.owner_node if record is not None else ""
 
     def _reload(self) -> Result:
+        """As SIGHUP: the policy file, then the clients_dir files (their line follows)."""
         rt = self._runtime
+        rt.reload_policy_guarded()
+        clients = rt.clients_reload
+        more = f"; {clients.status}" if clients.reloadable else ""
         if rt.policy.path is None:
-            return Result(ok=True, detail="no policy file: the built-in defaults stay")
-        if rt.reload_policy_guarded():
-            return Result(ok=True, detail=f"policy {rt.policy.last_valid_version} applied")
+            detail = "no policy file: the built-in defaults stay"
+            return Result(ok=clients.ok, detail=detail + more)
+        if rt.policy.ok:
+            detail = f"policy {rt.policy.last_valid_version} applied"
+            return Result(ok=clients.ok, detail=detail + more)
         return Result(
             ok=False,
             detail=f"invalid policy, new sessions are denied until it is fixed (running "
-            f"sessions keep {rt.policy.last_valid_version}): {rt.policy.error}",
+            f"sessions keep {rt.policy.last_valid_version}): {rt.policy.error}{more}",
         )
 
     def _terminate(self, session: str | None) -> Result:

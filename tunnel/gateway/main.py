@@ -5,7 +5,8 @@ private key), the privilege and ``/dev/net/tun`` for the TUN, then binds the UDP
 listeners and the metrics endpoint, and only then creates and configures the TUN. Every
 failure is one line on stderr and its own exit code (``EXIT_*`` below, also in
 ``--help``). SIGINT/SIGTERM end every session (TERMINATE sent to the clients), restore
-the host and exit 0; SIGHUP reloads the policy file. The ready line names the gateway's
+the host and exit 0; SIGHUP reloads the policy file and the ``clients_dir`` files (a
+skipped client file is one line on stderr). The ready line names the gateway's
 key fingerprint; handshakes refused without an answer (unknown client key, another
 gateway key) get rate-limited lines on stderr (:mod:`tunnel.gateway.console`).
 """
@@ -22,8 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from tunnel.control.protocol import ControlError
-from tunnel.core.events import Event
+from tunnel.core.events import Event, PolicyEvent
 from tunnel.core.handshake import fingerprint, public_key
+from tunnel.gateway.clients_reload import CLIENT_FILE_INVALID
 from tunnel.gateway.config import (
     CONTROL_OFF,
     ConfigError,
@@ -74,7 +76,8 @@ EXIT_STATUS: Final = (
 EPILOG = (
     "exit status:\n"
     + "".join(f"  {code}  {meaning}\n" for code, meaning in EXIT_STATUS)
-    + "\nsignals: SIGHUP reloads the policy file (also reloaded when it changes on disk)."
+    + "\nsignals: SIGHUP reloads the policy file (also reloaded when it changes on disk)"
+    + "\nand the clients_dir files."
 )
 
 
@@ -221,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def console(event: Event) -> None:
         refusals.on_event(event)
         sessions.on_event(event)
+        if isinstance(event, PolicyEvent) and event.policy_name == CLIENT_FILE_INVALID:
+            _console(f"jvpn-gateway: skipped a client file: {event.detail}")
 
     runtime = GatewayRuntime.from_config(
         config, metrics=args.metrics, on_event=console, on_sink_report=_sink_report

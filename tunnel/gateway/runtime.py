@@ -29,6 +29,8 @@ The runtime is composed of components it owns and calls (each owns its state):
 - :class:`tunnel.io.loop.DriverLoop`: guarded callbacks, bounded drains, the one timer;
 - :class:`tunnel.gateway.ownership.OwnershipMirror`: the ownership-store mirror;
 - :class:`tunnel.gateway.policy_reload.PolicyReloader`: the policy file and its status;
+- :class:`tunnel.gateway.clients_reload.ClientsReloader`: the clients and their reloads
+  from ``clients_dir`` (SIGHUP and the control socket's ``reload``: ``reload_clients()``);
 - :class:`tunnel.gateway.metrics.GatewayMetrics`: health, session views, the Prometheus
   families and the event tallies behind them;
 - :class:`tunnel.gateway.control.GatewayControl` (with a control socket): the control
@@ -55,6 +57,7 @@ from tunnel.control.protocol import ControlError
 from tunnel.core.events import Event, Reason, StateChange
 from tunnel.core.gateway import ClientEntry, GatewaySessions, SessionView
 from tunnel.core.policy import POLICY_DEFAULT, Policy
+from tunnel.gateway.clients_reload import ClientsReloader
 from tunnel.gateway.control import STATUS_INTERVAL_S, GatewayControl
 from tunnel.gateway.inner import EchoInner, GatewayInner, GatewayTun
 from tunnel.gateway.metrics import GatewayHealth, GatewayMetrics, TrafficCounters
@@ -71,6 +74,10 @@ CALL_TIMEOUT_S: Final = 5.0
 
 CONTROL_FLUSH_S: Final = 1.0
 """At the end, how long control-socket watchers get to read the last events (bounded)."""
+
+SHUTDOWN_BATCH: Final = 64
+"""Sessions ended per step of a shutdown (their TERMINATEs and events leave before the
+next step: the outbox and the event queue stay bounded whatever the number of sessions)."""
 
 EVENT_ROUNDS: Final = 8
 """Rounds of the core's event queue taken per flush. Mirroring an event can make the core
@@ -131,6 +138,7 @@ class GatewayRuntime:
         control: Path | None = None,
         control_required: bool = True,
         on_event: Callable[[Event], None] | None = None,
+        config: GatewayConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         urandom: Callable[[int], bytes] = os.urandom,
@@ -162,6 +170,8 @@ class GatewayRuntime:
             self.gateway, Path(policy_path) if policy_path is not None else None,
             policy, policy_error,
         )  # fmt: skip
+        self.clients_reload: ClientsReloader = ClientsReloader(self.gateway, config, clients)
+        """The clients and their reloads from ``config.clients_dir`` (SIGHUP)."""
         self.ownership: OwnershipMirror = OwnershipMirror(
             self.gateway, store if store is not None else MemorySessionStore(), node_id
         )
@@ -231,7 +241,7 @@ class GatewayRuntime:
             own_pipeline=True,
             store=store, metrics=metrics if metrics is not None else config.metrics,
             control=config.control_socket, control_required=config.control_required,
-            on_event=on_event,
+            on_event=on_event, config=config,
         )  # fmt: skip
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -350,6 +360,7 @@ class GatewayRuntime:
             self._status_handle = driver.call_later(STATUS_INTERVAL_S, self._publish_status)
         if not self.policy.ok:
             driver.guard(self._announce_invalid_start)
+        driver.guard(self.clients_reload.announce_start, self.clock())
         driver.guard(self.pump)
         if on_ready is not None:
             on_ready()
@@ -363,9 +374,7 @@ class GatewayRuntime:
     def _shutdown(self, loop: asyncio.AbstractEventLoop, signals: bool) -> None:
         if self.crash is None:
             try:
-                now = self.clock()
-                self.gateway.terminate_all(now, Reason.OPERATOR_TERMINATED)
-                self.pump(now)
+                self._terminate_in_batches(self.clock())
             except Exception as exc:  # the engine failed while stopping: still clean up
                 self.driver.fail(exc)
         if self._poll_handle is not None:
@@ -380,6 +389,16 @@ class GatewayRuntime:
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
         self.driver.detach()
+
+    def _terminate_in_batches(self, now: float) -> None:
+        """End every session, SHUTDOWN_BATCH at a time, each batch's TERMINATEs (and events)
+        sent before the next: bounded work per step, linear in the number of sessions."""
+        indexes = list(self.gateway.sessions)
+        for start in range(0, len(indexes), SHUTDOWN_BATCH):
+            batch = indexes[start : start + SHUTDOWN_BATCH]
+            self.gateway.terminate_many(batch, now, Reason.OPERATOR_TERMINATED)
+            self.pump(now)
+        self.pump(now)
 
     def request_stop(self) -> None:
         """Ask the loop to end every session and return from serve(); any thread."""
@@ -435,15 +454,30 @@ class GatewayRuntime:
         self.driver.pump(now)
         return ok
 
+    def reload_clients(self) -> bool:
+        """Read ``clients_dir`` again (loop thread; tunnel/gateway/clients_reload.py);
+        False if the directory could not be read. True without one."""
+        if not self.clients_reload.reloadable:
+            return True
+        now = self.clock()
+        ok = self.clients_reload.reload(now)
+        self.clients = self.clients_reload.clients
+        if self.control is not None:
+            self.control.traffic.add(self.clients)
+        self.driver.pump(now)
+        return ok
+
     def _reload_from_signal(self) -> None:
         self.reload_policy()
+        self.reload_clients()
 
     def reload_policy_guarded(self) -> bool:
-        """:meth:`reload_policy` as a guarded callback (an exception is an engine failure,
-        as for SIGHUP); False if it failed. Loop thread (the control socket's command)."""
+        """SIGHUP's reload (the policy, then the clients) as a guarded callback (an
+        exception is an engine failure, as for SIGHUP); False if either failed. Loop
+        thread (the control socket's command)."""
         result: list[bool] = []
-        self.driver.guard(lambda: result.append(self.reload_policy()))
-        return bool(result and result[0])
+        self.driver.guard(lambda: result.extend((self.reload_policy(), self.reload_clients())))
+        return bool(result and all(result))
 
     # -- operator commands (loop thread) -------------------------------------------------
 

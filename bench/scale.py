@@ -1,0 +1,496 @@
+"""Gateway scale: N real sessions from one driver process against a real gateway over loopback.
+
+The gateway is a separate process (this script with ``serve``): a ``GatewayRuntime`` with N
+allowed clients (keys derived from a seed, so the driver knows them), the echo inner side
+and the default policy. The driver runs N ``ClientSession`` cores, each on its own UDP
+socket bound to its own loopback address (127.x.y.z: the gateway's per-source handshake
+budget sees N hosts, as with N real clients), in one selector loop with one timer
+(the same ``DeadlineQueue`` the gateway uses). It measures, in this order:
+
+- burst arrival: all N connect at once; how many attach within ``--burst-window`` (60 s),
+  and the handshake rate; clients whose handshake timed out then connect again until all
+  are attached (or ``--setup-limit``);
+- gateway memory per session: RSS (/proc/<pid>/status) after minus before, over N;
+- idle gateway CPU: utime+stime (/proc/<pid>/stat) over ``--idle`` (30 s) of idle sessions
+  at the default policy (the clients only probe);
+- reattach validations per second: every client asks for a manual reattach at once; the
+  rate at which the gateway's REATTACH_ACKs come back (driver and gateway share the cores);
+- shutdown: SIGTERM to the gateway; seconds until it has exited, its exit status and how
+  many clients received their TERMINATE.
+
+``python bench/scale.py -n 2000`` prints a table with the machine facts (CPU model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib.util
+import os
+import random
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tunnel.core.client import ClientSession, PathSpec
+from tunnel.core.constants import MSG_DATA
+from tunnel.core.events import Reason, ReattachResult, StateChange
+from tunnel.core.handshake import public_key
+from tunnel.core.policy import POLICY_DEFAULT, Policy
+from tunnel.core.session import State
+
+if TYPE_CHECKING:
+    from tunnel.core.timers import DeadlineQueue
+
+HERE = Path(__file__).resolve().parent
+INNER_GATEWAY = "10.64.0.1"
+INNER_PREFIX = 10
+WAVE = 200
+"""Clients connected at once after the burst: about the gateway's handshake budget per
+second, so every response arrives before its client sends a new INIT."""
+
+
+def policy_for(probe_ms: int) -> Policy:
+    """The default policy, or (``probe_ms`` > 0) one whose idle sessions probe every
+    ``probe_ms`` (death after five silent intervals)."""
+    if probe_ms <= 0:
+        return POLICY_DEFAULT
+    return dataclasses.replace(
+        POLICY_DEFAULT, probe_interval_ms=probe_ms,
+        standby_probe_interval_ms=max(probe_ms, POLICY_DEFAULT.standby_probe_interval_ms),
+        dead_min_ms=5 * probe_ms,
+    )  # fmt: skip
+
+
+def key_of(seed: bytes, i: int) -> bytes:
+    """Client ``i``'s static private key (any 32 bytes are an X25519 key)."""
+    return hashlib.sha256(seed + i.to_bytes(4, "big")).digest()
+
+
+def host_of(i: int) -> str:
+    """Client ``i``'s own loopback address (never 127.0.0.1, the gateway's)."""
+    return f"127.{2 + i // 62_500}.{1 + i // 250 % 250}.{1 + i % 250}"
+
+
+def inner_of(i: int) -> str:
+    j = i + 2
+    return f"10.{64 + j // 65_536}.{j // 256 % 256}.{j % 256}"
+
+
+# == the gateway process ====================================================================
+def serve(n: int, seed: bytes, handshake_rate: float, probe_ms: int) -> int:
+    """Run a gateway for N clients until SIGTERM; print its port, then exit 0."""
+    from tunnel.core.gateway_session import ClientEntry
+    from tunnel.gateway.inner import EchoInner
+    from tunnel.gateway.runtime import GatewayRuntime
+
+    clients = [ClientEntry(f"c{i}", public_key(key_of(seed, i)), inner_of(i)) for i in range(n)]
+    rt = GatewayRuntime(
+        static_private=key_of(seed, 1 << 31), clients=clients, policy=policy_for(probe_ms),
+        policy_poll_s=None, inner=EchoInner(INNER_GATEWAY, ""), inner_gateway=INNER_GATEWAY,
+        inner_prefix=INNER_PREFIX, node_id="scale-gw",
+    )  # fmt: skip
+    if handshake_rate > 0:  # a test's setup: a larger budget, and no cookie round trip
+        rt.gateway.admission.handshakes.configure(handshake_rate, handshake_rate)
+        rt.gateway.admission.set_cookie_threshold(0.0)
+    rt.open()
+    print(f"PORT {rt.addresses[0][1]}", flush=True)
+    rt.run(install_signals=True)
+    rt.close()
+    t = rt.traffic
+    print(f"gateway: {t.datagrams_out} datagrams sent, {t.send_failed} failed", file=sys.stderr)
+    return 0
+
+
+# == the driver =============================================================================
+@dataclass
+class Peer:
+    """One client: its core and its socket."""
+
+    i: int
+    core: ClientSession
+    sock: socket.socket
+    terminated_by: Reason | None = None
+    got_terminate: bool = False
+    reattach_done: bool = False
+    attached_at: float | None = None
+
+
+@dataclass
+class Swarm:
+    """N client cores in one selector loop with one timer (a DeadlineQueue)."""
+
+    gateway: tuple[str, int]
+    gateway_public: bytes
+    seed: bytes
+    policy: Policy = POLICY_DEFAULT
+    peers: dict[int, Peer] = field(default_factory=dict)
+    sel: selectors.BaseSelector = field(default_factory=selectors.DefaultSelector)
+
+    def __post_init__(self) -> None:
+        from tunnel.core.timers import DeadlineQueue  # here: a "before" gateway lacks it
+
+        self.timers: DeadlineQueue[int] = DeadlineQueue(self._deadline)
+        self._out: set[int] = set()
+        self.sent = 0
+        """Datagrams the clients sent (probes, when idle)."""
+
+    def _deadline(self, i: int) -> float | None:
+        p = self.peers.get(i)
+        return None if p is None else p.core.next_deadline()
+
+    def connect(self, i: int, now: float) -> None:
+        old = self.peers.pop(i, None)
+        if old is not None:
+            self.sel.unregister(old.sock)
+            old.sock.close()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((host_of(i), 0))
+        sock.setblocking(False)
+        sock.connect(self.gateway)
+        core = ClientSession(
+            static_private=key_of(self.seed, i), gateway_public=self.gateway_public,
+            paths=[PathSpec(0, "lo")], policy=self.policy, now=now,
+            rng=random.Random(i), node_id=f"c{i}",
+        )  # fmt: skip
+        self.peers[i] = Peer(i, core, sock)
+        self.sel.register(sock, selectors.EVENT_READ, i)
+        core.connect(now)
+        self._touched(i)
+
+    def _touched(self, i: int) -> None:
+        self.timers.touch(i)
+        self._out.add(i)
+
+    def count(self, state: State) -> int:
+        return sum(1 for p in self.peers.values() if p.core.state is state)
+
+    def step(self, max_wait: float = 0.05) -> None:
+        deadline = self.timers.next_deadline()
+        now = time.monotonic()
+        wait = max_wait if deadline is None else min(max_wait, deadline - now)
+        ready = self.sel.select(max(0.0, wait))
+        now = time.monotonic()
+        for key, _ in ready:
+            self._read(key.data, now)
+        for i in self.timers.due(now):
+            p = self.peers.get(i)
+            if p is not None:
+                p.core.handle_timer(now)
+                self._out.add(i)
+        self._flush()
+
+    def _read(self, i: int, now: float) -> None:
+        p = self.peers.get(i)
+        if p is None:
+            return
+        for _ in range(64):
+            try:
+                data = p.sock.recv(2048)
+            except (BlockingIOError, ConnectionRefusedError):
+                break
+            p.core.receive_datagram(data, 0, now)
+        self._touched(i)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, set()
+        for i in out:
+            p = self.peers.get(i)
+            if p is None:
+                continue
+            for _pid, data in p.core.datagrams_to_send():
+                self.sent += 1
+                try:
+                    p.sock.send(data)
+                except OSError:
+                    pass  # a full loopback queue: a lost datagram, as on a network
+            for ev in p.core.events():
+                self._note(p, ev)
+
+    @staticmethod
+    def _note(p: Peer, ev: object) -> None:
+        if isinstance(ev, ReattachResult) and ev.status == "SUCCESS":
+            p.reattach_done = True
+        elif not isinstance(ev, StateChange):
+            return
+        elif ev.previous_state == State.BIRTH and ev.new_state == State.ATTACHED:
+            p.attached_at = time.monotonic()
+        elif ev.new_state == State.TERMINATED:
+            p.terminated_by = ev.reason_code
+            p.got_terminate = ev.reason_code == Reason.OPERATOR_TERMINATED
+
+    def run_until(self, done: object, limit: float) -> bool:
+        end = time.monotonic() + limit
+        while time.monotonic() < end:
+            if done():  # type: ignore[operator]
+                return True
+            self.step()
+        return bool(done())  # type: ignore[operator]
+
+    def close(self) -> None:
+        for p in self.peers.values():
+            p.sock.close()
+        self.sel.close()
+
+
+# == measurements ===========================================================================
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_gateway(
+    n: int, seed: bytes, handshake_rate: float, pythonpath: str, probe_ms: int = 0
+) -> tuple[subprocess.Popen[str], int]:
+    env = dict(os.environ, PYTHONPATH=pythonpath)
+    cmd = [sys.executable, str(HERE / "scale.py"), "serve", "-n", str(n), "--seed", seed.hex()]
+    cmd += ["--handshake-rate", str(handshake_rate), "--probe-ms", str(probe_ms)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("PORT "):
+        proc.kill()
+        raise RuntimeError(f"gateway did not start: {line!r}")
+    return proc, int(line.split()[1])
+
+
+@dataclass
+class Results:
+    rows: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, name: str, value: str) -> None:
+        self.rows.append((name, value))
+        print(f"  {name}: {value}", file=sys.stderr, flush=True)
+
+
+def attach_all(sw: Swarm, n: int, window: float, setup_limit: float, res: Results) -> int:
+    """Burst arrival (all N at once), then the clients whose handshake failed again, in
+    waves (clients do not back off yet: issue 11 item 5)."""
+    t0 = time.monotonic()
+    for i in range(n):
+        sw.connect(i, time.monotonic())
+    sw.run_until(lambda: sw.count(State.ATTACHED) >= n, window)
+    times = sorted(p.attached_at - t0 for p in sw.peers.values() if p.attached_at is not None)
+    burst = sw.count(State.ATTACHED)
+    res.add(f"burst: attached within {window:.0f} s", f"{burst} / {n}")
+    if times:
+        res.add("handshake rate (burst, /s)", f"{len(times) / max(times[-1], 1e-3):.0f}")
+        res.add("burst: last attach after", f"{times[-1]:.1f} s")
+    attached = attach_in_waves(sw, n, setup_limit - (time.monotonic() - t0))
+    res.add("attached after retries", f"{attached} / {n} in {time.monotonic() - t0:.1f} s")
+    return attached
+
+
+def attach_in_waves(sw: Swarm, n: int, limit: float, wave: int = WAVE) -> int:
+    """Connect every client that is not attached, ``wave`` at a time, until all are or
+    ``limit`` seconds have passed; the number attached."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        todo = [
+            i for i in range(n) if i not in sw.peers or sw.peers[i].core.state is State.TERMINATED
+        ]
+        if not todo:
+            break
+        chunk = todo[:wave]
+        for i in chunk:
+            sw.connect(i, time.monotonic())
+        sw.run_until(
+            lambda c=chunk: all(sw.peers[i].core.state is not State.BIRTH for i in c), 10.0
+        )
+    return sw.count(State.ATTACHED)
+
+
+def measure_idle(sw: Swarm, pid: int, idle: float, res: Results) -> None:
+    sw.run_until(lambda: False, 2.0)  # settle: the handshake replies and first probes
+    c0, t0, sent0 = cpu_s(pid), time.monotonic(), sw.sent
+    sw.run_until(lambda: False, idle)
+    used, wall, sent = cpu_s(pid) - c0, time.monotonic() - t0, sw.sent - sent0
+    res.add(f"idle gateway CPU over {wall:.0f} s", f"{100 * used / wall:.1f} % of a core")
+    res.add("idle: datagrams from clients (/s)", f"{sent / wall:.0f}")
+    res.add("idle: gateway CPU per datagram", f"{1e6 * used / max(1, sent):.0f} us")
+
+
+def measure_reattach(sw: Swarm, res: Results) -> None:
+    now = time.monotonic()
+    live = [p for p in sw.peers.values() if p.core.state is State.ATTACHED]
+    t0 = time.monotonic()
+    for p in live:
+        p.core.force_reattach(now)
+        sw._touched(p.i)
+    sw.run_until(lambda: all(p.reattach_done for p in live), 60.0)
+    took = time.monotonic() - t0
+    done = sum(1 for p in live if p.reattach_done)
+    res.add("reattach validations (/s, driver on the same cores)", f"{done / took:.0f}")
+
+
+def measure_shutdown(sw: Swarm, proc: subprocess.Popen[str], res: Results) -> tuple[int, int]:
+    live = [p for p in sw.peers.values() if p.core.state is not State.TERMINATED]
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code: int | None = None
+    while time.monotonic() - t0 < 60.0 and code is None:
+        sw.step(0.01)
+        code = proc.poll()
+    took = time.monotonic() - t0
+    if code is None:
+        proc.kill()
+        code = proc.wait()
+    sw.run_until(lambda: all(p.got_terminate for p in live), 5.0)
+    got = sum(1 for p in live if p.got_terminate)
+    res.add("SIGTERM shutdown", f"{took:.2f} s, exit {code}, TERMINATE to {got} / {len(live)}")
+    return code, got
+
+
+def core(n: int, seed: bytes) -> list[tuple[str, str]]:
+    """The gateway core alone (no sockets, no driver loop): N sessions opened by real
+    INITs, then the cost of ``next_deadline()`` after one input (the timer structure),
+    ``handle_timer`` when one session is due, and a shutdown (TERMINATE to every session,
+    batched where the core supports it, with the outputs taken as the runtime does)."""
+
+    from tunnel.core.gateway import GatewaySessions
+    from tunnel.core.gateway_session import ClientEntry
+
+    now = 1000.0
+    clients = [ClientEntry(f"c{i}", public_key(key_of(seed, i)), inner_of(i)) for i in range(n)]
+    gw = GatewaySessions(
+        static_private=key_of(seed, 1 << 31), clients=clients, policy=POLICY_DEFAULT, now=now,
+        urandom=os.urandom, inner_gateway=INNER_GATEWAY, inner_prefix=INNER_PREFIX,
+        cookie_threshold=0.0,
+    )  # fmt: skip
+    gw.admission.handshakes.configure(1e9, 1e9)
+    gw_pub = public_key(key_of(seed, 1 << 31))
+    for i in range(n):
+        c = ClientSession(
+            static_private=key_of(seed, i), gateway_public=gw_pub, paths=[PathSpec(0, "lo")],
+            policy=POLICY_DEFAULT, now=now, rng=random.Random(i),
+        )  # fmt: skip
+        at = now + i * 1e-4  # the handshake bucket refills with time
+        c.connect(at)
+        for _pid, data in c.datagrams_to_send():
+            gw.receive_datagram(data, (host_of(i), 40000), at)
+        gw.datagrams_to_send()
+        gw.events()
+    now += n * 1e-4
+    rows = [("core: sessions", str(len(gw.sessions)))]
+    first = next(iter(gw.sessions.values()))
+    forged = bytes([MSG_DATA, 0, 0, 0]) + first.index.to_bytes(4, "little") + bytes(40)
+    reps = 200
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        gw.receive_datagram(forged, (host_of(0), 40000), now)  # one session's input
+        gw.next_deadline()
+    per = (time.perf_counter() - t0) / reps * 1e6
+    rows.append(("core: one input + next_deadline()", f"{per:.0f} us"))
+    batched = hasattr(gw, "terminate_many")
+    t0 = time.perf_counter()
+    sent = 0
+    if batched:
+        indexes = list(gw.sessions)
+        for start in range(0, len(indexes), 64):  # as the runtime's shutdown does
+            gw.terminate_many(indexes[start : start + 64], now, Reason.OPERATOR_TERMINATED)
+            sent += len(gw.datagrams_to_send())
+            gw.events()
+    else:
+        gw.terminate_all(now, Reason.OPERATOR_TERMINATED)
+    sent += len(gw.datagrams_to_send())
+    gw.events()
+    took = time.perf_counter() - t0
+    rows.append(("core: shutdown (terminate + outputs)", f"{took:.2f} s, {sent} TERMINATEs"))
+    return rows
+
+
+def machine_facts() -> str:
+    spec = importlib.util.spec_from_file_location("bench_throughput", HERE / "throughput.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_throughput"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return str(module.machine_facts())
+
+
+def run(args: argparse.Namespace) -> int:
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    seed = os.urandom(8)
+    proc, port = start_gateway(args.n, seed, args.handshake_rate, args.gateway_path, args.probe_ms)
+    res = Results()
+    gw_pub = public_key(key_of(seed, 1 << 31))
+    sw = Swarm(("127.0.0.1", port), gw_pub, seed, policy_for(args.probe_ms))
+    try:
+        time.sleep(0.5)
+        rss0 = rss_kib(proc.pid)
+        attached = attach_all(sw, args.n, args.burst_window, args.setup_limit, res)
+        sw.run_until(lambda: False, 2.0)
+        rss1 = rss_kib(proc.pid)
+        res.add("gateway RSS", f"{rss0 / 1024:.1f} -> {rss1 / 1024:.1f} MiB")
+        res.add("gateway memory per session", f"{(rss1 - rss0) * 1024 / max(1, attached):.0f} B")
+        measure_idle(sw, proc.pid, args.idle, res)
+        if not args.no_reattach:
+            measure_reattach(sw, res)
+        measure_shutdown(sw, proc, res)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sw.close()
+    print(f"\nbench/scale.py -n {args.n}  ({time.strftime('%Y-%m-%d')})")
+    print(machine_facts())
+    print("\n| measurement | value |\n|---|---|")
+    for name, value in res.rows:
+        print(f"| {name} | {value} |")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", nargs="?", default="run", choices=["run", "serve", "core"])
+    parser.add_argument("-n", type=int, default=10_000, help="sessions (default 10,000)")
+    parser.add_argument("--seed", default="", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--handshake-rate", type=float, default=0.0,
+        help="override the gateway's handshake budget (/s, cookies off; 0: its defaults)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--probe-ms", type=int, default=0,
+        help="idle probe interval of gateway and clients (0: the default policy's)",
+    )  # fmt: skip
+    parser.add_argument("--idle", type=float, default=30.0, help="idle CPU window (s)")
+    parser.add_argument("--burst-window", type=float, default=60.0)
+    parser.add_argument("--setup-limit", type=float, default=180.0)
+    parser.add_argument("--no-reattach", action="store_true")
+    parser.add_argument(
+        "--gateway-path", default=os.environ.get("PYTHONPATH", str(HERE.parent)),
+        help="PYTHONPATH of the gateway process (another checkout: a before/after run)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.mode == "core":
+        print(f"bench/scale.py core -n {args.n}  ({time.strftime('%Y-%m-%d')})\n{machine_facts()}")
+        print("\n| measurement | value |\n|---|---|")
+        for name, value in core(args.n, os.urandom(8)):
+            print(f"| {name} | {value} |")
+        return 0
+    if args.mode == "serve":
+        return serve(args.n, bytes.fromhex(args.seed), args.handshake_rate, args.probe_ms)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Issue 11 item 5: handshake retries with jittered exponential backoff until the
+client's own deadline, and a gateway over its admission rate that answers with cookies
+and still admits every client of a burst (docs/client.md "Handshake retries",
+docs/gateway.md "Arrivals in bursts").
+
+Everything runs sans-I/O on a fake clock: real ClientSessions against a real
+GatewaySessions (tests/crowd.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+
+import pytest
+
+from tests.crowd import Crowd
+from tunnel.core.admission import HANDSHAKE_BURST, HANDSHAKE_RATE
+from tunnel.core.drops import Drop
+from tunnel.core.events import EventType, HandshakeFailure, Reason
+from tunnel.core.gateway import GatewaySessions
+from tunnel.core.gateway_session import ClientEntry
+from tunnel.core.handshake import generate_keypair
+from tunnel.core.initiator import RETRY_JITTER, RETRY_MAX_S, RETRY_MIN_S
+from tunnel.core.policy import POLICY_DEFAULT, Policy
+
+
+def policy(timeout_ms: int, attempts: int) -> Policy:
+    return dataclasses.replace(
+        POLICY_DEFAULT, handshake_timeout_ms=timeout_ms, handshake_attempts=attempts
+    )
+
+
+def nominal(k: int, p: Policy) -> float:
+    """The documented wait after INIT k (docs/client.md), before jitter."""
+    first = max(p.handshake_timeout_ms / 1000 / (2**p.handshake_attempts - 1), RETRY_MIN_S)
+    return min(first * 2 ** (k - 1), RETRY_MAX_S)
+
+
+def lonely_crowd(p: Policy, n: int = 1, seed: int = 7) -> Crowd:
+    """``n`` clients of a gateway that never answers (another gateway key: bad mac1)."""
+    gw_priv, _ = generate_keypair()
+    _, unknown_gateway = generate_keypair()
+    gateway = GatewaySessions(
+        static_private=gw_priv, clients=[], policy=POLICY_DEFAULT, now=0.0,
+        urandom=random.Random(seed).randbytes, rng=random.Random(seed),
+    )  # fmt: skip
+    crowd = Crowd(gateway)
+    for i in range(n):
+        priv, _ = generate_keypair()
+        crowd.connect(crowd.add(f"c{i}", priv, unknown_gateway, p, seed=seed * 1000 + i))
+    return crowd
+
+
+@pytest.mark.parametrize(("timeout_ms", "attempts"), [(5_000, 5), (60_000, 20), (600, 2)])
+def test_retries_are_spaced_by_the_jittered_backoff_and_stop_at_the_deadline(
+    timeout_ms: int, attempts: int
+) -> None:
+    p = policy(timeout_ms, attempts)
+    crowd = lonely_crowd(p, n=20)
+    crowd.run_until(timeout_ms / 1000 + 30.0, stop_when_attached=False)
+    deadline = timeout_ms / 1000
+    for m in crowd.members:
+        sends = m.inits
+        assert sends[0] == 0.0 and 1 <= len(sends) <= attempts
+        assert all(t < deadline for t in sends), "no INIT at or after the deadline"
+        for k, (a, b) in enumerate(itertools.pairwise(sends), start=1):
+            wait = b - a
+            low = nominal(k, p) * (1 - RETRY_JITTER)
+            high = nominal(k, p) * (1 + RETRY_JITTER)
+            assert low - 1e-9 <= wait <= high + 1e-9, (k, wait, low, high)
+        # it stopped early only because the next wait would have crossed the deadline
+        if len(sends) < attempts:
+            assert sends[-1] + nominal(len(sends), p) * (1 + RETRY_JITTER) >= deadline - 1e-9
+        ended = [e for e in m.session.events() if e.event_type is EventType.SESSION_TERMINATED]
+        assert [e.reason_code for e in ended] == [Reason.HANDSHAKE_FAILED]
+        assert ended[0].ts_ms == pytest.approx(deadline * 1000, abs=1)
+        assert m.session.handshake.failure() is HandshakeFailure.NO_ANSWER
+
+
+def test_the_waits_double_and_the_jitter_spreads_clients_started_together() -> None:
+    p = policy(60_000, 20)
+    crowd = lonely_crowd(p, n=30)
+    crowd.run_until(70.0, stop_when_attached=False)
+    firsts = [m.inits[1] - m.inits[0] for m in crowd.members]
+    # jittered: 30 clients started at the same instant do not retry at the same instant
+    assert len({round(w, 6) for w in firsts}) == len(firsts)
+    assert min(firsts) < nominal(1, p) < max(firsts)
+    for m in crowd.members:  # growing waits, up to the cap
+        waits = [b - a for a, b in itertools.pairwise(m.inits)]
+        assert max(waits) <= RETRY_MAX_S * (1 + RETRY_JITTER) + 1e-9
+        assert waits[3] > waits[0] * 2 * (1 - RETRY_JITTER) / (1 + RETRY_JITTER)
+        assert len(m.inits) >= 8, "keeps asking until the deadline"
+
+
+def test_a_burst_over_the_admission_rate_is_answered_with_cookies_and_all_attach() -> None:
+    """1,000 clients at once against a gateway that spends DH on HANDSHAKE_RATE INITs/s:
+    beyond its burst it answers with cookies, keeps admitting at its full rate, and
+    every client attaches before its own deadline."""
+    n = 1000
+    p = policy(20_000, 12)
+    gw_priv, gw_pub = generate_keypair()
+    keys = [generate_keypair() for _ in range(n)]
+    gateway = GatewaySessions(
+        static_private=gw_priv,
+        clients=[ClientEntry(f"c{i}", pub, f"10.80.{i // 250}.{i % 250 + 2}")
+                 for i, (_, pub) in enumerate(keys)],
+        policy=p, now=0.0, urandom=random.Random(3).randbytes, rng=random.Random(4),
+        inner_prefix=16, inner_gateway="10.80.255.254",
+    )  # fmt: skip
+    crowd = Crowd(gateway)
+    members = [crowd.add(f"c{i}", priv, gw_pub, p, seed=i) for i, (priv, _) in enumerate(keys)]
+    for m in members:  # all at t = 0
+        crowd.connect(m)
+    crowd.run_until(p.handshake_timeout_ms / 1000)
+    attached = sorted(m.attached_at for m in members if m.attached_at is not None)
+    assert len(attached) == n, f"{n - len(attached)} clients did not attach"
+    # over the rate, the gateway asked for cookies and the clients answered with them
+    assert gateway.drops.get(Drop.COOKIE_REQUIRED.value, 0) > 0
+    assert sum(m.session.handshake.cookies_accepted for m in members) > 0
+    # admission at the full DH rate: never more than the bucket allows...
+    for t in (0.5, 1.0, 1.5):
+        assert sum(1 for a in attached if a <= t) <= HANDSHAKE_BURST + HANDSHAKE_RATE * t + 1
+    # ...and while many clients are left it admits nearly its full rate, half-second by
+    # half-second (the retries of clients started together are spread by the jitter)
+    ideal_end = (n - HANDSHAKE_BURST) / HANDSHAKE_RATE
+    for k in range(1, int(ideal_end)):  # the slots [0.5, 1), [1, 1.5), ... up to ideal_end/2
+        t = k * 0.5
+        admitted = sum(1 for a in attached if t <= a < t + 0.5)
+        assert admitted >= 0.8 * HANDSHAKE_RATE * 0.5, (t, admitted)
+    assert attached[-1] <= 2 * ideal_end
+    retried = [m for m in members if len(m.inits) > 1]
+    assert retried, "the clients over the rate retried"
