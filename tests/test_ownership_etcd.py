@@ -226,6 +226,23 @@ def test_a_second_writer_with_a_stale_view_never_overwrites(
         b.close()
 
 
+def test_a_write_whose_ownership_compare_fails_changes_nothing(
+    estore: EtcdSessionStore,
+) -> None:
+    """The version matches but the guard (the ownership key's value, as a node's fenced
+    write compares it) does not: no write, a conflict."""
+    sid = new_sid()
+    assert estore.create(record(1, sid))
+
+    async def guarded_cas(client: object) -> bool:
+        tx = client.transactions  # type: ignore[attr-defined]
+        guard = [tx.value(estore.owner_key(sid)) == b'{"epoch":1,"node":"x"}']
+        return await estore.acas(client, sid, 1, record(2, sid), guard=guard)
+
+    assert not estore.worker.call(guarded_cas)
+    assert estore.get(sid) == record(1, sid) and estore.conflicts == 1
+
+
 # -- ownership -------------------------------------------------------------------------------
 
 
@@ -389,6 +406,31 @@ def test_at49_no_quorum_fails_closed_and_recovers(etcd_cluster_fn: EtcdCluster) 
         assert b.store.create(record(1, new_sid()))
     finally:
         ns.close()
+
+
+def test_a_frozen_or_stopped_minority_member_is_left_for_the_others(
+    etcd_cluster_fn: EtcdCluster,
+) -> None:
+    """The client starts with the first endpoint; SIGSTOP that member (its sockets stay
+    open, it answers nothing): calls fail closed until the client has moved on to another
+    member, then succeed while it is still frozen. The same with the member stopped."""
+    s = EtcdSessionStore(etcd_cluster_fn.endpoints, prefix(), timeout=TIMEOUT)
+    try:
+        sid = new_sid()
+        assert s.create(record(1, sid))
+        etcd_cluster_fn.freeze(0)
+        wait_until(lambda: _quietly(lambda: s.get(sid)) == record(1, sid), 30.0, 0.1,
+                   what="a read through another member")  # fmt: skip
+        assert s.cas(sid, 1, record(2, sid))
+        assert etcd_cluster_fn.members[0].frozen
+        etcd_cluster_fn.thaw(0)
+        etcd_cluster_fn.stop(1)
+        wait_until(lambda: _quietly(lambda: s.get(sid)) == record(2, sid), 30.0, 0.1,
+                   what="a read with one member stopped")  # fmt: skip
+        assert s.cas(sid, 2, record(3, sid))
+        assert s.get(sid) == record(3, sid)
+    finally:
+        s.close()
 
 
 def _quietly(call):  # type: ignore[no-untyped-def]
