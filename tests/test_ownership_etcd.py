@@ -29,8 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tunnel.ownership import MemorySessionStore, SessionRecord, SessionStore, StoreUnavailable
-from tunnel.ownership.etcd import EtcdSessionStore
-from tunnel.ownership.etcd_owner import NodeOwnership, Outcome, Transfer
+from tunnel.ownership.etcd import EtcdSessionStore, encode_entry
+from tunnel.ownership.etcd_owner import NodeOwnership, Outcome, Transfer, owner_token
 
 __all__ = ["etcd_cluster", "etcd_cluster_fn"]  # fixtures
 
@@ -330,21 +330,84 @@ def test_an_owner_that_keeps_the_session_is_not_overruled(nodes: Nodes) -> None:
 
 
 def race(contenders: tuple[NodeOwnership, ...], sid: str, version: int) -> dict[str, Transfer]:
-    """Every contender asks for the session at ``version`` at the same moment."""
+    """Every contender asks for the session at ``version`` at the same moment (results by
+    node id, ``#i`` appended when one node races itself)."""
     results: dict[str, Transfer] = {}
     start = threading.Barrier(len(contenders))
 
-    def reattach(node: NodeOwnership) -> None:
+    def reattach(i: int, node: NodeOwnership) -> None:
         start.wait()
-        new = record(version + 1, sid, node=node.node_id)
-        results[node.node_id] = node.acquire(sid, version, new, 10)
+        new = record(version + 1, sid, node=node.node_id, state=("ATTACHED", "RECOVERING")[i])
+        key = node.node_id if len({n.node_id for n in contenders}) > 1 else f"{node.node_id}#{i}"
+        results[key] = node.acquire(sid, version, new, 10)
 
-    threads = [threading.Thread(target=reattach, args=(n,)) for n in contenders]
+    threads = [threading.Thread(target=reattach, args=(i, n)) for i, n in enumerate(contenders)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
     return results
+
+
+def test_at47_two_concurrent_reattaches_on_one_node(nodes: Nodes) -> None:
+    """AT-47: two valid reattaches of one session at once on the same node, first on the
+    node that owns it, then on one that does not: one is accepted (version + 1), the
+    other gets CONFLICT; the entry holds exactly the winner's record."""
+    a, b = nodes.node("A"), nodes.node("B")
+    sid = new_sid()
+    assert a.create(record(1, sid, node="A"))
+    for node, version, epoch in ((a, 1, 1), (b, 2, 2)):
+        results = race((node, node), sid, version)
+        assert sorted(r.outcome for r in results.values()) == [Outcome.CONFLICT, Outcome.GRANTED]
+        won = next(r for r in results.values() if r.outcome == Outcome.GRANTED)
+        assert won.owner_epoch == epoch and won.record is not None
+        entry = a.store.entry(sid)
+        assert entry is not None and entry.record == won.record
+        assert entry.record.state_version == version + 1 and entry.owner_epoch == epoch
+        assert [n.node_id for n in (a, b) if n.may_forward(sid)] == [node.node_id]
+
+
+def lost_answer_transfer(node: NodeOwnership, sid: str) -> None:
+    """What a transfer to ``node`` whose answer was lost leaves in etcd: the entry at
+    version 2 / epoch 2 owned by ``node``, its ownership key on ``node``'s lease, the old
+    owner's key gone, and ``node`` not knowing any of it."""
+    store = node.store
+
+    async def commit(client: object) -> None:
+        tx = client.transactions  # type: ignore[attr-defined]
+        await client.transaction(  # type: ignore[attr-defined]
+            compare=[],
+            success=[
+                tx.put(
+                    store.session_key(sid), encode_entry(record(2, sid, node=node.node_id), 2, b"")
+                ),
+                tx.put(store.owner_key(sid), owner_token(node.node_id, 2), lease=node.lease_id),
+            ],
+            failure=[],
+        )
+
+    store.worker.call(commit)
+    assert node.owner_epoch(sid) is None
+
+
+def test_an_ownership_key_a_node_did_not_know_of_is_given_up_or_adopted(nodes: Nodes) -> None:
+    """A create or transfer that raised StoreUnavailable may have committed: the node holds
+    the key in etcd without knowing it (and forwards nothing). Asked to hand over, it gives
+    the key up; reattaching there itself, it adopts it. The session is never stuck."""
+    a, b, c = nodes.node("A"), nodes.node("B"), nodes.node("C")
+    sid = new_sid()
+    assert a.create(record(1, sid, node="A"))
+    assert a.release(sid)
+    lost_answer_transfer(b, sid)
+    moved = c.acquire(sid, 2, record(3, sid, node="C"), wait=5)
+    assert (moved.outcome, moved.owner_epoch, moved.previous_owner) == (Outcome.GRANTED, 3, "B")
+    assert c.release(sid)
+    sid2 = new_sid()
+    assert a.create(record(1, sid2, node="A")) and a.release(sid2)
+    lost_answer_transfer(b, sid2)
+    again = b.acquire(sid2, 2, record(3, sid2, node="B"), wait=5)
+    assert (again.outcome, again.owner_epoch) == (Outcome.GRANTED, 2)
+    assert b.may_forward(sid2) and [x.change for x in b.history][-1:] == ["adopted"]
 
 
 def test_at48_two_concurrent_transfers_exactly_one_wins(nodes: Nodes) -> None:
@@ -374,7 +437,8 @@ def test_at48_two_concurrent_transfers_exactly_one_wins(nodes: Nodes) -> None:
 def test_at49_no_quorum_fails_closed_and_recovers(etcd_cluster_fn: EtcdCluster) -> None:
     """AT-49: with the majority of etcd stopped every call raises StoreUnavailable within
     its bound, no transfer is granted, the owner's fence closes at its lease deadline;
-    when the members return, the same calls succeed and nothing was changed meanwhile."""
+    when the members return, the same calls succeed, and the session is still the
+    owner's (epoch 1)."""
     ns = Nodes(etcd_cluster_fn.endpoints)
     try:
         a, b = ns.node("A", on_handover=lambda _s, _r: False), ns.node("B")
@@ -402,7 +466,11 @@ def test_at49_no_quorum_fails_closed_and_recovers(etcd_cluster_fn: EtcdCluster) 
         wait_until(lambda: not a.may_forward(sid), a.ttl + 2.0, what="A's fence to close")
         etcd_cluster_fn.heal()
         got = wait_until(lambda: _quietly(lambda: b.get(sid)), 30.0, 0.2, what="etcd back")
-        assert got == record(1, sid, node="A")  # nothing was written while it was down
+        # StoreUnavailable means "outcome unknown": A's CAS, queued in the surviving
+        # member, may still commit when quorum returns. B's transfer never could.
+        assert got in (record(1, sid, node="A"), record(2, sid, node="A"))
+        entry = b.store.entry(sid)
+        assert entry is not None and entry.owner_epoch == 1
         assert b.store.create(record(1, new_sid()))
     finally:
         ns.close()

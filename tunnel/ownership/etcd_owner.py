@@ -35,6 +35,7 @@ worker thread); the hand-over callback runs on the worker thread and must not bl
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import enum
 import json
@@ -91,13 +92,24 @@ class OwnershipChange:
 
     session_id: str
     change: str
-    """``acquired``, ``created``, ``released``, ``deleted`` or ``lost`` (lease gone)."""
+    """``created``, ``acquired``, ``adopted``, ``released``, ``deleted`` or ``lost``."""
     owner_epoch: int
     at: float
 
 
 def owner_token(node_id: str, epoch: int) -> bytes:
     return json.dumps({"epoch": epoch, "node": node_id}, sort_keys=True).encode()
+
+
+def request_value(requester: str, holder: str, epoch: int) -> bytes:
+    """A hand-over request: who asks, whom it asks, and the owner epoch it saw."""
+    doc = {"epoch": epoch, "holder": holder, "node": requester}
+    return json.dumps(doc, sort_keys=True).encode()
+
+
+def decode_request(value: bytes) -> tuple[str, str, int]:
+    doc = json.loads(value)
+    return str(doc["node"]), str(doc["holder"]), int(doc["epoch"])
 
 
 def decode_owner(value: bytes) -> tuple[str, int]:
@@ -178,7 +190,7 @@ class NodeOwnership:
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
             asyncio.run_coroutine_threadsafe(stop(), self.store.worker.loop).result(5.0)
         with self._lock:
             owned = list(self._owned.items())
@@ -244,6 +256,11 @@ class NodeOwnership:
                         self._on_request(event.kv.key, event.kv.value)
             except (aetcd.exceptions.ClientError, StoreUnavailable, ValueError, KeyError):
                 pass
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # close()
+                # else gRPC cancelled the stream (its channel was closed): watch again
             await asyncio.sleep(0.2)  # then watch again (the keeper also scans)
 
     async def _scan_requests(self, client: Any) -> None:
@@ -255,15 +272,32 @@ class NodeOwnership:
     def _on_request(self, key: bytes, value: bytes) -> None:
         sid = key.rsplit(b"/", 1)[-1].decode()
         try:
-            requester, epoch = decode_owner(value)
+            requester, holder, epoch = decode_request(value)
         except (ValueError, KeyError, TypeError):
             return
-        with self._lock:  # a request names the epoch it saw: a stale one is ignored
-            held = self._owned.get(sid) == epoch and requester != self.node_id
-        if not held:
+        if holder != self.node_id or requester == self.node_id:
             return
-        if self._on_handover is None or self._on_handover(sid, requester):
+        with self._lock:  # a request names the epoch it saw: a stale one is ignored
+            mine = self._owned.get(sid)
+        if mine is None:
+            # etcd says this node holds it, the node does not know: a create or transfer
+            # whose answer was lost (StoreUnavailable) committed after all. Not forwarded
+            # here, so give the key up (only if it is still that very key).
+            task = self._release_token(sid, owner_token(self.node_id, epoch))
+            self.store.worker.loop.create_task(task)
+        elif mine == epoch and (self._on_handover is None or self._on_handover(sid, requester)):
             self.store.worker.loop.create_task(self._release_quietly(sid))
+
+    async def _release_token(self, sid: str, token: bytes) -> None:
+        async def run(client: Any) -> None:
+            okey = self.store.owner_key(sid)
+            tx = client.transactions
+            await client.transaction(
+                compare=[tx.value(okey) == token], success=[tx.delete(okey)], failure=[]
+            )
+
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.worker.guarded(run)
 
     async def _release_quietly(self, sid: str) -> None:
         with contextlib.suppress(StoreUnavailable):
@@ -355,7 +389,7 @@ class NodeOwnership:
         """Remove the entry and this node's ownership key (the session ended)."""
         epoch = self.owner_epoch(session_id)
         if epoch is None:
-            return False
+            return self.store.note_conflict()
         token = owner_token(self.node_id, epoch)
         okey = self.store.owner_key(session_id)
 
@@ -429,12 +463,14 @@ class NodeOwnership:
             if entry is None or entry.record.state_version != expected:
                 await self._withdraw(client, sid, request)
                 return self._lost_race(entry, previous)
-            previous = decode_owner(owner_kv.value)[0]
+            previous, held_epoch = decode_owner(owner_kv.value)
+            if self._adopt(sid, previous, held_epoch, owner_kv.lease, entry):
+                return await self._update_own(client, sid, entry, record)
             if self._clock() >= deadline:
                 await self._withdraw(client, sid, request)
                 return Transfer(Outcome.OWNED_ELSEWHERE, entry.owner_epoch, previous, entry.record)
             if request is None:
-                request = owner_token(self.node_id, entry.owner_epoch)
+                request = request_value(self.node_id, previous, entry.owner_epoch)
                 await client.put(self.store.handover_key(sid), request, lease=self.lease_id)
             await asyncio.sleep(POLL)
         transfer = await self._commit_transfer(client, sid, entry, record, previous)
@@ -476,6 +512,32 @@ class NodeOwnership:
         self.store.remember(sid, StoredSession(record, epoch, entry.wrapped_keys, revision))
         self._take(sid, epoch, "acquired")
         return Transfer(Outcome.GRANTED, epoch, previous, record)
+
+    def _adopt(self, sid: str, holder: str, epoch: int, lease: int, entry: StoredSession) -> bool:
+        """True when this node holds the session; a key on its live lease that it did not
+        know of (a lost answer that committed) is taken back into its table."""
+        if holder != self.node_id or epoch != entry.owner_epoch:
+            return False
+        if self.owner_epoch(sid) == epoch:
+            return True
+        if lease != self.lease_id:
+            return False
+        self._take(sid, epoch, "adopted")
+        return True
+
+    async def _update_own(
+        self, client: Any, sid: str, entry: StoredSession, record: SessionRecord
+    ) -> Transfer:
+        """A reattach on the node that owns the session: a plain fenced CAS, same epoch."""
+        token = owner_token(self.node_id, entry.owner_epoch)
+        guard = [client.transactions.value(self.store.owner_key(sid)) == token]
+        version = entry.record.state_version
+        if await self.store.acas(client, sid, version, record, None, guard):
+            return Transfer(Outcome.GRANTED, entry.owner_epoch, self.node_id, record)
+        fresh = await self.store.aentry(client, sid)  # acas counted the conflict
+        if fresh is None:
+            return Transfer(Outcome.NOT_FOUND, 0, self.node_id, None)
+        return Transfer(Outcome.CONFLICT, fresh.owner_epoch, self.node_id, fresh.record)
 
     def _lost_race(self, entry: StoredSession | None, previous: str) -> Transfer:
         self.store.note_conflict()
