@@ -4,7 +4,8 @@
 client and peer port and its own data directory under one temporary directory; the
 cluster token is unique per cluster, so two runs side by side never join each other.
 :meth:`EtcdCluster.close` always kills every member it started and removes the data
-directories (also after a failed test: the fixtures call it in ``finally``).
+directories (also after a failed test: the fixtures call it in ``finally``); a member
+also dies with the process that started it (``PR_SET_PDEATHSIG``), even one killed -9.
 
 Faults a test can inject: :meth:`stop` / :meth:`start` one member (SIGTERM, then the same
 command line on the same data directory), :meth:`stop_majority`, :meth:`freeze` /
@@ -38,6 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
+SETPRIV = shutil.which("setpriv")
+DIE_WITH_PARENT = [SETPRIV, "--pdeathsig", "KILL"] if SETPRIV else []
+"""util-linux ``setpriv`` sets PR_SET_PDEATHSIG, then execs etcd: a member is killed when
+the process that started it dies, even by SIGKILL. (Not a ``preexec_fn``: forking Python
+code in a process with gRPC threads is unsafe.)"""
 START_TIMEOUT = 30.0
 """Seconds a cluster (or a restarted member) may take to report healthy; generous: the
 machine may be loaded."""
@@ -171,8 +177,9 @@ class EtcdCluster:
         log = m.log_path.open("ab")
         try:
             m.proc = subprocess.Popen(
-                self.command(m), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
+                [*DIE_WITH_PARENT, *self.command(m)], stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )  # fmt: skip
         finally:
             log.close()
         m.frozen = False
