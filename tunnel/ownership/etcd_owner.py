@@ -42,7 +42,7 @@ import json
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -154,6 +154,8 @@ class NodeOwnership:
         self._owned: dict[str, int] = {}  # sid -> owner epoch
         self._lock = threading.Lock()
         self._keeper_paused = threading.Event()
+        self._pending: set[str] = set()
+        """Sessions with a create or transfer in flight (worker loop only)."""
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
 
@@ -264,8 +266,6 @@ class NodeOwnership:
             await asyncio.sleep(0.2)  # then watch again (the keeper also scans)
 
     async def _scan_requests(self, client: Any) -> None:
-        if not self._owned:
-            return
         for kv in await client.get_prefix(self.store.prefix + b"h/"):
             self._on_request(kv.key, kv.value)
 
@@ -279,10 +279,11 @@ class NodeOwnership:
             return
         with self._lock:  # a request names the epoch it saw: a stale one is ignored
             mine = self._owned.get(sid)
-        if mine is None:
+        if mine is None and sid not in self._pending:
             # etcd says this node holds it, the node does not know: a create or transfer
             # whose answer was lost (StoreUnavailable) committed after all. Not forwarded
-            # here, so give the key up (only if it is still that very key).
+            # here, so give the key up (only if it is still that very key). One whose
+            # answer is still on its way is left alone (the keeper's scan asks again).
             task = self._release_token(sid, owner_token(self.node_id, epoch))
             self.store.worker.loop.create_task(task)
         elif mine == epoch and (self._on_handover is None or self._on_handover(sid, requester)):
@@ -302,6 +303,14 @@ class NodeOwnership:
     async def _release_quietly(self, sid: str) -> None:
         with contextlib.suppress(StoreUnavailable):
             await self.store.worker.guarded(lambda c: self.arelease(c, sid))
+
+    @contextlib.contextmanager
+    def _pending_on(self, sid: str) -> Iterator[None]:
+        self._pending.add(sid)
+        try:
+            yield
+        finally:
+            self._pending.discard(sid)
 
     # -- ownership queries ------------------------------------------------------------------
 
@@ -356,12 +365,13 @@ class NodeOwnership:
 
         async def run(client: Any) -> bool:
             guard = client.transactions.version(okey) == 0
-            return await self.store.acreate(client, record, wrapped_keys, [take], [guard])
+            with self._pending_on(sid):
+                ok = await self.store.acreate(client, record, wrapped_keys, [take], [guard])
+                if ok:  # on the worker loop, before any hand-over request is looked at
+                    self._take(sid, 1, "created")
+            return ok
 
-        ok = self.store.worker.call(run)
-        if ok:
-            self._take(sid, 1, "created")
-        return ok
+        return self.store.worker.call(run)
 
     def cas(
         self,
@@ -473,7 +483,8 @@ class NodeOwnership:
                 request = request_value(self.node_id, previous, entry.owner_epoch)
                 await client.put(self.store.handover_key(sid), request, lease=self.lease_id)
             await asyncio.sleep(POLL)
-        transfer = await self._commit_transfer(client, sid, entry, record, previous)
+        with self._pending_on(sid):
+            transfer = await self._commit_transfer(client, sid, entry, record, previous)
         if transfer.outcome != Outcome.GRANTED:
             await self._withdraw(client, sid, request)
         return transfer
