@@ -12,6 +12,7 @@ fence before etcd expires the lease.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -408,6 +409,37 @@ def test_an_ownership_key_a_node_did_not_know_of_is_given_up_or_adopted(nodes: N
     again = b.acquire(sid2, 2, record(3, sid2, node="B"), wait=5)
     assert (again.outcome, again.owner_epoch) == (Outcome.GRANTED, 2)
     assert b.may_forward(sid2) and [x.change for x in b.history][-1:] == ["adopted"]
+
+
+def test_an_asyncio_caller_awaits_a_transfer_while_its_loop_runs(nodes: Nodes) -> None:
+    """The gateway's loop must not stall on a transfer that waits for a hand-over: the
+    future of submit_acquire is awaited while other tasks of the loop keep running."""
+    released: list[str] = []
+    a = nodes.node("A", on_handover=lambda sid, _req: released.append(sid) is None and False)
+    b = nodes.node("B")
+    sid = new_sid()
+    assert a.create(record(1, sid, node="A"))
+
+    async def gateway_loop() -> tuple[object, int]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        task = asyncio.create_task(ticker())
+        future = b.submit_acquire(sid, 1, record(2, sid, node="B"), wait=1.0)
+        result = await asyncio.wrap_future(future)
+        seen = ticks
+        task.cancel()
+        return result, seen
+
+    result, ticks = asyncio.run(gateway_loop())
+    assert result.outcome == Outcome.OWNED_ELSEWHERE  # type: ignore[attr-defined]
+    assert set(released) == {sid}  # A was asked (and kept it; asked again by the scan)
+    assert ticks > 1  # the loop ran other tasks while the transfer waited
 
 
 def test_at48_two_concurrent_transfers_exactly_one_wins(nodes: Nodes) -> None:

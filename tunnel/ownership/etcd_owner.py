@@ -122,8 +122,9 @@ class NodeOwnership:
 
     ``on_handover(session_id, requester)`` runs on the worker thread when another node asks
     for a session this node holds; True means "hand it over now" (the node has stopped
-    forwarding it), False that the caller calls :meth:`release` itself later. Without a
-    callback a live owner hands over at once.
+    forwarding it), False that the caller calls :meth:`release` itself later. It may be
+    called again for the same request (the watch and the keeper's scan both deliver it)
+    until the session is released. Without a callback a live owner hands over at once.
     """
 
     def __init__(
@@ -287,7 +288,9 @@ class NodeOwnership:
             task = self._release_token(sid, owner_token(self.node_id, epoch))
             self.store.worker.loop.create_task(task)
         elif mine == epoch and (self._on_handover is None or self._on_handover(sid, requester)):
-            self.store.worker.loop.create_task(self._release_quietly(sid))
+            self._drop(sid, "released")  # at once: no more forwarding, no second callback
+            task = self._release_token(sid, owner_token(self.node_id, epoch))
+            self.store.worker.loop.create_task(task)
 
     async def _release_token(self, sid: str, token: bytes) -> None:
         async def run(client: Any) -> None:
@@ -299,10 +302,6 @@ class NodeOwnership:
 
         with contextlib.suppress(StoreUnavailable):
             await self.store.worker.guarded(run)
-
-    async def _release_quietly(self, sid: str) -> None:
-        with contextlib.suppress(StoreUnavailable):
-            await self.store.worker.guarded(lambda c: self.arelease(c, sid))
 
     @contextlib.contextmanager
     def _pending_on(self, sid: str) -> Iterator[None]:
@@ -436,21 +435,37 @@ class NodeOwnership:
     def acquire(
         self, session_id: str, expected_version: int, new_record: SessionRecord, wait: float
     ) -> Transfer:
-        """Move the session to this node by CAS (see the module docstring).
+        """Move the session to this node by CAS (see the module docstring); blocks.
 
         ``new_record`` is the record after the move (owner_node = this node, a newer
         state_version); ``wait`` bounds how long a live owner may take to hand over.
         StoreUnavailable when etcd does not answer in time (fail closed).
         """
+        timeout = self._check_acquire(session_id, expected_version, new_record, wait)
+        return self.store.worker.call(
+            lambda c: self._aacquire(c, session_id, expected_version, new_record, wait), timeout
+        )
+
+    def submit_acquire(
+        self, session_id: str, expected_version: int, new_record: SessionRecord, wait: float
+    ) -> concurrent.futures.Future[Transfer]:
+        """:meth:`acquire` without waiting: a future an asyncio caller awaits through
+        ``asyncio.wrap_future`` (its loop keeps running meanwhile)."""
+        timeout = self._check_acquire(session_id, expected_version, new_record, wait)
+        return self.store.worker.submit(
+            lambda c: self._aacquire(c, session_id, expected_version, new_record, wait), timeout
+        )
+
+    def _check_acquire(
+        self, session_id: str, expected_version: int, new_record: SessionRecord, wait: float
+    ) -> float:
+        """Misuse checks (ValueError), the lease (StoreUnavailable); the call's bound."""
         check_cas_arguments(session_id, expected_version, new_record)
         if new_record.owner_node != self.node_id:
             raise ValueError(f"acquire by {self.node_id} with a record owned by "
                              f"{new_record.owner_node}")  # fmt: skip
         self._require_lease()
-        timeout = wait + 2 * self.store.worker.timeout
-        return self.store.worker.call(
-            lambda c: self._aacquire(c, session_id, expected_version, new_record, wait), timeout
-        )
+        return wait + 2 * self.store.worker.timeout
 
     async def _read_both(self, client: Any, sid: str) -> tuple[StoredSession | None, Any]:
         tx = client.transactions
