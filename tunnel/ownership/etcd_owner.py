@@ -16,9 +16,12 @@ lease; the session's entry (``P s/S``, :mod:`tunnel.ownership.etcd`) carries the
   expired and another node took it) can never write again (AT-51).
 - **Transfer** (:meth:`NodeOwnership.acquire`, a reattach arriving at this node): read the
   entry and the ownership key; if another node holds the key, write a hand-over request
-  (``P h/S``, on the requester's lease) and wait, bounded, until the key is gone: the live
-  owner watches ``P h/``, stops forwarding the session, then deletes its key (released);
-  a dead owner's key vanishes with its lease. Then one txn, granted only if the entry is
+  (``P h/S`` = requester, holder, the epoch seen; on the requester's lease) and wait,
+  bounded, until the key is gone: the holder watches ``P h/`` (and scans it on every
+  keeper tick), stops forwarding the session, then deletes its key (released); a dead
+  owner's key vanishes with its lease. A holder that does not know it holds the key (a
+  create or transfer whose answer was lost but which committed) gives it up when asked,
+  or adopts it when the session reattaches there. Then one txn, granted only if the entry is
   still at the revision read AND no ownership key exists, writes the entry with
   ``owner_epoch + 1`` and the caller's new record (``state_version`` moves forward, so the
   old owner's view is stale twice over) and creates this node's ownership key. Two
