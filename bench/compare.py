@@ -429,7 +429,8 @@ def shielded() -> Iterator[None]:
 
 
 class Iperf:
-    """The iperf3 server in the gateway namespace; restarted after a failed run."""
+    """The iperf3 server in the gateway namespace; restarted for each tunnel and after a
+    failed run."""
 
     def __init__(self, topo: Topology) -> None:
         self.topo = topo
@@ -503,6 +504,7 @@ def run_tunnel(run: Run, topo: Topology, iperf3: Iperf, name: str, rep: int) -> 
     info = run.tools.setdefault(name, {"label": label(name), "description": tool.describe()})
     try:
         tool.start()
+        iperf3.restart()  # a fresh server: none left waiting on the previous tunnel's test
         for col in columns(run.args.streams):
             run.samples.append(measure(tool, iperf3, col, run.args.duration, rep))
             run.say(sample_line(run.samples[-1]))
@@ -593,7 +595,7 @@ def print_results(run: Run, tunnels: Sequence[str]) -> None:
     ran = [t for t in tunnels if any(s.tunnel == t for s in run.samples)]
     skipped = {n: "not measured (see the notes)" for n in run.args.only if n not in ran}
     mbit = median_mbit(run.samples, ran, cols)
-    print()
+    print(f"\nCPU model: {cpu_model()} ({os.cpu_count()} cores)")
     print("\n".join(table_lines(mbit, median_cpu(run.samples, ran, cols), cols, run.args.reps,
                                 skipped)))  # fmt: skip
     for line in short_counts(run.samples, run.args.reps):
