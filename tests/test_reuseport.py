@@ -1,0 +1,128 @@
+"""The reuseport steering program, with real sockets on loopback (issue 11, item 3).
+
+docs/gateway.md "Workers": DATA and CONTROL go to worker ``low byte of the receiver
+index % N``, a HANDSHAKE_INIT to ``low byte of the sender index % N``, a datagram shorter
+than 12 bytes to worker 0.
+"""
+
+from __future__ import annotations
+
+import random
+import select
+import socket
+import struct
+import time
+
+import pytest
+
+from tunnel.core.constants import MSG_CONTROL, MSG_DATA, MSG_HANDSHAKE_INIT
+from tunnel.io.reuseport import MAX_WORKERS, ReuseportGroup, steering_program
+from tunnel.io.udp import GatewaySocket, PathError
+
+TRANSPORT = struct.Struct("<BBxxIQ")
+
+
+def transport(msg_type: int, receiver_index: int, counter: int = 0) -> bytes:
+    return TRANSPORT.pack(msg_type, 0, receiver_index, counter) + bytes(32)
+
+
+def init(sender_index: int) -> bytes:
+    return struct.pack("<BBxxII", MSG_HANDSHAKE_INIT, 0, 0, sender_index) + bytes(128)
+
+
+def collect(group: ReuseportGroup, expected: int, bound_s: float = 10.0) -> list[list[bytes]]:
+    """Every datagram each socket of the group received, until ``expected`` arrived."""
+    got: list[list[bytes]] = [[] for _ in group.sockets]
+    deadline = time.monotonic() + bound_s
+    while sum(map(len, got)) < expected and time.monotonic() < deadline:
+        ready, _, _ = select.select(group.sockets, [], [], 0.2)
+        for sock in ready:
+            i = group.sockets.index(sock)
+            got[i].extend(data for data, _ in sock.recv_batch())
+    return got
+
+
+@pytest.fixture
+def sender() -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_each_receiver_index_lands_on_its_worker_every_time(
+    workers: int, sender: socket.socket
+) -> None:
+    group = ReuseportGroup(("127.0.0.1", 0), workers)
+    try:
+        rng = random.Random(7)
+        indexes = [rng.getrandbits(32) or 1 for _ in range(40)]
+        sent = 0
+        for rep in range(3):  # the same index again: the same socket
+            for index in indexes:
+                kind = MSG_DATA if rep != 1 else MSG_CONTROL
+                sender.sendto(transport(kind, index, rep), group.local_address)
+                sent += 1
+        got = collect(group, sent)
+        assert sum(map(len, got)) == sent
+        for worker, datagrams in enumerate(got):
+            for data in datagrams:
+                index = struct.unpack_from("<I", data, 4)[0]
+                assert (index & 0xFF) % workers == worker, (hex(index), worker)
+        # every worker got some (40 random indexes over 2 or 3 workers)
+        assert all(got)
+    finally:
+        group.close()
+
+
+def test_inits_follow_the_sender_index_and_short_datagrams_go_to_worker_0(
+    sender: socket.socket,
+) -> None:
+    group = ReuseportGroup(("127.0.0.1", 0), 3)
+    try:
+        senders = [0x100, 0x201, 0x302, 0x4FF, 0xABCDEF05]
+        for sender_index in senders:
+            sender.sendto(init(sender_index), group.local_address)
+        shorts = [b"", b"\x03", b"\x03\x00\x00\x00\x01\x00\x00\x00", bytes(11)]
+        for data in shorts:
+            sender.sendto(data, group.local_address)
+        got = collect(group, len(senders) + len(shorts))
+        inits = {struct.unpack_from("<I", d, 8)[0]: w for w, ds in enumerate(got) for d in ds
+                 if len(d) >= 12}  # fmt: skip
+        assert inits == {s: (s & 0xFF) % 3 for s in senders}
+        assert sorted(d for d in got[0] if len(d) < 12) == sorted(shorts)
+        assert not any(len(d) < 12 for ds in got[1:] for d in ds)
+    finally:
+        group.close()
+
+
+def test_a_closed_slot_moves_no_other_socket_while_the_group_holds_it(
+    sender: socket.socket,
+) -> None:
+    """The group keeps every socket: a worker that stops reading loses only its own."""
+    group = ReuseportGroup(("127.0.0.1", 0), 3)
+    try:
+        # worker 1 "dies": nobody reads socket 1, but the group still holds it
+        for index in (0x00, 0x01, 0x02, 0x03, 0x04, 0x05):
+            sender.sendto(transport(MSG_DATA, index | 0x100), group.local_address)
+        got = collect(group, 6)
+        assert [len(g) for g in got] == [2, 2, 2]
+    finally:
+        group.close()
+
+
+def test_the_port_is_shared_only_within_the_group() -> None:
+    group = ReuseportGroup(("127.0.0.1", 0), 2)
+    try:
+        with pytest.raises(PathError):
+            GatewaySocket(group.local_address)  # no SO_REUSEPORT: the port is in use
+    finally:
+        group.close()
+
+
+def test_worker_counts_are_checked() -> None:
+    with pytest.raises(ValueError):
+        steering_program(0)
+    with pytest.raises(ValueError):
+        steering_program(MAX_WORKERS + 1)
+    assert len(steering_program(1)) == 10
