@@ -15,7 +15,12 @@ import time
 
 import pytest
 
+from tests.crowd import Crowd
 from tunnel.core.constants import MSG_CONTROL, MSG_DATA, MSG_HANDSHAKE_INIT
+from tunnel.core.gateway import GatewaySessions
+from tunnel.core.gateway_session import ClientEntry
+from tunnel.core.handshake import generate_keypair
+from tunnel.core.policy import POLICY_DEFAULT
 from tunnel.io.reuseport import MAX_WORKERS, ReuseportGroup, steering_program
 from tunnel.io.udp import GatewaySocket, PathError
 
@@ -126,3 +131,37 @@ def test_worker_counts_are_checked() -> None:
     with pytest.raises(ValueError):
         steering_program(MAX_WORKERS + 1)
     assert len(steering_program(1)) == 10
+
+
+def attached_crowd(stripe: tuple[int, int], n: int = 24) -> Crowd:
+    gw_priv, gw_pub = generate_keypair()
+    keys = [generate_keypair() for _ in range(n)]
+    clients = [ClientEntry(f"c{i}", pub, f"10.66.0.{i + 2}") for i, (_, pub) in enumerate(keys)]
+    gateway = GatewaySessions(
+        static_private=gw_priv, clients=clients, policy=POLICY_DEFAULT, now=0.0,
+        urandom=random.Random(3).randbytes, rng=random.Random(3), index_stripe=stripe,
+    )  # fmt: skip
+    crowd = Crowd(gateway)
+    for i, (priv, _) in enumerate(keys):
+        crowd.connect(crowd.add(f"c{i}", priv, gw_pub, POLICY_DEFAULT, seed=100 + i))
+    assert all(m.attached_at is not None for m in crowd.members)
+    return crowd
+
+
+@pytest.mark.parametrize("stripe", [(0, 2), (1, 2), (2, 3)])
+def test_a_worker_allocates_receiver_indexes_that_steer_back_to_it(
+    stripe: tuple[int, int],
+) -> None:
+    """What the clients put in their DATA and CONTROL headers (the gateway's receiver
+    index) has the low byte the worker's socket is steered by."""
+    crowd = attached_crowd(stripe)
+    worker, workers = stripe
+    indexes = {m.session.peer_index for m in crowd.members}
+    assert len(indexes) == len(crowd.members) and set(crowd.gateway.sessions) == indexes
+    assert all((index & 0xFF) % workers == worker for index in indexes)
+
+
+def test_an_index_stripe_outside_the_workers_is_refused() -> None:
+    for stripe in [(2, 2), (-1, 2), (0, 257), (0, 0)]:
+        with pytest.raises(ValueError):
+            attached_crowd(stripe, n=0)
