@@ -51,7 +51,7 @@ DEFAULT_JSONL_BACKUPS: Final = 5
 
 TOP_KEYS: Final = frozenset(
     {"node_id", "listen", "private_key", "policy", "mtu", "metrics", "inner_echo", "clients_dir"}
-)
+).union({"workers"})
 TABLES: Final = frozenset({"tun", "clients", "sinks", "control"})
 CONTROL_KEYS: Final = frozenset({"socket"})
 TUN_KEYS: Final = frozenset({"name", "subnet", "address", "subnet6", "address6"})
@@ -150,6 +150,8 @@ class GatewayConfig:
     """Files of ``clients_dir`` that were skipped at load, each with its problem."""
     client_file_cache: ClientFileCache = field(default_factory=dict, repr=False, compare=False)
     """The good files as read at load: the first reload reads only the changed ones."""
+    workers: int = 1
+    """Worker processes sharing the listen ports (``workers``; "auto": one per core)."""
 
 
 class _Reader:
@@ -767,6 +769,7 @@ def parse_gateway_config(data: Mapping[str, Any], file: Path) -> GatewayConfig:
     clients = _assign(inline + found, net, claims, {}, errors)
     sinks = _parse_sinks(file, data.get("sinks"))
     control_socket, control_required = _parse_control(file, data.get("control"))
+    workers = _parse_workers(r)
     key_path, private_key = _load_key(r)  # last: every plain value error comes first
     return GatewayConfig(
         source=file, node_id=node_id, listen=listen, private_key_path=key_path,
@@ -776,8 +779,15 @@ def parse_gateway_config(data: Mapping[str, Any], file: Path) -> GatewayConfig:
         gateway_address6=gateway_address6, control_socket=control_socket,
         control_required=control_required, clients_dir=clients_dir,
         client_specs=tuple(inline),
-        client_file_errors=tuple(errors), client_file_cache=cache,
+        client_file_errors=tuple(errors), client_file_cache=cache, workers=workers,
     )  # fmt: skip
+
+
+def _parse_workers(r: _Reader) -> int:
+    """``workers``: 1..256, or "auto" for one per core (docs/gateway.md "Workers")."""
+    if r.table.get("workers") == "auto":
+        return max(1, min(os.cpu_count() or 1, 256))
+    return r.integer("workers", 1, 1, 256)
 
 
 def _dir_specs(

@@ -1,0 +1,350 @@
+"""``workers = 2``: the jvpn-gateway program as two worker processes (issue 11, item 3).
+
+Level 3: the real program on loopback UDP (inner_echo: no TUN, no root) and real
+ClientSessions, stepped by one select loop in the test. What docs/gateway.md "Workers"
+promises: every session lives on the worker its client's sender index names (low byte
+modulo the number of workers) and stays there with all its traffic; each worker has its own
+control socket (``PATH``, ``PATH.1``) and node id (``NODE-w0``, ``NODE-w1``); a worker
+killed is reported and started again on the same slot, its sessions are lost (a client
+handshakes again and lands on the new worker), the other worker's sessions are untouched;
+SIGTERM to the supervisor stops every worker and tells every client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tunnel.core.client import ClientSession, PathSpec
+from tunnel.core.events import EventType, Reason
+from tunnel.core.handshake import generate_keypair
+from tunnel.core.policy import POLICY_DEFAULT
+from tunnel.core.session import State
+from tunnel.gateway.inner import inet_checksum
+from tunnel.io.udp import PathSocket
+from tunnel.keys import write_private_key
+
+REPO = Path(__file__).resolve().parents[1]
+GATEWAY_INNER = "10.66.0.1"
+
+
+def icmp_echo(src: str, dst: str, seq: int) -> bytes:
+    body = bytearray(bytes((8, 0, 0, 0)) + (0x4242).to_bytes(2, "big") + seq.to_bytes(2, "big"))
+    body += b"workers"
+    body[2:4] = inet_checksum(body).to_bytes(2, "big")
+    total = 20 + len(body)
+    header = bytearray(
+        bytes((0x45, 0)) + total.to_bytes(2, "big") + bytes(4) + bytes((64, 1, 0, 0))
+        + bytes(int(x) for x in src.split(".")) + bytes(int(x) for x in dst.split("."))
+    )  # fmt: skip
+    header[10:12] = inet_checksum(header).to_bytes(2, "big")
+    return bytes(header) + bytes(body)
+
+
+@dataclass
+class Client:
+    name: str
+    private: bytes
+    address: str
+    seed: int
+    session: ClientSession
+    sock: PathSocket
+    replies: int = 0
+
+    @property
+    def worker(self) -> int:
+        """The worker the docs say gets this client's INITs (and so its session)."""
+        return (self.session.index & 0xFF) % 2
+
+
+class Crowd:
+    """Many ClientSessions on their own loopback sockets, stepped by one select loop."""
+
+    def __init__(self, gateway: tuple[str, int], gateway_public: bytes) -> None:
+        self.gateway = gateway
+        self.gateway_public = gateway_public
+        self.clients: list[Client] = []
+
+    def new_session(self, private: bytes, seed: int) -> ClientSession:
+        now = time.monotonic()
+        return ClientSession(
+            static_private=private, gateway_public=self.gateway_public,
+            paths=[PathSpec(1, "lo")], policy=POLICY_DEFAULT, now=now,
+            rng=random.Random(seed), wall_offset=time.time() - now,
+        )  # fmt: skip
+
+    def add(self, name: str, private: bytes, address: str, seed: int) -> Client:
+        c = Client(
+            name, private, address, seed, self.new_session(private, seed),
+            PathSocket(1, ("127.0.0.1", 0)),
+        )  # fmt: skip
+        self.clients.append(c)
+        return c
+
+    def restart(self, c: Client) -> None:
+        """The client program starts again (same key and seed: the same sender index)."""
+        c.session = self.new_session(c.private, c.seed)
+        c.session.connect(time.monotonic())
+        self._pump(c)
+
+    def connect_all(self) -> None:
+        for c in self.clients:
+            c.session.connect(time.monotonic())
+            self._pump(c)
+
+    def _pump(self, c: Client) -> None:
+        for _, data in c.session.datagrams_to_send():
+            c.sock.send(data, self.gateway)
+        c.replies += sum(1 for p in c.session.packets_for_tun() if p[20] == 0)  # echo reply
+
+    def step(self) -> None:
+        ready, _, _ = select.select([c.sock for c in self.clients], [], [], 0.02)
+        now = time.monotonic()
+        for c in self.clients:
+            if c.sock in ready:
+                for data, _ in c.sock.recv_batch():
+                    c.session.receive_datagram(data, 1, now)
+            deadline = c.session.next_deadline()
+            if deadline is not None and deadline <= now:
+                c.session.handle_timer(now)
+            self._pump(c)
+
+    def run_until(self, what: Callable[[], bool], timeout: float, message: str) -> None:
+        end = time.monotonic() + timeout
+        while not what():
+            if time.monotonic() > end:
+                raise AssertionError(f"timed out: {message}")
+            self.step()
+
+    def ping(self, clients: list[Client], count: int = 3) -> None:
+        """Each client sends ``count`` echo requests to the gateway's inner address and
+        gets every reply."""
+        want = {c.name: c.replies + count for c in clients}
+        for c in clients:
+            for seq in range(count):
+                c.session.receive_tun_packet(
+                    icmp_echo(c.address, GATEWAY_INNER, seq), time.monotonic()
+                )
+                self._pump(c)
+        self.run_until(lambda: all(c.replies >= want[c.name] for c in clients), 20, "echo replies")
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.sock.close()
+
+
+class Stderr:
+    """The program's stderr lines, read on a thread."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        assert proc.stderr is not None
+        self._thread = threading.Thread(target=self._run, args=(proc.stderr,), daemon=True)
+        self._thread.start()
+
+    def _run(self, stream: Any) -> None:
+        for line in stream:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+
+    def wait(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    if m := re.search(pattern, line):
+                        return m
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no line {pattern!r} in {self.lines}")
+                self._cond.wait(left)
+
+
+def status(sock: Path) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunnel.cli", "--socket", str(sock), "status", "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=30, check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    doc: dict[str, Any] = json.loads(proc.stdout)["status"]
+    return doc
+
+
+@dataclass
+class Rig:
+    proc: subprocess.Popen[str]
+    err: Stderr
+    crowd: Crowd
+    sockets: tuple[Path, Path]
+    pids: list[int]
+
+    def status(self, k: int) -> dict[str, Any]:
+        """Worker ``k``'s status; the clients keep running meanwhile (their probes)."""
+        out: list[dict[str, Any]] = []
+        thread = threading.Thread(target=lambda: out.append(status(self.sockets[k])))
+        thread.start()
+        while thread.is_alive():
+            self.crowd.step()
+        assert out, "no status"
+        return out[0]
+
+    def sessions(self, k: int) -> dict[str, dict[str, Any]]:
+        return {s["client"]: s for s in self.status(k)["sessions"]}
+
+
+N_CLIENTS = 8
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    gw_private, gw_public = generate_keypair()
+    write_private_key(tmp_path / "gateway.key", gw_private)
+    crowd = Crowd(("127.0.0.1", 0), gw_public)
+    seed = 0
+    while len(crowd.clients) < N_CLIENTS:  # half of them on each worker
+        private, _ = generate_keypair()
+        i = len(crowd.clients)
+        c = crowd.add(f"c{i}", private, f"10.66.0.{i + 2}", seed)
+        seed += 1
+        if sum(1 for d in crowd.clients if d.worker == c.worker) > N_CLIENTS // 2:
+            crowd.clients.pop().sock.close()
+    clients = "".join(
+        f'[[clients]]\nname = "{c.name}"\npublic_key = "{_b64(c.private)}"\n'
+        f'address = "{c.address}"\n'
+        for c in crowd.clients
+    )
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        'node_id = "gwt"\nlisten = "127.0.0.1:0"\nprivate_key = "gateway.key"\n'
+        'inner_echo = true\nworkers = 2\n[control]\nsocket = "gw.sock"\n' + clients
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tunnel.gateway.main", "--config", str(config)],
+        cwd=REPO, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    err = Stderr(proc)
+    try:
+        ready = err.wait(r"node gwt: 2 workers ready \(pids (\d+), (\d+)\)")
+        port = int(err.wait(r"node gwt-w0 listening on 127\.0\.0\.1:(\d+)").group(1))
+        assert err.wait(r"node gwt-w1 listening on 127\.0\.0\.1:(\d+)").group(1) == str(port)
+        crowd.gateway = ("127.0.0.1", port)
+        yield Rig(
+            proc, err, crowd, (tmp_path / "gw.sock", tmp_path / "gw.sock.1"),
+            [int(ready.group(1)), int(ready.group(2))],
+        )  # fmt: skip
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for pid in _children(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        crowd.close()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(x) for x in text.split()]
+
+
+def _b64(private: bytes) -> str:
+    import base64
+
+    from tunnel.core.handshake import public_key
+
+    return base64.b64encode(public_key(private)).decode()
+
+
+def attached(clients: list[Client]) -> Callable[[], bool]:
+    return lambda: all(c.session.state is State.ATTACHED for c in clients)
+
+
+def test_each_session_lives_on_the_worker_its_index_names_with_all_its_traffic(
+    rig: Rig,
+) -> None:
+    crowd = rig.crowd
+    crowd.connect_all()
+    crowd.run_until(attached(crowd.clients), 30, "every client attached")
+    crowd.ping(crowd.clients)
+    by_worker = [rig.sessions(0), rig.sessions(1)]
+    for c in crowd.clients:
+        here, there = by_worker[c.worker], by_worker[1 - c.worker]
+        assert c.name in here and c.name not in there, c.name
+        s = here[c.name]
+        assert s["owner"] == f"gwt-w{c.worker}" and s["state"] == "ATTACHED"
+        # the session's traffic all went through that worker: every echo answered there
+        assert s["rx_packets"] >= 3 and s["tx_packets"] >= 3
+    assert [len(b) for b in by_worker] == [N_CLIENTS // 2, N_CLIENTS // 2]
+    for k in (0, 1):
+        assert rig.status(k)["node_id"] == f"gwt-w{k}"
+
+
+def test_a_killed_worker_loses_only_its_sessions_and_comes_back_on_its_slot(rig: Rig) -> None:
+    crowd = rig.crowd
+    crowd.connect_all()
+    crowd.run_until(attached(crowd.clients), 30, "every client attached")
+    survivors = [c for c in crowd.clients if c.worker == 0]
+    lost = [c for c in crowd.clients if c.worker == 1]
+    before = {c.name: c.session.snapshot(time.monotonic()) for c in survivors}
+    ids = {name: s["session_id"] for name, s in rig.sessions(0).items()}
+
+    os.kill(rig.pids[1], signal.SIGKILL)
+    rig.err.wait(r"worker 1 died \(killed by SIGKILL\); its sessions are lost")
+    restarted = int(rig.err.wait(r"worker 1 restarted \(pid (\d+)\)").group(1))
+    assert restarted not in rig.pids and rig.proc.poll() is None
+
+    # worker 0's sessions: untouched, same ids, traffic flows, no event about them
+    crowd.ping(survivors)
+    assert {name: s["session_id"] for name, s in rig.sessions(0).items()} == ids
+    for c in survivors:
+        assert c.session.state is State.ATTACHED
+        assert c.session.snapshot(time.monotonic()).session_id == before[c.name].session_id
+        assert not [e for e in c.session.events() if e.event_type is EventType.SESSION_TERMINATED]
+    # worker 1 starts empty: its sessions were lost with it
+    assert rig.sessions(1) == {}
+    # a client of the lost worker that handshakes again lands on the new worker 1
+    crowd.restart(lost[0])
+    crowd.run_until(attached([lost[0]]), 30, "the client attached again")
+    crowd.ping([lost[0]])
+    again = rig.sessions(1)
+    assert set(again) == {lost[0].name} and again[lost[0].name]["owner"] == "gwt-w1"
+
+
+def test_sigterm_stops_every_worker_and_every_client_is_told(rig: Rig) -> None:
+    crowd = rig.crowd
+    crowd.connect_all()
+    crowd.run_until(attached(crowd.clients), 30, "every client attached")
+    rig.proc.send_signal(signal.SIGTERM)
+    assert rig.proc.wait(30) == 0
+    rig.err.wait(r"jvpn-gateway: stopped; sessions terminated, host restored")
+    crowd.run_until(
+        lambda: all(c.session.state is State.TERMINATED for c in crowd.clients),
+        20, "every client told",
+    )  # fmt: skip
+    ends = [
+        e for c in crowd.clients for e in c.session.events()
+        if e.event_type is EventType.SESSION_TERMINATED
+    ]  # fmt: skip
+    assert len(ends) == N_CLIENTS and all(e.initiator == "peer" for e in ends)
+    assert {e.reason_code for e in ends} <= set(Reason)
+    assert not rig.sockets[0].exists() and not rig.sockets[1].exists()
