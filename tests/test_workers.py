@@ -74,10 +74,18 @@ class Client:
 class Crowd:
     """Many ClientSessions on their own loopback sockets, stepped by one select loop."""
 
-    def __init__(self, gateway: tuple[str, int], gateway_public: bytes) -> None:
+    def __init__(
+        self,
+        gateway: tuple[str, int],
+        gateway_public: bytes,
+        make_socket: Callable[[], PathSocket] = lambda: PathSocket(1, ("127.0.0.1", 0)),
+        gateway_inner: str = GATEWAY_INNER,
+    ) -> None:
         self.gateway = gateway
         self.gateway_public = gateway_public
         self.clients: list[Client] = []
+        self._make_socket = make_socket
+        self.gateway_inner = gateway_inner
 
     def new_session(self, private: bytes, seed: int) -> ClientSession:
         now = time.monotonic()
@@ -89,8 +97,7 @@ class Crowd:
 
     def add(self, name: str, private: bytes, address: str, seed: int) -> Client:
         c = Client(
-            name, private, address, seed, self.new_session(private, seed),
-            PathSocket(1, ("127.0.0.1", 0)),
+            name, private, address, seed, self.new_session(private, seed), self._make_socket()
         )  # fmt: skip
         self.clients.append(c)
         return c
@@ -137,7 +144,7 @@ class Crowd:
         for c in clients:
             for seq in range(count):
                 c.session.receive_tun_packet(
-                    icmp_echo(c.address, GATEWAY_INNER, seq), time.monotonic()
+                    icmp_echo(c.address, self.gateway_inner, seq), time.monotonic()
                 )
                 self._pump(c)
         self.run_until(lambda: all(c.replies >= want[c.name] for c in clients), 20, "echo replies")
@@ -217,19 +224,7 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     gw_private, gw_public = generate_keypair()
     write_private_key(tmp_path / "gateway.key", gw_private)
     crowd = Crowd(("127.0.0.1", 0), gw_public)
-    seed = 0
-    while len(crowd.clients) < N_CLIENTS:  # half of them on each worker
-        private, _ = generate_keypair()
-        i = len(crowd.clients)
-        c = crowd.add(f"c{i}", private, f"10.66.0.{i + 2}", seed)
-        seed += 1
-        if sum(1 for d in crowd.clients if d.worker == c.worker) > N_CLIENTS // 2:
-            crowd.clients.pop().sock.close()
-    clients = "".join(
-        f'[[clients]]\nname = "{c.name}"\npublic_key = "{_b64(c.private)}"\n'
-        f'address = "{c.address}"\n'
-        for c in crowd.clients
-    )
+    clients = add_balanced(crowd, N_CLIENTS, "10.66.0")
     config = tmp_path / "gateway.toml"
     config.write_text(
         'node_id = "gwt"\nlisten = "127.0.0.1:0"\nprivate_key = "gateway.key"\n'
@@ -257,6 +252,24 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
         for pid in _children(proc.pid):
             os.kill(pid, signal.SIGKILL)
         crowd.close()
+
+
+def add_balanced(crowd: Crowd, n: int, net: str) -> str:
+    """``n`` clients, half on each worker (by their sender index), addresses ``net.2``...;
+    their ``[[clients]]`` tables."""
+    seed = 0
+    while len(crowd.clients) < n:
+        private, _ = generate_keypair()
+        i = len(crowd.clients)
+        c = crowd.add(f"c{i}", private, f"{net}.{i + 2}", seed)
+        seed += 1
+        if sum(1 for d in crowd.clients if d.worker == c.worker) > n // 2:
+            crowd.clients.pop().sock.close()
+    return "".join(
+        f'[[clients]]\nname = "{c.name}"\npublic_key = "{_b64(c.private)}"\n'
+        f'address = "{c.address}"\n'
+        for c in crowd.clients
+    )
 
 
 def _children(pid: int) -> list[int]:

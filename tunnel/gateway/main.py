@@ -293,7 +293,8 @@ def serve(
         return _fail(EXIT_HOST_CONFIG, f"restoring the host failed: {exc}")
     if runtime.crash is not None:
         return _fail(EXIT_ENGINE_FAILURE, f"engine failure: {runtime.crash!r}")
-    print("jvpn-gateway: stopped; sessions terminated, host restored", file=sys.stderr)
+    if slot is None:  # a worker's supervisor says it once for all
+        print("jvpn-gateway: stopped; sessions terminated, host restored", file=sys.stderr)
     return EXIT_OK
 
 

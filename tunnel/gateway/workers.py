@@ -40,9 +40,11 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import queue
 import signal
 import socket
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -86,24 +88,26 @@ class SessionRoutes:
 
     Added with ``replace`` (a client that restarted may have landed on another worker
     while its old session here waits for its dead timer: the newest session wins) and
-    removed only through this TUN (the other worker's route stays).
+    removed only through this TUN (the other worker's route stays). The netlink calls run
+    on a thread of their own, in order (pyroute2's calls cannot run on the gateway's
+    asyncio loop); the loop only queues them.
     """
 
     def __init__(self) -> None:
-        self._ipr: IPRoute | None = None
-        self._oif = 0
+        self._queue: queue.SimpleQueue[tuple[str, str] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
         self._routes: dict[str, tuple[str, ...]] = {}
         self.failures = 0
-        """Routes that could not be added or removed (each also one console line)."""
+        """Routes that could not be added (each also one console line)."""
 
     def open(self, ifname: str) -> None:
-        from pyroute2 import IPRoute
-
-        self._ipr = IPRoute()
-        self._oif = self._ipr.link_lookup(ifname=ifname)[0]
+        self._thread = threading.Thread(
+            target=self._run, args=(ifname,), name="jvpn-routes", daemon=True
+        )
+        self._thread.start()
 
     def on_event(self, event: Event, clients: Sequence[ClientEntry]) -> None:
-        if self._ipr is None:
+        if self._thread is None:
             return
         if isinstance(event, SessionCreated):
             entry = next((c for c in clients if c.name == event.peer), None)
@@ -111,21 +115,29 @@ class SessionRoutes:
             addresses = (event.inner_address, *extra)
             self._routes[event.session_id] = addresses
             for address in addresses:
-                self._change("replace", address)
+                self._queue.put(("replace", address))
         elif isinstance(event, SessionTerminated):
             for address in self._routes.pop(event.session_id, ()):
-                self._change("del", address)
+                self._queue.put(("del", address))
 
-    def _change(self, command: str, address: str) -> None:
+    def _run(self, ifname: str) -> None:
+        from pyroute2 import IPRoute
+
+        ipr = IPRoute()
+        try:
+            oif = ipr.link_lookup(ifname=ifname)[0]
+            while (change := self._queue.get()) is not None:
+                self._change(ipr, oif, *change)
+        finally:
+            ipr.close()
+
+    def _change(self, ipr: IPRoute, oif: int, command: str, address: str) -> None:
         from pyroute2 import NetlinkError
 
-        assert self._ipr is not None
         ip = ipaddress.ip_address(address)
         family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
         try:
-            self._ipr.route(
-                command, dst=address, dst_len=ip.max_prefixlen, oif=self._oif, family=family
-            )
+            ipr.route(command, dst=address, dst_len=ip.max_prefixlen, oif=oif, family=family)
         except NetlinkError as exc:
             if command == "del":
                 return  # already gone (replaced by another worker's, or the TUN's end)
@@ -133,9 +145,10 @@ class SessionRoutes:
             _console(f"warning: cannot route {address} to this worker's TUN: {exc}")
 
     def close(self) -> None:
-        ipr, self._ipr = self._ipr, None
-        if ipr is not None:
-            ipr.close()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(5.0)
 
 
 class WorkerSlot:
@@ -179,7 +192,7 @@ class WorkerSlot:
             self.routes.on_event(event, self._runtime.clients)
 
     def ready(self) -> None:
-        """The runtime serves (on the loop): routes can be added; tell the supervisor."""
+        """The runtime serves (its TUN exists): start the routes; tell the supervisor."""
         if self.routes is not None and self._runtime is not None:
             self.routes.open(self._runtime.inner.name)
         os.write(self._ready_fd, bytes((self.index,)))
@@ -279,6 +292,8 @@ class Supervisor:
             code = EXIT_ENGINE_FAILURE
             try:
                 code = self._run_worker(k)
+            except BaseException as exc:  # the worker's end: said, then exit 1
+                _console(f"worker {k} failed: {exc!r}")
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
