@@ -12,6 +12,7 @@ SIGTERM to the supervisor stops every worker and tells every client.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -34,7 +35,9 @@ from tunnel.core.events import EventType, Reason
 from tunnel.core.handshake import generate_keypair
 from tunnel.core.policy import POLICY_DEFAULT
 from tunnel.core.session import State
+from tunnel.gateway.config import ConfigError, load_gateway_config
 from tunnel.gateway.inner import inet_checksum
+from tunnel.gateway.workers import worker_config
 from tunnel.io.udp import PathSocket
 from tunnel.keys import write_private_key
 
@@ -361,3 +364,44 @@ def test_sigterm_stops_every_worker_and_every_client_is_told(rig: Rig) -> None:
     assert len(ends) == N_CLIENTS and all(e.initiator == "peer" for e in ends)
     assert {e.reason_code for e in ends} <= set(Reason)
     assert not rig.sockets[0].exists() and not rig.sockets[1].exists()
+
+
+# -- configuration -----------------------------------------------------------------------------
+
+
+def _config(tmp_path: Path, extra: str) -> Path:
+    if not (tmp_path / "gateway.key").exists():
+        write_private_key(tmp_path / "gateway.key", generate_keypair()[0])
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        'node_id = "gw1"\nlisten = "127.0.0.1:51820"\nprivate_key = "gateway.key"\n'
+        f'metrics = "127.0.0.1:9108"\n{extra}\n[control]\nsocket = "run/gw.sock"\n'
+        '[tun]\nname = "jvpn-gw"\n'
+        '[[sinks]]\ntype = "jsonl"\npath = "events.jsonl"\n'
+        f'[[clients]]\nname = "a"\npublic_key = "{_b64(generate_keypair()[0])}"\n'
+    )
+    return path
+
+
+def test_workers_is_one_by_default_a_count_or_auto(tmp_path: Path) -> None:
+    assert load_gateway_config(_config(tmp_path, "")).workers == 1
+    assert load_gateway_config(_config(tmp_path, "workers = 3")).workers == 3
+    assert load_gateway_config(_config(tmp_path, 'workers = "auto"')).workers == os.cpu_count()
+    for bad in ("workers = 0", "workers = 257", 'workers = "many"', "workers = 1.5"):
+        with pytest.raises(ConfigError, match=r"workers = "):
+            load_gateway_config(_config(tmp_path, bad))
+
+
+def test_each_worker_has_names_of_its_own(tmp_path: Path) -> None:
+    config = load_gateway_config(_config(tmp_path, "workers = 3"))
+    one = dataclasses.replace(config, workers=1)
+    assert worker_config(one, 0, None) == one  # workers = 1: the configuration as it is
+    w0, w2 = worker_config(config, 0, None), worker_config(config, 2, ("127.0.0.1", 9200))
+    assert (w0.node_id, w0.tun_name, w0.control_socket, w0.metrics) == (
+        "gw1-w0", "jvpn-gw", tmp_path / "run" / "gw.sock", ("127.0.0.1", 9108),
+    )  # fmt: skip
+    assert (w2.node_id, w2.tun_name, w2.control_socket, w2.metrics) == (
+        "gw1-w2", "jvpn-gw-2", tmp_path / "run" / "gw.sock.2", ("127.0.0.1", 9202),
+    )  # fmt: skip
+    assert [s.path for s in w0.sinks] == [tmp_path / "events.jsonl"]
+    assert [s.path for s in w2.sinks] == [tmp_path / "events.jsonl.2"]
