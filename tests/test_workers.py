@@ -12,6 +12,7 @@ SIGTERM to the supervisor stops every worker and tells every client.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -140,6 +141,11 @@ class Crowd:
                 raise AssertionError(f"timed out: {message}")
             self.step()
 
+    def run_for(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.step()
+
     def ping(self, clients: list[Client], count: int = 3) -> None:
         """Each client sends ``count`` echo requests to the gateway's inner address and
         gets every reply."""
@@ -204,6 +210,7 @@ class Rig:
     crowd: Crowd
     sockets: tuple[Path, Path]
     pids: list[int]
+    tmp: Path
 
     def status(self, k: int) -> dict[str, Any]:
         """Worker ``k``'s status; the clients keep running meanwhile (their probes)."""
@@ -227,11 +234,15 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     gw_private, gw_public = generate_keypair()
     write_private_key(tmp_path / "gateway.key", gw_private)
     crowd = Crowd(("127.0.0.1", 0), gw_public)
-    clients = add_balanced(crowd, N_CLIENTS, "10.66.0")
+    add_balanced(crowd, N_CLIENTS, "10.66.0")
+    (tmp_path / "clients.d").mkdir()
+    for c in crowd.clients:
+        write_client_file(tmp_path / "clients.d", c)
     config = tmp_path / "gateway.toml"
     config.write_text(
         'node_id = "gwt"\nlisten = "127.0.0.1:0"\nprivate_key = "gateway.key"\n'
-        'inner_echo = true\nworkers = 2\n[control]\nsocket = "gw.sock"\n' + clients
+        'inner_echo = true\nworkers = 2\nclients_dir = "clients.d"\n'
+        '[control]\nsocket = "gw.sock"\n'
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "tunnel.gateway.main", "--config", str(config)],
@@ -246,25 +257,33 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
         crowd.gateway = ("127.0.0.1", port)
         yield Rig(
             proc, err, crowd, (tmp_path / "gw.sock", tmp_path / "gw.sock.1"),
-            [int(ready.group(1)), int(ready.group(2))],
+            [int(ready.group(1)), int(ready.group(2))], tmp_path,
         )  # fmt: skip
     finally:
+        children = _children(proc.pid)
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-        for pid in _children(proc.pid):
-            os.kill(pid, signal.SIGKILL)
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         crowd.close()
 
 
-def add_balanced(crowd: Crowd, n: int, net: str) -> str:
+def write_client_file(directory: Path, c: Client) -> None:
+    (directory / f"{c.name}.toml").write_text(
+        f'public_key = "{_b64(c.private)}"\naddress = "{c.address}"\n'
+    )
+
+
+def add_balanced(crowd: Crowd, n: int, net: str, first: int = 2) -> str:
     """``n`` clients, half on each worker (by their sender index), addresses ``net.2``...;
     their ``[[clients]]`` tables."""
     seed = 0
     while len(crowd.clients) < n:
         private, _ = generate_keypair()
         i = len(crowd.clients)
-        c = crowd.add(f"c{i}", private, f"{net}.{i + 2}", seed)
+        c = crowd.add(f"c{i}", private, f"{net}.{i + first}", seed)
         seed += 1
         if sum(1 for d in crowd.clients if d.worker == c.worker) > n // 2:
             crowd.clients.pop().sock.close()
@@ -405,3 +424,62 @@ def test_each_worker_has_names_of_its_own(tmp_path: Path) -> None:
     )  # fmt: skip
     assert [s.path for s in w0.sinks] == [tmp_path / "events.jsonl"]
     assert [s.path for s in w2.sinks] == [tmp_path / "events.jsonl.2"]
+
+
+def test_sighup_reaches_every_worker_and_a_killed_supervisor_takes_them_along(rig: Rig) -> None:
+    """Two new client files, one client for each worker: after SIGHUP to jvpn-gateway
+    both attach, so both workers read the directory again."""
+    crowd = rig.crowd
+    newcomers = Crowd(crowd.gateway, crowd.gateway_public)
+    add_balanced(newcomers, 2, "10.66.0", first=200)
+    for c in newcomers.clients:
+        c.name = f"new{c.worker}"
+    try:
+        newcomers.connect_all()
+        newcomers.run_for(1.0)  # their INITs are refused (unknown keys): no answer at all
+        assert all(c.session.state is State.BIRTH for c in newcomers.clients)
+        for c in newcomers.clients:
+            write_client_file(rig.tmp / "clients.d", c)
+        rig.proc.send_signal(signal.SIGHUP)
+        for c in newcomers.clients:
+            newcomers.restart(c)
+        newcomers.run_until(attached(newcomers.clients), 30, "both newcomers attached")
+        for k in (0, 1):
+            assert f"new{k}" in rig.sessions(k)
+    finally:
+        newcomers.close()
+    workers = list(rig.pids)
+    rig.proc.kill()
+    rig.proc.wait(10)
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in workers), "a worker outlived the supervisor"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_worker_that_cannot_start_stops_the_gateway_with_its_exit_status(
+    tmp_path: Path,
+) -> None:
+    """Worker 1's control socket path is taken (docs/gateway.md: ``PATH.1``): exit 5, as
+    one gateway process with that problem, and worker 0 is stopped too."""
+    config = _config(tmp_path, "workers = 2\ninner_echo = true")
+    config.write_text(config.read_text().replace('metrics = "127.0.0.1:9108"\n', ""))
+    (tmp_path / "run").mkdir(mode=0o700)
+    (tmp_path / "run" / "gw.sock.1").write_text("keep")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunnel.gateway.main", "--config", str(config)],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert proc.returncode == 5, proc.stderr
+    assert f"control socket: {tmp_path}/run/gw.sock.1 exists and is not a socket" in proc.stderr
+    assert "jvpn-gateway: worker 1 could not start (exit status 5); stopping" in proc.stderr
+    assert not (tmp_path / "run" / "gw.sock").exists()

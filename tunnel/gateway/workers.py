@@ -27,7 +27,9 @@ Per worker, as documented in docs/gateway.md "Workers": node id ``NODE-wK``, TUN
 control socket ``PATH.K`` (worker 0: ``PATH``), metrics port ``PORT+K``, JSONL sink
 ``FILE.K`` (worker 0: ``FILE``).
 
-The supervisor forwards SIGTERM, SIGINT and SIGHUP to every worker. A worker that dies
+The supervisor forwards SIGTERM, SIGINT and SIGHUP to every worker (each worker has a
+process group of its own, so a terminal's ^C reaches it once, through the supervisor, and
+stops when the supervisor ends, even by SIGKILL: PR_SET_PDEATHSIG). A worker that dies
 is reported on stderr with its sessions' fate (they are lost, as any lost gateway
 state: their clients re-handshake) and is started again on the same slot after
 :data:`RESTART_DELAY_S`; the supervisor keeps every socket of the groups open meanwhile,
@@ -37,6 +39,7 @@ socket) stops the gateway with that worker's exit status.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import ipaddress
 import os
@@ -72,6 +75,11 @@ RESTART_LIMIT: Final = 5
 RESTART_WINDOW_S: Final = 60.0
 
 EXIT_ENGINE_FAILURE: Final = 1
+
+PR_SET_PDEATHSIG: Final = 1
+"""linux/prctl.h: the signal a process gets when its parent ends."""
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 _SIGNALS: Final = frozenset({signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
@@ -279,6 +287,7 @@ class Supervisor:
         self.stopping = False
         self.started = False
         self.exit_code = 0
+        self._pid = os.getpid()
         self._ready_r, self._ready_w = os.pipe()
         os.set_blocking(self._ready_r, False)
 
@@ -301,6 +310,10 @@ class Supervisor:
         worker.pid, worker.ready, worker.restart_at = pid, False, None
 
     def _run_worker(self, k: int) -> int:
+        os.setpgid(0, 0)  # a terminal's ^C reaches the supervisor alone, which forwards it
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)  # the supervisor gone: stop too
+        if os.getppid() != self._pid:
+            return EXIT_ENGINE_FAILURE  # it was gone before prctl
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         for signo in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signo, signal.SIG_DFL)
