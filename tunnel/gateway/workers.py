@@ -74,6 +74,9 @@ RESTART_LIMIT: Final = 5
 
 RESTART_WINDOW_S: Final = 60.0
 
+STOP_GRACE_S: Final = 15.0
+"""Workers not gone this long after a stop are killed (below systemd's TimeoutStopSec=20)."""
+
 EXIT_ENGINE_FAILURE: Final = 1
 
 PR_SET_PDEATHSIG: Final = 1
@@ -288,6 +291,7 @@ class Supervisor:
         self.started = False
         self.exit_code = 0
         self._pid = os.getpid()
+        self._stop_at: float | None = None
         self._ready_r, self._ready_w = os.pipe()
         os.set_blocking(self._ready_r, False)
 
@@ -366,13 +370,17 @@ class Supervisor:
     def _step(self) -> None:
         info = signal.sigtimedwait(_SIGNALS, self._wait_s())
         if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
-            self.stopping = True
-            self._signal_all(info.si_signo)
+            self._stop(self.exit_code, info.si_signo)
         elif info is not None and info.si_signo == signal.SIGHUP:
             self._signal_all(signal.SIGHUP)
         self._read_ready()
         self._reap()
         self._restart_due()
+        if self._stop_at is not None and time.monotonic() > self._stop_at + STOP_GRACE_S:
+            _console(f"workers still running {STOP_GRACE_S:g}s after the stop; killing them")
+            self._signal_all(signal.SIGKILL)
+            self.exit_code = self.exit_code or EXIT_ENGINE_FAILURE
+            self._stop_at = None
 
     def _wait_s(self) -> float:
         if not self.started:
@@ -432,10 +440,13 @@ class Supervisor:
         )
         worker.restart_at = now + RESTART_DELAY_S
 
-    def _stop(self, code: int) -> None:
-        self.stopping = True
+    def _stop(self, code: int, signo: int = signal.SIGTERM) -> None:
+        """Stop every worker (once; a second signal is not forwarded again)."""
         self.exit_code = code
-        self._signal_all(signal.SIGTERM)
+        if not self.stopping:
+            self.stopping = True
+            self._stop_at = time.monotonic()
+            self._signal_all(signo)
 
     def _restart_due(self) -> None:
         if self.stopping:
