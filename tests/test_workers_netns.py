@@ -83,7 +83,7 @@ class Rig:
             f'node_id = "gw"\nlisten = "0.0.0.0:{PORT}"\nprivate_key = "gateway.key"\n'
             f'workers = 2\n[control]\nsocket = "{self.sockets[0]}"\n'
             f'[tun]\nname = "{self.tun}"\nsubnet = "10.77.0.0/24"\naddress = "10.77.0.1"\n'
-            + clients
+            'subnet6 = "fd00:77::/64"\n' + clients
         )
         argv = [*program("jvpn-gateway", "tunnel.gateway.main"), "--config", "gateway.toml"]
         self.proc: subprocess.Popen[str] = topo.exec(
@@ -102,13 +102,16 @@ class Rig:
         return out[0]
 
     def routes(self) -> dict[str, str]:
-        """Host routes in the gateway namespace: inner address -> device."""
+        """Host routes in the gateway namespace: inner address (v4 and v6) -> device."""
         ipr = self.topo.ipr(self.topo.gateway_ns)
         names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         return {
             r.get_attr("RTA_DST"): names.get(r.get_attr("RTA_OIF"), "?")
-            for r in ipr.get_routes(family=2, table=254)
-            if r["dst_len"] == 32 and (r.get_attr("RTA_DST") or "").startswith("10.77.0.")
+            for family, host in ((2, 32), (10, 128))
+            for r in ipr.get_routes(family=family, table=254)
+            if r["dst_len"] == host
+            and (r.get_attr("RTA_DST") or "").startswith(("10.77.", "fd00:77:"))
+            and r.get_attr("RTA_DST") != "fd00:77::1"  # worker 1's own address, /128
         }
 
     def tuns(self) -> set[str]:
@@ -145,9 +148,13 @@ def test_return_traffic_reaches_the_owning_worker_and_a_kill_spares_the_other(ri
     assert rig.tuns() == {rig.tun, f"{rig.tun}-1"}
     crowd.connect_all()
     crowd.run_until(attached(crowd.clients), 30, "every client attached")
-    crowd.ping(crowd.clients)  # the kernel answers: replies routed to the owner's TUN
     tun_of = {0: rig.tun, 1: f"{rig.tun}-1"}
-    assert rig.routes() == {c.address: tun_of[c.worker] for c in crowd.clients}
+    v6 = {c.name: c.session.inner_address6 for c in crowd.clients}
+    assert all(v6.values())  # the pool gave every client an inner IPv6 address too
+    want = {a: tun_of[c.worker] for c in crowd.clients for a in (c.address, v6[c.name])}
+    # routes follow a session's start by a few milliseconds (docs/gateway.md "Workers")
+    crowd.run_until(lambda: rig.routes() == want, 10, "a route per session to its worker")
+    crowd.ping(crowd.clients)  # the kernel answers: replies routed to the owner's TUN
     for k in (0, 1):
         names = {s["client"] for s in rig.status(k)["sessions"]}
         assert names == {c.name for c in crowd.clients if c.worker == k}
@@ -159,7 +166,7 @@ def test_return_traffic_reaches_the_owning_worker_and_a_kill_spares_the_other(ri
     rig.err.wait(r"worker 1 restarted \(pid \d+\)")
     # worker 1's TUN came back empty; its routes went with the old one
     assert rig.tuns() == {rig.tun, f"{rig.tun}-1"}
-    assert rig.routes() == {c.address: rig.tun for c in survivors}
+    assert rig.routes() == {a: rig.tun for c in survivors for a in (c.address, v6[c.name])}
     crowd.ping(survivors)
     for c in survivors:
         assert c.session.state is State.ATTACHED
