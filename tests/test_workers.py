@@ -483,3 +483,21 @@ def test_a_worker_that_cannot_start_stops_the_gateway_with_its_exit_status(
     assert f"control socket: {tmp_path}/run/gw.sock.1 exists and is not a socket" in proc.stderr
     assert "jvpn-gateway: worker 1 could not start (exit status 5); stopping" in proc.stderr
     assert not (tmp_path / "run" / "gw.sock").exists()
+
+
+def test_a_worker_dying_again_and_again_stops_the_gateway(rig: Rig) -> None:
+    """docs/gateway.md: more than 5 deaths of one worker in a minute stop the gateway
+    (exit 1); until then each death is a restart."""
+    pid = rig.pids[1]
+    for death in range(1, 7):
+        os.kill(pid, signal.SIGKILL)
+        if death <= 5:
+            restarts = r"worker 1 restarted \(pid (\d+)\)"
+            end = time.monotonic() + 30
+            while sum(bool(re.search(restarts, line)) for line in rig.err.lines) < death:
+                assert time.monotonic() < end, rig.err.lines
+                time.sleep(0.05)
+            pid = int(re.findall(restarts, "\n".join(rig.err.lines))[-1])
+    assert rig.proc.wait(30) == 1
+    rig.err.wait(r"worker 1 died 6 times in a minute; stopping")
+    assert not _alive(rig.pids[0])
