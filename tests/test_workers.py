@@ -501,3 +501,34 @@ def test_a_worker_dying_again_and_again_stops_the_gateway(rig: Rig) -> None:
     assert rig.proc.wait(30) == 1
     rig.err.wait(r"worker 1 died 6 times in a minute; stopping")
     assert not _alive(rig.pids[0])
+
+
+def test_a_client_whose_address_changes_stays_on_its_worker(rig: Rig) -> None:
+    """Steering follows the receiver index, not the source address: after a NAT
+    rebinding (every client's source port changes) each session is still served by the
+    same worker, with the same id, at the new address."""
+    crowd = rig.crowd
+    crowd.connect_all()
+    crowd.run_until(attached(crowd.clients), 30, "every client attached")
+    before = [rig.sessions(0), rig.sessions(1)]
+    for c in crowd.clients:  # the NAT gives each client a new source port
+        c.sock.close()
+        c.sock = PathSocket(1, ("127.0.0.1", 0))
+
+    def moved() -> bool:  # the gateway follows each client to its new address
+        now = [rig.sessions(0), rig.sessions(1)]
+        return all(
+            any(p["address"].endswith(f":{c.sock.local_address[1]}") and p["active"]
+                for p in now[c.worker].get(c.name, {}).get("paths", []))
+            for c in crowd.clients
+        )  # fmt: skip
+
+    crowd.run_until(moved, 60, "every session at its new address")
+    crowd.ping(crowd.clients)
+    after = [rig.sessions(0), rig.sessions(1)]
+    for c in crowd.clients:
+        old, new = before[c.worker][c.name], after[c.worker][c.name]
+        assert new["session_id"] == old["session_id"] and new["state"] == "ATTACHED"
+        port = c.sock.local_address[1]
+        assert any(p["address"].endswith(f":{port}") for p in new["paths"]), new["paths"]
+        assert c.name not in after[1 - c.worker]
