@@ -67,6 +67,7 @@ D12 = {
     "on_recovery_timeout": "terminate",
     "degraded_terminate_after_ms": None,
     "reattach_retry_ms": 250,
+    "lost_state": "new_session",  # D15c (issue 9): docs/policy.md
     "max_candidate_count": 8,
     "reattach_proof_max_age_ms": 5_000,
     "replay_window_size": 8_192,  # D12 2048, changed for multipath (issue 14): docs/policy.md
