@@ -511,6 +511,7 @@ def test_at45_changed_policy_gets_a_different_version() -> None:
         other = spec.lo if default is None else default + 1 if spec.kind is int else default * 1.01
         versions.add(with_values(**{spec.name: other}).policy_version)
     versions.add(dataclasses.replace(POLICY_DEFAULT, on_recovery_timeout="degrade").policy_version)
+    versions.add(dataclasses.replace(POLICY_DEFAULT, lost_state="terminate").policy_version)
     assert POLICY_DEFAULT.policy_version not in versions
     assert len(versions) == len(POLICY_FIELDS)  # every single-field change is told apart
 
