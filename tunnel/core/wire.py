@@ -193,7 +193,8 @@ class InitPayload:
                     return Drop.MALFORMED
                 previous = value
             pos += length
-        return cls(*cls.STRUCT.unpack_from(data), previous_session=previous)
+        version, ts_ms, path_id = cls.STRUCT.unpack_from(data)
+        return cls(version, ts_ms, path_id, previous)
 
 
 @dataclass(frozen=True, slots=True)
