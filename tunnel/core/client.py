@@ -602,6 +602,7 @@ class ClientSession:
         self.switching = SwitchController(self, self.policy)
         self.switching.set_auto(auto)
         self.keys = KeySchedule()
+        self.paths.renewed()
         self.index = self.rescue.index
         self.previous_session_id = previous
         self._queue, self._queue_bytes = held, held_bytes
