@@ -606,7 +606,19 @@ class ClientSession:
         self.index = self.rescue.index
         self.previous_session_id = previous
         self._queue, self._queue_bytes = held, held_bytes
+        inner = (self.inner_address, self.inner_address6)
         self._created(accepted, path_id, now, link=cause)
+        if (self.inner_address, self.inner_address6) != inner:
+            self.report.emit(
+                Diagnostic(
+                    **self.base(now), reason_code=cause, state=str(self.state),
+                    detail=(
+                        f"the new session's inner address {self.inner_address}"
+                        f" {self.inner_address6} is not the old one's ({inner[0]} {inner[1]}):"
+                        " the gateway's configuration changed; inner connections do not survive"
+                    ),
+                )
+            )  # fmt: skip
 
     # -- control messages ------------------------------------------------------------------
     def _on_control(self, msg: Control, path_id: int, now: float) -> None:
