@@ -92,6 +92,11 @@ def test_kill_9_and_restart_gives_a_linked_session_and_the_inner_tcp_survives(
     assert t.client is not None and t.client.poll() is None  # the client never stopped
     assert t.gw_events is not None
     t.gw_events.wait_type("SESSION_LINKED", 10, previous_session_id=old)
+    gw_stderr = t.gw_stderr
+    assert gw_stderr is not None  # the console's started line names the old session
+    wait_until(
+        lambda: any(f"continues {old[:8]}" in line for line in gw_stderr.lines), 10, "console"
+    )
 
     result = transfer.finish(90)
     assert result.sender["error"] is None and result.receiver["error"] is None
