@@ -27,12 +27,17 @@ from exit_codes import documented_exit_code
 from realnet import (
     CLIENT_INNER,
     CLIENT_INNER6,
+    GATEWAY_PORT,
+    Capture,
     RealTunnel,
     expected_sha256,
+    ns_socket,
     policy_toml,
     realnet,  # noqa: F401  (the fixture)
     wait_until,
 )
+
+from tunnel.core.constants import MSG_HANDSHAKE_INIT
 
 pytestmark = pytest.mark.root
 
@@ -164,3 +169,37 @@ def test_policy_terminate_ends_with_gateway_lost_state_after_a_restart(
     # the session the restarted gateway created to answer was ended by the client at once
     assert t.gw_events is not None
     t.gw_events.wait_type("SESSION_TERMINATED", 10, reason_code="gateway_lost_state")
+
+
+def test_replaying_everything_the_client_sent_changes_nothing_after_the_new_session(
+    realnet,  # noqa: F811
+) -> None:
+    """Every datagram the client sent on path A around a kill -9 and restart (the old
+    session's traffic, its reattach requests, the INITs that asked for a new session) is
+    sent again to the restarted gateway: the new session stays, on both sides; the
+    replayed INITs are refused as fixation attempts (docs/client.md: nothing forged or
+    replayed ends, replaces or re-keys a live session)."""
+    t: RealTunnel = realnet()
+    link = t.topo.paths[0]
+    with Capture(t.topo.gateway_ns, link.gateway_ifname, GATEWAY_PORT) as cap:
+        mark = t.events.mark()
+        assert _kill_gateway(t, signal.SIGKILL) == -signal.SIGKILL
+        t.events.wait_for(lambda e: e.get("new_state") == "RECOVERING", 15, since=mark)
+        t._start_gateway()
+        linked = t.events.wait_type("SESSION_LINKED", 30, since=mark)
+        assert t.udp_echo(count=5) == [CLIENT_INNER] * 5
+    sent = [p.payload for p in cap.packets if p.src[0] == link.client_ip]
+    assert sum(data[0] == MSG_HANDSHAKE_INIT for data in sent) >= 1
+    new = linked["session_id"]
+    assert t.gw_events is not None
+    gw_mark, mark = t.gw_events.mark(), t.events.mark()
+    with ns_socket(t.topo.client_ns) as sock:
+        sock.bind((t.topo.paths[1].client_ip, 0))
+        for data in sent:
+            sock.sendto(data, (t.topo.paths[1].gateway_ip, GATEWAY_PORT))
+    t.gw_events.wait_type("SECURITY_EVENT", 10, since=gw_mark, violation_type="FIXATION_ATTEMPT")
+    assert t.udp_echo(count=5, port=7071) == [CLIENT_INNER] * 5  # still carries traffic
+    for kind in ("SESSION_CREATED", "SESSION_TERMINATED", "SESSION_LINKED"):
+        assert not t.gw_events.of_type(kind, gw_mark), kind
+        assert not t.events.of_type(kind, mark), kind
+    assert _status(t)["status"]["session"]["session_id"] == new
