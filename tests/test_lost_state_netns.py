@@ -78,6 +78,7 @@ def test_kill_9_and_restart_gives_a_linked_session_and_the_inner_tcp_survives(
     t: RealTunnel = realnet(ipv6=True)
     old = t.events.wait_type("SESSION_CREATED", 10)["session_id"]
     before = _client_addresses(t)
+    tun_index = t.topo.ipr(t.topo.client_ns).link_lookup(ifname=t.client_tun)
     assert {CLIENT_INNER, CLIENT_INNER6} <= before
     size = 6 * MiB
     transfer = t.start_download(size, rate=1.5 * MiB)  # about 4 s: the restart falls inside
@@ -107,7 +108,8 @@ def test_kill_9_and_restart_gives_a_linked_session_and_the_inner_tcp_survives(
     assert result.sender["error"] is None and result.receiver["error"] is None
     assert result.receiver["received"] == size
     assert result.receiver["sha256"] == result.sender["sha256"] == expected_sha256(size)
-    assert _client_addresses(t) == before  # the TUN and its addresses stayed
+    assert _client_addresses(t) == before  # the TUN (the same device) and its addresses stayed
+    assert t.topo.ipr(t.topo.client_ns).link_lookup(ifname=t.client_tun) == tun_index
     assert _status(t)["status"]["session"]["session_id"] == new
 
     assert t.stop_client() == 0
