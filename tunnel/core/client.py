@@ -763,7 +763,9 @@ class ClientSession:
 
     def _terminate_by_row(self, reason: Reason, now: float) -> None:
         if self.rescue.cause is Reason.GATEWAY_SHUTDOWN:
-            reason = Reason.GATEWAY_SHUTDOWN  # the window ran out without the gateway back
+            # the window ran out without the gateway back: the end it announced
+            self.fire(Trigger.TERMINATE, Reason.GATEWAY_SHUTDOWN, now, initiator="peer")
+            return
         self.fire(Trigger.TERMINATE, reason, now)
 
     def _rekey_timer(self, now: float) -> None:

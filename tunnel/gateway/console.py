@@ -175,7 +175,8 @@ class SessionNotices:
         if isinstance(event, SessionCreated):
             self._remember(event.session_id, _Seen(event.peer, event.inner_address))
         elif isinstance(event, SessionLinked):
-            self._seen(event.session_id).continues = event.previous_session_id
+            seen: _Seen = self._seen(event.session_id)
+            seen.continues = event.previous_session_id
         elif isinstance(event, TransportAttached):
             self._attached(event)
         elif isinstance(event, TransportSwitch):
