@@ -155,6 +155,19 @@ def test_the_re_handshake_names_the_old_session_and_starts_only_after_silence() 
     assert t.client.rescue.previous == old and t.client.rescue.armed
 
 
+def test_a_path_failover_asks_nothing_of_the_gateway() -> None:
+    """The active path dies, the other one answers: the recovery reattaches there and no
+    INIT leaves (the gateway answers under the session's keys, so it knows the session)."""
+    t = lab()
+    t.sim.links[1].imp.loss_up = t.sim.links[1].imp.loss_down = 1.0
+    t.sim.run_until(8.0)
+    c = t.client
+    assert c.state is State.ATTACHED and c.active == 2
+    assert [s[1] for s in state_changes(t.sim.client_events)].count("RECOVERING") == 1
+    assert not [d for at, d in t.up if d[0] == MSG_HANDSHAKE_INIT and at > 1.0]
+    assert c.rescue.rounds == 0 and not t.events(EventType.SESSION_LINKED)
+
+
 def test_policy_terminate_ends_with_gateway_lost_state_and_frees_the_new_gateway_session() -> None:
     t = lab(make_policy(lost_state="terminate"))
     old = t.client.machine.session_id
