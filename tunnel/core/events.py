@@ -95,8 +95,7 @@ class Reason(StrEnum):
     LINK_DOWN = "link_down"
     LINK_UP = "link_up"
     NETLINK_UNAVAILABLE = "netlink_unavailable"
-    # the gateway lost the session, or is going away (DESIGN D15c; docs/client.md "When the
-    # gateway loses the session")
+    # the gateway lost the session or is going away (DESIGN D15c, docs/client.md)
     GATEWAY_LOST_STATE = "gateway_lost_state"
     GATEWAY_SHUTDOWN = "gateway_shutdown"
 
