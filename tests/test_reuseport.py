@@ -17,10 +17,12 @@ import pytest
 
 from tests.crowd import Crowd
 from tunnel.core.constants import MSG_CONTROL, MSG_DATA, MSG_HANDSHAKE_INIT
+from tunnel.core.events import Reason
 from tunnel.core.gateway import GatewaySessions
 from tunnel.core.gateway_session import ClientEntry
 from tunnel.core.handshake import generate_keypair
 from tunnel.core.policy import POLICY_DEFAULT
+from tunnel.core.rescue import LostStateRescue
 from tunnel.io.reuseport import MAX_WORKERS, ReuseportGroup, steering_program
 from tunnel.io.udp import GatewaySocket, PathError
 
@@ -165,3 +167,27 @@ def test_an_index_stripe_outside_the_workers_is_refused() -> None:
     for stripe in [(2, 2), (-1, 2), (0, 257), (0, 0)]:
         with pytest.raises(ValueError):
             attached_crowd(stripe, n=0)
+
+
+@pytest.mark.parametrize("peer_index", [0x1234AB00, 0x1234AB01, 0xFFFFFFFF, 0x102])
+def test_a_rescue_handshake_is_steered_to_the_worker_of_the_lost_session(
+    peer_index: int,
+) -> None:
+    """The re-handshake naming a lost session (tunnel/core/rescue.py) reaches the worker
+    its old receiver index named, with every new attempt: only that worker can know
+    whether the session still lives."""
+    client_priv, _ = generate_keypair()
+    _, gw_pub = generate_keypair()
+    rescue = LostStateRescue(client_priv, gw_pub, [1], random.Random(5))
+    rescue.arm(Reason.GATEWAY_LOST_STATE, bytes(16), 0.0, peer_index)
+    now, inits = 0.0, []
+    while len(inits) < 12 and now < 600:
+        out = rescue.on_timer(now, POLICY_DEFAULT, int(now * 1000))
+        if out is not None:
+            inits.append(out[1])
+        now = rescue.next_deadline() or now + 1.0
+    assert len(inits) == 12 and rescue.rounds >= 2  # new attempts, new indexes
+    assert len({struct.unpack_from("<I", d, 8)[0] for d in inits}) >= 2
+    for workers in (2, 3, 7):
+        data = transport(MSG_DATA, peer_index)
+        assert {(d[8] % workers) for d in inits} == {data[4] % workers}

@@ -355,14 +355,27 @@ def test_a_killed_worker_loses_only_its_sessions_and_comes_back_on_its_slot(rig:
         assert c.session.state is State.ATTACHED
         assert c.session.snapshot(time.monotonic()).session_id == before[c.name].session_id
         assert not [e for e in c.session.events() if e.event_type is EventType.SESSION_TERMINATED]
-    # worker 1 starts empty: its sessions were lost with it
-    assert rig.sessions(1) == {}
-    # a client of the lost worker that handshakes again lands on the new worker 1
-    crowd.restart(lost[0])
-    crowd.run_until(attached([lost[0]]), 30, "the client attached again")
-    crowd.ping([lost[0]])
+    # worker 1's clients notice the lost state and handshake again, naming their old
+    # session (docs/client.md "When the gateway loses the session"); their INITs reach
+    # the new worker 1, the slot of the old session (docs/gateway.md "Workers")
+    old = {c.name: c.session.snapshot(time.monotonic()).session_id for c in lost}
+
+    def recovered() -> bool:
+        return all(
+            c.session.state is State.ATTACHED
+            and c.session.snapshot(time.monotonic()).session_id != old[c.name]
+            for c in lost
+        )
+
+    crowd.run_until(recovered, 90, "worker 1's clients in new sessions")
+    crowd.ping(lost)
     again = rig.sessions(1)
-    assert set(again) == {lost[0].name} and again[lost[0].name]["owner"] == "gwt-w1"
+    assert set(again) == {c.name for c in lost}
+    assert all(s["owner"] == "gwt-w1" for s in again.values())
+    linked = [e for c in lost for e in c.session.events()
+              if e.event_type is EventType.SESSION_LINKED]  # fmt: skip
+    assert sorted(e.previous_session_id for e in linked) == sorted(old.values())
+    assert {c.name for c in survivors} == set(rig.sessions(0))
 
 
 def test_sigterm_stops_every_worker_and_every_client_is_told(rig: Rig) -> None:

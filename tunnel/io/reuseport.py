@@ -87,19 +87,6 @@ def steering_program(workers: int) -> list[tuple[int, int, int, int]]:
     ]
 
 
-def steer(datagram: bytes, workers: int) -> int:
-    """What :func:`steering_program` computes, in Python (the documentation of it)."""
-    if len(datagram) < STEER_MIN_LEN:
-        return 0
-    offset = SENDER_INDEX_OFFSET if datagram[0] == MSG_HANDSHAKE_INIT else RECEIVER_INDEX_OFFSET
-    return datagram[offset] % workers
-
-
-def index_in_stripe(index: int, worker: int, workers: int) -> bool:
-    """Whether receiver ``index`` is one worker ``worker`` of ``workers`` may allocate."""
-    return (index & 0xFF) % workers == worker
-
-
 class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
