@@ -7,7 +7,8 @@ gateway's inner address: the gateway's *kernel* answers, so every reply must be 
 back to the TUN of the worker that owns the client's session (docs/gateway.md "Workers":
 a host route per session's inner address). A worker killed: its TUN and routes go with
 it, the other worker's clients keep their sessions and their replies; the worker comes
-back on its slot with a new TUN.
+back on its slot with a new TUN, and its clients come back to it by themselves (the
+lost-state re-handshake) with their routes.
 """
 
 from __future__ import annotations
@@ -114,6 +115,10 @@ class Rig:
             and r.get_attr("RTA_DST") != "fd00:77::1"  # worker 1's own address, /128
         }
 
+    def ifindex(self, name: str) -> int | None:
+        found = self.topo.ipr(self.topo.gateway_ns).link_lookup(ifname=name)
+        return found[0] if found else None
+
     def tuns(self) -> set[str]:
         ipr = self.topo.ipr(self.topo.gateway_ns)
         names = {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
@@ -160,18 +165,29 @@ def test_return_traffic_reaches_the_owning_worker_and_a_kill_spares_the_other(ri
         assert names == {c.name for c in crowd.clients if c.worker == k}
 
     survivors = [c for c in crowd.clients if c.worker == 0]
-    ids = {c.name: c.session.snapshot(time.monotonic()).session_id for c in survivors}
+    lost = [c for c in crowd.clients if c.worker == 1]
+    ids = {c.name: c.session.snapshot(time.monotonic()).session_id for c in crowd.clients}
+    old_tun = rig.ifindex(f"{rig.tun}-1")
     os.kill(rig.pids[1], signal.SIGKILL)
     rig.err.wait(r"worker 1 died \(killed by SIGKILL\)")
     rig.err.wait(r"worker 1 restarted \(pid \d+\)")
-    # worker 1's TUN came back empty; its routes went with the old one
-    assert rig.tuns() == {rig.tun, f"{rig.tun}-1"}
-    assert rig.routes() == {a: rig.tun for c in survivors for a in (c.address, v6[c.name])}
-    crowd.ping(survivors)
-    for c in survivors:
+    # worker 1 has a new TUN; its clients come back by themselves in new sessions on it
+    # (the lost-state re-handshake, steered to the slot of their old sessions)
+    assert rig.ifindex(f"{rig.tun}-1") not in (None, old_tun)
+    crowd.run_until(
+        lambda: all(
+            c.session.state is State.ATTACHED
+            and c.session.snapshot(time.monotonic()).session_id != ids[c.name]
+            for c in lost
+        ),
+        90, "worker 1's clients in new sessions",
+    )  # fmt: skip
+    crowd.run_until(lambda: rig.routes() == want, 10, "the routes of the new sessions")
+    crowd.ping(crowd.clients)
+    for c in survivors:  # untouched
         assert c.session.state is State.ATTACHED
         assert c.session.snapshot(time.monotonic()).session_id == ids[c.name]
-    assert rig.status(1)["sessions"] == []
+    assert {s["client"] for s in rig.status(1)["sessions"]} == {c.name for c in lost}
 
     rig.proc.send_signal(signal.SIGTERM)
     assert rig.proc.wait(30) == 0
