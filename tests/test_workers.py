@@ -342,6 +342,7 @@ def test_a_killed_worker_loses_only_its_sessions_and_comes_back_on_its_slot(rig:
     lost = [c for c in crowd.clients if c.worker == 1]
     before = {c.name: c.session.snapshot(time.monotonic()) for c in survivors}
     ids = {name: s["session_id"] for name, s in rig.sessions(0).items()}
+    old = {c.name: c.session.snapshot(time.monotonic()).session_id for c in lost}
 
     os.kill(rig.pids[1], signal.SIGKILL)
     rig.err.wait(r"worker 1 died \(killed by SIGKILL\); its sessions are lost")
@@ -358,7 +359,6 @@ def test_a_killed_worker_loses_only_its_sessions_and_comes_back_on_its_slot(rig:
     # worker 1's clients notice the lost state and handshake again, naming their old
     # session (docs/client.md "When the gateway loses the session"); their INITs reach
     # the new worker 1, the slot of the old session (docs/gateway.md "Workers")
-    old = {c.name: c.session.snapshot(time.monotonic()).session_id for c in lost}
 
     def recovered() -> bool:
         return all(
