@@ -170,6 +170,8 @@ class GatewaySessionStatus(msgspec.Struct):
     """Why it ended (TERMINATED sessions stay listed briefly, to answer late datagrams)."""
     inner_address6: str = ""
     """The client's inner IPv6 address; empty when the tunnel carries no IPv6 for it."""
+    cipher: str = ""
+    """The data cipher negotiated in the handshake (``aes-256-gcm``, ``chacha20-poly1305``)."""
 
 
 class GatewayTraffic(msgspec.Struct):
@@ -214,6 +216,8 @@ class GatewayStatus(msgspec.Struct):
     """Ownership-store CAS failures (this node was not authoritative)."""
     observability_ok: bool = True
     """The event sinks' health flag (false while a sink fails or lost events)."""
+    ciphers: tuple[str, ...] = ()
+    """The data ciphers this gateway allows (``ciphers`` in its configuration)."""
 
 
 class StatusReply(msgspec.Struct, tag="status_reply"):

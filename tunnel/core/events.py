@@ -95,6 +95,8 @@ class Reason(StrEnum):
     LINK_DOWN = "link_down"
     LINK_UP = "link_up"
     NETLINK_UNAVAILABLE = "netlink_unavailable"
+    # the data cipher negotiated in the handshake (tunnel/core/ciphers.py)
+    CIPHER_MISMATCH = "cipher_mismatch"
 
 
 WIRE_REASONS: tuple[Reason, ...] = tuple(Reason)
@@ -216,6 +218,8 @@ class SessionCreated(Event):
     """Client name (gateway side) or gateway label (client side); never a key."""
     inner_address: str
     """Inner (tunnel) address of the client."""
+    cipher: str = ""
+    """Data cipher negotiated in the handshake (``aes-256-gcm`` or ``chacha20-poly1305``)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

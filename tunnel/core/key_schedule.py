@@ -10,6 +10,7 @@ peer's first datagram in the new phase confirms it and brings the deadline back)
 from __future__ import annotations
 
 from tunnel.core.aead import SessionCipher, TrafficKeys
+from tunnel.core.ciphers import DataCipher
 
 __all__ = ["KeySchedule"]
 
@@ -20,8 +21,16 @@ class KeySchedule:
     def __init__(self) -> None:
         self.cipher: SessionCipher | None = None
 
-    def install(self, keys: TrafficKeys, replay_window: int, now: float) -> SessionCipher:
-        self.cipher = SessionCipher(keys, replay_window=replay_window, now=now)
+    def install(
+        self,
+        keys: TrafficKeys,
+        replay_window: int,
+        now: float,
+        suite: DataCipher = DataCipher.CHACHA20_POLY1305,
+    ) -> SessionCipher:
+        """The session cipher for the handshake's ``keys`` and negotiated ``suite`` (its
+        rekeys keep the suite)."""
+        self.cipher = SessionCipher(keys, replay_window=replay_window, now=now, suite=suite)
         return self.cipher
 
     def rotate_at(self, rekey_after_s: float) -> float | None:
