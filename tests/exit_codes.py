@@ -18,6 +18,7 @@ EXIT_CODES: Final[dict[str, int]] = {
     "transport_ttl_exceeded": 37,
     "degraded_timeout": 41,
     "ownership_conflict": 45,
+    "cipher_mismatch": 75,
 }
 """final reason -> exit status, for the reasons the process tests end with."""
 

@@ -244,7 +244,7 @@ def test_the_negotiated_cipher_survives_rekeys_and_reattaches() -> None:
 # -- peers without the extension ------------------------------------------------------------
 
 
-def legacy_exchange(gateway_ciphers: Sequence[DataCipher]) -> RespPayload:
+def legacy_exchange(gateway_ciphers: Sequence[DataCipher]) -> tuple[RespPayload, GatewaySessions]:
     """An INIT as a client before the cipher extension wrote it (version 2, no
     extension), answered by a gateway allowing ``gateway_ciphers``: the response payload."""
     gw_priv, gw_pub = generate_keypair()
@@ -264,19 +264,24 @@ def legacy_exchange(gateway_ciphers: Sequence[DataCipher]) -> RespPayload:
     plain, _ = noise.read_response(message)
     resp = RespPayload.parse(plain)
     assert isinstance(resp, RespPayload)
-    return resp
+    return resp, gateway
 
 
-def test_a_client_without_the_extension_gets_chacha20() -> None:
-    resp = legacy_exchange(ALL_CIPHERS)
+def test_a_client_without_the_extension_gets_chacha20_and_an_unchanged_response() -> None:
+    """docs/wire-format.md: no cipher extension back to a client that sent none (it may
+    predate every extension and refuse one); its session is ChaCha20-Poly1305."""
+    resp, gateway = legacy_exchange(ALL_CIPHERS)
     assert resp.status == 0
-    assert resp.ciphers == (CHACHA,)  # an old parser skips this extension (unknown type)
+    assert resp.ciphers == ()
+    assert len(resp.pack()) == RespPayload.FIXED.size  # no endpoints, no extensions
+    assert [v.cipher for v in gateway.session_views(0.0)] == [CHACHA.label]
 
 
 def test_a_client_without_the_extension_is_refused_by_an_aes_only_gateway() -> None:
-    resp = legacy_exchange((AES,))
+    resp, gateway = legacy_exchange((AES,))
     assert resp.status == reason_to_wire(Reason.CIPHER_MISMATCH)
-    assert resp.ciphers == (AES,)
+    assert resp.ciphers == ()
+    assert not gateway.sessions
 
 
 def answer_init(offer: Sequence[DataCipher], chosen: tuple[int, ...]) -> Reason | Accepted | Drop:

@@ -56,6 +56,10 @@ REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "control.md"
 JVPN = [sys.executable, "-m", "tunnel.cli"]
 
+CIPHER = "aes-256-gcm" if cpu_has_aes() else "chacha20-poly1305"
+"""docs/client.md: without ``ciphers`` a client prefers AES-256-GCM on a CPU with AES
+instructions; the gateway allows both by default (docs/gateway.md)."""
+
 
 def wait_until(what: Callable[[], Any], timeout: float = 20.0, message: str = "") -> Any:
     deadline = time.monotonic() + timeout
@@ -148,9 +152,7 @@ def test_status_text_shows_every_session_with_its_paths_and_counters(rig: Rig) -
         "SESSION", "CLIENT", "INNER", "STATE", "EPOCH", "KEY", "CIPHER", "OWNER", "PATH",
         "ADDRESS", "RX", "TX", "SEEN", "AGE",
     ]  # fmt: skip
-    # docs/client.md: without ``ciphers`` a client prefers AES-256-GCM on a CPU with AES
-    # instructions; the gateway allows both by default (docs/gateway.md)
-    cipher = "aes-256-gcm" if cpu_has_aes() else "chacha20-poly1305"
+    cipher = CIPHER
     assert re.search(r"^  ciphers: +aes-256-gcm, chacha20-poly1305$", proc.stdout, re.M), (
         proc.stdout
     )
@@ -549,7 +551,7 @@ def test_console_lines_for_sessions_that_start_switch_and_end(tmp_path: Path) ->
         started = wait_until(lambda: [x for x in lines if " started: " in x], message="start")
         assert re.fullmatch(
             rf"jvpn-gateway: session {sid[:8]} started: alice 10\.66\.0\.2 from "
-            r"127\.0\.0\.1:\d+ \(path 1\)\n", started[0],
+            rf"127\.0\.0\.1:\d+ \(path 1\), {CIPHER}\n", started[0],
         ), started  # fmt: skip
         assert engine.commands.send(SwitchTo(2))
         switched = wait_until(lambda: [x for x in lines if " switched " in x], message="switch")

@@ -203,7 +203,7 @@ class GatewayStatus(msgspec.Struct):
     policy_error: str | None = None
     sessions_created: int = 0
     sessions_denied: int = 0
-    """Handshakes denied for lack of a valid policy."""
+    """Handshakes denied: no valid policy, or no data cipher in common."""
     handshakes_refused: int = 0
     """Handshakes dropped without an answer: unknown client key, or for another gateway
     key (``drops`` has them by reason)."""

@@ -255,7 +255,9 @@ class GatewaySessions:
                 reason_code=Reason.CIPHER_MISMATCH, detail=detail,
             )
         )  # fmt: skip
-        self._deny(init, addr, Reason.CIPHER_MISMATCH, now, ciphers=self.ciphers)
+        # A client without the extension gets none back: it may predate all extensions.
+        allowed = self.ciphers if init.payload.ciphers else ()
+        self._deny(init, addr, Reason.CIPHER_MISMATCH, now, ciphers=allowed)
 
     def _deny(
         self, init: Initiation, addr: Addr, status: Reason, now: float,
@@ -288,7 +290,7 @@ class GatewaySessions:
         resp = RespPayload(
             PROTOCOL_VERSION, 0, session_id, self.ts_ms(now), machine.version, INITIAL_EPOCH,
             client.inner_address, self.inner_prefix, self.inner_gateway, self.mtu, self.endpoints,
-            *self._inner6(client), (suite,),
+            *self._inner6(client), (suite,) if payload.ciphers else (),
         )  # fmt: skip
         noise_resp, keys = init.pending.write_response(resp.pack())
         s = GatewaySession(

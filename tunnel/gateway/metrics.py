@@ -174,7 +174,7 @@ class GatewayMetrics:
             labelled(g + "sessions", "Live sessions by state.", "gauge", "state", by_state),
             single(g + "sessions_created_total", "Sessions established.", "counter",
                    t.sessions_created),
-            single(g + "sessions_denied_total", "Handshakes denied for lack of a valid policy.",
+            single(g + "sessions_denied_total", "Handshakes denied: no valid policy, or no data cipher in common.",
                    "counter", t.sessions_denied),
             labelled(g + "switches_total", "Committed transport switches by reason.",
                      "counter", "reason", t.switches),
