@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import struct
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
@@ -18,6 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from simkit import CLIENT_INNER, GATEWAY_INNER, ipv4_packet, make_policy, of_type
 
+from tunnel.client.config import ClientConfig, parse_client_config
+from tunnel.client.config import ConfigError as ClientConfigError
 from tunnel.core.aead import SessionCipher, TrafficKeys
 from tunnel.core.ciphers import (
     ALL_CIPHERS,
@@ -45,8 +48,11 @@ from tunnel.core.wire import (
     parse_header,
     split_handshake,
 )
+from tunnel.gateway.config import ConfigError as GatewayConfigError
+from tunnel.gateway.config import GatewayConfig, load_gateway_config
 from tunnel.io.cpu import has_aes_flag
 from tunnel.io.memory import MemoryLink, Simulation
+from tunnel.keys import write_private_key, write_public_key
 
 AES = DataCipher.AES_256_GCM
 CHACHA = DataCipher.CHACHA20_POLY1305
@@ -352,3 +358,61 @@ def test_every_cipher_list_round_trips_in_both_payloads(codes: list[int]) -> Non
         ciphers=tuple(codes),
     )  # fmt: skip
     assert RespPayload.parse(resp.pack()) == resp
+
+
+# -- the configuration keys (docs/client.md, docs/gateway.md: ``ciphers``) ----------------------
+
+
+def client_config(tmp_path: Path, line: str) -> ClientConfig:
+    if not (tmp_path / "client.key").exists():
+        write_private_key(tmp_path / "client.key", generate_keypair()[0])
+        write_public_key(tmp_path / "gateway.pub", generate_keypair()[1])
+    text = (
+        f'private_key = "client.key"\ngateway_public_key = "gateway.pub"\n{line}\n'
+        '[[path]]\ngateway = "127.0.0.1:51820"\n'
+    )
+    return parse_client_config(text, source="client.toml", base=tmp_path)
+
+
+def gateway_config(tmp_path: Path, line: str) -> GatewayConfig:
+    for name in ("gateway", "alice"):
+        if not (tmp_path / f"{name}.key").exists():
+            private, public = generate_keypair()
+            write_private_key(tmp_path / f"{name}.key", private)
+            write_public_key(tmp_path / f"{name}.pub", public)
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        f'listen = ["127.0.0.1:0"]\nprivate_key = "gateway.key"\ninner_echo = true\n{line}\n'
+        '[control]\nsocket = "off"\n[[clients]]\nname = "alice"\npublic_key = "alice.pub"\n'
+    )
+    return load_gateway_config(path)
+
+
+def test_the_client_key_takes_an_order_and_refuses_bad_names(tmp_path: Path) -> None:
+    assert client_config(tmp_path, "").ciphers is None  # the CPU decides at start
+    assert client_config(tmp_path, 'ciphers = ["chacha20-poly1305"]').ciphers == (CHACHA,)
+    both = 'ciphers = ["chacha20-poly1305", "aes-256-gcm"]'
+    assert client_config(tmp_path, both).ciphers == (CHACHA, AES)
+    for bad, why in (
+        ('ciphers = ["aes-128-gcm"]', "unknown cipher 'aes-128-gcm'"),
+        ("ciphers = []", "at least one cipher is needed"),
+        ('ciphers = ["aes-256-gcm", "aes-256-gcm"]', "a cipher is named twice"),
+        ('ciphers = "aes-256-gcm"', "expected a list of cipher names"),
+        ("ciphers = [1]", "expected a list of cipher names"),
+    ):
+        with pytest.raises(ClientConfigError) as info:
+            client_config(tmp_path, bad)
+        assert str(info.value).startswith("client.toml: ciphers = ") and why in str(info.value)
+
+
+def test_the_gateway_key_allows_both_by_default_and_refuses_bad_names(tmp_path: Path) -> None:
+    assert gateway_config(tmp_path, "").ciphers == (AES, CHACHA)
+    assert gateway_config(tmp_path, 'ciphers = ["chacha20-poly1305"]').ciphers == (CHACHA,)
+    for bad, why in (
+        ('ciphers = ["chacha20"]', "unknown cipher 'chacha20'"),
+        ("ciphers = []", "at least one cipher is needed"),
+        ('ciphers = "aes-256-gcm"', "must be a list of cipher names"),
+    ):
+        with pytest.raises(GatewayConfigError) as info:
+            gateway_config(tmp_path, bad)
+        assert "ciphers = " in str(info.value) and why in str(info.value)
