@@ -21,7 +21,7 @@ from simkit import CLIENT_INNER, GATEWAY_INNER, ipv4_packet, make_policy, of_typ
 
 from tunnel.client.config import ClientConfig, parse_client_config
 from tunnel.client.config import ConfigError as ClientConfigError
-from tunnel.core.aead import SessionCipher, TrafficKeys
+from tunnel.core.aead import AES_GCM_MAX_DATAGRAMS, SessionCipher, TrafficKeys
 from tunnel.core.ciphers import (
     ALL_CIPHERS,
     CipherNameError,
@@ -40,6 +40,7 @@ from tunnel.core.gateway import GatewaySessions
 from tunnel.core.gateway_session import ClientEntry
 from tunnel.core.handshake import Initiator, Responder, generate_keypair
 from tunnel.core.initiator import Accepted, HandshakeInitiator
+from tunnel.core.key_schedule import KeySchedule
 from tunnel.core.session import State
 from tunnel.core.wire import (
     InitPayload,
@@ -176,6 +177,28 @@ def test_a_rekey_keeps_the_cipher(suite: DataCipher) -> None:
     assert rx.open(datagram, 1.0) == b"after the rekey"
     assert (tx.phase, rx.phase) == (1, 1)
     assert (tx.suite, rx.suite) == (suite, suite)
+
+
+def test_an_aes_key_is_rotated_when_worn_out_in_either_direction_whatever_its_age() -> None:
+    """wire-format.md, "Data cipher": AES_GCM_MAX_DATAGRAMS per key generation, counted on
+    what the client sealed and on what it opened; ChaCha20's bound is far higher."""
+    for suite, worn in ((AES, True), (CHACHA, False)):
+        schedule = KeySchedule()
+        cipher = schedule.install(
+            TrafficKeys(send=bytes(32), recv=bytes(range(32))), 8192, 0.0, suite
+        )
+        assert schedule.on_timer(1.0, 120) is None
+        cipher.send_counter = AES_GCM_MAX_DATAGRAMS
+        assert schedule.on_timer(2.0, 120) == (1 if worn else None), suite
+    peer, schedule = (
+        SessionCipher(TrafficKeys(send=bytes(range(32)), recv=bytes(32)), suite=AES),
+        KeySchedule(),
+    )
+    cipher = schedule.install(TrafficKeys(send=bytes(32), recv=bytes(range(32))), 8192, 0.0, AES)
+    peer.send_counter = AES_GCM_MAX_DATAGRAMS - 1
+    assert cipher.open(peer.seal(MSG_DATA, 1, b"the last one"), 1.0) == b"the last one"
+    assert schedule.on_timer(2.0, 120) == 1  # the gateway's direction wore it out
+    assert cipher.suite is AES and cipher.send_counter == 0
 
 
 # -- whole handshakes --------------------------------------------------------------------------

@@ -51,6 +51,17 @@ REKEY_INFO: Final = b"jvpn rekey"
 PHASES: Final = 256
 """The key phase is a u8 and wraps."""
 
+AES_GCM_MAX_DATAGRAMS: Final = 2**27
+"""Datagrams one AES-256-GCM key generation may seal, or open, before it is rotated: TLS
+1.3's usage bound (RFC 8446 section 5.5: 2^24.5 records of 2^14 bytes, margin 2^-60)
+counted in datagrams of at most MAX_DATAGRAM bytes (fewer than 2^7 AES blocks)."""
+
+USAGE_LIMIT: Final = {
+    DataCipher.AES_256_GCM: AES_GCM_MAX_DATAGRAMS,
+    DataCipher.CHACHA20_POLY1305: constants.REKEY_AFTER_MESSAGES,
+}
+"""Per data cipher: datagrams per key generation after which ``worn_out`` asks for a rekey."""
+
 _HEADER = constants.TRANSPORT_HEADER
 _MARKED = constants.MARKED_TRANSPORT_HEADER
 _HEADER_LEN: Final = constants.TRANSPORT_HEADER.size
@@ -212,6 +223,13 @@ class SessionCipher:
     def rekey_pending(self) -> bool:
         """True after our own ``rekey`` until the peer has sent in the new phase."""
         return not self._confirmed
+
+    def worn_out(self) -> bool:
+        """The current generation has sealed, or opened up to, ``USAGE_LIMIT`` datagrams of
+        its cipher in either direction: rotate it now, whatever its age."""
+        current = self._current
+        used = max(self.send_counter, current.replay.highest + 1)
+        return used >= USAGE_LIMIT[self._suite]
 
     def key_age(self, now: float) -> float:
         """Seconds since the current generation became current."""
