@@ -1,5 +1,5 @@
 """Session panel: identity, state, versions, the gateway's view, inner addresses, ages,
-the data cipher, policy."""
+policy; the data cipher in its bottom border."""
 
 from __future__ import annotations
 
@@ -37,7 +37,10 @@ class SessionPanel(TextPanel):
             ("Inner", inner),  # IPv4, then IPv6 when the session carries it
             ("Uptime", duration(s.uptime_s)),
             ("Key", f"phase {s.key_phase}, age {duration(s.key_age_s)}"),
-            ("Cipher", esc(s.cipher) if s.cipher else NONE),  # negotiated in the handshake
             ("Policy", esc(s.policy_version)),
         ]
         self.show_markup("\n".join(f"[$text-muted]{k:<8}[/] {v}" for k, v in rows))
+        # the data cipher negotiated in the handshake, in the border: no extra line
+        subtitle = f"cipher {s.cipher}" if s.cipher else ""
+        if self.border_subtitle != subtitle:
+            self.border_subtitle = subtitle
