@@ -109,7 +109,9 @@ class GatewaySessions:
         self._by_inner: dict[bytes, GatewaySession] = {}
         """Packed inner address (4 bytes IPv4, 16 bytes IPv6) -> the session that owns it."""
         self._timers: DeadlineQueue[int] = DeadlineQueue(self._session_deadline)
-        """Every session's next deadline (a heap): touched after each input it took."""
+        """Every session's next deadline (a heap): touched after each input that may have
+        changed it (plain DATA from the binding only pushes the silence deadline later: its
+        entry stays as a lower bound, re-read when it comes to the top)."""
         self._touch = self._timers.touch
         self._tun: list[bytes] = []
         self._ports = SessionPorts(
@@ -169,8 +171,8 @@ class GatewaySessions:
         if s is None:
             self.report.count_drop(Drop.UNKNOWN_SESSION)
             return
-        s.receive(data, msg_type, phase, epoch, mark, counter, addr, now)
-        self._touch(index)
+        if s.receive(data, msg_type, phase, epoch, mark, counter, addr, now):
+            self._touch(index)  # else only the silence deadline moved, later: a lower bound
 
     def _receive_other(self, data: bytes, addr: Addr, now: float) -> None:
         """A datagram that is not a well-formed DATA or CONTROL one."""
@@ -201,8 +203,7 @@ class GatewaySessions:
         if s is None:
             self.report.count_drop(Drop.NO_ROUTE)
             return
-        s.send_inner(packet)
-        self._touch(s.index)
+        s.send_inner(packet)  # moves no deadline: the timer entry stays as it is
 
     # -- handshakes ----------------------------------------------------------------------
     def _on_init(self, data: bytes, addr: Addr, now: float) -> None:

@@ -301,33 +301,39 @@ class GatewaySession:
     def receive(
         self, data: bytes, msg_type: int, phase: int, epoch: int, mark: int, counter: int,
         addr: Addr, now: float,
-    ) -> None:  # fmt: skip
+    ) -> bool:  # fmt: skip
         """A transport datagram (DATA or CONTROL) addressed to this session, with the
-        header fields the gateway unpacked (``wire.transport_fields``)."""
+        header fields the gateway unpacked (``wire.transport_fields``). Returns whether
+        the session's deadlines may have changed: False only for authentic, fresh DATA
+        from the binding in the current key phase, which moves no deadline but the
+        binding's silence deadline, and that one later (the gateway's timer queue keeps
+        the earlier one as a lower bound: ``timers.DeadlineQueue``)."""
         if self.machine.state is _TERMINATED:
             self._report.count_drop(Drop.WRONG_STATE)
             self._answer_tombstone(data, addr, now)
-            return
+            return True
         cipher = self.cipher
         rekeyed = phase != cipher.phase  # only a datagram of another phase can rotate keys
         plaintext = cipher.open(data, now)
         if isinstance(plaintext, Drop):
             self._on_bad_packet(plaintext, addr, now)
-            return
+            return True
         self.duplicates.fresh(now)
         if rekeyed and cipher.phase == phase:
             self._report.emit(KeyRotated(**self._base(now), key_phase=phase, initiator="peer"))
+        at_binding = addr == self.binding
         newest = self._note_inbound(len(data), phase, epoch, mark, counter, addr, now)
         if self.machine.state is _TERMINATED:
-            return  # the datagram ended the session (a move past its TTL): nothing more
+            return True  # the datagram ended the session (a move past its TTL): nothing more
         if msg_type == MSG_DATA:
             self._on_data(plaintext, addr, newest, now)
-            return
+            return rekeyed or not at_binding
         msg = parse_control(plaintext)
         if isinstance(msg, Drop):
             self._report.count_drop(msg)
-            return
-        self._on_control(msg, addr, newest, now)
+        else:
+            self._on_control(msg, addr, newest, now)
+        return True
 
     def _on_bad_packet(self, drop: Drop, addr: Addr, now: float) -> None:
         """Count a datagram that did not open; a late or duplicated one from a validated
@@ -411,7 +417,8 @@ class GatewaySession:
 
     def send_inner(self, packet: bytes) -> None:
         """An inner packet from the TUN for this client: sealed to the binding, or queued
-        (within the policy's limits) while there is none."""
+        (within the policy's limits) while there is none. Moves no deadline (the gateway
+        does not touch the session's timer entry for it)."""
         binding = self.binding
         if binding is not None:
             try:
