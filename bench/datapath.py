@@ -278,7 +278,7 @@ def measure(n: int, size: int, runs: int) -> dict[str, Any]:
         "gateway send": seal,
         "client receive": open_,
     }
-    rows = {}
+    rows: dict[str, dict[str, Any]] = {}
     for step in STEPS:
         total = statistics.median(per_step[step])
         floor = statistics.median(floors[step])

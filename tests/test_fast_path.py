@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import struct
+from typing import cast
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -144,7 +145,8 @@ class TwoClients:
                 for path_id, data in self.clients[i].datagrams_to_send():
                     self.gw.receive_datagram(data, self.addr(i, path_id), self.now)
                     moved += 1
-            for (host, port), data in self.gw.datagrams_to_send():
+            for where, data in self.gw.datagrams_to_send():
+                host, port = cast(tuple[str, int], where)
                 i = int(host.rsplit(".", 1)[1]) - 1
                 if i in active:
                     self.clients[i].receive_datagram(data, port - 40000, self.now)
