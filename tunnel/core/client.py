@@ -68,7 +68,7 @@ from tunnel.core.events import (
 from tunnel.core.health import PathStats
 from tunnel.core.initiator import Accepted, HandshakeInitiator
 from tunnel.core.key_schedule import KeySchedule
-from tunnel.core.path import PathSet
+from tunnel.core.path import Path, PathSet
 from tunnel.core.policy import Policy
 from tunnel.core.replay import DuplicateMeter, stale_drop
 from tunnel.core.selection import Selector, SwitchLimiter
@@ -341,8 +341,10 @@ class ClientSession:
         """A datagram on ``path_id``. DATA and CONTROL take the fast path: one unpack of
         the transport header (``wire.transport_fields``), no per-datagram object; anything
         else is parsed by ``wire.parse_header``, which counts the same drops."""
-        if path_id not in self.paths:
-            raise ValueError(f"unknown path id {path_id}")
+        try:
+            path = self.paths.get(path_id)
+        except KeyError:
+            raise ValueError(f"unknown path id {path_id}") from None
         if self.machine.state is _TERMINATED:
             self.report.count_drop(Drop.WRONG_STATE)
             return
@@ -356,7 +358,7 @@ class ClientSession:
         elif fields[4] != self.index:
             self.report.count_drop(Drop.UNKNOWN_SESSION)
         else:
-            self._on_sealed(data, fields, cipher, path_id, now)
+            self._on_sealed(data, fields, cipher, path, now)
 
     def _receive_other(self, data: bytes, path_id: int, now: float) -> None:
         """A datagram that is not a well-formed DATA or CONTROL one."""
@@ -371,10 +373,11 @@ class ClientSession:
             self.report.count_drop(Drop.WRONG_STATE)
 
     def _on_sealed(
-        self, data: bytes, fields: TransportFields, cipher: SessionCipher, path_id: int,
+        self, data: bytes, fields: TransportFields, cipher: SessionCipher, path: Path,
         now: float,
     ) -> None:  # fmt: skip
         msg_type, phase, epoch8, mark = fields[0], fields[1], fields[2], fields[3]
+        path_id = path.path_id
         rekeyed = phase != cipher.phase  # only a datagram of another phase can rotate keys
         plaintext = cipher.open(data, now)
         if isinstance(plaintext, Drop):
@@ -383,14 +386,14 @@ class ClientSession:
         self.duplicates.fresh(now)
         if rekeyed and cipher.phase == phase:
             self.report.emit(KeyRotated(**self.base(now), key_phase=phase, initiator="peer"))
-        path = self.paths.get(path_id)
         health = path.health
         health.inbound(now)
         if mark == MARK_BINDING:
             # The gateway's binding is this path at epoch8: a switch by mark has landed.
             self.switching.confirm(path_id, epoch8, now)
         if msg_type == MSG_DATA:
-            if not plaintext or (plaintext[0] >> 4 != 4 and plaintext[0] >> 4 != 6):
+            version = plaintext[0] >> 4 if plaintext else 0
+            if version != 4 and version != 6:
                 self.report.count_drop(Drop.MALFORMED)
                 return
             health.data_inbound(now)

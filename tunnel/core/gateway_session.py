@@ -322,12 +322,21 @@ class GatewaySession:
         if rekeyed and cipher.phase == phase:
             self._report.emit(KeyRotated(**self._base(now), key_phase=phase, initiator="peer"))
         at_binding = addr == self.binding
-        newest = self._note_inbound(len(data), phase, epoch, mark, counter, addr, now)
+        newest = self._note_inbound(len(data), phase, epoch, mark, counter, addr, at_binding, now)
+        if at_binding and msg_type == MSG_DATA:
+            # The common case: nothing moved (from the binding: no move, no resume), and
+            # the packet goes out if its inner source is the client's.
+            drop = self.sources.check(plaintext)
+            if drop is None:
+                self._deliver(plaintext)
+            else:
+                self._report.count_drop(drop)
+            return rekeyed
         if self.machine.state is _TERMINATED:
             return True  # the datagram ended the session (a move past its TTL): nothing more
         if msg_type == MSG_DATA:
             self._on_data(plaintext, addr, newest, now)
-            return rekeyed or not at_binding
+            return True
         msg = parse_control(plaintext)
         if isinstance(msg, Drop):
             self._report.count_drop(msg)
@@ -348,20 +357,22 @@ class GatewaySession:
             )
 
     def _note_inbound(
-        self, size: int, phase: int, epoch: int, mark: int, counter: int, addr: Addr, now: float
-    ) -> bool:
+        self, size: int, phase: int, epoch: int, mark: int, counter: int, addr: Addr,
+        at_binding: bool, now: float,
+    ) -> bool:  # fmt: skip
         """Record an authentic datagram of ``size`` bytes from ``addr`` (header fields
-        ``phase``, ``epoch``, ``mark``, ``counter``); True if it is the newest seen."""
+        ``phase``, ``epoch``, ``mark``, ``counter``; ``at_binding``: ``addr`` is the
+        binding); True if it is the newest seen."""
         if phase != self.rx_phase:
             self.rx_phase, self.rx_high = phase, -1
         newest = counter > self.rx_high
         if newest:
             self.rx_high = counter
         self.paths.received(addr, size)
-        if newest and mark and self._move_by_mark(epoch, mark, addr, now):
+        if at_binding:
+            self.last_inbound = now  # a mark from the binding moves nothing
+        elif newest and mark and self._move_by_mark(epoch, mark, addr, now):
             return newest
-        if addr == self.binding:
-            self.last_inbound = now
         elif (
             self.binding is None
             and addr == self.last_binding
