@@ -255,7 +255,7 @@ def git_label() -> str:
             capture_output=True, text=True, check=True,
         ).stdout.strip()  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return str(TREE)  # not a git checkout (an exported tree): its path
     return rev
 
 

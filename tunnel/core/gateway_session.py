@@ -321,17 +321,22 @@ class GatewaySession:
         self.duplicates.fresh(now)
         if rekeyed and cipher.phase == phase:
             self._report.emit(KeyRotated(**self._base(now), key_phase=phase, initiator="peer"))
-        at_binding = addr == self.binding
-        newest = self._note_inbound(len(data), phase, epoch, mark, counter, addr, at_binding, now)
-        if at_binding and msg_type == MSG_DATA:
-            # The common case: nothing moved (from the binding: no move, no resume), and
-            # the packet goes out if its inner source is the client's.
+        if addr == self.binding and msg_type == MSG_DATA and phase == self.rx_phase:
+            # The common case, _note_inbound's work inlined: from the binding nothing
+            # moves (no move by mark, no resume); the packet goes out if its inner source
+            # is the client's.
+            if counter > self.rx_high:
+                self.rx_high = counter
+            self.paths.received(addr, len(data))
+            self.last_inbound = now
             drop = self.sources.check(plaintext)
             if drop is None:
                 self._deliver(plaintext)
             else:
                 self._report.count_drop(drop)
             return rekeyed
+        at_binding = addr == self.binding
+        newest = self._note_inbound(len(data), phase, epoch, mark, counter, addr, at_binding, now)
         if self.machine.state is _TERMINATED:
             return True  # the datagram ended the session (a move past its TTL): nothing more
         if msg_type == MSG_DATA:
