@@ -388,8 +388,9 @@ class ClientSession:
             self.report.emit(KeyRotated(**self.base(now), key_phase=phase, initiator="peer"))
         health = path.health
         health.inbound(now)
-        if mark == MARK_BINDING:
-            # The gateway's binding is this path at epoch8: a switch by mark has landed.
+        if mark == MARK_BINDING and self.switching.pending is not None:
+            # The gateway's binding is this path at epoch8: a switch by mark has landed
+            # (the gateway marks every datagram to its binding: no call while none waits).
             self.switching.confirm(path_id, epoch8, now)
         if msg_type == MSG_DATA:
             version = plaintext[0] >> 4 if plaintext else 0
