@@ -60,11 +60,13 @@ second, so every response arrives before its client sends a new INIT."""
 
 def policy_for(probe_ms: int) -> Policy:
     """The default policy, or (``probe_ms`` > 0) one whose idle sessions probe every
-    ``probe_ms`` (death after five silent intervals)."""
+    ``probe_ms`` (death after five silent intervals). Clients end at the gateway's
+    ``gateway_shutdown`` (``lost_state = "terminate"``): the shutdown is what is measured."""
+    base = dataclasses.replace(POLICY_DEFAULT, lost_state="terminate")
     if probe_ms <= 0:
-        return POLICY_DEFAULT
+        return base
     return dataclasses.replace(
-        POLICY_DEFAULT, probe_interval_ms=probe_ms,
+        base, probe_interval_ms=probe_ms,
         standby_probe_interval_ms=max(probe_ms, POLICY_DEFAULT.standby_probe_interval_ms),
         dead_min_ms=5 * probe_ms,
     )  # fmt: skip
@@ -225,7 +227,7 @@ class Swarm:
             p.attached_at = time.monotonic()
         elif ev.new_state == State.TERMINATED:
             p.terminated_by = ev.reason_code
-            p.got_terminate = ev.reason_code == Reason.OPERATOR_TERMINATED
+            p.got_terminate = ev.reason_code == Reason.GATEWAY_SHUTDOWN
 
     def run_until(self, done: object, limit: float) -> bool:
         end = time.monotonic() + limit

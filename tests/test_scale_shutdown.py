@@ -1,7 +1,8 @@
 """SIGTERM with many sessions (issue 11 item 7): a real gateway process with 2,000 real
 sessions over loopback (the driver of bench/scale.py: one process, one socket and one
 ClientSession per client, each from its own 127.x.y.z address). On SIGTERM every client
-must receive its TERMINATE (reason operator_terminated) and the gateway must exit 0.
+must receive its TERMINATE (reason gateway_shutdown: the memory store keeps nothing,
+DESIGN D15c) and the gateway must exit 0.
 Accounting only: the time is bench/scale.py's to measure, not a test's.
 """
 
@@ -50,7 +51,7 @@ def test_sigterm_sends_terminate_to_every_session_and_exits_0() -> None:
         assert code == 0, res.rows
         ends = Counter((str(p.core.state), str(p.terminated_by)) for p in sw.peers.values())
         assert got == N, (res.rows, ends)
-        assert set(ends) == {("TERMINATED", "operator_terminated")}, ends
+        assert set(ends) == {("TERMINATED", "gateway_shutdown")}, ends
         assert sw.count(State.TERMINATED) == N
     finally:
         if proc.poll() is None:

@@ -66,7 +66,7 @@ SESSION_EVENT_TYPES: Final = frozenset({
     EventType.TRANSPORT_SWITCH_DENIED, EventType.TRANSPORT_DEAD, EventType.REATTACH_ATTEMPT,
     EventType.REATTACH_RESULT, EventType.SECURITY_EVENT, EventType.POLICY_EVENT,
     EventType.KEY_ROTATED, EventType.SESSION_TERMINATED, EventType.PATH_ADDED,
-    EventType.PATH_REMOVED,
+    EventType.PATH_REMOVED, EventType.SESSION_LINKED,
 })  # fmt: skip
 """Events that change the session (or report an attack on it): what the switch timeline
 and the security panel show, and what the channel's history ring keeps."""

@@ -42,6 +42,7 @@ from tunnel.core.events import (
     PolicyEvent,
     Reason,
     SessionCreated,
+    SessionLinked,
     TransportAttached,
     reason_to_wire,
 )
@@ -229,8 +230,26 @@ class GatewaySessions:
                 )
             )  # fmt: skip
             self._deny(init, addr, Reason.POLICY_DENIED, now)
+        elif (named := self._named(init)) is not None and not named.machine.terminated:
+            self.report.count_drop(Drop.SESSION_STILL_LIVE)
+        elif named is not None:
+            self._deny(init, addr, named.end_reason or Reason.PEER_TERMINATED, now)
         else:
             self._open_session(init, self.policy, addr, now)
+
+    def _named(self, init: Initiation) -> GatewaySession | None:
+        """The session of this client the INIT names as the one it continues, if this
+        gateway holds it (DESIGN D15c: the client asks whether its session was lost). Live:
+        it was not lost (no answer; the client's reattach is answered). Ended (a tombstone):
+        the answer is a refusal with the reason it ended, never a new session."""
+        previous = init.payload.previous_session
+        if not previous:
+            return None
+        key = init.client.public_key
+        for s in self.sessions.values():
+            if s.session_id == previous and s.client.public_key == key:
+                return s
+        return None
 
     def _refused(self, drop: Drop, addr: Addr, now: float) -> None:
         """An INIT the admission dropped: counted. One whose mac1 does not match our key
@@ -290,6 +309,14 @@ class GatewaySessions:
         self.report.emit(
             SessionCreated(**base, peer=client.name, inner_address=client.inner_address)
         )
+        if payload.previous_session:  # the client lost its session here: this one follows it
+            self.report.emit(
+                SessionLinked(
+                    **base, previous_session_id=payload.previous_session.hex(),
+                    reason_code=Reason.GATEWAY_LOST_STATE, inner_address=client.inner_address,
+                    inner_address6=client.inner_address6,
+                )
+            )  # fmt: skip
         self.report.emit(
             TransportAttached(
                 **base, transport_id=payload.path_id, path=addr_label(addr), binding_epoch=s.epoch

@@ -363,6 +363,13 @@ class PathHealth:
         self._counts.clear()
         self.consecutive_misses = 0
 
+    def forget_probes(self) -> None:
+        """A new session took the old one's place (DESIGN D15c): the probes in flight were
+        sealed with keys the gateway no longer has and will never be answered, and the
+        misses while it was gone say nothing about the path. Forget both."""
+        self._outstanding.clear()
+        self.reset_loss()
+
     # -- derived values ----------------------------------------------------------------
 
     def probe_timeout_ms(self) -> float:

@@ -68,9 +68,12 @@ class HandshakeInitiator:
         index: int,
         order: Sequence[int],
         rng: random.Random | None = None,
+        previous_session: bytes = b"",
     ) -> None:
         """``rng``: the retry jitter (default: seeded with ``index``, itself random, so
-        clients started together draw different waits)."""
+        clients started together draw different waits). ``previous_session``: the id of
+        the session this handshake continues (named in every INIT; DESIGN D15c)."""
+        self._previous = previous_session
         self._static = static_private
         self._rng = rng if rng is not None else random.Random(index)
         self.gateway_public = gateway_public
@@ -120,7 +123,7 @@ class HandshakeInitiator:
     def _send(self, now: float, policy: Policy, ts_ms: int) -> tuple[int, bytes]:
         path_id = self._order[self.sends % len(self._order)]
         self._noise = Initiator(self._static, self.gateway_public)
-        payload = InitPayload(PROTOCOL_VERSION, ts_ms, path_id).pack()
+        payload = InitPayload(PROTOCOL_VERSION, ts_ms, path_id, self._previous).pack()
         noise = self._noise.write_init(payload)
         self._body = pack_handshake(MSG_HANDSHAKE_INIT, 0, self._index, noise)
         self._cookie_retried = False

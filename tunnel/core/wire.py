@@ -37,6 +37,7 @@ from tunnel.core.constants import (
     MSG_DATA,
     MSG_HANDSHAKE_INIT,
     MSG_HANDSHAKE_RESP,
+    SESSION_ID_LEN,
     TRANSPORT_HEADER,
 )
 from tunnel.core.cookie import COOKIE_REPLY_LEN, INIT_MACS_LEN, MAC_LEN
@@ -172,21 +173,51 @@ def split_init(data: bytes) -> tuple[int, bytes, bytes, bytes]:
 
 @dataclass(frozen=True, slots=True)
 class InitPayload:
-    """Inside Noise message 1: protocol version and the client's wall clock (freshness, skew)."""
+    """Inside Noise message 1: protocol version and the client's wall clock (freshness, skew).
+
+    Optional extensions follow, ``type:u8 | length:u8 | value`` as in :class:`RespPayload`
+    (a type this build does not know is skipped). Type 1 (EXT_PREVIOUS_SESSION) is the id
+    of the session the client wants to continue (DESIGN D15c): the gateway creates a new
+    session only when it holds no live session of that id for this client.
+    """
 
     STRUCT: ClassVar = struct.Struct("<BQB")
+    EXT_HEADER: ClassVar = struct.Struct("<BB")
+    EXT_PREVIOUS_SESSION: ClassVar = 1
     version: int
     ts_ms: int
     path_id: int
+    previous_session: bytes = b""
+    """The session id the client continues (16 bytes), or empty: a first handshake."""
 
     def pack(self) -> bytes:
-        return self.STRUCT.pack(self.version, self.ts_ms, self.path_id)
+        out = self.STRUCT.pack(self.version, self.ts_ms, self.path_id)
+        if self.previous_session:
+            ext = self.EXT_HEADER.pack(self.EXT_PREVIOUS_SESSION, len(self.previous_session))
+            out += ext + self.previous_session
+        return out
 
     @classmethod
     def parse(cls, data: bytes) -> InitPayload | Drop:
-        if len(data) != cls.STRUCT.size:
+        if len(data) < cls.STRUCT.size:
             return Drop.MALFORMED
-        return cls(*cls.STRUCT.unpack(data))
+        previous = b""
+        pos = cls.STRUCT.size
+        while pos < len(data):
+            if pos + cls.EXT_HEADER.size > len(data):
+                return Drop.MALFORMED
+            kind, length = cls.EXT_HEADER.unpack_from(data, pos)
+            pos += cls.EXT_HEADER.size
+            value = data[pos : pos + length]
+            if len(value) != length:
+                return Drop.MALFORMED
+            if kind == cls.EXT_PREVIOUS_SESSION:
+                if length != SESSION_ID_LEN:
+                    return Drop.MALFORMED
+                previous = value
+            pos += length
+        version, ts_ms, path_id = cls.STRUCT.unpack_from(data)
+        return cls(version, ts_ms, path_id, previous)
 
 
 @dataclass(frozen=True, slots=True)

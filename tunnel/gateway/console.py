@@ -34,6 +34,7 @@ from tunnel.core.events import (
     Reason,
     SecurityEvent,
     SessionCreated,
+    SessionLinked,
     SessionTerminated,
     TransportAttached,
     TransportSwitch,
@@ -131,6 +132,8 @@ class _Seen:
     inner: str
     address: str = "?"
     started: bool = False
+    continues: str = ""
+    """The session this one continues (SESSION_LINKED: the gateway had lost it)."""
 
 
 class SessionNotices:
@@ -171,6 +174,9 @@ class SessionNotices:
     def on_event(self, event: Event) -> None:
         if isinstance(event, SessionCreated):
             self._remember(event.session_id, _Seen(event.peer, event.inner_address))
+        elif isinstance(event, SessionLinked):
+            seen: _Seen = self._seen(event.session_id)
+            seen.continues = event.previous_session_id
         elif isinstance(event, TransportAttached):
             self._attached(event)
         elif isinstance(event, TransportSwitch):
@@ -198,6 +204,8 @@ class SessionNotices:
         seen.started = True
         path = f" (path {event.transport_id})" if event.transport_id >= 0 else ""
         what = f"started: {seen.client} {seen.inner} from {event.path}{path}"
+        if seen.continues:
+            what += f", continues {seen.continues[:8]} (this gateway had lost it)"
         self._line("start", event.session_id, seen, what)
 
     def _switched(self, event: TransportSwitch) -> None:

@@ -54,6 +54,7 @@ HISTORY_TYPES: Final = frozenset({
     EventType.TRANSPORT_SWITCH, EventType.TRANSPORT_SWITCH_DENIED, EventType.TRANSPORT_DEAD,
     EventType.REATTACH_ATTEMPT, EventType.REATTACH_RESULT, EventType.SECURITY_EVENT,
     EventType.POLICY_EVENT, EventType.KEY_ROTATED, EventType.SESSION_TERMINATED,
+    EventType.SESSION_LINKED,
 })  # fmt: skip
 """What the history keeps: session creation and what the client's history ring keeps
 (``tunnel.api.SESSION_EVENT_TYPES``, which the gateway does not import)."""

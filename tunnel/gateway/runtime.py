@@ -390,13 +390,15 @@ class GatewayRuntime:
                 loop.remove_signal_handler(sig)
         self.driver.detach()
 
-    def _terminate_in_batches(self, now: float) -> None:
+    def _terminate_in_batches(self, now: float, reason: Reason = Reason.GATEWAY_SHUTDOWN) -> None:
         """End every session, SHUTDOWN_BATCH at a time, each batch's TERMINATEs (and events)
-        sent before the next: bounded work per step, linear in the number of sessions."""
+        sent before the next: bounded work per step, linear in the number of sessions.
+        ``gateway_shutdown``: the sessions die with this gateway (its store keeps nothing),
+        and the clients know it is not their operator's stop (DESIGN D15c)."""
         indexes = list(self.gateway.sessions)
         for start in range(0, len(indexes), SHUTDOWN_BATCH):
             batch = indexes[start : start + SHUTDOWN_BATCH]
-            self.gateway.terminate_many(batch, now, Reason.OPERATOR_TERMINATED)
+            self.gateway.terminate_many(batch, now, reason)
             self.pump(now)
         self.pump(now)
 
