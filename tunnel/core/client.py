@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunnel.core.aead import KeyExhausted, SessionCipher
+from tunnel.core.ciphers import ALL_CIPHERS, DataCipher
 from tunnel.core.client_rows import CLIENT_ROWS, WITH_ACTIVE, QualityClocks
 from tunnel.core.constants import (
     MARK_BINDING,
@@ -170,6 +171,8 @@ class ClientSnapshot:
     inner_address: str
     inner_address6: str = ""
     """The inner IPv6 address the gateway assigned (empty: no IPv6 in this session)."""
+    cipher: str = ""
+    """The data cipher negotiated in the handshake (empty before it)."""
 
 
 class ClientSession:
@@ -187,7 +190,10 @@ class ClientSession:
         node_id: str = "client",
         wall_offset: float = 0.0,
         max_version: int = MAX_STATE_VERSION,
+        ciphers: Sequence[DataCipher] = ALL_CIPHERS,
     ) -> None:
+        """``ciphers``: the data ciphers this client accepts, preferred first (the
+        handshake offers them; tunnel/core/ciphers.py)."""
         if not paths:
             raise ValueError("a client needs at least one path")
         if len({p.path_id for p in paths}) != len(paths):
@@ -218,9 +224,11 @@ class ClientSession:
         self._max_version = max_version
         self.index = self._rng.getrandbits(32) or 1
         self.handshake = HandshakeInitiator(
-            static_private, gateway_public, self.index, self.paths.order
+            static_private, gateway_public, self.index, self.paths.order, offer=ciphers
         )
-        self.rescue = LostStateRescue(static_private, gateway_public, self.paths.order, self._rng)
+        self.rescue = LostStateRescue(
+            static_private, gateway_public, self.paths.order, self._rng, offer=ciphers
+        )
         """The explicit re-handshake when the gateway lost the session (DESIGN D15c)."""
         self.heard_at: float | None = None
         """When the last authenticated datagram of this session arrived (None: never)."""
@@ -490,7 +498,7 @@ class ClientSession:
         """The gateway created the session: take its keys and parameters, attach. ``link``:
         this session continues ``previous_session_id``, which ended for that reason."""
         payload = accepted.payload
-        self.keys.install(accepted.keys, self.policy.replay_window_size, now)
+        self.keys.install(accepted.keys, self.policy.replay_window_size, now, accepted.cipher)
         self.peer_index = accepted.sender_index
         self.machine.assign_id(payload.session_id.hex())
         self.peer.epoch = payload.epoch
@@ -520,10 +528,10 @@ class ClientSession:
         self.paths.activate(path_id, now)
         self.fire(Trigger.HANDSHAKE_OK, Reason.ATTACHED_TO_TRANSPORT, now)
         base = self.base(now)
+        peer = f"gateway via {path.label}"
+        cipher = self.cipher.suite.label if self.cipher else ""
         self.report.emit(
-            SessionCreated(
-                **base, peer=f"gateway via {path.label}", inner_address=self.inner_address
-            )
+            SessionCreated(**base, peer=peer, inner_address=self.inner_address, cipher=cipher)
         )
         self.report.emit(
             TransportAttached(
@@ -598,7 +606,10 @@ class ClientSession:
     def _decline(self, accepted: Accepted, path_id: int, now: float) -> None:
         """``lost_state = "terminate"``: end the session the gateway just created for us at
         once (TERMINATE under its keys), so it does not wait for a client that left."""
-        cipher = SessionCipher(accepted.keys, replay_window=self.policy.replay_window_size, now=now)
+        cipher = SessionCipher(
+            accepted.keys, replay_window=self.policy.replay_window_size, now=now,
+            suite=accepted.cipher,
+        )  # fmt: skip
         body = pack_control(Terminate(reason_to_wire(Reason.GATEWAY_LOST_STATE)))
         for _ in range(TERMINATE_COPIES):
             self._out.append((path_id, cipher.seal(MSG_CONTROL, accepted.sender_index, body)))
@@ -1023,4 +1034,5 @@ class ClientSession:
             drops=tuple(sorted(self.report.drops.items())),
             inner_address=self.inner_address,
             inner_address6=self.inner_address6,
+            cipher=cipher.suite.label if cipher else "",
         )

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 
 from tunnel.core.admission import COOKIE_LOAD_FRACTION, HandshakeAdmission
 from tunnel.core.aead import SessionCipher
+from tunnel.core.ciphers import ALL_CIPHERS, DataCipher, choose, cipher_names
 from tunnel.core.constants import (
     MAX_INNER_PACKET,
     MAX_STATE_VERSION,
@@ -80,13 +81,15 @@ class GatewaySessions:
         max_version: int = MAX_STATE_VERSION,
         cookie_threshold: float = COOKIE_LOAD_FRACTION,
         policy_error: str | None = None,
+        ciphers: Sequence[DataCipher] = ALL_CIPHERS,
     ) -> None:
         """``cookie_threshold``: share of the handshake bucket below which the gateway is
         under load and answers INITs without a valid cookie with a COOKIE_REPLY (0: never,
         1: always). ``policy_error``: why ``policy`` is None (shown until a valid one).
         ``inner_gateway6``/``inner_prefix6``: the gateway's inner IPv6 address and the
         subnet's prefix length; empty: IPv6 is not routed (clients' IPv6 addresses then
-        unused)."""
+        unused). ``ciphers``: the data ciphers this gateway allows; a handshake gets the
+        first of the client's offer that is one of them (tunnel/core/ciphers.py)."""
         self.report = Reporter(node_id=node_id, wall_offset=wall_offset, now=now)
         self.node_id = node_id
         self.admission = HandshakeAdmission(
@@ -103,6 +106,9 @@ class GatewaySessions:
         self.inner_gateway6 = inner_gateway6
         self.inner_prefix6 = inner_prefix6
         self.mtu = mtu
+        if not ciphers:
+            raise ValueError("a gateway needs at least one data cipher")
+        self.ciphers = tuple(ciphers)
         self.endpoints = tuple(endpoints)
         self.max_version = max_version
         self.sessions: dict[int, GatewaySession] = {}
@@ -234,8 +240,10 @@ class GatewaySessions:
             self.report.count_drop(Drop.SESSION_STILL_LIVE)
         elif named is not None:
             self._deny(init, addr, named.end_reason or Reason.PEER_TERMINATED, now)
+        elif (suite := choose(init.payload.ciphers, self.ciphers)) is None:
+            self._no_common_cipher(init, addr, now)
         else:
-            self._open_session(init, self.policy, addr, now)
+            self._open_session(init, self.policy, addr, now, suite)
 
     def _named(self, init: Initiation) -> GatewaySession | None:
         """The session of this client the INIT names as the one it continues, if this
@@ -261,15 +269,39 @@ class GatewaySessions:
                 source=addr_label(addr),
             )  # fmt: skip
 
-    def _deny(self, init: Initiation, addr: Addr, status: Reason, now: float) -> None:
+    def _no_common_cipher(self, init: Initiation, addr: Addr, now: float) -> None:
+        """The client accepts none of the ciphers this gateway allows: refused, and the
+        client is told which ones are allowed (inside Noise, like every payload)."""
+        offered = init.payload.ciphers or (DataCipher.CHACHA20_POLY1305,)
+        detail = (
+            f"{init.client.name} from {addr_label(addr)}: no data cipher in common: the "
+            f"client accepts {cipher_names(offered)}; this gateway allows "
+            f"{cipher_names(self.ciphers)}"
+        )
+        self.report.emit(
+            PolicyEvent(
+                **self._base(now), policy_name="SESSION_DENIED",
+                reason_code=Reason.CIPHER_MISMATCH, detail=detail,
+            )
+        )  # fmt: skip
+        # A client without the extension gets none back: it may predate all extensions.
+        allowed = self.ciphers if init.payload.ciphers else ()
+        self._deny(init, addr, Reason.CIPHER_MISMATCH, now, ciphers=allowed)
+
+    def _deny(
+        self, init: Initiation, addr: Addr, status: Reason, now: float,
+        ciphers: Sequence[int] = (),
+    ) -> None:  # fmt: skip
         resp = RespPayload(
             PROTOCOL_VERSION, reason_to_wire(status), bytes(SESSION_ID_LEN), self.ts_ms(now),
-            0, 0, "0.0.0.0", 0, "0.0.0.0", self.mtu,
+            0, 0, "0.0.0.0", 0, "0.0.0.0", self.mtu, ciphers=tuple(ciphers),
         )  # fmt: skip
         noise_resp, _ = init.pending.write_response(resp.pack())
         self.outbox.push(addr, pack_handshake(MSG_HANDSHAKE_RESP, init.sender_index, 0, noise_resp))
 
-    def _open_session(self, init: Initiation, policy: Policy, addr: Addr, now: float) -> None:
+    def _open_session(
+        self, init: Initiation, policy: Policy, addr: Addr, now: float, suite: DataCipher
+    ) -> None:
         client, payload = init.client, init.payload
         if client.inner_address6 and not self.inner_gateway6:
             client = dataclasses.replace(client, inner_address6="")  # IPv6 is not routed
@@ -287,13 +319,15 @@ class GatewaySessions:
         resp = RespPayload(
             PROTOCOL_VERSION, 0, session_id, self.ts_ms(now), machine.version, INITIAL_EPOCH,
             client.inner_address, self.inner_prefix, self.inner_gateway, self.mtu, self.endpoints,
-            *self._inner6(client),
+            *self._inner6(client), (suite,) if payload.ciphers else (),
         )  # fmt: skip
         noise_resp, keys = init.pending.write_response(resp.pack())
         s = GatewaySession(
             machine=machine, client=client, index=index, peer_index=init.sender_index,
             session_id=session_id,
-            cipher=SessionCipher(keys, replay_window=policy.replay_window_size, now=now),
+            cipher=SessionCipher(
+                keys, replay_window=policy.replay_window_size, now=now, suite=suite
+            ),
             addr=addr, path_id=payload.path_id, skew_ms=self.ts_ms(now) - payload.ts_ms,
             policy=policy, now=now, ports=self._ports,
         )  # fmt: skip
@@ -307,7 +341,9 @@ class GatewaySessions:
         )
         base = s.machine.base(self.ts_ms(now))
         self.report.emit(
-            SessionCreated(**base, peer=client.name, inner_address=client.inner_address)
+            SessionCreated(
+                **base, peer=client.name, inner_address=client.inner_address, cipher=suite.label
+            )
         )
         if payload.previous_session:  # the client lost its session here: this one follows it
             self.report.emit(

@@ -174,6 +174,8 @@ class SessionView:
     age_s: float
     security_failures: int
     total_switches: int
+    cipher: str = ""
+    """The data cipher negotiated in the handshake."""
 
 
 class GatewaySession:
@@ -277,6 +279,7 @@ class GatewaySession:
             binding=addr_label(self.binding) if self.binding is not None else "-",
             policy_version=self.machine.policy_version, age_s=now - self.clocks.born,
             security_failures=self.security_failures, total_switches=self.total_switches,
+            cipher=self.cipher.suite.label,
         )  # fmt: skip
 
     def _base(self, now: float) -> EventBase:
