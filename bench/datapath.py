@@ -14,16 +14,22 @@ pulled and ``next_deadline()`` read, as ``DriverLoop.pump`` does):
 
 For each step it also times the AEAD alone on the same sizes (the cipher class the
 session uses, called directly: the *crypto floor*), and prints us/packet for the step,
-the floor and the rest (step - floor: what the core adds around the cipher). Each step
-runs ``--runs`` times; the medians are printed (the machine is shared: compare medians,
-and before/after runs made close together). ``--json FILE`` writes the figures with a
-label (``--label``, default the git revision) and the CPU model; ``--compare A.json
-B.json`` prints two such files side by side. ``--profile`` runs the gateway receive step
-once under cProfile and prints its top functions.
+the floor and the rest (step - floor: what the core adds around the cipher). Times are
+the process's CPU time (``time.process_time``: time other processes hold the cores is
+not counted, their cache and frequency effects are). Each step runs ``--runs`` times;
+the medians are printed (the machine is shared: compare medians, and before/after runs
+made close together). ``--json FILE`` writes the figures with a label (``--label``,
+default the git revision) and the CPU model; ``--compare A.json B.json`` prints two such
+files side by side; ``--ab TREE_A TREE_B`` measures two checkouts alternately (one
+process per measurement, ``--rounds`` each) and prints both and their ratios.
+``--profile`` runs the receive steps once under cProfile and prints their top functions.
+For figures that do not depend on the load, count instructions instead (valgrind
+``--tool=callgrind`` around a run with and without a step: docs/performance.md).
 
     .venv/bin/python bench/datapath.py                       # 20,000 packets, 7 runs
     .venv/bin/python bench/datapath.py -n 50000 --size 1400 --json /tmp/after.json
     .venv/bin/python bench/datapath.py --compare /tmp/before.json /tmp/after.json
+    .venv/bin/python bench/datapath.py --ab /path/to/before . --rounds 8
     .venv/bin/python bench/datapath.py --profile
 
 A measurement, never a pass/fail: a busy machine makes every figure larger.
