@@ -30,7 +30,6 @@ from tunnel.core.ciphers import ALL_CIPHERS, DataCipher, choose, cipher_names
 from tunnel.core.constants import (
     MAX_INNER_PACKET,
     MAX_STATE_VERSION,
-    MSG_COOKIE_REPLY,
     MSG_HANDSHAKE_INIT,
     MSG_HANDSHAKE_RESP,
     PROTOCOL_VERSION,
@@ -56,7 +55,7 @@ from tunnel.core.handshake import public_key
 from tunnel.core.policy import Policy
 from tunnel.core.session import SessionMachine, Trigger
 from tunnel.core.timers import DeadlineQueue
-from tunnel.core.wire import RespPayload, pack_handshake, parse_header
+from tunnel.core.wire import RespPayload, pack_handshake, parse_header, transport_fields
 
 
 class GatewaySessions:
@@ -117,7 +116,10 @@ class GatewaySessions:
         self._by_inner: dict[bytes, GatewaySession] = {}
         """Packed inner address (4 bytes IPv4, 16 bytes IPv6) -> the session that owns it."""
         self._timers: DeadlineQueue[int] = DeadlineQueue(self._session_deadline)
-        """Every session's next deadline (a heap): touched after each input it took."""
+        """Every session's next deadline (a heap): touched after each input that may have
+        changed it (plain DATA from the binding only pushes the silence deadline later: its
+        entry stays as a lower bound, re-read when it comes to the top)."""
+        self._touch = self._timers.touch
         self._tun: list[bytes] = []
         self._ports = SessionPorts(
             report=self.report, outbox=self.outbox, deliver=self._tun.append,
@@ -163,22 +165,31 @@ class GatewaySessions:
 
     # == inputs ============================================================================
     def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None:
-        header = parse_header(data)
-        if isinstance(header, Drop):
-            self.report.count_drop(header)
+        """A datagram from ``addr``. DATA and CONTROL take the fast path: one unpack of
+        the transport header (``wire.transport_fields``), one dict access for the session,
+        no per-datagram object; everything else (handshakes, malformed headers) is parsed
+        by ``wire.parse_header``, which counts the same drops."""
+        fields = transport_fields(data)
+        if fields is None:
+            self._receive_other(data, addr, now)
             return
-        if header.msg_type == MSG_HANDSHAKE_INIT:
-            self._on_init(data, addr, now)
-            return
-        if header.msg_type in (MSG_HANDSHAKE_RESP, MSG_COOKIE_REPLY):
-            self.report.count_drop(Drop.WRONG_STATE)
-            return
-        s = self.sessions.get(header.receiver_index)
+        msg_type, phase, epoch, mark, index, counter = fields
+        s = self.sessions.get(index)
         if s is None:
             self.report.count_drop(Drop.UNKNOWN_SESSION)
             return
-        s.receive(data, header, addr, now)
-        self._timers.touch(header.receiver_index)
+        if s.receive(data, msg_type, phase, epoch, mark, counter, addr, now):
+            self._touch(index)  # else only the silence deadline moved, later: a lower bound
+
+    def _receive_other(self, data: bytes, addr: Addr, now: float) -> None:
+        """A datagram that is not a well-formed DATA or CONTROL one."""
+        header = parse_header(data)
+        if isinstance(header, Drop):
+            self.report.count_drop(header)
+        elif header.msg_type == MSG_HANDSHAKE_INIT:
+            self._on_init(data, addr, now)
+        else:  # HANDSHAKE_RESP, COOKIE_REPLY: only a client takes those
+            self.report.count_drop(Drop.WRONG_STATE)
 
     def receive_tun_packet(self, packet: bytes, now: float) -> None:
         if len(packet) < 20 or len(packet) > MAX_INNER_PACKET:
@@ -199,8 +210,7 @@ class GatewaySessions:
         if s is None:
             self.report.count_drop(Drop.NO_ROUTE)
             return
-        s.send_inner(packet)
-        self._timers.touch(s.index)
+        s.send_inner(packet)  # moves no deadline: the timer entry stays as it is
 
     # -- handshakes ----------------------------------------------------------------------
     def _on_init(self, data: bytes, addr: Addr, now: float) -> None:
