@@ -300,11 +300,15 @@ def attach_all(sw: Swarm, n: int, window: float, setup_limit: float, res: Result
     return attached
 
 
-def attach_in_waves(sw: Swarm, n: int, limit: float, wave: int = WAVE) -> int:
+def attach_in_waves(
+    sw: Swarm, n: int, limit: float, wave: int = WAVE, *, stall: float | None = None
+) -> int:
     """Connect every client that is not attached, ``wave`` at a time, until all are or
-    ``limit`` seconds have passed; the number attached."""
+    ``limit`` seconds have passed (``stall`` given: until no client attached for that
+    long, however slow the machine is); the number attached."""
     end = time.monotonic() + limit
-    while time.monotonic() < end:
+    progress_at, attached = time.monotonic(), sw.count(State.ATTACHED)
+    while time.monotonic() < end if stall is None else time.monotonic() - progress_at < stall:
         todo = [
             i for i in range(n) if i not in sw.peers or sw.peers[i].core.state is State.TERMINATED
         ]
@@ -316,6 +320,8 @@ def attach_in_waves(sw: Swarm, n: int, limit: float, wave: int = WAVE) -> int:
         sw.run_until(
             lambda c=chunk: all(sw.peers[i].core.state is not State.BIRTH for i in c), 10.0
         )
+        if (now_attached := sw.count(State.ATTACHED)) > attached:
+            progress_at, attached = time.monotonic(), now_attached
     return sw.count(State.ATTACHED)
 
 

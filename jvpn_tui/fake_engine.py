@@ -439,13 +439,15 @@ def _session(**overrides: Any) -> SessionView:
         "key_age_s": 95.0, "policy_version": POLICY_VERSION, "uptime_s": 3723.0,
         "queue_depth": 0, "queue_dropped": 0, "total_switches": 2, "drops": (),
         "inner_address": "10.77.0.2", "inner_address6": "fd00:77::2",
+        "cipher": "aes-256-gcm",
     }  # fmt: skip
     fields.update(overrides)
     return SessionView(**fields)
 
 
 _OPENING: Final = (
-    _event("SESSION_CREATED", 0, 1, peer="gw-1", inner_address="10.77.0.2"),
+    _event("SESSION_CREATED", 0, 1, peer="gw-1", inner_address="10.77.0.2",
+           cipher="aes-256-gcm"),
     _event("STATE_CHANGE", 40, 2, previous_state="BIRTH", new_state="ATTACHED",
            reason_code="attached_to_transport", trigger="handshake_ok", edge="T01"),
     _event("TRANSPORT_ATTACHED", 40, 2, transport_id=1, path=_LABELS[1], binding_epoch=1),

@@ -357,6 +357,7 @@ def test_init_payload_skips_unknown_extensions_and_refuses_broken_ones() -> None
     base = InitPayload(1, 5, 1).pack()
     assert InitPayload.parse(base + bytes([9, 2, 0xAA, 0xBB])) == InitPayload(1, 5, 1)
     assert InitPayload.parse(base + bytes([1, 3, 1, 2, 3])) is Drop.MALFORMED  # wrong length
-    assert InitPayload.parse(base + bytes([1, 16, 1])) is Drop.MALFORMED  # truncated
-    assert InitPayload.parse(base + bytes([1])) is Drop.MALFORMED
+    # cut off by the end of the payload: truncated, as in message 2 (docs/wire-format.md)
+    assert InitPayload.parse(base + bytes([1, 16, 1])) is Drop.TRUNCATED
+    assert InitPayload.parse(base + bytes([1])) is Drop.TRUNCATED
     assert InitPayload.parse(base[:-1]) is Drop.MALFORMED

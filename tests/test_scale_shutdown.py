@@ -45,7 +45,8 @@ def test_sigterm_sends_terminate_to_every_session_and_exits_0() -> None:
     sw = scale.Swarm(("127.0.0.1", port), gw_pub, seed, scale.policy_for(PROBE_MS))
     try:
         res = scale.Results()
-        attached = scale.attach_in_waves(sw, N, 120.0)
+        # bounded by progress, not by the clock: a loaded machine attaches them slower
+        attached = scale.attach_in_waves(sw, N, 0.0, stall=60.0)
         assert attached == N, res.rows
         code, got = scale.measure_shutdown(sw, proc, res)
         assert code == 0, res.rows

@@ -406,7 +406,7 @@ def _config(tmp_path: Path, extra: str) -> Path:
         write_private_key(tmp_path / "gateway.key", generate_keypair()[0])
     path = tmp_path / "gateway.toml"
     path.write_text(
-        'node_id = "gw1"\nlisten = "127.0.0.1:51820"\nprivate_key = "gateway.key"\n'
+        'node_id = "gw1"\nlisten = "127.0.0.1:0"\nprivate_key = "gateway.key"\n'
         f'metrics = "127.0.0.1:9108"\n{extra}\n[control]\nsocket = "run/gw.sock"\n'
         '[tun]\nname = "jvpn-gw"\n'
         '[[sinks]]\ntype = "jsonl"\npath = "events.jsonl"\n'

@@ -252,6 +252,9 @@ class SessionView:
     inner_address6: str = ""
     """The inner IPv6 address the gateway assigned (empty before the handshake, and for
     good when the gateway has no inner IPv6 subnet: the session then carries no IPv6)."""
+    cipher: str = ""
+    """The data cipher negotiated in the handshake, ``aes-256-gcm`` or
+    ``chacha20-poly1305`` (empty before the handshake); rekeys and reattaches keep it."""
 
 
 NO_SESSION: Final = SessionView(

@@ -44,7 +44,8 @@ def _state_change(e: Event) -> str:
 
 
 def _created(e: Event) -> str:
-    return f"session created: {e.get('peer', '?')}, inner {e.get('inner_address', '?')}"
+    cipher = f", cipher {e['cipher']}" if e.get("cipher") else ""
+    return f"session created: {e.get('peer', '?')}, inner {e.get('inner_address', '?')}{cipher}"
 
 
 def _attached(e: Event) -> str:

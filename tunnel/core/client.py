@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunnel.core.aead import KeyExhausted, SessionCipher
+from tunnel.core.ciphers import ALL_CIPHERS, DataCipher
 from tunnel.core.client_rows import CLIENT_ROWS, WITH_ACTIVE, QualityClocks
 from tunnel.core.constants import (
-    BINDING_MARK_OFFSET,
     MARK_BINDING,
     MARK_VALIDATED,
     MAX_INNER_PACKET,
@@ -47,7 +47,6 @@ from tunnel.core.constants import (
     MSG_CONTROL,
     MSG_COOKIE_REPLY,
     MSG_DATA,
-    MSG_HANDSHAKE_INIT,
     MSG_HANDSHAKE_RESP,
 )
 from tunnel.core.drops import Drop
@@ -71,7 +70,7 @@ from tunnel.core.events import (
 from tunnel.core.health import PathStats
 from tunnel.core.initiator import Accepted, HandshakeInitiator
 from tunnel.core.key_schedule import KeySchedule
-from tunnel.core.path import PathSet
+from tunnel.core.path import Path, PathSet
 from tunnel.core.policy import Policy
 from tunnel.core.replay import DuplicateMeter, stale_drop
 from tunnel.core.rescue import LostStateRescue
@@ -92,9 +91,11 @@ from tunnel.core.wire import (
     StateAck,
     StateUpdate,
     Terminate,
+    TransportFields,
     pack_control,
     parse_control,
     parse_header,
+    transport_fields,
 )
 
 __all__ = ["ClientSession", "ClientSnapshot", "PathSpec", "PathView"]
@@ -117,6 +118,8 @@ not answer the INIT), so this only saves the gateway a DH while a reattach may s
 
 RECOVERY_STATES = frozenset({State.RECOVERING, State.DEGRADED})
 """States in which a session may be without an active path and look for its gateway."""
+
+_TERMINATED = State.TERMINATED
 
 MAX_CHAINED_ROWS = 8
 """Rows fired in one pass at most. Each row is armed only in states where its trigger is
@@ -168,6 +171,8 @@ class ClientSnapshot:
     inner_address: str
     inner_address6: str = ""
     """The inner IPv6 address the gateway assigned (empty: no IPv6 in this session)."""
+    cipher: str = ""
+    """The data cipher negotiated in the handshake (empty before it)."""
 
 
 class ClientSession:
@@ -185,7 +190,10 @@ class ClientSession:
         node_id: str = "client",
         wall_offset: float = 0.0,
         max_version: int = MAX_STATE_VERSION,
+        ciphers: Sequence[DataCipher] = ALL_CIPHERS,
     ) -> None:
+        """``ciphers``: the data ciphers this client accepts, preferred first (the
+        handshake offers them; tunnel/core/ciphers.py)."""
         if not paths:
             raise ValueError("a client needs at least one path")
         if len({p.path_id for p in paths}) != len(paths):
@@ -216,9 +224,11 @@ class ClientSession:
         self._max_version = max_version
         self.index = self._rng.getrandbits(32) or 1
         self.handshake = HandshakeInitiator(
-            static_private, gateway_public, self.index, self.paths.order
+            static_private, gateway_public, self.index, self.paths.order, offer=ciphers
         )
-        self.rescue = LostStateRescue(static_private, gateway_public, self.paths.order, self._rng)
+        self.rescue = LostStateRescue(
+            static_private, gateway_public, self.paths.order, self._rng, offer=ciphers
+        )
         """The explicit re-handshake when the gateway lost the session (DESIGN D15c)."""
         self.heard_at: float | None = None
         """When the last authenticated datagram of this session arrived (None: never)."""
@@ -355,11 +365,30 @@ class ClientSession:
 
     # == inputs ============================================================================
     def receive_datagram(self, data: bytes, path_id: int, now: float) -> None:
-        if path_id not in self.paths:
-            raise ValueError(f"unknown path id {path_id}")
-        if self.machine.terminated:
+        """A datagram on ``path_id``. DATA and CONTROL take the fast path: one unpack of
+        the transport header (``wire.transport_fields``), no per-datagram object; anything
+        else is parsed by ``wire.parse_header``, which counts the same drops."""
+        try:
+            path = self.paths.get(path_id)
+        except KeyError:
+            raise ValueError(f"unknown path id {path_id}") from None
+        if self.machine.state is _TERMINATED:
             self.report.count_drop(Drop.WRONG_STATE)
             return
+        fields = transport_fields(data)
+        if fields is None:
+            self._receive_other(data, path_id, now)
+            return
+        cipher = self.keys.cipher
+        if cipher is None:
+            self.report.count_drop(Drop.WRONG_STATE)
+        elif fields[4] != self.index:
+            self.report.count_drop(Drop.UNKNOWN_SESSION)
+        else:
+            self._on_sealed(data, fields, cipher, path, now)
+
+    def _receive_other(self, data: bytes, path_id: int, now: float) -> None:
+        """A datagram that is not a well-formed DATA or CONTROL one."""
         header = parse_header(data)
         if isinstance(header, Drop):
             self.report.count_drop(header)
@@ -369,17 +398,16 @@ class ClientSession:
             self._on_handshake_response(data, header.receiver_index, path_id, now)
         elif header.msg_type == MSG_COOKIE_REPLY:
             self._on_cookie_reply(data, header.receiver_index, path_id, now)
-        elif header.msg_type == MSG_HANDSHAKE_INIT or self.cipher is None:
+        else:  # HANDSHAKE_INIT: only a gateway takes those
             self.report.count_drop(Drop.WRONG_STATE)
-        elif header.receiver_index != self.index:
-            self.report.count_drop(Drop.UNKNOWN_SESSION)
-        else:
-            self._on_sealed(data, header.msg_type, self.cipher, path_id, now)
 
     def _on_sealed(
-        self, data: bytes, msg_type: int, cipher: SessionCipher, path_id: int, now: float
-    ) -> None:
-        phase_before = cipher.phase
+        self, data: bytes, fields: TransportFields, cipher: SessionCipher, path: Path,
+        now: float,
+    ) -> None:  # fmt: skip
+        msg_type, phase, epoch8, mark = fields[0], fields[1], fields[2], fields[3]
+        path_id = path.path_id
+        rekeyed = phase != cipher.phase  # only a datagram of another phase can rotate keys
         plaintext = cipher.open(data, now)
         if isinstance(plaintext, Drop):
             self._on_bad_packet(plaintext, path_id, now)
@@ -388,19 +416,20 @@ class ClientSession:
         self.heard_at = now
         if self.rescue.cause is Reason.GATEWAY_LOST_STATE:
             self.rescue.disarm()  # the gateway knows the session: the reattach will land
-        if cipher.phase != phase_before:
-            self.report.emit(KeyRotated(**self.base(now), key_phase=cipher.phase, initiator="peer"))
-        path = self.paths.get(path_id)
-        path.health.inbound(now)
-        epoch8, mark = data[BINDING_MARK_OFFSET], data[BINDING_MARK_OFFSET + 1]
-        if mark == MARK_BINDING:
-            # The gateway's binding is this path at epoch8: a switch by mark has landed.
+        if rekeyed and cipher.phase == phase:
+            self.report.emit(KeyRotated(**self.base(now), key_phase=phase, initiator="peer"))
+        health = path.health
+        health.inbound(now)
+        if mark == MARK_BINDING and self.switching.pending is not None:
+            # The gateway's binding is this path at epoch8: a switch by mark has landed
+            # (the gateway marks every datagram to its binding: no call while none waits).
             self.switching.confirm(path_id, epoch8, now)
         if msg_type == MSG_DATA:
-            if not plaintext or plaintext[0] >> 4 not in (4, 6):
+            version = plaintext[0] >> 4 if plaintext else 0
+            if version != 4 and version != 6:
                 self.report.count_drop(Drop.MALFORMED)
                 return
-            path.health.data_inbound(now)
+            health.data_inbound(now)
             self._tun.append(plaintext)
             return
         msg = parse_control(plaintext)
@@ -469,7 +498,7 @@ class ClientSession:
         """The gateway created the session: take its keys and parameters, attach. ``link``:
         this session continues ``previous_session_id``, which ended for that reason."""
         payload = accepted.payload
-        self.keys.install(accepted.keys, self.policy.replay_window_size, now)
+        self.keys.install(accepted.keys, self.policy.replay_window_size, now, accepted.cipher)
         self.peer_index = accepted.sender_index
         self.machine.assign_id(payload.session_id.hex())
         self.peer.epoch = payload.epoch
@@ -499,10 +528,10 @@ class ClientSession:
         self.paths.activate(path_id, now)
         self.fire(Trigger.HANDSHAKE_OK, Reason.ATTACHED_TO_TRANSPORT, now)
         base = self.base(now)
+        peer = f"gateway via {path.label}"
+        cipher = self.cipher.suite.label if self.cipher else ""
         self.report.emit(
-            SessionCreated(
-                **base, peer=f"gateway via {path.label}", inner_address=self.inner_address
-            )
+            SessionCreated(**base, peer=peer, inner_address=self.inner_address, cipher=cipher)
         )
         self.report.emit(
             TransportAttached(
@@ -581,7 +610,10 @@ class ClientSession:
     def _decline(self, accepted: Accepted, path_id: int, now: float) -> None:
         """``lost_state = "terminate"``: end the session the gateway just created for us at
         once (TERMINATE under its keys), so it does not wait for a client that left."""
-        cipher = SessionCipher(accepted.keys, replay_window=self.policy.replay_window_size, now=now)
+        cipher = SessionCipher(
+            accepted.keys, replay_window=self.policy.replay_window_size, now=now,
+            suite=accepted.cipher,
+        )  # fmt: skip
         body = pack_control(Terminate(reason_to_wire(Reason.GATEWAY_LOST_STATE)))
         for _ in range(TERMINATE_COPIES):
             self._out.append((path_id, cipher.seal(MSG_CONTROL, accepted.sender_index, body)))
@@ -687,14 +719,24 @@ class ClientSession:
         if not packet or len(packet) > MAX_INNER_PACKET:
             self.report.count_drop(Drop.OVERSIZED if packet else Drop.TRUNCATED)
             return
-        if self.machine.terminated:
+        if self.machine.state is _TERMINATED:
             self.report.count_drop(Drop.WRONG_STATE)
             return
         target = self.switching.data_path()
-        if target is None:
-            target = self.paths.active
-        if target is not None and self.cipher is not None:
-            self._seal(self.cipher, MSG_DATA, target, packet)
+        cipher = self.keys.cipher
+        if target is not None and cipher is not None:
+            self._seal(cipher, MSG_DATA, target, packet)  # a switch by mark: marked
+            return
+        target = self.paths.active
+        if target is not None and cipher is not None:
+            try:
+                # Unmarked (mark_for says so when no switch by mark is pending), which is
+                # the cipher's default: the client never sets another.
+                dgram = cipher.seal(MSG_DATA, self.peer_index, packet)
+            except KeyExhausted:
+                self.report.count_drop(Drop.KEY_EXHAUSTED)
+                return
+            self._out.append((target, dgram))
             return
         if (
             len(self._queue) >= self.policy.outbound_queue_packets
@@ -996,4 +1038,5 @@ class ClientSession:
             drops=tuple(sorted(self.report.drops.items())),
             inner_address=self.inner_address,
             inner_address6=self.inner_address6,
+            cipher=cipher.suite.label if cipher else "",
         )

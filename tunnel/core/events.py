@@ -98,6 +98,8 @@ class Reason(StrEnum):
     # the gateway lost the session or is going away (DESIGN D15c, docs/client.md)
     GATEWAY_LOST_STATE = "gateway_lost_state"
     GATEWAY_SHUTDOWN = "gateway_shutdown"
+    # the data cipher negotiated in the handshake (tunnel/core/ciphers.py)
+    CIPHER_MISMATCH = "cipher_mismatch"
 
 
 WIRE_REASONS: tuple[Reason, ...] = tuple(Reason)
@@ -220,6 +222,8 @@ class SessionCreated(Event):
     """Client name (gateway side) or gateway label (client side); never a key."""
     inner_address: str
     """Inner (tunnel) address of the client."""
+    cipher: str = ""
+    """Data cipher negotiated in the handshake (``aes-256-gcm`` or ``chacha20-poly1305``)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

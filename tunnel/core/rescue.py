@@ -44,6 +44,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
+from tunnel.core.ciphers import ALL_CIPHERS, DataCipher
 from tunnel.core.drops import Drop
 from tunnel.core.events import Reason
 from tunnel.core.initiator import Accepted, HandshakeInitiator
@@ -64,7 +65,12 @@ class LostStateRescue:
         gateway_public: bytes,
         order: Sequence[int],
         rng: random.Random,
+        *,
+        offer: Sequence[DataCipher] = ALL_CIPHERS,
     ) -> None:
+        """``offer``: the data ciphers this client accepts, preferred first (every INIT
+        offers them, as the first handshake did)."""
+        self._offer = tuple(offer)
         self._static = static_private
         self._gateway_public = gateway_public
         self._order = tuple(order)
@@ -119,7 +125,7 @@ class LostStateRescue:
             self.index = self._new_index()
             initiator = self.initiator = HandshakeInitiator(
                 self._static, self._gateway_public, self.index, self._order,
-                rng=self._rng, previous_session=self.previous,
+                rng=self._rng, previous_session=self.previous, offer=self._offer,
             )  # fmt: skip
             self.rounds += 1
             return initiator.start(now, policy, ts_ms)

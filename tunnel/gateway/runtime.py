@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
 
 from tunnel.control.protocol import ControlError
+from tunnel.core.ciphers import ALL_CIPHERS, DataCipher
 from tunnel.core.events import Event, Reason, StateChange
 from tunnel.core.gateway import ClientEntry, GatewaySessions, SessionView
 from tunnel.core.policy import POLICY_DEFAULT, Policy
@@ -142,6 +143,7 @@ class GatewayRuntime:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         urandom: Callable[[int], bytes] = os.urandom,
+        ciphers: Sequence[DataCipher] = ALL_CIPHERS,
         index_stripe: tuple[int, int] = (0, 1),
         sockets: Sequence[GatewaySocket] = (),
     ) -> None:
@@ -157,7 +159,7 @@ class GatewayRuntime:
             static_private=static_private, clients=clients, policy=policy, now=now,
             urandom=urandom, node_id=node_id, wall_offset=wall_clock() - now,
             inner_gateway=inner_gateway, inner_prefix=inner_prefix, mtu=mtu,
-            inner_gateway6=inner_gateway6, inner_prefix6=inner_prefix6,
+            inner_gateway6=inner_gateway6, inner_prefix6=inner_prefix6, ciphers=ciphers,
             index_stripe=index_stripe,
         )  # fmt: skip
         self.listen = tuple(listen)
@@ -252,7 +254,7 @@ class GatewayRuntime:
             own_pipeline=True,
             store=store, metrics=metrics if metrics is not None else config.metrics,
             control=config.control_socket, control_required=config.control_required,
-            on_event=on_event, config=config, **worker,
+            on_event=on_event, config=config, ciphers=config.ciphers, **worker,
         )  # fmt: skip
 
     # -- lifecycle -----------------------------------------------------------------------
