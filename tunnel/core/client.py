@@ -551,7 +551,9 @@ class ClientSession:
             self.fire(Trigger.TERMINATE, reason, now, initiator="peer")
             return
         first = self.policy.reattach_retry_ms / 1000  # not to the gateway that is stopping
-        self.rescue.arm(Reason.GATEWAY_SHUTDOWN, self._session_id_bytes(), now + first)
+        self.rescue.arm(
+            Reason.GATEWAY_SHUTDOWN, self._session_id_bytes(), now + first, self.peer_index
+        )
         if self.paths.active is not None and self.state in WITH_ACTIVE:
             self.switching.on_transport_dead(
                 now, Reason.GATEWAY_SHUTDOWN, "the gateway said it is shutting down"
@@ -579,7 +581,9 @@ class ClientSession:
     def _rescue_timer(self, now: float) -> None:
         at = self.lost_state_at()
         if at is not None and now >= at:
-            self.rescue.arm(Reason.GATEWAY_LOST_STATE, self._session_id_bytes(), now)
+            self.rescue.arm(
+                Reason.GATEWAY_LOST_STATE, self._session_id_bytes(), now, self.peer_index
+            )
         out = self.rescue.on_timer(now, self.policy, self.report.ts_ms(now))
         if out is not None:
             self._out.append(out)

@@ -82,8 +82,12 @@ class GatewaySessions:
         cookie_threshold: float = COOKIE_LOAD_FRACTION,
         policy_error: str | None = None,
         ciphers: Sequence[DataCipher] = ALL_CIPHERS,
+        index_stripe: tuple[int, int] = (0, 1),
     ) -> None:
-        """``cookie_threshold``: share of the handshake bucket below which the gateway is
+        """``index_stripe`` ``(w, n)``: worker ``w`` of ``n`` allocates only receiver
+        indexes whose low byte is ``w`` modulo ``n``, so the kernel steers their datagrams
+        to it (tunnel/io/reuseport.py).
+        ``cookie_threshold``: share of the handshake bucket below which the gateway is
         under load and answers INITs without a valid cookie with a COOKIE_REPLY (0: never,
         1: always). ``policy_error``: why ``policy`` is None (shown until a valid one).
         ``inner_gateway6``/``inner_prefix6``: the gateway's inner IPv6 address and the
@@ -101,6 +105,9 @@ class GatewaySessions:
         self.policy_error: str | None = None if policy else policy_error or "no valid policy loaded"
         self._urandom = urandom
         self._rng = rng or random.Random()
+        if not 0 <= index_stripe[0] < index_stripe[1] <= 256:
+            raise ValueError(f"index_stripe {index_stripe}: need 0 <= worker < workers <= 256")
+        self._index_stripe = index_stripe
         self.inner_gateway = inner_gateway
         self.inner_prefix = inner_prefix
         self.inner_gateway6 = inner_gateway6
@@ -362,6 +369,9 @@ class GatewaySessions:
     def _new_index(self) -> int:
         while True:
             index = self._rng.getrandbits(32)
+            worker, workers = self._index_stripe
+            if workers > 1:  # the low byte steers (index_stripe)
+                index = index & ~0xFF | self._rng.randrange(worker, 256, workers)
             if index and index not in self.sessions:
                 return index
 

@@ -88,14 +88,20 @@ class LostStateRescue:
         """Receiver index of the attempt in flight: the new session's, if it is answered."""
         self.rounds = 0
         """Handshake attempts started (each with the policy's retries and deadline)."""
+        self._steer = 0
 
     @property
     def armed(self) -> bool:
         return self.cause is not None
 
-    def arm(self, cause: Reason, previous: bytes, at: float) -> None:
+    def arm(self, cause: Reason, previous: bytes, at: float, peer_index: int = 0) -> None:
         """Start asking at ``at``; an armed rescue keeps its start (a later cause replaces
-        only ``gateway_lost_state``: the gateway's own word is the better explanation)."""
+        only ``gateway_lost_state``: the gateway's own word is the better explanation).
+        ``peer_index``: the old session's receiver index at the gateway; the INITs' sender
+        indexes share its low byte, so a gateway of several workers steers them to the
+        worker that held the session (tunnel/io/reuseport.py), never to one that cannot
+        know whether that session still lives."""
+        self._steer = peer_index & 0xFF
         if self.cause is None:
             self.not_before = at
         if self.cause is None or cause is Reason.GATEWAY_SHUTDOWN:
@@ -144,4 +150,7 @@ class LostStateRescue:
         return self.initiator.on_cookie_reply(data, receiver_index, now)
 
     def _new_index(self) -> int:
-        return self._rng.getrandbits(32) or 1
+        while True:
+            index = self._rng.getrandbits(32) & ~0xFF | self._steer
+            if index:
+                return index

@@ -53,7 +53,7 @@ DEFAULT_JSONL_BACKUPS: Final = 5
 TOP_KEYS: Final = frozenset(
     {"node_id", "listen", "private_key", "policy", "mtu", "metrics", "inner_echo", "clients_dir",
      "ciphers"}
-)  # fmt: skip
+).union({"workers"})  # fmt: skip
 TABLES: Final = frozenset({"tun", "clients", "sinks", "control"})
 CONTROL_KEYS: Final = frozenset({"socket"})
 TUN_KEYS: Final = frozenset({"name", "subnet", "address", "subnet6", "address6"})
@@ -155,6 +155,8 @@ class GatewayConfig:
     ciphers: tuple[DataCipher, ...] = ALL_CIPHERS
     """The data ciphers this gateway allows (``ciphers``); a client gets the first of its
     own list that is one of them (tunnel/core/ciphers.py)."""
+    workers: int = 1
+    """Worker processes sharing the listen ports (``workers``; "auto": one per core)."""
 
 
 class _Reader:
@@ -783,6 +785,7 @@ def parse_gateway_config(data: Mapping[str, Any], file: Path) -> GatewayConfig:
     clients = _assign(inline + found, net, claims, {}, errors)
     sinks = _parse_sinks(file, data.get("sinks"))
     control_socket, control_required = _parse_control(file, data.get("control"))
+    workers = _parse_workers(r)
     key_path, private_key = _load_key(r)  # last: every plain value error comes first
     return GatewayConfig(
         source=file, node_id=node_id, listen=listen, private_key_path=key_path,
@@ -793,7 +796,15 @@ def parse_gateway_config(data: Mapping[str, Any], file: Path) -> GatewayConfig:
         control_required=control_required, clients_dir=clients_dir,
         client_specs=tuple(inline),
         client_file_errors=tuple(errors), client_file_cache=cache, ciphers=ciphers,
+        workers=workers,
     )  # fmt: skip
+
+
+def _parse_workers(r: _Reader) -> int:
+    """``workers``: 1..256, or "auto" for one per core (docs/gateway.md "Workers")."""
+    if r.table.get("workers") == "auto":
+        return max(1, min(os.cpu_count() or 1, 256))
+    return r.integer("workers", 1, 1, 256)
 
 
 def _dir_specs(

@@ -44,6 +44,7 @@ from tunnel.version import package_version
 
 if TYPE_CHECKING:
     from tunnel.gateway.runtime import GatewayRuntime  # imported in main(), after --help
+    from tunnel.gateway.workers import WorkerSlot
 
 EXIT_OK: Final = 0
 EXIT_ENGINE_FAILURE: Final = 1
@@ -198,8 +199,6 @@ def _ready_line(runtime: GatewayRuntime, config: GatewayConfig) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from tunnel.gateway.runtime import GatewayRuntime  # after --help: keeps it fast
-
     try:
         config = load_gateway_config(args.config)
     except KeyFileError as exc:
@@ -218,6 +217,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         off = args.control_socket.strip() in CONTROL_OFF
         control = None if off else Path(args.control_socket)
         config = dataclasses.replace(config, control_socket=control, control_required=not off)
+    if config.workers > 1:
+        return _supervise(config, args.metrics)
+    return serve(config, args.metrics)
+
+
+def _supervise(config: GatewayConfig, metrics: tuple[str, int] | None) -> int:
+    """``workers`` > 1: bind the reuseport groups, then fork and watch the workers."""
+    from tunnel.gateway.workers import supervise
+    from tunnel.io.reuseport import ReuseportError
+
+    try:
+        supervisor = supervise(config, metrics, lambda c, slot: serve(c, None, slot))
+    except ReuseportError as exc:
+        return _fail(EXIT_HOST_CONFIG, str(exc))
+    except PathError as exc:
+        return _fail(EXIT_ADDRESS, str(exc))
+    code = supervisor.run()
+    if code == EXIT_OK:
+        print("jvpn-gateway: stopped; sessions terminated, host restored", file=sys.stderr)
+    return code
+
+
+def serve(
+    config: GatewayConfig, metrics: tuple[str, int] | None, slot: WorkerSlot | None = None
+) -> int:
+    """Run one gateway process (or worker ``slot``) until it stops: its exit status."""
+    from tunnel.gateway.runtime import GatewayRuntime  # after --help: keeps it fast
+
     refusals = RefusalNotices(_console, fingerprint(public_key(config.private_key)))
     sessions = SessionNotices(_console)
 
@@ -226,10 +253,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         sessions.on_event(event)
         if isinstance(event, PolicyEvent) and event.policy_name == CLIENT_FILE_INVALID:
             _console(f"jvpn-gateway: skipped a client file: {event.detail}")
+        if slot is not None:
+            slot.on_event(event)
 
     runtime = GatewayRuntime.from_config(
-        config, metrics=args.metrics, on_event=console, on_sink_report=_sink_report
-    )
+        config, metrics=metrics, on_event=console, on_sink_report=_sink_report,
+        **(slot.runtime_kwargs() if slot is not None else {}),
+    )  # fmt: skip
+    if slot is not None:
+        slot.attach(runtime)
     if not runtime.policy.ok:
         print(
             f"jvpn-gateway: warning: invalid policy, new sessions are denied until it is "
@@ -249,15 +281,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         runtime,
         config if runtime.control is not None else dataclasses.replace(config, control_socket=None),
     )
+
+    def on_ready() -> None:
+        print(ready, file=sys.stderr, flush=True)
+        if slot is not None:
+            slot.ready()
+
     try:
-        runtime.run(
-            install_signals=True, on_ready=lambda: print(ready, file=sys.stderr, flush=True)
-        )
+        runtime.run(install_signals=True, on_ready=on_ready)
     except (TunError, NetConfError) as exc:
         return _fail(EXIT_HOST_CONFIG, f"restoring the host failed: {exc}")
     if runtime.crash is not None:
         return _fail(EXIT_ENGINE_FAILURE, f"engine failure: {runtime.crash!r}")
-    print("jvpn-gateway: stopped; sessions terminated, host restored", file=sys.stderr)
+    if slot is None:  # a worker's supervisor says it once for all
+        print("jvpn-gateway: stopped; sessions terminated, host restored", file=sys.stderr)
     return EXIT_OK
 
 

@@ -144,7 +144,12 @@ class GatewayRuntime:
         wall_clock: Callable[[], float] = time.time,
         urandom: Callable[[int], bytes] = os.urandom,
         ciphers: Sequence[DataCipher] = ALL_CIPHERS,
+        index_stripe: tuple[int, int] = (0, 1),
+        sockets: Sequence[GatewaySocket] = (),
     ) -> None:
+        """``index_stripe`` and ``sockets`` make it worker ``w`` of ``n``
+        (:mod:`tunnel.gateway.workers`): receiver indexes in its stripe, and its slot of
+        each listen address's reuseport group, already bound (``listen`` is not bound)."""
         if not listen:
             raise ValueError("at least one listen address")
         self.clock = clock
@@ -155,8 +160,10 @@ class GatewayRuntime:
             urandom=urandom, node_id=node_id, wall_offset=wall_clock() - now,
             inner_gateway=inner_gateway, inner_prefix=inner_prefix, mtu=mtu,
             inner_gateway6=inner_gateway6, inner_prefix6=inner_prefix6, ciphers=ciphers,
+            index_stripe=index_stripe,
         )  # fmt: skip
         self.listen = tuple(listen)
+        self._given_sockets = tuple(sockets)
         self.clients = tuple(clients)
         self.inner: GatewayInner = (
             inner if inner is not None else EchoInner(inner_gateway, inner_gateway6)
@@ -214,12 +221,16 @@ class GatewayRuntime:
         store: SessionStore | None = None,
         on_event: Callable[[Event], None] | None = None,
         on_sink_report: Report | None = None,
+        inner: GatewayInner | None = None,
+        **worker: Any,
     ) -> GatewayRuntime:
         """A runtime for a :class:`tunnel.gateway.config.GatewayConfig` (nothing opened).
 
         ``metrics`` overrides the file's metrics address. The runtime owns the event
         pipeline built from the configured sinks and closes it in :meth:`close`;
         ``on_sink_report`` gets its EVENT_LOSS and SINK_HEALTH reports (the console).
+        ``inner`` replaces the configured inner side; ``worker``: ``index_stripe`` and
+        ``sockets`` of a worker (:mod:`tunnel.gateway.workers`).
         """
         from tunnel.gateway.sinks import gateway_sinks
 
@@ -228,7 +239,7 @@ class GatewayRuntime:
         prefix = config.subnet.prefixlen
         prefix6 = config.subnet6.prefixlen if config.subnet6 is not None else 0
         cidr6 = f"{config.gateway_address6}/{prefix6}" if config.gateway_address6 else None
-        inner: GatewayInner = (
+        inner = inner or (
             EchoInner(config.gateway_address, config.gateway_address6)
             if config.inner_echo
             else GatewayTun(config.tun_name, config.mtu, config.gateway_address, prefix, cidr6)
@@ -243,7 +254,7 @@ class GatewayRuntime:
             own_pipeline=True,
             store=store, metrics=metrics if metrics is not None else config.metrics,
             control=config.control_socket, control_required=config.control_required,
-            on_event=on_event, config=config, ciphers=config.ciphers,
+            on_event=on_event, config=config, ciphers=config.ciphers, **worker,
         )  # fmt: skip
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -260,7 +271,8 @@ class GatewayRuntime:
             return self
         self._opened = True
         try:
-            for host, port in self.listen:
+            self._sockets.extend(self._given_sockets)
+            for host, port in self.listen if not self._given_sockets else ():
                 self._sockets.append(GatewaySocket((host, port)))
             if self.metrics_address is not None:
                 host, port = self.metrics_address

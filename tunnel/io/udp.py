@@ -226,6 +226,7 @@ class PathSocket:
         sndbuf: int = DEFAULT_BUFFER,
         recverr: bool = True,
         offload: bool = True,
+        reuseport: bool = False,
     ) -> None:
         host, port, family = _bind_target(local, family)
         where = format_address(host, port)
@@ -246,6 +247,7 @@ class PathSocket:
         self.last_icmp: IcmpReport | None = None
         """The most recent of those, with the destination it concerned."""
         self._recverr = recverr
+        self._reuseport = reuseport
         self._err_pending = False
         self._closed = False
         self._buf = bytearray(RECV_BUFFER_SIZE)
@@ -286,6 +288,8 @@ class PathSocket:
     def _configure(self, sock: socket.socket, rcvbuf: int, sndbuf: int) -> None:
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+        if self._reuseport:  # a group of sockets on one port (tunnel.io.reuseport)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if self.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if self._recverr:
@@ -575,10 +579,12 @@ class GatewaySocket(PathSocket):
         device: str | None = None,
         rcvbuf: int = DEFAULT_BUFFER,
         sndbuf: int = DEFAULT_BUFFER,
+        reuseport: bool = False,
     ) -> None:
         super().__init__(
-            path_id, listen, device=device, rcvbuf=rcvbuf, sndbuf=sndbuf, recverr=False
-        )
+            path_id, listen, device=device, rcvbuf=rcvbuf, sndbuf=sndbuf, recverr=False,
+            reuseport=reuseport,
+        )  # fmt: skip
 
 
 def _set_buffer(sock: socket.socket, force_opt: int, opt: int, size: int) -> None:
