@@ -14,6 +14,9 @@ from tunnel.ownership.store import SessionRecord, check_cas_arguments
 class MemorySessionStore:
     """A thread-safe, in-process :class:`~tunnel.ownership.store.SessionStore`."""
 
+    persistent = False
+    """Records live as long as this object (a test may hand it to a second runtime)."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._records: dict[str, SessionRecord] = {}
@@ -40,6 +43,21 @@ class MemorySessionStore:
                 self.conflicts += 1
                 return False
             self._records[session_id] = new_record
+            return True
+
+    def refresh(self, record: SessionRecord) -> bool:
+        with self._lock:
+            current = self._records.get(record.session_id)
+            if (
+                current is None
+                or current.state_version != record.state_version
+                or current.owner_node != record.owner_node
+            ):
+                self.conflicts += 1
+                return False
+            self._records[record.session_id] = current.evolve(
+                resume=record.resume, updated_ms=record.updated_ms
+            )
             return True
 
     def delete(self, session_id: str, expected_version: int | None = None) -> bool:
