@@ -165,7 +165,7 @@ def test_sqlite_records_survive_a_reopen(tmp_path: Path) -> None:
 def test_sqlite_refuses_what_is_not_its_store(tmp_path: Path) -> None:
     junk = tmp_path / "junk.sqlite3"
     junk.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(StoreUnavailable, match="junk.sqlite3"):
+    with pytest.raises(StoreUnavailable, match=r"junk\.sqlite3"):
         SqliteSessionStore(junk)
     newer = tmp_path / "newer.sqlite3"
     with sqlite3.connect(newer) as db:

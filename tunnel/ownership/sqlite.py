@@ -16,6 +16,8 @@ callers fail closed. A connection is shared by the threads of one process behind
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -73,11 +75,16 @@ class SqliteSessionStore:
 
     persistent = True
 
-    def __init__(self, path: str | Path, *, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
+    def __init__(
+        self, path: str | Path, *, busy_timeout_s: float = BUSY_TIMEOUT_S, exclusive: bool = False
+    ) -> None:
         """Open (or create) the store file. StoreUnavailable when it cannot be used (not a
-        database, another schema version, no permission)."""
+        database, another schema version, no permission) or, ``exclusive``, when another
+        process holds it (a lock on ``<file>.lock`` for the life of this object: one
+        gateway per store file; the kernel releases it when the process dies)."""
         self.path = Path(path)
         self._lock = threading.Lock()
+        self._lock_fd: int | None = self._take_lock() if exclusive else None
         self.conflicts = 0
         """CAS, create, refresh and delete calls that failed on a version or existence check."""
         try:
@@ -89,8 +96,23 @@ class SqliteSessionStore:
         try:
             self._setup()
         except (sqlite3.Error, StoreUnavailable) as exc:
-            self._db.close()
+            self.close()
             raise StoreUnavailable(f"{self.path}: {exc}") from None
+
+    def _take_lock(self) -> int:
+        lock = self.path.with_name(self.path.name + ".lock")
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StoreUnavailable(f"{lock}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StoreUnavailable(
+                f"{self.path} is in use by another process (another gateway with this state_dir?)"
+            ) from None
+        return fd
 
     def _setup(self) -> None:
         db = self._db
@@ -100,15 +122,18 @@ class SqliteSessionStore:
         db.execute("PRAGMA synchronous = FULL")
         version = int(db.execute("PRAGMA user_version").fetchone()[0])
         if version not in (0, SCHEMA_VERSION):
-            raise StoreUnavailable(
-                f"schema version {version}, this gateway reads {SCHEMA_VERSION}"
-            )
+            raise StoreUnavailable(f"schema version {version}, this gateway reads {SCHEMA_VERSION}")
         db.execute(_SCHEMA)
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
+        """Close the file and release the lock (idempotent)."""
         with self._lock:
-            self._db.close()
+            if hasattr(self, "_db"):
+                self._db.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
 
     def _run(self, sql: str, args: tuple[object, ...] = ()) -> sqlite3.Cursor:
         try:

@@ -1,0 +1,263 @@
+"""Sessions outlive their gateway process (DESIGN D15a, issue 9 "Stores"): loopback level.
+
+An embedded gateway with the sqlite store and a state key serves a real ``ClientSession``
+(tests/test_gateway_runtime.py's ``LoopbackClient``); the gateway is stopped, either
+cleanly (what SIGTERM does: no session ends) or as by ``kill -9`` (its stop writes nothing:
+the store holds what the last flush left), and a new gateway process-to-be (a new runtime,
+a new store object on the same file, the same key file) starts on the same address. The
+client goes on with the same session id; the gateway's state version and binding epoch
+continue from the stored ones; every (direction, key phase, counter) seen on the wire is
+unique across the restarts; the session keys are never in the store file in the clear.
+
+The real programs, ``kill -9`` and SIGTERM in namespaces with an inner TCP transfer:
+tests/test_resume_netns.py.
+"""
+
+from __future__ import annotations
+
+import select
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_gateway_runtime import (
+    GATEWAY_INNER,
+    LoopbackClient,
+    echo_replies,
+    icmp_echo,
+    wait_for,
+)
+
+from tunnel.core.aead import peek_header
+from tunnel.core.constants import MSG_CONTROL, MSG_DATA
+from tunnel.core.events import Event, EventType
+from tunnel.core.gateway_session import ClientEntry
+from tunnel.core.handshake import generate_keypair
+from tunnel.core.session import State
+from tunnel.gateway.runtime import GatewayRuntime
+from tunnel.gateway.thread import GatewayThread, start_in_thread
+from tunnel.ownership.sqlite import SqliteSessionStore
+from tunnel.ownership.statekey import StateSealer, load_state_key
+
+CLIENT_INNER = "10.66.0.2"
+
+
+class WireClient(LoopbackClient):
+    """A LoopbackClient that records (direction, key phase, counter) of every sealed
+    datagram it sends and receives: what crosses the wire."""
+
+    wire: Counter[tuple[str, int, int]]
+
+    def _pump(self) -> None:
+        if not hasattr(self, "wire"):
+            self.wire = Counter()
+        out = self.session.datagrams_to_send()
+        for pid, data in out:
+            self._note("up", data)
+            self.socks[pid].send(data, self.gateway)
+        self.inner.extend(self.session.packets_for_tun())
+        self.events.extend(self.session.events())
+
+    def _note(self, direction: str, data: bytes) -> None:
+        head = peek_header(data)
+        if not isinstance(head, tuple) or head[0] not in (MSG_DATA, MSG_CONTROL):
+            return
+        self.wire[(direction, head[1], head[3])] += 1
+
+    def step(self, max_wait: float = 0.02) -> None:
+        deadline = self.session.next_deadline()
+        wait = max_wait if deadline is None else min(max_wait, deadline - time.monotonic())
+        ready, _, _ = select.select(list(self.socks.values()), [], [], max(0.0, wait))
+        now = time.monotonic()
+        for sock in ready:
+            for data, _addr in sock.recv_batch():
+                self._note("down", data)
+                self.session.receive_datagram(data, sock.path_id, now)
+        deadline = self.session.next_deadline()
+        if deadline is not None and deadline <= now:
+            self.session.handle_timer(now)
+        self._pump()
+
+    def repeats(self) -> list[tuple[str, int, int]]:
+        return [k for k, n in self.wire.items() if n > 1]
+
+
+class Restartable:
+    """One gateway identity, one store file and state key; gateway runs one after another."""
+
+    def __init__(self, tmp: Path, block: int | None = None) -> None:
+        self.gw_priv, self.gw_pub = generate_keypair()
+        self.cl_priv, self.cl_pub = generate_keypair()
+        self.clients = [ClientEntry("alice", self.cl_pub, CLIENT_INNER)]
+        self.db = tmp / "sessions.sqlite3"
+        self.key_file = tmp / "state.key"
+        self.block = block
+        self.listen = ("127.0.0.1", 0)
+        self.runs: list[tuple[GatewayThread, SqliteSessionStore, list[Event]]] = []
+
+    def start(self) -> GatewayThread:
+        store = SqliteSessionStore(self.db)
+        events: list[Event] = []
+        thread = start_in_thread(
+            static_private=self.gw_priv, clients=self.clients, listen=[self.listen],
+            store=store, sealer=StateSealer(load_state_key(self.key_file)),
+            node_id="gw-r", on_event=events.append,
+        )  # fmt: skip
+        self.listen = thread.address
+        if self.block is not None:
+            persistence = thread.runtime.persistence
+            assert persistence is not None
+            persistence.block = self.block
+        self.runs.append((thread, store, events))
+        return thread
+
+    @property
+    def runtime(self) -> GatewayRuntime:
+        return self.runs[-1][0].runtime
+
+    @property
+    def store(self) -> SqliteSessionStore:
+        return self.runs[-1][1]
+
+    def stop(self, *, crash: bool = False) -> None:
+        """Stop the running gateway: cleanly (its stop saves the sessions), or as a crash
+        (nothing more is written: the store holds what its last flush wrote)."""
+        thread, store, _ = self.runs[-1]
+        persistence = thread.runtime.persistence
+        assert persistence is not None
+        if crash:
+            object.__setattr__(persistence, "save_all", lambda now: 0)
+        thread.stop()
+        assert not thread.alive and thread.error is None
+        store.close()
+
+    def close(self) -> None:
+        for thread, store, _ in self.runs:
+            thread.stop()
+            store.close()
+
+
+@pytest.fixture
+def restartable(tmp_path: Path) -> Iterator[Restartable]:
+    r = Restartable(tmp_path)
+    yield r
+    r.close()
+
+
+def echo_round(c: LoopbackClient, first: int, count: int) -> None:
+    """``count`` echo requests (ids from ``first``), all answered."""
+    before = len(echo_replies(c))
+    for seq in range(first, first + count):
+        c.send_inner(icmp_echo(CLIENT_INNER, GATEWAY_INNER, seq))
+    assert c.run_until(lambda: len(echo_replies(c)) >= before + count, timeout=10.0)
+
+
+def gateway_view(r: Restartable) -> tuple[str, str, int, int]:
+    views = r.runs[-1][0].sessions()
+    assert len(views) == 1
+    v = views[0]
+    return v.session_id, v.state, v.state_version, v.binding_epoch
+
+
+def terminated_events(c: LoopbackClient) -> list[Event]:
+    return [e for e in c.events if e.event_type == EventType.SESSION_TERMINATED]
+
+
+def test_clean_stop_ends_no_session_and_the_restarted_gateway_resumes_it(
+    restartable: Restartable,
+) -> None:
+    r = restartable
+    r.start()
+    c = WireClient(r.listen, r.gw_pub, r.cl_priv)
+    assert c.run_until(lambda: c.state is State.ATTACHED)
+    echo_round(c, 0, 5)
+    sid, state, version, epoch = gateway_view(r)
+    assert sid == c.session.machine.session_id and state == "ATTACHED"
+
+    r.stop()  # SIGTERM's path: no TERMINATE, the record stays
+    c.run_until(lambda: bool(terminated_events(c)), timeout=1.0)
+    assert terminated_events(c) == [] and c.state is not State.TERMINATED
+    record = SqliteSessionStore(r.db).get(sid)
+    assert record is not None and record.state_version == version and record.resume
+
+    r.start()
+    assert gateway_view(r) == (sid, state, version, epoch)  # resumed as it was
+    echo_round(c, 100, 5)  # the same session carries traffic again
+    assert c.session.machine.session_id == sid and terminated_events(c) == []
+    assert r.runtime.resumed == (1, [])
+    _, _, v2, e2 = gateway_view(r)
+    assert v2 >= version and e2 >= epoch
+    assert c.repeats() == []
+
+
+def test_crash_restart_resumes_without_reusing_a_key_and_counter(tmp_path: Path) -> None:
+    """A small counter block (16) so that reservations happen between transitions; the
+    client also rotates its keys once, so the stored key phase moves. Two crashes."""
+    r = Restartable(tmp_path, block=16)
+    try:
+        r.start()
+        c = WireClient(r.listen, r.gw_pub, r.cl_priv)
+        assert c.run_until(lambda: c.state is State.ATTACHED)
+        sid = c.session.machine.session_id
+        for i in range(5):  # rounds of 8: a reservation every other round
+            echo_round(c, 8 * i, 8)
+        writes_before = r.runtime.persistence.writes if r.runtime.persistence else 0
+        assert writes_before >= 2
+        r.stop(crash=True)
+
+        r.start()
+        echo_round(c, 100, 40)
+        cipher = c.session.keys.cipher
+        assert cipher is not None
+        c.command(lambda session, now: cipher.rekey(now))  # the client's next key phase
+        echo_round(c, 200, 20)
+        assert wait_for(lambda: r.store.get(sid) is not None)
+        r.stop(crash=True)
+
+        r.start()
+        echo_round(c, 300, 40)
+        assert c.session.machine.session_id == sid and terminated_events(c) == []
+        assert [run[0].runtime.resumed for run in r.runs[1:]] == [(1, []), (1, [])]
+        down = sorted((p, n) for d, p, n in c.wire if d == "down")
+        assert {p for p, _ in down} == {0, 1}  # both phases crossed the wire from the gateway
+        assert c.repeats() == []
+    finally:
+        r.close()
+
+
+def test_session_keys_are_never_in_the_store_file_in_the_clear(restartable: Restartable) -> None:
+    r = restartable
+    r.start()
+    c = WireClient(r.listen, r.gw_pub, r.cl_priv)
+    assert c.run_until(lambda: c.state is State.ATTACHED)
+    echo_round(c, 0, 3)
+    cipher = c.session.keys.cipher
+    assert cipher is not None
+    _phase, keys = cipher.current_keys()
+    r.stop()
+    stored = b"".join(p.read_bytes() for p in r.db.parent.iterdir() if p.name.startswith(r.db.name))
+    assert len(stored) > 0
+    for secret in (keys.send, keys.recv):
+        assert secret not in stored and secret.hex().encode() not in stored
+    key_mode = r.key_file.stat().st_mode & 0o777
+    assert key_mode == 0o600
+
+
+def test_a_record_sealed_under_another_state_key_is_not_resumed(
+    restartable: Restartable,
+) -> None:
+    r = restartable
+    r.start()
+    c = WireClient(r.listen, r.gw_pub, r.cl_priv)
+    assert c.run_until(lambda: c.state is State.ATTACHED)
+    sid = c.session.machine.session_id
+    r.stop()
+    r.key_file.unlink()  # a new key is created at the next start
+    r.start()
+    resumed, problems = r.runtime.resumed
+    assert resumed == 0
+    why = "no resume state sealed with this state key"
+    assert problems == [f"session {sid[:8]} not resumed: {why}"]
+    assert r.runs[-1][0].sessions() == [] and len(r.store) == 0
