@@ -241,8 +241,8 @@ def test_session_keys_are_never_in_the_store_file_in_the_clear(restartable: Rest
     assert len(stored) > 0
     for secret in (keys.send, keys.recv):
         assert secret not in stored and secret.hex().encode() not in stored
-    key_mode = r.key_file.stat().st_mode & 0o777
-    assert key_mode == 0o600
+    assert r.key_file.stat().st_mode & 0o777 == 0o600
+    assert r.db.stat().st_mode & 0o077 == 0  # the store file is not for other users either
 
 
 def test_a_record_sealed_under_another_state_key_is_not_resumed(

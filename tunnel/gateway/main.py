@@ -69,16 +69,8 @@ EXIT_STATUS: Final = (
     ),
     (EXIT_ENGINE_FAILURE, "engine failure (sessions terminated with invariant_violation)"),
     (EXIT_USAGE, "bad command line"),
-    (
-        EXIT_CONFIG,
-        "bad configuration value (file, key and value on stderr), or the session store "
-        "cannot be opened",
-    ),
-    (
-        EXIT_KEY,
-        "private key missing, unreadable, invalid or readable by every user; or the state "
-        "key file unusable or readable by others",
-    ),
+    (EXIT_CONFIG, "bad configuration value (file, key and value on stderr)"),
+    (EXIT_KEY, "private key missing, unreadable, invalid or readable by every user"),
     (
         EXIT_ADDRESS,
         "a listen or metrics address cannot be bound (e.g. port in use), or the "

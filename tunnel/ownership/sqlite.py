@@ -88,10 +88,13 @@ class SqliteSessionStore:
         self.conflicts = 0
         """CAS, create, refresh and delete calls that failed on a version or existence check."""
         try:
+            # Created 0600 (sqlite gives its -wal and -shm files the same mode).
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
             self._db = sqlite3.connect(
                 self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
             )
-        except sqlite3.Error as exc:
+        except (OSError, sqlite3.Error) as exc:
+            self.close()
             raise StoreUnavailable(f"{self.path}: {exc}") from None
         try:
             self._setup()
