@@ -286,3 +286,33 @@ def _check_against_model(store: Store, ops: list[tuple[str, int, int]]) -> None:
                 model = None
         current = store.get(SID)
         assert (None if current is None else current.state_version) == model
+
+
+def test_a_batch_commits_together_or_not_at_all(new_store: Callable[[], Store]) -> None:
+    store = new_store()
+    other = "cd" * 16
+    with store.batch():
+        assert store.create(record(1))
+        assert store.create(record(1, sid=other))
+        assert store.cas(SID, 1, record(2))
+    assert [r.state_version for r in store.records()] == [2, 1]
+    with pytest.raises(RuntimeError), store.batch():
+        assert store.cas(SID, 2, record(3))
+        assert store.delete(other)
+        raise RuntimeError("the block failed")
+    if store.persistent:  # sqlite: the transaction was rolled back
+        assert [r.state_version for r in store.records()] == [2, 1]
+
+
+def test_sqlite_batch_is_invisible_to_others_until_committed(tmp_path: Path) -> None:
+    path = tmp_path / "sessions.sqlite3"
+    store, reader = SqliteSessionStore(path), SqliteSessionStore(path)
+    try:
+        with store.batch():
+            assert store.create(record(1))
+            assert store.get(SID) == record(1)  # the writer sees its own writes
+            assert reader.get(SID) is None  # nobody else does yet
+        assert reader.get(SID) == record(1)
+    finally:
+        store.close()
+        reader.close()

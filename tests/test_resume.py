@@ -19,6 +19,7 @@ import select
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,7 @@ from tunnel.core.handshake import generate_keypair
 from tunnel.core.session import State
 from tunnel.gateway.runtime import GatewayRuntime
 from tunnel.gateway.thread import GatewayThread, start_in_thread
+from tunnel.ownership import StoreUnavailable
 from tunnel.ownership.sqlite import SqliteSessionStore
 from tunnel.ownership.statekey import StateSealer, load_state_key
 
@@ -97,8 +99,8 @@ class Restartable:
         self.listen = ("127.0.0.1", 0)
         self.runs: list[tuple[GatewayThread, SqliteSessionStore, list[Event]]] = []
 
-    def start(self) -> GatewayThread:
-        store = SqliteSessionStore(self.db)
+    def start(self, store_class: type[SqliteSessionStore] = SqliteSessionStore) -> GatewayThread:
+        store = store_class(self.db)
         events: list[Event] = []
         thread = start_in_thread(
             static_private=self.gw_priv, clients=self.clients, listen=[self.listen],
@@ -261,3 +263,53 @@ def test_a_record_sealed_under_another_state_key_is_not_resumed(
     why = "no resume state sealed with this state key"
     assert problems == [f"session {sid[:8]} not resumed: {why}"]
     assert r.runs[-1][0].sessions() == [] and len(r.store) == 0
+
+
+class FlakyStore(SqliteSessionStore):
+    """A sqlite store whose batches stop committing when told (a disk that fails)."""
+
+    fail_commits = False
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        with super().batch():
+            yield
+            if self.fail_commits:
+                raise StoreUnavailable("commit failed (test)")
+
+
+def test_a_turn_whose_writes_are_not_committed_sends_nothing_unreserved(tmp_path: Path) -> None:
+    """The store stops committing: the first turn that needed a reservation is voided and
+    its session ends without a TERMINATE (that too would need a counter); the process then
+    dies. A restarted gateway resumes the session from what was committed, and the wire
+    never carries a (key phase, counter) twice."""
+    r = Restartable(tmp_path, block=16)
+    try:
+        r.start(FlakyStore)
+        c = WireClient(r.listen, r.gw_pub, r.cl_priv)
+        assert c.run_until(lambda: c.state is State.ATTACHED)
+        sid = c.session.machine.session_id
+        echo_round(c, 0, 8)
+        store = r.store
+        assert isinstance(store, FlakyStore)
+        store.fail_commits = True
+        for seq in range(100, 140):  # well past the block: a reservation is needed
+            c.send_inner(icmp_echo(CLIENT_INNER, GATEWAY_INNER, seq))
+            c.run_until(lambda: False, timeout=0.02)
+        events = r.runs[-1][2]
+        assert wait_for(lambda: any(e.event_type == EventType.SESSION_TERMINATED for e in events))
+        ended = [e.to_dict() for e in events if e.event_type == EventType.SESSION_TERMINATED]
+        assert ended[0]["reason_code"] == "ownership_conflict"
+        persistence = r.runtime.persistence
+        assert persistence is not None and persistence.failures >= 1
+        c.run_until(lambda: bool(terminated_events(c)), timeout=1.0)
+        assert terminated_events(c) == []  # no TERMINATE reached the client
+        r.stop(crash=True)
+
+        r.start()
+        assert r.runtime.resumed == (1, [])
+        echo_round(c, 200, 8)
+        assert c.session.machine.session_id == sid and terminated_events(c) == []
+        assert c.repeats() == []
+    finally:
+        r.close()

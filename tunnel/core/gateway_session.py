@@ -469,6 +469,11 @@ class GatewaySession:
         self._reserve_asked = False
         self._ask_reserve()
 
+    def reservation_failed(self) -> None:
+        """The driver could not reserve (it voided what was sealed): ask again at the next
+        seal, so that nothing sealed past the reservation ever leaves unchecked."""
+        self._reserve_asked = False
+
     def _mark_to(self, addr: Addr) -> None:
         """What is sealed next goes to ``addr``: its binding mark says what this session
         knows of ``addr`` (the binding at ``epoch``, validated or not): the client learns

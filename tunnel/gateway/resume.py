@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Final
 
 from tunnel.core.aead import TrafficKeys
@@ -132,6 +133,8 @@ class SessionPersistence:
         """Reservation writes that failed (each ended its session)."""
         self._pending: dict[int, tuple[int, int]] = {}
         """index -> (phase, counter) of the sealed state a write is carrying."""
+        self._batch: list[tuple[GatewaySession, tuple[int, int]]] = []
+        """Reservations made in the current store batch, with what they replaced."""
 
     # -- what the mirror writes --------------------------------------------------------------
 
@@ -144,10 +147,46 @@ class SessionPersistence:
         return self._sealer.seal(s.machine.session_id, encode_state(state))
 
     def written(self, s: GatewaySession) -> None:
-        """The record carrying :meth:`sealed`'s state is in the store: its reservation holds."""
+        """The record carrying :meth:`sealed`'s state is in the store: its reservation holds
+        (once the batch it belongs to is committed: :meth:`batch`)."""
         made = self._pending.pop(s.index, None)
         if made is not None:
+            self._batch.append((s, s.reserved))
             s.reservation_made(*made)
+
+    @contextmanager
+    def batch(self, now: float) -> Iterator[None]:
+        """One store transaction around a turn's writes (one sync to disk). If it is not
+        committed, the reservations it made are taken back and their sessions send
+        nothing more (voided, ended without TERMINATE; their events come next turn); an
+        exception from the block (an engine failure) takes them back and propagates."""
+        self._batch.clear()
+        try:
+            with self.store.batch():
+                yield
+        except StoreUnavailable:
+            for s in self._take_back():
+                self._fail(s, now)
+        except BaseException:
+            self._take_back()
+            raise
+        finally:
+            self._batch.clear()
+
+    def _take_back(self) -> list[GatewaySession]:
+        sessions = []
+        for s, previous in reversed(self._batch):
+            s.reservation_made(*previous)
+            sessions.append(s)
+        self._batch.clear()
+        return sessions
+
+    def _fail(self, s: GatewaySession, now: float) -> None:
+        """``s`` has no reservation for what it sealed: nothing more of it leaves."""
+        self.failures += 1
+        s.reservation_failed()
+        self._gateway.outbox.void_for(s.peer_index)
+        self._gateway.terminate(s.machine.session_id, now, Reason.OWNERSHIP_CONFLICT, notify=False)
 
     # -- reservations between transitions ---------------------------------------------------
 
@@ -181,18 +220,18 @@ class SessionPersistence:
             self.written(s)
             return True
         self._pending.pop(s.index, None)
-        self.failures += 1
-        self._gateway.outbox.void_for(s.peer_index)
-        self._gateway.terminate(sid, now, Reason.OWNERSHIP_CONFLICT, notify=False)
+        self._fail(s, now)
         return False
 
     def save_all(self, now: float) -> int:
         """At a clean stop: write every live session's state as it is now (the restarted
-        process then opens only what this one had not received); how many were written."""
+        process then opens only what this one had not received), in one batch; how many
+        were written."""
         saved = 0
-        for s in list(self._gateway.sessions.values()):
-            if not s.machine.terminated and self._refresh(s, now):
-                saved += 1
+        with self.batch(now):
+            for s in list(self._gateway.sessions.values()):
+                if not s.machine.terminated and self._refresh(s, now):
+                    saved += 1
         return saved
 
     # -- start ------------------------------------------------------------------------------

@@ -605,6 +605,20 @@ class GatewayRuntime:
         self.driver.pump(now)
 
     def _flush(self, now: float) -> bool:
+        if self.persistence is None:
+            return self._flush_unbatched(now)
+        with self.persistence.batch(now):  # one store transaction per turn
+            self._mirror_events(now)
+            self._reserve_counters(now)
+        self._flush_outputs()
+        return True
+
+    def _flush_unbatched(self, now: float) -> bool:
+        self._mirror_events(now)
+        self._flush_outputs()
+        return True
+
+    def _mirror_events(self, now: float) -> None:
         gateway = self.gateway
         for _ in range(EVENT_ROUNDS):
             events = gateway.events()
@@ -617,15 +631,16 @@ class GatewayRuntime:
         else:
             if self.driver.loop is not None:  # more events: the next loop turn
                 self.driver.call_later(0.0, self.pump)
-        self._reserve_counters(now)
+
+    def _flush_outputs(self) -> None:
+        """Datagrams, then inner packets (after the store writes they depend on)."""
         self._flush_datagrams()
-        packets = gateway.packets_for_tun()
+        packets = self.gateway.packets_for_tun()
         if packets:
             self.traffic.inner_out += len(packets)
             if self.control is not None:
                 self.control.traffic.from_clients(packets)
             self.inner.write_batch(packets)
-        return True
 
     def _reserve_counters(self, now: float) -> None:
         """Persistent store: reserve the send counters sealed past their reservation

@@ -7,6 +7,8 @@ atomic against any other operation from any thread.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from tunnel.ownership.store import SessionRecord, check_cas_arguments
 
@@ -22,6 +24,11 @@ class MemorySessionStore:
         self._records: dict[str, SessionRecord] = {}
         self.conflicts = 0
         """CAS, create and delete calls that failed on a version or existence check."""
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Nothing to group: every write is immediate (the ResumableStore protocol)."""
+        yield
 
     def get(self, session_id: str) -> SessionRecord | None:
         with self._lock:

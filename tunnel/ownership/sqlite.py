@@ -12,6 +12,10 @@ Any ``sqlite3`` error (the file is locked past the busy timeout, the disk failed
 file is not a database) raises :class:`~tunnel.ownership.store.StoreUnavailable`; the
 callers fail closed. A connection is shared by the threads of one process behind a lock
 (the gateway's loop thread writes; the control socket reads on the same thread).
+
+A sync to disk costs milliseconds, so :meth:`SqliteSessionStore.batch` makes every write of
+a block one transaction: the gateway wraps each turn of its loop in one (a burst of
+handshakes or reattaches costs one sync, not one each).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import fcntl
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
@@ -83,7 +89,8 @@ class SqliteSessionStore:
         process holds it (a lock on ``<file>.lock`` for the life of this object: one
         gateway per store file; the kernel releases it when the process dies)."""
         self.path = Path(path)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        """Held per call, and for a whole :meth:`batch` by the thread that runs it."""
         self._lock_fd: int | None = self._take_lock() if exclusive else None
         self.conflicts = 0
         """CAS, create, refresh and delete calls that failed on a version or existence check."""
@@ -150,6 +157,32 @@ class SqliteSessionStore:
         if not ok:
             self.conflicts += 1
         return ok
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """The writes inside are one transaction, committed at the end (each write's answer
+        stands only if the commit succeeds: StoreUnavailable from the exit means none of
+        them was written). Other threads wait for the end; a nested batch joins the outer;
+        a batch that cannot begin (the file is locked) runs its writes one by one."""
+        with self._lock:
+            if self._db.in_transaction:
+                yield
+                return
+            try:
+                self._run("BEGIN IMMEDIATE")
+            except StoreUnavailable:
+                yield  # each write then answers (or fails) for itself
+                return
+            try:
+                yield
+            except BaseException:
+                self._db.rollback()
+                raise
+            try:
+                self._db.commit()
+            except sqlite3.Error as exc:
+                self._db.rollback()
+                raise StoreUnavailable(f"{self.path}: commit failed: {exc}") from None
 
     # -- SessionStore ------------------------------------------------------------------------
 

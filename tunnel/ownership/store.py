@@ -21,6 +21,7 @@ version forward) raises ``ValueError``. A store that cannot answer raises
 from __future__ import annotations
 
 import re
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Final, Protocol, runtime_checkable
 
@@ -115,6 +116,10 @@ class ResumableStore(SessionStore, Protocol):
 
     def records(self) -> list[SessionRecord]:
         """Every record, in session-id order."""
+
+    def batch(self) -> AbstractContextManager[None]:
+        """A block whose writes are committed together at its end (or none of them:
+        StoreUnavailable from the exit)."""
 
 
 def check_cas_arguments(session_id: str, expected_version: int, new_record: SessionRecord) -> None:
