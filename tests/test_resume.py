@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_gateway_runtime import (
@@ -99,13 +100,15 @@ class Restartable:
         self.listen = ("127.0.0.1", 0)
         self.runs: list[tuple[GatewayThread, SqliteSessionStore, list[Event]]] = []
 
-    def start(self, store_class: type[SqliteSessionStore] = SqliteSessionStore) -> GatewayThread:
+    def start(
+        self, store_class: type[SqliteSessionStore] = SqliteSessionStore, **kwargs: Any
+    ) -> GatewayThread:
         store = store_class(self.db)
         events: list[Event] = []
         thread = start_in_thread(
             static_private=self.gw_priv, clients=self.clients, listen=[self.listen],
             store=store, sealer=StateSealer(load_state_key(self.key_file)),
-            node_id="gw-r", on_event=events.append,
+            node_id="gw-r", on_event=events.append, **kwargs,
         )  # fmt: skip
         self.listen = thread.address
         if self.block is not None:
@@ -313,3 +316,29 @@ def test_a_turn_whose_writes_are_not_committed_sends_nothing_unreserved(tmp_path
         assert c.repeats() == []
     finally:
         r.close()
+
+
+def test_stored_sessions_wait_for_a_valid_policy_and_go_with_their_client(
+    restartable: Restartable,
+) -> None:
+    """No valid policy at start: nothing is resumed and the records stay. A client no
+    longer configured as it was: its session is not resumed and its record is removed."""
+    r = restartable
+    r.start()
+    c = WireClient(r.listen, r.gw_pub, r.cl_priv)
+    assert c.run_until(lambda: c.state is State.ATTACHED)
+    sid = c.session.machine.session_id
+    r.stop()
+
+    r.start(policy=None, policy_error="policy.toml: broken")
+    assert r.runtime.resumed == (
+        0, ["stored sessions not resumed: no valid policy (they stay in the store)"],
+    )  # fmt: skip
+    assert r.runs[-1][0].sessions() == [] and len(r.store) == 1
+    r.stop()
+
+    r.clients = [ClientEntry("alice", r.cl_pub, "10.66.0.9")]  # another inner address
+    r.start()
+    why = "client alice is no longer configured as it was"
+    assert r.runtime.resumed == (0, [f"session {sid[:8]} not resumed: {why}"])
+    assert r.runs[-1][0].sessions() == [] and len(r.store) == 0

@@ -75,7 +75,8 @@ def encode_state(state: ResumeState) -> bytes:
 def decode_state(
     session_id: str, data: bytes, make_addr: Callable[..., Addr]
 ) -> ResumeState | None:
-    """The state ``encode_state`` wrote, or None when it is not one (another format)."""
+    """The state ``encode_state`` wrote, or None when it is not one (another format) or
+    ``make_addr`` refuses an address in it (ValueError)."""
     try:
         d = json.loads(data)
         if d.get("v") != FORMAT_VERSION:
@@ -239,6 +240,8 @@ class SessionPersistence:
     def restore(self, clients: Sequence[ClientEntry], now: float) -> tuple[int, list[str]]:
         """Rebuild every session this node's records hold: (how many resumed, a line per
         record that could not be, which is then removed). StoreUnavailable propagates."""
+        if not self._gateway.accepting:
+            return 0, ["stored sessions not resumed: no valid policy (they stay in the store)"]
         configured = {c.public_key: c for c in clients}
         resumed, problems = 0, []
         for record in self.store.records():
@@ -260,7 +263,7 @@ class SessionPersistence:
             return "no resume state sealed with this state key"
         state = decode_state(record.session_id, plain, self._make_addr)
         if state is None:
-            return "its resume state is of another format"
+            return "its resume state cannot be read here (another format, or a listen address gone)"
         if state.state not in RESUMABLE:
             return f"it was {state.state}"
         client = configured.get(state.client.public_key)

@@ -171,7 +171,7 @@ class GatewayRuntime:
             counter_reservations=persistent,
         )  # fmt: skip
         self.persistence: SessionPersistence | None = (
-            SessionPersistence(self.gateway, store, sealer, node_id, PeerAddr)
+            SessionPersistence(self.gateway, store, sealer, node_id, self._stored_addr)
             if persistent and isinstance(store, ResumableStore) and sealer is not None
             else None
         )
@@ -403,6 +403,12 @@ class GatewayRuntime:
             self._shutdown(loop, install_signals)
             if self.control is not None:
                 await self.control.close(CONTROL_FLUSH_S)
+
+    def _stored_addr(self, host: str, port: int, via: int, scope_id: int = 0) -> PeerAddr:
+        """A client address from the store; ValueError when its listen socket is gone."""
+        if not 0 <= via < len(self.listen):
+            raise ValueError(f"listen socket {via} is not configured")
+        return PeerAddr(str(host), int(port), via, int(scope_id))
 
     def _resume_sessions(self) -> None:
         assert self.persistence is not None

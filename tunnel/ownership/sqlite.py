@@ -20,6 +20,7 @@ handshakes or reattaches costs one sync, not one each).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sqlite3
@@ -92,6 +93,7 @@ class SqliteSessionStore:
         self._lock = threading.RLock()
         """Held per call, and for a whole :meth:`batch` by the thread that runs it."""
         self._lock_fd: int | None = self._take_lock() if exclusive else None
+        self._batching = False
         self.conflicts = 0
         """CAS, create, refresh and delete calls that failed on a version or existence check."""
         try:
@@ -152,7 +154,11 @@ class SqliteSessionStore:
             raise StoreUnavailable(f"{self.path}: {exc}") from None
 
     def _changed(self, sql: str, args: tuple[object, ...]) -> bool:
-        """Run a write; True iff it changed a row (else one more conflict)."""
+        """Run a write (in the batch's transaction, begun here if need be); True iff it
+        changed a row (else one more conflict)."""
+        if self._batching and not self._db.in_transaction:
+            with contextlib.suppress(StoreUnavailable):  # locked: this write answers alone
+                self._run("BEGIN IMMEDIATE")
         ok = self._run(sql, args).rowcount == 1
         if not ok:
             self.conflicts += 1
@@ -162,22 +168,24 @@ class SqliteSessionStore:
     def batch(self) -> Iterator[None]:
         """The writes inside are one transaction, committed at the end (each write's answer
         stands only if the commit succeeds: StoreUnavailable from the exit means none of
-        them was written). Other threads wait for the end; a nested batch joins the outer;
-        a batch that cannot begin (the file is locked) runs its writes one by one."""
+        them was written). Other threads wait for the end; a nested batch joins the outer.
+        The transaction begins at the first write (a turn that writes nothing costs
+        nothing); one that cannot begin (the file is locked) runs its writes one by one."""
         with self._lock:
-            if self._db.in_transaction:
+            if self._batching:
                 yield
                 return
-            try:
-                self._run("BEGIN IMMEDIATE")
-            except StoreUnavailable:
-                yield  # each write then answers (or fails) for itself
-                return
+            self._batching = True
             try:
                 yield
             except BaseException:
-                self._db.rollback()
+                if self._db.in_transaction:
+                    self._db.rollback()
                 raise
+            finally:
+                self._batching = False
+            if not self._db.in_transaction:
+                return
             try:
                 self._db.commit()
             except sqlite3.Error as exc:
