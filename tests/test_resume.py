@@ -342,3 +342,26 @@ def test_stored_sessions_wait_for_a_valid_policy_and_go_with_their_client(
     why = "client alice is no longer configured as it was"
     assert r.runtime.resumed == (0, [f"session {sid[:8]} not resumed: {why}"])
     assert r.runs[-1][0].sessions() == [] and len(r.store) == 0
+
+
+def test_a_client_that_went_recovering_reattaches_to_the_restarted_gateway(
+    restartable: Restartable,
+) -> None:
+    """The gateway stays down until the client has declared its path dead: the client
+    reattaches when the gateway is back and the session carries on (same id, the gateway's
+    version moves on from the stored one, never back)."""
+    r = restartable
+    r.start()
+    c = WireClient(r.listen, r.gw_pub, r.cl_priv)
+    assert c.run_until(lambda: c.state is State.ATTACHED)
+    sid, _, version, epoch = gateway_view(r)
+    r.stop()
+    assert c.run_until(lambda: c.state is State.RECOVERING, timeout=20.0)
+
+    r.start()
+    assert c.run_until(lambda: c.state is State.ATTACHED, timeout=20.0)
+    echo_round(c, 0, 5)
+    got_sid, state, v2, e2 = gateway_view(r)
+    assert (got_sid, state) == (sid, "ATTACHED") and c.session.machine.session_id == sid
+    assert v2 >= version and e2 >= epoch
+    assert terminated_events(c) == [] and c.repeats() == []
