@@ -796,7 +796,7 @@ class GatewaySession:
         self._send(addr, Terminate(reason_to_wire(self.end_reason or Reason.PEER_TERMINATED)))
 
     # == resume after a restart (DESIGN D15a; gateway_resume.py) ===========================
-    def resume_state(self, send_from: int, now: float) -> ResumeState:
+    def resume_state(self, send_from: int) -> ResumeState:
         """This session as another process needs it, sealing from ``send_from`` on."""
         phase, keys = self.cipher.current_keys()
         clocks, wall = self.clocks, self._report.ts_ms

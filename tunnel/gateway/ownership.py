@@ -53,10 +53,10 @@ class OwnershipMirror:
             s = self._by_sid.get(session_id)
         return s
 
-    def _resume(self, s: GatewaySession | None, event: StateChange, now: float) -> bytes:
+    def _resume(self, s: GatewaySession | None) -> bytes:
         if self.persistence is None or s is None or s.machine.terminated:
             return b""
-        return self.persistence.sealed(s, now)
+        return self.persistence.sealed(s)
 
     def mirror(self, event: StateChange, now: float) -> None:
         """Write one transition to the store; on a conflict, end the session (D15)."""
@@ -68,7 +68,7 @@ class OwnershipMirror:
             session_id=sid, state=event.new_state, state_version=event.state_version,
             binding_epoch=s.epoch if s is not None else 0, owner_node=self.node_id,
             policy_version=event.policy_version, updated_ms=event.ts_ms,
-            resume=self._resume(s, event, now),
+            resume=self._resume(s),
         )  # fmt: skip
         detail = ""
         try:

@@ -139,11 +139,11 @@ class SessionPersistence:
 
     # -- what the mirror writes --------------------------------------------------------------
 
-    def sealed(self, s: GatewaySession, now: float) -> bytes:
+    def sealed(self, s: GatewaySession) -> bytes:
         """The sealed resume state of ``s`` with a new reservation (made once written:
         :meth:`written`)."""
         counter = s.cipher.send_counter + self.block
-        state = s.resume_state(counter, now)
+        state = s.resume_state(counter)
         self._pending[s.index] = (state.key_phase, counter)
         return self._sealer.seal(s.machine.session_id, encode_state(state))
 
@@ -208,7 +208,7 @@ class SessionPersistence:
             session_id=sid, state=str(s.machine.state), state_version=s.machine.version,
             binding_epoch=s.epoch, owner_node=self.node_id,
             policy_version=s.machine.policy_version, updated_ms=self._gateway.ts_ms(now),
-            resume=self.sealed(s, now),
+            resume=self.sealed(s),
         )  # fmt: skip
         try:
             ok = self.store.refresh(record) or (
