@@ -32,13 +32,15 @@ from test_gateway_runtime import (
     wait_for,
 )
 
-from tunnel.core.aead import peek_header
+from tunnel.core.aead import TrafficKeys, peek_header
 from tunnel.core.constants import MSG_CONTROL, MSG_DATA
 from tunnel.core.events import Event, EventType
+from tunnel.core.gateway_resume import ResumeState
 from tunnel.core.gateway_session import ClientEntry
 from tunnel.core.handshake import generate_keypair
 from tunnel.core.session import State
-from tunnel.gateway.runtime import GatewayRuntime
+from tunnel.gateway.resume import decode_state, encode_state
+from tunnel.gateway.runtime import GatewayRuntime, PeerAddr
 from tunnel.gateway.thread import GatewayThread, start_in_thread
 from tunnel.ownership import StoreUnavailable
 from tunnel.ownership.sqlite import SqliteSessionStore
@@ -365,3 +367,42 @@ def test_a_client_that_went_recovering_reattaches_to_the_restarted_gateway(
     assert (got_sid, state) == (sid, "ATTACHED") and c.session.machine.session_id == sid
     assert v2 >= version and e2 >= epoch
     assert terminated_events(c) == [] and c.repeats() == []
+
+
+def _state(binding: object) -> ResumeState:
+    return ResumeState(
+        session_id=bytes(range(16)), index=7, peer_index=9,
+        client=ClientEntry("alice", bytes(32), CLIENT_INNER, "fd00::2"), state="RECOVERING",
+        state_version=5, binding_epoch=3, keys=TrafficKeys(b"s" * 32, b"r" * 32),
+        key_phase=2, send_from=1 << 40, rx_phase=2, rx_high=77, binding=binding,
+        binding_path=None, last_binding=PeerAddr("fd00::9", 4000, 1, 3), skew_ms=-12,
+        born_ms=1_700_000_000_000, transportless_ms=1_700_000_000_500, recovery_ms=None,
+        total_switches=4,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("binding", [None, PeerAddr("10.0.0.1", 51820, 0)])
+def test_resume_state_round_trips_through_its_sealed_form(binding: object) -> None:
+    state = _state(binding)
+    sealer = StateSealer(bytes(range(32)))
+    sid = state.session_id.hex()
+    blob = sealer.seal(sid, encode_state(state))
+    assert state.keys.send not in blob and b"alice" not in blob  # nothing readable
+    plain = sealer.open(sid, blob)
+    assert plain is not None
+    back = decode_state(sid, plain, PeerAddr)
+    assert back is not None and back == state  # every field, the keys too
+    assert "keys" not in repr(back) and b"s" * 32 not in repr(back).encode()
+
+
+def test_a_sealed_state_opens_only_for_its_session_and_key() -> None:
+    sealer = StateSealer(bytes(range(32)))
+    blob = sealer.seal("ab" * 16, b'{"v":1}')
+    assert sealer.open("ab" * 16, blob) == b'{"v":1}'
+    assert sealer.open("cd" * 16, blob) is None  # moved to another session
+    assert StateSealer(bytes(32)).open("ab" * 16, blob) is None  # another state key
+    tampered = blob[:-1] + bytes([blob[-1] ^ 1])
+    assert sealer.open("ab" * 16, tampered) is None
+    assert sealer.open("ab" * 16, b"short") is None
+    assert sealer.seal("ab" * 16, b"x") != sealer.seal("ab" * 16, b"x")  # fresh salt each time
+    assert decode_state("ab" * 16, b'{"v":2}', PeerAddr) is None  # another format
