@@ -44,7 +44,6 @@ Needs root, iproute2 and /dev/net/tun; exits 0 with a message when it cannot run
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import subprocess
@@ -59,6 +58,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests")]  # failover_kit, throughput, netns
 
 from failover_kit.flows import Flows, start_flows  # noqa: E402
+from failover_kit.install import have, install, missing, skip_note  # noqa: E402
 from failover_kit.kills import LinkDown, NftDrop, PathKiller, TcDrop, active_path  # noqa: E402
 from failover_kit.tunnels import ANCHORS, Jvpn, Tool, ToolError  # noqa: E402
 from netns import Topology  # noqa: E402
@@ -155,42 +155,6 @@ def format_ratio(value: float | None) -> str:
 
 
 # -- tools and what they need ----------------------------------------------------------------
-
-
-def have(command: str) -> bool:
-    return shutil.which(command) is not None or any(
-        Path(d, command).exists() for d in ("/usr/sbin", "/sbin")
-    )
-
-
-def missing(requires: dict[str, str], exists: Callable[[str], bool] = have) -> list[str]:
-    """The commands of ``requires`` (command -> package) that are not installed."""
-    return [cmd for cmd in requires if not exists(cmd)]
-
-
-def skip_note(tool: str, requires: dict[str, str], absent: Sequence[str]) -> str:
-    """The one line printed for a tool that cannot run because commands are missing."""
-    packages = " ".join(dict.fromkeys(requires[c] for c in absent))
-    return f"{tool}: skipped: {', '.join(absent)} not installed (apt-get install {packages})"
-
-
-def install(packages: Sequence[str]) -> str:
-    """apt-get install the packages, only as root with apt-get; says what happened."""
-    if not packages:
-        return ""
-    if os.geteuid() != 0 or not have("apt-get"):
-        return f"not installing {' '.join(packages)}: needs root and apt-get"
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run(["apt-get", "-q", "update"], capture_output=True, env=env, check=False)
-    proc = subprocess.run(
-        ["apt-get", "install", "-q", "-y", "--no-install-recommends", *packages],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    if proc.returncode != 0:
-        return f"apt-get install {' '.join(packages)} failed: {proc.stderr.strip()[-200:]}"
-    return f"installed {' '.join(packages)}"
 
 
 def killer_for(mode: str, exists: Callable[[str], bool] = have) -> type[PathKiller] | None:

@@ -403,25 +403,42 @@ class TunnelRig:
     # -- traffic helpers -----------------------------------------------------------------
 
     def iperf_server(self) -> subprocess.Popen[bytes]:
-        proc = self.topo.exec(
-            self.topo.gateway_ns,
-            ["iperf3", "-s", "-p", str(IPERF_PORT)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        time.sleep(0.3)
-        return proc
+        return iperf_server(self.topo)
 
     def iperf(self, host: str, seconds: float, reverse: bool = False) -> dict[str, Any]:
-        argv = ["iperf3", "-c", host, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"]
-        if reverse:
-            argv.append("-R")
-        proc = self.topo.run(self.topo.client_ns, argv, timeout=seconds + 30)
-        try:
-            result: dict[str, Any] = json.loads(proc.stdout)
-        except ValueError:
-            result = {"error": (proc.stdout + proc.stderr).strip()[-500:]}
-        return result
+        return iperf(self.topo, host, seconds, reverse)
+
+
+def iperf_server(topo: Topology) -> subprocess.Popen[bytes]:
+    """``iperf3 -s`` in the gateway namespace (all addresses); killed with the topology."""
+    proc = topo.exec(
+        topo.gateway_ns,
+        ["iperf3", "-s", "-p", str(IPERF_PORT)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(0.3)
+    return proc
+
+
+def iperf(
+    topo: Topology, host: str, seconds: float, reverse: bool = False, streams: int = 1
+) -> dict[str, Any]:
+    """One iperf3 TCP run from the client namespace to ``host``: its JSON, or {"error": ...}.
+
+    ``reverse``: ``-R`` (the server sends); ``streams`` > 1: ``-P streams``.
+    """
+    argv = ["iperf3", "-c", host, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"]
+    if reverse:
+        argv.append("-R")
+    if streams > 1:
+        argv += ["-P", str(streams)]
+    proc = topo.run(topo.client_ns, argv, timeout=seconds + 30)
+    try:
+        result: dict[str, Any] = json.loads(proc.stdout)
+    except ValueError:
+        result = {"error": (proc.stdout + proc.stderr).strip()[-500:]}
+    return result
 
 
 @dataclass
@@ -504,13 +521,17 @@ def print_table(rows: Sequence[Row], out: Any = sys.stdout) -> None:
             print(f"  {r.note}", file=out)
 
 
-def machine_facts() -> str:
-    model = "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The first "model name" of /proc/cpuinfo, or "?"."""
+    with contextlib.suppress(OSError), open(cpuinfo) as fh:
         for line in fh:
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
+    return "?"
+
+
+def machine_facts() -> str:
+    model = cpu_model()
     try:
         import uvloop  # noqa: F401
 

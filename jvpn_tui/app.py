@@ -142,6 +142,9 @@ class JvpnApp(App[int]):
         self._home: Screen[Any] | None = None
         """The screen the panels live on (set at mount): queries go there, never to a help
         or confirm screen pushed on top of it."""
+        self._trends: TrendsPanel | None = None
+        """The trends panel, kept from mount: it records every snapshot (plain data), even
+        while the app is tearing its screen down (a query then would find nothing)."""
         self.compact: bool | None = None
         """One page at a time (the terminal is smaller than the full layout needs)."""
         self.page = PAGES[0]
@@ -194,6 +197,7 @@ class JvpnApp(App[int]):
         ]
         self.theme_changed_signal.subscribe(self, self._redraw)
         self._home = self.screen
+        self._trends = self.query_one(TrendsPanel)
         self._layout(self.size.width, self.size.height)
         self.query_one(TransportsTable).focus()
         self.run_engine()
@@ -249,8 +253,8 @@ class JvpnApp(App[int]):
 
     def _record(self, snapshot: EngineSnapshot) -> None:
         """Every snapshot taken is a trend sample, drawn or not."""
-        if self._home is not None:
-            self._home.query_one(TrendsPanel).record(snapshot)
+        if self._trends is not None:
+            self._trends.record(snapshot)
 
     def _post_snapshot(self) -> None:
         """Post the newest snapshot, unless only its ticking fields moved lately."""

@@ -31,7 +31,7 @@ from simkit import build, make_policy
 
 from tunnel.core.client_rows import CLIENT_ROWS, ClientClocksView
 from tunnel.core.events import EventType, Reason
-from tunnel.core.policy import Policy
+from tunnel.core.policy import POLICY_DEFAULT, Policy
 from tunnel.core.session import PRIORITY, TERMINATION_PRIORITY, State, Trigger
 from tunnel.core.timers import TimedRow, due_rows, most_urgent_row
 from tunnel.io.memory import Simulation
@@ -289,3 +289,34 @@ def test_each_client_row_fires_at_its_deadline(row: str) -> None:
 
 def test_the_scenarios_cover_every_clock_row() -> None:
     assert {r.name for r in CLIENT_ROWS} == set(SCENARIOS)
+
+
+def test_a_volatile_session_probes_its_standby_paths_at_the_active_rate() -> None:
+    """docs/policy.md: a standby path is probed every ``standby_probe_interval_ms`` (1 s)
+    while the session is healthy, and at the active path's rate (``probe_interval_ms``,
+    100 ms) while it is VOLATILE or DEGRADED, looking for a candidate on fresh samples.
+    Counted on the wire: the datagrams the client sends on B (no data flows: only probes).
+    Auto-switch is off, so the session stays VOLATILE/DEGRADED instead of moving to B."""
+    pol = POLICY_DEFAULT
+    sim = build(seed=3)
+    sim.advance(3.0)
+    sim.client.set_auto_switch(False)
+    b = sim.links[2]
+    before, t0 = b.sent_up, sim.now
+    sim.advance(3.0)
+    calm = (b.sent_up - before) / (sim.now - t0)
+    assert calm <= 1.5 * 1000 / pol.standby_probe_interval_ms, calm
+
+    a = sim.links[1].imp
+    a.loss_up = a.loss_down = 0.5
+    for _ in range(1000):
+        sim.advance(0.01)
+        if sim.client.state in (State.VOLATILE, State.DEGRADED):
+            break
+    assert sim.client.state in (State.VOLATILE, State.DEGRADED)
+    before, t0 = b.sent_up, sim.now
+    sim.advance(2.0)
+    assert sim.client.state in (State.VOLATILE, State.DEGRADED)
+    hunting = (b.sent_up - before) / (sim.now - t0)
+    expected = 1000 / pol.probe_interval_ms
+    assert 0.7 * expected <= hunting <= 1.3 * expected, (hunting, expected)

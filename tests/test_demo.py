@@ -21,7 +21,7 @@ from simkit import build, of_type
 from tunnel.core.events import EventType, Reason
 from tunnel.demo.commands import Caption, ScriptStatus, caption_of
 from tunnel.demo.scenario import DEMO_SCRIPT, SCRIPT_LENGTH_S
-from tunnel.demo.script import ScriptPlayer
+from tunnel.demo.script import STEP_RETRY_S, STEP_WAIT_LIMIT_S, ScriptPlayer, ScriptStep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,7 +160,7 @@ def test_the_script_pauses_resumes_and_replays_in_script_time() -> None:
     loop = ManualLoop()
     said: list[str] = []
     player = ScriptPlayer(DEMO_SCRIPT, loop, lambda: loop.now,  # type: ignore[arg-type]
-                          run_step=lambda n, step: said.append(f"step {n}"),
+                          run_step=lambda n, step, last: not said.append(f"step {n}"),
                           say=said.append)  # fmt: skip
     player.toggle()  # never played: the play key plays it from the start
     assert said == ["demo: script playing: started: 4 steps in 18 s; next: step 1/4 at 3 s: "
@@ -187,6 +187,54 @@ def test_the_script_pauses_resumes_and_replays_in_script_time() -> None:
     assert said[-1].startswith("demo: script playing: again from the start")
     loop.advance(3.0)
     assert said[-1] == "step 1"
+
+
+def test_a_step_with_no_active_path_waits_for_one_and_the_script_time_stands_still() -> None:
+    """A step that acts on the active path finds none while the previous step's recovery
+    is still under way (a loaded machine): it waits, saying so once, and runs when a path
+    is active; the later steps keep their distance to it. A step that waits past the
+    limit gets its last try (its owner skips it, saying so) and the script goes on."""
+    loop = ManualLoop()
+    said: list[str] = []
+    ready_at = 4.0  # engine time at which step 1 finds an active path
+    tries: list[tuple[int, float, bool]] = []
+
+    def run_step(n: int, step: ScriptStep, last: bool) -> bool:
+        tries.append((n, loop.now, last))
+        if n == 1 and loop.now < ready_at:
+            return False
+        said.append(f"step {n}")
+        return True
+
+    player = ScriptPlayer(DEMO_SCRIPT, loop, lambda: loop.now,  # type: ignore[arg-type]
+                          run_step=run_step, say=said.append)  # fmt: skip
+    player.play()
+    loop.advance(3.5)  # step 1 is due at 3 s: no active path yet
+    waiting = [s for s in said if "waiting: step 1/4 needs an active path" in s]
+    assert len(waiting) == 1 and "step 1" not in said
+    assert caption_of(waiting[0]) is not None
+    loop.advance(0.6)  # a path is active from 4 s: step 1 runs at its next try
+    assert said[-1] == "step 1" and len(waiting) == 1
+    ran_at = [t for n, t, _ in tries if n == 1][-1]
+    assert ready_at <= ran_at <= ready_at + STEP_RETRY_S
+    gap = DEMO_SCRIPT.steps[1].at_s - DEMO_SCRIPT.steps[0].at_s
+    loop.advance(ran_at + gap - 0.1 - loop.now)
+    assert "step 2" not in said  # step 2 keeps its 5 s distance to step 1
+    loop.advance(0.2)
+    assert said[-1] == "step 2"
+    assert all(not last for _, _, last in tries)
+
+    # a step that never finds a path: its last try comes after the limit, then the rest
+    tries.clear()
+    ready_at = float("inf")
+    player.play()
+    loop.advance(3.0 + STEP_WAIT_LIMIT_S + 1.0)
+    ones = [(t, last) for n, t, last in tries if n == 1]
+    assert [last for _, last in ones].count(True) == 1 and ones[-1][1] is True
+    assert ones[-1][0] - ones[0][0] >= STEP_WAIT_LIMIT_S - 1e-6
+    loop.advance(DEMO_SCRIPT.end_s)
+    assert [n for n, _, _ in tries if n > 1] == [2, 3, 4]
+    assert said[-1] == "demo: script finished: all 4 steps ran, the paths settled"
 
 
 # -- demo step 2: only the path that died shows down ---------------------------------------

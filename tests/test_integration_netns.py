@@ -279,25 +279,32 @@ def _old_address_is_only_challenged(
 ) -> tuple[list[bytes], float]:
     """The old address is no longer accepted: authentic, never-seen client datagrams sent
     from the old address are dropped as coming from an unvalidated path (and only
-    challenged), the binding does not move back. Fresh datagrams are taken off path A
-    while the relay briefly blackholes them, so the gateway has not seen them yet.
-    Returns the fresh datagrams and the unvalidated_path drops before them."""
+    challenged), the binding does not move back. Returns the fresh datagrams and the
+    unvalidated_path drops before them.
+
+    The datagrams must be the newest the gateway has seen from the client (D4: only the
+    newest authentic datagram from a new address is challenged), so *every* upstream is
+    held (both relays blackhole) from before the capture until the challenge came back:
+    nothing the client sends meanwhile (its stream, its probes of the standby path, the
+    probe burst a silent path triggers) reaches the gateway ahead of them."""
     before = _metric(t.metrics(), UNVALIDATED)
     gw_mark2 = t.gw_events.mark()
     link = t.topo.paths[0]
-    relay.set("up", blackhole=True)  # before the capture: every captured datagram is unseen
+    for r in t.relays.values():
+        r.set("up", blackhole=True)
     try:
         with Capture(t.topo.gateway_ns, link.gateway_ifname, RELAY_PORT_BASE) as cap:
             wait_until(lambda: sum(p.payload[0] == MSG_DATA for p in cap.packets) >= 3, 10, "data")
+        fresh = [p.payload for p in cap.packets if p.payload[0] == MSG_DATA]
+        with ns_socket(t.topo.gateway_ns) as old:
+            old.bind((old_host, int(old_port)))  # the relay closed this port at the rebind
+            old.settimeout(10.0)  # generous: the machine may be loaded
+            for payload in fresh:
+                old.sendto(payload, ("127.0.0.1", GATEWAY_PORT))
+            challenge, _ = old.recvfrom(2048)  # the gateway only challenges the old address
     finally:
-        relay.reset()
-    fresh = [p.payload for p in cap.packets if p.payload[0] == MSG_DATA]
-    with ns_socket(t.topo.gateway_ns) as old:
-        old.bind((old_host, int(old_port)))  # the relay closed this port at the rebind
-        old.settimeout(10.0)  # generous: the machine may be loaded
-        for payload in fresh:
-            old.sendto(payload, ("127.0.0.1", GATEWAY_PORT))
-        challenge, _ = old.recvfrom(2048)  # the gateway only challenges the old address
+        for r in t.relays.values():
+            r.reset()
     assert challenge[0] == MSG_CONTROL
     wait_until(
         lambda: _metric(t.metrics(), UNVALIDATED) >= before + 1,
@@ -313,14 +320,14 @@ def _old_address_is_only_challenged(
 def test_at18_nat_rebinding_rebinds_with_a_path_challenge_and_drops_the_old_address(
     realnet,  # noqa: F811
 ) -> None:
-    # The old address is tested with datagrams taken off path A while its relay briefly
-    # blackholes the upstream (the stream's echoes stop too): with traffic-scaled death
-    # (docs/policy.md, dead_traffic_min_ms) that silence alone would move the session to B
-    # within the capture and make the taken datagrams stale. The floor at its maximum keeps
-    # the capture an instrument, not a death; the rebinding itself is what is tested.
-    t: RealTunnel = realnet(
-        relays=(0,), policy=policy_toml(volatility={"dead_traffic_min_ms": 60_000})
-    )
+    # The old address is tested with datagrams taken off path A while both relays briefly
+    # blackhole the upstream (the stream's echoes stop too): that silence alone would end
+    # path A by either death rule (docs/policy.md, dead_min_ms and dead_traffic_min_ms)
+    # within the capture on a loaded machine. Both floors set high keep the capture
+    # an instrument, not a death; the rebinding itself is what is tested. Path B is relayed
+    # only to be held too.
+    floors = {"dead_min_ms": 10_000, "dead_traffic_min_ms": 60_000}  # (< transport_lost_ttl)
+    t: RealTunnel = realnet(relays=(0, 1), policy=policy_toml(volatility=floors))
     sid = _session_id(t)
     relay = t.relays[0]
     attached = t.gw_events.wait_type("TRANSPORT_ATTACHED", 5)

@@ -112,7 +112,9 @@ async def test_the_script_plays_without_a_key_and_the_caption_follows_its_steps(
         # no key pressed: the caption bar appears under the header and says it plays
         await screen.until(pilot, lambda: "started" in screen.caption, "the script to start")
         caption = app.query_one(DemoCaption)
-        assert caption.region.y == 1  # right under the header
+        # right under the header, once laid out (it was hidden until the engine said demo)
+        await screen.until(pilot, lambda: caption.region.height > 0, "the caption's layout")
+        assert caption.region.y == 1
         assert f"{N_STEPS} steps" in screen.caption and "g pauses" in screen.caption
         await screen.until(pilot, lambda: "demo finished" in screen.caption, "the script's end")
 
@@ -172,13 +174,20 @@ async def test_every_demo_key_confirms_on_screen() -> None:
         def confirmed(text: str) -> Callable[[], bool]:
             return lambda: any(text in t for t in screen.toasts)
 
-        await pilot.press("l")
+        async def on_active(key: str) -> None:
+            """Press a key that acts on the active path once there is one: between two
+            keys the session may be between paths for a moment (after the loss and the
+            rebinding, the switch limiter decides when it moves)."""
+            await screen.until(pilot, lambda: active() is not None, f"an active path for {key}")
+            await pilot.press(key)
+
+        await on_active("l")
         await screen.until(pilot, confirmed("30% loss both ways"), "l confirmed")
-        await pilot.press("x")
+        await on_active("x")
         await screen.until(pilot, confirmed("replayed from another address"), "x confirmed")
-        await pilot.press("b")
+        await on_active("b")
         await screen.until(pilot, confirmed("NAT rebinding #1"), "b confirmed")
-        await pilot.press("k")
+        await on_active("k")
         await screen.until(pilot, confirmed("blackholed both ways"), "k confirmed")
         await pilot.press("u")
         await screen.until(pilot, confirmed("every path restored"), "u confirmed")

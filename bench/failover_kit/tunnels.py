@@ -1,11 +1,15 @@
-"""The tunnels bench/failover.py kills paths under: jvpn and the two anchors it compares with.
+"""The tunnels the benches run on a shared rig: jvpn and the anchors it is compared with.
 
 Each runs on a :class:`netns.Topology` someone else owns (the same namespaces and veth
 paths for every tool, one tool at a time) with the same inner addresses (gateway
-10.66.0.1, client 10.66.0.2, inner MTU 1420), so the same inner flows run through each.
+10.66.0.1, client 10.66.0.2, inner MTU 1420), so the same inner traffic runs through each.
 ``start()`` brings the tunnel up and returns when inner traffic can flow; ``stop()``
 removes everything it started (its processes, hence its TUNs) and waits until the inner
-addresses are gone, so the next tool starts on a clean rig.
+addresses are gone, so the next tool starts on a clean rig. ``pids()`` names the tunnel's
+processes by role (gateway, client) for CPU accounting; ``data_cipher()`` says which data
+cipher the running tunnel uses when it tells.
+
+bench/failover.py (path kills):
 
 * :class:`Jvpn`: ``jvpn-gateway`` and ``jvpn-tui --headless`` (bench/throughput.py's
   :class:`TunnelRig`, default policy unless one is given).
@@ -17,11 +21,22 @@ addresses are gone, so the next tool starts on a clean rig.
   before trying the next remote; the gateway floats to the client's new address. After a
   connection has worked, OpenVPN's first restart retries the same remote (``no_advance``,
   set in init.c when the client initialised), so a dead path costs two ping-restarts.
+
+bench/compare.py (throughput; :class:`Jvpn` as above):
+
+* :class:`Wireguard`: ``wireguard-go`` on both sides, the client's endpoint on path 1,
+  persistent-keepalive 25 s, nothing else.
+* :class:`OpenvpnTls` (AES-256-GCM) and :class:`OpenvpnChacha` (ChaCha20-Poly1305):
+  OpenVPN 2.6 peer-to-peer over UDP with TLS, self-signed certificates pinned with
+  ``--peer-fingerprint`` (static-key mode has no AEAD ciphers), one ``--data-ciphers``
+  entry, userspace (``--disable-dco``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import re
 import shutil
 import statistics
 import subprocess
@@ -102,6 +117,8 @@ class Tool:
         self.topo = topo
         self.workdir = workdir
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.role_pids: dict[str, int] = {}
+        """The tunnel's own processes by role ("gateway", "client"): their CPU is measured."""
 
     def describe(self) -> str:
         raise NotImplementedError
@@ -127,11 +144,27 @@ class Tool:
     def diagnostics(self) -> str:
         return ""
 
-    def _exec(self, ns: str, argv: list[str], env: dict[str, str] | None = None) -> LineLog:
+    def pids(self) -> dict[str, int]:
+        """The tunnel's processes by role ("gateway", "client"), for CPU accounting."""
+        return dict(self.role_pids)
+
+    def data_cipher(self) -> str | None:
+        """The data-channel cipher the running tunnel uses, when it says so."""
+        return None
+
+    def _exec(
+        self,
+        ns: str,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        role: str | None = None,
+    ) -> LineLog:
         proc = self.topo.exec(
             ns, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env(env)
         )
         self.procs.append(proc)
+        if role is not None:
+            self.role_pids[role] = proc.pid
         return _follow(proc)
 
 
@@ -186,6 +219,19 @@ class Jvpn(Tool):
     def diagnostics(self) -> str:
         return self.rig.diagnostics()
 
+    def pids(self) -> dict[str, int]:
+        return self.rig.pids
+
+    def data_cipher(self) -> str | None:
+        """The cipher named by the client's latest event that names one (any field whose
+        name contains "cipher"), or None when no event does."""
+        found = None
+        for _, event in self.rig.events():
+            for key, value in event.items():
+                if "cipher" in key and isinstance(value, str) and value:
+                    found = value
+        return found
+
 
 class _SharedRig(TunnelRig):
     """:class:`TunnelRig` on a topology opened before it and closed after it."""
@@ -206,29 +252,30 @@ class _SharedRig(TunnelRig):
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-class WireguardWatchdog(Tool):
-    """wireguard-go on both sides, endpoint moved by wg-watchdog.sh (1 s checks)."""
+class Wireguard(Tool):
+    """wireguard-go on both sides, the client's endpoint on path 1 (a throughput anchor)."""
 
-    name = "wireguard-go+watchdog"
+    name = "wireguard-go"
     requires = {"wireguard-go": "wireguard-go", "wg": "wireguard-tools"}
+    keepalive = "25"
+    """persistent-keepalive, seconds: setting it also starts the handshake at once."""
 
     def __init__(self, topo: Topology, workdir: Path) -> None:
         super().__init__(topo, workdir)
         self.ifname = {topo.client_ns: f"wgc-{topo.tag}", topo.gateway_ns: f"wgg-{topo.tag}"}
         self.endpoints = [f"{p.gateway_ip}:{ANCHOR_PORT}" for p in topo.paths[:2]]
-        self.watchdog: LineLog | None = None
         self.logs: list[LineLog] = []
+        self.gateway_public_key = ""
 
     def describe(self) -> str:
         version = first_line(["wireguard-go", "--version"])
         return (
-            f"{version}, both ends userspace, persistent-keepalive 1 s, the gateway learns the "
-            "client's address by roaming; watchdog bench/failover_kit/wg-watchdog.sh on the "
-            "client: "
-            "every 1 s it reads the peer's received-bytes counter (wg show transfer) and, if it "
-            "has not grown since the previous check, moves the peer's endpoint to the other "
-            "path (wg set ... endpoint); no other tuning"
+            f"{version}, both ends userspace, inner MTU {INNER_MTU}, the client's endpoint "
+            f"on path 1, persistent-keepalive {self.keepalive} s; no other tuning"
         )
+
+    def data_cipher(self) -> str | None:
+        return "ChaCha20-Poly1305"  # WireGuard has no other
 
     def _keys(self, who: str) -> tuple[Path, str]:
         key = subprocess.run(["wg", "genkey"], capture_output=True, text=True, check=True)
@@ -242,7 +289,10 @@ class WireguardWatchdog(Tool):
 
     def _device(self, ns: str, address: str) -> None:
         ifname = self.ifname[ns]
-        self.logs.append(self._exec(ns, ["wireguard-go", "-f", ifname], {"LOG_LEVEL": "error"}))
+        role = "gateway" if ns == self.topo.gateway_ns else "client"
+        self.logs.append(
+            self._exec(ns, ["wireguard-go", "-f", ifname], {"LOG_LEVEL": "error"}, role=role)
+        )
         sock = WG_RUN_DIR / f"{ifname}.sock"
         wait_until(lambda: sock.exists() or not self.alive(), 10.0, f"{sock}")
         if not self.alive():
@@ -261,6 +311,7 @@ class WireguardWatchdog(Tool):
         topo = self.topo
         gw_key, gw_pub = self._keys("gateway")
         cl_key, cl_pub = self._keys("client")
+        self.gateway_public_key = gw_pub
         self._device(topo.gateway_ns, INNER_GATEWAY)
         self._device(topo.client_ns, INNER_CLIENT)
         self._wg(
@@ -274,7 +325,7 @@ class WireguardWatchdog(Tool):
             "allowed-ips",
             f"{INNER_CLIENT}/32",
             "persistent-keepalive",
-            "1",
+            self.keepalive,
         )
         self._wg(
             topo.client_ns,
@@ -287,14 +338,9 @@ class WireguardWatchdog(Tool):
             "endpoint",
             self.endpoints[0],
             "persistent-keepalive",
-            "1",
+            self.keepalive,
         )
         wait_until(lambda: self._handshake(gw_pub), 15.0, "WireGuard handshake")
-        self.watchdog = self._exec(
-            topo.client_ns,
-            ["sh", str(WATCHDOG), self.ifname[topo.client_ns], gw_pub, *self.endpoints],
-        )
-        wait_until(lambda: "ready" in self.watchdog_text(), 10.0, "watchdog ready")
 
     def _handshake(self, peer: str) -> bool:
         out = self.topo.run(
@@ -306,6 +352,53 @@ class WireguardWatchdog(Tool):
             if len(fields) == 2 and fields[0] == peer and fields[1] != "0":
                 return True
         return False
+
+    def stop(self) -> None:
+        try:
+            super().stop()
+        finally:
+            for ifname in self.ifname.values():
+                with contextlib.suppress(OSError):
+                    (WG_RUN_DIR / f"{ifname}.sock").unlink()
+
+    def diagnostics(self) -> str:
+        return "\n".join(log.text()[-1500:] for log in self.logs)
+
+
+class WireguardWatchdog(Wireguard):
+    """wireguard-go on both sides, endpoint moved by wg-watchdog.sh (1 s checks)."""
+
+    name = "wireguard-go+watchdog"
+    keepalive = "1"
+
+    def __init__(self, topo: Topology, workdir: Path) -> None:
+        super().__init__(topo, workdir)
+        self.watchdog: LineLog | None = None
+
+    def describe(self) -> str:
+        version = first_line(["wireguard-go", "--version"])
+        return (
+            f"{version}, both ends userspace, persistent-keepalive 1 s, the gateway learns the "
+            "client's address by roaming; watchdog bench/failover_kit/wg-watchdog.sh on the "
+            "client: "
+            "every 1 s it reads the peer's received-bytes counter (wg show transfer) and, if it "
+            "has not grown since the previous check, moves the peer's endpoint to the other "
+            "path (wg set ... endpoint); no other tuning"
+        )
+
+    def start(self) -> None:
+        super().start()
+        self.watchdog = self._exec(
+            self.topo.client_ns,
+            [
+                "sh",
+                str(WATCHDOG),
+                self.ifname[self.topo.client_ns],
+                self.gateway_public_key,
+                *self.endpoints,
+            ],
+        )
+        wait_until(lambda: "ready" in self.watchdog_text(), 10.0, "watchdog ready")
 
     def watchdog_text(self) -> str:
         return self.watchdog.text() if self.watchdog else ""
@@ -325,23 +418,49 @@ class WireguardWatchdog(Tool):
             f" ({len(moves)} moves)" if len(moves) > 1 else ""
         )
 
-    def stop(self) -> None:
-        try:
-            super().stop()
-        finally:
-            for ifname in self.ifname.values():
-                with contextlib.suppress(OSError):
-                    (WG_RUN_DIR / f"{ifname}.sock").unlink()
-
     def diagnostics(self) -> str:
         return "\n".join(log.text()[-1500:] for log in [*self.logs, *filter(None, [self.watchdog])])
 
 
-class Openvpn(Tool):
+class _OpenvpnPair(Tool):
+    """Two openvpn processes, gateway and client, each on its own TUN; up once both log
+    'Initialization Sequence Completed'."""
+
+    requires = {"openvpn": "openvpn"}
+
+    def __init__(self, topo: Topology, workdir: Path) -> None:
+        super().__init__(topo, workdir)
+        self.client_log: LineLog | None = None
+        self.gateway_log: LineLog | None = None
+
+    def _launch(self, gateway_args: list[str], client_args: list[str]) -> None:
+        topo = self.topo
+        self.gateway_log = self._exec(
+            topo.gateway_ns, ["openvpn", "--dev", f"ovg-{topo.tag}", *gateway_args], role="gateway"
+        )
+        self.client_log = self._exec(
+            topo.client_ns, ["openvpn", "--dev", f"ovc-{topo.tag}", *client_args], role="client"
+        )
+        for log in (self.gateway_log, self.client_log):
+            wait_until(
+                partial(self._completed, log), 20.0, "openvpn 'Initialization Sequence Completed'"
+            )
+
+    def _completed(self, log: LineLog) -> bool:
+        if not self.alive():
+            raise ToolError(f"openvpn exited: {self.diagnostics()[-400:]}")
+        return "Initialization Sequence Completed" in log.text()
+
+    def diagnostics(self) -> str:
+        return "\n".join(
+            log.text()[-1500:] for log in (self.gateway_log, self.client_log) if log is not None
+        )
+
+
+class Openvpn(_OpenvpnPair):
     """OpenVPN p2p over UDP with a static key; the client lists both paths as --remote."""
 
     name = "openvpn"
-    requires = {"openvpn": "openvpn"}
 
     CLIENT_TUNING = (
         "--keepalive",
@@ -370,11 +489,6 @@ class Openvpn(Tool):
         str(INNER_MTU),
     )
 
-    def __init__(self, topo: Topology, workdir: Path) -> None:
-        super().__init__(topo, workdir)
-        self.client_log: LineLog | None = None
-        self.gateway_log: LineLog | None = None
-
     def describe(self) -> str:
         version = " ".join(first_line(["openvpn", "--version"]).split()[:2])
         return (
@@ -391,19 +505,17 @@ class Openvpn(Tool):
         )
 
     def start(self) -> None:
-        topo = self.topo
         key = self.workdir / "ovpn.key"
         gen = subprocess.run(
             ["openvpn", "--genkey", "secret", str(key)], capture_output=True, text=True
         )
         if gen.returncode != 0:
             raise ToolError(f"openvpn --genkey failed: {gen.stderr.strip()[:200]}")
-        self.gateway_log = self._exec(
-            topo.gateway_ns,
+        remotes = [
+            a for p in self.topo.paths[:2] for a in ("--remote", p.gateway_ip, str(ANCHOR_PORT))
+        ]
+        self._launch(
             [
-                "openvpn",
-                "--dev",
-                f"ovg-{topo.tag}",
                 *self.COMMON,
                 "--secret",
                 str(key),
@@ -415,14 +527,7 @@ class Openvpn(Tool):
                 INNER_CLIENT,
                 *self.GATEWAY_TUNING,
             ],
-        )
-        remotes = [a for p in topo.paths[:2] for a in ("--remote", p.gateway_ip, str(ANCHOR_PORT))]
-        self.client_log = self._exec(
-            topo.client_ns,
             [
-                "openvpn",
-                "--dev",
-                f"ovc-{topo.tag}",
                 *self.COMMON,
                 "--secret",
                 str(key),
@@ -434,15 +539,9 @@ class Openvpn(Tool):
                 *self.CLIENT_TUNING,
             ],
         )
-        for log in (self.gateway_log, self.client_log):
-            wait_until(
-                partial(self._completed, log), 20.0, "openvpn 'Initialization Sequence Completed'"
-            )
 
-    def _completed(self, log: LineLog) -> bool:
-        if not self.alive():
-            raise ToolError(f"openvpn exited: {self.diagnostics()[-400:]}")
-        return "Initialization Sequence Completed" in log.text()
+    def data_cipher(self) -> str | None:
+        return "AES-256-CBC + HMAC-SHA256"
 
     def kill_note(self, t_down: float, t_end: float) -> str:
         if self.client_log is None:
@@ -456,11 +555,132 @@ class Openvpn(Tool):
                 restarts[-1] += f" -> {line.rsplit(']', 1)[-1].split(':')[0]}"
         return "ping-restart " + ", ".join(restarts) if restarts else "no ping-restart"
 
-    def diagnostics(self) -> str:
-        return "\n".join(
-            log.text()[-1500:] for log in (self.gateway_log, self.client_log) if log is not None
+
+def self_signed(workdir: Path, who: str) -> tuple[Path, Path, str]:
+    """A self-signed EC P-256 certificate and key for ``who``: (cert, key, SHA-256
+    fingerprint as OpenVPN's --peer-fingerprint writes it, AA:BB:...)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"jvpn-bench-{who}")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = workdir / f"{who}.crt", workdir / f"{who}.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
         )
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path, cert.fingerprint(hashes.SHA256()).hex(":").upper()
+
+
+class OpenvpnTls(_OpenvpnPair):
+    """OpenVPN 2.6 p2p over UDP with TLS and one AEAD data cipher (a throughput anchor).
+
+    Static-key mode has no AEAD ciphers, so this one runs TLS: each end has a self-signed
+    certificate, pinned by the other with ``--peer-fingerprint`` (no CA), and both list
+    only ``cipher`` in ``--data-ciphers``; userspace (``--disable-dco``).
+    """
+
+    name = "openvpn-aes"
+    cipher = "AES-256-GCM"
+    COMMON = (
+        "--proto",
+        "udp",
+        "--dev-type",
+        "tun",
+        "--disable-dco",
+        "--verb",
+        "3",
+        "--tun-mtu",
+        str(INNER_MTU),
+    )
+    CIPHER_LINE = re.compile(r"Data Channel: [Cc]ipher '([^']+)'")
+
+    def describe(self) -> str:
+        version = " ".join(first_line(["openvpn", "--version"]).split()[:2])
+        return (
+            f"{version} peer-to-peer, UDP, TLS (self-signed EC certificates pinned with "
+            f"--peer-fingerprint), --data-ciphers {self.cipher}, userspace (--disable-dco), "
+            f"inner MTU {INNER_MTU}, the client's remote on path 1; no other tuning"
+        )
+
+    def start(self) -> None:
+        gw_cert, gw_key, gw_fp = self_signed(self.workdir, "gateway")
+        cl_cert, cl_key, cl_fp = self_signed(self.workdir, "client")
+        common = [*self.COMMON, "--data-ciphers", self.cipher]
+        self._launch(
+            [
+                *common,
+                "--tls-server",
+                "--dh",
+                "none",
+                "--cert",
+                str(gw_cert),
+                "--key",
+                str(gw_key),
+                "--peer-fingerprint",
+                cl_fp,
+                "--lport",
+                str(ANCHOR_PORT),
+                "--ifconfig",
+                INNER_GATEWAY,
+                INNER_CLIENT,
+            ],
+            [
+                *common,
+                "--tls-client",
+                "--cert",
+                str(cl_cert),
+                "--key",
+                str(cl_key),
+                "--peer-fingerprint",
+                gw_fp,
+                "--remote",
+                self.topo.paths[0].gateway_ip,
+                str(ANCHOR_PORT),
+                "--nobind",
+                "--ifconfig",
+                INNER_CLIENT,
+                INNER_GATEWAY,
+            ],
+        )
+        used = self.data_cipher()
+        if used is not None and used.upper() != self.cipher:
+            raise ToolError(f"openvpn negotiated {used}, not {self.cipher}")
+
+    def data_cipher(self) -> str | None:
+        """The cipher the client's log says its data channel was initialised with."""
+        text = self.client_log.text() if self.client_log is not None else ""
+        found = self.CIPHER_LINE.findall(text)
+        return found[-1] if found else None
+
+
+class OpenvpnChacha(OpenvpnTls):
+    """:class:`OpenvpnTls` with ChaCha20-Poly1305."""
+
+    name = "openvpn-chacha"
+    cipher = "CHACHA20-POLY1305"
 
 
 ANCHORS: tuple[type[Tool], ...] = (WireguardWatchdog, Openvpn)
-"""The tools --compare runs after jvpn, in this order."""
+"""The tools failover.py --compare runs after jvpn, in this order."""
+
+THROUGHPUT_ANCHORS: tuple[type[Tool], ...] = (Wireguard, OpenvpnTls, OpenvpnChacha)
+"""The tools compare.py measures beside jvpn, in this order."""

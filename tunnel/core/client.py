@@ -590,7 +590,8 @@ class ClientSession:
             return
         self.paths.health_events(now)
         self.switching.on_timer(now)
-        for path_id, probe_id in self.paths.due_probes(now):
+        hunting = self.state is State.VOLATILE or self.state is State.DEGRADED
+        for path_id, probe_id in self.paths.due_probes(now, hunting=hunting):
             self.send_control(path_id, Probe(probe_id, path_id, self.report.ts_ms(now)))
         self._rekey_timer(now)
         self.report.maybe_drop_summary(now, self.base(now))

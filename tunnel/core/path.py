@@ -407,11 +407,16 @@ class PathSet:
                 )
             )
 
-    def due_probes(self, now: float) -> list[tuple[int, int]]:
-        """(path id, probe id) of every probe due at ``now``, each recorded as sent."""
+    def due_probes(self, now: float, *, hunting: bool = False) -> list[tuple[int, int]]:
+        """(path id, probe id) of every probe due at ``now``, each recorded as sent.
+
+        ``hunting``: the session is looking for a better path (VOLATILE or DEGRADED), so
+        the standby paths are probed at the active rate too: the candidate is chosen on
+        fresh RTT and loss, not on a sample a second or more old (one taken while the
+        machine was busy would otherwise hold a good standby back for many seconds)."""
         pol = self.policy
         fast = pol.probe_interval_ms / 1000
-        slow = pol.standby_probe_interval_ms / 1000
+        slow = fast if hunting else pol.standby_probe_interval_ms / 1000
         out = []
         self._burst_standbys(now)
         for p in self:

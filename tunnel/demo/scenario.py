@@ -209,27 +209,32 @@ class DemoPlugin:
 
     # -- the scripted timeline -------------------------------------------------------------
 
-    def _script_step(self, host: PluginHost, n: int, step: ScriptStep) -> None:
+    def _script_step(self, host: PluginHost, n: int, step: ScriptStep, last_try: bool) -> bool:
         """Engine loop (the player's timer): announce one step, then run it as an ordinary
-        DemoImpair on the path active now (``restore``: on every path)."""
+        DemoImpair on the path active now (``restore``: on every path). False: there is no
+        active path yet (the player waits and tries again); on the ``last_try`` such a
+        step is skipped, saying so."""
         if host.ended():
-            return
+            return True
         total = len(self.script.steps)
         if step.action == DemoAction.RESTORE:
             self._report(step_detail(n, total, step.at_s, step_summary(step), step.expect),
                          ok=True)  # fmt: skip
             self._impair(DemoImpair(ALL_PATHS, DemoAction.RESTORE))
-            return
+            return True
         session = host.session()
         target = session.active if session.active is not None else session.pending
         if target is None:
+            if not last_try:
+                return False
             skipped = f"{step.action} skipped: no active path right now"
             self._report(step_detail(n, total, step.at_s, skipped, "nothing from this step"),
                          ok=False)  # fmt: skip
-            return
+            return True
         what = step_summary(step, target)
         self._report(step_detail(n, total, step.at_s, what, step.expect), ok=True)
         self._impair(DemoImpair(target, step.action, step.value))
+        return True
 
 
 class DemoEngine:

@@ -71,6 +71,13 @@ _VERB: Final = {
 }
 """How a step names its action on a path (format with the step's ``value``)."""
 
+STEP_RETRY_S: Final = 0.25
+"""A step that found no active path (the previous step's recovery is still under way)
+looks again this often; script time stands still meanwhile."""
+STEP_WAIT_LIMIT_S: Final = 10.0
+"""How long a step waits for an active path at most; then it runs its last try (the
+owner skips it, saying so)."""
+
 
 def step_summary(step: ScriptStep, path: int | None = None) -> str:
     """What a step does, in words: on ``path`` when given, else on "the active path"."""
@@ -94,7 +101,7 @@ class ScriptPlayer:
         loop: asyncio.AbstractEventLoop,
         clock: Callable[[], float],
         *,
-        run_step: Callable[[int, ScriptStep], None],
+        run_step: Callable[[int, ScriptStep, bool], bool],
         say: Callable[[str], None],
     ) -> None:
         self.script = script
@@ -111,6 +118,8 @@ class ScriptPlayer:
         self._next = 0
         """Index of the next step to run."""
         self._timers: list[asyncio.TimerHandle] = []
+        self._waited_s = 0.0
+        """How long the next step has waited for an active path so far."""
 
     def position(self) -> float:
         """Script time now (it stands still while paused)."""
@@ -130,7 +139,7 @@ class ScriptPlayer:
     def play(self) -> None:
         """(Re)start from the beginning."""
         again = self.status is not None
-        self._position_s, self._next = 0.0, 0
+        self._position_s, self._next, self._waited_s = 0.0, 0, 0.0
         self._start()
         n = len(self.script.steps)
         self._say(script_detail(
@@ -185,8 +194,26 @@ class ScriptPlayer:
         self._timers = []
 
     def _fire(self, index: int) -> None:
-        self._next = index + 1
-        self._run_step(index + 1, self.script.steps[index])
+        """Run step ``index``. ``run_step(n, step, last_try)`` returns False when the step
+        cannot run yet (no active path); it then waits, script time standing still, and
+        is tried again every :data:`STEP_RETRY_S` until :data:`STEP_WAIT_LIMIT_S`, when
+        its last try runs (the owner skips it then, saying so)."""
+        step = self.script.steps[index]
+        last_try = self._waited_s >= STEP_WAIT_LIMIT_S
+        if self._run_step(index + 1, step, last_try) or last_try:
+            self._next, self._waited_s = index + 1, 0.0
+            return
+        if self._waited_s == 0.0:
+            n = len(self.script.steps)
+            self._say(script_detail(
+                ScriptStatus.PLAYING,
+                f"waiting: step {index + 1}/{n} needs an active path; the last step's "
+                f"recovery is still under way (up to {STEP_WAIT_LIMIT_S:g} s)",
+            ))  # fmt: skip
+        self._cancel()
+        self._position_s, self._next, self._since = step.at_s, index, self._clock()
+        self._waited_s += STEP_RETRY_S
+        self._timers.append(self._loop.call_later(STEP_RETRY_S, self._start))
 
     def _end(self) -> None:
         self._timers = []
