@@ -132,6 +132,8 @@ class SessionPersistence:
         """Reservation writes (refresh) that succeeded."""
         self.failures = 0
         """Reservation writes that failed (each ended its session)."""
+        self.resumed = 0
+        """Sessions resumed from the store at start."""
         self._pending: dict[int, tuple[int, int]] = {}
         """index -> (phase, counter) of the sealed state a write is carrying."""
         self._batch: list[tuple[GatewaySession, tuple[int, int]]] = []
@@ -250,6 +252,7 @@ class SessionPersistence:
             why = self._restore_one(record, configured, now)
             if why is None:
                 resumed += 1
+                self.resumed += 1
                 continue
             problems.append(f"session {record.session_id[:8]} not resumed: {why}")
             self.store.delete(record.session_id)
