@@ -12,7 +12,12 @@ import pytest
 
 from tunnel.core.handshake import generate_keypair
 from tunnel.gateway import main as gateway_main
-from tunnel.gateway.config import ConfigError, StateConfig, load_gateway_config
+from tunnel.gateway.config import (
+    ConfigError,
+    StateConfig,
+    default_state_dir,
+    load_gateway_config,
+)
 from tunnel.gateway.resume import StateError, open_state
 from tunnel.keys import write_private_key, write_public_key
 from tunnel.ownership.sqlite import SqliteSessionStore
@@ -155,3 +160,12 @@ def test_program_refuses_a_state_dir_another_gateway_holds(confdir: Path) -> Non
         held.close()
     assert result.returncode == gateway_main.EXIT_CONFIG
     assert "[state] session store" in result.stderr and "in use by another process" in result.stderr
+
+
+def test_the_default_state_dir_follows_the_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert default_state_dir({"XDG_STATE_HOME": "/x"}) == Path("/var/lib/jvpn")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert default_state_dir({"XDG_STATE_HOME": "/x"}) == Path("/x/jvpn")
+    monkeypatch.setenv("HOME", "/home/u")
+    assert default_state_dir({}) == Path("/home/u/.local/state/jvpn")

@@ -59,8 +59,21 @@ STATE_STORES: Final = ("sqlite", "memory")
 """``[state] store``: the embedded persistent default (sessions survive a restart), or
 memory (they end with the process; for tests and throwaway gateways)."""
 DEFAULT_STATE_DIR: Final = Path("/var/lib/jvpn")
+"""``[state] state_dir`` for root (the service's StateDirectory)."""
 STATE_KEY_NAME: Final = "state.key"
 """The state key file's default name in ``state_dir``."""
+
+
+def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """root: ``/var/lib/jvpn``; anyone else: ``$XDG_STATE_HOME/jvpn`` (by default
+    ``~/.local/state/jvpn``), as the control socket's default follows the user too."""
+    if os.geteuid() == 0:
+        return DEFAULT_STATE_DIR
+    env = os.environ if environ is None else environ
+    base = env.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "jvpn"
+
+
 TUN_KEYS: Final = frozenset({"name", "subnet", "address", "subnet6", "address6"})
 CLIENT_KEYS: Final = frozenset({"name", "public_key", "address", "address6"})
 MAX_CLIENT_FILE_SIZE: Final = 64 * 1024
@@ -774,7 +787,7 @@ def _parse_state(file: Path, raw: object, key_path: Path) -> StateConfig:
     store = r.string("store", "sqlite")
     if store not in STATE_STORES:
         raise r.error("store", store, f"must be one of: {', '.join(STATE_STORES)}")
-    state_dir = r.path("state_dir") or DEFAULT_STATE_DIR
+    state_dir = r.path("state_dir") or default_state_dir()
     if state_dir.exists() and not state_dir.is_dir():
         raise r.error("state_dir", str(state_dir), "exists and is not a directory")
     key_file = r.path("state_key_file") or state_dir / STATE_KEY_NAME
