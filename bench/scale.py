@@ -60,11 +60,13 @@ second, so every response arrives before its client sends a new INIT."""
 
 def policy_for(probe_ms: int) -> Policy:
     """The default policy, or (``probe_ms`` > 0) one whose idle sessions probe every
-    ``probe_ms`` (death after five silent intervals)."""
+    ``probe_ms`` (death after five silent intervals). Clients end at the gateway's
+    ``gateway_shutdown`` (``lost_state = "terminate"``): the shutdown is what is measured."""
+    base = dataclasses.replace(POLICY_DEFAULT, lost_state="terminate")
     if probe_ms <= 0:
-        return POLICY_DEFAULT
+        return base
     return dataclasses.replace(
-        POLICY_DEFAULT, probe_interval_ms=probe_ms,
+        base, probe_interval_ms=probe_ms,
         standby_probe_interval_ms=max(probe_ms, POLICY_DEFAULT.standby_probe_interval_ms),
         dead_min_ms=5 * probe_ms,
     )  # fmt: skip
@@ -225,7 +227,7 @@ class Swarm:
             p.attached_at = time.monotonic()
         elif ev.new_state == State.TERMINATED:
             p.terminated_by = ev.reason_code
-            p.got_terminate = ev.reason_code == Reason.OPERATOR_TERMINATED
+            p.got_terminate = ev.reason_code == Reason.GATEWAY_SHUTDOWN
 
     def run_until(self, done: object, limit: float) -> bool:
         end = time.monotonic() + limit
@@ -298,11 +300,15 @@ def attach_all(sw: Swarm, n: int, window: float, setup_limit: float, res: Result
     return attached
 
 
-def attach_in_waves(sw: Swarm, n: int, limit: float, wave: int = WAVE) -> int:
+def attach_in_waves(
+    sw: Swarm, n: int, limit: float, wave: int = WAVE, *, stall: float | None = None
+) -> int:
     """Connect every client that is not attached, ``wave`` at a time, until all are or
-    ``limit`` seconds have passed; the number attached."""
+    ``limit`` seconds have passed (``stall`` given: until no client attached for that
+    long, however slow the machine is); the number attached."""
     end = time.monotonic() + limit
-    while time.monotonic() < end:
+    progress_at, attached = time.monotonic(), sw.count(State.ATTACHED)
+    while time.monotonic() < end if stall is None else time.monotonic() - progress_at < stall:
         todo = [
             i for i in range(n) if i not in sw.peers or sw.peers[i].core.state is State.TERMINATED
         ]
@@ -314,6 +320,8 @@ def attach_in_waves(sw: Swarm, n: int, limit: float, wave: int = WAVE) -> int:
         sw.run_until(
             lambda c=chunk: all(sw.peers[i].core.state is not State.BIRTH for i in c), 10.0
         )
+        if (now_attached := sw.count(State.ATTACHED)) > attached:
+            progress_at, attached = time.monotonic(), now_attached
     return sw.count(State.ATTACHED)
 
 

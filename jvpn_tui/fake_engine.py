@@ -79,8 +79,15 @@ def _history(base: float, spread: float, phase: int, n: int = 40) -> tuple[float
 
 
 def _stats(
-    pid: int, rtt: float | None, jitter: float, loss: float, score: float, *,
-    alive: bool = True, history: tuple[float, ...] = (), misses: int = 0,
+    pid: int,
+    rtt: float | None,
+    jitter: float,
+    loss: float,
+    score: float,
+    *,
+    alive: bool = True,
+    history: tuple[float, ...] = (),
+    misses: int = 0,
 ) -> PathStatsView:
     return PathStatsView(
         path_id=pid, srtt_ms=rtt, jitter_ms=jitter, loss_ratio=loss,
@@ -363,8 +370,12 @@ class FakeEngine:
         if action in (DemoAction.SCRIPT, DemoAction.PLAY_PAUSE):
             pause = action == DemoAction.PLAY_PAUSE and self._script == ScriptStatus.PLAYING
             self._script = ScriptStatus.PAUSED if pause else ScriptStatus.PLAYING
-            self._emit("DIAGNOSTIC", reason_code="demo_action", state="",
-                       detail=script_detail(self._script, "fake engine: announced only"))
+            self._emit(
+                "DIAGNOSTIC",
+                reason_code="demo_action",
+                state="",
+                detail=script_detail(self._script, "fake engine: announced only"),
+            )
             return
         where = "every path" if pid == ALL_PATHS else f"path {pid}"
         self._emit("DIAGNOSTIC", reason_code="demo_action", state="",
@@ -439,13 +450,15 @@ def _session(**overrides: Any) -> SessionView:
         "key_age_s": 95.0, "policy_version": POLICY_VERSION, "uptime_s": 3723.0,
         "queue_depth": 0, "queue_dropped": 0, "total_switches": 2, "drops": (),
         "inner_address": "10.77.0.2", "inner_address6": "fd00:77::2",
+        "cipher": "aes-256-gcm",
     }  # fmt: skip
     fields.update(overrides)
     return SessionView(**fields)
 
 
 _OPENING: Final = (
-    _event("SESSION_CREATED", 0, 1, peer="gw-1", inner_address="10.77.0.2"),
+    _event("SESSION_CREATED", 0, 1, peer="gw-1", inner_address="10.77.0.2",
+           cipher="aes-256-gcm"),
     _event("STATE_CHANGE", 40, 2, previous_state="BIRTH", new_state="ATTACHED",
            reason_code="attached_to_transport", trigger="handshake_ok", edge="T01"),
     _event("TRANSPORT_ATTACHED", 40, 2, transport_id=1, path=_LABELS[1], binding_epoch=1),

@@ -18,6 +18,9 @@ EXIT_CODES: Final[dict[str, int]] = {
     "transport_ttl_exceeded": 37,
     "degraded_timeout": 41,
     "ownership_conflict": 45,
+    "gateway_lost_state": 75,  # D15c
+    "gateway_shutdown": 76,
+    "cipher_mismatch": 77,
 }
 """final reason -> exit status, for the reasons the process tests end with."""
 

@@ -106,9 +106,11 @@ def test_status_text_shows_the_session_and_the_paths_table(client: Client) -> No
     assert lines[0] == f"client {snap.session.inner_address}"
     keys = [line.split(":", 1)[0].strip() for line in lines[1 : lines.index("")]]
     assert keys == [
-        "session", "state", "binding epoch", "key phase", "policy", "uptime", "switching",
-        "traffic", "queue", "drops", "observability",
+        "session", "state", "binding epoch", "key phase", "cipher", "policy", "uptime",
+        "switching", "traffic", "queue", "drops", "observability",
     ]  # fmt: skip
+    assert re.search(rf"^  cipher: +{snap.session.cipher}$", out, re.M), out
+    assert snap.session.cipher in ("aes-256-gcm", "chacha20-poly1305")
     assert re.search(rf"^  session: +{snap.session.session_id}$", out, re.M)
     assert re.search(r"^  state: +ATTACHED v\d+ \(gateway: ATTACHED v\d+\)$", out, re.M), out
     assert re.search(r"^  switching: +auto on, 0 switches, \d+ more allowed now$", out, re.M)

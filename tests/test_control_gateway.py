@@ -48,12 +48,17 @@ from tunnel.core.policy import POLICY_DEFAULT, policy_to_toml
 from tunnel.gateway.config import ConfigError, load_gateway_config
 from tunnel.gateway.console import SessionNotices
 from tunnel.gateway.thread import GatewayThread, start_in_thread
+from tunnel.io.cpu import cpu_has_aes
 from tunnel.io.inner import MemoryInner
 from tunnel.keys import write_private_key, write_public_key
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "control.md"
 JVPN = [sys.executable, "-m", "tunnel.cli"]
+
+CIPHER = "aes-256-gcm" if cpu_has_aes() else "chacha20-poly1305"
+"""docs/client.md: without ``ciphers`` a client prefers AES-256-GCM on a CPU with AES
+instructions; the gateway allows both by default (docs/gateway.md)."""
 
 
 def wait_until(what: Callable[[], Any], timeout: float = 20.0, message: str = "") -> Any:
@@ -144,16 +149,21 @@ def test_status_text_shows_every_session_with_its_paths_and_counters(rig: Rig) -
     assert re.search(r"^  sessions: +2 live, 2 created, 0 denied$", proc.stdout, re.M)
     header = next(line for line in lines if line.lstrip().startswith("SESSION"))
     assert header.split() == [
-        "SESSION", "CLIENT", "INNER", "STATE", "EPOCH", "KEY", "OWNER", "PATH", "ADDRESS",
-        "RX", "TX", "SEEN", "AGE",
+        "SESSION", "CLIENT", "INNER", "STATE", "EPOCH", "KEY", "CIPHER", "OWNER", "PATH",
+        "ADDRESS", "RX", "TX", "SEEN", "AGE",
     ]  # fmt: skip
+    cipher = CIPHER
+    assert re.search(r"^  ciphers: +aes-256-gcm, chacha20-poly1305$", proc.stdout, re.M), (
+        proc.stdout
+    )
     for name, inner in (("alice", "10.66.0.2"), ("bob", "10.66.0.3")):
         row = next(line for line in lines if line.lstrip().startswith(ids[name][:8]))
         cells = row.split()
         assert cells[1:6] == [name, inner, "ATTACHED", "v1", "1"], row
-        assert cells[7] == "gw1", row  # the owner node in the session store
-        assert cells[8] == "1", row  # the client's path 1 carries the session
-        assert re.fullmatch(r"127\.0\.0\.1:\d+", cells[9]) and cells[9] != f"127.0.0.1:{gw_port}"
+        assert cells[7] == cipher, row
+        assert cells[8] == "gw1", row  # the owner node in the session store
+        assert cells[9] == "1", row  # the client's path 1 carries the session
+        assert re.fullmatch(r"127\.0\.0\.1:\d+", cells[10]) and cells[10] != f"127.0.0.1:{gw_port}"
     # the columns line up: every row's ADDRESS starts where the header's does
     column = header.index("ADDRESS")
     rows = [line for line in lines if any(line.lstrip().startswith(i[:8]) for i in ids.values())]
@@ -541,7 +551,7 @@ def test_console_lines_for_sessions_that_start_switch_and_end(tmp_path: Path) ->
         started = wait_until(lambda: [x for x in lines if " started: " in x], message="start")
         assert re.fullmatch(
             rf"jvpn-gateway: session {sid[:8]} started: alice 10\.66\.0\.2 from "
-            r"127\.0\.0\.1:\d+ \(path 1\)\n", started[0],
+            rf"127\.0\.0\.1:\d+ \(path 1\), {CIPHER}\n", started[0],
         ), started  # fmt: skip
         assert engine.commands.send(SwitchTo(2))
         switched = wait_until(lambda: [x for x in lines if " switched " in x], message="switch")

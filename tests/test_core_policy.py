@@ -67,6 +67,7 @@ D12 = {
     "on_recovery_timeout": "terminate",
     "degraded_terminate_after_ms": None,
     "reattach_retry_ms": 250,
+    "lost_state": "new_session",  # D15c (issue 9): docs/policy.md
     "max_candidate_count": 8,
     "reattach_proof_max_age_ms": 5_000,
     "replay_window_size": 8_192,  # D12 2048, changed for multipath (issue 14): docs/policy.md
@@ -510,6 +511,7 @@ def test_at45_changed_policy_gets_a_different_version() -> None:
         other = spec.lo if default is None else default + 1 if spec.kind is int else default * 1.01
         versions.add(with_values(**{spec.name: other}).policy_version)
     versions.add(dataclasses.replace(POLICY_DEFAULT, on_recovery_timeout="degrade").policy_version)
+    versions.add(dataclasses.replace(POLICY_DEFAULT, lost_state="terminate").policy_version)
     assert POLICY_DEFAULT.policy_version not in versions
     assert len(versions) == len(POLICY_FIELDS)  # every single-field change is told apart
 

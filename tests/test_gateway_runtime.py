@@ -8,6 +8,7 @@ orderly stop that tells the client.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import select
 import struct
@@ -158,9 +159,11 @@ class Setup:
         )
         self.clients: list[LoopbackClient] = []
 
-    def client(self, *, other: bool = False, n_paths: int = 1) -> LoopbackClient:
+    def client(
+        self, *, other: bool = False, n_paths: int = 1, policy: Policy = POLICY_DEFAULT
+    ) -> LoopbackClient:
         priv = self.other_priv if other else self.cl_priv
-        c = LoopbackClient(self.gateway.address, self.gw_pub, priv, n_paths=n_paths)
+        c = LoopbackClient(self.gateway.address, self.gw_pub, priv, n_paths=n_paths, policy=policy)
         self.clients.append(c)
         return c
 
@@ -363,14 +366,16 @@ def test_stop_terminates_sessions_tells_clients_and_clears_the_store(
     setup: Callable[..., Setup],
 ) -> None:
     s = setup()
-    c = s.client()
+    # lost_state = "terminate": the client ends at the TERMINATE (docs/client.md)
+    c = s.client(policy=dataclasses.replace(POLICY_DEFAULT, lost_state="terminate"))
     assert c.run_until(attached(c))
     assert len(s.store) == 1
     s.gateway.stop()
     assert not s.gateway.alive
     assert c.run_until(lambda: c.state is State.TERMINATED)
     ended = [e for e in c.events if e.event_type == EventType.SESSION_TERMINATED]
-    assert ended[-1].to_dict()["reason_code"] == "operator_terminated"
+    # the memory store keeps nothing: the clients are told the gateway went (D15c)
+    assert ended[-1].to_dict()["reason_code"] == "gateway_shutdown"
     assert len(s.store) == 0
     assert s.gateway.error is None
 

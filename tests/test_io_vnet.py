@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import struct
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from tunnel.io.vnet import (
     NO_OFFLOAD_HDR,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
@@ -140,3 +143,74 @@ def test_a_partial_checksum_read_is_completed_and_bad_reads_are_refused() -> Non
     assert from_kernel(memoryview(bad + bytes(udp)), 10 + len(udp), out) == "bad_csum_offsets"
     v6 = VNET_HDR.pack(0, 4, 60, 1000, 40, 16)  # GSO_TCPV6: not supported
     assert from_kernel(memoryview(v6 + bytes(60)), 70, out) == "unsupported_gso"
+
+
+# -- property: coalescing loses, reorders and mixes nothing ---------------------------------
+
+
+def _masked(packet: bytes) -> bytes:
+    """``packet``'s IP and TCP headers with what may differ inside one GSO packet zeroed:
+    IP total length, id and checksum, TCP seq, PSH and checksum."""
+    thl = (packet[32] >> 4) * 4
+    h = bytearray(packet[: 20 + thl])
+    h[2:6], h[10:12], h[24:28], h[36:38] = bytes(4), bytes(2), bytes(4), bytes(2)
+    h[33] &= ~0x08
+    return bytes(h)
+
+
+@st.composite
+def segment_batches(draw: st.DrawFn) -> list[bytes]:
+    """Batches of IPv4 TCP segments that are mostly mergeable, with random breaks: a gap or
+    overlap in seq, another flow, another ack, window or options, PSH, SYN/FIN, short
+    segments, non-TCP packets."""
+    packets = []
+    seq = draw(st.integers(0, 2**32 - 1))
+    for _ in range(draw(st.integers(1, 90))):
+        size = draw(st.sampled_from([700, 700, 700, 300, 0]))
+        kind = draw(st.sampled_from(["same"] * 6 + ["gap", "flow", "ack", "psh", "fin", "opt",
+                                                     "win", "udp"]))  # fmt: skip
+        flags = {"psh": 0x18, "fin": 0x11}.get(kind, 0x10)
+        pkt = bytearray(tcp(
+            (seq + 5) % 2**32 if kind == "gap" else seq, bytes([len(packets) % 251]) * size,
+            flags=flags, sport=40001 if kind == "flow" else 40000, ack=78 if kind == "ack" else 77,
+            ident=draw(st.integers(0, 0xFFFF)),
+            options=OPTIONS[:8] + b"\0\0\0\1" if kind == "opt" else OPTIONS,
+        ))  # fmt: skip
+        if kind == "win":
+            pkt[34:36] = b"\x01\x00"
+        if kind == "udp":
+            pkt[9] = 17
+        packets.append(bytes(pkt))
+        seq = (seq + size) % 2**32
+    return packets
+
+
+@settings(max_examples=150, deadline=None)
+@given(segment_batches())
+def test_coalescing_keeps_every_segment_in_order_and_merges_only_one_flow(
+    packets: list[bytes],
+) -> None:
+    out: list[bytes] = []  # the input packets as the writes carry them, in order
+    for write in coalesce(packets):
+        if write[0] == NO_OFFLOAD_HDR:
+            assert len(write) == 2
+            out.append(flatten(write[1:]))
+            continue
+        flags, gso_type, hlen, gso_size, _, _ = VNET_HDR.unpack(bytes(write[0]))
+        assert (flags, gso_type) == (VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4)
+        merged = flatten(write[1:])
+        assert len(merged) <= 65535
+        run = packets[len(out) : len(out) + len(write) - 2]
+        assert 2 <= len(run) <= 64
+        first = run[0]
+        seq = struct.unpack_from("!I", first, 24)[0]
+        for k, p in enumerate(run):
+            assert p[hlen:] == merged[hlen + k * gso_size : hlen + k * gso_size + len(p) - hlen]
+            assert _masked(p) == _masked(first)  # one flow, one ack, window, options
+            assert struct.unpack_from("!I", p, 24)[0] == (seq + k * gso_size) % 2**32
+            assert p[33] & 0x08 == 0 or k == len(run) - 1  # PSH ends a run
+            assert p[33] & ~0x08 == 0x10  # plain ACK data segments only
+            assert len(p) - hlen == gso_size or k == len(run) - 1  # a short one ends a run
+        assert hlen + sum(len(p) - hlen for p in run) == len(merged)
+        out.extend(run)
+    assert out == packets

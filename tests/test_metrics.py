@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 import urllib.error
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 from test_gateway_runtime import GATEWAY_INNER, Setup, attached, echo_replies, icmp_echo
 
+from tunnel.core.policy import POLICY_DEFAULT
 from tunnel.core.session import State
 from tunnel.io.udp import PathSocket
 from tunnel.observability import CallbackSink, EventPipeline
@@ -121,7 +123,8 @@ def test_scrape_of_a_running_gateway_counts_sessions_drops_and_sink_health(
     assert before[("jvpn_gateway_sessions", (("state", "ATTACHED"),))] == 0
     assert before[("jvpn_gateway_policy_valid", ())] == 1
 
-    c = s.client()
+    # lost_state = "terminate": the client ends at the gateway's stop (gateway_shutdown)
+    c = s.client(policy=dataclasses.replace(POLICY_DEFAULT, lost_state="terminate"))
     assert c.run_until(attached(c))
     c.send_inner(icmp_echo("10.66.0.2", GATEWAY_INNER, 1))
     assert c.run_until(lambda: len(echo_replies(c)) == 1)

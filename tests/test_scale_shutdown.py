@@ -1,7 +1,8 @@
 """SIGTERM with many sessions (issue 11 item 7): a real gateway process with 2,000 real
 sessions over loopback (the driver of bench/scale.py: one process, one socket and one
 ClientSession per client, each from its own 127.x.y.z address). On SIGTERM every client
-must receive its TERMINATE (reason operator_terminated) and the gateway must exit 0.
+must receive its TERMINATE (reason gateway_shutdown: the memory store keeps nothing,
+DESIGN D15c) and the gateway must exit 0.
 Accounting only: the time is bench/scale.py's to measure, not a test's.
 """
 
@@ -44,13 +45,14 @@ def test_sigterm_sends_terminate_to_every_session_and_exits_0() -> None:
     sw = scale.Swarm(("127.0.0.1", port), gw_pub, seed, scale.policy_for(PROBE_MS))
     try:
         res = scale.Results()
-        attached = scale.attach_in_waves(sw, N, 120.0)
+        # bounded by progress, not by the clock: a loaded machine attaches them slower
+        attached = scale.attach_in_waves(sw, N, 0.0, stall=60.0)
         assert attached == N, res.rows
         code, got = scale.measure_shutdown(sw, proc, res)
         assert code == 0, res.rows
         ends = Counter((str(p.core.state), str(p.terminated_by)) for p in sw.peers.values())
         assert got == N, (res.rows, ends)
-        assert set(ends) == {("TERMINATED", "operator_terminated")}, ends
+        assert set(ends) == {("TERMINATED", "gateway_shutdown")}, ends
         assert sw.count(State.TERMINATED) == N
     finally:
         if proc.poll() is None:

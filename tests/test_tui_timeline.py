@@ -39,7 +39,7 @@ from tunnel.api import (
 )
 from tunnel.client.engine import session_view
 from tunnel.core.client import PathSpec
-from tunnel.core.events import Diagnostic, Event, EventBase, Reason
+from tunnel.core.events import Diagnostic, Event, EventBase, Reason, SessionLinked
 from tunnel.demo.commands import DemoAction, DemoImpair
 from tunnel.io.memory import Simulation
 
@@ -219,6 +219,20 @@ def test_an_attempt_without_an_answer_ends_with_a_cross() -> None:
     (gave_up,) = [line for line in lines if "REATT" in line]
     assert "REATT ✗" in gave_up and "→ 2 manual" in gave_up and "no answer" in gave_up
     assert not starting("DENIED", lines)  # the ✗ line says it
+
+
+def test_a_new_session_after_a_lost_one_is_one_line_naming_both() -> None:
+    base: EventBase = {
+        "ts_ms": 5000, "session_id": "b" * 32, "node_id": "client",
+        "policy_version": "1.0", "state_version": 0,
+    }  # fmt: skip
+    linked = SessionLinked(
+        **base, previous_session_id="a" * 32, reason_code=Reason.GATEWAY_LOST_STATE,
+        inner_address="10.66.0.2",
+    )  # fmt: skip
+    (line,) = read([linked])
+    assert "NEW" in line and "bbbbbbbb" in line and "(was aaaaaaaa)" in line
+    assert "gateway_lost_state" in line and "inner address kept" in line
 
 
 def test_diagnostic_lines_are_shown_quieter_than_state_lines() -> None:

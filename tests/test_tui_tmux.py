@@ -82,14 +82,15 @@ def test_demo_under_tmux_path_kill_changes_the_state_line(tmux_session: str) -> 
     assert state_before is not None
 
     subprocess.run(["tmux", "send-keys", "-t", tmux_session, "k"], check=True, timeout=30)
+    # the header may show the new path a drain before the timeline's DEAD line: wait for both
     screen = wait_screen(
         tmux_session,
-        lambda s: (m := ACTIVE.search(s)) is not None and m.group(1) != before,
-        "another active path after the kill",
+        lambda s: (m := ACTIVE.search(s)) is not None and m.group(1) != before and "DEAD" in s,
+        "another active path and the dead one's line after the kill",
     )
     state_after = re.search(r"State\s+(\w+ v\d+)", screen)
     assert state_after is not None and state_after.group(1) != state_before.group(1)
-    assert "DEAD" in screen and f"path {before}" in screen
+    assert f"path {before}" in screen
 
     subprocess.run(["tmux", "send-keys", "-t", tmux_session, "q"], check=True, timeout=30)
     wait_screen(tmux_session, lambda s: "Session" not in s, "the UI to quit")

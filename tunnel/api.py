@@ -66,7 +66,7 @@ SESSION_EVENT_TYPES: Final = frozenset({
     EventType.TRANSPORT_SWITCH_DENIED, EventType.TRANSPORT_DEAD, EventType.REATTACH_ATTEMPT,
     EventType.REATTACH_RESULT, EventType.SECURITY_EVENT, EventType.POLICY_EVENT,
     EventType.KEY_ROTATED, EventType.SESSION_TERMINATED, EventType.PATH_ADDED,
-    EventType.PATH_REMOVED,
+    EventType.PATH_REMOVED, EventType.SESSION_LINKED,
 })  # fmt: skip
 """Events that change the session (or report an attack on it): what the switch timeline
 and the security panel show, and what the channel's history ring keeps."""
@@ -252,6 +252,9 @@ class SessionView:
     inner_address6: str = ""
     """The inner IPv6 address the gateway assigned (empty before the handshake, and for
     good when the gateway has no inner IPv6 subnet: the session then carries no IPv6)."""
+    cipher: str = ""
+    """The data cipher negotiated in the handshake, ``aes-256-gcm`` or
+    ``chacha20-poly1305`` (empty before the handshake); rekeys and reattaches keep it."""
 
 
 NO_SESSION: Final = SessionView(

@@ -1,5 +1,5 @@
 """Session panel: identity, state, versions, the gateway's view, inner addresses, ages,
-policy."""
+policy; the data cipher in its bottom border."""
 
 from __future__ import annotations
 
@@ -40,3 +40,7 @@ class SessionPanel(TextPanel):
             ("Policy", esc(s.policy_version)),
         ]
         self.show_markup("\n".join(f"[$text-muted]{k:<8}[/] {v}" for k, v in rows))
+        # the data cipher negotiated in the handshake, in the border: no extra line
+        subtitle = f"cipher {s.cipher}" if s.cipher else ""
+        if self.border_subtitle != subtitle:
+            self.border_subtitle = subtitle

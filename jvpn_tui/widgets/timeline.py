@@ -175,6 +175,7 @@ class Timeline:
             EventType.DIAGNOSTIC: self._diagnostic,
             EventType.PATH_ADDED: self._path_added,
             EventType.PATH_REMOVED: self._path_removed,
+            EventType.SESSION_LINKED: self._linked,
         }
 
     @property
@@ -352,6 +353,15 @@ class Timeline:
             event,
             f"[b $text-error]END    [/] {_reason(event)}  ({esc(event.get('initiator', ''))})"
             f"{states}",
+        )
+
+    def _linked(self, event: EventMap) -> None:
+        """A new session took the place of one the gateway lost (DESIGN D15c)."""
+        old = esc(str(event.get("previous_session_id") or "?")[:8])
+        self._push(
+            event,
+            f"[b $text-warning]NEW    [/] session {esc(str(event.get('session_id', ''))[:8])}"
+            f" (was {old})  {_reason(event)}  [$text-muted]inner address kept[/]",
         )
 
     def _policy(self, event: EventMap) -> None:

@@ -41,37 +41,74 @@ def test_10_deterministic_termination_when_every_path_dies() -> None:
 
 
 def test_10_deterministic_termination_gateway_lost_the_session() -> None:
+    """DESIGN D15c: the client never continues on a session nobody holds. The old session
+    ends explicitly (``gateway_lost_state``) and a new one, linked to it, takes its place
+    once the gateway answers a new handshake."""
     with Lab() as lab:
         gw = lab.gateway(policy=fast_policy())
         relay = lab.relay(gw.address)
-        client = lab.client([relay.listen], policy=fast_policy())
+        # a window that outlasts the gateway's restart on a loaded machine
+        patient = fast_policy(
+            session__transport_lost_ttl_ms=30_000, switching__recovery_window_ms=20_000
+        )
+        client = lab.client([relay.listen], policy=patient)
         sid = client.wait_event("SESSION_CREATED")["session_id"]
         gw.popen.kill()  # the gateway dies without a word: its session state is gone
         gw.wait_exit(10)
         fresh = lab.gateway(policy=fast_policy(), listen="{}:{}".format(*gw.address))
-        code = client.wait_exit(30)
-        end = final_line(client)
-        # the client never continues on a session nobody holds: it ends explicitly
-        assert end["final_reason"] in EXPLICIT, end
-        assert code == documented_exit_code(end["final_reason"])
+        linked = client.wait_event("SESSION_LINKED", timeout=30)
+        assert linked["previous_session_id"] == sid and linked["session_id"] != sid
+        (ended,) = client.of("SESSION_TERMINATED")
+        assert (ended["session_id"], ended["reason_code"]) == (sid, "gateway_lost_state")
+        trans = transitions(client.snapshot(), sid)
+        assert_versions_contiguous(trans)
+        assert trans[-1][1:3] == ("TERMINATED", "gateway_lost_state")
+        assert fresh.wait_for(
+            lambda: fresh.metrics().get("jvpn_gateway_sessions_created_total") == 1, 10, "created"
+        )
         m = fresh.metrics()
         assert m['jvpn_gateway_drops_total{reason="unknown_session"}'] > 0
-        assert not fresh.of("SESSION_CREATED") and not fresh.session_events(sid)
-        assert m["jvpn_gateway_sessions_created_total"] == 0
+        assert not fresh.session_events(sid)  # the old session is nowhere on the new gateway
+
+
+def test_10_deterministic_termination_gateway_lost_the_session_policy_terminate() -> None:
+    """``lost_state = "terminate"``: the client ends, with ``gateway_lost_state``."""
+    with Lab() as lab:
+        policy = fast_policy(
+            session__transport_lost_ttl_ms=30_000, switching__recovery_window_ms=20_000,
+            switching__lost_state="terminate",
+        )  # fmt: skip
+        gw = lab.gateway(policy=fast_policy())
+        relay = lab.relay(gw.address)
+        client = lab.client([relay.listen], policy=policy)
+        sid = client.wait_event("SESSION_CREATED")["session_id"]
+        gw.popen.kill()
+        gw.wait_exit(10)
+        lab.gateway(policy=fast_policy(), listen="{}:{}".format(*gw.address))
+        code = client.wait_exit(30)
+        end = final_line(client)
+        assert end["final_reason"] == "gateway_lost_state", end
+        assert code == documented_exit_code("gateway_lost_state") != 0
+        trans = transitions(client.snapshot(), sid)
+        assert trans[-1][1:3] == ("TERMINATED", "gateway_lost_state")
+        assert not client.of("SESSION_LINKED")
 
 
 def test_10_deterministic_termination_gateway_shutdown_tells_every_client() -> None:
+    """A stop with the memory store ends every session with ``gateway_shutdown`` (D15c):
+    a client ends at once (``lost_state = "terminate"``) or after its recovery window
+    without the gateway back (the default), with that reason's exit code, never 0."""
     with Lab() as lab:
         gw = lab.gateway(policy=fast_policy())
-        alice = lab.client([gw.address], policy=fast_policy())
-        bob = lab.client([gw.address], name="bob")
+        alice = lab.client([gw.address], policy=fast_policy(switching__lost_state="terminate"))
+        bob = lab.client([gw.address], name="bob", policy=fast_policy())
         sids = {p.wait_event("SESSION_CREATED")["session_id"] for p in (alice, bob)}
         gw.signal(signal.SIGTERM)
         assert gw.wait_exit(20) == 0
         ended = {e["session_id"]: e["reason_code"] for e in gw.of("SESSION_TERMINATED")}
-        assert ended == {sid: "operator_terminated" for sid in sids}
+        assert ended == {sid: "gateway_shutdown" for sid in sids}
         for proc in (alice, bob):
-            assert proc.wait_exit(20) == EXIT_CODES["operator_terminated"] == 0
-            assert final_line(proc)["final_reason"] == "operator_terminated"
+            assert proc.wait_exit(20) == EXIT_CODES["gateway_shutdown"] != 0
+            assert final_line(proc)["final_reason"] == "gateway_shutdown"
             term = proc.of("SESSION_TERMINATED")
             assert len(term) == 1 and term[0]["initiator"] == "peer"

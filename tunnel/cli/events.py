@@ -44,7 +44,8 @@ def _state_change(e: Event) -> str:
 
 
 def _created(e: Event) -> str:
-    return f"session created: {e.get('peer', '?')}, inner {e.get('inner_address', '?')}"
+    cipher = f", cipher {e['cipher']}" if e.get("cipher") else ""
+    return f"session created: {e.get('peer', '?')}, inner {e.get('inner_address', '?')}{cipher}"
 
 
 def _attached(e: Event) -> str:
@@ -167,6 +168,16 @@ def _terminated(e: Event) -> str:
     return text
 
 
+def _linked(e: Event) -> str:
+    inner = e.get("inner_address", "?")
+    if e.get("inner_address6"):
+        inner = f"{inner} and {e['inner_address6']}"
+    return (
+        f"new session, continues {str(e.get('previous_session_id') or '?')[:8]} "
+        f"({e.get('reason_code', '?')}), inner address {inner} kept"
+    )
+
+
 def _loss(e: Event) -> str:
     return (
         f"sink {e.get('sink', '?')} lost {e.get('dropped', '?')} events "
@@ -205,6 +216,7 @@ RENDERERS: Final[dict[EventType, Callable[[Event], str]]] = {
     EventType.PATH_ADDED: _path_added,
     EventType.PATH_REMOVED: _path_removed,
     EventType.SINK_HEALTH: _sink_health,
+    EventType.SESSION_LINKED: _linked,
 }
 """How each event type reads; every EventType has one."""
 

@@ -59,6 +59,7 @@ def _client_fields(snap: EngineSnapshot, style: Style) -> list[tuple[str, str]]:
                      else "")),
         ("binding epoch", str(s.binding_epoch)),
         ("key phase", f"{s.key_phase} (keys {duration(s.key_age_s)} old)"),
+        ("cipher", s.cipher or "-"),
         ("policy", s.policy_version or "-"),
         ("uptime", duration(s.uptime_s)),
         ("switching", _switching(s)),
@@ -114,7 +115,7 @@ def gateway_text(status: GatewayStatus, style: Style) -> list[str]:
     for i, s in enumerate(status.sessions):
         rows.append(_session_row(s))
         subrows[i] = _other_paths(s)
-    header = ("SESSION", "CLIENT", "INNER", "STATE", "EPOCH", "KEY", "OWNER", "PATH",
+    header = ("SESSION", "CLIENT", "INNER", "STATE", "EPOCH", "KEY", "CIPHER", "OWNER", "PATH",
               "ADDRESS", "RX", "TX", "SEEN", "AGE")  # fmt: skip
     rendered = table(header, rows)
     out = [*lines, "", rendered[0]]
@@ -134,6 +135,7 @@ def _gateway_fields(g: GatewayStatus) -> list[tuple[str, str]]:
     return [
         ("listening", ", ".join(g.listen)),
         ("policy", policy),
+        ("ciphers", ", ".join(g.ciphers) or "-"),
         ("uptime", duration(g.uptime_s)),
         ("sessions", f"{live} live, {g.sessions_created} created, {g.sessions_denied} denied"),
         ("refused handshakes", str(g.handshakes_refused)),
@@ -154,7 +156,7 @@ def _session_row(s: GatewaySessionStatus) -> list[str]:
     active = next((p for p in s.paths if p.active), None)
     return [
         s.session_id[:8], s.client, s.inner_address, f"{s.state} v{s.state_version}",
-        str(s.binding_epoch), str(s.key_phase), s.owner or "-",
+        str(s.binding_epoch), str(s.key_phase), s.cipher or "-", s.owner or "-",
         str(s.active_path) if s.active_path is not None else "-",
         active.address if active is not None else "-",
         size(s.rx_bytes), size(s.tx_bytes), duration(s.last_seen_s), duration(s.age_s),

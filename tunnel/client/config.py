@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from tunnel.core.ciphers import CipherNameError, DataCipher, parse_cipher_names
 from tunnel.core.constants import MAX_INNER_PACKET, MIN_MTU
 from tunnel.core.policy import POLICY_DEFAULT, Policy, PolicyError, load_policy
 from tunnel.keys import KeyFormatError, decode_key, load_private_key, load_public_key
@@ -147,6 +148,9 @@ class ClientConfig:
     auto: AutoPaths | None = None
     """``paths = "auto"``: the rules for the paths (``paths`` is empty until the engine
     starts and finds them); None: the ``[[path]]`` tables."""
+    ciphers: tuple[DataCipher, ...] | None = None
+    """The data ciphers the handshake offers, preferred first; None: AES-256-GCM first
+    when the CPU has AES instructions, else ChaCha20-Poly1305 first (docs/client.md)."""
 
 
 def _fmt(value: object) -> str:
@@ -440,6 +444,15 @@ def _key_from(r: _Reader, key: str, value: str, *, private: bool) -> bytes:
         raise r.error(key, shown, str(exc)) from None
 
 
+def _ciphers(r: _Reader, key: str, value: list[object]) -> tuple[DataCipher, ...]:
+    if not all(isinstance(name, str) for name in value):
+        raise r.error(key, value, "expected a list of cipher names")
+    try:
+        return parse_cipher_names(str(name) for name in value)
+    except CipherNameError as exc:
+        raise r.error(key, value, str(exc)) from None
+
+
 def _control_socket(r: _Reader, key: str, value: str) -> str:
     """``off``, or a socket path (relative: against the config's directory)."""
     if value == "off":
@@ -480,6 +493,8 @@ TOP_FIELDS: Final = (
            doc='control socket path; "off": none; absent: the default (docs/control.md)'),
     _Field("paths", str, check=_choice(("auto",)),
            doc='"auto": paths follow the interfaces ([auto]); absent: the [[path]] tables'),
+    _Field("ciphers", list, check=_ciphers, expected="expected a list of cipher names",
+           doc='data ciphers, preferred first: "aes-256-gcm", "chacha20-poly1305"'),
 )
 TABLE_KEYS: Final = ("tun", "path", "events", "keymap", "inner", "auto")
 AUTO_FIELDS: Final = (
@@ -667,6 +682,7 @@ def parse_client_config(
         inner_payload_size=inner["payload_size"],
         source=source,
         auto=auto,
+        ciphers=top["ciphers"],
     )
 
 

@@ -64,11 +64,12 @@ from tunnel.api import (
 from tunnel.client.autopaths import EngineWatch, start_paths, tun_names
 from tunnel.client.config import ClientConfig, PathConfig
 from tunnel.client.control import ControlSocket, EngineControl
-from tunnel.client.explain import handshake_explanation
+from tunnel.client.explain import cipher_explanation, handshake_explanation
 from tunnel.client.runtime import ClientRuntime, PathTarget
 from tunnel.client.sinks import client_sinks
 from tunnel.control.protocol import ControlError
 from tunnel.control.server import ControlServer, prepare_socket_path
+from tunnel.core.ciphers import default_offer
 from tunnel.core.client import ClientSession, ClientSnapshot, PathSpec
 from tunnel.core.events import (
     Diagnostic,
@@ -86,6 +87,7 @@ from tunnel.core.handshake import fingerprint, public_key
 from tunnel.core.health import PathStats
 from tunnel.core.policy import PolicyError, load_policy
 from tunnel.core.session import State
+from tunnel.io.cpu import cpu_has_aes
 from tunnel.io.inner import KernelTun, MemoryInner, TunLike
 from tunnel.io.killswitch import Endpoint, KillSwitchError, RouteGuard, tunnel_routes
 from tunnel.io.loop import new_event_loop
@@ -193,6 +195,7 @@ def session_view(snap: ClientSnapshot) -> SessionView:
         queue_depth=snap.queue_depth, queue_dropped=snap.queue_dropped,
         total_switches=snap.total_switches, drops=snap.drops,
         inner_address=snap.inner_address, inner_address6=snap.inner_address6,
+        cipher=snap.cipher,
     )  # fmt: skip
 
 
@@ -440,6 +443,7 @@ class ClientEngine:
             now=now,
             node_id=cfg.node_id,
             wall_offset=self._wall_offset,
+            ciphers=cfg.ciphers or default_offer(cpu_has_aes()),
         )
         return self.session
 
@@ -617,6 +621,10 @@ class ClientEngine:
     def _explain(self, sockets: list[PathSocket]) -> str | None:
         """The line for a session that never started; None for any other end."""
         failure = self.handshake_failure
+        ended = Reason(self._terminal_reason) if self._terminal_reason else None
+        if ended is Reason.CIPHER_MISMATCH and self.session is not None:
+            handshake = self.session.handshake
+            return cipher_explanation(handshake.offer, handshake.gateway_ciphers)
         if failure is None:
             return None
         cfg = self.config

@@ -7,6 +7,9 @@ SESSION_TERMINATED event (what came back, as far as the client can tell), the
 fingerprints of the client's public key and of the configured gateway key, and the errors
 the kernel reported on the path sockets (an ICMP "port unreachable" is something the
 client does know). Only public keys are fingerprinted; nothing secret is in the line.
+
+:func:`cipher_explanation` is the line for a handshake that ended with
+``cipher_mismatch``: the data ciphers this client offered and the ones the gateway allows.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Final
 
+from tunnel.core.ciphers import cipher_names
 from tunnel.core.events import HandshakeFailure
 
 NETWORK_ERRORS: Final[Mapping[str, str]] = {
@@ -71,3 +75,15 @@ def handshake_explanation(
             f"gateway key (fingerprint {gateway_key})"
         )
     return line + network_note(errors or {})
+
+
+def cipher_explanation(offer: Sequence[int], gateway: Sequence[int]) -> str:
+    """The line for a session that ended with ``cipher_mismatch``: ``offer`` is what this
+    client accepts (``ciphers`` in its configuration), ``gateway`` what the gateway allows
+    or, when the gateway chose a cipher the client did not offer, what it chose."""
+    allows = cipher_names(gateway) if gateway else "?"
+    return (
+        f"no data cipher in common with the gateway: this client accepts {cipher_names(offer)} "
+        f"(ciphers in its configuration), the gateway allows {allows} (ciphers in its "
+        "configuration); allow one of them on either side"
+    )

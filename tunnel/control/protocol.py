@@ -170,6 +170,8 @@ class GatewaySessionStatus(msgspec.Struct):
     """Why it ended (TERMINATED sessions stay listed briefly, to answer late datagrams)."""
     inner_address6: str = ""
     """The client's inner IPv6 address; empty when the tunnel carries no IPv6 for it."""
+    cipher: str = ""
+    """The data cipher negotiated in the handshake (``aes-256-gcm``, ``chacha20-poly1305``)."""
 
 
 class GatewayTraffic(msgspec.Struct):
@@ -201,7 +203,7 @@ class GatewayStatus(msgspec.Struct):
     policy_error: str | None = None
     sessions_created: int = 0
     sessions_denied: int = 0
-    """Handshakes denied for lack of a valid policy."""
+    """Handshakes denied: no valid policy, or no data cipher in common."""
     handshakes_refused: int = 0
     """Handshakes dropped without an answer: unknown client key, or for another gateway
     key (``drops`` has them by reason)."""
@@ -214,6 +216,8 @@ class GatewayStatus(msgspec.Struct):
     """Ownership-store CAS failures (this node was not authoritative)."""
     observability_ok: bool = True
     """The event sinks' health flag (false while a sink fails or lost events)."""
+    ciphers: tuple[str, ...] = ()
+    """The data ciphers this gateway allows (``ciphers`` in its configuration)."""
 
 
 class StatusReply(msgspec.Struct, tag="status_reply"):

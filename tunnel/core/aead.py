@@ -1,4 +1,5 @@
-"""Explicit-counter ChaCha20-Poly1305 for DATA and CONTROL datagrams, with key phases.
+"""Explicit-counter AEAD (AES-256-GCM or ChaCha20-Poly1305) for DATA and CONTROL datagrams,
+with key phases.
 
 DESIGN D10: the Noise handshake only yields two 32-byte keys (``TrafficKeys``); every
 datagram after it carries its own 64-bit counter, so loss and reordering across paths
@@ -7,6 +8,9 @@ cost nothing. Datagram layout (``constants.TRANSPORT_HEADER``)::
     type:u8 | phase:u8 | epoch:u8 | mark:u8 | receiver_index:u32 | counter:u64 | ciphertext+tag
 
 The 16 header bytes are the associated data; the nonce is 4 zero bytes + counter (LE).
+The AEAD is the session's ``DataCipher`` (tunnel/core/ciphers.py), negotiated in the
+handshake; both have the same key, nonce and tag sizes, so nothing else depends on it.
+A rekey derives the next keys for the same cipher: a session never changes its cipher.
 ``epoch``/``mark`` are the binding mark (docs/wire-format.md), zero when unmarked: set per
 datagram or as a default (``set_mark``). Being associated data, they are as authentic as
 the rest of the header.
@@ -29,10 +33,11 @@ from typing import Final
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from tunnel.core import constants
+from tunnel.core.ciphers import DataCipher
 from tunnel.core.drops import Drop
 from tunnel.core.replay import DEFAULT_WINDOW, FRESH, ReplayVerdict, ReplayWindow
 
@@ -46,6 +51,17 @@ REKEY_INFO: Final = b"jvpn rekey"
 PHASES: Final = 256
 """The key phase is a u8 and wraps."""
 
+AES_GCM_MAX_DATAGRAMS: Final = 2**27
+"""Datagrams one AES-256-GCM key generation may seal, or open, before it is rotated: TLS
+1.3's usage bound (RFC 8446 section 5.5: 2^24.5 records of 2^14 bytes, margin 2^-60)
+counted in datagrams of at most MAX_DATAGRAM bytes (fewer than 2^7 AES blocks)."""
+
+USAGE_LIMIT: Final = {
+    DataCipher.AES_256_GCM: AES_GCM_MAX_DATAGRAMS,
+    DataCipher.CHACHA20_POLY1305: constants.REKEY_AFTER_MESSAGES,
+}
+"""Per data cipher: datagrams per key generation after which ``worn_out`` asks for a rekey."""
+
 _HEADER = constants.TRANSPORT_HEADER
 _MARKED = constants.MARKED_TRANSPORT_HEADER
 _HEADER_LEN: Final = constants.TRANSPORT_HEADER.size
@@ -54,7 +70,13 @@ _MAX_PLAINTEXT: Final = constants.MAX_DATAGRAM - _MIN_DATAGRAM
 _STALE: Final = {ReplayVerdict.TOO_OLD: Drop.TOO_OLD, ReplayVerdict.DUPLICATE: Drop.DUPLICATE}
 """The drop of an authentic datagram the replay window did not record."""
 _NONCE = struct.Struct("<4xQ")
-"""ChaCha20-Poly1305 nonce: 4 zero bytes, then the counter as u64 little-endian."""
+"""AEAD nonce (12 bytes): 4 zero bytes, then the counter as u64 little-endian."""
+_Aead = ChaCha20Poly1305 | AESGCM
+_AEADS: Final[dict[DataCipher, type[_Aead]]] = {
+    DataCipher.CHACHA20_POLY1305: ChaCha20Poly1305,
+    DataCipher.AES_256_GCM: AESGCM,
+}
+"""The ``cryptography`` class of each data cipher (same key, nonce and tag sizes)."""
 
 
 def _binding_mark(epoch: int, mark: int) -> tuple[int, int]:
@@ -119,11 +141,14 @@ class _Generation:
 
     __slots__ = ("keys", "phase", "replay", "rx", "tx")
 
-    def __init__(self, keys: TrafficKeys, phase: int, replay_window: int) -> None:
+    def __init__(
+        self, keys: TrafficKeys, phase: int, replay_window: int, cipher: DataCipher
+    ) -> None:
         self.keys = keys
         self.phase = phase
-        self.tx = ChaCha20Poly1305(keys.send)
-        self.rx = ChaCha20Poly1305(keys.recv)
+        aead = _AEADS[cipher]
+        self.tx: _Aead = aead(keys.send)
+        self.rx: _Aead = aead(keys.recv)
         self.replay = ReplayWindow(replay_window)
 
     def __repr__(self) -> str:
@@ -147,6 +172,7 @@ class SessionCipher:
         "_previous",
         "_previous_until",
         "_replay_size",
+        "_suite",
         "send_counter",
     )
 
@@ -154,10 +180,17 @@ class SessionCipher:
     """Counter of the next datagram sealed with the current generation."""
 
     def __init__(
-        self, keys: TrafficKeys, *, replay_window: int = DEFAULT_WINDOW, now: float = 0.0
+        self,
+        keys: TrafficKeys,
+        *,
+        replay_window: int = DEFAULT_WINDOW,
+        now: float = 0.0,
+        suite: DataCipher = DataCipher.CHACHA20_POLY1305,
     ) -> None:
+        """``suite``: the data cipher the handshake negotiated; every generation uses it."""
         self._replay_size = replay_window
-        self._current = _Generation(keys, 0, replay_window)
+        self._suite = suite
+        self._current = _Generation(keys, 0, replay_window, suite)
         self._previous: _Generation | None = None
         self._previous_until: float | None = None
         """Grace deadline of the previous generation; None while the peer has not yet
@@ -171,7 +204,15 @@ class SessionCipher:
         self.send_counter = 0
 
     def __repr__(self) -> str:
-        return f"SessionCipher(phase={self.phase}, send_counter={self.send_counter})"
+        return (
+            f"SessionCipher({self._suite.label}, phase={self.phase}, "
+            f"send_counter={self.send_counter})"
+        )
+
+    @property
+    def suite(self) -> DataCipher:
+        """The data cipher of this session (negotiated in the handshake; never changes)."""
+        return self._suite
 
     @property
     def phase(self) -> int:
@@ -182,6 +223,13 @@ class SessionCipher:
     def rekey_pending(self) -> bool:
         """True after our own ``rekey`` until the peer has sent in the new phase."""
         return not self._confirmed
+
+    def worn_out(self) -> bool:
+        """The current generation has sealed, or opened up to, ``USAGE_LIMIT`` datagrams of
+        its cipher in either direction: rotate it now, whatever its age."""
+        current = self._current
+        used = max(self.send_counter, current.replay.highest + 1)
+        return used >= USAGE_LIMIT[self._suite]
 
     def key_age(self, now: float) -> float:
         """Seconds since the current generation became current."""
@@ -309,7 +357,7 @@ class SessionCipher:
             raise ValueError("only a fresh cipher can resume another process's session")
         if not 0 <= send_counter < constants.REJECT_AFTER_MESSAGES:
             raise ValueError(f"send counter {send_counter} out of range")
-        current = _Generation(self._current.keys, phase % PHASES, self._replay_size)
+        current = _Generation(self._current.keys, phase % PHASES, self._replay_size, self._suite)
         if rx_above >= 0:
             # The window then holds (rx_above, rx_above + size]: everything at or below
             # rx_above is too old; one future counter (rx_above + size) is spent.
@@ -325,8 +373,9 @@ class SessionCipher:
         if candidate is None:
             current = self._current
             candidate = _Generation(
-                next_generation(current.keys), (current.phase + 1) % PHASES, self._replay_size
-            )
+                next_generation(current.keys), (current.phase + 1) % PHASES, self._replay_size,
+                self._suite,
+            )  # fmt: skip
             self._next = candidate
         return candidate
 

@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunnel.core.aead import KeyExhausted, SessionCipher
+from tunnel.core.ciphers import ALL_CIPHERS, DataCipher
 from tunnel.core.client_rows import CLIENT_ROWS, WITH_ACTIVE, QualityClocks
 from tunnel.core.constants import (
-    BINDING_MARK_OFFSET,
     MARK_BINDING,
     MARK_VALIDATED,
     MAX_INNER_PACKET,
@@ -47,7 +47,6 @@ from tunnel.core.constants import (
     MSG_CONTROL,
     MSG_COOKIE_REPLY,
     MSG_DATA,
-    MSG_HANDSHAKE_INIT,
     MSG_HANDSHAKE_RESP,
 )
 from tunnel.core.drops import Drop
@@ -63,6 +62,7 @@ from tunnel.core.events import (
     PolicyEvent,
     Reason,
     SessionCreated,
+    SessionLinked,
     TransportAttached,
     reason_from_wire,
     reason_to_wire,
@@ -70,9 +70,10 @@ from tunnel.core.events import (
 from tunnel.core.health import PathStats
 from tunnel.core.initiator import Accepted, HandshakeInitiator
 from tunnel.core.key_schedule import KeySchedule
-from tunnel.core.path import PathSet
+from tunnel.core.path import Path, PathSet
 from tunnel.core.policy import Policy
 from tunnel.core.replay import DuplicateMeter, stale_drop
+from tunnel.core.rescue import LostStateRescue
 from tunnel.core.selection import Selector, SwitchLimiter
 from tunnel.core.session import SessionMachine, State, Trigger
 from tunnel.core.switching import PeerView, SwitchController
@@ -90,9 +91,11 @@ from tunnel.core.wire import (
     StateAck,
     StateUpdate,
     Terminate,
+    TransportFields,
     pack_control,
     parse_control,
     parse_header,
+    transport_fields,
 )
 
 __all__ = ["ClientSession", "ClientSnapshot", "PathSpec", "PathView"]
@@ -106,6 +109,17 @@ in one pass can make an earlier step due (a reattach request given up at the end
 pass frees the selector, whose dwell may have ended meanwhile). So no deadline at or before
 ``now`` is left for the driver; the bound only guards against a bug, which the timer
 property test (tests/test_client_timers.py) reports."""
+
+LOST_STATE_SILENCE_RETRIES = 2
+"""Reattach retransmission intervals of silence (nothing authenticated from the gateway
+since the recovery began) before the client asks whether the gateway still knows the
+session (DESIGN D15c; rescue.py). Asking is harmless (a gateway that knows the session does
+not answer the INIT), so this only saves the gateway a DH while a reattach may still land."""
+
+RECOVERY_STATES = frozenset({State.RECOVERING, State.DEGRADED})
+"""States in which a session may be without an active path and look for its gateway."""
+
+_TERMINATED = State.TERMINATED
 
 MAX_CHAINED_ROWS = 8
 """Rows fired in one pass at most. Each row is armed only in states where its trigger is
@@ -157,6 +171,8 @@ class ClientSnapshot:
     inner_address: str
     inner_address6: str = ""
     """The inner IPv6 address the gateway assigned (empty: no IPv6 in this session)."""
+    cipher: str = ""
+    """The data cipher negotiated in the handshake (empty before it)."""
 
 
 class ClientSession:
@@ -174,7 +190,10 @@ class ClientSession:
         node_id: str = "client",
         wall_offset: float = 0.0,
         max_version: int = MAX_STATE_VERSION,
+        ciphers: Sequence[DataCipher] = ALL_CIPHERS,
     ) -> None:
+        """``ciphers``: the data ciphers this client accepts, preferred first (the
+        handshake offers them; tunnel/core/ciphers.py)."""
         if not paths:
             raise ValueError("a client needs at least one path")
         if len({p.path_id for p in paths}) != len(paths):
@@ -201,10 +220,20 @@ class ClientSession:
             base=self.base,
         )  # fmt: skip
         self.switching = SwitchController(self, policy)
-        self.index = (rng or random.Random()).getrandbits(32) or 1
+        self._rng = rng or random.Random()
+        self._max_version = max_version
+        self.index = self._rng.getrandbits(32) or 1
         self.handshake = HandshakeInitiator(
-            static_private, gateway_public, self.index, self.paths.order
+            static_private, gateway_public, self.index, self.paths.order, offer=ciphers
         )
+        self.rescue = LostStateRescue(
+            static_private, gateway_public, self.paths.order, self._rng, offer=ciphers
+        )
+        """The explicit re-handshake when the gateway lost the session (DESIGN D15c)."""
+        self.heard_at: float | None = None
+        """When the last authenticated datagram of this session arrived (None: never)."""
+        self.previous_session_id = ""
+        """The session this one continues (SESSION_LINKED); empty for a first session."""
         self.peer_index = 0
         self.keys = KeySchedule()
         self.duplicates = DuplicateMeter(policy.duplicate_alarm_ratio, now)
@@ -336,47 +365,71 @@ class ClientSession:
 
     # == inputs ============================================================================
     def receive_datagram(self, data: bytes, path_id: int, now: float) -> None:
-        if path_id not in self.paths:
-            raise ValueError(f"unknown path id {path_id}")
-        if self.machine.terminated:
+        """A datagram on ``path_id``. DATA and CONTROL take the fast path: one unpack of
+        the transport header (``wire.transport_fields``), no per-datagram object; anything
+        else is parsed by ``wire.parse_header``, which counts the same drops."""
+        try:
+            path = self.paths.get(path_id)
+        except KeyError:
+            raise ValueError(f"unknown path id {path_id}") from None
+        if self.machine.state is _TERMINATED:
             self.report.count_drop(Drop.WRONG_STATE)
             return
+        fields = transport_fields(data)
+        if fields is None:
+            self._receive_other(data, path_id, now)
+            return
+        cipher = self.keys.cipher
+        if cipher is None:
+            self.report.count_drop(Drop.WRONG_STATE)
+        elif fields[4] != self.index:
+            self.report.count_drop(Drop.UNKNOWN_SESSION)
+        else:
+            self._on_sealed(data, fields, cipher, path, now)
+
+    def _receive_other(self, data: bytes, path_id: int, now: float) -> None:
+        """A datagram that is not a well-formed DATA or CONTROL one."""
         header = parse_header(data)
         if isinstance(header, Drop):
             self.report.count_drop(header)
+        elif header.msg_type == MSG_HANDSHAKE_RESP and self.rescue.initiator is not None:
+            self._on_rescue_response(data, header.receiver_index, path_id, now)
         elif header.msg_type == MSG_HANDSHAKE_RESP:
             self._on_handshake_response(data, header.receiver_index, path_id, now)
         elif header.msg_type == MSG_COOKIE_REPLY:
             self._on_cookie_reply(data, header.receiver_index, path_id, now)
-        elif header.msg_type == MSG_HANDSHAKE_INIT or self.cipher is None:
+        else:  # HANDSHAKE_INIT: only a gateway takes those
             self.report.count_drop(Drop.WRONG_STATE)
-        elif header.receiver_index != self.index:
-            self.report.count_drop(Drop.UNKNOWN_SESSION)
-        else:
-            self._on_sealed(data, header.msg_type, self.cipher, path_id, now)
 
     def _on_sealed(
-        self, data: bytes, msg_type: int, cipher: SessionCipher, path_id: int, now: float
-    ) -> None:
-        phase_before = cipher.phase
+        self, data: bytes, fields: TransportFields, cipher: SessionCipher, path: Path,
+        now: float,
+    ) -> None:  # fmt: skip
+        msg_type, phase, epoch8, mark = fields[0], fields[1], fields[2], fields[3]
+        path_id = path.path_id
+        rekeyed = phase != cipher.phase  # only a datagram of another phase can rotate keys
         plaintext = cipher.open(data, now)
         if isinstance(plaintext, Drop):
             self._on_bad_packet(plaintext, path_id, now)
             return
         self.duplicates.fresh(now)
-        if cipher.phase != phase_before:
-            self.report.emit(KeyRotated(**self.base(now), key_phase=cipher.phase, initiator="peer"))
-        path = self.paths.get(path_id)
-        path.health.inbound(now)
-        epoch8, mark = data[BINDING_MARK_OFFSET], data[BINDING_MARK_OFFSET + 1]
-        if mark == MARK_BINDING:
-            # The gateway's binding is this path at epoch8: a switch by mark has landed.
+        self.heard_at = now
+        if self.rescue.cause is Reason.GATEWAY_LOST_STATE:
+            self.rescue.disarm()  # the gateway knows the session: the reattach will land
+        if rekeyed and cipher.phase == phase:
+            self.report.emit(KeyRotated(**self.base(now), key_phase=phase, initiator="peer"))
+        health = path.health
+        health.inbound(now)
+        if mark == MARK_BINDING and self.switching.pending is not None:
+            # The gateway's binding is this path at epoch8: a switch by mark has landed
+            # (the gateway marks every datagram to its binding: no call while none waits).
             self.switching.confirm(path_id, epoch8, now)
         if msg_type == MSG_DATA:
-            if not plaintext or plaintext[0] >> 4 not in (4, 6):
+            version = plaintext[0] >> 4 if plaintext else 0
+            if version != 4 and version != 6:
                 self.report.count_drop(Drop.MALFORMED)
                 return
-            path.health.data_inbound(now)
+            health.data_inbound(now)
             self._tun.append(plaintext)
             return
         msg = parse_control(plaintext)
@@ -419,7 +472,10 @@ class ClientSession:
 
     def _on_cookie_reply(self, data: bytes, receiver_index: int, path_id: int, now: float) -> None:
         """The gateway is under load: keep its cookie, resend the INIT with mac2 once."""
-        result = self.handshake.on_cookie_reply(data, receiver_index, now)
+        if self.rescue.initiator is not None:
+            result = self.rescue.on_cookie_reply(data, receiver_index, now)
+        else:
+            result = self.handshake.on_cookie_reply(data, receiver_index, now)
         if isinstance(result, Drop):
             self.report.count_drop(result)
         elif result is not None:
@@ -436,10 +492,13 @@ class ClientSession:
         else:
             self._created(result, path_id, now)
 
-    def _created(self, accepted: Accepted, path_id: int, now: float) -> None:
-        """The gateway created the session: take its keys and parameters, attach."""
+    def _created(
+        self, accepted: Accepted, path_id: int, now: float, link: Reason | None = None
+    ) -> None:
+        """The gateway created the session: take its keys and parameters, attach. ``link``:
+        this session continues ``previous_session_id``, which ended for that reason."""
         payload = accepted.payload
-        self.keys.install(accepted.keys, self.policy.replay_window_size, now)
+        self.keys.install(accepted.keys, self.policy.replay_window_size, now, accepted.cipher)
         self.peer_index = accepted.sender_index
         self.machine.assign_id(payload.session_id.hex())
         self.peer.epoch = payload.epoch
@@ -449,6 +508,15 @@ class ClientSession:
         self.inner_address6, self.inner_prefix6 = payload.inner_address6, payload.inner_prefix6
         self.inner_gateway6 = payload.inner_gateway6
         self.advertised = payload.endpoints
+        self.heard_at = now
+        if link is not None:
+            self.report.emit(
+                SessionLinked(
+                    **self.base(now), previous_session_id=self.previous_session_id,
+                    reason_code=link, inner_address=self.inner_address,
+                    inner_address6=self.inner_address6,
+                )
+            )  # fmt: skip
         self._attach_first(path_id, now)
 
     def _attach_first(self, path_id: int, now: float) -> None:
@@ -460,10 +528,10 @@ class ClientSession:
         self.paths.activate(path_id, now)
         self.fire(Trigger.HANDSHAKE_OK, Reason.ATTACHED_TO_TRANSPORT, now)
         base = self.base(now)
+        peer = f"gateway via {path.label}"
+        cipher = self.cipher.suite.label if self.cipher else ""
         self.report.emit(
-            SessionCreated(
-                **base, peer=f"gateway via {path.label}", inner_address=self.inner_address
-            )
+            SessionCreated(**base, peer=peer, inner_address=self.inner_address, cipher=cipher)
         )
         self.report.emit(
             TransportAttached(
@@ -472,6 +540,117 @@ class ClientSession:
         )
         self.paths.probe_all_soon(now)
         self._flush_queue()
+
+    # -- the gateway lost the session (DESIGN D15c; rescue.py) -------------------------------
+    def _on_terminate(self, reason: Reason, now: float) -> None:
+        """The gateway's TERMINATE. ``gateway_shutdown`` with ``lost_state = "new_session"``
+        is no end: the gateway is going away with the session (a memory store), so the
+        session recovers, and asks for a new session at once (a restarted gateway gets
+        its clients back within the recovery window; after it, ``gateway_shutdown``)."""
+        if reason is not Reason.GATEWAY_SHUTDOWN or self.policy.lost_state != "new_session":
+            self.fire(Trigger.TERMINATE, reason, now, initiator="peer")
+            return
+        first = self.policy.reattach_retry_ms / 1000  # not to the gateway that is stopping
+        self.rescue.arm(Reason.GATEWAY_SHUTDOWN, self._session_id_bytes(), now + first)
+        if self.paths.active is not None and self.state in WITH_ACTIVE:
+            self.switching.on_transport_dead(
+                now, Reason.GATEWAY_SHUTDOWN, "the gateway said it is shutting down"
+            )
+
+    def _session_id_bytes(self) -> bytes:
+        return bytes.fromhex(self.machine.session_id)
+
+    def lost_state_at(self) -> float | None:
+        """When the silence of the gateway makes it worth asking whether it still knows the
+        session: RECOVERING (or DEGRADED) without an active path and nothing authenticated
+        for LOST_STATE_SILENCE_RETRIES reattach intervals since the recovery began. None
+        while that does not apply (or the rescue already runs)."""
+        started = self.clocks.recovery_started
+        if (
+            self.rescue.armed
+            or started is None
+            or self.paths.active is not None
+            or self.state not in RECOVERY_STATES
+        ):
+            return None
+        since = started if self.heard_at is None else max(started, self.heard_at)
+        return since + LOST_STATE_SILENCE_RETRIES * self.policy.reattach_retry_ms / 1000
+
+    def _rescue_timer(self, now: float) -> None:
+        at = self.lost_state_at()
+        if at is not None and now >= at:
+            self.rescue.arm(Reason.GATEWAY_LOST_STATE, self._session_id_bytes(), now)
+        out = self.rescue.on_timer(now, self.policy, self.report.ts_ms(now))
+        if out is not None:
+            self._out.append(out)
+
+    def _on_rescue_response(
+        self, data: bytes, receiver_index: int, path_id: int, now: float
+    ) -> None:
+        """The gateway answered the re-handshake: it is alive and did not know the session
+        (it does not answer an INIT naming a session it holds). Policy decides."""
+        result = self.rescue.on_response(data, receiver_index)
+        if isinstance(result, Drop):
+            self.report.count_drop(result)
+            return
+        cause = self.rescue.cause or Reason.GATEWAY_LOST_STATE
+        self.rescue.disarm()
+        if isinstance(result, Reason):  # the gateway refused a new session
+            self.fire(Trigger.TERMINATE, result, now, initiator="peer")
+        elif self.policy.lost_state != "new_session":
+            self._decline(result, path_id, now)
+            self.fire(Trigger.TERMINATE, cause, now, initiator="peer")
+        else:
+            self._renew(result, path_id, cause, now)
+
+    def _decline(self, accepted: Accepted, path_id: int, now: float) -> None:
+        """``lost_state = "terminate"``: end the session the gateway just created for us at
+        once (TERMINATE under its keys), so it does not wait for a client that left."""
+        cipher = SessionCipher(
+            accepted.keys, replay_window=self.policy.replay_window_size, now=now,
+            suite=accepted.cipher,
+        )  # fmt: skip
+        body = pack_control(Terminate(reason_to_wire(Reason.GATEWAY_LOST_STATE)))
+        for _ in range(TERMINATE_COPIES):
+            self._out.append((path_id, cipher.seal(MSG_CONTROL, accepted.sender_index, body)))
+
+    def _renew(self, accepted: Accepted, path_id: int, cause: Reason, now: float) -> None:
+        """The old session ends (``cause``) and the new one takes its place in this object:
+        the paths, the queue of inner packets and the driver's TUN and routes stay; the
+        machine, keys, peer view, switch controller and receiver index are the new
+        session's. Events: SESSION_TERMINATED (old id), SESSION_LINKED, the new session's
+        STATE_CHANGE, SESSION_CREATED and TRANSPORT_ATTACHED."""
+        previous = self.machine.session_id
+        held, held_bytes = self._queue, self._queue_bytes
+        self._queue, self._queue_bytes = deque(), 0
+        self.fire(Trigger.TERMINATE, cause, now, initiator="peer")
+        auto = self.switching.auto_switch
+        self.machine = SessionMachine(
+            node_id=self.node_id, policy_version=self.policy.policy_version,
+            emit=self.report.emit, max_version=self._max_version,
+        )  # fmt: skip
+        self.quality = QualityClocks()
+        self.peer = PeerView()
+        self.switching = SwitchController(self, self.policy)
+        self.switching.set_auto(auto)
+        self.keys = KeySchedule()
+        self.paths.renewed()
+        self.index = self.rescue.index
+        self.previous_session_id = previous
+        self._queue, self._queue_bytes = held, held_bytes
+        inner = (self.inner_address, self.inner_address6)
+        self._created(accepted, path_id, now, link=cause)
+        if (self.inner_address, self.inner_address6) != inner:
+            self.report.emit(
+                Diagnostic(
+                    **self.base(now), reason_code=cause, state=str(self.state),
+                    detail=(
+                        f"the new session's inner address {self.inner_address}"
+                        f" {self.inner_address6} is not the old one's ({inner[0]} {inner[1]}):"
+                        " the gateway's configuration changed; inner connections do not survive"
+                    ),
+                )
+            )  # fmt: skip
 
     # -- control messages ------------------------------------------------------------------
     def _on_control(self, msg: Control, path_id: int, now: float) -> None:
@@ -488,8 +667,7 @@ class ClientSession:
         elif isinstance(msg, StateUpdate):
             self._on_state_update(msg, path_id, now)
         elif isinstance(msg, Terminate):
-            reason = reason_from_wire(msg.reason) or Reason.PEER_TERMINATED
-            self.fire(Trigger.TERMINATE, reason, now, initiator="peer")
+            self._on_terminate(reason_from_wire(msg.reason) or Reason.PEER_TERMINATED, now)
         elif isinstance(msg, Rekey):
             pass  # the key phase change itself was handled by SessionCipher.open
         else:
@@ -537,14 +715,24 @@ class ClientSession:
         if not packet or len(packet) > MAX_INNER_PACKET:
             self.report.count_drop(Drop.OVERSIZED if packet else Drop.TRUNCATED)
             return
-        if self.machine.terminated:
+        if self.machine.state is _TERMINATED:
             self.report.count_drop(Drop.WRONG_STATE)
             return
         target = self.switching.data_path()
-        if target is None:
-            target = self.paths.active
-        if target is not None and self.cipher is not None:
-            self._seal(self.cipher, MSG_DATA, target, packet)
+        cipher = self.keys.cipher
+        if target is not None and cipher is not None:
+            self._seal(cipher, MSG_DATA, target, packet)  # a switch by mark: marked
+            return
+        target = self.paths.active
+        if target is not None and cipher is not None:
+            try:
+                # Unmarked (mark_for says so when no switch by mark is pending), which is
+                # the cipher's default: the client never sets another.
+                dgram = cipher.seal(MSG_DATA, self.peer_index, packet)
+            except KeyExhausted:
+                self.report.count_drop(Drop.KEY_EXHAUSTED)
+                return
+            self._out.append((target, dgram))
             return
         if (
             len(self._queue) >= self.policy.outbound_queue_packets
@@ -594,6 +782,7 @@ class ClientSession:
         for path_id, probe_id in self.paths.due_probes(now, hunting=hunting):
             self.send_control(path_id, Probe(probe_id, path_id, self.report.ts_ms(now)))
         self._rekey_timer(now)
+        self._rescue_timer(now)
         self.report.maybe_drop_summary(now, self.base(now))
 
     def _fire_rows(self, now: float) -> None:
@@ -616,6 +805,10 @@ class ClientSession:
             self.quality.observe(self.paths.classify(active, now), now)
 
     def _terminate_by_row(self, reason: Reason, now: float) -> None:
+        if self.rescue.cause is Reason.GATEWAY_SHUTDOWN:
+            # the window ran out without the gateway back: the end it announced
+            self.fire(Trigger.TERMINATE, Reason.GATEWAY_SHUTDOWN, now, initiator="peer")
+            return
         self.fire(Trigger.TERMINATE, reason, now)
 
     def _rekey_timer(self, now: float) -> None:
@@ -640,6 +833,8 @@ class ClientSession:
             self.switching.next_deadline(self._timer_now),
             self.keys.next_deadline(self.policy.rekey_after_s),
             self.report.drop_summary_due(),
+            self.lost_state_at(),
+            self.rescue.next_deadline(),
         ]
         return min((t for t in times if t is not None), default=None)
 
@@ -775,6 +970,7 @@ class ClientSession:
         self.paths.clear_active()
         self.switching.stop()
         self.handshake.stop()
+        self.rescue.disarm()
         self.queue_dropped += len(self._queue)
         self._queue.clear()
         self._queue_bytes = 0
@@ -838,4 +1034,5 @@ class ClientSession:
             drops=tuple(sorted(self.report.drops.items())),
             inner_address=self.inner_address,
             inner_address6=self.inner_address6,
+            cipher=cipher.suite.label if cipher else "",
         )

@@ -55,10 +55,10 @@ MARK_BINDING: Final = 3
 """Gateway -> client: the destination is the session's binding, at ``epoch``."""
 
 AEAD_TAG_LEN: Final = 16
-"""ChaCha20-Poly1305 tag length."""
+"""Tag length of both data ciphers (ChaCha20-Poly1305, AES-256-GCM)."""
 
 KEY_LEN: Final = 32
-"""ChaCha20-Poly1305 and X25519 key length."""
+"""ChaCha20-Poly1305, AES-256-GCM and X25519 key length."""
 
 SESSION_ID_LEN: Final = 16
 """DESIGN D17: 128 random bits, unguessable."""

@@ -82,3 +82,7 @@ class Drop(StrEnum):
     (its gateway has no inner IPv6 subnet); the session does not carry it."""
     INNER_MALFORMED = "inner_malformed"
     """Client: a packet from the host (the TUN) that is neither IPv4 nor IPv6."""
+    SESSION_STILL_LIVE = "session_still_live"
+    """Gateway: a HANDSHAKE_INIT that names a session it still holds for that client (a
+    client asking whether its session was lost, DESIGN D15c): not answered, the session
+    stays (the client's reattach is answered instead)."""

@@ -95,6 +95,11 @@ class Reason(StrEnum):
     LINK_DOWN = "link_down"
     LINK_UP = "link_up"
     NETLINK_UNAVAILABLE = "netlink_unavailable"
+    # the gateway lost the session or is going away (DESIGN D15c, docs/client.md)
+    GATEWAY_LOST_STATE = "gateway_lost_state"
+    GATEWAY_SHUTDOWN = "gateway_shutdown"
+    # the data cipher negotiated in the handshake (tunnel/core/ciphers.py)
+    CIPHER_MISMATCH = "cipher_mismatch"
 
 
 WIRE_REASONS: tuple[Reason, ...] = tuple(Reason)
@@ -158,6 +163,7 @@ class EventType(StrEnum):
     PATH_ADDED = "PATH_ADDED"
     PATH_REMOVED = "PATH_REMOVED"
     SINK_HEALTH = "SINK_HEALTH"
+    SESSION_LINKED = "SESSION_LINKED"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -216,6 +222,26 @@ class SessionCreated(Event):
     """Client name (gateway side) or gateway label (client side); never a key."""
     inner_address: str
     """Inner (tunnel) address of the client."""
+    cipher: str = ""
+    """Data cipher negotiated in the handshake (``aes-256-gcm`` or ``chacha20-poly1305``)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionLinked(Event):
+    """A new session continues an old one the gateway no longer knows (DESIGN D15c): the
+    old one ended (SESSION_TERMINATED with ``reason_code``) and this one, with the same
+    inner addresses, took its place. ``session_id`` is the new session's."""
+
+    event_type: ClassVar[EventType] = EventType.SESSION_LINKED
+    previous_session_id: str
+    """Hex id of the session this one replaces (empty when the gateway's INIT named none)."""
+    reason_code: Reason
+    """Why the old session ended: gateway_lost_state (the gateway answered a new handshake
+    and did not know the old session) or gateway_shutdown (it said it was stopping)."""
+    inner_address: str
+    """Inner IPv4 address of the new session (the old one's: inner connections survive)."""
+    inner_address6: str = ""
+    """Inner IPv6 address of the new session (empty: none)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -26,10 +26,10 @@ from collections.abc import Callable, Sequence
 
 from tunnel.core.admission import COOKIE_LOAD_FRACTION, HandshakeAdmission
 from tunnel.core.aead import SessionCipher
+from tunnel.core.ciphers import ALL_CIPHERS, DataCipher, choose, cipher_names
 from tunnel.core.constants import (
     MAX_INNER_PACKET,
     MAX_STATE_VERSION,
-    MSG_COOKIE_REPLY,
     MSG_HANDSHAKE_INIT,
     MSG_HANDSHAKE_RESP,
     PROTOCOL_VERSION,
@@ -43,6 +43,7 @@ from tunnel.core.events import (
     PolicyEvent,
     Reason,
     SessionCreated,
+    SessionLinked,
     TransportAttached,
     reason_to_wire,
 )
@@ -55,7 +56,7 @@ from tunnel.core.handshake import public_key
 from tunnel.core.policy import Policy
 from tunnel.core.session import SessionMachine, Trigger
 from tunnel.core.timers import DeadlineQueue
-from tunnel.core.wire import RespPayload, pack_handshake, parse_header
+from tunnel.core.wire import RespPayload, pack_handshake, parse_header, transport_fields
 
 
 class GatewaySessions:
@@ -82,14 +83,17 @@ class GatewaySessions:
         cookie_threshold: float = COOKIE_LOAD_FRACTION,
         policy_error: str | None = None,
         counter_reservations: bool = False,
+        ciphers: Sequence[DataCipher] = ALL_CIPHERS,
     ) -> None:
         """``cookie_threshold``: share of the handshake bucket below which the gateway is
         under load and answers INITs without a valid cookie with a COOKIE_REPLY (0: never,
         1: always). ``policy_error``: why ``policy`` is None (shown until a valid one).
         ``inner_gateway6``/``inner_prefix6``: the gateway's inner IPv6 address and the
         subnet's prefix length; empty: IPv6 is not routed (clients' IPv6 addresses then
-        unused). ``counter_reservations``: a persistent store keeps the sessions; each
-        seals only counters reserved in it (gateway_resume.py, :meth:`reservations_due`)."""
+        unused). ``ciphers``: the data ciphers this gateway allows; a handshake gets the
+        first of the client's offer that is one of them (tunnel/core/ciphers.py).
+        ``counter_reservations``: a persistent store keeps the sessions; each seals only
+        counters reserved in it (gateway_resume.py, :meth:`reservations_due`)."""
         self.report = Reporter(node_id=node_id, wall_offset=wall_offset, now=now)
         self.node_id = node_id
         self.admission = HandshakeAdmission(
@@ -106,6 +110,9 @@ class GatewaySessions:
         self.inner_gateway6 = inner_gateway6
         self.inner_prefix6 = inner_prefix6
         self.mtu = mtu
+        if not ciphers:
+            raise ValueError("a gateway needs at least one data cipher")
+        self.ciphers = tuple(ciphers)
         self.endpoints = tuple(endpoints)
         self.max_version = max_version
         self.sessions: dict[int, GatewaySession] = {}
@@ -113,7 +120,10 @@ class GatewaySessions:
         self._by_inner: dict[bytes, GatewaySession] = {}
         """Packed inner address (4 bytes IPv4, 16 bytes IPv6) -> the session that owns it."""
         self._timers: DeadlineQueue[int] = DeadlineQueue(self._session_deadline)
-        """Every session's next deadline (a heap): touched after each input it took."""
+        """Every session's next deadline (a heap): touched after each input that may have
+        changed it (plain DATA from the binding only pushes the silence deadline later: its
+        entry stays as a lower bound, re-read when it comes to the top)."""
+        self._touch = self._timers.touch
         self._tun: list[bytes] = []
         self._reserve_due: list[GatewaySession] = []
         self._ports = SessionPorts(
@@ -161,22 +171,31 @@ class GatewaySessions:
 
     # == inputs ============================================================================
     def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None:
-        header = parse_header(data)
-        if isinstance(header, Drop):
-            self.report.count_drop(header)
+        """A datagram from ``addr``. DATA and CONTROL take the fast path: one unpack of
+        the transport header (``wire.transport_fields``), one dict access for the session,
+        no per-datagram object; everything else (handshakes, malformed headers) is parsed
+        by ``wire.parse_header``, which counts the same drops."""
+        fields = transport_fields(data)
+        if fields is None:
+            self._receive_other(data, addr, now)
             return
-        if header.msg_type == MSG_HANDSHAKE_INIT:
-            self._on_init(data, addr, now)
-            return
-        if header.msg_type in (MSG_HANDSHAKE_RESP, MSG_COOKIE_REPLY):
-            self.report.count_drop(Drop.WRONG_STATE)
-            return
-        s = self.sessions.get(header.receiver_index)
+        msg_type, phase, epoch, mark, index, counter = fields
+        s = self.sessions.get(index)
         if s is None:
             self.report.count_drop(Drop.UNKNOWN_SESSION)
             return
-        s.receive(data, header, addr, now)
-        self._timers.touch(header.receiver_index)
+        if s.receive(data, msg_type, phase, epoch, mark, counter, addr, now):
+            self._touch(index)  # else only the silence deadline moved, later: a lower bound
+
+    def _receive_other(self, data: bytes, addr: Addr, now: float) -> None:
+        """A datagram that is not a well-formed DATA or CONTROL one."""
+        header = parse_header(data)
+        if isinstance(header, Drop):
+            self.report.count_drop(header)
+        elif header.msg_type == MSG_HANDSHAKE_INIT:
+            self._on_init(data, addr, now)
+        else:  # HANDSHAKE_RESP, COOKIE_REPLY: only a client takes those
+            self.report.count_drop(Drop.WRONG_STATE)
 
     def receive_tun_packet(self, packet: bytes, now: float) -> None:
         if len(packet) < 20 or len(packet) > MAX_INNER_PACKET:
@@ -197,8 +216,7 @@ class GatewaySessions:
         if s is None:
             self.report.count_drop(Drop.NO_ROUTE)
             return
-        s.send_inner(packet)
-        self._timers.touch(s.index)
+        s.send_inner(packet)  # moves no deadline: the timer entry stays as it is
 
     # -- handshakes ----------------------------------------------------------------------
     def _on_init(self, data: bytes, addr: Addr, now: float) -> None:
@@ -224,8 +242,28 @@ class GatewaySessions:
                 )
             )  # fmt: skip
             self._deny(init, addr, Reason.POLICY_DENIED, now)
+        elif (named := self._named(init)) is not None and not named.machine.terminated:
+            self.report.count_drop(Drop.SESSION_STILL_LIVE)
+        elif named is not None:
+            self._deny(init, addr, named.end_reason or Reason.PEER_TERMINATED, now)
+        elif (suite := choose(init.payload.ciphers, self.ciphers)) is None:
+            self._no_common_cipher(init, addr, now)
         else:
-            self._open_session(init, self.policy, addr, now)
+            self._open_session(init, self.policy, addr, now, suite)
+
+    def _named(self, init: Initiation) -> GatewaySession | None:
+        """The session of this client the INIT names as the one it continues, if this
+        gateway holds it (DESIGN D15c: the client asks whether its session was lost). Live:
+        it was not lost (no answer; the client's reattach is answered). Ended (a tombstone):
+        the answer is a refusal with the reason it ended, never a new session."""
+        previous = init.payload.previous_session
+        if not previous:
+            return None
+        key = init.client.public_key
+        for s in self.sessions.values():
+            if s.session_id == previous and s.client.public_key == key:
+                return s
+        return None
 
     def _refused(self, drop: Drop, addr: Addr, now: float) -> None:
         """An INIT the admission dropped: counted. One whose mac1 does not match our key
@@ -237,15 +275,39 @@ class GatewaySessions:
                 source=addr_label(addr),
             )  # fmt: skip
 
-    def _deny(self, init: Initiation, addr: Addr, status: Reason, now: float) -> None:
+    def _no_common_cipher(self, init: Initiation, addr: Addr, now: float) -> None:
+        """The client accepts none of the ciphers this gateway allows: refused, and the
+        client is told which ones are allowed (inside Noise, like every payload)."""
+        offered = init.payload.ciphers or (DataCipher.CHACHA20_POLY1305,)
+        detail = (
+            f"{init.client.name} from {addr_label(addr)}: no data cipher in common: the "
+            f"client accepts {cipher_names(offered)}; this gateway allows "
+            f"{cipher_names(self.ciphers)}"
+        )
+        self.report.emit(
+            PolicyEvent(
+                **self._base(now), policy_name="SESSION_DENIED",
+                reason_code=Reason.CIPHER_MISMATCH, detail=detail,
+            )
+        )  # fmt: skip
+        # A client without the extension gets none back: it may predate all extensions.
+        allowed = self.ciphers if init.payload.ciphers else ()
+        self._deny(init, addr, Reason.CIPHER_MISMATCH, now, ciphers=allowed)
+
+    def _deny(
+        self, init: Initiation, addr: Addr, status: Reason, now: float,
+        ciphers: Sequence[int] = (),
+    ) -> None:  # fmt: skip
         resp = RespPayload(
             PROTOCOL_VERSION, reason_to_wire(status), bytes(SESSION_ID_LEN), self.ts_ms(now),
-            0, 0, "0.0.0.0", 0, "0.0.0.0", self.mtu,
+            0, 0, "0.0.0.0", 0, "0.0.0.0", self.mtu, ciphers=tuple(ciphers),
         )  # fmt: skip
         noise_resp, _ = init.pending.write_response(resp.pack())
         self.outbox.push(addr, pack_handshake(MSG_HANDSHAKE_RESP, init.sender_index, 0, noise_resp))
 
-    def _open_session(self, init: Initiation, policy: Policy, addr: Addr, now: float) -> None:
+    def _open_session(
+        self, init: Initiation, policy: Policy, addr: Addr, now: float, suite: DataCipher
+    ) -> None:
         client, payload = init.client, init.payload
         if client.inner_address6 and not self.inner_gateway6:
             client = dataclasses.replace(client, inner_address6="")  # IPv6 is not routed
@@ -263,13 +325,15 @@ class GatewaySessions:
         resp = RespPayload(
             PROTOCOL_VERSION, 0, session_id, self.ts_ms(now), machine.version, INITIAL_EPOCH,
             client.inner_address, self.inner_prefix, self.inner_gateway, self.mtu, self.endpoints,
-            *self._inner6(client),
+            *self._inner6(client), (suite,) if payload.ciphers else (),
         )  # fmt: skip
         noise_resp, keys = init.pending.write_response(resp.pack())
         s = GatewaySession(
             machine=machine, client=client, index=index, peer_index=init.sender_index,
             session_id=session_id,
-            cipher=SessionCipher(keys, replay_window=policy.replay_window_size, now=now),
+            cipher=SessionCipher(
+                keys, replay_window=policy.replay_window_size, now=now, suite=suite
+            ),
             addr=addr, path_id=payload.path_id, skew_ms=self.ts_ms(now) - payload.ts_ms,
             policy=policy, now=now, ports=self._ports,
         )  # fmt: skip
@@ -283,8 +347,18 @@ class GatewaySessions:
         )
         base = s.machine.base(self.ts_ms(now))
         self.report.emit(
-            SessionCreated(**base, peer=client.name, inner_address=client.inner_address)
+            SessionCreated(
+                **base, peer=client.name, inner_address=client.inner_address, cipher=suite.label
+            )
         )
+        if payload.previous_session:  # the client lost its session here: this one follows it
+            self.report.emit(
+                SessionLinked(
+                    **base, previous_session_id=payload.previous_session.hex(),
+                    reason_code=Reason.GATEWAY_LOST_STATE, inner_address=client.inner_address,
+                    inner_address6=client.inner_address6,
+                )
+            )  # fmt: skip
         self.report.emit(
             TransportAttached(
                 **base, transport_id=payload.path_id, path=addr_label(addr), binding_epoch=s.epoch
@@ -420,7 +494,9 @@ class GatewaySessions:
         s = GatewaySession(
             machine=machine, client=client, index=state.index, peer_index=state.peer_index,
             session_id=state.session_id,
-            cipher=SessionCipher(state.keys, replay_window=policy.replay_window_size, now=now),
+            cipher=SessionCipher(
+                state.keys, replay_window=policy.replay_window_size, now=now, suite=state.suite
+            ),
             addr=state.last_binding, path_id=state.binding_path or 0, skew_ms=state.skew_ms,
             policy=policy, now=now, ports=self._ports,
         )  # fmt: skip

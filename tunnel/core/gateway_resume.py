@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from tunnel.core.aead import TrafficKeys
+from tunnel.core.ciphers import DataCipher
 from tunnel.core.gateway_paths import Addr
 
 if TYPE_CHECKING:
@@ -51,6 +52,8 @@ class ResumeState:
     binding_epoch: int
     keys: TrafficKeys
     """The current key generation."""
+    suite: DataCipher
+    """The data cipher the handshake negotiated."""
     key_phase: int
     send_from: int
     """The first send counter a restarted process may use (reserved, never reached)."""

@@ -40,7 +40,6 @@ from tunnel.core.constants import (
     MSG_CONTROL,
     MSG_DATA,
     REJECT_AFTER_MESSAGES,
-    TRANSPORT_HEADER,
 )
 from tunnel.core.drops import Drop
 from tunnel.core.events import (
@@ -76,7 +75,6 @@ from tunnel.core.timers import (
 from tunnel.core.wire import (
     STATE_CODES,
     Control,
-    Header,
     PathChallenge,
     PathResponse,
     Probe,
@@ -94,6 +92,8 @@ from tunnel.core.wire import (
 
 INITIAL_EPOCH = 1
 """The binding epoch of a new session (the handshake's path is the first binding)."""
+
+_TERMINATED = State.TERMINATED
 
 TOMBSTONE_S = 10.0
 """A terminated session's index stays known this long: late packets are counted, and an
@@ -177,6 +177,8 @@ class SessionView:
     age_s: float
     security_failures: int
     total_switches: int
+    cipher: str = ""
+    """The data cipher negotiated in the handshake."""
 
 
 class GatewaySession:
@@ -208,6 +210,8 @@ class GatewaySession:
         self.policy = policy
         self._ports = ports
         self._report = ports.report
+        self._deliver = ports.deliver
+        self._push = ports.outbox.push
         self.clocks = SessionClocks(now, transportless=False)
         self.paths = PathValidator(addr, now, ports.urandom, path_id)
         self.reattach = ReattachGuard(policy.reattach_rate_per_s, policy.reattach_burst, now)
@@ -282,6 +286,7 @@ class GatewaySession:
             binding=addr_label(self.binding) if self.binding is not None else "-",
             policy_version=self.machine.policy_version, age_s=now - self.clocks.born,
             security_failures=self.security_failures, total_switches=self.total_switches,
+            cipher=self.cipher.suite.label,
         )  # fmt: skip
 
     def _base(self, now: float) -> EventBase:
@@ -303,40 +308,57 @@ class GatewaySession:
         self.duplicates.configure(policy.duplicate_alarm_ratio)
 
     # == inputs ============================================================================
-    def receive(self, data: bytes, header: Header, addr: Addr, now: float) -> None:
-        """A transport datagram (DATA or CONTROL) addressed to this session."""
-        if self.machine.terminated:
+    def receive(
+        self, data: bytes, msg_type: int, phase: int, epoch: int, mark: int, counter: int,
+        addr: Addr, now: float,
+    ) -> bool:  # fmt: skip
+        """A transport datagram (DATA or CONTROL) addressed to this session, with the
+        header fields the gateway unpacked (``wire.transport_fields``). Returns whether
+        the session's deadlines may have changed: False only for authentic, fresh DATA
+        from the binding in the current key phase, which moves no deadline but the
+        binding's silence deadline, and that one later (the gateway's timer queue keeps
+        the earlier one as a lower bound: ``timers.DeadlineQueue``)."""
+        if self.machine.state is _TERMINATED:
             self._report.count_drop(Drop.WRONG_STATE)
             self._answer_tombstone(data, addr, now)
-            return
-        plaintext = self._open(data, addr, now)
-        if plaintext is None:
-            return
-        newest = self._note_inbound(data, header, addr, now)
-        if self.machine.terminated:
-            return  # the datagram ended the session (a move past its TTL): nothing more
-        if header.msg_type == MSG_DATA:
+            return True
+        cipher = self.cipher
+        rekeyed = phase != cipher.phase  # only a datagram of another phase can rotate keys
+        plaintext = cipher.open(data, now)
+        if isinstance(plaintext, Drop):
+            self._on_bad_packet(plaintext, addr, now)
+            return True
+        self.duplicates.fresh(now)
+        if rekeyed and cipher.phase == phase:
+            self._ask_reserve()  # the new phase's keys: stored before anything sealed leaves
+            self._report.emit(KeyRotated(**self._base(now), key_phase=phase, initiator="peer"))
+        if addr == self.binding and msg_type == MSG_DATA and phase == self.rx_phase:
+            # The common case, _note_inbound's work inlined: from the binding nothing
+            # moves (no move by mark, no resume); the packet goes out if its inner source
+            # is the client's.
+            if counter > self.rx_high:
+                self.rx_high = counter
+            self.paths.received(addr, len(data))
+            self.last_inbound = now
+            drop = self.sources.check(plaintext)
+            if drop is None:
+                self._deliver(plaintext)
+            else:
+                self._report.count_drop(drop)
+            return rekeyed
+        at_binding = addr == self.binding
+        newest = self._note_inbound(len(data), phase, epoch, mark, counter, addr, at_binding, now)
+        if self.machine.state is _TERMINATED:
+            return True  # the datagram ended the session (a move past its TTL): nothing more
+        if msg_type == MSG_DATA:
             self._on_data(plaintext, addr, newest, now)
-            return
+            return True
         msg = parse_control(plaintext)
         if isinstance(msg, Drop):
             self._report.count_drop(msg)
-            return
-        self._on_control(msg, addr, newest, now)
-
-    def _open(self, data: bytes, addr: Addr, now: float) -> bytes | None:
-        phase_before = self.cipher.phase
-        plaintext = self.cipher.open(data, now)
-        if isinstance(plaintext, Drop):
-            self._on_bad_packet(plaintext, addr, now)
-            return None
-        self.duplicates.fresh(now)
-        if self.cipher.phase != phase_before:
-            self._ask_reserve()
-            self._report.emit(
-                KeyRotated(**self._base(now), key_phase=self.cipher.phase, initiator="peer")
-            )
-        return plaintext
+        else:
+            self._on_control(msg, addr, newest, now)
+        return True
 
     def _on_bad_packet(self, drop: Drop, addr: Addr, now: float) -> None:
         """Count a datagram that did not open; a late or duplicated one from a validated
@@ -350,19 +372,23 @@ class GatewaySession:
                 now, self._base(now), violation[0], violation[1], source=addr_label(addr)
             )
 
-    def _note_inbound(self, data: bytes, header: Header, addr: Addr, now: float) -> bool:
-        """Record an authentic datagram from ``addr``; True if it is the newest seen."""
-        counter = TRANSPORT_HEADER.unpack_from(data)[3]
-        if header.phase != self.rx_phase:
-            self.rx_phase, self.rx_high = header.phase, -1
+    def _note_inbound(
+        self, size: int, phase: int, epoch: int, mark: int, counter: int, addr: Addr,
+        at_binding: bool, now: float,
+    ) -> bool:  # fmt: skip
+        """Record an authentic datagram of ``size`` bytes from ``addr`` (header fields
+        ``phase``, ``epoch``, ``mark``, ``counter``; ``at_binding``: ``addr`` is the
+        binding); True if it is the newest seen."""
+        if phase != self.rx_phase:
+            self.rx_phase, self.rx_high = phase, -1
         newest = counter > self.rx_high
         if newest:
             self.rx_high = counter
-        self.paths.received(addr, len(data))
-        if newest and header.mark and self._move_by_mark(header, addr, now):
+        self.paths.received(addr, size)
+        if at_binding:
+            self.last_inbound = now  # a mark from the binding moves nothing
+        elif newest and mark and self._move_by_mark(epoch, mark, addr, now):
             return newest
-        if addr == self.binding:
-            self.last_inbound = now
         elif (
             self.binding is None
             and addr == self.last_binding
@@ -378,7 +404,7 @@ class GatewaySession:
             if drop is not None:
                 self._report.count_drop(drop)
                 return
-            self._ports.deliver(packet)
+            self._deliver(packet)
             return
         # Authentic data from an unknown address: a possible NAT rebinding (D4).
         self._report.count_drop(Drop.UNVALIDATED_PATH)
@@ -418,15 +444,17 @@ class GatewaySession:
 
     def send_inner(self, packet: bytes) -> None:
         """An inner packet from the TUN for this client: sealed to the binding, or queued
-        (within the policy's limits) while there is none."""
-        if self.binding is not None:
+        (within the policy's limits) while there is none. Moves no deadline (the gateway
+        does not touch the session's timer entry for it)."""
+        binding = self.binding
+        if binding is not None:
             try:
                 mark = (self.epoch, MARK_BINDING)
                 dgram = self.cipher.seal(MSG_DATA, self.peer_index, packet, mark=mark)
             except KeyExhausted:
                 self._report.count_drop(Drop.KEY_EXHAUSTED)
                 return
-            self._ports.outbox.push(self.binding, dgram)
+            self._push(binding, dgram)
             if self.cipher.send_counter > self.reserved[1]:
                 self._ask_reserve()
             return
@@ -643,7 +671,7 @@ class GatewaySession:
         self.updates.cancel()  # the ACK carries the new state
         return ReattachAck(req.nonce, self.epoch, self.machine.version, self._state_code())
 
-    def _move_by_mark(self, header: Header, addr: Addr, now: float) -> bool:
+    def _move_by_mark(self, epoch: int, mark: int, addr: Addr, now: float) -> bool:
         """A binding mark on an authentic, newest datagram: move the binding to ``addr`` if
         the mark names ``epoch + 1`` (mod 256), ``addr`` is validated for this session and
         is not the binding, the session may still reattach (lifetime, TTL, state) and the
@@ -651,7 +679,7 @@ class GatewaySession:
         datagram is handled as any other (docs/wire-format.md, "Binding mark"); a move
         past the session's lifetime or transport TTL ends the session, as a request would."""
         if (
-            header.epoch != (self.epoch + 1) & 0xFF
+            epoch != (self.epoch + 1) & 0xFF
             or addr == self.binding
             or not self.paths.is_validated(addr)
         ):
@@ -673,7 +701,7 @@ class GatewaySession:
             return False
         if not self.reattach.allow_move(now):
             return False
-        kind = ReattachKind(header.mark - 1)
+        kind = ReattachKind(mark - 1)
         if not self._commit_move(addr, -1 if path_id is None else path_id, kind, now):
             if self.machine.terminated:
                 self._on_terminated(now)
@@ -804,7 +832,7 @@ class GatewaySession:
             session_id=self.session_id, index=self.index, peer_index=self.peer_index,
             client=self.client, state=str(self.machine.state),
             state_version=self.machine.version, binding_epoch=self.epoch, keys=keys,
-            key_phase=phase, send_from=send_from,
+            suite=self.cipher.suite, key_phase=phase, send_from=send_from,
             rx_phase=self.rx_phase, rx_high=self.rx_high if self.rx_phase == phase else -1,
             binding=self.binding, binding_path=self.binding_path,
             last_binding=self.last_binding if self.last_binding is not None else self.binding,

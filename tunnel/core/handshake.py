@@ -3,7 +3,11 @@
 DESIGN D10: Noise is used for the two handshake messages only. Its transport
 CipherStates count nonces implicitly, which breaks on UDP loss, so after ``Split()`` we
 take just their raw keys into ``TrafficKeys`` and seal datagrams with explicit counters
-(``tunnel.core.aead``).
+(``tunnel.core.aead``). The payloads of the two messages carry the negotiation of the data
+cipher that seals them (AES-256-GCM or ChaCha20-Poly1305, ``tunnel.core.ciphers``): being
+Noise payloads they are encrypted, authenticated and bound into the handshake hash, so no
+one on the path can strip an offered cipher or alter the choice (no downgrade). The
+handshake itself always uses ChaCha20-Poly1305, as its protocol name says.
 
 IK: the initiator (client) knows the responder's (gateway's) static public key; message 1
 carries the client's static key, encrypted, so the gateway learns who is connecting

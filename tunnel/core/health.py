@@ -296,8 +296,10 @@ class PathHealth:
 
     def inbound(self, now: float) -> None:
         """An authenticated packet (any kind) arrived on this path at ``now``."""
-        self._see(now)
-        if self.last_inbound is None or now > self.last_inbound:
+        if now > self._seen_now:  # _see(now), inlined: this runs for every datagram
+            self._seen_now = now
+        last = self.last_inbound
+        if last is None or now > last:
             self.last_inbound = now
 
     def data_inbound(self, now: float) -> None:
@@ -305,15 +307,18 @@ class PathHealth:
         one inter-arrival sample for the traffic rule."""
         last = self.last_data
         self.last_data = now
-        if last is None or (now - last) * _MS > TRAFFIC_GAP_CAP_MS:
+        gap = TRAFFIC_GAP_CAP_MS + 1.0 if last is None else (now - last) * _MS
+        if gap > TRAFFIC_GAP_CAP_MS:
             self._data_run, self.data_gap_ms = 1, None
             return
-        gap = max(0.0, (now - last) * _MS)
+        if gap < 0.0:
+            gap = 0.0
         self._data_run += 1
-        if self.data_gap_ms is None:
+        average = self.data_gap_ms
+        if average is None:
             self.data_gap_ms = gap
         else:
-            self.data_gap_ms += TRAFFIC_GAP_ALPHA * (gap - self.data_gap_ms)
+            self.data_gap_ms = average + TRAFFIC_GAP_ALPHA * (gap - average)
 
     def traffic_suspect_at(self) -> float | None:
         """When a path with flowing traffic becomes suspect (see the module docstring):
@@ -357,6 +362,13 @@ class PathHealth:
         self._outcomes.clear()
         self._counts.clear()
         self.consecutive_misses = 0
+
+    def forget_probes(self) -> None:
+        """A new session took the old one's place (DESIGN D15c): the probes in flight were
+        sealed with keys the gateway no longer has and will never be answered, and the
+        misses while it was gone say nothing about the path. Forget both."""
+        self._outstanding.clear()
+        self.reset_loss()
 
     # -- derived values ----------------------------------------------------------------
 

@@ -8,6 +8,10 @@ a COOKIE_REPLY arrives. It verifies the gateway's answers (``on_cookie_reply``,
 ``next_deadline()``; the session decides what a timeout or an accepted session means.
 It also keeps what came back, so that a timeout can say which of the cases the client can
 tell apart it was (:meth:`HandshakeInitiator.failure`, a ``HandshakeFailure``).
+
+The INIT offers the data ciphers of ``offer`` (tunnel/core/ciphers.py); a response whose
+choice is not one of them ends the attempt with ``cipher_mismatch``, as does a gateway
+that refuses with it (``gateway_ciphers`` then holds what the gateway allows).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from tunnel.core.aead import TrafficKeys
+from tunnel.core.ciphers import ALL_CIPHERS, DataCipher, accepted_choice
 from tunnel.core.constants import MSG_HANDSHAKE_INIT, PROTOCOL_VERSION
 from tunnel.core.cookie import CookieJar
 from tunnel.core.drops import Drop
@@ -51,11 +56,13 @@ def retry_interval(sends: int, policy: Policy, rng: random.Random) -> float:
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
-    """The gateway created the session: its index, its parameters, the traffic keys."""
+    """The gateway created the session: its index, its parameters, the traffic keys and
+    the data cipher it chose (one of our offer)."""
 
     sender_index: int
     payload: RespPayload
     keys: TrafficKeys
+    cipher: DataCipher = DataCipher.CHACHA20_POLY1305
 
 
 class HandshakeInitiator:
@@ -68,9 +75,19 @@ class HandshakeInitiator:
         index: int,
         order: Sequence[int],
         rng: random.Random | None = None,
+        previous_session: bytes = b"",
+        offer: Sequence[DataCipher] = ALL_CIPHERS,
     ) -> None:
         """``rng``: the retry jitter (default: seeded with ``index``, itself random, so
-        clients started together draw different waits)."""
+        clients started together draw different waits). ``previous_session``: the id of
+        the session this handshake continues (named in every INIT; DESIGN D15c).
+        ``offer``: the data ciphers this client accepts, preferred first."""
+        if not offer:
+            raise ValueError("the cipher offer is empty")
+        self._previous = previous_session
+        self.offer = tuple(offer)
+        self.gateway_ciphers: tuple[int, ...] = ()
+        """What the gateway allows, when it refused with ``cipher_mismatch`` (codes)."""
         self._static = static_private
         self._rng = rng if rng is not None else random.Random(index)
         self.gateway_public = gateway_public
@@ -120,7 +137,7 @@ class HandshakeInitiator:
     def _send(self, now: float, policy: Policy, ts_ms: int) -> tuple[int, bytes]:
         path_id = self._order[self.sends % len(self._order)]
         self._noise = Initiator(self._static, self.gateway_public)
-        payload = InitPayload(PROTOCOL_VERSION, ts_ms, path_id).pack()
+        payload = InitPayload(PROTOCOL_VERSION, ts_ms, path_id, self._previous, self.offer).pack()
         noise = self._noise.write_init(payload)
         self._body = pack_handshake(MSG_HANDSHAKE_INIT, 0, self._index, noise)
         self._cookie_retried = False
@@ -168,8 +185,15 @@ class HandshakeInitiator:
         if payload.version != PROTOCOL_VERSION:
             return Reason.PROTOCOL_VERSION_MISMATCH
         if payload.status != 0:
-            return reason_from_wire(payload.status) or Reason.POLICY_DENIED
-        return Accepted(sender_index, payload, keys)
+            reason = reason_from_wire(payload.status) or Reason.POLICY_DENIED
+            if reason is Reason.CIPHER_MISMATCH:
+                self.gateway_ciphers = payload.ciphers
+            return reason
+        cipher = accepted_choice(payload.ciphers, self.offer)
+        if cipher is None:  # a choice we did not offer (or a gateway without the extension)
+            self.gateway_ciphers = payload.ciphers or (DataCipher.CHACHA20_POLY1305,)
+            return Reason.CIPHER_MISMATCH
+        return Accepted(sender_index, payload, keys, cipher)
 
     def failure(self) -> HandshakeFailure:
         """What came back, for a handshake that ends without a session at the deadline."""

@@ -1,8 +1,10 @@
 """The client's session keys and their rotation clock (DESIGN D10).
 
 ``KeySchedule`` owns the ``SessionCipher`` the handshake produced and says when it rotates:
-``rekey_after_s`` after the current generation became current, unless our last rotation
-is still unconfirmed (``SessionCipher.rekey`` refuses then, so no deadline is reported: the
+``rekey_after_s`` after the current generation became current (or sooner, at the next
+timer pass, once it is worn out: ``SessionCipher.worn_out``, AES-256-GCM's usage bound in
+either direction), unless our last rotation is still unconfirmed
+(``SessionCipher.rekey`` refuses then, so no deadline is reported: the
 peer's first datagram in the new phase confirms it and brings the deadline back). Its
 ``next_deadline()`` also covers the end of the previous generation's grace period.
 """
@@ -10,6 +12,7 @@ peer's first datagram in the new phase confirms it and brings the deadline back)
 from __future__ import annotations
 
 from tunnel.core.aead import SessionCipher, TrafficKeys
+from tunnel.core.ciphers import DataCipher
 
 __all__ = ["KeySchedule"]
 
@@ -20,8 +23,16 @@ class KeySchedule:
     def __init__(self) -> None:
         self.cipher: SessionCipher | None = None
 
-    def install(self, keys: TrafficKeys, replay_window: int, now: float) -> SessionCipher:
-        self.cipher = SessionCipher(keys, replay_window=replay_window, now=now)
+    def install(
+        self,
+        keys: TrafficKeys,
+        replay_window: int,
+        now: float,
+        suite: DataCipher = DataCipher.CHACHA20_POLY1305,
+    ) -> SessionCipher:
+        """The session cipher for the handshake's ``keys`` and negotiated ``suite`` (its
+        rekeys keep the suite)."""
+        self.cipher = SessionCipher(keys, replay_window=replay_window, now=now, suite=suite)
         return self.cipher
 
     def rotate_at(self, rekey_after_s: float) -> float | None:
@@ -39,7 +50,8 @@ class KeySchedule:
         if cipher is None:
             return None
         at = self.rotate_at(rekey_after_s)
-        rotated = at is not None and now >= at and cipher.rekey(now)
+        due = at is not None and (now >= at or cipher.worn_out())
+        rotated = due and cipher.rekey(now)
         cipher.discard_expired(now)
         return cipher.phase if rotated else None
 

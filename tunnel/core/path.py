@@ -199,6 +199,13 @@ class PathSet:
     def clear_active(self) -> None:
         self.active = None
 
+    def renewed(self) -> None:
+        """A new session replaced the old one: no probe in flight will be answered, and
+        the gateway has validated none of the paths for it yet."""
+        for p in self._paths.values():
+            p.health.forget_probes()
+            p.gateway_says(False)
+
     def probe_all_soon(self, now: float) -> None:
         for p in self._paths.values():
             p.probe_soon(now)

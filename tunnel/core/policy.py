@@ -54,6 +54,8 @@ DEFAULT_VERSION_LABEL: Final = "1.0"
 """The spec's schema example label; used when the file has no ``version``."""
 
 RECOVERY_TIMEOUT_ACTIONS: Final = ("terminate", "degrade")
+LOST_STATE_ACTIONS: Final = ("new_session", "terminate")
+"""What a client does when its gateway no longer knows the session (DESIGN D15c)."""
 """DESIGN D2: what recovery-window expiry does; "terminate" is the default."""
 
 SECTIONS: Final = ("session", "volatility", "switching", "transport", "security", "queue")
@@ -165,6 +167,9 @@ POLICY_FIELDS: Final[tuple[PolicyField, ...]] = (
        optional=True),
     _F("reattach_retry_ms", "switching", int, 20, 10_000,
        "reattach request retransmit interval: faster floods, slower wastes the window"),
+    _F("lost_state", "switching", str, 0, 0,
+       "D15c: a gateway that lost the session gets a new one (default) or ends it",
+       choices=LOST_STATE_ACTIONS),
     # -- transport ----------------------------------------------------------------------
     _F("max_candidate_count", "transport", int, 1, 9,
        "at least one path; at most 9 because the UI maps keys 1-9 to paths"),
@@ -314,6 +319,10 @@ class Policy:
     """Terminate after this long in DEGRADED; ``None``: never for that reason."""
     reattach_retry_ms: int = 250
     """Retransmit interval of an unanswered reattach request."""
+    lost_state: str = "new_session"
+    """Client: when the gateway no longer knows the session (it restarted without its
+    state, or said it is shutting down): ``"new_session"`` (a new handshake, the same inner
+    addresses, linked to the old session) or ``"terminate"``."""
 
     # [transport]
     max_candidate_count: int = 8

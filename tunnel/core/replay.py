@@ -3,7 +3,8 @@
 ``ReplayWindow`` is the RFC 6479 bitmap as in wireguard-go ``replay/replay.go``: a ring of
 64-bit blocks that slides forward with the highest counter seen. Counters may arrive out
 of order (several paths reorder), so any counter within ``size`` of the highest one is
-accepted once. Memory is ``size / 64 + 1`` small integers whatever the traffic. A rejected
+accepted once. Memory is one ``bytearray`` of ``size / 8 + 8`` bytes whatever the traffic,
+updated a byte at a time (no per-packet object beyond the counter's own integers). A rejected
 counter is either TOO_OLD (below the window: a late datagram, or an old replay) or a
 DUPLICATE (inside the window, already seen: a network copy, or a replay); the receive side
 decides which of those is alarming (``DuplicateMeter``, ``stale_drop``).
@@ -25,8 +26,11 @@ from typing import Final
 from tunnel.core.drops import Drop
 
 _BLOCK_BITS = 64
-_BLOCK_SHIFT = 6
-_BIT_MASK = _BLOCK_BITS - 1
+"""The window is a ring of 64-bit blocks (RFC 6479); ``ReplayWindow._ring`` shows them."""
+_BYTE_SHIFT = 3
+_BYTE_MASK = 7
+_BITS: Final = (1, 2, 4, 8, 16, 32, 64, 128)
+"""The bit of a counter in its byte: ``_BITS[counter & 7]`` (no shift per packet)."""
 _COUNTER_LIMIT = 2**64
 """Counters are u64 on the wire; anything outside [0, 2**64) is never fresh."""
 
@@ -58,9 +62,15 @@ class ReplayWindow:
     A counter is *fresh* when it is in ``[0, 2**64)``, has not been recorded, and is
     larger than ``highest - size`` (the window holds ``highest`` and the ``size - 1``
     counters below it). Counters above ``highest`` are always fresh and slide the window.
+
+    The bitmap is one ``bytearray`` (``size / 8 + 8`` bytes: 1 KiB for the default window,
+    where a list of 64-bit ints took about 5 KiB), addressed a byte at a time, so the
+    per-packet work handles only small cached integers: counter ``c`` is bit ``c & 7`` of
+    byte ``(c >> 3) % len``. Read as native 64-bit words (``_ring``) it is the ring of
+    ``size / 64 + 1`` blocks of RFC 6479.
     """
 
-    __slots__ = ("_blocks", "_ring", "highest", "size")
+    __slots__ = ("_bits", "_nbytes", "highest", "size")
 
     size: int
     """How many counters, ending at ``highest``, are remembered."""
@@ -72,13 +82,19 @@ class ReplayWindow:
             raise ValueError(f"replay window must hold at least {_BLOCK_BITS} counters")
         self.size = size
         self.highest = -1
-        # One block more than the window needs, so that sliding never clears a block
+        # One block more than the window needs, so that sliding never clears a byte
         # that still holds a counter inside the window.
-        self._blocks = -(-size // _BLOCK_BITS) + 1
-        self._ring = [0] * self._blocks
+        blocks = -(-size // _BLOCK_BITS) + 1
+        self._nbytes = blocks * (_BLOCK_BITS >> _BYTE_SHIFT)
+        self._bits = bytearray(self._nbytes)
 
     def __repr__(self) -> str:
         return f"ReplayWindow(size={self.size}, highest={self.highest})"
+
+    @property
+    def _ring(self) -> memoryview:
+        """The bitmap as its ring of 64-bit blocks (a read-only view, for tests)."""
+        return memoryview(self._bits).toreadonly().cast("Q")
 
     def check(self, counter: int) -> bool:
         """True if ``counter`` would be accepted now. Changes nothing."""
@@ -88,31 +104,52 @@ class ReplayWindow:
             return True
         if self.highest - counter >= self.size:
             return False
-        block = (counter >> _BLOCK_SHIFT) % self._blocks
-        return not (self._ring[block] >> (counter & _BIT_MASK)) & 1
+        byte = self._bits[(counter >> _BYTE_SHIFT) % self._nbytes]
+        return not byte & _BITS[counter & _BYTE_MASK]
 
     def update(self, counter: int) -> ReplayVerdict:
         """Record ``counter`` if it is fresh (FRESH); else say why not, recording nothing."""
-        if counter < 0 or counter >= _COUNTER_LIMIT:
-            return TOO_OLD
-        ring = self._ring
-        nblocks = self._blocks
-        index = counter >> _BLOCK_SHIFT
-        if counter > self.highest:
-            current = self.highest >> _BLOCK_SHIFT  # -1 >> 6 == -1: nothing recorded yet
-            steps = min(index - current, nblocks)
-            for i in range(current + 1, current + 1 + steps):
-                ring[i % nblocks] = 0
+        bits = self._bits
+        highest = self.highest
+        if counter > highest:
+            if counter >= _COUNTER_LIMIT:
+                return TOO_OLD
+            index = counter >> _BYTE_SHIFT
+            current = highest >> _BYTE_SHIFT  # -1 >> 3 == -1: nothing recorded yet
+            if index != current:
+                self._slide(current, index)
             self.highest = counter
-        elif self.highest - counter >= self.size:
+            slot = index % self._nbytes
+            bits[slot] |= _BITS[counter & _BYTE_MASK]  # above highest: never recorded
+            return FRESH
+        if counter < 0 or highest - counter >= self.size:
             return TOO_OLD
-        slot = index % nblocks
-        bit = 1 << (counter & _BIT_MASK)
-        old = ring[slot]
+        slot = (counter >> _BYTE_SHIFT) % self._nbytes
+        bit = _BITS[counter & _BYTE_MASK]
+        old = bits[slot]
         if old & bit:
             return DUPLICATE
-        ring[slot] = old | bit
+        bits[slot] = old | bit
         return FRESH
+
+    def _slide(self, current: int, index: int) -> None:
+        """Clear the bytes after ``current`` up to ``index`` (ring positions), all of them
+        when the jump is longer than the ring."""
+        bits, nbytes = self._bits, self._nbytes
+        steps = index - current
+        if steps == 1:
+            bits[index % nbytes] = 0
+            return
+        if steps >= nbytes:
+            bits[:] = bytes(nbytes)
+            return
+        start = (current + 1) % nbytes
+        end = start + steps
+        if end <= nbytes:
+            bits[start:end] = bytes(steps)
+        else:
+            bits[start:] = bytes(nbytes - start)
+            bits[: end - nbytes] = bytes(end - nbytes)
 
 
 DUPLICATE_WINDOW_S: Final = 1.0

@@ -25,7 +25,9 @@ from enum import IntEnum
 from typing import ClassVar
 
 from tunnel.core.constants import (
+    AEAD_TAG_LEN,
     HEADER,
+    MARKED_TRANSPORT_HEADER,
     MAX_DATAGRAM,
     MAX_INNER_PACKET,
     MAX_MARK,
@@ -35,6 +37,7 @@ from tunnel.core.constants import (
     MSG_DATA,
     MSG_HANDSHAKE_INIT,
     MSG_HANDSHAKE_RESP,
+    SESSION_ID_LEN,
     TRANSPORT_HEADER,
 )
 from tunnel.core.cookie import COOKIE_REPLY_LEN, INIT_MACS_LEN, MAC_LEN
@@ -86,8 +89,29 @@ def parse_header(data: bytes) -> Header | Drop:
     return Header(msg_type, phase, receiver_index, epoch, mark) if drop is None else drop
 
 
+_MIN_TRANSPORT = TRANSPORT_HEADER.size + AEAD_TAG_LEN
+"""The smallest DATA/CONTROL datagram: the header and an AEAD tag (empty plaintext)."""
+
+TransportFields = tuple[int, int, int, int, int, int]
+"""``(msg_type, phase, epoch, mark, receiver_index, counter)`` of a transport datagram."""
+
+
+def transport_fields(data: bytes) -> TransportFields | None:
+    """The header fields of a well-formed DATA or CONTROL datagram, in one unpack (the
+    receive fast path: no ``Header`` object), else None. Accepts exactly the DATA and
+    CONTROL datagrams ``parse_header`` accepts; for any other input ``parse_header`` says
+    what it is (a handshake message) or why it is dropped."""
+    if not _MIN_TRANSPORT <= len(data) <= MAX_DATAGRAM:
+        return None
+    fields: TransportFields = MARKED_TRANSPORT_HEADER.unpack_from(data)
+    msg_type, mark = fields[0], fields[3]
+    if (msg_type != MSG_DATA and msg_type != MSG_CONTROL) or mark > MAX_MARK:
+        return None
+    return fields if mark or not fields[2] else None
+
+
 def _transport_shape(n: int, phase: int, receiver_index: int) -> Drop | None:
-    return Drop.TRUNCATED if n < TRANSPORT_HEADER.size + 16 else None
+    return Drop.TRUNCATED if n < _MIN_TRANSPORT else None
 
 
 def _init_shape(n: int, phase: int, receiver_index: int) -> Drop | None:
@@ -149,21 +173,52 @@ def split_init(data: bytes) -> tuple[int, bytes, bytes, bytes]:
 
 @dataclass(frozen=True, slots=True)
 class InitPayload:
-    """Inside Noise message 1: protocol version and the client's wall clock (freshness, skew)."""
+    """Inside Noise message 1: protocol version and the client's wall clock (freshness, skew).
+
+    After the fixed part come optional extensions, ``type:u8 | length:u8 | value`` as in
+    ``RespPayload`` (a type this build does not know is skipped):
+
+    - type 1 (EXT_PREVIOUS_SESSION): the id of the session the client wants to continue
+      (DESIGN D15c): the gateway creates a new session only when it holds no live
+      session of that id for this client;
+    - type 2 (EXT_CIPHERS): the data ciphers the client accepts, one wire code (u8) each,
+      in its order of preference (tunnel/core/ciphers.py); without it (a client that
+      predates the extension) the client speaks ChaCha20-Poly1305 only.
+    """
 
     STRUCT: ClassVar = struct.Struct("<BQB")
+    EXT_PREVIOUS_SESSION: ClassVar = 1
+    EXT_CIPHERS: ClassVar = 2
     version: int
     ts_ms: int
     path_id: int
+    previous_session: bytes = b""
+    """The session id the client continues (16 bytes), or empty: a first handshake."""
+    ciphers: tuple[int, ...] = ()
+    """Data cipher codes the client accepts, preferred first; empty: no extension."""
 
     def pack(self) -> bytes:
-        return self.STRUCT.pack(self.version, self.ts_ms, self.path_id)
+        out = self.STRUCT.pack(self.version, self.ts_ms, self.path_id)
+        if self.previous_session:
+            ext = _EXT_HEADER.pack(self.EXT_PREVIOUS_SESSION, len(self.previous_session))
+            out += ext + self.previous_session
+        return out + _cipher_extension(self.EXT_CIPHERS, self.ciphers)
 
     @classmethod
     def parse(cls, data: bytes) -> InitPayload | Drop:
-        if len(data) != cls.STRUCT.size:
+        if len(data) < cls.STRUCT.size:
             return Drop.MALFORMED
-        return cls(*cls.STRUCT.unpack(data))
+        extensions = _walk_extensions(data, cls.STRUCT.size)
+        if isinstance(extensions, Drop):
+            return extensions
+        previous = extensions.get(cls.EXT_PREVIOUS_SESSION)
+        if previous is not None and len(previous) != SESSION_ID_LEN:
+            return Drop.MALFORMED
+        ciphers = _cipher_list(extensions.get(cls.EXT_CIPHERS))
+        if ciphers is None:
+            return Drop.MALFORMED
+        version, ts_ms, path_id = cls.STRUCT.unpack_from(data)
+        return cls(version, ts_ms, path_id, previous or b"", ciphers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,13 +229,17 @@ class RespPayload:
     Advertised endpoints (D7) are (ip, port) pairs, at most MAX_ENDPOINTS. After them come
     optional extensions, ``type:u8 | length:u8 | value``: a parser skips a type it does
     not know, so a later field never needs a version bump. Type 1 (EXT_INNER_IPV6) is the
-    inner IPv6 address, present when the gateway has an inner IPv6 subnet.
+    inner IPv6 address, present when the gateway has an inner IPv6 subnet. Type 2
+    (EXT_CIPHERS): accepted, the data cipher the gateway chose (one code); refused with
+    ``cipher_mismatch``, the ciphers the gateway allows; absent (a gateway that predates
+    it): ChaCha20-Poly1305.
     """
 
     FIXED: ClassVar = struct.Struct("<BH16sQQI4sB4sHB")
     ENDPOINT: ClassVar = struct.Struct("<B16sH")
     EXT_HEADER: ClassVar = struct.Struct("<BB")
     EXT_INNER_IPV6: ClassVar = 1
+    EXT_CIPHERS: ClassVar = 2
     INNER_IPV6: ClassVar = struct.Struct("<16sB16s")
     """address, prefix length (1..128), the gateway's inner IPv6 address."""
     MAX_ENDPOINTS: ClassVar = 4
@@ -199,6 +258,8 @@ class RespPayload:
     """The client's inner IPv6 address; empty: the session carries no IPv6."""
     inner_prefix6: int = 0
     inner_gateway6: str = ""
+    ciphers: tuple[int, ...] = ()
+    """Data cipher codes (EXT_CIPHERS): the choice, or what the gateway allows."""
 
     def pack(self) -> bytes:
         out = [
@@ -226,6 +287,7 @@ class RespPayload:
                 ipaddress.IPv6Address(self.inner_gateway6 or "::").packed,
             )
             out.append(self.EXT_HEADER.pack(self.EXT_INNER_IPV6, len(value)) + value)
+        out.append(_cipher_extension(self.EXT_CIPHERS, self.ciphers))
         return b"".join(out)
 
     @classmethod
@@ -247,45 +309,71 @@ class RespPayload:
                 eps.append((str(ipaddress.IPv6Address(raw)), port))
             else:
                 return Drop.MALFORMED
-        inner6 = _parse_extensions(data, end)
-        if isinstance(inner6, Drop):
-            return inner6
+        extensions = _walk_extensions(data, end)
+        if isinstance(extensions, Drop):
+            return extensions
+        inner6 = _inner_ipv6(extensions.get(cls.EXT_INNER_IPV6))
+        ciphers = _cipher_list(extensions.get(cls.EXT_CIPHERS))
+        if inner6 is None or ciphers is None:
+            return Drop.MALFORMED
         return cls(
             ver, status, sid, ts, sv, epoch,
             str(ipaddress.IPv4Address(addr)), prefix, str(ipaddress.IPv4Address(gw)), mtu,
-            tuple(eps), *inner6,
+            tuple(eps), *inner6, ciphers,
         )  # fmt: skip
 
 
-def _parse_extensions(data: bytes, offset: int) -> tuple[str, int, str] | Drop:
-    """The extensions of a RespPayload from ``offset``: (inner IPv6 address, prefix,
-    gateway) or ("", 0, "") without one. A cut-off extension is ``truncated``; a known one
-    of the wrong length, twice, or with an impossible value is ``malformed``; unknown
-    types are skipped."""
-    inner6: tuple[str, int, str] | None = None
-    header = RespPayload.EXT_HEADER
+_EXT_HEADER = struct.Struct("<BB")
+"""``type:u8 | length:u8`` of a handshake payload extension."""
+
+MAX_CIPHER_CODES = 16
+"""Longest cipher list an extension may carry (this build knows 2)."""
+
+
+def _walk_extensions(data: bytes, offset: int) -> dict[int, bytes] | Drop:
+    """The extensions of a handshake payload from ``offset``: type -> value. A cut-off
+    extension is ``truncated``, a type twice ``malformed``; the values are checked by
+    whoever knows the type (unknown types are ignored)."""
+    found: dict[int, bytes] = {}
     while offset < len(data):
-        if len(data) - offset < header.size:
+        if len(data) - offset < _EXT_HEADER.size:
             return Drop.TRUNCATED
-        ext_type, length = header.unpack_from(data, offset)
-        offset += header.size
+        ext_type, length = _EXT_HEADER.unpack_from(data, offset)
+        offset += _EXT_HEADER.size
         if len(data) - offset < length:
             return Drop.TRUNCATED
-        if ext_type == RespPayload.EXT_INNER_IPV6:
-            if inner6 is not None or length != RespPayload.INNER_IPV6.size:
-                return Drop.MALFORMED
-            parsed = _inner_ipv6(data, offset)
-            if parsed is None:
-                return Drop.MALFORMED
-            inner6 = parsed
+        if ext_type in found:
+            return Drop.MALFORMED
+        found[ext_type] = bytes(data[offset : offset + length])
         offset += length
-    return inner6 or ("", 0, "")
+    return found
 
 
-def _inner_ipv6(data: bytes, offset: int) -> tuple[str, int, str] | None:
-    """The value of EXT_INNER_IPV6, or None when it is impossible: a prefix outside
-    1..128, or an unspecified, multicast or loopback address."""
-    raw, prefix, raw_gw = RespPayload.INNER_IPV6.unpack_from(data, offset)
+def _cipher_extension(ext_type: int, codes: tuple[int, ...]) -> bytes:
+    """The cipher-list extension for ``codes`` (nothing when empty)."""
+    return _EXT_HEADER.pack(ext_type, len(codes)) + bytes(codes) if codes else b""
+
+
+def _cipher_list(value: bytes | None) -> tuple[int, ...] | None:
+    """The codes of a cipher-list extension (() when absent), or None when impossible:
+    empty, longer than MAX_CIPHER_CODES, a zero code or a code twice."""
+    if value is None:
+        return ()
+    codes = tuple(value)
+    if not 0 < len(codes) <= MAX_CIPHER_CODES or 0 in codes or len(set(codes)) != len(codes):
+        return None
+    return codes
+
+
+def _inner_ipv6(value: bytes | None) -> tuple[str, int, str] | None:
+    """The value of EXT_INNER_IPV6 (("", 0, "") when absent), or None when it is
+    impossible: the wrong length, a prefix outside 1..128, or an unspecified, multicast or
+    loopback address."""
+    if value is None:
+        return "", 0, ""
+    if len(value) != RespPayload.INNER_IPV6.size:
+        return None
+    raw, prefix, raw_gw = RespPayload.INNER_IPV6.unpack(value)
     address = ipaddress.IPv6Address(raw)
     gateway = ipaddress.IPv6Address(raw_gw)
     if not 1 <= prefix <= 128:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from tunnel.control.protocol import default_socket
+from tunnel.core.ciphers import ALL_CIPHERS, CipherNameError, DataCipher, parse_cipher_names
 from tunnel.core.constants import MAX_INNER_PACKET, MIN_MTU
 from tunnel.core.gateway import ClientEntry
 from tunnel.keys import KeyFormatError, encode_key, load_private_key, load_public_key
@@ -50,8 +51,9 @@ DEFAULT_JSONL_MAX_BYTES: Final = 10 * 1024 * 1024
 DEFAULT_JSONL_BACKUPS: Final = 5
 
 TOP_KEYS: Final = frozenset(
-    {"node_id", "listen", "private_key", "policy", "mtu", "metrics", "inner_echo", "clients_dir"}
-)
+    {"node_id", "listen", "private_key", "policy", "mtu", "metrics", "inner_echo", "clients_dir",
+     "ciphers"}
+)  # fmt: skip
 TABLES: Final = frozenset({"tun", "clients", "sinks", "control", "state"})
 CONTROL_KEYS: Final = frozenset({"socket"})
 STATE_KEYS: Final = frozenset({"store", "state_dir", "state_key_file"})
@@ -188,6 +190,9 @@ class GatewayConfig:
     state: StateConfig = StateConfig(store="memory")
     """``[state]``: the session store and its state key. The file's default is the sqlite
     store in ``/var/lib/jvpn`` (a configuration built in code has the memory store)."""
+    ciphers: tuple[DataCipher, ...] = ALL_CIPHERS
+    """The data ciphers this gateway allows (``ciphers``); a client gets the first of its
+    own list that is one of them (tunnel/core/ciphers.py)."""
 
 
 class _Reader:
@@ -801,6 +806,16 @@ def _parse_state(file: Path, raw: object, key_path: Path) -> StateConfig:
     return StateConfig(store, state_dir, key_file)  # type: ignore[arg-type]
 
 
+def _parse_ciphers(r: _Reader) -> tuple[DataCipher, ...]:
+    value = r.table.get("ciphers", list(c.label for c in ALL_CIPHERS))
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise r.error("ciphers", value, 'must be a list of cipher names, e.g. ["aes-256-gcm"]')
+    try:
+        return parse_cipher_names(value)
+    except CipherNameError as exc:
+        raise r.error("ciphers", value, str(exc)) from None
+
+
 def parse_gateway_config(data: Mapping[str, Any], file: Path) -> GatewayConfig:
     """Validate decoded TOML ``data`` (``file`` names it in errors and anchors paths)."""
     r = _Reader(file, data, "")
@@ -818,6 +833,7 @@ def parse_gateway_config(data: Mapping[str, Any], file: Path) -> GatewayConfig:
         except ValueError as exc:
             raise r.error("metrics", text, str(exc)) from None
     inner_echo = r.boolean("inner_echo", False)
+    ciphers = _parse_ciphers(r)
     policy_path = r.path("policy")
     tun_name, subnet, gateway_address = _parse_tun(file, data.get("tun"))
     subnet6, gateway_address6 = _parse_tun6(file, data.get("tun"), mtu)
@@ -843,7 +859,8 @@ def parse_gateway_config(data: Mapping[str, Any], file: Path) -> GatewayConfig:
         gateway_address6=gateway_address6, control_socket=control_socket,
         control_required=control_required, clients_dir=clients_dir,
         client_specs=tuple(inline),
-        client_file_errors=tuple(errors), client_file_cache=cache, state=state,
+        client_file_errors=tuple(errors), client_file_cache=cache, ciphers=ciphers,
+        state=state,
     )  # fmt: skip
 
 

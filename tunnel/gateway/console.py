@@ -17,8 +17,9 @@ line also says how many refusals were not shown since the previous line of its k
 (folded into the core's reports, or suppressed here), so the lines add up to the metric.
 The table of recent sources is bounded (the oldest entry goes first).
 
-Sessions: :class:`SessionNotices` writes one line when a session starts, switches to
-another address and ends, rate-limited per client the same way.
+Sessions: :class:`SessionNotices` writes one line when a session starts (naming the data
+cipher negotiated), switches to another address and ends, rate-limited per client the
+same way; and one when a handshake is refused for want of a data cipher in common.
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ from typing import Final
 
 from tunnel.core.events import (
     Event,
+    PolicyEvent,
     Reason,
     SecurityEvent,
     SessionCreated,
+    SessionLinked,
     SessionTerminated,
     TransportAttached,
     TransportSwitch,
@@ -131,6 +134,9 @@ class _Seen:
     inner: str
     address: str = "?"
     started: bool = False
+    continues: str = ""
+    """The session this one continues (SESSION_LINKED: the gateway had lost it)."""
+    cipher: str = ""
 
 
 class SessionNotices:
@@ -170,13 +176,20 @@ class SessionNotices:
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, SessionCreated):
-            self._remember(event.session_id, _Seen(event.peer, event.inner_address))
+            self._remember(
+                event.session_id, _Seen(event.peer, event.inner_address, cipher=event.cipher)
+            )
+        elif isinstance(event, SessionLinked):
+            seen: _Seen = self._seen(event.session_id)
+            seen.continues = event.previous_session_id
         elif isinstance(event, TransportAttached):
             self._attached(event)
         elif isinstance(event, TransportSwitch):
             self._switched(event)
         elif isinstance(event, SessionTerminated):
             self._ended(event)
+        elif isinstance(event, PolicyEvent) and event.reason_code is Reason.CIPHER_MISMATCH:
+            self._refused(event.detail)
 
     def _remember(self, sid: str, seen: _Seen) -> None:
         self._sessions[sid] = seen
@@ -197,7 +210,10 @@ class SessionNotices:
             return
         seen.started = True
         path = f" (path {event.transport_id})" if event.transport_id >= 0 else ""
-        what = f"started: {seen.client} {seen.inner} from {event.path}{path}"
+        cipher = f", {seen.cipher}" if seen.cipher else ""
+        what = f"started: {seen.client} {seen.inner} from {event.path}{path}{cipher}"
+        if seen.continues:
+            what += f", continues {seen.continues[:8]} (this gateway had lost it)"
         self._line("start", event.session_id, seen, what)
 
     def _switched(self, event: TransportSwitch) -> None:
@@ -220,7 +236,12 @@ class SessionNotices:
         )
         self._line("end", event.session_id, seen, what)
 
-    def _line(self, kind: str, sid: str, seen: _Seen, what: str) -> None:
+    def _refused(self, detail: str) -> None:
+        """``jvpn-gateway: refused a handshake: alice from 192.0.2.7:40112: no data cipher
+        in common: ...`` (the PolicyEvent's detail), at most one every ``repeat_s``."""
+        self._line("refused", "", _Seen("", ""), detail, head="refused a handshake:")
+
+    def _line(self, kind: str, sid: str, seen: _Seen, what: str, head: str | None = None) -> None:
         key = (kind, seen.client)
         now = self._clock()
         last = self._last.get(key)
@@ -230,7 +251,8 @@ class SessionNotices:
         self._last[key] = now
         unshown = self._unshown.pop(key, 0)
         more = f"; {unshown} more not shown since the previous such line" if unshown else ""
-        self._write(f"jvpn-gateway: session {sid[:8] or '?'} {what}{more}")
+        head = f"session {sid[:8] or '?'}" if head is None else head
+        self._write(f"jvpn-gateway: {head} {what}{more}")
         self.lines += 1
 
 

@@ -54,6 +54,7 @@ HISTORY_TYPES: Final = frozenset({
     EventType.TRANSPORT_SWITCH, EventType.TRANSPORT_SWITCH_DENIED, EventType.TRANSPORT_DEAD,
     EventType.REATTACH_ATTEMPT, EventType.REATTACH_RESULT, EventType.SECURITY_EVENT,
     EventType.POLICY_EVENT, EventType.KEY_ROTATED, EventType.SESSION_TERMINATED,
+    EventType.SESSION_LINKED,
 })  # fmt: skip
 """What the history keeps: session creation and what the client's history ring keeps
 (``tunnel.api.SESSION_EVENT_TYPES``, which the gateway does not import)."""
@@ -190,6 +191,7 @@ class GatewayControl:
             ),
             events_dropped=rt.gateway.events_dropped, store_conflicts=rt.ownership.conflicts,
             observability_ok=health.observability_ok,
+            ciphers=tuple(c.label for c in rt.gateway.ciphers),
         )  # fmt: skip
 
     def history(self) -> Sequence[Mapping[str, object]]:
@@ -248,6 +250,7 @@ class GatewayControl:
             total_switches=s.total_switches, security_failures=s.security_failures,
             queued=len(s.queue),
             end_reason=str(s.end_reason) if s.end_reason is not None else None,
+            cipher=s.cipher.suite.label,
         )  # fmt: skip
 
     def _owner(self, session_id: str) -> str:

@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Final
 
 from tunnel.core.aead import TrafficKeys
+from tunnel.core.ciphers import DataCipher
 from tunnel.core.events import Reason
 from tunnel.core.gateway import GatewaySessions
 from tunnel.core.gateway_paths import Addr
@@ -62,7 +63,8 @@ def encode_state(state: ResumeState) -> bytes:
         "client": [c.name, c.public_key.hex(), c.inner_address, c.inner_address6],
         "state": state.state, "state_version": state.state_version,
         "epoch": state.binding_epoch,
-        "keys": [state.keys.send.hex(), state.keys.recv.hex()], "phase": state.key_phase,
+        "keys": [state.keys.send.hex(), state.keys.recv.hex()], "suite": int(state.suite),
+        "phase": state.key_phase,
         "send_from": state.send_from, "rx": [state.rx_phase, state.rx_high],
         "binding": _addr_out(state.binding), "binding_path": state.binding_path,
         "last_binding": _addr_out(state.last_binding), "skew_ms": state.skew_ms,
@@ -89,6 +91,7 @@ def decode_state(
             client=ClientEntry(name, bytes.fromhex(key), inner, inner6), state=d["state"],
             state_version=int(d["state_version"]), binding_epoch=int(d["epoch"]),
             keys=TrafficKeys(bytes.fromhex(d["keys"][0]), bytes.fromhex(d["keys"][1])),
+            suite=DataCipher(int(d["suite"])),
             key_phase=int(d["phase"]), send_from=int(d["send_from"]),
             rx_phase=int(d["rx"][0]), rx_high=int(d["rx"][1]),
             binding=None if binding is None else make_addr(*binding),

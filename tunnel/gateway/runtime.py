@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
 
 from tunnel.control.protocol import ControlError
+from tunnel.core.ciphers import ALL_CIPHERS, DataCipher
 from tunnel.core.events import Event, Reason, StateChange
 from tunnel.core.gateway import ClientEntry, GatewaySessions, SessionView
 from tunnel.core.policy import POLICY_DEFAULT, Policy
@@ -154,6 +155,7 @@ class GatewayRuntime:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         urandom: Callable[[int], bytes] = os.urandom,
+        ciphers: Sequence[DataCipher] = ALL_CIPHERS,
     ) -> None:
         if not listen:
             raise ValueError("at least one listen address")
@@ -167,7 +169,7 @@ class GatewayRuntime:
             static_private=static_private, clients=clients, policy=policy, now=now,
             urandom=urandom, node_id=node_id, wall_offset=wall_clock() - now,
             inner_gateway=inner_gateway, inner_prefix=inner_prefix, mtu=mtu,
-            inner_gateway6=inner_gateway6, inner_prefix6=inner_prefix6,
+            inner_gateway6=inner_gateway6, inner_prefix6=inner_prefix6, ciphers=ciphers,
             counter_reservations=persistent,
         )  # fmt: skip
         self.persistence: SessionPersistence | None = (
@@ -269,7 +271,7 @@ class GatewayRuntime:
             store=store, sealer=sealer, own_store=own_store,
             metrics=metrics if metrics is not None else config.metrics,
             control=config.control_socket, control_required=config.control_required,
-            on_event=on_event, config=config,
+            on_event=on_event, config=config, ciphers=config.ciphers,
         )  # fmt: skip
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -438,13 +440,15 @@ class GatewayRuntime:
                 loop.remove_signal_handler(sig)
         self.driver.detach()
 
-    def _terminate_in_batches(self, now: float) -> None:
+    def _terminate_in_batches(self, now: float, reason: Reason = Reason.GATEWAY_SHUTDOWN) -> None:
         """End every session, SHUTDOWN_BATCH at a time, each batch's TERMINATEs (and events)
-        sent before the next: bounded work per step, linear in the number of sessions."""
+        sent before the next: bounded work per step, linear in the number of sessions.
+        ``gateway_shutdown``: the sessions die with this gateway (its store keeps nothing),
+        and the clients know it is not their operator's stop (DESIGN D15c)."""
         indexes = list(self.gateway.sessions)
         for start in range(0, len(indexes), SHUTDOWN_BATCH):
             batch = indexes[start : start + SHUTDOWN_BATCH]
-            self.gateway.terminate_many(batch, now, Reason.OPERATOR_TERMINATED)
+            self.gateway.terminate_many(batch, now, reason)
             self.pump(now)
         self.pump(now)
 

@@ -498,8 +498,9 @@ class PathSocket:
                     seg = _I32.unpack_from(data)[0]
             if 0 < seg < n:
                 self.gro_reads += 1
+                read = view[:n]  # a slice past its end stops at n: the last may be shorter
                 for off in range(0, n, seg):
-                    append((bytes(view[off : min(off + seg, n)]), addr))
+                    append((bytes(read[off : off + seg]), addr))
             else:
                 append((bytes(view[:n]), addr))
         self.received += len(out)

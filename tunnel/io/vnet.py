@@ -71,16 +71,26 @@ def _pseudo_sum(addresses: bytes, tcp_length: int) -> int:
     return total
 
 
+_IPV4_FIELDS = struct.Struct("!BxHxxHxB")
+"""version/IHL, total length, flags/fragment offset, protocol (the first 10 bytes)."""
+_IPV6_FIELDS = struct.Struct("!B3xHB")
+"""version/class, payload length, next header (the first 7 bytes)."""
+_TCP_FIELDS = struct.Struct("!4xI4xBB")
+"""seq, data offset, flags (the first 14 bytes of the TCP header)."""
+
+
 def _ip_header_len(packet: bytes, n: int) -> int:
     """20 or 40 for a plain IPv4 / IPv6 TCP packet of exactly ``n`` bytes that could be merged
     (no IPv4 options or fragment, no IPv6 extension header), else 0."""
     first = packet[0]
     if first == 0x45:
-        if packet[9] != _IPPROTO_TCP or _U16.unpack_from(packet, 2)[0] != n:
-            return 0
-        return 0 if _U16.unpack_from(packet, 6)[0] & 0x3FFF else _IPV4_HEADER  # a fragment
-    if first >> 4 == 6 and packet[6] == _IPPROTO_TCP:
-        return _IPV6_HEADER if _U16.unpack_from(packet, 4)[0] + _IPV6_HEADER == n else 0
+        _, total, frag, proto = _IPV4_FIELDS.unpack_from(packet)
+        if proto != _IPPROTO_TCP or total != n or frag & 0x3FFF:
+            return 0  # not TCP, not exactly this packet, or a fragment
+        return _IPV4_HEADER
+    if first >> 4 == 6:
+        _, payload, next_header = _IPV6_FIELDS.unpack_from(packet)
+        return _IPV6_HEADER if next_header == _IPPROTO_TCP and payload + _IPV6_HEADER == n else 0
     return 0
 
 
@@ -93,32 +103,32 @@ def _segment(packet: bytes) -> tuple[int, int, int, int] | None:
     iphl = _ip_header_len(packet, n)
     if not iphl or n < iphl + 20:
         return None
-    thl = (packet[iphl + 12] >> 4) * 4
-    flags = packet[iphl + 13]
+    seq, offset, flags = _TCP_FIELDS.unpack_from(packet, iphl)
+    thl = (offset >> 4) * 4
     if thl < 20 or iphl + thl >= n or flags & ~_TCP_PSH != _TCP_ACK:
         return None  # no payload, or SYN/FIN/RST/URG/ECE/CWR
-    return iphl, thl, n - iphl - thl, _U32.unpack_from(packet, iphl + 4)[0]
+    return iphl, thl, n - iphl - thl, seq
 
 
-def _same_flow(a: bytes, b: bytes, iphl: int, thl: int) -> bool:
-    """Everything but id, lengths, checksums, seq and PSH is identical (a: the run's first)."""
-    if iphl == _IPV4_HEADER:
-        same_ip = (
-            a[1] == b[1]  # TOS
-            and a[6:7] == b[6:7]  # DF
-            and a[8:10] == b[8:10]  # TTL, protocol
-            and a[12:20] == b[12:20]  # addresses
-        )
-    else:
-        same_ip = a[0:4] == b[0:4] and a[6:40] == b[6:40]  # class, flow, hop limit, addresses
-    t = iphl
-    return (
-        same_ip
-        and a[t : t + 4] == b[t : t + 4]  # ports
-        and a[t + 8 : t + 13] == b[t + 8 : t + 13]  # ack, data offset
-        and a[t + 14 : t + 16] == b[t + 14 : t + 16]  # window
-        and a[t + 18 : t + thl] == b[t + 18 : t + thl]  # urgent pointer, options (timestamps)
-    )
+_FLOW_KEYS: dict[tuple[int, int], struct.Struct] = {}
+"""(IP header length, TCP header length) -> the struct of a segment's flow key (at most
+2 x 11 entries: TCP headers are 20..60 bytes in steps of 4)."""
+
+
+def _flow_key(iphl: int, thl: int) -> struct.Struct:
+    """The bytes of a mergeable segment that every segment of one GSO packet shares, in
+    one unpack (a run compares its first segment's key with each next one's): everything
+    but the IP length, id and checksum, and the TCP seq, flags and checksum. IPv4: TOS,
+    flags/fragment offset (0 in a mergeable segment), TTL, protocol, addresses, ports;
+    IPv6: version, class, flow label, next header, hop limit, addresses, ports; then
+    ack and data offset, window, urgent pointer and options."""
+    st = _FLOW_KEYS.get((iphl, thl))
+    if st is None:
+        t = iphl
+        ip = f"xB4x4s2x{t + 4 - 12}s" if iphl == _IPV4_HEADER else f"4s2x{t + 4 - 6}s"
+        st = struct.Struct(f"!{ip}4x5sx2s2x{thl - 18}s")
+        _FLOW_KEYS[(iphl, thl)] = st
+    return st
 
 
 def coalesce(packets: Sequence[bytes]) -> list[list[bytes | memoryview]]:
@@ -150,12 +160,14 @@ def _gso_run(
     j = i + 1
     last_flags = first[iphl + 13]
     n = len(packets)
+    key = _flow_key(iphl, thl)
+    flow = key.unpack_from(first)
     while j < n and j - i < MAX_SEGMENTS and not last_flags & _TCP_PSH:
         nxt = packets[j]
         s2 = _segment(nxt)
         if s2 is None or s2[0] != iphl or s2[1] != thl or s2[2] > size or s2[3] != end:
             break
-        if total + s2[2] > MAX_COALESCED or not _same_flow(first, nxt, iphl, thl):
+        if total + s2[2] > MAX_COALESCED or key.unpack_from(nxt) != flow:
             break
         total += s2[2]
         end += s2[2]
