@@ -300,7 +300,8 @@ class TunnelRig:
         (self.workdir / "gateway.toml").write_text(
             f'node_id = "gw-bench"\nlisten = ["0.0.0.0:{GATEWAY_PORT}"]\n'
             f'private_key = "{keys["gateway"]}.key"\n{policy_line}mtu = {INNER_MTU}\n'
-            f'inner_echo = false\n\n[tun]\nname = "jvpn%d"\nsubnet = "{INNER_PREFIX}.0/24"\n'
+            f'inner_echo = false\n\n[state]\nstore = "memory"\n\n'
+            f'[tun]\nname = "jvpn%d"\nsubnet = "{INNER_PREFIX}.0/24"\n'
             f'address = "{INNER_GATEWAY}"\n\n[[clients]]\nname = "bench"\n'
             f'public_key = "{keys["client"]}.pub"\naddress = "{INNER_CLIENT}"\n'
         )

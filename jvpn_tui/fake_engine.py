@@ -79,8 +79,15 @@ def _history(base: float, spread: float, phase: int, n: int = 40) -> tuple[float
 
 
 def _stats(
-    pid: int, rtt: float | None, jitter: float, loss: float, score: float, *,
-    alive: bool = True, history: tuple[float, ...] = (), misses: int = 0,
+    pid: int,
+    rtt: float | None,
+    jitter: float,
+    loss: float,
+    score: float,
+    *,
+    alive: bool = True,
+    history: tuple[float, ...] = (),
+    misses: int = 0,
 ) -> PathStatsView:
     return PathStatsView(
         path_id=pid, srtt_ms=rtt, jitter_ms=jitter, loss_ratio=loss,
@@ -363,8 +370,12 @@ class FakeEngine:
         if action in (DemoAction.SCRIPT, DemoAction.PLAY_PAUSE):
             pause = action == DemoAction.PLAY_PAUSE and self._script == ScriptStatus.PLAYING
             self._script = ScriptStatus.PAUSED if pause else ScriptStatus.PLAYING
-            self._emit("DIAGNOSTIC", reason_code="demo_action", state="",
-                       detail=script_detail(self._script, "fake engine: announced only"))
+            self._emit(
+                "DIAGNOSTIC",
+                reason_code="demo_action",
+                state="",
+                detail=script_detail(self._script, "fake engine: announced only"),
+            )
             return
         where = "every path" if pid == ALL_PATHS else f"path {pid}"
         self._emit("DIAGNOSTIC", reason_code="demo_action", state="",

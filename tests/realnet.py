@@ -311,6 +311,7 @@ class RealTunnel:
         relay_side: str = "gateway",
         policy: str | None = None,
         ipv6: bool = False,
+        store: str = "memory",
     ) -> None:
         if relay_side not in ("gateway", "client"):
             raise ValueError("relay_side must be 'gateway' or 'client'")
@@ -320,6 +321,9 @@ class RealTunnel:
         self.relay_side = relay_side
         self.policy_text = policy
         self.ipv6 = ipv6
+        self.store = store
+        """``[state] store``: memory (a stop ends the sessions) or sqlite (they survive a
+        restart; the store and its state key in ``tmp/state``)."""
         self.topo = Topology(n_paths)
         self.tag = self.topo.tag
         self.client_tun = f"jtc-{self.tag}"
@@ -411,6 +415,7 @@ class RealTunnel:
             f"{policy_line}"
             f'metrics = "127.0.0.1:{METRICS_PORT}"\n'
             f"[control]\nsocket = {json.dumps(str(self.gateway_socket))}\n"
+            f'[state]\nstore = "{self.store}"\nstate_dir = "state"\n'
             "[tun]\n"
             f'name = "{self.gateway_tun}"\n'
             f'subnet = "{INNER_SUBNET}"\n'
@@ -832,8 +837,9 @@ def datagrams_in(metrics: dict[str, float]) -> int:
 
 @pytest.fixture
 def realnet(tmp_path: Path) -> Iterator[Callable[..., RealTunnel]]:
-    """Factory: ``realnet(n_paths=2, relays=(0,), policy=TOML, ipv6=False, client=True)``
-    -> RealTunnel (``ipv6``: the gateway gets an inner IPv6 subnet, see INNER_SUBNET6).
+    """Factory: ``realnet(n_paths=2, relays=(0,), policy=TOML, ipv6=False, store="memory",
+    client=True)`` -> RealTunnel (``ipv6``: the gateway gets an inner IPv6 subnet, see
+    INNER_SUBNET6; ``store``: the gateway's ``[state] store``).
 
     Skips when not root / no namespaces / no /dev/net/tun. Everything built is torn down
     at the end of the test, also when it fails.

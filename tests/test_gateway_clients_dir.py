@@ -52,6 +52,8 @@ inner_echo = true
 clients_dir = "clients.d"
 [control]
 socket = "off"
+[state]
+store = "memory"
 [tun]
 subnet = "10.71.0.0/24"
 """

@@ -53,6 +53,8 @@ private_key = "gateway.key"
 inner_echo = true
 [control]
 socket = "off"
+[state]
+store = "memory"
 [tun]
 subnet = "10.70.0.0/29"
 [[clients]]
@@ -259,7 +261,8 @@ def _spy(fn: object, calls: list[object]) -> object:
 
 
 def test_program_stops_cleanly_on_sigterm(confdir: Path) -> None:
-    path = write(confdir, BASE)
+    """With the default (sqlite) store a stop ends no session: they stay in the store."""
+    path = write(confdir, BASE.replace('store = "memory"', 'state_dir = "state"'))
     proc = subprocess.Popen(
         [sys.executable, "-m", "tunnel.gateway.main", "--config", str(path)],
         stderr=subprocess.PIPE, text=True, cwd=REPO,
@@ -273,7 +276,8 @@ def test_program_stops_cleanly_on_sigterm(confdir: Path) -> None:
         assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == gateway_main.EXIT_OK
-        assert "stopped; sessions terminated, host restored" in proc.stderr.read()
+        assert "stopped; sessions kept in the store, host restored" in proc.stderr.read()
+        assert (confdir / "state" / "sessions.sqlite3").is_file()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -316,6 +316,7 @@ class Lab:
                 f'address = "{address}"',
             ]
         lines += ["[control]", 'socket = "off"']  # no control socket: it is not under test
+        lines += ["[state]", 'store = "memory"']  # a stop ends the sessions (no state dir)
         lines += ["[[sinks]]", 'type = "stdout"', *sinks]
         self.write("gw.toml", "\n".join(lines) + "\n")
         argv = [str(BIN / "jvpn-gateway"), "--config", "gw.toml"]

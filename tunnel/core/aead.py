@@ -341,6 +341,31 @@ class SessionCipher:
             self._previous_until = now + PREVIOUS_KEYS_GRACE_S
         return plaintext
 
+    # -- resume (a restarted gateway, DESIGN D15a) -------------------------------------
+
+    def current_keys(self) -> tuple[int, TrafficKeys]:
+        """The current phase and its keys: what a session store keeps, sealed, so another
+        process can continue this session (tunnel/gateway/resume.py)."""
+        return self._current.phase, self._current.keys
+
+    def resume_at(self, phase: int, send_counter: int, rx_above: int) -> None:
+        """Continue as the cipher of another process: the keys given at construction are
+        that process's phase ``phase``; seal from ``send_counter`` (a counter it reserved
+        and never reached) and open only counters above ``rx_above`` in that phase (what
+        it had received; -1: none). Only on a cipher that has sealed nothing."""
+        if self.send_counter or self._previous is not None or self._current.phase:
+            raise ValueError("only a fresh cipher can resume another process's session")
+        if not 0 <= send_counter < constants.REJECT_AFTER_MESSAGES:
+            raise ValueError(f"send counter {send_counter} out of range")
+        current = _Generation(self._current.keys, phase % PHASES, self._replay_size, self._suite)
+        if rx_above >= 0:
+            # The window then holds (rx_above, rx_above + size]: everything at or below
+            # rx_above is too old; one future counter (rx_above + size) is spent.
+            current.replay.update(rx_above + self._replay_size)
+        self._current = current
+        self._next = None
+        self.send_counter = send_counter
+
     # -- internals ---------------------------------------------------------------------
 
     def _derive_next(self) -> _Generation:

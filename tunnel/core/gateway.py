@@ -50,6 +50,7 @@ from tunnel.core.events import (
 from tunnel.core.gateway_handshake import HandshakeResponder, Initiation
 from tunnel.core.gateway_outbox import Outbox, SessionPorts
 from tunnel.core.gateway_paths import Addr, addr_label
+from tunnel.core.gateway_resume import ResumeState
 from tunnel.core.gateway_session import INITIAL_EPOCH, ClientEntry, GatewaySession, SessionView
 from tunnel.core.handshake import public_key
 from tunnel.core.policy import Policy
@@ -81,6 +82,7 @@ class GatewaySessions:
         max_version: int = MAX_STATE_VERSION,
         cookie_threshold: float = COOKIE_LOAD_FRACTION,
         policy_error: str | None = None,
+        counter_reservations: bool = False,
         ciphers: Sequence[DataCipher] = ALL_CIPHERS,
         index_stripe: tuple[int, int] = (0, 1),
     ) -> None:
@@ -93,7 +95,9 @@ class GatewaySessions:
         ``inner_gateway6``/``inner_prefix6``: the gateway's inner IPv6 address and the
         subnet's prefix length; empty: IPv6 is not routed (clients' IPv6 addresses then
         unused). ``ciphers``: the data ciphers this gateway allows; a handshake gets the
-        first of the client's offer that is one of them (tunnel/core/ciphers.py)."""
+        first of the client's offer that is one of them (tunnel/core/ciphers.py).
+        ``counter_reservations``: a persistent store keeps the sessions; each seals only
+        counters reserved in it (gateway_resume.py, :meth:`reservations_due`)."""
         self.report = Reporter(node_id=node_id, wall_offset=wall_offset, now=now)
         self.node_id = node_id
         self.admission = HandshakeAdmission(
@@ -128,9 +132,11 @@ class GatewaySessions:
         entry stays as a lower bound, re-read when it comes to the top)."""
         self._touch = self._timers.touch
         self._tun: list[bytes] = []
+        self._reserve_due: list[GatewaySession] = []
         self._ports = SessionPorts(
             report=self.report, outbox=self.outbox, deliver=self._tun.append,
             urandom=urandom, ended=self._forget_routes,
+            reserve=self._reserve_due.append if counter_reservations else None,
         )  # fmt: skip
 
     # == reporting (the Reporter's surface the drivers and tests read) =====================
@@ -453,11 +459,12 @@ class GatewaySessions:
         return self.policy is not None
 
     def terminate(
-        self, session_id: str, now: float, reason: Reason = Reason.OPERATOR_TERMINATED
-    ) -> bool:
+        self, session_id: str, now: float, reason: Reason = Reason.OPERATOR_TERMINATED,
+        *, notify: bool = True,
+    ) -> bool:  # fmt: skip
         for s in self.sessions.values():
             if s.machine.session_id == session_id and not s.machine.terminated:
-                s.terminate(reason, now)
+                s.terminate(reason, now, notify=notify)
                 self._timers.touch(s.index)
                 return True
         return False
@@ -477,6 +484,45 @@ class GatewaySessions:
             if s is not None and not s.machine.terminated:
                 s.terminate(reason, now)
                 self._timers.touch(index)
+
+    # == resume after a restart (DESIGN D15a; gateway_resume.py) ===========================
+    def resume(self, state: ResumeState, now: float) -> GatewaySession | str:
+        """Rebuild a session another process of this gateway ran, from its stored state
+        (no events; its next transition continues the stored version). Why not, if it
+        cannot be: no valid policy, or its index, client or inner address is taken."""
+        policy = self.policy
+        if policy is None:
+            return "no valid policy"
+        client = state.client
+        taken = [self._by_inner.get(k) for k in _inner_keys(client)]
+        if state.index in self.sessions or client.public_key in self._by_key or any(taken):
+            return "its receiver index, client or inner address is in use"
+        machine = SessionMachine(
+            node_id=self.node_id, policy_version=policy.policy_version, emit=self.report.emit,
+            max_version=self.max_version, session_id=state.session_id.hex(),
+        )  # fmt: skip
+        s = GatewaySession(
+            machine=machine, client=client, index=state.index, peer_index=state.peer_index,
+            session_id=state.session_id,
+            cipher=SessionCipher(
+                state.keys, replay_window=policy.replay_window_size, now=now, suite=state.suite
+            ),
+            addr=state.last_binding, path_id=state.binding_path or 0, skew_ms=state.skew_ms,
+            policy=policy, now=now, ports=self._ports,
+        )  # fmt: skip
+        s.resume_from(state, now)
+        self.sessions[state.index] = s
+        self._by_key[client.public_key] = s
+        for inner in _inner_keys(client):
+            self._by_inner[inner] = s
+        self._timers.touch(state.index)
+        return s
+
+    def reservations_due(self) -> list[GatewaySession]:
+        """Sessions that sealed past their counter reservation since the last call: the
+        driver reserves (``reservation_made``) before their datagrams leave."""
+        due, self._reserve_due[:] = self._reserve_due[:], []
+        return due
 
     # == outputs ===========================================================================
     def datagrams_to_send(self) -> list[tuple[Addr, bytes]]:

@@ -77,6 +77,9 @@ class SessionPorts:
     urandom: Callable[[int], bytes]
     ended: Callable[[GatewaySession], None]
     """Called once when the session terminates (the gateway forgets its routes)."""
+    reserve: Callable[[GatewaySession], None] | None = None
+    """With a persistent store: the session sealed past its counter reservation and needs a
+    new one before its datagrams leave (gateway_resume.py); None: no reservations."""
 
 
 class StateUpdates:

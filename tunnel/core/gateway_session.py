@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,7 @@ from tunnel.core.constants import (
     MARK_VALIDATED,
     MSG_CONTROL,
     MSG_DATA,
+    REJECT_AFTER_MESSAGES,
 )
 from tunnel.core.drops import Drop
 from tunnel.core.events import (
@@ -54,6 +56,7 @@ from tunnel.core.events import (
 from tunnel.core.gateway_outbox import SessionPorts, StateUpdates
 from tunnel.core.gateway_paths import Addr, ChallengePurpose, PathValidator, addr_label
 from tunnel.core.gateway_reattach import ReattachAction, ReattachGuard, ReattachVerdict
+from tunnel.core.gateway_resume import ResumeState
 from tunnel.core.policy import Policy
 from tunnel.core.replay import DuplicateMeter, NonceGuard, stale_drop
 from tunnel.core.session import SessionMachine, State, Trigger
@@ -235,6 +238,10 @@ class GatewaySession:
         self.tombstone_until: float | None = None
         self.end_reason: Reason | None = None
         self.terminate_answered: float | None = None
+        self.reserved = (0, 0 if ports.reserve is not None else REJECT_AFTER_MESSAGES)
+        """(key phase, counter): the store holds a reservation of every send counter below
+        it in that phase (gateway_resume.py); without a persistent store, all of them."""
+        self._reserve_asked = False
 
     # == reading ===========================================================================
     @property
@@ -323,6 +330,7 @@ class GatewaySession:
             return True
         self.duplicates.fresh(now)
         if rekeyed and cipher.phase == phase:
+            self._ask_reserve()  # the new phase's keys: stored before anything sealed leaves
             self._report.emit(KeyRotated(**self._base(now), key_phase=phase, initiator="peer"))
         if addr == self.binding and msg_type == MSG_DATA and phase == self.rx_phase:
             # The common case, _note_inbound's work inlined: from the binding nothing
@@ -447,6 +455,8 @@ class GatewaySession:
                 self._report.count_drop(Drop.KEY_EXHAUSTED)
                 return
             self._push(binding, dgram)
+            if self.cipher.send_counter > self.reserved[1]:
+                self._ask_reserve()
             return
         pol = self.policy
         if (
@@ -465,7 +475,32 @@ class GatewaySession:
 
     def _send(self, addr: Addr, msg: Control) -> int:
         self._mark_to(addr)
-        return self._ports.outbox.control(self.cipher, self.peer_index, addr, msg)
+        sent = self._ports.outbox.control(self.cipher, self.peer_index, addr, msg)
+        self._ask_reserve()
+        return sent
+
+    def _ask_reserve(self) -> None:
+        """Sealed past the reservation (or in a phase it does not name): ask the driver
+        for a new one (once until it answers with :meth:`reservation_made`)."""
+        c = self.cipher
+        if self._reserve_asked or (
+            c.send_counter <= self.reserved[1] and c.phase == self.reserved[0]
+        ):
+            return
+        if self._ports.reserve is not None:
+            self._reserve_asked = True
+            self._ports.reserve(self)
+
+    def reservation_made(self, phase: int, counter: int) -> None:
+        """The store now holds a reservation of every counter below ``counter`` in ``phase``."""
+        self.reserved = (phase, counter)
+        self._reserve_asked = False
+        self._ask_reserve()
+
+    def reservation_failed(self) -> None:
+        """The driver could not reserve (it voided what was sealed): ask again at the next
+        seal, so that nothing sealed past the reservation ever leaves unchecked."""
+        self._reserve_asked = False
 
     def _mark_to(self, addr: Addr) -> None:
         """What is sealed next goes to ``addr``: its binding mark says what this session
@@ -479,7 +514,9 @@ class GatewaySession:
 
     # == path validation and NAT rebinding (D4) ==========================================
     def _seal_challenge(self, token: bytes) -> bytes:
-        return self.cipher.seal(MSG_CONTROL, self.peer_index, pack_control(PathChallenge(token)))
+        dgram = self.cipher.seal(MSG_CONTROL, self.peer_index, pack_control(PathChallenge(token)))
+        self._ask_reserve()
+        return dgram
 
     def _challenge(self, addr: Addr, purpose: ChallengePurpose, now: float) -> None:
         self._mark_to(addr)
@@ -786,6 +823,40 @@ class GatewaySession:
         self.terminate_answered = now
         self._send(addr, Terminate(reason_to_wire(self.end_reason or Reason.PEER_TERMINATED)))
 
+    # == resume after a restart (DESIGN D15a; gateway_resume.py) ===========================
+    def resume_state(self, send_from: int) -> ResumeState:
+        """This session as another process needs it, sealing from ``send_from`` on."""
+        phase, keys = self.cipher.current_keys()
+        clocks, wall = self.clocks, self._report.ts_ms
+        return ResumeState(
+            session_id=self.session_id, index=self.index, peer_index=self.peer_index,
+            client=self.client, state=str(self.machine.state),
+            state_version=self.machine.version, binding_epoch=self.epoch, keys=keys,
+            suite=self.cipher.suite, key_phase=phase, send_from=send_from,
+            rx_phase=self.rx_phase, rx_high=self.rx_high if self.rx_phase == phase else -1,
+            binding=self.binding, binding_path=self.binding_path,
+            last_binding=self.last_binding if self.last_binding is not None else self.binding,
+            skew_ms=self.skew_ms, born_ms=wall(clocks.born),
+            transportless_ms=_wall_or_none(wall, clocks.transportless_since),
+            recovery_ms=_wall_or_none(wall, clocks.recovery_started),
+            total_switches=self.total_switches,
+        )  # fmt: skip
+
+    def resume_from(self, state: ResumeState, now: float) -> None:
+        """Take over ``state`` (a new session object built from it; no events): the
+        binding, epoch, counters and clocks of the process that wrote it."""
+        self.machine.resume_at(State(state.state), state.state_version)
+        self.cipher.resume_at(state.key_phase, state.send_from, state.rx_high)
+        self.reserved = (state.key_phase, state.send_from)
+        self.rx_phase, self.rx_high = state.key_phase, state.rx_high
+        self.epoch = state.binding_epoch
+        self.binding, self.binding_path = state.binding, state.binding_path
+        self.last_binding = state.last_binding
+        self.total_switches = state.total_switches
+        self.clocks.resumed(
+            now, self._report.ts_ms(now), state.born_ms, state.transportless_ms, state.recovery_ms
+        )
+
     # == timers ============================================================================
     def handle_timer(self, now: float) -> None:
         """Apply the most urgent due row, then the due chores (a terminated session: none)."""
@@ -849,6 +920,10 @@ class GatewaySession:
 
     def _discard_old_keys(self, now: float) -> None:
         self.cipher.discard_expired(now)
+
+
+def _wall_or_none(wall: Callable[[float], int], t: float | None) -> int | None:
+    return None if t is None else wall(t)
 
 
 def _binding_dead_at(s: GatewaySession) -> float | None:

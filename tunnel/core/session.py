@@ -167,6 +167,17 @@ class SessionMachine:
     def terminated(self) -> bool:
         return self.state is State.TERMINATED
 
+    def resume_at(self, state: State, version: int) -> None:
+        """A new machine continues a session another process ran (DESIGN D15a, a gateway
+        restart): it takes that process's last committed state and version as they are (no
+        transition, no event; the next transition is ``version + 1``). Misuse raises."""
+        if self.state is not State.BIRTH or self.version != 0:
+            raise IllegalTransition("only a new machine can resume a stored session")
+        if state in (State.BIRTH, State.TERMINATED) or not 0 < version < self.max_version:
+            raise IllegalTransition(f"cannot resume a session in {state} at version {version}")
+        self.state = state
+        self.version = version
+
     def policy_reloaded(self, policy_version: str) -> None:
         """A reloaded policy applies from now: later events carry its version."""
         self.policy_version = policy_version

@@ -69,6 +69,15 @@ class SessionClocks:
     def recovery_ended(self) -> None:
         self.recovery_started = None
 
+    def resumed(
+        self, now: float, now_ms: int, born_ms: int, lost_ms: int | None, recovery_ms: int | None
+    ) -> None:
+        """Clocks another process kept, in wall-clock ms (``now_ms`` is ``now`` in wall ms):
+        a resumed session keeps its age, transport-lost and recovery clocks."""
+        self.born = now - (now_ms - born_ms) / 1000
+        self.transportless_since = None if lost_ms is None else now - (now_ms - lost_ms) / 1000
+        self.recovery_started = None if recovery_ms is None else now - (now_ms - recovery_ms) / 1000
+
     def age_ms(self, now: float) -> float:
         return (now - self.born) * 1000
 

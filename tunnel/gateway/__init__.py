@@ -1,2 +1,2 @@
-"""The gateway program: runtime, inner side, metrics, ownership mirror, policy reload,
-config, main."""
+"""The gateway program: runtime, inner side, metrics, ownership mirror, resume (sessions
+that outlive the process), policy reload, config, main."""

@@ -54,8 +54,28 @@ TOP_KEYS: Final = frozenset(
     {"node_id", "listen", "private_key", "policy", "mtu", "metrics", "inner_echo", "clients_dir",
      "ciphers"}
 ).union({"workers"})  # fmt: skip
-TABLES: Final = frozenset({"tun", "clients", "sinks", "control"})
+TABLES: Final = frozenset({"tun", "clients", "sinks", "control", "state"})
 CONTROL_KEYS: Final = frozenset({"socket"})
+STATE_KEYS: Final = frozenset({"store", "state_dir", "state_key_file"})
+STATE_STORES: Final = ("sqlite", "memory")
+"""``[state] store``: the embedded persistent default (sessions survive a restart), or
+memory (they end with the process; for tests and throwaway gateways)."""
+DEFAULT_STATE_DIR: Final = Path("/var/lib/jvpn")
+"""``[state] state_dir`` for root (the service's StateDirectory)."""
+STATE_KEY_NAME: Final = "state.key"
+"""The state key file's default name in ``state_dir``."""
+
+
+def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """root: ``/var/lib/jvpn``; anyone else: ``$XDG_STATE_HOME/jvpn`` (by default
+    ``~/.local/state/jvpn``), as the control socket's default follows the user too."""
+    if os.geteuid() == 0:
+        return DEFAULT_STATE_DIR
+    env = os.environ if environ is None else environ
+    base = env.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "jvpn"
+
+
 TUN_KEYS: Final = frozenset({"name", "subnet", "address", "subnet6", "address6"})
 CLIENT_KEYS: Final = frozenset({"name", "public_key", "address", "address6"})
 MAX_CLIENT_FILE_SIZE: Final = 64 * 1024
@@ -108,6 +128,21 @@ class SinkConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StateConfig:
+    """``[state]``: where the gateway keeps its sessions (docs/gateway.md "[state]")."""
+
+    store: Literal["sqlite", "memory"] = "sqlite"
+    state_dir: Path = DEFAULT_STATE_DIR
+    """The store's directory (created 0700 on the first start); sqlite: one file in it."""
+    state_key_file: Path = DEFAULT_STATE_DIR / STATE_KEY_NAME
+    """The key that seals the stored session keys (own file, 0600; created if missing)."""
+
+    @property
+    def persistent(self) -> bool:
+        return self.store != "memory"
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     """A validated gateway configuration. The private key is never in ``repr``."""
 
@@ -152,6 +187,9 @@ class GatewayConfig:
     """Files of ``clients_dir`` that were skipped at load, each with its problem."""
     client_file_cache: ClientFileCache = field(default_factory=dict, repr=False, compare=False)
     """The good files as read at load: the first reload reads only the changed ones."""
+    state: StateConfig = StateConfig(store="memory")
+    """``[state]``: the session store and its state key. The file's default is the sqlite
+    store in ``/var/lib/jvpn`` (a configuration built in code has the memory store)."""
     ciphers: tuple[DataCipher, ...] = ALL_CIPHERS
     """The data ciphers this gateway allows (``ciphers``); a client gets the first of its
     own list that is one of them (tunnel/core/ciphers.py)."""
@@ -744,6 +782,32 @@ def _parse_control(file: Path, raw: object) -> tuple[Path | None, bool]:
     return r.path("socket"), True
 
 
+def _parse_state(file: Path, raw: object, key_path: Path) -> StateConfig:
+    """``[state]``: ``store`` (sqlite | memory), ``state_dir`` and ``state_key_file`` (paths
+    relative to the file; the key file defaults to ``state_dir/state.key``)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(file, "state", raw, "must be a table ([state])")
+    r = _Reader(file, raw, "state.")
+    r.unknown(STATE_KEYS)
+    store = r.string("store", "sqlite")
+    if store not in STATE_STORES:
+        raise r.error("store", store, f"must be one of: {', '.join(STATE_STORES)}")
+    state_dir = r.path("state_dir") or default_state_dir()
+    if state_dir.exists() and not state_dir.is_dir():
+        raise r.error("state_dir", str(state_dir), "exists and is not a directory")
+    key_file = r.path("state_key_file") or state_dir / STATE_KEY_NAME
+    if key_file.resolve() == key_path.resolve():
+        raise r.error(
+            "state_key_file", str(key_file),
+            "is the gateway's private key; the state key must be a file of its own",
+        )  # fmt: skip
+    if key_file.exists() and not key_file.is_file():
+        raise r.error("state_key_file", str(key_file), "exists and is not a regular file")
+    return StateConfig(store, state_dir, key_file)  # type: ignore[arg-type]
+
+
 def _parse_ciphers(r: _Reader) -> tuple[DataCipher, ...]:
     value = r.table.get("ciphers", list(c.label for c in ALL_CIPHERS))
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -786,6 +850,9 @@ def parse_gateway_config(data: Mapping[str, Any], file: Path) -> GatewayConfig:
     sinks = _parse_sinks(file, data.get("sinks"))
     control_socket, control_required = _parse_control(file, data.get("control"))
     workers = _parse_workers(r)
+    key_path = r.path("private_key", required=True)
+    assert key_path is not None
+    state = _parse_state(file, data.get("state"), key_path)
     key_path, private_key = _load_key(r)  # last: every plain value error comes first
     return GatewayConfig(
         source=file, node_id=node_id, listen=listen, private_key_path=key_path,
@@ -796,7 +863,7 @@ def parse_gateway_config(data: Mapping[str, Any], file: Path) -> GatewayConfig:
         control_required=control_required, clients_dir=clients_dir,
         client_specs=tuple(inline),
         client_file_errors=tuple(errors), client_file_cache=cache, ciphers=ciphers,
-        workers=workers,
+        workers=workers, state=state,
     )  # fmt: skip
 
 

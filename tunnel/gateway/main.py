@@ -4,8 +4,11 @@ Start-up checks everything before the host changes: the configuration (values, t
 private key), the privilege and ``/dev/net/tun`` for the TUN, then binds the UDP
 listeners and the metrics endpoint, and only then creates and configures the TUN. Every
 failure is one line on stderr and its own exit code (``EXIT_*`` below, also in
-``--help``). SIGINT/SIGTERM end every session (TERMINATE sent to the clients), restore
-the host and exit 0; SIGHUP reloads the policy file and the ``clients_dir`` files (a
+``--help``). The session store (``[state]``) opens before the host changes; with the
+sqlite store (the default) the sessions it holds resume at start and SIGINT/SIGTERM end
+none of them (clients resume when the gateway is back); with the memory store
+SIGINT/SIGTERM end every session (TERMINATE sent to the clients). Either way the host is
+restored and the exit status is 0; SIGHUP reloads the policy file and the ``clients_dir`` files (a
 skipped client file is one line on stderr). The ready line names the gateway's
 key fingerprint; handshakes refused without an answer (unknown client key, another
 gateway key) get rate-limited lines on stderr (:mod:`tunnel.gateway.console`).
@@ -18,7 +21,7 @@ import dataclasses
 import errno
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -34,6 +37,7 @@ from tunnel.gateway.config import (
     load_gateway_config,
 )  # fmt: skip
 from tunnel.gateway.console import RefusalNotices, SessionNotices
+from tunnel.gateway.resume import StateError
 from tunnel.gateway.sinks import check_sinks
 from tunnel.io.netconf import NetConfError
 from tunnel.io.tun import TUN_CLONE_DEVICE, TunError
@@ -59,7 +63,11 @@ CAP_NET_ADMIN: Final = 12
 """Bit of CAP_NET_ADMIN in /proc/self/status CapEff."""
 
 EXIT_STATUS: Final = (
-    (EXIT_OK, "stopped by SIGINT/SIGTERM (sessions terminated, host restored)"),
+    (
+        EXIT_OK,
+        "stopped by SIGINT/SIGTERM (host restored; sessions kept in the sqlite store, or "
+        "terminated with the memory store)",
+    ),
     (EXIT_ENGINE_FAILURE, "engine failure (sessions terminated with invariant_violation)"),
     (EXIT_USAGE, "bad command line"),
     (EXIT_CONFIG, "bad configuration value (file, key and value on stderr)"),
@@ -197,6 +205,25 @@ def _ready_line(runtime: GatewayRuntime, config: GatewayConfig) -> str:
     return f"jvpn-gateway: node {config.node_id} listening on {listening}, {inner}{extra}{key}"
 
 
+def _runtime(
+    config: GatewayConfig,
+    metrics: tuple[str, int] | None,
+    console: Callable[[Event], None],
+    slot: WorkerSlot | None,
+) -> GatewayRuntime | int:
+    """The runtime of ``config`` (its session store opened), or the exit code after the
+    message when the store or its key cannot be used."""
+    from tunnel.gateway.runtime import GatewayRuntime
+
+    try:
+        return GatewayRuntime.from_config(
+            config, metrics=metrics, on_event=console, on_sink_report=_sink_report,
+            **(slot.runtime_kwargs() if slot is not None else {}),
+        )  # fmt: skip
+    except StateError as exc:
+        return _fail(EXIT_KEY if exc.key else EXIT_CONFIG, f"{config.source}: [state] {exc}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -235,15 +262,19 @@ def _supervise(config: GatewayConfig, metrics: tuple[str, int] | None) -> int:
         return _fail(EXIT_ADDRESS, str(exc))
     code = supervisor.run()
     if code == EXIT_OK:
-        print("jvpn-gateway: stopped; sessions terminated, host restored", file=sys.stderr)
+        print(f"jvpn-gateway: stopped; {_kept(config)}, host restored", file=sys.stderr)
     return code
+
+
+def _kept(config: GatewayConfig) -> str:
+    """What a clean stop did to the sessions (docs/gateway.md, [state])."""
+    return "sessions kept in the store" if config.state.persistent else "sessions terminated"
 
 
 def serve(
     config: GatewayConfig, metrics: tuple[str, int] | None, slot: WorkerSlot | None = None
 ) -> int:
     """Run one gateway process (or worker ``slot``) until it stops: its exit status."""
-    from tunnel.gateway.runtime import GatewayRuntime  # after --help: keeps it fast
 
     refusals = RefusalNotices(_console, fingerprint(public_key(config.private_key)))
     sessions = SessionNotices(_console)
@@ -256,10 +287,9 @@ def serve(
         if slot is not None:
             slot.on_event(event)
 
-    runtime = GatewayRuntime.from_config(
-        config, metrics=metrics, on_event=console, on_sink_report=_sink_report,
-        **(slot.runtime_kwargs() if slot is not None else {}),
-    )  # fmt: skip
+    runtime = _runtime(config, metrics, console, slot)
+    if isinstance(runtime, int):
+        return runtime
     if slot is not None:
         slot.attach(runtime)
     if not runtime.policy.ok:
@@ -281,9 +311,17 @@ def serve(
         runtime,
         config if runtime.control is not None else dataclasses.replace(config, control_socket=None),
     )
+    return _serve(runtime, config, ready, slot)
+
+
+def _serve(
+    runtime: GatewayRuntime, config: GatewayConfig, ready: str, slot: WorkerSlot | None
+) -> int:
+    """Run until a signal stops the gateway (or the engine fails); the exit code."""
 
     def on_ready() -> None:
         print(ready, file=sys.stderr, flush=True)
+        _resume_lines(runtime, config)
         if slot is not None:
             slot.ready()
 
@@ -294,8 +332,19 @@ def serve(
     if runtime.crash is not None:
         return _fail(EXIT_ENGINE_FAILURE, f"engine failure: {runtime.crash!r}")
     if slot is None:  # a worker's supervisor says it once for all
-        print("jvpn-gateway: stopped; sessions terminated, host restored", file=sys.stderr)
+        print(f"jvpn-gateway: stopped; {_kept(config)}, host restored", file=sys.stderr)
     return EXIT_OK
+
+
+def _resume_lines(runtime: GatewayRuntime, config: GatewayConfig) -> None:
+    """After the ready line: what the start took over from the session store."""
+    if runtime.persistence is None:
+        return
+    resumed, problems = runtime.resumed
+    for line in problems:
+        _console(f"jvpn-gateway: {line}")
+    where = config.state.state_dir
+    _console(f"jvpn-gateway: resumed {resumed} session(s) from the sqlite store in {where}")
 
 
 if __name__ == "__main__":

@@ -205,6 +205,16 @@ class GatewayMetrics:
             labelled(g + "inner_packets_total", "Inner packets.", "counter", "direction",
                      {"to_clients": c.inner_in, "from_clients": c.inner_out}),
         ]  # fmt: skip
+        persistence = self._ownership.persistence
+        if persistence is not None:  # a persistent store (docs/gateway.md "[state]")
+            families += [
+                labelled(g + "counter_reservations_total",
+                         "Send-counter blocks reserved in the session store, by result.",
+                         "counter", "result",
+                         {"ok": persistence.writes, "failed": persistence.failures}),
+                single(g + "sessions_resumed_total", "Stored sessions resumed at start.",
+                       "counter", persistence.resumed),
+            ]  # fmt: skip
         if self._pipeline is not None:
             families += observability_families(self._pipeline.health())
         return families

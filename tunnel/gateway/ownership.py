@@ -9,21 +9,32 @@ the version this node last wrote; a terminated session's record is removed. A fa
 (``stale_state_version``) and a SECURITY_EVENT (``ownership_conflict``) are emitted, the
 session is terminated with ``ownership_conflict`` (TERMINATE sent to the client), and the
 store is not touched again for it. The mirror counts its own conflicts and store errors.
+With a persistent store, each record also carries the session's sealed resume state
+(:class:`~tunnel.gateway.resume.SessionPersistence`).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from tunnel.core.events import Diagnostic, Reason, SecurityEvent, StateChange
 from tunnel.core.gateway import GatewaySession, GatewaySessions
 from tunnel.core.session import State
 from tunnel.ownership import SessionRecord, SessionStore, StoreUnavailable
 
+if TYPE_CHECKING:
+    from tunnel.gateway.resume import SessionPersistence
+
 
 class OwnershipMirror:
     """The session-store mirror of one gateway node (see the module docstring)."""
 
-    def __init__(self, gateway: GatewaySessions, store: SessionStore, node_id: str) -> None:
+    def __init__(
+        self, gateway: GatewaySessions, store: SessionStore, node_id: str,
+        persistence: SessionPersistence | None = None,
+    ) -> None:  # fmt: skip
         self._gateway: GatewaySessions = gateway
+        self.persistence = persistence
         self.store: SessionStore = store
         self.node_id = node_id
         self.conflicts = 0
@@ -42,6 +53,11 @@ class OwnershipMirror:
             s = self._by_sid.get(session_id)
         return s
 
+    def _resume(self, s: GatewaySession | None) -> bytes:
+        if self.persistence is None or s is None or s.machine.terminated:
+            return b""
+        return self.persistence.sealed(s)
+
     def mirror(self, event: StateChange, now: float) -> None:
         """Write one transition to the store; on a conflict, end the session (D15)."""
         sid = event.session_id
@@ -52,6 +68,7 @@ class OwnershipMirror:
             session_id=sid, state=event.new_state, state_version=event.state_version,
             binding_epoch=s.epoch if s is not None else 0, owner_node=self.node_id,
             policy_version=event.policy_version, updated_ms=event.ts_ms,
+            resume=self._resume(s),
         )  # fmt: skip
         detail = ""
         try:
@@ -68,6 +85,8 @@ class OwnershipMirror:
             detail = f"store unavailable: {exc}"
             self.errors += 1
         if ok:
+            if self.persistence is not None and s is not None:
+                self.persistence.written(s)
             return
         self.conflicts += 1
         self._not_authoritative.add(sid)

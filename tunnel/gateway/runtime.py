@@ -15,6 +15,14 @@ that cannot answer) means this node is not authoritative: the session is termina
 with ``ownership_conflict`` (TERMINATE sent to the client) and a SECURITY_EVENT is
 emitted; the store is not touched again for it. A terminated session's record is removed.
 
+Persistence (DESIGN D15a): with a persistent store and a state sealer
+(``[state] store = "sqlite"``, the program's default) a
+:class:`~tunnel.gateway.resume.SessionPersistence` seals each session's resume state into
+its record, reserves send counters in blocks before datagrams leave (a step of the flush,
+after the events), resumes the stored sessions when :meth:`GatewayRuntime.serve` starts,
+and a stop (SIGTERM) ends no session: it saves them, and clients resume when the gateway
+is back. With the memory store a stop ends every session.
+
 Policy (DESIGN D14): ``reload_policy()`` (SIGHUP in the program, a file-change poll every
 second, the thread wrapper) installs a valid policy for new and running sessions; an
 invalid one keeps running sessions on the last valid policy, denies new sessions
@@ -64,11 +72,13 @@ from tunnel.gateway.inner import EchoInner, GatewayInner, GatewayTun
 from tunnel.gateway.metrics import GatewayHealth, GatewayMetrics, TrafficCounters
 from tunnel.gateway.ownership import OwnershipMirror
 from tunnel.gateway.policy_reload import POLICY_POLL_S, PolicyReloader, load_initial_policy
+from tunnel.gateway.resume import SessionPersistence, open_state
 from tunnel.io.loop import DriverLoop, drain, new_event_loop
 from tunnel.io.udp import GatewaySocket
 from tunnel.observability.metrics import MetricFamily, MetricsServer
 from tunnel.observability.pipeline import EventPipeline, Report
-from tunnel.ownership import MemorySessionStore, SessionStore
+from tunnel.ownership import MemorySessionStore, ResumableStore, SessionStore
+from tunnel.ownership.statekey import StateSealer
 
 CALL_TIMEOUT_S: Final = 5.0
 """How long a thread waits for the loop to run something for it (metrics, commands)."""
@@ -135,6 +145,8 @@ class GatewayRuntime:
         pipeline: EventPipeline | None = None,
         own_pipeline: bool = False,
         store: SessionStore | None = None,
+        sealer: StateSealer | None = None,
+        own_store: bool = False,
         metrics: tuple[str, int] | None = None,
         control: Path | None = None,
         control_required: bool = True,
@@ -155,13 +167,23 @@ class GatewayRuntime:
         self.clock = clock
         now = clock()
         self.node_id = node_id
+        store = store if store is not None else MemorySessionStore()
+        self._own_store = own_store
+        persistent = isinstance(store, ResumableStore) and store.persistent and sealer is not None
         self.gateway: GatewaySessions = GatewaySessions(
             static_private=static_private, clients=clients, policy=policy, now=now,
             urandom=urandom, node_id=node_id, wall_offset=wall_clock() - now,
             inner_gateway=inner_gateway, inner_prefix=inner_prefix, mtu=mtu,
             inner_gateway6=inner_gateway6, inner_prefix6=inner_prefix6, ciphers=ciphers,
-            index_stripe=index_stripe,
+            index_stripe=index_stripe, counter_reservations=persistent,
         )  # fmt: skip
+        self.persistence: SessionPersistence | None = (
+            SessionPersistence(self.gateway, store, sealer, node_id, self._stored_addr)
+            if persistent and isinstance(store, ResumableStore) and sealer is not None
+            else None
+        )
+        self.resumed: tuple[int, list[str]] = (0, [])
+        """At start: how many stored sessions were resumed, and a line per one that was not."""
         self.listen = tuple(listen)
         self._given_sockets = tuple(sockets)
         self.clients = tuple(clients)
@@ -182,7 +204,7 @@ class GatewayRuntime:
         self.clients_reload: ClientsReloader = ClientsReloader(self.gateway, config, clients)
         """The clients and their reloads from ``config.clients_dir`` (SIGHUP)."""
         self.ownership: OwnershipMirror = OwnershipMirror(
-            self.gateway, store if store is not None else MemorySessionStore(), node_id
+            self.gateway, store, node_id, self.persistence
         )
         self.traffic: TrafficCounters = TrafficCounters()
         self.metrics: GatewayMetrics = GatewayMetrics(
@@ -235,6 +257,10 @@ class GatewayRuntime:
         from tunnel.gateway.sinks import gateway_sinks
 
         sinks = gateway_sinks(config)
+        sealer: StateSealer | None = None
+        own_store = store is None and config.state.persistent
+        if own_store:
+            store, sealer = open_state(config.state)  # StateError: the program's exit
         policy, error = load_initial_policy(config.policy_path)
         prefix = config.subnet.prefixlen
         prefix6 = config.subnet6.prefixlen if config.subnet6 is not None else 0
@@ -252,7 +278,8 @@ class GatewayRuntime:
             inner_prefix6=prefix6,
             pipeline=EventPipeline(sinks, on_report=on_sink_report) if sinks else None,
             own_pipeline=True,
-            store=store, metrics=metrics if metrics is not None else config.metrics,
+            store=store, sealer=sealer, own_store=own_store,
+            metrics=metrics if metrics is not None else config.metrics,
             control=config.control_socket, control_required=config.control_required,
             on_event=on_event, config=config, ciphers=config.ciphers, **worker,
         )  # fmt: skip
@@ -316,6 +343,9 @@ class GatewayRuntime:
             sock.close()
         if self.pipeline is not None and self._own_pipeline:
             self.pipeline.close()
+        store = self.ownership.store
+        if self._own_store and hasattr(store, "close"):
+            store.close()
         if errors:
             raise errors[0]
 
@@ -360,6 +390,8 @@ class GatewayRuntime:
         self._stop = asyncio.Event()
         if self._stop_requested:
             self._stop.set()
+        if self.persistence is not None:
+            driver.guard(self._resume_sessions)
         for index, sock in enumerate(self._sockets):
             driver.add_reader(sock.fileno(), self._on_socket, index)
         self.inner.start(loop, lambda: driver.guard(self._on_inner))
@@ -385,10 +417,25 @@ class GatewayRuntime:
             if self.control is not None:
                 await self.control.close(CONTROL_FLUSH_S)
 
+    def _stored_addr(self, host: str, port: int, via: int, scope_id: int = 0) -> PeerAddr:
+        """A client address from the store; ValueError when its listen socket is gone."""
+        if not 0 <= via < len(self.listen):
+            raise ValueError(f"listen socket {via} is not configured")
+        return PeerAddr(str(host), int(port), via, int(scope_id))
+
+    def _resume_sessions(self) -> None:
+        assert self.persistence is not None
+        now = self.clock()
+        self.resumed = self.persistence.restore(self.clients, now)
+        self.pump(now)
+
     def _shutdown(self, loop: asyncio.AbstractEventLoop, signals: bool) -> None:
         if self.crash is None:
             try:
-                self._terminate_in_batches(self.clock())
+                if self.persistence is not None:  # sessions outlive the process (D15c)
+                    self.persistence.save_all(self.clock())
+                else:
+                    self._terminate_in_batches(self.clock())
             except Exception as exc:  # the engine failed while stopping: still clean up
                 self.driver.fail(exc)
         if self._poll_handle is not None:
@@ -534,6 +581,7 @@ class GatewayRuntime:
         try:
             now = self.clock()
             self.gateway.terminate_all(now, Reason.INVARIANT_VIOLATION)
+            self._reserve_counters(now)
             self._flush_datagrams()
             for event in self.gateway.events():
                 self._deliver(event)
@@ -578,6 +626,20 @@ class GatewayRuntime:
         self.driver.pump(now)
 
     def _flush(self, now: float) -> bool:
+        if self.persistence is None:
+            return self._flush_unbatched(now)
+        with self.persistence.batch(now):  # one store transaction per turn
+            self._mirror_events(now)
+            self._reserve_counters(now)
+        self._flush_outputs()
+        return True
+
+    def _flush_unbatched(self, now: float) -> bool:
+        self._mirror_events(now)
+        self._flush_outputs()
+        return True
+
+    def _mirror_events(self, now: float) -> None:
         gateway = self.gateway
         for _ in range(EVENT_ROUNDS):
             events = gateway.events()
@@ -590,14 +652,25 @@ class GatewayRuntime:
         else:
             if self.driver.loop is not None:  # more events: the next loop turn
                 self.driver.call_later(0.0, self.pump)
+
+    def _flush_outputs(self) -> None:
+        """Datagrams, then inner packets (after the store writes they depend on)."""
         self._flush_datagrams()
-        packets = gateway.packets_for_tun()
+        packets = self.gateway.packets_for_tun()
         if packets:
             self.traffic.inner_out += len(packets)
             if self.control is not None:
                 self.control.traffic.from_clients(packets)
             self.inner.write_batch(packets)
-        return True
+
+    def _reserve_counters(self, now: float) -> None:
+        """Persistent store: reserve the send counters sealed past their reservation
+        before any datagram leaves (a failure ends that session; its events next turn)."""
+        if self.persistence is None:
+            return
+        due = self.gateway.reservations_due()
+        if due and not self.persistence.reserve(due, now) and self.driver.loop is not None:
+            self.driver.call_later(0.0, self.pump)
 
     def _flush_datagrams(self) -> None:
         """Send what the core produced; consecutive datagrams to one client leave in one

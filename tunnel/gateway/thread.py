@@ -26,7 +26,8 @@ class GatewayThread:
     """A GatewayRuntime on its own thread with its own loop (the demo, tests, embedding).
 
     ``start()`` returns once the sockets are bound (or raises what ``open()`` raised);
-    ``stop()`` ends every session (TERMINATE to clients) and joins the thread.
+    ``stop()`` ends every session (TERMINATE to clients; with a persistent store it keeps
+    them there instead) and joins the thread.
     """
 
     def __init__(self, runtime: GatewayRuntime) -> None:

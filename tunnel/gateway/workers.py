@@ -215,15 +215,22 @@ class WorkerSlot:
 
 def worker_config(config: GatewayConfig, k: int, metrics: tuple[str, int] | None) -> GatewayConfig:
     """The configuration worker ``k`` runs (names of its own; module docstring)."""
+    if config.workers == 1:
+        return dataclasses.replace(config, metrics=metrics or config.metrics)
+    # each worker its own session store (a sqlite file takes one process): state_dir/wK;
+    # a restarted worker resumes its own sessions from it; the state key is shared
+    state = dataclasses.replace(config.state, state_dir=config.state.state_dir / f"w{k}")
     if k == 0:
-        node_id = config.node_id if config.workers == 1 else f"{config.node_id}-w0"
-        return dataclasses.replace(config, node_id=node_id, metrics=metrics or config.metrics)
+        return dataclasses.replace(
+            config, node_id=f"{config.node_id}-w0", metrics=metrics or config.metrics, state=state
+        )
     suffix = f"-{k}"
     name = config.tun_name if "%d" in config.tun_name else config.tun_name[: 15 - len(suffix)]
     control = config.control_socket
     address = metrics or config.metrics
     return dataclasses.replace(
         config,
+        state=state,
         node_id=f"{config.node_id}-w{k}",
         tun_name=name if "%d" in name else name + suffix,
         control_socket=control.with_name(f"{control.name}.{k}") if control else None,

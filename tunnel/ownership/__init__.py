@@ -1,7 +1,9 @@
-"""Session ownership (DESIGN D15): the SessionStore protocol and its embedded memory store."""
+"""Session ownership (DESIGN D15): the SessionStore protocol and its embedded stores (memory;
+sqlite in tunnel/ownership/sqlite.py, imported where it is used)."""
 
 from tunnel.ownership.memory import MemorySessionStore
 from tunnel.ownership.store import (
+    ResumableStore,
     SessionRecord,
     SessionStore,
     StoreUnavailable,
@@ -10,6 +12,7 @@ from tunnel.ownership.store import (
 
 __all__ = [
     "MemorySessionStore",
+    "ResumableStore",
     "SessionRecord",
     "SessionStore",
     "StoreUnavailable",

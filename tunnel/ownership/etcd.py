@@ -82,8 +82,10 @@ class StoredSession:
 
 
 def encode_entry(record: SessionRecord, owner_epoch: int, wrapped_keys: bytes) -> bytes:
+    fields = asdict(record)
+    fields["resume"] = base64.b64encode(record.resume).decode("ascii")  # sealed, opaque
     doc = {
-        "f": ENTRY_FORMAT, "record": asdict(record), "owner_epoch": owner_epoch,
+        "f": ENTRY_FORMAT, "record": fields, "owner_epoch": owner_epoch,
         "wrapped_keys": base64.b64encode(wrapped_keys).decode("ascii"),
     }  # fmt: skip
     return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
@@ -95,8 +97,10 @@ def decode_entry(value: bytes, mod_revision: int) -> StoredSession:
         doc = json.loads(value)
         if doc.get("f") != ENTRY_FORMAT:
             raise CorruptEntry(f"entry format {doc.get('f')!r} is not {ENTRY_FORMAT}")
+        fields = dict(doc["record"])
+        fields["resume"] = base64.b64decode(fields.get("resume", ""), validate=True)
         return StoredSession(
-            record=SessionRecord(**doc["record"]), owner_epoch=int(doc["owner_epoch"]),
+            record=SessionRecord(**fields), owner_epoch=int(doc["owner_epoch"]),
             wrapped_keys=base64.b64decode(doc["wrapped_keys"], validate=True),
             mod_revision=mod_revision,
         )  # fmt: skip

@@ -7,6 +7,8 @@ atomic against any other operation from any thread.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from tunnel.ownership.store import SessionRecord, check_cas_arguments
 
@@ -14,11 +16,19 @@ from tunnel.ownership.store import SessionRecord, check_cas_arguments
 class MemorySessionStore:
     """A thread-safe, in-process :class:`~tunnel.ownership.store.SessionStore`."""
 
+    persistent = False
+    """Records live as long as this object (a test may hand it to a second runtime)."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._records: dict[str, SessionRecord] = {}
         self.conflicts = 0
         """CAS, create and delete calls that failed on a version or existence check."""
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Nothing to group: every write is immediate (the ResumableStore protocol)."""
+        yield
 
     def get(self, session_id: str) -> SessionRecord | None:
         with self._lock:
@@ -40,6 +50,21 @@ class MemorySessionStore:
                 self.conflicts += 1
                 return False
             self._records[session_id] = new_record
+            return True
+
+    def refresh(self, record: SessionRecord) -> bool:
+        with self._lock:
+            current = self._records.get(record.session_id)
+            if (
+                current is None
+                or current.state_version != record.state_version
+                or current.owner_node != record.owner_node
+            ):
+                self.conflicts += 1
+                return False
+            self._records[record.session_id] = current.evolve(
+                resume=record.resume, updated_ms=record.updated_ms
+            )
             return True
 
     def delete(self, session_id: str, expected_version: int | None = None) -> bool:

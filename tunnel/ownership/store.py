@@ -7,8 +7,11 @@ changes nothing, so two writers can never both commit the same version and a nod
 lost a race learns it is no longer authoritative (it then terminates its copy with
 ``ownership_conflict``: consistency over availability).
 
-A record holds no key material at all. (The etcd store of the cluster issue adds the
-session keys *wrapped* with a cluster key; nothing here ever stores them in plaintext.)
+A record holds no key material in the clear. What a restarted gateway needs to resume the
+session (its keys among it) travels in ``resume``: bytes sealed by the gateway (AEAD under
+its state key, tunnel/ownership/statekey.py) that a store keeps without reading them.
+Stores that outlive the process (:class:`ResumableStore`, ``persistent``) also take
+:meth:`ResumableStore.refresh`: a new ``resume`` for the same version (counter blocks).
 
 Misuse by local code (a record for another session id, a CAS that does not move the
 version forward) raises ``ValueError``. A store that cannot answer raises
@@ -18,7 +21,8 @@ version forward) raises ``ValueError``. A store that cannot answer raises
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field, replace
 from typing import Final, Protocol, runtime_checkable
 
 SESSION_ID_HEX: Final = re.compile(r"[0-9a-f]{32}")
@@ -50,6 +54,8 @@ class SessionRecord:
     """Version of the policy the session runs under."""
     updated_ms: int
     """Wall-clock milliseconds of the write."""
+    resume: bytes = field(default=b"", repr=False)
+    """The sealed resume state (opaque to the store; empty: the session cannot resume)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.session_id, str) or not SESSION_ID_HEX.fullmatch(self.session_id):
@@ -62,6 +68,8 @@ class SessionRecord:
                 raise ValueError(f"{name} must be a non-negative integer, not {value!r}")
         if not self.owner_node:
             raise ValueError("owner_node must not be empty")
+        if not isinstance(self.resume, bytes):
+            raise ValueError("resume must be bytes")
 
     def evolve(self, **changes: object) -> SessionRecord:
         """A copy with some fields changed (validated again)."""
@@ -91,6 +99,27 @@ class SessionStore(Protocol):
 
     def __len__(self) -> int:
         """Records held."""
+
+
+@runtime_checkable
+class ResumableStore(SessionStore, Protocol):
+    """A store that can carry a session's resume state across a restart of its gateway."""
+
+    @property
+    def persistent(self) -> bool:
+        """True when the records outlive the process (a restarted gateway resumes them)."""
+
+    def refresh(self, record: SessionRecord) -> bool:
+        """Replace the record's ``resume`` (and ``updated_ms``) iff the stored record is at
+        ``record.state_version`` and has the same owner: the same version, new resume state
+        (a counter block reserved between two transitions). False (nothing written) if not."""
+
+    def records(self) -> list[SessionRecord]:
+        """Every record, in session-id order."""
+
+    def batch(self) -> AbstractContextManager[None]:
+        """A block whose writes are committed together at its end (or none of them:
+        StoreUnavailable from the exit)."""
 
 
 def check_cas_arguments(session_id: str, expected_version: int, new_record: SessionRecord) -> None:
