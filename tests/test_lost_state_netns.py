@@ -77,9 +77,11 @@ def test_kill_9_and_restart_gives_a_linked_session_and_the_inner_tcp_survives(
 ) -> None:
     t: RealTunnel = realnet(ipv6=True)
     old = t.events.wait_type("SESSION_CREATED", 10)["session_id"]
+    # the inner IPv6 address may be installed a moment after the session is created
+    wanted = {CLIENT_INNER, CLIENT_INNER6}
+    wait_until(lambda: wanted <= _client_addresses(t), 10, "the client's inner addresses")
     before = _client_addresses(t)
     tun_index = t.topo.ipr(t.topo.client_ns).link_lookup(ifname=t.client_tun)
-    assert {CLIENT_INNER, CLIENT_INNER6} <= before
     size = 6 * MiB
     transfer = t.start_download(size, rate=1.5 * MiB)  # about 4 s: the restart falls inside
     transfer.wait_progress(MiB, 30)

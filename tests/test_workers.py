@@ -242,7 +242,7 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     config.write_text(
         'node_id = "gwt"\nlisten = "127.0.0.1:0"\nprivate_key = "gateway.key"\n'
         'inner_echo = true\nworkers = 2\nclients_dir = "clients.d"\n'
-        '[control]\nsocket = "gw.sock"\n'
+        '[control]\nsocket = "gw.sock"\n[state]\nstore = "memory"\n'
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "tunnel.gateway.main", "--config", str(config)],
@@ -408,6 +408,7 @@ def _config(tmp_path: Path, extra: str) -> Path:
     path.write_text(
         'node_id = "gw1"\nlisten = "127.0.0.1:0"\nprivate_key = "gateway.key"\n'
         f'metrics = "127.0.0.1:9108"\n{extra}\n[control]\nsocket = "run/gw.sock"\n'
+        '[state]\nstore = "memory"\n'
         '[tun]\nname = "jvpn-gw"\n'
         '[[sinks]]\ntype = "jsonl"\npath = "events.jsonl"\n'
         f'[[clients]]\nname = "a"\npublic_key = "{_b64(generate_keypair()[0])}"\n'

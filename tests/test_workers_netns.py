@@ -82,7 +82,7 @@ class Rig:
         clients = add_balanced(self.crowd, N_CLIENTS, "10.77.0")
         (tmp / "gateway.toml").write_text(
             f'node_id = "gw"\nlisten = "0.0.0.0:{PORT}"\nprivate_key = "gateway.key"\n'
-            f'workers = 2\n[control]\nsocket = "{self.sockets[0]}"\n'
+            f'workers = 2\n[state]\nstore = "memory"\n[control]\nsocket = "{self.sockets[0]}"\n'
             f'[tun]\nname = "{self.tun}"\nsubnet = "10.77.0.0/24"\naddress = "10.77.0.1"\n'
             'subnet6 = "fd00:77::/64"\n' + clients
         )

@@ -85,6 +85,8 @@ PR_SET_PDEATHSIG: Final = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 _SIGNALS: Final = frozenset({signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+_STARTUP_BLOCKED: Final = frozenset({signal.SIGTERM, signal.SIGHUP})
+"""Held in a worker from its fork until its runtime handles them (WorkerSlot.ready)."""
 
 
 def _console(line: str) -> None:
@@ -203,10 +205,12 @@ class WorkerSlot:
             self.routes.on_event(event, self._runtime.clients)
 
     def ready(self) -> None:
-        """The runtime serves (its TUN exists): start the routes; tell the supervisor."""
+        """The runtime serves (its TUN exists, its signal handlers are in place): start the
+        routes; tell the supervisor; take the stop signals held since the fork."""
         if self.routes is not None and self._runtime is not None:
             self.routes.open(self._runtime.inner.name)
         os.write(self._ready_fd, bytes((self.index,)))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STARTUP_BLOCKED)
 
     def close(self) -> None:
         if self.routes is not None:
@@ -325,7 +329,10 @@ class Supervisor:
         _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)  # the supervisor gone: stop too
         if os.getppid() != self._pid:
             return EXIT_ENGINE_FAILURE  # it was gone before prctl
-        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        # A stop that comes while the worker starts waits until its runtime handles it
+        # (WorkerSlot.ready unblocks it): dying by the default action half-way through
+        # would leave its control socket and TUN behind.
+        signal.pthread_sigmask(signal.SIG_SETMASK, _STARTUP_BLOCKED)
         for signo in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signo, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
