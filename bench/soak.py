@@ -15,8 +15,18 @@ MiB/hour, the first and last RSS, flaps, switches and the client's exit status.
     nice .venv/bin/python bench/soak.py --minutes 10 --sample 30
 
 A flat line is the goal: every structure the flapping grows is bounded, so after the
-warm-up (rings filling up) the slope stays near 0. Uses little CPU (the client about 5%
-of a core); run it niced on a shared machine.
+warm-up (rings filling up) the slope stays near 0. The last line is the verdict: FLAT when
+the slope after the warm-up (and after the session-event history is full) is within
++-0.1 MiB/hour and the RSS within 0.25 MiB. Uses little CPU (the client about 5% of a
+core); run it niced on a shared machine.
+
+Finding what grows: ``--smaps N`` splits the resident memory by kind of mapping (malloc
+heap, thread arenas, pymalloc's 1 MiB arenas, files); ``--trace-objects 0`` runs the
+client under ``bench/soak_probe.py`` (pymalloc's blocks per size class, CPython's tuple
+free lists, gc object counts; ``SOAK_PROBE_LEAVES=1`` also counts the str/int/float/bytes
+values that gc does not track, by holder; ``SOAK_PROBE_COLLECT=1`` forces a full collection
+before each sample), ``--trace-objects 10`` adds tracemalloc's top growth by traceback.
+Faster flapping (``--period 5 --down 2.5``) shows in minutes what takes an hour.
 """
 
 from __future__ import annotations
@@ -41,12 +51,84 @@ sys.path[:0] = [str(REPO), str(REPO / "tests"), str(Path(__file__).resolve().par
 
 from throughput import loadavg, machine_facts  # noqa: E402
 
+from tunnel.api import HISTORY_SIZE, SESSION_EVENT_TYPES  # noqa: E402
 from tunnel.core.handshake import generate_keypair  # noqa: E402
 from tunnel.impair.thread import RelayThread, run_relay_in_thread  # noqa: E402
 from tunnel.keys import encode_key, write_private_key, write_public_key  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+FLAT_SLOPE = 0.1
+"""MiB/hour: the RSS slope after the warm-up that counts as flat (issue 12: 30 minutes)."""
+FLAT_RANGE = 0.25
+"""MiB: the most the RSS may vary after the warm-up and still count as flat (the engine's
+full collection every minute and key rotations make small steps)."""
 TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One line of /proc/PID/smaps: address range, permissions, name, resident KiB."""
+
+    start: int
+    size_kib: int
+    perms: str
+    name: str
+    rss_kib: int
+
+    @property
+    def kind(self) -> str:
+        """What an anonymous mapping most likely is, from its size and neighbours."""
+        if self.name:
+            return self.name if self.name.startswith("[") else "file"
+        if self.size_kib == 8188:
+            return "thread stack"
+        if self.start % (64 * 2**20) == 0 and self.size_kib <= 65536:
+            return "malloc thread arena"
+        return "anon"
+
+
+def read_smaps(pid: int) -> list[Mapping]:
+    """The process's mappings with their resident size (KiB)."""
+    maps: list[Mapping] = []
+    head: list[str] = []
+    with open(f"/proc/{pid}/smaps") as fh:
+        for line in fh:
+            first = line.split(maxsplit=1)[0]
+            if "-" in first and not first.endswith(":"):
+                head = line.split(maxsplit=5)
+            elif first == "Rss:":
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                name = head[5].strip() if len(head) > 5 else ""
+                maps.append(Mapping(lo, (hi - lo) // 1024, head[1], name, int(line.split()[1])))
+    return maps
+
+
+def smaps_by_kind(maps: Sequence[Mapping]) -> Counter[str]:
+    kinds: Counter[str] = Counter()
+    for m in maps:
+        kinds[m.kind] += m.rss_kib
+    return kinds
+
+
+def print_smaps_diff(before: Sequence[Mapping], after: Sequence[Mapping], top: int) -> None:
+    """Resident KiB per kind of mapping, then the mappings whose RSS changed most."""
+    kb, ka = smaps_by_kind(before), smaps_by_kind(after)
+    print("\nresident KiB by kind of mapping (first steady sample -> end):")
+    for kind in sorted(set(kb) | set(ka), key=lambda k: -abs(ka[k] - kb[k])):
+        print(f"  {kind:<22} {kb[kind]:>8} -> {ka[kind]:>8}  ({ka[kind] - kb[kind]:+d})")
+    old = {(m.start, m.perms): m for m in before}
+    rows = []
+    for m in after:
+        prev = old.pop((m.start, m.perms), None)
+        rows.append((m.rss_kib - (prev.rss_kib if prev else 0), m, prev))
+    rows += [(-m.rss_kib, m, m) for m in old.values()]  # unmapped since
+    rows.sort(key=lambda r: -abs(r[0]))
+    print(f"mappings whose RSS changed most (top {top}):")
+    for delta, m, prev in rows[:top]:
+        status = "new" if prev is None else ("gone" if prev is m else "")
+        print(f"  {m.start:012x} {m.size_kib:>7} KiB {m.perms} {m.kind:<20} "
+              f"rss {prev.rss_kib if prev else 0:>6} -> {m.rss_kib if prev is not m else 0:>6} "
+              f"({delta:+d}) {status} {m.name}")  # fmt: skip
 
 
 @dataclass
@@ -57,6 +139,9 @@ class Sample:
     flaps: int
     switches: int
     state: str
+    anon_kib: int = 0
+    threads: int = 0
+    session_events: int = 0
 
 
 class EventReader:
@@ -96,6 +181,11 @@ def rss_and_cpu(pid: int) -> tuple[float, float]:
         fields = fh.read().rsplit(")", 1)[1].split()
     cpu = (int(fields[11]) + int(fields[12])) / TICKS
     return rss_pages * PAGE / 2**20, cpu
+
+
+def thread_count(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("Threads:"))
 
 
 def slope_per_hour(samples: Sequence[Sample]) -> float:
@@ -149,11 +239,34 @@ def start_gateway(config: Path) -> tuple[subprocess.Popen[str], tuple[str, int]]
     raise SystemExit(f"the gateway did not start: {line.strip()}")
 
 
+def take_sample(
+    pid: int,
+    reader: EventReader,
+    elapsed: float,
+    flaps: int,
+    maps: Sequence[Mapping],
+    samples: Sequence[Sample],
+) -> Sample:
+    """Read the client's RSS, CPU, threads and event counts; print the table row."""
+    rss, cpu = rss_and_cpu(pid)
+    with reader.lock:
+        switches, state = reader.counts["TRANSPORT_SWITCH"], reader.state
+        history = sum(reader.counts[str(t)] for t in SESSION_EVENT_TYPES)
+    prev = samples[-1] if samples else None
+    cpu_pct = 100 * (cpu - prev.cpu_s) / (elapsed - prev.elapsed_s) if prev else 0.0
+    anon = sum(m.rss_kib for m in maps if m.kind != "file")
+    threads = thread_count(pid)
+    print(f"{elapsed:>7.0f}s {rss:>8.2f} {cpu_pct:>6.1f} {flaps:>6} {switches:>8} "
+          f"{anon:>8} {threads:>4}  {state}", flush=True)  # fmt: skip
+    return Sample(elapsed, rss, cpu, flaps, switches, state, anon, threads, history)
+
+
 def flap_loop(
     args: argparse.Namespace,
     client: subprocess.Popen[str],
     reader: EventReader,
     relays: dict[int, RelayThread],
+    smaps: list[list[Mapping]],
 ) -> list[Sample]:
     for _ in range(300):  # the session first (bounded: 60 s), then the clock starts
         with reader.lock:
@@ -166,18 +279,16 @@ def flap_loop(
     next_sample = start
     samples: list[Sample] = []
     flaps = 0
-    print(f"{'elapsed':>8} {'RSS MiB':>8} {'CPU %':>6} {'flaps':>6} {'switches':>8}  state")
+    print(f"{'elapsed':>8} {'RSS MiB':>8} {'CPU %':>6} {'flaps':>6} {'switches':>8} "
+          f"{'anon KiB':>8} {'thr':>4}  state")  # fmt: skip
     while time.monotonic() < end and client.poll() is None:
         now = time.monotonic()
         if now >= next_sample:
-            rss, cpu = rss_and_cpu(client.pid)
-            with reader.lock:
-                switches, state = reader.counts["TRANSPORT_SWITCH"], reader.state
-            prev = samples[-1] if samples else None
-            cpu_pct = 100 * (cpu - prev.cpu_s) / (now - start - prev.elapsed_s) if prev else 0.0
-            samples.append(Sample(now - start, rss, cpu, flaps, switches, state))
-            print(f"{now - start:>7.0f}s {rss:>8.2f} {cpu_pct:>6.1f} {flaps:>6} {switches:>8}  "
-                  f"{state}", flush=True)  # fmt: skip
+            maps = read_smaps(client.pid)
+            samples.append(take_sample(client.pid, reader, now - start, flaps, maps, samples))
+            if now - start >= args.warmup and not smaps:
+                smaps.append(maps)
+            smaps[1:] = [maps] if smaps else []
             next_sample += args.sample
         if now >= next_flap:
             with reader.lock:
@@ -193,6 +304,8 @@ def flap_loop(
 
 
 def report(samples: list[Sample], args: argparse.Namespace, code: int | None) -> None:
+    full = next((s for s in samples if s.session_events >= HISTORY_SIZE), None)
+    settled = max(args.warmup, full.elapsed_s if full else 0.0)
     steady = [s for s in samples if s.elapsed_s >= args.warmup]
     first, last = samples[0], samples[-1]
     print()
@@ -207,6 +320,58 @@ def report(samples: list[Sample], args: argparse.Namespace, code: int | None) ->
     )
     cpu_pct = 100 * (last.cpu_s - first.cpu_s) / max(1e-9, last.elapsed_s - first.elapsed_s)
     print(f"client CPU {cpu_pct:.1f}% of a core on average; client exit status {code}")
+    print(f"session events {last.session_events}; the UI channel's and control socket's "
+          f"history ({HISTORY_SIZE}) was full "
+          f"{f'at {full.elapsed_s:.0f} s' if full else 'not yet'}")  # fmt: skip
+    print(verdict([s for s in samples if s.elapsed_s >= settled], settled))
+
+
+def verdict(steady: Sequence[Sample], warmup: float) -> str:
+    """FLAT when, after the warm-up (``--warmup``, or later if the session-event history
+    was not full yet: that ring is the last bounded structure to fill), the RSS slope is
+    within +-FLAT_SLOPE and its range within FLAT_RANGE (at least 10 samples), else
+    GROWING or TOO SHORT."""
+    if len(steady) < 10:
+        return f"verdict: TOO SHORT ({len(steady)} samples after the {warmup:.0f} s warm-up)"
+    slope = slope_per_hour(steady)
+    span = max(s.rss_mib for s in steady) - min(s.rss_mib for s in steady)
+    flat = abs(slope) <= FLAT_SLOPE and span <= FLAT_RANGE
+    return (
+        f"verdict: {'FLAT' if flat else 'GROWING'} (after the {warmup:.0f} s warm-up: slope "
+        f"{slope:+.3f} MiB/hour, limit +-{FLAT_SLOPE}; max-min {span:.2f} MiB, limit "
+        f"{FLAT_RANGE})"
+    )
+
+
+def print_class_changes(first: dict[str, Any], last: dict[str, Any]) -> None:
+    """pymalloc's size classes whose pools or blocks changed between two probe lines."""
+    old = {int(k): v for k, v in first.get("classes", {}).items()}
+    moved = [(int(k), old.get(int(k), [0, 0]), v) for k, v in last.get("classes", {}).items()]
+    moved = [m for m in moved if m[1] != m[2]]
+    moved.sort(key=lambda m: -abs(m[2][0] - m[1][0]))
+    print(f"pymalloc size classes whose pools changed most, t={first['t']} -> {last['t']} s "
+          "(block size: pools, blocks in use):")  # fmt: skip
+    for size, (p0, b0), (p1, b1) in moved[:10]:
+        print(f"  {size:>4} B: pools {p0} -> {p1} ({p1 - p0:+d}), blocks {b0} -> {b1} "
+              f"({b1 - b0:+d})")  # fmt: skip
+
+
+def print_probe(path: Path, warmup: float) -> None:
+    """The probe's lines: blocks, traced bytes, objects over time; the last line's diffs."""
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    if not lines:
+        return
+    keys = ["blocks", "objects", "arenas", "used", "free_blocks", "tuple_freelist_bytes"]
+    keys += ["traced"] if "traced" in lines[-1] else []
+    print("\nprobe (in the client, pymalloc and gc; bytes):")
+    print(f"  {'t':>6} " + " ".join(f"{k:>11}" for k in keys))
+    for line in lines[:: max(1, len(lines) // 12)] + lines[-1:]:
+        print(f"  {line['t']:>5}s " + " ".join(f"{line.get(k, -1):>11}" for k in keys))
+    last = lines[-1]
+    print_class_changes(next((x for x in lines if x["t"] >= warmup), lines[0]), last)
+    print("object types whose count changed most since the warm-up:", last.get("types"))
+    for row in last.get("top", []):
+        print(f"  {row['size']:>+9} B {row['count']:>+6}  {' <- '.join(reversed(row['where']))}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -216,11 +381,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--down", type=float, default=5.0, help="seconds a flap lasts (5)")
     parser.add_argument("--sample", type=float, default=30.0, help="seconds between samples")
     parser.add_argument(
-        "--warmup", type=float, default=900.0,
-        help="seconds left out of the slope (900: the bounded rings fill, e.g. the UI "
-        "channel's 256 session events at about 8 a flap)",
+        "--warmup", type=float, default=600.0,
+        help="seconds left out of the slope and the verdict (600: the last 20 minutes of "
+        "30 count; bounded structures fill meanwhile, e.g. the first key rotation, RTT and "
+        "loss windows, most of the 256 session events of the UI channel's history)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--smaps", type=int, default=0, metavar="N",
+        help="after the table: the client's resident memory by kind of mapping (heap, "
+        "thread stacks, malloc arenas, other anonymous, files) at the first sample after "
+        "the warm-up and at the end, and the N mappings whose RSS changed most",
+    )  # fmt: skip
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE",
+        help="an environment variable for the client (A/B runs: MALLOC_ARENA_MAX=1, "
+        "PYTHONMALLOC=malloc, ...); repeatable",
+    )  # fmt: skip
+    parser.add_argument(
+        "--trace-objects", type=int, nargs="?", const=10, metavar="FRAMES",
+        help="run the client under bench/soak_probe.py: pymalloc's arenas, pools and "
+        "blocks, gc object counts by type every --sample s (baseline at --warmup), and with "
+        "FRAMES > 0 (10 if not given) tracemalloc's top growth by traceback; prints them",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    smaps: list[list[Mapping]] = []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up as after Ctrl-C
     print(machine_facts())
     print(f"load before: {loadavg()}; {args.minutes:g} min, a flap every {args.period:g} s "
           f"for {args.down:g} s, a sample every {args.sample:g} s")  # fmt: skip
@@ -239,25 +424,34 @@ def main(argv: Sequence[str] | None = None) -> int:
                         host, port = relay.bound_address[:2]
                         fh.write(f'[[path]]\nname = "lo{pid}"\ngateway = "{host}:{port}"\n'
                                  'bind = "127.0.0.1"\n')  # fmt: skip
+                probe = work / "probe.jsonl"
+                wrap = [str(REPO / "bench" / "soak_probe.py"), str(probe), str(args.sample),
+                        str(args.warmup), str(args.trace_objects)]  # fmt: skip
+                wrap = wrap if args.trace_objects is not None else []
                 client = subprocess.Popen(
-                    [sys.executable, "-m", "tunnel.client.headless", "--config",
+                    [sys.executable, *wrap, "-m", "tunnel.client.headless", "--config",
                      str(client_config)],
                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
+                    env={**os.environ, **dict(kv.split("=", 1) for kv in args.env)},
                 )  # fmt: skip
                 assert client.stdout is not None
                 reader = EventReader(client.stdout)
                 try:
-                    samples = flap_loop(args, client, reader, relays)
+                    samples = flap_loop(args, client, reader, relays, smaps)
                 finally:
                     if client.poll() is None:
                         client.send_signal(signal.SIGTERM)
                     code = client.wait(15)
+                if args.trace_objects is not None and probe.exists():
+                    print_probe(probe, args.warmup)
         finally:
             gateway.send_signal(signal.SIGTERM)
             gateway.wait(15)
     print(f"load after: {loadavg()}")
     if samples:
         report(samples, args, code)
+    if args.smaps and len(smaps) == 2:
+        print_smaps_diff(smaps[0], smaps[1], args.smaps)
     return 0
 
 

@@ -184,14 +184,34 @@ class Event:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"event_type": str(self.event_type)}
-        for f in fields(self):
-            value = getattr(self, f.name)
+        for name in field_names(type(self)):
+            value = getattr(self, name)
             if isinstance(value, StrEnum):
                 value = str(value)
             elif isinstance(value, tuple):
                 value = list(value)
-            out[f.name] = value
+            out[name] = value
         return out
+
+
+_FIELD_NAMES: dict[type[Event], tuple[str, ...]] = {}
+"""One entry per Event class: bounded by the classes in this module."""
+
+
+def field_names(cls: type[Event]) -> tuple[str, ...]:
+    """The field names of an event class, in order, computed once per class.
+
+    Not ``dataclasses.fields()`` per event: it builds its tuple from a generator, which
+    CPython sizes by resizing, so the tuple never comes from the free list of its size
+    but is returned to it when freed. Called for every event, that moved one tuple per
+    event onto the free lists of 11- to 19-item tuples, which only a full garbage
+    collection empties (up to 2,000 tuples per size): part of the client's slow RSS rise
+    under flapping (issue 12; ``bench/soak.py --trace-objects 0`` shows the free lists).
+    """
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(cls))
+    return names
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
