@@ -24,7 +24,9 @@ UNITS = Path(__file__).resolve().parents[1] / "dist" / "systemd"
 CLIENT = UNITS / "jvpn-client@.service"
 GATEWAY = UNITS / "jvpn-gateway.service"
 
-CLIENT_NO_RESTART = {"unknown_client_key", "protocol_version_mismatch", "wrong_gateway_key"}
+CLIENT_NO_RESTART = {
+    "unknown_client_key", "protocol_version_mismatch", "wrong_gateway_key", "cipher_mismatch"
+}
 """Session ends a restart cannot cure: the gateway will never take this client."""
 
 GATEWAY_NO_RESTART = {
