@@ -299,9 +299,12 @@ def test_watch_text_renders_a_switch_line(rig: Rig) -> None:
     """The readable form: the operator switches alice to path 2; the gateway's watch
     shows it as one line naming both paths and the reason."""
     alice = rig.session_of("alice")
+    # Ctrl-C as in a terminal: SIGINT at its default even when this suite runs in the
+    # background of a shell without job control (which ignores it, and Python keeps that)
     proc = subprocess.Popen(
         [*JVPN, "--socket", str(rig.sock), "watch", "--no-history"], cwd=REPO, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
