@@ -23,11 +23,20 @@ late (reordered) datagrams for ``PREVIOUS_KEYS_GRACE_S`` after the peer is known
 the new one, then it is forgotten.
 
 Every input to ``SessionCipher.open`` yields plaintext or a ``Drop``: it never raises.
+
+A generation builds its two AEAD objects when it first seals or opens. Each one holds
+OpenSSL contexts of about 1.1 KB outside the Python heap (``bench/memory.py --aead``),
+more than everything else of an idle gateway session; so a gateway passes an
+``AeadCache``: at most ``capacity`` generations keep theirs built, the oldest built one
+drops them (built again, about 3 us, at its next datagram). Without a cache (the
+client) a generation keeps its AEAD objects while it lives.
 """
 
 from __future__ import annotations
 
 import struct
+import weakref
+from collections import deque
 from dataclasses import dataclass
 from typing import Final
 
@@ -136,23 +145,72 @@ def peek_header(datagram: bytes) -> tuple[int, int, int, int] | Drop:
     return msg_type, phase, receiver_index, counter
 
 
+AEAD_CACHE_SIZE: Final = 512
+"""Key generations whose AEAD objects a gateway keeps built (``AeadCache``): about 1.2 MB
+of OpenSSL contexts, enough for the sessions that carry traffic at any one moment;
+idle sessions' keys are built again for their next probe."""
+
+
 class _Generation:
     """One key generation: both AEAD instances and the receive replay window."""
 
-    __slots__ = ("keys", "phase", "replay", "rx", "tx")
+    __slots__ = ("__weakref__", "keys", "phase", "replay", "rx", "tx")
 
     def __init__(
         self, keys: TrafficKeys, phase: int, replay_window: int, cipher: DataCipher
     ) -> None:
+        """No AEAD object yet: ``build`` makes them (``cipher``'s) at the first datagram."""
         self.keys = keys
         self.phase = phase
-        aead = _AEADS[cipher]
-        self.tx: _Aead = aead(keys.send)
-        self.rx: _Aead = aead(keys.recv)
+        self.tx: _Aead | None = None
+        self.rx: _Aead | None = None
         self.replay = ReplayWindow(replay_window)
 
     def __repr__(self) -> str:
         return f"_Generation(phase={self.phase})"
+
+    def build(self, cipher: DataCipher) -> tuple[_Aead, _Aead]:
+        """Both AEAD objects (sealing, opening), made from the keys."""
+        aead = _AEADS[cipher]
+        tx, rx = self.tx, self.rx = aead(self.keys.send), aead(self.keys.recv)
+        return tx, rx
+
+    def release(self) -> None:
+        """Drop both AEAD objects (the ``AeadCache`` is full); ``build`` makes them again."""
+        self.tx = self.rx = None
+
+
+class AeadCache:
+    """At most ``capacity`` key generations, of all sessions together, hold built AEAD
+    objects; building one more releases the oldest built (first in, first out: a
+    generation in use is built again at once, which costs less than keeping the order of
+    use on every datagram). Holds weak references: a discarded generation's keys are not
+    kept alive here."""
+
+    __slots__ = ("_built", "capacity")
+
+    def __init__(self, capacity: int = AEAD_CACHE_SIZE) -> None:
+        if capacity < 1:
+            raise ValueError("an AEAD cache holds at least one generation")
+        self.capacity = capacity
+        self._built: deque[weakref.ref[_Generation]] = deque()
+
+    def __repr__(self) -> str:
+        return f"AeadCache({self.built()}/{self.capacity})"
+
+    def built(self) -> int:
+        """Generations alive whose AEAD objects are built (at most ``capacity``)."""
+        return sum(1 for ref in self._built if (g := ref()) is not None and g.tx is not None)
+
+    def admit(self, generation: _Generation) -> None:
+        """``generation`` has just built its AEAD objects: the oldest one beyond
+        ``capacity`` releases its own."""
+        built = self._built
+        built.append(weakref.ref(generation))
+        while len(built) > self.capacity:
+            oldest = built.popleft()()
+            if oldest is not None:
+                oldest.release()
 
 
 class SessionCipher:
@@ -165,6 +223,7 @@ class SessionCipher:
 
     __slots__ = (
         "_born",
+        "_cache",
         "_confirmed",
         "_current",
         "_mark",
@@ -186,10 +245,14 @@ class SessionCipher:
         replay_window: int = DEFAULT_WINDOW,
         now: float = 0.0,
         suite: DataCipher = DataCipher.CHACHA20_POLY1305,
+        cache: AeadCache | None = None,
     ) -> None:
-        """``suite``: the data cipher the handshake negotiated; every generation uses it."""
+        """``suite``: the data cipher the handshake negotiated; every generation uses it.
+        ``cache``: the gateway's ``AeadCache`` (None: every generation keeps its AEAD
+        objects while it lives)."""
         self._replay_size = replay_window
         self._suite = suite
+        self._cache = cache
         self._current = _Generation(keys, 0, replay_window, suite)
         self._previous: _Generation | None = None
         self._previous_until: float | None = None
@@ -270,9 +333,12 @@ class SessionCipher:
         if len(plaintext) > _MAX_PLAINTEXT:
             raise ValueError(f"plaintext of {len(plaintext)} bytes exceeds {_MAX_PLAINTEXT}")
         current = self._current
+        tx = current.tx
+        if tx is None:
+            tx = self._build(current)[0]
         header = _MARKED.pack(msg_type, current.phase, epoch8, mark8, receiver_index, counter)
         self.send_counter = counter + 1
-        return header + current.tx.encrypt(_NONCE.pack(counter), plaintext, header)
+        return header + tx.encrypt(_NONCE.pack(counter), plaintext, header)
 
     def rekey(self, now: float) -> bool:
         """Start sealing with the next generation (phase+1, counter 0).
@@ -319,11 +385,12 @@ class SessionCipher:
         else:
             return Drop.UNKNOWN_KEY_PHASE
 
+        rx = generation.rx
+        if rx is None:
+            rx = self._build(generation)[1]
         view = memoryview(datagram)
         try:
-            plaintext = generation.rx.decrypt(
-                _NONCE.pack(counter), view[_HEADER_LEN:], view[:_HEADER_LEN]
-            )
+            plaintext = rx.decrypt(_NONCE.pack(counter), view[_HEADER_LEN:], view[:_HEADER_LEN])
         except InvalidTag:
             return Drop.BAD_TAG
         verdict = generation.replay.update(counter)
@@ -367,6 +434,13 @@ class SessionCipher:
         self.send_counter = send_counter
 
     # -- internals ---------------------------------------------------------------------
+
+    def _build(self, generation: _Generation) -> tuple[_Aead, _Aead]:
+        """A new (or released) generation's AEAD objects, made now; the cache knows."""
+        aeads = generation.build(self._suite)
+        if self._cache is not None:
+            self._cache.admit(generation)
+        return aeads
 
     def _derive_next(self) -> _Generation:
         candidate = self._next
