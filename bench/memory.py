@@ -33,6 +33,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -135,7 +136,9 @@ def _measure(trace: bool) -> tuple[int, Any]:
 
 def _report(gw: Any, n: int, before: Any, after: Any) -> dict[str, Any]:
     live = sum(1 for s in gw.sessions.values() if not s.machine.terminated)
+    ended = Counter(str(s.end_reason) for s in gw.sessions.values() if s.machine.terminated)
     rep: dict[str, Any] = {"rss0": before[0], "rss1": after[0], "sessions": live}
+    rep["ended"], rep["drops"] = dict(ended), dict(gw.drops)
     if after[1] is not None:
         stats = after[1].compare_to(before[1], "lineno")
         rep["traced"] = sum(s.size_diff for s in stats)
@@ -304,6 +307,7 @@ class Driver:
         from tunnel.core.session import State
 
         for start in range(0, len(self.clients), chunk):
+            self.now += 0.001  # the handshake bucket (configured without limit) refills
             batch = []
             for i in range(start, min(start + chunk, len(self.clients))):
                 c = self.clients[i]
@@ -353,6 +357,7 @@ def print_report(label: str, n: int, rep: dict[str, Any]) -> None:
     print(
         f"RSS {rep['rss0'] / 2**20:.1f} -> {rep['rss1'] / 2**20:.1f} MiB: {per:.0f} B per session"
     )
+    print(f"clients attached {rep['attached']}; ended: {rep['ended']}; drops: {rep['drops']}")
     if "traced" not in rep:
         return
     print(f"tracemalloc: {rep['traced'] / rep['sessions']:.0f} B per session\n")
