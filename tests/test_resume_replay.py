@@ -20,7 +20,7 @@ from typing import Any
 
 from simkit import CLIENT_INNER, GATEWAY_INNER, ipv4_packet, of_type
 
-from tunnel.core.aead import peek_header
+from tunnel.core.aead import SessionCipher, TrafficKeys, peek_header
 from tunnel.core.client import ClientSession, PathSpec
 from tunnel.core.constants import MSG_CONTROL, MSG_DATA
 from tunnel.core.events import EventType
@@ -201,10 +201,10 @@ def test_replayed_datagrams_accepted_before_a_crash_are_rejected_after_the_resum
     assert wire.repeats() == []  # no (key, nonce) pair twice, either direction
 
 
-def test_the_confirmed_rotation_is_written_before_its_datagram_acts() -> None:
-    """The client's first datagram of the new phase asks for a write in its own turn; a
-    record taken while the rotation is unconfirmed keeps the retired keys, and a second
-    crash then resumes in the same new phase (the client could not follow two)."""
+def test_a_second_crash_before_the_client_followed_resumes_in_the_same_phase() -> None:
+    """A record taken while the rotation is unconfirmed keeps the retired keys: a second
+    crash then resumes in the same new phase (the client could not follow two), sealing
+    above the reserved counter; once the client follows, the record says so."""
     sim, store, wire = setup()
     record = store.record
     assert record is not None
@@ -249,3 +249,52 @@ def test_a_clean_record_resumes_in_a_new_phase_too_and_the_client_follows_it() -
     assert sim.gateway_tun.from_tunnel[-5:] == packets
     assert gateway.drops.get("retired_key_phase", 0) == 0  # the client followed first
     assert wire.repeats() == []
+
+
+def test_a_client_the_first_rekey_misses_is_answered_from_where_it_sends() -> None:
+    """The client's addresses changed while the gateway was down (a NAT rebinding): the
+    REKEY sent at resume to the stored binding reaches nobody. The client's datagrams of
+    the retired phase from its new address are answered with a REKEY there; it follows,
+    and the session goes on (a NAT rebinding of the new phase, as any)."""
+    sim, store, wire = setup()
+    record = store.record
+    assert record is not None
+    for link in sim.links.values():
+        link.rebind()
+    gateway = crash_and_resume(sim, record, seed=50)
+    sim.run_until(sim.now + 5.0)
+    cipher = sim.client.keys.cipher
+    assert cipher is not None and cipher.phase == record.key_phase + 1
+    assert gateway.drops.get("retired_key_phase", 0) >= 1  # what it sent before following
+    packets = send_inner(sim, 0, 5, sim.now + 2.0)
+    assert [p for p in sim.gateway_tun.from_tunnel if p in packets] == packets
+    s = only_session(gateway)
+    assert not s.machine.terminated and s.binding in {k.client_addr for k in sim.links.values()}
+    assert wire.repeats() == []
+
+
+def test_the_clients_first_datagram_of_the_new_phase_asks_for_a_write_with_its_delivery() -> None:
+    """Its inner packet and the write that records the confirmed rotation come out of the
+    same input: the driver commits the write before it delivers (gateway_resume.py); a
+    process resumed from the record before that write would accept this phase afresh."""
+    sim, store, _wire = setup()
+    record = store.record
+    assert record is not None and record.binding is not None and record.key_phase == 0
+    gateway = new_gateway(sim.identity, 60)
+    s = gateway.resume(record, sim.now)
+    assert isinstance(s, GatewaySession)
+    for due in gateway.reservations_due():  # the REKEY's write (rotation unconfirmed)
+        store.write(due)
+    assert store.record is not None and store.record.retired is not None
+    gateway.datagrams_to_send()
+
+    # The client's side of the same keys, one phase on: what it seals once it followed.
+    client = SessionCipher(TrafficKeys(record.keys.recv, record.keys.send), suite=record.suite)
+    assert client.rekey(sim.now) and client.phase == 1
+    packet = ipv4_packet(CLIENT_INNER, GATEWAY_INNER, ident=7)
+    data = client.seal(MSG_DATA, record.index, packet)
+    gateway.receive_datagram(data, record.binding, sim.now)
+    assert gateway.packets_for_tun() == [packet]
+    assert gateway.reservations_due() == [s]  # in the same turn as the delivery
+    store.write(s)
+    assert store.record is not None and store.record.retired is None
