@@ -23,6 +23,7 @@ from simkit import CLIENT_INNER, GATEWAY_INNER, ipv4_packet, of_type
 from tunnel.core.aead import SessionCipher, TrafficKeys, peek_header
 from tunnel.core.client import ClientSession, PathSpec
 from tunnel.core.constants import MSG_CONTROL, MSG_DATA
+from tunnel.core.drops import Drop
 from tunnel.core.events import EventType
 from tunnel.core.gateway import GatewaySessions
 from tunnel.core.gateway_resume import ResumeState
@@ -298,3 +299,27 @@ def test_the_clients_first_datagram_of_the_new_phase_asks_for_a_write_with_its_d
     assert gateway.reservations_due() == [s]  # in the same turn as the delivery
     store.write(s)
     assert store.record is not None and store.record.retired is None
+
+
+def test_a_resumed_cipher_retires_the_stored_phase_and_forgets_that_on_the_next_rotation() -> None:
+    """SessionCipher.resume_at: the stored phase only authenticates (each counter once:
+    ``retired_key_phase``, then a duplicate); the new phase opens; once the peer moves on
+    again, the generation that becomes the previous one is an ordinary one."""
+    keys = TrafficKeys(b"a" * 32, b"b" * 32)
+    peer = SessionCipher(TrafficKeys(keys.recv, keys.send))
+    old = [peer.seal(MSG_DATA, 1, b"old %d" % n) for n in range(3)]
+    gw = SessionCipher(keys)
+    gw.resume_at(0, 12345, None)
+    assert gw.phase == 1 and gw.send_counter == 0 and gw.rekey_pending
+    assert [gw.open(d, 0.0) for d in old] == [Drop.RETIRED_KEY_PHASE] * 3
+    assert gw.open(old[0], 0.0) is Drop.DUPLICATE
+    assert peer.open(gw.seal(MSG_CONTROL, 1, b"rekey"), 0.0) == b"rekey"  # the peer follows
+    assert peer.phase == 1
+    assert gw.open(peer.seal(MSG_DATA, 1, b"new"), 0.0) == b"new" and not gw.rekey_pending
+    late = peer.seal(MSG_DATA, 1, b"late in phase 1")
+    assert peer.rekey(1.0) and gw.open(peer.seal(MSG_DATA, 1, b"phase 2"), 1.0) == b"phase 2"
+    assert gw.open(late, 1.0) == b"late in phase 1"  # phase 1 was never retired
+
+    pending = SessionCipher(TrafficKeys(b"c" * 32, b"d" * 32))
+    pending.resume_at(5, 700, keys)  # stays in 5 from counter 700; 4 (``keys``) retired
+    assert pending.phase == 5 and pending.send_counter == 700 and pending.rekey_pending
