@@ -86,3 +86,9 @@ class Drop(StrEnum):
     """Gateway: a HANDSHAKE_INIT that names a session it still holds for that client (a
     client asking whether its session was lost, DESIGN D15c): not answered, the session
     stays (the client's reattach is answered instead)."""
+    RETIRED_KEY_PHASE = "retired_key_phase"
+    """Gateway: authentic, but sealed in a key phase this process retired when it resumed
+    the session from the store (DESIGN D15a: it accepts only a phase the process before it
+    never opened anything in): a replay of what that process had accepted, or the client's
+    own datagram sent before it followed the new phase (answered with a REKEY in the new
+    phase). Reported as a SECURITY_EVENT ``RETIRED_KEY_PHASE``."""

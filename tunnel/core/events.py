@@ -441,7 +441,7 @@ class SecurityEvent(Event):
     event_type: ClassVar[EventType] = EventType.SECURITY_EVENT
     violation_type: str
     """REPLAY_DETECTED, INVALID_PROOF, STALE_REQUEST, UNKNOWN_CLIENT, FIXATION_ATTEMPT,
-    WRONG_GATEWAY_KEY, ..."""
+    WRONG_GATEWAY_KEY, RETIRED_KEY_PHASE, ..."""
     reason_code: Reason
     """Lowercase reason."""
     count: int = 1

@@ -631,6 +631,8 @@ class GatewayRuntime:
         with self.persistence.batch(now):  # one store transaction per turn
             self._mirror_events(now)
             self._reserve_counters(now)
+        if self.persistence.uncommitted:  # nothing this turn accepted may act unrecorded
+            self.gateway.packets_for_tun()
         self._flush_outputs()
         return True
 
