@@ -401,17 +401,21 @@ class SessionCipher:
             return _STALE[verdict]
         if self._retired and generation is self._previous:
             return Drop.RETIRED_KEY_PHASE  # authentic, never opened by this process
+        if generation is not current or not self._confirmed:
+            self._follow(generation, now)
+        return plaintext
 
-        if generation is current:
-            if not self._confirmed:
-                self._confirmed = True
-                self._previous_until = now + PREVIOUS_KEYS_GRACE_S
+    def _follow(self, generation: _Generation, now: float) -> None:
+        """An authentic datagram opened with ``generation``, not the confirmed current one:
+        the first of our own rekey's phase confirms it; one of phase current+1 means the
+        peer rekeyed, and this cipher follows (the previous generation's: nothing)."""
+        if generation is self._current:
+            self._confirmed = True
+            self._previous_until = now + PREVIOUS_KEYS_GRACE_S
         elif generation is not self._previous:
-            # Authentic datagram of phase current+1: the peer rekeyed; follow it.
             self._promote(generation, now)
             self._confirmed = True
             self._previous_until = now + PREVIOUS_KEYS_GRACE_S
-        return plaintext
 
     # -- resume (a restarted gateway, DESIGN D15a) -------------------------------------
 

@@ -257,6 +257,7 @@ class GatewaySession:
         "queue",
         "queue_bytes",
         "reattach",
+        "rekey_answered",
         "reserved",
         "rx_high",
         "rx_phase",
