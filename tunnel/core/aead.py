@@ -152,32 +152,54 @@ idle sessions' keys are built again for their next probe."""
 
 
 class _Generation:
-    """One key generation: both AEAD instances and the receive replay window."""
+    """One key generation: both AEAD instances and the receive replay window.
 
-    __slots__ = ("__weakref__", "keys", "phase", "replay", "rx", "tx")
+    The AEAD objects (``tx`` seals, ``rx`` opens) are made when first read, and the
+    ``AeadCache`` given, if any, learns it; ``release`` drops them again."""
+
+    __slots__ = ("__weakref__", "_cache", "_cipher", "_rx", "_tx", "keys", "phase", "replay")
 
     def __init__(
-        self, keys: TrafficKeys, phase: int, replay_window: int, cipher: DataCipher
-    ) -> None:
-        """No AEAD object yet: ``build`` makes them (``cipher``'s) at the first datagram."""
+        self, keys: TrafficKeys, phase: int, replay_window: int, cipher: DataCipher,
+        cache: AeadCache | None = None,
+    ) -> None:  # fmt: skip
         self.keys = keys
         self.phase = phase
-        self.tx: _Aead | None = None
-        self.rx: _Aead | None = None
+        self._cipher = cipher
+        self._cache = cache
+        self._tx: _Aead | None = None
+        self._rx: _Aead | None = None
         self.replay = ReplayWindow(replay_window)
 
     def __repr__(self) -> str:
         return f"_Generation(phase={self.phase})"
 
-    def build(self, cipher: DataCipher) -> tuple[_Aead, _Aead]:
-        """Both AEAD objects (sealing, opening), made from the keys."""
-        aead = _AEADS[cipher]
-        tx, rx = self.tx, self.rx = aead(self.keys.send), aead(self.keys.recv)
+    @property
+    def tx(self) -> _Aead:
+        """The AEAD object that seals (made now if it is not built)."""
+        tx = self._tx
+        return tx if tx is not None else self._build()[0]
+
+    @property
+    def rx(self) -> _Aead:
+        """The AEAD object that opens (made now if it is not built)."""
+        rx = self._rx
+        return rx if rx is not None else self._build()[1]
+
+    @property
+    def built(self) -> bool:
+        return self._tx is not None
+
+    def _build(self) -> tuple[_Aead, _Aead]:
+        aead = _AEADS[self._cipher]
+        tx, rx = self._tx, self._rx = aead(self.keys.send), aead(self.keys.recv)
+        if self._cache is not None:
+            self._cache.admit(self)
         return tx, rx
 
     def release(self) -> None:
-        """Drop both AEAD objects (the ``AeadCache`` is full); ``build`` makes them again."""
-        self.tx = self.rx = None
+        """Drop both AEAD objects (the ``AeadCache`` is full); made again when next read."""
+        self._tx = self._rx = None
 
 
 class AeadCache:
@@ -200,7 +222,7 @@ class AeadCache:
 
     def built(self) -> int:
         """Generations alive whose AEAD objects are built (at most ``capacity``)."""
-        return sum(1 for ref in self._built if (g := ref()) is not None and g.tx is not None)
+        return sum(1 for ref in self._built if (g := ref()) is not None and g.built)
 
     def admit(self, generation: _Generation) -> None:
         """``generation`` has just built its AEAD objects: the oldest one beyond
@@ -254,7 +276,7 @@ class SessionCipher:
         self._replay_size = replay_window
         self._suite = suite
         self._cache = cache
-        self._current = _Generation(keys, 0, replay_window, suite)
+        self._current = _Generation(keys, 0, replay_window, suite, cache)
         self._previous: _Generation | None = None
         self._previous_until: float | None = None
         """Grace deadline of the previous generation; None while the peer has not yet
@@ -336,12 +358,9 @@ class SessionCipher:
         if len(plaintext) > _MAX_PLAINTEXT:
             raise ValueError(f"plaintext of {len(plaintext)} bytes exceeds {_MAX_PLAINTEXT}")
         current = self._current
-        tx = current.tx
-        if tx is None:
-            tx = self._build(current)[0]
         header = _MARKED.pack(msg_type, current.phase, epoch8, mark8, receiver_index, counter)
         self.send_counter = counter + 1
-        return header + tx.encrypt(_NONCE.pack(counter), plaintext, header)
+        return header + current.tx.encrypt(_NONCE.pack(counter), plaintext, header)
 
     def rekey(self, now: float) -> bool:
         """Start sealing with the next generation (phase+1, counter 0).
@@ -388,12 +407,11 @@ class SessionCipher:
         else:
             return Drop.UNKNOWN_KEY_PHASE
 
-        rx = generation.rx
-        if rx is None:
-            rx = self._build(generation)[1]
         view = memoryview(datagram)
         try:
-            plaintext = rx.decrypt(_NONCE.pack(counter), view[_HEADER_LEN:], view[:_HEADER_LEN])
+            plaintext = generation.rx.decrypt(
+                _NONCE.pack(counter), view[_HEADER_LEN:], view[:_HEADER_LEN]
+            )
         except InvalidTag:
             return Drop.BAD_TAG
         verdict = generation.replay.update(counter)
@@ -449,12 +467,16 @@ class SessionCipher:
             raise ValueError("only a fresh cipher can resume another process's session")
         if not 0 <= send_counter < constants.REJECT_AFTER_MESSAGES:
             raise ValueError(f"send counter {send_counter} out of range")
-        own = _Generation(self._current.keys, phase % PHASES, self._replay_size, self._suite)
+        own = _Generation(
+            self._current.keys, phase % PHASES, self._replay_size, self._suite, self._cache
+        )
         if retired is None:
             self._current = own
             old, current, counter = own, self._derive_next(), 0
         else:
-            old = _Generation(retired, (phase - 1) % PHASES, self._replay_size, self._suite)
+            old = _Generation(
+                retired, (phase - 1) % PHASES, self._replay_size, self._suite, self._cache
+            )
             current, counter = own, send_counter
         self._previous, self._current, self._next = old, current, None
         self._retired = True
@@ -464,20 +486,13 @@ class SessionCipher:
 
     # -- internals ---------------------------------------------------------------------
 
-    def _build(self, generation: _Generation) -> tuple[_Aead, _Aead]:
-        """A new (or released) generation's AEAD objects, made now; the cache knows."""
-        aeads = generation.build(self._suite)
-        if self._cache is not None:
-            self._cache.admit(generation)
-        return aeads
-
     def _derive_next(self) -> _Generation:
         candidate = self._next
         if candidate is None:
             current = self._current
             candidate = _Generation(
                 next_generation(current.keys), (current.phase + 1) % PHASES, self._replay_size,
-                self._suite,
+                self._suite, self._cache,
             )  # fmt: skip
             self._next = candidate
         return candidate
