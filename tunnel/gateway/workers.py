@@ -24,8 +24,13 @@ its worker's TUN, so the route back to the client's address must point there.
 
 Per worker, as documented in docs/gateway.md "Workers": node id ``NODE-wK``, TUN
 ``NAME-K`` (``NAME`` as configured for worker 0, or with ``%d`` left to the kernel),
-control socket ``PATH.K`` (worker 0: ``PATH``), metrics port ``PORT+K``, JSONL sink
-``FILE.K`` (worker 0: ``FILE``).
+JSONL sink ``FILE.K`` (worker 0: ``FILE``), a private control socket ``wK.sock`` in the
+supervisor's private directory (:attr:`Supervisor.rundir`, mode 0700), no metrics
+endpoint. The gateway stays one to its operator: the supervisor serves the public
+control socket over the workers' (:class:`~tunnel.gateway.fanout.CombinedControl`) and
+the one ``/metrics``, from the files the workers publish into (prometheus_client's
+multiprocess mode, the ``metrics`` directory of the private one); it creates the
+directory before the first fork and removes it at the end.
 
 The supervisor forwards SIGTERM, SIGINT and SIGHUP to every worker (each worker has a
 process group of its own, so a terminal's ^C reaches it once, through the supervisor, and
