@@ -228,9 +228,9 @@ def test_crash_restart_resumes_without_reusing_a_key_and_counter(tmp_path: Path)
         echo_round(c, 300, 40)
         assert c.session.machine.session_id == sid and terminated_events(c) == []
         assert [run[0].runtime.resumed for run in r.runs[1:]] == [(1, []), (1, [])]
-        metrics = r.runs[-1][0].metrics_text()
-        assert "jvpn_gateway_sessions_resumed_total 1.0" in metrics.splitlines()
-        assert 'jvpn_gateway_counter_reservations_total{result="failed"} 0.0' in metrics.splitlines()
+        metrics = r.runs[-1][0].metrics_text().splitlines()
+        assert "jvpn_gateway_sessions_resumed_total 1.0" in metrics
+        assert 'jvpn_gateway_counter_reservations_total{result="failed"} 0.0' in metrics
         down = sorted((p, n) for d, p, n in c.wire if d == "down")
         assert {p for p, _ in down} == {0, 1}  # both phases crossed the wire from the gateway
         assert c.repeats() == []
