@@ -23,6 +23,7 @@ import random
 import re
 import select
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -356,6 +357,11 @@ def test_each_session_lives_on_the_worker_its_index_names_with_all_its_traffic(
     assert doc["sessions_created"] >= N_CLIENTS  # (a client that sent its INIT again: one more)
     workers = [(w["index"], w["node_id"], w["pid"], w["ok"], w["sessions"]) for w in doc["workers"]]
     assert workers == [(k, f"gwt-w{k}", rig.pids[k], True, N_CLIENTS // 2) for k in (0, 1)]
+    # the workers' own sockets are private: 0600 in a 0700 directory of the supervisor's
+    private = Path(rig.err.wait(r"node gwt-w0 listening on .*, control (\S+)/w0\.sock").group(1))
+    assert private.parent == rig.tmp and stat.S_IMODE(private.stat().st_mode) == 0o700
+    for k in (0, 1):
+        assert stat.S_IMODE((private / f"w{k}.sock").stat().st_mode) == 0o600
 
 
 def test_a_killed_worker_loses_only_its_sessions_and_comes_back_on_its_slot(rig: Rig) -> None:
@@ -685,6 +691,14 @@ def test_watch_on_the_gateways_socket_merges_every_workers_events(rig: Rig) -> N
         watch.kill()
         watch.wait(10)
     assert created == {c.name: f"gwt-w{c.worker}" for c in crowd.clients}
+
+    # terminate on the gateway's socket finds the session's worker (by a unique prefix)
+    victim = next(c for c in crowd.clients if c.worker == 1)
+    sid = victim.session.snapshot(time.monotonic()).session_id
+    proc = rig.beside(lambda: jvpn(rig.socket, "terminate", sid[:8]))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"worker 1: session {sid} terminated (operator_terminated)"
+    crowd.run_until(lambda: victim.session.state is State.TERMINATED, 20, "the client told")
 
 
 class _Lines:
