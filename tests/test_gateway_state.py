@@ -29,6 +29,7 @@ node_id = "gw-s"
 listen = ["127.0.0.1:0"]
 private_key = "gateway.key"
 inner_echo = true
+workers = 1
 [control]
 socket = "off"
 [[clients]]

@@ -148,7 +148,17 @@ def _gateway_fields(g: GatewayStatus) -> list[tuple[str, str]]:
         ("store conflicts", str(g.store_conflicts)),
         ("observability", "ok" if g.observability_ok else "DEGRADED (a sink failed or lost "
                           "events)"),
+        *([("workers", _workers(g))] if g.workers else []),
     ]  # fmt: skip
+
+
+def _workers(g: GatewayStatus) -> str:
+    """``0 pid 4711 (3 sessions), 1 NOT ANSWERING: no answer in 2s (pid 4712)``."""
+    return ", ".join(
+        f"{w.index} pid {w.pid} ({plural(w.sessions, 'session')})" if w.ok
+        else f"{w.index} NOT ANSWERING: {w.problem}"
+        for w in g.workers
+    )  # fmt: skip
 
 
 def _session_row(s: GatewaySessionStatus) -> list[str]:

@@ -194,7 +194,8 @@ class GatewayConfig:
     """The data ciphers this gateway allows (``ciphers``); a client gets the first of its
     own list that is one of them (tunnel/core/ciphers.py)."""
     workers: int = 1
-    """Worker processes sharing the listen ports (``workers``; "auto": one per core)."""
+    """Worker processes sharing the listen ports (``workers``; the file's default "auto" is
+    one per core this process may run on; a configuration built in code has 1)."""
 
 
 class _Reader:
@@ -867,10 +868,17 @@ def parse_gateway_config(data: Mapping[str, Any], file: Path) -> GatewayConfig:
     )  # fmt: skip
 
 
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity, as a container or taskset
+    limits it), 1..256: what ``workers = "auto"`` means."""
+    return max(1, min(len(os.sched_getaffinity(0)), 256))
+
+
 def _parse_workers(r: _Reader) -> int:
-    """``workers``: 1..256, or "auto" for one per core (docs/gateway.md "Workers")."""
-    if r.table.get("workers") == "auto":
-        return max(1, min(os.cpu_count() or 1, 256))
+    """``workers``: 1..256, or "auto" (the default) for one per core (docs/gateway.md
+    "Workers")."""
+    if r.table.get("workers", "auto") == "auto":
+        return cores()
     return r.integer("workers", 1, 1, 256)
 
 

@@ -75,7 +75,7 @@ from tunnel.gateway.policy_reload import POLICY_POLL_S, PolicyReloader, load_ini
 from tunnel.gateway.resume import SessionPersistence, open_state
 from tunnel.io.loop import DriverLoop, drain, new_event_loop
 from tunnel.io.udp import GatewaySocket
-from tunnel.observability.metrics import MetricFamily, MetricsServer
+from tunnel.observability.metrics import MetricFamily, MetricsServer, PrometheusPublisher
 from tunnel.observability.pipeline import EventPipeline, Report
 from tunnel.ownership import MemorySessionStore, ResumableStore, SessionStore
 from tunnel.ownership.statekey import StateSealer
@@ -158,10 +158,13 @@ class GatewayRuntime:
         ciphers: Sequence[DataCipher] = ALL_CIPHERS,
         index_stripe: tuple[int, int] = (0, 1),
         sockets: Sequence[GatewaySocket] = (),
+        publish_metrics_s: float | None = None,
     ) -> None:
         """``index_stripe`` and ``sockets`` make it worker ``w`` of ``n``
         (:mod:`tunnel.gateway.workers`): receiver indexes in its stripe, and its slot of
-        each listen address's reuseport group, already bound (``listen`` is not bound)."""
+        each listen address's reuseport group, already bound (``listen`` is not bound);
+        ``publish_metrics_s``: publish the metrics this often (and at the end) for a
+        scraper elsewhere (the workers' supervisor); otherwise a scrape publishes."""
         if not listen:
             raise ValueError("at least one listen address")
         self.clock = clock
@@ -211,6 +214,10 @@ class GatewayRuntime:
             self.gateway, traffic=self.traffic, policy=self.policy,
             ownership=self.ownership, pipeline=pipeline,
         )  # fmt: skip
+        self.prometheus: PrometheusPublisher = PrometheusPublisher()
+        """The metrics as prometheus_client's (published from :attr:`metrics`' families)."""
+        self._publish_s = publish_metrics_s
+        self._publish_handle: asyncio.TimerHandle | None = None
         self.control: GatewayControl | None = (
             GatewayControl(self, control) if control is not None else None
         )
@@ -303,7 +310,7 @@ class GatewayRuntime:
                 self._sockets.append(GatewaySocket((host, port)))
             if self.metrics_address is not None:
                 host, port = self.metrics_address
-                self._metrics_server = MetricsServer(host, port, self.collect_metrics)
+                self._metrics_server = MetricsServer(host, port, self.metrics_text)
             self._listen_control()
             self.inner.setup()
             self._inner_ready = True
@@ -404,6 +411,8 @@ class GatewayRuntime:
         if self.control is not None:
             await self.control.start()
             self._status_handle = driver.call_later(STATUS_INTERVAL_S, self._publish_status)
+        if self._publish_s:
+            self._publish_handle = driver.call_later(self._publish_s, self._publish_metrics)
         if not self.policy.ok:
             driver.guard(self._announce_invalid_start)
         driver.guard(self.clients_reload.announce_start, self.clock())
@@ -442,6 +451,9 @@ class GatewayRuntime:
             self._poll_handle.cancel()
         if self._status_handle is not None:
             self._status_handle.cancel()
+        if self._publish_handle is not None:
+            self._publish_handle.cancel()
+            self.publish_metrics()  # the final counts, for the scraper elsewhere
         for sock in self._sockets:
             if not sock.closed:
                 loop.remove_reader(sock.fileno())
@@ -496,12 +508,24 @@ class GatewayRuntime:
         return self.metrics.session_views(self.clock())
 
     def metric_families(self) -> list[MetricFamily]:
-        """Every gateway metric (:meth:`collect_metrics` from other threads)."""
+        """Every gateway metric (:meth:`metrics_text` from other threads)."""
         return self.metrics.metric_families()
 
-    def collect_metrics(self) -> list[MetricFamily]:
-        """:meth:`metric_families`, gathered on the loop thread (safe from any thread)."""
-        return self.call(self.metric_families)
+    def publish_metrics(self) -> None:
+        """Publish :meth:`metric_families` into :attr:`prometheus` (loop thread)."""
+        self.prometheus.publish(self.metric_families())
+
+    def metrics_text(self) -> bytes:
+        """The exposition, published on the loop thread first (safe from any thread)."""
+        self.call(self.publish_metrics)
+        return self.prometheus.exposition()
+
+    def _publish_metrics(self) -> None:
+        self._publish_handle = None
+        if self._publish_s is None or self.driver.loop is None:
+            return
+        self.publish_metrics()
+        self._publish_handle = self.driver.call_later(self._publish_s, self._publish_metrics)
 
     # -- policy --------------------------------------------------------------------------
 
