@@ -38,6 +38,7 @@ from test_resume import CLIENT_INNER, WireClient
 from tunnel.core.handshake import generate_keypair
 from tunnel.core.session import State
 from tunnel.core.wire import PathChallenge
+from tunnel.gateway.config import ClusterConfig, ConfigError, GatewayConfig, load_gateway_config
 from tunnel.keys import write_private_key, write_public_key
 from tunnel.ownership.etcd import EtcdSessionStore
 
@@ -449,3 +450,110 @@ def wait_metric(n: Node, line: str, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return seen()
+
+
+def test_a_clean_stop_keeps_the_session_and_another_node_takes_it_at_once(
+    cluster: Cluster,
+) -> None:
+    """SIGTERM on the owner: no TERMINATE to the client, the session stays in etcd, the
+    lease is revoked (its ownership key with it): the next node the client reaches takes
+    the session over without waiting for a lease to expire."""
+    a, b = cluster.node("gw-a"), cluster.node("gw-b")
+    c, sid = attached(cluster, a)
+    assert a.stop() == 0
+    assert "sessions kept in the store" in a.stderr()
+    released = owner_events(a, "RELEASED", sid)
+    assert released and released[-1]["reason_code"] == "gateway_shutdown"
+    entry = cluster.entry(sid)
+    assert entry is not None and entry.record.owner_node == "gw-a"
+    c.gateway = b.address
+    assert moved(c, timeout=15.0)
+    acquired = owner_events(b, "ACQUIRED", sid)
+    assert acquired and acquired[0]["owner_epoch"] == 2
+    assert [e for e in c.events if e.event_type == "SESSION_TERMINATED"] == []
+    assert c.repeats() == []
+
+
+CONFIG_HEAD = """\
+node_id = "gw-x"
+listen = ["127.0.0.1:0"]
+private_key = "gateway.key"
+inner_echo = true
+[[clients]]
+name = "alice"
+public_key = "alice.pub"
+"""
+
+
+@pytest.fixture
+def confdir(tmp_path: Path) -> Path:
+    write_private_key(tmp_path / "gateway.key", generate_keypair()[0])
+    write_public_key(tmp_path / "alice.pub", generate_keypair()[1])
+    return tmp_path
+
+
+def load(confdir: Path, text: str) -> GatewayConfig:
+    path = confdir / "gateway.toml"
+    path.write_text(CONFIG_HEAD + text)
+    return load_gateway_config(path)
+
+
+def test_cluster_section_makes_the_store_etcd(confdir: Path) -> None:
+    cfg = load(
+        confdir,
+        '[cluster]\nendpoints = ["10.0.0.1:2379", "[fd00::1]:2379"]\n'
+        'state_key_file = "cluster.key"\nlease_ttl = 5\nprefix = "/jvpn/prod/"\n',
+    )
+    assert cfg.cluster == ClusterConfig(
+        ("10.0.0.1:2379", "[fd00::1]:2379"), "gw-x", confdir / "cluster.key", 5, "/jvpn/prod/"
+    )
+    assert cfg.state.store == "etcd" and cfg.state.state_key_file == confdir / "cluster.key"
+    assert cfg.node_id == "gw-x"
+    cfg = load(confdir, '[cluster]\nendpoints = ["e:2379"]\nstate_key_file = "k"\n')
+    assert cfg.cluster is not None and (cfg.cluster.lease_ttl, cfg.cluster.prefix) == (
+        2, "/jvpn/default/",
+    )  # fmt: skip
+    assert load(confdir, "").cluster is None
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ('state_key_file = "k"', "cluster.endpoints: missing (required)"),
+        ('endpoints = "e:1"\nstate_key_file = "k"', 'must be a list of 1-9 "host:port" strings'),
+        ('endpoints = []\nstate_key_file = "k"', 'must be a list of 1-9 "host:port" strings'),
+        ('endpoints = ["e"]\nstate_key_file = "k"', "cluster.endpoints = 'e': each endpoint"),
+        ('endpoints = ["e:0"]\nstate_key_file = "k"', "each endpoint must be"),
+        ('endpoints = ["e:1"]', "cluster.state_key_file: missing (required)"),
+        ('endpoints = ["e:1"]\nstate_key_file = "k"\nlease_ttl = 1', "must be in [2, 60]"),
+        ('endpoints = ["e:1"]\nstate_key_file = "k"\nprefix = "jvpn"', "/jvpn/<cluster>/"),
+        ('endpoints = ["e:1"]\nstate_key_file = "k"\nnode_id = "gw y"', "1-64 characters"),
+        ('endpoints = ["e:1"]\nstate_key_file = "k"\nnode_id = "gw-y"', "contradicts"),
+        ('endpoints = ["e:1"]\nstate_key_file = "gateway.key"', "the gateway's private key"),
+        ('endpoints = ["e:1"]\nstate_key_file = "k"\nttl = 3', "unknown key"),
+        (
+            'endpoints = ["e:1"]\nstate_key_file = "k"\n[state]\nstore = "sqlite"',
+            "contradicts [cluster]",
+        ),
+    ],
+)
+def test_bad_cluster_values_are_named(confdir: Path, table: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(confdir, f"[cluster]\n{table}\n")
+    assert message in str(info.value) and "gateway.toml" in str(info.value)
+
+
+def test_the_etcd_store_needs_a_cluster_and_a_cluster_its_node_id(confdir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"the etcd store needs a \[cluster\] section"):
+        load(confdir, '[state]\nstore = "etcd"\n')
+    cfg = load(
+        confdir, '[state]\nstore = "etcd"\n[cluster]\nendpoints = ["e:1"]\nstate_key_file = "k"\n'
+    )
+    assert cfg.state.store == "etcd"
+    path = confdir / "gateway.toml"  # no top-level node_id: [cluster] names the node
+    path.write_text(
+        CONFIG_HEAD.replace('node_id = "gw-x"\n', "")
+        + '[cluster]\nendpoints = ["e:1"]\nstate_key_file = "k"\nnode_id = "gw-z"\n'
+    )
+    cfg = load_gateway_config(path)
+    assert cfg.node_id == "gw-z" and cfg.cluster is not None and cfg.cluster.node_id == "gw-z"

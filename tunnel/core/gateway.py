@@ -563,7 +563,7 @@ class GatewaySessions:
         index = s.index
         del self.sessions[index]
         self._forget_routes(s)
-        self.outbox.void_for(s.peer_index)
+        self.outbox.void_for(s.peer_index, handshake=True)  # a session that is not here
         self._timers.touch(index)
         return s
 
