@@ -557,3 +557,12 @@ def test_the_etcd_store_needs_a_cluster_and_a_cluster_its_node_id(confdir: Path)
     )
     cfg = load_gateway_config(path)
     assert cfg.node_id == "gw-z" and cfg.cluster is not None and cfg.cluster.node_id == "gw-z"
+
+
+def test_a_cluster_node_runs_one_worker(confdir: Path) -> None:
+    path = confdir / "gateway.toml"
+    path.write_text(
+        "workers = 2\n" + CONFIG_HEAD + '[cluster]\nendpoints = ["e:1"]\nstate_key_file = "k"\n'
+    )
+    with pytest.raises(ConfigError, match=r"workers = 2: must be 1 with \[cluster\]"):
+        load_gateway_config(path)
