@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
+from tunnel.core.admission import TokenBucket
 from tunnel.core.aead import SessionCipher
 from tunnel.core.constants import MSG_CONTROL, MSG_DATA
 from tunnel.core.drops import Drop
@@ -80,6 +81,10 @@ MAX_PENDING: Final = 256
 """Takeovers in flight at once (each holds one datagram); more are counted and dropped."""
 NOT_FOUND_S: Final = 1.0
 """A receiver index etcd does not know is not looked up again for this long."""
+LOOKUP_RATE: Final = 500.0
+LOOKUP_BURST: Final = 100.0
+"""Lookups a node starts per second (and at once): datagrams with unknown receiver indexes
+(random ones, a flood) cost etcd at most this many reads."""
 LOST_S: Final = 30.0
 """A session id etcd does not know (the client asks whether it was lost): the client's
 next INIT naming it gets a new session for this long."""
@@ -233,6 +238,8 @@ class ClusterNode:
         self._pending: dict[int | str, Pending] = {}
         """Takeovers in flight, by receiver index (with the datagram held) or session id."""
         self._not_found: dict[int | str, float] = {}
+        self._lookups = TokenBucket(LOOKUP_RATE, LOOKUP_BURST, clock())
+        """Lookups started (etcd reads for datagrams of sessions not held here)."""
         self._moving: set[str] = set()
         """Sessions whose transfer to this node is in flight."""
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -535,6 +542,9 @@ class ClusterNode:
 
     def _start(self, key: int | str, pending: Pending) -> bool:
         if len(self._pending) >= MAX_PENDING or self._loop is None:
+            return False
+        if not self._lookups.allow(self._clock()):  # etcd reads are bounded, whatever comes
+            self._count("rate_limited")
             return False
         self._pending[key] = pending
         task = self._loop.create_task(self._take_over(key))
