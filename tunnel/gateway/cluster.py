@@ -636,9 +636,7 @@ class ClusterNode:
         state = decode_state(sid, plain, self._make_addr) if plain is not None else None
         if state is None:
             return True  # cannot tell: the move is tried, and fails where it is installed
-        cipher = SessionCipher(state.keys, suite=state.suite)
-        cipher.resume_at(state.key_phase, 0, -1)
-        opened = cipher.open(data, self._clock())
+        opened = _read(state, data, self._clock())
         msg = parse_control(opened) if not isinstance(opened, Drop) else opened
         if isinstance(msg, Probe) and self._input is not None:
             held = self._pending.get(key)
@@ -743,6 +741,21 @@ class ClusterNode:
             labelled(c + "takeovers_total", "Takeover attempts by outcome.", "counter",
                      "outcome", self.takeovers),
         ]  # fmt: skip
+
+
+def _read(state: ResumeState, data: bytes, now: float) -> bytes | Drop:
+    """Open a datagram of a stored session with throwaway ciphers (no replay window of the
+    session is touched): in the stored key phase, or in the phase before it while the
+    client has not yet followed a rotation the owner made when it resumed (``retired``)."""
+    opened: bytes | Drop = Drop.MALFORMED
+    readers = [(state.keys, state.key_phase)]
+    if state.retired is not None:
+        readers.append((state.retired, state.key_phase - 1))
+    for keys, phase in readers:
+        opened = SessionCipher(keys, suite=state.suite, phase=phase).open(data, now)
+        if not isinstance(opened, Drop):
+            break
+    return opened
 
 
 def _note(iv: Interval, before: float, after: float) -> None:
