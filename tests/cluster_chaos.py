@@ -61,7 +61,7 @@ class Collector:
             self.sock.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)  # SO_RCVBUFFORCE
         self.sock.bind(("127.0.0.1", 0))
         self.sock.settimeout(0.2)
-        self.address = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
         self.received = 0
         self._out = path.open("a", buffering=1)  # tests read it while it runs
         self._stop = threading.Event()
@@ -125,7 +125,7 @@ class Relays:
                     lambda r, w, p=port: self._serve(node, p, r, w), "127.0.0.1", 0
                 )
                 self._servers.append(server)
-                endpoints.append("127.0.0.1:%d" % server.sockets[0].getsockname()[1])
+                endpoints.append(f"127.0.0.1:{server.sockets[0].getsockname()[1]}")
             return endpoints
 
         result: list[str] = self._run(start())
@@ -301,6 +301,8 @@ class ChaosLab:
         self._reattacher: threading.Thread | None = None
         self._with_reattacher = reattacher
         self.reattaches = 0
+        self.unplanned_restarts = 0
+        """Nodes that exited on their own and were started again (not injected faults)."""
 
     # -- start ------------------------------------------------------------------------------
 
@@ -407,7 +409,7 @@ class ChaosLab:
         for n in self.nodes:
             if not n.alive:
                 n.spawn()
-                self.faults["node exited, restarted"] += 1
+                self.unplanned_restarts += 1
 
     def run(self, faults: int | None = None, seconds: float | None = None,
             progress: Callable[[int, str], None] | None = None) -> None:  # fmt: skip
@@ -443,34 +445,7 @@ class ChaosLab:
         self.dump_history(self.dir / "history.jsonl")
 
     def dump_history(self, path: Path) -> None:
-        """Every write of every session entry, in revision order (etcd keeps them all:
-        the test clusters never compact)."""
-        sentinel = self.store.prefix + b"end"
-        sprefix = self.store.prefix + b"s/"
-
-        async def read(client: Any) -> list[Any]:
-            await client.put(sentinel, b"1")
-            watch = await client.watch_prefix(self.store.prefix, start_revision=1)
-            events = []
-            async for ev in watch:
-                if ev.kv.key == sentinel:
-                    break
-                if ev.kv.key.startswith(sprefix) and ev.kind == "PUT":
-                    events.append(ev.kv)
-            await watch.cancel()
-            return events
-
-        kvs = self.store.worker.call(read, 60.0)
-        with path.open("w") as out:
-            for kv in kvs:
-                entry = decode_entry(kv.value, kv.mod_revision)
-                res = json.loads(entry.record.resume)
-                doc = {
-                    "rev": kv.mod_revision, "sid": entry.record.session_id,
-                    "ver": entry.record.state_version, "node": entry.record.owner_node,
-                    "epoch": entry.owner_epoch, "key": res["key"], "next": res["next"],
-                }  # fmt: skip
-                out.write(json.dumps(doc, sort_keys=True) + "\n")
+        dump_history(self.store, path)
 
     def close(self) -> None:
         self._stop.set()
@@ -482,6 +457,42 @@ class ChaosLab:
             self.collector.close()
         self.relays.close()
         self.store.close()
+
+
+def dump_history(store: EtcdSessionStore, path: Path) -> None:
+    """Every write of every session entry under the store's prefix, in revision order,
+    as JSON lines (etcd keeps them all: the test clusters never compact). ``key`` and
+    ``next`` are the counter reservation of a record written by ``cluster_node.py``
+    (None for a gateway's sealed resume state)."""
+    sentinel = store.prefix + b"end"
+    sprefix = store.prefix + b"s/"
+
+    async def read(client: Any) -> list[Any]:
+        await client.put(sentinel, b"1")
+        watch = await client.watch_prefix(store.prefix, start_revision=1)
+        events = []
+        async for ev in watch:
+            if ev.kv.key == sentinel:
+                break
+            if ev.kv.key.startswith(sprefix) and ev.kind == "PUT":
+                events.append(ev.kv)
+        await watch.cancel()
+        return events
+
+    kvs = store.worker.call(read, 60.0)
+    with path.open("w") as out:
+        for kv in kvs:
+            entry = decode_entry(kv.value, kv.mod_revision)
+            try:
+                res = json.loads(entry.record.resume)
+            except ValueError:
+                res = {"key": None, "next": None}
+            doc = {
+                "rev": kv.mod_revision, "sid": entry.record.session_id,
+                "ver": entry.record.state_version, "node": entry.record.owner_node,
+                "epoch": entry.owner_epoch, "key": res["key"], "next": res["next"],
+            }  # fmt: skip
+            out.write(json.dumps(doc, sort_keys=True) + "\n")
 
 
 FAULTS: dict[str, tuple[float, Callable[[ChaosLab], None]]] = {

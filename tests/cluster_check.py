@@ -35,6 +35,7 @@ Checks (each violation is listed; the counts are printed either way):
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from collections import Counter, defaultdict
@@ -108,21 +109,31 @@ def check(wire: list[Doc], journal: list[Doc], history: list[Doc]) -> Report:
 # -- 1. ownership intervals ---------------------------------------------------------------------
 
 
+Spans = dict[str, dict[tuple[str, int], list[float]]]
+"""session -> (node, owner epoch) -> [first, last] fence-checked send (monotonic s)."""
+
+
 def check_intervals(report: Report, wire: list[Doc]) -> None:
-    spans: dict[str, dict[tuple[str, int], list[float]]] = defaultdict(dict)
+    spans: Spans = defaultdict(dict)
     for d in wire:
         span = spans[d["s"]].setdefault((d["n"], d["e"]), [d["t"], d["t"]])
         span[0], span[1] = min(span[0], d["t"]), max(span[1], d["t"])
+    check_spans(report, spans)
+    check_arrival_order(report, wire)
+
+
+def check_spans(report: Report, spans: Spans) -> None:
+    """Per session, sorted by start: each interval ends before the next one begins, and
+    the owner epoch only grows."""
     for sid, by_owner in spans.items():
         ordered = sorted(by_owner.items(), key=lambda kv: kv[1][0])
         report.counts["ownership intervals"] += len(ordered)
-        for (prev, (_, end)), (cur, (start, _)) in zip(ordered, ordered[1:], strict=False):
+        for (prev, (_, end)), (cur, (start, _)) in itertools.pairwise(ordered):
             if start <= end:
-                report.violation("overlapping ownership",
-                                 f"{sid[:8]} {prev} until {end:.4f}, {cur} from {start:.4f}")  # fmt: skip
+                text = f"{sid[:8]} {prev} until {end:.4f}, {cur} from {start:.4f}"
+                report.violation("overlapping ownership", text)
             if cur[1] < prev[1]:
                 report.violation("owner epoch went back", f"{sid[:8]} {prev} then {cur}")
-    check_arrival_order(report, wire)
 
 
 def check_arrival_order(report: Report, wire: list[Doc]) -> None:
@@ -147,7 +158,9 @@ def check_arrival_order(report: Report, wire: list[Doc]) -> None:
 # -- 2. state versions --------------------------------------------------------------------------
 
 
-def check_versions(report: Report, journal: list[Doc], history: list[Doc]) -> None:
+def check_history(report: Report, history: list[Doc]) -> set[tuple[str, int, str]]:
+    """Each session's versions strictly increase; returns the (sid, version, owner node)
+    of every write."""
     last: dict[str, int] = {}
     committed: set[tuple[str, int, str]] = set()
     for h in history:
@@ -158,6 +171,12 @@ def check_versions(report: Report, journal: list[Doc], history: list[Doc]) -> No
         last[sid] = ver
         committed.add((sid, ver, h["node"]))
     report.counts["sessions"] = len(last)
+    report.counts["transfers (owner epoch + 1)"] = count_transfers(history)
+    return committed
+
+
+def check_versions(report: Report, journal: list[Doc], history: list[Doc]) -> None:
+    committed = check_history(report, history)
     attempts = {(d["sid"], d["ver"], d["node"]) for d in journal if d["e"] == "attempt"}
     outcomes = Counter(f"{d['op']} {d['outcome']}" for d in journal if d["e"] == "result")
     for k, v in outcomes.items():
@@ -166,12 +185,11 @@ def check_versions(report: Report, journal: list[Doc], history: list[Doc]) -> No
     for d in journal:
         if d["e"] == "result" and d["outcome"] == "ok":
             if (d["sid"], d["ver"], d["node"]) not in committed:
-                report.violation("state version lost",
-                                 f"{d['sid'][:8]} v{d['ver']} by {d['node']} not in the store")  # fmt: skip
+                text = f"{d['sid'][:8]} v{d['ver']} by {d['node']} not in the store"
+                report.violation("state version lost", text)
     for key in committed:
         if key not in attempts:
             report.violation("write nobody attempted", f"{key[0][:8]} v{key[1]} by {key[2]}")
-    report.counts["transfers (owner epoch + 1)"] = count_transfers(history)
 
 
 def count_transfers(history: Iterable[Doc]) -> int:
@@ -219,6 +237,46 @@ def check_counters(report: Report, wire: list[Doc], history: list[Doc]) -> None:
             gaps += d["q"] - last[d["p"]] - 1
         last[d["p"]] = max(d["q"], last.get(d["p"], 0))
     report.counts["datagrams lost before the collector"] = gaps
+
+
+# -- layer 2: real gateways ---------------------------------------------------------------------
+
+ENDED = ("SESSION_OWNER_RELEASED", "SESSION_OWNER_TRANSFERRED")
+
+
+def check_gateways(
+    events: list[Doc], history: list[Doc], wire_repeats: Iterable[Any] = ()
+) -> Report:
+    """The same checks over ``jvpn-gateway`` cluster nodes: ``events`` are their JSONL
+    sinks' lines (all nodes); an ownership interval is what an old owner reports when it
+    ends (RELEASED, or TRANSFERRED on the old owner: ``node_id``, ``owner_epoch``,
+    ``first_forward_mono`` .. ``last_forward_mono``, ``forwarded``); every
+    SESSION_OWNER_ACQUIRED must be a write in the store's ``history`` by that node at that
+    epoch; ``wire_repeats`` are the (direction, key phase, counter) the client saw twice."""
+    report = Report()
+    spans: Spans = defaultdict(dict)
+    kinds = Counter(e.get("event_type") for e in events)
+    for kind in sorted(k for k in kinds if str(k).startswith("SESSION_OWNER_")):
+        report.counts[f"events: {kind}"] = kinds[kind]
+    for e in events:
+        if e.get("event_type") in ENDED and e.get("first_forward_mono") is not None:
+            key = (e["node_id"], e["owner_epoch"])
+            spans[e["session_id"]][key] = [e["first_forward_mono"], e["last_forward_mono"]]
+            report.counts["packets forwarded in closed intervals"] += e["forwarded"]
+    check_spans(report, spans)
+    report.counts["history writes"] = len(history)
+    check_history(report, history)
+    owners = {(h["sid"], h["epoch"], h["node"]) for h in history}
+    for e in events:
+        if e.get("event_type") == "SESSION_OWNER_ACQUIRED":
+            if (e["session_id"], e["owner_epoch"], e["node_id"]) not in owners:
+                text = f"{e['session_id'][:8]} epoch {e['owner_epoch']} by {e['node_id']}"
+                report.violation("acquisition not in the store", text)
+    repeats = list(wire_repeats)
+    report.counts["(direction, key phase, counter) seen twice"] = len(repeats)
+    for r in repeats[:10]:
+        report.violation("nonce reuse", str(r))
+    return report
 
 
 def main(argv: list[str]) -> int:

@@ -93,7 +93,7 @@ class Journal:
     """Appends one JSON line per event, flushed at once (a kill -9 loses nothing written)."""
 
     def __init__(self, path: str, node: str) -> None:
-        self._file = open(path, "a", buffering=1)  # noqa: SIM115 - lives as long as the node
+        self._file = open(path, "a", buffering=1)  # lives as long as the node
         self._node = node
         self._pid = os.getpid()
         self._lock = threading.Lock()
@@ -179,10 +179,12 @@ class Node:
             if op == "quit":
                 self.commands.put(("quit", "", ""))
                 return
-            handler = {"create": self.create, "acquire": self.acquire, "reserve": self.reserve,
-                       "handover": lambda s: self.handover(s, extra)}.get(op)  # fmt: skip
-            if handler is not None:
-                handler(sid)
+            if op == "handover":
+                self.handover(sid, extra)
+                continue
+            handler = {"create": self.create, "acquire": self.acquire, "reserve": self.reserve}
+            if op in handler:
+                handler[op](sid)
 
     def _call(self, op: str, sid: str, fn: Any, **attempt: Any) -> Any:
         self.journal.write("attempt", op=op, sid=sid, **attempt)
@@ -246,7 +248,8 @@ class Node:
         ok = transfer.outcome == Outcome.GRANTED
         self.journal.write("result", op="acquire", sid=sid, ver=version + 1, lo=lo,
                            hi=lo + BLOCK, outcome="ok" if ok else str(transfer.outcome),
-                           epoch=transfer.owner_epoch, previous=transfer.previous_owner)  # fmt: skip
+                           epoch=transfer.owner_epoch,
+                           previous=transfer.previous_owner)  # fmt: skip
         if ok:
             self._use(sid, transfer.owner_epoch, new, lo)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from cluster_chaos import ChaosLab
-from cluster_check import PAUSE_SLACK, check, check_dir, read_jsonl
+from cluster_check import PAUSE_SLACK, check, check_dir, check_gateways, read_jsonl
 from etcd_cluster import EtcdCluster, etcd_cluster, wait_until
 
 __all__ = ["etcd_cluster"]  # fixture
@@ -28,7 +28,9 @@ __all__ = ["etcd_cluster"]  # fixture
 SID = "ab" * 16
 
 
-def dgram(node: str, epoch: int, ctr: int, t: float, rx: float | None = None, **kw: Any) -> dict[str, Any]:
+def dgram(
+    node: str, epoch: int, ctr: int, t: float, rx: float | None = None, **kw: Any
+) -> dict[str, Any]:
     return {"n": node, "p": 1 if node == "a" else 2, "q": ctr + 1, "s": SID, "e": epoch,
             "k": "k1", "c": ctr, "t": t, "rx": t + 0.001 if rx is None else rx, **kw}  # fmt: skip
 
@@ -113,11 +115,36 @@ def test_a_counter_outside_the_senders_blocks_is_a_violation() -> None:
     assert kinds(check(wire, JOURNAL, HISTORY)) == {"counter outside a committed block"}
 
 
+def owner_event(kind: str, node: str, epoch: int, span: tuple[float, float] | None = None,
+                mono: float = 0.0) -> dict[str, Any]:  # fmt: skip
+    first, last = span if span is not None else (None, None)
+    return {"event_type": f"SESSION_OWNER_{kind}", "session_id": SID, "node_id": node,
+            "owner_epoch": epoch, "mono": mono, "forwarded": 0 if span is None else 10,
+            "first_forward_mono": first, "last_forward_mono": last}  # fmt: skip
+
+
+def test_layer_2_reads_the_gateways_owner_events() -> None:
+    """Real gateways report each ended ownership interval (RELEASED, TRANSFERRED on the
+    old owner) with its forwarding bounds; ACQUIRED must be a write in the store."""
+    events = [owner_event("ACQUIRED", "a", 1, mono=0.5),
+              owner_event("RELEASED", "a", 1, (1.0, 1.9), mono=1.95),
+              owner_event("ACQUIRED", "b", 2, mono=2.0)]  # fmt: skip
+    report = check_gateways(events, HISTORY, [])
+    assert report.ok and report.counts["ownership intervals"] == 1, report.table()
+    overlap = [*events, owner_event("TRANSFERRED", "b", 2, (1.5, 3.0), mono=3.1)]
+    assert kinds(check_gateways(overlap, HISTORY, [])) == {"overlapping ownership"}
+    phantom = [*events, owner_event("ACQUIRED", "c", 3, mono=4.0)]
+    assert kinds(check_gateways(phantom, HISTORY, [])) == {"acquisition not in the store"}
+    assert kinds(check_gateways(events, HISTORY, [("down", 0, 7)])) == {"nonce reuse"}
+
+
 # -- broken nodes, real programs -----------------------------------------------------------------
 
 
 @pytest.fixture
-def broken(request: pytest.FixtureRequest, etcd_cluster: EtcdCluster, tmp_path: Path) -> Iterator[ChaosLab]:
+def broken(
+    request: pytest.FixtureRequest, etcd_cluster: EtcdCluster, tmp_path: Path
+) -> Iterator[ChaosLab]:
     lab = ChaosLab(etcd_cluster, tmp_path, nodes=2, sessions=1, ttl=2, reattacher=False,
                    node_args=("--unsafe", request.param))  # fmt: skip
     try:

@@ -21,7 +21,6 @@ twice or lost, no (key, counter) used twice.
 
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,7 +166,7 @@ def test_07_prevent_split_brain(etcd_cluster: EtcdCluster, tmp_path: Path) -> No
             assert got[winners[0]]["epoch"] == epoch + 1
             owner, epoch = winners[0], epoch + 1
             since = got[owner]["mono"]  # the winner's journal line after its grant
-            wait_until(lambda: len(wire(lab, owner, after=since)) >= 5, 30.0,
+            wait_until(lambda o=owner, t=since: len(wire(lab, o, after=t)) >= 5, 30.0,
                        what=f"{owner} forwarding")  # fmt: skip
             assert {d["n"] for d in wire(lab, after=since)} == {owner}
         lab.finish()
