@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
@@ -263,6 +264,7 @@ def check_gateways(
             key = (e["node_id"], e["owner_epoch"])
             spans[e["session_id"]][key] = [e["first_forward_mono"], e["last_forward_mono"]]
             report.counts["packets forwarded in closed intervals"] += e["forwarded"]
+    add_open_intervals(spans, events)
     check_spans(report, spans)
     report.counts["history writes"] = len(history)
     check_history(report, history)
@@ -277,6 +279,23 @@ def check_gateways(
     for r in repeats[:10]:
         report.violation("nonce reuse", str(r))
     return report
+
+
+def add_open_intervals(spans: Spans, events: list[Doc]) -> None:
+    """The newest owner of each session that has not ended its interval owns it from its
+    acquisition on (to +inf): every older interval must end before that. (An older owner
+    killed -9 reports no end: its interval is unknown and left out.)"""
+    newest: dict[str, Doc] = {}
+    for e in events:
+        if e.get("event_type") != "SESSION_OWNER_ACQUIRED":
+            continue
+        seen = newest.get(e["session_id"])
+        if seen is None or e["owner_epoch"] > seen["owner_epoch"]:
+            newest[e["session_id"]] = e
+    for sid, e in newest.items():
+        key = (e["node_id"], e["owner_epoch"])
+        if key not in spans[sid]:
+            spans[sid][key] = [e["mono"], math.inf]
 
 
 def main(argv: list[str]) -> int:

@@ -125,12 +125,16 @@ def owner_event(kind: str, node: str, epoch: int, span: tuple[float, float] | No
 
 def test_layer_2_reads_the_gateways_owner_events() -> None:
     """Real gateways report each ended ownership interval (RELEASED, TRANSFERRED on the
-    old owner) with its forwarding bounds; ACQUIRED must be a write in the store."""
+    old owner) with its forwarding bounds; the newest owner's runs from its ACQUIRED on;
+    ACQUIRED must be a write in the store."""
     events = [owner_event("ACQUIRED", "a", 1, mono=0.5),
               owner_event("RELEASED", "a", 1, (1.0, 1.9), mono=1.95),
               owner_event("ACQUIRED", "b", 2, mono=2.0)]  # fmt: skip
     report = check_gateways(events, HISTORY, [])
-    assert report.ok and report.counts["ownership intervals"] == 1, report.table()
+    assert report.ok and report.counts["ownership intervals"] == 2, report.table()
+    # b holds it from its acquisition on: a's forwarding must have ended before
+    late = [events[0], owner_event("RELEASED", "a", 1, (1.0, 2.5), mono=2.6), events[2]]
+    assert kinds(check_gateways(late, HISTORY, [])) == {"overlapping ownership"}
     overlap = [*events, owner_event("TRANSFERRED", "b", 2, (1.5, 3.0), mono=3.1)]
     assert kinds(check_gateways(overlap, HISTORY, [])) == {"overlapping ownership"}
     phantom = [*events, owner_event("ACQUIRED", "c", 3, mono=4.0)]
