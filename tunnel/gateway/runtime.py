@@ -59,7 +59,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeGuard, TypeVar
 
 from tunnel.control.protocol import ControlError
 from tunnel.core.ciphers import ALL_CIPHERS, DataCipher
@@ -67,6 +67,7 @@ from tunnel.core.events import Event, Reason, StateChange
 from tunnel.core.gateway import ClientEntry, GatewaySessions, SessionView
 from tunnel.core.policy import POLICY_DEFAULT, Policy
 from tunnel.gateway.clients_reload import ClientsReloader
+from tunnel.gateway.cluster import ClusterNode, open_cluster
 from tunnel.gateway.control import STATUS_INTERVAL_S, GatewayControl
 from tunnel.gateway.inner import EchoInner, GatewayInner, GatewayTun
 from tunnel.gateway.metrics import GatewayHealth, GatewayMetrics, TrafficCounters
@@ -114,6 +115,25 @@ class PeerAddr(NamedTuple):
     """Index of the listen socket."""
     scope_id: int = 0
     """IPv6 scope (link-local); 0 for IPv4."""
+
+
+def _clustered(config: GatewayConfig | None) -> TypeGuard[GatewayConfig]:
+    """``config`` has a ``[cluster]`` section."""
+    return config is not None and config.cluster is not None
+
+
+def _persistence(
+    gateway: GatewaySessions,
+    store: SessionStore,
+    sealer: StateSealer | None,
+    node_id: str,
+    make_addr: Callable[..., PeerAddr],
+    persistent: bool,
+) -> SessionPersistence | None:
+    """The resume side of a persistent store with a sealer, else None."""
+    if persistent and isinstance(store, ResumableStore) and sealer is not None:
+        return SessionPersistence(gateway, store, sealer, node_id, make_addr)
+    return None
 
 
 class GatewayRuntime:
@@ -167,9 +187,13 @@ class GatewayRuntime:
         self.clock = clock
         now = clock()
         self.node_id = node_id
+        cluster_config = config if store is None and _clustered(config) else None
+        clustered = cluster_config is not None
         store = store if store is not None else MemorySessionStore()
         self._own_store = own_store
-        persistent = isinstance(store, ResumableStore) and store.persistent and sealer is not None
+        persistent = clustered or (
+            isinstance(store, ResumableStore) and store.persistent and sealer is not None
+        )
         self.gateway: GatewaySessions = GatewaySessions(
             static_private=static_private, clients=clients, policy=policy, now=now,
             urandom=urandom, node_id=node_id, wall_offset=wall_clock() - now,
@@ -177,10 +201,15 @@ class GatewayRuntime:
             inner_gateway6=inner_gateway6, inner_prefix6=inner_prefix6, ciphers=ciphers,
             index_stripe=index_stripe, counter_reservations=persistent,
         )  # fmt: skip
-        self.persistence: SessionPersistence | None = (
-            SessionPersistence(self.gateway, store, sealer, node_id, self._stored_addr)
-            if persistent and isinstance(store, ResumableStore) and sealer is not None
+        self.cluster: ClusterNode | None = (
+            open_cluster(cluster_config, self.gateway, self._stored_addr)
+            if cluster_config is not None
             else None
+        )
+        """With ``[cluster]``: this node's ownership (tunnel/gateway/cluster.py)."""
+        store, sealer = self.cluster.store_and_sealer() if self.cluster else (store, sealer)
+        self.persistence: SessionPersistence | None = _persistence(
+            self.gateway, store, sealer, node_id, self._stored_addr, persistent
         )
         self.resumed: tuple[int, list[str]] = (0, [])
         """At start: how many stored sessions were resumed, and a line per one that was not."""
@@ -206,6 +235,10 @@ class GatewayRuntime:
         self.ownership: OwnershipMirror = OwnershipMirror(
             self.gateway, store, node_id, self.persistence
         )
+        if self.cluster is not None:  # a refused write: another node serves the session
+            self.ownership.on_refused = self.cluster.not_authoritative
+            if self.persistence is not None:
+                self.persistence.on_refused = self.cluster.not_authoritative
         self.traffic: TrafficCounters = TrafficCounters()
         self.metrics: GatewayMetrics = GatewayMetrics(
             self.gateway, traffic=self.traffic, policy=self.policy,
@@ -258,7 +291,7 @@ class GatewayRuntime:
 
         sinks = gateway_sinks(config)
         sealer: StateSealer | None = None
-        own_store = store is None and config.state.persistent
+        own_store = store is None and config.state.persistent and config.cluster is None
         if own_store:
             store, sealer = open_state(config.state)  # StateError: the program's exit
         policy, error = load_initial_policy(config.policy_path)
@@ -341,6 +374,8 @@ class GatewayRuntime:
             self._metrics_server = None
         for sock in self._sockets:
             sock.close()
+        if self.cluster is not None:
+            self.cluster.close()
         if self.pipeline is not None and self._own_pipeline:
             self.pipeline.close()
         store = self.ownership.store
@@ -390,7 +425,9 @@ class GatewayRuntime:
         self._stop = asyncio.Event()
         if self._stop_requested:
             self._stop.set()
-        if self.persistence is not None:
+        if self.cluster is not None:
+            self.cluster.attach(loop, lambda fn, *a: driver.guard(driver.input, fn, *a))
+        elif self.persistence is not None:
             driver.guard(self._resume_sessions)
         for index, sock in enumerate(self._sockets):
             driver.add_reader(sock.fileno(), self._on_socket, index)
@@ -434,6 +471,9 @@ class GatewayRuntime:
             try:
                 if self.persistence is not None:  # sessions outlive the process (D15c)
                     self.persistence.save_all(self.clock())
+                    if self.cluster is not None:  # then give them up (another node resumes)
+                        self.cluster.shutdown(self.clock())
+                        self.pump()
                 else:
                     self._terminate_in_batches(self.clock())
             except Exception as exc:  # the engine failed while stopping: still clean up
@@ -497,7 +537,10 @@ class GatewayRuntime:
 
     def metric_families(self) -> list[MetricFamily]:
         """Every gateway metric (:meth:`collect_metrics` from other threads)."""
-        return self.metrics.metric_families()
+        families = self.metrics.metric_families()
+        if self.cluster is not None:
+            families.extend(self.cluster.metric_families())
+        return families
 
     def collect_metrics(self) -> list[MetricFamily]:
         """:meth:`metric_families`, gathered on the loop thread (safe from any thread)."""
@@ -649,14 +692,25 @@ class GatewayRuntime:
                 if isinstance(event, StateChange):
                     self.ownership.mirror(event, now)
                 self._deliver(event)
+            if self.cluster is not None:
+                self.cluster.after_mirror(now)
         else:
             if self.driver.loop is not None:  # more events: the next loop turn
                 self.driver.call_later(0.0, self.pump)
 
     def _flush_outputs(self) -> None:
-        """Datagrams, then inner packets (after the store writes they depend on)."""
-        self._flush_datagrams()
+        """Datagrams, then inner packets (after the store writes they depend on). A
+        cluster node sends nothing past its lease fence (checked with a fresh clock)."""
+        cluster = self.cluster
+        if cluster is not None and not cluster.may_send(self.clock()):
+            cluster.fenced(len(self.gateway.datagrams_to_send()),
+                           len(self.gateway.packets_for_tun()))  # fmt: skip
+            return
+        before = self.clock() if cluster is not None else 0.0
+        out = self._flush_datagrams()
         packets = self.gateway.packets_for_tun()
+        if cluster is not None:
+            cluster.forwarded(out, packets, before, self.clock() if packets else before)
         if packets:
             self.traffic.inner_out += len(packets)
             if self.control is not None:
@@ -672,12 +726,12 @@ class GatewayRuntime:
         if due and not self.persistence.reserve(due, now) and self.driver.loop is not None:
             self.driver.call_later(0.0, self.pump)
 
-    def _flush_datagrams(self) -> None:
+    def _flush_datagrams(self) -> list[tuple[Any, bytes]]:
         """Send what the core produced; consecutive datagrams to one client leave in one
-        ``send_many`` (UDP GSO)."""
+        ``send_many`` (UDP GSO). What was sent."""
         out = self.gateway.datagrams_to_send()
         if not out:
-            return
+            return out
         run: list[bytes] = []
         run_addr: object = None
         for addr, data in out:
@@ -688,6 +742,7 @@ class GatewayRuntime:
                 run_addr = addr
             run.append(data)
         self._send_run(run_addr, run)
+        return out
 
     def _send_run(self, addr: object, run: list[bytes]) -> None:
         traffic = self.traffic
