@@ -489,7 +489,8 @@ def dump_history(store: EtcdSessionStore, path: Path) -> None:
                 res = {"key": None, "next": None}
             doc = {
                 "rev": kv.mod_revision, "sid": entry.record.session_id,
-                "ver": entry.record.state_version, "node": entry.record.owner_node,
+                "ver": entry.record.state_version, "state": entry.record.state,
+                "node": entry.record.owner_node,
                 "epoch": entry.owner_epoch, "key": res["key"], "next": res["next"],
             }  # fmt: skip
             out.write(json.dumps(doc, sort_keys=True) + "\n")

@@ -11,8 +11,8 @@ writes the same three kinds of record into one directory:
 - ``node-*.jsonl``: the nodes' journals (:mod:`cluster_node`): store-write ``attempt`` and
   ``result`` lines (op, sid, ``ver``, the counter block ``lo``/``hi``, ``outcome``).
 - ``history.jsonl``: every write of every session entry in the store, in revision order
-  (``rev``, ``sid``, ``ver``, ``node``, ``epoch``, ``key``, ``next``), read back from the
-  store after the run.
+  (``rev``, ``sid``, ``ver``, ``state``, ``node``, ``epoch``, ``key``, ``next``), read
+  back from the store after the run.
 
 Checks (each violation is listed; the counts are printed either way):
 
@@ -25,8 +25,13 @@ Checks (each violation is listed; the counts are printed either way):
    SIGSTOP landed in that window) is counted apart as ``late_after_pause``; any other is
    a violation.
 2. **No state version committed twice or lost.** In the store's history each session's
-   versions strictly increase; every write a node reported ``ok`` is in the history with
-   that node as owner; every write in the history was attempted by the node it names.
+   versions never go back, and one is written again only as a refresh (same owner, owner
+   epoch and state: a gateway reserving a counter block between two transitions); every
+   write a node reported ``ok`` is in the history with that node as owner; every write in
+   the history was attempted by the node it names.
+
+Layer 2 (:func:`check_gateways`) runs checks 1 to 3 over real gateways: their
+SESSION_OWNER_* events for the intervals, the store's history, the client's wire record.
 3. **No (key, counter) used twice**, and every counter sent lies in a block the store
    committed to that very node at that very owner epoch.
 
@@ -160,20 +165,28 @@ def check_arrival_order(report: Report, wire: list[Doc]) -> None:
 
 
 def check_history(report: Report, history: list[Doc]) -> set[tuple[str, int, str]]:
-    """Each session's versions strictly increase; returns the (sid, version, owner node)
-    of every write."""
-    last: dict[str, int] = {}
+    """Each session's versions never go back, and a version is written again only as a
+    refresh (the same owner, owner epoch and state: a gateway's new counter block between
+    two transitions); returns the (sid, version, owner node) of every write."""
+    last: dict[str, Doc] = {}
     committed: set[tuple[str, int, str]] = set()
     for h in history:
         sid, ver = h["sid"], h["ver"]
-        if sid in last and ver <= last[sid]:
+        prev = last.get(sid)
+        if prev is not None and ver == prev["ver"] and same_owner_and_state(prev, h):
+            report.counts["refreshes (same version, same owner)"] += 1
+        elif prev is not None and ver <= prev["ver"]:
             report.violation("state version committed twice or went back",
-                             f"{sid[:8]} v{ver} after v{last[sid]} (rev {h['rev']})")  # fmt: skip
-        last[sid] = ver
+                             f"{sid[:8]} v{ver} after v{prev['ver']} (rev {h['rev']})")  # fmt: skip
+        last[sid] = h
         committed.add((sid, ver, h["node"]))
     report.counts["sessions"] = len(last)
     report.counts["transfers (owner epoch + 1)"] = count_transfers(history)
     return committed
+
+
+def same_owner_and_state(a: Doc, b: Doc) -> bool:
+    return all(a.get(k) == b.get(k) for k in ("node", "epoch", "state"))
 
 
 def check_versions(report: Report, journal: list[Doc], history: list[Doc]) -> None:

@@ -90,8 +90,17 @@ def test_an_old_owner_arriving_late_counts_only_when_its_sender_was_paused() -> 
 
 
 def test_a_state_version_written_twice_is_a_violation() -> None:
-    history = [*HISTORY, hist(12, 2, "b", 2, 192)]
+    history = [*HISTORY, dict(hist(12, 2, "a", 2, 192))]  # another owner, the same version
     assert "state version committed twice or went back" in kinds(check(WIRE, JOURNAL, history))
+    back = [*HISTORY, hist(12, 1, "b", 2, 192)]
+    assert "state version committed twice or went back" in kinds(check(WIRE, JOURNAL, back))
+
+
+def test_a_refresh_by_the_owner_is_not_a_second_commit() -> None:
+    """A gateway rewrites its record at the same version with a new counter block."""
+    history = [*HISTORY, hist(12, 2, "b", 2, 192)]
+    report = check(WIRE, JOURNAL, history)
+    assert report.ok and report.counts["refreshes (same version, same owner)"] == 1
 
 
 def test_a_version_reported_committed_but_missing_from_the_store_is_lost() -> None:
