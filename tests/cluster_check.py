@@ -22,8 +22,8 @@ Checks (each violation is listed; the counts are printed either way):
    The *arrival* order is checked too: a (node, epoch) whose datagrams arrive again after
    another owner's is an interleaving on the wire. One whose sender was paused between
    its fence check and its send (arrival more than ``PAUSE_SLACK`` after ``t``: a
-   SIGSTOP landed in that window) is counted apart as ``late_after_pause``; any other is
-   a violation.
+   SIGSTOP landed in that window, or it was not scheduled) is counted apart as
+   ``late_after_pause``; any other is a violation.
 2. **No state version committed twice or lost.** In the store's history each session's
    versions never go back, and one is written again only as a refresh (same owner, owner
    epoch and state: a gateway reserving a counter block between two transitions); every
