@@ -84,8 +84,8 @@ def reservation(record: SessionRecord) -> tuple[str, int]:
     return str(doc["key"]), int(doc["next"])
 
 
-def with_reservation(record: SessionRecord, key: str, nxt: int) -> bytes:
-    del record
+def with_reservation(key: str, nxt: int) -> bytes:
+    """The ``resume`` bytes of a record reserving counters up to ``nxt`` of key ``key``."""
     return json.dumps({"key": key, "next": nxt}, sort_keys=True).encode()
 
 
@@ -205,7 +205,7 @@ class Node:
                            ver=record.state_version)  # fmt: skip
 
     def create(self, sid: str) -> None:
-        resume = json.dumps({"key": f"k-{sid[:12]}", "next": BLOCK}, sort_keys=True).encode()
+        resume = with_reservation(f"k-{sid[:12]}", BLOCK)
         record = SessionRecord(sid, "ATTACHED", 1, 1, self.node_id, "faults", 0, resume)
         ok = self._call("create", sid, lambda: self.owner.create(record, b"wrapped"),
                         ver=1, lo=0, hi=BLOCK)  # fmt: skip
@@ -237,7 +237,7 @@ class Node:
         version = entry.record.state_version
         new = entry.record.evolve(
             state="ATTACHED", state_version=version + 1, owner_node=self.node_id,
-            resume=with_reservation(entry.record, key, lo + BLOCK),
+            resume=with_reservation(key, lo + BLOCK),
         )  # fmt: skip
         transfer = self._call(
             "acquire", sid, lambda: self.owner.acquire(sid, version, new, wait=ACQUIRE_WAIT),
@@ -262,7 +262,7 @@ class Node:
                 return
             key, hi = reservation(b.record)
             new = b.record.evolve(state_version=b.version + 1,
-                                  resume=with_reservation(b.record, key, hi + BLOCK))  # fmt: skip
+                                  resume=with_reservation(key, hi + BLOCK))  # fmt: skip
             ok = self._call("reserve", sid, lambda: self.owner.cas(sid, b.version, new),
                             ver=b.version + 1, lo=hi, hi=hi + BLOCK, epoch=b.epoch)  # fmt: skip
             if ok:
