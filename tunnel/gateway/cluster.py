@@ -185,6 +185,8 @@ class Interval:
     owner_epoch: int
     inner: list[str]
     packed: list[bytes]
+    version: int = 0
+    """The session's state version when it was taken away from this node."""
     forwarded: int = 0
     first: float | None = None
     last: float | None = None
@@ -294,7 +296,7 @@ class ClusterNode:
         for task in list(self._tasks):
             task.cancel()
         for sid in list(self.intervals):
-            self._gateway.release(sid)
+            self._release(sid)
             self._end(sid, now, Reason.GATEWAY_SHUTDOWN)
 
     def close(self) -> None:
@@ -335,6 +337,13 @@ class ClusterNode:
             )
         self.hook.acquired(sid, inner)
 
+    def _release(self, sid: str) -> None:
+        """Forget ``sid`` here (no word to the client); its interval keeps its version."""
+        s = self._gateway.release(sid)
+        iv = self.intervals.get(sid)
+        if s is not None and iv is not None:
+            iv.version = s.machine.version
+
     def _end(
         self, sid: str, now: float, reason: Reason, peer: str = "", mono: float | None = None
     ) -> None:
@@ -342,7 +351,9 @@ class ClusterNode:
         if iv is None:
             return
         self._by_peer.pop(iv.peer_index, None)
-        base = self._base(sid, now, 0)
+        s = self._gateway.sessions.get(iv.index)
+        version = s.machine.version if s is not None else iv.version
+        base = self._base(sid, now, version)
         at = self._clock() if mono is None else mono
         fields = {
             "owner_epoch": iv.owner_epoch, "mono": at, "peer_node": peer,
@@ -376,7 +387,7 @@ class ClusterNode:
         """The store refused a write of ``sid`` (another node owns it, or the store is
         unavailable): forget it here without a word to the client (the owner serves it).
         True: handled (the caller does not terminate it)."""
-        self._gateway.release(sid)
+        self._release(sid)
         if self.node.fence.may_forward(self._clock()):
             self._end(sid, now, Reason.OWNERSHIP_CONFLICT)
         else:  # its lease lapsed (a node frozen or cut off): it ended at the fence
@@ -415,7 +426,7 @@ class ClusterNode:
         Its interval ended when its fence closed."""
         end = self._fence_end()
         for sid in list(self.intervals):
-            self._gateway.release(sid)
+            self._release(sid)
             self._end(sid, now, Reason.OWNER_FENCED, mono=end)
 
     def _fence_end(self) -> float:
@@ -464,7 +475,7 @@ class ClusterNode:
         return False
 
     def _hand_over(self, now: float, sid: str, requester: str) -> None:
-        self._gateway.release(sid)  # nothing more of it leaves from here
+        self._release(sid)  # nothing more of it leaves from here
         if self.node.fence.may_forward(self._clock()):
             self._end(sid, now, Reason.OWNERSHIP_MOVED, peer=requester)
         else:  # a request seen late (the node was frozen): its ownership ended at the fence
@@ -531,6 +542,10 @@ class ClusterNode:
         except StoreUnavailable as exc:
             self._count("unavailable")
             self._report(key, None, Reason.STORE_UNAVAILABLE, str(exc))
+            return
+        except ValueError as exc:  # a record that cannot move (its version at the maximum)
+            self._count("error")
+            self._report(key, None, Reason.INVARIANT_VIOLATION, str(exc))
             return
         finally:
             self.store_latency = self._clock() - started
