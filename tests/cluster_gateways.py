@@ -7,7 +7,8 @@ id and JSONL event sink) on the caller's etcd cluster, attaches one client core
 receives), then ``rounds`` times moves the client's traffic to another node under a
 random fault: the owner alive (it hands over when asked), killed ``-9`` (restarted after
 the move) or frozen past its lease (resumed after the move), each time with one etcd
-member stopped or not. Every move must bring echo replies back through the new node.
+member stopped or not. Every move must bring echo replies back, and the store must then
+name the new node as the owner.
 Then :func:`cluster_check.check_gateways` judges the nodes' SESSION_OWNER_* events, the
 store's history (:func:`cluster_chaos.dump_history`) and the client's wire record.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import random
 import signal
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,7 +99,8 @@ def one_move(
     elif kind == "owner frozen past its lease":
         owner.signal(signal.SIGSTOP)
     client.gateway = target.address  # type: ignore[attr-defined]
-    ok = moved(client, timeout=MOVE_TIMEOUT)  # type: ignore[arg-type]
+    replies = moved(client, timeout=MOVE_TIMEOUT)  # type: ignore[arg-type]
+    ok = replies and owned_by(cluster, sid, target.name)
     if kind == "owner killed -9":
         owner.start()
     elif kind == "owner frozen past its lease":
@@ -107,9 +110,20 @@ def one_move(
     if not ok:
         raise MoveIncomplete(
             f"{label}: the move ({kind}) from {owner.name} to {target.name} did not "
-            f"complete\n{recent_owner_events(cluster)}"
+            f"complete (echo replies: {replies})\n{recent_owner_events(cluster)}"
         )
     return kind + ("" if member is None else ", an etcd member stopped")
+
+
+def owned_by(cluster: Cluster, sid: str, node: str, timeout: float = 10.0) -> bool:
+    """The store names ``node`` as the owner within ``timeout`` (echo replies alone do not
+    prove the move: a reply to a request sent before it may still arrive)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cluster.entry(sid).record.owner_node == node:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def recent_owner_events(cluster: Cluster, n: int = 6) -> str:
