@@ -268,7 +268,7 @@ def test_09_cluster_race_does_not_create_dual_identity(
 # -- layer 2: real jvpn-gateway nodes ------------------------------------------------------------
 
 LIVELOCK = (
-    "s8-cluster c147b2e: a node that fenced itself while frozen (SESSION_OWNER_RELEASED "
+    "s8-cluster up to 797276b: a node that fenced itself while frozen (SESSION_OWNER_RELEASED "
     "owner_fenced), later granted the session again (ACQUIRED, epoch + 1), fails its first "
     "write (RELEASED ownership_conflict) and then re-acquires and releases it every ~100 ms "
     "(same epoch, state_version + 1 each time): the move never completes. Liveness only: "
