@@ -68,6 +68,7 @@ from tunnel.core.gateway import ClientEntry, GatewaySessions, SessionView
 from tunnel.core.policy import POLICY_DEFAULT, Policy
 from tunnel.gateway.clients_reload import ClientsReloader
 from tunnel.gateway.control import STATUS_INTERVAL_S, GatewayControl
+from tunnel.gateway.handshake_budget import handshake_budget
 from tunnel.gateway.inner import EchoInner, GatewayInner, GatewayTun
 from tunnel.gateway.metrics import GatewayHealth, GatewayMetrics, TrafficCounters
 from tunnel.gateway.ownership import OwnershipMirror
@@ -177,6 +178,8 @@ class GatewayRuntime:
             inner_gateway6=inner_gateway6, inner_prefix6=inner_prefix6, ciphers=ciphers,
             index_stripe=index_stripe, counter_reservations=persistent,
         )  # fmt: skip
+        # DH on as many INITs as half this core can answer (measured once per process)
+        self.gateway.admission.set_handshake_rate(handshake_budget(), now)
         self.persistence: SessionPersistence | None = (
             SessionPersistence(self.gateway, store, sealer, node_id, self._stored_addr)
             if persistent and isinstance(store, ResumableStore) and sealer is not None
