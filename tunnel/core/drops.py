@@ -86,3 +86,7 @@ class Drop(StrEnum):
     """Gateway: a HANDSHAKE_INIT that names a session it still holds for that client (a
     client asking whether its session was lost, DESIGN D15c): not answered, the session
     stays (the client's reattach is answered instead)."""
+    HANDSHAKE_REPEATED = "handshake_repeated"
+    """Gateway: a retried HANDSHAKE_INIT of the client attempt (same sender index) whose
+    session this gateway opened and has not heard from yet: answered with the same
+    HANDSHAKE_RESP again, no second session (the client may already use the first)."""

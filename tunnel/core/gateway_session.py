@@ -271,6 +271,11 @@ class GatewaySession:
         return self.paths.received_from
 
     @property
+    def heard(self) -> bool:
+        """An authentic datagram of this session came from the client (it has the keys)."""
+        return self.rx_high >= 0 or self.rx_phase != 0
+
+    @property
     def nonces(self) -> NonceGuard:
         return self.reattach.nonces
 
