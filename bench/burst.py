@@ -6,7 +6,7 @@ client is only what a handshake needs: a ``HandshakeInitiator`` (the client core
 INIT, retries with backoff, cookies, the answer to any of its INITs) and a UDP socket bound
 to its own loopback address (127.x.y.z: the gateway's per-source budget sees N hosts).
 ``--drivers`` processes (default: one per core but the gateway's, at least one) take N/k
-clients each, at nice 10 (the gateway has the priority). Every first INIT is built
+clients each. Every first INIT is built
 before the common start instant (the DH is paid
 before the clock starts, as N machines would have done it each on its own CPU); retries,
 cookie resends and reading the answers are paid during the burst. Each driver reports the
@@ -37,7 +37,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 START_DELAY_S = 2.0
 """The drivers start together this long after they were started, plus their preparation."""
-PREP_S = 0.002
+TIMERS_PER_TURN = 64
+"""Retries (each a new INIT: a DH) sent before the sockets are read again."""
+PREP_S = 0.004
 """Preparation time allowed per client of a driver (its socket and first INIT: a DH)."""
 
 
@@ -59,7 +61,7 @@ def drive(
     window: float,
     start_at: float,
 ) -> int:
-    """One driver process (at nice 10: the gateway has the priority): clients ``first`` ..
+    """One driver process: clients ``first`` ..
     ``last - 1``; builds their first INITs, sends them at ``start_at`` (CLOCK_MONOTONIC),
     runs the burst, prints one JSON line of results."""
     from scale import host_of, key_of  # type: ignore[import-not-found]
@@ -83,7 +85,6 @@ def drive(
         clients[i] = (hi, sock)
         sel.register(sock, selectors.EVENT_READ, i)
     late = max(0.0, time.monotonic() - start_at)
-    os.nice(10)
     cpu0 = time.process_time()
     time.sleep(max(0.0, start_at - time.monotonic()))
     for i, data in firsts.items():
@@ -120,7 +121,9 @@ def drive(
                 sock.close()
                 del clients[i]
         now = time.monotonic()
-        while timers and timers[0][0] <= now:
+        for _ in range(TIMERS_PER_TURN):
+            if not timers or timers[0][0] > now:
+                break
             _at, i = heapq.heappop(timers)
             if i not in clients:
                 continue
@@ -203,7 +206,10 @@ class BurstResult:
                 f"({100 * self.gateway_cpu_s / max(self.wall_s, 1e-3):.0f} % of a core)",
             )
         )
-        rows.append(("burst: driver CPU (all drivers, nice 10)", f"{self.driver_cpu_s:.1f} s"))
+        rows.append(("burst: driver CPU (all drivers)", f"{self.driver_cpu_s:.1f} s"))
+        rows.append(
+            ("burst: clients at their connect deadline without a session", str(self.failed))
+        )
         if self.late_s:
             rows.append(("burst: a driver was ready late by", f"{self.late_s:.1f} s"))
         rows.append(

@@ -106,6 +106,9 @@ def serve(n: int, seed: bytes, handshake_rate: float, probe_ms: int) -> int:
         rt.gateway.admission.handshakes.configure(handshake_rate, handshake_rate)
         rt.gateway.admission.set_cookie_threshold(0.0)
     rt.open()
+    budget = rt.gateway.admission.handshakes
+    print(f"gateway: handshake budget {budget.rate:.0f}/s (bucket {budget.burst:.0f})",
+          file=sys.stderr, flush=True)  # fmt: skip
     print(f"PORT {rt.addresses[0][1]}", flush=True)
     rt.run(install_signals=True)
     rt.close()
