@@ -114,6 +114,7 @@ def serve(n: int, seed: bytes, handshake_rate: float, probe_ms: int) -> int:
     rt.close()
     t = rt.traffic
     print(f"gateway: {t.datagrams_out} datagrams sent, {t.send_failed} failed", file=sys.stderr)
+    print(f"gateway: drops {dict(sorted(rt.gateway.drops.items()))}", file=sys.stderr)
     return 0
 
 
