@@ -99,3 +99,7 @@ class Drop(StrEnum):
     OWNER_FENCED = "owner_fenced"
     """Gateway cluster node: a datagram or inner packet not sent because the node's lease
     fence is closed (it may no longer be the owner of its sessions)."""
+    HANDSHAKE_REPEATED = "handshake_repeated"
+    """Gateway: a retried HANDSHAKE_INIT of the client attempt (same sender index) whose
+    session this gateway opened and has not heard from yet: answered with the same
+    HANDSHAKE_RESP again, no second session (the client may already use the first)."""

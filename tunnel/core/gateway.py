@@ -58,6 +58,10 @@ from tunnel.core.session import SessionMachine, Trigger
 from tunnel.core.timers import DeadlineQueue
 from tunnel.core.wire import RespPayload, pack_handshake, parse_header, transport_fields
 
+ANSWER_TTL_S = 10.0
+"""A HANDSHAKE_RESP is sent again for a retried INIT this long at most: a client that has
+read it speaks within a round trip, INITs still in flight arrive within seconds."""
+
 
 class GatewaySessions:
     """All sessions of one gateway: inputs, timers, commands and outputs (sans-I/O)."""
@@ -139,6 +143,10 @@ class GatewaySessions:
         """A cluster node's hook for a HANDSHAKE_INIT naming a session not held here (the
         client asks whether it was lost): True while the session may live on another node
         (the INIT is then not answered, counted ``owner_lookup``)."""
+        self._answers: dict[bytes, tuple[int, int, bytes, float]] = {}
+        """Client key -> (index, the client's sender index, HANDSHAKE_RESP, when) of the
+        newest session opened for it, for ``ANSWER_TTL_S``: a retry of the same INIT gets
+        the same answer (``_answer_again``)."""
         self._tun: list[bytes] = []
         self._reserve_due: list[GatewaySession] = []
         self._ports = SessionPorts(
@@ -258,6 +266,8 @@ class GatewaySessions:
                 )
             )  # fmt: skip
             self._deny(init, addr, Reason.POLICY_DENIED, now)
+        elif self._answer_again(init, addr):
+            self.report.count_drop(Drop.HANDSHAKE_REPEATED)
         elif (named := self._named(init)) is not None and not named.machine.terminated:
             self.report.count_drop(Drop.SESSION_STILL_LIVE)
         elif named is not None:
@@ -278,6 +288,31 @@ class GatewaySessions:
             and self.on_unknown_named is not None
             and (self.on_unknown_named(previous, now))
         )
+
+    def _answer_again(self, init: Initiation, addr: Addr) -> bool:
+        """A retry of the INIT that opened this client's newest session (the same sender
+        index: the same attempt of the same client) while that session has heard nothing
+        from the client: the same HANDSHAKE_RESP again to ``addr``, no second session. The
+        client reads it (it keeps its latest INITs' state, initiator.KEPT_INITS); a second
+        session would replace the one the client may already have taken."""
+        answer = self._answers.get(init.client.public_key)
+        if answer is None:
+            return False
+        index, peer_index, resp, _at = answer
+        s = self.sessions.get(index)
+        if s is None or s.machine.terminated or s.heard or peer_index != init.sender_index:
+            return False
+        self.outbox.push(addr, resp)
+        return True
+
+    def _forget_answers(self, now: float) -> None:
+        """Forget the answers older than ``ANSWER_TTL_S`` (kept in the order given)."""
+        answers = self._answers
+        while answers:
+            key = next(iter(answers))
+            if answers[key][3] + ANSWER_TTL_S > now:
+                break
+            del answers[key]
 
     def _named(self, init: Initiation) -> GatewaySession | None:
         """The session of this client the INIT names as the one it continues, if this
@@ -370,9 +405,11 @@ class GatewaySessions:
         self._by_key[client.public_key] = s
         for inner in _inner_keys(client):
             self._by_inner[inner] = s
-        self.outbox.push(
-            addr, pack_handshake(MSG_HANDSHAKE_RESP, init.sender_index, index, noise_resp)
-        )
+        resp_dgram = pack_handshake(MSG_HANDSHAKE_RESP, init.sender_index, index, noise_resp)
+        self.outbox.push(addr, resp_dgram)
+        self._answers.pop(client.public_key, None)  # re-inserted last: the order is by time
+        self._answers[client.public_key] = (index, init.sender_index, resp_dgram, now)
+        self._forget_answers(now)
         base = s.machine.base(self.ts_ms(now))
         self.report.emit(
             SessionCreated(
@@ -429,6 +466,7 @@ class GatewaySessions:
                 del self.sessions[index]
             else:
                 s.handle_timer(now)
+        self._forget_answers(now)
         self.report.maybe_drop_summary(now, self._base(now))
 
     def next_deadline(self) -> float | None:

@@ -22,7 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import fields as dataclass_fields
 from enum import IntEnum
-from typing import ClassVar
+from operator import attrgetter
+from typing import Any, ClassVar
 
 from tunnel.core.constants import (
     AEAD_TAG_LEN,
@@ -548,14 +549,25 @@ STATE_CODES = ("BIRTH", "ATTACHED", "VOLATILE", "RECOVERING", "DEGRADED", "TERMI
 """Wire code of a state name = its index."""
 
 
-_FIELD_NAMES: dict[type, tuple[str, ...]] = {
-    cls: tuple(f.name for f in dataclass_fields(cls)) for cls in _CONTROL_TYPES.values()
+def _packer(cls: type) -> Callable[[Any], bytes]:
+    """The packer of one control message class: its type byte, then its fields in order,
+    read by one ``attrgetter`` (no per-message list of values)."""
+    prefix = bytes((cls.CTYPE,))  # type: ignore[attr-defined]
+    pack = cls.STRUCT.pack  # type: ignore[attr-defined]
+    names = tuple(f.name for f in dataclass_fields(cls))
+    get = attrgetter(*names)
+    if len(names) == 1:  # attrgetter of one name returns the value, not a tuple
+        return lambda msg: prefix + pack(get(msg))
+    return lambda msg: prefix + pack(*get(msg))
+
+
+_PACKERS: dict[type, Callable[[Any], bytes]] = {
+    cls: _packer(cls) for cls in _CONTROL_TYPES.values()
 }
 
 
 def pack_control(msg: Control) -> bytes:
-    values = [getattr(msg, name) for name in _FIELD_NAMES[type(msg)]]
-    return bytes((msg.CTYPE,)) + msg.STRUCT.pack(*values)
+    return _PACKERS[type(msg)](msg)
 
 
 def parse_control(plaintext: bytes) -> Control | Drop:

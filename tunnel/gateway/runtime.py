@@ -69,6 +69,7 @@ from tunnel.core.policy import POLICY_DEFAULT, Policy
 from tunnel.gateway.clients_reload import ClientsReloader
 from tunnel.gateway.cluster import ClusterNode, open_cluster
 from tunnel.gateway.control import STATUS_INTERVAL_S, GatewayControl
+from tunnel.gateway.handshake_budget import handshake_budget
 from tunnel.gateway.inner import EchoInner, GatewayInner, GatewayTun
 from tunnel.gateway.metrics import GatewayHealth, GatewayMetrics, TrafficCounters
 from tunnel.gateway.ownership import OwnershipMirror
@@ -205,6 +206,8 @@ class GatewayRuntime:
             inner_gateway6=inner_gateway6, inner_prefix6=inner_prefix6, ciphers=ciphers,
             index_stripe=index_stripe, counter_reservations=persistent,
         )  # fmt: skip
+        # DH on as many INITs as half this core can answer (measured once per process)
+        self.gateway.admission.set_handshake_rate(handshake_budget(), now)
         self.cluster: ClusterNode | None = (
             open_cluster(cluster_config, self.gateway, self._stored_addr)
             if cluster_config is not None
