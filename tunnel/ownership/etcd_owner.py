@@ -532,6 +532,9 @@ class NodeOwnership:
                 request = request_value(self.node_id, previous, entry.owner_epoch)
                 await client.put(self.store.handover_key(sid), request, lease=self.lease_id)
             await asyncio.sleep(POLL)
+        # the previous owner: the holder seen, or the entry's last writer when its lease
+        # had already expired (a dead owner's key is gone, its record still names it)
+        previous = previous or entry.record.owner_node
         with self._pending_on(sid):
             transfer = await self._commit_transfer(client, sid, entry, record, previous)
         if transfer.outcome != Outcome.GRANTED:
