@@ -100,6 +100,8 @@ class Reason(StrEnum):
     GATEWAY_SHUTDOWN = "gateway_shutdown"
     # the data cipher negotiated in the handshake (tunnel/core/ciphers.py)
     CIPHER_MISMATCH = "cipher_mismatch"
+    # inner routing follows the owner (gateway cluster, tunnel/gateway/routehook.py)
+    ROUTE_HOOK_FAILED = "route_hook_failed"
 
 
 WIRE_REASONS: tuple[Reason, ...] = tuple(Reason)

@@ -32,6 +32,7 @@ from tunnel.control.protocol import default_socket
 from tunnel.core.ciphers import ALL_CIPHERS, CipherNameError, DataCipher, parse_cipher_names
 from tunnel.core.constants import MAX_INNER_PACKET, MIN_MTU
 from tunnel.core.gateway import ClientEntry
+from tunnel.gateway.routehook import ROUTE_KEYS, RouteConfig, parse_route_config
 from tunnel.keys import KeyFormatError, encode_key, load_private_key, load_public_key
 from tunnel.observability.metrics import parse_host_port
 
@@ -54,7 +55,7 @@ TOP_KEYS: Final = frozenset(
     {"node_id", "listen", "private_key", "policy", "mtu", "metrics", "inner_echo", "clients_dir",
      "ciphers"}
 ).union({"workers"})  # fmt: skip
-TABLES: Final = frozenset({"tun", "clients", "sinks", "control", "state"})
+TABLES: Final = frozenset({"tun", "clients", "sinks", "control", "state"}).union({"cluster"})
 CONTROL_KEYS: Final = frozenset({"socket"})
 STATE_KEYS: Final = frozenset({"store", "state_dir", "state_key_file"})
 STATE_STORES: Final = ("sqlite", "memory")
@@ -195,6 +196,8 @@ class GatewayConfig:
     own list that is one of them (tunnel/core/ciphers.py)."""
     workers: int = 1
     """Worker processes sharing the listen ports (``workers``; "auto": one per core)."""
+    route: RouteConfig = field(default_factory=RouteConfig)
+    """``[cluster]`` route keys: inner routing follows the owner (docs/cluster.md)."""
 
 
 class _Reader:
@@ -808,6 +811,17 @@ def _parse_state(file: Path, raw: object, key_path: Path) -> StateConfig:
     return StateConfig(store, state_dir, key_file)  # type: ignore[arg-type]
 
 
+def _parse_route(file: Path, raw: object) -> RouteConfig:
+    """``[cluster]``'s route keys (tunnel/gateway/routehook.py, docs/cluster.md)."""
+    if raw is None:
+        return RouteConfig()
+    if not isinstance(raw, dict):
+        raise ConfigError(file, "cluster", raw, "must be a table ([cluster])")
+    r = _Reader(file, raw, "cluster.")
+    r.unknown(ROUTE_KEYS)
+    return parse_route_config(file, raw, r.error)
+
+
 def _parse_ciphers(r: _Reader) -> tuple[DataCipher, ...]:
     value = r.table.get("ciphers", list(c.label for c in ALL_CIPHERS))
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -853,6 +867,7 @@ def parse_gateway_config(data: Mapping[str, Any], file: Path) -> GatewayConfig:
     key_path = r.path("private_key", required=True)
     assert key_path is not None
     state = _parse_state(file, data.get("state"), key_path)
+    route = _parse_route(file, data.get("cluster"))
     key_path, private_key = _load_key(r)  # last: every plain value error comes first
     return GatewayConfig(
         source=file, node_id=node_id, listen=listen, private_key_path=key_path,
@@ -863,7 +878,7 @@ def parse_gateway_config(data: Mapping[str, Any], file: Path) -> GatewayConfig:
         control_required=control_required, clients_dir=clients_dir,
         client_specs=tuple(inline),
         client_file_errors=tuple(errors), client_file_cache=cache, ciphers=ciphers,
-        workers=workers, state=state,
+        workers=workers, state=state, route=route,
     )  # fmt: skip
 
 

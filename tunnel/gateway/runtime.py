@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
 
 from tunnel.control.protocol import ControlError
 from tunnel.core.ciphers import ALL_CIPHERS, DataCipher
-from tunnel.core.events import Event, Reason, StateChange
+from tunnel.core.events import Diagnostic, Event, Reason, StateChange
 from tunnel.core.gateway import ClientEntry, GatewaySessions, SessionView
 from tunnel.core.policy import POLICY_DEFAULT, Policy
 from tunnel.gateway.clients_reload import ClientsReloader
@@ -73,6 +73,7 @@ from tunnel.gateway.metrics import GatewayHealth, GatewayMetrics, TrafficCounter
 from tunnel.gateway.ownership import OwnershipMirror
 from tunnel.gateway.policy_reload import POLICY_POLL_S, PolicyReloader, load_initial_policy
 from tunnel.gateway.resume import SessionPersistence, open_state
+from tunnel.gateway.routehook import RouteConfig, RouteHook, RouteResult, SessionRoutes
 from tunnel.io.loop import DriverLoop, drain, new_event_loop
 from tunnel.io.udp import GatewaySocket
 from tunnel.observability.metrics import MetricFamily, MetricsServer
@@ -158,10 +159,12 @@ class GatewayRuntime:
         ciphers: Sequence[DataCipher] = ALL_CIPHERS,
         index_stripe: tuple[int, int] = (0, 1),
         sockets: Sequence[GatewaySocket] = (),
+        route: RouteConfig | None = None,
     ) -> None:
         """``index_stripe`` and ``sockets`` make it worker ``w`` of ``n``
         (:mod:`tunnel.gateway.workers`): receiver indexes in its stripe, and its slot of
-        each listen address's reuseport group, already bound (``listen`` is not bound)."""
+        each listen address's reuseport group, already bound (``listen`` is not bound).
+        ``route``: how inner routing follows this node ([cluster] route keys)."""
         if not listen:
             raise ValueError("at least one listen address")
         self.clock = clock
@@ -226,6 +229,15 @@ class GatewayRuntime:
         self._status_handle: asyncio.TimerHandle | None = None
         self._opened = False
         self._stop_requested = False
+        hook = (
+            RouteHook.from_config(route, on_result=self._route_result_threadsafe)
+            if route is not None
+            else None
+        )
+        self.routes: SessionRoutes | None = (
+            SessionRoutes(hook, lambda: self.clients) if hook is not None else None
+        )
+        """Inner routing follows the owner ([cluster] route keys; tunnel/gateway/routehook.py)."""
 
     @property
     def crash(self) -> BaseException | None:
@@ -281,7 +293,8 @@ class GatewayRuntime:
             store=store, sealer=sealer, own_store=own_store,
             metrics=metrics if metrics is not None else config.metrics,
             control=config.control_socket, control_required=config.control_required,
-            on_event=on_event, config=config, ciphers=config.ciphers, **worker,
+            on_event=on_event, config=config, ciphers=config.ciphers, route=config.route,
+            **worker,
         )  # fmt: skip
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -307,6 +320,9 @@ class GatewayRuntime:
             self._listen_control()
             self.inner.setup()
             self._inner_ready = True
+            if self.routes is not None:
+                stale = [a for c in self.clients for a in (c.inner_address, c.inner_address6) if a]
+                self.routes.hook.start(stale)
         except BaseException:
             self.close()
             raise
@@ -328,6 +344,8 @@ class GatewayRuntime:
     def close(self) -> None:
         """Undo :meth:`open` in reverse order and close an owned pipeline. Idempotent."""
         errors: list[BaseException] = []
+        if self.routes is not None:
+            self.routes.hook.close()
         if self._inner_ready:
             self._inner_ready = False
             try:
@@ -427,6 +445,11 @@ class GatewayRuntime:
         assert self.persistence is not None
         now = self.clock()
         self.resumed = self.persistence.restore(self.clients, now)
+        if self.routes is not None:
+            for s in self.gateway.sessions.values():
+                if not s.machine.terminated:
+                    addresses = [s.client.inner_address, s.client.inner_address6]
+                    self.routes.acquire(s.machine.session_id, [a for a in addresses if a])
         self.pump(now)
 
     def _shutdown(self, loop: asyncio.AbstractEventLoop, signals: bool) -> None:
@@ -704,7 +727,31 @@ class GatewayRuntime:
         traffic.datagrams_out += sent
         traffic.send_failed += len(run) - sent
 
+    def _route_result_threadsafe(self, result: RouteResult) -> None:
+        """The route hook's worker: a failure becomes an event on the loop."""
+        loop = self.driver.loop
+        if result.ok or loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(self.driver.guard, self._route_failed, result)
+        except RuntimeError:
+            pass  # the loop closed meanwhile: the failure is still counted by the hook
+
+    def _route_failed(self, result: RouteResult) -> None:
+        now = self.clock()
+        detail = f"{result.action} {' '.join(result.inner)}: {result.detail}"
+        self.gateway.emit(
+            Diagnostic(
+                ts_ms=self.gateway.ts_ms(now), session_id=result.session_id,
+                node_id=self.node_id, policy_version=self.policy.last_valid_version or "",
+                state_version=0, reason_code=Reason.ROUTE_HOOK_FAILED, detail=detail,
+            )
+        )  # fmt: skip
+        self.pump(now)
+
     def _deliver(self, event: Event) -> None:
+        if self.routes is not None:
+            self.routes.on_event(event)
         self.metrics.count(event)
         if self.pipeline is not None:
             self.pipeline.emit(event)
