@@ -198,6 +198,8 @@ class GatewayConfig:
     """Worker processes sharing the listen ports (``workers``; "auto": one per core)."""
     route: RouteConfig = field(default_factory=RouteConfig)
     """``[cluster]`` route keys: inner routing follows the owner (docs/cluster.md)."""
+    clustered: bool = False
+    """The file has ``[cluster]``: a cluster node (it tells clients its node id)."""
 
 
 class _Reader:
@@ -878,7 +880,7 @@ def parse_gateway_config(data: Mapping[str, Any], file: Path) -> GatewayConfig:
         control_required=control_required, clients_dir=clients_dir,
         client_specs=tuple(inline),
         client_file_errors=tuple(errors), client_file_cache=cache, ciphers=ciphers,
-        workers=workers, state=state, route=route,
+        workers=workers, state=state, route=route, clustered="cluster" in data,
     )  # fmt: skip
 
 

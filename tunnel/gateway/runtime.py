@@ -160,11 +160,14 @@ class GatewayRuntime:
         index_stripe: tuple[int, int] = (0, 1),
         sockets: Sequence[GatewaySocket] = (),
         route: RouteConfig | None = None,
+        announce_node: bool = False,
     ) -> None:
         """``index_stripe`` and ``sockets`` make it worker ``w`` of ``n``
         (:mod:`tunnel.gateway.workers`): receiver indexes in its stripe, and its slot of
         each listen address's reuseport group, already bound (``listen`` is not bound).
-        ``route``: how inner routing follows this node ([cluster] route keys)."""
+        ``route``: how inner routing follows this node ([cluster] route keys).
+        ``announce_node``: a cluster node: clients are told ``node_id`` and their owner
+        epoch (docs/wire-format.md, NODE_INFO)."""
         if not listen:
             raise ValueError("at least one listen address")
         self.clock = clock
@@ -179,6 +182,7 @@ class GatewayRuntime:
             inner_gateway=inner_gateway, inner_prefix=inner_prefix, mtu=mtu,
             inner_gateway6=inner_gateway6, inner_prefix6=inner_prefix6, ciphers=ciphers,
             index_stripe=index_stripe, counter_reservations=persistent,
+            announce_node=announce_node,
         )  # fmt: skip
         self.persistence: SessionPersistence | None = (
             SessionPersistence(self.gateway, store, sealer, node_id, self._stored_addr)
@@ -294,7 +298,7 @@ class GatewayRuntime:
             metrics=metrics if metrics is not None else config.metrics,
             control=config.control_socket, control_required=config.control_required,
             on_event=on_event, config=config, ciphers=config.ciphers, route=config.route,
-            **worker,
+            announce_node=config.clustered, **worker,
         )  # fmt: skip
 
     # -- lifecycle -----------------------------------------------------------------------
