@@ -136,8 +136,9 @@ class Node:
 
 class ClusterNet:
     """See the module docstring. ``client_paths``: the nodes the client has a path to,
-    in path order; ``cluster``: extra ``[cluster]`` lines for both nodes (the route keys
-    are always there); ``etcd``: start three etcd members in the LAN namespace."""
+    in path order; ``etcd``: three etcd members in the LAN namespace, and both nodes are
+    nodes of one cluster on it (``[cluster]`` endpoints, state key, prefix, lease TTL 2 s);
+    without, each node is a gateway of its own with only the route keys."""
 
     def __init__(
         self,
@@ -145,8 +146,7 @@ class ClusterNet:
         *,
         client_paths: tuple[str, ...] = ("a", "b"),
         route_mode: str = "proxy_neighbour",
-        cluster: str = "",
-        etcd: bool = False,
+        etcd: bool = True,
         store: str = "memory",
     ) -> None:
         self.tmp = tmp
@@ -157,7 +157,6 @@ class ClusterNet:
         self.nodes = {n: Node(n, _name("g"), NODE_LAN[n]) for n in ("a", "b")}
         self.client_paths = client_paths
         self.route_mode = route_mode
-        self.cluster_lines = cluster
         self.store = store
         self.want_etcd = etcd
         self.etcd: NsEtcd | None = None
@@ -182,10 +181,10 @@ class ClusterNet:
         self._open = True
         try:
             self._build()
-            self._write_files()
             if self.want_etcd:
                 self.etcd = NsEtcd(self.lan_ns, LAN_ETCD)
                 self.etcd.start_all()
+            self._write_files()
         except BaseException:
             self.close()
             raise
@@ -287,9 +286,15 @@ class ClusterNet:
             pub = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
             write_private_key(self.tmp / f"{who}.key", raw)
             write_public_key(self.tmp / f"{who}.pub", pub)
-        etcd = ""
-        if self.etcd is not None or self.want_etcd:
-            etcd = "# etcd endpoints are added by the test (cluster=...)\n"
+        state = f'[state]\nstore = "{self.store}"\nstate_dir = "state"\n'
+        cluster = ""  # without etcd: gateways of their own, no routing
+        if self.etcd is not None:  # one cluster: the store is etcd, the state key shared
+            state = ""
+            cluster = (
+                f'[cluster]\nroute_mode = "{self.route_mode}"\nroute_device = "lan0"\n'
+                f"endpoints = {json.dumps(self.etcd.endpoints)}\n"
+                f'state_key_file = "state.key"\nprefix = "/jvpn/t{self.tag}/"\nlease_ttl = 2\n'
+            )
         for node in self.nodes.values():
             node.control = self.control_dir / f"{node.name}.sock"
             (self.tmp / f"gateway-{node.name}.toml").write_text(
@@ -297,11 +302,10 @@ class ClusterNet:
                 f'listen = ["0.0.0.0:{GATEWAY_PORT}"]\n'
                 'private_key = "gateway.key"\n'
                 f"[control]\nsocket = {json.dumps(str(node.control))}\n"
-                f'[state]\nstore = "{self.store}"\nstate_dir = "state-{node.name}"\n'
+                f"{state}"
                 f'[tun]\nname = "jtn{node.name}-{self.tag}"\nsubnet = "{INNER_SUBNET}"\n'
                 f'address = "{GATEWAY_INNER}"\n'
-                f'[cluster]\nroute_mode = "{self.route_mode}"\nroute_device = "lan0"\n'
-                f"{etcd}{self.cluster_lines}"
+                f"{cluster}"
                 "[[clients]]\n"
                 'name = "client"\n'
                 'public_key = "client.pub"\n'
@@ -383,6 +387,10 @@ class ClusterNet:
         if self.client.poll() is None:
             self.client.send_signal(sig)
         return self.client.wait(timeout)
+
+    def set_path(self, i: int, up: bool) -> None:
+        """The client's path ``i`` up or down (its veth in the client namespace)."""
+        self.sh(self.client_ns, "link", "set", f"jcp{i}-{self.tag}", "up" if up else "down")
 
     def client_status(self) -> str:
         """``jvpn status`` of the client, as a person reads it."""

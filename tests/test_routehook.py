@@ -185,8 +185,13 @@ def config(tmp_path: Path, cluster: dict[str, object] | None) -> dict[str, objec
         "listen": ["127.0.0.1:0"],
         "clients": [{"name": "alice", "public_key": encode_key(os.urandom(32))}],
     }
-    if cluster is not None:
-        data["cluster"] = cluster
+    if cluster is not None:  # a cluster node (its store is etcd): no [state]
+        del data["state"]
+        data["cluster"] = {
+            "endpoints": ["127.0.0.1:2379"],
+            "state_key_file": str(tmp_path / "state.key"),
+            **cluster,
+        }
     return data
 
 

@@ -86,3 +86,10 @@ class Drop(StrEnum):
     """Gateway: a HANDSHAKE_INIT that names a session it still holds for that client (a
     client asking whether its session was lost, DESIGN D15c): not answered, the session
     stays (the client's reattach is answered instead)."""
+    OWNER_LOOKUP = "owner_lookup"
+    """Gateway cluster node: a datagram for a session no session here has; the node looks
+    its receiver index up in etcd and takes the session over if it may (docs/cluster.md).
+    The newest such datagram per index is held and fed once the session is here."""
+    OWNER_FENCED = "owner_fenced"
+    """Gateway cluster node: a datagram or inner packet not sent because the node's lease
+    fence is closed (it may no longer be the owner of its sessions)."""

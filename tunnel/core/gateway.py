@@ -134,6 +134,10 @@ class GatewaySessions:
         changed it (plain DATA from the binding only pushes the silence deadline later: its
         entry stays as a lower bound, re-read when it comes to the top)."""
         self._touch = self._timers.touch
+        self.on_unknown: Callable[[int, bytes, Addr, float], bool] | None = None
+        """A cluster node's hook for a DATA/CONTROL datagram whose receiver index no session
+        here has (the session may live on another node): True when the driver looks it
+        up (the datagram is then counted ``owner_lookup``, else ``unknown_session``)."""
         self._tun: list[bytes] = []
         self._reserve_due: list[GatewaySession] = []
         self._ports = SessionPorts(
@@ -193,7 +197,8 @@ class GatewaySessions:
         msg_type, phase, epoch, mark, index, counter = fields
         s = self.sessions.get(index)
         if s is None:
-            self.report.count_drop(Drop.UNKNOWN_SESSION)
+            held = self.on_unknown is not None and self.on_unknown(index, data, addr, now)
+            self.report.count_drop(Drop.OWNER_LOOKUP if held else Drop.UNKNOWN_SESSION)
             return
         if s.receive(data, msg_type, phase, epoch, mark, counter, addr, now):
             self._touch(index)  # else only the silence deadline moved, later: a lower bound
@@ -520,6 +525,24 @@ class GatewaySessions:
         for inner in _inner_keys(client):
             self._by_inner[inner] = s
         self._timers.touch(state.index)
+        return s
+
+    def release(self, session_id: str) -> GatewaySession | None:
+        """Forget a live session without ending it (no event, no TERMINATE): another node
+        of a cluster owns it now. What is queued for it is voided; nothing more of it
+        leaves from here. The session, or None if there is no live one by that id."""
+        found = [
+            s for s in self.sessions.values()
+            if s.machine.session_id == session_id and not s.machine.terminated
+        ]  # fmt: skip
+        if not found:
+            return None
+        s = found[0]
+        index = s.index
+        del self.sessions[index]
+        self._forget_routes(s)
+        self.outbox.void_for(s.peer_index)
+        self._timers.touch(index)
         return s
 
     def reservations_due(self) -> list[GatewaySession]:

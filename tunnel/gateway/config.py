@@ -55,10 +55,14 @@ TOP_KEYS: Final = frozenset(
     {"node_id", "listen", "private_key", "policy", "mtu", "metrics", "inner_echo", "clients_dir",
      "ciphers"}
 ).union({"workers"})  # fmt: skip
-TABLES: Final = frozenset({"tun", "clients", "sinks", "control", "state"}).union({"cluster"})
+TABLES: Final = frozenset({"tun", "clients", "sinks", "control", "state", "cluster"})
 CONTROL_KEYS: Final = frozenset({"socket"})
 STATE_KEYS: Final = frozenset({"store", "state_dir", "state_key_file"})
-STATE_STORES: Final = ("sqlite", "memory")
+STATE_STORES: Final = ("sqlite", "memory", "etcd")
+CLUSTER_KEYS: Final = frozenset({"endpoints", "node_id", "state_key_file", "lease_ttl", "prefix"})
+DEFAULT_CLUSTER_PREFIX: Final = "/jvpn/default/"
+DEFAULT_LEASE_TTL: Final = 2
+"""``[cluster] lease_ttl`` (s): etcd's minimum with its default election timeout."""
 """``[state] store``: the embedded persistent default (sessions survive a restart), or
 memory (they end with the process; for tests and throwaway gateways)."""
 DEFAULT_STATE_DIR: Final = Path("/var/lib/jvpn")
@@ -132,7 +136,7 @@ class SinkConfig:
 class StateConfig:
     """``[state]``: where the gateway keeps its sessions (docs/gateway.md "[state]")."""
 
-    store: Literal["sqlite", "memory"] = "sqlite"
+    store: Literal["sqlite", "memory", "etcd"] = "sqlite"
     state_dir: Path = DEFAULT_STATE_DIR
     """The store's directory (created 0700 on the first start); sqlite: one file in it."""
     state_key_file: Path = DEFAULT_STATE_DIR / STATE_KEY_NAME
@@ -141,6 +145,21 @@ class StateConfig:
     @property
     def persistent(self) -> bool:
         return self.store != "memory"
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """``[cluster]``: this node of a gateway cluster on etcd (docs/cluster.md)."""
+
+    endpoints: tuple[str, ...]
+    """etcd client endpoints, ``host:port``."""
+    node_id: str
+    """This node's id (the file's ``node_id`` unless ``[cluster] node_id`` names it)."""
+    state_key_file: Path
+    """The cluster's shared state key (the same file on every node; the statekey rules)."""
+    lease_ttl: int = DEFAULT_LEASE_TTL
+    prefix: str = DEFAULT_CLUSTER_PREFIX
+    """Key prefix of this cluster in etcd (``/jvpn/<cluster>/``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,8 +217,8 @@ class GatewayConfig:
     """Worker processes sharing the listen ports (``workers``; "auto": one per core)."""
     route: RouteConfig = field(default_factory=RouteConfig)
     """``[cluster]`` route keys: inner routing follows the owner (docs/cluster.md)."""
-    clustered: bool = False
-    """The file has ``[cluster]``: a cluster node (it tells clients its node id)."""
+    cluster: ClusterConfig | None = None
+    """``[cluster]``: sessions live in etcd and move between nodes (docs/cluster.md)."""
 
 
 class _Reader:
@@ -787,7 +806,9 @@ def _parse_control(file: Path, raw: object) -> tuple[Path | None, bool]:
     return r.path("socket"), True
 
 
-def _parse_state(file: Path, raw: object, key_path: Path) -> StateConfig:
+def _parse_state(
+    file: Path, raw: object, key_path: Path, cluster_given: bool = False
+) -> StateConfig:
     """``[state]``: ``store`` (sqlite | memory), ``state_dir`` and ``state_key_file`` (paths
     relative to the file; the key file defaults to ``state_dir/state.key``)."""
     if raw is None:
@@ -799,6 +820,8 @@ def _parse_state(file: Path, raw: object, key_path: Path) -> StateConfig:
     store = r.string("store", "sqlite")
     if store not in STATE_STORES:
         raise r.error("store", store, f"must be one of: {', '.join(STATE_STORES)}")
+    if store == "etcd" and not cluster_given:
+        raise r.error("store", store, "the etcd store needs a [cluster] section")
     state_dir = r.path("state_dir") or default_state_dir()
     if state_dir.exists() and not state_dir.is_dir():
         raise r.error("state_dir", str(state_dir), "exists and is not a directory")
@@ -813,6 +836,63 @@ def _parse_state(file: Path, raw: object, key_path: Path) -> StateConfig:
     return StateConfig(store, state_dir, key_file)  # type: ignore[arg-type]
 
 
+def _parse_cluster(
+    file: Path, raw: object, node_id: str, node_id_given: bool
+) -> ClusterConfig | None:
+    """``[cluster]``: ``endpoints`` (1-9 ``host:port``), ``node_id`` (defaults to the
+    file's), ``state_key_file`` (required), ``lease_ttl`` (2-60 s), ``prefix``."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError(file, "cluster", raw, "must be a table ([cluster])")
+    r = _Reader(file, raw, "cluster.")
+    r.unknown(CLUSTER_KEYS | ROUTE_KEYS)
+    endpoints = raw.get("endpoints", _NO_VALUE)
+    if endpoints is _NO_VALUE:
+        raise ConfigError(file, "cluster.endpoints", _NO_VALUE, "missing (required)")
+    if (
+        not isinstance(endpoints, list) or not 1 <= len(endpoints) <= 9
+        or not all(isinstance(e, str) for e in endpoints)
+    ):  # fmt: skip
+        raise r.error("endpoints", endpoints, 'must be a list of 1-9 "host:port" strings')
+    for ep in endpoints:
+        host, sep, port = ep.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise r.error("endpoints", ep, 'each endpoint must be "host:port"')
+    node = r.string("node_id", node_id)
+    if not NODE_ID_RE.fullmatch(node):
+        raise r.error("node_id", node, "1-64 characters from A-Z a-z 0-9 . _ -")
+    if node_id_given and "node_id" in raw and node != node_id:
+        raise r.error("node_id", node, f"contradicts the file's node_id {node_id!r}")
+    key_file = r.path("state_key_file", required=True)
+    assert key_file is not None
+    ttl = r.integer("lease_ttl", DEFAULT_LEASE_TTL, 2, 60)
+    prefix = r.string("prefix", DEFAULT_CLUSTER_PREFIX)
+    if not prefix.startswith("/") or not prefix.endswith("/") or len(prefix) < 3:
+        raise r.error("prefix", prefix, "must look like /jvpn/<cluster>/")
+    return ClusterConfig(tuple(endpoints), node, key_file, ttl, prefix)
+
+
+def _cluster_state(file: Path, raw: object, cluster: ClusterConfig, key_path: Path) -> StateConfig:
+    """With ``[cluster]`` the store is etcd: an explicit other ``[state] store`` is an error;
+    the state key is the cluster's."""
+    if isinstance(raw, dict) and raw.get("store", "etcd") != "etcd":
+        raise ConfigError(
+            file, "state.store", raw["store"], "contradicts [cluster] (its store is etcd)"
+        )
+    key_file = cluster.state_key_file
+    if key_file.resolve() == key_path.resolve():
+        raise ConfigError(
+            file, "cluster.state_key_file", str(key_file),
+            "is the gateway's private key; the state key must be a file of its own",
+        )  # fmt: skip
+    if key_file.exists() and not key_file.is_file():
+        raise ConfigError(
+            file, "cluster.state_key_file", str(key_file), "exists and is not a regular file"
+        )
+    return StateConfig("etcd", key_file.parent, key_file)
+
+
 def _parse_route(file: Path, raw: object) -> RouteConfig:
     """``[cluster]``'s route keys (tunnel/gateway/routehook.py, docs/cluster.md)."""
     if raw is None:
@@ -820,7 +900,7 @@ def _parse_route(file: Path, raw: object) -> RouteConfig:
     if not isinstance(raw, dict):
         raise ConfigError(file, "cluster", raw, "must be a table ([cluster])")
     r = _Reader(file, raw, "cluster.")
-    r.unknown(ROUTE_KEYS)
+    r.unknown(ROUTE_KEYS | CLUSTER_KEYS)
     return parse_route_config(file, raw, r.error)
 
 
@@ -868,7 +948,11 @@ def parse_gateway_config(data: Mapping[str, Any], file: Path) -> GatewayConfig:
     workers = _parse_workers(r)
     key_path = r.path("private_key", required=True)
     assert key_path is not None
-    state = _parse_state(file, data.get("state"), key_path)
+    state = _parse_state(file, data.get("state"), key_path, "cluster" in data)
+    cluster = _parse_cluster(file, data.get("cluster"), node_id, "node_id" in data)
+    if cluster is not None:
+        state = _cluster_state(file, data.get("state"), cluster, key_path)
+        node_id = cluster.node_id
     route = _parse_route(file, data.get("cluster"))
     key_path, private_key = _load_key(r)  # last: every plain value error comes first
     return GatewayConfig(
@@ -880,7 +964,7 @@ def parse_gateway_config(data: Mapping[str, Any], file: Path) -> GatewayConfig:
         control_required=control_required, clients_dir=clients_dir,
         client_specs=tuple(inline),
         client_file_errors=tuple(errors), client_file_cache=cache, ciphers=ciphers,
-        workers=workers, state=state, route=route, clustered="cluster" in data,
+        workers=workers, state=state, cluster=cluster, route=route,
     )  # fmt: skip
 
 

@@ -340,6 +340,13 @@ def _resume_lines(runtime: GatewayRuntime, config: GatewayConfig) -> None:
     """After the ready line: what the start took over from the session store."""
     if runtime.persistence is None:
         return
+    if config.cluster is not None:
+        _console(
+            f"jvpn-gateway: cluster node {config.cluster.node_id} on etcd "
+            f"{','.join(config.cluster.endpoints)} (prefix {config.cluster.prefix}): "
+            "sessions are taken over as their clients arrive"
+        )
+        return
     resumed, problems = runtime.resumed
     for line in problems:
         _console(f"jvpn-gateway: {line}")

@@ -140,6 +140,9 @@ class SessionPersistence:
         self._pending: dict[int, tuple[int, int]] = {}
         """index -> (phase, counter) of the sealed state a write is carrying."""
         self._batch: list[tuple[GatewaySession, tuple[int, int]]] = []
+        self.on_refused: Callable[[str, float], bool] | None = None
+        """A cluster node's handler of a refused reservation (the session is taken away
+        without a word to the client: True), instead of ending it."""
         """Reservations made in the current store batch, with what they replaced."""
 
     # -- what the mirror writes --------------------------------------------------------------
@@ -192,7 +195,9 @@ class SessionPersistence:
         self.failures += 1
         s.reservation_failed()
         self._gateway.outbox.void_for(s.peer_index)
-        self._gateway.terminate(s.machine.session_id, now, Reason.OWNERSHIP_CONFLICT, notify=False)
+        sid = s.machine.session_id
+        if self.on_refused is None or not self.on_refused(sid, now):
+            self._gateway.terminate(sid, now, Reason.OWNERSHIP_CONFLICT, notify=False)
 
     # -- reservations between transitions ---------------------------------------------------
 

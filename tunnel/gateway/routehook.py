@@ -299,6 +299,10 @@ class RouteHook:
             mechanisms.append(CommandHook(config.hook, config.hook_timeout_s))
         return cls(mechanisms, on_result=on_result) if mechanisms else None
 
+    def report_to(self, on_result: Callable[[RouteResult], None]) -> None:
+        """Hand every result to ``on_result`` (before :meth:`start`)."""
+        self.on_result = on_result
+
     def start(self, stale: Iterable[str] = ()) -> None:
         """Start the worker; first it clears what a killed process may have left for the
         ``stale`` inner addresses (a node that restarts must not answer for sessions it

@@ -67,6 +67,7 @@ from tunnel.core.events import Diagnostic, Event, Reason, StateChange
 from tunnel.core.gateway import ClientEntry, GatewaySessions, SessionView
 from tunnel.core.policy import POLICY_DEFAULT, Policy
 from tunnel.gateway.clients_reload import ClientsReloader
+from tunnel.gateway.cluster import ClusterNode, open_cluster
 from tunnel.gateway.control import STATUS_INTERVAL_S, GatewayControl
 from tunnel.gateway.inner import EchoInner, GatewayInner, GatewayTun
 from tunnel.gateway.metrics import GatewayHealth, GatewayMetrics, TrafficCounters
@@ -173,9 +174,12 @@ class GatewayRuntime:
         self.clock = clock
         now = clock()
         self.node_id = node_id
+        clustered = store is None and config is not None and config.cluster is not None
         store = store if store is not None else MemorySessionStore()
         self._own_store = own_store
-        persistent = isinstance(store, ResumableStore) and store.persistent and sealer is not None
+        persistent = clustered or (
+            isinstance(store, ResumableStore) and store.persistent and sealer is not None
+        )
         self.gateway: GatewaySessions = GatewaySessions(
             static_private=static_private, clients=clients, policy=policy, now=now,
             urandom=urandom, node_id=node_id, wall_offset=wall_clock() - now,
@@ -184,6 +188,12 @@ class GatewayRuntime:
             index_stripe=index_stripe, counter_reservations=persistent,
             announce_node=announce_node,
         )  # fmt: skip
+        self.cluster: ClusterNode | None = None
+        """With ``[cluster]``: this node's ownership (tunnel/gateway/cluster.py)."""
+        if clustered:
+            assert config is not None
+            self.cluster = open_cluster(config, self.gateway, self._stored_addr)
+            store, sealer = self.cluster.store, self.cluster.sealer
         self.persistence: SessionPersistence | None = (
             SessionPersistence(self.gateway, store, sealer, node_id, self._stored_addr)
             if persistent and isinstance(store, ResumableStore) and sealer is not None
@@ -213,6 +223,10 @@ class GatewayRuntime:
         self.ownership: OwnershipMirror = OwnershipMirror(
             self.gateway, store, node_id, self.persistence
         )
+        if self.cluster is not None:  # a refused write: another node serves the session
+            self.ownership.on_refused = self.cluster.not_authoritative
+            if self.persistence is not None:
+                self.persistence.on_refused = self.cluster.not_authoritative
         self.traffic: TrafficCounters = TrafficCounters()
         self.metrics: GatewayMetrics = GatewayMetrics(
             self.gateway, traffic=self.traffic, policy=self.policy,
@@ -233,15 +247,25 @@ class GatewayRuntime:
         self._status_handle: asyncio.TimerHandle | None = None
         self._opened = False
         self._stop_requested = False
-        hook = (
-            RouteHook.from_config(route, on_result=self._route_result_threadsafe)
-            if route is not None
-            else None
-        )
-        self.routes: SessionRoutes | None = (
-            SessionRoutes(hook, lambda: self.clients) if hook is not None else None
-        )
-        """Inner routing follows the owner ([cluster] route keys; tunnel/gateway/routehook.py)."""
+        self.route_hook: RouteHook | None = self._route_hook(route)
+        """Inner routing follows the owner ([cluster] route keys; tunnel/gateway/routehook.py):
+        a cluster node's ownership drives it; a single gateway's session events do."""
+        self.routes: SessionRoutes | None = self._session_routes()
+
+    def _route_hook(self, route: RouteConfig | None) -> RouteHook | None:
+        hook: object = (
+            self.cluster.hook if self.cluster is not None
+            else RouteHook.from_config(route) if route is not None else None
+        )  # fmt: skip
+        if not isinstance(hook, RouteHook):
+            return None
+        hook.report_to(self._route_result_threadsafe)
+        return hook
+
+    def _session_routes(self) -> SessionRoutes | None:
+        if self.route_hook is None or self.cluster is not None:
+            return None
+        return SessionRoutes(self.route_hook, lambda: self.clients)
 
     @property
     def crash(self) -> BaseException | None:
@@ -274,7 +298,7 @@ class GatewayRuntime:
 
         sinks = gateway_sinks(config)
         sealer: StateSealer | None = None
-        own_store = store is None and config.state.persistent
+        own_store = store is None and config.state.persistent and config.cluster is None
         if own_store:
             store, sealer = open_state(config.state)  # StateError: the program's exit
         policy, error = load_initial_policy(config.policy_path)
@@ -298,7 +322,7 @@ class GatewayRuntime:
             metrics=metrics if metrics is not None else config.metrics,
             control=config.control_socket, control_required=config.control_required,
             on_event=on_event, config=config, ciphers=config.ciphers, route=config.route,
-            announce_node=config.clustered, **worker,
+            announce_node=config.cluster is not None, **worker,
         )  # fmt: skip
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -324,9 +348,9 @@ class GatewayRuntime:
             self._listen_control()
             self.inner.setup()
             self._inner_ready = True
-            if self.routes is not None:
+            if self.route_hook is not None:
                 stale = [a for c in self.clients for a in (c.inner_address, c.inner_address6) if a]
-                self.routes.hook.start(stale)
+                self.route_hook.start(stale)
         except BaseException:
             self.close()
             raise
@@ -348,8 +372,8 @@ class GatewayRuntime:
     def close(self) -> None:
         """Undo :meth:`open` in reverse order and close an owned pipeline. Idempotent."""
         errors: list[BaseException] = []
-        if self.routes is not None:
-            self.routes.hook.close()
+        if self.route_hook is not None:
+            self.route_hook.close()
         if self._inner_ready:
             self._inner_ready = False
             try:
@@ -363,6 +387,8 @@ class GatewayRuntime:
             self._metrics_server = None
         for sock in self._sockets:
             sock.close()
+        if self.cluster is not None:
+            self.cluster.close()
         if self.pipeline is not None and self._own_pipeline:
             self.pipeline.close()
         store = self.ownership.store
@@ -412,7 +438,9 @@ class GatewayRuntime:
         self._stop = asyncio.Event()
         if self._stop_requested:
             self._stop.set()
-        if self.persistence is not None:
+        if self.cluster is not None:
+            self.cluster.attach(loop, lambda fn, *a: driver.guard(driver.input, fn, *a))
+        elif self.persistence is not None:
             driver.guard(self._resume_sessions)
         for index, sock in enumerate(self._sockets):
             driver.add_reader(sock.fileno(), self._on_socket, index)
@@ -461,6 +489,9 @@ class GatewayRuntime:
             try:
                 if self.persistence is not None:  # sessions outlive the process (D15c)
                     self.persistence.save_all(self.clock())
+                    if self.cluster is not None:  # then give them up (another node resumes)
+                        self.cluster.shutdown(self.clock())
+                        self.pump()
                 else:
                     self._terminate_in_batches(self.clock())
             except Exception as exc:  # the engine failed while stopping: still clean up
@@ -524,7 +555,10 @@ class GatewayRuntime:
 
     def metric_families(self) -> list[MetricFamily]:
         """Every gateway metric (:meth:`collect_metrics` from other threads)."""
-        return self.metrics.metric_families()
+        families = self.metrics.metric_families()
+        if self.cluster is not None:
+            families.extend(self.cluster.metric_families())
+        return families
 
     def collect_metrics(self) -> list[MetricFamily]:
         """:meth:`metric_families`, gathered on the loop thread (safe from any thread)."""
@@ -676,14 +710,25 @@ class GatewayRuntime:
                 if isinstance(event, StateChange):
                     self.ownership.mirror(event, now)
                 self._deliver(event)
+            if self.cluster is not None:
+                self.cluster.after_mirror(now)
         else:
             if self.driver.loop is not None:  # more events: the next loop turn
                 self.driver.call_later(0.0, self.pump)
 
     def _flush_outputs(self) -> None:
-        """Datagrams, then inner packets (after the store writes they depend on)."""
-        self._flush_datagrams()
+        """Datagrams, then inner packets (after the store writes they depend on). A
+        cluster node sends nothing past its lease fence (checked with a fresh clock)."""
+        cluster = self.cluster
+        if cluster is not None and not cluster.may_send(self.clock()):
+            cluster.fenced(len(self.gateway.datagrams_to_send()),
+                           len(self.gateway.packets_for_tun()))  # fmt: skip
+            return
+        before = self.clock() if cluster is not None else 0.0
+        out = self._flush_datagrams()
         packets = self.gateway.packets_for_tun()
+        if cluster is not None:
+            cluster.forwarded(out, packets, before, self.clock() if packets else before)
         if packets:
             self.traffic.inner_out += len(packets)
             if self.control is not None:
@@ -699,12 +744,12 @@ class GatewayRuntime:
         if due and not self.persistence.reserve(due, now) and self.driver.loop is not None:
             self.driver.call_later(0.0, self.pump)
 
-    def _flush_datagrams(self) -> None:
+    def _flush_datagrams(self) -> list[tuple[Any, bytes]]:
         """Send what the core produced; consecutive datagrams to one client leave in one
-        ``send_many`` (UDP GSO)."""
+        ``send_many`` (UDP GSO). What was sent."""
         out = self.gateway.datagrams_to_send()
         if not out:
-            return
+            return out
         run: list[bytes] = []
         run_addr: object = None
         for addr, data in out:
@@ -715,6 +760,7 @@ class GatewayRuntime:
                 run_addr = addr
             run.append(data)
         self._send_run(run_addr, run)
+        return out
 
     def _send_run(self, addr: object, run: list[bytes]) -> None:
         traffic = self.traffic

@@ -1,0 +1,269 @@
+"""A gateway cluster on etcd with real gateway programs (issue 9 item 2, docs/cluster.md).
+
+Each node is a ``jvpn-gateway`` process (``python -m tunnel.gateway.main``) with
+``[cluster]`` in its gateway.toml: the same identity key and state key, its own listen
+port and node id, a JSONL event sink; etcd is three real members on loopback
+(tests/etcd_cluster.py). The client is a real ``ClientSession`` driven in the test thread
+(tests/test_resume.py's ``WireClient``: it records every (direction, key phase, counter)
+on the wire); "moving" the client to another node is sending to that node's port from the
+same socket, as a client whose path to one node died reaches another.
+
+What is asserted, from the nodes' events (SESSION_OWNER_*) and what crosses the wire:
+a move (live owner hands over; dead owner's lease expires) keeps the session id, bumps the
+owner epoch and the state version, never lets two nodes forward at once, and never
+repeats a (direction, key phase, counter); AT-48 (two nodes at once: one wins), AT-49 (no
+quorum: denied, the owner fences; quorum back: it goes on), AT-50 (owner killed during
+RECOVERING), AT-51 (an owner frozen past its lease sends nothing when it wakes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from etcd_cluster import EtcdCluster, etcd_cluster, etcd_cluster_fn
+from test_gateway_runtime import GATEWAY_INNER, echo_replies, icmp_echo
+from test_resume import CLIENT_INNER, WireClient
+
+from tunnel.core.handshake import generate_keypair
+from tunnel.core.session import State
+from tunnel.keys import write_private_key, write_public_key
+from tunnel.ownership.etcd import EtcdSessionStore
+
+__all__ = ["etcd_cluster", "etcd_cluster_fn"]  # fixtures
+
+REPO = Path(__file__).resolve().parents[1]
+TTL = 2
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.02)
+    assert predicate(), f"timed out waiting for {what}"
+
+
+class Node:
+    """One gateway program of the cluster."""
+
+    def __init__(self, cluster: Cluster, name: str) -> None:
+        self.name = name
+        self.dir = cluster.tmp / name
+        self.dir.mkdir()
+        self.port = free_udp_port()
+        self.events_path = self.dir / "events.jsonl"
+        endpoints = ", ".join(f'"{e}"' for e in cluster.endpoints)
+        (self.dir / "gateway.toml").write_text(
+            f'node_id = "{name}"\nlisten = ["127.0.0.1:{self.port}"]\n'
+            f'private_key = "{cluster.tmp / "gateway.key"}"\ninner_echo = true\n'
+            '[control]\nsocket = "off"\n'
+            f'[[clients]]\nname = "alice"\npublic_key = "{cluster.tmp / "alice.pub"}"\n'
+            f'address = "{CLIENT_INNER}"\n'
+            f'[[sinks]]\ntype = "jsonl"\npath = "{self.events_path}"\n'
+            f"[cluster]\nendpoints = [{endpoints}]\n"
+            f'state_key_file = "{cluster.tmp / "state.key"}"\n'
+            f'prefix = "{cluster.prefix}"\nlease_ttl = {TTL}\n'
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    def start(self) -> None:
+        log = open(self.dir / "stderr.log", "ab")  # noqa: SIM115 - closed with the process
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tunnel.gateway.main", "--config", str(self.dir / "gateway.toml")],
+            stdout=log, stderr=log, env=env,
+        )  # fmt: skip
+        log.close()
+        wait_until(lambda: "listening on" in self.stderr() or self.proc.poll() is not None,
+                   20.0, f"{self.name} to start")  # fmt: skip
+        assert self.proc.poll() is None, self.stderr()
+
+    def stderr(self) -> str:
+        return (self.dir / "stderr.log").read_text(errors="replace")
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        if not self.events_path.exists():
+            return []
+        out = []
+        for line in self.events_path.read_text().splitlines():
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue  # a line being written
+            if kind is None or e.get("event_type") == kind:
+                out.append(e)
+        return out
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(20)
+
+
+class Cluster:
+    """Gateway nodes sharing one identity, state key and etcd prefix."""
+
+    def __init__(self, tmp: Path, etcd: EtcdCluster) -> None:
+        self.tmp = tmp
+        self.etcd = etcd
+        self.endpoints = etcd.endpoints
+        self.prefix = f"/jvpn/t{uuid.uuid4().hex[:10]}/"
+        gw_priv, self.gw_pub = generate_keypair()
+        self.cl_priv, cl_pub = generate_keypair()
+        write_private_key(tmp / "gateway.key", gw_priv)
+        write_public_key(tmp / "alice.pub", cl_pub)
+        self.nodes: dict[str, Node] = {}
+        self.clients: list[WireClient] = []
+
+    def node(self, name: str) -> Node:
+        self.nodes[name] = Node(self, name)
+        return self.nodes[name]
+
+    def client(self, node: Node) -> WireClient:
+        c = WireClient(node.address, self.gw_pub, self.cl_priv)
+        self.clients.append(c)
+        return c
+
+    def entry(self, sid: str) -> Any:
+        store = EtcdSessionStore(self.endpoints, self.prefix, timeout=5.0)
+        try:
+            return store.entry(sid)
+        finally:
+            store.close()
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.close()
+        for n in self.nodes.values():
+            n.kill()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, etcd_cluster: EtcdCluster) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, etcd_cluster)
+    try:
+        yield c
+    finally:
+        c.close()
+        etcd_cluster.heal()
+
+
+def echo(c: WireClient, first: int, count: int, timeout: float = 10.0) -> bool:
+    before = len(echo_replies(c))
+    for seq in range(first, first + count):
+        c.send_inner(icmp_echo(CLIENT_INNER, GATEWAY_INNER, seq))
+    return c.run_until(lambda: len(echo_replies(c)) >= before + count, timeout=timeout)
+
+
+def keep_echoing(c: WireClient, until: Callable[[], bool], timeout: float) -> bool:
+    """One echo request every 50 ms until ``until()`` (a client whose traffic goes on)."""
+    end = time.monotonic() + timeout
+    seq = 1000
+    while time.monotonic() < end:
+        if until():
+            return True
+        c.send_inner(icmp_echo(CLIENT_INNER, GATEWAY_INNER, seq))
+        seq += 1
+        c.run_until(lambda: False, timeout=0.05)
+    return until()
+
+
+def moved(c: WireClient, timeout: float = 15.0) -> bool:
+    """The client's traffic goes on until echoes come back again (what arrived at the new
+    node while it looked the session up was held, the newest datagram only)."""
+    before = len(echo_replies(c))
+    return keep_echoing(c, lambda: len(echo_replies(c)) >= before + 3, timeout)
+
+
+def owner_events(n: Node, kind: str, sid: str) -> list[dict[str, Any]]:
+    return [e for e in n.events(f"SESSION_OWNER_{kind}") if e["session_id"] == sid]
+
+
+def attached(cluster: Cluster, node: Node) -> tuple[WireClient, str]:
+    c = cluster.client(node)
+    assert c.run_until(lambda: c.state is State.ATTACHED, timeout=10.0)
+    assert echo(c, 0, 5)
+    sid = c.session.machine.session_id
+    wait_until(lambda: bool(owner_events(node, "ACQUIRED", sid)), 10.0, "ACQUIRED")
+    return c, sid
+
+
+def no_forwarding_overlap(old: Node, new: Node, sid: str) -> None:
+    """The old owner's last forward precedes the new owner's acquisition (one clock)."""
+    released = owner_events(old, "RELEASED", sid)
+    acquired = [e for e in owner_events(new, "ACQUIRED", sid) if e["owner_epoch"] > 1]
+    assert released and acquired
+    last = released[-1]["last_forward_mono"]
+    assert last is not None and last < acquired[0]["mono"]
+
+
+# -- tests -----------------------------------------------------------------------------------
+
+
+def test_a_session_moves_to_the_node_the_client_reaches_and_the_live_owner_hands_it_over(
+    cluster: Cluster,
+) -> None:
+    a, b = cluster.node("gw-a"), cluster.node("gw-b")
+    c, sid = attached(cluster, a)
+    acq = owner_events(a, "ACQUIRED", sid)[0]
+    assert acq["owner_epoch"] == 1 and acq["node_id"] == "gw-a"
+    entry = cluster.entry(sid)
+    assert entry.owner_epoch == 1 and entry.record.owner_node == "gw-a"
+    version_a = entry.record.state_version
+
+    c.gateway = b.address  # the client now reaches gw-b
+    assert moved(c)
+    assert echo(c, 100, 5)
+    assert c.session.machine.session_id == sid and c.state is State.ATTACHED
+    wait_until(lambda: bool(owner_events(a, "RELEASED", sid)), 10.0, "gw-a's release")
+    moved_b = owner_events(b, "TRANSFERRED", sid)
+    moved_a = owner_events(a, "TRANSFERRED", sid)
+    assert moved_b and moved_b[0]["owner_epoch"] == 2 and moved_b[0]["peer_node"] == "gw-a"
+    assert moved_a and moved_a[0]["peer_node"] == "gw-b" and moved_a[0]["forwarded"] >= 10
+    entry = cluster.entry(sid)
+    assert (entry.owner_epoch, entry.record.owner_node) == (2, "gw-b")
+    assert entry.record.state_version > version_a  # the move is a new version, never back
+    no_forwarding_overlap(a, b, sid)
+
+    # gw-a no longer forwards: what the client sends it now is not answered by gw-a, it
+    # takes the session back instead (epoch 3), through the same hand-over
+    c.gateway = a.address
+    assert moved(c)
+    assert echo(c, 200, 5)
+    assert cluster.entry(sid).owner_epoch == 3
+    no_forwarding_overlap(b, a, sid)
+    assert c.repeats() == []  # no (direction, key phase, counter) twice across the moves
+    assert [e for e in c.events if e.event_type == "SESSION_TERMINATED"] == []

@@ -1,0 +1,603 @@
+"""A gateway node of a cluster on etcd (DESIGN D15b, docs/cluster.md).
+
+With ``[cluster]`` in ``gateway.toml`` the gateway's store is etcd and sessions move
+between the nodes that share one gateway identity. Three components, owned by the
+:class:`~tunnel.gateway.runtime.GatewayRuntime`:
+
+- :class:`ClusterStore`: the runtime's :class:`~tunnel.ownership.ResumableStore`, driven
+  through :class:`~tunnel.ownership.etcd_owner.NodeOwnership`: a node creates the sessions
+  it handshakes (owner epoch 1, with a receiver-index key ``P i/<index>`` so that another
+  node finds the session from a datagram), and writes only what it owns (every write a
+  txn comparing the entry's revision and this node's ownership key: AT-51). The sealed
+  resume state (keys, counters: tunnel/gateway/resume.py) is the record's ``resume``.
+- :class:`ClusterNode`: the ownership side of the loop.
+  * **Takeover**: a datagram whose receiver index no session here has is held (the newest
+    per index) while a task looks the index up and moves the session here on the store's
+    worker thread (never on the loop): a live owner is asked and hands over, a dead one's
+    lease expires; the transfer writes ``owner_epoch + 1`` and ``state_version + 1`` by CAS.
+    The session is then resumed from its sealed record: it seals only from the record's
+    ``send_from`` on, above every counter any node reserved, and reserves its own block
+    before its first datagram leaves (D15a's rule, unchanged: no (key, nonce) reuse across
+    a move). Then the held datagram is fed to it: a reattach is validated as usual.
+  * **Hand-over** (another node asks): the session is forgotten here on the loop
+    (:meth:`GatewaySessions.release`: no TERMINATE, what is queued for it is voided), and
+    only then is the ownership key deleted.
+  * **Fence**: before anything leaves (every flush), the node's lease fence is checked with
+    a fresh clock; closed, nothing is sent (counted ``owner_fenced``, one DIAGNOSTIC per
+    closing). A lost lease (etcd expired it: a node frozen past its TTL, cut from etcd)
+    forgets every session here before the fence could open again under a new lease.
+  * **Events** SESSION_OWNER_ACQUIRED / TRANSFERRED / REJECTED / CONFLICT / RELEASED
+    (tunnel/core/events.py ``SessionOwner``), with the node's CLOCK_MONOTONIC ``mono``;
+    RELEASED ends each ownership interval with what was forwarded in it.
+- :class:`RouteHook`: inner routing follows the owner (s8-clusternet's
+  ``tunnel/gateway/routehook.py`` when present; a no-op otherwise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import ipaddress
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from tunnel.core.constants import MSG_DATA
+from tunnel.core.drops import Drop
+from tunnel.core.events import (
+    Diagnostic,
+    EventBase,
+    Reason,
+    SessionOwner,
+    SessionOwnerConflict,
+    SessionOwnerRejected,
+    SessionOwnerReleased,
+    SessionOwnerTransferred,
+)
+from tunnel.core.gateway import GatewaySessions
+from tunnel.core.gateway_paths import Addr
+from tunnel.core.gateway_session import GatewaySession
+from tunnel.gateway.resume import RESUMABLE, decode_state
+from tunnel.observability.metrics import MetricFamily, labelled, single
+from tunnel.ownership import SessionRecord, StoreUnavailable
+from tunnel.ownership.etcd import EtcdSessionStore, StoredSession
+from tunnel.ownership.etcd_owner import NodeOwnership, Outcome, Transfer
+from tunnel.ownership.statekey import StateSealer
+
+if TYPE_CHECKING:
+    from tunnel.gateway.config import GatewayConfig
+
+HANDOVER_WAIT_S: Final = 1.5
+"""How long a takeover waits for a live owner to hand over."""
+MAX_PENDING: Final = 256
+"""Takeovers in flight at once (each holds one datagram); more are counted and dropped."""
+NOT_FOUND_S: Final = 1.0
+"""A receiver index etcd does not know is not looked up again for this long."""
+
+
+class RouteHook:
+    """Inner routing follows the owner: called when this node begins and ends owning a
+    session (non-blocking). This one does nothing; s8-clusternet's
+    ``tunnel.gateway.routehook.RouteHook`` replaces it when present."""
+
+    @classmethod
+    def from_config(cls, cfg: GatewayConfig | None) -> RouteHook:
+        return cls()
+
+    def acquired(self, session_id: str, inner: list[str]) -> None:
+        """This node serves ``session_id`` (inner addresses ``inner``) from now on."""
+
+    def released(self, session_id: str, inner: list[str]) -> None:
+        """This node no longer serves ``session_id``."""
+
+
+def route_hook(cfg: GatewayConfig | None) -> Any:
+    """The configured route hook (tunnel/gateway/routehook.py if it exists)."""
+    try:
+        from tunnel.gateway import routehook  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        return RouteHook.from_config(cfg)
+    hook = routehook.RouteHook.from_config(cfg.route) if cfg is not None else None
+    return hook if hook is not None else RouteHook.from_config(cfg)
+
+
+def open_cluster(
+    cfg: GatewayConfig, gateway: GatewaySessions, make_addr: Callable[..., Addr]
+) -> ClusterNode:
+    """:meth:`ClusterNode.open`; StateError (the program's exit) when the state key cannot
+    be used or etcd does not grant the lease."""
+    from tunnel.gateway.resume import StateError
+    from tunnel.ownership.statekey import StateKeyError
+
+    try:
+        return ClusterNode.open(cfg, gateway, make_addr)
+    except StateKeyError as exc:
+        raise StateError(f"state_key_file {exc}", key=True) from None
+    except StoreUnavailable as exc:
+        raise StateError(f"cluster: etcd did not grant this node a lease: {exc}") from None
+
+
+class ClusterStore:
+    """The gateway's ResumableStore on etcd, fenced through NodeOwnership (module docs)."""
+
+    def __init__(self, node: NodeOwnership, index_of: Callable[[str], int | None]) -> None:
+        self.node = node
+        self._index_of = index_of
+        self.created: list[str] = []
+        """Sessions created since the cluster node last looked (their ownership began)."""
+        self.deleted: list[str] = []
+
+    @property
+    def persistent(self) -> bool:
+        return True
+
+    def get(self, session_id: str) -> SessionRecord | None:
+        return self.node.get(session_id)
+
+    def create(self, record: SessionRecord) -> bool:
+        ok = self.node.create(record, index=self._index_of(record.session_id))
+        if ok:
+            self.created.append(record.session_id)
+        return ok
+
+    def cas(self, session_id: str, expected_version: int, new_record: SessionRecord) -> bool:
+        return self.node.cas(session_id, expected_version, new_record)
+
+    def delete(self, session_id: str, expected_version: int | None = None) -> bool:
+        ok = self.node.delete(session_id, expected_version, self._index_of(session_id))
+        if ok:
+            self.deleted.append(session_id)
+        return ok
+
+    def refresh(self, record: SessionRecord) -> bool:
+        return self.node.refresh(record)
+
+    def records(self) -> list[SessionRecord]:
+        """None to resume at start: a node takes sessions over when clients reach it."""
+        return []
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        yield  # every write is its own etcd transaction
+
+    def __len__(self) -> int:
+        return len(self.node)
+
+
+@dataclass(slots=True)
+class Interval:
+    """One ownership interval of one session on this node."""
+
+    index: int
+    peer_index: int
+    owner_epoch: int
+    inner: list[str]
+    packed: list[bytes]
+    forwarded: int = 0
+    first: float | None = None
+    last: float | None = None
+
+
+@dataclass(slots=True)
+class Pending:
+    """A takeover in flight: the newest datagram that asked for it."""
+
+    data: bytes
+    addr: Addr
+
+
+class ClusterNode:
+    """The ownership side of one gateway node's loop (module docstring)."""
+
+    def __init__(
+        self,
+        gateway: GatewaySessions,
+        node: NodeOwnership,
+        sealer: StateSealer,
+        make_addr: Callable[..., Addr],
+        hook: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._gateway: GatewaySessions = gateway
+        self.node = node
+        self.node_id = node.node_id
+        self._sealer = sealer
+        self._make_addr = make_addr
+        self.hook: Any = hook if hook is not None else RouteHook()
+        self._clock = clock
+        self.store: ClusterStore = ClusterStore(node, self._index_of)
+        self.intervals: dict[str, Interval] = {}
+        """Sessions this node serves, with their ownership interval."""
+        self._by_peer: dict[int, Interval] = {}
+        self._pending: dict[int, Pending] = {}
+        self._not_found: dict[int, float] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._input: Callable[..., None] | None = None
+        self._run_input: Callable[..., None] = lambda *a: None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._lost_seen = 0
+        self._deadline = -1.0
+        self._fenced = False
+        self.fencing_events = 0
+        """Times the fence closed while this node served sessions."""
+        self.takeovers: dict[str, int] = {}
+        """Takeover outcomes: granted, conflict, owned_elsewhere, not_found, unavailable."""
+        self.store_latency = 0.0
+        """Seconds the last takeover's store calls took."""
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls, cfg: GatewayConfig, gateway: GatewaySessions, make_addr: Callable[..., Addr]
+    ) -> ClusterNode:
+        """The node of ``cfg.cluster`` (its lease not granted yet: :meth:`start`)."""
+        from tunnel.ownership.statekey import load_state_key
+
+        cluster = cfg.cluster
+        assert cluster is not None
+        sealer = StateSealer(load_state_key(cluster.state_key_file))
+        store = EtcdSessionStore(cluster.endpoints, cluster.prefix)
+        holder: list[ClusterNode] = []
+        node = NodeOwnership(
+            store, cluster.node_id, ttl=cluster.lease_ttl,
+            on_handover=lambda sid, requester: holder[0].on_handover(sid, requester),
+        )  # fmt: skip
+        self = cls(gateway, node, sealer, make_addr, route_hook(cfg))
+        holder.append(self)
+        try:
+            node.start()  # the lease: bounded, StoreUnavailable when etcd does not answer
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    @property
+    def sealer(self) -> StateSealer:
+        return self._sealer
+
+    def attach(self, loop: asyncio.AbstractEventLoop, run_input: Callable[..., None]) -> None:
+        """Serve on ``loop``: take datagrams for unknown sessions from now on.
+        ``run_input(fn, *args)``: the driver's guarded input (``fn(now, *args)``, pump)."""
+        self._loop = loop
+        self._run_input = run_input
+        self._input = lambda *a: self._soon(loop, run_input, *a)
+        self._lost_seen = self.node.leases_lost
+        self._gateway.on_unknown = self.on_unknown
+
+    @staticmethod
+    def _soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
+        loop.call_soon(fn, *args)
+
+    def shutdown(self, now: float) -> None:
+        """A clean stop (after the sessions were saved): forget every session here, then
+        revoke the lease (their keys go with it; another node takes each over at once)."""
+        self._gateway.on_unknown = None
+        for task in list(self._tasks):
+            task.cancel()
+        for sid in list(self.intervals):
+            self._gateway.release(sid)
+            self._end(sid, now, Reason.GATEWAY_SHUTDOWN)
+
+    def close(self) -> None:
+        self.node.close(revoke=True)
+        self.node.store.close()
+
+    # -- the interval bookkeeping ----------------------------------------------------------
+
+    def _index_of(self, session_id: str) -> int | None:
+        for index, s in self._gateway.sessions.items():
+            if s.machine.session_id == session_id:
+                return index
+        return None
+
+    def _base(self, sid: str, now: float, version: int) -> EventBase:
+        policy = self._gateway.policy
+        return {
+            "ts_ms": self._gateway.ts_ms(now), "session_id": sid, "node_id": self.node_id,
+            "policy_version": policy.policy_version if policy else "invalid",
+            "state_version": version,
+        }  # fmt: skip
+
+    def _begin(self, s: GatewaySession, epoch: int, previous: str, now: float) -> None:
+        sid = s.machine.session_id
+        inner = [a for a in (s.client.inner_address, s.client.inner_address6) if a]
+        packed = [ipaddress.ip_address(a).packed for a in inner]
+        iv = Interval(s.index, s.peer_index, epoch, inner, packed)
+        self.intervals[sid] = iv
+        self._by_peer[s.peer_index] = iv
+        s.announce_owner(epoch)  # the client is told at once (NODE_INFO)
+        base = self._base(sid, now, s.machine.version)
+        mono = self._clock()
+        self._gateway.emit(SessionOwner(**base, owner_epoch=epoch, mono=mono, peer_node=previous))
+        if previous and previous != self.node_id:
+            self._gateway.emit(
+                SessionOwnerTransferred(**base, owner_epoch=epoch, mono=mono, peer_node=previous)
+            )
+        self.hook.acquired(sid, inner)
+
+    def _end(
+        self, sid: str, now: float, reason: Reason, peer: str = "", mono: float | None = None
+    ) -> None:
+        iv = self.intervals.pop(sid, None)
+        if iv is None:
+            return
+        self._by_peer.pop(iv.peer_index, None)
+        base = self._base(sid, now, 0)
+        at = self._clock() if mono is None else mono
+        fields = {
+            "owner_epoch": iv.owner_epoch, "mono": at, "peer_node": peer,
+            "reason_code": reason, "forwarded": iv.forwarded,
+            "first_forward_mono": iv.first, "last_forward_mono": iv.last,
+        }  # fmt: skip
+        if reason is Reason.OWNERSHIP_MOVED:
+            self._gateway.emit(SessionOwnerTransferred(**base, **fields))  # type: ignore[arg-type]
+        self._gateway.emit(SessionOwnerReleased(**base, **fields))  # type: ignore[arg-type]
+        self.hook.released(sid, iv.inner)
+
+    def after_mirror(self, now: float) -> None:
+        """Sessions whose record was created (ownership began, epoch 1) or deleted (the
+        session ended) in this flush."""
+        store = self.store
+        created, store.created = store.created, []
+        deleted, store.deleted = store.deleted, []
+        for sid in created:
+            index = self._index_of(sid)
+            s = self._gateway.sessions.get(index) if index is not None else None
+            if s is not None:
+                self._begin(s, 1, "", now)
+        for sid in deleted:
+            self._end(sid, now, self._end_reason(sid))
+
+    def _end_reason(self, sid: str) -> Reason:
+        iv = self.intervals.get(sid)
+        s = self._gateway.sessions.get(iv.index) if iv is not None else None
+        reason = s.end_reason if s is not None else None
+        return reason if reason is not None else Reason.PEER_TERMINATED
+
+    def not_authoritative(self, sid: str, now: float) -> bool:
+        """The store refused a write of ``sid`` (another node owns it, or the store is
+        unavailable): forget it here without a word to the client (the owner serves it).
+        True: handled (the caller does not terminate it)."""
+        self._gateway.release(sid)
+        self._end(sid, now, Reason.OWNERSHIP_CONFLICT)
+        return True
+
+    # -- what leaves ---------------------------------------------------------------------
+
+    def may_send(self, now: float) -> bool:
+        """Before anything leaves: the fence, with a fresh clock (module docstring)."""
+        fresh = self._clock()
+        node = self.node
+        open_ = node.fence.may_forward(fresh)
+        if node.leases_lost != self._lost_seen:
+            self._lost_seen = node.leases_lost
+            self._lose_all(now)
+            open_ = False
+        if open_:
+            self._deadline = node.fence.deadline
+            self._fenced = False
+            return True
+        if not self._fenced and self.intervals:
+            self._fenced = True
+            self.fencing_events += 1
+            self._gateway.emit(
+                Diagnostic(
+                    **self._base("", now, 0), reason_code=Reason.OWNER_FENCED,
+                    detail=f"lease fence closed: {len(self.intervals)} session(s) not "
+                    "forwarded until the lease is refreshed", state="",
+                )
+            )  # fmt: skip
+        return False
+
+    def _lose_all(self, now: float) -> None:
+        """etcd expired this node's lease: every session here may be another node's now.
+        Its interval ended when its fence closed."""
+        end = min(self._clock(), self._deadline) if self._deadline > 0 else self._clock()
+        for sid in list(self.intervals):
+            self._gateway.release(sid)
+            self._end(sid, now, Reason.OWNER_FENCED, mono=end)
+
+    def fenced(self, datagrams: int, packets: int) -> None:
+        for _ in range(datagrams + packets):
+            self._gateway.report.count_drop(Drop.OWNER_FENCED)
+
+    def forwarded(
+        self,
+        out: Sequence[tuple[Addr, bytes]],
+        packets: Sequence[bytes],
+        before: float,
+        after: float,
+    ) -> None:
+        """Count what left per ownership interval (transport datagrams by their receiver
+        index, inner packets by their source address), sent between ``before`` and
+        ``after`` (monotonic: the interval's forwarding bounds hold every send)."""
+        if not self.intervals:
+            return
+        by_peer = self._by_peer
+        for _, data in out:
+            iv = by_peer.get(int.from_bytes(data[4:8], "little")) if data[0] >= MSG_DATA else None
+            if iv is not None:
+                _note(iv, before, after)
+        if packets:
+            by_inner = {a: iv for iv in self.intervals.values() for a in iv.packed}
+            for packet in packets:
+                iv = by_inner.get(_source(packet))
+                if iv is not None:
+                    _note(iv, before, after)
+
+    # -- hand-over (another node asks) -----------------------------------------------------
+
+    def on_handover(self, sid: str, requester: str) -> bool:
+        """The store's worker thread: stop forwarding on the loop, then release there."""
+        loop, run = self._loop, self._input
+        if loop is None or run is None:
+            return True  # not serving yet: nothing forwarded here
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing forwards
+            loop.call_soon_threadsafe(self._run_input, self._hand_over, sid, requester)
+        return False
+
+    def _hand_over(self, now: float, sid: str, requester: str) -> None:
+        self._gateway.release(sid)  # nothing more of it leaves from here
+        self._end(sid, now, Reason.OWNERSHIP_MOVED, peer=requester)
+        node = self.node
+        with contextlib.suppress(StoreUnavailable):
+            node.store.worker.submit(lambda c: node.arelease(c, sid))
+
+    # -- takeover (a datagram for a session held elsewhere) --------------------------------
+
+    def on_unknown(self, index: int, data: bytes, addr: Addr, now: float) -> bool:
+        """The core's hook (module docstring): True when the datagram is held for a lookup."""
+        pending = self._pending.get(index)
+        if pending is not None:
+            pending.data, pending.addr = data, addr
+            return True
+        if self._not_found.get(index, 0.0) > now or self._loop is None:
+            return False
+        if len(self._pending) >= MAX_PENDING or not self.node.fence.may_forward(self._clock()):
+            return False
+        self._pending[index] = Pending(data, addr)
+        task = self._loop.create_task(self._take_over(index))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _take_over(self, index: int) -> None:
+        started = self._clock()
+        try:
+            entry, transfer = await self._acquire(index)
+        except StoreUnavailable as exc:
+            self._count("unavailable")
+            self._report(index, None, Reason.STORE_UNAVAILABLE, str(exc))
+            return
+        finally:
+            self.store_latency = self._clock() - started
+        if transfer is None:
+            self._pending.pop(index, None)
+            return
+        outcome = transfer.outcome
+        self._count(str(outcome))
+        if outcome is Outcome.GRANTED:
+            assert self._input is not None and entry is not None
+            self._input(self._install, index, entry, transfer)
+        elif outcome is Outcome.CONFLICT:
+            self._report(index, transfer, Reason.OWNERSHIP_CONFLICT, "another node won the move")
+        elif outcome is Outcome.OWNED_ELSEWHERE:
+            self._report(index, transfer, Reason.OWNED_ELSEWHERE, "the owner did not hand over")
+        else:
+            self._pending.pop(index, None)
+
+    async def _acquire(self, index: int) -> tuple[StoredSession | None, Transfer | None]:
+        """Look ``index`` up and move its session here (worker thread); (entry, None) when
+        there is nothing to move."""
+        store = self.node.store
+        entry = await asyncio.wrap_future(store.worker.submit(lambda c: store.alookup(c, index)))
+        if entry is None or entry.record.state not in RESUMABLE:
+            self._not_found[index] = self._clock() + NOT_FOUND_S
+            if len(self._not_found) > 4 * MAX_PENDING:
+                self._not_found.clear()
+            self._count("not_found")
+            return entry, None
+        record = entry.record
+        new = record.evolve(
+            state_version=record.state_version + 1, owner_node=self.node_id,
+            updated_ms=int(time.time() * 1000),
+        )  # fmt: skip
+        future = self.node.submit_acquire(
+            record.session_id, record.state_version, new, HANDOVER_WAIT_S
+        )
+        return entry, await asyncio.wrap_future(future)
+
+    def _install(self, now: float, index: int, entry: StoredSession, transfer: Transfer) -> None:
+        """Loop: the move committed; resume the session here, then feed the held datagram."""
+        held = self._pending.pop(index, None)
+        record = entry.record
+        sid = record.session_id
+        plain = self._sealer.open(sid, record.resume) if record.resume else None
+        state = decode_state(sid, plain, self._make_addr) if plain is not None else None
+        version = transfer.record.state_version if transfer.record is not None else 0
+        s: GatewaySession | str = "its sealed state cannot be opened with this state key"
+        if state is not None:
+            state = dataclasses.replace(state, state_version=version)
+            s = self._gateway.resume(state, now)
+        if isinstance(s, str):
+            self._give_back(sid, now, version, s)
+            return
+        self._begin(s, transfer.owner_epoch, transfer.previous_owner, now)
+        if held is not None:
+            self._gateway.receive_datagram(held.data, held.addr, now)
+
+    def _give_back(self, sid: str, now: float, version: int, why: str) -> None:
+        """Owned but not servable here: release it at once and say why."""
+        node = self.node
+        base = self._base(sid, now, version)
+        epoch = node.owner_epoch(sid) or 0
+        self._gateway.emit(
+            SessionOwnerRejected(
+                **base, owner_epoch=epoch, mono=self._clock(),
+                reason_code=Reason.INVARIANT_VIOLATION, peer_node=why,
+            )
+        )  # fmt: skip
+        with contextlib.suppress(StoreUnavailable):
+            node.store.worker.submit(lambda c: node.arelease(c, sid))
+
+    def _report(self, index: int, transfer: Transfer | None, reason: Reason, why: str) -> None:
+        """A takeover that did not happen: REJECTED or CONFLICT (the datagram is dropped)."""
+        self._pending.pop(index, None)
+        if self._input is not None:
+            self._input(self._emit_refusal, transfer, reason, why)
+
+    def _emit_refusal(
+        self, now: float, transfer: Transfer | None, reason: Reason, why: str
+    ) -> None:
+        record = transfer.record if transfer is not None else None
+        sid = record.session_id if record is not None else ""
+        base = self._base(sid, now, record.state_version if record is not None else 0)
+        cls = SessionOwnerConflict if reason is Reason.OWNERSHIP_CONFLICT else SessionOwnerRejected
+        epoch = transfer.owner_epoch if transfer is not None else 0
+        peer = transfer.previous_owner if transfer is not None else ""
+        self._gateway.emit(
+            cls(**base, owner_epoch=epoch, mono=self._clock(), reason_code=reason, peer_node=peer)
+        )
+        del why
+
+    def _count(self, outcome: str) -> None:
+        self.takeovers[outcome] = self.takeovers.get(outcome, 0) + 1
+
+    # -- metrics -------------------------------------------------------------------------
+
+    def metric_families(self) -> list[MetricFamily]:
+        """Lease refresh latency, fencing events, store errors and latency, owned sessions,
+        takeovers: the gateway's /metrics (one function, whatever renders them)."""
+        node = self.node
+        c = "jvpn_cluster_"
+        return [
+            single(c + "lease_refresh_seconds", "Seconds the last acknowledged lease "
+                   "keep-alive took.", "gauge", node.refresh_latency),
+            single(c + "fencing_events_total", "Times the lease fence closed while this node "
+                   "served sessions.", "counter", self.fencing_events),
+            single(c + "leases_lost_total", "Leases etcd expired under this node.", "counter",
+                   node.leases_lost),
+            single(c + "store_errors_total", "etcd calls that failed (store unavailable).",
+                   "counter", node.store.worker.errors),
+            single(c + "store_latency_seconds", "Seconds the last takeover's etcd calls took.",
+                   "gauge", self.store_latency),
+            single(c + "owned_sessions", "Sessions this node owns and serves.", "gauge",
+                   len(self.intervals)),
+            labelled(c + "takeovers_total", "Takeover attempts by outcome.", "counter",
+                     "outcome", self.takeovers),
+        ]  # fmt: skip
+
+
+def _note(iv: Interval, before: float, after: float) -> None:
+    iv.forwarded += 1
+    if iv.first is None:
+        iv.first = before
+    iv.last = after
+
+
+def _source(packet: bytes) -> bytes:
+    """The packed inner source address of a packet from a client (IPv4 or IPv6)."""
+    return packet[8:24] if packet[0] >> 4 == 6 else packet[12:16]
