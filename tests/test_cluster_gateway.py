@@ -90,10 +90,11 @@ class Node:
         return ("127.0.0.1", self.port)
 
     def start(self) -> None:
-        log = open(self.dir / "stderr.log", "ab")  # noqa: SIM115 - closed with the process
+        log = open(self.dir / "stderr.log", "ab")
         env = dict(os.environ, PYTHONPATH=str(REPO))
+        config = str(self.dir / "gateway.toml")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tunnel.gateway.main", "--config", str(self.dir / "gateway.toml")],
+            [sys.executable, "-m", "tunnel.gateway.main", "--config", config],
             stdout=log, stderr=log, env=env,
         )  # fmt: skip
         log.close()
@@ -267,3 +268,144 @@ def test_a_session_moves_to_the_node_the_client_reaches_and_the_live_owner_hands
     no_forwarding_overlap(b, a, sid)
     assert c.repeats() == []  # no (direction, key phase, counter) twice across the moves
     assert [e for e in c.events if e.event_type == "SESSION_TERMINATED"] == []
+
+
+class SourceClient(WireClient):
+    """A WireClient that also records the source port of every datagram it receives."""
+
+    sources: list[tuple[float, int]]
+
+    def step(self, max_wait: float = 0.02) -> None:
+        if not hasattr(self, "sources"):
+            self.sources = []
+        for sock in self.socks.values():
+            if not hasattr(sock, "_recording"):
+                orig = sock.recv_batch
+
+                def recv(max_n: int = 64, orig: Any = orig) -> Any:
+                    out = orig(max_n)
+                    self.sources.extend((time.monotonic(), addr[1]) for _, addr in out)
+                    return out
+
+                sock.recv_batch = recv  # type: ignore[method-assign]
+                sock._recording = True  # type: ignore[attr-defined]
+        super().step(max_wait)
+
+
+def test_at48_two_nodes_take_the_session_at_once_exactly_one_wins(cluster: Cluster) -> None:
+    """The client's next datagram reaches gw-b and gw-c at the same moment (the owner gw-a
+    is alive and asked by both): one transfer commits (owner epoch 2), the other is the
+    conflict event of the loser, which changes nothing."""
+    a, b, cn = cluster.node("gw-a"), cluster.node("gw-b"), cluster.node("gw-c")
+    c, sid = attached(cluster, a)
+    version = cluster.entry(sid).record.state_version
+
+    c.session.receive_tun_packet(icmp_echo(CLIENT_INNER, GATEWAY_INNER, 500), time.monotonic())
+    out = c.session.datagrams_to_send()
+    assert len(out) == 1
+    pid, data = out[0]
+    c._note("up", data)
+    for node in (b, cn):  # the same datagram to both, back to back
+        c.socks[pid].send(data, node.address)
+
+    def settled() -> bool:
+        return any(owner_events(n, "ACQUIRED", sid) for n in (b, cn)) and any(
+            owner_events(n, "CONFLICT", sid) or owner_events(n, "REJECTED", sid) for n in (b, cn)
+        )
+
+    wait_until(settled, 15.0, "one winner and one loser")
+    winners = [n for n in (b, cn) if owner_events(n, "ACQUIRED", sid)]
+    assert len(winners) == 1
+    loser = cn if winners[0] is b else b
+    assert owner_events(loser, "CONFLICT", sid), "the loser says it lost the race"
+    entry = cluster.entry(sid)
+    assert (entry.owner_epoch, entry.record.owner_node) == (2, winners[0].name)
+    assert entry.record.state_version == version + 1  # one move, not two
+    c.gateway = winners[0].address
+    assert moved(c)
+    assert c.repeats() == []
+
+
+def test_at50_owner_killed_while_the_client_recovers_the_other_node_takes_over(
+    cluster: Cluster,
+) -> None:
+    a, b = cluster.node("gw-a"), cluster.node("gw-b")
+    c, sid = attached(cluster, a)
+    c.gateway = ("127.0.0.1", free_udp_port())  # nothing there: the path goes silent
+    assert c.run_until(lambda: c.state is State.RECOVERING, timeout=30.0)
+    before = cluster.entry(sid).record.state_version
+    a.kill()  # kill -9: its lease expires after the TTL
+    c.gateway = b.address  # the client's reattach reaches gw-b
+    assert c.run_until(lambda: c.state is State.ATTACHED, timeout=20.0)
+    assert echo(c, 600, 5)
+    assert c.session.machine.session_id == sid
+    entry = cluster.entry(sid)
+    assert (entry.owner_epoch, entry.record.owner_node) == (2, "gw-b")
+    assert entry.record.state_version > before  # version + 1 at the move, never back
+    acquired = owner_events(b, "ACQUIRED", sid)
+    assert acquired and acquired[0]["peer_node"] == "gw-a"
+    assert owner_events(a, "RELEASED", sid) == []  # the dead owner handed nothing over
+    assert c.repeats() == []
+
+
+def test_at49_without_quorum_the_owner_fences_a_move_is_denied_then_it_goes_on(
+    cluster: Cluster,
+) -> None:
+    a, b = cluster.node("gw-a"), cluster.node("gw-b")
+    c, sid = attached(cluster, a)
+    replies: list[float] = []
+
+    def note_replies() -> bool:
+        while len(replies) < len(echo_replies(c)):
+            replies.append(time.monotonic())
+        return any(e["reason_code"] == "owner_fenced" for e in a.events("DIAGNOSTIC"))
+
+    cluster.etcd.stop_majority()
+    stopped = time.monotonic()
+    try:
+        # the owner forwards only until its lease deadline (TTL - margin after its last
+        # acknowledged keep-alive), then fences: the echoes stop, a DIAGNOSTIC says why
+        assert keep_echoing(c, note_replies, 10.0)
+        before = len(echo_replies(c))
+        keep_echoing(c, note_replies, 1.0)
+        assert len(echo_replies(c)) == before  # fenced: nothing forwarded
+        assert replies and replies[-1] - stopped < TTL + 0.5
+        # a move to another node is denied: fail closed
+        c.gateway = b.address
+        assert not moved(c, timeout=2.0)
+        denied = b.events("SESSION_OWNER_REJECTED")
+        assert denied and {e["reason_code"] for e in denied} == {"store_unavailable"}
+        assert not owner_events(b, "ACQUIRED", sid)
+    finally:
+        cluster.etcd.heal()
+    assert moved(c, timeout=30.0)  # quorum back: the session goes on, within its window
+    assert c.session.machine.session_id == sid and c.state is State.ATTACHED
+    assert [e for e in c.events if e.event_type == "SESSION_TERMINATED"] == []
+    assert c.repeats() == []
+
+
+def test_at51_an_owner_frozen_past_its_lease_sends_nothing_when_it_wakes(
+    cluster: Cluster,
+) -> None:
+    a, b = cluster.node("gw-a"), cluster.node("gw-b")
+    c = SourceClient(a.address, cluster.gw_pub, cluster.cl_priv)
+    cluster.clients.append(c)
+    assert c.run_until(lambda: c.state is State.ATTACHED, timeout=10.0)
+    assert echo(c, 0, 5)
+    sid = c.session.machine.session_id
+    a.signal(signal.SIGSTOP)
+    for seq in range(700, 705):  # queued in gw-a's socket while it is frozen
+        c.send_inner(icmp_echo(CLIENT_INNER, GATEWAY_INNER, seq))
+    c.gateway = b.address
+    assert moved(c, timeout=20.0)  # gw-a's lease expired: gw-b took the session
+    assert cluster.entry(sid).record.owner_node == "gw-b"
+    woke = time.monotonic()
+    a.signal(signal.SIGCONT)
+    wait_until(lambda: bool(owner_events(a, "RELEASED", sid)), 10.0, "gw-a's end of ownership")
+    keep_echoing(c, lambda: False, 1.0)
+    assert [t for t, port in c.sources if port == a.port and t >= woke] == []
+    released = owner_events(a, "RELEASED", sid)[-1]
+    assert released["reason_code"] == "owner_fenced"
+    acquired = [e for e in owner_events(b, "ACQUIRED", sid) if e["owner_epoch"] == 2]
+    assert released["last_forward_mono"] < acquired[0]["mono"]
+    assert c.repeats() == []

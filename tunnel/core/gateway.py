@@ -138,6 +138,10 @@ class GatewaySessions:
         """A cluster node's hook for a DATA/CONTROL datagram whose receiver index no session
         here has (the session may live on another node): True when the driver looks it
         up (the datagram is then counted ``owner_lookup``, else ``unknown_session``)."""
+        self.on_unknown_named: Callable[[bytes, float], bool] | None = None
+        """A cluster node's hook for a HANDSHAKE_INIT naming a session not held here (the
+        client asks whether it was lost): True while the session may live on another node
+        (the INIT is then not answered, counted ``owner_lookup``)."""
         self._tun: list[bytes] = []
         self._reserve_due: list[GatewaySession] = []
         self._ports = SessionPorts(
@@ -262,10 +266,22 @@ class GatewaySessions:
             self.report.count_drop(Drop.SESSION_STILL_LIVE)
         elif named is not None:
             self._deny(init, addr, named.end_reason or Reason.PEER_TERMINATED, now)
+        elif self.on_unknown_named is not None and self._elsewhere(init, now):
+            self.report.count_drop(Drop.OWNER_LOOKUP)
         elif (suite := choose(init.payload.ciphers, self.ciphers)) is None:
             self._no_common_cipher(init, addr, now)
         else:
             self._open_session(init, self.policy, addr, now, suite)
+
+    def _elsewhere(self, init: Initiation, now: float) -> bool:
+        """A cluster node: the INIT names a session this node does not hold, which another
+        node may (the driver looks; True: not answered meanwhile)."""
+        previous = init.payload.previous_session
+        return (
+            bool(previous)
+            and self.on_unknown_named is not None
+            and (self.on_unknown_named(previous, now))
+        )
 
     def _named(self, init: Initiation) -> GatewaySession | None:
         """The session of this client the INIT names as the one it continues, if this

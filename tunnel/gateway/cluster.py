@@ -75,6 +75,9 @@ MAX_PENDING: Final = 256
 """Takeovers in flight at once (each holds one datagram); more are counted and dropped."""
 NOT_FOUND_S: Final = 1.0
 """A receiver index etcd does not know is not looked up again for this long."""
+LOST_S: Final = 30.0
+"""A session id etcd does not know (the client asks whether it was lost): the client's
+next INIT naming it gets a new session for this long."""
 
 
 class RouteHook:
@@ -185,7 +188,7 @@ class Pending:
     """A takeover in flight: the newest datagram that asked for it."""
 
     data: bytes
-    addr: Addr
+    addr: Addr | None
 
 
 class ClusterNode:
@@ -211,8 +214,11 @@ class ClusterNode:
         self.intervals: dict[str, Interval] = {}
         """Sessions this node serves, with their ownership interval."""
         self._by_peer: dict[int, Interval] = {}
-        self._pending: dict[int, Pending] = {}
-        self._not_found: dict[int, float] = {}
+        self._pending: dict[int | str, Pending] = {}
+        """Takeovers in flight, by receiver index (with the datagram held) or session id."""
+        self._not_found: dict[int | str, float] = {}
+        self._moving: set[str] = set()
+        """Sessions whose transfer to this node is in flight."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._input: Callable[..., None] | None = None
         self._run_input: Callable[..., None] = lambda *a: None
@@ -258,6 +264,9 @@ class ClusterNode:
     def sealer(self) -> StateSealer:
         return self._sealer
 
+    def store_and_sealer(self) -> tuple[ClusterStore, StateSealer]:
+        return self.store, self._sealer
+
     def attach(self, loop: asyncio.AbstractEventLoop, run_input: Callable[..., None]) -> None:
         """Serve on ``loop``: take datagrams for unknown sessions from now on.
         ``run_input(fn, *args)``: the driver's guarded input (``fn(now, *args)``, pump)."""
@@ -266,6 +275,7 @@ class ClusterNode:
         self._input = lambda *a: self._soon(loop, run_input, *a)
         self._lost_seen = self.node.leases_lost
         self._gateway.on_unknown = self.on_unknown
+        self._gateway.on_unknown_named = self.on_unknown_named
 
     @staticmethod
     def _soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
@@ -275,6 +285,7 @@ class ClusterNode:
         """A clean stop (after the sessions were saved): forget every session here, then
         revoke the lease (their keys go with it; another node takes each over at once)."""
         self._gateway.on_unknown = None
+        self._gateway.on_unknown_named = None
         for task in list(self._tasks):
             task.cancel()
         for sid in list(self.intervals):
@@ -362,7 +373,10 @@ class ClusterNode:
         unavailable): forget it here without a word to the client (the owner serves it).
         True: handled (the caller does not terminate it)."""
         self._gateway.release(sid)
-        self._end(sid, now, Reason.OWNERSHIP_CONFLICT)
+        if self.node.fence.may_forward(self._clock()):
+            self._end(sid, now, Reason.OWNERSHIP_CONFLICT)
+        else:  # its lease lapsed (a node frozen or cut off): it ended at the fence
+            self._end(sid, now, Reason.OWNER_FENCED, mono=self._fence_end())
         return True
 
     # -- what leaves ---------------------------------------------------------------------
@@ -395,10 +409,16 @@ class ClusterNode:
     def _lose_all(self, now: float) -> None:
         """etcd expired this node's lease: every session here may be another node's now.
         Its interval ended when its fence closed."""
-        end = min(self._clock(), self._deadline) if self._deadline > 0 else self._clock()
+        end = self._fence_end()
         for sid in list(self.intervals):
             self._gateway.release(sid)
             self._end(sid, now, Reason.OWNER_FENCED, mono=end)
+
+    def _fence_end(self) -> float:
+        """When this node's ownership effectively ended: its fence's last deadline seen
+        open (or now, if earlier)."""
+        now = self._clock()
+        return min(now, self._deadline) if self._deadline > 0 else now
 
     def fenced(self, datagrams: int, packets: int) -> None:
         for _ in range(datagrams + packets):
@@ -441,7 +461,10 @@ class ClusterNode:
 
     def _hand_over(self, now: float, sid: str, requester: str) -> None:
         self._gateway.release(sid)  # nothing more of it leaves from here
-        self._end(sid, now, Reason.OWNERSHIP_MOVED, peer=requester)
+        if self.node.fence.may_forward(self._clock()):
+            self._end(sid, now, Reason.OWNERSHIP_MOVED, peer=requester)
+        else:  # a request seen late (the node was frozen): its ownership ended at the fence
+            self._end(sid, now, Reason.OWNER_FENCED, peer=requester, mono=self._fence_end())
         node = self.node
         with contextlib.suppress(StoreUnavailable):
             node.store.worker.submit(lambda c: node.arelease(c, sid))
@@ -456,65 +479,118 @@ class ClusterNode:
             return True
         if self._not_found.get(index, 0.0) > now or self._loop is None:
             return False
-        if len(self._pending) >= MAX_PENDING or not self.node.fence.may_forward(self._clock()):
+        if not self._lease_open(index, now):
             return False
-        self._pending[index] = Pending(data, addr)
-        task = self._loop.create_task(self._take_over(index))
+        return self._start(index, Pending(data, addr))
+
+    def on_unknown_named(self, previous: bytes, now: float) -> bool:
+        """The core's hook for a HANDSHAKE_INIT naming a session not held here (the client
+        asks whether it was lost, D15c): True (the INIT is not answered) unless etcd has
+        no such session either; meanwhile the node takes it over if it can."""
+        sid = previous.hex()
+        if self._not_found.get(sid, 0.0) > now or self._loop is None:
+            return False  # lost for the whole cluster: a new session, linked to it
+        if sid in self._pending or sid in self.intervals or self._pending:
+            return True  # one takeover at a time answers the question
+        if not self._lease_open(sid, now):
+            return True
+        return self._start(sid, Pending(b"", None))
+
+    def _lease_open(self, key: int | str, now: float) -> bool:
+        """A takeover needs this node's lease: without it (no quorum, cut from etcd) the
+        move is denied, once a while per key (fail closed)."""
+        if self.node.fence.may_forward(self._clock()):
+            return True
+        if isinstance(key, int):  # (a session id there means "lost": never set here)
+            self._not_found[key] = now + NOT_FOUND_S
+        self._gateway.emit(
+            SessionOwnerRejected(
+                **self._base(key if isinstance(key, str) else "", now, 0), owner_epoch=0,
+                mono=self._clock(), reason_code=Reason.STORE_UNAVAILABLE,
+            )
+        )  # fmt: skip
+        return False
+
+    def _start(self, key: int | str, pending: Pending) -> bool:
+        if len(self._pending) >= MAX_PENDING or self._loop is None:
+            return False
+        self._pending[key] = pending
+        task = self._loop.create_task(self._take_over(key))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True
 
-    async def _take_over(self, index: int) -> None:
+    async def _take_over(self, key: int | str) -> None:
         started = self._clock()
         try:
-            entry, transfer = await self._acquire(index)
+            entry, transfer = await self._acquire(key)
         except StoreUnavailable as exc:
             self._count("unavailable")
-            self._report(index, None, Reason.STORE_UNAVAILABLE, str(exc))
+            self._report(key, None, Reason.STORE_UNAVAILABLE, str(exc))
             return
         finally:
             self.store_latency = self._clock() - started
         if transfer is None:
-            self._pending.pop(index, None)
+            self._pending.pop(key, None)
             return
         outcome = transfer.outcome
         self._count(str(outcome))
         if outcome is Outcome.GRANTED:
             assert self._input is not None and entry is not None
-            self._input(self._install, index, entry, transfer)
+            self._input(self._install, key, entry, transfer)
         elif outcome is Outcome.CONFLICT:
-            self._report(index, transfer, Reason.OWNERSHIP_CONFLICT, "another node won the move")
+            self._report(key, transfer, Reason.OWNERSHIP_CONFLICT, "another node won the move")
         elif outcome is Outcome.OWNED_ELSEWHERE:
-            self._report(index, transfer, Reason.OWNED_ELSEWHERE, "the owner did not hand over")
+            self._report(key, transfer, Reason.OWNED_ELSEWHERE, "the owner did not hand over")
         else:
-            self._pending.pop(index, None)
+            self._pending.pop(key, None)
 
-    async def _acquire(self, index: int) -> tuple[StoredSession | None, Transfer | None]:
-        """Look ``index`` up and move its session here (worker thread); (entry, None) when
-        there is nothing to move."""
+    async def _lookup(self, key: int | str) -> StoredSession | None:
         store = self.node.store
-        entry = await asyncio.wrap_future(store.worker.submit(lambda c: store.alookup(c, index)))
+        if isinstance(key, int):
+            future = store.worker.submit(lambda c: store.alookup(c, key))
+        else:
+            future = store.worker.submit(lambda c: store.aentry(c, key))
+        return await asyncio.wrap_future(future)
+
+    async def _acquire(self, key: int | str) -> tuple[StoredSession | None, Transfer | None]:
+        """Look ``key`` (a receiver index or a session id) up and move its session here
+        (worker thread); (entry, None) when there is nothing to move."""
+        entry = await self._lookup(key)
         if entry is None or entry.record.state not in RESUMABLE:
-            self._not_found[index] = self._clock() + NOT_FOUND_S
+            self._not_found[key] = self._clock() + (NOT_FOUND_S if isinstance(key, int) else LOST_S)
             if len(self._not_found) > 4 * MAX_PENDING:
                 self._not_found.clear()
             self._count("not_found")
             return entry, None
         record = entry.record
+        if record.session_id in self.intervals or record.session_id in self._moving:
+            return entry, None  # here already, or on its way
         new = record.evolve(
             state_version=record.state_version + 1, owner_node=self.node_id,
             updated_ms=int(time.time() * 1000),
         )  # fmt: skip
-        future = self.node.submit_acquire(
-            record.session_id, record.state_version, new, HANDOVER_WAIT_S
-        )
-        return entry, await asyncio.wrap_future(future)
+        self._moving.add(record.session_id)
+        try:
+            future = self.node.submit_acquire(
+                record.session_id, record.state_version, new, HANDOVER_WAIT_S
+            )
+            transfer = await asyncio.wrap_future(future)
+        except BaseException:
+            self._moving.discard(record.session_id)
+            raise
+        if transfer.outcome is not Outcome.GRANTED:
+            self._moving.discard(record.session_id)
+        return entry, transfer
 
-    def _install(self, now: float, index: int, entry: StoredSession, transfer: Transfer) -> None:
+    def _install(
+        self, now: float, key: int | str, entry: StoredSession, transfer: Transfer
+    ) -> None:
         """Loop: the move committed; resume the session here, then feed the held datagram."""
-        held = self._pending.pop(index, None)
+        held = self._pending.pop(key, None)
         record = entry.record
         sid = record.session_id
+        self._moving.discard(sid)
         plain = self._sealer.open(sid, record.resume) if record.resume else None
         state = decode_state(sid, plain, self._make_addr) if plain is not None else None
         version = transfer.record.state_version if transfer.record is not None else 0
@@ -526,7 +602,7 @@ class ClusterNode:
             self._give_back(sid, now, version, s)
             return
         self._begin(s, transfer.owner_epoch, transfer.previous_owner, now)
-        if held is not None:
+        if held is not None and held.addr is not None:
             self._gateway.receive_datagram(held.data, held.addr, now)
 
     def _give_back(self, sid: str, now: float, version: int, why: str) -> None:
@@ -543,9 +619,9 @@ class ClusterNode:
         with contextlib.suppress(StoreUnavailable):
             node.store.worker.submit(lambda c: node.arelease(c, sid))
 
-    def _report(self, index: int, transfer: Transfer | None, reason: Reason, why: str) -> None:
+    def _report(self, key: int | str, transfer: Transfer | None, reason: Reason, why: str) -> None:
         """A takeover that did not happen: REJECTED or CONFLICT (the datagram is dropped)."""
-        self._pending.pop(index, None)
+        self._pending.pop(key, None)
         if self._input is not None:
             self._input(self._emit_refusal, transfer, reason, why)
 

@@ -847,18 +847,7 @@ def _parse_cluster(
         raise ConfigError(file, "cluster", raw, "must be a table ([cluster])")
     r = _Reader(file, raw, "cluster.")
     r.unknown(CLUSTER_KEYS | ROUTE_KEYS)
-    endpoints = raw.get("endpoints", _NO_VALUE)
-    if endpoints is _NO_VALUE:
-        raise ConfigError(file, "cluster.endpoints", _NO_VALUE, "missing (required)")
-    if (
-        not isinstance(endpoints, list) or not 1 <= len(endpoints) <= 9
-        or not all(isinstance(e, str) for e in endpoints)
-    ):  # fmt: skip
-        raise r.error("endpoints", endpoints, 'must be a list of 1-9 "host:port" strings')
-    for ep in endpoints:
-        host, sep, port = ep.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise r.error("endpoints", ep, 'each endpoint must be "host:port"')
+    endpoints = _parse_endpoints(r)
     node = r.string("node_id", node_id)
     if not NODE_ID_RE.fullmatch(node):
         raise r.error("node_id", node, "1-64 characters from A-Z a-z 0-9 . _ -")
@@ -870,7 +859,24 @@ def _parse_cluster(
     prefix = r.string("prefix", DEFAULT_CLUSTER_PREFIX)
     if not prefix.startswith("/") or not prefix.endswith("/") or len(prefix) < 3:
         raise r.error("prefix", prefix, "must look like /jvpn/<cluster>/")
-    return ClusterConfig(tuple(endpoints), node, key_file, ttl, prefix)
+    return ClusterConfig(endpoints, node, key_file, ttl, prefix)
+
+
+def _parse_endpoints(r: _Reader) -> tuple[str, ...]:
+    """``[cluster] endpoints``: 1-9 etcd client endpoints, ``"host:port"``."""
+    endpoints = r.table.get("endpoints", _NO_VALUE)
+    if endpoints is _NO_VALUE:
+        raise ConfigError(r.file, r.key("endpoints"), _NO_VALUE, "missing (required)")
+    if (
+        not isinstance(endpoints, list) or not 1 <= len(endpoints) <= 9
+        or not all(isinstance(e, str) for e in endpoints)
+    ):  # fmt: skip
+        raise r.error("endpoints", endpoints, 'must be a list of 1-9 "host:port" strings')
+    for ep in endpoints:
+        host, sep, port = ep.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise r.error("endpoints", ep, 'each endpoint must be "host:port"')
+    return tuple(endpoints)
 
 
 def _cluster_state(file: Path, raw: object, cluster: ClusterConfig, key_path: Path) -> StateConfig:

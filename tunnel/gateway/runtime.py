@@ -59,7 +59,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeGuard, TypeVar
 
 from tunnel.control.protocol import ControlError
 from tunnel.core.ciphers import ALL_CIPHERS, DataCipher
@@ -118,6 +118,25 @@ class PeerAddr(NamedTuple):
     """IPv6 scope (link-local); 0 for IPv4."""
 
 
+def _clustered(config: GatewayConfig | None) -> TypeGuard[GatewayConfig]:
+    """``config`` has a ``[cluster]`` section."""
+    return config is not None and config.cluster is not None
+
+
+def _persistence(
+    gateway: GatewaySessions,
+    store: SessionStore,
+    sealer: StateSealer | None,
+    node_id: str,
+    make_addr: Callable[..., PeerAddr],
+    persistent: bool,
+) -> SessionPersistence | None:
+    """The resume side of a persistent store with a sealer, else None."""
+    if persistent and isinstance(store, ResumableStore) and sealer is not None:
+        return SessionPersistence(gateway, store, sealer, node_id, make_addr)
+    return None
+
+
 class GatewayRuntime:
     """Drives one GatewaySessions on an asyncio loop; see the module docstring.
 
@@ -174,7 +193,8 @@ class GatewayRuntime:
         self.clock = clock
         now = clock()
         self.node_id = node_id
-        clustered = store is None and config is not None and config.cluster is not None
+        cluster_config = config if store is None and _clustered(config) else None
+        clustered = cluster_config is not None
         store = store if store is not None else MemorySessionStore()
         self._own_store = own_store
         persistent = clustered or (
@@ -188,16 +208,15 @@ class GatewayRuntime:
             index_stripe=index_stripe, counter_reservations=persistent,
             announce_node=announce_node,
         )  # fmt: skip
-        self.cluster: ClusterNode | None = None
-        """With ``[cluster]``: this node's ownership (tunnel/gateway/cluster.py)."""
-        if clustered:
-            assert config is not None
-            self.cluster = open_cluster(config, self.gateway, self._stored_addr)
-            store, sealer = self.cluster.store, self.cluster.sealer
-        self.persistence: SessionPersistence | None = (
-            SessionPersistence(self.gateway, store, sealer, node_id, self._stored_addr)
-            if persistent and isinstance(store, ResumableStore) and sealer is not None
+        self.cluster: ClusterNode | None = (
+            open_cluster(cluster_config, self.gateway, self._stored_addr)
+            if cluster_config is not None
             else None
+        )
+        """With ``[cluster]``: this node's ownership (tunnel/gateway/cluster.py)."""
+        store, sealer = self.cluster.store_and_sealer() if self.cluster else (store, sealer)
+        self.persistence: SessionPersistence | None = _persistence(
+            self.gateway, store, sealer, node_id, self._stored_addr, persistent
         )
         self.resumed: tuple[int, list[str]] = (0, [])
         """At start: how many stored sessions were resumed, and a line per one that was not."""
