@@ -88,10 +88,11 @@ def test_the_owner_answers_for_the_inner_address_and_an_announcement_moves_it(
 def test_takeover_kill_9_of_the_owner_during_a_transfer_from_behind_the_cluster(
     cluster_net: Callable[..., ClusterNet],
 ) -> None:
-    """The client's path to node B is down while A serves it (a client whose standby path
-    reaches another node makes that node take the session over: see the report of
-    s8-clusternet), and comes up when A is killed: the client recovers through B, B takes
-    the session over once A's lease expired, and the server's transfer goes on."""
+    """The client's path to node B is down while A serves it and comes up when A is killed:
+    the client recovers through B, B takes the session over once A's lease expired
+    (owner epoch 2), and the server's transfer goes on. (Path B is down before: with the
+    cluster runtime merged here, a standby path's probes reaching the non-owner B move
+    the session to B and back; docs/cluster.md "Standby paths", s8-cluster.)"""
     net = cluster_net()
     net.set_path(1, up=False)
     net.start_gateway("a")
