@@ -278,6 +278,9 @@ def test_runtime_reports_a_failing_hook_as_a_diagnostic_and_keeps_serving(
         c.send_inner(icmp_echo("10.66.0.2", "10.66.0.1", 1))
         assert c.run_until(lambda: len(echo_replies(c)) == 1)  # the node goes on
         assert (tmp_path / "calls").read_text().split() == ["acquire", sid, "10.66.0.2"]
+        text = s.gateway.metrics_text()
+        assert 'jvpn_route_hook_changes_total{outcome="failed"} 1' in text
+        assert 'jvpn_route_hook_changes_total{outcome="ok"} 0' in text
     finally:
         s.close()
     assert threading.active_count() < 50

@@ -42,6 +42,7 @@ from typing import Any, Final, Protocol
 
 from tunnel.core.events import Event, SessionCreated, SessionTerminated
 from tunnel.core.gateway_session import ClientEntry
+from tunnel.observability.metrics import MetricFamily, labelled
 
 ACQUIRE: Final = "acquire"
 RELEASE: Final = "release"
@@ -344,6 +345,18 @@ class RouteHook:
                     break
         thread.join(max(0.0, deadline - self._clock()))
 
+    def metric_families(self) -> list[MetricFamily]:
+        """Route changes done and failed, and how many wait (the gateway's /metrics)."""
+        with self._lock:
+            done, failed = self.done, self.failed
+        return [
+            labelled("jvpn_route_hook_changes_total", "Route changes (acquire, release) run "
+                     "by the route hook, by outcome.", "counter", "outcome",
+                     {"ok": done, "failed": failed}),
+            labelled("jvpn_route_hook_queued", "Route changes waiting for the worker.",
+                     "gauge", "queue", {"pending": self._queue.qsize()}),
+        ]  # fmt: skip
+
     def wait_idle(self, timeout: float) -> bool:
         """True once every queued change has run (tests, shutdown)."""
         deadline = self._clock() + timeout
@@ -374,7 +387,8 @@ class RouteHook:
                 elapsed = self._clock() - started
                 self._report(RouteResult(action, session_id, inner, False, str(exc), elapsed))
                 return
-        self._report(RouteResult(action, session_id, inner, True, "", self._clock() - started))
+        if action != "clear":  # the start's clean-up is no route change of a session
+            self._report(RouteResult(action, session_id, inner, True, "", self._clock() - started))
 
     def _report(self, result: RouteResult) -> None:
         with self._lock:

@@ -577,6 +577,8 @@ class GatewayRuntime:
         families = self.metrics.metric_families()
         if self.cluster is not None:
             families.extend(self.cluster.metric_families())
+        if self.route_hook is not None:
+            families.extend(self.route_hook.metric_families())
         return families
 
     def collect_metrics(self) -> list[MetricFamily]:
