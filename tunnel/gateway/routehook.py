@@ -408,6 +408,8 @@ class SessionRoutes:
     def __init__(self, hook: RouteHook, clients: Callable[[], Sequence[ClientEntry]]) -> None:
         self.hook = hook
         self._clients = clients
+        self._by_name: tuple[Sequence[ClientEntry], dict[str, ClientEntry]] = ((), {})
+        """The client list last seen and its index by name (rebuilt when it is replaced)."""
         self._routed: dict[str, list[str]] = {}
         """Session id -> the inner addresses acquired for it (bounded by the sessions)."""
 
@@ -417,13 +419,19 @@ class SessionRoutes:
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, SessionCreated):
-            client = next((c for c in self._clients() if c.name == event.peer), None)
+            client = self._client(event.peer)
             addresses = [event.inner_address]
             if client is not None and client.inner_address6:
                 addresses.append(client.inner_address6)
             self.acquire(event.session_id, addresses)
         elif isinstance(event, SessionTerminated):
             self.release(event.session_id)
+
+    def _client(self, name: str) -> ClientEntry | None:
+        clients = self._clients()
+        if clients is not self._by_name[0]:  # a reload replaced the list
+            self._by_name = (clients, {c.name: c for c in clients})
+        return self._by_name[1].get(name)
 
     def acquire(self, session_id: str, addresses: list[str]) -> None:
         """This node serves ``session_id`` (created, resumed or taken over here)."""
