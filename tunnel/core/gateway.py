@@ -543,6 +543,16 @@ class GatewaySessions:
         self._timers.touch(state.index)
         return s
 
+    def set_cluster_hooks(
+        self,
+        on_unknown: Callable[[int, bytes, Addr, float], bool] | None,
+        on_unknown_named: Callable[[bytes, float], bool] | None,
+    ) -> None:
+        """A cluster node's hooks (see :attr:`on_unknown`, :attr:`on_unknown_named`);
+        None, None: a single gateway again."""
+        self.on_unknown = on_unknown
+        self.on_unknown_named = on_unknown_named
+
     def release(self, session_id: str) -> GatewaySession | None:
         """Forget a live session without ending it (no event, no TERMINATE): another node
         of a cluster owns it now. What is queued for it is voided; nothing more of it
@@ -557,7 +567,7 @@ class GatewaySessions:
         index = s.index
         del self.sessions[index]
         self._forget_routes(s)
-        self.outbox.void_for(s.peer_index)
+        self.outbox.void_for(s.peer_index, handshake=True)  # a session that is not here
         self._timers.touch(index)
         return s
 

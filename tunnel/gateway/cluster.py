@@ -44,7 +44,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from tunnel.core.constants import MSG_DATA
+from tunnel.core.aead import SessionCipher
+from tunnel.core.constants import MSG_CONTROL, MSG_DATA
 from tunnel.core.drops import Drop
 from tunnel.core.events import (
     Diagnostic,
@@ -59,6 +60,7 @@ from tunnel.core.events import (
 from tunnel.core.gateway import GatewaySessions
 from tunnel.core.gateway_paths import Addr
 from tunnel.core.gateway_session import GatewaySession
+from tunnel.core.wire import ReattachRequest, parse_control
 from tunnel.gateway.resume import RESUMABLE, decode_state
 from tunnel.observability.metrics import MetricFamily, labelled, single
 from tunnel.ownership import SessionRecord, StoreUnavailable
@@ -157,6 +159,12 @@ class ClusterStore:
     def refresh(self, record: SessionRecord) -> bool:
         return self.node.refresh(record)
 
+    def take_changes(self) -> tuple[list[str], list[str]]:
+        """The sessions created and deleted since the last call."""
+        created, self.created = self.created, []
+        deleted, self.deleted = self.deleted, []
+        return created, deleted
+
     def records(self) -> list[SessionRecord]:
         """None to resume at start: a node takes sessions over when clients reach it."""
         return []
@@ -178,6 +186,8 @@ class Interval:
     owner_epoch: int
     inner: list[str]
     packed: list[bytes]
+    version: int = 0
+    """The session's state version when it was taken away from this node."""
     forwarded: int = 0
     first: float | None = None
     last: float | None = None
@@ -274,8 +284,7 @@ class ClusterNode:
         self._run_input = run_input
         self._input = lambda *a: self._soon(loop, run_input, *a)
         self._lost_seen = self.node.leases_lost
-        self._gateway.on_unknown = self.on_unknown
-        self._gateway.on_unknown_named = self.on_unknown_named
+        self._gateway.set_cluster_hooks(self.on_unknown, self.on_unknown_named)
 
     @staticmethod
     def _soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
@@ -284,12 +293,11 @@ class ClusterNode:
     def shutdown(self, now: float) -> None:
         """A clean stop (after the sessions were saved): forget every session here, then
         revoke the lease (their keys go with it; another node takes each over at once)."""
-        self._gateway.on_unknown = None
-        self._gateway.on_unknown_named = None
+        self._gateway.set_cluster_hooks(None, None)
         for task in list(self._tasks):
             task.cancel()
         for sid in list(self.intervals):
-            self._gateway.release(sid)
+            self._release(sid)
             self._end(sid, now, Reason.GATEWAY_SHUTDOWN)
 
     def close(self) -> None:
@@ -329,6 +337,13 @@ class ClusterNode:
             )
         self.hook.acquired(sid, inner)
 
+    def _release(self, sid: str) -> None:
+        """Forget ``sid`` here (no word to the client); its interval keeps its version."""
+        s = self._gateway.release(sid)
+        iv = self.intervals.get(sid)
+        if s is not None and iv is not None:
+            iv.version = s.machine.version
+
     def _end(
         self, sid: str, now: float, reason: Reason, peer: str = "", mono: float | None = None
     ) -> None:
@@ -336,7 +351,9 @@ class ClusterNode:
         if iv is None:
             return
         self._by_peer.pop(iv.peer_index, None)
-        base = self._base(sid, now, 0)
+        s = self._gateway.sessions.get(iv.index)
+        version = s.machine.version if s is not None else iv.version
+        base = self._base(sid, now, version)
         at = self._clock() if mono is None else mono
         fields = {
             "owner_epoch": iv.owner_epoch, "mono": at, "peer_node": peer,
@@ -351,9 +368,7 @@ class ClusterNode:
     def after_mirror(self, now: float) -> None:
         """Sessions whose record was created (ownership began, epoch 1) or deleted (the
         session ended) in this flush."""
-        store = self.store
-        created, store.created = store.created, []
-        deleted, store.deleted = store.deleted, []
+        created, deleted = self.store.take_changes()
         for sid in created:
             index = self._index_of(sid)
             s = self._gateway.sessions.get(index) if index is not None else None
@@ -372,7 +387,7 @@ class ClusterNode:
         """The store refused a write of ``sid`` (another node owns it, or the store is
         unavailable): forget it here without a word to the client (the owner serves it).
         True: handled (the caller does not terminate it)."""
-        self._gateway.release(sid)
+        self._release(sid)
         if self.node.fence.may_forward(self._clock()):
             self._end(sid, now, Reason.OWNERSHIP_CONFLICT)
         else:  # its lease lapsed (a node frozen or cut off): it ended at the fence
@@ -411,7 +426,7 @@ class ClusterNode:
         Its interval ended when its fence closed."""
         end = self._fence_end()
         for sid in list(self.intervals):
-            self._gateway.release(sid)
+            self._release(sid)
             self._end(sid, now, Reason.OWNER_FENCED, mono=end)
 
     def _fence_end(self) -> float:
@@ -460,7 +475,7 @@ class ClusterNode:
         return False
 
     def _hand_over(self, now: float, sid: str, requester: str) -> None:
-        self._gateway.release(sid)  # nothing more of it leaves from here
+        self._release(sid)  # nothing more of it leaves from here
         if self.node.fence.may_forward(self._clock()):
             self._end(sid, now, Reason.OWNERSHIP_MOVED, peer=requester)
         else:  # a request seen late (the node was frozen): its ownership ended at the fence
@@ -528,6 +543,10 @@ class ClusterNode:
             self._count("unavailable")
             self._report(key, None, Reason.STORE_UNAVAILABLE, str(exc))
             return
+        except ValueError as exc:  # a record that cannot move (its version at the maximum)
+            self._count("error")
+            self._report(key, None, Reason.INVARIANT_VIOLATION, str(exc))
+            return
         finally:
             self.store_latency = self._clock() - started
         if transfer is None:
@@ -566,6 +585,10 @@ class ClusterNode:
         record = entry.record
         if record.session_id in self.intervals or record.session_id in self._moving:
             return entry, None  # here already, or on its way
+        held = self._pending.get(key)
+        if held is not None and held.data and not self._asks_to_move(record, held.data):
+            self._count("standby")
+            return entry, None
         new = record.evolve(
             state_version=record.state_version + 1, owner_node=self.node_id,
             updated_ms=int(time.time() * 1000),
@@ -582,6 +605,24 @@ class ClusterNode:
         if transfer.outcome is not Outcome.GRANTED:
             self._moving.discard(record.session_id)
         return entry, transfer
+
+    def _asks_to_move(self, record: SessionRecord, data: bytes) -> bool:
+        """Does the client move its session here? DATA: yes (it sends DATA only on its
+        binding). CONTROL: only a REATTACH_REQUEST; a probe of a standby path (and any
+        other control message) moves nothing. The datagram is opened with a throwaway
+        cipher from the sealed record: no replay window of the session is touched, nothing
+        is sealed, nothing answered (docs/cluster.md, "Standby paths")."""
+        if data[0] != MSG_CONTROL:
+            return True
+        sid = record.session_id
+        plain = self._sealer.open(sid, record.resume) if record.resume else None
+        state = decode_state(sid, plain, self._make_addr) if plain is not None else None
+        if state is None:
+            return True  # cannot tell: the move is tried, and fails where it is installed
+        cipher = SessionCipher(state.keys, suite=state.suite)
+        cipher.resume_at(state.key_phase, 0, -1)
+        opened = cipher.open(data, self._clock())
+        return not isinstance(opened, Drop) and isinstance(parse_control(opened), ReattachRequest)
 
     def _install(
         self, now: float, key: int | str, entry: StoredSession, transfer: Transfer

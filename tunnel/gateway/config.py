@@ -959,6 +959,8 @@ def parse_gateway_config(data: Mapping[str, Any], file: Path) -> GatewayConfig:
     if cluster is not None:
         state = _cluster_state(file, data.get("state"), cluster, key_path)
         node_id = cluster.node_id
+        if workers > 1:  # each worker would be a node of its own under one node id
+            raise r.error("workers", data.get("workers"), "must be 1 with [cluster] (for now)")
     route = _parse_route(file, data.get("cluster"))
     key_path, private_key = _load_key(r)  # last: every plain value error comes first
     return GatewayConfig(

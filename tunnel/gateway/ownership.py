@@ -33,6 +33,7 @@ class OwnershipMirror:
     def __init__(
         self, gateway: GatewaySessions, store: SessionStore, node_id: str,
         persistence: SessionPersistence | None = None,
+        on_refused: Callable[[str, float], bool] | None = None,
     ) -> None:  # fmt: skip
         self._gateway: GatewaySessions = gateway
         self.persistence = persistence
@@ -42,7 +43,7 @@ class OwnershipMirror:
         """Failed CAS (or create) answers: this node was not authoritative."""
         self.errors = 0
         """Store calls that raised StoreUnavailable (also counted as conflicts)."""
-        self.on_refused: Callable[[str, float], bool] | None = None
+        self.on_refused: Callable[[str, float], bool] | None = on_refused
         """A cluster node's handler of a refused write: True when it took the session
         away without a word to the client (another node serves it), instead of ending it."""
         self._by_sid: dict[str, GatewaySession] = {}

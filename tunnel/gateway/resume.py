@@ -124,6 +124,7 @@ class SessionPersistence:
         make_addr: Callable[..., Addr],
         *,
         block: int = COUNTER_BLOCK,
+        on_refused: Callable[[str, float], bool] | None = None,
     ) -> None:
         self._gateway: GatewaySessions = gateway
         self.store: ResumableStore = store
@@ -140,7 +141,7 @@ class SessionPersistence:
         self._pending: dict[int, tuple[int, int]] = {}
         """index -> (phase, counter) of the sealed state a write is carrying."""
         self._batch: list[tuple[GatewaySession, tuple[int, int]]] = []
-        self.on_refused: Callable[[str, float], bool] | None = None
+        self.on_refused: Callable[[str, float], bool] | None = on_refused
         """A cluster node's handler of a refused reservation (the session is taken away
         without a word to the client: True), instead of ending it."""
         """Reservations made in the current store batch, with what they replaced."""

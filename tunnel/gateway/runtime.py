@@ -130,10 +130,11 @@ def _persistence(
     node_id: str,
     make_addr: Callable[..., PeerAddr],
     persistent: bool,
+    on_refused: Callable[[str, float], bool] | None,
 ) -> SessionPersistence | None:
     """The resume side of a persistent store with a sealer, else None."""
     if persistent and isinstance(store, ResumableStore) and sealer is not None:
-        return SessionPersistence(gateway, store, sealer, node_id, make_addr)
+        return SessionPersistence(gateway, store, sealer, node_id, make_addr, on_refused=on_refused)
     return None
 
 
@@ -215,8 +216,10 @@ class GatewayRuntime:
         )
         """With ``[cluster]``: this node's ownership (tunnel/gateway/cluster.py)."""
         store, sealer = self.cluster.store_and_sealer() if self.cluster else (store, sealer)
+        # a cluster node: a refused write takes the session away, without a word
+        refused = self.cluster.not_authoritative if self.cluster is not None else None
         self.persistence: SessionPersistence | None = _persistence(
-            self.gateway, store, sealer, node_id, self._stored_addr, persistent
+            self.gateway, store, sealer, node_id, self._stored_addr, persistent, refused
         )
         self.resumed: tuple[int, list[str]] = (0, [])
         """At start: how many stored sessions were resumed, and a line per one that was not."""
@@ -240,12 +243,8 @@ class GatewayRuntime:
         self.clients_reload: ClientsReloader = ClientsReloader(self.gateway, config, clients)
         """The clients and their reloads from ``config.clients_dir`` (SIGHUP)."""
         self.ownership: OwnershipMirror = OwnershipMirror(
-            self.gateway, store, node_id, self.persistence
+            self.gateway, store, node_id, self.persistence, on_refused=refused
         )
-        if self.cluster is not None:  # a refused write: another node serves the session
-            self.ownership.on_refused = self.cluster.not_authoritative
-            if self.persistence is not None:
-                self.persistence.on_refused = self.cluster.not_authoritative
         self.traffic: TrafficCounters = TrafficCounters()
         self.metrics: GatewayMetrics = GatewayMetrics(
             self.gateway, traffic=self.traffic, policy=self.policy,
