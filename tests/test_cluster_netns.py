@@ -88,13 +88,11 @@ def test_the_owner_answers_for_the_inner_address_and_an_announcement_moves_it(
 def test_takeover_kill_9_of_the_owner_during_a_transfer_from_behind_the_cluster(
     cluster_net: Callable[..., ClusterNet],
 ) -> None:
-    """The client's path to node B is down while A serves it and comes up when A is killed:
-    the client recovers through B, B takes the session over once A's lease expired
-    (owner epoch 2), and the server's transfer goes on. (Path B is down before: with the
-    cluster runtime merged here, a standby path's probes reaching the non-owner B move
-    the session to B and back; docs/cluster.md "Standby paths", s8-cluster.)"""
+    """The client has a path to each node; A serves the session (path A is first), B sees
+    only the client's standby probes (they move nothing). ``kill -9`` of A: the client
+    recovers through B, B takes the session over once A's lease expired (owner epoch 2) and
+    announces the inner address on the LAN, and the server's transfer goes on."""
     net = cluster_net()
-    net.set_path(1, up=False)
     net.start_gateway("a")
     net.start_client()
     net.start_gateway("b")
@@ -106,8 +104,8 @@ def test_takeover_kill_9_of_the_owner_during_a_transfer_from_behind_the_cluster(
 
     transfer = net.start_download(TAKEOVER_BYTES, rate=TAKEOVER_RATE)
     transfer.wait_progress(1024 * 1024, 60)
+    assert "node gw-a · owner epoch 1" in net.client_status()  # B's probes moved nothing
     net.kill_gateway("a", signal.SIGKILL)
-    net.set_path(1, up=True)
     result = transfer.finish(180)
 
     assert result.receiver["error"] is None and result.sender["error"] is None
