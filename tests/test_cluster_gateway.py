@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,12 @@ from etcd_cluster import EtcdCluster, etcd_cluster, etcd_cluster_fn, free_tcp_po
 from test_gateway_runtime import GATEWAY_INNER, echo_replies, icmp_echo
 from test_resume import CLIENT_INNER, WireClient
 
+from tunnel.core.constants import MSG_STANDBY_ACK
+from tunnel.core.drops import Drop
 from tunnel.core.handshake import generate_keypair
 from tunnel.core.session import State
-from tunnel.core.wire import PathChallenge
+from tunnel.core.standby import open_standby_ack, seal_standby_ack
+from tunnel.core.wire import STANDBY_ACK_LEN, PathChallenge, ProbeAck, parse_header
 from tunnel.gateway.config import ClusterConfig, ConfigError, GatewayConfig, load_gateway_config
 from tunnel.keys import write_private_key, write_public_key
 from tunnel.ownership.etcd import EtcdSessionStore
@@ -278,10 +282,11 @@ class SourceClient(WireClient):
     """A WireClient that also records the source port of every datagram it receives."""
 
     sources: list[tuple[float, int]]
+    received: list[tuple[int, bytes]]
 
     def step(self, max_wait: float = 0.02) -> None:
         if not hasattr(self, "sources"):
-            self.sources = []
+            self.sources, self.received = [], []
         for sock in self.socks.values():
             if not hasattr(sock, "_recording"):
                 orig = sock.recv_batch
@@ -289,6 +294,7 @@ class SourceClient(WireClient):
                 def recv(max_n: int = 64, orig: Any = orig) -> Any:
                     out = orig(max_n)
                     self.sources.extend((time.monotonic(), addr[1]) for _, addr in out)
+                    self.received.extend((addr[1], bytes(data)) for data, addr in out)
                     return out
 
                 sock.recv_batch = recv  # type: ignore[method-assign]
@@ -566,3 +572,74 @@ def test_a_cluster_node_runs_one_worker(confdir: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"workers = 2: must be 1 with \[cluster\]"):
         load_gateway_config(path)
+
+
+class TwoPathClient(SourceClient):
+    """A client with two paths, each to its own node (``targets``: path id -> address)."""
+
+    targets: dict[int, tuple[str, int]]
+
+    def _pump(self) -> None:
+        if not hasattr(self, "wire"):
+            self.wire = Counter()
+        for pid, data in self.session.datagrams_to_send():
+            self._note("up", data)
+            self.socks[pid].send(data, self.targets.get(pid, self.gateway))
+        self.inner.extend(self.session.packets_for_tun())
+        self.events.extend(self.session.events())
+
+
+def test_a_standby_path_to_a_node_that_does_not_own_the_session_is_validated_in_place(
+    cluster: Cluster,
+) -> None:
+    """Path 1 to the owner gw-a, path 2 to gw-b: gw-b answers path 2's probes with standby
+    acks (random nonces under the derived key, no counter of the session): path 2 becomes
+    validated, the session stays gw-a's (epoch 1), nothing moves, no counter repeats."""
+    a, b = cluster.node("gw-a"), cluster.node("gw-b")
+    nowhere = ("127.0.0.1", free_udp_port())
+    c = TwoPathClient.__new__(TwoPathClient)
+    c.targets = {2: nowhere}
+    WireClient.__init__(c, a.address, cluster.gw_pub, cluster.cl_priv, n_paths=2)
+    cluster.clients.append(c)
+    assert c.run_until(lambda: c.state is State.ATTACHED, timeout=10.0)
+    sid = c.session.machine.session_id
+    assert not c.session.paths.get(2).validated
+    c.targets[2] = b.address
+    assert c.run_until(lambda: c.session.paths.get(2).validated, timeout=15.0)
+    assert metric_value(b, "jvpn_cluster_standby_acks_total") >= 1
+    entry = cluster.entry(sid)
+    assert (entry.owner_epoch, entry.record.owner_node) == (1, "gw-a")
+    assert owner_events(b, "ACQUIRED", sid) == [] and owner_events(a, "RELEASED", sid) == []
+    assert echo(c, 900, 5)
+    acks = [d for port, d in c.received if port == b.port and d[0] == MSG_STANDBY_ACK]
+    assert acks  # a replayed ack matches no outstanding probe: dropped, nothing changes
+    before = c.session.drops.get("duplicate", 0)
+    c.session.receive_datagram(acks[0], 2, time.monotonic())
+    assert c.session.drops.get("duplicate", 0) == before + 1
+    assert c.repeats() == []
+
+
+def metric_value(n: Node, name: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{n.metrics_port}/metrics", timeout=2) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"no metric {name}")
+
+
+def test_a_standby_ack_opens_only_with_the_session_keys_and_names_its_probe() -> None:
+    send, other = bytes(range(32)), bytes(32)
+    ack = ProbeAck(7, 2, 123, 1, 3, 0)
+    dgram = seal_standby_ack(send, 1, 0xABCD, ack, b"n" * 12)
+    assert len(dgram) == STANDBY_ACK_LEN and dgram[0] == MSG_STANDBY_ACK
+    assert parse_header(dgram).receiver_index == 0xABCD  # type: ignore[union-attr]
+    assert open_standby_ack(send, dgram) == ack  # the client's recv key is this send key
+    assert open_standby_ack(other, dgram) is Drop.BAD_TAG
+    tampered = dgram[:9] + bytes([dgram[9] ^ 1]) + dgram[10:]  # the nonce is authenticated
+    assert open_standby_ack(send, tampered) is Drop.BAD_TAG
+    assert open_standby_ack(send, dgram[:-1]) is Drop.TRUNCATED
+    # two acks of one probe never share a nonce by construction of the caller (urandom);
+    # the same ack under two nonces is two different datagrams
+    assert seal_standby_ack(send, 1, 0xABCD, ack, b"m" * 12) != dgram

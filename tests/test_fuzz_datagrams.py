@@ -31,6 +31,7 @@ from tunnel.core.constants import (
     MSG_DATA,
     MSG_HANDSHAKE_INIT,
     MSG_HANDSHAKE_RESP,
+    MSG_STANDBY_ACK,
     TRANSPORT_HEADER,
 )
 from tunnel.core.drops import Drop
@@ -371,7 +372,10 @@ def test_control_messages_round_trip_and_reject_wrong_lengths(
 def test_header_verdicts_are_consistent(msg_type: int, phase: int, index: int, tail: bytes) -> None:
     data = HEADER.pack(msg_type, phase, index) + tail
     verdict = parse_header(data)
-    known = (MSG_HANDSHAKE_INIT, MSG_HANDSHAKE_RESP, MSG_DATA, MSG_CONTROL, MSG_COOKIE_REPLY)
+    known = (
+        MSG_HANDSHAKE_INIT, MSG_HANDSHAKE_RESP, MSG_DATA, MSG_CONTROL, MSG_COOKIE_REPLY,
+        MSG_STANDBY_ACK,
+    )  # fmt: skip
     if msg_type not in known:
         assert verdict is Drop.UNKNOWN_TYPE
     elif isinstance(verdict, Header):

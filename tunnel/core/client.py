@@ -48,6 +48,7 @@ from tunnel.core.constants import (
     MSG_COOKIE_REPLY,
     MSG_DATA,
     MSG_HANDSHAKE_RESP,
+    MSG_STANDBY_ACK,
 )
 from tunnel.core.drops import Drop
 from tunnel.core.endpoint import Reporter
@@ -76,6 +77,7 @@ from tunnel.core.replay import DuplicateMeter, stale_drop
 from tunnel.core.rescue import LostStateRescue
 from tunnel.core.selection import Selector, SwitchLimiter
 from tunnel.core.session import SessionMachine, State, Trigger
+from tunnel.core.standby import open_standby_ack
 from tunnel.core.switching import PeerView, SwitchController
 from tunnel.core.timers import SessionClocks, TimedRow, due_rows, earliest, most_urgent_row
 from tunnel.core.wire import (
@@ -406,6 +408,8 @@ class ClientSession:
             self._on_handshake_response(data, header.receiver_index, path_id, now)
         elif header.msg_type == MSG_COOKIE_REPLY:
             self._on_cookie_reply(data, header.receiver_index, path_id, now)
+        elif header.msg_type == MSG_STANDBY_ACK:
+            self._on_standby_ack(data, header.receiver_index, path_id, now)
         else:  # HANDSHAKE_INIT: only a gateway takes those
             self.report.count_drop(Drop.WRONG_STATE)
 
@@ -447,6 +451,25 @@ class ClientSession:
         if isinstance(msg, ProbeAck):
             path.gateway_says(mark >= MARK_VALIDATED)
         self._on_control(msg, path_id, now)
+
+    def _on_standby_ack(self, data: bytes, index: int, path_id: int, now: float) -> None:
+        """A cluster node that does not own the session answered a probe on ``path_id``
+        (tunnel/core/standby.py): the path is validated if the ack is authentic and names a
+        probe still awaited; nothing else of the session changes."""
+        cipher = self.keys.cipher
+        if cipher is None or index != self.index:
+            self.report.count_drop(Drop.WRONG_STATE if cipher is None else Drop.UNKNOWN_SESSION)
+            return
+        ack = open_standby_ack(cipher.current_keys()[1].recv, data)
+        if isinstance(ack, Drop):
+            self.report.count_drop(ack)
+            return
+        health = self.paths.get(path_id).health
+        if not health.awaits(ack.probe_id):
+            self.report.count_drop(Drop.DUPLICATE)  # a replay, or an ack already counted
+            return
+        health.probe_acked(ack.probe_id, now)
+        self.paths.validated(path_id, now)
 
     def _on_bad_packet(self, drop: Drop, path_id: int, now: float) -> None:
         if drop is Drop.TOO_OLD or drop is Drop.DUPLICATE:

@@ -38,6 +38,7 @@ from tunnel.core.constants import (
     MSG_DATA,
     MSG_HANDSHAKE_INIT,
     MSG_HANDSHAKE_RESP,
+    MSG_STANDBY_ACK,
     SESSION_ID_LEN,
     TRANSPORT_HEADER,
 )
@@ -139,7 +140,18 @@ def _cookie_reply_shape(n: int, phase: int, receiver_index: int) -> Drop | None:
     return None
 
 
+STANDBY_ACK_LEN = HEADER.size + 12 + 1 + 22 + AEAD_TAG_LEN
+"""HEADER, a random 96-bit nonce, a sealed PROBE_ACK control message (tunnel/core/standby.py)."""
+
+
+def _standby_ack_shape(n: int, phase: int, receiver_index: int) -> Drop | None:
+    if n != STANDBY_ACK_LEN:
+        return Drop.TRUNCATED if n < STANDBY_ACK_LEN else Drop.OVERSIZED
+    return None
+
+
 _SHAPES: dict[int, Callable[[int, int, int], Drop | None]] = {
+    MSG_STANDBY_ACK: _standby_ack_shape,
     MSG_DATA: _transport_shape,
     MSG_CONTROL: _transport_shape,
     MSG_HANDSHAKE_INIT: _init_shape,

@@ -39,11 +39,13 @@ import asyncio
 import contextlib
 import dataclasses
 import ipaddress
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
+from tunnel.core.admission import TokenBucket
 from tunnel.core.aead import SessionCipher
 from tunnel.core.constants import MSG_CONTROL, MSG_DATA
 from tunnel.core.drops import Drop
@@ -59,8 +61,10 @@ from tunnel.core.events import (
 )
 from tunnel.core.gateway import GatewaySessions
 from tunnel.core.gateway_paths import Addr
+from tunnel.core.gateway_resume import ResumeState
 from tunnel.core.gateway_session import GatewaySession
-from tunnel.core.wire import ReattachRequest, parse_control
+from tunnel.core.standby import NONCE_LEN, seal_standby_ack
+from tunnel.core.wire import STATE_CODES, Probe, ProbeAck, ReattachRequest, parse_control
 from tunnel.gateway.resume import RESUMABLE, decode_state
 from tunnel.observability.metrics import MetricFamily, labelled, single
 from tunnel.ownership import SessionRecord, StoreUnavailable
@@ -77,6 +81,10 @@ MAX_PENDING: Final = 256
 """Takeovers in flight at once (each holds one datagram); more are counted and dropped."""
 NOT_FOUND_S: Final = 1.0
 """A receiver index etcd does not know is not looked up again for this long."""
+LOOKUP_RATE: Final = 500.0
+LOOKUP_BURST: Final = 100.0
+"""Lookups a node starts per second (and at once): datagrams with unknown receiver indexes
+(random ones, a flood) cost etcd at most this many reads."""
 LOST_S: Final = 30.0
 """A session id etcd does not know (the client asks whether it was lost): the client's
 next INIT naming it gets a new session for this long."""
@@ -212,8 +220,12 @@ class ClusterNode:
         make_addr: Callable[..., Addr],
         hook: Any = None,
         clock: Callable[[], float] = time.monotonic,
+        urandom: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self._gateway: GatewaySessions = gateway
+        self._urandom = urandom
+        self.standby_acks = 0
+        """Probes of sessions this node does not own answered with a standby ack."""
         self.node = node
         self.node_id = node.node_id
         self._sealer = sealer
@@ -227,6 +239,8 @@ class ClusterNode:
         self._pending: dict[int | str, Pending] = {}
         """Takeovers in flight, by receiver index (with the datagram held) or session id."""
         self._not_found: dict[int | str, float] = {}
+        self._lookups = TokenBucket(LOOKUP_RATE, LOOKUP_BURST, clock())
+        """Lookups started (etcd reads for datagrams of sessions not held here)."""
         self._moving: set[str] = set()
         """Sessions whose transfer to this node is in flight."""
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -529,6 +543,9 @@ class ClusterNode:
     def _start(self, key: int | str, pending: Pending) -> bool:
         if len(self._pending) >= MAX_PENDING or self._loop is None:
             return False
+        if not self._lookups.allow(self._clock()):  # etcd reads are bounded, whatever comes
+            self._count("rate_limited")
+            return False
         self._pending[key] = pending
         task = self._loop.create_task(self._take_over(key))
         self._tasks.add(task)
@@ -586,7 +603,7 @@ class ClusterNode:
         if record.session_id in self.intervals or record.session_id in self._moving:
             return entry, None  # here already, or on its way
         held = self._pending.get(key)
-        if held is not None and held.data and not self._asks_to_move(record, held.data):
+        if held is not None and held.data and not self._asks_to_move(key, record, held.data):
             self._count("standby")
             return entry, None
         new = record.evolve(
@@ -606,12 +623,12 @@ class ClusterNode:
             self._moving.discard(record.session_id)
         return entry, transfer
 
-    def _asks_to_move(self, record: SessionRecord, data: bytes) -> bool:
+    def _asks_to_move(self, key: int | str, record: SessionRecord, data: bytes) -> bool:
         """Does the client move its session here? DATA: yes (it sends DATA only on its
-        binding). CONTROL: only a REATTACH_REQUEST; a probe of a standby path (and any
-        other control message) moves nothing. The datagram is opened with a throwaway
-        cipher from the sealed record: no replay window of the session is touched, nothing
-        is sealed, nothing answered (docs/cluster.md, "Standby paths")."""
+        binding). CONTROL: only a REATTACH_REQUEST; a probe of a standby path is answered
+        with a standby ack (tunnel/core/standby.py), any other control message ignored.
+        The datagram is opened with a throwaway cipher from the sealed record: no replay
+        window of the session is touched (docs/cluster.md, "Standby paths")."""
         if data[0] != MSG_CONTROL:
             return True
         sid = record.session_id
@@ -622,7 +639,25 @@ class ClusterNode:
         cipher = SessionCipher(state.keys, suite=state.suite)
         cipher.resume_at(state.key_phase, 0, -1)
         opened = cipher.open(data, self._clock())
-        return not isinstance(opened, Drop) and isinstance(parse_control(opened), ReattachRequest)
+        msg = parse_control(opened) if not isinstance(opened, Drop) else opened
+        if isinstance(msg, Probe) and self._input is not None:
+            held = self._pending.get(key)
+            if held is not None and held.addr is not None:
+                self._input(self._answer_probe, state, msg, held.addr)
+        return isinstance(msg, ReattachRequest)
+
+    def _answer_probe(self, now: float, state: ResumeState, probe: Probe, addr: Addr) -> None:
+        """A standby ack: sealed under the standby key with a random nonce, never with a
+        counter of the session (the owner's)."""
+        code = STATE_CODES.index(state.state) if state.state in STATE_CODES else 0
+        ack = ProbeAck(
+            probe.probe_id, probe.path_id, self._gateway.ts_ms(now), code, state.binding_epoch, 0
+        )
+        dgram = seal_standby_ack(
+            state.keys.send, state.key_phase, state.peer_index, ack, self._urandom(NONCE_LEN)
+        )
+        self._gateway.outbox.push(addr, dgram)
+        self.standby_acks += 1
 
     def _install(
         self, now: float, key: int | str, entry: StoredSession, transfer: Transfer
@@ -703,6 +738,8 @@ class ClusterNode:
                    "gauge", self.store_latency),
             single(c + "owned_sessions", "Sessions this node owns and serves.", "gauge",
                    len(self.intervals)),
+            single(c + "standby_acks_total", "Probes of sessions this node does not own "
+                   "answered with a standby ack.", "counter", self.standby_acks),
             labelled(c + "takeovers_total", "Takeover attempts by outcome.", "counter",
                      "outcome", self.takeovers),
         ]  # fmt: skip
