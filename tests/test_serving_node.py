@@ -180,13 +180,19 @@ def test_jvpn_status_shows_the_node_and_owner_epoch_only_in_a_cluster() -> None:
 
 
 def test_the_session_panel_shows_the_node_and_owner_epoch_only_in_a_cluster() -> None:
-    from jvpn_tui.app import JvpnApp
-    from jvpn_tui.fake_engine import FakeEngine
+    from textual.app import App, ComposeResult
+
     from jvpn_tui.widgets import SessionPanel
 
+    class PanelApp(App[None]):
+        """The panel alone: no engine publishes over what the test shows."""
+
+        def compose(self) -> ComposeResult:
+            yield SessionPanel()
+
     async def run() -> tuple[str, str]:
-        app = JvpnApp(FakeEngine("healthy"))
-        async with app.run_test(size=(120, 40)) as pilot:
+        app = PanelApp()
+        async with app.run_test(size=(120, 30)) as pilot:
             panel = app.query_one(SessionPanel)
             panel.show(_snapshot("gw-b", 2))
             await pilot.pause()
