@@ -41,6 +41,7 @@ from tunnel.core.wire import (
     STATE_CODES,
     Header,
     InitPayload,
+    NodeInfo,
     ReattachKind,
     ReattachReject,
     RespPayload,
@@ -314,6 +315,9 @@ def test_parsers_never_raise_on_arbitrary_bytes(data: bytes) -> None:
 def control_messages(draw: st.DrawFn) -> Any:
     """Any well-formed control message, field values drawn within their wire ranges."""
     cls = draw(st.sampled_from(list(_CONTROL_TYPES.values())))
+    if cls is NodeInfo:  # a node id: 1-64 characters of NODE_ID_RE, zero padding
+        node = draw(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", fullmatch=True))
+        return NodeInfo.of(node, draw(st.integers(0, 2**32 - 1)))
     codes = cls.STRUCT.format.lstrip("<").replace("x", "")
     values: list[Any] = []
     for f, code in zip(fields(cls), [c for c in _expand(codes)], strict=True):

@@ -57,6 +57,8 @@ def _client_fields(snap: EngineSnapshot, style: Style) -> list[tuple[str, str]]:
         ("state", f"{_state(style, s.state)} v{s.state_version}"
                   + (f" (gateway: {s.peer_state} v{s.peer_state_version})" if s.peer_state
                      else "")),
+        *([("node", f"node {s.serving_node} · owner epoch {s.owner_epoch}")]
+          if s.serving_node else []),
         ("binding epoch", str(s.binding_epoch)),
         ("key phase", f"{s.key_phase} (keys {duration(s.key_age_s)} old)"),
         ("cipher", s.cipher or "-"),

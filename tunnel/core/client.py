@@ -83,6 +83,7 @@ from tunnel.core.timers import SessionClocks, TimedRow, due_rows, earliest, most
 from tunnel.core.wire import (
     STATE_CODES,
     Control,
+    NodeInfo,
     PathChallenge,
     PathResponse,
     Probe,
@@ -175,6 +176,10 @@ class ClientSnapshot:
     """The inner IPv6 address the gateway assigned (empty: no IPv6 in this session)."""
     cipher: str = ""
     """The data cipher negotiated in the handshake (empty before it)."""
+    serving_node: str = ""
+    """The gateway cluster node serving the session (empty: not a cluster)."""
+    owner_epoch: int = 0
+    """The session's owner epoch on that node (bumped by every takeover)."""
 
 
 class ClientSession:
@@ -246,6 +251,9 @@ class ClientSession:
         """The inner IPv6 address the gateway assigned; empty: no IPv6 in this session."""
         self.inner_prefix6 = 0
         self.inner_gateway6 = ""
+        self.serving_node = ""
+        """The cluster node serving the session (EXT_NODE, NODE_INFO); empty: none said."""
+        self.owner_epoch = 0
         self.mtu = 1420
         self.advertised: tuple[tuple[str, int], ...] = ()
         self._out: list[tuple[int, bytes]] = []
@@ -530,6 +538,7 @@ class ClientSession:
         self.inner_gateway, self.mtu = payload.inner_gateway, payload.mtu
         self.inner_address6, self.inner_prefix6 = payload.inner_address6, payload.inner_prefix6
         self.inner_gateway6 = payload.inner_gateway6
+        self.serving_node, self.owner_epoch = payload.node_id, payload.owner_epoch
         self.advertised = payload.endpoints
         self.heard_at = now
         if link is not None:
@@ -697,8 +706,16 @@ class ClientSession:
             self._on_terminate(reason_from_wire(msg.reason) or Reason.PEER_TERMINATED, now)
         elif isinstance(msg, Rekey):
             pass  # the key phase change itself was handled by SessionCipher.open
+        elif isinstance(msg, NodeInfo):
+            self._on_node_info(msg)
         else:
             self.report.count_drop(Drop.UNKNOWN_TYPE)
+
+    def _on_node_info(self, msg: NodeInfo) -> None:
+        """The node serving the session. Authentic (it was sealed with the session's keys);
+        one from an earlier owner epoch, late or reordered, changes nothing."""
+        if msg.owner_epoch >= self.owner_epoch:
+            self.serving_node, self.owner_epoch = msg.node, msg.owner_epoch
 
     def _on_state_update(self, msg: StateUpdate, path_id: int, now: float) -> None:
         self.send_control(path_id, StateAck(msg.seq))
@@ -1062,4 +1079,6 @@ class ClientSession:
             inner_address=self.inner_address,
             inner_address6=self.inner_address6,
             cipher=cipher.suite.label if cipher else "",
+            serving_node=self.serving_node,
+            owner_epoch=self.owner_epoch,
         )

@@ -105,6 +105,8 @@ class Reason(StrEnum):
     OWNED_ELSEWHERE = "owned_elsewhere"
     OWNER_FENCED = "owner_fenced"
     OWNERSHIP_MOVED = "ownership_moved"
+    # inner routing follows the owner (gateway cluster, tunnel/gateway/routehook.py)
+    ROUTE_HOOK_FAILED = "route_hook_failed"
 
 
 WIRE_REASONS: tuple[Reason, ...] = tuple(Reason)

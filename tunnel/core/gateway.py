@@ -89,8 +89,11 @@ class GatewaySessions:
         counter_reservations: bool = False,
         ciphers: Sequence[DataCipher] = ALL_CIPHERS,
         index_stripe: tuple[int, int] = (0, 1),
+        announce_node: bool = False,
     ) -> None:
-        """``index_stripe`` ``(w, n)``: worker ``w`` of ``n`` allocates only receiver
+        """``announce_node``: a cluster node tells its clients which node serves them
+        (EXT_NODE in message 2, NODE_INFO; docs/wire-format.md).
+        ``index_stripe`` ``(w, n)``: worker ``w`` of ``n`` allocates only receiver
         indexes whose low byte is ``w`` modulo ``n``, so the kernel steers their datagrams
         to it (tunnel/io/reuseport.py).
         ``cookie_threshold``: share of the handshake bucket below which the gateway is
@@ -153,6 +156,7 @@ class GatewaySessions:
             report=self.report, outbox=self.outbox, deliver=self._tun.append,
             urandom=urandom, ended=self._forget_routes,
             reserve=self._reserve_due.append if counter_reservations else None,
+            node=node_id if announce_node else "",
         )  # fmt: skip
 
     # == reporting (the Reporter's surface the drivers and tests read) =====================
@@ -388,7 +392,7 @@ class GatewaySessions:
         resp = RespPayload(
             PROTOCOL_VERSION, 0, session_id, self.ts_ms(now), machine.version, INITIAL_EPOCH,
             client.inner_address, self.inner_prefix, self.inner_gateway, self.mtu, self.endpoints,
-            *self._inner6(client), (suite,) if payload.ciphers else (),
+            *self._inner6(client), (suite,) if payload.ciphers else (), self._ports.node,
         )  # fmt: skip
         noise_resp, keys = init.pending.write_response(resp.pack())
         s = GatewaySession(

@@ -81,6 +81,8 @@ class SessionPorts:
     reserve: Callable[[GatewaySession], None] | None = None
     """With a persistent store: the session sealed past its counter reservation and needs a
     new one before its datagrams leave (gateway_resume.py); None: no reservations."""
+    node: str = ""
+    """A cluster node's id, told to its clients (NODE_INFO); empty: not a cluster node."""
 
 
 class StateUpdates:

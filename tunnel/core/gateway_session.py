@@ -76,6 +76,7 @@ from tunnel.core.wire import (
     STATE_CODES,
     Control,
     CType,
+    NodeInfo,
     PathChallenge,
     PathResponse,
     Probe,
@@ -250,6 +251,9 @@ class GatewaySession:
         self.tombstone_until: float | None = None
         self.end_reason: Reason | None = None
         self.terminate_answered: float | None = None
+        self.owner_epoch = 0
+        """The cluster's owner epoch of this session on this node (set on acquire and
+        transfer, docs/cluster.md); told to the client with the node id (NODE_INFO)."""
         self.reserved = (0, 0 if ports.reserve is not None else REJECT_AFTER_MESSAGES, False)
         """(key phase, counter, rotating): the store holds a reservation of every send
         counter below ``counter`` in that phase (gateway_resume.py; without a persistent
@@ -659,6 +663,7 @@ class GatewaySession:
             return False
         ack = ReattachAck(nonce, epoch, self.machine.version, self._state_code())
         self.reattach.acked(nonce, ack)
+        self._send_node_info(addr)
         self._send(addr, ack)
         if self.queue:
             self._flush()
@@ -729,6 +734,7 @@ class GatewaySession:
         if ack is None:
             return
         self.reattach.acked(req.nonce, ack)
+        self._send_node_info(addr)
         self._send(addr, ack)
         self._flush()
 
@@ -852,8 +858,23 @@ class GatewaySession:
         if msg is None:
             return
         for addr in self._targets():
+            self._send_node_info(addr)
             self._send(addr, msg)
         self.updates.sent(now)
+
+    def _send_node_info(self, addr: Addr) -> None:
+        """A cluster node says who serves the session (before a REATTACH_ACK or a
+        STATE_UPDATE: a takeover always ends in one of them)."""
+        if self._ports.node:
+            self._send(addr, NodeInfo.of(self._ports.node, self.owner_epoch))
+
+    def announce_owner(self, owner_epoch: int) -> None:
+        """The session's owner epoch on this node changed (acquire, transfer): record it
+        and tell the client at once (NODE_INFO to the binding or its validated paths)."""
+        self.owner_epoch = owner_epoch
+        if not self.machine.terminated:
+            for addr in self._targets():
+                self._send_node_info(addr)
 
     def terminate(
         self, reason: Reason, now: float, *, notify: bool = True, initiator: str = "local"

@@ -112,7 +112,8 @@ def route_hook(cfg: GatewayConfig | None) -> Any:
         from tunnel.gateway import routehook  # type: ignore[attr-defined,unused-ignore]
     except ImportError:
         return RouteHook.from_config(cfg)
-    return routehook.RouteHook.from_config(cfg)
+    hook = routehook.RouteHook.from_config(cfg.route) if cfg is not None else None
+    return hook if hook is not None else RouteHook.from_config(cfg)
 
 
 def open_cluster(
@@ -340,8 +341,7 @@ class ClusterNode:
         iv = Interval(s.index, s.peer_index, epoch, inner, packed)
         self.intervals[sid] = iv
         self._by_peer[s.peer_index] = iv
-        if hasattr(s, "owner_epoch"):  # s8-clusternet: the serving node shown to the client
-            s.owner_epoch = epoch
+        s.announce_owner(epoch)  # the client is told at once (NODE_INFO)
         base = self._base(sid, now, s.machine.version)
         mono = self._clock()
         self._gateway.emit(SessionOwner(**base, owner_epoch=epoch, mono=mono, peer_node=previous))

@@ -32,6 +32,7 @@ from tunnel.control.protocol import default_socket
 from tunnel.core.ciphers import ALL_CIPHERS, CipherNameError, DataCipher, parse_cipher_names
 from tunnel.core.constants import MAX_INNER_PACKET, MIN_MTU
 from tunnel.core.gateway import ClientEntry
+from tunnel.gateway.routehook import ROUTE_KEYS, RouteConfig, parse_route_config
 from tunnel.keys import KeyFormatError, encode_key, load_private_key, load_public_key
 from tunnel.observability.metrics import parse_host_port
 
@@ -215,6 +216,8 @@ class GatewayConfig:
     workers: int = 1
     """Worker processes sharing the listen ports (``workers``; the file's default "auto" is
     one per core this process may run on; a configuration built in code has 1)."""
+    route: RouteConfig = field(default_factory=RouteConfig)
+    """``[cluster]`` route keys: inner routing follows the owner (docs/cluster.md)."""
     cluster: ClusterConfig | None = None
     """``[cluster]``: sessions live in etcd and move between nodes (docs/cluster.md)."""
 
@@ -844,7 +847,7 @@ def _parse_cluster(
     if not isinstance(raw, dict):
         raise ConfigError(file, "cluster", raw, "must be a table ([cluster])")
     r = _Reader(file, raw, "cluster.")
-    r.unknown(CLUSTER_KEYS)
+    r.unknown(CLUSTER_KEYS | ROUTE_KEYS)
     endpoints = _parse_endpoints(r)
     node = r.string("node_id", node_id)
     if not NODE_ID_RE.fullmatch(node):
@@ -895,6 +898,17 @@ def _cluster_state(file: Path, raw: object, cluster: ClusterConfig, key_path: Pa
             file, "cluster.state_key_file", str(key_file), "exists and is not a regular file"
         )
     return StateConfig("etcd", key_file.parent, key_file)
+
+
+def _parse_route(file: Path, raw: object) -> RouteConfig:
+    """``[cluster]``'s route keys (tunnel/gateway/routehook.py, docs/cluster.md)."""
+    if raw is None:
+        return RouteConfig()
+    if not isinstance(raw, dict):
+        raise ConfigError(file, "cluster", raw, "must be a table ([cluster])")
+    r = _Reader(file, raw, "cluster.")
+    r.unknown(ROUTE_KEYS | CLUSTER_KEYS)
+    return parse_route_config(file, raw, r.error)
 
 
 def _parse_ciphers(r: _Reader) -> tuple[DataCipher, ...]:
@@ -950,6 +964,7 @@ def parse_gateway_config(data: Mapping[str, Any], file: Path) -> GatewayConfig:
             workers = 1  # a cluster node is one process (below)
         elif workers > 1:  # each worker would be a node of its own under one node id
             raise r.error("workers", data.get("workers"), "must be 1 with [cluster] (for now)")
+    route = _parse_route(file, data.get("cluster"))
     key_path, private_key = _load_key(r)  # last: every plain value error comes first
     return GatewayConfig(
         source=file, node_id=node_id, listen=listen, private_key_path=key_path,
@@ -960,7 +975,7 @@ def parse_gateway_config(data: Mapping[str, Any], file: Path) -> GatewayConfig:
         control_required=control_required, clients_dir=clients_dir,
         client_specs=tuple(inline),
         client_file_errors=tuple(errors), client_file_cache=cache, ciphers=ciphers,
-        workers=workers, state=state, cluster=cluster,
+        workers=workers, state=state, cluster=cluster, route=route,
     )  # fmt: skip
 
 

@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeGuard, TypeVar
 
 from tunnel.control.protocol import ControlError
 from tunnel.core.ciphers import ALL_CIPHERS, DataCipher
-from tunnel.core.events import Event, Reason, StateChange
+from tunnel.core.events import Diagnostic, Event, Reason, StateChange
 from tunnel.core.gateway import ClientEntry, GatewaySessions, SessionView
 from tunnel.core.policy import POLICY_DEFAULT, Policy
 from tunnel.gateway.clients_reload import ClientsReloader
@@ -75,6 +75,7 @@ from tunnel.gateway.metrics import GatewayHealth, GatewayMetrics, TrafficCounter
 from tunnel.gateway.ownership import OwnershipMirror
 from tunnel.gateway.policy_reload import POLICY_POLL_S, PolicyReloader, load_initial_policy
 from tunnel.gateway.resume import SessionPersistence, open_state
+from tunnel.gateway.routehook import RouteConfig, RouteHook, RouteResult, SessionRoutes
 from tunnel.io.loop import DriverLoop, drain, new_event_loop
 from tunnel.io.udp import GatewaySocket
 from tunnel.observability.metrics import MetricFamily, MetricsServer, PrometheusPublisher
@@ -181,12 +182,17 @@ class GatewayRuntime:
         index_stripe: tuple[int, int] = (0, 1),
         sockets: Sequence[GatewaySocket] = (),
         publish_metrics_s: float | None = None,
+        route: RouteConfig | None = None,
+        announce_node: bool = False,
     ) -> None:
         """``index_stripe`` and ``sockets`` make it worker ``w`` of ``n``
         (:mod:`tunnel.gateway.workers`): receiver indexes in its stripe, and its slot of
         each listen address's reuseport group, already bound (``listen`` is not bound);
         ``publish_metrics_s``: publish the metrics this often (and at the end) for a
-        scraper elsewhere (the workers' supervisor); otherwise a scrape publishes."""
+        scraper elsewhere (the workers' supervisor); otherwise a scrape publishes.
+        ``route``: how inner routing follows this node ([cluster] route keys).
+        ``announce_node``: a cluster node: clients are told ``node_id`` and their owner
+        epoch (docs/wire-format.md, NODE_INFO)."""
         if not listen:
             raise ValueError("at least one listen address")
         self.clock = clock
@@ -205,6 +211,7 @@ class GatewayRuntime:
             inner_gateway=inner_gateway, inner_prefix=inner_prefix, mtu=mtu,
             inner_gateway6=inner_gateway6, inner_prefix6=inner_prefix6, ciphers=ciphers,
             index_stripe=index_stripe, counter_reservations=persistent,
+            announce_node=announce_node,
         )  # fmt: skip
         # DH on as many INITs as half this core can answer (measured once per process)
         self.gateway.admission.set_handshake_rate(handshake_budget(), now)
@@ -268,6 +275,25 @@ class GatewayRuntime:
         self._status_handle: asyncio.TimerHandle | None = None
         self._opened = False
         self._stop_requested = False
+        self.route_hook: RouteHook | None = self._route_hook(route)
+        """Inner routing follows the owner ([cluster] route keys; tunnel/gateway/routehook.py):
+        a cluster node's ownership drives it; a single gateway's session events do."""
+        self.routes: SessionRoutes | None = self._session_routes()
+
+    def _route_hook(self, route: RouteConfig | None) -> RouteHook | None:
+        hook: object = (
+            self.cluster.hook if self.cluster is not None
+            else RouteHook.from_config(route) if route is not None else None
+        )  # fmt: skip
+        if not isinstance(hook, RouteHook):
+            return None
+        hook.report_to(self._route_result_threadsafe)
+        return hook
+
+    def _session_routes(self) -> SessionRoutes | None:
+        if self.route_hook is None or self.cluster is not None:
+            return None
+        return SessionRoutes(self.route_hook, lambda: self.clients)
 
     @property
     def crash(self) -> BaseException | None:
@@ -323,7 +349,8 @@ class GatewayRuntime:
             store=store, sealer=sealer, own_store=own_store,
             metrics=metrics if metrics is not None else config.metrics,
             control=config.control_socket, control_required=config.control_required,
-            on_event=on_event, config=config, ciphers=config.ciphers, **worker,
+            on_event=on_event, config=config, ciphers=config.ciphers, route=config.route,
+            announce_node=config.cluster is not None, **worker,
         )  # fmt: skip
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -349,6 +376,9 @@ class GatewayRuntime:
             self._listen_control()
             self.inner.setup()
             self._inner_ready = True
+            if self.route_hook is not None:
+                stale = [a for c in self.clients for a in (c.inner_address, c.inner_address6) if a]
+                self.route_hook.start(stale)
         except BaseException:
             self.close()
             raise
@@ -370,6 +400,8 @@ class GatewayRuntime:
     def close(self) -> None:
         """Undo :meth:`open` in reverse order and close an owned pipeline. Idempotent."""
         errors: list[BaseException] = []
+        if self.route_hook is not None:
+            self.route_hook.close()
         if self._inner_ready:
             self._inner_ready = False
             try:
@@ -475,6 +507,11 @@ class GatewayRuntime:
         assert self.persistence is not None
         now = self.clock()
         self.resumed = self.persistence.restore(self.clients, now)
+        if self.routes is not None:
+            for s in self.gateway.sessions.values():
+                if not s.machine.terminated:
+                    addresses = [s.client.inner_address, s.client.inner_address6]
+                    self.routes.acquire(s.machine.session_id, [a for a in addresses if a])
         self.pump(now)
 
     def _shutdown(self, loop: asyncio.AbstractEventLoop, signals: bool) -> None:
@@ -554,6 +591,8 @@ class GatewayRuntime:
         families = self.metrics.metric_families()
         if self.cluster is not None:
             families.extend(self.cluster.metric_families())
+        if self.route_hook is not None:
+            families.extend(self.route_hook.metric_families())
         return families
 
     def publish_metrics(self) -> None:
@@ -787,7 +826,31 @@ class GatewayRuntime:
         traffic.datagrams_out += sent
         traffic.send_failed += len(run) - sent
 
+    def _route_result_threadsafe(self, result: RouteResult) -> None:
+        """The route hook's worker: a failure becomes an event on the loop."""
+        loop = self.driver.loop
+        if result.ok or loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(self.driver.guard, self._route_failed, result)
+        except RuntimeError:
+            pass  # the loop closed meanwhile: the failure is still counted by the hook
+
+    def _route_failed(self, result: RouteResult) -> None:
+        now = self.clock()
+        detail = f"{result.action} {' '.join(result.inner)}: {result.detail}"
+        self.gateway.emit(
+            Diagnostic(
+                ts_ms=self.gateway.ts_ms(now), session_id=result.session_id,
+                node_id=self.node_id, policy_version=self.policy.last_valid_version or "",
+                state_version=0, reason_code=Reason.ROUTE_HOOK_FAILED, detail=detail,
+            )
+        )  # fmt: skip
+        self.pump(now)
+
     def _deliver(self, event: Event) -> None:
+        if self.routes is not None:
+            self.routes.on_event(event)
         self.metrics.count(event)
         if self.pipeline is not None:
             self.pipeline.emit(event)
