@@ -240,9 +240,9 @@ def test_crash_restart_resumes_without_reusing_a_key_and_counter(tmp_path: Path)
         echo_round(c, 300, 40)
         assert c.session.machine.session_id == sid and terminated_events(c) == []
         assert [run[0].runtime.resumed for run in r.runs[1:]] == [(1, []), (1, [])]
-        metrics = r.runs[-1][0].metrics_text()
-        assert "jvpn_gateway_sessions_resumed_total 1" in metrics
-        assert 'jvpn_gateway_counter_reservations_total{result="failed"} 0' in metrics
+        metrics = r.runs[-1][0].metrics_text().splitlines()
+        assert "jvpn_gateway_sessions_resumed_total 1.0" in metrics
+        assert 'jvpn_gateway_counter_reservations_total{result="failed"} 0.0' in metrics
         down = sorted((p, n) for d, p, n in c.wire if d == "down")
         # phase 0, 1 (the first resume's), 2 (the client's rotation), 3 (the second resume's)
         assert {p for p, _ in down} == {0, 1, 2, 3}

@@ -268,15 +268,18 @@ class SessionCipher:
         replay_window: int = DEFAULT_WINDOW,
         now: float = 0.0,
         suite: DataCipher = DataCipher.CHACHA20_POLY1305,
+        phase: int = 0,
         cache: AeadCache | None = None,
     ) -> None:
         """``suite``: the data cipher the handshake negotiated; every generation uses it.
+        ``phase``: the key phase of ``keys`` (0 after a handshake; another for a throwaway
+        cipher that only reads a datagram of a stored session, e.g. a cluster node's).
         ``cache``: the gateway's ``AeadCache`` (None: every generation keeps its AEAD
         objects while it lives)."""
         self._replay_size = replay_window
         self._suite = suite
         self._cache = cache
-        self._current = _Generation(keys, 0, replay_window, suite, cache)
+        self._current = _Generation(keys, phase % PHASES, replay_window, suite, cache)
         self._previous: _Generation | None = None
         self._previous_until: float | None = None
         """Grace deadline of the previous generation; None while the peer has not yet

@@ -75,6 +75,8 @@ from tunnel.core.timers import (
 from tunnel.core.wire import (
     STATE_CODES,
     Control,
+    CType,
+    NodeInfo,
     PathChallenge,
     PathResponse,
     Probe,
@@ -94,6 +96,11 @@ INITIAL_EPOCH = 1
 """The binding epoch of a new session (the handshake's path is the first binding)."""
 
 _TERMINATED = State.TERMINATED
+
+_REQUEST = ReattachRequest.STRUCT
+_REQUEST_LEN = 1 + _REQUEST.size
+"""A REATTACH_REQUEST plaintext: its type byte and its fields (the fast path's one unpack)."""
+_KINDS = frozenset(int(k) for k in ReattachKind)
 
 TOMBSTONE_S = 10.0
 """A terminated session's index stays known this long: late packets are counted, and an
@@ -250,6 +257,7 @@ class GatewaySession:
         "last_inbound",
         "machine",
         "moved_by_mark",
+        "owner_epoch",
         "paths",
         "peer_index",
         "policy",
@@ -325,6 +333,9 @@ class GatewaySession:
         self.tombstone_until: float | None = None
         self.end_reason: Reason | None = None
         self.terminate_answered: float | None = None
+        self.owner_epoch = 0
+        """The cluster's owner epoch of this session on this node (set on acquire and
+        transfer, docs/cluster.md); told to the client with the node id (NODE_INFO)."""
         self.reserved = (0, 0 if ports.reserve is not None else REJECT_AFTER_MESSAGES, False)
         """(key phase, counter, rotating): the store holds a reservation of every send
         counter below ``counter`` in that phase (gateway_resume.py; without a persistent
@@ -354,6 +365,11 @@ class GatewaySession:
     @property
     def received_from(self) -> dict[Addr, int]:
         return self.paths.received_from
+
+    @property
+    def heard(self) -> bool:
+        """An authentic datagram of this session came from the client (it has the keys)."""
+        return self.rx_high >= 0 or self.rx_phase != 0
 
     @property
     def nonces(self) -> NonceGuard:
@@ -444,6 +460,8 @@ class GatewaySession:
         if msg_type == MSG_DATA:
             self._on_data(plaintext, addr, newest, now)
             return True
+        if at_binding and self._reattach_at_binding(plaintext, addr, now):
+            return rekeyed  # as for DATA: only the binding's silence deadline moved, later
         msg = parse_control(plaintext)
         if isinstance(msg, Drop):
             self._report.count_drop(msg)
@@ -705,6 +723,37 @@ class GatewaySession:
         )  # fmt: skip
         self._carry_out(verdict, req, addr, now)
 
+    def _reattach_at_binding(self, plaintext: bytes, addr: Addr, now: float) -> bool:
+        """The common CONTROL datagram from the binding, a REATTACH_REQUEST, answered with
+        one unpack and no request object (the way of the DATA fast path): from the binding
+        (the caller checked), a validated address, of a session
+        that is not RECOVERING, passing every check of :meth:`_on_reattach` (same checks,
+        same order). True: committed and acknowledged. False: nothing changed; the general
+        path decides (and refuses, holds or moves exactly as it would have)."""
+        if (
+            len(plaintext) != _REQUEST_LEN
+            or plaintext[0] != CType.REATTACH_REQUEST
+            or self.machine.state is State.RECOVERING
+            or not self.paths.is_validated(addr)
+            or self._expired_for_reattach(now) is not None
+        ):
+            return False
+        nonce, ts_ms, expected_epoch, _path, kind, _version = _REQUEST.unpack_from(plaintext, 1)
+        if kind not in _KINDS:
+            return False
+        epoch = self.epoch
+        age_ms = abs(self._report.ts_ms(now) - (ts_ms + self.skew_ms))
+        max_age_ms = self.policy.reattach_proof_max_age_ms
+        if not self.reattach.commit_valid(nonce, expected_epoch, epoch, age_ms, max_age_ms, now):
+            return False
+        ack = ReattachAck(nonce, epoch, self.machine.version, self._state_code())
+        self.reattach.acked(nonce, ack)
+        self._send_node_info(addr)
+        self._send(addr, ack)
+        if self.queue:
+            self._flush()
+        return True
+
     def _carry_out(
         self, verdict: ReattachVerdict, req: ReattachRequest, addr: Addr, now: float
     ) -> None:
@@ -769,7 +818,8 @@ class GatewaySession:
             ack = self._move_binding(req, addr, now)
         if ack is None:
             return
-        self.reattach.acked(req, ack)
+        self.reattach.acked(req.nonce, ack)
+        self._send_node_info(addr)
         self._send(addr, ack)
         self._flush()
 
@@ -893,8 +943,23 @@ class GatewaySession:
         if msg is None:
             return
         for addr in self._targets():
+            self._send_node_info(addr)
             self._send(addr, msg)
         self.updates.sent(now)
+
+    def _send_node_info(self, addr: Addr) -> None:
+        """A cluster node says who serves the session (before a REATTACH_ACK or a
+        STATE_UPDATE: a takeover always ends in one of them)."""
+        if self._ports.node:
+            self._send(addr, NodeInfo.of(self._ports.node, self.owner_epoch))
+
+    def announce_owner(self, owner_epoch: int) -> None:
+        """The session's owner epoch on this node changed (acquire, transfer): record it
+        and tell the client at once (NODE_INFO to the binding or its validated paths)."""
+        self.owner_epoch = owner_epoch
+        if not self.machine.terminated:
+            for addr in self._targets():
+                self._send_node_info(addr)
 
     def terminate(
         self, reason: Reason, now: float, *, notify: bool = True, initiator: str = "local"

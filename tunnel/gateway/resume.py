@@ -137,6 +137,7 @@ class SessionPersistence:
         make_addr: Callable[..., Addr],
         *,
         block: int = COUNTER_BLOCK,
+        on_refused: Callable[[str, float], bool] | None = None,
     ) -> None:
         self._gateway: GatewaySessions = gateway
         self.store: ResumableStore = store
@@ -155,6 +156,9 @@ class SessionPersistence:
         self.uncommitted = False
         """The last :meth:`batch` was not committed (the driver delivers none of that
         turn's inner packets: they may be what a resumed process accepts again)."""
+        self.on_refused: Callable[[str, float], bool] | None = on_refused
+        """A cluster node's handler of a refused reservation (the session is taken away
+        without a word to the client: True), instead of ending it."""
         self._batch: list[tuple[GatewaySession, tuple[int, int, bool]]] = []
         """Reservations made in the current store batch, with what they replaced."""
 
@@ -210,7 +214,9 @@ class SessionPersistence:
         self.failures += 1
         s.reservation_failed()
         self._gateway.outbox.void_for(s.peer_index)
-        self._gateway.terminate(s.machine.session_id, now, Reason.OWNERSHIP_CONFLICT, notify=False)
+        sid = s.machine.session_id
+        if self.on_refused is None or not self.on_refused(sid, now):
+            self._gateway.terminate(sid, now, Reason.OWNERSHIP_CONFLICT, notify=False)
 
     # -- reservations between transitions ---------------------------------------------------
 
