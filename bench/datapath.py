@@ -204,9 +204,13 @@ def client_receive(pair: Pair, datagrams: list[bytes]) -> tuple[float, list[byte
 
 
 def _aead_class(pair: Pair) -> Callable[[bytes], Any]:
-    """The AEAD class the session's cipher uses (ChaCha20-Poly1305 if it cannot be seen)."""
-    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+    """The AEAD class the session's cipher uses (ChaCha20-Poly1305 if it cannot be seen): its
+    negotiated suite, else (an older tree) the class of its generation's AEAD object."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
+    suite = getattr(getattr(pair.client.cipher, "suite", None), "label", "")
+    if suite:
+        return AESGCM if suite == "aes-256-gcm" else ChaCha20Poly1305
     current = getattr(pair.client.cipher, "_current", None)
     cls = type(getattr(current, "rx", None))
     return cls if hasattr(cls, "decrypt") else ChaCha20Poly1305  # type: ignore[no-any-return]

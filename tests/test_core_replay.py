@@ -103,16 +103,87 @@ def test_check_does_not_mutate() -> None:
 
 def test_memory_is_bounded_by_size_not_traffic() -> None:
     window = ReplayWindow(2048)
-    ring_len = len(window._ring)
+    full = 2048 // 64 + 1  # blocks: the whole window, plus one
     window.update(0)
-    size_before = sys.getsizeof(window._ring) + sum(sys.getsizeof(b) for b in window._ring)
-    for counter in range(0, 200_000, 3):
+    for counter in range(0, 200_000, 3):  # two of every three counters never arrive
         window.update(counter)
-    window.update(2**63)  # huge jump
-    assert len(window._ring) == ring_len == 2048 // 64 + 1
-    size_after = sys.getsizeof(window._ring) + sum(sys.getsizeof(b) for b in window._ring)
-    assert size_after <= size_before + ring_len * 16  # block ints stay <= 64 bits
+        if counter % 999 == 0:
+            assert len(window._ring) <= full
+    assert len(window._ring) == full  # the missing counters keep the whole window open
+    window.update(2**63)  # huge jump: everything below it inside the window is open
+    assert len(window._ring) == full
+    assert sys.getsizeof(window._bits) <= sys.getsizeof(bytearray(full * 8))
     assert all(0 <= block < 2**64 for block in window._ring)
+
+
+def test_in_order_counters_keep_the_ring_at_two_blocks() -> None:
+    """An idle session's probes (and any in-order stream) are all recorded below the newest
+    bytes: the ring stays at its smallest, 16 bytes, whatever the window's size."""
+    window = ReplayWindow(8192)
+    for counter in range(100_000):
+        assert window.update(counter) is FRESH
+    assert len(window._bits) == 16
+    assert window.update(99_999 - 8191) is DUPLICATE  # inside the window, below the ring
+    assert window.update(99_999 - 8192) is TOO_OLD
+    assert not window.check(50_000)
+
+
+def test_a_gap_grows_the_ring_until_it_is_filled_or_leaves_the_window() -> None:
+    window = ReplayWindow(8192)
+    for counter in range(1000):
+        window.update(counter)
+    for counter in range(1001, 6000):  # 1000 is late
+        window.update(counter)
+    assert len(window._bits) >= (5999 - 1000) // 8  # the ring reaches back to counter 1000
+    assert window.check(1000) and window.update(1000) is FRESH
+    for counter in range(6000, 7000):
+        window.update(counter)
+    assert len(window._bits) == 16  # the gap was filled: shrunk at a 512-counter boundary
+    for counter in range(7001, 20_000):  # 7000 never arrives
+        window.update(counter)
+    assert len(window._bits) == 16  # it left the window 8192 counters later
+    assert window.update(7000) is TOO_OLD
+
+
+def _stream(size: int) -> st.SearchStrategy[list[tuple[str, int, int]]]:
+    """Runs of in-order counters (long enough to slide the ring many times), runs with one
+    counter missing, late counters from up to twice the window back (each twice: the second
+    a duplicate or too old), and jumps."""
+    op = st.one_of(
+        st.tuples(st.just("run"), st.integers(1, 1500), st.just(0)),
+        st.tuples(st.just("holed"), st.integers(2, 1500), st.integers(0, 1499)),
+        st.tuples(st.just("late"), st.integers(0, 2 * size), st.just(0)),
+        st.tuples(st.just("jump"), st.integers(1, 4 * size), st.just(0)),
+    )
+    return st.lists(op, min_size=1, max_size=25)
+
+
+def _counters(kind: str, top: int, n: int, k: int) -> list[int]:
+    if kind == "run":
+        return list(range(top + 1, top + 1 + n))
+    if kind == "holed":
+        return [c for c in range(top + 1, top + 1 + n) if c != top + 1 + k % n]
+    if kind == "late":
+        return [top - n, top - n]
+    return [top + n]
+
+
+@settings(max_examples=100, deadline=None)
+@given(size=st.sampled_from([64, 100, 256, 2048]), ops=st.data())
+def test_growing_and_shrinking_ring_matches_reference_model(size: int, ops: st.DataObject) -> None:
+    """The ring's size changes with the traffic; what is fresh never does (the set model
+    remembers every counter forever: after each step every counter of the window and
+    around it is compared), and the ring never exceeds the whole window."""
+    window, model = ReplayWindow(size), ModelWindow(size)
+    top = -1  # counters start at 0, as a key generation's do ("jump" goes far)
+    for kind, n, k in ops.draw(_stream(size)):
+        for counter in _counters(kind, top, n, k):
+            assert window.update(counter) == model.update(counter), counter
+        top = model.highest
+        assert window.highest == top
+        assert 16 <= len(window._bits) <= window.max_ring_bytes
+        for counter in range(top - size - 9, top + 2):
+            assert window.check(counter) == model.check(counter), (kind, counter)
 
 
 def test_window_rejects_too_small_size() -> None:

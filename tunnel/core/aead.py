@@ -23,11 +23,20 @@ late (reordered) datagrams for ``PREVIOUS_KEYS_GRACE_S`` after the peer is known
 the new one, then it is forgotten.
 
 Every input to ``SessionCipher.open`` yields plaintext or a ``Drop``: it never raises.
+
+A generation builds its two AEAD objects when it first seals or opens. Each one holds
+OpenSSL contexts of about 1.1 KB outside the Python heap (``bench/memory.py --aead``),
+more than everything else of an idle gateway session; so a gateway passes an
+``AeadCache``: at most ``capacity`` generations keep theirs built, the oldest built one
+drops them (built again, about 3 us, at its next datagram). Without a cache (the
+client) a generation keeps its AEAD objects while it lives.
 """
 
 from __future__ import annotations
 
 import struct
+import weakref
+from collections import deque
 from dataclasses import dataclass
 from typing import Final
 
@@ -136,23 +145,94 @@ def peek_header(datagram: bytes) -> tuple[int, int, int, int] | Drop:
     return msg_type, phase, receiver_index, counter
 
 
-class _Generation:
-    """One key generation: both AEAD instances and the receive replay window."""
+AEAD_CACHE_SIZE: Final = 512
+"""Key generations whose AEAD objects a gateway keeps built (``AeadCache``): about 1.2 MB
+of OpenSSL contexts, enough for the sessions that carry traffic at any one moment;
+idle sessions' keys are built again for their next probe."""
 
-    __slots__ = ("keys", "phase", "replay", "rx", "tx")
+
+class _Generation:
+    """One key generation: both AEAD instances and the receive replay window.
+
+    The AEAD objects (``tx`` seals, ``rx`` opens) are made when first read, and the
+    ``AeadCache`` given, if any, learns it; ``release`` drops them again."""
+
+    __slots__ = ("__weakref__", "_cache", "_cipher", "_rx", "_tx", "keys", "phase", "replay")
 
     def __init__(
-        self, keys: TrafficKeys, phase: int, replay_window: int, cipher: DataCipher
-    ) -> None:
+        self, keys: TrafficKeys, phase: int, replay_window: int, cipher: DataCipher,
+        cache: AeadCache | None = None,
+    ) -> None:  # fmt: skip
         self.keys = keys
         self.phase = phase
-        aead = _AEADS[cipher]
-        self.tx: _Aead = aead(keys.send)
-        self.rx: _Aead = aead(keys.recv)
+        self._cipher = cipher
+        self._cache = cache
+        self._tx: _Aead | None = None
+        self._rx: _Aead | None = None
         self.replay = ReplayWindow(replay_window)
 
     def __repr__(self) -> str:
         return f"_Generation(phase={self.phase})"
+
+    @property
+    def tx(self) -> _Aead:
+        """The AEAD object that seals (made now if it is not built)."""
+        tx = self._tx
+        return tx if tx is not None else self._build()[0]
+
+    @property
+    def rx(self) -> _Aead:
+        """The AEAD object that opens (made now if it is not built)."""
+        rx = self._rx
+        return rx if rx is not None else self._build()[1]
+
+    @property
+    def built(self) -> bool:
+        return self._tx is not None
+
+    def _build(self) -> tuple[_Aead, _Aead]:
+        aead = _AEADS[self._cipher]
+        tx, rx = self._tx, self._rx = aead(self.keys.send), aead(self.keys.recv)
+        if self._cache is not None:
+            self._cache.admit(self)
+        return tx, rx
+
+    def release(self) -> None:
+        """Drop both AEAD objects (the ``AeadCache`` is full); made again when next read."""
+        self._tx = self._rx = None
+
+
+class AeadCache:
+    """At most ``capacity`` key generations, of all sessions together, hold built AEAD
+    objects; building one more releases the oldest built (first in, first out: a
+    generation in use is built again at once, which costs less than keeping the order of
+    use on every datagram). Holds weak references: a discarded generation's keys are not
+    kept alive here."""
+
+    __slots__ = ("_built", "capacity")
+
+    def __init__(self, capacity: int = AEAD_CACHE_SIZE) -> None:
+        if capacity < 1:
+            raise ValueError("an AEAD cache holds at least one generation")
+        self.capacity = capacity
+        self._built: deque[weakref.ref[_Generation]] = deque()
+
+    def __repr__(self) -> str:
+        return f"AeadCache({self.built()}/{self.capacity})"
+
+    def built(self) -> int:
+        """Generations alive whose AEAD objects are built (at most ``capacity``)."""
+        return sum(1 for ref in self._built if (g := ref()) is not None and g.built)
+
+    def admit(self, generation: _Generation) -> None:
+        """``generation`` has just built its AEAD objects: the oldest one beyond
+        ``capacity`` releases its own."""
+        built = self._built
+        built.append(weakref.ref(generation))
+        while len(built) > self.capacity:
+            oldest = built.popleft()()
+            if oldest is not None:
+                oldest.release()
 
 
 class SessionCipher:
@@ -165,6 +245,7 @@ class SessionCipher:
 
     __slots__ = (
         "_born",
+        "_cache",
         "_confirmed",
         "_current",
         "_mark",
@@ -188,13 +269,17 @@ class SessionCipher:
         now: float = 0.0,
         suite: DataCipher = DataCipher.CHACHA20_POLY1305,
         phase: int = 0,
+        cache: AeadCache | None = None,
     ) -> None:
         """``suite``: the data cipher the handshake negotiated; every generation uses it.
         ``phase``: the key phase of ``keys`` (0 after a handshake; another for a throwaway
-        cipher that only reads a datagram of a stored session, e.g. a cluster node's)."""
+        cipher that only reads a datagram of a stored session, e.g. a cluster node's).
+        ``cache``: the gateway's ``AeadCache`` (None: every generation keeps its AEAD
+        objects while it lives)."""
         self._replay_size = replay_window
         self._suite = suite
-        self._current = _Generation(keys, phase % PHASES, replay_window, suite)
+        self._cache = cache
+        self._current = _Generation(keys, phase % PHASES, replay_window, suite, cache)
         self._previous: _Generation | None = None
         self._previous_until: float | None = None
         """Grace deadline of the previous generation; None while the peer has not yet
@@ -337,17 +422,21 @@ class SessionCipher:
             return _STALE[verdict]
         if self._retired and generation is self._previous:
             return Drop.RETIRED_KEY_PHASE  # authentic, never opened by this process
+        if generation is not current or not self._confirmed:
+            self._follow(generation, now)
+        return plaintext
 
-        if generation is current:
-            if not self._confirmed:
-                self._confirmed = True
-                self._previous_until = now + PREVIOUS_KEYS_GRACE_S
+    def _follow(self, generation: _Generation, now: float) -> None:
+        """An authentic datagram opened with ``generation``, not the confirmed current one:
+        the first of our own rekey's phase confirms it; one of phase current+1 means the
+        peer rekeyed, and this cipher follows (the previous generation's: nothing)."""
+        if generation is self._current:
+            self._confirmed = True
+            self._previous_until = now + PREVIOUS_KEYS_GRACE_S
         elif generation is not self._previous:
-            # Authentic datagram of phase current+1: the peer rekeyed; follow it.
             self._promote(generation, now)
             self._confirmed = True
             self._previous_until = now + PREVIOUS_KEYS_GRACE_S
-        return plaintext
 
     # -- resume (a restarted gateway, DESIGN D15a) -------------------------------------
 
@@ -381,12 +470,16 @@ class SessionCipher:
             raise ValueError("only a fresh cipher can resume another process's session")
         if not 0 <= send_counter < constants.REJECT_AFTER_MESSAGES:
             raise ValueError(f"send counter {send_counter} out of range")
-        own = _Generation(self._current.keys, phase % PHASES, self._replay_size, self._suite)
+        own = _Generation(
+            self._current.keys, phase % PHASES, self._replay_size, self._suite, self._cache
+        )
         if retired is None:
             self._current = own
             old, current, counter = own, self._derive_next(), 0
         else:
-            old = _Generation(retired, (phase - 1) % PHASES, self._replay_size, self._suite)
+            old = _Generation(
+                retired, (phase - 1) % PHASES, self._replay_size, self._suite, self._cache
+            )
             current, counter = own, send_counter
         self._previous, self._current, self._next = old, current, None
         self._retired = True
@@ -402,7 +495,7 @@ class SessionCipher:
             current = self._current
             candidate = _Generation(
                 next_generation(current.keys), (current.phase + 1) % PHASES, self._replay_size,
-                self._suite,
+                self._suite, self._cache,
             )  # fmt: skip
             self._next = candidate
         return candidate

@@ -25,7 +25,7 @@ import random
 from collections.abc import Callable, Sequence
 
 from tunnel.core.admission import COOKIE_LOAD_FRACTION, HandshakeAdmission
-from tunnel.core.aead import SessionCipher
+from tunnel.core.aead import AeadCache, SessionCipher
 from tunnel.core.ciphers import ALL_CIPHERS, DataCipher, choose, cipher_names
 from tunnel.core.constants import (
     MAX_INNER_PACKET,
@@ -106,6 +106,10 @@ class GatewaySessions:
         ``counter_reservations``: a persistent store keeps the sessions; each seals only
         counters reserved in it (gateway_resume.py, :meth:`reservations_due`)."""
         self.report = Reporter(node_id=node_id, wall_offset=wall_offset, now=now)
+        self._emit = self.report.emit
+        """One bound method for every session's machine (not one object per session)."""
+        self.aeads = AeadCache()
+        """The sessions' built AEAD objects, bounded (aead.py: OpenSSL contexts are large)."""
         self.node_id = node_id
         self.admission = HandshakeAdmission(
             public_key(static_private), urandom, now, cookie_threshold=cookie_threshold
@@ -385,7 +389,7 @@ class GatewaySessions:
         index = self._new_index()
         session_id = self._urandom(SESSION_ID_LEN)
         machine = SessionMachine(
-            node_id=self.node_id, policy_version=policy.policy_version, emit=self.report.emit,
+            node_id=self.node_id, policy_version=policy.policy_version, emit=self._emit,
             max_version=self.max_version, session_id=session_id.hex(),
         )  # fmt: skip
         machine.fire(Trigger.HANDSHAKE_OK, Reason.ATTACHED_TO_TRANSPORT, self.ts_ms(now))
@@ -399,7 +403,8 @@ class GatewaySessions:
             machine=machine, client=client, index=index, peer_index=init.sender_index,
             session_id=session_id,
             cipher=SessionCipher(
-                keys, replay_window=policy.replay_window_size, now=now, suite=suite
+                keys, replay_window=policy.replay_window_size, now=now, suite=suite,
+                cache=self.aeads,
             ),
             addr=addr, path_id=payload.path_id, skew_ms=self.ts_ms(now) - payload.ts_ms,
             policy=policy, now=now, ports=self._ports,
@@ -561,14 +566,15 @@ class GatewaySessions:
         if state.index in self.sessions or client.public_key in self._by_key or any(taken):
             return "its receiver index, client or inner address is in use"
         machine = SessionMachine(
-            node_id=self.node_id, policy_version=policy.policy_version, emit=self.report.emit,
+            node_id=self.node_id, policy_version=policy.policy_version, emit=self._emit,
             max_version=self.max_version, session_id=state.session_id.hex(),
         )  # fmt: skip
         s = GatewaySession(
             machine=machine, client=client, index=state.index, peer_index=state.peer_index,
             session_id=state.session_id,
             cipher=SessionCipher(
-                state.keys, replay_window=policy.replay_window_size, now=now, suite=state.suite
+                state.keys, replay_window=policy.replay_window_size, now=now, suite=state.suite,
+                cache=self.aeads,
             ),
             addr=state.last_binding, path_id=state.binding_path or 0, skew_ms=state.skew_ms,
             policy=policy, now=now, ports=self._ports,

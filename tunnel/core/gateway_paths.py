@@ -5,11 +5,14 @@ PATH_CHALLENGEs with their anti-amplification budget, and the bytes received per
 address (aioquic's ``QuicNetworkPath`` owns a path's validation and ``can_send`` budget the
 same way). It never moves the binding: it says which address answered which challenge,
 and the session decides (gateway_session.py).
+
+One per gateway session, so its tables are plain dicts (insertion-ordered: the oldest
+entry is the first; an OrderedDict costs about 160 bytes more each), and the table of
+challenges exists only while there is one.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from enum import Enum
@@ -70,27 +73,34 @@ class PathValidator:
         self, addr: Addr, now: float, urandom: Callable[[int], bytes], path_id: int | None = None
     ) -> None:
         self._urandom = urandom
-        self._validated: OrderedDict[Addr, float] = OrderedDict({addr: now})
-        self._challenges: OrderedDict[Addr, _Challenge] = OrderedDict()
-        self._received_from: dict[Addr, int] = {}
-        self._path_ids: OrderedDict[Addr, int] = OrderedDict()
-        """The client's path id per source address, as its PROBEs name it (bounded)."""
+        self._validated: dict[Addr, float] = {addr: now}
+        """Validated address -> when, the least recently validated first."""
+        self._challenges: dict[Addr, _Challenge] | None = None
+        """Outstanding challenges, the oldest first; None while there is none."""
+        self._received_from: dict[Addr, int] | None = None
+        """Authentic bytes from each source address not validated (the budget of a
+        challenge there), the oldest source first; None while there is none."""
+        self._path_ids: dict[Addr, int] = {}
+        """The client's path id per source address, as its PROBEs name it (bounded), the
+        least recently named first."""
         if path_id is not None:
             self._path_ids[addr] = path_id
 
     # -- reading -----------------------------------------------------------------------------
     @property
-    def validated(self) -> OrderedDict[Addr, float]:
+    def validated(self) -> dict[Addr, float]:
         """Validated address -> when (read-only view for tests and STATE_UPDATE targets)."""
         return self._validated
 
     @property
     def challenges(self) -> dict[Addr, _Challenge]:
-        return self._challenges
+        """Outstanding challenges (read-only view for tests)."""
+        return self._challenges if self._challenges is not None else {}
 
     @property
     def received_from(self) -> dict[Addr, int]:
-        return self._received_from
+        """Bytes received per unvalidated source (read-only view for tests)."""
+        return self._received_from if self._received_from is not None else {}
 
     def is_validated(self, addr: Addr) -> bool:
         return addr in self._validated
@@ -101,18 +111,27 @@ class PathValidator:
 
     # -- inputs ------------------------------------------------------------------------------
     def received(self, addr: Addr, size: int) -> None:
-        """``size`` authentic bytes came from ``addr`` (bounded: the oldest source goes)."""
-        self._received_from[addr] = self._received_from.get(addr, 0) + size
-        if len(self._received_from) > 2 * MAX_VALIDATED:
-            self._received_from.pop(next(iter(self._received_from)))
+        """``size`` authentic bytes came from ``addr``: counted while it is not validated,
+        the bytes a challenge there may be sent against (D4; bounded: the oldest source
+        goes). A validated address is never challenged: nothing to count."""
+        if addr in self._validated:
+            return
+        received = self._received_from
+        if received is None:
+            received = self._received_from = {}
+        received[addr] = received.get(addr, 0) + size
+        if len(received) > 2 * MAX_VALIDATED:
+            del received[next(iter(received))]
 
     def saw_path(self, addr: Addr, path_id: int) -> None:
         """An authentic PROBE from ``addr`` named the client's ``path_id`` (bounded: the
         oldest address goes)."""
-        self._path_ids[addr] = path_id
-        self._path_ids.move_to_end(addr)
-        while len(self._path_ids) > 2 * MAX_VALIDATED:
-            self._path_ids.popitem(last=False)
+        path_ids = self._path_ids
+        if next(reversed(path_ids), None) != addr:
+            path_ids.pop(addr, None)  # to the end: the most recently named
+        path_ids[addr] = path_id
+        while len(path_ids) > 2 * MAX_VALIDATED:
+            del path_ids[next(iter(path_ids))]
 
     def challenge(
         self, addr: Addr, purpose: ChallengePurpose, now: float, seal: Callable[[bytes], bytes]
@@ -120,15 +139,18 @@ class PathValidator:
         """Challenge ``addr``: the datagram to send (``seal(token)``), None when a challenge
         was sent too recently, or ``Drop.AMPLIFICATION_LIMIT`` when it would exceed 3x the
         bytes received from ``addr``. A stronger purpose replaces a mere PROBE."""
-        ch = self._challenges.get(addr)
+        challenges = self._challenges
+        if challenges is None:
+            challenges = self._challenges = {}
+        ch = challenges.get(addr)
         if ch is None:
             ch = _Challenge(self._urandom(8), purpose, 0, 0, -1.0)
-            self._challenges[addr] = ch
-            while len(self._challenges) > MAX_CHALLENGES:
-                self._challenges.popitem(last=False)
+            challenges[addr] = ch
+            while len(challenges) > MAX_CHALLENGES:
+                del challenges[next(iter(challenges))]
         elif purpose is not ChallengePurpose.PROBE:
             ch.purpose = purpose  # data or a reattach outranks a mere probe
-        ch.received = self._received_from.get(addr, 0)
+        ch.received = self.received_from.get(addr, 0)
         if now - ch.last_sent < CHALLENGE_RESEND_S:
             return None
         dgram = seal(ch.token)
@@ -144,17 +166,23 @@ class PathValidator:
         """A PATH_RESPONSE with ``token`` from ``addr``: the purpose of the challenge it
         answers (``addr`` is now validated), or None if it answers none. ``keep`` (the
         binding) is never forgotten when the validated set is full."""
-        ch = self._challenges.get(addr)
+        challenges = self._challenges or {}  # an empty table is no table
+        ch = challenges.get(addr)
         if ch is None or ch.token != token:
             return None
-        del self._challenges[addr]
-        self._validated[addr] = now
-        self._validated.move_to_end(addr)
-        while len(self._validated) > MAX_VALIDATED:
-            old, _ = self._validated.popitem(last=False)
-            if old == keep:  # never forget the binding itself
-                self._validated[old] = now
-                self._validated.move_to_end(old, last=False)
+        del challenges[addr]
+        if not challenges:
+            self._challenges = None
+        if self._received_from is not None:
+            self._received_from.pop(addr, None)  # validated: no budget to count any more
+        validated = self._validated
+        validated.pop(addr, None)  # to the end: the most recently validated
+        validated[addr] = now
+        while len(validated) > MAX_VALIDATED:
+            old = next(iter(validated))
+            del validated[old]
+            if old == keep:  # never forget the binding itself: it stays the oldest
+                self._validated = {old: now, **validated}
                 break
         return ch.purpose
 
@@ -164,4 +192,4 @@ class PathValidator:
         self._path_ids.pop(addr, None)
 
     def clear_challenges(self) -> None:
-        self._challenges.clear()
+        self._challenges = None

@@ -178,6 +178,40 @@ class InnerSources:
         return None if packet[8:24] == self.ipv6 else Drop.INNER_SOURCE_SPOOFED
 
 
+class ProbeCounts:
+    """PROBEs received per client path id, as ``GatewaySession.probes_rx`` reads and writes
+    them (``get``, item assignment): the first path's count in two slots, a dict only once
+    a second path probes (a dict of one entry cost about 200 bytes per session)."""
+
+    __slots__ = ("_count", "_first", "_more")
+
+    def __init__(self) -> None:
+        self._first = -1
+        self._count = 0
+        self._more: dict[int, int] | None = None
+
+    def __repr__(self) -> str:
+        return f"ProbeCounts({dict(self.items())})"
+
+    def get(self, path_id: int, default: int = 0) -> int:
+        if path_id == self._first:
+            return self._count
+        return default if self._more is None else self._more.get(path_id, default)
+
+    def __setitem__(self, path_id: int, count: int) -> None:
+        if self._first < 0 or path_id == self._first:
+            self._first, self._count = path_id, count
+        elif self._more is None:
+            self._more = {path_id: count}
+        else:
+            self._more[path_id] = count
+
+    def items(self) -> list[tuple[int, int]]:
+        """(path id, PROBEs received) of every path that probed."""
+        first = [(self._first, self._count)] if self._first >= 0 else []
+        return first + list((self._more or {}).items())
+
+
 @dataclass(frozen=True, slots=True)
 class SessionView:
     session_id: str
@@ -195,7 +229,55 @@ class SessionView:
 
 
 class GatewaySession:
-    """The gateway's record of one session (its keys never leave this object)."""
+    """The gateway's record of one session (its keys never leave this object).
+
+    Slotted: a gateway holds thousands of these, and an instance ``__dict__`` of this many
+    attributes cost about 1.6 KB per session (docs/performance.md, "Gateway memory per
+    session"). A new attribute belongs in ``__slots__`` too; until it is listed it lands
+    in the ``__dict__`` slot, made on its first write (tests/test_gateway_memory.py fails
+    while a session has one)."""
+
+    __slots__ = (
+        "__dict__",
+        "_deliver",
+        "_ports",
+        "_report",
+        "_reserve_asked",
+        "binding",
+        "binding_path",
+        "cipher",
+        "client",
+        "clocks",
+        "duplicates",
+        "end_reason",
+        "epoch",
+        "index",
+        "last_binding",
+        "last_failure",
+        "last_inbound",
+        "machine",
+        "moved_by_mark",
+        "owner_epoch",
+        "paths",
+        "peer_index",
+        "policy",
+        "probes_rx",
+        "queue",
+        "queue_bytes",
+        "reattach",
+        "rekey_answered",
+        "reserved",
+        "rx_high",
+        "rx_phase",
+        "security_failures",
+        "session_id",
+        "skew_ms",
+        "sources",
+        "terminate_answered",
+        "tombstone_until",
+        "total_switches",
+        "updates",
+    )
 
     def __init__(
         self,
@@ -224,7 +306,6 @@ class GatewaySession:
         self._ports = ports
         self._report = ports.report
         self._deliver = ports.deliver
-        self._push = ports.outbox.push
         self.clocks = SessionClocks(now, transportless=False)
         self.paths = PathValidator(addr, now, ports.urandom, path_id)
         self.reattach = ReattachGuard(policy.reattach_rate_per_s, policy.reattach_burst, now)
@@ -238,12 +319,13 @@ class GatewaySession:
         """(epoch, address) of the last move a binding mark committed: the late request of
         that move is answered, not refused as stale (ReattachGuard.check)."""
         self.last_inbound = now
-        self.probes_rx: dict[int, int] = {}
+        self.probes_rx = ProbeCounts()
         """PROBEs received per path_id (a u8: at most 256 keys), echoed in PROBE_ACK."""
         self.skew_ms = skew_ms
         self.security_failures = 0
         self.last_failure: float | None = None
-        self.queue: deque[bytes] = deque()
+        self.queue: deque[bytes] | None = None
+        """Inner packets held while there is no binding (made at the first one)."""
         self.queue_bytes = 0
         self.rx_high = -1
         self.rx_phase = 0
@@ -496,23 +578,26 @@ class GatewaySession:
             except KeyExhausted:
                 self._report.count_drop(Drop.KEY_EXHAUSTED)
                 return
-            self._push(binding, dgram)
+            self._ports.outbox.push(binding, dgram)
             if self.cipher.send_counter > self.reserved[1]:
                 self._ask_reserve()
             return
         pol = self.policy
+        queue = self.queue
+        if queue is None:
+            queue = self.queue = deque()
         if (
-            len(self.queue) >= pol.outbound_queue_packets
+            len(queue) >= pol.outbound_queue_packets
             or self.queue_bytes + len(packet) > pol.outbound_queue_bytes
         ):
             self._report.count_drop(Drop.QUEUE_OVERFLOW)
             return
-        self.queue.append(packet)
+        queue.append(packet)
         self.queue_bytes += len(packet)
 
     def _flush(self) -> None:
-        queue, self.queue, self.queue_bytes = self.queue, deque(), 0
-        for packet in queue:
+        queue, self.queue, self.queue_bytes = self.queue, None, 0
+        for packet in queue or ():
             self.send_inner(packet)
 
     def _send(self, addr: Addr, msg: Control) -> int:
@@ -892,7 +977,7 @@ class GatewaySession:
 
     def _on_terminated(self, now: float) -> None:
         self.binding = None
-        self.queue.clear()
+        self.queue = None
         self.queue_bytes = 0
         self.reattach.forget_held()
         self.updates.cancel()

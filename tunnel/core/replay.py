@@ -3,8 +3,11 @@
 ``ReplayWindow`` is the RFC 6479 bitmap as in wireguard-go ``replay/replay.go``: a ring of
 64-bit blocks that slides forward with the highest counter seen. Counters may arrive out
 of order (several paths reorder), so any counter within ``size`` of the highest one is
-accepted once. Memory is one ``bytearray`` of ``size / 8 + 8`` bytes whatever the traffic,
-updated a byte at a time (no per-packet object beyond the counter's own integers). A rejected
+accepted once. Memory is one ``bytearray``, updated a byte at a time (no per-packet object
+beyond the counter's own integers), of 16 bytes while every counter below its span is
+recorded (in-order traffic: an idle session's probes), growing as far as ``size / 8 + 8``
+bytes when counters go missing or arrive out of order, shrinking again when the gaps have
+been filled or have left the window. A rejected
 counter is either TOO_OLD (below the window: a late datagram, or an old replay) or a
 DUPLICATE (inside the window, already seen: a network copy, or a replay); the receive side
 decides which of those is alarming (``DuplicateMeter``, ``stale_drop``).
@@ -35,6 +38,18 @@ _COUNTER_LIMIT = 2**64
 """Counters are u64 on the wire; anything outside [0, 2**64) is never fresh."""
 
 
+_MIN_RING: Final = 16
+"""Bytes of the smallest ring (two blocks, 128 counters): what a window of in-order
+counters holds, whatever its ``size``."""
+_SHRINK_EVERY: Final = 63
+"""A ring larger than ``_MIN_RING`` checks whether it can shrink each time the highest
+counter enters a new 64-byte stretch (``byte index & _SHRINK_EVERY == 0``: every 512
+counters)."""
+_DONE: Final = 0xFF
+"""A byte whose eight counters are all recorded."""
+_ALL_DONE: Final = b"\xff"
+
+
 DEFAULT_WINDOW: Final = 8192
 """Counters remembered by default: WireGuard's 8,128-bit bitmap, rounded to whole blocks.
 At 60k datagrams/s that is about 135 ms of reordering between two paths."""
@@ -63,11 +78,16 @@ class ReplayWindow:
     larger than ``highest - size`` (the window holds ``highest`` and the ``size - 1``
     counters below it). Counters above ``highest`` are always fresh and slide the window.
 
-    The bitmap is one ``bytearray`` (``size / 8 + 8`` bytes: 1 KiB for the default window,
-    where a list of 64-bit ints took about 5 KiB), addressed a byte at a time, so the
-    per-packet work handles only small cached integers: counter ``c`` is bit ``c & 7`` of
-    byte ``(c >> 3) % len``. Read as native 64-bit words (``_ring``) it is the ring of
-    ``size / 64 + 1`` blocks of RFC 6479.
+    The bitmap is one ``bytearray`` ring addressed a byte at a time, so the per-packet work
+    handles only small cached integers: counter ``c`` is bit ``c & 7`` of byte
+    ``(c >> 3) % len``. The ring holds the bytes of the ``len`` newest byte indexes, up to
+    the one of ``highest``; every counter of the window below them is recorded (the
+    invariant). A ring of ``size / 8 + 8`` bytes holds the whole window; most of the time
+    a much smaller one does: when the byte a slide would overwrite still has an
+    unrecorded counter inside the window, the ring grows first (doubling, from 16 bytes
+    up to the whole window), and every 512 counters a grown ring shrinks to what its
+    oldest unrecorded counter needs. Read as native 64-bit words (``_ring``) it is a ring
+    of 64-bit blocks as in RFC 6479.
     """
 
     __slots__ = ("_bits", "_nbytes", "highest", "size")
@@ -82,11 +102,8 @@ class ReplayWindow:
             raise ValueError(f"replay window must hold at least {_BLOCK_BITS} counters")
         self.size = size
         self.highest = -1
-        # One block more than the window needs, so that sliding never clears a byte
-        # that still holds a counter inside the window.
-        blocks = -(-size // _BLOCK_BITS) + 1
-        self._nbytes = blocks * (_BLOCK_BITS >> _BYTE_SHIFT)
-        self._bits = bytearray(self._nbytes)
+        self._nbytes = _MIN_RING
+        self._bits = bytearray(_MIN_RING)
 
     def __repr__(self) -> str:
         return f"ReplayWindow(size={self.size}, highest={self.highest})"
@@ -96,6 +113,12 @@ class ReplayWindow:
         """The bitmap as its ring of 64-bit blocks (a read-only view, for tests)."""
         return memoryview(self._bits).toreadonly().cast("Q")
 
+    @property
+    def max_ring_bytes(self) -> int:
+        """The largest the ring gets: one block more than the window needs, so that sliding
+        never clears a byte that still holds a counter inside the window."""
+        return (-(-self.size // _BLOCK_BITS) + 1) * (_BLOCK_BITS >> _BYTE_SHIFT)
+
     def check(self, counter: int) -> bool:
         """True if ``counter`` would be accepted now. Changes nothing."""
         if counter < 0 or counter >= _COUNTER_LIMIT:
@@ -104,7 +127,10 @@ class ReplayWindow:
             return True
         if self.highest - counter >= self.size:
             return False
-        byte = self._bits[(counter >> _BYTE_SHIFT) % self._nbytes]
+        index = counter >> _BYTE_SHIFT
+        if index <= (self.highest >> _BYTE_SHIFT) - self._nbytes:
+            return False  # below the ring, inside the window: recorded (the invariant)
+        byte = self._bits[index % self._nbytes]
         return not byte & _BITS[counter & _BYTE_MASK]
 
     def update(self, counter: int) -> ReplayVerdict:
@@ -116,15 +142,35 @@ class ReplayWindow:
                 return TOO_OLD
             index = counter >> _BYTE_SHIFT
             current = highest >> _BYTE_SHIFT  # -1 >> 3 == -1: nothing recorded yet
-            if index != current:
-                self._slide(current, index)
+            nbytes = self._nbytes
+            slot = index % nbytes
+            if index == current:
+                pass
+            elif (
+                index - current == 1
+                and (index & _SHRINK_EVERY or nbytes == _MIN_RING)
+                and (
+                    bits[slot] == _DONE
+                    or index < nbytes
+                    or ((index - nbytes) << _BYTE_SHIFT) + _BYTE_MASK <= counter - self.size
+                )
+            ):
+                # The common slide: one byte on, and the byte it overwrites is done (all
+                # recorded, before counter 0, or below the window).
+                bits[slot] = 0
+            else:
+                self._slide(current, index, counter)
+                bits, slot = self._bits, index % self._nbytes
             self.highest = counter
-            slot = index % self._nbytes
             bits[slot] |= _BITS[counter & _BYTE_MASK]  # above highest: never recorded
             return FRESH
         if counter < 0 or highest - counter >= self.size:
             return TOO_OLD
-        slot = (counter >> _BYTE_SHIFT) % self._nbytes
+        index = counter >> _BYTE_SHIFT
+        nbytes = self._nbytes
+        if index <= (highest >> _BYTE_SHIFT) - nbytes:
+            return DUPLICATE  # below the ring, inside the window: recorded (the invariant)
+        slot = index % nbytes
         bit = _BITS[counter & _BYTE_MASK]
         old = bits[slot]
         if old & bit:
@@ -132,9 +178,18 @@ class ReplayWindow:
         bits[slot] = old | bit
         return FRESH
 
-    def _slide(self, current: int, index: int) -> None:
-        """Clear the bytes after ``current`` up to ``index`` (ring positions), all of them
-        when the jump is longer than the ring."""
+    def _slide(self, current: int, index: int, counter: int) -> None:
+        """Move the ring from byte index ``current`` to ``index`` (``counter`` becomes the
+        highest): first resize it to what the oldest byte still open needs (grow, or
+        shrink to half or less), then clear the bytes after ``current`` up to ``index``
+        (ring positions), all of them when the jump is longer than the ring."""
+        need = index - self._lowest_open(current, index, counter) + 1
+        size = _MIN_RING
+        while size < need:
+            size <<= 1
+        size = min(size, self.max_ring_bytes)
+        if size > self._nbytes or size <= self._nbytes >> 1:
+            self._resize(current, size)
         bits, nbytes = self._bits, self._nbytes
         steps = index - current
         if steps == 1:
@@ -150,6 +205,49 @@ class ReplayWindow:
         else:
             bits[start:] = bytes(nbytes - start)
             bits[: end - nbytes] = bytes(end - nbytes)
+
+    def _lowest_open(self, current: int, index: int, counter: int) -> int:
+        """The lowest byte index that must stay in the ring once ``counter`` (in byte
+        ``index``) is the highest: the first byte from the window's lowest counter on
+        that may hold an unrecorded counter (a stored byte not all recorded, or a byte
+        the slide skips), else ``index``. Conservative at the window's lower edge: a byte
+        there counts as open if any of its counters is unrecorded."""
+        low = max(0, (counter - self.size + 1) >> _BYTE_SHIFT)
+        first = max(low, current - self._nbytes + 1)
+        stored = self._stored(first, current)
+        done = len(stored) - len(stored.lstrip(_ALL_DONE))
+        if done < len(stored):
+            return first + done
+        skipped = max(current + 1, low)
+        return skipped if skipped < index else index
+
+    def _stored(self, first: int, last: int) -> bytes:
+        """The ring's bytes of byte indexes ``first`` to ``last`` (all in the ring), in order."""
+        length = last - first + 1
+        if length <= 0:
+            return b""
+        bits, nbytes = self._bits, self._nbytes
+        start = first % nbytes
+        end = start + length
+        if end <= nbytes:
+            return bytes(bits[start:end])
+        return bytes(bits[start:]) + bytes(bits[: end - nbytes])
+
+    def _resize(self, current: int, size: int) -> None:
+        """A ring of ``size`` bytes holding the newest stored bytes (up to ``current``); a
+        larger ring's older bytes were below the ring, so all recorded (or outside the
+        window, where nothing is fresh): all ones."""
+        keep = min(size, self._nbytes)
+        stored = self._stored(current - keep + 1, current)
+        ring = bytearray(_ALL_DONE * size)
+        start = (current - keep + 1) % size
+        end = start + keep
+        if end <= size:
+            ring[start:end] = stored
+        else:
+            ring[start:] = stored[: size - start]
+            ring[: end - size] = stored[size - start :]
+        self._bits, self._nbytes = ring, size
 
 
 DUPLICATE_WINDOW_S: Final = 1.0

@@ -124,8 +124,14 @@ class SessionMachine:
     """One endpoint's view of one session: state, state_version, and its audit stream.
 
     ``emit`` receives every event this machine produces. ``clock_ms`` returns the wall ms
-    for event timestamps (the protocol machine provides it from ``now``).
+    for event timestamps (the protocol machine provides it from ``now``). Slotted: a
+    gateway holds one per session.
     """
+
+    __slots__ = (
+        "_emit", "_session_id", "history_edges", "max_version", "node_id", "policy_version",
+        "state", "version",
+    )  # fmt: skip
 
     def __init__(
         self,

@@ -251,7 +251,7 @@ class GatewayControl:
             rx_packets=rx_p, rx_bytes=rx_b, tx_packets=tx_p, tx_bytes=tx_b,
             last_seen_s=max(0.0, now - s.last_inbound), age_s=max(0.0, now - s.born),
             total_switches=s.total_switches, security_failures=s.security_failures,
-            queued=len(s.queue),
+            queued=len(s.queue or ()),
             end_reason=str(s.end_reason) if s.end_reason is not None else None,
             cipher=s.cipher.suite.label,
         )  # fmt: skip
