@@ -35,6 +35,7 @@ from tunnel.core.session import State
 from tunnel.core.wire import (
     STATE_CODES,
     Control,
+    NodeInfo,
     Probe,
     ProbeAck,
     ReattachAck,
@@ -774,7 +775,8 @@ _REQ_RAW = pack_control(_REQ)
     [
         (b"", MSG_CONTROL, Drop.TRUNCATED),
         (b"\x00", MSG_CONTROL, Drop.UNKNOWN_TYPE),
-        (b"\x0c" + bytes(8), MSG_CONTROL, Drop.UNKNOWN_TYPE),
+        (b"\x0d" + bytes(8), MSG_CONTROL, Drop.UNKNOWN_TYPE),  # the first type not defined
+        (pack_control(NodeInfo.of("gw-b", 2)), MSG_CONTROL, Drop.UNKNOWN_TYPE),  # wrong way
         (b"\xff" * 40, MSG_CONTROL, Drop.UNKNOWN_TYPE),
         (_REQ_RAW[:-1], MSG_CONTROL, Drop.TRUNCATED),
         (_REQ_RAW[:1], MSG_CONTROL, Drop.TRUNCATED),
