@@ -173,6 +173,15 @@ class Cluster:
         finally:
             store.close()
 
+    def owner_key(self, sid: str) -> bytes:
+        """The value of the session's ownership key in etcd (b"" when there is none)."""
+        store = EtcdSessionStore(self.endpoints, self.prefix, timeout=5.0)
+        try:
+            kv = store.worker.call(lambda c: c.get(store.owner_key(sid)))
+            return b"" if kv is None else bytes(kv.value)
+        finally:
+            store.close()
+
     def close(self) -> None:
         for c in self.clients:
             c.close()
@@ -418,6 +427,61 @@ def test_at51_an_owner_frozen_past_its_lease_sends_nothing_when_it_wakes(
     assert released["reason_code"] == "owner_fenced"
     acquired = [e for e in owner_events(b, "ACQUIRED", sid) if e["owner_epoch"] == 2]
     assert released["last_forward_mono"] < acquired[0]["mono"]
+
+
+def test_a_node_that_fenced_itself_serves_the_session_again_when_it_comes_back(
+    cluster: Cluster,
+) -> None:
+    """docs/cluster.md "The fault checker", layer 2's liveness finding: gw-a is frozen past
+    its lease; when it wakes, its session's silence timer fires and the write of that
+    transition is refused (gw-b owns the session now): gw-a ends its ownership at the
+    fence. When the client comes back to gw-a, the move (owner epoch 3) must bring the
+    session back to life there for good: its transitions are written under the ownership
+    it holds now, not skipped or refused because of the one it lost, and it is neither
+    released again nor re-acquired in a loop."""
+    a, b = cluster.node("gw-a"), cluster.node("gw-b")
+    c, sid = attached(cluster, a)
+    a.signal(signal.SIGSTOP)
+    # gw-b is reached only once gw-a's lease expired (no hand-over request for gw-a to
+    # see when it wakes): when gw-a wakes, its session's silence timer fires first
+    wait_until(lambda: not cluster.owner_key(sid), 20.0, "gw-a's lease to expire")
+    c.gateway = b.address
+    assert moved(c, timeout=20.0)  # gw-b took the session (epoch 2)
+    a.signal(signal.SIGCONT)
+    wait_until(lambda: bool(owner_events(a, "RELEASED", sid)), 10.0, "gw-a's end of ownership")
+    assert owner_events(a, "RELEASED", sid)[-1]["reason_code"] == "owner_fenced"
+    refused = [e for e in a.events("SECURITY_EVENT") if e["session_id"] == sid]
+    assert [e["reason_code"] for e in refused] == ["ownership_conflict"]  # the write at wake
+
+    c.gateway = a.address  # back to gw-a: it takes the session over (epoch 3)
+    assert moved(c, timeout=20.0)
+    # then the client's path goes silent for longer than gw-a waits (its binding dies:
+    # RECOVERING) and comes back (ATTACHED): transitions gw-a writes under epoch 3
+    acquired = owner_events(a, "ACQUIRED", sid)[-1]["state_version"]
+    c.gateway = ("127.0.0.1", free_udp_port())
+
+    def recovering_on_a() -> bool:
+        changes = [e for e in a.events("STATE_CHANGE") if e["session_id"] == sid]
+        return any(
+            e["new_state"] == "RECOVERING" and e["state_version"] > acquired for e in changes
+        )
+
+    assert c.run_until(recovering_on_a, timeout=30.0)
+    c.gateway = a.address
+    assert c.run_until(lambda: c.state is State.ATTACHED, timeout=20.0)
+    assert echo(c, 900, 5)
+    keep_echoing(c, lambda: False, 1.0)
+    assert echo(c, 950, 5)
+    entry = cluster.entry(sid)
+    assert (entry.owner_epoch, entry.record.owner_node) == (3, "gw-a")
+    changes = [e for e in a.events("STATE_CHANGE") if e["session_id"] == sid]
+    last = changes[-1]  # gw-a's latest transition is the one in the store
+    stored = (entry.record.state_version, entry.record.state)
+    assert stored == (last["state_version"], last["new_state"])
+    assert last["new_state"] == "ATTACHED"
+    assert [e["owner_epoch"] for e in owner_events(a, "ACQUIRED", sid)] == [1, 3]
+    assert [e["reason_code"] for e in owner_events(a, "RELEASED", sid)] == ["owner_fenced"]
+    assert [e for e in c.events if e.event_type == "SESSION_TERMINATED"] == []
     assert c.repeats() == []
 
 

@@ -612,6 +612,7 @@ class GatewaySessions:
         del self.sessions[index]
         self._forget_routes(s)
         self.outbox.void_for(s.peer_index, handshake=True)  # a session that is not here
+        self._reserve_due[:] = [x for x in self._reserve_due if x is not s]  # writes nothing
         self._timers.touch(index)
         return s
 

@@ -399,13 +399,17 @@ class ClusterNode:
 
     def not_authoritative(self, sid: str, now: float) -> bool:
         """The store refused a write of ``sid`` (another node owns it, or the store is
-        unavailable): forget it here without a word to the client (the owner serves it).
+        unavailable): forget it here without a word to the client (the owner serves it),
+        and give up the ownership key if this node still holds it: a node serves and
+        writes a session only under the ownership it holds now, so serving it here again
+        is a new transfer (owner epoch + 1), never the old ownership adopted back.
         True: handled (the caller does not terminate it)."""
         self._release(sid)
         if self.node.fence.may_forward(self._clock()):
             self._end(sid, now, Reason.OWNERSHIP_CONFLICT)
         else:  # its lease lapsed (a node frozen or cut off): it ended at the fence
             self._end(sid, now, Reason.OWNER_FENCED, mono=self._fence_end())
+        self._give_up(sid)
         return True
 
     # -- what leaves ---------------------------------------------------------------------
@@ -494,6 +498,13 @@ class ClusterNode:
             self._end(sid, now, Reason.OWNERSHIP_MOVED, peer=requester)
         else:  # a request seen late (the node was frozen): its ownership ended at the fence
             self._end(sid, now, Reason.OWNER_FENCED, peer=requester, mono=self._fence_end())
+        self._give_up(sid)
+
+    def _give_up(self, sid: str) -> None:
+        """Delete this node's ownership key of ``sid`` (if it is still this node's, at the
+        epoch it holds), off the loop."""
+        if self.node.owner_epoch(sid) is None:
+            return
         node = self.node
         with contextlib.suppress(StoreUnavailable):
             node.store.worker.submit(lambda c: node.arelease(c, sid))
@@ -690,8 +701,7 @@ class ClusterNode:
                 reason_code=Reason.INVARIANT_VIOLATION, peer_node=why,
             )
         )  # fmt: skip
-        with contextlib.suppress(StoreUnavailable):
-            node.store.worker.submit(lambda c: node.arelease(c, sid))
+        self._give_up(sid)
 
     def _report(self, key: int | str, transfer: Transfer | None, reason: Reason, why: str) -> None:
         """A takeover that did not happen: REJECTED or CONFLICT (the datagram is dropped)."""

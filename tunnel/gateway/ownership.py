@@ -47,16 +47,33 @@ class OwnershipMirror:
         """A cluster node's handler of a refused write: True when it took the session
         away without a word to the client (another node serves it), instead of ending it."""
         self._by_sid: dict[str, GatewaySession] = {}
-        self._not_authoritative: set[str] = set()
+        self._not_authoritative: dict[str, GatewaySession | None] = {}
+        """Sessions whose write the store refused, with the session object it was: a
+        cluster node that later serves the same session id again (a takeover resumes a
+        new object) writes it under the ownership it holds now."""
 
     def _session(self, session_id: str) -> GatewaySession | None:
+        """The live session of that id (the cached one only while it is still live: a
+        session released and resumed here again is another object)."""
         s = self._by_sid.get(session_id)
-        if s is None:
+        if s is None or self._gateway.sessions.get(s.index) is not s:
             live = self._gateway.sessions.values()
             self._by_sid = {x.machine.session_id: x for x in live}
-            self._not_authoritative &= set(self._by_sid)
-            s = self._by_sid.get(session_id)
+            self._not_authoritative = {
+                k: v for k, v in self._not_authoritative.items() if k in self._by_sid
+            }
+            s = self._by_sid.get(session_id, s)
         return s
+
+    def _refused(self, session_id: str, s: GatewaySession | None) -> bool:
+        """Was this session's write refused before (it is then not written again)? Only
+        for the very session object refused: a new one is a new ownership."""
+        if session_id not in self._not_authoritative:
+            return False
+        if s is None or self._not_authoritative[session_id] is s:
+            return True
+        del self._not_authoritative[session_id]
+        return False
 
     def _resume(self, s: GatewaySession | None) -> bytes:
         if self.persistence is None or s is None or s.machine.terminated:
@@ -66,9 +83,9 @@ class OwnershipMirror:
     def mirror(self, event: StateChange, now: float) -> None:
         """Write one transition to the store; on a conflict, end the session (D15)."""
         sid = event.session_id
-        if sid in self._not_authoritative:
-            return
         s = self._session(sid)
+        if self._refused(sid, s):
+            return
         record = SessionRecord(
             session_id=sid, state=event.new_state, state_version=event.state_version,
             binding_epoch=s.epoch if s is not None else 0, owner_node=self.node_id,
@@ -94,7 +111,7 @@ class OwnershipMirror:
                 self.persistence.written(s)
             return
         self.conflicts += 1
-        self._not_authoritative.add(sid)
+        self._not_authoritative[sid] = s
         base = (
             s.machine.base(self._gateway.ts_ms(now))
             if s is not None
