@@ -225,6 +225,12 @@ class GatewaySession:
         """(epoch, address) of the last move a binding mark committed: the late request of
         that move is answered, not refused as stale (ReattachGuard.check)."""
         self.last_inbound = now
+        self.data_in_at = now
+        """When the client's last DATA arrived (the session's start counts): the client may
+        be idle, probing slowly, once it has sent none for a while (``dead_after_s``)."""
+        self._busy_for = 0.0
+        """DATA this much later than the last (s) may move the silence deadline earlier."""
+        self._set_busy_for(policy)
         self.probes_rx: dict[int, int] = {}
         """PROBEs received per path_id (a u8: at most 256 keys), echoed in PROBE_ACK."""
         self.skew_ms = skew_ms
@@ -275,8 +281,19 @@ class GatewaySession:
     def dead_after_s(self) -> float:
         """Inbound silence on the binding that declares it dead: longer than the client's
         own detection (which probes every probe_interval), so the client normally acts
-        first. Read from the session's current policy (a reload applies at once)."""
-        return max(1.0, 3 * self.policy.dead_min_ms / 1000)
+        first. An idle client (no inner data either way for ``idle_after_ms``) probes every
+        ``idle_probe_interval_ms``: unless its last DATA was recent enough that it cannot be
+        idle yet (half of ``idle_after_ms``: slack for a slow path), that interval is added.
+        Read from the session's current policy (a reload applies at once)."""
+        pol = self.policy
+        busy = max(1.0, 3 * pol.dead_min_ms / 1000)
+        if self.last_inbound + busy <= self.data_in_at + pol.idle_after_ms / 2000:
+            return busy
+        return busy + pol.idle_probe_interval_ms / 1000
+
+    def _set_busy_for(self, policy: Policy) -> None:
+        busy = max(1.0, 3 * policy.dead_min_ms / 1000)
+        self._busy_for = policy.idle_after_ms / 2000 - busy
 
     def view(self, now: float) -> SessionView:
         return SessionView(
@@ -303,6 +320,7 @@ class GatewaySession:
     def apply_policy(self, policy: Policy) -> None:
         """A reloaded policy applies strictly to this running session from now on."""
         self.policy = policy
+        self._set_busy_for(policy)
         self.machine.policy_reloaded(policy.policy_version)
         self.reattach.configure(policy.reattach_rate_per_s, policy.reattach_burst)
         self.duplicates.configure(policy.duplicate_alarm_ratio)
@@ -340,17 +358,22 @@ class GatewaySession:
                 self.rx_high = counter
             self.paths.received(addr, len(data))
             self.last_inbound = now
+            # after a pause the client may have been idle: the silence deadline (the long
+            # one of dead_after_s) may come earlier now
+            woke = now - self.data_in_at > self._busy_for
+            self.data_in_at = now
             drop = self.sources.check(plaintext)
             if drop is None:
                 self._deliver(plaintext)
             else:
                 self._report.count_drop(drop)
-            return rekeyed
+            return rekeyed or woke
         at_binding = addr == self.binding
         newest = self._note_inbound(len(data), phase, epoch, mark, counter, addr, at_binding, now)
         if self.machine.state is _TERMINATED:
             return True  # the datagram ended the session (a move past its TTL): nothing more
         if msg_type == MSG_DATA:
+            self.data_in_at = now
             self._on_data(plaintext, addr, newest, now)
             return True
         msg = parse_control(plaintext)
