@@ -17,10 +17,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from simkit import CLIENT_INNER, GATEWAY_INNER, build, ipv4_packet, make_policy, of_type
 
-from tunnel.core.constants import MSG_CONTROL
+from tunnel.core.aead import SessionCipher, TrafficKeys
+from tunnel.core.ciphers import ALL_CIPHERS, DataCipher
+from tunnel.core.constants import MAX_MARK, MSG_CONTROL
 from tunnel.core.events import EventType, Reason
 from tunnel.core.policy import POLICY_DEFAULT
 from tunnel.core.session import State
+from tunnel.core.wire import (
+    PROBE_ACK_BODY,
+    STATE_CODES,
+    CType,
+    ProbeAck,
+    pack_control,
+    parse_control,
+)
 from tunnel.io.memory import Simulation
 
 POL = POLICY_DEFAULT
@@ -273,3 +283,35 @@ def test_no_deadline_is_missed_idle_or_busy(
         dead = [e for e in of_type(sim.client_events, EventType.TRANSPORT_DEAD)
                 if e.ts_ms >= start * 1000]  # fmt: skip
         assert not dead, dead
+
+
+# == the gateway's PROBE_ACK, sealed from its fields (issue 11 item 4) ========================
+@settings(max_examples=60, deadline=None)
+@given(
+    fields=st.tuples(
+        st.integers(0, 2**32 - 1),
+        st.integers(0, 255),
+        st.integers(0, 2**64 - 1),
+        st.integers(0, len(STATE_CODES) - 1),
+        st.integers(0, 2**32 - 1),
+        st.integers(0, 2**32 - 1),
+    ),
+    mark=st.tuples(st.integers(0, 2**32 - 1), st.integers(0, MAX_MARK)),
+    cipher=st.sampled_from(ALL_CIPHERS),
+)
+def test_a_probe_ack_sealed_from_its_fields_is_the_datagram_seal_makes(
+    fields: tuple[int, int, int, int, int, int], mark: tuple[int, int], cipher: DataCipher
+) -> None:
+    """``seal_packed`` (reusable buffers, no record) makes byte for byte the datagram that
+    ``seal(pack_control(ProbeAck(...)))`` makes, and the peer opens it to those fields."""
+    keys = TrafficKeys(send=bytes(range(32)), recv=bytes(range(32, 64)))
+    fast, slow = (SessionCipher(keys, now=0.0, suite=cipher) for _ in range(2))
+    peer = SessionCipher(TrafficKeys(send=keys.recv, recv=keys.send), now=0.0, suite=cipher)
+    for c in (fast, slow):
+        c.set_mark(*mark)
+    for _ in range(3):  # the buffers are reused: each datagram is its own
+        a = fast.seal_packed(MSG_CONTROL, 7, PROBE_ACK_BODY, CType.PROBE_ACK, *fields)
+        b = slow.seal(MSG_CONTROL, 7, pack_control(ProbeAck(*fields)))
+        assert a == b and type(a) is bytes
+        opened = peer.open(a, 1.0)
+        assert isinstance(opened, bytes) and parse_control(opened) == ProbeAck(*fields)

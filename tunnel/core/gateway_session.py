@@ -73,12 +73,13 @@ from tunnel.core.timers import (
     run_due_chores,
 )
 from tunnel.core.wire import (
+    PROBE_BODY,
     STATE_CODES,
     Control,
+    CType,
     PathChallenge,
     PathResponse,
     Probe,
-    ProbeAck,
     ReattachAck,
     ReattachKind,
     ReattachReject,
@@ -94,6 +95,12 @@ INITIAL_EPOCH = 1
 """The binding epoch of a new session (the handshake's path is the first binding)."""
 
 _TERMINATED = State.TERMINATED
+
+_STATE_CODE = {state: STATE_CODES.index(str(state)) for state in State}
+"""Wire code of each state (``STATE_CODES``), looked up once per PROBE_ACK."""
+
+_PROBE_LEN = 1 + PROBE_BODY.size
+"""A PROBE plaintext: its CType byte and the fields."""
 
 TOMBSTONE_S = 10.0
 """A terminated session's index stays known this long: late packets are counted, and an
@@ -376,12 +383,21 @@ class GatewaySession:
             self.data_in_at = now
             self._on_data(plaintext, addr, newest, now)
             return True
+        self._on_control_plain(plaintext, addr, newest, now)
+        return True
+
+    def _on_control_plain(self, plaintext: bytes, addr: Addr, newest: bool, now: float) -> None:
+        """An authentic CONTROL plaintext. A PROBE (the most frequent: idle sessions send
+        nothing else) is answered without building its record (issue 11)."""
+        if len(plaintext) == _PROBE_LEN and plaintext[0] == CType.PROBE:
+            probe_id, path_id, _ts = PROBE_BODY.unpack_from(plaintext, 1)
+            self._on_probe(probe_id, path_id, addr, newest, now)
+            return
         msg = parse_control(plaintext)
         if isinstance(msg, Drop):
             self._report.count_drop(msg)
         else:
             self._on_control(msg, addr, newest, now)
-        return True
 
     def _on_bad_packet(self, drop: Drop, addr: Addr, now: float) -> None:
         """Count a datagram that did not open; a late or duplicated one from a validated
@@ -436,7 +452,7 @@ class GatewaySession:
 
     def _on_control(self, msg: Control, addr: Addr, newest: bool, now: float) -> None:
         if isinstance(msg, Probe):
-            self._on_probe(msg, addr, newest, now)
+            self._on_probe(msg.probe_id, msg.path_id, addr, newest, now)
         elif isinstance(msg, PathResponse):
             self._on_path_response(msg, addr, now)
         elif isinstance(msg, ReattachRequest):
@@ -451,18 +467,22 @@ class GatewaySession:
         else:
             self._report.count_drop(Drop.UNKNOWN_TYPE)
 
-    def _on_probe(self, msg: Probe, addr: Addr, newest: bool, now: float) -> None:
-        rx = (self.probes_rx.get(msg.path_id, 0) + 1) & 0xFFFFFFFF
-        self.probes_rx[msg.path_id] = rx
-        ts = self._report.ts_ms(now)
-        self.paths.saw_path(addr, msg.path_id)
-        self._send(
-            addr, ProbeAck(msg.probe_id, msg.path_id, ts, self._state_code(), self.epoch, rx)
-        )
+    def _on_probe(self, probe_id: int, path_id: int, addr: Addr, newest: bool, now: float) -> None:
+        """PROBE_ACK (sealed straight from its fields: ``Outbox.probe_ack``)."""
+        rx = (self.probes_rx.get(path_id, 0) + 1) & 0xFFFFFFFF
+        self.probes_rx[path_id] = rx
+        self.paths.saw_path(addr, path_id)
+        self._mark_to(addr)
+        self._ports.outbox.probe_ack(
+            self.cipher, self.peer_index, addr,
+            (probe_id, path_id, self._report.ts_ms(now), _STATE_CODE[self.machine.state],
+             self.epoch, rx),
+        )  # fmt: skip
+        self._ask_reserve()
         if not self.paths.is_validated(addr):
             # A fresh probe of the bound path from a new address is a NAT rebinding of an
             # idle session (no data to show it): validate, then rebind like data.
-            nat = newest and self.binding is not None and msg.path_id == self.binding_path
+            nat = newest and self.binding is not None and path_id == self.binding_path
             self._challenge(addr, ChallengePurpose.NAT if nat else ChallengePurpose.PROBE, now)
 
     def send_inner(self, packet: bytes) -> None:
