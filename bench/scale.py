@@ -434,6 +434,118 @@ def core(n: int, seed: bytes) -> list[tuple[str, str]]:
     return rows
 
 
+def idle_core(n: int, seed: bytes, window: float) -> list[tuple[str, str]]:
+    """Idle gateway CPU at the default policy without a driver bottleneck: N real client
+    cores and the gateway core in one process on a simulated clock (replies arrive at
+    once). Every gateway call (``receive_datagram``, ``datagrams_to_send``, ``handle_timer``,
+    ``next_deadline``, ``events``) is timed in CPU time of this thread (``time.thread_time``:
+time other processes hold the cores is not counted); the sum over ``window`` simulated seconds of
+    idle sessions (after ``idle_after_ms`` + 2 s without inner data) is the gateway core's
+    share of one core. Socket I/O is not included (see docs/performance.md)."""
+    import heapq
+
+    from tunnel.core.gateway import GatewaySessions
+    from tunnel.core.gateway_session import ClientEntry
+
+    now = 1000.0
+    entries = [ClientEntry(f"c{i}", public_key(key_of(seed, i)), inner_of(i)) for i in range(n)]
+    gw = GatewaySessions(
+        static_private=key_of(seed, 1 << 31), clients=entries, policy=POLICY_DEFAULT, now=now,
+        urandom=os.urandom, inner_gateway=INNER_GATEWAY, inner_prefix=INNER_PREFIX,
+        cookie_threshold=0.0,
+    )  # fmt: skip
+    gw.admission.handshakes.configure(1e9, 1e9)
+    gw_pub = public_key(key_of(seed, 1 << 31))
+    cores: list[ClientSession] = []
+    index_of = {(host_of(i), 40000): i for i in range(n)}
+    spent, datagrams = 0.0, 0
+
+    def to_clients(t: float) -> None:
+        nonlocal spent
+        t0 = time.thread_time()
+        replies = gw.datagrams_to_send()
+        gw.events()
+        spent += time.thread_time() - t0
+        for addr, data in replies:
+            i = index_of[addr]
+            cores[i].receive_datagram(data, 0, t)
+            heapq.heappush(heap, (cores[i].next_deadline() or t + 1e9, i))
+
+    def to_gateway(i: int, t: float) -> bool:
+        nonlocal spent, datagrams
+        out = cores[i].datagrams_to_send()
+        cores[i].events()
+        if not out:
+            return False
+        t0 = time.thread_time()
+        for _pid, data in out:
+            gw.receive_datagram(data, (host_of(i), 40000), t)
+        spent += time.thread_time() - t0
+        datagrams += len(out)
+        return True
+
+    heap: list[tuple[float, int]] = []
+    for i in range(n):
+        c = ClientSession(
+            static_private=key_of(seed, i), gateway_public=gw_pub, paths=[PathSpec(0, "lo")],
+            policy=POLICY_DEFAULT, now=now, rng=random.Random(i),
+        )  # fmt: skip
+        cores.append(c)
+        c.connect(now)
+        to_gateway(i, now)
+        to_clients(now)
+    attached = sum(1 for c in cores if c.state is State.ATTACHED)
+
+    def gateway_deadline() -> float | None:
+        """What the runtime asks after each input batch (timed)."""
+        nonlocal spent
+        t0 = time.thread_time()
+        g = gw.next_deadline()
+        spent += time.thread_time() - t0
+        return g
+
+    def run(until: float) -> None:
+        nonlocal spent
+        g = gateway_deadline()
+        while True:
+            t = min(heap[0][0] if heap else until, g if g is not None else until)
+            if t >= until:
+                return
+            if g is not None and g <= t:
+                t0 = time.thread_time()
+                gw.handle_timer(t)
+                spent += time.thread_time() - t0
+                to_clients(t)
+                g = gateway_deadline()
+                continue
+            _due, i = heapq.heappop(heap)
+            c = cores[i]
+            d = c.next_deadline()
+            if d is not None and d > t:
+                heapq.heappush(heap, (d, i))
+                continue
+            c.handle_timer(t)
+            if to_gateway(i, t):
+                to_clients(t)
+                g = gateway_deadline()
+            nd = c.next_deadline()
+            if nd is not None:
+                heapq.heappush(heap, (nd, i))
+
+    warm = now + POLICY_DEFAULT.idle_after_ms / 1000 + 2.0
+    run(warm)
+    now = warm
+    spent, datagrams = 0.0, 0
+    run(now + window)
+    idle = sum(1 for c in cores if c.idle(now + window))
+    return [
+        ("idle (core, simulated clock): sessions attached / idle", f"{attached} / {idle}"),
+        (f"idle gateway core CPU over {window:.0f} s", f"{100 * spent / window:.2f} % of a core"),
+        ("idle: datagrams from clients (/s)", f"{datagrams / window:.0f}"),
+        ("idle: gateway core CPU per datagram", f"{1e6 * spent / max(1, datagrams):.1f} us"),
+    ]
+
+
 def probe_cost(gw: GatewaySessions, client: ClientSession, now: float) -> str:
     """Gateway CPU per PROBE answered: ``receive_datagram`` of a real PROBE from the
     session's binding and taking the PROBE_ACK (``datagrams_to_send``), as the runtime
@@ -501,7 +613,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", nargs="?", default="run", choices=["run", "serve", "core"])
+    parser.add_argument("mode", nargs="?", default="run", choices=["run", "serve", "core", "idle"])
     parser.add_argument("-n", type=int, default=10_000, help="sessions (default 10,000)")
     parser.add_argument("--seed", default="", help=argparse.SUPPRESS)
     parser.add_argument(
@@ -525,6 +637,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench/scale.py core -n {args.n}  ({time.strftime('%Y-%m-%d')})\n{machine_facts()}")
         print("\n| measurement | value |\n|---|---|")
         for name, value in core(args.n, os.urandom(8)):
+            print(f"| {name} | {value} |")
+        return 0
+    if args.mode == "idle":
+        print(f"bench/scale.py idle -n {args.n}  ({time.strftime('%Y-%m-%d')})\n{machine_facts()}")
+        print("\n| measurement | value |\n|---|---|")
+        for name, value in idle_core(args.n, os.urandom(8), args.idle):
             print(f"| {name} | {value} |")
         return 0
     if args.mode == "serve":

@@ -11,11 +11,13 @@ idle session's binding dead between two slow probes.
 
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from simkit import CLIENT_INNER, GATEWAY_INNER, build, ipv4_packet, make_policy, of_type
+from simkit import CLIENT_INNER, GATEWAY_INNER, build, ipv4_packet, of_type
 
 from tunnel.core.aead import SessionCipher, TrafficKeys
 from tunnel.core.ciphers import ALL_CIPHERS, DataCipher
@@ -54,7 +56,7 @@ def _controls_up(sim: Simulation) -> list[tuple[float, int]]:
 
 
 def _idle_sim(n_paths: int = 2) -> tuple[Simulation, list[tuple[float, int]]]:
-    sim = build(n_paths=n_paths)
+    sim = build(n_paths=n_paths, policy=POL)
     sent = _controls_up(sim)
     sim.advance(IDLE_S + 2 * POL.standby_probe_interval_ms / 1000)
     assert sim.client.state is State.ATTACHED and sim.client.active == 1
@@ -66,7 +68,7 @@ def test_the_default_policy_makes_a_session_idle_after_idle_after_ms() -> None:
     assert (POL.idle_after_ms, POL.idle_probe_interval_ms) == (5_000, 10_000)
     assert POL.idle_standby_probe_interval_ms == 15_000
     assert POL.idle_probe_interval_ms < 30_000  # NAT mappings are refreshed well inside 30 s
-    sim = build()
+    sim = build(policy=POL)
     sim.advance(IDLE_S - 0.5)
     assert not sim.client.idle(sim.now)
     sim.advance(1.0)
@@ -93,7 +95,7 @@ def test_an_idle_session_probes_at_the_idle_intervals() -> None:
 
 
 def test_a_busy_session_keeps_the_busy_rates() -> None:
-    sim = build()
+    sim = build(policy=POL)
     sent = _controls_up(sim)
     sim.advance(1.0)
     t0 = sim.now
@@ -209,7 +211,7 @@ def test_gateway_waits_longer_for_an_idle_client_but_not_forever() -> None:
 
 
 def test_gateway_keeps_its_fast_death_while_the_client_sends_data() -> None:
-    sim = build(n_paths=1)
+    sim = build(n_paths=1, policy=POL)
     sim.advance(0.5)
     for _ in range(20):
         sim.client_tun.inject(ipv4_packet(CLIENT_INNER, GATEWAY_INNER))
@@ -243,7 +245,9 @@ def test_no_deadline_is_missed_idle_or_busy(
     nothing is left due (next_deadline is after now), a session idle with a live active path
     probes it at least every idle_probe_interval_ms, and the active path is never declared
     dead while it answers."""
-    policy = make_policy(idle_after_ms=idle_after_ms, idle_probe_interval_ms=idle_probe_ms)
+    policy = dataclasses.replace(
+        POL, idle_after_ms=idle_after_ms, idle_probe_interval_ms=idle_probe_ms
+    )
     sim = build(seed=seed, policy=policy)
     client = sim.client
     real = client.handle_timer
