@@ -12,7 +12,6 @@ idle session's binding dead between two slow probes.
 from __future__ import annotations
 
 import dataclasses
-
 import itertools
 
 from hypothesis import HealthCheck, given, settings
