@@ -436,10 +436,11 @@ def core(n: int, seed: bytes) -> list[tuple[str, str]]:
 
 def idle_core(n: int, seed: bytes, window: float) -> list[tuple[str, str]]:
     """Idle gateway CPU at the default policy without a driver bottleneck: N real client
-    cores and the gateway core in one process on a simulated clock (replies arrive at
-    once). Every gateway call (``receive_datagram``, ``datagrams_to_send``, ``handle_timer``,
+    cores and the gateway core in one process on a simulated clock (replies arrive at once).
+    Every gateway call (``receive_datagram``, ``datagrams_to_send``, ``handle_timer``,
     ``next_deadline``, ``events``) is timed in CPU time of this thread (``time.thread_time``:
-time other processes hold the cores is not counted); the sum over ``window`` simulated seconds of
+    time other processes hold the cores is not counted; the cost of reading that clock,
+    calibrated, is subtracted per timed block); the sum over ``window`` simulated seconds of
     idle sessions (after ``idle_after_ms`` + 2 s without inner data) is the gateway core's
     share of one core. Socket I/O is not included (see docs/performance.md)."""
     import heapq
@@ -459,13 +460,28 @@ time other processes hold the cores is not counted); the sum over ``window`` sim
     cores: list[ClientSession] = []
     index_of = {(host_of(i), 40000): i for i in range(n)}
     spent, datagrams = 0.0, 0
+    parts = {"receive": 0.0, "outputs": 0.0, "timer": 0.0, "next_deadline": 0.0}
+
+    def account(part: str, t0: float) -> None:
+        nonlocal spent
+        took = time.thread_time() - t0 - clock_cost
+        spent += took
+        parts[part] += took
+
+    clock_cost = 0.0
+    t_cal = time.thread_time()
+    for _ in range(20_000):
+        account("receive", time.thread_time())
+    clock_cost = (time.thread_time() - t_cal) / 20_000 / 2
+    spent = 0.0
+    parts["receive"] = 0.0
 
     def to_clients(t: float) -> None:
         nonlocal spent
         t0 = time.thread_time()
         replies = gw.datagrams_to_send()
         gw.events()
-        spent += time.thread_time() - t0
+        account("outputs", t0)
         for addr, data in replies:
             i = index_of[addr]
             cores[i].receive_datagram(data, 0, t)
@@ -480,7 +496,7 @@ time other processes hold the cores is not counted); the sum over ``window`` sim
         t0 = time.thread_time()
         for _pid, data in out:
             gw.receive_datagram(data, (host_of(i), 40000), t)
-        spent += time.thread_time() - t0
+        account("receive", t0)
         datagrams += len(out)
         return True
 
@@ -491,9 +507,11 @@ time other processes hold the cores is not counted); the sum over ``window`` sim
             policy=POLICY_DEFAULT, now=now, rng=random.Random(i),
         )  # fmt: skip
         cores.append(c)
-        c.connect(now)
-        to_gateway(i, now)
-        to_clients(now)
+        at = now + i * 1e-4  # the handshake bucket refills with time
+        c.connect(at)
+        to_gateway(i, at)
+        to_clients(at)
+    now += n * 1e-4
     attached = sum(1 for c in cores if c.state is State.ATTACHED)
 
     def gateway_deadline() -> float | None:
@@ -501,7 +519,7 @@ time other processes hold the cores is not counted); the sum over ``window`` sim
         nonlocal spent
         t0 = time.thread_time()
         g = gw.next_deadline()
-        spent += time.thread_time() - t0
+        account("next_deadline", t0)
         return g
 
     def run(until: float) -> None:
@@ -514,7 +532,7 @@ time other processes hold the cores is not counted); the sum over ``window`` sim
             if g is not None and g <= t:
                 t0 = time.thread_time()
                 gw.handle_timer(t)
-                spent += time.thread_time() - t0
+                account("timer", t0)
                 to_clients(t)
                 g = gateway_deadline()
                 continue
@@ -532,18 +550,22 @@ time other processes hold the cores is not counted); the sum over ``window`` sim
             if nd is not None:
                 heapq.heappush(heap, (nd, i))
 
-    warm = now + POLICY_DEFAULT.idle_after_ms / 1000 + 2.0
+    # getattr: the same script measures a checkout from before idle sessions existed
+    warm = now + getattr(POLICY_DEFAULT, "idle_after_ms", 0) / 1000 + 2.0
     run(warm)
     now = warm
     spent, datagrams = 0.0, 0
+    parts.update(dict.fromkeys(parts, 0.0))
     run(now + window)
-    idle = sum(1 for c in cores if c.idle(now + window))
+    idle = sum(1 for c in cores if getattr(c, "idle", lambda _t: False)(now + window))
     return [
         ("idle (core, simulated clock): sessions attached / idle", f"{attached} / {idle}"),
         (f"idle gateway core CPU over {window:.0f} s", f"{100 * spent / window:.2f} % of a core"),
         ("idle: datagrams from clients (/s)", f"{datagrams / window:.0f}"),
         ("idle: gateway core CPU per datagram", f"{1e6 * spent / max(1, datagrams):.1f} us"),
-    ]
+        ("idle: gateway core CPU by call (receive / outputs / timer / next_deadline)",
+         " / ".join(f"{100 * v / max(spent, 1e-9):.0f} %" for v in parts.values())),
+    ]  # fmt: skip
 
 
 def probe_cost(gw: GatewaySessions, client: ClientSession, now: float) -> str:
