@@ -604,8 +604,10 @@ def valid_policies(draw: st.DrawFn) -> Policy:
     redraw("probe_interval_ms", hi=v["dead_min_ms"] - 1)
     redraw("standby_probe_interval_ms", lo=v["probe_interval_ms"])
     redraw("idle_probe_interval_ms", lo=v["probe_interval_ms"])
-    redraw("idle_standby_probe_interval_ms",
-           lo=max(v["standby_probe_interval_ms"], v["idle_probe_interval_ms"]))
+    redraw(
+        "idle_standby_probe_interval_ms",
+        lo=max(v["standby_probe_interval_ms"], v["idle_probe_interval_ms"]),
+    )
     redraw("reattach_retry_ms", hi=v["recovery_window_ms"] - 1)
     redraw("security_failures_to_degrade", hi=v["security_failures_to_terminate"])
     label = draw(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}", fullmatch=True))
