@@ -7,9 +7,11 @@ socket bound to its own loopback address (127.x.y.z: the gateway's per-source ha
 budget sees N hosts, as with N real clients), in one selector loop with one timer
 (the same ``DeadlineQueue`` the gateway uses). It measures, in this order:
 
-- burst arrival: all N connect at once; how many attach within ``--burst-window`` (60 s),
-  and the handshake rate; clients whose handshake timed out then connect again until all
-  are attached (or ``--setup-limit``);
+- burst arrival: all N start their handshakes at once from lean handshake-only driver
+  processes (bench/burst.py: ``--burst-drivers``, one per core but one by default); how
+  many attach within ``--burst-window`` (60 s), attached count against time, the handshake
+  rate, CPU of gateway and drivers, load average; then this driver's full clients connect
+  in waves until all are attached (or ``--setup-limit``);
 - gateway memory per session: RSS (/proc/<pid>/status) after minus before, over N;
 - idle gateway CPU: utime+stime (/proc/<pid>/stat) over ``--idle`` (30 s) of idle sessions
   at the default policy (the clients only probe);
@@ -105,11 +107,15 @@ def serve(n: int, seed: bytes, handshake_rate: float, probe_ms: int) -> int:
         rt.gateway.admission.handshakes.configure(handshake_rate, handshake_rate)
         rt.gateway.admission.set_cookie_threshold(0.0)
     rt.open()
+    budget = rt.gateway.admission.handshakes
+    print(f"gateway: handshake budget {budget.rate:.0f}/s (bucket {budget.burst:.0f})",
+          file=sys.stderr, flush=True)  # fmt: skip
     print(f"PORT {rt.addresses[0][1]}", flush=True)
     rt.run(install_signals=True)
     rt.close()
     t = rt.traffic
     print(f"gateway: {t.datagrams_out} datagrams sent, {t.send_failed} failed", file=sys.stderr)
+    print(f"gateway: drops {dict(sorted(rt.gateway.drops.items()))}", file=sys.stderr)
     return 0
 
 
@@ -283,21 +289,26 @@ class Results:
         print(f"  {name}: {value}", file=sys.stderr, flush=True)
 
 
-def attach_all(sw: Swarm, n: int, window: float, setup_limit: float, res: Results) -> int:
-    """Burst arrival (all N at once), then the clients whose handshake failed again, in
-    waves (clients do not back off yet: issue 11 item 5)."""
+def attach_all(
+    sw: Swarm, n: int, window: float, setup_limit: float, res: Results, gw_pid: int,
+    drivers: int = 0,
+) -> int:  # fmt: skip
+    """Burst arrival: all N at once from lean handshake-only driver processes
+    (bench/burst.py: the measurement is the gateway's, not one driver's); then the full
+    clients of this driver connect in waves (the rest of the measurements need them)."""
+    from burst import run_burst  # type: ignore[import-not-found]
+
     t0 = time.monotonic()
-    for i in range(n):
-        sw.connect(i, time.monotonic())
-    sw.run_until(lambda: sw.count(State.ATTACHED) >= n, window)
-    times = sorted(p.attached_at - t0 for p in sw.peers.values() if p.attached_at is not None)
-    burst = sw.count(State.ATTACHED)
-    res.add(f"burst: attached within {window:.0f} s", f"{burst} / {n}")
-    if times:
-        res.add("handshake rate (burst, /s)", f"{len(times) / max(times[-1], 1e-3):.0f}")
-        res.add("burst: last attach after", f"{times[-1]:.1f} s")
-    attached = attach_in_waves(sw, n, setup_limit - (time.monotonic() - t0))
-    res.add("attached after retries", f"{attached} / {n} in {time.monotonic() - t0:.1f} s")
+    burst = run_burst(n, sw.seed, sw.gateway[1], sw.gateway_public, gw_pid, window, drivers)
+    for name, value in burst.rows(window):
+        res.add(name, value)
+    t1 = time.monotonic()
+    attached = attach_in_waves(sw, n, setup_limit)
+    res.add(
+        "full clients of this driver attached in waves",
+        f"{attached} / {n} in {time.monotonic() - t1:.1f} s "
+        f"(burst and waves {time.monotonic() - t0:.1f} s)",
+    )
     return attached
 
 
@@ -612,7 +623,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         time.sleep(0.5)
         rss0 = rss_kib(proc.pid)
-        attached = attach_all(sw, args.n, args.burst_window, args.setup_limit, res)
+        attached = attach_all(
+            sw, args.n, args.burst_window, args.setup_limit, res, proc.pid, args.burst_drivers
+        )
+        if args.burst_only:
+            return _report(args, res)
         sw.run_until(lambda: False, 2.0)
         rss1 = rss_kib(proc.pid)
         res.add("gateway RSS", f"{rss0 / 1024:.1f} -> {rss1 / 1024:.1f} MiB")
@@ -625,6 +640,10 @@ def run(args: argparse.Namespace) -> int:
         if proc.poll() is None:
             proc.kill()
         sw.close()
+    return _report(args, res)
+
+
+def _report(args: argparse.Namespace, res: Results) -> int:
     print(f"\nbench/scale.py -n {args.n}  ({time.strftime('%Y-%m-%d')})")
     print(machine_facts())
     print("\n| measurement | value |\n|---|---|")
@@ -650,6 +669,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--burst-window", type=float, default=60.0)
     parser.add_argument("--setup-limit", type=float, default=180.0)
     parser.add_argument("--no-reattach", action="store_true")
+    parser.add_argument(
+        "--burst-drivers", type=int, default=0,
+        help="lean driver processes of the burst (0: one per core but one)",
+    )  # fmt: skip
+    parser.add_argument("--burst-only", action="store_true", help="stop after the burst")
     parser.add_argument(
         "--gateway-path", default=os.environ.get("PYTHONPATH", str(HERE.parent)),
         help="PYTHONPATH of the gateway process (another checkout: a before/after run)",

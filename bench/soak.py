@@ -208,7 +208,8 @@ def write_configs(work: Path) -> tuple[Path, Path]:
     gateway = work / "gateway.toml"
     gateway.write_text(
         'node_id = "soak-gw"\nlisten = ["127.0.0.1:0"]\nprivate_key = "gateway.key"\n'
-        'inner_echo = true\n[state]\nstore = "memory"\n[tun]\nsubnet = "10.66.0.0/24"\n'
+        'inner_echo = true\nworkers = 1\n[state]\nstore = "memory"\n'
+        '[tun]\nsubnet = "10.66.0.0/24"\n'
         '[[clients]]\nname = "soak"\npublic_key = "client.pub"\n'
         f'[control]\nsocket = "{work / "gateway.sock"}"\n'  # never the host's default socket
     )

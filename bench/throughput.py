@@ -118,13 +118,19 @@ def cannot_run() -> str | None:
 
 
 def cpu_ticks(pid: int) -> int:
-    """utime + stime of a process (all its threads), in clock ticks; 0 once it is gone."""
+    """utime + stime of a process (all its threads) and of its live children (a gateway's
+    workers), in clock ticks; 0 once it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
             fields = fh.read().rsplit(")", 1)[1].split()
     except OSError:
         return 0
-    return int(fields[11]) + int(fields[12])
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            children = [int(c) for c in fh.read().split()]
+    except OSError:
+        children = []
+    return int(fields[11]) + int(fields[12]) + sum(cpu_ticks(c) for c in children)
 
 
 def system_ticks() -> tuple[int, int]:
@@ -237,8 +243,10 @@ class TunnelRig:
         profile_dir: Path | None = None,
         offloads: str = "on",
         ready_timeout: float = 30.0,
+        workers: int = 1,
     ) -> None:
         self.n_paths = n_paths
+        self.workers = workers
         self.policy_toml = policy_toml
         self.profile_dir = profile_dir
         self.offloads = offloads
@@ -300,7 +308,7 @@ class TunnelRig:
         (self.workdir / "gateway.toml").write_text(
             f'node_id = "gw-bench"\nlisten = ["0.0.0.0:{GATEWAY_PORT}"]\n'
             f'private_key = "{keys["gateway"]}.key"\n{policy_line}mtu = {INNER_MTU}\n'
-            f'inner_echo = false\n\n[state]\nstore = "memory"\n\n'
+            f'inner_echo = false\nworkers = {self.workers}\n\n[state]\nstore = "memory"\n\n'
             f'[tun]\nname = "jvpn%d"\nsubnet = "{INNER_PREFIX}.0/24"\n'
             f'address = "{INNER_GATEWAY}"\n\n[[clients]]\nname = "bench"\n'
             f'public_key = "{keys["client"]}.pub"\naddress = "{INNER_CLIENT}"\n'
@@ -405,8 +413,10 @@ class TunnelRig:
     def iperf_server(self) -> subprocess.Popen[bytes]:
         return iperf_server(self.topo)
 
-    def iperf(self, host: str, seconds: float, reverse: bool = False) -> dict[str, Any]:
-        return iperf(self.topo, host, seconds, reverse)
+    def iperf(
+        self, host: str, seconds: float, reverse: bool = False, streams: int = 1
+    ) -> dict[str, Any]:
+        return iperf(self.topo, host, seconds, reverse, streams)
 
 
 def iperf_server(topo: Topology) -> subprocess.Popen[bytes]:
@@ -467,11 +477,12 @@ def run_iperf(
     *,
     reverse: bool = False,
     during: Callable[[], str] | None = None,
+    streams: int = 1,
 ) -> Row:
     meter = CpuMeter(rig.pids).start()
     note = ""
     if during is None:
-        result = rig.iperf(host, seconds, reverse)
+        result = rig.iperf(host, seconds, reverse, streams)
     else:
         box: dict[str, dict[str, Any]] = {}
         worker = threading.Thread(target=lambda: box.update(r=rig.iperf(host, seconds, reverse)))
@@ -567,6 +578,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--only", choices=("forward", "reverse"), default=None, help="run just one tunnel direction"
     )
+    parser.add_argument(
+        "--workers", type=int, default=1, metavar="N",
+        help="the gateway's worker processes (default 1; its CPU column sums them)",
+    )  # fmt: skip
+    parser.add_argument("-P", "--streams", type=int, default=1, help="parallel iperf3 streams")
     args = parser.parse_args(argv)
 
     reason = cannot_run()
@@ -581,14 +597,17 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"iperf3 TCP {args.time:.0f} s per run")  # fmt: skip
     rows: list[Row] = []
     print(f"offloads: {args.offloads}")
-    with TunnelRig(2, profile_dir=args.profile, offloads=args.offloads) as rig:
+    print(f"gateway workers: {args.workers}; iperf3 streams: {args.streams}")
+    rig_args = {"profile_dir": args.profile, "offloads": args.offloads, "workers": args.workers}
+    with TunnelRig(2, **rig_args) as rig:
         server = rig.iperf_server()
         try:
             if args.only != "reverse":
-                rows.append(run_iperf(rig, "tunnel client->gateway", INNER_GATEWAY, args.time))
+                rows.append(run_iperf(rig, "tunnel client->gateway", INNER_GATEWAY, args.time,
+                                      streams=args.streams))  # fmt: skip
             if args.only != "forward":
                 rows.append(run_iperf(rig, "tunnel gateway->client (-R)", INNER_GATEWAY,
-                                      args.time, reverse=True))  # fmt: skip
+                                      args.time, reverse=True, streams=args.streams))  # fmt: skip
             if args.switch_at is not None:
                 rows.append(
                     run_iperf(

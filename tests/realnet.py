@@ -412,6 +412,7 @@ class RealTunnel:
             f'node_id = "gw-{self.tag}"\n'
             f'listen = ["0.0.0.0:{GATEWAY_PORT}"]\n'
             'private_key = "gateway.key"\n'
+            "workers = 1\n"  # one process (tests/test_workers*.py run several)
             f"{policy_line}"
             f'metrics = "127.0.0.1:{METRICS_PORT}"\n'
             f"[control]\nsocket = {json.dumps(str(self.gateway_socket))}\n"

@@ -405,7 +405,8 @@ def gateway_config(tmp_path: Path, line: str) -> GatewayConfig:
             write_public_key(tmp_path / f"{name}.pub", public)
     path = tmp_path / "gateway.toml"
     path.write_text(
-        f'listen = ["127.0.0.1:0"]\nprivate_key = "gateway.key"\ninner_echo = true\n{line}\n'
+        f'listen = ["127.0.0.1:0"]\nprivate_key = "gateway.key"\ninner_echo = true\n'
+        f"workers = 1\n{line}\n"
         '[control]\nsocket = "off"\n[[clients]]\nname = "alice"\npublic_key = "alice.pub"\n'
     )
     return load_gateway_config(path)

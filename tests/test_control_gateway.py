@@ -403,7 +403,7 @@ def write_gateway_files(d: Path, control: str | None) -> Path:
     config = d / "gateway.toml"
     config.write_text(
         'node_id = "gwt"\nlisten = "127.0.0.1:0"\nprivate_key = "gateway.key"\n'
-        f'inner_echo = true\n{control_table}[state]\nstore = "memory"\n'
+        f'inner_echo = true\nworkers = 1\n{control_table}[state]\nstore = "memory"\n'
         '[[clients]]\nname = "alice"\npublic_key = "alice.pub"\n'
     )
     return config
@@ -533,7 +533,7 @@ def test_console_lines_for_sessions_that_start_switch_and_end(tmp_path: Path) ->
     config = tmp_path / "gateway.toml"
     config.write_text(
         'node_id = "gwc"\nlisten = "127.0.0.1:0"\nprivate_key = "gateway.key"\n'
-        'inner_echo = true\n[control]\nsocket = ""\n[state]\nstore = "memory"\n'
+        'inner_echo = true\nworkers = 1\n[control]\nsocket = ""\n[state]\nstore = "memory"\n'
         '[[clients]]\nname = "alice"\npublic_key = "alice.pub"\n'
     )
     proc = run_gateway(config)

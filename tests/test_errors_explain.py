@@ -304,7 +304,7 @@ class Gateway:
         config = directory / "gateway.toml"
         config.write_text(
             'node_id = "gw-e"\nlisten = ["127.0.0.1:0"]\nprivate_key = "gateway.key"\n'
-            'inner_echo = true\n[control]\nsocket = "off"\n[state]\nstore = "memory"\n'
+            'inner_echo = true\nworkers = 1\n[control]\nsocket = "off"\n[state]\nstore = "memory"\n'
             '[tun]\nsubnet = "10.70.0.0/29"\n'
             f'[[clients]]\nname = "alice"\npublic_key = "{allowed}"\n'
         )

@@ -31,6 +31,7 @@ from tunnel.core.constants import (
     MSG_DATA,
     MSG_HANDSHAKE_INIT,
     MSG_HANDSHAKE_RESP,
+    MSG_STANDBY_ACK,
     TRANSPORT_HEADER,
 )
 from tunnel.core.drops import Drop
@@ -40,6 +41,7 @@ from tunnel.core.wire import (
     STATE_CODES,
     Header,
     InitPayload,
+    NodeInfo,
     ReattachKind,
     ReattachReject,
     RespPayload,
@@ -313,6 +315,9 @@ def test_parsers_never_raise_on_arbitrary_bytes(data: bytes) -> None:
 def control_messages(draw: st.DrawFn) -> Any:
     """Any well-formed control message, field values drawn within their wire ranges."""
     cls = draw(st.sampled_from(list(_CONTROL_TYPES.values())))
+    if cls is NodeInfo:  # a node id: 1-64 characters of NODE_ID_RE, zero padding
+        node = draw(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", fullmatch=True))
+        return NodeInfo.of(node, draw(st.integers(0, 2**32 - 1)))
     codes = cls.STRUCT.format.lstrip("<").replace("x", "")
     values: list[Any] = []
     for f, code in zip(fields(cls), [c for c in _expand(codes)], strict=True):
@@ -367,7 +372,10 @@ def test_control_messages_round_trip_and_reject_wrong_lengths(
 def test_header_verdicts_are_consistent(msg_type: int, phase: int, index: int, tail: bytes) -> None:
     data = HEADER.pack(msg_type, phase, index) + tail
     verdict = parse_header(data)
-    known = (MSG_HANDSHAKE_INIT, MSG_HANDSHAKE_RESP, MSG_DATA, MSG_CONTROL, MSG_COOKIE_REPLY)
+    known = (
+        MSG_HANDSHAKE_INIT, MSG_HANDSHAKE_RESP, MSG_DATA, MSG_CONTROL, MSG_COOKIE_REPLY,
+        MSG_STANDBY_ACK,
+    )  # fmt: skip
     if msg_type not in known:
         assert verdict is Drop.UNKNOWN_TYPE
     elif isinstance(verdict, Header):

@@ -49,6 +49,7 @@ node_id = "gw-d"
 listen = ["127.0.0.1:0"]
 private_key = "gateway.key"
 inner_echo = true
+workers = 1
 clients_dir = "clients.d"
 [control]
 socket = "off"

@@ -50,6 +50,7 @@ BASE = """\
 node_id = "gw-t"
 listen = ["127.0.0.1:0"]
 private_key = "gateway.key"
+workers = 1
 inner_echo = true
 [control]
 socket = "off"

@@ -67,7 +67,7 @@ def test_a_sink_that_cannot_work_is_a_warning_a_live_line_and_a_zero_gauge(
         assert url is not None
         with urllib.request.urlopen(url.group(1).rstrip(","), timeout=10) as reply:
             text = reply.read().decode()
-        assert 'jvpn_event_sink_up{sink="jsonl:events.jsonl"} 0' in text.splitlines()
+        assert 'jvpn_event_sink_up{sink="jsonl:events.jsonl"} 0.0' in text.splitlines()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == gateway_main.EXIT_OK
     finally:

@@ -29,6 +29,7 @@ node_id = "gw-s"
 listen = ["127.0.0.1:0"]
 private_key = "gateway.key"
 inner_echo = true
+workers = 1
 [control]
 socket = "off"
 [[clients]]
@@ -68,7 +69,8 @@ def test_relative_paths_are_relative_to_the_file(confdir: Path) -> None:
 @pytest.mark.parametrize(
     ("table", "message"),
     [
-        ('store = "etcd"', "state.store = 'etcd': must be one of: sqlite, memory"),
+        ('store = "etcd"', "state.store = 'etcd': the etcd store needs a [cluster] section"),
+        ('store = "disk"', "state.store = 'disk': must be one of: sqlite, memory, etcd"),
         ("store = 1", "state.store = 1: must be a non-empty string"),
         ("state_dir = 5", "state.state_dir = 5: must be a non-empty string"),
         ('path = "x"', "state.path = 'x': unknown key (known: state_dir, state_key_file, store)"),

@@ -22,7 +22,7 @@ from tunnel.core.events import EventType, HandshakeFailure, Reason
 from tunnel.core.gateway import GatewaySessions
 from tunnel.core.gateway_session import ClientEntry
 from tunnel.core.handshake import generate_keypair
-from tunnel.core.initiator import RETRY_JITTER, RETRY_MAX_S, RETRY_MIN_S
+from tunnel.core.initiator import RETRY_MAX_S, RETRY_MIN_S, retry_interval, retry_window
 from tunnel.core.policy import POLICY_DEFAULT, Policy
 
 
@@ -32,10 +32,10 @@ def policy(timeout_ms: int, attempts: int) -> Policy:
     )
 
 
-def nominal(k: int, p: Policy) -> float:
-    """The documented wait after INIT k (docs/client.md), before jitter."""
-    first = max(p.handshake_timeout_ms / 1000 / (2**p.handshake_attempts - 1), RETRY_MIN_S)
-    return min(first * 2 ** (k - 1), RETRY_MAX_S)
+def window(k: int) -> tuple[float, float]:
+    """The documented bounds of the wait after INIT k (docs/client.md): full jitter above
+    the floor, [RETRY_MIN_S, RETRY_MIN_S + min(4 s, 0.25 s * 2^k)]."""
+    return RETRY_MIN_S, RETRY_MIN_S + min(RETRY_MAX_S, 0.25 * 2**k)
 
 
 def lonely_crowd(p: Policy, n: int = 1, seed: int = 7) -> Crowd:
@@ -66,32 +66,44 @@ def test_retries_are_spaced_by_the_jittered_backoff_and_stop_at_the_deadline(
         assert sends[0] == 0.0 and 1 <= len(sends) <= attempts
         assert all(t < deadline for t in sends), "no INIT at or after the deadline"
         for k, (a, b) in enumerate(itertools.pairwise(sends), start=1):
-            wait = b - a
-            low = nominal(k, p) * (1 - RETRY_JITTER)
-            high = nominal(k, p) * (1 + RETRY_JITTER)
-            assert low - 1e-9 <= wait <= high + 1e-9, (k, wait, low, high)
-        # it stopped early only because the next wait would have crossed the deadline
+            low, high = window(k)
+            assert low - 1e-9 <= b - a <= high + 1e-9, (k, b - a, low, high)
+        # it stopped early only because of the attempts or because the next wait could
+        # cross the deadline
         if len(sends) < attempts:
-            assert sends[-1] + nominal(len(sends), p) * (1 + RETRY_JITTER) >= deadline - 1e-9
+            assert sends[-1] + window(len(sends))[1] >= deadline - 1e-9
         ended = [e for e in m.session.events() if e.event_type is EventType.SESSION_TERMINATED]
         assert [e.reason_code for e in ended] == [Reason.HANDSHAKE_FAILED]
         assert ended[0].ts_ms == pytest.approx(deadline * 1000, abs=1)
         assert m.session.handshake.failure() is HandshakeFailure.NO_ANSWER
 
 
-def test_the_waits_double_and_the_jitter_spreads_clients_started_together() -> None:
+def test_the_windows_double_up_to_the_cap_and_the_jitter_spreads_clients() -> None:
+    assert [retry_window(k) for k in range(1, 7)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
     p = policy(60_000, 20)
-    crowd = lonely_crowd(p, n=30)
+    crowd = lonely_crowd(p, n=40)
     crowd.run_until(70.0, stop_when_attached=False)
     firsts = [m.inits[1] - m.inits[0] for m in crowd.members]
-    # jittered: 30 clients started at the same instant do not retry at the same instant
+    # jittered: 40 clients started at the same instant do not retry at the same instant
     assert len({round(w, 6) for w in firsts}) == len(firsts)
-    assert min(firsts) < nominal(1, p) < max(firsts)
-    for m in crowd.members:  # growing waits, up to the cap
-        waits = [b - a for a, b in itertools.pairwise(m.inits)]
-        assert max(waits) <= RETRY_MAX_S * (1 + RETRY_JITTER) + 1e-9
-        assert waits[3] > waits[0] * 2 * (1 - RETRY_JITTER) / (1 + RETRY_JITTER)
-        assert len(m.inits) >= 8, "keeps asking until the deadline"
+    # full jitter: the waits fill their window, not only its middle
+    low, high = window(1)
+    assert min(firsts) < low + 0.25 * (high - low) and max(firsts) > low + 0.75 * (high - low)
+    late = [b - a for m in crowd.members for a, b in itertools.pairwise(m.inits[5:])]
+    assert max(late) <= RETRY_MIN_S + RETRY_MAX_S + 1e-9
+    assert max(late) > RETRY_MIN_S + 0.75 * RETRY_MAX_S  # the cap's window is used
+    for m in crowd.members:
+        assert len(m.inits) == 20 or m.inits[-1] + window(len(m.inits))[1] >= 60.0
+        assert len(m.inits) >= 15, "keeps asking until the deadline"
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_retry_interval_bounds_over_seeds(seed: int) -> None:
+    rng = random.Random(seed)
+    for k in range(1, 21):
+        wait = retry_interval(k, rng)
+        low, high = window(k)
+        assert low <= wait <= high
 
 
 def test_a_burst_over_the_admission_rate_is_answered_with_cookies_and_all_attach() -> None:
@@ -129,6 +141,7 @@ def test_a_burst_over_the_admission_rate_is_answered_with_cookies_and_all_attach
         t = k * 0.5
         admitted = sum(1 for a in attached if t <= a < t + 0.5)
         assert admitted >= 0.8 * HANDSHAKE_RATE * 0.5, (t, admitted)
-    assert attached[-1] <= 2 * ideal_end
+    # the last ones within one full retry window of when the rate could have admitted them
+    assert attached[-1] <= ideal_end + RETRY_MIN_S + RETRY_MAX_S
     retried = [m for m in members if len(m.inits) > 1]
     assert retried, "the clients over the rate retried"

@@ -20,8 +20,8 @@ from tunnel.observability.metrics import (
     CONTENT_TYPE,
     MetricFamily,
     MetricsServer,
+    PrometheusPublisher,
     parse_host_port,
-    render,
 )
 
 SAMPLE = re.compile(r"^([a-z_]+)(?:\{(.*)\})? (\S+)$")
@@ -49,18 +49,28 @@ def parse_exposition(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]],
     return samples
 
 
-def test_render_escapes_labels_and_formats_values() -> None:
+def test_exposition_escapes_labels_and_names_counters_with_their_total() -> None:
+    """prometheus_client renders the families: HELP and TYPE under the documented name, a
+    counter's value is its increase over the publishes (no ``_created`` series), label
+    values escaped as the text format requires."""
+    publisher = PrometheusPublisher()
     family = MetricFamily(
         "jvpn_x_total", "Help with a \\ backslash\nand newline.", "counter",
-        (({"reason": 'a"b\\c\nd'}, 3.0), ({}, 0.5), ({"k": "inf"}, float("inf"))),
+        (({"reason": 'a"b\\c\nd'}, 3.0),), ("reason",),
     )  # fmt: skip
-    assert render([family]) == (
-        "# HELP jvpn_x_total Help with a \\\\ backslash\\nand newline.\n"
-        "# TYPE jvpn_x_total counter\n"
-        'jvpn_x_total{reason="a\\"b\\\\c\\nd"} 3\n'
-        "jvpn_x_total 0.5\n"
-        'jvpn_x_total{k="inf"} +Inf\n'
-    )
+    publisher.publish([family, MetricFamily("jvpn_g", "A gauge.", "gauge", (({}, 0.5),))])
+    publisher.publish([dataclasses.replace(family, samples=(({"reason": 'a"b\\c\nd'}, 5.0),))])
+    text = publisher.exposition().decode()
+    assert text.splitlines() == [
+        "# HELP jvpn_x_total Help with a \\\\ backslash\\nand newline.",
+        "# TYPE jvpn_x_total counter",
+        'jvpn_x_total{reason="a\\"b\\\\c\\nd"} 5.0',
+        "# HELP jvpn_g A gauge.",
+        "# TYPE jvpn_g gauge",
+        "jvpn_g 0.5",
+    ]
+    samples = parse_exposition(text)
+    assert samples[("jvpn_x_total", (("reason", 'a\\"b\\\\c\\nd'),))] == 5
 
 
 @pytest.mark.parametrize(
@@ -87,7 +97,7 @@ def get(url: str) -> tuple[int, str, str]:
 
 
 def test_server_answers_404_elsewhere_and_503_when_collection_fails() -> None:
-    def broken() -> list[MetricFamily]:
+    def broken() -> bytes:
         raise RuntimeError("the gateway loop is not running")
 
     server = MetricsServer("127.0.0.1", 0, broken)

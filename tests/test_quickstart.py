@@ -50,7 +50,9 @@ GATEWAY_INNER = "10.66.0.1"
 CLIENT_INNER = "10.66.0.2"
 """docs/examples/gateway.toml: the gateway is 10.66.0.1 in 10.66.0.0/24, alice 10.66.0.2."""
 TUN = "jvpn0"
-"""Both examples' TUN (the client names it; the gateway's jvpn%d is the first, jvpn0)."""
+"""The client's TUN (its example names it)."""
+TUN_RE = r"jvpn\d+"
+"""The gateway's ``jvpn%d``: the kernel numbers it (a worker per core: one each)."""
 
 _MARKER = re.compile(r"^<!-- quickstart: (.+?) -->$", re.M)
 _BLOCK = re.compile(r"\s*```sh\n(.*?)^```$", re.S | re.M)
@@ -270,15 +272,18 @@ def _wait_ready(hosts: QuickstartHosts, step: Step) -> None:
     """What the README tells the reader to wait for after starting a program."""
     if "jvpn-gateway" in step.body:
         line = hosts.stderr["gateway"]
+        done = re.compile(r"node gw1 listening on|node gw1: \d+ workers ready")
         wait_until(
-            lambda: any("listening on" in x for x in line.lines) or line.closed,
+            lambda: any(done.search(x) for x in line.lines) or line.closed,
             START_TIMEOUT_S, "jvpn-gateway's listening line",
         )  # fmt: skip
-        ready = [x for x in line.lines if "listening on" in x]
+        # as the README quotes it: one process, or worker 0 of one per core (the default)
+        quoted = re.compile(
+            rf"jvpn-gateway: node gw1(-w0)? listening on 0\.0\.0\.0:51820, inner {TUN_RE} "
+            rf"{re.escape(GATEWAY_INNER)}/24"
+        )
+        ready = [x for x in line.lines if quoted.match(x)]
         assert ready, "jvpn-gateway did not start:\n" + "\n".join(line.lines)
-        assert ready[0].startswith(
-            f"jvpn-gateway: node gw1 listening on 0.0.0.0:51820, inner {TUN} {GATEWAY_INNER}/24"
-        ), ready[0]  # as the README quotes it
     else:
         events = hosts.stdout["client"]
         events.wait_type("STATE_CHANGE", START_TIMEOUT_S, new_state="ATTACHED")
@@ -311,7 +316,10 @@ def test_the_quick_start_runs_as_written(hosts: QuickstartHosts) -> None:
     _the_session_survived(events)
     assert hosts.tun_addresses("client") == [CLIENT_INNER]
     # the sinks the examples configure wrote next to the configuration files
-    gateway_log = (hosts.home["gateway"] / "jvpn" / "gateway-events.jsonl").read_text()
+    # (worker K of a gateway with several writes gateway-events.jsonl.K)
+    gateway_log = "".join(
+        p.read_text() for p in (hosts.home["gateway"] / "jvpn").glob("gateway-events.jsonl*")
+    )
     assert '"event_type":"SESSION_CREATED"' in gateway_log.replace(" ", "")
     assert '"peer":"alice"' in gateway_log.replace(" ", "")
     assert (hosts.home["client"] / "jvpn" / "client-events.jsonl").stat().st_size > 0

@@ -162,6 +162,15 @@ def echo_round(c: LoopbackClient, first: int, count: int) -> None:
     assert c.run_until(lambda: len(echo_replies(c)) >= before + count, timeout=10.0)
 
 
+def follow_new_phase(c: LoopbackClient, phase: int) -> None:
+    """The restarted gateway resumed in ``phase`` (a phase its predecessor opened nothing
+    in) and sent a REKEY in it: the client's keys follow before it sends more (what it
+    sends in the retired phase is dropped, as after any loss)."""
+    cipher = c.session.keys.cipher
+    assert cipher is not None
+    assert c.run_until(lambda: cipher.phase == phase, timeout=5.0)
+
+
 def gateway_view(r: Restartable) -> tuple[str, str, int, int]:
     views = r.runs[-1][0].sessions()
     assert len(views) == 1
@@ -192,6 +201,7 @@ def test_clean_stop_ends_no_session_and_the_restarted_gateway_resumes_it(
 
     r.start()
     assert gateway_view(r) == (sid, state, version, epoch)  # resumed as it was
+    follow_new_phase(c, 1)
     echo_round(c, 100, 5)  # the same session carries traffic again
     assert c.session.machine.session_id == sid and terminated_events(c) == []
     assert r.runtime.resumed == (1, [])
@@ -216,6 +226,7 @@ def test_crash_restart_resumes_without_reusing_a_key_and_counter(tmp_path: Path)
         r.stop(crash=True)
 
         r.start()
+        follow_new_phase(c, 1)
         echo_round(c, 100, 40)
         cipher = c.session.keys.cipher
         assert cipher is not None
@@ -225,14 +236,16 @@ def test_crash_restart_resumes_without_reusing_a_key_and_counter(tmp_path: Path)
         r.stop(crash=True)
 
         r.start()
+        follow_new_phase(c, 3)
         echo_round(c, 300, 40)
         assert c.session.machine.session_id == sid and terminated_events(c) == []
         assert [run[0].runtime.resumed for run in r.runs[1:]] == [(1, []), (1, [])]
-        metrics = r.runs[-1][0].metrics_text()
-        assert "jvpn_gateway_sessions_resumed_total 1" in metrics
-        assert 'jvpn_gateway_counter_reservations_total{result="failed"} 0' in metrics
+        metrics = r.runs[-1][0].metrics_text().splitlines()
+        assert "jvpn_gateway_sessions_resumed_total 1.0" in metrics
+        assert 'jvpn_gateway_counter_reservations_total{result="failed"} 0.0' in metrics
         down = sorted((p, n) for d, p, n in c.wire if d == "down")
-        assert {p for p, _ in down} == {0, 1}  # both phases crossed the wire from the gateway
+        # phase 0, 1 (the first resume's), 2 (the client's rotation), 3 (the second resume's)
+        assert {p for p, _ in down} == {0, 1, 2, 3}
         assert c.repeats() == []
     finally:
         r.close()
@@ -386,7 +399,7 @@ def _state(binding: object) -> ResumeState:
         client=ClientEntry("alice", bytes(32), CLIENT_INNER, "fd00::2"), state="RECOVERING",
         state_version=5, binding_epoch=3, keys=TrafficKeys(b"s" * 32, b"r" * 32),
         suite=DataCipher.AES_256_GCM,
-        key_phase=2, send_from=1 << 40, rx_phase=2, rx_high=77, binding=binding,
+        key_phase=2, send_from=1 << 40, retired=TrafficKeys(b"t" * 32, b"u" * 32), binding=binding,
         binding_path=None, last_binding=PeerAddr("fd00::9", 4000, 1, 3), skew_ms=-12,
         born_ms=1_700_000_000_000, transportless_ms=1_700_000_000_500, recovery_ms=None,
         total_switches=4,
@@ -417,4 +430,4 @@ def test_a_sealed_state_opens_only_for_its_session_and_key() -> None:
     assert sealer.open("ab" * 16, tampered) is None
     assert sealer.open("ab" * 16, b"short") is None
     assert sealer.seal("ab" * 16, b"x") != sealer.seal("ab" * 16, b"x")  # fresh salt each time
-    assert decode_state("ab" * 16, b'{"v":2}', PeerAddr) is None  # another format
+    assert decode_state("ab" * 16, b'{"v":3}', PeerAddr) is None  # another format

@@ -25,7 +25,7 @@ from tunnel.observability import (
     JsonlFileSink,
     SyslogSink,
 )
-from tunnel.observability.metrics import observability_families, render
+from tunnel.observability.metrics import PrometheusPublisher, observability_families
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> bool:
@@ -138,10 +138,12 @@ def peer() -> Iterator[NeverReadingPeer]:
 
 def sink_up(pipeline: EventPipeline, sink: str) -> str:
     """The ``jvpn_event_sink_up`` sample of ``sink`` as the metrics endpoint renders it."""
-    text = render(observability_families(pipeline.health()))
+    publisher = PrometheusPublisher()
+    publisher.publish(observability_families(pipeline.health()))
+    text = publisher.exposition().decode()
     for line in text.splitlines():
         if line.startswith(f'jvpn_event_sink_up{{sink="{sink}"}} '):
-            return line.rsplit(" ", 1)[1]
+            return str(int(float(line.rsplit(" ", 1)[1])))
     raise AssertionError(f"no jvpn_event_sink_up for {sink} in:\n{text}")
 
 

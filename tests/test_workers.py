@@ -7,7 +7,10 @@ modulo the number of workers) and stays there with all its traffic; each worker 
 control socket (``PATH``, ``PATH.1``) and node id (``NODE-w0``, ``NODE-w1``); a worker
 killed is reported and started again on the same slot, its sessions are lost (a client
 handshakes again and lands on the new worker), the other worker's sessions are untouched;
-SIGTERM to the supervisor stops every worker and tells every client.
+SIGTERM to the supervisor stops every worker and tells every client. One control socket
+for the whole gateway (the supervisor's): its status lists every worker's sessions with
+the worker, names a worker that does not answer, its reload reaches every worker; one
+``/metrics`` for every worker, counters summed. ``workers`` is one per core by default.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import random
 import re
 import select
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -27,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -43,6 +47,7 @@ from tunnel.io.udp import PathSocket
 from tunnel.keys import write_private_key
 
 REPO = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 GATEWAY_INNER = "10.66.0.1"
 
 
@@ -192,12 +197,16 @@ class Stderr:
                 self._cond.wait(left)
 
 
-def status(sock: Path) -> dict[str, Any]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "tunnel.cli", "--socket", str(sock), "status", "--json"],
+def jvpn(sock: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tunnel.cli", "--socket", str(sock), *args],
         cwd=REPO, capture_output=True, text=True, timeout=30, check=False,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
+
+
+def status(sock: Path) -> dict[str, Any]:
+    proc = jvpn(sock, "status", "--json")
     assert proc.returncode == 0, proc.stderr
     doc: dict[str, Any] = json.loads(proc.stdout)["status"]
     return doc
@@ -208,22 +217,30 @@ class Rig:
     proc: subprocess.Popen[str]
     err: Stderr
     crowd: Crowd
-    sockets: tuple[Path, Path]
+    socket: Path
+    """The gateway's (the supervisor's) control socket."""
     pids: list[int]
     tmp: Path
+    metrics: str
+    """The supervisor's /metrics URL."""
 
-    def status(self, k: int) -> dict[str, Any]:
-        """Worker ``k``'s status; the clients keep running meanwhile (their probes)."""
-        out: list[dict[str, Any]] = []
-        thread = threading.Thread(target=lambda: out.append(status(self.sockets[k])))
+    def beside(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on a thread while the clients keep running (their probes)."""
+        out: list[T] = []
+        thread = threading.Thread(target=lambda: out.append(fn()))
         thread.start()
         while thread.is_alive():
             self.crowd.step()
-        assert out, "no status"
+        assert out, "no answer"
         return out[0]
 
+    def status(self) -> dict[str, Any]:
+        """The gateway's status (every worker's sessions)."""
+        return self.beside(lambda: status(self.socket))
+
     def sessions(self, k: int) -> dict[str, dict[str, Any]]:
-        return {s["client"]: s for s in self.status(k)["sessions"]}
+        """Worker ``k``'s sessions, as the gateway's status lists them."""
+        return {s["client"]: s for s in self.status()["sessions"] if s["worker"] == k}
 
 
 N_CLIENTS = 8
@@ -241,23 +258,27 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     config = tmp_path / "gateway.toml"
     config.write_text(
         'node_id = "gwt"\nlisten = "127.0.0.1:0"\nprivate_key = "gateway.key"\n'
-        'inner_echo = true\nworkers = 2\nclients_dir = "clients.d"\n'
+        'inner_echo = true\nworkers = 2\nclients_dir = "clients.d"\nmetrics = "127.0.0.1:0"\n'
         '[control]\nsocket = "gw.sock"\n[state]\nstore = "memory"\n'
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "tunnel.gateway.main", "--config", str(config)],
         cwd=REPO, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)},
     )  # fmt: skip
     err = Stderr(proc)
     try:
-        ready = err.wait(r"node gwt: 2 workers ready \(pids (\d+), (\d+)\)")
+        ready = err.wait(
+            r"node gwt: 2 workers ready \(pids (\d+), (\d+)\), control (\S+), "
+            r"metrics (http://\S+)$"
+        )
+        assert ready.group(3) == str(tmp_path / "gw.sock")
         port = int(err.wait(r"node gwt-w0 listening on 127\.0\.0\.1:(\d+)").group(1))
         assert err.wait(r"node gwt-w1 listening on 127\.0\.0\.1:(\d+)").group(1) == str(port)
         crowd.gateway = ("127.0.0.1", port)
         yield Rig(
-            proc, err, crowd, (tmp_path / "gw.sock", tmp_path / "gw.sock.1"),
-            [int(ready.group(1)), int(ready.group(2))], tmp_path,
+            proc, err, crowd, tmp_path / "gw.sock", [int(ready.group(1)), int(ready.group(2))],
+            tmp_path, ready.group(4),
         )  # fmt: skip
     finally:
         children = _children(proc.pid)
@@ -330,8 +351,17 @@ def test_each_session_lives_on_the_worker_its_index_names_with_all_its_traffic(
         # the session's traffic all went through that worker: every echo answered there
         assert s["rx_packets"] >= 3 and s["tx_packets"] >= 3
     assert [len(b) for b in by_worker] == [N_CLIENTS // 2, N_CLIENTS // 2]
+    doc = rig.status()
+    live = [x for x in doc["sessions"] if x["state"] != "TERMINATED"]
+    assert doc["node_id"] == "gwt" and len(live) == N_CLIENTS
+    assert doc["sessions_created"] >= N_CLIENTS  # (a client that sent its INIT again: one more)
+    workers = [(w["index"], w["node_id"], w["pid"], w["ok"], w["sessions"]) for w in doc["workers"]]
+    assert workers == [(k, f"gwt-w{k}", rig.pids[k], True, N_CLIENTS // 2) for k in (0, 1)]
+    # the workers' own sockets are private: 0600 in a 0700 directory of the supervisor's
+    private = Path(rig.err.wait(r"node gwt-w0 listening on .*, control (\S+)/w0\.sock").group(1))
+    assert private.parent == rig.tmp and stat.S_IMODE(private.stat().st_mode) == 0o700
     for k in (0, 1):
-        assert rig.status(k)["node_id"] == f"gwt-w{k}"
+        assert stat.S_IMODE((private / f"w{k}.sock").stat().st_mode) == 0o600
 
 
 def test_a_killed_worker_loses_only_its_sessions_and_comes_back_on_its_slot(rig: Rig) -> None:
@@ -395,7 +425,8 @@ def test_sigterm_stops_every_worker_and_every_client_is_told(rig: Rig) -> None:
     ]  # fmt: skip
     assert len(ends) == N_CLIENTS and all(e.initiator == "peer" for e in ends)
     assert {e.reason_code for e in ends} <= set(Reason)
-    assert not rig.sockets[0].exists() and not rig.sockets[1].exists()
+    assert not rig.socket.exists()
+    assert not list(rig.tmp.glob("jvpn-gwt.*")), "the private directory stayed"
 
 
 # -- configuration -----------------------------------------------------------------------------
@@ -416,25 +447,32 @@ def _config(tmp_path: Path, extra: str) -> Path:
     return path
 
 
-def test_workers_is_one_by_default_a_count_or_auto(tmp_path: Path) -> None:
-    assert load_gateway_config(_config(tmp_path, "")).workers == 1
+def test_workers_is_one_per_core_by_default_a_count_or_auto(tmp_path: Path) -> None:
+    """docs/gateway.md: one per core this process may run on (its CPU affinity)."""
+    cores = len(os.sched_getaffinity(0))
+    assert load_gateway_config(_config(tmp_path, "")).workers == cores
+    assert load_gateway_config(_config(tmp_path, 'workers = "auto"')).workers == cores
     assert load_gateway_config(_config(tmp_path, "workers = 3")).workers == 3
-    assert load_gateway_config(_config(tmp_path, 'workers = "auto"')).workers == os.cpu_count()
+    assert load_gateway_config(_config(tmp_path, "workers = 1")).workers == 1
     for bad in ("workers = 0", "workers = 257", 'workers = "many"', "workers = 1.5"):
         with pytest.raises(ConfigError, match=r"workers = "):
             load_gateway_config(_config(tmp_path, bad))
 
 
 def test_each_worker_has_names_of_its_own(tmp_path: Path) -> None:
+    """docs/gateway.md "Workers": a private control socket in the supervisor's private
+    directory, no metrics endpoint of its own (the supervisor serves every worker's)."""
     config = load_gateway_config(_config(tmp_path, "workers = 3"))
     one = dataclasses.replace(config, workers=1)
     assert worker_config(one, 0, None) == one  # workers = 1: the configuration as it is
-    w0, w2 = worker_config(config, 0, None), worker_config(config, 2, ("127.0.0.1", 9200))
+    private = tmp_path / "private"
+    w0 = worker_config(config, 0, None, private)
+    w2 = worker_config(config, 2, ("127.0.0.1", 9200), private)
     assert (w0.node_id, w0.tun_name, w0.control_socket, w0.metrics) == (
-        "gw1-w0", "jvpn-gw", tmp_path / "run" / "gw.sock", ("127.0.0.1", 9108),
+        "gw1-w0", "jvpn-gw", private / "w0.sock", None,
     )  # fmt: skip
     assert (w2.node_id, w2.tun_name, w2.control_socket, w2.metrics) == (
-        "gw1-w2", "jvpn-gw-2", tmp_path / "run" / "gw.sock.2", ("127.0.0.1", 9202),
+        "gw1-w2", "jvpn-gw-2", private / "w2.sock", None,
     )  # fmt: skip
     assert [s.path for s in w0.sinks] == [tmp_path / "events.jsonl"]
     assert [s.path for s in w2.sinks] == [tmp_path / "events.jsonl.2"]
@@ -482,21 +520,39 @@ def _alive(pid: int) -> bool:
 def test_a_worker_that_cannot_start_stops_the_gateway_with_its_exit_status(
     tmp_path: Path,
 ) -> None:
-    """Worker 1's control socket path is taken (docs/gateway.md: ``PATH.1``): exit 5, as
-    one gateway process with that problem, and worker 0 is stopped too."""
+    """Worker 1's session store cannot be created (docs/gateway.md: ``state_dir/w1``):
+    exit 3, as one gateway process with that problem, and worker 0 is stopped too."""
     config = _config(tmp_path, "workers = 2\ninner_echo = true")
-    config.write_text(config.read_text().replace('metrics = "127.0.0.1:9108"\n', ""))
-    (tmp_path / "run").mkdir(mode=0o700)
-    (tmp_path / "run" / "gw.sock.1").write_text("keep")
+    text = config.read_text().replace('metrics = "127.0.0.1:9108"\n', "")
+    config.write_text(text.replace('store = "memory"', 'store = "sqlite"\nstate_dir = "state"'))
+    (tmp_path / "state").mkdir(mode=0o700)
+    (tmp_path / "state" / "w1").write_text("not a directory")
     proc = subprocess.run(
         [sys.executable, "-m", "tunnel.gateway.main", "--config", str(config)],
         cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    assert proc.returncode == 3, proc.stderr
+    assert f"state_dir {tmp_path}/state/w1: cannot create" in proc.stderr
+    assert "jvpn-gateway: worker 1 could not start (exit status 3); stopping" in proc.stderr
+    assert not (tmp_path / "run" / "gw.sock").exists()
+    assert not list(tmp_path.glob("jvpn-gw1.*")), "the private directory stayed"
+
+
+def test_the_gateways_control_socket_taken_is_exit_5_before_any_worker(tmp_path: Path) -> None:
+    config = _config(tmp_path, "workers = 2\ninner_echo = true")
+    config.write_text(config.read_text().replace('metrics = "127.0.0.1:9108"\n', ""))
+    (tmp_path / "run").mkdir(mode=0o700)
+    (tmp_path / "run" / "gw.sock").write_text("keep")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunnel.gateway.main", "--config", str(config)],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)},
     )  # fmt: skip
     assert proc.returncode == 5, proc.stderr
-    assert f"control socket: {tmp_path}/run/gw.sock.1 exists and is not a socket" in proc.stderr
-    assert "jvpn-gateway: worker 1 could not start (exit status 5); stopping" in proc.stderr
-    assert not (tmp_path / "run" / "gw.sock").exists()
+    assert f"control socket: {tmp_path}/run/gw.sock exists and is not a socket" in proc.stderr
+    assert "worker" not in proc.stderr and (tmp_path / "run" / "gw.sock").read_text() == "keep"
+    assert not list(tmp_path.glob("jvpn-gw1.*")), "the private directory stayed"
 
 
 def test_a_worker_dying_again_and_again_stops_the_gateway(rig: Rig) -> None:
@@ -546,3 +602,169 @@ def test_a_client_whose_address_changes_stays_on_its_worker(rig: Rig) -> None:
         port = c.sock.local_address[1]
         assert any(p["address"].endswith(f":{port}") for p in new["paths"]), new["paths"]
         assert c.name not in after[1 - c.worker]
+
+
+# -- one control socket, one /metrics -------------------------------------------------------
+
+
+def test_reload_through_the_gateways_socket_reaches_every_worker(rig: Rig) -> None:
+    """Two new client files, one client for each worker: after ``jvpn reload`` on the
+    gateway's socket both attach (both workers read the directory again), and the answer
+    says per worker what happened."""
+    crowd = rig.crowd
+    newcomers = Crowd(crowd.gateway, crowd.gateway_public)
+    add_balanced(newcomers, 2, "10.66.0", first=200)
+    for c in newcomers.clients:
+        c.name = f"new{c.worker}"
+    try:
+        for c in newcomers.clients:
+            write_client_file(rig.tmp / "clients.d", c)
+        proc = rig.beside(lambda: jvpn(rig.socket, "reload"))
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        assert [line.split(":", 1)[0] for line in lines] == ["worker 0", "worker 1"], lines
+        assert all("clients_dir: " in line for line in lines), lines
+        newcomers.connect_all()
+        newcomers.run_until(attached(newcomers.clients), 30, "both newcomers attached")
+        for k in (0, 1):
+            assert f"new{k}" in rig.sessions(k)
+    finally:
+        newcomers.close()
+
+
+def test_a_worker_that_does_not_answer_is_named_and_the_others_sessions_still_listed(
+    rig: Rig,
+) -> None:
+    """docs/gateway.md "Workers": a worker that is stuck (SIGSTOP) or dead is named in the
+    gateway's status, which lists the other worker's sessions and does not wait for it."""
+    crowd = rig.crowd
+    crowd.connect_all()
+    crowd.run_until(attached(crowd.clients), 30, "every client attached")
+    zero = {c.name for c in crowd.clients if c.worker == 0}
+    old = {s["session_id"] for s in rig.sessions(1).values()}
+    os.kill(rig.pids[1], signal.SIGSTOP)
+    try:
+        doc = rig.status()
+        text = rig.beside(lambda: jvpn(rig.socket, "status")).stdout
+    finally:
+        os.kill(rig.pids[1], signal.SIGCONT)
+    assert f"1 NOT ANSWERING: no answer in 2s (pid {rig.pids[1]})" in text, text
+    assert {s["client"] for s in doc["sessions"]} == zero
+    w0, w1 = doc["workers"]
+    assert (w0["ok"], w0["sessions"], w1["ok"], w1["pid"]) == (True, len(zero), False, rig.pids[1])
+    assert w1["problem"] == f"no answer in 2s (pid {rig.pids[1]})"
+
+    os.kill(rig.pids[1], signal.SIGKILL)
+    rig.err.wait(r"worker 1 died \(killed by SIGKILL\)")
+    doc = rig.status()
+    w1 = doc["workers"][1]
+    if w1["ok"]:  # already started again (the 1 s went by): a new process, new sessions
+        assert w1["pid"] != rig.pids[1]
+        assert not old & {s["session_id"] for s in doc["sessions"] if s["worker"] == 1}
+    else:
+        assert w1["problem"].startswith(("not running", "starting", "not answering")), w1
+        assert all(s["worker"] == 0 for s in doc["sessions"])
+    assert {s["client"] for s in doc["sessions"] if s["worker"] == 0} == zero
+
+
+def test_watch_on_the_gateways_socket_merges_every_workers_events(rig: Rig) -> None:
+    crowd = rig.crowd
+    crowd.connect_all()
+    crowd.run_until(attached(crowd.clients), 30, "every client attached")
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "tunnel.cli", "--socket", str(rig.socket), "watch", "--json"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    created: dict[str, str] = {}
+    try:
+        reader = _Lines(watch)
+
+        def both() -> bool:
+            for line in reader.lines:
+                event = json.loads(line)
+                if event.get("event_type") == "SESSION_CREATED":
+                    created[event["peer"]] = event["node_id"]
+            return len(created) == N_CLIENTS
+
+        crowd.run_until(both, 30, "every session's creation in the merged history")
+    finally:
+        watch.kill()
+        watch.wait(10)
+    assert created == {c.name: f"gwt-w{c.worker}" for c in crowd.clients}
+
+    # terminate on the gateway's socket finds the session's worker (by a unique prefix)
+    victim = next(c for c in crowd.clients if c.worker == 1)
+    sid = victim.session.snapshot(time.monotonic()).session_id
+    proc = rig.beside(lambda: jvpn(rig.socket, "terminate", sid[:8]))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"worker 1: session {sid} terminated (operator_terminated)"
+    crowd.run_until(lambda: victim.session.state is State.TERMINATED, 20, "the client told")
+
+
+class _Lines:
+    """A process's stdout lines, read on a thread."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        assert proc.stdout is not None
+        threading.Thread(target=self._run, args=(proc.stdout,), daemon=True).start()
+
+    def _run(self, stream: Any) -> None:
+        for line in stream:
+            self.lines.append(line)
+
+
+DOCUMENTED_METRICS = {
+    "jvpn_gateway_sessions", "jvpn_gateway_sessions_created_total",
+    "jvpn_gateway_sessions_denied_total", "jvpn_gateway_switches_total",
+    "jvpn_gateway_terminations_total", "jvpn_gateway_reattach_rejects_total",
+    "jvpn_gateway_drops_total", "jvpn_gateway_replay_drops_total",
+    "jvpn_gateway_security_events_total", "jvpn_gateway_policy_valid",
+    "jvpn_gateway_policy_reloads_total", "jvpn_gateway_store_conflicts_total",
+    "jvpn_gateway_engine_events_dropped_total", "jvpn_gateway_datagrams_total",
+    "jvpn_gateway_inner_packets_total",
+}  # fmt: skip
+"""docs/gateway.md "Metrics" (without a persistent store and without sinks)."""
+
+LABELLED = {
+    "jvpn_gateway_switches_total", "jvpn_gateway_terminations_total",
+    "jvpn_gateway_reattach_rejects_total", "jvpn_gateway_drops_total",
+    "jvpn_gateway_security_events_total",
+}  # fmt: skip
+
+
+def test_one_metrics_endpoint_for_every_worker_counters_summed(rig: Rig) -> None:
+    from test_metrics import get, parse_exposition
+
+    crowd = rig.crowd
+    crowd.connect_all()
+    crowd.run_until(attached(crowd.clients), 30, "every client attached")
+    crowd.ping(crowd.clients, count=2)
+
+    def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        status, _, body = rig.beside(lambda: get(rig.metrics))
+        assert status == 200, body
+        return parse_exposition(body)
+
+    def summed() -> bool:
+        now = scrape()
+        return (
+            now.get(("jvpn_gateway_sessions_created_total", ()), 0) >= N_CLIENTS
+            and now.get(("jvpn_gateway_sessions", (("state", "ATTACHED"),))) == N_CLIENTS
+            and now.get(("jvpn_gateway_inner_packets_total", (("direction", "from_clients"),)),
+                        0) >= 2 * N_CLIENTS
+        )  # fmt: skip
+
+    end = time.monotonic() + 30
+    while not summed():
+        assert time.monotonic() < end, scrape()
+        crowd.run_for(0.2)
+    samples = scrape()
+    # every family with a sample (a labelled counter with none yet has no series)
+    names = {name for name, _ in samples}
+    assert names <= DOCUMENTED_METRICS and DOCUMENTED_METRICS - names <= LABELLED, names
+    # the sum of the workers' own counts (their statuses, summed by the gateway's)
+    created = rig.status()["sessions_created"]
+    assert samples[("jvpn_gateway_sessions_created_total", ())] == created
+    assert samples[("jvpn_gateway_policy_valid", ())] == 1  # every worker's (livemin)
+    assert samples[("jvpn_gateway_datagrams_total", (("direction", "in"),))] >= 3 * N_CLIENTS

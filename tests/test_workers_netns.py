@@ -70,7 +70,8 @@ class Rig:
     def __init__(self, topo: Topology, tmp: Path, ctl: Path) -> None:
         self.topo = topo
         self.tun = f"jtg-{topo.tag}"
-        self.sockets = (ctl / "gw.sock", ctl / "gw.sock.1")
+        self.socket = ctl / "gw.sock"
+        """The gateway's control socket (the supervisor's, for every worker)."""
         gw_private, gw_public = generate_keypair()
         write_private_key(tmp / "gateway.key", gw_private)
         link = topo.paths[0]
@@ -82,7 +83,7 @@ class Rig:
         clients = add_balanced(self.crowd, N_CLIENTS, "10.77.0")
         (tmp / "gateway.toml").write_text(
             f'node_id = "gw"\nlisten = "0.0.0.0:{PORT}"\nprivate_key = "gateway.key"\n'
-            f'workers = 2\n[state]\nstore = "memory"\n[control]\nsocket = "{self.sockets[0]}"\n'
+            f'workers = 2\n[state]\nstore = "memory"\n[control]\nsocket = "{self.socket}"\n'
             f'[tun]\nname = "{self.tun}"\nsubnet = "10.77.0.0/24"\naddress = "10.77.0.1"\n'
             'subnet6 = "fd00:77::/64"\n' + clients
         )
@@ -95,12 +96,14 @@ class Rig:
         self.pids = [int(ready.group(1)), int(ready.group(2))]
 
     def status(self, k: int) -> dict[str, Any]:
+        """The gateway's status with worker ``k``'s sessions alone."""
         out: list[dict[str, Any]] = []
-        thread = threading.Thread(target=lambda: out.append(status(self.sockets[k])))
+        thread = threading.Thread(target=lambda: out.append(status(self.socket)))
         thread.start()
         while thread.is_alive():
             self.crowd.step()
-        return out[0]
+        sessions = [s for s in out[0]["sessions"] if s["worker"] == k]
+        return {**out[0], "sessions": sessions}
 
     def routes(self) -> dict[str, str]:
         """Host routes in the gateway namespace: inner address (v4 and v6) -> device."""

@@ -255,6 +255,11 @@ class SessionView:
     cipher: str = ""
     """The data cipher negotiated in the handshake, ``aes-256-gcm`` or
     ``chacha20-poly1305`` (empty before the handshake); rekeys and reattaches keep it."""
+    serving_node: str = ""
+    """The gateway cluster node serving the session (empty: the gateway is not a cluster
+    node, or has not said yet; docs/cluster.md)."""
+    owner_epoch: int = 0
+    """The session's owner epoch in the cluster (each takeover by another node adds 1)."""
 
 
 NO_SESSION: Final = SessionView(

@@ -1,5 +1,6 @@
-"""Session panel: identity, state, versions, the gateway's view, inner addresses, ages,
-policy; the data cipher in its bottom border."""
+"""Session panel: identity, state, versions, the gateway's view (with a gateway cluster:
+the node serving the session and its owner epoch), inner addresses, ages, policy; the
+data cipher in its bottom border."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class SessionPanel(TextPanel):
             ("Session", f"[b]{esc(sid)}[/]"),
             ("State", f"{state_markup(s.state)} v{s.state_version}"),
             ("Gateway", peer),
+            *node_row(s.serving_node, s.owner_epoch),
             ("Epoch", str(s.binding_epoch)),
             ("Active", active),
             ("Inner", inner),  # IPv4, then IPv6 when the session carries it
@@ -44,3 +46,11 @@ class SessionPanel(TextPanel):
         subtitle = f"cipher {s.cipher}" if s.cipher else ""
         if self.border_subtitle != subtitle:
             self.border_subtitle = subtitle
+
+
+def node_row(node: str, owner_epoch: int) -> list[tuple[str, str]]:
+    """The cluster node serving the session: ``node gw-b · owner epoch 2``; no row when
+    the gateway is not a cluster node (docs/cluster.md)."""
+    if not node:
+        return []
+    return [("Node", f"node [b]{esc(node)}[/] · owner epoch {owner_epoch}")]

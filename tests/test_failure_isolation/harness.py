@@ -307,6 +307,7 @@ class Lab:
             'private_key = "gw.key"',
             'metrics = "127.0.0.1:0"',
             "inner_echo = true",
+            "workers = 1",
         ]
         if policy is not None:
             self.write("gw-policy.toml", policy)

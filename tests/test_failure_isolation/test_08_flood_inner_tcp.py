@@ -62,7 +62,7 @@ from realnet import (
     wait_drained,
 )
 
-from tunnel.core.admission import HANDSHAKE_BURST, HANDSHAKE_RATE
+from tunnel.core.admission import HANDSHAKE_BURST_MAX, HANDSHAKE_RATE_MAX
 from tunnel.core.constants import MSG_HANDSHAKE_INIT
 
 pytestmark = pytest.mark.root
@@ -282,7 +282,7 @@ def _assert_drops_counted(d: dict[str, Any], report: dict[str, Any], flood_s: fl
     replays = sum(delta.get(r, 0) for r in REPLAY_REASONS)
     assert replay_sent - lost <= replays <= replay_sent, d
     assert delta.get("cookie_required", 0) > 0, d  # the INIT flood met cookies
-    dh_bound = HANDSHAKE_RATE * (flood_s + 2) + HANDSHAKE_BURST
+    dh_bound = HANDSHAKE_RATE_MAX * (flood_s + 2) + HANDSHAKE_BURST_MAX
     assert delta.get("replay_detected", 0) <= report["sent"]["replay"] + dh_bound, d
 
 

@@ -44,7 +44,7 @@ from realnet import (
     wait_drained,
 )
 
-from tunnel.core.admission import HANDSHAKE_BURST, HANDSHAKE_RATE
+from tunnel.core.admission import HANDSHAKE_BURST_MAX, HANDSHAKE_RATE_MAX
 
 from .harness import Attacker, Gateway, Lab, Proc, session_ids, transitions
 
@@ -212,7 +212,7 @@ def _assert_drops_counted(n: dict[str, Any], report: dict[str, Any], flood_s: fl
     assert replay_sent - kernel <= replays <= replay_sent, n
     # The handshake flood met cookies: DH only within the handshake rate limit.
     assert delta.get("cookie_required", 0) > 0, n
-    dh_bound = HANDSHAKE_RATE * (flood_s + 2) + HANDSHAKE_BURST
+    dh_bound = HANDSHAKE_RATE_MAX * (flood_s + 2) + HANDSHAKE_BURST_MAX
     assert delta.get("replay_detected", 0) <= report["sent"]["replay"] + dh_bound, n
 
 

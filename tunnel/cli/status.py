@@ -57,6 +57,8 @@ def _client_fields(snap: EngineSnapshot, style: Style) -> list[tuple[str, str]]:
         ("state", f"{_state(style, s.state)} v{s.state_version}"
                   + (f" (gateway: {s.peer_state} v{s.peer_state_version})" if s.peer_state
                      else "")),
+        *([("node", f"node {s.serving_node} · owner epoch {s.owner_epoch}")]
+          if s.serving_node else []),
         ("binding epoch", str(s.binding_epoch)),
         ("key phase", f"{s.key_phase} (keys {duration(s.key_age_s)} old)"),
         ("cipher", s.cipher or "-"),
@@ -148,7 +150,17 @@ def _gateway_fields(g: GatewayStatus) -> list[tuple[str, str]]:
         ("store conflicts", str(g.store_conflicts)),
         ("observability", "ok" if g.observability_ok else "DEGRADED (a sink failed or lost "
                           "events)"),
+        *([("workers", _workers(g))] if g.workers else []),
     ]  # fmt: skip
+
+
+def _workers(g: GatewayStatus) -> str:
+    """``0 pid 4711 (3 sessions), 1 NOT ANSWERING: no answer in 2s (pid 4712)``."""
+    return ", ".join(
+        f"{w.index} pid {w.pid} ({plural(w.sessions, 'session')})" if w.ok
+        else f"{w.index} NOT ANSWERING: {w.problem}"
+        for w in g.workers
+    )  # fmt: skip
 
 
 def _session_row(s: GatewaySessionStatus) -> list[str]:

@@ -204,7 +204,7 @@ def session_view(snap: ClientSnapshot) -> SessionView:
         queue_depth=snap.queue_depth, queue_dropped=snap.queue_dropped,
         total_switches=snap.total_switches, drops=snap.drops,
         inner_address=snap.inner_address, inner_address6=snap.inner_address6,
-        cipher=snap.cipher,
+        cipher=snap.cipher, serving_node=snap.serving_node, owner_epoch=snap.owner_epoch,
     )  # fmt: skip
 
 

@@ -44,7 +44,8 @@ __all__ = [
     "COMMANDS", "MAX_LINE", "PROTOCOL_VERSION", "Command", "ControlClosed", "ControlError",
     "Error",
     "EventMsg", "GatewayPathStatus", "GatewaySessionStatus", "GatewayStatus", "GatewayTraffic",
-    "Hello", "Loss", "Message", "Request", "Result", "SnapshotMsg", "Status", "StatusReply",
+    "GatewayWorkerStatus", "Hello", "Loss", "Message", "Request", "Result", "SnapshotMsg",
+    "Status", "StatusReply",
     "Watch", "client_status", "decode_reply", "decode_request", "default_socket", "encode",
     "gateway_status", "raw", "to_builtins",
 ]  # fmt: skip
@@ -172,6 +173,9 @@ class GatewaySessionStatus(msgspec.Struct):
     """The client's inner IPv6 address; empty when the tunnel carries no IPv6 for it."""
     cipher: str = ""
     """The data cipher negotiated in the handshake (``aes-256-gcm``, ``chacha20-poly1305``)."""
+    worker: int | None = None
+    """The worker process that holds the session (a gateway with ``workers`` > 1: its
+    supervisor's combined status); None from one gateway process."""
 
 
 class GatewayTraffic(msgspec.Struct):
@@ -185,6 +189,23 @@ class GatewayTraffic(msgspec.Struct):
     """Inner packets read from the inner side (TUN)."""
     inner_from_clients: int = 0
     """Inner packets written to the inner side."""
+
+
+class GatewayWorkerStatus(msgspec.Struct):
+    """One worker process of a gateway with ``workers`` > 1 (docs/gateway.md "Workers")."""
+
+    index: int
+    node_id: str
+    """The worker's node id (``NODE-wK``)."""
+    pid: int
+    """0 while it is not running (it died and is being started again)."""
+    ok: bool
+    """It answered this status: its sessions are listed."""
+    sessions: int = 0
+    """Its live sessions."""
+    problem: str = ""
+    """Why it did not answer (``not running``, ``no answer in 2s``, ...): its sessions are
+    missing from this status."""
 
 
 class GatewayStatus(msgspec.Struct):
@@ -218,6 +239,9 @@ class GatewayStatus(msgspec.Struct):
     """The event sinks' health flag (false while a sink fails or lost events)."""
     ciphers: tuple[str, ...] = ()
     """The data ciphers this gateway allows (``ciphers`` in its configuration)."""
+    workers: tuple[GatewayWorkerStatus, ...] = ()
+    """Its worker processes (``workers`` > 1; empty for one process): the counters above
+    are their sums, ``sessions`` all of theirs."""
 
 
 class StatusReply(msgspec.Struct, tag="status_reply"):

@@ -20,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import inspect
 import os
 import socket
 import stat
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Final, Protocol, TypeVar
 
 from tunnel.control.protocol import (
     MAX_LINE,
@@ -66,15 +67,17 @@ class ControlTarget(Protocol):
         ...
 
     def status(self) -> object:
-        """The current status (an EngineSnapshot or a GatewayStatus)."""
+        """The current status (an EngineSnapshot or a GatewayStatus), or an awaitable of it
+        (a gateway's supervisor asks its workers first)."""
         ...
 
     def history(self) -> Sequence[Mapping[str, object]]:
         """Remembered session-changing events, oldest first (a new watcher gets them)."""
         ...
 
-    def command(self, request: Command) -> Result:
-        """Apply one command; never raises (a refusal is ``Result(ok=False, ...)``)."""
+    def command(self, request: Command) -> Result | Awaitable[Result]:
+        """Apply one command (or an awaitable doing it); never raises (a refusal is
+        ``Result(ok=False, ...)``)."""
         ...
 
 
@@ -271,9 +274,9 @@ class ControlServer:
             writer.write(self._hello)
             await writer.drain()
             while (line := await _read_line(reader, writer)) is not None:
-                reply, watch = self._answer(line)
+                reply, watch = await self._answer(line)
                 if watch is not None and watcher is None:
-                    watcher = self._watch(watch)
+                    watcher = await self._watch(watch)
                     streamer = asyncio.ensure_future(_stream(watcher, writer))
                 if reply is not None:
                     writer.write(reply)
@@ -288,28 +291,39 @@ class ControlServer:
             self._connections.discard(task)
             await _close(writer)
 
-    def _answer(self, line: bytes) -> tuple[bytes | None, Watch | None]:
+    async def _answer(self, line: bytes) -> tuple[bytes | None, Watch | None]:
         """The reply line to one request (None: a watch has no reply), and the watch."""
         try:
             request = decode_request(line)
         except ControlError as exc:
             return encode(Error(error=str(exc))), None
         if isinstance(request, Status):
-            status = StatusReply(role=self._target.role, status=raw(self._target.status()))
-            return encode(status), None
+            status = await _resolved(self._target.status())
+            return encode(StatusReply(role=self._target.role, status=raw(status))), None
         if isinstance(request, Watch):
             return None, request
-        return encode(self._target.command(request)), None
+        return encode(await _resolved(self._target.command(request))), None
 
-    def _watch(self, request: Watch) -> _Watcher:
+    async def _watch(self, request: Watch) -> _Watcher:
         watcher = _Watcher(request.snapshots, self._watch_queue)
         if request.history:
             for event in self._target.history():
                 watcher.put(encode(EventMsg(event=dict(event))))
         if request.snapshots:
-            watcher.put(encode(SnapshotMsg(status=raw(self._target.status()))))
+            status = await _resolved(self._target.status())
+            watcher.put(encode(SnapshotMsg(status=raw(status))))
         self._watchers.add(watcher)
         return watcher
+
+
+T = TypeVar("T")
+
+
+async def _resolved(value: T | Awaitable[T]) -> T:
+    """A target's answer, awaited when it is awaitable."""
+    if inspect.isawaitable(value):
+        return await value
+    return value
 
 
 async def _read_line(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes | None:

@@ -21,10 +21,19 @@ from tunnel.core.gateway_paths import Addr, addr_label
 from tunnel.core.wire import split_init
 
 HANDSHAKE_RATE = 200.0
-"""Handshake initiations per second the gateway spends DH on (token bucket refill)."""
+"""Handshake initiations per second the gateway spends DH on (token bucket refill) until
+it is told its own core's rate (:meth:`HandshakeAdmission.set_handshake_rate`; the gateway
+program measures it at start: tunnel/gateway/handshake_budget.py). Also the least budget."""
 
 HANDSHAKE_BURST = 400.0
-"""Handshake bucket size."""
+"""Handshake bucket size at ``HANDSHAKE_RATE``; at a higher rate, one second of it."""
+
+HANDSHAKE_RATE_MAX = 10_000.0
+"""The most a budget may be: far above what a Python core does (about 1,000-2,000 DH
+handshakes a second per core on current CPUs), so only a wrong measurement meets it."""
+
+HANDSHAKE_BURST_MAX = HANDSHAKE_RATE_MAX
+"""The bucket size at ``HANDSHAKE_RATE_MAX`` (one second of it)."""
 
 COOKIE_LOAD_FRACTION = 0.25
 """Under load (cookies required) while the handshake bucket holds less than this share of
@@ -95,6 +104,13 @@ class HandshakeAdmission:
         self.handshakes = TokenBucket(HANDSHAKE_RATE, HANDSHAKE_BURST, now)
         """The global handshake budget (read by tests and metrics; spent only here)."""
         self._sources: OrderedDict[Hashable, TokenBucket] = OrderedDict()
+
+    def set_handshake_rate(self, rate: float, now: float) -> None:
+        """Spend DH on at most ``rate`` INITs a second (what this core can do: the gateway
+        measures it), within [``HANDSHAKE_RATE``, ``HANDSHAKE_RATE_MAX``]; the bucket holds
+        one second of it (at least ``HANDSHAKE_BURST``) and starts full."""
+        rate = min(max(rate, HANDSHAKE_RATE), HANDSHAKE_RATE_MAX)
+        self.handshakes = TokenBucket(rate, max(HANDSHAKE_BURST, rate), now)
 
     def set_cookie_threshold(self, threshold: float) -> None:
         self.cookie_threshold = threshold

@@ -192,6 +192,7 @@ class SessionCipher:
         "_previous",
         "_previous_until",
         "_replay_size",
+        "_retired",
         "_suite",
         "send_counter",
     )
@@ -206,11 +207,14 @@ class SessionCipher:
         replay_window: int = DEFAULT_WINDOW,
         now: float = 0.0,
         suite: DataCipher = DataCipher.CHACHA20_POLY1305,
+        phase: int = 0,
     ) -> None:
-        """``suite``: the data cipher the handshake negotiated; every generation uses it."""
+        """``suite``: the data cipher the handshake negotiated; every generation uses it.
+        ``phase``: the key phase of ``keys`` (0 after a handshake; another for a throwaway
+        cipher that only reads a datagram of a stored session, e.g. a cluster node's)."""
         self._replay_size = replay_window
         self._suite = suite
-        self._current = _Generation(keys, 0, replay_window, suite)
+        self._current = _Generation(keys, phase % PHASES, replay_window, suite)
         self._previous: _Generation | None = None
         self._previous_until: float | None = None
         """Grace deadline of the previous generation; None while the peer has not yet
@@ -221,6 +225,8 @@ class SessionCipher:
         confirms generation 0)."""
         self._born = now
         self._mark = (0, 0)
+        self._retired = False
+        """The previous generation only authenticates (a resumed session: ``resume_at``)."""
         self.send_counter = 0
 
     def __repr__(self) -> str:
@@ -374,6 +380,8 @@ class SessionCipher:
         verdict = generation.replay.update(counter)
         if verdict is not FRESH:
             return _STALE[verdict]
+        if self._retired and generation is self._previous:
+            return Drop.RETIRED_KEY_PHASE  # authentic, never opened by this process
 
         if generation is current:
             if not self._confirmed:
@@ -389,27 +397,47 @@ class SessionCipher:
     # -- resume (a restarted gateway, DESIGN D15a) -------------------------------------
 
     def current_keys(self) -> tuple[int, TrafficKeys]:
-        """The current phase and its keys: what a session store keeps, sealed, so another
-        process can continue this session (tunnel/gateway/resume.py)."""
+        """The current phase and its keys."""
         return self._current.phase, self._current.keys
 
-    def resume_at(self, phase: int, send_counter: int, rx_above: int) -> None:
-        """Continue as the cipher of another process: the keys given at construction are
-        that process's phase ``phase``; seal from ``send_counter`` (a counter it reserved
-        and never reached) and open only counters above ``rx_above`` in that phase (what
-        it had received; -1: none). Only on a cipher that has sealed nothing."""
+    def resume_keys(self) -> tuple[int, TrafficKeys, TrafficKeys | None]:
+        """What a session store keeps, sealed, so that another process can continue this
+        session (tunnel/gateway/resume.py): the current phase, its keys, and the keys of
+        the previous phase while our own rotation is unconfirmed (no datagram of the
+        current phase opened yet), else None."""
+        previous = self._previous
+        retired = previous.keys if previous is not None and not self._confirmed else None
+        return self._current.phase, self._current.keys, retired
+
+    def resume_at(self, phase: int, send_counter: int, retired: TrafficKeys | None) -> None:
+        """Continue as the cipher of another process, in a key phase that process opened
+        nothing in (DESIGN D15a): the keys given at construction are its phase ``phase``.
+
+        ``retired`` None: that process may have opened datagrams in ``phase``; this cipher
+        rotates to ``phase + 1`` (sealing from counter 0: that process never sealed in it)
+        and ``phase`` is retired. Else that process had rotated to ``phase`` itself and
+        opened nothing in it yet: this cipher stays in ``phase``, seals from
+        ``send_counter`` (a counter it reserved and never reached) and ``phase - 1``
+        (``retired``) is retired. A retired phase only authenticates: what opens there
+        is ``Drop.RETIRED_KEY_PHASE`` (once per counter), never plaintext. The rotation
+        is unconfirmed until the peer's first datagram of the new phase: the peer follows
+        when it opens one of ours (``rekey``'s mechanism). Only on a fresh cipher."""
         if self.send_counter or self._previous is not None or self._current.phase:
             raise ValueError("only a fresh cipher can resume another process's session")
         if not 0 <= send_counter < constants.REJECT_AFTER_MESSAGES:
             raise ValueError(f"send counter {send_counter} out of range")
-        current = _Generation(self._current.keys, phase % PHASES, self._replay_size, self._suite)
-        if rx_above >= 0:
-            # The window then holds (rx_above, rx_above + size]: everything at or below
-            # rx_above is too old; one future counter (rx_above + size) is spent.
-            current.replay.update(rx_above + self._replay_size)
-        self._current = current
-        self._next = None
-        self.send_counter = send_counter
+        own = _Generation(self._current.keys, phase % PHASES, self._replay_size, self._suite)
+        if retired is None:
+            self._current = own
+            old, current, counter = own, self._derive_next(), 0
+        else:
+            old = _Generation(retired, (phase - 1) % PHASES, self._replay_size, self._suite)
+            current, counter = own, send_counter
+        self._previous, self._current, self._next = old, current, None
+        self._retired = True
+        self._confirmed = False
+        self._previous_until = None
+        self.send_counter = counter
 
     # -- internals ---------------------------------------------------------------------
 
@@ -425,6 +453,7 @@ class SessionCipher:
         return candidate
 
     def _promote(self, generation: _Generation, now: float) -> None:
+        self._retired = False  # the generation that becomes previous was ours to open
         self._previous = self._current
         self._current = generation
         self._next = None

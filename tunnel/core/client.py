@@ -48,6 +48,7 @@ from tunnel.core.constants import (
     MSG_COOKIE_REPLY,
     MSG_DATA,
     MSG_HANDSHAKE_RESP,
+    MSG_STANDBY_ACK,
 )
 from tunnel.core.drops import Drop
 from tunnel.core.endpoint import Reporter
@@ -76,11 +77,13 @@ from tunnel.core.replay import DuplicateMeter, stale_drop
 from tunnel.core.rescue import LostStateRescue
 from tunnel.core.selection import Selector, SwitchLimiter
 from tunnel.core.session import SessionMachine, State, Trigger
+from tunnel.core.standby import open_standby_ack
 from tunnel.core.switching import PeerView, SwitchController
 from tunnel.core.timers import SessionClocks, TimedRow, due_rows, earliest, most_urgent_row
 from tunnel.core.wire import (
     STATE_CODES,
     Control,
+    NodeInfo,
     PathChallenge,
     PathResponse,
     Probe,
@@ -173,6 +176,10 @@ class ClientSnapshot:
     """The inner IPv6 address the gateway assigned (empty: no IPv6 in this session)."""
     cipher: str = ""
     """The data cipher negotiated in the handshake (empty before it)."""
+    serving_node: str = ""
+    """The gateway cluster node serving the session (empty: not a cluster)."""
+    owner_epoch: int = 0
+    """The session's owner epoch on that node (bumped by every takeover)."""
 
 
 class ClientSession:
@@ -247,6 +254,9 @@ class ClientSession:
         """The inner IPv6 address the gateway assigned; empty: no IPv6 in this session."""
         self.inner_prefix6 = 0
         self.inner_gateway6 = ""
+        self.serving_node = ""
+        """The cluster node serving the session (EXT_NODE, NODE_INFO); empty: none said."""
+        self.owner_epoch = 0
         self.mtu = 1420
         self.advertised: tuple[tuple[str, int], ...] = ()
         self._out: list[tuple[int, bytes]] = []
@@ -401,6 +411,8 @@ class ClientSession:
             self._on_handshake_response(data, header.receiver_index, path_id, now)
         elif header.msg_type == MSG_COOKIE_REPLY:
             self._on_cookie_reply(data, header.receiver_index, path_id, now)
+        elif header.msg_type == MSG_STANDBY_ACK:
+            self._on_standby_ack(data, header.receiver_index, path_id, now)
         else:  # HANDSHAKE_INIT: only a gateway takes those
             self.report.count_drop(Drop.WRONG_STATE)
 
@@ -446,6 +458,25 @@ class ClientSession:
         if isinstance(msg, ProbeAck):
             path.gateway_says(mark >= MARK_VALIDATED)
         self._on_control(msg, path_id, now)
+
+    def _on_standby_ack(self, data: bytes, index: int, path_id: int, now: float) -> None:
+        """A cluster node that does not own the session answered a probe on ``path_id``
+        (tunnel/core/standby.py): the path is validated if the ack is authentic and names a
+        probe still awaited; nothing else of the session changes."""
+        cipher = self.keys.cipher
+        if cipher is None or index != self.index:
+            self.report.count_drop(Drop.WRONG_STATE if cipher is None else Drop.UNKNOWN_SESSION)
+            return
+        ack = open_standby_ack(cipher.current_keys()[1].recv, data)
+        if isinstance(ack, Drop):
+            self.report.count_drop(ack)
+            return
+        health = self.paths.get(path_id).health
+        if not health.awaits(ack.probe_id):
+            self.report.count_drop(Drop.DUPLICATE)  # a replay, or an ack already counted
+            return
+        health.probe_acked(ack.probe_id, now)
+        self.paths.validated(path_id, now)
 
     def _on_bad_packet(self, drop: Drop, path_id: int, now: float) -> None:
         if drop is Drop.TOO_OLD or drop is Drop.DUPLICATE:
@@ -514,6 +545,7 @@ class ClientSession:
         self.inner_gateway, self.mtu = payload.inner_gateway, payload.mtu
         self.inner_address6, self.inner_prefix6 = payload.inner_address6, payload.inner_prefix6
         self.inner_gateway6 = payload.inner_gateway6
+        self.serving_node, self.owner_epoch = payload.node_id, payload.owner_epoch
         self.advertised = payload.endpoints
         self.heard_at = now
         self.data_at = max(self.data_at, now)
@@ -682,8 +714,16 @@ class ClientSession:
             self._on_terminate(reason_from_wire(msg.reason) or Reason.PEER_TERMINATED, now)
         elif isinstance(msg, Rekey):
             pass  # the key phase change itself was handled by SessionCipher.open
+        elif isinstance(msg, NodeInfo):
+            self._on_node_info(msg)
         else:
             self.report.count_drop(Drop.UNKNOWN_TYPE)
+
+    def _on_node_info(self, msg: NodeInfo) -> None:
+        """The node serving the session. Authentic (it was sealed with the session's keys);
+        one from an earlier owner epoch, late or reordered, changes nothing."""
+        if msg.owner_epoch >= self.owner_epoch:
+            self.serving_node, self.owner_epoch = msg.node, msg.owner_epoch
 
     def _on_state_update(self, msg: StateUpdate, path_id: int, now: float) -> None:
         self.send_control(path_id, StateAck(msg.seq))
@@ -1062,4 +1102,6 @@ class ClientSession:
             inner_address=self.inner_address,
             inner_address6=self.inner_address6,
             cipher=cipher.suite.label if cipher else "",
+            serving_node=self.serving_node,
+            owner_epoch=self.owner_epoch,
         )

@@ -27,6 +27,8 @@ MSG_HANDSHAKE_RESP: Final = 2
 MSG_DATA: Final = 3
 MSG_CONTROL: Final = 4
 MSG_COOKIE_REPLY: Final = 5
+MSG_STANDBY_ACK: Final = 6
+"""A cluster node's answer to a probe of a session it does not own (tunnel/core/standby.py)."""
 
 HEADER = struct.Struct("<BBxxI")
 """type, key phase, 2 reserved zero bytes, receiver_index: 8 bytes."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections import deque
 from collections.abc import Callable
 from typing import Final
 
@@ -120,14 +121,16 @@ class CookieChecker:
 class CookieJar:
     """Client side: adds mac1/mac2 to INITs, keeps the latest cookie for a while."""
 
-    __slots__ = ("_aead", "_cookie", "_cookie_at", "_last_mac1", "_mac1_key")
+    __slots__ = ("_aead", "_cookie", "_cookie_at", "_mac1_key", "_mac1s")
 
-    def __init__(self, gateway_public: bytes) -> None:
+    def __init__(self, gateway_public: bytes, kept: int = 1) -> None:
+        """``kept``: a COOKIE_REPLY to any of this many latest INITs is read (a gateway
+        working through a burst answers late)."""
         self._mac1_key = _hash(LABEL_MAC1, gateway_public)
         self._aead = ChaCha20Poly1305(_hash(LABEL_COOKIE, gateway_public))
         self._cookie: bytes | None = None
         self._cookie_at = 0.0
-        self._last_mac1: bytes | None = None
+        self._mac1s: deque[bytes] = deque(maxlen=kept)
 
     def __repr__(self) -> str:
         return f"CookieJar(has_cookie={self._cookie is not None})"
@@ -138,22 +141,26 @@ class CookieJar:
     def seal_init(self, body: bytes, now: float) -> bytes:
         """``body`` (prefix | noise) with mac1 and, with a fresh cookie, mac2 appended."""
         mac1 = _mac(self._mac1_key, body)
-        self._last_mac1 = mac1
+        if not self._mac1s or self._mac1s[-1] != mac1:  # a resend with mac2 is the same INIT
+            self._mac1s.append(mac1)
         if self._cookie is not None and self.has_cookie(now):
             return body + mac1 + _mac(self._cookie, body + mac1)
         return body + mac1 + _ZERO_MAC
 
     def consume_reply(self, data: bytes, now: float) -> Drop | None:
-        """Store the cookie of a COOKIE_REPLY to our latest INIT; a Drop if it is not one."""
+        """Store the cookie of a COOKIE_REPLY to one of our latest INITs; a Drop if it is
+        not one."""
         if len(data) != COOKIE_REPLY_LEN:
             return Drop.TRUNCATED if len(data) < COOKIE_REPLY_LEN else Drop.OVERSIZED
-        if self._last_mac1 is None:
+        if not self._mac1s:
             return Drop.WRONG_STATE
         nonce = data[HEADER.size : HEADER.size + COOKIE_NONCE_LEN]
-        try:
-            sealed = data[HEADER.size + COOKIE_NONCE_LEN :]
-            cookie = self._aead.decrypt(nonce, sealed, self._last_mac1)
-        except InvalidTag:
-            return Drop.BAD_TAG
-        self._cookie, self._cookie_at = cookie, now
-        return None
+        sealed = data[HEADER.size + COOKIE_NONCE_LEN :]
+        for mac1 in reversed(self._mac1s):
+            try:
+                cookie = self._aead.decrypt(nonce, sealed, mac1)
+            except InvalidTag:
+                continue
+            self._cookie, self._cookie_at = cookie, now
+            return None
+        return Drop.BAD_TAG

@@ -86,3 +86,20 @@ class Drop(StrEnum):
     """Gateway: a HANDSHAKE_INIT that names a session it still holds for that client (a
     client asking whether its session was lost, DESIGN D15c): not answered, the session
     stays (the client's reattach is answered instead)."""
+    RETIRED_KEY_PHASE = "retired_key_phase"
+    """Gateway: authentic, but sealed in a key phase this process retired when it resumed
+    the session from the store (DESIGN D15a: it accepts only a phase the process before it
+    never opened anything in): a replay of what that process had accepted, or the client's
+    own datagram sent before it followed the new phase (answered with a REKEY in the new
+    phase). Reported as a SECURITY_EVENT ``RETIRED_KEY_PHASE``."""
+    OWNER_LOOKUP = "owner_lookup"
+    """Gateway cluster node: a datagram for a session no session here has; the node looks
+    its receiver index up in etcd and takes the session over if it may (docs/cluster.md).
+    The newest such datagram per index is held and fed once the session is here."""
+    OWNER_FENCED = "owner_fenced"
+    """Gateway cluster node: a datagram or inner packet not sent because the node's lease
+    fence is closed (it may no longer be the owner of its sessions)."""
+    HANDSHAKE_REPEATED = "handshake_repeated"
+    """Gateway: a retried HANDSHAKE_INIT of the client attempt (same sender index) whose
+    session this gateway opened and has not heard from yet: answered with the same
+    HANDSHAKE_RESP again, no second session (the client may already use the first)."""

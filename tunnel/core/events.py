@@ -100,6 +100,13 @@ class Reason(StrEnum):
     GATEWAY_SHUTDOWN = "gateway_shutdown"
     # the data cipher negotiated in the handshake (tunnel/core/ciphers.py)
     CIPHER_MISMATCH = "cipher_mismatch"
+    # a gateway cluster on etcd (docs/cluster.md)
+    STORE_UNAVAILABLE = "store_unavailable"
+    OWNED_ELSEWHERE = "owned_elsewhere"
+    OWNER_FENCED = "owner_fenced"
+    OWNERSHIP_MOVED = "ownership_moved"
+    # inner routing follows the owner (gateway cluster, tunnel/gateway/routehook.py)
+    ROUTE_HOOK_FAILED = "route_hook_failed"
 
 
 WIRE_REASONS: tuple[Reason, ...] = tuple(Reason)
@@ -164,6 +171,11 @@ class EventType(StrEnum):
     PATH_REMOVED = "PATH_REMOVED"
     SINK_HEALTH = "SINK_HEALTH"
     SESSION_LINKED = "SESSION_LINKED"
+    SESSION_OWNER_ACQUIRED = "SESSION_OWNER_ACQUIRED"
+    SESSION_OWNER_TRANSFERRED = "SESSION_OWNER_TRANSFERRED"
+    SESSION_OWNER_REJECTED = "SESSION_OWNER_REJECTED"
+    SESSION_OWNER_CONFLICT = "SESSION_OWNER_CONFLICT"
+    SESSION_OWNER_RELEASED = "SESSION_OWNER_RELEASED"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -441,7 +453,7 @@ class SecurityEvent(Event):
     event_type: ClassVar[EventType] = EventType.SECURITY_EVENT
     violation_type: str
     """REPLAY_DETECTED, INVALID_PROOF, STALE_REQUEST, UNKNOWN_CLIENT, FIXATION_ATTEMPT,
-    WRONG_GATEWAY_KEY, ..."""
+    WRONG_GATEWAY_KEY, RETIRED_KEY_PHASE, ..."""
     reason_code: Reason
     """Lowercase reason."""
     count: int = 1
@@ -521,3 +533,49 @@ class SessionTerminated(Event):
         out = Event.to_dict(self)
         out["total_lifetime_ms"] = self.session_age_ms
         return out
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionOwner(Event):
+    """A gateway cluster node's ownership of a session (docs/cluster.md): the base of the
+    SESSION_OWNER_* events. ``mono`` is the node's ``time.monotonic()`` (CLOCK_MONOTONIC,
+    system-wide on Linux): intervals of several nodes on one host compare."""
+
+    event_type: ClassVar[EventType] = EventType.SESSION_OWNER_ACQUIRED
+    owner_epoch: int
+    """The owner epoch (1 at creation, +1 at every move between nodes)."""
+    mono: float
+    """The node's monotonic clock when it happened (seconds)."""
+    peer_node: str = ""
+    """The other node: the previous owner (ACQUIRED, TRANSFERRED on the new owner), the
+    new one (TRANSFERRED and RELEASED on the old owner), or the holder (REJECTED)."""
+    reason_code: Reason | None = None
+    """REJECTED/CONFLICT/RELEASED: why (``store_unavailable``, ``owned_elsewhere``,
+    ``ownership_conflict``, ``owner_fenced``, ``ownership_moved``, the end reason ...)."""
+    forwarded: int = 0
+    """RELEASED and TRANSFERRED on the old owner: inner packets this node forwarded for the
+    session (both directions) in the ownership interval that ended."""
+    first_forward_mono: float | None = None
+    """Bounds of that forwarding (monotonic seconds; null when nothing was forwarded):
+    every packet left within [first_forward_mono, last_forward_mono]."""
+    last_forward_mono: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionOwnerTransferred(SessionOwner):
+    event_type: ClassVar[EventType] = EventType.SESSION_OWNER_TRANSFERRED
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionOwnerRejected(SessionOwner):
+    event_type: ClassVar[EventType] = EventType.SESSION_OWNER_REJECTED
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionOwnerConflict(SessionOwner):
+    event_type: ClassVar[EventType] = EventType.SESSION_OWNER_CONFLICT
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionOwnerReleased(SessionOwner):
+    event_type: ClassVar[EventType] = EventType.SESSION_OWNER_RELEASED

@@ -58,6 +58,10 @@ from tunnel.core.session import SessionMachine, Trigger
 from tunnel.core.timers import DeadlineQueue
 from tunnel.core.wire import RespPayload, pack_handshake, parse_header, transport_fields
 
+ANSWER_TTL_S = 10.0
+"""A HANDSHAKE_RESP is sent again for a retried INIT this long at most: a client that has
+read it speaks within a round trip, INITs still in flight arrive within seconds."""
+
 
 class GatewaySessions:
     """All sessions of one gateway: inputs, timers, commands and outputs (sans-I/O)."""
@@ -85,8 +89,11 @@ class GatewaySessions:
         counter_reservations: bool = False,
         ciphers: Sequence[DataCipher] = ALL_CIPHERS,
         index_stripe: tuple[int, int] = (0, 1),
+        announce_node: bool = False,
     ) -> None:
-        """``index_stripe`` ``(w, n)``: worker ``w`` of ``n`` allocates only receiver
+        """``announce_node``: a cluster node tells its clients which node serves them
+        (EXT_NODE in message 2, NODE_INFO; docs/wire-format.md).
+        ``index_stripe`` ``(w, n)``: worker ``w`` of ``n`` allocates only receiver
         indexes whose low byte is ``w`` modulo ``n``, so the kernel steers their datagrams
         to it (tunnel/io/reuseport.py).
         ``cookie_threshold``: share of the handshake bucket below which the gateway is
@@ -131,12 +138,25 @@ class GatewaySessions:
         changed it (plain DATA from the binding only pushes the silence deadline later: its
         entry stays as a lower bound, re-read when it comes to the top)."""
         self._touch = self._timers.touch
+        self.on_unknown: Callable[[int, bytes, Addr, float], bool] | None = None
+        """A cluster node's hook for a DATA/CONTROL datagram whose receiver index no session
+        here has (the session may live on another node): True when the driver looks it
+        up (the datagram is then counted ``owner_lookup``, else ``unknown_session``)."""
+        self.on_unknown_named: Callable[[bytes, float], bool] | None = None
+        """A cluster node's hook for a HANDSHAKE_INIT naming a session not held here (the
+        client asks whether it was lost): True while the session may live on another node
+        (the INIT is then not answered, counted ``owner_lookup``)."""
+        self._answers: dict[bytes, tuple[int, int, bytes, float]] = {}
+        """Client key -> (index, the client's sender index, HANDSHAKE_RESP, when) of the
+        newest session opened for it, for ``ANSWER_TTL_S``: a retry of the same INIT gets
+        the same answer (``_answer_again``)."""
         self._tun: list[bytes] = []
         self._reserve_due: list[GatewaySession] = []
         self._ports = SessionPorts(
             report=self.report, outbox=self.outbox, deliver=self._tun.append,
             urandom=urandom, ended=self._forget_routes,
             reserve=self._reserve_due.append if counter_reservations else None,
+            node=node_id if announce_node else "",
         )  # fmt: skip
 
     # == reporting (the Reporter's surface the drivers and tests read) =====================
@@ -189,7 +209,8 @@ class GatewaySessions:
         msg_type, phase, epoch, mark, index, counter = fields
         s = self.sessions.get(index)
         if s is None:
-            self.report.count_drop(Drop.UNKNOWN_SESSION)
+            held = self.on_unknown is not None and self.on_unknown(index, data, addr, now)
+            self.report.count_drop(Drop.OWNER_LOOKUP if held else Drop.UNKNOWN_SESSION)
             return
         if s.receive(data, msg_type, phase, epoch, mark, counter, addr, now):
             self._touch(index)  # else only the silence deadline moved, later: a lower bound
@@ -249,14 +270,53 @@ class GatewaySessions:
                 )
             )  # fmt: skip
             self._deny(init, addr, Reason.POLICY_DENIED, now)
+        elif self._answer_again(init, addr):
+            self.report.count_drop(Drop.HANDSHAKE_REPEATED)
         elif (named := self._named(init)) is not None and not named.machine.terminated:
             self.report.count_drop(Drop.SESSION_STILL_LIVE)
         elif named is not None:
             self._deny(init, addr, named.end_reason or Reason.PEER_TERMINATED, now)
+        elif self.on_unknown_named is not None and self._elsewhere(init, now):
+            self.report.count_drop(Drop.OWNER_LOOKUP)
         elif (suite := choose(init.payload.ciphers, self.ciphers)) is None:
             self._no_common_cipher(init, addr, now)
         else:
             self._open_session(init, self.policy, addr, now, suite)
+
+    def _elsewhere(self, init: Initiation, now: float) -> bool:
+        """A cluster node: the INIT names a session this node does not hold, which another
+        node may (the driver looks; True: not answered meanwhile)."""
+        previous = init.payload.previous_session
+        return (
+            bool(previous)
+            and self.on_unknown_named is not None
+            and (self.on_unknown_named(previous, now))
+        )
+
+    def _answer_again(self, init: Initiation, addr: Addr) -> bool:
+        """A retry of the INIT that opened this client's newest session (the same sender
+        index: the same attempt of the same client) while that session has heard nothing
+        from the client: the same HANDSHAKE_RESP again to ``addr``, no second session. The
+        client reads it (it keeps its latest INITs' state, initiator.KEPT_INITS); a second
+        session would replace the one the client may already have taken."""
+        answer = self._answers.get(init.client.public_key)
+        if answer is None:
+            return False
+        index, peer_index, resp, _at = answer
+        s = self.sessions.get(index)
+        if s is None or s.machine.terminated or s.heard or peer_index != init.sender_index:
+            return False
+        self.outbox.push(addr, resp)
+        return True
+
+    def _forget_answers(self, now: float) -> None:
+        """Forget the answers older than ``ANSWER_TTL_S`` (kept in the order given)."""
+        answers = self._answers
+        while answers:
+            key = next(iter(answers))
+            if answers[key][3] + ANSWER_TTL_S > now:
+                break
+            del answers[key]
 
     def _named(self, init: Initiation) -> GatewaySession | None:
         """The session of this client the INIT names as the one it continues, if this
@@ -332,7 +392,7 @@ class GatewaySessions:
         resp = RespPayload(
             PROTOCOL_VERSION, 0, session_id, self.ts_ms(now), machine.version, INITIAL_EPOCH,
             client.inner_address, self.inner_prefix, self.inner_gateway, self.mtu, self.endpoints,
-            *self._inner6(client), (suite,) if payload.ciphers else (),
+            *self._inner6(client), (suite,) if payload.ciphers else (), self._ports.node,
         )  # fmt: skip
         noise_resp, keys = init.pending.write_response(resp.pack())
         s = GatewaySession(
@@ -349,9 +409,11 @@ class GatewaySessions:
         self._by_key[client.public_key] = s
         for inner in _inner_keys(client):
             self._by_inner[inner] = s
-        self.outbox.push(
-            addr, pack_handshake(MSG_HANDSHAKE_RESP, init.sender_index, index, noise_resp)
-        )
+        resp_dgram = pack_handshake(MSG_HANDSHAKE_RESP, init.sender_index, index, noise_resp)
+        self.outbox.push(addr, resp_dgram)
+        self._answers.pop(client.public_key, None)  # re-inserted last: the order is by time
+        self._answers[client.public_key] = (index, init.sender_index, resp_dgram, now)
+        self._forget_answers(now)
         base = s.machine.base(self.ts_ms(now))
         self.report.emit(
             SessionCreated(
@@ -408,6 +470,7 @@ class GatewaySessions:
                 del self.sessions[index]
             else:
                 s.handle_timer(now)
+        self._forget_answers(now)
         self.report.maybe_drop_summary(now, self._base(now))
 
     def next_deadline(self) -> float | None:
@@ -516,6 +579,34 @@ class GatewaySessions:
         for inner in _inner_keys(client):
             self._by_inner[inner] = s
         self._timers.touch(state.index)
+        return s
+
+    def set_cluster_hooks(
+        self,
+        on_unknown: Callable[[int, bytes, Addr, float], bool] | None,
+        on_unknown_named: Callable[[bytes, float], bool] | None,
+    ) -> None:
+        """A cluster node's hooks (see :attr:`on_unknown`, :attr:`on_unknown_named`);
+        None, None: a single gateway again."""
+        self.on_unknown = on_unknown
+        self.on_unknown_named = on_unknown_named
+
+    def release(self, session_id: str) -> GatewaySession | None:
+        """Forget a live session without ending it (no event, no TERMINATE): another node
+        of a cluster owns it now. What is queued for it is voided; nothing more of it
+        leaves from here. The session, or None if there is no live one by that id."""
+        found = [
+            s for s in self.sessions.values()
+            if s.machine.session_id == session_id and not s.machine.terminated
+        ]  # fmt: skip
+        if not found:
+            return None
+        s = found[0]
+        index = s.index
+        del self.sessions[index]
+        self._forget_routes(s)
+        self.outbox.void_for(s.peer_index, handshake=True)  # a session that is not here
+        self._timers.touch(index)
         return s
 
     def reservations_due(self) -> list[GatewaySession]:

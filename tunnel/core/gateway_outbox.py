@@ -69,13 +69,14 @@ class Outbox:
             return
         self._out.append((addr, dgram))
 
-    def void_for(self, peer_index: int) -> None:
+    def void_for(self, peer_index: int, *, handshake: bool = False) -> None:
         """Forget the transport messages queued for ``peer_index``; a queued HANDSHAKE_RESP
-        stays (without it the peer could not read what follows)."""
+        stays (without it the peer could not read what follows) unless ``handshake``."""
         index = peer_index.to_bytes(4, "little")
         self._out[:] = [
-            (a, d) for a, d in self._out if d[4:8] != index or d[0] == MSG_HANDSHAKE_RESP
-        ]
+            (a, d) for a, d in self._out
+            if d[4:8] != index or (d[0] == MSG_HANDSHAKE_RESP and not handshake)
+        ]  # fmt: skip
 
     def take(self) -> list[tuple[Addr, bytes]]:
         out, self._out = self._out, []
@@ -96,6 +97,8 @@ class SessionPorts:
     reserve: Callable[[GatewaySession], None] | None = None
     """With a persistent store: the session sealed past its counter reservation and needs a
     new one before its datagrams leave (gateway_resume.py); None: no reservations."""
+    node: str = ""
+    """A cluster node's id, told to its clients (NODE_INFO); empty: not a cluster node."""
 
 
 class StateUpdates:

@@ -118,6 +118,23 @@ class ReattachGuard:
             return _RATE_LIMITED
         return _COMMIT if validated else _HOLD
 
+    def commit_valid(
+        self, nonce: int, expected_epoch: int, epoch: int, age_ms: int, max_age_ms: int,
+        now: float,
+    ) -> bool:  # fmt: skip
+        """:meth:`check` and :meth:`commit` in one for a request from a validated address
+        (the receive fast path, no request object): True when ``check`` would say COMMIT
+        (the nonce is then committed and a token spent); False changes nothing."""
+        if (
+            self.nonces.check(nonce) is not NonceVerdict.ACCEPTED
+            or expected_epoch != epoch
+            or age_ms > max_age_ms
+            or not self._bucket.allow(now)
+        ):
+            return False
+        self.nonces.commit(nonce)
+        return True
+
     def allow_move(self, now: float) -> bool:
         """A binding mark would move the binding: it spends a token of the same bucket as
         a request (one move, one token)."""
@@ -141,9 +158,9 @@ class ReattachGuard:
         """``req`` passed every check: its nonce is used up (whatever the commit does)."""
         self.nonces.commit(req.nonce)
 
-    def acked(self, req: ReattachRequest, ack: ReattachAck) -> None:
-        """``req`` was answered by ``ack`` (repeated for a retransmission of ``req``)."""
-        self._last_ack = (req.nonce, ack)
+    def acked(self, nonce: int, ack: ReattachAck) -> None:
+        """The request ``nonce`` was answered by ``ack`` (repeated for a retransmission)."""
+        self._last_ack = (nonce, ack)
 
 
 def _refused_nonce(verdict: NonceVerdict, epoch_ok: bool) -> ReattachVerdict:

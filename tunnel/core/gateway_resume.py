@@ -11,10 +11,20 @@ seals only with counters it has *reserved* in the store. A record carries ``send
 counter above everything this process has sealed so far plus a block
 (:data:`COUNTER_BLOCK`); a session that reaches its reservation, or follows the client
 into a new key phase, asks for a new one (``SessionPorts.reserve``) and the driver writes
-it before any datagram of that input leaves the host. A restarted process seals from
-``send_from``: every counter it uses is one the process before it never reached. The client
-keeps its own counters (it did not restart), so its direction never repeats either; the
-gateway opens only counters above ``rx_high`` (what it had received at the last write).
+it before any datagram of that input leaves the host.
+
+Replays (nothing the process before accepted is accepted again): a restarted process opens
+only a key phase that process opened nothing in. The record names the phase whose
+datagrams that process may have opened (``key_phase``, its current one): the restarted
+process rotates to the next phase (sealing from counter 0: nobody sealed in it) and
+*retires* ``key_phase`` (its datagrams authenticate but are dropped); the client follows
+the new phase when it opens the first datagram sealed in it (a REKEY sent at resume).
+While that rotation is unconfirmed (no client datagram in the new phase opened yet), the
+record holds the retired keys too (``retired``): a process restarted then stays in the
+phase (from ``send_from``: its predecessor sealed in it) and retires the same one. The
+client's first datagram in the new phase is written (the rotation confirmed) before it
+takes effect (the driver writes before it delivers to the TUN). A clean stop is resumed
+the same way: one rule, and nothing a later crash could leave stale.
 
 Times travel as wall-clock milliseconds (monotonic clocks do not survive a restart).
 Nothing here touches the keys beyond holding them; this record is never printed.
@@ -55,11 +65,13 @@ class ResumeState:
     suite: DataCipher
     """The data cipher the handshake negotiated."""
     key_phase: int
+    """The phase of ``keys``: the current one."""
     send_from: int
-    """The first send counter a restarted process may use (reserved, never reached)."""
-    rx_phase: int
-    rx_high: int
-    """Highest counter received in ``rx_phase`` (-1: none)."""
+    """The first send counter of ``key_phase`` a restarted process may use (reserved,
+    never reached)."""
+    retired: TrafficKeys | None
+    """The previous phase's keys while our rotation to ``key_phase`` is unconfirmed (the
+    process opened nothing in ``key_phase``), else None (it may have)."""
     binding: Addr | None
     binding_path: int | None
     last_binding: Addr

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tunnel.core.aead import KeyExhausted, SessionCipher
+from tunnel.core.aead import PHASES, KeyExhausted, SessionCipher
 from tunnel.core.constants import (
     MARK_BINDING,
     MARK_UNVALIDATED,
@@ -77,6 +77,7 @@ from tunnel.core.wire import (
     STATE_CODES,
     Control,
     CType,
+    NodeInfo,
     PathChallenge,
     PathResponse,
     Probe,
@@ -95,6 +96,11 @@ INITIAL_EPOCH = 1
 """The binding epoch of a new session (the handshake's path is the first binding)."""
 
 _TERMINATED = State.TERMINATED
+
+_REQUEST = ReattachRequest.STRUCT
+_REQUEST_LEN = 1 + _REQUEST.size
+"""A REATTACH_REQUEST plaintext: its type byte and its fields (the fast path's one unpack)."""
+_KINDS = frozenset(int(k) for k in ReattachKind)
 
 _STATE_CODE = {state: STATE_CODES.index(str(state)) for state in State}
 """Wire code of each state (``STATE_CODES``), looked up once per PROBE_ACK."""
@@ -127,8 +133,14 @@ the very instant the timer would end the session, a reattach must not revive it.
 OPEN_VIOLATIONS = {
     Drop.BAD_TAG: ("INVALID_PROOF", Reason.BAD_PROOF),
     Drop.REPLAY: ("REPLAY_DETECTED", Reason.REPLAY_DETECTED),
+    Drop.RETIRED_KEY_PHASE: ("RETIRED_KEY_PHASE", Reason.REPLAY_DETECTED),
 }
 """Datagrams that failed to open and are reported as a SECURITY_EVENT too."""
+
+REKEY_ANSWER_S = 0.1
+"""A resumed session whose client has not followed its new key phase answers a datagram of
+the retired phase with a REKEY at most this often (the client follows on it; a flood of
+replayed captures gets no more)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,10 +263,17 @@ class GatewaySession:
         self.tombstone_until: float | None = None
         self.end_reason: Reason | None = None
         self.terminate_answered: float | None = None
-        self.reserved = (0, 0 if ports.reserve is not None else REJECT_AFTER_MESSAGES)
-        """(key phase, counter): the store holds a reservation of every send counter below
-        it in that phase (gateway_resume.py); without a persistent store, all of them."""
+        self.owner_epoch = 0
+        """The cluster's owner epoch of this session on this node (set on acquire and
+        transfer, docs/cluster.md); told to the client with the node id (NODE_INFO)."""
+        self.reserved = (0, 0 if ports.reserve is not None else REJECT_AFTER_MESSAGES, False)
+        """(key phase, counter, rotating): the store holds a reservation of every send
+        counter below ``counter`` in that phase (gateway_resume.py; without a persistent
+        store, all of them), and whether its record says our key rotation is unconfirmed
+        (what a restarted process resumes in depends on it: ``resume_state``)."""
         self._reserve_asked = False
+        self.rekey_answered: float | None = None
+        """When a datagram of a retired key phase was last answered with a REKEY."""
 
     # == reading ===========================================================================
     @property
@@ -276,6 +295,11 @@ class GatewaySession:
     @property
     def received_from(self) -> dict[Addr, int]:
         return self.paths.received_from
+
+    @property
+    def heard(self) -> bool:
+        """An authentic datagram of this session came from the client (it has the keys)."""
+        return self.rx_high >= 0 or self.rx_phase != 0
 
     @property
     def nonces(self) -> NonceGuard:
@@ -383,6 +407,8 @@ class GatewaySession:
             self.data_in_at = now
             self._on_data(plaintext, addr, newest, now)
             return True
+        if at_binding and self._reattach_at_binding(plaintext, addr, now):
+            return rekeyed  # as for DATA: only the binding's silence deadline moved, later
         self._on_control_plain(plaintext, addr, newest, now)
         return True
 
@@ -410,6 +436,20 @@ class GatewaySession:
             self._report.security(
                 now, self._base(now), violation[0], violation[1], source=addr_label(addr)
             )
+        if drop is Drop.RETIRED_KEY_PHASE:
+            self._answer_retired(addr, now)
+
+    def _answer_retired(self, addr: Addr, now: float) -> None:
+        """An authentic datagram of the phase retired at resume, seen for the first time:
+        while the client has not followed our new phase, tell it (a REKEY sealed in it; the
+        client's cipher follows on opening it), at most once per REKEY_ANSWER_S."""
+        answered = self.rekey_answered
+        if not self.cipher.rekey_pending or (
+            answered is not None and now < answered + REKEY_ANSWER_S
+        ):
+            return
+        self.rekey_answered = now
+        self._send(addr, Rekey(self.cipher.phase))
 
     def _note_inbound(
         self, size: int, phase: int, epoch: int, mark: int, counter: int, addr: Addr,
@@ -420,6 +460,7 @@ class GatewaySession:
         binding); True if it is the newest seen."""
         if phase != self.rx_phase:
             self.rx_phase, self.rx_high = phase, -1
+            self._ask_reserve()  # a confirmed rotation: stored before this datagram acts
         newest = counter > self.rx_high
         if newest:
             self.rx_high = counter
@@ -522,21 +563,26 @@ class GatewaySession:
         self._ask_reserve()
         return sent
 
-    def _ask_reserve(self) -> None:
-        """Sealed past the reservation (or in a phase it does not name): ask the driver
-        for a new one (once until it answers with :meth:`reservation_made`)."""
+    def reservation_due(self) -> bool:
+        """Sealed past the reservation, in a phase it does not name, or the client has
+        confirmed a rotation the store still holds as unconfirmed: a write is due."""
         c = self.cipher
-        if self._reserve_asked or (
-            c.send_counter <= self.reserved[1] and c.phase == self.reserved[0]
-        ):
+        phase, counter, rotating = self.reserved
+        return c.send_counter > counter or c.phase != phase or rotating != c.rekey_pending
+
+    def _ask_reserve(self) -> None:
+        """A write is due (:meth:`reservation_due`): ask the driver for it (once until it
+        answers with :meth:`reservation_made`)."""
+        if self._reserve_asked or not self.reservation_due():
             return
         if self._ports.reserve is not None:
             self._reserve_asked = True
             self._ports.reserve(self)
 
-    def reservation_made(self, phase: int, counter: int) -> None:
-        """The store now holds a reservation of every counter below ``counter`` in ``phase``."""
-        self.reserved = (phase, counter)
+    def reservation_made(self, phase: int, counter: int, rotating: bool) -> None:
+        """The store now holds a reservation of every counter below ``counter`` in
+        ``phase``, and ``rotating``: whether our rotation to it was unconfirmed."""
+        self.reserved = (phase, counter, rotating)
         self._reserve_asked = False
         self._ask_reserve()
 
@@ -634,6 +680,37 @@ class GatewaySession:
         )  # fmt: skip
         self._carry_out(verdict, req, addr, now)
 
+    def _reattach_at_binding(self, plaintext: bytes, addr: Addr, now: float) -> bool:
+        """The common CONTROL datagram from the binding, a REATTACH_REQUEST, answered with
+        one unpack and no request object (the way of the DATA fast path): from the binding
+        (the caller checked), a validated address, of a session
+        that is not RECOVERING, passing every check of :meth:`_on_reattach` (same checks,
+        same order). True: committed and acknowledged. False: nothing changed; the general
+        path decides (and refuses, holds or moves exactly as it would have)."""
+        if (
+            len(plaintext) != _REQUEST_LEN
+            or plaintext[0] != CType.REATTACH_REQUEST
+            or self.machine.state is State.RECOVERING
+            or not self.paths.is_validated(addr)
+            or self._expired_for_reattach(now) is not None
+        ):
+            return False
+        nonce, ts_ms, expected_epoch, _path, kind, _version = _REQUEST.unpack_from(plaintext, 1)
+        if kind not in _KINDS:
+            return False
+        epoch = self.epoch
+        age_ms = abs(self._report.ts_ms(now) - (ts_ms + self.skew_ms))
+        max_age_ms = self.policy.reattach_proof_max_age_ms
+        if not self.reattach.commit_valid(nonce, expected_epoch, epoch, age_ms, max_age_ms, now):
+            return False
+        ack = ReattachAck(nonce, epoch, self.machine.version, self._state_code())
+        self.reattach.acked(nonce, ack)
+        self._send_node_info(addr)
+        self._send(addr, ack)
+        if self.queue:
+            self._flush()
+        return True
+
     def _carry_out(
         self, verdict: ReattachVerdict, req: ReattachRequest, addr: Addr, now: float
     ) -> None:
@@ -698,7 +775,8 @@ class GatewaySession:
             ack = self._move_binding(req, addr, now)
         if ack is None:
             return
-        self.reattach.acked(req, ack)
+        self.reattach.acked(req.nonce, ack)
+        self._send_node_info(addr)
         self._send(addr, ack)
         self._flush()
 
@@ -822,8 +900,23 @@ class GatewaySession:
         if msg is None:
             return
         for addr in self._targets():
+            self._send_node_info(addr)
             self._send(addr, msg)
         self.updates.sent(now)
+
+    def _send_node_info(self, addr: Addr) -> None:
+        """A cluster node says who serves the session (before a REATTACH_ACK or a
+        STATE_UPDATE: a takeover always ends in one of them)."""
+        if self._ports.node:
+            self._send(addr, NodeInfo.of(self._ports.node, self.owner_epoch))
+
+    def announce_owner(self, owner_epoch: int) -> None:
+        """The session's owner epoch on this node changed (acquire, transfer): record it
+        and tell the client at once (NODE_INFO to the binding or its validated paths)."""
+        self.owner_epoch = owner_epoch
+        if not self.machine.terminated:
+            for addr in self._targets():
+                self._send_node_info(addr)
 
     def terminate(
         self, reason: Reason, now: float, *, notify: bool = True, initiator: str = "local"
@@ -868,15 +961,14 @@ class GatewaySession:
 
     # == resume after a restart (DESIGN D15a; gateway_resume.py) ===========================
     def resume_state(self, send_from: int) -> ResumeState:
-        """This session as another process needs it, sealing from ``send_from`` on."""
-        phase, keys = self.cipher.current_keys()
+        """This session as another process needs it, with ``send_from`` reserved."""
+        phase, keys, retired = self.cipher.resume_keys()
         clocks, wall = self.clocks, self._report.ts_ms
         return ResumeState(
             session_id=self.session_id, index=self.index, peer_index=self.peer_index,
             client=self.client, state=str(self.machine.state),
             state_version=self.machine.version, binding_epoch=self.epoch, keys=keys,
-            suite=self.cipher.suite, key_phase=phase, send_from=send_from,
-            rx_phase=self.rx_phase, rx_high=self.rx_high if self.rx_phase == phase else -1,
+            suite=self.cipher.suite, key_phase=phase, send_from=send_from, retired=retired,
             binding=self.binding, binding_path=self.binding_path,
             last_binding=self.last_binding if self.last_binding is not None else self.binding,
             skew_ms=self.skew_ms, born_ms=wall(clocks.born),
@@ -887,11 +979,17 @@ class GatewaySession:
 
     def resume_from(self, state: ResumeState, now: float) -> None:
         """Take over ``state`` (a new session object built from it; no events): the
-        binding, epoch, counters and clocks of the process that wrote it."""
+        binding, epoch, counters and clocks of the process that wrote it, in a key phase
+        that process opened nothing in (``SessionCipher.resume_at``: what it had accepted
+        cannot be accepted again). A REKEY in that phase goes to the binding (else the
+        last one) at once: the client follows it, and its datagrams of the retired phase
+        are answered with one too (:meth:`_answer_retired`)."""
         self.machine.resume_at(State(state.state), state.state_version)
-        self.cipher.resume_at(state.key_phase, state.send_from, state.rx_high)
-        self.reserved = (state.key_phase, state.send_from)
-        self.rx_phase, self.rx_high = state.key_phase, state.rx_high
+        cipher = self.cipher
+        cipher.resume_at(state.key_phase, state.send_from, state.retired)
+        stored = state.send_from if state.retired is not None else 0
+        self.reserved = (cipher.phase, stored, state.retired is not None)
+        self.rx_phase = (cipher.phase - 1) % PHASES  # the client's datagrams: a new rx phase
         self.epoch = state.binding_epoch
         self.binding, self.binding_path = state.binding, state.binding_path
         self.last_binding = state.last_binding
@@ -899,6 +997,9 @@ class GatewaySession:
         self.clocks.resumed(
             now, self._report.ts_ms(now), state.born_ms, state.transportless_ms, state.recovery_ms
         )
+        self.rekey_answered = now
+        target = state.binding if state.binding is not None else state.last_binding
+        self._send(target, Rekey(cipher.phase))
 
     # == timers ============================================================================
     def handle_timer(self, now: float) -> None:

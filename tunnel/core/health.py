@@ -280,6 +280,10 @@ class PathHealth:
             self._record_outcome(now, lost=True)
         self._outstanding[probe_id] = now
 
+    def awaits(self, probe_id: int) -> bool:
+        """``probe_id`` was sent and neither acknowledged nor counted lost yet."""
+        return probe_id in self._outstanding
+
     def probe_acked(self, probe_id: int, now: float, rx_probes: int | None = None) -> float | None:
         """The ack for ``probe_id`` arrived at ``now``; returns the RTT in ms.
 

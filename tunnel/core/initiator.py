@@ -17,6 +17,7 @@ that refuses with it (``gateway_ciphers`` then holds what the gateway allows).
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -31,27 +32,36 @@ from tunnel.core.handshake import HandshakeError, Initiator
 from tunnel.core.policy import Policy
 from tunnel.core.wire import InitPayload, RespPayload, pack_handshake, split_handshake
 
-__all__ = ["Accepted", "HandshakeInitiator", "retry_interval"]
+__all__ = ["Accepted", "HandshakeInitiator", "retry_interval", "retry_window"]
 
 RETRY_MIN_S: Final = 0.25
-"""The first retry never comes sooner than this (an answer needs a round trip)."""
+"""The floor of every wait between two INITs: an answer needs a round trip (and, at a
+gateway working through a burst, a queue) before a retry can help."""
+RETRY_BASE_S: Final = 0.25
+"""The jitter window after the first INIT is ``RETRY_BASE_S * RETRY_FACTOR``."""
+RETRY_FACTOR: Final = 2.0
+"""The window grows by this factor with every INIT."""
 RETRY_MAX_S: Final = 4.0
-"""No wait between two INITs is longer than this (before jitter): a client that keeps
-losing to a burst keeps asking, so the gateway's DH budget is never left unused."""
-RETRY_JITTER: Final = 0.5
-"""Each wait is multiplied by a uniform random factor in [1 - RETRY_JITTER,
-1 + RETRY_JITTER]: clients started together do not retry together."""
+"""No jitter window is wider than this: a client that keeps losing to a burst keeps
+asking every few seconds, so the gateway's DH budget is never left unused."""
+KEPT_INITS: Final = 20
+"""The ephemeral state of this many latest INITs is kept: the largest
+``handshake_attempts`` (docs/policy.md), i.e. every INIT of an attempt, so an answer to
+any of them is read (a gateway working through a burst answers late, and answers a
+retry with the answer it already gave: docs/gateway.md). Bounds the DHs a forged answer
+costs the client (two per kept INIT)."""
 
 
-def retry_interval(sends: int, policy: Policy, rng: random.Random) -> float:
-    """The wait after the ``sends``-th INIT (1-based) before the next one (docs/client.md):
-    ``min(first * 2**(sends-1), RETRY_MAX_S)`` jittered, where ``first`` is
-    ``handshake_timeout_ms / (2**handshake_attempts - 1)`` (the doubling waits of every
-    attempt then fill the deadline), at least ``RETRY_MIN_S``."""
-    timeout = policy.handshake_timeout_ms / 1000
-    first = max(timeout / (2**policy.handshake_attempts - 1), RETRY_MIN_S)
-    base = min(first * 2 ** (sends - 1), RETRY_MAX_S)
-    return base * rng.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER)
+def retry_window(sends: int) -> float:
+    """The width of the jitter window after the ``sends``-th INIT (1-based)."""
+    return float(min(RETRY_MAX_S, RETRY_BASE_S * RETRY_FACTOR**sends))
+
+
+def retry_interval(sends: int, rng: random.Random) -> float:
+    """The wait after the ``sends``-th INIT (1-based) before the next one (docs/client.md,
+    "Handshake retries"): full jitter above a floor, ``RETRY_MIN_S + U(0, window)`` with
+    ``window = min(RETRY_MAX_S, RETRY_BASE_S * RETRY_FACTOR**sends)``."""
+    return RETRY_MIN_S + rng.uniform(0.0, retry_window(sends))
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,12 +103,13 @@ class HandshakeInitiator:
         self.gateway_public = gateway_public
         self._index = index
         self._order = tuple(order)
-        self.cookies = CookieJar(gateway_public)
+        self.cookies = CookieJar(gateway_public, kept=KEPT_INITS)
         self.sends = 0
         """HANDSHAKE_INITs sent (a resend with mac2 after a cookie is not a new attempt)."""
         self.next_send: float | None = None
         self.deadline: float | None = None
-        self._noise: Initiator | None = None
+        self._noise: deque[Initiator] = deque(maxlen=KEPT_INITS)
+        """The Noise initiators of the latest INITs, newest last (an answer may be to any)."""
         self._body: bytes | None = None
         """The last INIT without its MACs, resent with mac2 once when a cookie arrives."""
         self._cookie_retried = False
@@ -114,7 +125,7 @@ class HandshakeInitiator:
     @property
     def waiting(self) -> bool:
         """An INIT is out and its response is still welcome."""
-        return self._noise is not None
+        return bool(self._noise)
 
     def start(self, now: float, policy: Policy, ts_ms: int) -> tuple[int, bytes]:
         """The first INIT; the overall deadline starts now."""
@@ -136,15 +147,16 @@ class HandshakeInitiator:
 
     def _send(self, now: float, policy: Policy, ts_ms: int) -> tuple[int, bytes]:
         path_id = self._order[self.sends % len(self._order)]
-        self._noise = Initiator(self._static, self.gateway_public)
+        initiator = Initiator(self._static, self.gateway_public)
+        self._noise.append(initiator)
         payload = InitPayload(PROTOCOL_VERSION, ts_ms, path_id, self._previous, self.offer).pack()
-        noise = self._noise.write_init(payload)
+        noise = initiator.write_init(payload)
         self._body = pack_handshake(MSG_HANDSHAKE_INIT, 0, self._index, noise)
         self._cookie_retried = False
         self.sends += 1
         self.next_send = None
         if self.sends < policy.handshake_attempts:
-            at = now + retry_interval(self.sends, policy, self._rng)
+            at = now + retry_interval(self.sends, self._rng)
             if self.deadline is None or at < self.deadline:
                 self.next_send = at  # none at or after the deadline: handshake_failed then
         return path_id, self.cookies.seal_init(self._body, now)
@@ -168,16 +180,16 @@ class HandshakeInitiator:
     def on_response(self, data: bytes, receiver_index: int) -> Drop | Reason | Accepted:
         """The gateway's HANDSHAKE_RESP: a counted drop (not for us, or it does not verify;
         the attempt goes on), the reason it refused (the attempt is over), or the session."""
-        if self._noise is None:
+        if not self._noise:
             return Drop.WRONG_STATE
         if receiver_index != self._index:
             return Drop.UNKNOWN_SESSION
         sender_index, noise = split_handshake(data)
-        try:
-            payload_bytes, keys = self._noise.read_response(noise)
-        except HandshakeError:
+        read = _read_any(self._noise, noise)
+        if read is None:
             self.unverified += 1
             return Drop.HANDSHAKE_FAILED
+        payload_bytes, keys = read
         payload = RespPayload.parse(payload_bytes)
         if isinstance(payload, Drop):
             return payload
@@ -205,5 +217,16 @@ class HandshakeInitiator:
 
     def stop(self) -> None:
         """Answered (or the session ended): no more retries, no deadline."""
-        self._noise = None
+        self._noise.clear()
         self.next_send = self.deadline = None
+
+
+def _read_any(kept: deque[Initiator], noise: bytes) -> tuple[bytes, TrafficKeys] | None:
+    """The response read by the initiator of the INIT it answers (the newest first), or
+    None if none of the kept ones can read it (not for us, forged, or too old)."""
+    for initiator in reversed(kept):
+        try:
+            return initiator.read_response(noise)
+        except HandshakeError:
+            continue
+    return None

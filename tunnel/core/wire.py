@@ -17,12 +17,14 @@ JSON. Handshake payloads (inside Noise) are fixed structs too.
 from __future__ import annotations
 
 import ipaddress
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import fields as dataclass_fields
 from enum import IntEnum
-from typing import ClassVar, Final
+from operator import attrgetter
+from typing import Any, ClassVar, Final
 
 from tunnel.core.constants import (
     AEAD_TAG_LEN,
@@ -37,6 +39,7 @@ from tunnel.core.constants import (
     MSG_DATA,
     MSG_HANDSHAKE_INIT,
     MSG_HANDSHAKE_RESP,
+    MSG_STANDBY_ACK,
     SESSION_ID_LEN,
     TRANSPORT_HEADER,
 )
@@ -138,7 +141,18 @@ def _cookie_reply_shape(n: int, phase: int, receiver_index: int) -> Drop | None:
     return None
 
 
+STANDBY_ACK_LEN = HEADER.size + 12 + 1 + 22 + AEAD_TAG_LEN
+"""HEADER, a random 96-bit nonce, a sealed PROBE_ACK control message (tunnel/core/standby.py)."""
+
+
+def _standby_ack_shape(n: int, phase: int, receiver_index: int) -> Drop | None:
+    if n != STANDBY_ACK_LEN:
+        return Drop.TRUNCATED if n < STANDBY_ACK_LEN else Drop.OVERSIZED
+    return None
+
+
 _SHAPES: dict[int, Callable[[int, int, int], Drop | None]] = {
+    MSG_STANDBY_ACK: _standby_ack_shape,
     MSG_DATA: _transport_shape,
     MSG_CONTROL: _transport_shape,
     MSG_HANDSHAKE_INIT: _init_shape,
@@ -232,7 +246,9 @@ class RespPayload:
     inner IPv6 address, present when the gateway has an inner IPv6 subnet. Type 2
     (EXT_CIPHERS): accepted, the data cipher the gateway chose (one code); refused with
     ``cipher_mismatch``, the ciphers the gateway allows; absent (a gateway that predates
-    it): ChaCha20-Poly1305.
+    it): ChaCha20-Poly1305. Type 3 (EXT_NODE): ``owner_epoch:u32 | node id`` (1-64
+    characters of NODE_ID_RE), the cluster node serving the session; absent: the gateway
+    is not a cluster node.
     """
 
     FIXED: ClassVar = struct.Struct("<BH16sQQI4sB4sHB")
@@ -240,6 +256,7 @@ class RespPayload:
     EXT_HEADER: ClassVar = struct.Struct("<BB")
     EXT_INNER_IPV6: ClassVar = 1
     EXT_CIPHERS: ClassVar = 2
+    EXT_NODE: ClassVar = 3
     INNER_IPV6: ClassVar = struct.Struct("<16sB16s")
     """address, prefix length (1..128), the gateway's inner IPv6 address."""
     MAX_ENDPOINTS: ClassVar = 4
@@ -260,6 +277,10 @@ class RespPayload:
     inner_gateway6: str = ""
     ciphers: tuple[int, ...] = ()
     """Data cipher codes (EXT_CIPHERS): the choice, or what the gateway allows."""
+    node_id: str = ""
+    """The cluster node serving the session (EXT_NODE); empty: not a cluster node."""
+    owner_epoch: int = 0
+    """The session's owner epoch on that node (EXT_NODE)."""
 
     def pack(self) -> bytes:
         out = [
@@ -288,6 +309,9 @@ class RespPayload:
             )
             out.append(self.EXT_HEADER.pack(self.EXT_INNER_IPV6, len(value)) + value)
         out.append(_cipher_extension(self.EXT_CIPHERS, self.ciphers))
+        if self.node_id:
+            value = _U32.pack(self.owner_epoch) + self.node_id.encode("ascii")
+            out.append(self.EXT_HEADER.pack(self.EXT_NODE, len(value)) + value)
         return b"".join(out)
 
     @classmethod
@@ -314,12 +338,13 @@ class RespPayload:
             return extensions
         inner6 = _inner_ipv6(extensions.get(cls.EXT_INNER_IPV6))
         ciphers = _cipher_list(extensions.get(cls.EXT_CIPHERS))
-        if inner6 is None or ciphers is None:
+        node = _node_extension(extensions.get(cls.EXT_NODE))
+        if inner6 is None or ciphers is None or node is None:
             return Drop.MALFORMED
         return cls(
             ver, status, sid, ts, sv, epoch,
             str(ipaddress.IPv4Address(addr)), prefix, str(ipaddress.IPv4Address(gw)), mtu,
-            tuple(eps), *inner6, ciphers,
+            tuple(eps), *inner6, ciphers, *node,
         )  # fmt: skip
 
 
@@ -365,6 +390,21 @@ def _cipher_list(value: bytes | None) -> tuple[int, ...] | None:
     return codes
 
 
+NODE_ID_RE = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""A node id on the wire: what ``node_id`` allows in gateway.toml, ASCII."""
+MAX_NODE_ID = 64
+
+
+def _node_extension(value: bytes | None) -> tuple[str, int] | None:
+    """(node id, owner epoch) of EXT_NODE (("", 0) when absent), or None when it is
+    impossible: shorter than the epoch and one character, or not a valid node id."""
+    if value is None:
+        return "", 0
+    if len(value) < _U32.size + 1 or not NODE_ID_RE.fullmatch(value[_U32.size :]):
+        return None
+    return value[_U32.size :].decode("ascii"), _U32.unpack_from(value)[0]
+
+
 def _inner_ipv6(value: bytes | None) -> tuple[str, int, str] | None:
     """The value of EXT_INNER_IPV6 (("", 0, "") when absent), or None when it is
     impossible: the wrong length, a prefix outside 1..128, or an unspecified, multicast or
@@ -398,6 +438,7 @@ class CType(IntEnum):
     STATE_ACK = 9
     TERMINATE = 10
     REKEY = 11
+    NODE_INFO = 12
 
 
 class ReattachKind(IntEnum):
@@ -519,16 +560,44 @@ class Rekey:
     phase: int
 
 
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """Gateway -> client: the cluster node serving the session and its owner epoch. Sent
+    with every REATTACH_ACK and STATE_UPDATE of a cluster node (docs/wire-format.md)."""
+
+    CTYPE: ClassVar = CType.NODE_INFO
+    STRUCT: ClassVar = struct.Struct("<IB64s")
+    owner_epoch: int
+    node_len: int
+    node_id: bytes
+    """``node_len`` characters of NODE_ID_RE, then zeros to 64 bytes."""
+
+    @classmethod
+    def of(cls, node_id: str, owner_epoch: int) -> NodeInfo:
+        raw = node_id.encode("ascii")
+        return cls(owner_epoch, len(raw), raw.ljust(MAX_NODE_ID, b"\0"))
+
+    @property
+    def node(self) -> str:
+        return self.node_id[: self.node_len].decode("ascii")
+
+    def valid(self) -> bool:
+        if not 0 < self.node_len <= MAX_NODE_ID:
+            return False
+        raw, rest = self.node_id[: self.node_len], self.node_id[self.node_len :]
+        return bool(NODE_ID_RE.fullmatch(raw)) and not any(rest)
+
+
 Control = (
     Probe | ProbeAck | PathChallenge | PathResponse | ReattachRequest | ReattachAck
-    | ReattachReject | StateUpdate | StateAck | Terminate | Rekey
+    | ReattachReject | StateUpdate | StateAck | Terminate | Rekey | NodeInfo
 )  # fmt: skip
 
 _CONTROL_TYPES: dict[int, type] = {
     cls.CTYPE: cls
     for cls in (
         Probe, ProbeAck, PathChallenge, PathResponse, ReattachRequest, ReattachAck,
-        ReattachReject, StateUpdate, StateAck, Terminate, Rekey,
+        ReattachReject, StateUpdate, StateAck, Terminate, Rekey, NodeInfo,
     )
 }  # fmt: skip
 
@@ -542,14 +611,25 @@ PROBE_BODY: Final = Probe.STRUCT
 """A PROBE's fields after its CType byte (``unpack_from(plaintext, 1)``)."""
 
 
-_FIELD_NAMES: dict[type, tuple[str, ...]] = {
-    cls: tuple(f.name for f in dataclass_fields(cls)) for cls in _CONTROL_TYPES.values()
+def _packer(cls: type) -> Callable[[Any], bytes]:
+    """The packer of one control message class: its type byte, then its fields in order,
+    read by one ``attrgetter`` (no per-message list of values)."""
+    prefix = bytes((cls.CTYPE,))  # type: ignore[attr-defined]
+    pack = cls.STRUCT.pack  # type: ignore[attr-defined]
+    names = tuple(f.name for f in dataclass_fields(cls))
+    get = attrgetter(*names)
+    if len(names) == 1:  # attrgetter of one name returns the value, not a tuple
+        return lambda msg: prefix + pack(get(msg))
+    return lambda msg: prefix + pack(*get(msg))
+
+
+_PACKERS: dict[type, Callable[[Any], bytes]] = {
+    cls: _packer(cls) for cls in _CONTROL_TYPES.values()
 }
 
 
 def pack_control(msg: Control) -> bytes:
-    values = [getattr(msg, name) for name in _FIELD_NAMES[type(msg)]]
-    return bytes((msg.CTYPE,)) + msg.STRUCT.pack(*values)
+    return _PACKERS[type(msg)](msg)
 
 
 def parse_control(plaintext: bytes) -> Control | Drop:
@@ -571,5 +651,7 @@ def parse_control(plaintext: bytes) -> Control | Drop:
     if isinstance(msg, ReattachRequest) and msg.kind not in ReattachKind._value2member_map_:
         return Drop.MALFORMED
     if isinstance(msg, ReattachReject) and msg.fatal not in (0, 1):
+        return Drop.MALFORMED
+    if isinstance(msg, NodeInfo) and not msg.valid():
         return Drop.MALFORMED
     return msg  # type: ignore[no-any-return]

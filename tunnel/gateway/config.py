@@ -32,6 +32,7 @@ from tunnel.control.protocol import default_socket
 from tunnel.core.ciphers import ALL_CIPHERS, CipherNameError, DataCipher, parse_cipher_names
 from tunnel.core.constants import MAX_INNER_PACKET, MIN_MTU
 from tunnel.core.gateway import ClientEntry
+from tunnel.gateway.routehook import ROUTE_KEYS, RouteConfig, parse_route_config
 from tunnel.keys import KeyFormatError, encode_key, load_private_key, load_public_key
 from tunnel.observability.metrics import parse_host_port
 
@@ -54,10 +55,14 @@ TOP_KEYS: Final = frozenset(
     {"node_id", "listen", "private_key", "policy", "mtu", "metrics", "inner_echo", "clients_dir",
      "ciphers"}
 ).union({"workers"})  # fmt: skip
-TABLES: Final = frozenset({"tun", "clients", "sinks", "control", "state"})
+TABLES: Final = frozenset({"tun", "clients", "sinks", "control", "state", "cluster"})
 CONTROL_KEYS: Final = frozenset({"socket"})
 STATE_KEYS: Final = frozenset({"store", "state_dir", "state_key_file"})
-STATE_STORES: Final = ("sqlite", "memory")
+STATE_STORES: Final = ("sqlite", "memory", "etcd")
+CLUSTER_KEYS: Final = frozenset({"endpoints", "node_id", "state_key_file", "lease_ttl", "prefix"})
+DEFAULT_CLUSTER_PREFIX: Final = "/jvpn/default/"
+DEFAULT_LEASE_TTL: Final = 2
+"""``[cluster] lease_ttl`` (s): etcd's minimum with its default election timeout."""
 """``[state] store``: the embedded persistent default (sessions survive a restart), or
 memory (they end with the process; for tests and throwaway gateways)."""
 DEFAULT_STATE_DIR: Final = Path("/var/lib/jvpn")
@@ -131,7 +136,7 @@ class SinkConfig:
 class StateConfig:
     """``[state]``: where the gateway keeps its sessions (docs/gateway.md "[state]")."""
 
-    store: Literal["sqlite", "memory"] = "sqlite"
+    store: Literal["sqlite", "memory", "etcd"] = "sqlite"
     state_dir: Path = DEFAULT_STATE_DIR
     """The store's directory (created 0700 on the first start); sqlite: one file in it."""
     state_key_file: Path = DEFAULT_STATE_DIR / STATE_KEY_NAME
@@ -140,6 +145,21 @@ class StateConfig:
     @property
     def persistent(self) -> bool:
         return self.store != "memory"
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """``[cluster]``: this node of a gateway cluster on etcd (docs/cluster.md)."""
+
+    endpoints: tuple[str, ...]
+    """etcd client endpoints, ``host:port``."""
+    node_id: str
+    """This node's id (the file's ``node_id`` unless ``[cluster] node_id`` names it)."""
+    state_key_file: Path
+    """The cluster's shared state key (the same file on every node; the statekey rules)."""
+    lease_ttl: int = DEFAULT_LEASE_TTL
+    prefix: str = DEFAULT_CLUSTER_PREFIX
+    """Key prefix of this cluster in etcd (``/jvpn/<cluster>/``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +214,12 @@ class GatewayConfig:
     """The data ciphers this gateway allows (``ciphers``); a client gets the first of its
     own list that is one of them (tunnel/core/ciphers.py)."""
     workers: int = 1
-    """Worker processes sharing the listen ports (``workers``; "auto": one per core)."""
+    """Worker processes sharing the listen ports (``workers``; the file's default "auto" is
+    one per core this process may run on; a configuration built in code has 1)."""
+    route: RouteConfig = field(default_factory=RouteConfig)
+    """``[cluster]`` route keys: inner routing follows the owner (docs/cluster.md)."""
+    cluster: ClusterConfig | None = None
+    """``[cluster]``: sessions live in etcd and move between nodes (docs/cluster.md)."""
 
 
 class _Reader:
@@ -782,7 +807,9 @@ def _parse_control(file: Path, raw: object) -> tuple[Path | None, bool]:
     return r.path("socket"), True
 
 
-def _parse_state(file: Path, raw: object, key_path: Path) -> StateConfig:
+def _parse_state(
+    file: Path, raw: object, key_path: Path, cluster_given: bool = False
+) -> StateConfig:
     """``[state]``: ``store`` (sqlite | memory), ``state_dir`` and ``state_key_file`` (paths
     relative to the file; the key file defaults to ``state_dir/state.key``)."""
     if raw is None:
@@ -794,6 +821,8 @@ def _parse_state(file: Path, raw: object, key_path: Path) -> StateConfig:
     store = r.string("store", "sqlite")
     if store not in STATE_STORES:
         raise r.error("store", store, f"must be one of: {', '.join(STATE_STORES)}")
+    if store == "etcd" and not cluster_given:
+        raise r.error("store", store, "the etcd store needs a [cluster] section")
     state_dir = r.path("state_dir") or default_state_dir()
     if state_dir.exists() and not state_dir.is_dir():
         raise r.error("state_dir", str(state_dir), "exists and is not a directory")
@@ -806,6 +835,80 @@ def _parse_state(file: Path, raw: object, key_path: Path) -> StateConfig:
     if key_file.exists() and not key_file.is_file():
         raise r.error("state_key_file", str(key_file), "exists and is not a regular file")
     return StateConfig(store, state_dir, key_file)  # type: ignore[arg-type]
+
+
+def _parse_cluster(
+    file: Path, raw: object, node_id: str, node_id_given: bool
+) -> ClusterConfig | None:
+    """``[cluster]``: ``endpoints`` (1-9 ``host:port``), ``node_id`` (defaults to the
+    file's), ``state_key_file`` (required), ``lease_ttl`` (2-60 s), ``prefix``."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError(file, "cluster", raw, "must be a table ([cluster])")
+    r = _Reader(file, raw, "cluster.")
+    r.unknown(CLUSTER_KEYS | ROUTE_KEYS)
+    endpoints = _parse_endpoints(r)
+    node = r.string("node_id", node_id)
+    if not NODE_ID_RE.fullmatch(node):
+        raise r.error("node_id", node, "1-64 characters from A-Z a-z 0-9 . _ -")
+    if node_id_given and "node_id" in raw and node != node_id:
+        raise r.error("node_id", node, f"contradicts the file's node_id {node_id!r}")
+    key_file = r.path("state_key_file", required=True)
+    assert key_file is not None
+    ttl = r.integer("lease_ttl", DEFAULT_LEASE_TTL, 2, 60)
+    prefix = r.string("prefix", DEFAULT_CLUSTER_PREFIX)
+    if not prefix.startswith("/") or not prefix.endswith("/") or len(prefix) < 3:
+        raise r.error("prefix", prefix, "must look like /jvpn/<cluster>/")
+    return ClusterConfig(endpoints, node, key_file, ttl, prefix)
+
+
+def _parse_endpoints(r: _Reader) -> tuple[str, ...]:
+    """``[cluster] endpoints``: 1-9 etcd client endpoints, ``"host:port"``."""
+    endpoints = r.table.get("endpoints", _NO_VALUE)
+    if endpoints is _NO_VALUE:
+        raise ConfigError(r.file, r.key("endpoints"), _NO_VALUE, "missing (required)")
+    if (
+        not isinstance(endpoints, list) or not 1 <= len(endpoints) <= 9
+        or not all(isinstance(e, str) for e in endpoints)
+    ):  # fmt: skip
+        raise r.error("endpoints", endpoints, 'must be a list of 1-9 "host:port" strings')
+    for ep in endpoints:
+        host, sep, port = ep.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise r.error("endpoints", ep, 'each endpoint must be "host:port"')
+    return tuple(endpoints)
+
+
+def _cluster_state(file: Path, raw: object, cluster: ClusterConfig, key_path: Path) -> StateConfig:
+    """With ``[cluster]`` the store is etcd: an explicit other ``[state] store`` is an error;
+    the state key is the cluster's."""
+    if isinstance(raw, dict) and raw.get("store", "etcd") != "etcd":
+        raise ConfigError(
+            file, "state.store", raw["store"], "contradicts [cluster] (its store is etcd)"
+        )
+    key_file = cluster.state_key_file
+    if key_file.resolve() == key_path.resolve():
+        raise ConfigError(
+            file, "cluster.state_key_file", str(key_file),
+            "is the gateway's private key; the state key must be a file of its own",
+        )  # fmt: skip
+    if key_file.exists() and not key_file.is_file():
+        raise ConfigError(
+            file, "cluster.state_key_file", str(key_file), "exists and is not a regular file"
+        )
+    return StateConfig("etcd", key_file.parent, key_file)
+
+
+def _parse_route(file: Path, raw: object) -> RouteConfig:
+    """``[cluster]``'s route keys (tunnel/gateway/routehook.py, docs/cluster.md)."""
+    if raw is None:
+        return RouteConfig()
+    if not isinstance(raw, dict):
+        raise ConfigError(file, "cluster", raw, "must be a table ([cluster])")
+    r = _Reader(file, raw, "cluster.")
+    r.unknown(ROUTE_KEYS | CLUSTER_KEYS)
+    return parse_route_config(file, raw, r.error)
 
 
 def _parse_ciphers(r: _Reader) -> tuple[DataCipher, ...]:
@@ -852,7 +955,16 @@ def parse_gateway_config(data: Mapping[str, Any], file: Path) -> GatewayConfig:
     workers = _parse_workers(r)
     key_path = r.path("private_key", required=True)
     assert key_path is not None
-    state = _parse_state(file, data.get("state"), key_path)
+    state = _parse_state(file, data.get("state"), key_path, "cluster" in data)
+    cluster = _parse_cluster(file, data.get("cluster"), node_id, "node_id" in data)
+    if cluster is not None:
+        state = _cluster_state(file, data.get("state"), cluster, key_path)
+        node_id = cluster.node_id
+        if r.table.get("workers", "auto") == "auto":
+            workers = 1  # a cluster node is one process (below)
+        elif workers > 1:  # each worker would be a node of its own under one node id
+            raise r.error("workers", data.get("workers"), "must be 1 with [cluster] (for now)")
+    route = _parse_route(file, data.get("cluster"))
     key_path, private_key = _load_key(r)  # last: every plain value error comes first
     return GatewayConfig(
         source=file, node_id=node_id, listen=listen, private_key_path=key_path,
@@ -863,14 +975,21 @@ def parse_gateway_config(data: Mapping[str, Any], file: Path) -> GatewayConfig:
         control_required=control_required, clients_dir=clients_dir,
         client_specs=tuple(inline),
         client_file_errors=tuple(errors), client_file_cache=cache, ciphers=ciphers,
-        workers=workers, state=state,
+        workers=workers, state=state, cluster=cluster, route=route,
     )  # fmt: skip
 
 
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity, as a container or taskset
+    limits it), 1..256: what ``workers = "auto"`` means."""
+    return max(1, min(len(os.sched_getaffinity(0)), 256))
+
+
 def _parse_workers(r: _Reader) -> int:
-    """``workers``: 1..256, or "auto" for one per core (docs/gateway.md "Workers")."""
-    if r.table.get("workers") == "auto":
-        return max(1, min(os.cpu_count() or 1, 256))
+    """``workers``: 1..256, or "auto" (the default) for one per core (docs/gateway.md
+    "Workers")."""
+    if r.table.get("workers", "auto") == "auto":
+        return cores()
     return r.integer("workers", 1, 1, 256)
 
 

@@ -44,7 +44,10 @@ from tunnel.ownership import StoreUnavailable
 if TYPE_CHECKING:
     from tunnel.gateway.runtime import GatewayRuntime
 
-__all__ = ["HISTORY_SIZE", "HISTORY_TYPES", "STATUS_INTERVAL_S", "ClientTraffic", "GatewayControl"]
+__all__ = [
+    "HISTORY_SIZE", "HISTORY_TYPES", "STATUS_INTERVAL_S", "ClientTraffic", "GatewayControl",
+    "one_match",
+]  # fmt: skip
 
 HISTORY_SIZE: Final = 256
 """Session-changing events remembered for a new watcher (a ring: the oldest goes first)."""
@@ -290,7 +293,7 @@ class GatewayControl:
             for s in self._runtime.gateway.sessions.values()
             if not s.machine.terminated
         ]
-        match = _one_match(session.lower(), live)
+        match = one_match(session.lower(), live)
         if isinstance(match, Result):
             return match
         if not self._runtime.terminate_session(match):
@@ -298,7 +301,7 @@ class GatewayControl:
         return Result(ok=True, detail=f"session {match} terminated (operator_terminated)")
 
 
-def _one_match(prefix: str, live: Sequence[str]) -> str | Result:
+def one_match(prefix: str, live: Sequence[str]) -> str | Result:
     """The one live session id ``prefix`` names, or the refusal saying why not."""
     if len(prefix) < MIN_SESSION_PREFIX:
         return Result(ok=False, detail=f"session id {prefix!r} is too short: give at least "

@@ -183,13 +183,25 @@ def _open(runtime: GatewayRuntime) -> int | None:
     except ControlError as exc:
         return _fail(EXIT_ADDRESS, f"control socket: {exc}")
     except OSError as exc:  # the metrics listener
-        where = "{}:{}".format(*runtime.metrics_address) if runtime.metrics_address else "?"
-        cause = os.strerror(exc.errno).lower() if exc.errno else str(exc)
-        return _fail(EXIT_ADDRESS, f"cannot bind metrics endpoint {where}: {cause}")
+        return _fail(EXIT_ADDRESS, _metrics_error(runtime.metrics_address, exc))
     except (TunError, NetConfError) as exc:
         code = EXIT_PRIVILEGE if _privilege_error(exc) else EXIT_HOST_CONFIG
         return _fail(code, str(exc))
     return None
+
+
+def _metrics_error(address: tuple[str, int] | None, exc: OSError) -> str:
+    where = "{}:{}".format(*address) if address else "?"
+    cause = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    return f"cannot bind metrics endpoint {where}: {cause}"
+
+
+def _control_warning(warning: str) -> None:
+    print(
+        f"jvpn-gateway: warning: no control socket: {warning} (set [control] socket or "
+        "--control-socket to choose one)",
+        file=sys.stderr,
+    )
 
 
 def _ready_line(runtime: GatewayRuntime, config: GatewayConfig) -> str:
@@ -260,6 +272,14 @@ def _supervise(config: GatewayConfig, metrics: tuple[str, int] | None) -> int:
         return _fail(EXIT_HOST_CONFIG, str(exc))
     except PathError as exc:
         return _fail(EXIT_ADDRESS, str(exc))
+    try:
+        supervisor.open()
+    except ControlError as exc:
+        return _fail(EXIT_ADDRESS, f"control socket: {exc}")
+    except OSError as exc:
+        return _fail(EXIT_ADDRESS, _metrics_error(supervisor.metrics, exc))
+    if supervisor.control_warning is not None:
+        _control_warning(supervisor.control_warning)
     code = supervisor.run()
     if code == EXIT_OK:
         print(f"jvpn-gateway: stopped; {_kept(config)}, host restored", file=sys.stderr)
@@ -302,11 +322,7 @@ def serve(
     if failed is not None:
         return failed
     if runtime.control_warning is not None:
-        print(
-            f"jvpn-gateway: warning: no control socket: {runtime.control_warning} (set "
-            "[control] socket or --control-socket to choose one)",
-            file=sys.stderr,
-        )
+        _control_warning(runtime.control_warning)
     ready = _ready_line(
         runtime,
         config if runtime.control is not None else dataclasses.replace(config, control_socket=None),
@@ -339,6 +355,13 @@ def _serve(
 def _resume_lines(runtime: GatewayRuntime, config: GatewayConfig) -> None:
     """After the ready line: what the start took over from the session store."""
     if runtime.persistence is None:
+        return
+    if config.cluster is not None:
+        _console(
+            f"jvpn-gateway: cluster node {config.cluster.node_id} on etcd "
+            f"{','.join(config.cluster.endpoints)} (prefix {config.cluster.prefix}): "
+            "sessions are taken over as their clients arrive"
+        )
         return
     resumed, problems = runtime.resumed
     for line in problems:

@@ -192,7 +192,7 @@ class GatewayMetrics:
             labelled(g + "security_events_total", "Security violations by type.", "counter",
                      "violation", t.security),
             single(g + "policy_valid", "1 while the last policy load was valid.", "gauge",
-                   float(p.ok)),
+                   float(p.ok), merge="livemin"),
             labelled(g + "policy_reloads_total", "Policy reloads by result.", "counter",
                      "result", {"ok": p.reloads_ok, "invalid": p.reloads_invalid}),
             single(g + "store_conflicts_total", "Ownership CAS failures (not authoritative).",

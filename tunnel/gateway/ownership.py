@@ -15,6 +15,7 @@ With a persistent store, each record also carries the session's sealed resume st
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tunnel.core.events import Diagnostic, Reason, SecurityEvent, StateChange
@@ -32,6 +33,7 @@ class OwnershipMirror:
     def __init__(
         self, gateway: GatewaySessions, store: SessionStore, node_id: str,
         persistence: SessionPersistence | None = None,
+        on_refused: Callable[[str, float], bool] | None = None,
     ) -> None:  # fmt: skip
         self._gateway: GatewaySessions = gateway
         self.persistence = persistence
@@ -41,6 +43,9 @@ class OwnershipMirror:
         """Failed CAS (or create) answers: this node was not authoritative."""
         self.errors = 0
         """Store calls that raised StoreUnavailable (also counted as conflicts)."""
+        self.on_refused: Callable[[str, float], bool] | None = on_refused
+        """A cluster node's handler of a refused write: True when it took the session
+        away without a word to the client (another node serves it), instead of ending it."""
         self._by_sid: dict[str, GatewaySession] = {}
         self._not_authoritative: set[str] = set()
 
@@ -112,5 +117,7 @@ class OwnershipMirror:
                 reason_code=Reason.OWNERSHIP_CONFLICT, source=detail,
             )
         )  # fmt: skip
-        if event.new_state != State.TERMINATED:
+        if event.new_state == State.TERMINATED:
+            return
+        if self.on_refused is None or not self.on_refused(sid, now):
             self._gateway.terminate(sid, now, Reason.OWNERSHIP_CONFLICT)

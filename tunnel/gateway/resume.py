@@ -7,22 +7,24 @@ owns when its store is persistent (``[state] store = "sqlite"``). It
   :class:`~tunnel.gateway.ownership.OwnershipMirror` writes at every committed transition
   (never per packet), with a fresh counter reservation (``send_from``);
 - writes a new reservation (``refresh``: same version, new resume state) for every session
-  that sealed past its reservation or followed the client into a new key phase, before the
-  datagrams of that input leave (:meth:`reserve`). A session whose reservation cannot be
-  written sends nothing more: its queued datagrams are voided and it ends
+  that sealed past its reservation, followed the client into a new key phase or saw the
+  client follow its own (the first datagram of a resumed session's new phase), before the
+  datagrams of that input leave and its inner packets reach the TUN (:meth:`reserve`). A
+  session whose reservation cannot be written sends nothing more: its queued datagrams are
+  voided and it ends
   (``ownership_conflict``, no TERMINATE: that too would need a counter), unless its record
   is gone (then nothing could ever resume from it and what is queued may leave);
-- at start (:meth:`restore`) rebuilds every live session of this node from the store, and at
-  a clean stop (:meth:`save_all`) writes each one's receive position so that the restarted
-  process opens nothing at or below what this one had received.
+- at start (:meth:`restore`) rebuilds every live session of this node from the store, in a
+  key phase the process before opened nothing in (so nothing it accepted, also after a
+  ``kill -9``, is accepted again: gateway_resume.py), and at a clean stop
+  (:meth:`save_all`) writes each one's state as it is.
 
-Why counter blocks rather than a new key phase bound to the resume exchange: the client
-needs nothing new (it sees a silent path, reattaches or simply goes on, and follows the
-gateway's counters that jumped ahead); the wire format and the handshake stay as they are;
-and the same record lets another node continue a session (the etcd store) with the same
-rule. The cost is one store write per :data:`~tunnel.core.gateway_resume.COUNTER_BLOCK`
-datagrams a session sends, none per packet. The keys never appear outside the sealed blob:
-not in a record field, an event or a log line.
+Send side: counter blocks (the client and the wire need nothing new; the same record lets
+another node continue a session, the etcd store, with the same rule), one store write per
+:data:`~tunnel.core.gateway_resume.COUNTER_BLOCK` datagrams a session sends, none per
+packet. Receive side: a new key phase at every resume, which the client follows as it
+follows any rekey (one REKEY from the gateway; no new message, no per-packet write). The
+keys never appear outside the sealed blob: not in a record field, an event or a log line.
 """
 
 from __future__ import annotations
@@ -51,8 +53,11 @@ if TYPE_CHECKING:
 RESUMABLE: Final = frozenset(str(s) for s in LIVE_STATES)
 """States a stored session can be resumed in."""
 
-FORMAT_VERSION: Final = 1
-"""The ``v`` of the sealed JSON; another value is not resumed."""
+FORMAT_VERSION: Final = 2
+"""The ``v`` of the sealed JSON; version 1 (before ``retired``) is read too, any other
+value is not resumed."""
+
+READABLE: Final = frozenset({1, FORMAT_VERSION})
 
 
 def encode_state(state: ResumeState) -> bytes:
@@ -65,7 +70,7 @@ def encode_state(state: ResumeState) -> bytes:
         "epoch": state.binding_epoch,
         "keys": [state.keys.send.hex(), state.keys.recv.hex()], "suite": int(state.suite),
         "phase": state.key_phase,
-        "send_from": state.send_from, "rx": [state.rx_phase, state.rx_high],
+        "send_from": state.send_from, "retired": _keys_out(state.retired),
         "binding": _addr_out(state.binding), "binding_path": state.binding_path,
         "last_binding": _addr_out(state.last_binding), "skew_ms": state.skew_ms,
         "born_ms": state.born_ms, "transportless_ms": state.transportless_ms,
@@ -81,7 +86,7 @@ def decode_state(
     ``make_addr`` refuses an address in it (ValueError)."""
     try:
         d = json.loads(data)
-        if d.get("v") != FORMAT_VERSION:
+        if d.get("v") not in READABLE:
             return None
         name, key, inner, inner6 = d["client"]
         binding = d["binding"]
@@ -93,7 +98,7 @@ def decode_state(
             keys=TrafficKeys(bytes.fromhex(d["keys"][0]), bytes.fromhex(d["keys"][1])),
             suite=DataCipher(int(d["suite"])),
             key_phase=int(d["phase"]), send_from=int(d["send_from"]),
-            rx_phase=int(d["rx"][0]), rx_high=int(d["rx"][1]),
+            retired=_keys_in(d.get("retired")),
             binding=None if binding is None else make_addr(*binding),
             binding_path=d["binding_path"], last_binding=make_addr(*d["last_binding"]),
             skew_ms=int(d["skew_ms"]), born_ms=int(d["born_ms"]),
@@ -102,6 +107,14 @@ def decode_state(
         )  # fmt: skip
     except (ValueError, KeyError, TypeError, IndexError):
         return None
+
+
+def _keys_out(keys: TrafficKeys | None) -> list[str] | None:
+    return None if keys is None else [keys.send.hex(), keys.recv.hex()]
+
+
+def _keys_in(keys: list[str] | None) -> TrafficKeys | None:
+    return None if keys is None else TrafficKeys(bytes.fromhex(keys[0]), bytes.fromhex(keys[1]))
 
 
 def _addr_out(addr: Addr | None) -> list[Any] | None:
@@ -124,6 +137,7 @@ class SessionPersistence:
         make_addr: Callable[..., Addr],
         *,
         block: int = COUNTER_BLOCK,
+        on_refused: Callable[[str, float], bool] | None = None,
     ) -> None:
         self._gateway: GatewaySessions = gateway
         self.store: ResumableStore = store
@@ -137,9 +151,15 @@ class SessionPersistence:
         """Reservation writes that failed (each ended its session)."""
         self.resumed = 0
         """Sessions resumed from the store at start."""
-        self._pending: dict[int, tuple[int, int]] = {}
-        """index -> (phase, counter) of the sealed state a write is carrying."""
-        self._batch: list[tuple[GatewaySession, tuple[int, int]]] = []
+        self._pending: dict[int, tuple[int, int, bool]] = {}
+        """index -> (phase, counter, rotating) of the sealed state a write is carrying."""
+        self.uncommitted = False
+        """The last :meth:`batch` was not committed (the driver delivers none of that
+        turn's inner packets: they may be what a resumed process accepts again)."""
+        self.on_refused: Callable[[str, float], bool] | None = on_refused
+        """A cluster node's handler of a refused reservation (the session is taken away
+        without a word to the client: True), instead of ending it."""
+        self._batch: list[tuple[GatewaySession, tuple[int, int, bool]]] = []
         """Reservations made in the current store batch, with what they replaced."""
 
     # -- what the mirror writes --------------------------------------------------------------
@@ -149,7 +169,7 @@ class SessionPersistence:
         :meth:`written`)."""
         counter = s.cipher.send_counter + self.block
         state = s.resume_state(counter)
-        self._pending[s.index] = (state.key_phase, counter)
+        self._pending[s.index] = (state.key_phase, counter, state.retired is not None)
         return self._sealer.seal(s.machine.session_id, encode_state(state))
 
     def written(self, s: GatewaySession) -> None:
@@ -163,14 +183,16 @@ class SessionPersistence:
     @contextmanager
     def batch(self, now: float) -> Iterator[None]:
         """One store transaction around a turn's writes (one sync to disk). If it is not
-        committed, the reservations it made are taken back and their sessions send
-        nothing more (voided, ended without TERMINATE; their events come next turn); an
-        exception from the block (an engine failure) takes them back and propagates."""
+        committed (``uncommitted``), the reservations it made are taken back and their
+        sessions send nothing more (voided, ended without TERMINATE; their events come next
+        turn); an exception from the block (an engine failure) takes them back and propagates."""
         self._batch.clear()
+        self.uncommitted = False
         try:
             with self.store.batch():
                 yield
         except StoreUnavailable:
+            self.uncommitted = True
             for s in self._take_back():
                 self._fail(s, now)
         except BaseException:
@@ -192,7 +214,9 @@ class SessionPersistence:
         self.failures += 1
         s.reservation_failed()
         self._gateway.outbox.void_for(s.peer_index)
-        self._gateway.terminate(s.machine.session_id, now, Reason.OWNERSHIP_CONFLICT, notify=False)
+        sid = s.machine.session_id
+        if self.on_refused is None or not self.on_refused(sid, now):
+            self._gateway.terminate(sid, now, Reason.OWNERSHIP_CONFLICT, notify=False)
 
     # -- reservations between transitions ---------------------------------------------------
 
@@ -201,7 +225,7 @@ class SessionPersistence:
         False if one failed (that session is ended, see the module docstring)."""
         all_ok = True
         for s in due:
-            if s.cipher.send_counter <= s.reserved[1] and s.cipher.phase == s.reserved[0]:
+            if not s.reservation_due():
                 continue  # a transition's record reserved meanwhile
             if not self._refresh(s, now):
                 all_ok = False
@@ -230,9 +254,8 @@ class SessionPersistence:
         return False
 
     def save_all(self, now: float) -> int:
-        """At a clean stop: write every live session's state as it is now (the restarted
-        process then opens only what this one had not received), in one batch; how many
-        were written."""
+        """At a clean stop: write every live session's state as it is now, in one batch;
+        how many were written."""
         saved = 0
         with self.batch(now):
             for s in list(self._gateway.sessions.values()):

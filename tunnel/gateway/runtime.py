@@ -59,23 +59,26 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeGuard, TypeVar
 
 from tunnel.control.protocol import ControlError
 from tunnel.core.ciphers import ALL_CIPHERS, DataCipher
-from tunnel.core.events import Event, Reason, StateChange
+from tunnel.core.events import Diagnostic, Event, Reason, StateChange
 from tunnel.core.gateway import ClientEntry, GatewaySessions, SessionView
 from tunnel.core.policy import POLICY_DEFAULT, Policy
 from tunnel.gateway.clients_reload import ClientsReloader
+from tunnel.gateway.cluster import ClusterNode, open_cluster
 from tunnel.gateway.control import STATUS_INTERVAL_S, GatewayControl
+from tunnel.gateway.handshake_budget import handshake_budget
 from tunnel.gateway.inner import EchoInner, GatewayInner, GatewayTun
 from tunnel.gateway.metrics import GatewayHealth, GatewayMetrics, TrafficCounters
 from tunnel.gateway.ownership import OwnershipMirror
 from tunnel.gateway.policy_reload import POLICY_POLL_S, PolicyReloader, load_initial_policy
 from tunnel.gateway.resume import SessionPersistence, open_state
+from tunnel.gateway.routehook import RouteConfig, RouteHook, RouteResult, SessionRoutes
 from tunnel.io.loop import DriverLoop, drain, new_event_loop
 from tunnel.io.udp import GatewaySocket
-from tunnel.observability.metrics import MetricFamily, MetricsServer
+from tunnel.observability.metrics import MetricFamily, MetricsServer, PrometheusPublisher
 from tunnel.observability.pipeline import EventPipeline, Report
 from tunnel.ownership import MemorySessionStore, ResumableStore, SessionStore
 from tunnel.ownership.statekey import StateSealer
@@ -114,6 +117,26 @@ class PeerAddr(NamedTuple):
     """Index of the listen socket."""
     scope_id: int = 0
     """IPv6 scope (link-local); 0 for IPv4."""
+
+
+def _clustered(config: GatewayConfig | None) -> TypeGuard[GatewayConfig]:
+    """``config`` has a ``[cluster]`` section."""
+    return config is not None and config.cluster is not None
+
+
+def _persistence(
+    gateway: GatewaySessions,
+    store: SessionStore,
+    sealer: StateSealer | None,
+    node_id: str,
+    make_addr: Callable[..., PeerAddr],
+    persistent: bool,
+    on_refused: Callable[[str, float], bool] | None,
+) -> SessionPersistence | None:
+    """The resume side of a persistent store with a sealer, else None."""
+    if persistent and isinstance(store, ResumableStore) and sealer is not None:
+        return SessionPersistence(gateway, store, sealer, node_id, make_addr, on_refused=on_refused)
+    return None
 
 
 class GatewayRuntime:
@@ -158,29 +181,51 @@ class GatewayRuntime:
         ciphers: Sequence[DataCipher] = ALL_CIPHERS,
         index_stripe: tuple[int, int] = (0, 1),
         sockets: Sequence[GatewaySocket] = (),
+        publish_metrics_s: float | None = None,
+        route: RouteConfig | None = None,
+        announce_node: bool = False,
     ) -> None:
         """``index_stripe`` and ``sockets`` make it worker ``w`` of ``n``
         (:mod:`tunnel.gateway.workers`): receiver indexes in its stripe, and its slot of
-        each listen address's reuseport group, already bound (``listen`` is not bound)."""
+        each listen address's reuseport group, already bound (``listen`` is not bound);
+        ``publish_metrics_s``: publish the metrics this often (and at the end) for a
+        scraper elsewhere (the workers' supervisor); otherwise a scrape publishes.
+        ``route``: how inner routing follows this node ([cluster] route keys).
+        ``announce_node``: a cluster node: clients are told ``node_id`` and their owner
+        epoch (docs/wire-format.md, NODE_INFO)."""
         if not listen:
             raise ValueError("at least one listen address")
         self.clock = clock
         now = clock()
         self.node_id = node_id
+        cluster_config = config if store is None and _clustered(config) else None
+        clustered = cluster_config is not None
         store = store if store is not None else MemorySessionStore()
         self._own_store = own_store
-        persistent = isinstance(store, ResumableStore) and store.persistent and sealer is not None
+        persistent = clustered or (
+            isinstance(store, ResumableStore) and store.persistent and sealer is not None
+        )
         self.gateway: GatewaySessions = GatewaySessions(
             static_private=static_private, clients=clients, policy=policy, now=now,
             urandom=urandom, node_id=node_id, wall_offset=wall_clock() - now,
             inner_gateway=inner_gateway, inner_prefix=inner_prefix, mtu=mtu,
             inner_gateway6=inner_gateway6, inner_prefix6=inner_prefix6, ciphers=ciphers,
             index_stripe=index_stripe, counter_reservations=persistent,
+            announce_node=announce_node,
         )  # fmt: skip
-        self.persistence: SessionPersistence | None = (
-            SessionPersistence(self.gateway, store, sealer, node_id, self._stored_addr)
-            if persistent and isinstance(store, ResumableStore) and sealer is not None
+        # DH on as many INITs as half this core can answer (measured once per process)
+        self.gateway.admission.set_handshake_rate(handshake_budget(), now)
+        self.cluster: ClusterNode | None = (
+            open_cluster(cluster_config, self.gateway, self._stored_addr)
+            if cluster_config is not None
             else None
+        )
+        """With ``[cluster]``: this node's ownership (tunnel/gateway/cluster.py)."""
+        store, sealer = self.cluster.store_and_sealer() if self.cluster else (store, sealer)
+        # a cluster node: a refused write takes the session away, without a word
+        refused = self.cluster.not_authoritative if self.cluster is not None else None
+        self.persistence: SessionPersistence | None = _persistence(
+            self.gateway, store, sealer, node_id, self._stored_addr, persistent, refused
         )
         self.resumed: tuple[int, list[str]] = (0, [])
         """At start: how many stored sessions were resumed, and a line per one that was not."""
@@ -204,13 +249,17 @@ class GatewayRuntime:
         self.clients_reload: ClientsReloader = ClientsReloader(self.gateway, config, clients)
         """The clients and their reloads from ``config.clients_dir`` (SIGHUP)."""
         self.ownership: OwnershipMirror = OwnershipMirror(
-            self.gateway, store, node_id, self.persistence
+            self.gateway, store, node_id, self.persistence, on_refused=refused
         )
         self.traffic: TrafficCounters = TrafficCounters()
         self.metrics: GatewayMetrics = GatewayMetrics(
             self.gateway, traffic=self.traffic, policy=self.policy,
             ownership=self.ownership, pipeline=pipeline,
         )  # fmt: skip
+        self.prometheus: PrometheusPublisher = PrometheusPublisher()
+        """The metrics as prometheus_client's (published from :attr:`metrics`' families)."""
+        self._publish_s = publish_metrics_s
+        self._publish_handle: asyncio.TimerHandle | None = None
         self.control: GatewayControl | None = (
             GatewayControl(self, control) if control is not None else None
         )
@@ -226,6 +275,25 @@ class GatewayRuntime:
         self._status_handle: asyncio.TimerHandle | None = None
         self._opened = False
         self._stop_requested = False
+        self.route_hook: RouteHook | None = self._route_hook(route)
+        """Inner routing follows the owner ([cluster] route keys; tunnel/gateway/routehook.py):
+        a cluster node's ownership drives it; a single gateway's session events do."""
+        self.routes: SessionRoutes | None = self._session_routes()
+
+    def _route_hook(self, route: RouteConfig | None) -> RouteHook | None:
+        hook: object = (
+            self.cluster.hook if self.cluster is not None
+            else RouteHook.from_config(route) if route is not None else None
+        )  # fmt: skip
+        if not isinstance(hook, RouteHook):
+            return None
+        hook.report_to(self._route_result_threadsafe)
+        return hook
+
+    def _session_routes(self) -> SessionRoutes | None:
+        if self.route_hook is None or self.cluster is not None:
+            return None
+        return SessionRoutes(self.route_hook, lambda: self.clients)
 
     @property
     def crash(self) -> BaseException | None:
@@ -258,7 +326,7 @@ class GatewayRuntime:
 
         sinks = gateway_sinks(config)
         sealer: StateSealer | None = None
-        own_store = store is None and config.state.persistent
+        own_store = store is None and config.state.persistent and config.cluster is None
         if own_store:
             store, sealer = open_state(config.state)  # StateError: the program's exit
         policy, error = load_initial_policy(config.policy_path)
@@ -281,7 +349,8 @@ class GatewayRuntime:
             store=store, sealer=sealer, own_store=own_store,
             metrics=metrics if metrics is not None else config.metrics,
             control=config.control_socket, control_required=config.control_required,
-            on_event=on_event, config=config, ciphers=config.ciphers, **worker,
+            on_event=on_event, config=config, ciphers=config.ciphers, route=config.route,
+            announce_node=config.cluster is not None, **worker,
         )  # fmt: skip
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -303,10 +372,13 @@ class GatewayRuntime:
                 self._sockets.append(GatewaySocket((host, port)))
             if self.metrics_address is not None:
                 host, port = self.metrics_address
-                self._metrics_server = MetricsServer(host, port, self.collect_metrics)
+                self._metrics_server = MetricsServer(host, port, self.metrics_text)
             self._listen_control()
             self.inner.setup()
             self._inner_ready = True
+            if self.route_hook is not None:
+                stale = [a for c in self.clients for a in (c.inner_address, c.inner_address6) if a]
+                self.route_hook.start(stale)
         except BaseException:
             self.close()
             raise
@@ -328,6 +400,8 @@ class GatewayRuntime:
     def close(self) -> None:
         """Undo :meth:`open` in reverse order and close an owned pipeline. Idempotent."""
         errors: list[BaseException] = []
+        if self.route_hook is not None:
+            self.route_hook.close()
         if self._inner_ready:
             self._inner_ready = False
             try:
@@ -341,6 +415,8 @@ class GatewayRuntime:
             self._metrics_server = None
         for sock in self._sockets:
             sock.close()
+        if self.cluster is not None:
+            self.cluster.close()
         if self.pipeline is not None and self._own_pipeline:
             self.pipeline.close()
         store = self.ownership.store
@@ -390,7 +466,9 @@ class GatewayRuntime:
         self._stop = asyncio.Event()
         if self._stop_requested:
             self._stop.set()
-        if self.persistence is not None:
+        if self.cluster is not None:
+            self.cluster.attach(loop, lambda fn, *a: driver.guard(driver.input, fn, *a))
+        elif self.persistence is not None:
             driver.guard(self._resume_sessions)
         for index, sock in enumerate(self._sockets):
             driver.add_reader(sock.fileno(), self._on_socket, index)
@@ -404,6 +482,8 @@ class GatewayRuntime:
         if self.control is not None:
             await self.control.start()
             self._status_handle = driver.call_later(STATUS_INTERVAL_S, self._publish_status)
+        if self._publish_s:
+            self._publish_handle = driver.call_later(self._publish_s, self._publish_metrics)
         if not self.policy.ok:
             driver.guard(self._announce_invalid_start)
         driver.guard(self.clients_reload.announce_start, self.clock())
@@ -427,6 +507,11 @@ class GatewayRuntime:
         assert self.persistence is not None
         now = self.clock()
         self.resumed = self.persistence.restore(self.clients, now)
+        if self.routes is not None:
+            for s in self.gateway.sessions.values():
+                if not s.machine.terminated:
+                    addresses = [s.client.inner_address, s.client.inner_address6]
+                    self.routes.acquire(s.machine.session_id, [a for a in addresses if a])
         self.pump(now)
 
     def _shutdown(self, loop: asyncio.AbstractEventLoop, signals: bool) -> None:
@@ -434,6 +519,9 @@ class GatewayRuntime:
             try:
                 if self.persistence is not None:  # sessions outlive the process (D15c)
                     self.persistence.save_all(self.clock())
+                    if self.cluster is not None:  # then give them up (another node resumes)
+                        self.cluster.shutdown(self.clock())
+                        self.pump()
                 else:
                     self._terminate_in_batches(self.clock())
             except Exception as exc:  # the engine failed while stopping: still clean up
@@ -442,6 +530,9 @@ class GatewayRuntime:
             self._poll_handle.cancel()
         if self._status_handle is not None:
             self._status_handle.cancel()
+        if self._publish_handle is not None:
+            self._publish_handle.cancel()
+            self.publish_metrics()  # the final counts, for the scraper elsewhere
         for sock in self._sockets:
             if not sock.closed:
                 loop.remove_reader(sock.fileno())
@@ -496,12 +587,29 @@ class GatewayRuntime:
         return self.metrics.session_views(self.clock())
 
     def metric_families(self) -> list[MetricFamily]:
-        """Every gateway metric (:meth:`collect_metrics` from other threads)."""
-        return self.metrics.metric_families()
+        """Every gateway metric (:meth:`metrics_text` from other threads)."""
+        families = self.metrics.metric_families()
+        if self.cluster is not None:
+            families.extend(self.cluster.metric_families())
+        if self.route_hook is not None:
+            families.extend(self.route_hook.metric_families())
+        return families
 
-    def collect_metrics(self) -> list[MetricFamily]:
-        """:meth:`metric_families`, gathered on the loop thread (safe from any thread)."""
-        return self.call(self.metric_families)
+    def publish_metrics(self) -> None:
+        """Publish :meth:`metric_families` into :attr:`prometheus` (loop thread)."""
+        self.prometheus.publish(self.metric_families())
+
+    def metrics_text(self) -> bytes:
+        """The exposition, published on the loop thread first (safe from any thread)."""
+        self.call(self.publish_metrics)
+        return self.prometheus.exposition()
+
+    def _publish_metrics(self) -> None:
+        self._publish_handle = None
+        if self._publish_s is None or self.driver.loop is None:
+            return
+        self.publish_metrics()
+        self._publish_handle = self.driver.call_later(self._publish_s, self._publish_metrics)
 
     # -- policy --------------------------------------------------------------------------
 
@@ -631,6 +739,8 @@ class GatewayRuntime:
         with self.persistence.batch(now):  # one store transaction per turn
             self._mirror_events(now)
             self._reserve_counters(now)
+        if self.persistence.uncommitted:  # nothing this turn accepted may act unrecorded
+            self.gateway.packets_for_tun()
         self._flush_outputs()
         return True
 
@@ -649,14 +759,25 @@ class GatewayRuntime:
                 if isinstance(event, StateChange):
                     self.ownership.mirror(event, now)
                 self._deliver(event)
+            if self.cluster is not None:
+                self.cluster.after_mirror(now)
         else:
             if self.driver.loop is not None:  # more events: the next loop turn
                 self.driver.call_later(0.0, self.pump)
 
     def _flush_outputs(self) -> None:
-        """Datagrams, then inner packets (after the store writes they depend on)."""
-        self._flush_datagrams()
+        """Datagrams, then inner packets (after the store writes they depend on). A
+        cluster node sends nothing past its lease fence (checked with a fresh clock)."""
+        cluster = self.cluster
+        if cluster is not None and not cluster.may_send(self.clock()):
+            cluster.fenced(len(self.gateway.datagrams_to_send()),
+                           len(self.gateway.packets_for_tun()))  # fmt: skip
+            return
+        before = self.clock() if cluster is not None else 0.0
+        out = self._flush_datagrams()
         packets = self.gateway.packets_for_tun()
+        if cluster is not None:
+            cluster.forwarded(out, packets, before, self.clock() if packets else before)
         if packets:
             self.traffic.inner_out += len(packets)
             if self.control is not None:
@@ -672,12 +793,12 @@ class GatewayRuntime:
         if due and not self.persistence.reserve(due, now) and self.driver.loop is not None:
             self.driver.call_later(0.0, self.pump)
 
-    def _flush_datagrams(self) -> None:
+    def _flush_datagrams(self) -> list[tuple[Any, bytes]]:
         """Send what the core produced; consecutive datagrams to one client leave in one
-        ``send_many`` (UDP GSO)."""
+        ``send_many`` (UDP GSO). What was sent."""
         out = self.gateway.datagrams_to_send()
         if not out:
-            return
+            return out
         run: list[bytes] = []
         run_addr: object = None
         for addr, data in out:
@@ -688,6 +809,7 @@ class GatewayRuntime:
                 run_addr = addr
             run.append(data)
         self._send_run(run_addr, run)
+        return out
 
     def _send_run(self, addr: object, run: list[bytes]) -> None:
         traffic = self.traffic
@@ -704,7 +826,31 @@ class GatewayRuntime:
         traffic.datagrams_out += sent
         traffic.send_failed += len(run) - sent
 
+    def _route_result_threadsafe(self, result: RouteResult) -> None:
+        """The route hook's worker: a failure becomes an event on the loop."""
+        loop = self.driver.loop
+        if result.ok or loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(self.driver.guard, self._route_failed, result)
+        except RuntimeError:
+            pass  # the loop closed meanwhile: the failure is still counted by the hook
+
+    def _route_failed(self, result: RouteResult) -> None:
+        now = self.clock()
+        detail = f"{result.action} {' '.join(result.inner)}: {result.detail}"
+        self.gateway.emit(
+            Diagnostic(
+                ts_ms=self.gateway.ts_ms(now), session_id=result.session_id,
+                node_id=self.node_id, policy_version=self.policy.last_valid_version or "",
+                state_version=0, reason_code=Reason.ROUTE_HOOK_FAILED, detail=detail,
+            )
+        )  # fmt: skip
+        self.pump(now)
+
     def _deliver(self, event: Event) -> None:
+        if self.routes is not None:
+            self.routes.on_event(event)
         self.metrics.count(event)
         if self.pipeline is not None:
             self.pipeline.emit(event)

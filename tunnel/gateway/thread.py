@@ -99,9 +99,8 @@ class GatewayThread:
         return self.call(self.runtime.health)
 
     def metrics_text(self) -> str:
-        from tunnel.observability.metrics import render
-
-        return render(self.call(self.runtime.metric_families))
+        """The Prometheus exposition (what a scrape of ``/metrics`` returns)."""
+        return self.runtime.metrics_text().decode()
 
     def stop(self, timeout: float = 5.0) -> None:
         """End every session, stop the loop, undo host changes, join. Idempotent."""

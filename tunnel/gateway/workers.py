@@ -24,8 +24,13 @@ its worker's TUN, so the route back to the client's address must point there.
 
 Per worker, as documented in docs/gateway.md "Workers": node id ``NODE-wK``, TUN
 ``NAME-K`` (``NAME`` as configured for worker 0, or with ``%d`` left to the kernel),
-control socket ``PATH.K`` (worker 0: ``PATH``), metrics port ``PORT+K``, JSONL sink
-``FILE.K`` (worker 0: ``FILE``).
+JSONL sink ``FILE.K`` (worker 0: ``FILE``), a private control socket ``wK.sock`` in the
+supervisor's private directory (:attr:`Supervisor.rundir`, mode 0700), no metrics
+endpoint. The gateway stays one to its operator: the supervisor serves the public
+control socket over the workers' (:class:`~tunnel.gateway.fanout.CombinedControl`) and
+the one ``/metrics``, from the files the workers publish into (prometheus_client's
+multiprocess mode, the ``metrics`` directory of the private one); it creates the
+directory before the first fork and removes it at the end.
 
 The supervisor forwards SIGTERM, SIGINT and SIGHUP to every worker (each worker has a
 process group of its own, so a terminal's ^C reaches it once, through the supervisor, and
@@ -44,20 +49,31 @@ import dataclasses
 import ipaddress
 import os
 import queue
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from tunnel.control.protocol import ControlError
 from tunnel.core.events import Event, SessionCreated, SessionTerminated
+from tunnel.gateway.fanout import CombinedControl, WorkerState, worker_socket
 from tunnel.gateway.inner import GatewayInner, GatewayTun
 from tunnel.io.reuseport import ReuseportGroup
 from tunnel.io.udp import GatewaySocket
+from tunnel.observability.metrics import (
+    MetricsServer,
+    multiprocess_exposition,
+    process_ended,
+    use_multiprocess_dir,
+)  # fmt: skip
 
 if TYPE_CHECKING:
     from pyroute2 import IPRoute
@@ -73,6 +89,10 @@ RESTART_LIMIT: Final = 5
 """More deaths of one worker than this within RESTART_WINDOW_S stop the gateway (exit 1)."""
 
 RESTART_WINDOW_S: Final = 60.0
+
+PUBLISH_METRICS_S: Final = 1.0
+"""A worker publishes its metrics this often for the supervisor's ``/metrics`` (a scrape
+sees values at most this old; the loop counts in plain integers meanwhile)."""
 
 STOP_GRACE_S: Final = 15.0
 """Workers not gone this long after a stop are killed (below systemd's TimeoutStopSec=20)."""
@@ -192,6 +212,7 @@ class WorkerSlot:
         kwargs: dict[str, Any] = {
             "index_stripe": (self.index, self.count),
             "sockets": self.sockets,
+            "publish_metrics_s": PUBLISH_METRICS_S,
         }
         if self.inner is not None:
             kwargs["inner"] = self.inner
@@ -217,28 +238,30 @@ class WorkerSlot:
             self.routes.close()
 
 
-def worker_config(config: GatewayConfig, k: int, metrics: tuple[str, int] | None) -> GatewayConfig:
-    """The configuration worker ``k`` runs (names of its own; module docstring)."""
+def worker_config(
+    config: GatewayConfig, k: int, metrics: tuple[str, int] | None, rundir: Path | None = None
+) -> GatewayConfig:
+    """The configuration worker ``k`` runs (names of its own; module docstring): no
+    metrics endpoint (the supervisor serves everyone's), its private control socket in
+    ``rundir`` when the gateway has a control socket."""
     if config.workers == 1:
         return dataclasses.replace(config, metrics=metrics or config.metrics)
     # each worker its own session store (a sqlite file takes one process): state_dir/wK;
     # a restarted worker resumes its own sessions from it; the state key is shared
     state = dataclasses.replace(config.state, state_dir=config.state.state_dir / f"w{k}")
+    private = config.control_socket is not None and rundir is not None
+    worker = dataclasses.replace(
+        config, node_id=f"{config.node_id}-w{k}", metrics=None, state=state,
+        control_socket=worker_socket(rundir, k) if private and rundir else None,
+        control_required=True,
+    )  # fmt: skip
     if k == 0:
-        return dataclasses.replace(
-            config, node_id=f"{config.node_id}-w0", metrics=metrics or config.metrics, state=state
-        )
+        return worker
     suffix = f"-{k}"
     name = config.tun_name if "%d" in config.tun_name else config.tun_name[: 15 - len(suffix)]
-    control = config.control_socket
-    address = metrics or config.metrics
     return dataclasses.replace(
-        config,
-        state=state,
-        node_id=f"{config.node_id}-w{k}",
+        worker,
         tun_name=name if "%d" in name else name + suffix,
-        control_socket=control.with_name(f"{control.name}.{k}") if control else None,
-        metrics=(address[0], address[1] + k if address[1] else 0) if address else None,
         sinks=tuple(
             dataclasses.replace(s, path=s.path.with_name(f"{s.path.name}.{k}")) if s.path else s
             for s in config.sinks
@@ -305,6 +328,64 @@ class Supervisor:
         self._stop_at: float | None = None
         self._ready_r, self._ready_w = os.pipe()
         os.set_blocking(self._ready_r, False)
+        self.rundir = Path(tempfile.mkdtemp(prefix=f"jvpn-{config.node_id}."))
+        """Private (0700): the workers' control sockets and the metrics files."""
+        self._metrics_dir = self.rundir / "metrics"
+        self.control: CombinedControl | None = (
+            CombinedControl(config.control_socket, config.node_id, self.rundir, self.states)
+            if config.control_socket is not None
+            else None
+        )
+        self.control_warning: str | None = None
+        """Why the (default, best-effort) control socket is not served, if it is not."""
+        self._metrics_server: MetricsServer | None = None
+
+    # -- the public endpoints ------------------------------------------------------------
+
+    def open(self) -> None:
+        """The metrics endpoint (every worker's metrics, summed) and the public control
+        socket, before any worker starts. Raises OSError (metrics) or ControlError (a
+        configured control socket); on failure everything is undone."""
+        try:
+            self._metrics_dir.mkdir(mode=0o700)
+            use_multiprocess_dir(self._metrics_dir)
+            if self.metrics is not None:
+                collect = multiprocess_exposition(self._metrics_dir)
+                self._metrics_server = MetricsServer(*self.metrics, collect)
+            self._listen_control()
+        except BaseException:
+            self.close()
+            raise
+
+    def _listen_control(self) -> None:
+        if self.control is None:
+            return
+        try:
+            self.control.listen()
+        except ControlError as exc:
+            if self.config.control_required:
+                raise
+            self.control_warning = str(exc)
+            self.control = None
+
+    @property
+    def metrics_bound(self) -> tuple[str, int] | None:
+        return self._metrics_server.address if self._metrics_server is not None else None
+
+    def states(self) -> list[WorkerState]:
+        """What the combined control socket needs to know of each worker (any thread)."""
+        return [WorkerState(k, w.pid, w.ready) for k, w in enumerate(self.workers)]
+
+    def close(self) -> None:
+        """Stop the endpoints, close the groups, remove the private directory. Idempotent."""
+        if self.control is not None:
+            self.control.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            self._metrics_server = None
+        for group in self.groups:
+            group.close()
+        shutil.rmtree(self.rundir, ignore_errors=True)
 
     # -- processes -----------------------------------------------------------------------
 
@@ -341,7 +422,7 @@ class Supervisor:
             for i, sock in enumerate(group.sockets):
                 if i != k:
                     sock.close()
-        config = worker_config(self.config, k, self.metrics)
+        config = worker_config(self.config, k, self.metrics, self.rundir)
         slot = WorkerSlot(
             k, self.config.workers, [g.sockets[k] for g in self.groups],
             worker_inner(config, k), self._ready_w, routed=not config.inner_echo,
@@ -364,6 +445,8 @@ class Supervisor:
     def run(self) -> int:
         old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         try:
+            if self.control is not None:  # its thread inherits the blocked signals
+                self.control.start()
             for k in range(len(self.workers)):
                 self._spawn(k)
             while self._alive():
@@ -372,8 +455,7 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
             os.close(self._ready_r)
             os.close(self._ready_w)
-            for group in self.groups:
-                group.close()
+            self.close()
         return self.exit_code
 
     def _alive(self) -> bool:
@@ -415,7 +497,19 @@ class Supervisor:
         if not self.started and all(w.ready for w in self.workers):
             self.started = True
             pids = ", ".join(str(w.pid) for w in self.workers)
-            _console(f"node {self.config.node_id}: {len(self.workers)} workers ready (pids {pids})")
+            _console(
+                f"node {self.config.node_id}: {len(self.workers)} workers ready (pids {pids})"
+                + self._endpoints()
+            )
+
+    def _endpoints(self) -> str:
+        """The ready line's public endpoints."""
+        out = ""
+        if self.control is not None:
+            out += f", control {self.control.path}"
+        if self.metrics_bound is not None:
+            out += ", metrics http://{}:{}/metrics".format(*self.metrics_bound)
+        return out
 
     def _reap(self) -> None:
         while True:
@@ -431,6 +525,7 @@ class Supervisor:
 
     def _ended(self, k: int, status: int) -> None:
         worker: _Worker = self.workers[k]
+        process_ended(self._metrics_dir, worker.pid)
         worker.pid = 0
         if self.stopping:
             self.exit_code = self.exit_code or _exit_code(status)
@@ -477,4 +572,4 @@ def supervise(config: GatewayConfig, metrics: tuple[str, int] | None, serve: Ser
     from tunnel.io.reuseport import open_groups
 
     groups = open_groups(config.listen, config.workers)
-    return Supervisor(config, metrics, serve, groups)
+    return Supervisor(config, metrics or config.metrics, serve, groups)

@@ -1,10 +1,21 @@
-"""Prometheus text exposition (format 0.0.4) and a small scrape server (DESIGN D16).
+"""Prometheus metrics with prometheus_client, and a small scrape server (DESIGN D16).
+
+A program describes its metrics as :class:`MetricFamily` values read from their owners
+(the gateway's in :meth:`tunnel.gateway.metrics.GatewayMetrics.metric_families`, the one
+place where they are declared); the loop counts in plain integers and a
+:class:`PrometheusPublisher` publishes the families into prometheus_client's metrics now
+and then (a timer, or the scrape), never per packet: counters by their increase since the
+last publish, gauges set. prometheus_client renders the text exposition; in its
+multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, :func:`use_multiprocess_dir`) the
+published values go to files of that directory, and one
+:class:`~prometheus_client.multiprocess.MultiProcessCollector` serves every worker's, summed
+(a gateway with ``workers`` > 1, tunnel/gateway/workers.py).
 
 The gateway serves its metrics on a loopback address by default (``--metrics
 127.0.0.1:9108``). :class:`MetricsServer` runs the stdlib ``http.server`` on its own
-thread; every scrape calls ``collect()``, which returns the metric families (the gateway
-gathers them on its loop thread and hands them over). A scrape never touches the engine
-from the HTTP thread directly, and a failing ``collect`` answers 503 instead of raising.
+thread; every scrape calls ``collect()``, which returns the exposition (the gateway
+publishes on its loop thread first). A scrape never touches the engine from the HTTP
+thread directly, and a failing ``collect`` answers 503 instead of raising.
 
 Only ``GET /metrics`` (and ``/``) is served; everything else is 404.
 """
@@ -12,24 +23,35 @@ Only ``GET /metrics`` (and ``/``) is served; everything else is 404.
 from __future__ import annotations
 
 import ipaddress
-import math
+import os
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Final, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, Literal
 
 from tunnel.observability.pipeline import ObservabilityHealth
 
+if TYPE_CHECKING:  # imported where used: see use_multiprocess_dir
+    from prometheus_client import CollectorRegistry, Counter, Gauge
+
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
-"""The Prometheus text format's content type."""
+"""The Prometheus text format's content type (what ``generate_latest`` writes)."""
 
 DEFAULT_METRICS_PORT: Final = 9108
 DEFAULT_METRICS_HOST: Final = "127.0.0.1"
 """Loopback by default: metrics name sessions and reasons; exposing them is a choice."""
 
+MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+
 MetricKind = Literal["counter", "gauge"]
+
+Merge = Literal["livesum", "livemin", "livemax"]
+"""How the multiprocess collector combines a gauge of several live workers (a dead
+worker's gauges leave; its counters stay in the sums)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,57 +66,120 @@ class MetricFamily:
     """``counter`` or ``gauge``."""
     samples: Sequence[tuple[Mapping[str, str], float]] = field(default_factory=tuple)
     """(labels, value) pairs; an empty label mapping is the unlabelled sample."""
-
-
-def escape_label_value(value: str) -> str:
-    """Escape ``\\``, ``"`` and newline as the text format requires."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def format_value(value: float) -> str:
-    """Integers without a decimal point; NaN and infinities in Prometheus spelling."""
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if float(value).is_integer() and abs(value) < 2**63:
-        return str(int(value))
-    return repr(float(value))
-
-
-def render(families: Iterable[MetricFamily]) -> str:
-    """The text exposition of ``families`` (ends with a newline)."""
-    lines: list[str] = []
-    for family in families:
-        lines.append(f"# HELP {family.name} {_escape_help(family.help)}")
-        lines.append(f"# TYPE {family.name} {family.kind}")
-        for labels, value in family.samples:
-            if labels:
-                text = ",".join(
-                    f'{k}="{escape_label_value(str(v))}"' for k, v in sorted(labels.items())
-                )
-                lines.append(f"{family.name}{{{text}}} {format_value(value)}")
-            else:
-                lines.append(f"{family.name} {format_value(value)}")
-    return "\n".join(lines) + "\n"
+    labels: tuple[str, ...] = ()
+    """The label names (every sample has them all)."""
+    merge: Merge = "livesum"
+    """A gauge's merge across workers (counters are summed)."""
 
 
 def labelled(
-    name: str, help: str, kind: MetricKind, label: str, values: Mapping[str, float]
-) -> MetricFamily:
+    name: str, help: str, kind: MetricKind, label: str, values: Mapping[str, float],
+    merge: Merge = "livesum",
+) -> MetricFamily:  # fmt: skip
     """A family with one label, one sample per key of ``values`` (sorted)."""
     return MetricFamily(
-        name, help, kind, tuple(({label: k}, float(values[k])) for k in sorted(values))
-    )
+        name, help, kind, tuple(({label: k}, float(values[k])) for k in sorted(values)),
+        (label,), merge,
+    )  # fmt: skip
 
 
-def single(name: str, help: str, kind: MetricKind, value: float) -> MetricFamily:
+def single(
+    name: str, help: str, kind: MetricKind, value: float, merge: Merge = "livesum"
+) -> MetricFamily:
     """A family with one unlabelled sample."""
-    return MetricFamily(name, help, kind, (({}, float(value)),))
+    return MetricFamily(name, help, kind, (({}, float(value)),), (), merge)
+
+
+class PrometheusPublisher:
+    """prometheus_client metrics for :class:`MetricFamily` values, in a registry of its own.
+
+    :meth:`publish` (from one thread: the gateway's loop) creates each metric the first
+    time its family appears and brings it to the family's values; :meth:`exposition`
+    (any thread) renders the registry.
+    """
+
+    def __init__(self) -> None:
+        import prometheus_client
+
+        # a counter is its ``_total`` sample alone (no ``_created`` series: the names and
+        # the families stay what docs/gateway.md lists)
+        prometheus_client.disable_created_metrics()
+        self.registry: CollectorRegistry = prometheus_client.CollectorRegistry(auto_describe=True)
+        self._counters: dict[str, Counter] = {}
+        self._gauges: dict[str, Gauge] = {}
+        self._published: dict[tuple[str, tuple[str, ...]], float] = {}
+        """(name, label values) -> the counter value published last."""
+
+    def publish(self, families: Iterable[MetricFamily]) -> None:
+        for family in families:
+            if family.kind == "gauge":
+                self._set(family)
+            else:
+                self._increase(family)
+
+    def _set(self, family: MetricFamily) -> None:
+        gauge = self._gauges.get(family.name)
+        if gauge is None:
+            from prometheus_client import Gauge
+
+            gauge = Gauge(
+                family.name, family.help, family.labels, registry=self.registry,
+                multiprocess_mode=family.merge,
+            )  # fmt: skip
+            self._gauges[family.name] = gauge
+        for labels, value in family.samples:
+            child = gauge.labels(*(labels[n] for n in family.labels)) if family.labels else gauge
+            child.set(value)
+
+    def _increase(self, family: MetricFamily) -> None:
+        """A counter goes up by what its source counted since the last publish."""
+        counter = self._counters.get(family.name)
+        if counter is None:
+            from prometheus_client import Counter
+
+            counter = Counter(family.name, family.help, family.labels, registry=self.registry)
+            self._counters[family.name] = counter
+        for labels, value in family.samples:
+            key = tuple(labels[n] for n in family.labels)
+            child = counter.labels(*key) if key else counter  # a series, also at 0
+            last = self._published.get((family.name, key), 0.0)
+            if value > last:
+                child.inc(value - last)
+            self._published[(family.name, key)] = value
+
+    def exposition(self) -> bytes:
+        """The text exposition of everything published."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+def use_multiprocess_dir(path: Path) -> None:
+    """From now on this process and its children publish into files in ``path`` (a
+    private directory; prometheus_client's multiprocess mode). prometheus_client reads
+    the variable when it is first imported, so this module imports it only where it is
+    used, and this must come first (the gateway's supervisor, before it forks its
+    workers); RuntimeError otherwise."""
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError("prometheus_client was imported before its multiprocess directory")
+    os.environ[MULTIPROC_ENV] = str(path)
+
+
+def multiprocess_exposition(path: Path) -> Callable[[], bytes]:
+    """What a scrape of every process publishing into ``path`` returns (summed)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(path))
+    return lambda: generate_latest(registry)
+
+
+def process_ended(path: Path, pid: int) -> None:
+    """Process ``pid`` (a worker) ended: its gauges leave the merge, its counters stay."""
+    from prometheus_client.multiprocess import mark_process_dead
+
+    mark_process_dead(pid, str(path))
 
 
 def observability_families(health: ObservabilityHealth) -> list[MetricFamily]:
@@ -107,6 +192,7 @@ def observability_families(health: ObservabilityHealth) -> list[MetricFamily]:
             "1 when no sink is failing and no event was lost recently.",
             "gauge",
             float(health.ok),
+            merge="livemin",
         ),
         single(prefix + "ring_depth", "Events waiting for the dispatcher.", "gauge",
                health.ring_depth),
@@ -118,7 +204,7 @@ def observability_families(health: ObservabilityHealth) -> list[MetricFamily]:
         labelled(prefix + "sink_up",
                  "1 while the sink drains: no failed write, blocked write or lost line "
                  "within the drain window (10 s); else 0.",
-                 "gauge", "sink", {s.name: float(s.state == "ok") for s in sinks}),
+                 "gauge", "sink", {s.name: float(s.state == "ok") for s in sinks}, "livemin"),
         labelled(prefix + "sink_queue_depth", "Lines waiting in the sink's queue.", "gauge",
                  "sink", {s.name: s.queue_depth for s in sinks}),
         labelled(prefix + "sink_dropped_total", "Lines the sink lost.", "counter", "sink",
@@ -158,11 +244,9 @@ def parse_host_port(text: str, *, default_host: str = DEFAULT_METRICS_HOST) -> t
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(
-        self, address: tuple[str, int], collect: Callable[[], Iterable[MetricFamily]]
-    ) -> None:
+    def __init__(self, address: tuple[str, int], collect: Callable[[], bytes]) -> None:
         self.collect = collect
-        """What a scrape renders (called on the server's request thread)."""
+        """What a scrape returns (called on the server's request thread)."""
         super().__init__(address, _Handler)
 
 
@@ -180,7 +264,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(404, b"not found\n", "text/plain; charset=utf-8")
             return
         try:
-            body = render(self.server.collect()).encode("utf-8")
+            body = self.server.collect()
         except Exception as exc:  # the engine did not answer: tell the scraper, never crash
             message = f"metrics unavailable: {type(exc).__name__}\n".encode()
             self._reply(503, message, "text/plain; charset=utf-8")
@@ -204,7 +288,7 @@ class MetricsServer:
     Raises OSError (e.g. ``EADDRINUSE``) when the address cannot be bound.
     """
 
-    def __init__(self, host: str, port: int, collect: Callable[[], Iterable[MetricFamily]]) -> None:
+    def __init__(self, host: str, port: int, collect: Callable[[], bytes]) -> None:
         server_class = _Server6 if ":" in host else _Server
         self._server = server_class((host, port), collect)
         self._thread = threading.Thread(

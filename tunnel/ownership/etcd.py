@@ -55,7 +55,12 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Final
 
 from tunnel.ownership.etcd_worker import DEFAULT_TIMEOUT, EtcdWorker
-from tunnel.ownership.store import SessionRecord, StoreUnavailable, check_cas_arguments
+from tunnel.ownership.store import (
+    SESSION_ID_HEX,
+    SessionRecord,
+    StoreUnavailable,
+    check_cas_arguments,
+)
 
 ENTRY_FORMAT: Final = 1
 """Version of the entry JSON (``"f"``); an entry of another format is refused."""
@@ -154,6 +159,19 @@ class EtcdSessionStore:
     def handover_key(self, session_id: str) -> bytes:
         return self.prefix + b"h/" + session_id.encode()
 
+    def index_key(self, index: int) -> bytes:
+        """``P i/<receiver index, 8 hex digits>`` -> the session id (a node that does not
+        hold the session finds it from a datagram's receiver index; no lease)."""
+        return self.prefix + b"i/" + f"{index:08x}".encode()
+
+    async def alookup(self, client: Any, index: int) -> StoredSession | None:
+        """The entry of the session whose receiver index is ``index`` (worker loop)."""
+        kv = await client.get(self.index_key(index))
+        if kv is None:
+            return None
+        sid = kv.value.decode("ascii", "replace")
+        return await self.aentry(client, sid) if SESSION_ID_HEX.fullmatch(sid) else None
+
     # -- bookkeeping --------------------------------------------------------------------------
 
     def remember(self, session_id: str, entry: StoredSession | None) -> StoredSession | None:
@@ -247,10 +265,14 @@ class EtcdSessionStore:
         new_record: SessionRecord,
         wrapped_keys: bytes | None = None,
         guard: Any = (),
+        *,
+        refresh: bool = False,
     ) -> bool:
         """CAS on ``state_version`` (see the module docstring). ``guard``: more compares
-        that must hold too (a node's fenced write compares its ownership key)."""
-        check_cas_arguments(session_id, expected_version, new_record)
+        that must hold too (a node's fenced write compares its ownership key).
+        ``refresh``: the same version with a new ``resume`` (a counter reservation)."""
+        if not refresh:
+            check_cas_arguments(session_id, expected_version, new_record)
         current = self.cached(session_id, expected_version)
         if current is None:
             current = await self.aentry(client, session_id)

@@ -358,17 +358,25 @@ class NodeOwnership:
     def __len__(self) -> int:
         return len(self.store)
 
-    def create(self, record: SessionRecord, wrapped_keys: bytes = b"") -> bool:
-        """Create the entry and take ownership of it in one txn (owner epoch 1)."""
+    def create(
+        self, record: SessionRecord, wrapped_keys: bytes = b"", index: int | None = None
+    ) -> bool:
+        """Create the entry and take ownership of it in one txn (owner epoch 1); with
+        ``index``, also the receiver-index key (which must not exist yet)."""
         self._require_lease()
         sid = record.session_id
         okey = self.store.owner_key(sid)
-        take = aetcd.transactions.Put(okey, owner_token(self.node_id, 1), lease=self.lease_id)
+        take = [aetcd.transactions.Put(okey, owner_token(self.node_id, 1), lease=self.lease_id)]
+        ikey = self.store.index_key(index) if index is not None else None
+        if ikey is not None:
+            take.append(aetcd.transactions.Put(ikey, sid.encode()))
 
         async def run(client: Any) -> bool:
-            guard = client.transactions.version(okey) == 0
+            guard = [client.transactions.version(okey) == 0]
+            if ikey is not None:
+                guard.append(client.transactions.version(ikey) == 0)
             with self._pending_on(sid):
-                ok = await self.store.acreate(client, record, wrapped_keys, [take], [guard])
+                ok = await self.store.acreate(client, record, wrapped_keys, take, guard)
                 if ok:  # on the worker loop, before any hand-over request is looked at
                     self._take(sid, 1, "created")
             return ok
@@ -397,8 +405,28 @@ class NodeOwnership:
 
         return self.store.worker.call(run)
 
-    def delete(self, session_id: str, expected_version: int | None = None) -> bool:
-        """Remove the entry and this node's ownership key (the session ended)."""
+    def refresh(self, record: SessionRecord) -> bool:
+        """A new ``resume`` at the same version (a counter reservation), fenced like
+        :meth:`cas`: only while this node's ownership key is in place."""
+        sid = record.session_id
+        epoch = self.owner_epoch(sid)
+        if epoch is None:
+            return self.store.note_conflict()
+        token = owner_token(self.node_id, epoch)
+
+        async def run(client: Any) -> bool:
+            guard = [client.transactions.value(self.store.owner_key(sid)) == token]
+            return await self.store.acas(
+                client, sid, record.state_version, record, None, guard, refresh=True
+            )
+
+        return self.store.worker.call(run)
+
+    def delete(
+        self, session_id: str, expected_version: int | None = None, index: int | None = None
+    ) -> bool:
+        """Remove the entry and this node's ownership key (the session ended); with
+        ``index``, also its receiver-index key."""
         epoch = self.owner_epoch(session_id)
         if epoch is None:
             return self.store.note_conflict()
@@ -407,8 +435,11 @@ class NodeOwnership:
 
         async def run(client: Any) -> bool:
             tx = client.transactions
+            ops = [tx.delete(okey)]
+            if index is not None:
+                ops.append(tx.delete(self.store.index_key(index)))
             return await self.store.adelete(
-                client, session_id, expected_version, [tx.delete(okey)], [tx.value(okey) == token]
+                client, session_id, expected_version, ops, [tx.value(okey) == token]
             )
 
         ok = self.store.worker.call(run)
@@ -501,6 +532,9 @@ class NodeOwnership:
                 request = request_value(self.node_id, previous, entry.owner_epoch)
                 await client.put(self.store.handover_key(sid), request, lease=self.lease_id)
             await asyncio.sleep(POLL)
+        # the previous owner: the holder seen, or the entry's last writer when its lease
+        # had already expired (a dead owner's key is gone, its record still names it)
+        previous = previous or entry.record.owner_node
         with self._pending_on(sid):
             transfer = await self._commit_transfer(client, sid, entry, record, previous)
         if transfer.outcome != Outcome.GRANTED:
