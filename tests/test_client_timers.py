@@ -105,6 +105,8 @@ POLICY_CHOICES: dict[str, list[Any]] = {
     "loss_window_ms": [250, 3000],
     "max_lifetime_ms": [60_000],
     "rekey_after_s": [10, 120],
+    "idle_after_ms": [2_000, 3_600_000],  # issue 11: idle sessions probe slowly
+    "idle_probe_interval_ms": [100, 2_000, 10_000],
 }
 
 

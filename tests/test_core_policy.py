@@ -48,6 +48,9 @@ D12 = {
     "transport_lost_ttl_ms": 15_000,
     "probe_interval_ms": 100,
     "standby_probe_interval_ms": 1_000,
+    "idle_after_ms": 5_000,  # issue 11: docs/policy.md, "Idle sessions"
+    "idle_probe_interval_ms": 10_000,
+    "idle_standby_probe_interval_ms": 15_000,
     "dead_min_ms": 300,
     "dead_rtt_multiplier": 4.0,
     "dead_traffic_min_ms": 50,  # issue 10: docs/policy.md
@@ -445,6 +448,13 @@ VIOLATIONS: dict[tuple[str, str], dict[str, int]] = {
     },
     ("probe_interval_ms", "dead_min_ms"): {"probe_interval_ms": 300},
     ("probe_interval_ms", "standby_probe_interval_ms"): {"standby_probe_interval_ms": 99},
+    ("probe_interval_ms", "idle_probe_interval_ms"): {"idle_probe_interval_ms": 99},
+    ("standby_probe_interval_ms", "idle_standby_probe_interval_ms"): {
+        "standby_probe_interval_ms": 15_001
+    },
+    ("idle_probe_interval_ms", "idle_standby_probe_interval_ms"): {
+        "idle_probe_interval_ms": 15_001
+    },
     ("reattach_retry_ms", "recovery_window_ms"): {"reattach_retry_ms": 8_000},
     ("security_failures_to_degrade", "security_failures_to_terminate"): {
         "security_failures_to_degrade": 11
@@ -593,6 +603,11 @@ def valid_policies(draw: st.DrawFn) -> Policy:
     redraw("recovery_window_ms", hi=v["transport_lost_ttl_ms"])
     redraw("probe_interval_ms", hi=v["dead_min_ms"] - 1)
     redraw("standby_probe_interval_ms", lo=v["probe_interval_ms"])
+    redraw("idle_probe_interval_ms", lo=v["probe_interval_ms"])
+    redraw(
+        "idle_standby_probe_interval_ms",
+        lo=max(v["standby_probe_interval_ms"], v["idle_probe_interval_ms"]),
+    )
     redraw("reattach_retry_ms", hi=v["recovery_window_ms"] - 1)
     redraw("security_failures_to_degrade", hi=v["security_failures_to_terminate"])
     label = draw(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}", fullmatch=True))

@@ -197,8 +197,14 @@ def _relay_up(relay: Any, counter: str) -> int:
     return int(relay.stats()["up"][counter])
 
 
+NEVER_IDLE = {"idle_after_ms": 3_600_000}
+"""The default policy, but the session is never idle (issue 11). These tests judge a path by
+its probes (loss, death, the datagrams through a relay) in a session that carries no inner
+data: at the default policy it would be idle after 5 s and probe every 10 s."""
+
+
 def test_at14_loss_spike_on_a_makes_it_volatile_and_switches_to_b(realnet) -> None:  # noqa: F811
-    t: RealTunnel = realnet(relays=(0,))  # default policy
+    t: RealTunnel = realnet(relays=(0,), policy=policy_toml(volatility=NEVER_IDLE))
     sid = _session_id(t)
     _wait_standby_alive(t)
     relay = t.relays[0]
@@ -233,7 +239,7 @@ def test_at15_ten_percent_loss_on_a_does_not_switch(realnet) -> None:  # noqa: F
     is compared with 1-(1-threshold)^2, so 10 % on A (here: client->gateway) stays below it
     while 30 % (AT-14) crosses it. The seeded pattern is a fair 10 %: about 10 % over the
     test, no loss window above 20 %, no two drops in a row (max_consecutive_drops is 5)."""
-    t: RealTunnel = realnet(relays=(0,))
+    t: RealTunnel = realnet(relays=(0,), policy=policy_toml(volatility=NEVER_IDLE))
     sid = _session_id(t)
     relay = t.relays[0]
     loss_for = 4 * LOSS_WINDOW_DATAGRAMS
@@ -327,6 +333,7 @@ def test_at18_nat_rebinding_rebinds_with_a_path_challenge_and_drops_the_old_addr
     # an instrument, not a death; the rebinding itself is what is tested. Path B is relayed
     # only to be held too.
     floors = {"dead_min_ms": 10_000, "dead_traffic_min_ms": 60_000}  # (< transport_lost_ttl)
+    floors |= NEVER_IDLE
     t: RealTunnel = realnet(relays=(0, 1), policy=policy_toml(volatility=floors))
     sid = _session_id(t)
     relay = t.relays[0]

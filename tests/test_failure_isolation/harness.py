@@ -55,6 +55,9 @@ def fast_policy(version: str = "fi-1", **overrides: object) -> str:
             "standby_probe_interval_ms": 200,
             "dead_min_ms": 300,
             "loss_volatile_threshold": 0.2,
+            # never idle (issue 11): these tests judge deaths at the busy probing rate,
+            # also of sessions that carry no inner data
+            "idle_after_ms": 3_600_000,
         },
         "switching": {
             "max_switches_per_min": 8,

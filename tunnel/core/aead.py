@@ -88,6 +88,26 @@ _AEADS: Final[dict[DataCipher, type[_Aead]]] = {
 """The ``cryptography`` class of each data cipher (same key, nonce and tag sizes)."""
 
 
+_SCRATCH_LIMIT: Final = 256
+"""Largest body ``SessionCipher.seal_packed`` takes (control messages are tens of bytes)."""
+_SCRATCH_PLAIN = bytearray(_SCRATCH_LIMIT)
+_SCRATCH_NONCE = bytearray(_NONCE.size)
+_SCRATCH_OUT = bytearray(_HEADER_LEN + _SCRATCH_LIMIT + constants.AEAD_TAG_LEN)
+_SCRATCH_AD = memoryview(_SCRATCH_OUT)[:_HEADER_LEN]
+_SCRATCH_VIEWS: dict[int, tuple[memoryview, memoryview, memoryview]] = {}
+"""Per body size: (plaintext, ciphertext + tag, whole datagram) views of the buffers."""
+
+
+def _scratch_views(size: int) -> tuple[memoryview, memoryview, memoryview]:
+    if size > _SCRATCH_LIMIT:
+        raise ValueError(f"body of {size} bytes exceeds {_SCRATCH_LIMIT}")
+    out = memoryview(_SCRATCH_OUT)
+    end = _HEADER_LEN + size + constants.AEAD_TAG_LEN
+    views = (memoryview(_SCRATCH_PLAIN)[:size], out[_HEADER_LEN:end], out[:end])
+    _SCRATCH_VIEWS[size] = views
+    return views
+
+
 def _binding_mark(epoch: int, mark: int) -> tuple[int, int]:
     if not 0 <= mark <= constants.MAX_MARK:
         raise ValueError(f"mark must be 0..{constants.MAX_MARK}, got {mark}")
@@ -364,6 +384,31 @@ class SessionCipher:
         header = _MARKED.pack(msg_type, current.phase, epoch8, mark8, receiver_index, counter)
         self.send_counter = counter + 1
         return header + current.tx.encrypt(_NONCE.pack(counter), plaintext, header)
+
+    def seal_packed(
+        self, msg_type: int, receiver_index: int, body: struct.Struct, *values: int
+    ) -> bytes:
+        """:meth:`seal` of ``body.pack(*values)`` (the current binding mark) without the
+        intermediate objects: plaintext, nonce and datagram are packed and encrypted in
+        reusable buffers (``encrypt_into``); the datagram's ``bytes`` is the one object
+        made. For small answers a peer asks for often (PROBE_ACK: issue 11)."""
+        counter = self.send_counter
+        if counter >= constants.REJECT_AFTER_MESSAGES:
+            raise KeyExhausted("send counter exhausted for this key generation; rekey first")
+        views = _SCRATCH_VIEWS.get(body.size)
+        if views is None:
+            views = _scratch_views(body.size)
+        plain, sealed, whole = views
+        current = self._current
+        epoch8, mark8 = self._mark
+        body.pack_into(_SCRATCH_PLAIN, 0, *values)
+        _NONCE.pack_into(_SCRATCH_NONCE, 0, counter)
+        _MARKED.pack_into(
+            _SCRATCH_OUT, 0, msg_type, current.phase, epoch8, mark8, receiver_index, counter
+        )
+        current.tx.encrypt_into(_SCRATCH_NONCE, plain, _SCRATCH_AD, sealed)
+        self.send_counter = counter + 1
+        return bytes(whole)
 
     def rekey(self, now: float) -> bool:
         """Start sealing with the next generation (phase+1, counter 0).

@@ -239,6 +239,9 @@ class ClientSession:
         """The explicit re-handshake when the gateway lost the session (DESIGN D15c)."""
         self.heard_at: float | None = None
         """When the last authenticated datagram of this session arrived (None: never)."""
+        self.data_at = now
+        """When inner data last went either way (sent or received; the session's start
+        counts): ``idle_after_ms`` later the session is idle and probes slowly."""
         self.previous_session_id = ""
         """The session this one continues (SESSION_LINKED); empty for a first session."""
         self.peer_index = 0
@@ -443,6 +446,10 @@ class ClientSession:
                 return
             health.data_inbound(now)
             self._tun.append(plaintext)
+            if now > self.data_at:
+                self.data_at = now
+            if self.paths.idle:
+                self.paths.set_idle(False, now)
             return
         msg = parse_control(plaintext)
         if isinstance(msg, Drop):
@@ -541,6 +548,7 @@ class ClientSession:
         self.serving_node, self.owner_epoch = payload.node_id, payload.owner_epoch
         self.advertised = payload.endpoints
         self.heard_at = now
+        self.data_at = max(self.data_at, now)
         if link is not None:
             self.report.emit(
                 SessionLinked(
@@ -762,6 +770,10 @@ class ClientSession:
         if self.machine.state is _TERMINATED:
             self.report.count_drop(Drop.WRONG_STATE)
             return
+        if now > self.data_at:
+            self.data_at = now
+        if self.paths.idle:  # data leaves after idleness: probe the active path at once
+            self.paths.set_idle(False, now)
         target = self.switching.data_path()
         cipher = self.keys.cipher
         if target is not None and cipher is not None:
@@ -823,11 +835,22 @@ class ClientSession:
         self.paths.health_events(now)
         self.switching.on_timer(now)
         hunting = self.state is State.VOLATILE or self.state is State.DEGRADED
+        self.paths.set_idle(self.idle(now), now, hunting=hunting)
         for path_id, probe_id in self.paths.due_probes(now, hunting=hunting):
             self.send_control(path_id, Probe(probe_id, path_id, self.report.ts_ms(now)))
         self._rekey_timer(now)
         self._rescue_timer(now)
         self.report.maybe_drop_summary(now, self.base(now))
+
+    def idle(self, now: float) -> bool:
+        """Idle (issue 11): ATTACHED on an active path with no switch under way, and no
+        inner data either way for ``idle_after_ms``. An idle session probes slowly."""
+        return (
+            self.machine.state is State.ATTACHED
+            and self.paths.active is not None
+            and self.switching.pending is None
+            and now - self.data_at >= self.policy.idle_after_ms / 1000
+        )
 
     def _fire_rows(self, now: float) -> None:
         """Fire the most urgent due row until none is due (AT-08 priorities)."""

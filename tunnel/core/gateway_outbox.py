@@ -19,10 +19,12 @@ from tunnel.core.drops import Drop
 from tunnel.core.endpoint import Reporter
 from tunnel.core.events import Reason, reason_to_wire
 from tunnel.core.gateway_paths import Addr
-from tunnel.core.wire import Control, StateUpdate, pack_control
+from tunnel.core.wire import PROBE_ACK_BODY, Control, CType, StateUpdate, pack_control
 
 if TYPE_CHECKING:
     from tunnel.core.gateway_session import GatewaySession
+
+_PROBE_ACK = int(CType.PROBE_ACK)
 
 STATE_UPDATE_RESEND_S = 0.3
 """STATE_UPDATE retransmit interval until acknowledged."""
@@ -52,6 +54,20 @@ class Outbox:
             return 0
         self._out.append((addr, dgram))
         return len(dgram)
+
+    def probe_ack(
+        self, cipher: SessionCipher, peer_index: int, addr: Addr,
+        fields: tuple[int, int, int, int, int, int],
+    ) -> None:  # fmt: skip
+        """A PROBE_ACK with ``fields`` (``ProbeAck``'s, in order) to ``addr``, sealed from
+        the fields without the record or an intermediate plaintext (issue 11: an idle
+        gateway does little else)."""
+        try:
+            dgram = cipher.seal_packed(MSG_CONTROL, peer_index, PROBE_ACK_BODY, _PROBE_ACK, *fields)
+        except KeyExhausted:
+            self._report.count_drop(Drop.KEY_EXHAUSTED)
+            return
+        self._out.append((addr, dgram))
 
     def void_for(self, peer_index: int, *, handshake: bool = False) -> None:
         """Forget the transport messages queued for ``peer_index``; a queued HANDSHAKE_RESP

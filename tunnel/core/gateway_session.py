@@ -73,6 +73,7 @@ from tunnel.core.timers import (
     run_due_chores,
 )
 from tunnel.core.wire import (
+    PROBE_BODY,
     STATE_CODES,
     Control,
     CType,
@@ -80,7 +81,6 @@ from tunnel.core.wire import (
     PathChallenge,
     PathResponse,
     Probe,
-    ProbeAck,
     ReattachAck,
     ReattachKind,
     ReattachReject,
@@ -101,6 +101,12 @@ _REQUEST = ReattachRequest.STRUCT
 _REQUEST_LEN = 1 + _REQUEST.size
 """A REATTACH_REQUEST plaintext: its type byte and its fields (the fast path's one unpack)."""
 _KINDS = frozenset(int(k) for k in ReattachKind)
+
+_STATE_CODE = {state: STATE_CODES.index(str(state)) for state in State}
+"""Wire code of each state (``STATE_CODES``), looked up once per PROBE_ACK."""
+
+_PROBE_LEN = 1 + PROBE_BODY.size
+"""A PROBE plaintext: its CType byte and the fields."""
 
 TOMBSTONE_S = 10.0
 """A terminated session's index stays known this long: late packets are counted, and an
@@ -239,6 +245,7 @@ class GatewaySession:
 
     __slots__ = (
         "__dict__",
+        "_busy_for",
         "_deliver",
         "_ports",
         "_report",
@@ -248,6 +255,7 @@ class GatewaySession:
         "cipher",
         "client",
         "clocks",
+        "data_in_at",
         "duplicates",
         "end_reason",
         "epoch",
@@ -319,6 +327,12 @@ class GatewaySession:
         """(epoch, address) of the last move a binding mark committed: the late request of
         that move is answered, not refused as stale (ReattachGuard.check)."""
         self.last_inbound = now
+        self.data_in_at = now
+        """When the client's last DATA arrived (the session's start counts): the client may
+        be idle, probing slowly, once it has sent none for a while (``dead_after_s``)."""
+        self._busy_for = 0.0
+        """DATA this much later than the last (s) may move the silence deadline earlier."""
+        self._set_busy_for(policy)
         self.probes_rx = ProbeCounts()
         """PROBEs received per path_id (a u8: at most 256 keys), echoed in PROBE_ACK."""
         self.skew_ms = skew_ms
@@ -382,8 +396,19 @@ class GatewaySession:
     def dead_after_s(self) -> float:
         """Inbound silence on the binding that declares it dead: longer than the client's
         own detection (which probes every probe_interval), so the client normally acts
-        first. Read from the session's current policy (a reload applies at once)."""
-        return max(1.0, 3 * self.policy.dead_min_ms / 1000)
+        first. An idle client (no inner data either way for ``idle_after_ms``) probes every
+        ``idle_probe_interval_ms``: unless its last DATA was recent enough that it cannot be
+        idle yet (half of ``idle_after_ms``: slack for a slow path), that interval is added.
+        Read from the session's current policy (a reload applies at once)."""
+        pol = self.policy
+        busy = max(1.0, 3 * pol.dead_min_ms / 1000)
+        if self.last_inbound + busy <= self.data_in_at + pol.idle_after_ms / 2000:
+            return busy
+        return busy + pol.idle_probe_interval_ms / 1000
+
+    def _set_busy_for(self, policy: Policy) -> None:
+        busy = max(1.0, 3 * policy.dead_min_ms / 1000)
+        self._busy_for = policy.idle_after_ms / 2000 - busy
 
     def view(self, now: float) -> SessionView:
         return SessionView(
@@ -410,6 +435,7 @@ class GatewaySession:
     def apply_policy(self, policy: Policy) -> None:
         """A reloaded policy applies strictly to this running session from now on."""
         self.policy = policy
+        self._set_busy_for(policy)
         self.machine.policy_reloaded(policy.policy_version)
         self.reattach.configure(policy.reattach_rate_per_s, policy.reattach_burst)
         self.duplicates.configure(policy.duplicate_alarm_ratio)
@@ -447,27 +473,41 @@ class GatewaySession:
                 self.rx_high = counter
             self.paths.received(addr, len(data))
             self.last_inbound = now
+            # after a pause the client may have been idle: the silence deadline (the long
+            # one of dead_after_s) may come earlier now
+            woke = now - self.data_in_at > self._busy_for
+            self.data_in_at = now
             drop = self.sources.check(plaintext)
             if drop is None:
                 self._deliver(plaintext)
             else:
                 self._report.count_drop(drop)
-            return rekeyed
+            return rekeyed or woke
         at_binding = addr == self.binding
         newest = self._note_inbound(len(data), phase, epoch, mark, counter, addr, at_binding, now)
         if self.machine.state is _TERMINATED:
             return True  # the datagram ended the session (a move past its TTL): nothing more
         if msg_type == MSG_DATA:
+            self.data_in_at = now
             self._on_data(plaintext, addr, newest, now)
             return True
         if at_binding and self._reattach_at_binding(plaintext, addr, now):
             return rekeyed  # as for DATA: only the binding's silence deadline moved, later
+        self._on_control_plain(plaintext, addr, newest, now)
+        return True
+
+    def _on_control_plain(self, plaintext: bytes, addr: Addr, newest: bool, now: float) -> None:
+        """An authentic CONTROL plaintext. A PROBE (the most frequent: idle sessions send
+        nothing else) is answered without building its record (issue 11)."""
+        if len(plaintext) == _PROBE_LEN and plaintext[0] == CType.PROBE:
+            probe_id, path_id, _ts = PROBE_BODY.unpack_from(plaintext, 1)
+            self._on_probe(probe_id, path_id, addr, newest, now)
+            return
         msg = parse_control(plaintext)
         if isinstance(msg, Drop):
             self._report.count_drop(msg)
         else:
             self._on_control(msg, addr, newest, now)
-        return True
 
     def _on_bad_packet(self, drop: Drop, addr: Addr, now: float) -> None:
         """Count a datagram that did not open; a late or duplicated one from a validated
@@ -537,7 +577,7 @@ class GatewaySession:
 
     def _on_control(self, msg: Control, addr: Addr, newest: bool, now: float) -> None:
         if isinstance(msg, Probe):
-            self._on_probe(msg, addr, newest, now)
+            self._on_probe(msg.probe_id, msg.path_id, addr, newest, now)
         elif isinstance(msg, PathResponse):
             self._on_path_response(msg, addr, now)
         elif isinstance(msg, ReattachRequest):
@@ -552,18 +592,22 @@ class GatewaySession:
         else:
             self._report.count_drop(Drop.UNKNOWN_TYPE)
 
-    def _on_probe(self, msg: Probe, addr: Addr, newest: bool, now: float) -> None:
-        rx = (self.probes_rx.get(msg.path_id, 0) + 1) & 0xFFFFFFFF
-        self.probes_rx[msg.path_id] = rx
-        ts = self._report.ts_ms(now)
-        self.paths.saw_path(addr, msg.path_id)
-        self._send(
-            addr, ProbeAck(msg.probe_id, msg.path_id, ts, self._state_code(), self.epoch, rx)
-        )
+    def _on_probe(self, probe_id: int, path_id: int, addr: Addr, newest: bool, now: float) -> None:
+        """PROBE_ACK (sealed straight from its fields: ``Outbox.probe_ack``)."""
+        rx = (self.probes_rx.get(path_id, 0) + 1) & 0xFFFFFFFF
+        self.probes_rx[path_id] = rx
+        self.paths.saw_path(addr, path_id)
+        self._mark_to(addr)
+        self._ports.outbox.probe_ack(
+            self.cipher, self.peer_index, addr,
+            (probe_id, path_id, self._report.ts_ms(now), _STATE_CODE[self.machine.state],
+             self.epoch, rx),
+        )  # fmt: skip
+        self._ask_reserve()
         if not self.paths.is_validated(addr):
             # A fresh probe of the bound path from a new address is a NAT rebinding of an
             # idle session (no data to show it): validate, then rebind like data.
-            nat = newest and self.binding is not None and msg.path_id == self.binding_path
+            nat = newest and self.binding is not None and path_id == self.binding_path
             self._challenge(addr, ChallengePurpose.NAT if nat else ChallengePurpose.PROBE, now)
 
     def send_inner(self, packet: bytes) -> None:

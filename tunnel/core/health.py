@@ -38,8 +38,14 @@ Death has two rules:
   never before ``dead_traffic_min_ms`` of silence (the policy's floor). The session
   applies it only while another path has answered since the suspicion (``PathSet``): a
   peer that is merely slow (a busy gateway) is silent on every path, a dead path alone.
-  A path without traffic is judged by the idle rule alone, so an idle session probes
-  exactly as before.
+  A path without traffic is judged by the idle rule alone.
+
+An idle session (issue 11: no inner data either way for ``idle_after_ms``, decided by the
+session, which calls :meth:`set_idle`) probes slowly, so silence between its probes says
+nothing: while idle the path dies only when a probe stays unanswered, ``dead_after_ms``
+after the first probe sent since the last inbound (:meth:`unanswered_since`). When the
+session stops being idle, silence counts from that moment (not from the last slow answer),
+so the path has the same ``dead_after_ms`` to answer the probe sent then.
 """
 
 from __future__ import annotations
@@ -200,6 +206,12 @@ class PathHealth:
         self.data_gap_ms: float | None = None
         """EWMA of the gaps between DATA arrivals (None: no flow measured)."""
         self._data_run = 0
+        self._asked: float | None = None
+        """When the first probe since the last inbound left (stale once inbound is later)."""
+        self._idle = False
+        """The session is idle: silence between slow probes is no death (set_idle)."""
+        self._floor: float | None = None
+        """Silence counts from here at the earliest: when the session stopped being idle."""
         self._outstanding: OrderedDict[int, float] = OrderedDict()
         self._late: OrderedDict[int, float] = OrderedDict()
         self._outcomes: deque[tuple[float, bool]] = deque(maxlen=MAX_LOSS_SAMPLES)
@@ -254,6 +266,9 @@ class PathHealth:
         if probe_id in self._outstanding:
             raise ValueError(f"probe id {probe_id} is already outstanding on path {self.path_id}")
         self._late.pop(probe_id, None)
+        asked, last = self._asked, self.last_inbound
+        if asked is None or (last is not None and asked <= last):
+            self._asked = now
         self._sent += 1
         self._ordinal[probe_id] = self._sent
         self._ordinal.move_to_end(probe_id)
@@ -323,6 +338,23 @@ class PathHealth:
             self.data_gap_ms = gap
         else:
             self.data_gap_ms = average + TRAFFIC_GAP_ALPHA * (gap - average)
+
+    def set_idle(self, idle: bool, now: float) -> None:
+        """The session is idle (slow probes: only an unanswered probe counts as silence) or
+        no longer (from ``now``: silence counts from ``now`` at the earliest)."""
+        if idle == self._idle:
+            return
+        self._idle = idle
+        if not idle:
+            self._floor = now
+
+    def unanswered_since(self) -> float | None:
+        """When the first probe sent since the last authenticated inbound left; None when
+        every probe sent was followed by inbound (or none was sent)."""
+        asked, last = self._asked, self.last_inbound
+        if asked is None or (last is not None and asked <= last):
+            return None
+        return asked
 
     def traffic_suspect_at(self) -> float | None:
         """When a path with flowing traffic becomes suspect (see the module docstring):
@@ -447,10 +479,18 @@ class PathHealth:
         """The ``now`` from which the path is dead unless something arrives.
 
         The idle rule. Reference: the last authenticated inbound, or the creation time if
-        nothing ever arrived. Always a number (a ``float | None`` caller can use it as is).
+        nothing ever arrived. Always a number (a ``float | None`` caller can use it as is):
+        ``math.inf`` while idle with no probe unanswered (no silence deadline).
         The traffic rule is :meth:`traffic_dead_at`; the session combines them.
         """
         ref = self.last_inbound if self.last_inbound is not None else self._created
+        if self._idle:  # silence between slow probes says nothing; an unanswered one does
+            asked = self._asked
+            if asked is None or asked <= ref:
+                return math.inf
+            ref = asked
+        elif self._floor is not None and self._floor > ref:
+            ref = self._floor
         return ref + self.dead_after_ms() / _MS
 
     def is_dead(self, now: float) -> bool:
@@ -469,7 +509,7 @@ class PathHealth:
         if self._outstanding:
             deadline = self._expiry(min(self._outstanding.values()))
         dead = self.dead_at()
-        if dead > self._seen_now and (deadline is None or dead < deadline):
+        if self._seen_now < dead < math.inf and (deadline is None or dead < deadline):
             deadline = dead
         return deadline
 

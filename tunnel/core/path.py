@@ -9,10 +9,19 @@ The ``PathSet`` owns the order, which path is active (the one carrying data) and
 died last, and judges paths by the policy it was given: live, eligible, held down, score,
 classification. It probes (``due_probes``), reports liveness changes and validations as
 events, and exposes its own ``next_deadline()``: the earliest probe or health deadline.
+
+An idle session (issue 11; ``set_idle``) probes its active path every
+``idle_probe_interval_ms`` and its standby paths every ``idle_standby_probe_interval_ms``.
+An idle probe that stays unanswered for ``SUSPECT_AFTER`` busy probe intervals makes the
+path suspect as silence does in a busy session (probed ``SUSPECT_PROBE_SPEEDUP`` times
+faster), and the path dies ``dead_after_ms`` after that probe left (``PathHealth``). When
+the session stops being idle its active path is probed at once and the busy schedule
+resumes: a path that died while the session was idle is found as fast as a busy one.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 
@@ -48,8 +57,8 @@ class Path:
     """One candidate transport: its health, hold-down, probe clock and validation."""
 
     __slots__ = (
-        "gateway_validated", "health", "holddown", "label", "last_probe", "next_probe", "path_id",
-        "validated", "was_alive",
+        "gateway_validated", "health", "holddown", "interval", "label", "last_probe",
+        "next_probe", "path_id", "previous_interval", "validated", "was_alive",
     )  # fmt: skip
 
     def __init__(self, path_id: int, label: str, policy: Policy, now: float) -> None:
@@ -71,6 +80,10 @@ class Path:
         (a switch to it may move by binding mark, without a request)."""
         self.next_probe = now
         self.last_probe: float | None = None
+        self.interval = 0.0
+        """The gap (s) to the next probe given when the last probe left ..."""
+        self.previous_interval = 0.0
+        """... and the one before: a standby's answers are judged by the slower of the two."""
         self.was_alive = False
 
     def reconfigure(self, policy: Policy) -> None:
@@ -99,10 +112,25 @@ class Path:
         """Probe at the next timer turn (after an attach or a switch onto this path)."""
         self.next_probe = now
 
+    def probe_by(self, at: float) -> None:
+        """Probe at ``at`` at the latest (an idle session's slow schedule ends)."""
+        if at < self.next_probe:
+            self.next_probe = at
+
     def probed(self, probe_id: int, now: float, interval: float) -> None:
         self.health.probe_sent(probe_id, now)
         self.last_probe = now
         self.next_probe = now + interval
+        self.previous_interval, self.interval = self.interval, interval
+
+    def idle_retry_at(self, after: float) -> float | None:
+        """When an idle session's unanswered probe on this path is retried fast: ``after``
+        seconds after it left, unless probed since. None: nothing unanswered."""
+        asked = self.health.unanswered_since()
+        if asked is None:
+            return None
+        at = asked + after
+        return None if self.last_probe is not None and self.last_probe >= at else at
 
     def burst_at(self) -> float | None:
         """When this path (if active) needs a probe burst: its traffic went silent
@@ -162,6 +190,8 @@ class PathSet:
         self._retired: set[int] = set()
         """Paths removed (their interface or address went away): down, not shown, their
         ids kept so that no other path takes them (:meth:`add` brings one back)."""
+        self.idle = False
+        """The session is idle (no inner data either way for ``idle_after_ms``): slow probes."""
 
     # -- membership ------------------------------------------------------------------------
     def __contains__(self, path_id: object) -> bool:
@@ -205,6 +235,25 @@ class PathSet:
         for p in self._paths.values():
             p.health.forget_probes()
             p.gateway_says(False)
+
+    def set_idle(self, idle: bool, now: float, *, hunting: bool = False) -> None:
+        """The session is idle from ``now`` (slow probes), or busy again: then the active
+        path is probed at once (its silence counts from ``now``) and each standby path
+        within its busy interval (``hunting``: the active path's, see :meth:`due_probes`)."""
+        if idle == self.idle:
+            return
+        self.idle = idle
+        for p in self._paths.values():
+            p.health.set_idle(idle, now)
+        if idle:
+            return
+        pol = self.policy
+        standby = (pol.probe_interval_ms if hunting else pol.standby_probe_interval_ms) / 1000
+        for p in self._paths.values():
+            if p.path_id == self.active:
+                p.probe_soon(now)
+            else:
+                p.probe_by(now + standby)
 
     def probe_all_soon(self, now: float) -> None:
         for p in self._paths.values():
@@ -252,7 +301,11 @@ class PathSet:
 
     def _standby_live(self, p: Path, now: float) -> bool:
         last = p.health.last_inbound
-        window = STANDBY_LIVENESS_INTERVALS * self.policy.standby_probe_interval_ms / 1000
+        # The slower of its last two probe gaps: an idle session's standby stays live
+        # between slow probes, and when the busy schedule resumes until it answered.
+        interval = max(self.policy.standby_probe_interval_ms / 1000, p.interval,
+                       p.previous_interval)  # fmt: skip
+        window = STANDBY_LIVENESS_INTERVALS * interval
         return (
             last is not None
             and now - last <= window + p.health.dead_after_ms() / 1000
@@ -320,6 +373,8 @@ class PathSet:
             return None
         health = self._paths[self.active].health
         idle = health.dead_at()
+        if idle == math.inf:  # an idle session between two answered probes
+            return None
         traffic, suspect = health.traffic_dead_at(), health.traffic_suspect_at()
         if traffic is None or suspect is None or not self._answered_elsewhere(suspect):
             return idle
@@ -422,14 +477,19 @@ class PathSet:
         fresh RTT and loss, not on a sample a second or more old (one taken while the
         machine was busy would otherwise hold a good standby back for many seconds)."""
         pol = self.policy
-        fast = pol.probe_interval_ms / 1000
-        slow = fast if hunting else pol.standby_probe_interval_ms / 1000
+        busy = pol.probe_interval_ms / 1000
+        if self.idle:
+            fast = pol.idle_probe_interval_ms / 1000
+            slow = pol.idle_standby_probe_interval_ms / 1000
+        else:
+            fast = busy
+            slow = fast if hunting else pol.standby_probe_interval_ms / 1000
         out = []
         self._burst_standbys(now)
         for p in self:
             if p.path_id in self._retired:
                 continue
-            burst = p.burst_at() if p.path_id == self.active else None
+            burst = self._burst_or_retry(p)
             if now < p.next_probe and (burst is None or now < burst):
                 continue
             self._probe_seq = (self._probe_seq + 1) & 0xFFFFFFFF
@@ -437,16 +497,34 @@ class PathSet:
             # is active every path is, so a live candidate is found quickly.
             active = p.path_id == self.active
             interval = fast if active or self.active is None else slow
-            last = p.health.last_inbound
-            quiet = p.health.traffic_suspect_at()  # traffic went silent: probe fast too
-            suspect = quiet is not None and now >= quiet
-            if active and last is not None and (now - last > SUSPECT_AFTER * fast or suspect):
+            if active and self._suspect(p, now, busy):
                 # Suspicion: the active path missed an answer. Probe faster so that only
                 # real silence lasts until the dead timer (a few lost probes do not).
-                interval = max(SUSPECT_PROBE_MIN_S, fast / SUSPECT_PROBE_SPEEDUP)
+                interval = max(SUSPECT_PROBE_MIN_S, busy / SUSPECT_PROBE_SPEEDUP)
             p.probed(self._probe_seq, now, interval)
             out.append((p.path_id, self._probe_seq))
         return out
+
+    def _burst_or_retry(self, p: Path) -> float | None:
+        """An extra probe time of the active path: its probe burst when its traffic went
+        silent, or (idle session) the fast retry of its unanswered slow probe."""
+        if p.path_id != self.active:
+            return None
+        if self.idle:
+            return p.idle_retry_at(SUSPECT_AFTER * self.policy.probe_interval_ms / 1000)
+        return p.burst_at()
+
+    def _suspect(self, p: Path, now: float, busy: float) -> bool:
+        """The active path missed an answer: silent for ``SUSPECT_AFTER`` busy probe
+        intervals, its traffic went silent, or (idle) its slow probe is unanswered that long."""
+        health = p.health
+        if self.idle:
+            asked = health.unanswered_since()
+            return asked is not None and now - asked >= SUSPECT_AFTER * busy
+        last = health.last_inbound
+        quiet = health.traffic_suspect_at()  # traffic went silent: probe fast too
+        return last is not None and (now - last > SUSPECT_AFTER * busy or (
+            quiet is not None and now >= quiet))  # fmt: skip
 
     def _burst_standbys(self, now: float) -> None:
         """The active path's probe burst is due: ask the standby paths too (once per
@@ -470,7 +548,7 @@ class PathSet:
         times = [p.next_deadline() for p in self._paths.values() if p.path_id not in self._retired]
         active = self.active
         if active is not None and active not in self._retired:
-            burst = self._paths[active].burst_at()
+            burst = self._burst_or_retry(self._paths[active])
             if burst is not None:
                 times.append(burst)
         return min(times, default=None)

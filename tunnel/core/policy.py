@@ -125,6 +125,12 @@ POLICY_FIELDS: Final[tuple[PolicyField, ...]] = (
        "below 10 ms probes become traffic; above 10 s death goes unseen too long"),
     _F("standby_probe_interval_ms", "volatility", int, 10, 60_000,
        "standby paths need fresh RTT/loss, at least once a minute"),
+    _F("idle_after_ms", "volatility", int, 2_000, 3_600_000,
+       "no inner data either way this long: idle; under 2 s a pause in typing is idleness"),
+    _F("idle_probe_interval_ms", "volatility", int, 10, 60_000,
+       "active path of an idle session, a NAT keepalive too (mappings: often 30 s)"),
+    _F("idle_standby_probe_interval_ms", "volatility", int, 10, 60_000,
+       "standby paths of an idle session; as standby_probe_interval, once a minute"),
     _F("dead_min_ms", "volatility", int, 20, 60_000,
        "floor of the dead timer; a few LAN RTTs at least, a minute at most"),
     _F("dead_rtt_multiplier", "volatility", float, 1.5, 20.0,
@@ -217,6 +223,12 @@ CROSS_FIELD_RULES: Final[tuple[tuple[str, Literal["<", "<="], str, str], ...]] =
      "an idle healthy path is probed before it can look dead"),
     ("probe_interval_ms", "<=", "standby_probe_interval_ms",
      "standby paths are never probed faster than the active one"),
+    ("probe_interval_ms", "<=", "idle_probe_interval_ms",
+     "an idle session never probes faster than a busy one"),
+    ("standby_probe_interval_ms", "<=", "idle_standby_probe_interval_ms",
+     "an idle session never probes its standby paths faster than a busy one"),
+    ("idle_probe_interval_ms", "<=", "idle_standby_probe_interval_ms",
+     "standby paths are never probed faster than the active one, idle or not"),
     ("reattach_retry_ms", "<", "recovery_window_ms",
      "at least two reattach attempts fit into the recovery window"),
     ("security_failures_to_degrade", "<=", "security_failures_to_terminate",
@@ -272,6 +284,13 @@ class Policy:
     """Probe the active path when it has been silent this long."""
     standby_probe_interval_ms: int = 1_000
     """Probe every standby path this often."""
+    idle_after_ms: int = 5_000
+    """No inner data either way for this long: the session is idle and probes slowly
+    (issue 11; docs/policy.md, "Idle sessions")."""
+    idle_probe_interval_ms: int = 10_000
+    """Probe the active path of an idle session this often (a NAT keepalive too)."""
+    idle_standby_probe_interval_ms: int = 15_000
+    """Probe every standby path of an idle session this often."""
     dead_min_ms: int = 300
     """A path is dead after max(dead_min_ms, dead_rtt_multiplier x SRTT) of silence."""
     dead_rtt_multiplier: float = 4.0

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from dataclasses import fields as dataclass_fields
 from enum import IntEnum
 from operator import attrgetter
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 from tunnel.core.constants import (
     AEAD_TAG_LEN,
@@ -603,6 +603,12 @@ _CONTROL_TYPES: dict[int, type] = {
 
 STATE_CODES = ("BIRTH", "ATTACHED", "VOLATILE", "RECOVERING", "DEGRADED", "TERMINATED")
 """Wire code of a state name = its index."""
+
+PROBE_ACK_BODY: Final = struct.Struct("<B" + ProbeAck.STRUCT.format[1:])
+"""A PROBE_ACK plaintext in one pack: its CType, then ``ProbeAck``'s fields (issue 11: the
+gateway answers a probe without building the record)."""
+PROBE_BODY: Final = Probe.STRUCT
+"""A PROBE's fields after its CType byte (``unpack_from(plaintext, 1)``)."""
 
 
 def _packer(cls: type) -> Callable[[Any], bytes]:
