@@ -194,6 +194,28 @@ def _sink_health(e: Event) -> str:
     )
 
 
+_OWNER_VERBS: Final = {
+    "SESSION_OWNER_ACQUIRED": ("owns the session", "from"),
+    "SESSION_OWNER_TRANSFERRED": ("session moved", "peer"),
+    "SESSION_OWNER_REJECTED": ("move refused", "held by"),
+    "SESSION_OWNER_CONFLICT": ("move lost the race", "to"),
+    "SESSION_OWNER_RELEASED": ("no longer owns the session", "to"),
+}
+
+
+def _owner(e: Event) -> str:
+    """A cluster node's ownership change (docs/cluster.md)."""
+    verb, peer_word = _OWNER_VERBS.get(str(e.get("event_type")), ("ownership", "peer"))
+    text = f"node {e.get('node_id', '?')} {verb}, owner epoch {e.get('owner_epoch', '?')}"
+    if e.get("peer_node"):
+        text += f", {peer_word} {e['peer_node']}"
+    if e.get("reason_code"):
+        text += f": {e['reason_code']}"
+    if e.get("forwarded"):
+        text += f" ({e['forwarded']} packets forwarded)"
+    return text
+
+
 RENDERERS: Final[dict[EventType, Callable[[Event], str]]] = {
     EventType.STATE_CHANGE: _state_change,
     EventType.SESSION_CREATED: _created,
@@ -217,6 +239,11 @@ RENDERERS: Final[dict[EventType, Callable[[Event], str]]] = {
     EventType.PATH_REMOVED: _path_removed,
     EventType.SINK_HEALTH: _sink_health,
     EventType.SESSION_LINKED: _linked,
+    EventType.SESSION_OWNER_ACQUIRED: _owner,
+    EventType.SESSION_OWNER_TRANSFERRED: _owner,
+    EventType.SESSION_OWNER_REJECTED: _owner,
+    EventType.SESSION_OWNER_CONFLICT: _owner,
+    EventType.SESSION_OWNER_RELEASED: _owner,
 }
 """How each event type reads; every EventType has one."""
 

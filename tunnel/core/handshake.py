@@ -173,6 +173,11 @@ class Initiator:
     def __repr__(self) -> str:
         return f"Initiator(sent={self._sent}, done={self._done})"
 
+    @property
+    def done(self) -> bool:
+        """A response verified (the Initiator cannot read another)."""
+        return self._done
+
     def write_init(self, payload: bytes) -> bytes:
         """Noise IK message 1 carrying ``payload`` (encrypted, authenticated)."""
         if self._sent:

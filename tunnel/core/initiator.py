@@ -223,8 +223,11 @@ class HandshakeInitiator:
 
 def _read_any(kept: deque[Initiator], noise: bytes) -> tuple[bytes, TrafficKeys] | None:
     """The response read by the initiator of the INIT it answers (the newest first), or
-    None if none of the kept ones can read it (not for us, forged, or too old)."""
+    None if none of the kept ones can read it (not for us, forged, too old, or a repeat of
+    an answer already read)."""
     for initiator in reversed(kept):
+        if initiator.done:  # it read an answer already (one with a payload we refused)
+            continue
         try:
             return initiator.read_response(noise)
         except HandshakeError:
