@@ -18,6 +18,7 @@ RECOVERING), AT-51 (an owner frozen past its lease sends nothing when it wakes).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -39,6 +40,7 @@ from test_resume import CLIENT_INNER, WireClient
 from tunnel.core.constants import MSG_STANDBY_ACK
 from tunnel.core.drops import Drop
 from tunnel.core.handshake import generate_keypair
+from tunnel.core.policy import POLICY_DEFAULT, Policy
 from tunnel.core.session import State
 from tunnel.core.standby import open_standby_ack, seal_standby_ack
 from tunnel.core.wire import STANDBY_ACK_LEN, PathChallenge, ProbeAck, parse_header
@@ -161,8 +163,8 @@ class Cluster:
         self.nodes[name] = Node(self, name)
         return self.nodes[name]
 
-    def client(self, node: Node) -> WireClient:
-        c = WireClient(node.address, self.gw_pub, self.cl_priv)
+    def client(self, node: Node, policy: Policy = POLICY_DEFAULT) -> WireClient:
+        c = WireClient(node.address, self.gw_pub, self.cl_priv, policy=policy)
         self.clients.append(c)
         return c
 
@@ -219,6 +221,10 @@ def keep_echoing(c: WireClient, until: Callable[[], bool], timeout: float) -> bo
     return until()
 
 
+PATIENT_MS = 45_000
+"""AT-49's client recovery window (ms)."""
+
+
 def moved(c: WireClient, timeout: float = 15.0) -> bool:
     """The client's traffic goes on until echoes come back again (what arrived at the new
     node while it looked the session up was held, the newest datagram only)."""
@@ -230,8 +236,10 @@ def owner_events(n: Node, kind: str, sid: str) -> list[dict[str, Any]]:
     return [e for e in n.events(f"SESSION_OWNER_{kind}") if e["session_id"] == sid]
 
 
-def attached(cluster: Cluster, node: Node) -> tuple[WireClient, str]:
-    c = cluster.client(node)
+def attached(
+    cluster: Cluster, node: Node, policy: Policy = POLICY_DEFAULT
+) -> tuple[WireClient, str]:
+    c = cluster.client(node, policy)
     assert c.run_until(lambda: c.state is State.ATTACHED, timeout=10.0)
     assert echo(c, 0, 5)
     sid = c.session.machine.session_id
@@ -371,7 +379,13 @@ def test_at49_without_quorum_the_owner_fences_a_move_is_denied_then_it_goes_on(
     cluster: Cluster,
 ) -> None:
     a, b = cluster.node("gw-a"), cluster.node("gw-b")
-    c, sid = attached(cluster, a)
+    # the client waits for its gateway longer than the default 8 s: the window must cover
+    # the outage below plus the time two etcd members take to restart and elect a leader
+    # on a loaded machine (the mechanism, not the default window, is under test)
+    patient = dataclasses.replace(
+        POLICY_DEFAULT, recovery_window_ms=PATIENT_MS, transport_lost_ttl_ms=PATIENT_MS
+    )
+    c, sid = attached(cluster, a, patient)
     replies: list[float] = []
 
     def note_replies() -> bool:
