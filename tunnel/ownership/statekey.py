@@ -14,8 +14,10 @@ to keep). Opening fails (None) for a blob of another key, session or format.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
@@ -66,16 +68,31 @@ def load_state_key(path: Path, *, urandom: Callable[[int], bytes] = os.urandom) 
 
 
 def _create(path: Path, urandom: Callable[[int], bytes]) -> bytes:
+    """Write a new key to a temporary file and link it into place.
+
+    ``link`` is atomic and fails when the name exists, so two processes starting at once
+    (gateway workers) never see a half-written key: the one that loses reads the winner's.
+    """
     key = urandom(STATE_KEY_LEN)
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     except OSError as exc:
         raise StateKeyError(f"{path}: cannot create: {exc.strerror}") from None
-    with os.fdopen(fd, "w", encoding="ascii") as handle:
-        handle.write(key.hex() + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as handle:
+            os.fchmod(handle.fileno(), 0o600)
+            handle.write(key.hex() + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(tmp, path)
+    except FileExistsError:
+        return load_state_key(path, urandom=urandom)
+    except OSError as exc:
+        raise StateKeyError(f"{path}: cannot create: {exc.strerror}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
     return key
 
 
