@@ -845,6 +845,7 @@ def test_at42_malformed_control_to_client_is_a_typed_drop(plaintext: bytes, expe
         (struct.pack("<BBxxII", 1, 0, 0, 1) + os.urandom(150), Drop.BAD_MAC),  # before DH
         (struct.pack("<BBxxII", 2, 0, 1, 1) + bytes(100), Drop.WRONG_STATE),
     ],
+    ids=lambda v: v.name.lower() if isinstance(v, Drop) else f"{len(v)}B",
 )
 def test_at42_malformed_datagram_headers_are_typed_drops(raw: bytes, expected: Drop) -> None:
     sim = established()
