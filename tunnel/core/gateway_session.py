@@ -484,6 +484,7 @@ class GatewaySession:
                 self._report.count_drop(drop)
             return rekeyed or woke
         at_binding = addr == self.binding
+        same_phase = phase == self.rx_phase
         newest = self._note_inbound(len(data), phase, epoch, mark, counter, addr, at_binding, now)
         if self.machine.state is _TERMINATED:
             return True  # the datagram ended the session (a move past its TTL): nothing more
@@ -491,8 +492,21 @@ class GatewaySession:
             self.data_in_at = now
             self._on_data(plaintext, addr, newest, now)
             return True
-        if at_binding and self._reattach_at_binding(plaintext, addr, now):
-            return rekeyed  # as for DATA: only the binding's silence deadline moved, later
+        if at_binding:
+            if self._reattach_at_binding(plaintext, addr, now):
+                return rekeyed  # as for DATA: only the binding's silence deadline moved, later
+            if (
+                same_phase
+                and len(plaintext) == _PROBE_LEN
+                and plaintext[0] == CType.PROBE
+                and self.paths.is_validated(addr)
+            ):
+                # An idle session's keepalive (issue 11): the bound, validated path answers
+                # and nothing but the binding's silence deadline moves, later; the timer
+                # queue keeps its lower bound instead of re-reading every row.
+                probe_id, path_id, _ts = PROBE_BODY.unpack_from(plaintext, 1)
+                self._on_probe(probe_id, path_id, addr, newest, now)
+                return rekeyed
         self._on_control_plain(plaintext, addr, newest, now)
         return True
 
