@@ -46,6 +46,14 @@ ANSI = re.compile(rb"\x1b\[[0-9;?<>=]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\x1b[=>78]
 ACTIVE = re.compile(r"Active\s+path (\d)")
 
 
+def terminal_env(**extra: str) -> dict[str, str]:
+    """The environment of a UI in a terminal of a given size: without COLUMNS and LINES,
+    which Python (``shutil.get_terminal_size``) prefers to the terminal's own size (a
+    pytest-xdist worker has COLUMNS=80 and LINES=24 set)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "NO_COLOR")}
+    return {**env, "TERM": "xterm-256color", "PYTHONPATH": str(REPO_ROOT), **extra}
+
+
 # -- idle: bytes written to a pty ----------------------------------------------------------
 
 
@@ -76,8 +84,7 @@ def read_for(fd: int, until: float, sink: bytearray) -> int:
 def idle_ui() -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
-    env = {**os.environ, "TERM": "xterm-256color", "PYTHONPATH": str(REPO_ROOT)}
-    env.pop("NO_COLOR", None)
+    env = terminal_env()
     proc = subprocess.Popen(
         [sys.executable, "-m", "jvpn_tui", "--fake-engine", "healthy", "--duration", "120"],
         stdin=slave, stdout=slave, stderr=slave, env=env, cwd=REPO_ROOT,
@@ -170,8 +177,7 @@ def demo_in_tmux() -> Iterator[Tmux]:
         pytest.skip("tmux is not installed (make sysdeps installs it)")
     tag = uuid.uuid4().hex[:8]
     tmux = Tmux(f"jvpn-stall-{tag}", f"stall-{tag}")
-    env = {**os.environ, "TERM": "xterm-256color", "PYTHONPATH": str(REPO_ROOT),
-           UI_QUEUE_SIZE_ENV: "4"}  # fmt: skip
+    env = terminal_env(**{UI_QUEUE_SIZE_ENV: "4"})
     command = f"{sys.executable} -m jvpn_tui --demo --duration 120"
     subprocess.run(
         ["tmux", "-L", tmux.socket_name, "-f", "/dev/null", "new-session", "-d", "-s",

@@ -35,25 +35,33 @@ def tmux_session() -> Iterator[str]:
         pytest.skip("the demo engine (tunnel/demo/scenario.py) is not available")
     name = f"jvpn-tui-test-{uuid.uuid4().hex[:8]}"
     command = f"{sys.executable} -m jvpn_tui --demo --duration 60"
-    env = {**os.environ, "TERM": "xterm-256color"}
+    # a private server (its own socket, no user config) in a terminal of its own size:
+    # without COLUMNS and LINES, which Python prefers to the terminal's size (a pytest-xdist
+    # worker has COLUMNS=80 and LINES=24 set)
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    env["TERM"] = "xterm-256color"
     subprocess.run(
-        ["tmux", "new-session", "-d", "-s", name, "-x", "160", "-y", "48", "-c",
-         str(REPO_ROOT), command],
+        ["tmux", "-L", name, "-f", "/dev/null", "new-session", "-d", "-s", name,
+         "-x", "160", "-y", "48", "-c", str(REPO_ROOT), command],
         check=True, env=env, timeout=30,
     )  # fmt: skip
     try:
         yield name
     finally:
-        subprocess.run(["tmux", "kill-session", "-t", name], check=False, timeout=30,
+        subprocess.run(["tmux", "-L", name, "kill-server"], check=False, timeout=30,
                        capture_output=True)  # fmt: skip
 
 
 def capture(name: str) -> str:
     proc = subprocess.run(
-        ["tmux", "capture-pane", "-p", "-t", name], capture_output=True, text=True,
+        ["tmux", "-L", name, "capture-pane", "-p", "-t", name], capture_output=True, text=True,
         timeout=30, check=False,
     )  # fmt: skip
     return proc.stdout
+
+
+def keys(name: str, key: str) -> None:
+    subprocess.run(["tmux", "-L", name, "send-keys", "-t", name, key], check=True, timeout=30)
 
 
 def wait_screen(name: str, condition: Callable[[str], bool], what: str) -> str:
@@ -73,7 +81,7 @@ def test_demo_under_tmux_path_kill_changes_the_state_line(tmux_session: str) -> 
         "the demo session to attach",
     )
     # the demo script plays from the start: pause it (g), so that only k acts on the paths
-    subprocess.run(["tmux", "send-keys", "-t", tmux_session, "g"], check=True, timeout=30)
+    keys(tmux_session, "g")
     screen = wait_screen(tmux_session, lambda s: "demo paused" in s, "the script to pause")
     match = ACTIVE.search(screen)
     assert match is not None
@@ -81,7 +89,7 @@ def test_demo_under_tmux_path_kill_changes_the_state_line(tmux_session: str) -> 
     state_before = re.search(r"State\s+(\w+ v\d+)", screen)
     assert state_before is not None
 
-    subprocess.run(["tmux", "send-keys", "-t", tmux_session, "k"], check=True, timeout=30)
+    keys(tmux_session, "k")
     # the header may show the new path a drain before the timeline's DEAD line: wait for both
     screen = wait_screen(
         tmux_session,
@@ -92,5 +100,5 @@ def test_demo_under_tmux_path_kill_changes_the_state_line(tmux_session: str) -> 
     assert state_after is not None and state_after.group(1) != state_before.group(1)
     assert f"path {before}" in screen
 
-    subprocess.run(["tmux", "send-keys", "-t", tmux_session, "q"], check=True, timeout=30)
+    keys(tmux_session, "q")
     wait_screen(tmux_session, lambda s: "Session" not in s, "the UI to quit")
