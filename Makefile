@@ -14,6 +14,10 @@ DEMO_STAMP := $(VENV)/.jvpn-demo.stamp
 STAMP := $(VENV)/.jvpn-install.stamp
 PIP_FLAGS ?= --disable-pip-version-check --progress-bar off
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test`: one per core (CI: 2). The tests make unique names
+# and ports and hold on a loaded machine, so they may share the cores; PYTEST_WORKERS=0
+# runs them in this one process.
+PYTEST_WORKERS ?= auto
 
 # Tools the tests use, as command:debian-package. A package is installed only when its
 # command is missing; tests that need a tool that is still missing skip themselves.
@@ -30,7 +34,7 @@ help: ## list the targets
 	@echo "jvpn make targets:"
 	@sed -n 's/^\([a-z][a-z-]*\):.*## \(.*\)$$/\1|\2/p' $(MAKEFILE_LIST) \
 		| awk -F'|' '{ printf "  %-10s %s\n", $$1, $$2 }'
-	@echo "Variables: PYTHON=$(PYTHON) VENV=$(VENV) PYTEST_ARGS='$(PYTEST_ARGS)'"
+	@echo "Variables: PYTHON=$(PYTHON) VENV=$(VENV) PYTEST_ARGS='$(PYTEST_ARGS)' PYTEST_WORKERS=$(PYTEST_WORKERS)"
 
 venv: $(STAMP) ## create .venv and install jvpn into it (editable, test+cluster extras)
 
@@ -106,7 +110,7 @@ fmt: $(STAMP) ## apply ruff's automatic fixes (import order, upgrades)
 	$(VENV_PY) -m ruff check --fix .
 
 test: sysdeps lint ## install what the tests need, lint, then run pytest
-	$(VENV_PY) -m pytest $(PYTEST_ARGS)
+	$(VENV_PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 bench: $(STAMP) ## run every bench/*.py (prints tables; never pass/fail on timing)
 	@found=0; \
