@@ -492,23 +492,32 @@ class GatewaySession:
             self.data_in_at = now
             self._on_data(plaintext, addr, newest, now)
             return True
-        if at_binding:
-            if self._reattach_at_binding(plaintext, addr, now):
-                return rekeyed  # as for DATA: only the binding's silence deadline moved, later
-            if (
-                same_phase
-                and len(plaintext) == _PROBE_LEN
-                and plaintext[0] == CType.PROBE
-                and self.paths.is_validated(addr)
-            ):
-                # An idle session's keepalive (issue 11): the bound, validated path answers
-                # and nothing but the binding's silence deadline moves, later; the timer
-                # queue keeps its lower bound instead of re-reading every row.
-                probe_id, path_id, _ts = PROBE_BODY.unpack_from(plaintext, 1)
-                self._on_probe(probe_id, path_id, addr, newest, now)
-                return rekeyed
+        if at_binding and self._control_at_binding(plaintext, addr, newest, same_phase, now):
+            return rekeyed  # as for DATA: only the binding's silence deadline moved, later
         self._on_control_plain(plaintext, addr, newest, now)
         return True
+
+    def _control_at_binding(
+        self, plaintext: bytes, addr: Addr, newest: bool, same_phase: bool, now: float
+    ) -> bool:
+        """The two common CONTROL plaintexts from the binding, answered at once: a
+        REATTACH_REQUEST that passes every check, and (in the phase already confirmed, on
+        a validated binding) an idle session's PROBE. Both move no deadline but the
+        binding's silence deadline, later, so the timer queue keeps its lower bound
+        instead of re-reading every row (issue 11). False: nothing done; the general path
+        decides."""
+        if self._reattach_at_binding(plaintext, addr, now):
+            return True
+        if (
+            same_phase
+            and len(plaintext) == _PROBE_LEN
+            and plaintext[0] == CType.PROBE
+            and self.paths.is_validated(addr)
+        ):
+            probe_id, path_id, _ts = PROBE_BODY.unpack_from(plaintext, 1)
+            self._on_probe(probe_id, path_id, addr, newest, now)
+            return True
+        return False
 
     def _on_control_plain(self, plaintext: bytes, addr: Addr, newest: bool, now: float) -> None:
         """An authentic CONTROL plaintext. A PROBE (the most frequent: idle sessions send
