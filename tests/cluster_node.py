@@ -31,7 +31,9 @@ failed, nothing attempted); ``forwarding``
 when the node starts using a block; ``handover`` / ``released``. ``tests/cluster_check.py``
 merges the journals with the wire log and the store's history.
 
-``--unsafe fence`` (forward whenever a block is held, without asking the fence) and
+``--unsafe fence`` (forward whenever a block is held, without asking the fence, and keep
+the block when asked to hand over: a node frozen past its lease finds the request waiting
+when it wakes, and would otherwise drop the block before it sent anything) and
 ``--unsafe counters`` (start each new block two blocks early) break the node on purpose:
 the checker's own tests run them to show that it catches what it claims to.
 """
@@ -301,6 +303,9 @@ class Node:
                     del self.blocks[sid]
 
     def handover(self, sid: str, requester: str) -> None:
+        if self.unsafe == "fence":
+            self.journal.write("handover_ignored", sid=sid, to=requester)
+            return
         with self.lock:  # after this no datagram of the session leaves this process
             self.blocks.pop(sid, None)
         if self.owner.owner_epoch(sid) is None:
