@@ -168,7 +168,12 @@ class Swarm:
         core = ClientSession(
             static_private=key_of(self.seed, i), gateway_public=self.gateway_public,
             paths=[PathSpec(0, "lo")], policy=self.policy, now=now,
-            rng=random.Random(i), node_id=f"c{i}",
+            # its own random stream: not the one whose first draw was the burst driver's
+            # sender index for client 0 (the gateway would take the INIT for a retry)
+            rng=random.Random(f"full client {i}"), node_id=f"c{i}",
+            # wall-clock INIT timestamps, as the real client's: the burst's lean drivers
+            # sent these clients' keys before, and the gateway refuses an older timestamp
+            wall_offset=time.time() - time.monotonic(),
         )  # fmt: skip
         self.peers[i] = Peer(i, core, sock)
         self.sel.register(sock, selectors.EVENT_READ, i)
@@ -631,7 +636,8 @@ def run(args: argparse.Namespace) -> int:
         sw.run_until(lambda: False, 2.0)
         rss1 = rss_kib(proc.pid)
         res.add("gateway RSS", f"{rss0 / 1024:.1f} -> {rss1 / 1024:.1f} MiB")
-        res.add("gateway memory per session", f"{(rss1 - rss0) * 1024 / max(1, attached):.0f} B")
+        per = f"{(rss1 - rss0) * 1024 / attached:.0f} B" if attached else "- (none attached)"
+        res.add("gateway memory per session", per)
         measure_idle(sw, proc.pid, args.idle, res)
         if not args.no_reattach:
             measure_reattach(sw, res)
