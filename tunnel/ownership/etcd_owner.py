@@ -232,7 +232,13 @@ class NodeOwnership:
     async def _refresh_once(self) -> None:
         sent = self._clock()
         reply = await self.store.worker.guarded(lambda c: c.refresh_lease(self.lease_id))
-        ttl = float(reply.TTL) if reply is not None else 0.0
+        if reply is None:
+            # The keep-alive stream ended without an answer (its channel closed under it,
+            # as when the worker moved to another endpoint): no news of the lease, which
+            # is not news that it is gone. The fence closes on its own deadline; only an
+            # answer with TTL <= 0 says that etcd dropped the lease (and what it held).
+            raise StoreUnavailable("the keep-alive stream ended without an answer")
+        ttl = float(reply.TTL)
         self.refresh_latency = self._clock() - sent
         self.fence.acknowledged(sent, ttl)
         if self.fence.expired:
