@@ -107,7 +107,7 @@ class EtcdWorker:
         limit = self.timeout if timeout is None else timeout
         client = self.client()
         try:
-            return await asyncio.wait_for(fn(client), limit)
+            return await _bounded(fn(client), limit)
         except (TimeoutError, aetcd.exceptions.ConnectionTimeoutError) as exc:
             self.errors += 1
             self._rotate(client)
@@ -176,3 +176,30 @@ async def _close_quietly(client: Any) -> None:
         await asyncio.wait_for(client.close(), 2.0)
     except (TimeoutError, aetcd.exceptions.ClientError, RuntimeError):
         pass
+
+
+async def _bounded(call: Awaitable[T], limit: float) -> T:
+    """``call``'s result within ``limit`` seconds, else TimeoutError at once.
+
+    Unlike ``asyncio.wait_for``, which cancels the call and then waits until it has ended,
+    a call that outlives its bound is cancelled and left to end on its own: a gRPC stream on
+    a channel that went bad may not end promptly, and the caller (the lease keeper among
+    them) must go on.
+    """
+    task = asyncio.ensure_future(call)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=limit)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        task.add_done_callback(_consume)
+        raise TimeoutError
+    return task.result()
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned call's outcome (no "exception was never retrieved")."""
+    if not task.cancelled():
+        task.exception()
