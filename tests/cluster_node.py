@@ -78,6 +78,8 @@ class Block:
     hi: int
     version: int
     record: SessionRecord
+    held_back: bool = False
+    """Journalled once that the node holds it but may not use it (``_held_back``)."""
 
 
 def reservation(record: SessionRecord) -> tuple[str, int]:
@@ -153,6 +155,7 @@ class Node:
                 return
             now = time.monotonic()
             if self.unsafe != "fence" and not self.may_send(sid, b, now):
+                self._held_back(sid, b, now)
                 return
             if b.next < b.hi:
                 self.seq += 1
@@ -165,6 +168,19 @@ class Node:
                 self.reserving.add(sid)
         if low:  # (also when the block ran out while a reservation failed)
             self.commands.put(("reserve", sid, ""))
+
+    def _held_back(self, sid: str, b: Block, now: float) -> None:
+        """Journal, once per block, why a block the node holds is not used (a diagnosis
+        for a test that waits for forwarding: the fence, or the ownership gone)."""
+        if b.held_back:
+            return
+        b.held_back = True
+        fence = self.owner.fence
+        history = [(c.change, c.owner_epoch) for c in self.owner.history][-4:]
+        self.journal.write("held_back", sid=sid, epoch=b.epoch,
+                           owned=self.owner.owner_epoch(sid), lease_expired=fence.expired,
+                           fence_left=round(fence.remaining(now), 3),
+                           history=history)  # fmt: skip
 
     def may_send(self, sid: str, b: Block, now: float) -> bool:
         """The fence is open AND the node holds the session at the block's epoch: a block
