@@ -121,3 +121,15 @@ def test_stale_entries_stay_bounded() -> None:
         q.next_deadline()
     assert len(q._heap) <= 2 * 100 + 64
     assert q.next_deadline() == min(model.values())
+
+
+def test_due_keeps_earliest_first_past_a_stale_lower_bound() -> None:
+    """An item whose deadline moved later without a touch keeps its old entry as a lower
+    bound; when both it and another item are due, the other one (earlier) comes first.
+    (Found by the stateful test above: [23, 24, 23] instead of [23, 23, 24].)"""
+    model: dict[str, float | None] = {"moved": 20.0, "fixed": 23.0}
+    q: DeadlineQueue[str] = DeadlineQueue(model.get)
+    q.touch_all(model)
+    assert q.next_deadline() == 20.0
+    model["moved"] = 24.0  # later, untouched: the DATA fast path's case
+    assert q.due(30.0) == ["fixed", "moved"]

@@ -290,9 +290,12 @@ class DeadlineQueue(Generic[K]):
                 continue
             del armed[key]
             real = self._deadline_of(key)
-            if real is not None and real <= now:
+            if real is not None and real <= t:
                 out.append(key)
             else:
+                # t was a lower bound: re-arm at the real deadline; if that is due too it
+                # comes off the heap again in its turn (appending it now would put it
+                # before due items whose deadlines are earlier)
                 self._arm(key, real)
         self._dirty.update(out)
         return out
