@@ -484,6 +484,14 @@ def drive_in_parts(sw: Swarm, parts: int, window: float) -> tuple[int, float, Se
     return sent, used, timing
 
 
+def raise_fd_limit() -> None:
+    """One socket per client: open files up to the hard limit."""
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def idle_process(args: argparse.Namespace) -> list[tuple[str, str]]:
     """Idle CPU of the real gateway process at the default policy. One driver attaches
     the N clients ``--wave`` at a time (25: their probe schedules are spread over the
@@ -493,10 +501,7 @@ def idle_process(args: argparse.Namespace) -> list[tuple[str, str]]:
     ``--idle`` seconds. The table shows whether the driver kept to the idle schedule (its
     datagrams per second against N / ``idle_probe_interval``, how many sends came within
     1 s of the client's previous one: fast retries) and how late answers were read."""
-    import resource
-
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_fd_limit()
     seed = os.urandom(8)
     policy = policy_for(args.probe_ms)
     proc, port = start_gateway(args.n, seed, 2000.0, args.gateway_path, args.probe_ms)
@@ -808,10 +813,7 @@ def machine_facts() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import resource
-
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_fd_limit()
     seed = os.urandom(8)
     proc, port = start_gateway(args.n, seed, args.handshake_rate, args.gateway_path, args.probe_ms)
     res = Results()
