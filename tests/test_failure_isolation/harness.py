@@ -460,7 +460,10 @@ class Attacker:
             self.client = src
             if len(self.captured) < 5000:
                 self.captured.append(data)
-            self.up.send(data)
+            try:
+                self.up.send(data)
+            except OSError:  # e.g. ECONNREFUSED while the gateway is down: a lost datagram
+                continue
 
     def _pump_down(self) -> None:
         while not self._stop:
