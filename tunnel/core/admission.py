@@ -105,12 +105,15 @@ class HandshakeAdmission:
         """The global handshake budget (read by tests and metrics; spent only here)."""
         self._sources: OrderedDict[Hashable, TokenBucket] = OrderedDict()
 
-    def set_handshake_rate(self, rate: float, now: float) -> None:
+    def set_handshake_rate(self, rate: float, now: float, share: int = 1) -> None:
         """Spend DH on at most ``rate`` INITs a second (what this core can do: the gateway
         measures it), within [``HANDSHAKE_RATE``, ``HANDSHAKE_RATE_MAX``]; the bucket holds
-        one second of it (at least ``HANDSHAKE_BURST``) and starts full."""
+        one second of it (at least ``HANDSHAKE_BURST``) and starts full. ``share``: this
+        is one of that many processes that split a gateway-wide ``rate`` (a configured
+        rate over the workers): rate and bucket are divided by it."""
         rate = min(max(rate, HANDSHAKE_RATE), HANDSHAKE_RATE_MAX)
-        self.handshakes = TokenBucket(rate, max(HANDSHAKE_BURST, rate), now)
+        share = max(1, share)
+        self.handshakes = TokenBucket(rate / share, max(HANDSHAKE_BURST, rate) / share, now)
 
     def set_cookie_threshold(self, threshold: float) -> None:
         self.cookie_threshold = threshold

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from tunnel.control.protocol import default_socket
+from tunnel.core.admission import HANDSHAKE_RATE, HANDSHAKE_RATE_MAX
 from tunnel.core.ciphers import ALL_CIPHERS, CipherNameError, DataCipher, parse_cipher_names
 from tunnel.core.constants import MAX_INNER_PACKET, MIN_MTU
 from tunnel.core.gateway import ClientEntry
@@ -54,7 +55,7 @@ DEFAULT_JSONL_BACKUPS: Final = 5
 TOP_KEYS: Final = frozenset(
     {"node_id", "listen", "private_key", "policy", "mtu", "metrics", "inner_echo", "clients_dir",
      "ciphers"}
-).union({"workers"})  # fmt: skip
+).union({"workers", "handshake_rate"})  # fmt: skip
 TABLES: Final = frozenset({"tun", "clients", "sinks", "control", "state", "cluster"})
 CONTROL_KEYS: Final = frozenset({"socket"})
 STATE_KEYS: Final = frozenset({"store", "state_dir", "state_key_file"})
@@ -216,6 +217,10 @@ class GatewayConfig:
     workers: int = 1
     """Worker processes sharing the listen ports (``workers``; the file's default "auto" is
     one per core this process may run on; a configuration built in code has 1)."""
+    handshake_rate: int | None = None
+    """Handshakes a second the whole gateway spends DH on (``handshake_rate``; each worker
+    admits its share); None (the file's ``"auto"``): each process measures its core's
+    budget at start (tunnel/gateway/handshake_budget.py)."""
     route: RouteConfig = field(default_factory=RouteConfig)
     """``[cluster]`` route keys: inner routing follows the owner (docs/cluster.md)."""
     cluster: ClusterConfig | None = None
@@ -953,6 +958,7 @@ def parse_gateway_config(data: Mapping[str, Any], file: Path) -> GatewayConfig:
     sinks = _parse_sinks(file, data.get("sinks"))
     control_socket, control_required = _parse_control(file, data.get("control"))
     workers = _parse_workers(r)
+    handshake_rate = _parse_handshake_rate(r)
     key_path = r.path("private_key", required=True)
     assert key_path is not None
     state = _parse_state(file, data.get("state"), key_path, "cluster" in data)
@@ -975,7 +981,8 @@ def parse_gateway_config(data: Mapping[str, Any], file: Path) -> GatewayConfig:
         control_required=control_required, clients_dir=clients_dir,
         client_specs=tuple(inline),
         client_file_errors=tuple(errors), client_file_cache=cache, ciphers=ciphers,
-        workers=workers, state=state, cluster=cluster, route=route,
+        workers=workers, handshake_rate=handshake_rate, state=state, cluster=cluster,
+        route=route,
     )  # fmt: skip
 
 
@@ -991,6 +998,18 @@ def _parse_workers(r: _Reader) -> int:
     if r.table.get("workers", "auto") == "auto":
         return cores()
     return r.integer("workers", 1, 1, 256)
+
+
+def _parse_handshake_rate(r: _Reader) -> int | None:
+    """``handshake_rate``: "auto" (the default: measured at start) or handshakes a second
+    in [HANDSHAKE_RATE, HANDSHAKE_RATE_MAX] (docs/gateway.md "Arrivals in bursts")."""
+    if r.table.get("handshake_rate", "auto") == "auto":
+        return None
+    low, high = int(HANDSHAKE_RATE), int(HANDSHAKE_RATE_MAX)
+    value = r.table["handshake_rate"]
+    if isinstance(value, str):
+        raise r.error("handshake_rate", value, f'must be "auto" or an integer in [{low}, {high}]')
+    return r.integer("handshake_rate", low, low, high)
 
 
 def _dir_specs(

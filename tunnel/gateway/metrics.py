@@ -191,6 +191,10 @@ class GatewayMetrics:
                    "counter", drops.get("replay_detected", 0)),
             labelled(g + "security_events_total", "Security violations by type.", "counter",
                      "violation", t.security),
+            single(g + "handshake_rate",
+                   "Handshakes a second the gateway spends Diffie-Hellman on (its budget:"
+                   " measured at start, or handshake_rate in the config).", "gauge",
+                   gateway.admission.handshakes.rate),
             single(g + "policy_valid", "1 while the last policy load was valid.", "gauge",
                    float(p.ok), merge="livemin"),
             labelled(g + "policy_reloads_total", "Policy reloads by result.", "counter",

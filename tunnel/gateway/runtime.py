@@ -213,8 +213,13 @@ class GatewayRuntime:
             index_stripe=index_stripe, counter_reservations=persistent,
             announce_node=announce_node,
         )  # fmt: skip
-        # DH on as many INITs as half this core can answer (measured once per process)
-        self.gateway.admission.set_handshake_rate(handshake_budget(), now)
+        # DH on as many INITs as half this core can answer (measured once per process),
+        # or this worker's share of the configured rate
+        rate = config.handshake_rate if config is not None else None
+        if rate is None:
+            self.gateway.admission.set_handshake_rate(handshake_budget(), now)
+        else:
+            self.gateway.admission.set_handshake_rate(rate, now, share=index_stripe[1])
         self.cluster: ClusterNode | None = (
             open_cluster(cluster_config, self.gateway, self._stored_addr)
             if cluster_config is not None
