@@ -97,9 +97,11 @@ def inner_of(i: int) -> str:
 
 
 # == the gateway process ====================================================================
-def serve(n: int, seed: bytes, handshake_rate: float, probe_ms: int) -> int:
-    """Run a gateway for N clients until SIGTERM; print its port, then exit 0."""
+def serve(n: int, seed: bytes, handshake_rate: float, probe_ms: int, gc_freeze: bool) -> int:
+    """Run a gateway for N clients until SIGTERM; print its port, then exit 0. With
+    ``gc_freeze`` the runtime has the program's collector policy (jvpn-gateway's)."""
     from tunnel.core.gateway_session import ClientEntry
+    from tunnel.gateway.gcfreeze import GcFreezer
     from tunnel.gateway.inner import EchoInner
     from tunnel.gateway.runtime import GatewayRuntime
 
@@ -114,6 +116,8 @@ def serve(n: int, seed: bytes, handshake_rate: float, probe_ms: int) -> int:
         rt.gateway.admission.set_cookie_threshold(0.0)
     pauses = gc_pauses()
     rt.open()
+    if gc_freeze:
+        rt.set_gc_freezer(GcFreezer().install())
     budget = rt.gateway.admission.handshakes
     print(f"gateway: handshake budget {budget.rate:.0f}/s (bucket {budget.burst:.0f})",
           file=sys.stderr, flush=True)  # fmt: skip
@@ -123,7 +127,8 @@ def serve(n: int, seed: bytes, handshake_rate: float, probe_ms: int) -> int:
     t = rt.traffic
     print(f"gateway: {t.datagrams_out} datagrams sent, {t.send_failed} failed", file=sys.stderr)
     print(f"gateway: drops {dict(sorted(rt.gateway.drops.items()))}", file=sys.stderr)
-    print(f"gateway: garbage collections {pauses.summary()}", file=sys.stderr)
+    frozen = f", gc.freeze: {rt.gc_freezer.frozen} objects frozen" if rt.gc_freezer else ""
+    print(f"gateway: garbage collections {pauses.summary()}{frozen}", file=sys.stderr)
     return 0
 
 
@@ -363,11 +368,13 @@ def cpu_s(pid: int) -> float:
 
 
 def start_gateway(
-    n: int, seed: bytes, handshake_rate: float, pythonpath: str, probe_ms: int = 0
-) -> tuple[subprocess.Popen[str], int]:
+    n: int, seed: bytes, handshake_rate: float, pythonpath: str, probe_ms: int = 0,
+    gc_freeze: bool = True,
+) -> tuple[subprocess.Popen[str], int]:  # fmt: skip
     env = dict(os.environ, PYTHONPATH=pythonpath)
     cmd = [sys.executable, str(HERE / "scale.py"), "serve", "-n", str(n), "--seed", seed.hex()]
     cmd += ["--handshake-rate", str(handshake_rate), "--probe-ms", str(probe_ms)]
+    cmd += [] if gc_freeze else ["--no-gc-freeze"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -504,7 +511,9 @@ def idle_process(args: argparse.Namespace) -> list[tuple[str, str]]:
     raise_fd_limit()
     seed = os.urandom(8)
     policy = policy_for(args.probe_ms)
-    proc, port = start_gateway(args.n, seed, 2000.0, args.gateway_path, args.probe_ms)
+    proc, port = start_gateway(
+        args.n, seed, 2000.0, args.gateway_path, args.probe_ms, not args.no_gc_freeze
+    )
     sw = Swarm(("127.0.0.1", port), public_key(key_of(seed, 1 << 31)), seed, policy)
     rows: list[tuple[str, str]] = []
     try:
@@ -815,7 +824,9 @@ def machine_facts() -> str:
 def run(args: argparse.Namespace) -> int:
     raise_fd_limit()
     seed = os.urandom(8)
-    proc, port = start_gateway(args.n, seed, args.handshake_rate, args.gateway_path, args.probe_ms)
+    proc, port = start_gateway(
+        args.n, seed, args.handshake_rate, args.gateway_path, args.probe_ms, not args.no_gc_freeze
+    )
     res = Results()
     gw_pub = public_key(key_of(seed, 1 << 31))
     sw = Swarm(("127.0.0.1", port), gw_pub, seed, policy_for(args.probe_ms))
@@ -883,6 +894,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--drivers", type=int, default=2, help="idle-process: driver processes of the window"
     )
     parser.add_argument(
+        "--no-gc-freeze", action="store_true",
+        help="the gateway process without jvpn-gateway's collector policy (a before/after run)",
+    )  # fmt: skip
+    parser.add_argument(
         "--gateway-path", default=os.environ.get("PYTHONPATH", str(HERE.parent)),
         help="PYTHONPATH of the gateway process (another checkout: a before/after run)",
     )  # fmt: skip
@@ -907,7 +922,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"| {name} | {value} |")
         return 0
     if args.mode == "serve":
-        return serve(args.n, bytes.fromhex(args.seed), args.handshake_rate, args.probe_ms)
+        return serve(
+            args.n, bytes.fromhex(args.seed), args.handshake_rate, args.probe_ms,
+            not args.no_gc_freeze,
+        )  # fmt: skip
     return run(args)
 
 

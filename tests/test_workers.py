@@ -723,6 +723,8 @@ DOCUMENTED_METRICS = {
     "jvpn_gateway_policy_reloads_total", "jvpn_gateway_store_conflicts_total",
     "jvpn_gateway_engine_events_dropped_total", "jvpn_gateway_datagrams_total",
     "jvpn_gateway_inner_packets_total", "jvpn_gateway_handshake_rate",
+    "jvpn_gateway_gc_frozen_objects", "jvpn_gateway_gc_collections_total",
+    "jvpn_gateway_gc_longest_pause_seconds",
 }  # fmt: skip
 """docs/gateway.md "Metrics" (without a persistent store and without sinks)."""
 
@@ -769,4 +771,6 @@ def test_one_metrics_endpoint_for_every_worker_counters_summed(rig: Rig) -> None
     assert samples[("jvpn_gateway_policy_valid", ())] == 1  # every worker's (livemin)
     # each worker measured its own budget, in [200, 10,000] a second: the gauge is the sum
     assert 2 * 200 <= samples[("jvpn_gateway_handshake_rate", ())] <= 2 * 10_000
+    # jvpn-gateway's collector policy runs in every worker (docs/gateway.md)
+    assert samples[("jvpn_gateway_gc_frozen_objects", ())] > 0
     assert samples[("jvpn_gateway_datagrams_total", (("direction", "in"),))] >= 3 * N_CLIENTS

@@ -37,6 +37,7 @@ from tunnel.gateway.config import (
     load_gateway_config,
 )  # fmt: skip
 from tunnel.gateway.console import RefusalNotices, SessionNotices
+from tunnel.gateway.gcfreeze import GcFreezer
 from tunnel.gateway.resume import StateError
 from tunnel.gateway.sinks import check_sinks
 from tunnel.io.netconf import NetConfError
@@ -327,7 +328,14 @@ def serve(
         runtime,
         config if runtime.control is not None else dataclasses.replace(config, control_socket=None),
     )
-    return _serve(runtime, config, ready, slot)
+    # short collector pauses with many sessions; undone when the gateway stops, so a
+    # process that runs it in-line (tests) collects as before afterwards
+    freezer = GcFreezer().install()
+    runtime.set_gc_freezer(freezer)
+    try:
+        return _serve(runtime, config, ready, slot)
+    finally:
+        freezer.uninstall()
 
 
 def _serve(

@@ -69,6 +69,8 @@ from tunnel.core.policy import POLICY_DEFAULT, Policy
 from tunnel.gateway.clients_reload import ClientsReloader
 from tunnel.gateway.cluster import ClusterNode, open_cluster
 from tunnel.gateway.control import STATUS_INTERVAL_S, GatewayControl
+from tunnel.gateway.gcfreeze import TICK_S as GC_TICK_S
+from tunnel.gateway.gcfreeze import GcFreezer, gc_families
 from tunnel.gateway.handshake_budget import handshake_budget
 from tunnel.gateway.inner import EchoInner, GatewayInner, GatewayTun
 from tunnel.gateway.metrics import GatewayHealth, GatewayMetrics, TrafficCounters
@@ -137,6 +139,18 @@ def _persistence(
     if persistent and isinstance(store, ResumableStore) and sealer is not None:
         return SessionPersistence(gateway, store, sealer, node_id, make_addr, on_refused=on_refused)
     return None
+
+
+def _set_handshake_budget(
+    gateway: GatewaySessions, config: GatewayConfig | None, workers: int, now: float
+) -> None:
+    """DH on as many INITs as half this core can answer (measured once per process), or
+    this worker's share of the configured ``handshake_rate``."""
+    rate = config.handshake_rate if config is not None else None
+    if rate is None:
+        gateway.admission.set_handshake_rate(handshake_budget(), now)
+    else:
+        gateway.admission.set_handshake_rate(rate, now, share=workers)
 
 
 class GatewayRuntime:
@@ -213,13 +227,7 @@ class GatewayRuntime:
             index_stripe=index_stripe, counter_reservations=persistent,
             announce_node=announce_node,
         )  # fmt: skip
-        # DH on as many INITs as half this core can answer (measured once per process),
-        # or this worker's share of the configured rate
-        rate = config.handshake_rate if config is not None else None
-        if rate is None:
-            self.gateway.admission.set_handshake_rate(handshake_budget(), now)
-        else:
-            self.gateway.admission.set_handshake_rate(rate, now, share=index_stripe[1])
+        _set_handshake_budget(self.gateway, config, index_stripe[1], now)
         self.cluster: ClusterNode | None = (
             open_cluster(cluster_config, self.gateway, self._stored_addr)
             if cluster_config is not None
@@ -278,6 +286,10 @@ class GatewayRuntime:
         self._stop: asyncio.Event | None = None
         self._poll_handle: asyncio.TimerHandle | None = None
         self._status_handle: asyncio.TimerHandle | None = None
+        self.gc_freezer: GcFreezer | None = None
+        """The program's garbage-collector policy (tunnel/gateway/gcfreeze.py), ticked on
+        the loop while the runtime runs; None in a process that is not a gateway program."""
+        self._gc_handle: asyncio.TimerHandle | None = None
         self._opened = False
         self._stop_requested = False
         self.route_hook: RouteHook | None = self._route_hook(route)
@@ -489,6 +501,8 @@ class GatewayRuntime:
             self._status_handle = driver.call_later(STATUS_INTERVAL_S, self._publish_status)
         if self._publish_s:
             self._publish_handle = driver.call_later(self._publish_s, self._publish_metrics)
+        if self.gc_freezer is not None:
+            self._gc_handle = driver.call_later(GC_TICK_S, self._gc_tick)
         if not self.policy.ok:
             driver.guard(self._announce_invalid_start)
         driver.guard(self.clients_reload.announce_start, self.clock())
@@ -535,6 +549,8 @@ class GatewayRuntime:
             self._poll_handle.cancel()
         if self._status_handle is not None:
             self._status_handle.cancel()
+        if self._gc_handle is not None:
+            self._gc_handle.cancel()
         if self._publish_handle is not None:
             self._publish_handle.cancel()
             self.publish_metrics()  # the final counts, for the scraper elsewhere
@@ -598,6 +614,8 @@ class GatewayRuntime:
             families.extend(self.cluster.metric_families())
         if self.route_hook is not None:
             families.extend(self.route_hook.metric_families())
+        if self.gc_freezer is not None:
+            families.extend(gc_families(self.gc_freezer))
         return families
 
     def publish_metrics(self) -> None:
@@ -674,6 +692,18 @@ class GatewayRuntime:
             return
         self.control.publish_status()
         self._status_handle = self.driver.call_later(STATUS_INTERVAL_S, self._publish_status)
+
+    def set_gc_freezer(self, freezer: GcFreezer | None) -> None:
+        """The program's collector policy, ticked on the loop while the runtime runs (set
+        before :meth:`run`)."""
+        self.gc_freezer = freezer
+
+    def _gc_tick(self) -> None:
+        self._gc_handle = None
+        if self.gc_freezer is None or self.driver.loop is None:
+            return
+        self.gc_freezer.tick()
+        self._gc_handle = self.driver.call_later(GC_TICK_S, self._gc_tick)
 
     def _announce_invalid_start(self) -> None:
         self.policy.announce_invalid_start(self.clock())
